@@ -1,0 +1,414 @@
+//! Endpoint inventory: the pods palisade knows about, with their namespaces, labels, IPs, named
+//! ports and cgroups. Standalone mode reads it from a YAML file (DESIGN.md, "Endpoint inventory");
+//! the Kubernetes source fills the same model.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub mod watch;
+
+/// The label every namespace carries automatically (as in Kubernetes).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// The pseudo-label that exposes an endpoint's service account to selectors.
+pub const SERVICE_ACCOUNT_LABEL: &str = "palisade.io/serviceaccount";
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        /// Where in the document, e.g. `endpoints[2].ips[0]`.
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryFile {
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EndpointSpec {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<NamedPort>,
+    /// cgroup path relative to the cgroup2 mount.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl Protocol {
+    /// IANA protocol number, as the datapath sees it.
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A namespace as selectors see it: its labels include `kubernetes.io/metadata.name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+/// One endpoint (pod) with everything the other stages need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub namespace: String,
+    pub name: String,
+    /// The pod's own labels (without the service-account pseudo-label).
+    pub labels: Labels,
+    pub service_account: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<NamedPort>,
+    pub cgroup: Option<String>,
+}
+
+impl Endpoint {
+    /// `namespace/name`, the way operators name pods.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Labels as pod selectors see them: the pod's labels plus the service-account pseudo-label.
+    pub fn selector_labels(&self) -> Labels {
+        let mut labels = self.labels.clone();
+        if let Some(sa) = &self.service_account {
+            labels.insert(SERVICE_ACCOUNT_LABEL.to_string(), sa.clone());
+        }
+        labels
+    }
+}
+
+/// A validated inventory. Namespaces referenced by endpoints but not listed exist implicitly.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Inventory {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Inventory {
+    pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Inventory::parse(&text, path)
+    }
+
+    /// Parse and validate; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Inventory, InventoryError> {
+        let file: InventoryFile = serde_yaml::from_str(text).map_err(|err| {
+            let (line, column) = err
+                .location()
+                .map(|loc| (loc.line(), loc.column()))
+                .unwrap_or((0, 0));
+            InventoryError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: err.to_string(),
+            }
+        })?;
+        Inventory::from_file(file, path)
+    }
+
+    pub fn from_file(file: InventoryFile, path: &Path) -> Result<Inventory, InventoryError> {
+        let invalid = |field: String, message: String| InventoryError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
+        let mut namespaces = BTreeMap::new();
+        for (i, ns) in file.namespaces.iter().enumerate() {
+            validate_dns_label(&ns.name).map_err(|m| invalid(format!("namespaces[{i}].name"), m))?;
+            for (k, v) in &ns.labels {
+                validate_label(k, v).map_err(|m| invalid(format!("namespaces[{i}].labels.{k}"), m))?;
+            }
+            let mut labels = ns.labels.clone();
+            labels.insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
+            if namespaces
+                .insert(ns.name.clone(), Namespace { name: ns.name.clone(), labels })
+                .is_some()
+            {
+                return Err(invalid(format!("namespaces[{i}].name"), format!("duplicate namespace {:?}", ns.name)));
+            }
+        }
+        let mut endpoints = Vec::with_capacity(file.endpoints.len());
+        let mut seen_names = std::collections::BTreeSet::new();
+        let mut seen_ips = BTreeMap::new();
+        let mut seen_cgroups = BTreeMap::new();
+        for (i, ep) in file.endpoints.iter().enumerate() {
+            let at = |field: &str| format!("endpoints[{i}].{field}");
+            validate_dns_label(&ep.namespace).map_err(|m| invalid(at("namespace"), m))?;
+            validate_dns_subdomain(&ep.name).map_err(|m| invalid(at("name"), m))?;
+            if !seen_names.insert((ep.namespace.clone(), ep.name.clone())) {
+                return Err(invalid(at("name"), format!("duplicate endpoint {}/{}", ep.namespace, ep.name)));
+            }
+            for (k, v) in &ep.labels {
+                validate_label(k, v).map_err(|m| invalid(at(&format!("labels.{k}")), m))?;
+            }
+            if let Some(sa) = &ep.service_account {
+                validate_dns_subdomain(sa).map_err(|m| invalid(at("serviceAccount"), m))?;
+            }
+            for (j, ip) in ep.ips.iter().enumerate() {
+                if ip.is_unspecified() || ip.is_multicast() {
+                    return Err(invalid(at(&format!("ips[{j}]")), format!("{ip} cannot be an endpoint address")));
+                }
+                if let Some(other) = seen_ips.insert(*ip, format!("{}/{}", ep.namespace, ep.name)) {
+                    return Err(invalid(at(&format!("ips[{j}]")), format!("{ip} is already used by {other}")));
+                }
+            }
+            let mut port_names = std::collections::BTreeSet::new();
+            for (j, port) in ep.ports.iter().enumerate() {
+                if port.port == 0 {
+                    return Err(invalid(at(&format!("ports[{j}].port")), "port must be 1-65535".into()));
+                }
+                if let Some(name) = &port.name {
+                    validate_port_name(name).map_err(|m| invalid(at(&format!("ports[{j}].name")), m))?;
+                    if !port_names.insert(name.clone()) {
+                        return Err(invalid(at(&format!("ports[{j}].name")), format!("duplicate port name {name:?}")));
+                    }
+                }
+            }
+            if let Some(cgroup) = &ep.cgroup {
+                let rel = cgroup.trim_start_matches('/');
+                if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+                    return Err(invalid(at("cgroup"), format!("{cgroup:?} is not a cgroup path below the cgroup2 mount")));
+                }
+                if let Some(other) = seen_cgroups.insert(rel.to_string(), format!("{}/{}", ep.namespace, ep.name)) {
+                    return Err(invalid(at("cgroup"), format!("{cgroup:?} is already used by {other}")));
+                }
+            }
+            namespaces.entry(ep.namespace.clone()).or_insert_with(|| Namespace {
+                name: ep.namespace.clone(),
+                labels: Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ep.namespace.clone())]),
+            });
+            endpoints.push(Endpoint {
+                namespace: ep.namespace.clone(),
+                name: ep.name.clone(),
+                labels: ep.labels.clone(),
+                service_account: ep.service_account.clone(),
+                ips: ep.ips.clone(),
+                ports: ep.ports.clone(),
+                cgroup: ep.cgroup.as_ref().map(|c| c.trim_start_matches('/').to_string()),
+            });
+        }
+        Ok(Inventory { namespaces, endpoints })
+    }
+
+    pub fn endpoint(&self, key: &str) -> Option<&Endpoint> {
+        let (ns, name) = key.split_once('/')?;
+        self.endpoints.iter().find(|e| e.namespace == ns && e.name == name)
+    }
+
+    pub fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
+        self.namespaces.get(namespace).map(|ns| &ns.labels)
+    }
+}
+
+fn validate_dns_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok { Ok(()) } else { Err(format!("{s:?} is not a DNS label (lowercase letters, digits and '-', at most 63)")) }
+}
+
+fn validate_dns_subdomain(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 253 {
+        return Err(format!("{s:?} must have 1 to 253 characters"));
+    }
+    for part in s.split('.') {
+        validate_dns_label(part).map_err(|_| format!("{s:?} is not a DNS subdomain"))?;
+    }
+    Ok(())
+}
+
+fn validate_port_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase());
+    if ok { Ok(()) } else { Err(format!("{s:?} is not a port name (IANA_SVC_NAME: at most 15 lowercase letters, digits, '-')")) }
+}
+
+/// Kubernetes label key/value syntax.
+pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        validate_dns_subdomain(prefix).map_err(|m| format!("label key prefix: {m}"))?;
+    }
+    let name_ok = |s: &str, allow_empty: bool| {
+        (allow_empty && s.is_empty())
+            || (!s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+                && s.as_bytes()[0].is_ascii_alphanumeric()
+                && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric())
+    };
+    if !name_ok(name, false) {
+        return Err(format!("{key:?} is not a valid label key"));
+    }
+    if !name_ok(value, true) {
+        return Err(format!("{value:?} is not a valid label value"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "namespaces:\n  - name: shop\n    labels: {team: web}\nendpoints:\n  - namespace: shop\n    name: frontend-1\n    labels: {app: frontend}\n    serviceAccount: web\n    ips: [198.18.1.10]\n    ports: [{name: http, port: 8080, protocol: TCP}]\n    cgroup: /palisade-lab/shop/frontend-1\n";
+
+    #[test]
+    fn parses_the_design_example() {
+        let inv = Inventory::parse(GOOD, Path::new("inv.yaml")).expect("valid inventory");
+        let ns = &inv.namespaces["shop"];
+        assert_eq!(ns.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str), Some("shop"));
+        assert_eq!(ns.labels.get("team").map(String::as_str), Some("web"));
+        let ep = inv.endpoint("shop/frontend-1").expect("endpoint");
+        assert_eq!(ep.cgroup.as_deref(), Some("palisade-lab/shop/frontend-1"));
+        assert_eq!(ep.selector_labels().get(SERVICE_ACCOUNT_LABEL).map(String::as_str), Some("web"));
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let text = GOOD.replace("    ips: [198.18.1.10]", "    ips: [198.18.1.10");
+        let err = Inventory::parse(&text, Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("inv.yaml:"), "{err}");
+        assert!(matches!(err.split(':').nth(1).and_then(|l| l.parse::<usize>().ok()), Some(l) if l >= 10), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_line() {
+        let text = GOOD.replace("    serviceAccount: web", "    serviceAcount: web");
+        let err = Inventory::parse(&text, Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.contains("serviceAcount"), "{err}");
+        assert!(err.starts_with("inv.yaml:9:"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases = [
+            ("198.18.1.10]", "0.0.0.0]", "endpoints[0].ips[0]"),
+            ("port: 8080", "port: 0", "endpoints[0].ports[0].port"),
+            ("name: frontend-1", "name: Frontend_1", "endpoints[0].name"),
+            ("{app: frontend}", "{app: -bad}", "endpoints[0].labels.app"),
+            ("/palisade-lab/shop/frontend-1", "/palisade-lab/../etc", "endpoints[0].cgroup"),
+            ("{name: http,", "{name: HTTP_PORT_TOO_LONG,", "endpoints[0].ports[0].name"),
+        ];
+        for (from, to, field) in cases {
+            let text = GOOD.replace(from, to);
+            let err = Inventory::parse(&text, Path::new("inv.yaml")).unwrap_err().to_string();
+            assert!(err.contains(field), "{from} -> {to}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_ip_is_rejected() {
+        let text = format!(
+            "{GOOD}  - namespace: shop\n    name: frontend-2\n    ips: [198.18.1.10]\n"
+        );
+        let err = Inventory::parse(&text, Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.contains("endpoints[1].ips[0]") && err.contains("shop/frontend-1"), "{err}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Watches the inventory file and publishes each new valid inventory (the last good one stays).

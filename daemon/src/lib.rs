@@ -1,0 +1,16 @@
+//! palisade: eBPF runtime detection turned into network enforcement.
+//!
+//! One module per stage of the data flow in DESIGN.md; each owns its state.
+pub mod alerts;
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod inventory;
+pub mod lab;
+pub mod logging;
+pub mod probes;
+pub mod quarantine;
+pub mod rules;
+pub mod segmentation;
+pub mod sys;

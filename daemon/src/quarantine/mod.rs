@@ -1,0 +1,1 @@
+//! Quarantine responder.

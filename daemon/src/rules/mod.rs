@@ -1,0 +1,2 @@
+//! Rego detection engine (regorus), rule packs and hot reload.
+pub mod cli;

@@ -1,0 +1,2 @@
+//! Segmentation: NetworkPolicy compiler, identities, datapath map contents.
+pub mod cli;

@@ -1,0 +1,463 @@
+//! Syscall events. The enter tracepoint applies the filters and stashes the raw arguments per
+//! thread; the exit tracepoint builds the record with the result (user memory is still there).
+//! Module syscalls have no per-syscall tracepoints on kernels without CONFIG_MODULES (this one):
+//! they are caught through raw_syscalls, filtered by syscall number, when that fallback is on.
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext,
+};
+use palisade_common::*;
+
+use crate::common::{
+    PENDING_SYSCALLS, config, count_emitted, current_tid, fill_header, read_user_str,
+    should_report, syscall_arg, syscall_ret,
+};
+use crate::reserve_or_count;
+
+/// Stashes a syscall's arguments at enter when its kind is on and the task is watched.
+#[inline(always)]
+fn stash(ctx: &TracePointContext, kind: u32, op: u32) {
+    stash_args(
+        kind,
+        op,
+        [
+            syscall_arg(ctx, 0),
+            syscall_arg(ctx, 1),
+            syscall_arg(ctx, 2),
+            syscall_arg(ctx, 3),
+            syscall_arg(ctx, 4),
+            syscall_arg(ctx, 5),
+        ],
+    );
+}
+
+#[inline(always)]
+fn stash_args(kind: u32, op: u32, args: [u64; 6]) {
+    let Some((cgroup_id, _)) = should_report(kind) else {
+        return;
+    };
+    let pending = PendingSyscall { kind, op, cgroup_id, args };
+    let _ = PENDING_SYSCALLS.insert(&current_tid(), &pending, 0);
+}
+
+/// Takes this thread's stashed syscall if it is of `kind`.
+#[inline(always)]
+fn take(kind: u32) -> Option<PendingSyscall> {
+    let tid = current_tid();
+    let pending = unsafe { PENDING_SYSCALLS.get(&tid) }.copied()?;
+    let _ = PENDING_SYSCALLS.remove(&tid);
+    if pending.kind == kind { Some(pending) } else { None }
+}
+
+/// True when this thread is inside a syscall the tracepoints report as `kind` (the kprobes use
+/// it to avoid reporting the same operation twice).
+#[inline(always)]
+pub fn in_reported_syscall(kind: u32) -> bool {
+    matches!(unsafe { PENDING_SYSCALLS.get(&current_tid()) }, Some(p) if p.kind == kind)
+}
+
+macro_rules! enter {
+    ($name:ident, $kind:expr, $op:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            stash(&ctx, $kind, $op);
+            0
+        }
+    };
+}
+
+macro_rules! exit {
+    ($name:ident, $emit:ident) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            let ret = syscall_ret(&ctx);
+            let _ = $emit(ret);
+            0
+        }
+    };
+}
+
+/// Reserve, fill the header from the stashed syscall, run `$body` on the record, submit.
+macro_rules! emit {
+    ($ty:ty, $kind:expr, $ret:ident, |$ev:ident, $p:ident| $body:block) => {{
+        let Some($p) = take($kind) else { return Ok(()) };
+        let Some(cfg) = config() else { return Ok(()) };
+        let mut entry = reserve_or_count!($ty, $kind);
+        let $ev = entry.as_mut_ptr();
+        unsafe {
+            fill_header(&mut (*$ev).header, $kind, $p.cgroup_id, cfg);
+            $body
+        }
+        let _ = $ret;
+        entry.submit(0);
+        count_emitted($kind);
+        Ok(())
+    }};
+}
+
+// ---- open ----------------------------------------------------------------------------------
+enter!(sys_enter_openat, KIND_OPEN, OPEN_OP_OPENAT);
+enter!(sys_enter_openat2, KIND_OPEN, OPEN_OP_OPENAT2);
+exit!(sys_exit_openat, emit_open);
+exit!(sys_exit_openat2, emit_open);
+
+fn emit_open(ret: i64) -> Result<(), i64> {
+    emit!(OpenEvent, KIND_OPEN, ret, |ev, p| {
+        (*ev).op = p.op;
+        (*ev).dirfd = p.args[0] as i32;
+        (*ev).ret = ret;
+        if p.op == OPEN_OP_OPENAT2 {
+            // struct open_how { u64 flags; u64 mode; u64 resolve; }
+            let how = p.args[2] as *const u64;
+            (*ev).flags = bpf_probe_read_user(how).unwrap_or(0) as u32;
+            (*ev).mode = bpf_probe_read_user(how.add(1)).unwrap_or(0) as u32;
+        } else {
+            (*ev).flags = p.args[2] as u32;
+            (*ev).mode = p.args[3] as u32;
+        }
+        if read_user_str(&mut (*ev).path, p.args[1]) {
+            (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+    })
+}
+
+// ---- connect -------------------------------------------------------------------------------
+enter!(sys_enter_connect, KIND_CONNECT, 0);
+exit!(sys_exit_connect, emit_connect);
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+fn emit_connect(ret: i64) -> Result<(), i64> {
+    emit!(ConnectEvent, KIND_CONNECT, ret, |ev, p| {
+        (*ev).fd = p.args[0] as i32;
+        (*ev).ret = ret as i32;
+        (*ev)._pad = 0;
+        read_sockaddr(ev, p.args[1] as *const u8, p.args[2] as u32, false);
+    })
+}
+
+/// Fills family/port/addr/unix_path from a sockaddr in user (`kernel == false`) or kernel memory.
+#[inline(always)]
+pub unsafe fn read_sockaddr(ev: *mut ConnectEvent, sa: *const u8, len: u32, kernel: bool) {
+    use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user_buf};
+    unsafe {
+        (*ev).addr = [0u8; 16];
+        (*ev).unix_path[0] = 0;
+        (*ev).port = 0;
+        let family: u16 = if kernel {
+            bpf_probe_read_kernel(sa as *const u16).unwrap_or(0)
+        } else {
+            bpf_probe_read_user(sa as *const u16).unwrap_or(0)
+        };
+        (*ev).family = family;
+        let port_be: u16 = if kernel {
+            bpf_probe_read_kernel(sa.add(2) as *const u16).unwrap_or(0)
+        } else {
+            bpf_probe_read_user(sa.add(2) as *const u16).unwrap_or(0)
+        };
+        match family {
+            AF_INET => {
+                (*ev).port = u16::from_be(port_be);
+                let dst = &mut (&mut (*ev).addr)[..4];
+                let _ = if kernel {
+                    bpf_probe_read_kernel_buf(sa.add(4), dst)
+                } else {
+                    bpf_probe_read_user_buf(sa.add(4), dst)
+                };
+            }
+            AF_INET6 => {
+                (*ev).port = u16::from_be(port_be);
+                let dst = &mut (*ev).addr;
+                let _ = if kernel {
+                    bpf_probe_read_kernel_buf(sa.add(8), dst)
+                } else {
+                    bpf_probe_read_user_buf(sa.add(8), dst)
+                };
+            }
+            AF_UNIX if !kernel && len > 2 => {
+                // sun_path may not be NUL-terminated and abstract names start with NUL: copy bytes.
+                let _ = bpf_probe_read_user_buf(sa.add(2), &mut (&mut (*ev).unix_path)[..108]);
+                (*ev).unix_path[108] = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---- ptrace --------------------------------------------------------------------------------
+enter!(sys_enter_ptrace, KIND_PTRACE, 0);
+exit!(sys_exit_ptrace, emit_ptrace);
+
+fn emit_ptrace(ret: i64) -> Result<(), i64> {
+    emit!(PtraceEvent, KIND_PTRACE, ret, |ev, p| {
+        (*ev).request = p.args[0] as i64;
+        (*ev).target_pid = p.args[1] as i32;
+        (*ev)._pad = 0;
+        (*ev).addr = p.args[2];
+        (*ev).ret = ret;
+    })
+}
+
+// ---- credentials ---------------------------------------------------------------------------
+enter!(sys_enter_setuid, KIND_CRED, CRED_OP_SETUID);
+enter!(sys_enter_setgid, KIND_CRED, CRED_OP_SETGID);
+enter!(sys_enter_setreuid, KIND_CRED, CRED_OP_SETREUID);
+enter!(sys_enter_setresuid, KIND_CRED, CRED_OP_SETRESUID);
+enter!(sys_enter_setresgid, KIND_CRED, CRED_OP_SETRESGID);
+enter!(sys_enter_capset, KIND_CRED, CRED_OP_CAPSET);
+exit!(sys_exit_setuid, emit_cred);
+exit!(sys_exit_setgid, emit_cred);
+exit!(sys_exit_setreuid, emit_cred);
+exit!(sys_exit_setresuid, emit_cred);
+exit!(sys_exit_setresgid, emit_cred);
+exit!(sys_exit_capset, emit_cred);
+
+fn emit_cred(ret: i64) -> Result<(), i64> {
+    emit!(CredEvent, KIND_CRED, ret, |ev, p| {
+        (*ev).op = p.op;
+        (*ev).ret = ret as i32;
+        (*ev).cap_effective = 0;
+        (*ev).cap_permitted = 0;
+        (*ev).cap_inheritable = 0;
+        if p.op == CRED_OP_CAPSET {
+            (*ev).args = [0; 4];
+            // struct __user_cap_data_struct { u32 effective, permitted, inheritable; } x2 (v3)
+            let data = p.args[1] as *const u32;
+            if !data.is_null() {
+                let lo = |i: usize| bpf_probe_read_user(data.add(i)).unwrap_or(0) as u64;
+                (*ev).cap_effective = lo(0) | (lo(3) << 32);
+                (*ev).cap_permitted = lo(1) | (lo(4) << 32);
+                (*ev).cap_inheritable = lo(2) | (lo(5) << 32);
+            }
+        } else {
+            (*ev).args = [p.args[0] as u32, p.args[1] as u32, p.args[2] as u32, 0];
+        }
+    })
+}
+
+// ---- mount ---------------------------------------------------------------------------------
+enter!(sys_enter_mount, KIND_MOUNT, MOUNT_OP_MOUNT);
+enter!(sys_enter_umount, KIND_MOUNT, MOUNT_OP_UMOUNT);
+exit!(sys_exit_mount, emit_mount);
+exit!(sys_exit_umount, emit_mount);
+
+fn emit_mount(ret: i64) -> Result<(), i64> {
+    emit!(MountEvent, KIND_MOUNT, ret, |ev, p| {
+        (*ev).op = p.op;
+        (*ev).ret = ret as i32;
+        let mut cut = false;
+        if p.op == MOUNT_OP_MOUNT {
+            (*ev).flags = p.args[3];
+            cut |= read_user_str(&mut (*ev).source, p.args[0]);
+            cut |= read_user_str(&mut (*ev).target, p.args[1]);
+            cut |= read_user_str(&mut (*ev).fstype, p.args[2]);
+        } else {
+            (*ev).flags = p.args[1];
+            (*ev).source[0] = 0;
+            (*ev).fstype[0] = 0;
+            cut |= read_user_str(&mut (*ev).target, p.args[0]);
+        }
+        if cut {
+            (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+    })
+}
+
+// ---- namespaces ----------------------------------------------------------------------------
+enter!(sys_enter_unshare, KIND_NAMESPACE, NS_OP_UNSHARE);
+enter!(sys_enter_setns, KIND_NAMESPACE, NS_OP_SETNS);
+exit!(sys_exit_unshare, emit_namespace);
+exit!(sys_exit_setns, emit_namespace);
+
+fn emit_namespace(ret: i64) -> Result<(), i64> {
+    emit!(NamespaceEvent, KIND_NAMESPACE, ret, |ev, p| {
+        (*ev).op = p.op;
+        (*ev).ret = ret as i32;
+        (*ev)._pad = 0;
+        if p.op == NS_OP_SETNS {
+            (*ev).fd = p.args[0] as i32;
+            (*ev).flags = p.args[1];
+        } else {
+            (*ev).fd = -1;
+            (*ev).flags = p.args[0];
+        }
+    })
+}
+
+// ---- kernel modules (raw_syscalls fallback; see the module doc) ------------------------------
+const NR_INIT_MODULE: u64 = 175;
+const NR_DELETE_MODULE: u64 = 176;
+const NR_FINIT_MODULE: u64 = 313;
+
+#[tracepoint]
+pub fn raw_sys_enter_module(ctx: TracePointContext) -> u32 {
+    // raw_syscalls/sys_enter: long id at 8, unsigned long args[6] at 16.
+    let nr: u64 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+    let op = match nr {
+        NR_INIT_MODULE => MODULE_OP_INIT,
+        NR_FINIT_MODULE => MODULE_OP_FINIT,
+        NR_DELETE_MODULE => MODULE_OP_DELETE,
+        _ => return 0,
+    };
+    stash(&ctx, KIND_MODULE, op);
+    0
+}
+
+#[tracepoint]
+pub fn raw_sys_exit_module(ctx: TracePointContext) -> u32 {
+    let nr: u64 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+    if nr != NR_INIT_MODULE && nr != NR_FINIT_MODULE && nr != NR_DELETE_MODULE {
+        return 0;
+    }
+    let _ = emit_module(syscall_ret(&ctx));
+    0
+}
+
+enter!(sys_enter_init_module, KIND_MODULE, MODULE_OP_INIT);
+enter!(sys_enter_finit_module, KIND_MODULE, MODULE_OP_FINIT);
+enter!(sys_enter_delete_module, KIND_MODULE, MODULE_OP_DELETE);
+exit!(sys_exit_init_module, emit_module);
+exit!(sys_exit_finit_module, emit_module);
+exit!(sys_exit_delete_module, emit_module);
+
+fn emit_module(ret: i64) -> Result<(), i64> {
+    emit!(ModuleEvent, KIND_MODULE, ret, |ev, p| {
+        (*ev).op = p.op;
+        (*ev).ret = ret as i32;
+        (*ev).fd = -1;
+        (*ev).flags = 0;
+        (*ev).len = 0;
+        let name_ptr = match p.op {
+            MODULE_OP_INIT => {
+                (*ev).len = p.args[1];
+                p.args[2]
+            }
+            MODULE_OP_FINIT => {
+                (*ev).fd = p.args[0] as i32;
+                (*ev).flags = p.args[2] as u32;
+                p.args[1]
+            }
+            _ => {
+                (*ev).flags = p.args[1] as u32;
+                p.args[0]
+            }
+        };
+        if read_user_str(&mut (*ev).name, name_ptr) {
+            (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+    })
+}
+
+// ---- bpf -----------------------------------------------------------------------------------
+enter!(sys_enter_bpf, KIND_BPF, 0);
+exit!(sys_exit_bpf, emit_bpf);
+
+fn emit_bpf(ret: i64) -> Result<(), i64> {
+    emit!(BpfEvent, KIND_BPF, ret, |ev, p| {
+        (*ev).cmd = p.args[0] as u32;
+        (*ev).size = p.args[2] as u32;
+        (*ev).ret = ret;
+    })
+}
+
+// ---- memfd ---------------------------------------------------------------------------------
+enter!(sys_enter_memfd_create, KIND_MEMFD, 0);
+exit!(sys_exit_memfd_create, emit_memfd);
+
+fn emit_memfd(ret: i64) -> Result<(), i64> {
+    emit!(MemfdEvent, KIND_MEMFD, ret, |ev, p| {
+        (*ev).flags = p.args[1] as u32;
+        (*ev).ret = ret as i32;
+        if read_user_str(&mut (*ev).name, p.args[0]) {
+            (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+    })
+}
+
+// ---- chmod ---------------------------------------------------------------------------------
+enter!(sys_enter_chmod, KIND_CHMOD, CHMOD_OP_CHMOD);
+enter!(sys_enter_fchmod, KIND_CHMOD, CHMOD_OP_FCHMOD);
+enter!(sys_enter_fchmodat, KIND_CHMOD, CHMOD_OP_FCHMODAT);
+enter!(sys_enter_fchmodat2, KIND_CHMOD, CHMOD_OP_FCHMODAT);
+exit!(sys_exit_chmod, emit_chmod);
+exit!(sys_exit_fchmod, emit_chmod);
+exit!(sys_exit_fchmodat, emit_chmod);
+exit!(sys_exit_fchmodat2, emit_chmod);
+
+fn emit_chmod(ret: i64) -> Result<(), i64> {
+    emit!(ChmodEvent, KIND_CHMOD, ret, |ev, p| {
+        (*ev).op = p.op;
+        (*ev).ret = ret as i32;
+        let path = match p.op {
+            CHMOD_OP_CHMOD => {
+                (*ev).fd = -100;
+                (*ev).mode = p.args[1] as u32;
+                p.args[0]
+            }
+            CHMOD_OP_FCHMOD => {
+                (*ev).fd = p.args[0] as i32;
+                (*ev).mode = p.args[1] as u32;
+                0
+            }
+            _ => {
+                (*ev).fd = p.args[0] as i32;
+                (*ev).mode = p.args[2] as u32;
+                p.args[1]
+            }
+        };
+        if read_user_str(&mut (*ev).path, path) {
+            (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+    })
+}
+
+// ---- unlink / rename -----------------------------------------------------------------------
+enter!(sys_enter_unlinkat, KIND_UNLINK, 0);
+exit!(sys_exit_unlinkat, emit_unlink);
+
+fn emit_unlink(ret: i64) -> Result<(), i64> {
+    emit!(UnlinkEvent, KIND_UNLINK, ret, |ev, p| {
+        (*ev).dirfd = p.args[0] as i32;
+        (*ev).flags = p.args[2] as u32;
+        (*ev).ret = ret as i32;
+        (*ev)._pad = 0;
+        if read_user_str(&mut (*ev).path, p.args[1]) {
+            (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+    })
+}
+
+enter!(sys_enter_renameat2, KIND_RENAME, 0);
+exit!(sys_exit_renameat2, emit_rename);
+
+fn emit_rename(ret: i64) -> Result<(), i64> {
+    emit!(RenameEvent, KIND_RENAME, ret, |ev, p| {
+        (*ev).old_dirfd = p.args[0] as i32;
+        (*ev).new_dirfd = p.args[2] as i32;
+        (*ev).flags = p.args[4] as u32;
+        (*ev).ret = ret as i32;
+        let mut cut = read_user_str(&mut (*ev).old_path, p.args[1]);
+        cut |= read_user_str(&mut (*ev).new_path, p.args[3]);
+        if cut {
+            (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+    })
+}
+
+// ---- dup -----------------------------------------------------------------------------------
+enter!(sys_enter_dup2, KIND_DUP, DUP_OP_DUP2);
+enter!(sys_enter_dup3, KIND_DUP, DUP_OP_DUP3);
+exit!(sys_exit_dup2, emit_dup);
+exit!(sys_exit_dup3, emit_dup);
+
+fn emit_dup(ret: i64) -> Result<(), i64> {
+    emit!(DupEvent, KIND_DUP, ret, |ev, p| {
+        (*ev).op = p.op;
+        (*ev).old_fd = p.args[0] as i32;
+        (*ev).new_fd = p.args[1] as i32;
+        (*ev).flags = if p.op == DUP_OP_DUP3 { p.args[2] as u32 } else { 0 };
+        (*ev).ret = ret;
+    })
+}
