@@ -1,12 +1,243 @@
-//! `palisade rules ...`
-use clap::Subcommand;
+//! `palisade rules ...`: the rule author's tools.
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+
+use super::RulesError;
+use super::pack::{PackOptions, PackSources, RuleOverrides, RulePack, parse_modules};
+use super::testing::{TestKind, TestOptions, run_tests};
 
 #[derive(Subcommand, Debug)]
 pub enum RulesCommand {
-    /// Compile and lint a rules directory.
-    Check,
+    /// Compile and lint a rules directory; prints `file:line:col: message` per problem, exit 1.
+    Check {
+        dir: PathBuf,
+        /// Action overrides to apply (YAML: `actions: {rule: alert}`, `disabled: [rule]`).
+        #[arg(long)]
+        overrides: Option<PathBuf>,
+    },
+    /// Run `test_*` rules of `*_test.rego` files and fixture cases (events in, alerts out).
+    Test {
+        dir: PathBuf,
+        /// Print the rule lines no test reached.
+        #[arg(long)]
+        coverage: bool,
+        /// Fixture files or directories (default: DIR/fixtures and DIR/../testdata/rules).
+        #[arg(long = "fixtures")]
+        fixtures: Vec<PathBuf>,
+        /// Print passing tests too.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// The alerts the rules would raise on recorded events (JSONL, from `palisade run --record`).
+    Replay {
+        dir: PathBuf,
+        #[arg(long)]
+        events: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// List the rules of a pack with their metadata and subscribed event types.
+    List { dir: PathBuf },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Json,
+    Table,
 }
 
 pub fn run(cmd: RulesCommand) -> anyhow::Result<()> {
-    anyhow::bail!("rules {cmd:?}: not built yet")
+    match cmd {
+        RulesCommand::Check { dir, overrides } => check(&dir, overrides),
+        RulesCommand::Test { dir, coverage, fixtures, verbose } => test(&dir, coverage, fixtures, verbose),
+        RulesCommand::Replay { dir, events, output } => replay(&dir, &events, output),
+        RulesCommand::List { dir } => list(&dir),
+    }
+}
+
+/// Prints the problems of a failed load and exits 1 (the exit code is the contract for CI).
+fn fail_with(error: &RulesError) -> ! {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for line in error.lines() {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+    std::process::exit(1)
+}
+
+fn options(overrides: Option<PathBuf>) -> PackOptions {
+    let overrides = match overrides {
+        Some(path) => RuleOverrides::from_yaml_file(&path).unwrap_or_else(|e| fail_with(&e)),
+        None => RuleOverrides::default(),
+    };
+    PackOptions { overrides, ..PackOptions::default() }
+}
+
+fn check(dir: &std::path::Path, overrides: Option<PathBuf>) -> anyhow::Result<()> {
+    let options = options(overrides);
+    let sources = PackSources::read_dir(dir).unwrap_or_else(|e| fail_with(&e));
+    let pack = RulePack::from_sources(&sources, &options).unwrap_or_else(|e| fail_with(&e));
+    // Test files are not part of the pack, but a broken one is still a problem to report.
+    let mut all = sources.policies.clone();
+    all.extend(sources.tests.iter().cloned());
+    if let Err(e) = parse_modules(&all, &sources) {
+        fail_with(&e);
+    }
+    for warning in pack.warnings() {
+        println!("warning: {warning}");
+    }
+    let types: Vec<&str> = pack.subscribed_types().into_iter().map(|t| t.as_str()).collect();
+    println!("ok: {} rules, event types: {}", pack.rules().len(), types.join(", "));
+    Ok(())
+}
+
+fn test(dir: &std::path::Path, coverage: bool, fixtures: Vec<PathBuf>, verbose: bool) -> anyhow::Result<()> {
+    let options = TestOptions { coverage, fixtures, pack: PackOptions::default() };
+    let report = run_tests(dir, &options).unwrap_or_else(|e| fail_with(&e));
+    for result in &report.results {
+        let kind = match result.kind {
+            TestKind::Rego => "rego",
+            TestKind::Fixture => "fixture",
+        };
+        match &result.failure {
+            None if verbose => println!("PASS {kind} {}", result.name),
+            None => {}
+            Some(failure) => println!("FAIL {kind} {}\n{failure}", result.name),
+        }
+    }
+    for id in &report.rules_without_positive {
+        println!("warning: rule {id} has no fixture that expects it to fire");
+    }
+    for id in &report.rules_without_negative {
+        println!("warning: rule {id} has no fixture of its event types that expects it to stay quiet");
+    }
+    if coverage {
+        if report.uncovered.is_empty() {
+            println!("coverage: every rule line was reached");
+        }
+        for (file, lines) in &report.uncovered {
+            println!("coverage: {file}: {} lines not reached", lines.len());
+            for (line, text) in lines {
+                println!("  {file}:{line}: {text}");
+            }
+        }
+    }
+    println!("{} passed, {} failed", report.passed(), report.failed());
+    if report.failed() > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn replay(dir: &std::path::Path, events: &std::path::Path, output: OutputFormat) -> anyhow::Result<()> {
+    let pack = RulePack::load(dir).unwrap_or_else(|e| fail_with(&e));
+    let file = std::fs::File::open(events).with_context(|| format!("opening {}", events.display()))?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if output == OutputFormat::Table {
+        writeln!(out, "{:<6} {:<24} {:<22} {:<18} {:<9} {:<10} MESSAGE", "LINE", "POD", "PROCESS", "RULE", "SEVERITY", "ACTION")?;
+    }
+    let (mut events_read, mut hits_total, mut errors) = (0usize, 0usize, 0usize);
+    for (index, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", events.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("{}:{}:{}: {e}", events.display(), index + 1, e.column());
+                errors += 1;
+                continue;
+            }
+        };
+        // A recording holds either bare events or records that wrap one as `input`.
+        let input = record.get("input").filter(|i| i.get("type").is_some()).unwrap_or(&record);
+        events_read += 1;
+        let hits = match pack.evaluate(input) {
+            Ok(hits) => hits,
+            Err(e) => {
+                eprintln!("{}:{}:1: {e}", events.display(), index + 1);
+                errors += 1;
+                continue;
+            }
+        };
+        for hit in hits {
+            hits_total += 1;
+            match output {
+                OutputFormat::Json => {
+                    let line = serde_json::json!({
+                        "line": index + 1,
+                        "time": input.get("time"),
+                        "event_type": input.get("type"),
+                        "pod": input.get("pod"),
+                        "process": input.get("process").map(|p| serde_json::json!({
+                            "pid": p.get("pid"), "comm": p.get("comm"), "exe": p.get("exe"),
+                        })),
+                        "rule_id": hit.rule_id, "title": hit.title, "severity": hit.severity,
+                        "message": hit.message, "mitre": hit.mitre, "action": hit.action,
+                    });
+                    // serde_json escapes control characters, so a hostile path cannot forge a line.
+                    writeln!(out, "{line}")?;
+                }
+                OutputFormat::Table => {
+                    let pod = input
+                        .get("pod")
+                        .and_then(|p| Some(format!("{}/{}", p.get("namespace")?.as_str()?, p.get("name")?.as_str()?)))
+                        .unwrap_or_else(|| "-".to_string());
+                    let process = input
+                        .get("process")
+                        .map(|p| {
+                            format!(
+                                "{}[{}]",
+                                p.get("comm").and_then(|c| c.as_str()).unwrap_or("?"),
+                                p.get("pid").and_then(serde_json::Value::as_i64).unwrap_or(0)
+                            )
+                        })
+                        .unwrap_or_else(|| "-".to_string());
+                    writeln!(
+                        out,
+                        "{:<6} {:<24} {:<22} {:<18} {:<9} {:<10} {}",
+                        index + 1,
+                        printable(&pod),
+                        printable(&process),
+                        hit.rule_id,
+                        hit.severity,
+                        hit.action,
+                        printable(&hit.message)
+                    )?;
+                }
+            }
+        }
+    }
+    eprintln!("{events_read} events, {hits_total} alerts, {errors} errors");
+    Ok(())
+}
+
+/// Untrusted text for a terminal table: control characters escaped so a path cannot forge rows
+/// or move the cursor.
+fn printable(text: &str) -> String {
+    text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
+fn list(dir: &std::path::Path) -> anyhow::Result<()> {
+    let pack = RulePack::load(dir).unwrap_or_else(|e| fail_with(&e));
+    println!("{:<24} {:<9} {:<10} {:<28} {:<22} TITLE", "RULE", "SEVERITY", "ACTION", "EVENTS", "MITRE");
+    for rule in pack.rules() {
+        let events: Vec<&str> = rule.events.iter().map(|t| t.as_str()).collect();
+        println!(
+            "{:<24} {:<9} {:<10} {:<28} {:<22} {}",
+            rule.id,
+            rule.severity,
+            rule.action,
+            events.join(","),
+            rule.mitre.join(","),
+            rule.title
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,199 @@
+//! The pack in force, swappable at once, and a small pool of threads that evaluate events
+//! against it.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+
+use super::RulesError;
+use super::model::RuleHit;
+use super::pack::{RulePack, Session};
+
+/// The rule pack in force. A swap replaces the whole pack at once: an evaluation holds an `Arc`
+/// of the pack it started with, so no event ever sees a half-loaded pack.
+#[derive(Debug)]
+pub struct PackHandle {
+    current: RwLock<Arc<RulePack>>,
+    generation: AtomicU64,
+}
+
+impl PackHandle {
+    /// Puts the first pack in force as generation 1.
+    pub fn new(mut pack: RulePack) -> Arc<PackHandle> {
+        pack.set_generation(1);
+        Arc::new(PackHandle { current: RwLock::new(Arc::new(pack)), generation: AtomicU64::new(1) })
+    }
+
+    /// The pack in force now.
+    pub fn current(&self) -> Arc<RulePack> {
+        match self.current.read() {
+            Ok(guard) => guard.clone(),
+            // A panic while swapping cannot leave a half-written Arc: the value is still whole.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The generation in force; it goes up by one per swap.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Puts `pack` in force and returns its generation.
+    pub fn swap(&self, mut pack: RulePack) -> u64 {
+        let mut guard = match self.current.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        pack.set_generation(generation);
+        *guard = Arc::new(pack);
+        self.generation.store(generation, Ordering::Release);
+        generation
+    }
+}
+
+/// The outcome of one event: the hits (or why it could not be evaluated), with the event.
+#[derive(Debug)]
+pub struct Evaluation {
+    pub input: serde_json::Value,
+    pub hits: Result<Vec<RuleHit>, RulesError>,
+    /// The generation of the pack that evaluated it.
+    pub pack_generation: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EvaluatorConfig {
+    pub workers: usize,
+    /// Events waiting for a worker; `submit` blocks and `try_submit` fails beyond it.
+    pub queue: usize,
+    /// Also send evaluations without hits (normally only hits and errors are sent).
+    pub send_empty: bool,
+}
+
+impl Default for EvaluatorConfig {
+    fn default() -> Self {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+        EvaluatorConfig { workers, queue: 4096, send_empty: false }
+    }
+}
+
+/// N threads, each with its own engine session, fed through one bounded queue. Results go to
+/// the sink given at start (`RuleEvaluator::start` makes it a channel).
+pub struct RuleEvaluator {
+    jobs: Option<Sender<serde_json::Value>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl RuleEvaluator {
+    /// Starts the pool; evaluations with hits (and errors) arrive on the returned channel, which
+    /// is bounded like the queue so a slow consumer slows producers rather than growing memory.
+    pub fn start(
+        handle: Arc<PackHandle>,
+        config: EvaluatorConfig,
+    ) -> Result<(RuleEvaluator, Receiver<Evaluation>), RulesError> {
+        let (results_tx, results_rx) = bounded(config.queue.max(1));
+        let evaluator = Self::start_with_sink(handle, config, move |evaluation| {
+            // The receiver went away: the daemon is shutting down; nothing to do.
+            let _ = results_tx.send(evaluation);
+        })?;
+        Ok((evaluator, results_rx))
+    }
+
+    /// Starts the pool with a callback for results (e.g. a tokio `blocking_send`).
+    pub fn start_with_sink(
+        handle: Arc<PackHandle>,
+        config: EvaluatorConfig,
+        sink: impl Fn(Evaluation) + Send + Sync + 'static,
+    ) -> Result<RuleEvaluator, RulesError> {
+        let (jobs_tx, jobs_rx) = bounded::<serde_json::Value>(config.queue.max(1));
+        let sink = Arc::new(sink);
+        let mut workers = Vec::new();
+        for index in 0..config.workers.max(1) {
+            let jobs = jobs_rx.clone();
+            let handle = handle.clone();
+            let sink = sink.clone();
+            let send_empty = config.send_empty;
+            let worker = std::thread::Builder::new()
+                .name(format!("palisade-rules-{index}"))
+                .spawn(move || worker_loop(&handle, &jobs, send_empty, &*sink))
+                .map_err(|e| RulesError::Eval(format!("cannot start rule worker: {e}")))?;
+            workers.push(worker);
+        }
+        Ok(RuleEvaluator { jobs: Some(jobs_tx), workers })
+    }
+
+    /// Queues an event, waiting while the queue is full.
+    pub fn submit(&self, input: serde_json::Value) -> Result<(), RulesError> {
+        let jobs = self.jobs.as_ref().ok_or(RulesError::Closed)?;
+        jobs.send(input).map_err(|_| RulesError::Closed)
+    }
+
+    /// Queues an event if there is room; gives it back when the queue is full, so the caller
+    /// can count the drop.
+    pub fn try_submit(&self, input: serde_json::Value) -> Result<(), (serde_json::Value, RulesError)> {
+        let Some(jobs) = self.jobs.as_ref() else {
+            return Err((input, RulesError::Closed));
+        };
+        jobs.try_send(input).map_err(|e| match e {
+            TrySendError::Full(input) => (input, RulesError::QueueFull),
+            TrySendError::Disconnected(input) => (input, RulesError::Closed),
+        })
+    }
+
+    /// Events waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.jobs.as_ref().map_or(0, Sender::len)
+    }
+
+    /// Stops taking events, lets the workers finish what is queued, and waits for them.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            if worker.join().is_err() {
+                tracing::error!("a rule worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for RuleEvaluator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn worker_loop(
+    handle: &PackHandle,
+    jobs: &Receiver<serde_json::Value>,
+    send_empty: bool,
+    sink: &(dyn Fn(Evaluation) + Send + Sync),
+) {
+    let mut pack = handle.current();
+    let mut session: Option<Session> = None;
+    while let Ok(input) = jobs.recv() {
+        // One atomic load per event; the session is rebuilt only when a new pack is in force.
+        if pack.generation() != handle.generation() {
+            pack = handle.current();
+            session = None;
+        }
+        if session.is_none() {
+            match pack.session() {
+                Ok(s) => session = Some(s),
+                Err(e) => {
+                    sink(Evaluation { input, hits: Err(e), pack_generation: pack.generation() });
+                    continue;
+                }
+            }
+        }
+        let Some(session_ref) = session.as_mut() else { continue };
+        let hits = pack.evaluate_in(session_ref, &input);
+        if send_empty || !matches!(&hits, Ok(h) if h.is_empty()) {
+            sink(Evaluation { input, hits, pack_generation: pack.generation() });
+        }
+    }
+}
