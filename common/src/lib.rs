@@ -13,6 +13,7 @@ pub mod net;
 
 pub use event::*;
 pub use maps::*;
+pub use net::*;
 
 
 /// Compile-time size check: a wire type whose layout drifts fails the build on both sides.

@@ -1,2 +1,330 @@
-//! Datapath maps: endpoints, identities, policy, quarantine and connection tracking.
-//! (Filled in by the segmentation work; the quarantine flag is checked first per packet.)
+//! Datapath maps: endpoints, identities, policy, quarantine and connection tracking, shared by the
+//! cgroup_skb programs (`probes-ebpf/src/datapath.rs`) and the daemon (`segmentation::datapath`,
+//! whose pure-Rust `lookup` mirrors the kernel's logic key for key).
+//!
+//! Per packet, in this order (see `segmentation::lookup`):
+//! 1. QUARANTINE by the socket's cgroup id (and its ancestors): deny everything except traffic
+//!    inside the pod itself (same address, loopback) and the optional forensics exception trie.
+//! 2. CONNTRACK (LRU): a packet of a flow whose opposite direction was already allowed passes.
+//! 3. Policy: local endpoint and peer identity from the IPCACHE LPM trie, isolation flags from
+//!    ENDPOINTS, then a bounded number of POLICY hash probes (exact port, aligned port blocks,
+//!    any port, any protocol; for the peer's label identity, its CIDR identity and any peer).
+//!
+//! Addresses are stored as 16 bytes: IPv6 as is, IPv4 as v4-mapped (`::ffff:a.b.c.d`), so one
+//! trie serves both families (an IPv4 /n prefix is stored as /(96+n)).
+use crate::{EventHeader, assert_wire_size};
+
+pub const MAP_SEG_QUARANTINE: &str = "SEG_QUARANTINE";
+pub const MAP_SEG_FORENSICS: &str = "SEG_FORENSICS";
+pub const MAP_SEG_IPCACHE: &str = "SEG_IPCACHE";
+pub const MAP_SEG_ENDPOINTS: &str = "SEG_ENDPOINTS";
+pub const MAP_SEG_POLICY: &str = "SEG_POLICY";
+pub const MAP_SEG_CONNTRACK: &str = "SEG_CONNTRACK";
+pub const MAP_SEG_DENY_RATE: &str = "SEG_DENY_RATE";
+pub const MAP_SEG_EVENTS: &str = "SEG_EVENTS";
+pub const MAP_SEG_COUNTERS: &str = "SEG_COUNTERS";
+pub const MAP_SEG_CONFIG: &str = "SEG_CONFIG";
+/// Every datapath map, in the order the user side pins them.
+pub const SEG_MAPS: [&str; 10] = [
+    MAP_SEG_QUARANTINE,
+    MAP_SEG_FORENSICS,
+    MAP_SEG_IPCACHE,
+    MAP_SEG_ENDPOINTS,
+    MAP_SEG_POLICY,
+    MAP_SEG_CONNTRACK,
+    MAP_SEG_DENY_RATE,
+    MAP_SEG_EVENTS,
+    MAP_SEG_COUNTERS,
+    MAP_SEG_CONFIG,
+];
+
+pub const PROG_SEG_INGRESS: &str = "seg_ingress";
+pub const PROG_SEG_EGRESS: &str = "seg_egress";
+
+pub const SEG_MAX_QUARANTINE: u32 = 16384;
+pub const SEG_MAX_FORENSICS: u32 = 1024;
+pub const SEG_MAX_IPCACHE: u32 = 262_144;
+pub const SEG_MAX_ENDPOINTS: u32 = 65_536;
+pub const SEG_MAX_POLICY: u32 = 1_048_576;
+pub const SEG_MAX_CONNTRACK: u32 = 262_144;
+pub const SEG_EVENTS_RINGBUF_BYTES: u32 = 1024 * 1024;
+/// How many cgroup levels (from the root) the quarantine check walks (a pod's containers live in
+/// child cgroups of the pod cgroup).
+pub const SEG_MAX_CGROUP_LEVELS: u32 = 12;
+
+/// `EventHeader.source` of datapath records (no task context: ingress runs in softirq).
+pub const SOURCE_DATAPATH: u32 = 2;
+
+/// Identity 0 in a POLICY key: any peer (a rule with no from/to).
+pub const IDENTITY_ANY: u32 = 0;
+/// An address with no IPCACHE entry.
+pub const IDENTITY_WORLD: u32 = 1;
+/// First label identity.
+pub const IDENTITY_LABEL_FIRST: u32 = 256;
+/// CIDR identities (one per distinct ipBlock/except prefix and per pod address an ipBlock covers)
+/// live in their own band.
+pub const IDENTITY_CIDR_FIRST: u32 = 1 << 24;
+
+pub const DIRECTION_INGRESS: u8 = 1;
+pub const DIRECTION_EGRESS: u8 = 2;
+
+/// POLICY key protocol 0: any protocol (a rule with no ports).
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// EndpointConfig.flags
+pub const EP_ISOLATED_INGRESS: u32 = 1;
+pub const EP_ISOLATED_EGRESS: u32 = 2;
+
+/// Verdict reasons (PolicyVerdictEvent.reason and the user-side lookup).
+pub const REASON_QUARANTINE: u8 = 1;
+pub const REASON_POLICY: u8 = 2;
+
+/// Conntrack flags, relative to the normalized key (lo = the smaller (addr, port)).
+pub const CT_LO_HI_EGRESS: u32 = 1;
+pub const CT_LO_HI_INGRESS: u32 = 2;
+pub const CT_HI_LO_EGRESS: u32 = 4;
+pub const CT_HI_LO_INGRESS: u32 = 8;
+
+/// policy_denied records per endpoint per window; the rest are counted and reported in the next.
+pub const DENY_EVENTS_PER_WINDOW: u32 = 16;
+pub const DENY_WINDOW_NS: u64 = 1_000_000_000;
+
+/// SEG_COUNTERS indexes (per-CPU u64).
+pub const CNT_PACKETS: u32 = 0;
+pub const CNT_ALLOWED_CT: u32 = 1;
+pub const CNT_ALLOWED_POLICY: u32 = 2;
+pub const CNT_DENIED_POLICY: u32 = 3;
+pub const CNT_DENIED_QUARANTINE: u32 = 4;
+pub const CNT_EVENTS_SUPPRESSED: u32 = 5;
+pub const CNT_EVENTS_LOST: u32 = 6;
+pub const CNT_UNPARSED: u32 = 7;
+pub const CNT_COUNT: u32 = 8;
+
+/// LPM trie data (the aya key adds the prefix length): a 16-byte address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpAddrKey {
+    pub addr: [u8; 16],
+}
+assert_wire_size!(IpAddrKey, 16);
+
+/// SEG_IPCACHE value: who an address (prefix) is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpCacheValue {
+    /// Label identity (pods) or the CIDR identity (non-pod prefixes).
+    pub identity: u32,
+    /// The prefix's own CIDR identity when an ipBlock covers it, else 0 (not probed).
+    pub cidr_identity: u32,
+    /// Local endpoint id (pods on this node), else 0.
+    pub endpoint_id: u32,
+    pub _pad: u32,
+}
+assert_wire_size!(IpCacheValue, 16);
+
+/// SEG_ENDPOINTS value, keyed by endpoint id (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointConfig {
+    /// EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS
+    pub flags: u32,
+    /// Bit n set: POLICY holds port blocks of prefix length n (1..=15) for this endpoint's
+    /// ingress (port ranges from endPort), so the kernel probes that block size.
+    pub ingress_port_plens: u32,
+    pub egress_port_plens: u32,
+    pub _pad: u32,
+}
+assert_wire_size!(EndpointConfig, 16);
+
+/// SEG_POLICY key. `port` is host byte order and already masked to `port_plen` bits;
+/// port_plen 16 = exact port, 0 = any port, 1..=15 = an aligned block from an endPort range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub endpoint_id: u32,
+    pub peer_identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub port_plen: u8,
+    pub _pad: u8,
+    pub port: u16,
+    pub _pad2: u16,
+}
+assert_wire_size!(PolicyKey, 16);
+
+/// SEG_POLICY value: which compiled rule allowed (for explain and verdict events).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub rule_id: u32,
+    pub _pad: u32,
+}
+assert_wire_size!(PolicyValue, 8);
+
+/// SEG_QUARANTINE value, keyed by cgroup id (u64). Presence means quarantined.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct QuarantineValue {
+    /// CLOCK_MONOTONIC ns when set (user side's clock), informational.
+    pub since_ns: u64,
+    /// Endpoint id of the pod (informational; 0 when unknown).
+    pub endpoint_id: u32,
+    pub flags: u32,
+}
+assert_wire_size!(QuarantineValue, 16);
+
+/// SEG_FORENSICS value (LPM by peer address): what stays reachable while quarantined.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ForensicsValue {
+    /// 0 = any port (the peer's port on egress, the local port on ingress).
+    pub port: u16,
+    /// 0 = any protocol.
+    pub protocol: u8,
+    pub _pad: u8,
+    pub _pad2: u32,
+}
+assert_wire_size!(ForensicsValue, 8);
+
+/// SEG_CONNTRACK key: the flow normalized so both directions share one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub addr_lo: [u8; 16],
+    pub addr_hi: [u8; 16],
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+assert_wire_size!(CtKey, 40);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// CT_* bits: which (orientation, hook) already allowed the flow.
+    pub flags: u32,
+    pub _pad: u32,
+}
+assert_wire_size!(CtValue, 8);
+
+/// SEG_DENY_RATE value, keyed by endpoint id (u32): the per-endpoint event budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenyRateState {
+    pub window_start_ns: u64,
+    pub emitted: u32,
+    /// Denials not reported since the last emitted record.
+    pub suppressed: u32,
+}
+assert_wire_size!(DenyRateState, 16);
+
+/// SEG_CONFIG (array, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// 1: emit policy_denied records.
+    pub emit_denied: u32,
+    /// Records per endpoint per window (0 = DENY_EVENTS_PER_WINDOW).
+    pub deny_events_per_window: u32,
+}
+assert_wire_size!(DatapathConfig, 8);
+
+/// A denied packet (SEG_EVENTS ring buffer), header.kind = KIND_POLICY_VERDICT,
+/// header.source = SOURCE_DATAPATH. Addresses are 16-byte (v4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyVerdictEvent {
+    pub header: EventHeader,
+    pub local_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    pub local_port: u16,
+    pub peer_port: u16,
+    pub protocol: u8,
+    /// DIRECTION_INGRESS or DIRECTION_EGRESS (seen from the local endpoint).
+    pub direction: u8,
+    /// REASON_*
+    pub reason: u8,
+    pub _pad: u8,
+    pub endpoint_id: u32,
+    pub peer_identity: u32,
+    /// Denials of this endpoint not reported since the previous record (rate limit).
+    pub suppressed: u32,
+    pub _pad2: u32,
+}
+assert_wire_size!(PolicyVerdictEvent, 72 + 56);
+
+/// The v4-mapped form of an IPv4 address.
+#[inline(always)]
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
+}
+
+/// Normalizes a flow for SEG_CONNTRACK; returns the key and whether (src, sport) is the lo side.
+#[inline(always)]
+pub fn ct_key(src: &[u8; 16], sport: u16, dst: &[u8; 16], dport: u16, protocol: u8) -> (CtKey, bool) {
+    let mut src_is_lo = true;
+    let mut i = 0;
+    let mut decided = false;
+    while i < 16 {
+        if src[i] != dst[i] {
+            src_is_lo = src[i] < dst[i];
+            decided = true;
+            break;
+        }
+        i += 1;
+    }
+    if !decided {
+        src_is_lo = sport <= dport;
+    }
+    let key = if src_is_lo {
+        CtKey { addr_lo: *src, addr_hi: *dst, port_lo: sport, port_hi: dport, protocol, _pad: [0; 3] }
+    } else {
+        CtKey { addr_lo: *dst, addr_hi: *src, port_lo: dport, port_hi: sport, protocol, _pad: [0; 3] }
+    };
+    (key, src_is_lo)
+}
+
+/// The CT bit a hook sets when it allows a packet in the given orientation.
+#[inline(always)]
+pub const fn ct_allow_bit(src_is_lo: bool, direction: u8) -> u32 {
+    match (src_is_lo, direction == DIRECTION_EGRESS) {
+        (true, true) => CT_LO_HI_EGRESS,
+        (true, false) => CT_LO_HI_INGRESS,
+        (false, true) => CT_HI_LO_EGRESS,
+        (false, false) => CT_HI_LO_INGRESS,
+    }
+}
+
+/// The CT bits that let a packet through at a hook: the same orientation already allowed at the
+/// same hook, or the opposite orientation allowed at the mirrored hook (a reply: our ingress
+/// accepted the peer's connection, so our egress passes its replies, and vice versa).
+#[inline(always)]
+pub const fn ct_pass_bits(src_is_lo: bool, direction: u8) -> u32 {
+    let egress = direction == DIRECTION_EGRESS;
+    match (src_is_lo, egress) {
+        (true, true) => CT_LO_HI_EGRESS | CT_HI_LO_INGRESS,
+        (true, false) => CT_LO_HI_INGRESS | CT_HI_LO_EGRESS,
+        (false, true) => CT_HI_LO_EGRESS | CT_LO_HI_INGRESS,
+        (false, false) => CT_HI_LO_INGRESS | CT_LO_HI_EGRESS,
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: repr(C), Copy, integers and byte arrays only, explicit padding.
+    unsafe impl aya::Pod for super::IpAddrKey {}
+    unsafe impl aya::Pod for super::IpCacheValue {}
+    unsafe impl aya::Pod for super::EndpointConfig {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::QuarantineValue {}
+    unsafe impl aya::Pod for super::ForensicsValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::DenyRateState {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+}

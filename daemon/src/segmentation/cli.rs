@@ -1,12 +1,109 @@
-//! `palisade policy ...`
-use clap::Subcommand;
+//! `palisade policy ...`: check, matrix, explain.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Subcommand, ValueEnum};
+
+use super::compile::compile;
+use super::matrix::{explain, matrix, table};
+use super::policy::PolicySet;
+use crate::inventory::{Inventory, Protocol};
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
-    /// Validate policy files.
-    Check,
+    /// Validate NetworkPolicy files or directories; errors name the file, document and field.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Reachability between every ordered pair of endpoints, from the compiled datapath maps.
+    Matrix {
+        #[arg(long)]
+        inventory: PathBuf,
+        #[arg(long, required = true, num_args = 1..)]
+        policies: Vec<PathBuf>,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "TCP")]
+        protocol: Protocol,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// The verdict for one pair and why: policies selecting each side, the rule that allowed it.
+    Explain {
+        #[arg(long)]
+        inventory: PathBuf,
+        #[arg(long, required = true, num_args = 1..)]
+        policies: Vec<PathBuf>,
+        /// NAMESPACE/POD
+        #[arg(long)]
+        from: String,
+        /// NAMESPACE/POD
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "TCP")]
+        protocol: Protocol,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Json,
+    Table,
 }
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
-    anyhow::bail!("policy {cmd:?}: not built yet")
+    match cmd {
+        PolicyCommand::Check { paths } => {
+            let set = PolicySet::load(&paths)?;
+            for p in &set.policies {
+                let types = match (p.ingress_isolation, p.egress_isolation) {
+                    (true, true) => "Ingress,Egress",
+                    (true, false) => "Ingress",
+                    (false, true) => "Egress",
+                    (false, false) => "-",
+                };
+                println!("ok  {}  policyTypes={types}  ({})", p.key(), p.source);
+            }
+            println!("{} policies valid", set.policies.len());
+            Ok(())
+        }
+        PolicyCommand::Matrix { inventory, policies, port, protocol, output } => {
+            let inv = Inventory::load(&inventory)?;
+            let set = PolicySet::load(&policies)?;
+            let m = matrix(&compile(&inv, &set), protocol, port);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&m)?),
+                Output::Table => print!("{}", table(&m)),
+            }
+            Ok(())
+        }
+        PolicyCommand::Explain { inventory, policies, from, to, port, protocol, output } => {
+            let inv = Inventory::load(&inventory)?;
+            let set = PolicySet::load(&policies)?;
+            let compiled = compile(&inv, &set);
+            let a = compiled.endpoint_by_key(&from).with_context(|| format!("{from}: no such endpoint in {}", inventory.display()))?;
+            let b = compiled.endpoint_by_key(&to).with_context(|| format!("{to}: no such endpoint in {}", inventory.display()))?;
+            let e = explain(&compiled, a, b, protocol, port);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+                Output::Table => {
+                    println!("{} -> {} {}/{}: {}", e.from, e.to, e.protocol, e.port, if e.allowed { "ALLOWED" } else { "DENIED" });
+                    let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+                    println!("  egress policies selecting {}: {}", e.from, list(&e.egress_policies));
+                    println!("  ingress policies selecting {}: {}", e.to, list(&e.ingress_policies));
+                    for f in &e.families {
+                        println!("  {} -> {}: {}", f.src, f.dst, if f.allowed { "allowed" } else { "denied" });
+                        println!("    {}", f.egress);
+                        println!("    {}", f.ingress);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,471 @@
+//! The compiler: inventory + policies -> the exact contents of the datapath maps.
+//!
+//! * Identities: one numeric id per distinct (namespace, selector labels) set; one CIDR identity
+//!   per distinct ipBlock/except prefix, and per pod address that some ipBlock covers.
+//! * IPCACHE (LPM): every pod address as /32 or /128 (label identity, CIDR identity, endpoint id)
+//!   and every ipBlock `cidr` and `except` prefix. `except` works with longest-prefix match
+//!   because an ipBlock allows exactly the CIDR identities of the trie prefixes inside its cidr
+//!   and not inside one of its excepts: an address inside an except always matches the except
+//!   prefix or something longer inside it, never the enclosing block.
+//! * ENDPOINTS: per endpoint isolation flags and the port-block sizes its POLICY entries use.
+//! * POLICY: allow entries keyed by (endpoint, peer identity, direction, protocol, port block).
+//!   Wildcards: peer 0 = any peer, protocol 0 = any protocol (rules without ports), port_plen 0 =
+//!   any port. endPort ranges become aligned power-of-two port blocks (at most 30 per range, the
+//!   way an LPM would split them) instead of one entry per port, so a 1-65535 range costs a
+//!   handful of entries; the kernel probes only the block sizes present for that endpoint and
+//!   direction (a bitmask in its EndpointConfig), so a verdict stays a bounded number of O(1) hash
+//!   lookups whatever the number of rules.
+//! * Named ports: ingress resolves against the selected (destination) pod; egress against each
+//!   destination pod, keyed by that pod's identity (pods sharing an identity but disagreeing on a
+//!   port name's number get the union, as in Cilium).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use palisade_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointConfig,
+    IDENTITY_ANY, IDENTITY_CIDR_FIRST, IDENTITY_LABEL_FIRST, IpCacheValue, PROTO_ANY, PolicyKey,
+    PolicyValue,
+};
+use serde::Serialize;
+
+use super::policy::{Cidr, NetworkPolicy, Peer, PolicySet, PortSpec, Rule};
+use crate::inventory::{Endpoint, Inventory, Labels};
+
+/// An LPM trie key as stored: prefix length (in the 16-byte form) and address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LpmKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+
+impl LpmKey {
+    pub fn from_cidr(c: &Cidr) -> LpmKey {
+        let (addr, prefix_len) = c.mapped();
+        LpmKey { prefix_len, addr }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IdentityKind {
+    Labels { namespace: String, labels: Labels },
+    Cidr { cidr: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledEndpoint {
+    pub id: u32,
+    pub namespace: String,
+    pub name: String,
+    pub identity: u32,
+    pub ips: Vec<IpAddr>,
+    pub cgroup: Option<String>,
+    /// Policies (index into `Compiled::policies`) selecting this endpoint, per direction.
+    pub ingress_policies: Vec<usize>,
+    pub egress_policies: Vec<usize>,
+}
+
+impl CompiledEndpoint {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One ingress/egress rule of one policy: what a POLICY entry's rule_id points at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleRef {
+    pub policy: String,
+    pub source: String,
+    pub direction: &'static str,
+    pub index: usize,
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyRef {
+    pub key: String,
+    pub source: String,
+}
+
+/// The compiled datapath contents (exactly what `datapath::sync` writes into the maps).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub endpoints: BTreeMap<u32, CompiledEndpoint>,
+    pub identities: BTreeMap<u32, IdentityKind>,
+    pub ipcache: BTreeMap<LpmKey, IpCacheValue>,
+    pub endpoint_config: BTreeMap<u32, EndpointConfig>,
+    pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    pub rules: Vec<RuleRef>,
+    pub policies: Vec<PolicyRef>,
+}
+
+impl Compiled {
+    pub fn endpoint_by_key(&self, key: &str) -> Option<&CompiledEndpoint> {
+        self.endpoints.values().find(|e| e.key() == key)
+    }
+}
+
+/// Stable id allocation: the same name keeps its id across compiles of one `Compiler`, so a
+/// recompile after a small change yields a small diff.
+#[derive(Debug, Clone)]
+struct Alloc<K: Ord> {
+    ids: BTreeMap<K, u32>,
+    next: u32,
+}
+
+impl<K: Ord> Alloc<K> {
+    fn new(first: u32) -> Self {
+        Alloc { ids: BTreeMap::new(), next: first }
+    }
+    fn get(&mut self, k: K) -> u32 {
+        let next = &mut self.next;
+        *self.ids.entry(k).or_insert_with(|| {
+            let id = *next;
+            *next += 1;
+            id
+        })
+    }
+}
+
+/// The compiler with its id allocators (keep one per daemon for stable ids).
+#[derive(Debug, Clone)]
+pub struct Compiler {
+    labels: Alloc<(String, Labels)>,
+    cidrs: Alloc<Cidr>,
+    endpoints: Alloc<(String, String)>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Compiler { labels: Alloc::new(IDENTITY_LABEL_FIRST), cidrs: Alloc::new(IDENTITY_CIDR_FIRST), endpoints: Alloc::new(1) }
+    }
+}
+
+/// Compiles with fresh ids (offline tools).
+pub fn compile(inventory: &Inventory, policies: &PolicySet) -> Compiled {
+    Compiler::default().compile(inventory, policies)
+}
+
+struct Target {
+    id: u32,
+    /// Destination pods behind this id (for egress named ports).
+    endpoints: Vec<usize>,
+}
+
+impl Compiler {
+    pub fn compile(&mut self, inventory: &Inventory, set: &PolicySet) -> Compiled {
+        let mut out = Compiled::default();
+        let eps = &inventory.endpoints;
+        // Endpoints and label identities.
+        let mut ep_ids = Vec::with_capacity(eps.len());
+        let mut ep_identity = Vec::with_capacity(eps.len());
+        for ep in eps {
+            let id = self.endpoints.get((ep.namespace.clone(), ep.name.clone()));
+            let labels = ep.selector_labels();
+            let identity = self.labels.get((ep.namespace.clone(), labels.clone()));
+            out.identities.insert(identity, IdentityKind::Labels { namespace: ep.namespace.clone(), labels });
+            out.endpoints.insert(
+                id,
+                CompiledEndpoint {
+                    id,
+                    namespace: ep.namespace.clone(),
+                    name: ep.name.clone(),
+                    identity,
+                    ips: ep.ips.clone(),
+                    cgroup: ep.cgroup.clone(),
+                    ingress_policies: Vec::new(),
+                    egress_policies: Vec::new(),
+                },
+            );
+            out.endpoint_config.insert(id, EndpointConfig::default());
+            ep_ids.push(id);
+            ep_identity.push(identity);
+        }
+        // Every ipBlock prefix (cidr and except) across all policies.
+        let mut blocks: BTreeSet<Cidr> = BTreeSet::new();
+        for p in &set.policies {
+            for r in p.ingress.iter().chain(&p.egress) {
+                for peer in &r.peers {
+                    if let Peer::IpBlock(b) = peer {
+                        blocks.insert(b.cidr);
+                        blocks.extend(b.except.iter().copied());
+                    }
+                }
+            }
+        }
+        // IPCACHE: (cidr, value); `cidr_prefixes` lists every prefix with a CIDR identity and the
+        // pod behind it (for named ports), for ipBlock resolution.
+        let mut cidr_prefixes: Vec<(Cidr, u32, Option<usize>)> = Vec::new();
+        let mut pod_hosts: BTreeSet<Cidr> = BTreeSet::new();
+        for (i, ep) in eps.iter().enumerate() {
+            for ip in &ep.ips {
+                let host = Cidr::host(*ip);
+                pod_hosts.insert(host);
+                let covered = blocks.iter().any(|b| b.contains(*ip));
+                let cidr_identity = if covered { self.cidrs.get(host) } else { 0 };
+                if covered {
+                    out.identities.insert(cidr_identity, IdentityKind::Cidr { cidr: host.to_string() });
+                    cidr_prefixes.push((host, cidr_identity, Some(i)));
+                }
+                out.ipcache.insert(
+                    LpmKey::from_cidr(&host),
+                    IpCacheValue { identity: ep_identity[i], cidr_identity, endpoint_id: ep_ids[i], _pad: 0 },
+                );
+            }
+        }
+        for b in &blocks {
+            if pod_hosts.contains(b) {
+                continue;
+            }
+            let id = self.cidrs.get(*b);
+            out.identities.insert(id, IdentityKind::Cidr { cidr: b.to_string() });
+            cidr_prefixes.push((*b, id, None));
+            out.ipcache.insert(LpmKey::from_cidr(b), IpCacheValue { identity: id, cidr_identity: id, endpoint_id: 0, _pad: 0 });
+        }
+        // Label identities present, with their pods.
+        let mut identity_pods: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, id) in ep_identity.iter().enumerate() {
+            identity_pods.entry(*id).or_default().push(i);
+        }
+
+        for (pi, p) in set.policies.iter().enumerate() {
+            out.policies.push(PolicyRef { key: p.key(), source: p.source.clone() });
+            let selected: Vec<usize> = eps
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.namespace == p.namespace && p.pod_selector.matches(&e.selector_labels()))
+                .map(|(i, _)| i)
+                .collect();
+            for (direction, isolated, rules) in [
+                (DIRECTION_INGRESS, p.ingress_isolation, &p.ingress),
+                (DIRECTION_EGRESS, p.egress_isolation, &p.egress),
+            ] {
+                if !isolated {
+                    continue;
+                }
+                for &s in &selected {
+                    let id = ep_ids[s];
+                    if let Some(cfg) = out.endpoint_config.get_mut(&id) {
+                        cfg.flags |= if direction == DIRECTION_INGRESS { EP_ISOLATED_INGRESS } else { EP_ISOLATED_EGRESS };
+                    }
+                    if let Some(ce) = out.endpoints.get_mut(&id) {
+                        if direction == DIRECTION_INGRESS { ce.ingress_policies.push(pi) } else { ce.egress_policies.push(pi) }
+                    }
+                }
+                for (ri, rule) in rules.iter().enumerate() {
+                    let rule_id = out.rules.len() as u32;
+                    out.rules.push(RuleRef {
+                        policy: p.key(),
+                        source: p.source.clone(),
+                        direction: if direction == DIRECTION_INGRESS { "ingress" } else { "egress" },
+                        index: ri,
+                        summary: summarize(rule, direction),
+                    });
+                    let targets = self.resolve_peers(p, rule, inventory, &identity_pods, &cidr_prefixes);
+                    for &s in &selected {
+                        let local = ep_ids[s];
+                        for t in &targets {
+                            for (peer, proto, plen, port) in ports_for(rule, direction, &eps[s], t, eps, &ep_identity) {
+                                let key = PolicyKey {
+                                    endpoint_id: local,
+                                    peer_identity: peer,
+                                    direction,
+                                    protocol: proto,
+                                    port_plen: plen,
+                                    _pad: 0,
+                                    port,
+                                    _pad2: 0,
+                                };
+                                out.policy.entry(key).or_insert(PolicyValue { rule_id, _pad: 0 });
+                                if (1..16).contains(&plen) {
+                                    if let Some(cfg) = out.endpoint_config.get_mut(&local) {
+                                        if direction == DIRECTION_INGRESS {
+                                            cfg.ingress_port_plens |= 1 << plen;
+                                        } else {
+                                            cfg.egress_port_plens |= 1 << plen;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn resolve_peers(
+        &mut self,
+        p: &NetworkPolicy,
+        rule: &Rule,
+        inventory: &Inventory,
+        identity_pods: &BTreeMap<u32, Vec<usize>>,
+        cidr_prefixes: &[(Cidr, u32, Option<usize>)],
+    ) -> Vec<Target> {
+        if rule.peers.is_empty() {
+            // Any peer; egress named ports resolve against every pod.
+            return vec![Target { id: IDENTITY_ANY, endpoints: (0..inventory.endpoints.len()).collect() }];
+        }
+        let mut by_id: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for peer in &rule.peers {
+            match peer {
+                Peer::Pods { pod_selector, namespace_selector } => {
+                    for (id, pods) in identity_pods {
+                        let Some(&first) = pods.first() else { continue };
+                        let ep = &inventory.endpoints[first];
+                        let ns_ok = match namespace_selector {
+                            None => ep.namespace == p.namespace,
+                            Some(sel) => inventory.namespace_labels(&ep.namespace).is_some_and(|l| sel.matches(l)),
+                        };
+                        let pod_ok = pod_selector.as_ref().is_none_or(|sel| sel.matches(&ep.selector_labels()));
+                        if ns_ok && pod_ok {
+                            by_id.entry(*id).or_default().extend(pods.iter().copied());
+                        }
+                    }
+                }
+                Peer::IpBlock(b) => {
+                    for (prefix, id, pod) in cidr_prefixes {
+                        if b.cidr.contains_cidr(prefix) && !b.except.iter().any(|e| e.contains_cidr(prefix)) {
+                            let e = by_id.entry(*id).or_default();
+                            e.extend(pod.iter().copied());
+                        }
+                    }
+                }
+            }
+        }
+        by_id
+            .into_iter()
+            .map(|(id, mut endpoints)| {
+                endpoints.sort_unstable();
+                endpoints.dedup();
+                Target { id, endpoints }
+            })
+            .collect()
+    }
+}
+
+/// (peer identity, protocol, port_plen, port) entries a rule yields for one local endpoint and
+/// one peer target.
+fn ports_for(
+    rule: &Rule,
+    direction: u8,
+    local: &Endpoint,
+    target: &Target,
+    eps: &[Endpoint],
+    ep_identity: &[u32],
+) -> Vec<(u32, u8, u8, u16)> {
+    if rule.ports.is_empty() {
+        return vec![(target.id, PROTO_ANY, 0, 0)];
+    }
+    let mut out = Vec::new();
+    for pp in &rule.ports {
+        let proto = pp.protocol.ip_proto();
+        match &pp.port {
+            PortSpec::Named(name) => {
+                let resolve = |ep: &Endpoint| {
+                    ep.ports
+                        .iter()
+                        .filter(|np| np.name.as_deref() == Some(name.as_str()) && np.protocol == pp.protocol)
+                        .map(|np| np.port)
+                        .collect::<Vec<_>>()
+                };
+                if direction == DIRECTION_INGRESS {
+                    out.extend(resolve(local).into_iter().map(|p| (target.id, proto, 16, p)));
+                } else {
+                    for &i in &target.endpoints {
+                        let peer = if target.id == IDENTITY_ANY { ep_identity[i] } else { target.id };
+                        out.extend(resolve(&eps[i]).into_iter().map(|p| (peer, proto, 16, p)));
+                    }
+                }
+            }
+            PortSpec::Any => out.push((target.id, proto, 0, 0)),
+            PortSpec::Number(p) => out.push((target.id, proto, 16, *p)),
+            PortSpec::Range(a, b) => {
+                out.extend(port_blocks(*a, *b).into_iter().map(|(port, plen)| (target.id, proto, plen, port)))
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Splits [a, b] into aligned power-of-two blocks: (first port, prefix length of 16 bits).
+pub fn port_blocks(a: u16, b: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let mut start = a as u32;
+    let end = b as u32;
+    while start <= end {
+        let mut size_log = if start == 0 { 16 } else { start.trailing_zeros().min(16) };
+        while size_log > 0 && start + (1 << size_log) - 1 > end {
+            size_log -= 1;
+        }
+        out.push((start as u16, (16 - size_log) as u8));
+        start += 1 << size_log;
+    }
+    out
+}
+
+fn summarize(rule: &Rule, direction: u8) -> String {
+    let peers = if rule.peers.is_empty() {
+        "any peer".to_string()
+    } else {
+        rule.peers
+            .iter()
+            .map(|p| match p {
+                Peer::Pods { pod_selector, namespace_selector } => {
+                    let pods = pod_selector.as_ref().map(|s| format!("pods {s}")).unwrap_or_else(|| "all pods".into());
+                    match namespace_selector {
+                        None => format!("{pods} in the policy's namespace"),
+                        Some(ns) => format!("{pods} in namespaces {ns}"),
+                    }
+                }
+                Peer::IpBlock(b) => {
+                    if b.except.is_empty() {
+                        format!("ipBlock {}", b.cidr)
+                    } else {
+                        format!(
+                            "ipBlock {} except {}",
+                            b.cidr,
+                            b.except.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
+                        )
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    };
+    let ports = if rule.ports.is_empty() {
+        "any port".to_string()
+    } else {
+        rule.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+    };
+    let dir = if direction == DIRECTION_INGRESS { "from" } else { "to" };
+    format!("{dir} {peers} on {ports}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_blocks_cover_exactly() {
+        for (a, b) in [(1u16, 65535u16), (80, 81), (8080, 8090), (0, 65535), (1000, 1000), (32768, 60999)] {
+            let blocks = port_blocks(a, b);
+            assert!(blocks.len() <= 32, "{a}-{b}: {}", blocks.len());
+            let mut covered = 0u32;
+            let mut next = a as u32;
+            for (start, plen) in blocks {
+                assert_eq!(start as u32, next);
+                let size = 1u32 << (16 - plen);
+                assert_eq!(start as u32 % size, 0, "aligned");
+                next += size;
+                covered += size;
+            }
+            assert_eq!(covered, b as u32 - a as u32 + 1);
+        }
+        assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+    }
+}

@@ -1,0 +1,184 @@
+//! Reachability matrix and explanations, answered from the compiled map contents through
+//! `lookup` (the kernel's logic), never from the YAML.
+
+use std::net::IpAddr;
+
+use palisade_common::{DIRECTION_EGRESS, PROTO_ANY};
+use serde::Serialize;
+
+use super::compile::{Compiled, CompiledEndpoint, IdentityKind};
+use super::lookup::{HookDecision, Verdict, lookup};
+use crate::inventory::Protocol;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MatrixEntry {
+    pub from: String,
+    pub to: String,
+    pub allowed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Matrix {
+    pub port: u16,
+    pub protocol: String,
+    pub results: Vec<MatrixEntry>,
+}
+
+/// Address pairs a pod pair is probed with: every family both have (IPv4 first).
+fn pairs(from: &CompiledEndpoint, to: &CompiledEndpoint) -> Vec<(IpAddr, IpAddr)> {
+    let mut out = Vec::new();
+    for v4 in [true, false] {
+        let a = from.ips.iter().find(|ip| ip.is_ipv4() == v4);
+        let b = to.ips.iter().find(|ip| ip.is_ipv4() == v4);
+        if let (Some(a), Some(b)) = (a, b) {
+            out.push((*a, *b));
+        }
+    }
+    out
+}
+
+/// Per address family verdicts between two endpoints.
+pub fn verdicts(compiled: &Compiled, from: &CompiledEndpoint, to: &CompiledEndpoint, protocol: Protocol, port: u16) -> Vec<(IpAddr, IpAddr, Verdict)> {
+    pairs(from, to)
+        .into_iter()
+        .map(|(a, b)| (a, b, lookup(compiled, a, b, protocol.ip_proto(), port)))
+        .collect()
+}
+
+/// Every ordered pair (self included), in inventory order. A pair is allowed when every address
+/// family both pods have is allowed; pods without a common family are reported as not allowed.
+pub fn matrix(compiled: &Compiled, protocol: Protocol, port: u16) -> Matrix {
+    let mut eps: Vec<&CompiledEndpoint> = compiled.endpoints.values().collect();
+    eps.sort_by_key(|e| e.id);
+    let mut results = Vec::new();
+    for from in &eps {
+        for to in &eps {
+            let v = verdicts(compiled, from, to, protocol, port);
+            let allowed = !v.is_empty() && v.iter().all(|(_, _, v)| v.allowed);
+            results.push(MatrixEntry { from: from.key(), to: to.key(), allowed });
+        }
+    }
+    Matrix { port, protocol: protocol.as_str().to_string(), results }
+}
+
+/// The matrix as a truth table ('.' allowed, 'X' denied), rows = from, columns = to.
+pub fn table(m: &Matrix) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for r in &m.results {
+        if !names.contains(&r.from.as_str()) {
+            names.push(&r.from);
+        }
+    }
+    let width = names.iter().map(|n| n.len()).max().unwrap_or(1).max(4);
+    let mut out = format!("{} {}/{}  (rows: from, columns: to; . allowed, X denied)\n", "", m.protocol, m.port);
+    out.push_str(&format!("{:width$}", ""));
+    for n in &names {
+        out.push_str(&format!(" {n:>width$}"));
+    }
+    out.push('\n');
+    for from in &names {
+        out.push_str(&format!("{from:width$}"));
+        for to in &names {
+            let allowed = m.results.iter().find(|r| r.from == *from && r.to == *to).is_some_and(|r| r.allowed);
+            out.push_str(&format!(" {:>width$}", if allowed { "." } else { "X" }));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: String,
+    pub allowed: bool,
+    /// Policies isolating the source for egress / the destination for ingress.
+    pub egress_policies: Vec<String>,
+    pub ingress_policies: Vec<String>,
+    pub families: Vec<FamilyExplanation>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FamilyExplanation {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub allowed: bool,
+    pub egress: String,
+    pub ingress: String,
+}
+
+pub fn explain(compiled: &Compiled, from: &CompiledEndpoint, to: &CompiledEndpoint, protocol: Protocol, port: u16) -> Explanation {
+    let names = |idx: &[usize]| idx.iter().map(|i| compiled.policies[*i].key.clone()).collect::<Vec<_>>();
+    let families: Vec<FamilyExplanation> = verdicts(compiled, from, to, protocol, port)
+        .into_iter()
+        .map(|(src, dst, v)| FamilyExplanation {
+            src,
+            dst,
+            allowed: v.allowed,
+            egress: describe(compiled, &v.egress, DIRECTION_EGRESS, from),
+            ingress: match &v.ingress {
+                Some(d) => describe(compiled, d, palisade_common::DIRECTION_INGRESS, to),
+                None => "not reached (dropped at the source's egress)".to_string(),
+            },
+        })
+        .collect();
+    Explanation {
+        from: from.key(),
+        to: to.key(),
+        port,
+        protocol: protocol.as_str().to_string(),
+        allowed: !families.is_empty() && families.iter().all(|f| f.allowed),
+        egress_policies: names(&from.egress_policies),
+        ingress_policies: names(&to.ingress_policies),
+        families,
+    }
+}
+
+fn identity_name(compiled: &Compiled, id: u32) -> String {
+    match compiled.identities.get(&id) {
+        Some(IdentityKind::Labels { namespace, labels }) => {
+            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("identity {id} (namespace {namespace}, {{{}}})", l.join(", "))
+        }
+        Some(IdentityKind::Cidr { cidr }) => format!("identity {id} (cidr {cidr})"),
+        None if id == 0 => "any peer".to_string(),
+        None if id == palisade_common::IDENTITY_WORLD => "identity 1 (world)".to_string(),
+        None => format!("identity {id}"),
+    }
+}
+
+fn describe(compiled: &Compiled, d: &HookDecision, direction: u8, ep: &CompiledEndpoint) -> String {
+    let dir = if direction == DIRECTION_EGRESS { "egress" } else { "ingress" };
+    match d {
+        HookDecision::NotEndpoint => format!("{dir}: address is not an endpoint"),
+        HookDecision::QuarantineException => format!("{dir}: quarantined, allowed by exception"),
+        HookDecision::QuarantineDenied => format!("{dir}: {} is quarantined", ep.key()),
+        HookDecision::Conntrack => format!("{dir}: allowed by connection tracking"),
+        HookDecision::SelfTraffic => format!("{dir}: allowed (a pod always reaches itself)"),
+        HookDecision::NotIsolated => format!("{dir}: allowed ({} is selected by no policy with {dir} isolation)", ep.key()),
+        HookDecision::Allowed { rule_id, peer_identity, key_protocol, key_port_plen, key_port } => {
+            let rule = &compiled.rules[*rule_id as usize];
+            let port = match (*key_protocol, *key_port_plen) {
+                (PROTO_ANY, _) => "any protocol".to_string(),
+                (_, 0) => "any port".to_string(),
+                (_, 16) => format!("port {key_port}"),
+                (_, plen) => format!("ports {key_port}-{}", *key_port as u32 + (1u32 << (16 - plen)) - 1),
+            };
+            format!(
+                "{dir}: allowed by {} {dir} rule {} ({}) [{}]; matched {} on {port}",
+                rule.policy,
+                rule.index,
+                rule.summary,
+                rule.source,
+                identity_name(compiled, *peer_identity)
+            )
+        }
+        HookDecision::Denied { peer_identity } => format!(
+            "{dir}: denied: {} is isolated for {dir} and no rule of its policies allows {}",
+            ep.key(),
+            identity_name(compiled, *peer_identity)
+        ),
+    }
+}
