@@ -245,3 +245,30 @@ fn addresses_outside_the_lab_ranges_are_refused() {
     assert!(matches!(err, LabError::AddressOutsideLab { .. }), "{err}");
     lab::down(&name, Path::new(lab::DEFAULT_STATE_DIR)).expect("clean up");
 }
+
+#[test]
+fn probe_reports_flows_that_do_not_get_through() {
+    if !require_kernel("probe_reports_denied_flows") {
+        return;
+    }
+    let lab = TestLab::up("denied", SMALL);
+    // Cut the backend off its segment from inside the pod.
+    let status = lab
+        .exec("shop/backend", "ip")
+        .expect("exec")
+        .args(["link", "set", "eth0", "down"])
+        .status()
+        .expect("run ip in pod");
+    assert!(status.success());
+    let options = lab::ProbeOptions { timeout: std::time::Duration::from_millis(300) };
+    let started = Instant::now();
+    let matrix = lab.probe_with(8080, Protocol::Tcp, &options).expect("probe");
+    eprintln!("probe with denied flows: {:?}", started.elapsed());
+    assert_eq!(matrix.allowed("shop/frontend", "shop/backend"), Some(false), "{matrix:?}");
+    assert_eq!(matrix.allowed("ops/prober", "shop/backend"), Some(false), "{matrix:?}");
+    assert_eq!(matrix.allowed("shop/frontend", "ops/prober"), Some(true), "{matrix:?}");
+    let denied = matrix.denied().find(|r| r.from == "shop/frontend" && r.to == "shop/backend").expect("denied flow");
+    assert!(denied.reason.is_some(), "{denied:?}");
+    let json = serde_json::to_value(&matrix).expect("json");
+    assert!(json["results"].as_array().expect("results").iter().any(|r| r["allowed"] == false && r["reason"].is_string()));
+}
