@@ -281,7 +281,11 @@ pub struct ChmodEvent {
 }
 assert_wire_size!(ChmodEvent, 72 + 16 + 256);
 
-/// unlinkat, at exit.
+pub const UNLINK_OP_UNLINKAT: u32 = 0;
+pub const UNLINK_OP_UNLINK: u32 = 1;
+pub const UNLINK_OP_RMDIR: u32 = 2;
+
+/// unlinkat/unlink/rmdir, at exit.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UnlinkEvent {
@@ -289,12 +293,16 @@ pub struct UnlinkEvent {
     pub dirfd: i32,
     pub flags: u32,
     pub ret: i32,
-    pub _pad: u32,
+    pub op: u32,
     pub path: [u8; PATH_LEN],
 }
 assert_wire_size!(UnlinkEvent, 72 + 16 + 256);
 
-/// renameat2, at exit.
+pub const RENAME_OP_RENAMEAT2: u32 = 0;
+pub const RENAME_OP_RENAME: u32 = 1;
+pub const RENAME_OP_RENAMEAT: u32 = 2;
+
+/// rename/renameat/renameat2, at exit.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct RenameEvent {

@@ -14,3 +14,4 @@ pub mod quarantine;
 pub mod rules;
 pub mod segmentation;
 pub mod sys;
+pub mod workload;

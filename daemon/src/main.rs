@@ -23,6 +23,12 @@ enum Command {
     /// Rego rule tools: check, test, replay.
     #[command(subcommand)]
     Rules(palisade::rules::cli::RulesCommand),
+    /// Perform one real behaviour (test instrument for kernel and scenario tests).
+    #[command(hide = true)]
+    Workload {
+        action: String,
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(cmd) => palisade::lab::cli::run(cmd),
         Command::Policy(cmd) => palisade::segmentation::cli::run(cmd),
         Command::Rules(cmd) => palisade::rules::cli::run(cmd),
+        Command::Workload { action, args } => Ok(palisade::workload::perform(&action, &args)?),
     }
 }

@@ -414,32 +414,58 @@ fn emit_chmod(ret: i64) -> Result<(), i64> {
 }
 
 // ---- unlink / rename -----------------------------------------------------------------------
-enter!(sys_enter_unlinkat, KIND_UNLINK, 0);
+enter!(sys_enter_unlinkat, KIND_UNLINK, UNLINK_OP_UNLINKAT);
+enter!(sys_enter_unlink, KIND_UNLINK, UNLINK_OP_UNLINK);
+enter!(sys_enter_rmdir, KIND_UNLINK, UNLINK_OP_RMDIR);
 exit!(sys_exit_unlinkat, emit_unlink);
+exit!(sys_exit_unlink, emit_unlink);
+exit!(sys_exit_rmdir, emit_unlink);
+
+const AT_FDCWD: i32 = -100;
+const AT_REMOVEDIR: u32 = 0x200;
 
 fn emit_unlink(ret: i64) -> Result<(), i64> {
     emit!(UnlinkEvent, KIND_UNLINK, ret, |ev, p| {
-        (*ev).dirfd = p.args[0] as i32;
-        (*ev).flags = p.args[2] as u32;
         (*ev).ret = ret as i32;
-        (*ev)._pad = 0;
-        if read_user_str(&mut (*ev).path, p.args[1]) {
+        (*ev).op = p.op;
+        let path = if p.op == UNLINK_OP_UNLINKAT {
+            (*ev).dirfd = p.args[0] as i32;
+            (*ev).flags = p.args[2] as u32;
+            p.args[1]
+        } else {
+            (*ev).dirfd = AT_FDCWD;
+            (*ev).flags = if p.op == UNLINK_OP_RMDIR { AT_REMOVEDIR } else { 0 };
+            p.args[0]
+        };
+        if read_user_str(&mut (*ev).path, path) {
             (*ev).header.flags |= FLAG_TRUNCATED;
         }
     })
 }
 
-enter!(sys_enter_renameat2, KIND_RENAME, 0);
+enter!(sys_enter_renameat2, KIND_RENAME, RENAME_OP_RENAMEAT2);
+enter!(sys_enter_renameat, KIND_RENAME, RENAME_OP_RENAMEAT);
+enter!(sys_enter_rename, KIND_RENAME, RENAME_OP_RENAME);
 exit!(sys_exit_renameat2, emit_rename);
+exit!(sys_exit_renameat, emit_rename);
+exit!(sys_exit_rename, emit_rename);
 
 fn emit_rename(ret: i64) -> Result<(), i64> {
     emit!(RenameEvent, KIND_RENAME, ret, |ev, p| {
-        (*ev).old_dirfd = p.args[0] as i32;
-        (*ev).new_dirfd = p.args[2] as i32;
-        (*ev).flags = p.args[4] as u32;
         (*ev).ret = ret as i32;
-        let mut cut = read_user_str(&mut (*ev).old_path, p.args[1]);
-        cut |= read_user_str(&mut (*ev).new_path, p.args[3]);
+        let (old, new) = if p.op == RENAME_OP_RENAME {
+            (*ev).old_dirfd = AT_FDCWD;
+            (*ev).new_dirfd = AT_FDCWD;
+            (*ev).flags = 0;
+            (p.args[0], p.args[1])
+        } else {
+            (*ev).old_dirfd = p.args[0] as i32;
+            (*ev).new_dirfd = p.args[2] as i32;
+            (*ev).flags = if p.op == RENAME_OP_RENAMEAT2 { p.args[4] as u32 } else { 0 };
+            (p.args[1], p.args[3])
+        };
+        let mut cut = read_user_str(&mut (*ev).old_path, old);
+        cut |= read_user_str(&mut (*ev).new_path, new);
         if cut {
             (*ev).header.flags |= FLAG_TRUNCATED;
         }

@@ -1,0 +1,695 @@
+//! Ring-buffer records to typed events. Every record is length-checked against its wire type and
+//! read unaligned; unknown kinds and malformed records are errors the reader counts, never panics.
+
+use std::mem::size_of;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use palisade_common as wire;
+use serde::Serialize;
+
+use super::kind::{EventKind, UnknownKind};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than the event header ({header} bytes)")]
+    ShorterThanHeader { len: usize, header: usize },
+    #[error(transparent)]
+    UnknownKind(#[from] UnknownKind),
+    #[error("{kind:?} record is {len} bytes, expected {expected}")]
+    WrongLength { kind: EventKind, len: usize, expected: usize },
+    #[error("{0:?} records do not come from the event ring buffer")]
+    NotAProbeEvent(EventKind),
+}
+
+/// Reads a wire struct from exactly `size_of::<T>()` bytes.
+fn read_wire<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
+    if bytes.len() != size_of::<T>() {
+        return Err(DecodeError::WrongLength { kind, len: bytes.len(), expected: size_of::<T>() });
+    }
+    // SAFETY: the length equals size_of::<T>(); every T used here is a repr(C) palisade-common
+    // type made only of integers and byte arrays, so any bit pattern is a valid value;
+    // read_unaligned copes with the ring buffer's alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A NUL-terminated byte string from the kernel as text: valid UTF-8 is kept, each invalid byte
+/// becomes a visible `\xNN` so nothing is silently replaced or lost.
+pub fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    bytes_to_text(&bytes[..end])
+}
+
+pub fn bytes_to_text(mut bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => {
+                out.push_str(s);
+                return out;
+            }
+            Err(err) => {
+                let (valid, rest) = bytes.split_at(err.valid_up_to());
+                // SAFETY-free: from_utf8 said this prefix is valid.
+                out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                let bad = err.error_len().unwrap_or(rest.len()).max(1).min(rest.len());
+                for b in &rest[..bad] {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+                bytes = &rest[bad..];
+            }
+        }
+    }
+}
+
+/// The common header, user-side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Header {
+    pub ktime_ns: u64,
+    pub cgroup_id: u64,
+    pub kind: EventKind,
+    pub source: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub euid: u32,
+    pub egid: u32,
+    pub comm: String,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecData {
+    pub filename: String,
+    pub argv: Vec<String>,
+    pub argc: u32,
+    pub via_execveat: bool,
+    pub dirfd: i32,
+    pub at_flags: u32,
+    /// The program came from a file descriptor (fexecve / execveat(AT_EMPTY_PATH)) or a memfd.
+    pub fileless: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ForkData {
+    pub parent_pid: u32,
+    pub child_pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExitData {
+    pub exit_code: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectData {
+    pub fd: i32,
+    pub family: &'static str,
+    pub address: Option<String>,
+    pub port: u16,
+    pub unix_path: Option<String>,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpenData {
+    pub op: &'static str,
+    pub path: String,
+    pub dirfd: i32,
+    pub flags: u32,
+    pub flags_names: Vec<&'static str>,
+    pub mode: u32,
+    pub write: bool,
+    pub create: bool,
+    pub truncate: bool,
+    pub result: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PtraceData {
+    pub request: i64,
+    pub request_name: &'static str,
+    pub target_pid: i32,
+    pub addr: u64,
+    pub result: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CredData {
+    pub op: &'static str,
+    pub args: Vec<u32>,
+    pub cap_effective: u64,
+    pub cap_permitted: u64,
+    pub cap_inheritable: u64,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MountData {
+    pub op: &'static str,
+    pub source: String,
+    pub target: String,
+    pub fstype: String,
+    pub flags: u64,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamespaceData {
+    pub op: &'static str,
+    pub flags: u64,
+    pub flags_names: Vec<&'static str>,
+    pub fd: i32,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModuleData {
+    pub op: &'static str,
+    pub name: String,
+    pub fd: i32,
+    pub flags: u32,
+    pub len: u64,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BpfData {
+    pub cmd: u32,
+    pub cmd_name: &'static str,
+    pub size: u32,
+    pub result: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemfdData {
+    pub name: String,
+    pub flags: u32,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChmodData {
+    pub op: &'static str,
+    pub path: String,
+    pub fd: i32,
+    pub mode: u32,
+    pub setuid: bool,
+    pub setgid: bool,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnlinkData {
+    pub op: &'static str,
+    pub path: String,
+    pub dirfd: i32,
+    pub flags: u32,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RenameData {
+    pub old_path: String,
+    pub new_path: String,
+    pub flags: u32,
+    pub result: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DupData {
+    pub op: &'static str,
+    pub old_fd: i32,
+    pub new_fd: i32,
+    pub flags: u32,
+    pub result: i64,
+    /// What the new fd refers to (filled by enrichment from /proc): socket, pipe, tty, file...
+    pub new_fd_kind: &'static str,
+}
+
+/// The kind-specific part of an event; serialized under a key named after the kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventData {
+    Exec(ExecData),
+    Fork(ForkData),
+    Exit(ExitData),
+    Connect(ConnectData),
+    Open(OpenData),
+    Ptrace(PtraceData),
+    Cred(CredData),
+    Mount(MountData),
+    Namespace(NamespaceData),
+    Module(ModuleData),
+    Bpf(BpfData),
+    Memfd(MemfdData),
+    Chmod(ChmodData),
+    Unlink(UnlinkData),
+    Rename(RenameData),
+    Dup(DupData),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub header: Header,
+    pub data: EventData,
+}
+
+fn header_from_wire(h: &wire::EventHeader, kind: EventKind) -> Header {
+    Header {
+        ktime_ns: h.ktime_ns,
+        cgroup_id: h.cgroup_id,
+        kind,
+        source: if h.source == wire::SOURCE_KPROBE { "kprobe" } else { "tracepoint" },
+        pid: h.pid,
+        tid: h.tid,
+        ppid: h.ppid,
+        uid: h.uid,
+        gid: h.gid,
+        euid: h.euid,
+        egid: h.egid,
+        comm: c_string(&h.comm),
+        truncated: h.flags & wire::FLAG_TRUNCATED != 0,
+    }
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header_len = size_of::<wire::EventHeader>();
+    if bytes.len() < header_len {
+        return Err(DecodeError::ShorterThanHeader { len: bytes.len(), header: header_len });
+    }
+    // SAFETY: at least header_len bytes; EventHeader is plain integers and bytes.
+    let raw_header: wire::EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let kind = EventKind::try_from(raw_header.kind)?;
+    let header = header_from_wire(&raw_header, kind);
+    let data = match kind {
+        EventKind::Exec => {
+            let e: wire::ExecEvent = read_wire(bytes, kind)?;
+            let argv = e.argv.iter().take((e.argc as usize).min(wire::ARGV_SLOTS)).map(|a| c_string(a)).collect();
+            let filename = c_string(&e.filename);
+            let fileless = filename.starts_with("/dev/fd/")
+                || (e.via_execveat != 0 && e.at_flags & AT_EMPTY_PATH != 0);
+            EventData::Exec(ExecData {
+                filename,
+                argv,
+                argc: e.argc,
+                via_execveat: e.via_execveat != 0,
+                dirfd: e.dirfd,
+                at_flags: e.at_flags,
+                fileless,
+            })
+        }
+        EventKind::Fork => {
+            let e: wire::ForkEvent = read_wire(bytes, kind)?;
+            EventData::Fork(ForkData { parent_pid: e.parent_pid, child_pid: e.child_pid })
+        }
+        EventKind::Exit => {
+            let e: wire::ExitEvent = read_wire(bytes, kind)?;
+            EventData::Exit(ExitData { exit_code: e.exit_code })
+        }
+        EventKind::Connect => {
+            let e: wire::ConnectEvent = read_wire(bytes, kind)?;
+            EventData::Connect(connect_data(&e))
+        }
+        EventKind::Open => {
+            let e: wire::OpenEvent = read_wire(bytes, kind)?;
+            let access = e.flags & 0o3;
+            EventData::Open(OpenData {
+                op: if e.op == wire::OPEN_OP_OPENAT2 { "openat2" } else { "openat" },
+                path: c_string(&e.path),
+                dirfd: e.dirfd,
+                flags: e.flags,
+                flags_names: open_flag_names(e.flags),
+                mode: e.mode,
+                write: access == 1 || access == 2 || e.flags & (O_TRUNC | O_CREAT) != 0,
+                create: e.flags & O_CREAT != 0,
+                truncate: e.flags & O_TRUNC != 0,
+                result: e.ret,
+            })
+        }
+        EventKind::Ptrace => {
+            let e: wire::PtraceEvent = read_wire(bytes, kind)?;
+            EventData::Ptrace(PtraceData {
+                request: e.request,
+                request_name: ptrace_request_name(e.request),
+                target_pid: e.target_pid,
+                addr: e.addr,
+                result: e.ret,
+            })
+        }
+        EventKind::Cred => {
+            let e: wire::CredEvent = read_wire(bytes, kind)?;
+            let (op, nargs) = match e.op {
+                wire::CRED_OP_SETUID => ("setuid", 1),
+                wire::CRED_OP_SETGID => ("setgid", 1),
+                wire::CRED_OP_SETREUID => ("setreuid", 2),
+                wire::CRED_OP_SETRESUID => ("setresuid", 3),
+                wire::CRED_OP_SETRESGID => ("setresgid", 3),
+                wire::CRED_OP_CAPSET => ("capset", 0),
+                wire::CRED_OP_COMMIT_CREDS => ("commit_creds", 4),
+                _ => ("unknown", 4),
+            };
+            EventData::Cred(CredData {
+                op,
+                args: e.args[..nargs].to_vec(),
+                cap_effective: e.cap_effective,
+                cap_permitted: e.cap_permitted,
+                cap_inheritable: e.cap_inheritable,
+                result: e.ret,
+            })
+        }
+        EventKind::Mount => {
+            let e: wire::MountEvent = read_wire(bytes, kind)?;
+            EventData::Mount(MountData {
+                op: if e.op == wire::MOUNT_OP_UMOUNT { "umount" } else { "mount" },
+                source: c_string(&e.source),
+                target: c_string(&e.target),
+                fstype: c_string(&e.fstype),
+                flags: e.flags,
+                result: e.ret,
+            })
+        }
+        EventKind::Namespace => {
+            let e: wire::NamespaceEvent = read_wire(bytes, kind)?;
+            EventData::Namespace(NamespaceData {
+                op: if e.op == wire::NS_OP_SETNS { "setns" } else { "unshare" },
+                flags: e.flags,
+                flags_names: clone_flag_names(e.flags),
+                fd: e.fd,
+                result: e.ret,
+            })
+        }
+        EventKind::Module => {
+            let e: wire::ModuleEvent = read_wire(bytes, kind)?;
+            EventData::Module(ModuleData {
+                op: match e.op {
+                    wire::MODULE_OP_INIT => "init_module",
+                    wire::MODULE_OP_FINIT => "finit_module",
+                    _ => "delete_module",
+                },
+                name: c_string(&e.name),
+                fd: e.fd,
+                flags: e.flags,
+                len: e.len,
+                result: e.ret,
+            })
+        }
+        EventKind::Bpf => {
+            let e: wire::BpfEvent = read_wire(bytes, kind)?;
+            EventData::Bpf(BpfData { cmd: e.cmd, cmd_name: bpf_cmd_name(e.cmd), size: e.size, result: e.ret })
+        }
+        EventKind::Memfd => {
+            let e: wire::MemfdEvent = read_wire(bytes, kind)?;
+            EventData::Memfd(MemfdData { name: c_string(&e.name), flags: e.flags, result: e.ret })
+        }
+        EventKind::Chmod => {
+            let e: wire::ChmodEvent = read_wire(bytes, kind)?;
+            EventData::Chmod(ChmodData {
+                op: match e.op {
+                    wire::CHMOD_OP_CHMOD => "chmod",
+                    wire::CHMOD_OP_FCHMOD => "fchmod",
+                    _ => "fchmodat",
+                },
+                path: c_string(&e.path),
+                fd: e.fd,
+                mode: e.mode,
+                setuid: e.mode & 0o4000 != 0,
+                setgid: e.mode & 0o2000 != 0,
+                result: e.ret,
+            })
+        }
+        EventKind::Unlink => {
+            let e: wire::UnlinkEvent = read_wire(bytes, kind)?;
+            EventData::Unlink(UnlinkData {
+                op: match e.op {
+                    wire::UNLINK_OP_UNLINK => "unlink",
+                    wire::UNLINK_OP_RMDIR => "rmdir",
+                    _ => "unlinkat",
+                },
+                path: c_string(&e.path),
+                dirfd: e.dirfd,
+                flags: e.flags,
+                result: e.ret,
+            })
+        }
+        EventKind::Rename => {
+            let e: wire::RenameEvent = read_wire(bytes, kind)?;
+            EventData::Rename(RenameData {
+                old_path: c_string(&e.old_path),
+                new_path: c_string(&e.new_path),
+                flags: e.flags,
+                result: e.ret,
+            })
+        }
+        EventKind::Dup => {
+            let e: wire::DupEvent = read_wire(bytes, kind)?;
+            EventData::Dup(DupData {
+                op: if e.op == wire::DUP_OP_DUP3 { "dup3" } else { "dup2" },
+                old_fd: e.old_fd,
+                new_fd: e.new_fd,
+                flags: e.flags,
+                result: e.ret,
+                new_fd_kind: "unknown",
+            })
+        }
+        EventKind::PolicyVerdict => return Err(DecodeError::NotAProbeEvent(kind)),
+    };
+    Ok(Event { header, data })
+}
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const AT_EMPTY_PATH: u32 = 0x1000;
+const O_CREAT: u32 = 0o100;
+const O_TRUNC: u32 = 0o1000;
+
+fn connect_data(e: &wire::ConnectEvent) -> ConnectData {
+    let (family, address, unix_path) = match e.family {
+        AF_INET => ("inet", Some(Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]).to_string()), None),
+        AF_INET6 => ("inet6", Some(Ipv6Addr::from(e.addr).to_string()), None),
+        AF_UNIX => {
+            // Abstract socket names start with NUL; show them as '@name' like ss(8) does.
+            let path = if e.unix_path[0] == 0 && e.unix_path[1] != 0 {
+                format!("@{}", c_string(&e.unix_path[1..]))
+            } else {
+                c_string(&e.unix_path)
+            };
+            ("unix", None, Some(path))
+        }
+        _ => ("other", None, None),
+    };
+    ConnectData { fd: e.fd, family, address, port: e.port, unix_path, result: e.ret }
+}
+
+fn open_flag_names(flags: u32) -> Vec<&'static str> {
+    let mut names = vec![match flags & 0o3 {
+        0 => "O_RDONLY",
+        1 => "O_WRONLY",
+        2 => "O_RDWR",
+        _ => "O_ACCMODE",
+    }];
+    const NAMED: &[(u32, &str)] = &[
+        (0o100, "O_CREAT"), (0o200, "O_EXCL"), (0o400, "O_NOCTTY"), (0o1000, "O_TRUNC"),
+        (0o2000, "O_APPEND"), (0o4000, "O_NONBLOCK"), (0o200000, "O_DIRECTORY"),
+        (0o400000, "O_NOFOLLOW"), (0o2000000, "O_CLOEXEC"), (0o10000000, "O_PATH"),
+        (0o20000000, "O_TMPFILE"),
+    ];
+    names.extend(NAMED.iter().filter(|(bit, _)| flags & bit != 0).map(|&(_, name)| name));
+    names
+}
+
+fn clone_flag_names(flags: u64) -> Vec<&'static str> {
+    const NAMED: &[(u64, &str)] = &[
+        (0x0002_0000, "CLONE_NEWNS"), (0x0200_0000, "CLONE_NEWCGROUP"), (0x0400_0000, "CLONE_NEWUTS"),
+        (0x0800_0000, "CLONE_NEWIPC"), (0x1000_0000, "CLONE_NEWUSER"), (0x2000_0000, "CLONE_NEWPID"),
+        (0x4000_0000, "CLONE_NEWNET"), (0x0000_0080, "CLONE_NEWTIME"), (0x0000_0200, "CLONE_FS"),
+        (0x0000_0400, "CLONE_FILES"), (0x0000_0800, "CLONE_SIGHAND"), (0x0000_8000, "CLONE_SYSVSEM"),
+    ];
+    NAMED.iter().filter(|(bit, _)| flags & bit != 0).map(|&(_, n)| n).collect()
+}
+
+fn ptrace_request_name(request: i64) -> &'static str {
+    match request {
+        0 => "PTRACE_TRACEME",
+        1 => "PTRACE_PEEKTEXT",
+        2 => "PTRACE_PEEKDATA",
+        3 => "PTRACE_PEEKUSER",
+        4 => "PTRACE_POKETEXT",
+        5 => "PTRACE_POKEDATA",
+        6 => "PTRACE_POKEUSER",
+        7 => "PTRACE_CONT",
+        8 => "PTRACE_KILL",
+        9 => "PTRACE_SINGLESTEP",
+        12 => "PTRACE_GETREGS",
+        13 => "PTRACE_SETREGS",
+        16 => "PTRACE_ATTACH",
+        17 => "PTRACE_DETACH",
+        0x4206 => "PTRACE_SEIZE",
+        0x4207 => "PTRACE_INTERRUPT",
+        0x4200 => "PTRACE_SETOPTIONS",
+        _ => "other",
+    }
+}
+
+fn bpf_cmd_name(cmd: u32) -> &'static str {
+    const NAMES: &[&str] = &[
+        "BPF_MAP_CREATE", "BPF_MAP_LOOKUP_ELEM", "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_ELEM",
+        "BPF_MAP_GET_NEXT_KEY", "BPF_PROG_LOAD", "BPF_OBJ_PIN", "BPF_OBJ_GET", "BPF_PROG_ATTACH",
+        "BPF_PROG_DETACH", "BPF_PROG_TEST_RUN", "BPF_PROG_GET_NEXT_ID", "BPF_MAP_GET_NEXT_ID",
+        "BPF_PROG_GET_FD_BY_ID", "BPF_MAP_GET_FD_BY_ID", "BPF_OBJ_GET_INFO_BY_FD", "BPF_PROG_QUERY",
+        "BPF_RAW_TRACEPOINT_OPEN", "BPF_BTF_LOAD", "BPF_BTF_GET_FD_BY_ID", "BPF_TASK_FD_QUERY",
+        "BPF_MAP_LOOKUP_AND_DELETE_ELEM", "BPF_MAP_FREEZE", "BPF_BTF_GET_NEXT_ID",
+        "BPF_MAP_LOOKUP_BATCH", "BPF_MAP_LOOKUP_AND_DELETE_BATCH", "BPF_MAP_UPDATE_BATCH",
+        "BPF_MAP_DELETE_BATCH", "BPF_LINK_CREATE", "BPF_LINK_UPDATE", "BPF_LINK_GET_FD_BY_ID",
+        "BPF_LINK_GET_NEXT_ID", "BPF_ENABLE_STATS", "BPF_ITER_CREATE", "BPF_LINK_DETACH",
+        "BPF_PROG_BIND_MAP", "BPF_TOKEN_CREATE",
+    ];
+    NAMES.get(cmd as usize).copied().unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: u32) -> wire::EventHeader {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"bash");
+        wire::EventHeader {
+            ktime_ns: 42,
+            cgroup_id: 7,
+            kind,
+            source: wire::SOURCE_TRACEPOINT,
+            pid: 100,
+            tid: 101,
+            ppid: 1,
+            uid: 1000,
+            gid: 1000,
+            euid: 0,
+            egid: 0,
+            flags: 0,
+            comm,
+        }
+    }
+
+    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain repr(C) value for test input.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    fn open_record(path: &[u8]) -> wire::OpenEvent {
+        let mut ev = wire::OpenEvent {
+            header: header(wire::KIND_OPEN),
+            op: wire::OPEN_OP_OPENAT,
+            dirfd: -100,
+            flags: 0o1101, // O_WRONLY|O_CREAT|O_TRUNC
+            mode: 0o644,
+            ret: 3,
+            path: [0u8; wire::PATH_LEN],
+        };
+        ev.path[..path.len()].copy_from_slice(path);
+        ev
+    }
+
+    #[test]
+    fn decodes_an_open_record() {
+        let event = decode(&bytes_of(&open_record(b"/etc/passwd"))).expect("valid record");
+        assert_eq!(event.header.kind, EventKind::Open);
+        assert_eq!(event.header.comm, "bash");
+        assert_eq!((event.header.pid, event.header.tid, event.header.euid), (100, 101, 0));
+        let EventData::Open(open) = event.data else { panic!("not an open: {event:?}") };
+        assert_eq!(open.path, "/etc/passwd");
+        assert!(open.write && open.create && open.truncate);
+        assert_eq!(open.flags_names, vec!["O_WRONLY", "O_CREAT", "O_TRUNC"]);
+    }
+
+    #[test]
+    fn decodes_exec_argv_and_connect_addresses() {
+        let mut exec = wire::ExecEvent {
+            header: header(wire::KIND_EXEC),
+            filename: [0; wire::PATH_LEN],
+            argv: [[0; wire::ARG_LEN]; wire::ARGV_SLOTS],
+            argc: 3,
+            via_execveat: 1,
+            dirfd: 4,
+            at_flags: AT_EMPTY_PATH,
+        };
+        exec.filename[..9].copy_from_slice(b"/dev/fd/4");
+        exec.argv[0][..2].copy_from_slice(b"sh");
+        exec.argv[1][..2].copy_from_slice(b"-c");
+        exec.argv[2][..4].copy_from_slice(b"id\xff\x00");
+        let event = decode(&bytes_of(&exec)).expect("valid");
+        let EventData::Exec(data) = event.data else { panic!() };
+        assert_eq!(data.argv, vec!["sh", "-c", "id\\xff"]);
+        assert!(data.fileless);
+
+        let mut connect = wire::ConnectEvent {
+            header: header(wire::KIND_CONNECT),
+            fd: 3,
+            ret: -111,
+            family: AF_INET6,
+            port: 443,
+            _pad: 0,
+            addr: [0; 16],
+            unix_path: [0; wire::UNIX_PATH_LEN],
+        };
+        connect.addr[15] = 1;
+        let EventData::Connect(c) = decode(&bytes_of(&connect)).expect("valid").data else { panic!() };
+        assert_eq!((c.family, c.address.as_deref(), c.port, c.result), ("inet6", Some("::1"), 443, -111));
+    }
+
+    #[test]
+    fn truncated_records_are_errors() {
+        let full = bytes_of(&open_record(b"/x"));
+        for len in [0, 1, 71] {
+            assert!(matches!(decode(&full[..len]), Err(DecodeError::ShorterThanHeader { .. })), "len {len}");
+        }
+        for len in [72, 100, full.len() - 1] {
+            assert!(matches!(decode(&full[..len]), Err(DecodeError::WrongLength { kind: EventKind::Open, .. })), "len {len}");
+        }
+    }
+
+    #[test]
+    fn oversized_records_are_errors() {
+        let mut bytes = bytes_of(&open_record(b"/x"));
+        bytes.extend_from_slice(&[0xAA; 9]);
+        assert!(matches!(decode(&bytes), Err(DecodeError::WrongLength { .. })));
+    }
+
+    #[test]
+    fn unknown_kinds_are_errors() {
+        let mut h = header(999);
+        assert_eq!(decode(&bytes_of(&h)), Err(DecodeError::UnknownKind(UnknownKind(999))));
+        h.kind = 0;
+        assert!(matches!(decode(&bytes_of(&h)), Err(DecodeError::UnknownKind(_))));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // A deterministic pseudo-random byte soup of many lengths, with valid kinds planted.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..2048usize {
+            let mut bytes = Vec::with_capacity(len);
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                bytes.push(state as u8);
+            }
+            if len >= 24 {
+                let kind = (len as u32 % (wire::KIND_COUNT + 2)).to_le_bytes();
+                bytes[16..20].copy_from_slice(&kind);
+            }
+            let _ = decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn strings_without_nul_and_invalid_utf8_are_kept_visible() {
+        assert_eq!(c_string(b"abc"), "abc");
+        assert_eq!(c_string(b"a\xc3\x28b\0zzz"), "a\\xc3(b");
+        assert_eq!(c_string(b"line\nbreak\0"), "line\nbreak");
+        assert_eq!(c_string(b"\0"), "");
+    }
+}

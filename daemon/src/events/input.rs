@@ -1,0 +1,127 @@
+//! The JSON object the rule engine receives as `input` (and `--record` writes, one per line).
+//! Its schema is documented in rules/README.md; a test keeps the two in step.
+
+use serde_json::{Map, Value, json};
+
+use super::decode::EventData;
+use super::enrich::EnrichedEvent;
+
+/// Converts kernel monotonic timestamps (bpf_ktime_get_ns) to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// realtime - monotonic, in ns, sampled once.
+    offset_ns: i128,
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// CLOCK_MONOTONIC now, in ns: the clock bpf_ktime_get_ns reads.
+pub fn monotonic_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock { offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC) }
+    }
+
+    pub fn wall_ns(&self, ktime_ns: u64) -> i128 {
+        ktime_ns as i128 + self.offset_ns
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// RFC 3339 UTC with microseconds, e.g. `2026-11-29T12:00:00.123456Z`.
+pub fn rfc3339(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
+    let micros = (unix_ns.rem_euclid(1_000_000_000) / 1000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    )
+}
+
+fn data_value(data: &EventData) -> Value {
+    let value = match data {
+        EventData::Exec(d) => serde_json::to_value(d),
+        EventData::Fork(d) => serde_json::to_value(d),
+        EventData::Exit(d) => serde_json::to_value(d),
+        EventData::Connect(d) => serde_json::to_value(d),
+        EventData::Open(d) => serde_json::to_value(d),
+        EventData::Ptrace(d) => serde_json::to_value(d),
+        EventData::Cred(d) => serde_json::to_value(d),
+        EventData::Mount(d) => serde_json::to_value(d),
+        EventData::Namespace(d) => serde_json::to_value(d),
+        EventData::Module(d) => serde_json::to_value(d),
+        EventData::Bpf(d) => serde_json::to_value(d),
+        EventData::Memfd(d) => serde_json::to_value(d),
+        EventData::Chmod(d) => serde_json::to_value(d),
+        EventData::Unlink(d) => serde_json::to_value(d),
+        EventData::Rename(d) => serde_json::to_value(d),
+        EventData::Dup(d) => serde_json::to_value(d),
+    };
+    // These types hold only strings, numbers, bools and vectors: serialization cannot fail.
+    value.unwrap_or(Value::Null)
+}
+
+/// Builds the rule engine's `input` for one event.
+pub fn to_input(ev: &EnrichedEvent, clock: &Clock, node: &str) -> Value {
+    let h = &ev.event.header;
+    let kind = h.kind.as_str();
+    let p = &ev.process;
+    let process = json!({
+        "pid": h.pid, "tid": h.tid, "ppid": h.ppid,
+        "uid": h.uid, "gid": h.gid, "euid": h.euid, "egid": h.egid,
+        "comm": h.comm,
+        "exe": p.exe, "cmdline": p.cmdline, "cwd": p.cwd,
+        "stdio": p.stdio, "ancestors": p.ancestors,
+    });
+    let mut obj = Map::with_capacity(12);
+    obj.insert("type".into(), Value::from(kind));
+    obj.insert("time".into(), Value::from(rfc3339(clock.wall_ns(h.ktime_ns))));
+    obj.insert("ktime_ns".into(), Value::from(h.ktime_ns));
+    obj.insert("source".into(), Value::from(h.source));
+    obj.insert("node".into(), Value::from(node));
+    obj.insert("cgroup_id".into(), Value::from(h.cgroup_id));
+    obj.insert("truncated".into(), Value::from(h.truncated));
+    obj.insert("pod".into(), serde_json::to_value(ev.pod.as_deref()).unwrap_or(Value::Null));
+    obj.insert("process".into(), process);
+    obj.insert(kind.into(), data_value(&ev.event.data));
+    Value::Object(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(rfc3339(1_795_953_600_123_456_789), "2026-11-29T12:00:00.123456Z");
+    }
+}

@@ -1,0 +1,368 @@
+//! Loads the embedded eBPF object, configures its filter maps and attaches the event programs,
+//! with the fallbacks this kernel needs (no kprobes; no per-syscall module tracepoints).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{KProbe, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use palisade_common::{
+    KIND_COUNT, MAP_ENABLED_KINDS, MAP_EVENT_COUNTS, MAP_EVENTS, MAP_LOST_COUNTS,
+    MAP_MONITORED_CGROUPS, MAP_PROBE_CONFIG, ProbeConfig,
+};
+use serde::Serialize;
+
+use super::btf::Btf;
+use crate::events::kind::EventKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("mounting {what}: {source}")]
+    Mount {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How one program ended up: attached, stood in for by another, or not available here.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum AttachState {
+    Attached,
+    /// Not attached; `by` does its job (e.g. a kprobe replaced by its tracepoint equivalents).
+    FellBack { reason: String, by: String },
+    Unavailable { reason: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramStatus {
+    pub program: String,
+    /// `tracepoint`, `kprobe`.
+    pub kind: &'static str,
+    /// What it hooks, e.g. `syscalls/sys_enter_openat` or `commit_creds`.
+    pub target: String,
+    #[serde(flatten)]
+    pub state: AttachState,
+}
+
+/// What to hook: the program name in the object and its attach point.
+struct Hook {
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+}
+
+const fn tp(program: &'static str, category: &'static str, name: &'static str) -> Hook {
+    Hook { program, category, name }
+}
+
+/// Programs whose tracepoint has the program's own name under `syscalls/` or `sched/`.
+const SYSCALL_PROGRAMS: &[&str] = &[
+    "sys_enter_execve", "sys_exit_execve", "sys_enter_execveat", "sys_exit_execveat",
+    "sys_enter_openat", "sys_exit_openat", "sys_enter_openat2", "sys_exit_openat2",
+    "sys_enter_connect", "sys_exit_connect", "sys_enter_ptrace", "sys_exit_ptrace",
+    "sys_enter_setuid", "sys_exit_setuid", "sys_enter_setgid", "sys_exit_setgid",
+    "sys_enter_setreuid", "sys_exit_setreuid", "sys_enter_setresuid", "sys_exit_setresuid",
+    "sys_enter_setresgid", "sys_exit_setresgid", "sys_enter_capset", "sys_exit_capset",
+    "sys_enter_mount", "sys_exit_mount", "sys_enter_umount", "sys_exit_umount",
+    "sys_enter_unshare", "sys_exit_unshare", "sys_enter_setns", "sys_exit_setns",
+    "sys_enter_bpf", "sys_exit_bpf", "sys_enter_memfd_create", "sys_exit_memfd_create",
+    "sys_enter_chmod", "sys_exit_chmod", "sys_enter_fchmod", "sys_exit_fchmod",
+    "sys_enter_fchmodat", "sys_exit_fchmodat", "sys_enter_fchmodat2", "sys_exit_fchmodat2",
+    "sys_enter_unlinkat", "sys_exit_unlinkat", "sys_enter_unlink", "sys_exit_unlink",
+    "sys_enter_rmdir", "sys_exit_rmdir", "sys_enter_renameat2", "sys_exit_renameat2",
+    "sys_enter_renameat", "sys_exit_renameat", "sys_enter_rename", "sys_exit_rename",
+    "sys_enter_dup2", "sys_exit_dup2", "sys_enter_dup3", "sys_exit_dup3",
+];
+
+const SCHED_PROGRAMS: &[&str] = &["sched_process_exec", "sched_process_fork", "sched_process_exit"];
+
+/// Module syscalls: per-syscall tracepoints where the kernel has them, raw_syscalls otherwise.
+const MODULE_PROGRAMS: &[&str] = &[
+    "sys_enter_init_module", "sys_exit_init_module", "sys_enter_finit_module",
+    "sys_exit_finit_module", "sys_enter_delete_module", "sys_exit_delete_module",
+];
+const MODULE_FALLBACK: [Hook; 2] = [
+    tp("raw_sys_enter_module", "raw_syscalls", "sys_enter"),
+    tp("raw_sys_exit_module", "raw_syscalls", "sys_exit"),
+];
+
+/// Kprobes and what stands in for each when kprobes cannot attach.
+const KPROBES: &[(&str, &str, &str)] = &[
+    ("kprobe_commit_creds", "commit_creds", "set*id/capset tracepoints"),
+    ("kprobe_tcp_v4_connect", "tcp_v4_connect", "connect tracepoints"),
+    ("kprobe_tcp_v6_connect", "tcp_v6_connect", "connect tracepoints"),
+];
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Loaded object plus the attach outcome of each program.
+pub struct LoadedProbes {
+    pub ebpf: Ebpf,
+    pub programs: Vec<ProgramStatus>,
+    pub config: ProbeConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Report every task, not only monitored cgroups.
+    pub monitor_all: bool,
+    /// Attach the kprobes where the kernel allows (they are always loaded, so verified).
+    pub try_kprobes: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { monitor_all: false, try_kprobes: true }
+    }
+}
+
+/// Mounts tracefs when the tracepoint ids are not reachable (aya looks there).
+pub fn ensure_tracefs() -> Result<(), LoaderError> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    crate::sys::mount_fs("tracefs", TRACEFS, "tracefs").map_err(|source| LoaderError::Mount { what: "tracefs", source })
+}
+
+/// Resolves the kernel struct offsets the probes need; None (and a warning) when BTF is missing.
+pub fn task_offsets() -> Option<ProbeConfig> {
+    let btf = match Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(err) => {
+            tracing::warn!(%err, "no kernel BTF: ppid, euid and egid will be 0");
+            return None;
+        }
+    };
+    let off = |s: &str, m: &str| btf.member_offset(s, m);
+    let resolved = (|| -> Result<ProbeConfig, super::btf::BtfError> {
+        Ok(ProbeConfig {
+            task_offsets_valid: 1,
+            off_task_real_parent: off("task_struct", "real_parent")?,
+            off_task_tgid: off("task_struct", "tgid")?,
+            off_task_cred: off("task_struct", "cred")?,
+            off_task_exit_code: off("task_struct", "exit_code")?,
+            off_cred_uid: off("cred", "uid")?,
+            off_cred_gid: off("cred", "gid")?,
+            off_cred_euid: off("cred", "euid")?,
+            off_cred_egid: off("cred", "egid")?,
+            ..ProbeConfig::default()
+        })
+    })();
+    match resolved {
+        Ok(cfg) => Some(cfg),
+        Err(err) => {
+            tracing::warn!(%err, "kernel BTF lacks a field the probes read: ppid, euid and egid will be 0");
+            None
+        }
+    }
+}
+
+/// Loads the embedded object and sets the configuration map; attaches nothing yet.
+pub fn load(options: &LoadOptions) -> Result<LoadedProbes, LoaderError> {
+    crate::sys::raise_memlock_limit();
+    let mut ebpf = EbpfLoader::new().load(super::object::PROBES_OBJECT)?;
+    let mut config = task_offsets().unwrap_or_default();
+    config.monitor_all = u32::from(options.monitor_all);
+    config.daemon_tgid = std::process::id();
+    {
+        let map = ebpf.map_mut(MAP_PROBE_CONFIG).ok_or(LoaderError::MissingMap(MAP_PROBE_CONFIG))?;
+        let mut array: Array<&mut MapData, ProbeConfig> =
+            Array::try_from(map).map_err(|source| LoaderError::Map { name: MAP_PROBE_CONFIG, source })?;
+        array.set(0, config, 0).map_err(|source| LoaderError::Map { name: MAP_PROBE_CONFIG, source })?;
+    }
+    Ok(LoadedProbes { ebpf, programs: Vec::new(), config })
+}
+
+fn tracepoint_exists(category: &str, name: &str) -> bool {
+    Path::new(TRACEFS).join("events").join(category).join(name).exists()
+}
+
+impl LoadedProbes {
+    /// Loads and attaches every event program; a program that cannot attach is recorded, not
+    /// fatal, except that a missing core program (exec) is an error the caller sees in status.
+    pub fn attach_all(&mut self, options: &LoadOptions) -> Result<(), LoaderError> {
+        ensure_tracefs()?;
+        let mut hooks: Vec<Hook> = Vec::new();
+        for &p in SYSCALL_PROGRAMS {
+            hooks.push(tp(p, "syscalls", p));
+        }
+        for &p in SCHED_PROGRAMS {
+            hooks.push(tp(p, "sched", p));
+        }
+        for hook in hooks {
+            self.attach_tracepoint(&hook);
+        }
+        let module_tracepoints = MODULE_PROGRAMS.iter().all(|p| tracepoint_exists("syscalls", p));
+        if module_tracepoints {
+            for &p in MODULE_PROGRAMS {
+                self.attach_tracepoint(&tp(p, "syscalls", p));
+            }
+        } else {
+            for &p in MODULE_PROGRAMS {
+                self.programs.push(ProgramStatus {
+                    program: p.to_string(),
+                    kind: "tracepoint",
+                    target: format!("syscalls/{p}"),
+                    state: AttachState::FellBack {
+                        reason: "the kernel has no per-syscall tracepoint for module syscalls (CONFIG_MODULES off?)".into(),
+                        by: "raw_syscalls/sys_enter+sys_exit filtered by syscall number".into(),
+                    },
+                });
+            }
+            for hook in &MODULE_FALLBACK {
+                self.attach_tracepoint(hook);
+            }
+        }
+        for &(program, function, stand_in) in KPROBES {
+            self.attach_kprobe(program, function, stand_in, options.try_kprobes);
+        }
+        Ok(())
+    }
+
+    fn attach_tracepoint(&mut self, hook: &Hook) {
+        let target = format!("{}/{}", hook.category, hook.name);
+        let state = match self.try_attach_tracepoint(hook) {
+            Ok(()) => AttachState::Attached,
+            Err(reason) => {
+                tracing::warn!(program = hook.program, %target, %reason, "tracepoint not attached");
+                AttachState::Unavailable { reason }
+            }
+        };
+        self.programs.push(ProgramStatus { program: hook.program.to_string(), kind: "tracepoint", target, state });
+    }
+
+    fn try_attach_tracepoint(&mut self, hook: &Hook) -> Result<(), String> {
+        if !tracepoint_exists(hook.category, hook.name) {
+            return Err("tracepoint not present in this kernel".into());
+        }
+        let program = self.ebpf.program_mut(hook.program).ok_or("program missing from the object")?;
+        let tracepoint: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+        tracepoint.load().map_err(|e| format!("load: {e:#}"))?;
+        tracepoint.attach(hook.category, hook.name).map_err(|e| format!("attach: {e:#}"))?;
+        Ok(())
+    }
+
+    fn attach_kprobe(&mut self, program: &str, function: &str, stand_in: &str, try_attach: bool) {
+        let state = match self.load_kprobe(program) {
+            Err(reason) => AttachState::Unavailable { reason },
+            Ok(()) if !try_attach => AttachState::FellBack {
+                reason: "kprobes disabled by configuration".into(),
+                by: stand_in.to_string(),
+            },
+            Ok(()) => match self.try_attach_kprobe(program, function) {
+                Ok(()) => AttachState::Attached,
+                Err(reason) => AttachState::FellBack { reason, by: stand_in.to_string() },
+            },
+        };
+        if let AttachState::FellBack { reason, by } = &state {
+            tracing::info!(program, function, %reason, fallback = %by, "kprobe not attached; using fallback");
+        }
+        self.programs.push(ProgramStatus {
+            program: program.to_string(),
+            kind: "kprobe",
+            target: function.to_string(),
+            state,
+        });
+    }
+
+    /// Loads a kprobe program (runs the verifier) without attaching it.
+    pub fn load_kprobe(&mut self, program: &str) -> Result<(), String> {
+        let prog = self.ebpf.program_mut(program).ok_or("program missing from the object")?;
+        let kprobe: &mut KProbe = prog.try_into().map_err(|e| format!("{e}"))?;
+        kprobe.load().map_err(|e| format!("load: {e:#}"))
+    }
+
+    fn try_attach_kprobe(&mut self, program: &str, function: &str) -> Result<(), String> {
+        let prog = self.ebpf.program_mut(program).ok_or("program missing from the object")?;
+        let kprobe: &mut KProbe = prog.try_into().map_err(|e| format!("{e}"))?;
+        kprobe.attach(function, 0).map(|_| ()).map_err(|e| format!("attach: {e:#}"))
+    }
+
+    /// Takes the event ring buffer out of the object for the reader task.
+    pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, LoaderError> {
+        let map = self.ebpf.take_map(MAP_EVENTS).ok_or(LoaderError::MissingMap(MAP_EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| LoaderError::Map { name: MAP_EVENTS, source })
+    }
+}
+
+/// Sets which event kinds the kernel emits.
+pub fn set_enabled_kinds(ebpf: &mut Ebpf, kinds: &[EventKind]) -> Result<(), LoaderError> {
+    let map = ebpf.map_mut(MAP_ENABLED_KINDS).ok_or(LoaderError::MissingMap(MAP_ENABLED_KINDS))?;
+    let mut array: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(|source| LoaderError::Map { name: MAP_ENABLED_KINDS, source })?;
+    for raw in 1..KIND_COUNT {
+        let on = EventKind::try_from(raw).map(|k| kinds.contains(&k)).unwrap_or(false);
+        array.set(raw, u32::from(on), 0).map_err(|source| LoaderError::Map { name: MAP_ENABLED_KINDS, source })?;
+    }
+    Ok(())
+}
+
+/// Adds a cgroup (by id) to the monitored set.
+pub fn monitor_cgroup(ebpf: &mut Ebpf, cgroup_id: u64, slot: u32) -> Result<(), LoaderError> {
+    let map = ebpf.map_mut(MAP_MONITORED_CGROUPS).ok_or(LoaderError::MissingMap(MAP_MONITORED_CGROUPS))?;
+    let mut hash: BpfHashMap<&mut MapData, u64, u32> =
+        BpfHashMap::try_from(map).map_err(|source| LoaderError::Map { name: MAP_MONITORED_CGROUPS, source })?;
+    hash.insert(cgroup_id, slot, 0).map_err(|source| LoaderError::Map { name: MAP_MONITORED_CGROUPS, source })
+}
+
+pub fn unmonitor_cgroup(ebpf: &mut Ebpf, cgroup_id: u64) -> Result<(), LoaderError> {
+    let map = ebpf.map_mut(MAP_MONITORED_CGROUPS).ok_or(LoaderError::MissingMap(MAP_MONITORED_CGROUPS))?;
+    let mut hash: BpfHashMap<&mut MapData, u64, u32> =
+        BpfHashMap::try_from(map).map_err(|source| LoaderError::Map { name: MAP_MONITORED_CGROUPS, source })?;
+    match hash.remove(&cgroup_id) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(LoaderError::Map { name: MAP_MONITORED_CGROUPS, source }),
+    }
+}
+
+/// Emitted and lost counts per kind, summed over CPUs.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct KindCounters {
+    pub emitted: BTreeMap<String, u64>,
+    pub lost: BTreeMap<String, u64>,
+}
+
+pub fn read_counters(ebpf: &Ebpf) -> Result<KindCounters, LoaderError> {
+    Ok(KindCounters {
+        emitted: sum_per_kind(ebpf, MAP_EVENT_COUNTS)?,
+        lost: sum_per_kind(ebpf, MAP_LOST_COUNTS)?,
+    })
+}
+
+fn sum_per_kind(ebpf: &Ebpf, name: &'static str) -> Result<BTreeMap<String, u64>, LoaderError> {
+    let map = ebpf.map(name).ok_or(LoaderError::MissingMap(name))?;
+    let array: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map).map_err(|source| LoaderError::Map { name, source })?;
+    let mut out = BTreeMap::new();
+    for raw in 1..KIND_COUNT {
+        let Ok(kind) = EventKind::try_from(raw) else { continue };
+        let values = array.get(&raw, 0).map_err(|source| LoaderError::Map { name, source })?;
+        out.insert(kind.as_str().to_string(), values.iter().sum());
+    }
+    Ok(out)
+}
+
+/// The cgroup id of a cgroup2 directory: the kernel uses its inode number.
+pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.ino())
+}
