@@ -4,6 +4,7 @@ use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
+    embed_defaults(std::path::Path::new(&manifest_dir))?;
     let root_dir = std::path::Path::new(&manifest_dir).join("../probes-ebpf");
     let root_dir = root_dir
         .canonicalize()
@@ -13,4 +14,52 @@ fn main() -> anyhow::Result<()> {
         [aya_build::Package { name: "palisade-probes", root_dir, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// Generates `embedded_defaults.rs`: the default rule pack, policies and lab inventory, so the
+/// binary runs with no files around it (`palisade run` with no arguments).
+fn embed_defaults(manifest_dir: &std::path::Path) -> anyhow::Result<()> {
+    let root = manifest_dir.join("..").canonicalize().context("workspace root")?;
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR not set")?);
+    let mut code = String::new();
+    let rules = collect(&root.join("rules"), &|p| {
+        matches!(p.extension().and_then(|e| e.to_str()), Some("rego" | "json" | "yaml" | "yml"))
+    })?;
+    let policies = collect(&root.join("policies"), &|p| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        (name.ends_with(".yaml") || name.ends_with(".yml")) && !name.contains("inventory")
+    })?;
+    for (name, files) in [("DEFAULT_RULES", &rules), ("DEFAULT_POLICIES", &policies)] {
+        code.push_str(&format!("pub static {name}: &[(&str, &str)] = &[\n"));
+        for (rel, abs) in files {
+            code.push_str(&format!("    ({rel:?}, include_str!({abs:?})),\n"));
+        }
+        code.push_str("];\n");
+    }
+    let inventory = root.join("policies/webapp-inventory.yaml");
+    code.push_str(&format!("pub static DEFAULT_INVENTORY: &str = include_str!({:?});\n", inventory.display().to_string()));
+    println!("cargo:rerun-if-changed={}", root.join("rules").display());
+    println!("cargo:rerun-if-changed={}", root.join("policies").display());
+    std::fs::write(out_dir.join("embedded_defaults.rs"), code).context("write embedded_defaults.rs")?;
+    Ok(())
+}
+
+/// Files under `dir` (recursively) accepted by `keep`, as (relative path, absolute path), sorted.
+fn collect(dir: &std::path::Path, keep: &dyn Fn(&std::path::Path) -> bool) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        for entry in std::fs::read_dir(&current).with_context(|| format!("read {}", current.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                println!("cargo:rerun-if-changed={}", path.display());
+                stack.push(path);
+            } else if keep(&path) {
+                let rel = path.strip_prefix(dir)?.to_string_lossy().into_owned();
+                out.push((rel, path.to_string_lossy().into_owned()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }

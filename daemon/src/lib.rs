@@ -5,6 +5,7 @@ pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod defaults;
 pub mod events;
 pub mod inventory;
 pub mod lab;
