@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="/usr/lib/llvm-22/bin:$HOME/.cargo/bin:$PATH"
 
-cargo build --workspace --all-targets
+cargo build --all-targets
 # Tests share the machine's kernel; the kernel tests create uniquely named lab resources, so
 # they can run in parallel, but two threads per binary keeps a 2-core CI box responsive.
-cargo test --workspace -- --test-threads=2
+cargo test -- --test-threads=2
 # The rule author's tool on the shipped pack: every default rule's positive and negative tests.
 ./target/debug/palisade rules test rules/

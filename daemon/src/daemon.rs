@@ -1,14 +1,37 @@
-//! `palisade run`: wires the stages together (probes -> events -> rules -> responder/alerts).
-use std::path::PathBuf;
+//! `palisade run`: wires the stages together.
+//!
+//! kernel ring buffer -> reader (tokio) -> pipeline thread (enrich, input, --record) ->
+//! rule workers -> verdict thread (alerts, responder). The eBPF object has one owner task
+//! (`ProbeHost`); inventory and rules changes arrive through their watchers.
 
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::Context as _;
 use clap::Args;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::events::decode::Event;
+use crate::events::enrich::{EndpointIndex, PodRef, ProcCache, enrich};
+use crate::events::input::{Clock, to_input};
+use crate::events::kind::EventKind;
+use crate::events::reader::{self, ReaderStats};
+use crate::inventory::Inventory;
+use crate::probes::host::ProbeHost;
+use crate::probes::loader::{self, LoadOptions};
+use crate::rules::evaluator::{EvaluatorConfig, PackHandle, RuleEvaluator};
+use crate::rules::pack::{PackOptions, RulePack};
+use crate::rules::watch::RulesNotification;
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Endpoint inventory (YAML). Default: the embedded lab example.
+    /// Endpoint inventory (YAML), watched for changes. Default: the embedded lab example.
     #[arg(long)]
     pub inventory: Option<PathBuf>,
-    /// Rules directory. Default: the embedded default rule pack.
+    /// Rules directory, watched for changes. Default: the embedded default rule pack.
     #[arg(long)]
     pub rules: Option<PathBuf>,
     /// NetworkPolicy directory. Default: the embedded example policies.
@@ -20,8 +43,359 @@ pub struct RunArgs {
     /// Write every event, as the rule engine receives it, to this JSONL file.
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// Bring up a local lab pod for every inventory endpoint first (standalone demo mode).
+    #[arg(long)]
+    pub lab: bool,
+    /// Lab name (with --lab).
+    #[arg(long, default_value = crate::lab::DEFAULT_LAB_NAME)]
+    pub lab_name: String,
+    /// Host mode: report every process on the host, not only monitored pods.
+    #[arg(long)]
+    pub host: bool,
+    /// Do not attach kprobes even where the kernel allows them.
+    #[arg(long)]
+    pub no_kprobes: bool,
+    /// Rule evaluation worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}
+
+/// Shared, read-mostly daemon state that status reports.
+pub struct DaemonState {
+    pub node: String,
+    pub endpoints: RwLock<EndpointIndex>,
+    pub inventory: RwLock<Inventory>,
+    pub unresolved_cgroups: RwLock<Vec<String>>,
+    pub reader: Arc<ReaderStats>,
+    pub rules: Arc<PackHandle>,
+    pub rules_last_reload: Mutex<serde_json::Value>,
+    pub host: ProbeHost,
+    pub pipeline: PipelineStats,
+}
+
+#[derive(Default)]
+pub struct PipelineStats {
+    pub enriched: std::sync::atomic::AtomicU64,
+    pub evaluated_with_hits: std::sync::atomic::AtomicU64,
+    pub rule_errors: std::sync::atomic::AtomicU64,
+    pub record_errors: std::sync::atomic::AtomicU64,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    anyhow::bail!("run {args:?}: not built yet")
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("palisade")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run_async(args))
+}
+
+/// Resolves each endpoint's cgroup to its id; endpoints whose cgroup does not exist (yet) are
+/// returned by name so they can be retried and reported, not ignored.
+pub fn resolve_endpoints(inventory: &Inventory, cgroup_root: &Path) -> (EndpointIndex, Vec<String>) {
+    let mut index = EndpointIndex::default();
+    let mut unresolved = Vec::new();
+    for ep in &inventory.endpoints {
+        let Some(rel) = &ep.cgroup else {
+            unresolved.push(format!("{} (no cgroup in the inventory)", ep.key()));
+            continue;
+        };
+        match loader::cgroup_id(&cgroup_root.join(rel)) {
+            Ok(id) => index.insert(
+                id,
+                PodRef {
+                    namespace: ep.namespace.clone(),
+                    name: ep.name.clone(),
+                    labels: ep.labels.clone(),
+                    service_account: ep.service_account.clone(),
+                },
+            ),
+            Err(err) => unresolved.push(format!("{} ({}: {err})", ep.key(), cgroup_root.join(rel).display())),
+        }
+    }
+    (index, unresolved)
+}
+
+/// Kernel kinds needed by a rule pack (exec and exit always: they keep the process cache right).
+fn kinds_for(pack: &RulePack) -> Vec<EventKind> {
+    let mut kinds: BTreeSet<EventKind> = pack
+        .subscribed_types()
+        .into_iter()
+        .filter_map(|t| EventKind::from_name(t.as_str()))
+        .collect();
+    kinds.insert(EventKind::Exec);
+    kinds.insert(EventKind::Exit);
+    kinds.into_iter().collect()
+}
+
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))?;
+    Ok(())
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(crate::sys::is_root(), "palisade run needs root (eBPF, cgroups, network namespaces)");
+    prepare_state_dir(&args.state_dir)?;
+    let defaults_dir = args.state_dir.join("defaults");
+
+    // Inventory: the given file, or the embedded lab example.
+    let inventory_path = match &args.inventory {
+        Some(path) => path.clone(),
+        None => {
+            std::fs::create_dir_all(&defaults_dir)?;
+            let path = defaults_dir.join("inventory.yaml");
+            std::fs::write(&path, crate::defaults::DEFAULT_INVENTORY)?;
+            path
+        }
+    };
+    let inventory_watch = crate::inventory::watch::InventoryWatch::start(&inventory_path)
+        .with_context(|| format!("inventory {}", inventory_path.display()))?;
+    let inventory = inventory_watch.current();
+
+    if args.lab {
+        let lab = crate::lab::Lab::up(&inventory, &crate::lab::LabOptions::named(&args.lab_name))
+            .context("bringing up the lab")?;
+        tracing::info!(lab = lab.name(), pods = lab.pods().len(), "lab is up");
+    }
+
+    // Rules: compiled before the probes start so the enabled kinds are right from the start.
+    let rules_dir = match &args.rules {
+        Some(dir) => dir.clone(),
+        None => crate::defaults::materialize(&defaults_dir.join("rules"), crate::defaults::DEFAULT_RULES)?,
+    };
+    let pack = RulePack::load(&rules_dir).map_err(|e| anyhow::anyhow!("rule pack {}:\n{}", rules_dir.display(), e.lines().join("\n")))?;
+    let kinds = kinds_for(&pack);
+    tracing::info!(rules = pack.rules().len(), dir = %rules_dir.display(), "rule pack loaded");
+    let rules = PackHandle::new(pack);
+
+    // Probes.
+    let options = LoadOptions { monitor_all: args.host, try_kprobes: !args.no_kprobes };
+    let mut probes = loader::load(&options).context("loading the eBPF programs")?;
+    probes.attach_all(&options).context("attaching the eBPF programs")?;
+    for status in &probes.programs {
+        tracing::debug!(program = %status.program, target = %status.target, state = ?status.state, "program");
+    }
+    let ring = probes.take_ring_buffer()?;
+    let host = ProbeHost::spawn(probes);
+    host.set_enabled_kinds(kinds).await?;
+
+    let cgroup_root = crate::sys::cgroup2_mount().context("finding the cgroup2 mount")?;
+    let (index, unresolved) = resolve_endpoints(&inventory, &cgroup_root);
+    for pod in &unresolved {
+        tracing::warn!(%pod, "endpoint cgroup not found; will retry");
+    }
+    host.set_monitored(index.cgroup_ids().collect()).await?;
+    tracing::info!(endpoints = index.len(), "monitoring endpoints");
+
+    let state = Arc::new(DaemonState {
+        node: crate::sys::hostname(),
+        endpoints: RwLock::new(index),
+        inventory: RwLock::new(inventory),
+        unresolved_cgroups: RwLock::new(unresolved),
+        reader: Arc::new(ReaderStats::default()),
+        rules: rules.clone(),
+        rules_last_reload: Mutex::new(json!({"result": "loaded", "dir": rules_dir.display().to_string()})),
+        host: host.clone(),
+        pipeline: PipelineStats::default(),
+    });
+
+    // Alerts (until the alert log lands: JSON lines in the state directory).
+    let alerts = AlertOutput::open(&args.state_dir.join("alerts.jsonl"))?;
+
+    // Rule workers and the verdict thread.
+    let (evaluator, verdicts) = RuleEvaluator::start(rules.clone(), EvaluatorConfig { workers: args.workers.max(1), ..EvaluatorConfig::default() })?;
+    {
+        let state = state.clone();
+        let alerts = alerts.clone();
+        std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
+            for evaluation in verdicts {
+                match evaluation.hits {
+                    Ok(hits) => {
+                        state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        for hit in hits {
+                            alerts.emit(rule_alert(&state.node, &hit, &evaluation.input));
+                        }
+                    }
+                    Err(err) => {
+                        state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(%err, "rule evaluation failed");
+                    }
+                }
+            }
+        })?;
+    }
+
+    // Rules hot reload: swap, switch kernel kinds, report rejections as alerts.
+    let _rules_watcher = {
+        let state = state.clone();
+        let alerts = alerts.clone();
+        let runtime = tokio::runtime::Handle::current();
+        crate::rules::watch::watch(&rules_dir, PackOptions::default(), rules.clone(), move |note| {
+            match &note {
+                RulesNotification::Reloaded { .. } => {
+                    let kinds = kinds_for(&state.rules.current());
+                    let host = state.host.clone();
+                    runtime.spawn(async move {
+                        if let Err(err) = host.set_enabled_kinds(kinds).await {
+                            tracing::error!(%err, "switching kernel event kinds after a rules reload");
+                        }
+                    });
+                }
+                RulesNotification::RulesRejected { errors, kept_generation } => {
+                    alerts.emit(json!({
+                        "kind": "rules_rejected", "node": state.node, "severity": "high",
+                        "time": crate::events::input::rfc3339(Clock::new().wall_ns(crate::events::input::monotonic_now_ns())),
+                        "message": format!("rule pack rejected; generation {kept_generation} stays in force"),
+                        "errors": errors,
+                    }));
+                }
+            }
+            if let Ok(mut last) = state.rules_last_reload.lock() {
+                *last = serde_json::to_value(&note).unwrap_or_default();
+            }
+        })?
+    };
+
+    // Inventory changes: re-resolve cgroups, update the monitored set and the index.
+    {
+        let state = state.clone();
+        let mut inventory_rx = inventory_watch.subscribe();
+        let cgroup_root = cgroup_root.clone();
+        tokio::spawn(async move {
+            let mut retry = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    changed = inventory_rx.changed() => {
+                        if changed.is_err() { return; }
+                        let inventory = inventory_rx.borrow_and_update().clone();
+                        if let Ok(mut current) = state.inventory.write() { *current = inventory; }
+                    }
+                    _ = retry.tick() => {}
+                }
+                apply_inventory(&state, &cgroup_root).await;
+            }
+        });
+    }
+
+    // Pipeline: reader -> enrich -> input -> record -> rules.
+    let (events_tx, events_rx) = mpsc::channel::<Event>(16384);
+    tokio::spawn(reader::run(ring, state.reader.clone(), events_tx));
+    {
+        let state = state.clone();
+        let record = match &args.record {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+            )),
+            None => None,
+        };
+        std::thread::Builder::new()
+            .name("palisade-pipeline".into())
+            .spawn(move || pipeline(events_rx, state, record, evaluator))?;
+    }
+
+    tracing::info!(state_dir = %args.state_dir.display(), "palisade is running");
+    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
+    tracing::info!("stopping");
+    Ok(())
+}
+
+async fn apply_inventory(state: &Arc<DaemonState>, cgroup_root: &Path) {
+    let inventory = match state.inventory.read() {
+        Ok(inv) => inv.clone(),
+        Err(_) => return,
+    };
+    let (index, unresolved) = resolve_endpoints(&inventory, cgroup_root);
+    let ids: BTreeSet<u64> = index.cgroup_ids().collect();
+    let changed = state.endpoints.read().map(|cur| cur.cgroup_ids().collect::<BTreeSet<_>>() != ids).unwrap_or(true);
+    if changed {
+        if let Err(err) = state.host.set_monitored(ids).await {
+            tracing::error!(%err, "updating monitored cgroups");
+            return;
+        }
+        tracing::info!(endpoints = index.len(), unresolved = unresolved.len(), "endpoints updated");
+    }
+    if let Ok(mut current) = state.endpoints.write() {
+        *current = index;
+    }
+    if let Ok(mut current) = state.unresolved_cgroups.write() {
+        *current = unresolved;
+    }
+}
+
+fn pipeline(
+    mut events: mpsc::Receiver<Event>,
+    state: Arc<DaemonState>,
+    mut record: Option<std::io::BufWriter<std::fs::File>>,
+    evaluator: RuleEvaluator,
+) {
+    let clock = Clock::new();
+    let mut cache = ProcCache::new(8192);
+    while let Some(event) = events.blocking_recv() {
+        let enriched = {
+            let Ok(endpoints) = state.endpoints.read() else { return };
+            enrich(event, &endpoints, &mut cache)
+        };
+        state.pipeline.enriched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let input = to_input(&enriched, &clock, &state.node);
+        if let Some(out) = record.as_mut() {
+            let written = serde_json::to_writer(&mut *out, &input).map_err(std::io::Error::other).and_then(|()| out.write_all(b"\n"));
+            // Flush when idle so a reader of the file sees events promptly.
+            let flushed = if events.is_empty() { out.flush() } else { Ok(()) };
+            if let Err(err) = written.and(flushed) {
+                state.pipeline.record_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(%err, "writing the event record");
+            }
+        }
+        if evaluator.submit(input).is_err() {
+            tracing::error!("rule workers stopped; pipeline ends");
+            return;
+        }
+    }
+}
+
+/// An alert for a rule hit (interim shape until the alert log module lands).
+fn rule_alert(node: &str, hit: &crate::rules::model::RuleHit, input: &serde_json::Value) -> serde_json::Value {
+    json!({
+        "kind": "rule",
+        "time": input.get("time"),
+        "node": node,
+        "rule": {"id": hit.rule_id, "title": hit.title},
+        "severity": hit.severity,
+        "mitre": hit.mitre,
+        "message": hit.message,
+        "action": hit.action,
+        "outcome": "alerted",
+        "pod": input.get("pod"),
+        "process": input.get("process"),
+        "event": input,
+    })
+}
+
+/// Appends alerts as JSON lines (interim writer).
+#[derive(Clone)]
+struct AlertOutput {
+    file: Arc<Mutex<std::fs::File>>,
+}
+
+impl AlertOutput {
+    fn open(path: &Path) -> anyhow::Result<AlertOutput> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(AlertOutput { file: Arc::new(Mutex::new(file)) })
+    }
+
+    fn emit(&self, alert: serde_json::Value) {
+        let mut line = alert.to_string();
+        line.push('\n');
+        if let Ok(mut file) = self.file.lock() {
+            if let Err(err) = file.write_all(line.as_bytes()) {
+                tracing::error!(%err, "writing an alert");
+            }
+        }
+        print!("{line}");
+    }
 }
