@@ -193,6 +193,10 @@ pub fn run_tests(dir: &Path, options: &TestOptions) -> Result<TestReport, RulesE
     }
 
     if options.coverage {
+        // `meta` is evaluated at every load; count it as reached.
+        for rule in pack.rules() {
+            let _ = engine.eval_rule(format!("{RULES_PACKAGE}.{}.meta", rule.id));
+        }
         let coverage = engine
             .get_coverage_report()
             .map_err(|e| RulesError::Eval(format!("coverage: {e:#}")))?;

@@ -1,0 +1,75 @@
+# 2. Reading credentials: password hashes, SSH private keys, the Kubernetes service account
+# token. Detected on the open itself, so `python -c 'open("/etc/shadow")'` counts as much as cat.
+package palisade.rules.credential_read
+
+import data.palisade.lib
+import data.palisade.lists
+
+meta := {
+	"id": "credential_read",
+	"title": "Credentials read",
+	"severity": "high",
+	"mitre": ["T1003.008", "T1552.001", "T1552.004", "T1528"],
+	"action": "alert",
+	"events": ["open"],
+}
+
+path := lib.abs_path(input.open.path)
+
+reader := input.process.comm
+
+alerts contains {"message": msg, "mitre": ["T1003.008"]} if {
+	path in lists.credential_files
+	not authentication_program
+	msg := sprintf("%s (pid %d) opened password hashes %s%s", [reader, input.process.pid, path, lib.outcome(input.open.result)])
+}
+
+alerts contains {"message": msg, "mitre": ["T1552.004"]} if {
+	ssh_private_key
+	not ssh_program
+	msg := sprintf("%s (pid %d) opened SSH private key %s%s", [reader, input.process.pid, path, lib.outcome(input.open.result)])
+}
+
+# Applications read their own token through client libraries, so a token read only counts when
+# it is done by a shell, by something a shell started, or by a tool (cat, base64, ...) -- i.e.
+# by a person or a payload rather than the workload.
+alerts contains {"message": msg, "mitre": ["T1528"]} if {
+	service_account_token
+	interactive_context
+	msg := sprintf("%s (pid %d) read the service account token %s%s", [reader, input.process.pid, path, lib.outcome(input.open.result)])
+}
+
+authentication_program if {
+	some name in lib.process_names
+	name in lists.credential_readers
+}
+
+ssh_program if {
+	some name in lib.process_names
+	name in lists.ssh_key_readers
+}
+
+ssh_private_key if {
+	contains(path, "/.ssh/")
+	name := lib.basename(path)
+	startswith(name, "id_")
+	not endswith(name, ".pub")
+}
+
+ssh_private_key if {
+	startswith(path, "/etc/ssh/ssh_host_")
+	endswith(path, "_key")
+}
+
+service_account_token if {
+	endswith(path, "/serviceaccount/token")
+	contains(path, "/secrets/kubernetes.io/")
+}
+
+interactive_context if lib.process_is_shell
+
+interactive_context if {
+	some ancestor in input.process.ancestors
+	some name in {ancestor.comm, lib.basename(ancestor.exe)}
+	name in lists.shells
+}

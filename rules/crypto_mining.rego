@@ -1,0 +1,45 @@
+# 12. Cryptocurrency mining: known miner programs, the stratum protocol in arguments, or a
+# connection to a mining pool port.
+package palisade.rules.crypto_mining
+
+import data.palisade.lib
+import data.palisade.lists
+
+meta := {
+	"id": "crypto_mining",
+	"title": "Cryptocurrency mining",
+	"severity": "critical",
+	"mitre": ["T1496"],
+	"action": "quarantine",
+	"events": ["exec", "connect"],
+}
+
+alerts contains {"message": msg} if {
+	input.type == "exec"
+	some name in lib.exec_names
+	lower(name) in lists.miners
+	msg := sprintf("miner program %s started: %s", [name, concat(" ", input.exec.argv)])
+}
+
+alerts contains {"message": msg} if {
+	input.type == "exec"
+	not miner_name
+	command_line := lower(concat(" ", input.exec.argv))
+	some fragment in lists.miner_arguments
+	contains(command_line, fragment)
+	msg := sprintf("mining arguments (%s): %s", [fragment, concat(" ", input.exec.argv)])
+}
+
+alerts contains {"message": msg} if {
+	input.type == "connect"
+	input.connect.family in {"inet", "inet6"}
+	input.connect.port in lists.mining_pool_ports
+	msg := sprintf("%s (pid %d) connected to %s port %d, a mining pool port", [
+		input.process.comm, input.process.pid, input.connect.address, input.connect.port,
+	])
+}
+
+miner_name if {
+	some name in lib.exec_names
+	lower(name) in lists.miners
+}

@@ -1,0 +1,25 @@
+# 6. Executing a file from a world-writable scratch directory: payloads are dropped there.
+package palisade.rules.exec_from_tmp
+
+import data.palisade.lib
+import data.palisade.lists
+
+meta := {
+	"id": "exec_from_tmp",
+	"title": "Program executed from a temporary directory",
+	"severity": "high",
+	"mitre": ["T1204.002", "T1059"],
+	"action": "alert",
+	"events": ["exec"],
+}
+
+alerts contains {"message": msg} if {
+	some path in executed
+	some dir in lists.temp_dirs
+	startswith(path, dir)
+	msg := sprintf("executed %s from a writable temporary directory (%s)", [path, concat(" ", input.exec.argv)])
+}
+
+executed contains lib.abs_path(input.exec.filename) if input.exec.filename != ""
+
+executed contains input.process.exe if input.process.exe != ""

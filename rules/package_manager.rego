@@ -1,0 +1,35 @@
+# 4. Package managers changing a running container: by name and subcommand, or by their
+# behaviour -- a write to the package database, whatever the program is called.
+package palisade.rules.package_manager
+
+import data.palisade.lib
+import data.palisade.lists
+
+meta := {
+	"id": "package_manager",
+	"title": "Package management in a running container",
+	"severity": "medium",
+	"mitre": ["T1072", "T1105"],
+	"action": "alert",
+	"events": ["exec", "open"],
+}
+
+alerts contains {"message": msg} if {
+	input.type == "exec"
+	some name in lib.exec_names
+	subcommands := lists.package_managers[name]
+	some arg in array.slice(input.exec.argv, 1, count(input.exec.argv))
+	arg in subcommands
+	msg := sprintf("package manager run: %s", [concat(" ", input.exec.argv)])
+}
+
+alerts contains {"message": msg} if {
+	input.type == "open"
+	input.open.write
+	input.open.result >= 0
+	path := lib.abs_path(input.open.path)
+	some db in lists.package_databases
+	startswith(path, db)
+	not lists.package_managers[input.process.comm]
+	msg := sprintf("%s (pid %d) wrote package database %s", [input.process.comm, input.process.pid, path])
+}

@@ -1,0 +1,49 @@
+# 13. Shell history tampering: deleting, truncating or moving away history files to hide what
+# was typed.
+package palisade.rules.shell_history_tampering
+
+import data.palisade.lib
+import data.palisade.lists
+
+meta := {
+	"id": "shell_history_tampering",
+	"title": "Shell history tampering",
+	"severity": "medium",
+	"mitre": ["T1070.003"],
+	"action": "alert",
+	"events": ["unlink", "open", "rename"],
+}
+
+history_file(path) if {
+	some name in lists.history_files
+	endswith(path, concat("/", ["", name]))
+}
+
+history_file(path) if {
+	some name in lists.history_files
+	path == name
+}
+
+alerts contains {"message": msg} if {
+	input.type == "unlink"
+	path := lib.abs_path(input.unlink.path)
+	history_file(path)
+	msg := sprintf("%s (pid %d) deleted shell history %s%s", [input.process.comm, input.process.pid, path, lib.outcome(input.unlink.result)])
+}
+
+alerts contains {"message": msg} if {
+	input.type == "open"
+	input.open.truncate
+	path := lib.abs_path(input.open.path)
+	history_file(path)
+	msg := sprintf("%s (pid %d) truncated shell history %s%s", [input.process.comm, input.process.pid, path, lib.outcome(input.open.result)])
+}
+
+alerts contains {"message": msg} if {
+	input.type == "rename"
+	path := lib.abs_path(input.rename.old_path)
+	history_file(path)
+	msg := sprintf("%s (pid %d) moved shell history %s to %s%s", [
+		input.process.comm, input.process.pid, path, input.rename.new_path, lib.outcome(input.rename.result),
+	])
+}

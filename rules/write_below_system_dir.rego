@@ -1,0 +1,78 @@
+# 3. Writing below /etc, /bin, /sbin, /usr, /lib: images are built, not changed while running.
+# Account and privilege files (passwd, shadow, sudoers, ld.so.preload, ...) raise high severity.
+package palisade.rules.write_below_system_dir
+
+import data.palisade.lib
+import data.palisade.lists
+
+meta := {
+	"id": "write_below_system_dir",
+	"title": "Write below a system directory",
+	"severity": "medium",
+	"mitre": ["T1222.002", "T1543", "T1098"],
+	"action": "alert",
+	"events": ["open", "rename", "unlink", "chmod"],
+}
+
+# The paths each kind of event changes.
+changed contains lib.abs_path(input.open.path) if {
+	input.type == "open"
+	writes
+}
+
+changed contains lib.abs_path(input.rename.new_path) if input.type == "rename"
+
+changed contains lib.abs_path(input.rename.old_path) if input.type == "rename"
+
+changed contains lib.abs_path(input.unlink.path) if input.type == "unlink"
+
+changed contains lib.abs_path(input.chmod.path) if {
+	input.type == "chmod"
+	input.chmod.path != ""
+}
+
+writes if input.open.write
+
+writes if input.open.create
+
+writes if input.open.truncate
+
+verb := {
+	"open": "wrote",
+	"rename": "renamed",
+	"unlink": "deleted",
+	"chmod": "changed the mode of",
+}[input.type]
+
+result := input[input.type].result
+
+alerts contains {"message": message(path), "severity": "high"} if {
+	some path in changed
+	system_path(path)
+	not allowed(path)
+	account_file(path)
+}
+
+alerts contains {"message": message(path), "severity": "medium"} if {
+	some path in changed
+	system_path(path)
+	not allowed(path)
+	not account_file(path)
+}
+
+message(path) := sprintf("%s (pid %d) %s %s%s", [input.process.comm, input.process.pid, verb, path, lib.outcome(result)])
+
+system_path(path) if {
+	some dir in lists.system_dirs
+	startswith(path, concat("", [dir, "/"]))
+}
+
+allowed(path) if {
+	some prefix in lists.system_write_allowed
+	startswith(path, prefix)
+}
+
+account_file(path) if {
+	some f in lists.account_files
+	startswith(path, f)
+}
