@@ -5,6 +5,7 @@
 #![allow(static_mut_refs)]
 
 mod common;
+mod datapath;
 mod kprobes;
 mod process;
 mod syscalls;

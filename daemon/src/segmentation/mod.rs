@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 pub mod cli;
 pub mod compile;
-// pub mod datapath;
+pub mod datapath;
 pub mod lookup;
 pub mod matrix;
 pub mod policy;

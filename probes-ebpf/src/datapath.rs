@@ -1,0 +1,397 @@
+//! Segmentation and quarantine datapath: cgroup_skb ingress/egress attached per pod cgroup.
+//!
+//! Per packet, in this order (mirrored in pure Rust by `segmentation::lookup::hook`; keep the two
+//! in step): ICMPv6 neighbour discovery passes; (1) QUARANTINE by the socket's cgroup id and its
+//! ancestors: deny all except traffic inside the pod and the forensics exception; (2) CONNTRACK;
+//! (3) local endpoint and peer identity from IPCACHE, isolation from ENDPOINTS, POLICY probes.
+//! Denials become rate-limited PolicyVerdictEvent records in SEG_EVENTS.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    macros::{cgroup_skb, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::SkBuffContext,
+};
+use palisade_common::{
+    CNT_ALLOWED_CT, CNT_ALLOWED_POLICY, CNT_COUNT, CNT_DENIED_POLICY, CNT_DENIED_QUARANTINE,
+    CNT_EVENTS_LOST, CNT_EVENTS_SUPPRESSED, CNT_PACKETS, CNT_UNPARSED, CtKey, CtValue,
+    DENY_EVENTS_PER_WINDOW, DENY_WINDOW_NS, DIRECTION_EGRESS, DIRECTION_INGRESS, DatapathConfig,
+    DenyRateState, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointConfig, ForensicsValue,
+    IDENTITY_ANY, IDENTITY_WORLD, IpAddrKey, IpCacheValue, KIND_POLICY_VERDICT, PROTO_ANY,
+    PolicyKey, PolicyValue, PolicyVerdictEvent, QuarantineValue, REASON_POLICY, REASON_QUARANTINE,
+    SEG_EVENTS_RINGBUF_BYTES, SEG_MAX_CGROUP_LEVELS, SEG_MAX_CONNTRACK, SEG_MAX_ENDPOINTS,
+    SEG_MAX_FORENSICS, SEG_MAX_IPCACHE, SEG_MAX_POLICY, SEG_MAX_QUARANTINE, SOURCE_DATAPATH,
+    ct_allow_bit, ct_key, ct_pass_bits,
+};
+
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+#[map]
+static SEG_QUARANTINE: HashMap<u64, QuarantineValue> = HashMap::with_max_entries(SEG_MAX_QUARANTINE, 0);
+
+#[map]
+static SEG_FORENSICS: LpmTrie<IpAddrKey, ForensicsValue> = LpmTrie::with_max_entries(SEG_MAX_FORENSICS, 0);
+
+#[map]
+static SEG_IPCACHE: LpmTrie<IpAddrKey, IpCacheValue> = LpmTrie::with_max_entries(SEG_MAX_IPCACHE, 0);
+
+#[map]
+static SEG_ENDPOINTS: HashMap<u32, EndpointConfig> = HashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
+
+#[map]
+static SEG_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(SEG_MAX_POLICY, 0);
+
+#[map]
+static SEG_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(SEG_MAX_CONNTRACK, 0);
+
+#[map]
+static SEG_DENY_RATE: LruHashMap<u32, DenyRateState> = LruHashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
+
+#[map]
+static SEG_EVENTS: RingBuf = RingBuf::with_byte_size(SEG_EVENTS_RINGBUF_BYTES, 0);
+
+#[map]
+static SEG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CNT_COUNT, 0);
+
+#[map]
+static SEG_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+struct Pkt {
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    protocol: u8,
+    /// ICMPv6 neighbour discovery (always passes).
+    nd: bool,
+}
+
+#[cgroup_skb(ingress)]
+pub fn seg_ingress(ctx: SkBuffContext) -> i32 {
+    decide(&ctx, DIRECTION_INGRESS)
+}
+
+#[cgroup_skb(egress)]
+pub fn seg_egress(ctx: SkBuffContext) -> i32 {
+    decide(&ctx, DIRECTION_EGRESS)
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(slot) = SEG_COUNTERS.get_ptr_mut(idx) {
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
+    let b0: u8 = ctx.load(0).ok()?;
+    let mut p = Pkt { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, protocol: 0, nd: false };
+    let l4: usize;
+    match b0 >> 4 {
+        4 => {
+            let ihl = ((b0 & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            p.protocol = ctx.load(9).ok()?;
+            let s: [u8; 4] = ctx.load(12).ok()?;
+            let d: [u8; 4] = ctx.load(16).ok()?;
+            p.src[10] = 0xff;
+            p.src[11] = 0xff;
+            p.dst[10] = 0xff;
+            p.dst[11] = 0xff;
+            p.src[12] = s[0];
+            p.src[13] = s[1];
+            p.src[14] = s[2];
+            p.src[15] = s[3];
+            p.dst[12] = d[0];
+            p.dst[13] = d[1];
+            p.dst[14] = d[2];
+            p.dst[15] = d[3];
+            let frag: [u8; 2] = ctx.load(6).ok()?;
+            if (u16::from_be_bytes(frag) & 0x1fff) != 0 {
+                // A non-first fragment carries no ports.
+                return Some(p);
+            }
+            l4 = ihl & 0x3c;
+        }
+        6 => {
+            p.protocol = ctx.load(6).ok()?;
+            p.src = ctx.load(8).ok()?;
+            p.dst = ctx.load(24).ok()?;
+            l4 = 40;
+            if p.protocol == 58 {
+                let t: u8 = ctx.load(l4).ok()?;
+                p.nd = (133..=137).contains(&t);
+                return Some(p);
+            }
+        }
+        _ => return None,
+    }
+    if p.protocol == 6 || p.protocol == 17 || p.protocol == 132 {
+        let ports: [u8; 4] = ctx.load(l4).ok()?;
+        p.sport = u16::from_be_bytes([ports[0], ports[1]]);
+        p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    Some(p)
+}
+
+#[inline(always)]
+fn is_loopback(a: &[u8; 16]) -> bool {
+    let mut zero10 = true;
+    let mut i = 0;
+    while i < 10 {
+        if a[i] != 0 {
+            zero10 = false;
+        }
+        i += 1;
+    }
+    if zero10 && a[10] == 0xff && a[11] == 0xff && a[12] == 127 {
+        return true;
+    }
+    zero10 && a[10] == 0 && a[11] == 0 && a[12] == 0 && a[13] == 0 && a[14] == 0 && a[15] == 1
+}
+
+#[inline(always)]
+fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn quarantine(ctx: &SkBuffContext) -> Option<&'static QuarantineValue> {
+    let own = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    if let Some(v) = unsafe { SEG_QUARANTINE.get(&own) } {
+        return Some(v);
+    }
+    let mut level: i32 = 1;
+    while level <= SEG_MAX_CGROUP_LEVELS as i32 {
+        let anc = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) };
+        if anc == 0 || anc == own {
+            break;
+        }
+        if let Some(v) = unsafe { SEG_QUARANTINE.get(&anc) } {
+            return Some(v);
+        }
+        level += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn decide(ctx: &SkBuffContext, direction: u8) -> i32 {
+    count(CNT_PACKETS);
+    let Some(p) = parse(ctx) else {
+        count(CNT_UNPARSED);
+        return PASS;
+    };
+    if p.nd {
+        return PASS;
+    }
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // 1. quarantine
+    if let Some(q) = quarantine(ctx) {
+        return quarantined(&p, direction as u32, q.endpoint_id, cgroup_id);
+    }
+    // 2. conntrack, 3. policy
+    policy(&p, direction as u32, cgroup_id)
+}
+
+/// A quarantined pod: only traffic inside the pod and the forensics exception pass.
+#[inline(never)]
+fn quarantined(p: &Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32 {
+    let egress = direction == DIRECTION_EGRESS as u32;
+    let (local, peer, local_port, peer_port) =
+        if egress { (&p.src, &p.dst, p.sport, p.dport) } else { (&p.dst, &p.src, p.dport, p.sport) };
+    if same(local, peer) || is_loopback(peer) {
+        return PASS;
+    }
+    if let Some(f) = SEG_FORENSICS.get(Key::new(128, IpAddrKey { addr: *peer })) {
+        let port = if egress { peer_port } else { local_port };
+        if (f.protocol == 0 || f.protocol == p.protocol) && (f.port == 0 || f.port == port) {
+            return PASS;
+        }
+    }
+    count(CNT_DENIED_QUARANTINE);
+    report(p, (direction << 8) | REASON_QUARANTINE as u32, endpoint_id, 0, cgroup_id);
+    DROP
+}
+
+/// Conntrack, then the policy lookups.
+#[inline(never)]
+fn policy(p: &Pkt, direction: u32, cgroup_id: u64) -> i32 {
+    let dir = direction as u8;
+    let egress = dir == DIRECTION_EGRESS;
+    let (ck, src_is_lo) = ct_key(&p.src, p.sport, &p.dst, p.dport, p.protocol);
+    let ct_flags = match unsafe { SEG_CONNTRACK.get(&ck) } {
+        Some(v) => v.flags,
+        None => 0,
+    };
+    if ct_flags & ct_pass_bits(src_is_lo, dir) != 0 {
+        count(CNT_ALLOWED_CT);
+        return PASS;
+    }
+    let (local, peer) = if egress { (&p.src, &p.dst) } else { (&p.dst, &p.src) };
+    let Some(local_v) = SEG_IPCACHE.get(Key::new(128, IpAddrKey { addr: *local })) else {
+        return PASS;
+    };
+    let local_ep = local_v.endpoint_id;
+    if local_ep == 0 {
+        return PASS;
+    }
+    let (peer_identity, peer_cidr, peer_ep) = match SEG_IPCACHE.get(Key::new(128, IpAddrKey { addr: *peer })) {
+        Some(v) => (v.identity, v.cidr_identity, v.endpoint_id),
+        None => (IDENTITY_WORLD, 0, 0),
+    };
+    let allowed = if peer_ep == local_ep || same(local, peer) {
+        true
+    } else {
+        match unsafe { SEG_ENDPOINTS.get(&local_ep) } {
+            None => true,
+            Some(cfg) => {
+                let (flag, plens) = if egress {
+                    (EP_ISOLATED_EGRESS, cfg.egress_port_plens)
+                } else {
+                    (EP_ISOLATED_INGRESS, cfg.ingress_port_plens)
+                };
+                if cfg.flags & flag == 0 {
+                    true
+                } else {
+                    let pp = ((p.protocol as u32) << 16) | p.dport as u32;
+                    probe(local_ep, direction, peer_identity, pp, plens)
+                        || (peer_cidr != 0 && probe(local_ep, direction, peer_cidr, pp, plens))
+                        || probe(local_ep, direction, IDENTITY_ANY, pp, plens)
+                }
+            }
+        }
+    };
+    if allowed {
+        count(CNT_ALLOWED_POLICY);
+        let v = CtValue { flags: ct_flags | ct_allow_bit(src_is_lo, dir), _pad: 0 };
+        let _ = SEG_CONNTRACK.insert(&ck, &v, 0);
+        return PASS;
+    }
+    count(CNT_DENIED_POLICY);
+    report(p, (direction << 8) | REASON_POLICY as u32, local_ep, peer_identity, cgroup_id);
+    DROP
+}
+
+/// POLICY probes for one peer id: exact port, each port-block size in use (longest first), any
+/// port, any protocol.
+#[inline(never)]
+fn probe(endpoint_id: u32, direction: u32, peer: u32, proto_port: u32, plens: u32) -> bool {
+    let protocol = (proto_port >> 16) as u8;
+    let port = proto_port as u16;
+    let mut key = PolicyKey {
+        endpoint_id,
+        peer_identity: peer,
+        direction: direction as u8,
+        protocol,
+        port_plen: 16,
+        _pad: 0,
+        port,
+        _pad2: 0,
+    };
+    if unsafe { SEG_POLICY.get(&key) }.is_some() {
+        return true;
+    }
+    if plens != 0 {
+        let mut plen: u32 = 15;
+        while plen >= 1 {
+            if plens & (1 << plen) != 0 {
+                key.port_plen = plen as u8;
+                key.port = port & (0xffffu32 << (16 - plen)) as u16;
+                if unsafe { SEG_POLICY.get(&key) }.is_some() {
+                    return true;
+                }
+            }
+            plen -= 1;
+        }
+    }
+    key.port_plen = 0;
+    key.port = 0;
+    if unsafe { SEG_POLICY.get(&key) }.is_some() {
+        return true;
+    }
+    key.protocol = PROTO_ANY;
+    unsafe { SEG_POLICY.get(&key) }.is_some()
+}
+
+/// A policy_denied record, rate limited per endpoint (the rest are counted and reported with the
+/// next record).
+#[inline(never)]
+fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_identity: u32, cgroup_id: u64) {
+    let direction = (direction_reason >> 8) as u8;
+    let reason = direction_reason as u8;
+    let (limit, enabled) = match SEG_CONFIG.get(0) {
+        Some(c) => (if c.deny_events_per_window == 0 { DENY_EVENTS_PER_WINDOW } else { c.deny_events_per_window }, c.emit_denied != 0),
+        None => (DENY_EVENTS_PER_WINDOW, false),
+    };
+    if !enabled {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let suppressed;
+    match SEG_DENY_RATE.get_ptr_mut(&endpoint_id) {
+        Some(st) => {
+            let st = unsafe { &mut *st };
+            if now.wrapping_sub(st.window_start_ns) > DENY_WINDOW_NS {
+                st.window_start_ns = now;
+                st.emitted = 0;
+            }
+            if st.emitted >= limit {
+                st.suppressed += 1;
+                count(CNT_EVENTS_SUPPRESSED);
+                return;
+            }
+            st.emitted += 1;
+            suppressed = st.suppressed;
+            st.suppressed = 0;
+        }
+        None => {
+            let st = DenyRateState { window_start_ns: now, emitted: 1, suppressed: 0 };
+            let _ = SEG_DENY_RATE.insert(&endpoint_id, &st, 0);
+            suppressed = 0;
+        }
+    }
+    let Some(mut entry) = SEG_EVENTS.reserve::<PolicyVerdictEvent>(0) else {
+        count(CNT_EVENTS_LOST);
+        return;
+    };
+    let egress = direction == DIRECTION_EGRESS;
+    let e = unsafe { &mut *entry.as_mut_ptr() };
+    e.header.ktime_ns = now;
+    e.header.cgroup_id = cgroup_id;
+    e.header.kind = KIND_POLICY_VERDICT;
+    e.header.source = SOURCE_DATAPATH;
+    e.header.pid = 0;
+    e.header.tid = 0;
+    e.header.ppid = 0;
+    e.header.uid = 0;
+    e.header.gid = 0;
+    e.header.euid = 0;
+    e.header.egid = 0;
+    e.header.flags = 0;
+    e.header.comm = [0; 16];
+    e.local_addr = if egress { p.src } else { p.dst };
+    e.peer_addr = if egress { p.dst } else { p.src };
+    e.local_port = if egress { p.sport } else { p.dport };
+    e.peer_port = if egress { p.dport } else { p.sport };
+    e.protocol = p.protocol;
+    e.direction = direction;
+    e.reason = reason;
+    e._pad = 0;
+    e.endpoint_id = endpoint_id;
+    e.peer_identity = peer_identity;
+    e.suppressed = suppressed;
+    e._pad2 = 0;
+    entry.submit(0);
+}
