@@ -261,9 +261,6 @@ impl RulePack {
         for package in &packages {
             check_alerts_rules(package, &modules, &mut diagnostics);
         }
-        if !diagnostics.is_empty() {
-            return Err(RulesError::Rejected { diagnostics });
-        }
 
         // `meta` is evaluated once here (with no input: it must be constant). This is also
         // where regorus reports semantic errors of the whole pack.
