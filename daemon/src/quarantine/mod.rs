@@ -1,1 +1,114 @@
-//! Quarantine responder.
+//! Quarantine: from a rule's `quarantine` verdict to a pod cut off in the kernel (both
+//! directions, established connections included), kept across daemon restarts until released.
+//!
+//! The daemon's use:
+//! 1. At start, once the datapath maps are loaded (pinned) and before events flow:
+//!    `QuarantineService::start(config, datapath, &inventory)` adopts `<state_dir>/quarantine.json`
+//!    and the pinned SEG_QUARANTINE map, reconciled with the inventory ([`Adoption`]). The
+//!    datapath is a [`KernelQuarantineMap`] (`from_ebpf(&ebpf)` or `open_pinned(pin_dir)`).
+//! 2. Per rule hit: `service.respond(&Verdict { hit, namespace, name, alert_id })` returns a
+//!    [`Decision`] whose `outcome` (`alerted`, `quarantined`, `already_quarantined`,
+//!    `would_quarantine`, `suppressed`, `failed`) and `reason` go into the alert. The map update
+//!    has returned before `respond` does.
+//! 3. Operator: `list()`, `release(pod, reason, by)` (yields the audit [`ReleaseRecord`]),
+//!    `resume(by)` after the rate limit tripped, `status()`.
+//! 4. Changes: `set_policy(ResponsePolicy)` (hot reload), `set_inventory(&inventory)` (returns the
+//!    quarantines that ended because their endpoint left).
+pub mod datapath;
+pub mod policy;
+pub mod responder;
+pub mod state;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use datapath::{DatapathError, KernelQuarantineMap, MemoryDatapath, QuarantineDatapath};
+pub use policy::{ForensicsException, ResponsePolicy, RuleMode};
+pub use responder::{
+    Adoption, Decision, Outcome, QuarantineError, ReleaseRecord, Removal, Responder, ResponderConfig,
+    ResponderStatus, Verdict,
+};
+pub use state::{QuarantineRecord, SuspendedState};
+
+use crate::inventory::Inventory;
+
+/// The responder behind a lock, cheap to clone: the verdict thread, the API server and the
+/// inventory watcher share it. Every call is short (a map syscall and, on change, one small
+/// file write), so a blocking lock is fine from any thread; the `*_async` forms move the call
+/// off the async runtime's workers.
+#[derive(Clone)]
+pub struct QuarantineService {
+    inner: Arc<Mutex<Responder<Box<dyn QuarantineDatapath>>>>,
+}
+
+impl QuarantineService {
+    pub fn start(
+        config: ResponderConfig,
+        datapath: Box<dyn QuarantineDatapath>,
+        inventory: &Inventory,
+    ) -> Result<(QuarantineService, Adoption), QuarantineError> {
+        let (responder, adoption) = Responder::start(config, datapath, inventory)?;
+        Ok((QuarantineService { inner: Arc::new(Mutex::new(responder)) }, adoption))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Responder<Box<dyn QuarantineDatapath>>> {
+        // A panic while holding the lock cannot leave the map and the records disagreeing in a
+        // dangerous way (map first, records second), so carry on with the inner value.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn respond(&self, verdict: &Verdict) -> Decision {
+        self.lock().respond(verdict)
+    }
+
+    pub fn release(&self, pod: &str, reason: &str, by: &str) -> Result<ReleaseRecord, QuarantineError> {
+        self.lock().release(pod, reason, by)
+    }
+
+    pub fn list(&self) -> Vec<QuarantineRecord> {
+        self.lock().list()
+    }
+
+    pub fn resume(&self, by: &str) -> Option<SuspendedState> {
+        self.lock().resume(by)
+    }
+
+    pub fn status(&self) -> ResponderStatus {
+        self.lock().status()
+    }
+
+    pub fn set_policy(&self, policy: ResponsePolicy) -> Result<(), QuarantineError> {
+        self.lock().set_policy(policy)
+    }
+
+    pub fn set_inventory(&self, inventory: &Inventory) -> Result<Vec<Removal>, QuarantineError> {
+        self.lock().set_inventory(inventory)
+    }
+
+    pub fn set_endpoint_ids(&self, ids: impl IntoIterator<Item = (String, u32)>) {
+        self.lock().set_endpoint_ids(ids)
+    }
+
+    pub async fn release_async(&self, pod: String, reason: String, by: String) -> Result<ReleaseRecord, QuarantineError> {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.release(&pod, &reason, &by)).await {
+            Ok(result) => result,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    }
+
+    pub async fn list_async(&self) -> Vec<QuarantineRecord> {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.list()).await {
+            Ok(list) => list,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    }
+
+    pub async fn resume_async(&self, by: String) -> Option<SuspendedState> {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.resume(&by)).await {
+            Ok(previous) => previous,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    }
+}

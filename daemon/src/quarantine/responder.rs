@@ -1,0 +1,829 @@
+//! The responder: turns rule verdicts into quarantine decisions, applies them to the datapath
+//! before reporting them, keeps the quarantine set on disk, and reconciles it at start-up.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use palisade_common::QuarantineValue;
+use serde::Serialize;
+
+use super::datapath::{DatapathError, ForensicsEntry, QuarantineDatapath};
+use super::policy::{Enforcement, RateWindow, ResponsePolicy};
+use super::state::{self, QuarantineRecord, StateError, StateFile, SuspendedState};
+use crate::events::input::{monotonic_now_ns, rfc3339};
+use crate::inventory::Inventory;
+use crate::rules::{Action, RuleHit};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuarantineError {
+    #[error("{pod} is not quarantined")]
+    NotQuarantined { pod: String },
+    #[error("pod must be NAMESPACE/NAME, got {0:?}")]
+    BadPodName(String),
+    #[error("datapath: {0}")]
+    Datapath(#[from] DatapathError),
+    #[error("quarantine state: {0}")]
+    State(#[from] StateError),
+    #[error("response policy: {0}")]
+    Policy(String),
+}
+
+/// One rule verdict about one pod, as the verdict stage hands it over.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub hit: RuleHit,
+    pub namespace: String,
+    pub name: String,
+    /// The id of the alert this verdict becomes, so the alert and the quarantine name each other.
+    pub alert_id: String,
+}
+
+/// What was done about a verdict; goes into the alert as `outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The rule's action is `alert`: nothing to enforce.
+    Alerted,
+    Quarantined,
+    AlreadyQuarantined,
+    WouldQuarantine,
+    Suppressed,
+    /// The datapath refused the update (or the pod cannot be located): NOT enforced.
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Alerted => "alerted",
+            Outcome::Quarantined => "quarantined",
+            Outcome::AlreadyQuarantined => "already_quarantined",
+            Outcome::WouldQuarantine => "would_quarantine",
+            Outcome::Suppressed => "suppressed",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub reason: String,
+    pub pod: String,
+    pub rule_id: String,
+    pub alert_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    /// CLOCK_MONOTONIC ns at which the map update had returned (`quarantined` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enforced_at_ns: Option<u64>,
+    /// Something went wrong after enforcement (e.g. the state file could not be written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// The audit record of a release.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseRecord {
+    pub pod: String,
+    pub cgroup_id: u64,
+    pub rule_id: String,
+    pub alert_id: String,
+    pub since: String,
+    pub released_at: String,
+    pub quarantined_for_seconds: f64,
+    pub reason: String,
+    pub by: String,
+    /// The release also re-armed automatic quarantine after the rate limit had tripped.
+    pub resumed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// A quarantine that ended without a release (its endpoint left the inventory, or it was stale).
+#[derive(Debug, Clone, Serialize)]
+pub struct Removal {
+    pub record: QuarantineRecord,
+    pub reason: String,
+    pub at: String,
+}
+
+/// What start-up reconciliation did; the daemon logs it and writes the removals as alerts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Adoption {
+    /// From the state file, still in force.
+    pub adopted: Vec<QuarantineRecord>,
+    /// In the map but not in the file (e.g. a crash between map update and file write): kept,
+    /// failing closed.
+    pub recovered_from_map: Vec<QuarantineRecord>,
+    /// In the file but missing from the map (e.g. maps were not pinned): set again.
+    pub reapplied: Vec<String>,
+    pub removed: Vec<Removal>,
+    /// Map entries of cgroups no endpoint has; cleared.
+    pub stale_map_entries: Vec<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file_problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    pub quarantined: u64,
+    pub already_quarantined: u64,
+    pub would_quarantine: u64,
+    pub suppressed: u64,
+    pub failed: u64,
+    pub released: u64,
+    pub removed: u64,
+}
+
+/// For `palisade status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResponderStatus {
+    pub quarantined: usize,
+    pub dry_run: bool,
+    pub rule_modes: BTreeMap<String, super::policy::RuleMode>,
+    pub protected_namespaces: Vec<String>,
+    pub max_quarantines_per_minute: u32,
+    pub quarantines_last_minute: usize,
+    /// Set when the rate limit tripped: automatic quarantine is suspended until an operator
+    /// resumes it (or releases a pod).
+    pub suspended: Option<SuspendedState>,
+    pub forensics_exceptions: usize,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponderConfig {
+    pub state_dir: PathBuf,
+    /// The cgroup2 mount; inventory cgroup paths are relative to it.
+    pub cgroup_root: PathBuf,
+    pub policy: ResponsePolicy,
+}
+
+/// Where a pod lives, from the inventory.
+#[derive(Debug, Clone)]
+struct Located {
+    cgroup: String,
+    /// None while the cgroup directory does not exist.
+    cgroup_id: Option<u64>,
+}
+
+pub struct Responder<D: QuarantineDatapath> {
+    datapath: D,
+    state_dir: PathBuf,
+    cgroup_root: PathBuf,
+    policy: ResponsePolicy,
+    /// By pod key.
+    records: BTreeMap<String, QuarantineRecord>,
+    endpoints: HashMap<String, Located>,
+    endpoint_ids: HashMap<String, u32>,
+    window: RateWindow,
+    suspended: Option<SuspendedState>,
+    counters: Counters,
+}
+
+fn now_rfc3339() -> (String, i128) {
+    let unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    (rfc3339(unix_ns), unix_ns)
+}
+
+fn split_pod(pod: &str) -> Result<(&str, &str), QuarantineError> {
+    match pod.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns, name)),
+        _ => Err(QuarantineError::BadPodName(pod.to_string())),
+    }
+}
+
+impl<D: QuarantineDatapath> Responder<D> {
+    /// Adopts what is there before anything else happens: the state file, the (pinned) map and
+    /// the inventory are reconciled; nothing already quarantined is ever lifted here except for
+    /// endpoints that no longer exist. Call before events flow.
+    pub fn start(config: ResponderConfig, datapath: D, inventory: &Inventory) -> Result<(Responder<D>, Adoption), QuarantineError> {
+        config.policy.validate().map_err(QuarantineError::Policy)?;
+        let mut responder = Responder {
+            datapath,
+            state_dir: config.state_dir,
+            cgroup_root: config.cgroup_root,
+            policy: config.policy,
+            records: BTreeMap::new(),
+            endpoints: HashMap::new(),
+            endpoint_ids: HashMap::new(),
+            window: RateWindow::default(),
+            suspended: None,
+            counters: Counters::default(),
+        };
+        responder.locate_endpoints(inventory);
+        let mut adoption = Adoption::default();
+        let file = match state::load(&responder.state_dir) {
+            Ok(file) => file,
+            Err(err) => {
+                // Keep the evidence, recover from the map (which fails closed), carry on.
+                let path = state::state_path(&responder.state_dir);
+                let aside = path.with_extension(format!("json.unreadable-{}", now_rfc3339().1));
+                let _ = std::fs::rename(&path, &aside);
+                tracing::error!(%err, moved_to = %aside.display(), "quarantine state file unreadable; recovering from the datapath map");
+                adoption.state_file_problem = Some(format!("{err}; moved to {}", aside.display()));
+                StateFile::default()
+            }
+        };
+        responder.suspended = file.suspended;
+        let in_map: HashMap<u64, QuarantineValue> = responder.datapath.entries()?.into_iter().collect();
+        let (at, _) = now_rfc3339();
+
+        // Map entries the file accounts for (including those removed below).
+        let mut accounted: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        for mut record in file.quarantined {
+            accounted.insert(record.cgroup_id);
+            let Some(located) = responder.endpoints.get(&record.pod).cloned() else {
+                responder.datapath.clear(record.cgroup_id)?;
+                responder.counters.removed += 1;
+                adoption.removed.push(Removal { record, reason: "endpoint is no longer in the inventory".into(), at: at.clone() });
+                continue;
+            };
+            if let Some(id) = located.cgroup_id.filter(|id| *id != record.cgroup_id) {
+                // Same pod, new cgroup (re-created): the quarantine follows the pod; add before
+                // removing so it is never unprotected.
+                responder.datapath.set(id, responder.map_value(&record.pod))?;
+                responder.datapath.clear(record.cgroup_id)?;
+                tracing::warn!(pod = %record.pod, old = record.cgroup_id, new = id, "quarantined pod has a new cgroup; quarantine moved");
+                record.cgroup_id = id;
+                record.cgroup = located.cgroup.clone();
+            } else if !in_map.contains_key(&record.cgroup_id) {
+                responder.datapath.set(record.cgroup_id, responder.map_value(&record.pod))?;
+                adoption.reapplied.push(record.pod.clone());
+            }
+            adoption.adopted.push(record.clone());
+            responder.records.insert(record.pod.clone(), record);
+        }
+
+        accounted.extend(responder.records.values().map(|r| r.cgroup_id));
+        let by_cgroup: HashMap<u64, (String, String)> = responder
+            .endpoints
+            .iter()
+            .filter_map(|(pod, l)| l.cgroup_id.map(|id| (id, (pod.clone(), l.cgroup.clone()))))
+            .collect();
+        for (cgroup_id, _) in in_map {
+            if accounted.contains(&cgroup_id) {
+                continue;
+            }
+            match by_cgroup.get(&cgroup_id) {
+                Some((pod, cgroup)) if !responder.records.contains_key(pod) => {
+                    let (namespace, name) = split_pod(pod)?;
+                    let (since, since_unix_ns) = now_rfc3339();
+                    let record = QuarantineRecord {
+                        pod: pod.clone(),
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        cgroup: cgroup.clone(),
+                        cgroup_id,
+                        since,
+                        since_unix_ns,
+                        rule_id: "unknown".into(),
+                        alert_id: "unknown".into(),
+                        reason: "found in the datapath map without a state record (recovered at start-up)".into(),
+                    };
+                    tracing::warn!(%pod, cgroup_id, "quarantine recovered from the datapath map");
+                    adoption.recovered_from_map.push(record.clone());
+                    responder.records.insert(pod.clone(), record);
+                }
+                _ => {
+                    responder.datapath.clear(cgroup_id)?;
+                    adoption.stale_map_entries.push(cgroup_id);
+                }
+            }
+        }
+        responder.apply_forensics()?;
+        if let Err(err) = responder.persist() {
+            tracing::error!(%err, "writing the quarantine state after adoption");
+        }
+        tracing::info!(
+            adopted = adoption.adopted.len(),
+            recovered = adoption.recovered_from_map.len(),
+            reapplied = adoption.reapplied.len(),
+            removed = adoption.removed.len(),
+            stale = adoption.stale_map_entries.len(),
+            "quarantine state adopted"
+        );
+        Ok((responder, adoption))
+    }
+
+    fn locate_endpoints(&mut self, inventory: &Inventory) {
+        self.endpoints = inventory
+            .endpoints
+            .iter()
+            .filter_map(|ep| {
+                let cgroup = ep.cgroup.clone()?;
+                let cgroup_id = crate::lab::cgroup_id(&self.cgroup_root.join(&cgroup)).ok();
+                Some((ep.key(), Located { cgroup, cgroup_id }))
+            })
+            .collect();
+    }
+
+    /// Segmentation endpoint ids by pod (informational in the map value: the datapath uses it
+    /// to rate-limit and attribute drop records).
+    pub fn set_endpoint_ids(&mut self, ids: impl IntoIterator<Item = (String, u32)>) {
+        self.endpoint_ids = ids.into_iter().collect();
+    }
+
+    fn map_value(&self, pod: &str) -> QuarantineValue {
+        QuarantineValue {
+            since_ns: monotonic_now_ns(),
+            endpoint_id: self.endpoint_ids.get(pod).copied().unwrap_or(0),
+            flags: 0,
+        }
+    }
+
+    fn persist(&self) -> Result<(), StateError> {
+        state::save(
+            &self.state_dir,
+            &StateFile {
+                version: state::STATE_VERSION,
+                quarantined: self.records.values().cloned().collect(),
+                suspended: self.suspended.clone(),
+            },
+        )
+    }
+
+    fn apply_forensics(&mut self) -> Result<(), QuarantineError> {
+        let mut entries = Vec::with_capacity(self.policy.forensics.len());
+        for f in &self.policy.forensics {
+            let (addr, len) = f.parse_cidr().map_err(QuarantineError::Policy)?;
+            entries.push(ForensicsEntry::new(addr, len, f.port.unwrap_or(0), f.protocol.map(|p| p.ip_proto()).unwrap_or(0)));
+        }
+        Ok(self.datapath.set_forensics(&entries)?)
+    }
+
+    /// Decides and, when it comes to that, enforces. The datapath update has returned before
+    /// this does, and a failed update is reported as `failed`, never as `quarantined`.
+    pub fn respond(&mut self, verdict: &Verdict) -> Decision {
+        let pod = format!("{}/{}", verdict.namespace, verdict.name);
+        let rule_id = verdict.hit.rule_id.clone();
+        let decision = |outcome: Outcome, reason: String, cgroup_id: Option<u64>| Decision {
+            outcome,
+            reason,
+            pod: pod.clone(),
+            rule_id: rule_id.clone(),
+            alert_id: verdict.alert_id.clone(),
+            cgroup_id,
+            enforced_at_ns: None,
+            warning: None,
+        };
+        if verdict.hit.action != Action::Quarantine {
+            return decision(Outcome::Alerted, "the rule's action is alert".into(), None);
+        }
+        if let Some(existing) = self.records.get(&pod) {
+            self.counters.already_quarantined += 1;
+            let reason = format!("quarantined since {} by rule {} (alert {})", existing.since, existing.rule_id, existing.alert_id);
+            return decision(Outcome::AlreadyQuarantined, reason, Some(existing.cgroup_id));
+        }
+        if self.policy.is_protected(&verdict.namespace) {
+            self.counters.suppressed += 1;
+            tracing::warn!(%pod, rule = %rule_id, "quarantine suppressed: protected namespace");
+            return decision(Outcome::Suppressed, format!("namespace {} is protected", verdict.namespace), None);
+        }
+        if let Enforcement::DryRun(why) = self.policy.enforcement(&rule_id) {
+            self.counters.would_quarantine += 1;
+            return decision(Outcome::WouldQuarantine, why, None);
+        }
+        let Some(located) = self.endpoints.get_mut(&pod) else {
+            self.counters.failed += 1;
+            tracing::error!(%pod, rule = %rule_id, "cannot quarantine: pod has no cgroup in the inventory");
+            return decision(Outcome::Failed, "the pod has no cgroup in the inventory".into(), None);
+        };
+        if located.cgroup_id.is_none() {
+            // The cgroup may have appeared since the inventory was read.
+            located.cgroup_id = crate::lab::cgroup_id(&self.cgroup_root.join(&located.cgroup)).ok();
+        }
+        let Some(cgroup_id) = located.cgroup_id else {
+            self.counters.failed += 1;
+            let reason = format!("cgroup {} does not exist", located.cgroup);
+            tracing::error!(%pod, rule = %rule_id, %reason, "cannot quarantine");
+            return decision(Outcome::Failed, reason, None);
+        };
+        let cgroup = located.cgroup.clone();
+        let now = Instant::now();
+        if let Some(suspended) = self.suspended.as_mut() {
+            suspended.suppressed += 1;
+            self.counters.suppressed += 1;
+            let reason = format!(
+                "automatic quarantine is suspended since {} (rate limit of {} per minute reached); run `palisade quarantine resume`",
+                suspended.since, suspended.limit_per_minute
+            );
+            tracing::error!(%pod, rule = %rule_id, suppressed = suspended.suppressed, "QUARANTINE SUPPRESSED: {reason}");
+            return decision(Outcome::Suppressed, reason, Some(cgroup_id));
+        }
+        let limit = self.policy.max_quarantines_per_minute;
+        if limit > 0 && self.window.count(now) >= limit as usize {
+            let (since, _) = now_rfc3339();
+            self.suspended = Some(SuspendedState {
+                since,
+                limit_per_minute: limit,
+                tripped_by_rule: rule_id.clone(),
+                tripped_by_pod: pod.clone(),
+                suppressed: 1,
+            });
+            self.counters.suppressed += 1;
+            let reason = format!(
+                "rate limit of {limit} quarantines per minute reached on this node: automatic quarantine suspended until an operator runs `palisade quarantine resume`"
+            );
+            tracing::error!(%pod, rule = %rule_id, "QUARANTINE SUPPRESSED: {reason}");
+            if let Err(err) = self.persist() {
+                tracing::error!(%err, "writing the quarantine state");
+            }
+            return decision(Outcome::Suppressed, reason, Some(cgroup_id));
+        }
+
+        // Enforce first, then record, then report.
+        let value = self.map_value(&pod);
+        if let Err(err) = self.datapath.set(cgroup_id, value) {
+            self.counters.failed += 1;
+            tracing::error!(%pod, rule = %rule_id, cgroup_id, %err, "QUARANTINE FAILED: datapath update refused");
+            return decision(Outcome::Failed, format!("datapath update failed: {err}"), Some(cgroup_id));
+        }
+        let enforced_at_ns = monotonic_now_ns();
+        self.window.record(now);
+        self.counters.quarantined += 1;
+        let (since, since_unix_ns) = now_rfc3339();
+        let record = QuarantineRecord {
+            pod: pod.clone(),
+            namespace: verdict.namespace.clone(),
+            name: verdict.name.clone(),
+            cgroup,
+            cgroup_id,
+            since,
+            since_unix_ns,
+            rule_id: rule_id.clone(),
+            alert_id: verdict.alert_id.clone(),
+            reason: verdict.hit.message.clone(),
+        };
+        self.records.insert(pod.clone(), record);
+        let warning = self.persist().err().map(|err| {
+            tracing::error!(%pod, %err, "quarantine enforced but the state file could not be written");
+            format!("enforced, but the state file could not be written: {err}")
+        });
+        tracing::warn!(%pod, rule = %rule_id, alert = %verdict.alert_id, cgroup_id, "pod quarantined");
+        Decision {
+            outcome: Outcome::Quarantined,
+            reason: format!("rule {rule_id}: {}", verdict.hit.message),
+            pod,
+            rule_id,
+            alert_id: verdict.alert_id.clone(),
+            cgroup_id: Some(cgroup_id),
+            enforced_at_ns: Some(enforced_at_ns),
+            warning,
+        }
+    }
+
+    /// Lifts a quarantine (the map entry goes first; if that fails, nothing changes) and returns
+    /// the audit record. Counts as an operator action: re-arms a tripped rate limit.
+    pub fn release(&mut self, pod: &str, reason: &str, by: &str) -> Result<ReleaseRecord, QuarantineError> {
+        split_pod(pod)?;
+        let record = self.records.get(pod).ok_or_else(|| QuarantineError::NotQuarantined { pod: pod.to_string() })?;
+        self.datapath.clear(record.cgroup_id)?;
+        let Some(record) = self.records.remove(pod) else {
+            return Err(QuarantineError::NotQuarantined { pod: pod.to_string() });
+        };
+        let resumed = self.suspended.take().is_some();
+        if resumed {
+            self.window.clear();
+        }
+        self.counters.released += 1;
+        let (released_at, now_ns) = now_rfc3339();
+        let warning = self.persist().err().map(|err| format!("released, but the state file could not be written: {err}"));
+        tracing::warn!(%pod, %reason, %by, "quarantine released");
+        Ok(ReleaseRecord {
+            pod: record.pod,
+            cgroup_id: record.cgroup_id,
+            rule_id: record.rule_id,
+            alert_id: record.alert_id,
+            since: record.since,
+            released_at,
+            quarantined_for_seconds: ((now_ns - record.since_unix_ns).max(0) as f64) / 1e9,
+            reason: reason.to_string(),
+            by: by.to_string(),
+            resumed,
+            warning,
+        })
+    }
+
+    /// Re-arms automatic quarantine after the rate limit tripped; returns what was suspended.
+    pub fn resume(&mut self, by: &str) -> Option<SuspendedState> {
+        let previous = self.suspended.take();
+        self.window.clear();
+        if let Some(s) = &previous {
+            tracing::warn!(%by, since = %s.since, suppressed = s.suppressed, "automatic quarantine resumed");
+            if let Err(err) = self.persist() {
+                tracing::error!(%err, "writing the quarantine state");
+            }
+        }
+        previous
+    }
+
+    pub fn list(&self) -> Vec<QuarantineRecord> {
+        self.records.values().cloned().collect()
+    }
+
+    pub fn is_quarantined(&self, pod: &str) -> bool {
+        self.records.contains_key(pod)
+    }
+
+    /// Hot reload of the response policy (dry run, rule modes, guardrails, forensics).
+    pub fn set_policy(&mut self, policy: ResponsePolicy) -> Result<(), QuarantineError> {
+        policy.validate().map_err(QuarantineError::Policy)?;
+        self.policy = policy;
+        self.apply_forensics()?;
+        tracing::info!(dry_run = self.policy.dry_run, rules = self.policy.rules.len(), "response policy updated");
+        Ok(())
+    }
+
+    pub fn policy(&self) -> &ResponsePolicy {
+        &self.policy
+    }
+
+    /// A new inventory: quarantines of endpoints that left it end (returned, for the alert
+    /// history); a pod whose cgroup changed keeps its quarantine on the new cgroup.
+    pub fn set_inventory(&mut self, inventory: &Inventory) -> Result<Vec<Removal>, QuarantineError> {
+        self.locate_endpoints(inventory);
+        let mut removals = Vec::new();
+        let pods: Vec<String> = self.records.keys().cloned().collect();
+        let (at, _) = now_rfc3339();
+        for pod in pods {
+            let Some(record) = self.records.get(&pod).cloned() else { continue };
+            match self.endpoints.get(&pod).cloned() {
+                None => {
+                    self.datapath.clear(record.cgroup_id)?;
+                    self.records.remove(&pod);
+                    self.counters.removed += 1;
+                    tracing::info!(%pod, "endpoint left the inventory; its quarantine ends with it");
+                    removals.push(Removal { record, reason: "endpoint is no longer in the inventory".into(), at: at.clone() });
+                }
+                Some(Located { cgroup, cgroup_id: Some(id) }) if id != record.cgroup_id => {
+                    self.datapath.set(id, self.map_value(&pod))?;
+                    self.datapath.clear(record.cgroup_id)?;
+                    if let Some(r) = self.records.get_mut(&pod) {
+                        r.cgroup_id = id;
+                        r.cgroup = cgroup;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        if let Err(err) = self.persist() {
+            tracing::error!(%err, "writing the quarantine state");
+        }
+        Ok(removals)
+    }
+
+    pub fn status(&mut self) -> ResponderStatus {
+        ResponderStatus {
+            quarantined: self.records.len(),
+            dry_run: self.policy.dry_run,
+            rule_modes: self.policy.rules.clone(),
+            protected_namespaces: self.policy.protected_namespaces.iter().cloned().collect(),
+            max_quarantines_per_minute: self.policy.max_quarantines_per_minute,
+            quarantines_last_minute: self.window.count(Instant::now()),
+            suspended: self.suspended.clone(),
+            forensics_exceptions: self.policy.forensics.len(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// The datapath (benchmarks and tests read the map through it).
+    pub fn datapath(&self) -> &D {
+        &self.datapath
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::datapath::MemoryDatapath;
+    use super::super::policy::RuleMode;
+    use super::*;
+    use crate::rules::Severity;
+
+    /// A state dir and a fake cgroup root whose directories stand in for pod cgroups (their
+    /// inode numbers are the ids, as with cgroup2).
+    struct Fixture {
+        root: PathBuf,
+    }
+
+    impl Fixture {
+        fn new(test: &str) -> Fixture {
+            let root = std::env::temp_dir().join(format!("palisade-responder-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            for pod in ["shop/a", "shop/b", "shop/c", "shop/d", "kube-system/dns"] {
+                std::fs::create_dir_all(root.join("cg").join(pod)).expect("mkdir");
+            }
+            Fixture { root }
+        }
+
+        fn config(&self, policy: ResponsePolicy) -> ResponderConfig {
+            ResponderConfig { state_dir: self.root.join("state"), cgroup_root: self.root.join("cg"), policy }
+        }
+
+        fn id(&self, pod: &str) -> u64 {
+            crate::lab::cgroup_id(&self.root.join("cg").join(pod)).expect("inode")
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    fn inventory(pods: &[&str]) -> Inventory {
+        let mut text = String::from("endpoints:\n");
+        for pod in pods {
+            let (ns, name) = pod.split_once('/').expect("ns/name");
+            text.push_str(&format!("  - namespace: {ns}\n    name: {name}\n    cgroup: {pod}\n"));
+        }
+        Inventory::parse(&text, Path::new("inv.yaml")).expect("inventory")
+    }
+
+    const ALL: [&str; 5] = ["shop/a", "shop/b", "shop/c", "shop/d", "kube-system/dns"];
+
+    fn verdict(pod: &str, rule: &str, action: Action) -> Verdict {
+        let (namespace, name) = pod.split_once('/').expect("ns/name");
+        Verdict {
+            hit: RuleHit {
+                rule_id: rule.into(),
+                title: rule.into(),
+                severity: Severity::Critical,
+                message: format!("{rule} in {pod}"),
+                mitre: vec!["T1059".into()],
+                action,
+            },
+            namespace: namespace.into(),
+            name: name.into(),
+            alert_id: format!("alert-{pod}-{rule}"),
+        }
+    }
+
+    fn start(f: &Fixture, policy: ResponsePolicy, dp: MemoryDatapath) -> (Responder<MemoryDatapath>, Adoption) {
+        Responder::start(f.config(policy), dp, &inventory(&ALL)).expect("start")
+    }
+
+    #[test]
+    fn quarantine_is_in_the_map_before_it_is_reported_and_only_once() {
+        let f = Fixture::new("once");
+        let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
+        let d = r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        assert_eq!(d.outcome, Outcome::Quarantined, "{d:?}");
+        assert_eq!(d.cgroup_id, Some(f.id("shop/a")));
+        assert!(r.datapath().entries.contains_key(&f.id("shop/a")));
+        let again = r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        assert_eq!(again.outcome, Outcome::AlreadyQuarantined);
+        assert!(again.reason.contains("reverse_shell"), "{}", again.reason);
+        let alert_only = r.respond(&verdict("shop/b", "shell_in_container", Action::Alert));
+        assert_eq!(alert_only.outcome, Outcome::Alerted);
+        assert_eq!(r.datapath().entries.len(), 1);
+        let listed = r.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].rule_id.as_str(), listed[0].alert_id.as_str()), ("reverse_shell", "alert-shop/a-reverse_shell"));
+    }
+
+    #[test]
+    fn failed_map_update_is_reported_as_failed_not_quarantined() {
+        let f = Fixture::new("fail");
+        let dp = MemoryDatapath { fail_next_set: Some("ENOSPC".into()), ..MemoryDatapath::default() };
+        let (mut r, _) = start(&f, ResponsePolicy::default(), dp);
+        let d = r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        assert_eq!(d.outcome, Outcome::Failed);
+        assert!(d.reason.contains("ENOSPC"), "{}", d.reason);
+        assert!(r.list().is_empty() && r.datapath().entries.is_empty());
+        // A pod the inventory does not know cannot be quarantined either.
+        assert_eq!(r.respond(&verdict("shop/ghost", "reverse_shell", Action::Quarantine)).outcome, Outcome::Failed);
+    }
+
+    #[test]
+    fn dry_run_global_and_per_rule_and_hot_reload() {
+        let f = Fixture::new("dry");
+        let mut policy = ResponsePolicy { dry_run: true, ..ResponsePolicy::default() };
+        policy.rules.insert("reverse_shell".into(), RuleMode::Quarantine);
+        let (mut r, _) = start(&f, policy.clone(), MemoryDatapath::default());
+        let d = r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        assert_eq!(d.outcome, Outcome::WouldQuarantine);
+        assert!(r.datapath().entries.is_empty());
+        assert_eq!(r.respond(&verdict("shop/b", "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
+        // Hot reload: enforcement on, one rule alert-only.
+        policy.dry_run = false;
+        policy.rules.insert("crypto_mining".into(), RuleMode::AlertOnly);
+        r.set_policy(policy).expect("reload");
+        let d = r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        assert_eq!(d.outcome, Outcome::WouldQuarantine);
+        assert!(d.reason.contains("alert only"), "{}", d.reason);
+        assert_eq!(r.respond(&verdict("shop/c", "fileless_exec", Action::Quarantine)).outcome, Outcome::Quarantined);
+    }
+
+    #[test]
+    fn protected_namespace_and_rate_limit_suppress_until_resumed() {
+        let f = Fixture::new("guard");
+        let policy = ResponsePolicy { max_quarantines_per_minute: 2, ..ResponsePolicy::default() };
+        let (mut r, _) = start(&f, policy, MemoryDatapath::default());
+        let d = r.respond(&verdict("kube-system/dns", "reverse_shell", Action::Quarantine));
+        assert_eq!(d.outcome, Outcome::Suppressed);
+        assert!(d.reason.contains("kube-system"), "{}", d.reason);
+        assert_eq!(r.respond(&verdict("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        assert_eq!(r.respond(&verdict("shop/b", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        let tripped = r.respond(&verdict("shop/c", "x", Action::Quarantine));
+        assert_eq!(tripped.outcome, Outcome::Suppressed);
+        assert!(tripped.reason.contains("rate limit"), "{}", tripped.reason);
+        // Stays suppressed (no time-based re-arming) and says so in status and on disk.
+        assert_eq!(r.respond(&verdict("shop/d", "x", Action::Quarantine)).outcome, Outcome::Suppressed);
+        let status = r.status();
+        assert_eq!(status.suspended.as_ref().map(|s| s.suppressed), Some(2));
+        assert_eq!(state::load(&f.root.join("state")).expect("state").suspended.map(|s| s.tripped_by_pod), Some("shop/c".into()));
+        assert_eq!(r.datapath().entries.len(), 2);
+        assert!(r.resume("operator").is_some());
+        assert_eq!(r.respond(&verdict("shop/c", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+    }
+
+    #[test]
+    fn release_lifts_and_audits() {
+        let f = Fixture::new("release");
+        let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
+        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        let audit = r.release("shop/a", "false positive", "alice").expect("release");
+        assert_eq!((audit.rule_id.as_str(), audit.by.as_str(), audit.reason.as_str()), ("reverse_shell", "alice", "false positive"));
+        assert!(r.datapath().entries.is_empty() && r.list().is_empty());
+        assert!(matches!(r.release("shop/a", "x", "y"), Err(QuarantineError::NotQuarantined { .. })));
+        assert!(matches!(r.release("nonsense", "x", "y"), Err(QuarantineError::BadPodName(_))));
+    }
+
+    #[test]
+    fn restart_adopts_and_reconciles_map_file_and_inventory() {
+        let f = Fixture::new("adopt");
+        let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
+        for pod in ["shop/a", "shop/b", "shop/c"] {
+            assert_eq!(r.respond(&verdict(pod, "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
+        }
+        // The "kernel" after a crash: a's entry lost, d set without a record, a stale id.
+        let mut map = MemoryDatapath { entries: r.datapath().entries.clone(), ..MemoryDatapath::default() };
+        map.entries.remove(&f.id("shop/a"));
+        map.entries.insert(f.id("shop/d"), QuarantineValue::default());
+        map.entries.insert(999_999_999, QuarantineValue::default());
+        drop(r);
+        // c left the inventory meanwhile.
+        let inv = inventory(&["shop/a", "shop/b", "shop/d", "kube-system/dns"]);
+        let (r, adoption) = Responder::start(f.config(ResponsePolicy::default()), map, &inv).expect("restart");
+        let pods = |v: &[QuarantineRecord]| v.iter().map(|r| r.pod.clone()).collect::<Vec<_>>();
+        assert_eq!(pods(&adoption.adopted), ["shop/a", "shop/b"]);
+        assert_eq!(adoption.reapplied, ["shop/a"]);
+        assert_eq!(pods(&adoption.recovered_from_map), ["shop/d"]);
+        assert_eq!(adoption.removed.iter().map(|r| r.record.pod.as_str()).collect::<Vec<_>>(), ["shop/c"]);
+        assert_eq!(adoption.stale_map_entries, [999_999_999]);
+        let mut want: Vec<u64> = ["shop/a", "shop/b", "shop/d"].iter().map(|p| f.id(p)).collect();
+        want.sort();
+        assert_eq!(r.datapath().entries.keys().copied().collect::<Vec<_>>(), want);
+        assert_eq!(pods(&r.list()), ["shop/a", "shop/b", "shop/d"]);
+        assert_eq!(pods(&state::load(&f.root.join("state")).expect("state").quarantined), ["shop/a", "shop/b", "shop/d"]);
+    }
+
+    #[test]
+    fn endpoint_leaving_the_inventory_takes_its_quarantine_along() {
+        let f = Fixture::new("leave");
+        let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
+        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        r.respond(&verdict("shop/b", "reverse_shell", Action::Quarantine));
+        let removed = r.set_inventory(&inventory(&["shop/b"])).expect("inventory");
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].record.alert_id, "alert-shop/a-reverse_shell");
+        assert_eq!(r.datapath().entries.keys().copied().collect::<Vec<_>>(), [f.id("shop/b")]);
+    }
+
+    #[test]
+    fn unreadable_state_file_is_set_aside_and_the_map_wins() {
+        let f = Fixture::new("corrupt");
+        std::fs::create_dir_all(f.root.join("state")).expect("mkdir");
+        std::fs::write(f.root.join("state").join(state::STATE_FILE), "{torn").expect("write");
+        let mut map = MemoryDatapath::default();
+        map.entries.insert(f.id("shop/a"), QuarantineValue::default());
+        let (r, adoption) = start(&f, ResponsePolicy::default(), map);
+        assert!(adoption.state_file_problem.is_some());
+        assert_eq!(r.list().len(), 1);
+        assert!(r.datapath().entries.contains_key(&f.id("shop/a")));
+    }
+
+    #[test]
+    fn forensics_exception_reaches_the_datapath() {
+        let f = Fixture::new("forensics");
+        let policy = ResponsePolicy {
+            forensics: vec![super::super::policy::ForensicsException {
+                cidr: "198.18.9.0/24".into(),
+                port: Some(22),
+                protocol: Some(crate::inventory::Protocol::Tcp),
+            }],
+            ..ResponsePolicy::default()
+        };
+        let (r, _) = start(&f, policy, MemoryDatapath::default());
+        assert_eq!(r.datapath().forensics.len(), 1);
+        assert_eq!((r.datapath().forensics[0].value.port, r.datapath().forensics[0].value.protocol), (22, 6));
+    }
+}
