@@ -35,7 +35,7 @@ fn cstr(s: &str) -> CString {
 pub const ACTIONS: &[&str] = &[
     "open", "write", "connect", "connect6", "ptrace", "setuid", "mount", "unshare-user",
     "finit-module", "bpf", "memfd-exec", "chmod-setuid", "unlink", "rename", "dup-socket",
-    "sleep",
+    "sleep", "open-loop",
 ];
 
 /// Runs one action. Failures of the *syscall under test* are expected for some actions
@@ -139,6 +139,23 @@ pub fn perform(action: &str, args: &[String]) -> Result<(), WorkloadError> {
                 return Err(last_err("dup2"));
             }
             std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        "open-loop" => {
+            // The syscall-heavy loop of the overhead benchmark: open+close COUNT times, then
+            // print the elapsed nanoseconds.
+            let count: u64 = arg(0, "open-loop COUNT [PATH]")?.parse().unwrap_or(100_000);
+            let path = cstr(&args.get(1).cloned().unwrap_or_else(|| "/etc/hostname".into()));
+            let start = std::time::Instant::now();
+            for _ in 0..count {
+                // SAFETY: plain syscalls with a valid C string.
+                unsafe {
+                    let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+                    if fd >= 0 {
+                        libc::close(fd);
+                    }
+                }
+            }
+            println!("{}", start.elapsed().as_nanos());
         }
         "sleep" => {
             let ms: u64 = arg(0, "sleep MS")?.parse().unwrap_or(1000);

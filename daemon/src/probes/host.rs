@@ -56,8 +56,13 @@ struct Owner {
 }
 
 impl ProbeHost {
-    /// Starts the owner task for an attached object.
+    /// Starts the owner task for an attached object on the current runtime.
     pub fn spawn(probes: loader::LoadedProbes) -> ProbeHost {
+        Self::spawn_on(&tokio::runtime::Handle::current(), probes)
+    }
+
+    /// Starts the owner task on `runtime`.
+    pub fn spawn_on(runtime: &tokio::runtime::Handle, probes: loader::LoadedProbes) -> ProbeHost {
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         let mut owner = Owner {
             offsets_valid: probes.config.task_offsets_valid != 0,
@@ -67,7 +72,7 @@ impl ProbeHost {
             monitored: BTreeSet::new(),
             enabled: Vec::new(),
         };
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             while let Some(cmd) = rx.recv().await {
                 owner.handle(cmd);
             }

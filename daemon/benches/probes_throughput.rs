@@ -1,0 +1,129 @@
+//! Probe pipeline benchmark (prints figures; not a test):
+//! - syscall overhead: an open/close loop in a cgroup with no programs, with every program
+//!   attached and the cgroup monitored (all kinds on, events drained, decoded and enriched),
+//!   and with the programs attached but the cgroup not monitored (the in-kernel filter's cost);
+//! - events per second through ring buffer + decode + enrichment, and kernel-counted losses.
+//!
+//! Run: `cargo bench -p palisade --bench probes_throughput` (root). BENCH_OPENS sets the loop size.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use palisade::events::enrich::{EndpointIndex, ProcCache, enrich};
+use palisade::events::input::{Clock, to_input};
+use palisade::events::kind::EventKind;
+use palisade::events::reader::{self, ReaderStats};
+use palisade::probes::host::ProbeHost;
+use palisade::probes::loader::{self, LoadOptions};
+
+const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
+
+fn run_loop(cgroup: &std::path::Path, opens: u64) -> Duration {
+    let procs = cgroup.join("cgroup.procs");
+    let mut cmd = std::process::Command::new(PALISADE);
+    cmd.args(["workload", "open-loop", &opens.to_string()]);
+    // SAFETY: only writes a file between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    let out = cmd.output().expect("run the open loop");
+    assert!(out.status.success(), "open loop failed: {out:?}");
+    let ns: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("elapsed ns");
+    Duration::from_nanos(ns)
+}
+
+fn median_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
+    let mut times: Vec<Duration> = (0..runs).map(|_| f()).collect();
+    times.sort();
+    times[runs / 2]
+}
+
+fn main() {
+    if !palisade::sys::is_root() {
+        println!("SKIP: the probe benchmark needs root");
+        return;
+    }
+    let opens: u64 = std::env::var("BENCH_OPENS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let root = palisade::sys::cgroup2_mount().expect("cgroup2");
+    let cgroup = root.join(format!("palisade-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).expect("mkdir cgroup");
+    let cgroup_id = loader::cgroup_id(&cgroup).expect("cgroup id");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+
+    let warm = run_loop(&cgroup, opens / 10);
+    let _ = warm;
+    let none = median_of(3, || run_loop(&cgroup, opens));
+
+    let options = LoadOptions::default();
+    let mut probes = loader::load(&options).expect("load");
+    probes.attach_all(&options).expect("attach");
+    let ring = probes.take_ring_buffer().expect("ring");
+    let host = ProbeHost::spawn_on(runtime.handle(), probes);
+    runtime.block_on(async {
+        host.set_enabled_kinds(EventKind::PROBE_KINDS.to_vec()).await.expect("kinds");
+        host.set_monitored(BTreeSet::from([cgroup_id])).await.expect("monitor");
+    });
+
+    let stats = Arc::new(ReaderStats::default());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(65536);
+    runtime.spawn(reader::run(ring, stats.clone(), tx));
+    let consumed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let consumed = consumed.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut cache = ProcCache::new(8192);
+            let endpoints = EndpointIndex::default();
+            let clock = Clock::new();
+            while !stop.load(Ordering::Relaxed) {
+                match rx.try_recv() {
+                    Ok(event) => {
+                        let enriched = enrich(event, &endpoints, &mut cache);
+                        let input = to_input(&enriched, &clock, "bench");
+                        std::hint::black_box(input);
+                        consumed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        })
+    };
+
+    let before = consumed.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let monitored = median_of(3, || run_loop(&cgroup, opens));
+    // Let the consumer drain what is in flight before measuring throughput.
+    let mut last = consumed.load(Ordering::Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = consumed.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let elapsed = start.elapsed() - Duration::from_millis(300);
+    let events = last - before;
+
+    runtime.block_on(async { host.set_monitored(BTreeSet::new()).await.expect("unmonitor") });
+    let filtered = median_of(3, || run_loop(&cgroup, opens));
+
+    let status = runtime.block_on(host.status()).expect("status");
+    let counters = status.counters.expect("counters");
+    stop.store(true, Ordering::Relaxed);
+    let _ = consumer.join();
+    let _ = std::fs::remove_dir(&cgroup);
+
+    let per_op = |d: Duration| d.as_nanos() as f64 / opens as f64;
+    println!("palisade probe benchmark ({opens} open+close per run, median of 3)");
+    println!("  no programs                     {:>8.0} ns/op", per_op(none));
+    println!("  attached, cgroup not monitored  {:>8.0} ns/op   ratio {:.2}x", per_op(filtered), per_op(filtered) / per_op(none));
+    println!("  attached, monitored, all kinds  {:>8.0} ns/op   ratio {:.2}x", per_op(monitored), per_op(monitored) / per_op(none));
+    println!("  events through ring buffer + decode + enrich: {events} in {:.2}s = {:.0} events/s", elapsed.as_secs_f64(), events as f64 / elapsed.as_secs_f64());
+    println!("  kernel-counted losses (all kinds): {}", counters.lost.values().sum::<u64>());
+    println!("  reader: {:?}", stats.snapshot());
+}
