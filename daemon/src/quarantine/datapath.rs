@@ -296,8 +296,10 @@ pub fn attach_pinned(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) -> Res
         }
         adopted = false;
         let program = cgroup_skb(ebpf, name)?;
+        // Through bpf_link_create (kernel >= 5.7) the flags must be 0: cgroup links always
+        // coexist with other programs on the cgroup, as BPF_F_ALLOW_MULTI attachments do.
         let link_id = program
-            .attach(&cgroup, attach_type, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
             .map_err(|source| DatapathError::Program { name, source })?;
         let link = program.take_link(link_id).map_err(|source| DatapathError::Program { name, source })?;
         let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin { path: pin.clone(), message: e.to_string() })?;

@@ -1,0 +1,449 @@
+//! Kernel tests of quarantine: the real cgroup_skb datapath on lab pods, driven by the responder.
+//!
+//! Root only; without root they print SKIP, and with PALISADE_REQUIRE_KERNEL=1 they fail.
+//!
+//! Pod-side programs (TCP echo server, a client holding one connection open, the "daemon" child
+//! that is SIGKILLed) are this test binary re-executed with `PALISADE_QTEST_ROLE` set, running
+//! only the `role_helper` test: a socket counts for the pod only when a process in the pod's
+//! cgroup creates it, so these must be separate processes started through `Lab::exec`.
+
+mod support;
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use palisade::inventory::{Inventory, Protocol};
+use palisade::quarantine::datapath::{self, KernelQuarantineMap};
+use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, RuleMode, Verdict};
+use palisade::rules::{Action, RuleHit, Severity};
+use support::{TestLab, require_kernel};
+
+const ROLE_ENV: &str = "PALISADE_QTEST_ROLE";
+const ARGS_ENV: &str = "PALISADE_QTEST_ARGS";
+/// Lines the roles print for the parent start with this (the test harness prints its own).
+const MARK: &str = "@@ ";
+
+const PODS: &str = r#"
+endpoints:
+  - namespace: shop
+    name: a
+    ips: [198.18.7.1]
+    cgroup: /palisade-test/{lab}/shop/a
+  - namespace: shop
+    name: b
+    ips: [198.18.7.2]
+    cgroup: /palisade-test/{lab}/shop/b
+  - namespace: shop
+    name: c
+    ips: [198.18.7.3]
+    cgroup: /palisade-test/{lab}/shop/c
+  - namespace: kube-system
+    name: dns
+    ips: [198.18.7.4]
+    cgroup: /palisade-test/{lab}/kube-system/dns
+"#;
+const ECHO_PORT: u16 = 7070;
+const PROBE_PORT: u16 = 8080;
+
+// ---- roles (child processes) ---------------------------------------------------------------
+
+#[test]
+fn role_helper() {
+    let Ok(role) = std::env::var(ROLE_ENV) else { return };
+    let args: Vec<String> = std::env::var(ARGS_ENV).unwrap_or_default().split_whitespace().map(String::from).collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_else(|| panic!("role {role}: missing argument {i}"));
+    match role.as_str() {
+        "echo-server" => echo_server(arg(0).parse().expect("port")),
+        "client" => client(arg(0).parse().expect("addr")),
+        "daemon" => daemon_child(Path::new(&arg(0)), Path::new(&arg(1)), Path::new(&arg(2)), &arg(3)),
+        other => panic!("unknown role {other}"),
+    }
+    std::process::exit(0);
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{MARK}{line}");
+    let _ = out.flush();
+}
+
+fn echo_server(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    say("listening");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut writer = match stream.try_clone() {
+                Ok(w) => w,
+                Err(_) => return,
+            };
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if writer.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+        });
+    }
+}
+
+/// Holds one connection open; each stdin line is sent and must come back within a second.
+fn client(addr: SocketAddr) {
+    let stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => {
+            say(&format!("connect-failed {e}"));
+            return;
+        }
+    };
+    say("connected");
+    stream.set_read_timeout(Some(Duration::from_millis(1000))).expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { return };
+        let mut echo = String::new();
+        let result = writer
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| reader.read_line(&mut echo))
+            .map_err(|e| e.to_string())
+            .and_then(|n| if n == 0 { Err("closed".into()) } else { Ok(()) });
+        match result {
+            Ok(()) if echo.trim() == line => say("ok"),
+            Ok(()) => say(&format!("err bad echo {echo:?}")),
+            Err(e) => say(&format!("err {e}")),
+        }
+    }
+}
+
+/// A stand-in for the daemon: pins the datapath, attaches it to every pod, quarantines `pod`,
+/// then waits to be killed.
+fn daemon_child(pin_dir: &Path, state_dir: &Path, inventory_path: &Path, pod: &str) {
+    let inventory = Inventory::load(inventory_path).expect("inventory");
+    let mut ebpf = datapath::load_pinned(pin_dir).expect("load pinned datapath");
+    let mount = palisade::lab::cgroup2_mount().expect("cgroup2");
+    for ep in &inventory.endpoints {
+        let dir = mount.join(ep.cgroup.as_deref().expect("cgroup"));
+        datapath::attach_pinned(&mut ebpf, &dir, &pin_dir.join("links")).expect("attach");
+    }
+    let map = KernelQuarantineMap::from_ebpf(&ebpf).expect("quarantine map");
+    let config = ResponderConfig { state_dir: state_dir.into(), cgroup_root: mount, policy: ResponsePolicy::default() };
+    let (service, _) = QuarantineService::start(config, Box::new(map), &inventory).expect("responder");
+    let (namespace, name) = pod.split_once('/').expect("pod");
+    let decision = service.respond(&verdict(namespace, name, "reverse_shell", "alert-child-1"));
+    say(&format!("decision {}", decision.outcome.as_str()));
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+// ---- parent-side helpers -------------------------------------------------------------------
+
+fn role_command(role: &str, args: &str, base: Command) -> Command {
+    let mut cmd = base;
+    cmd.args(["--exact", "role_helper", "--nocapture", "--test-threads=1", "-q"])
+        .env(ROLE_ENV, role)
+        .env(ARGS_ENV, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    cmd
+}
+
+/// A running role and its marked output lines.
+struct Role {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Role {
+    fn spawn(mut cmd: Command) -> Role {
+        let mut child = cmd.spawn().expect("spawn role");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(marked) = line.strip_prefix(MARK) {
+                    if tx.send(marked.to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Role { child, stdin, lines }
+    }
+
+    fn in_pod(lab: &TestLab, pod: &str, role: &str, args: &str) -> Role {
+        let exe = std::env::current_exe().expect("current exe");
+        Role::spawn(role_command(role, args, lab.exec(pod, exe).expect("exec in pod")))
+    }
+
+    fn next(&self, within: Duration) -> String {
+        self.lines.recv_timeout(within).unwrap_or_else(|e| panic!("role said nothing within {within:?}: {e}"))
+    }
+
+    fn send(&mut self, line: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{line}").expect("write to role");
+        stdin.flush().expect("flush");
+        self.next(Duration::from_secs(5))
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// bpffs directory for one test's pins, removed on drop (links unpinned first: the programs
+/// detach once the last reference goes).
+struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    fn new(lab: &str) -> Pins {
+        datapath::ensure_bpffs().expect("bpffs");
+        let dir = Path::new(datapath::BPFFS).join(format!("palisade-test-{lab}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        Pins { dir }
+    }
+
+    fn links(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(self.links()) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn verdict(namespace: &str, name: &str, rule: &str, alert_id: &str) -> Verdict {
+    Verdict {
+        hit: RuleHit {
+            rule_id: rule.into(),
+            title: "Reverse shell".into(),
+            severity: Severity::Critical,
+            message: "a shell with its standard streams on a network socket".into(),
+            mitre: vec!["T1059.004".into()],
+            action: Action::Quarantine,
+        },
+        namespace: namespace.into(),
+        name: name.into(),
+        alert_id: alert_id.into(),
+    }
+}
+
+fn temp_state_dir(lab: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-qstate-{lab}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Loads the datapath pinned under `pins`, attaches it to every pod, starts a responder.
+fn enforce(lab: &TestLab, pins: &Pins, state_dir: &Path, policy: ResponsePolicy) -> (aya::Ebpf, QuarantineService) {
+    let mut ebpf = datapath::load_pinned(&pins.dir).unwrap_or_else(|e| panic!("load datapath: {e}"));
+    for pod in lab.pods() {
+        let dir = lab.pod_cgroup_dir(&pod.key).expect("cgroup dir");
+        datapath::attach_pinned(&mut ebpf, &dir, &pins.links()).unwrap_or_else(|e| panic!("attach {}: {e}", pod.key));
+    }
+    let map = KernelQuarantineMap::from_ebpf(&ebpf).expect("quarantine map");
+    let config = ResponderConfig {
+        state_dir: state_dir.to_path_buf(),
+        cgroup_root: palisade::lab::cgroup2_mount().expect("cgroup2"),
+        policy,
+    };
+    let (service, _) = QuarantineService::start(config, Box::new(map), &lab.inventory).expect("responder");
+    (ebpf, service)
+}
+
+fn probe(lab: &TestLab) -> palisade::lab::ProbeMatrix {
+    lab.probe(PROBE_PORT, Protocol::Tcp).unwrap_or_else(|e| panic!("probe: {e}"))
+}
+
+/// Asserts every ordered pair among `pods` (self excluded) is reachable or not as `want` says.
+fn assert_reach(matrix: &palisade::lab::ProbeMatrix, want: impl Fn(&str, &str) -> bool) {
+    let mut wrong = Vec::new();
+    for r in &matrix.results {
+        if r.from != r.to && r.allowed != want(&r.from, &r.to) {
+            wrong.push(format!("{} -> {}: allowed={} ({:?})", r.from, r.to, r.allowed, r.reason));
+        }
+    }
+    assert!(wrong.is_empty(), "unexpected reachability:\n{}\n{}", wrong.join("\n"), matrix.to_table());
+}
+
+fn involves(pod: &str) -> impl Fn(&str, &str) -> bool + '_ {
+    move |from, to| from != pod && to != pod
+}
+
+// ---- tests ---------------------------------------------------------------------------------
+
+/// (a) Two pods with an open, allowed TCP connection; a quarantine verdict about one isolates
+/// it: the open connection stops passing data, new connections both ways fail, other pods are
+/// untouched; release restores it.
+#[test]
+fn quarantine_isolates_one_pod_end_to_end() {
+    if !require_kernel("quarantine_isolates_one_pod_end_to_end") {
+        return;
+    }
+    let lab = TestLab::up("qe2e", PODS);
+    let pins = Pins::new(&lab.name);
+    let state_dir = temp_state_dir(&lab.name);
+    let (_ebpf, service) = enforce(&lab, &pins, &state_dir, ResponsePolicy::default());
+
+    let server = Role::in_pod(&lab, "shop/b", "echo-server", &ECHO_PORT.to_string());
+    assert_eq!(server.next(Duration::from_secs(10)), "listening");
+    let mut client = Role::in_pod(&lab, "shop/a", "client", &format!("198.18.7.2:{ECHO_PORT}"));
+    assert_eq!(client.next(Duration::from_secs(10)), "connected");
+    assert_eq!(client.send("before"), "ok", "the open connection must work before quarantine");
+    assert_reach(&probe(&lab), |_, _| true);
+
+    let decision = service.respond(&verdict("shop", "a", "reverse_shell", "alert-e2e-1"));
+    assert_eq!(decision.outcome, Outcome::Quarantined, "{decision:?}");
+
+    let reply = client.send("after");
+    assert!(reply.starts_with("err"), "the open connection still passes data: {reply}");
+    assert_reach(&probe(&lab), involves("shop/a"));
+
+    let listed = service.list();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].pod.as_str(), listed[0].rule_id.as_str(), listed[0].alert_id.as_str()), ("shop/a", "reverse_shell", "alert-e2e-1"));
+
+    let audit = service.release("shop/a", "test over", "quarantine_isolates_one_pod_end_to_end").expect("release");
+    assert_eq!(audit.alert_id, "alert-e2e-1");
+    assert_reach(&probe(&lab), |_, _| true);
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+/// (b) The "daemon" is SIGKILLed while a pod is quarantined: the pod stays cut off while no
+/// daemon runs; a restart adopts the pinned map and the state file and lists the pod; release
+/// restores connectivity.
+#[test]
+fn quarantine_survives_sigkill_and_is_adopted_on_restart() {
+    if !require_kernel("quarantine_survives_sigkill_and_is_adopted_on_restart") {
+        return;
+    }
+    let lab = TestLab::up("qkill", PODS);
+    let pins = Pins::new(&lab.name);
+    let state_dir = temp_state_dir(&lab.name);
+    let inventory_path = state_dir.with_extension("inventory.yaml");
+    std::fs::write(&inventory_path, PODS.replace("{lab}", &lab.name)).expect("write inventory");
+
+    let server = Role::in_pod(&lab, "shop/b", "echo-server", &ECHO_PORT.to_string());
+    assert_eq!(server.next(Duration::from_secs(10)), "listening");
+    let mut client = Role::in_pod(&lab, "shop/a", "client", &format!("198.18.7.2:{ECHO_PORT}"));
+    assert_eq!(client.next(Duration::from_secs(10)), "connected");
+    assert_eq!(client.send("before"), "ok");
+
+    let exe = std::env::current_exe().expect("exe");
+    let args = format!("{} {} {} shop/a", pins.dir.display(), state_dir.display(), inventory_path.display());
+    let mut daemon = Role::spawn(role_command("daemon", &args, Command::new(exe)));
+    assert_eq!(daemon.next(Duration::from_secs(30)), "decision quarantined");
+    assert!(client.send("while the daemon runs").starts_with("err"));
+
+    // SIGKILL: no chance to clean up.
+    daemon.child.kill().expect("SIGKILL");
+    daemon.child.wait().expect("reap");
+    let dead_since = Instant::now();
+    let mut rounds = 0;
+    while dead_since.elapsed() < Duration::from_secs(2) || rounds < 2 {
+        assert!(client.send("daemon dead").starts_with("err"), "data passed while the daemon was dead");
+        assert_reach(&probe(&lab), involves("shop/a"));
+        rounds += 1;
+    }
+
+    // Restart: adopt before anything else; the pod is still quarantined and listed.
+    let (_ebpf, service) = enforce(&lab, &pins, &state_dir, ResponsePolicy::default());
+    let listed = service.list();
+    assert_eq!(listed.iter().map(|r| r.pod.as_str()).collect::<Vec<_>>(), ["shop/a"]);
+    assert_eq!(listed[0].alert_id, "alert-child-1");
+    assert_reach(&probe(&lab), involves("shop/a"));
+
+    service.release("shop/a", "incident closed", "test").expect("release");
+    assert_reach(&probe(&lab), |_, _| true);
+    let mut fresh = Role::in_pod(&lab, "shop/a", "client", &format!("198.18.7.2:{ECHO_PORT}"));
+    assert_eq!(fresh.next(Duration::from_secs(10)), "connected");
+    assert_eq!(fresh.send("after release"), "ok");
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let _ = std::fs::remove_file(&inventory_path);
+}
+
+/// (c) Dry run reports would_quarantine and leaves the datapath alone; a rule set to quarantine
+/// still enforces, and a hot reload to alert-only turns it off again.
+#[test]
+fn quarantine_dry_run_changes_nothing_in_the_kernel() {
+    if !require_kernel("quarantine_dry_run_changes_nothing_in_the_kernel") {
+        return;
+    }
+    let lab = TestLab::up("qdry", PODS);
+    let pins = Pins::new(&lab.name);
+    let state_dir = temp_state_dir(&lab.name);
+    let mut policy = ResponsePolicy { dry_run: true, ..ResponsePolicy::default() };
+    policy.rules.insert("container_escape".into(), RuleMode::Quarantine);
+    let (_ebpf, service) = enforce(&lab, &pins, &state_dir, policy.clone());
+
+    let d = service.respond(&verdict("shop", "a", "reverse_shell", "alert-dry-1"));
+    assert_eq!(d.outcome, Outcome::WouldQuarantine, "{d:?}");
+    assert!(service.list().is_empty());
+    assert_reach(&probe(&lab), |_, _| true);
+
+    let d = service.respond(&verdict("shop", "b", "container_escape", "alert-dry-2"));
+    assert_eq!(d.outcome, Outcome::Quarantined, "{d:?}");
+    assert_reach(&probe(&lab), involves("shop/b"));
+    service.release("shop/b", "done", "test").expect("release");
+
+    policy.rules.insert("container_escape".into(), RuleMode::AlertOnly);
+    policy.dry_run = false;
+    service.set_policy(policy).expect("hot reload");
+    let d = service.respond(&verdict("shop", "b", "container_escape", "alert-dry-3"));
+    assert_eq!(d.outcome, Outcome::WouldQuarantine, "{d:?}");
+    assert_reach(&probe(&lab), |_, _| true);
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+/// (d) Guardrails: a protected namespace is never cut off; past the per-node rate limit further
+/// quarantines are suppressed (and the pods keep connectivity) until an operator resumes.
+#[test]
+fn quarantine_guardrails_protect_namespaces_and_limit_the_rate() {
+    if !require_kernel("quarantine_guardrails_protect_namespaces_and_limit_the_rate") {
+        return;
+    }
+    let lab = TestLab::up("qguard", PODS);
+    let pins = Pins::new(&lab.name);
+    let state_dir = temp_state_dir(&lab.name);
+    let policy = ResponsePolicy { max_quarantines_per_minute: 1, ..ResponsePolicy::default() };
+    let (_ebpf, service) = enforce(&lab, &pins, &state_dir, policy);
+
+    let d = service.respond(&verdict("kube-system", "dns", "reverse_shell", "alert-g-1"));
+    assert_eq!(d.outcome, Outcome::Suppressed, "{d:?}");
+    assert!(d.reason.contains("protected"), "{}", d.reason);
+
+    assert_eq!(service.respond(&verdict("shop", "a", "reverse_shell", "alert-g-2")).outcome, Outcome::Quarantined);
+    let d = service.respond(&verdict("shop", "b", "reverse_shell", "alert-g-3"));
+    assert_eq!(d.outcome, Outcome::Suppressed, "{d:?}");
+    assert!(d.reason.contains("rate limit"), "{}", d.reason);
+    assert!(service.status().suspended.is_some());
+    // Only a is cut off: dns (protected) and b (suppressed) keep their connectivity.
+    assert_reach(&probe(&lab), involves("shop/a"));
+
+    assert!(service.resume("operator").is_some());
+    assert_eq!(service.respond(&verdict("shop", "b", "reverse_shell", "alert-g-4")).outcome, Outcome::Quarantined);
+    assert_reach(&probe(&lab), |from, to| involves("shop/a")(from, to) && involves("shop/b")(from, to));
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
