@@ -3,123 +3,19 @@
 //!
 //! Root only; without root they print SKIP, and with PALISADE_REQUIRE_KERNEL=1 they fail.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use palisade::events::decode::{Event, EventData};
 use palisade::events::kind::EventKind;
-use palisade::events::reader::{self, ReaderStats};
-use palisade::probes::host::ProbeHost;
 use palisade::probes::loader::{self, AttachState, LoadOptions};
-use tokio::sync::mpsc;
+use support::probes::{PALISADE, TestCgroup, collect_until, start};
 
 fn require_kernel() -> bool {
-    let reason = if !palisade::sys::is_root() {
-        Some("not root")
-    } else if palisade::sys::cgroup2_mount().is_err() {
-        Some("no cgroup2 mount")
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(reason) if std::env::var("PALISADE_REQUIRE_KERNEL").as_deref() == Ok("1") => {
-            panic!("kernel test cannot run ({reason}) but PALISADE_REQUIRE_KERNEL=1")
-        }
-        Some(reason) => {
-            eprintln!("SKIP: {reason}");
-            false
-        }
-    }
-}
-
-/// A cgroup2 directory for one test, removed (with its processes killed) on drop.
-struct TestCgroup {
-    path: PathBuf,
-    id: u64,
-}
-
-impl TestCgroup {
-    fn new(name: &str) -> TestCgroup {
-        let root = palisade::sys::cgroup2_mount().expect("cgroup2 mount");
-        let path = root.join(format!("palisade-test-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        let id = loader::cgroup_id(&path).expect("cgroup id");
-        TestCgroup { path, id }
-    }
-
-    /// A command that joins this cgroup before exec.
-    fn command(&self, program: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        let procs = self.path.join("cgroup.procs");
-        // SAFETY: the closure only writes a file and runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || std::fs::write(&procs, b"0"));
-        }
-        cmd
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.path.join("cgroup.kill"), b"1");
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
-
-struct Running {
-    host: ProbeHost,
-    events: mpsc::Receiver<Event>,
-    stats: Arc<ReaderStats>,
-}
-
-async fn start(kinds: Vec<EventKind>, cgroups: BTreeSet<u64>) -> Running {
-    let options = LoadOptions::default();
-    let mut probes = loader::load(&options).expect("load the embedded eBPF object");
-    probes.attach_all(&options).expect("attach");
-    let ring = probes.take_ring_buffer().expect("ring buffer");
-    let host = ProbeHost::spawn(probes);
-    host.set_monitored(cgroups).await.expect("monitor cgroups");
-    host.set_enabled_kinds(kinds).await.expect("enable kinds");
-    let (tx, events) = mpsc::channel(65536);
-    let stats = Arc::new(ReaderStats::default());
-    tokio::spawn(reader::run(ring, stats.clone(), tx));
-    Running { host, events, stats }
-}
-
-/// Collects events until `done` says so or the deadline passes.
-async fn collect_until(rx: &mut mpsc::Receiver<Event>, deadline: Duration, mut done: impl FnMut(&[Event]) -> bool) -> Vec<Event> {
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    while start.elapsed() < deadline {
-        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            Ok(Some(ev)) => {
-                seen.push(ev);
-                if done(&seen) {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(_) => {
-                if done(&seen) {
-                    break;
-                }
-            }
-        }
-    }
-    seen
+    support::require_kernel("probes_events")
 }
 
 #[test]

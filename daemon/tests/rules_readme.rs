@@ -22,7 +22,7 @@ fn schema() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("bpf", vec!["cmd", "cmd_name", "size", "result"]),
         ("memfd", vec!["name", "flags", "result"]),
         ("chmod", vec!["op", "path", "fd", "mode", "setuid", "setgid", "result"]),
-        ("unlink", vec!["path", "dirfd", "flags", "result"]),
+        ("unlink", vec!["op", "path", "dirfd", "flags", "result"]),
         ("rename", vec!["old_path", "new_path", "flags", "result"]),
         ("dup", vec!["op", "old_fd", "new_fd", "flags", "result", "new_fd_kind"]),
     ])

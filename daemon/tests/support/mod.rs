@@ -4,6 +4,8 @@
 //! and pass, except when `PALISADE_REQUIRE_KERNEL=1` (CI), where a missing prerequisite fails.
 #![allow(dead_code)]
 
+pub mod probes;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
