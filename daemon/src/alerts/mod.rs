@@ -1,1 +1,33 @@
-//! Alert stream.
+//! The alert stream: the versioned alert record, the durable JSONL log (one writer task,
+//! bounded queue, rotation, retention, burst aggregation, live broadcast), queries over the log,
+//! rendering for terminals, exports (stdout, Falco JSON, webhook) and the `palisade alerts` CLI.
+//! docs/alerts.md documents the schema and the operator's view.
+pub mod aggregate;
+pub mod cli;
+pub mod export;
+pub mod log;
+pub mod query;
+pub mod render;
+pub mod schema;
+pub mod time;
+
+use std::path::{Path, PathBuf};
+
+pub use export::{ExportFormat, Exports, StdoutExporter, WebhookConfig, WebhookExporter};
+pub use log::{AlertLog, AlertLogConfig, AlertLogStats, AlertSink, LOG_FILE_NAME};
+pub use query::AlertQuery;
+pub use schema::{Alert, AlertKind, Outcome, PodInfo, ProcessInfo, RuleRef, SCHEMA_VERSION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlertsError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the alert writer has stopped")]
+    WriterStopped,
+}
+
+impl AlertsError {
+    pub fn io(path: &Path, source: std::io::Error) -> AlertsError {
+        AlertsError::Io { path: path.to_path_buf(), source }
+    }
+}

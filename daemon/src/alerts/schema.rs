@@ -1,0 +1,437 @@
+//! The alert record (schema version 1), as written to `alerts.jsonl`, served by the API and
+//! exported. docs/alerts.md documents every field; keep the two in step.
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::time::{UnixMicros, format_micros, now_micros};
+use crate::rules::model::{Action, RuleHit, Severity};
+
+/// Bumped when a field changes meaning or goes away (adding optional fields does not bump it).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What produced the alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// A rule matched an event.
+    Rule,
+    /// The responder quarantined (or, in dry run, would have quarantined) a pod.
+    Quarantine,
+    /// A quarantine was lifted.
+    Release,
+    /// A summary of flows the segmentation policy denied.
+    PolicyDenied,
+    /// A rule pack was rejected on load or reload (the previous pack stays in force).
+    RulesRejected,
+    /// A guardrail stopped an action (e.g. refusing to quarantine a protected namespace).
+    Guardrail,
+    /// Events or alerts were lost (ring buffer overflow, alert queue overflow).
+    EventLoss,
+    /// The daemon itself: start, stop, degraded operation.
+    Daemon,
+}
+
+impl AlertKind {
+    pub const ALL: [AlertKind; 8] = [
+        AlertKind::Rule,
+        AlertKind::Quarantine,
+        AlertKind::Release,
+        AlertKind::PolicyDenied,
+        AlertKind::RulesRejected,
+        AlertKind::Guardrail,
+        AlertKind::EventLoss,
+        AlertKind::Daemon,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::Rule => "rule",
+            AlertKind::Quarantine => "quarantine",
+            AlertKind::Release => "release",
+            AlertKind::PolicyDenied => "policy_denied",
+            AlertKind::RulesRejected => "rules_rejected",
+            AlertKind::Guardrail => "guardrail",
+            AlertKind::EventLoss => "event_loss",
+            AlertKind::Daemon => "daemon",
+        }
+    }
+}
+
+impl fmt::Display for AlertKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AlertKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AlertKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = AlertKind::ALL.iter().map(|k| k.as_str()).collect();
+            format!("bad alert kind {s:?}: want one of {}", names.join(", "))
+        })
+    }
+}
+
+/// What was done about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Reported only.
+    Alerted,
+    /// The pod was quarantined.
+    Quarantined,
+    /// The pod was already quarantined; nothing new was done.
+    AlreadyQuarantined,
+    /// Dry run: the pod would have been quarantined.
+    WouldQuarantine,
+    /// The action was not taken (guardrail, no pod to act on, ...); `reason` says why.
+    Suppressed,
+    /// The quarantine was lifted.
+    Released,
+    /// The action was attempted and failed; `reason` says how.
+    Failed,
+    /// Nothing to act on (informational kinds: losses, rejected rule packs, daemon notices).
+    Recorded,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Alerted => "alerted",
+            Outcome::Quarantined => "quarantined",
+            Outcome::AlreadyQuarantined => "already_quarantined",
+            Outcome::WouldQuarantine => "would_quarantine",
+            Outcome::Suppressed => "suppressed",
+            Outcome::Released => "released",
+            Outcome::Failed => "failed",
+            Outcome::Recorded => "recorded",
+        }
+    }
+}
+
+impl FromStr for Outcome {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const ALL: [Outcome; 8] = [
+            Outcome::Alerted,
+            Outcome::Quarantined,
+            Outcome::AlreadyQuarantined,
+            Outcome::WouldQuarantine,
+            Outcome::Suppressed,
+            Outcome::Released,
+            Outcome::Failed,
+            Outcome::Recorded,
+        ];
+        ALL.into_iter().find(|o| o.as_str() == s).ok_or_else(|| format!("bad outcome {s:?}"))
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRef {
+    pub id: String,
+    pub title: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodInfo {
+    /// `namespace/name`, the form the CLI takes and shows.
+    pub fn qualified(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AncestorInfo {
+    pub pid: u32,
+    #[serde(default)]
+    pub comm: String,
+    #[serde(default)]
+    pub exe: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    #[serde(default)]
+    pub comm: Option<String>,
+    #[serde(default)]
+    pub exe: Option<String>,
+    #[serde(default)]
+    pub cmdline: Vec<String>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub ancestors: Vec<AncestorInfo>,
+}
+
+/// One alert. `id` and `node` are filled in by the writer when left empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub schema: u32,
+    /// Unique and sortable: 16 hex digits of microseconds since the epoch, `-`, 6 hex digits of
+    /// a sequence. Given when the alert is made (so the responder can name it before it is
+    /// written); alerts made later in one daemon sort after earlier ones.
+    #[serde(default)]
+    pub id: String,
+    /// When the alert was raised (RFC 3339 UTC, microseconds).
+    pub time: String,
+    #[serde(default)]
+    pub node: String,
+    pub kind: AlertKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
+    pub severity: Severity,
+    #[serde(default)]
+    pub mitre: Vec<String>,
+    pub message: String,
+    #[serde(default)]
+    pub pod: Option<PodInfo>,
+    #[serde(default)]
+    pub process: Option<ProcessInfo>,
+    /// The triggering event as the rule engine saw it (`input`), or kind-specific evidence.
+    #[serde(default)]
+    pub event: Option<Value>,
+    pub action: Action,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How many occurrences this alert stands for (1 unless it aggregates a burst).
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// On an aggregated follow-up: the id of the alert that opened the burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<String>,
+    /// On an aggregated follow-up: the last occurrence's event (`event` holds the first one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<Value>,
+}
+
+fn str_field(value: &Value, key: &str) -> Option<String> {
+    value.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+fn u32_field(value: &Value, key: &str) -> Option<u32> {
+    value.get(key).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok())
+}
+
+/// The pod of an event `input` (`input.pod`), if it came from one.
+pub fn pod_from_input(input: &Value) -> Option<PodInfo> {
+    let pod = input.get("pod")?;
+    let labels = pod
+        .get("labels")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    Some(PodInfo { namespace: str_field(pod, "namespace")?, name: str_field(pod, "name")?, labels })
+}
+
+/// The process of an event `input` (`input.process`).
+pub fn process_from_input(input: &Value) -> Option<ProcessInfo> {
+    let p = input.get("process")?;
+    let cmdline = p
+        .get("cmdline")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let ancestors = p
+        .get("ancestors")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|anc| {
+                    Some(AncestorInfo {
+                        pid: u32_field(anc, "pid")?,
+                        comm: str_field(anc, "comm").unwrap_or_default(),
+                        exe: str_field(anc, "exe"),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(ProcessInfo {
+        pid: u32_field(p, "pid")?,
+        comm: str_field(p, "comm"),
+        exe: str_field(p, "exe"),
+        cmdline,
+        uid: u32_field(p, "uid"),
+        ancestors,
+    })
+}
+
+/// A new alert id for an alert raised at `micros`: strictly increasing within this process even
+/// when the clock steps back or many alerts share a microsecond.
+pub fn next_alert_id(micros: UnixMicros) -> String {
+    static LAST: Mutex<(UnixMicros, u32)> = Mutex::new((0, 0));
+    let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if micros > last.0 {
+        *last = (micros, 0);
+    } else {
+        last.1 = last.1.wrapping_add(1);
+    }
+    format!("{:016x}-{:06x}", last.0, last.1)
+}
+
+impl Alert {
+    /// A bare alert of `kind`, raised now; the builder methods below fill in the rest.
+    pub fn new(kind: AlertKind, severity: Severity, message: impl Into<String>) -> Alert {
+        Alert::at(now_micros(), kind, severity, message)
+    }
+
+    /// As `new`, at a given instant (tests, replays).
+    pub fn at(micros: UnixMicros, kind: AlertKind, severity: Severity, message: impl Into<String>) -> Alert {
+        let time = format_micros(micros);
+        Alert {
+            schema: SCHEMA_VERSION,
+            id: next_alert_id(micros),
+            time: time.clone(),
+            node: String::new(),
+            kind,
+            rule: None,
+            severity,
+            mitre: Vec::new(),
+            message: message.into(),
+            pod: None,
+            process: None,
+            event: None,
+            action: Action::Alert,
+            outcome: if kind == AlertKind::Rule { Outcome::Alerted } else { Outcome::Recorded },
+            reason: None,
+            count: 1,
+            first_seen: time.clone(),
+            last_seen: time,
+            follows: None,
+            last_event: None,
+        }
+    }
+
+    /// A rule hit on an event `input`: rule, severity, MITRE ids, message and action from the
+    /// hit; node, pod and process from the input, which is kept whole as evidence. The outcome
+    /// starts as `alerted`; the responder sets it (`with_outcome`) when it acts.
+    pub fn from_rule_hit(hit: &RuleHit, input: &Value) -> Alert {
+        let mut alert = Alert::new(AlertKind::Rule, hit.severity, hit.message.clone());
+        alert.rule = Some(RuleRef { id: hit.rule_id.clone(), title: hit.title.clone() });
+        alert.mitre = hit.mitre.clone();
+        alert.action = hit.action;
+        alert.node = str_field(input, "node").unwrap_or_default();
+        alert.pod = pod_from_input(input);
+        alert.process = process_from_input(input);
+        alert.event = Some(input.clone());
+        alert
+    }
+
+    pub fn with_outcome(mut self, outcome: Outcome, reason: Option<String>) -> Alert {
+        self.outcome = outcome;
+        self.reason = reason;
+        self
+    }
+
+    pub fn with_action(mut self, action: Action) -> Alert {
+        self.action = action;
+        self
+    }
+
+    pub fn with_pod(mut self, pod: PodInfo) -> Alert {
+        self.pod = Some(pod);
+        self
+    }
+
+    pub fn with_rule(mut self, id: impl Into<String>, title: impl Into<String>) -> Alert {
+        self.rule = Some(RuleRef { id: id.into(), title: title.into() });
+        self
+    }
+
+    pub fn with_event(mut self, event: Value) -> Alert {
+        self.event = Some(event);
+        self
+    }
+
+    pub fn with_node(mut self, node: impl Into<String>) -> Alert {
+        self.node = node.into();
+        self
+    }
+
+    pub fn with_mitre(mut self, mitre: Vec<String>) -> Alert {
+        self.mitre = mitre;
+        self
+    }
+
+    /// The rule id, or "" for alerts without a rule.
+    pub fn rule_id(&self) -> &str {
+        self.rule.as_ref().map_or("", |r| r.id.as_str())
+    }
+
+    /// Microseconds since the epoch of `time`, if it parses.
+    pub fn time_micros(&self) -> Option<UnixMicros> {
+        super::time::parse_rfc3339(&self.time).ok()
+    }
+}
+
+/// `severity >= level` filter and display helpers that `rules::model::Severity` lacks.
+pub fn severity_rank(severity: Severity) -> u8 {
+    severity as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn from_rule_hit_takes_pod_process_and_evidence() {
+        let input = json!({
+            "type": "exec", "node": "node-a",
+            "pod": {"namespace": "shop", "name": "web-1", "labels": {"app": "web"}},
+            "process": {"pid": 42, "comm": "sh", "exe": "/bin/sh", "cmdline": ["sh", "-c", "id"], "uid": 0,
+                        "ancestors": [{"pid": 1, "comm": "init", "exe": "/sbin/init"}]},
+        });
+        let hit = RuleHit {
+            rule_id: "shell_in_container".into(),
+            title: "Shell in container".into(),
+            severity: Severity::High,
+            message: "shell started".into(),
+            mitre: vec!["T1059".into()],
+            action: Action::Quarantine,
+        };
+        let alert = Alert::from_rule_hit(&hit, &input);
+        assert_eq!(alert.node, "node-a");
+        assert_eq!(alert.pod.as_ref().map(PodInfo::qualified).as_deref(), Some("shop/web-1"));
+        let process = alert.process.as_ref().unwrap();
+        assert_eq!((process.pid, process.exe.as_deref()), (42, Some("/bin/sh")));
+        assert_eq!(process.ancestors[0].comm, "init");
+        assert_eq!(alert.action, Action::Quarantine);
+        assert_eq!(alert.outcome, Outcome::Alerted);
+        let line = serde_json::to_string(&alert).unwrap();
+        let back: Alert = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, alert);
+        assert!(line.contains("\"schema\":1"));
+    }
+
+    #[test]
+    fn kinds_parse_from_their_names() {
+        for kind in AlertKind::ALL {
+            assert_eq!(kind.as_str().parse::<AlertKind>(), Ok(kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), json!(kind.as_str()));
+        }
+        assert!("nope".parse::<AlertKind>().is_err());
+    }
+}

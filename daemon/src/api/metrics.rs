@@ -1,0 +1,275 @@
+//! Prometheus metrics: one registry handle the daemon's stages record into, served as text
+//! exposition (OpenMetrics text, which Prometheus scrapes natively) on a TCP address.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use super::ApiError;
+use crate::alerts::schema::Alert;
+
+/// Default metrics address: loopback only, so nothing off the node can scrape it unless asked.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
+type Labels = Vec<(&'static str, String)>;
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+fn latency_histogram() -> Histogram {
+    // 5 µs .. ~2.6 s
+    Histogram::new(exponential_buckets(0.000_005, 2.0, 20))
+}
+
+fn sync_histogram() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+struct Inner {
+    registry: Registry,
+    events: Family<Labels, Counter>,
+    events_lost: Family<Labels, Counter>,
+    evaluation: Histogram,
+    alerts: Family<Labels, Counter>,
+    alerts_dropped: Counter,
+    alert_write_errors: Counter,
+    quarantines_active: Gauge,
+    quarantines: Counter,
+    releases: Counter,
+    policy_drops: Family<Labels, Counter>,
+    map_sync: Family<Labels, Histogram, fn() -> Histogram>,
+    rule_reloads: Family<Labels, Counter>,
+    exports: Family<Labels, Counter>,
+    /// Last absolute value seen per kernel counter, to turn totals read from maps into increments.
+    kernel_totals: Mutex<HashMap<(&'static str, String), u64>>,
+}
+
+/// The daemon's metrics registry; cheap to clone, safe to record into from any task.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("palisade");
+        let events = Family::<Labels, Counter>::default();
+        let events_lost = Family::<Labels, Counter>::default();
+        let evaluation = latency_histogram();
+        let alerts = Family::<Labels, Counter>::default();
+        let alerts_dropped = Counter::default();
+        let alert_write_errors = Counter::default();
+        let quarantines_active = Gauge::default();
+        let quarantines = Counter::default();
+        let releases = Counter::default();
+        let policy_drops = Family::<Labels, Counter>::default();
+        let map_sync = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(sync_histogram as fn() -> Histogram);
+        let rule_reloads = Family::<Labels, Counter>::default();
+        let exports = Family::<Labels, Counter>::default();
+        registry.register("events", "Kernel events received, by type", events.clone());
+        registry.register("events_lost", "Kernel events lost (ring buffer full), by type", events_lost.clone());
+        registry.register("rule_evaluation_seconds", "Time to evaluate the rule pack on one event", evaluation.clone());
+        registry.register("alerts", "Alerts written, by kind, rule and severity", alerts.clone());
+        registry.register("alerts_dropped", "Alerts dropped because the alert queue was full", alerts_dropped.clone());
+        registry.register("alert_write_errors", "Alerts that could not be written to the alert log", alert_write_errors.clone());
+        registry.register("quarantines_active", "Pods quarantined now", quarantines_active.clone());
+        registry.register("quarantines", "Quarantines applied", quarantines.clone());
+        registry.register("quarantine_releases", "Quarantines released", releases.clone());
+        registry.register("policy_drops", "Packets dropped by segmentation policy or quarantine, by direction and reason", policy_drops.clone());
+        registry.register("map_sync_seconds", "Time to sync a set of eBPF maps, by map", map_sync.clone());
+        registry.register("rule_reloads", "Rule pack loads and reloads, by result (ok, failed)", rule_reloads.clone());
+        registry.register("exports", "Alert exports, by exporter and result (sent, failed, dropped)", exports.clone());
+        let build = Family::<Labels, Gauge>::default();
+        build.get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))])).set(1);
+        registry.register("build_info", "palisade build", build);
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                events,
+                events_lost,
+                evaluation,
+                alerts,
+                alerts_dropped,
+                alert_write_errors,
+                quarantines_active,
+                quarantines,
+                releases,
+                policy_drops,
+                map_sync,
+                rule_reloads,
+                exports,
+                kernel_totals: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// One event of `event_type` reached userspace.
+    pub fn record_event(&self, event_type: &str) {
+        self.inner.events.get_or_create(&labels(&[("type", event_type)])).inc();
+    }
+
+    pub fn record_events_lost(&self, event_type: &str, count: u64) {
+        self.inner.events_lost.get_or_create(&labels(&[("type", event_type)])).inc_by(count);
+    }
+
+    /// Feeds the kernel's per-type totals (e.g. `ProbeStatus.counters`): the increase since the
+    /// last call is added, so the daemon can poll the maps instead of counting every event.
+    pub fn observe_kernel_counters(
+        &self,
+        emitted: &std::collections::BTreeMap<String, u64>,
+        lost: &std::collections::BTreeMap<String, u64>,
+    ) {
+        for (kind, total) in emitted {
+            let delta = self.kernel_delta("emitted", kind, *total);
+            self.inner.events.get_or_create(&labels(&[("type", kind)])).inc_by(delta);
+        }
+        for (kind, total) in lost {
+            let delta = self.kernel_delta("lost", kind, *total);
+            self.inner.events_lost.get_or_create(&labels(&[("type", kind)])).inc_by(delta);
+        }
+    }
+
+    /// Same for policy drops read as totals from the kernel (direction: ingress/egress).
+    pub fn observe_policy_drop_total(&self, direction: &str, reason: &str, total: u64) {
+        let delta = self.kernel_delta("policy_drops", &format!("{direction}/{reason}"), total);
+        self.add_policy_drops(direction, reason, delta);
+    }
+
+    fn kernel_delta(&self, family: &'static str, key: &str, total: u64) -> u64 {
+        let Ok(mut last) = self.inner.kernel_totals.lock() else { return 0 };
+        let previous = last.insert((family, key.to_string()), total).unwrap_or(0);
+        // A smaller total means the counter restarted (maps recreated): count it from zero.
+        if total >= previous { total - previous } else { total }
+    }
+
+    pub fn observe_evaluation(&self, elapsed: Duration) {
+        self.inner.evaluation.observe(elapsed.as_secs_f64());
+    }
+
+    /// Called by the alert writer for every alert it writes.
+    pub fn record_alert(&self, alert: &Alert) {
+        let rule = alert.rule_id();
+        let value = alert.count.max(1);
+        self.inner
+            .alerts
+            .get_or_create(&labels(&[("kind", alert.kind.as_str()), ("rule", rule), ("severity", alert.severity.as_str())]))
+            .inc_by(value);
+    }
+
+    pub fn record_alerts_dropped(&self, count: u64) {
+        self.inner.alerts_dropped.inc_by(count);
+    }
+
+    pub fn record_alert_write_error(&self) {
+        self.inner.alert_write_errors.inc();
+    }
+
+    pub fn set_quarantines_active(&self, active: i64) {
+        self.inner.quarantines_active.set(active);
+    }
+
+    pub fn record_quarantine(&self) {
+        self.inner.quarantines.inc();
+    }
+
+    pub fn record_release(&self) {
+        self.inner.releases.inc();
+    }
+
+    pub fn add_policy_drops(&self, direction: &str, reason: &str, count: u64) {
+        self.inner.policy_drops.get_or_create(&labels(&[("direction", direction), ("reason", reason)])).inc_by(count);
+    }
+
+    pub fn observe_map_sync(&self, map: &str, elapsed: Duration) {
+        self.inner.map_sync.get_or_create(&labels(&[("map", map)])).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_rule_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.inner.rule_reloads.get_or_create(&labels(&[("result", result)])).inc();
+    }
+
+    /// exporter: `webhook`, `stdout`; result: `sent`, `failed`, `dropped`, `retried`.
+    pub fn record_export(&self, exporter: &str, result: &str) {
+        self.inner.exports.get_or_create(&labels(&[("exporter", exporter), ("result", result)])).inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(err) = encode(&mut out, &self.inner.registry) {
+            tracing::warn!(%err, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Binds the metrics address (separate from `serve_metrics_on` so callers can learn the port).
+pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, ApiError> {
+    TcpListener::bind(addr).await.map_err(|source| ApiError::Bind { what: format!("metrics address {addr}"), source })
+}
+
+/// Serves `GET /metrics` on `addr` until the task is dropped.
+pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> Result<(), ApiError> {
+    let listener = bind_metrics(addr).await?;
+    tracing::info!(%addr, "serving Prometheus metrics");
+    serve_metrics_on(listener, metrics).await
+}
+
+pub async fn serve_metrics_on(listener: TcpListener, metrics: Metrics) -> Result<(), ApiError> {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%err, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(metrics_response(&req, &metrics)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(err) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(%err, "metrics connection ended");
+            }
+        });
+    }
+}
+
+fn metrics_response(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: try GET /metrics\n")));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return r;
+    }
+    let mut r = Response::new(Full::new(Bytes::from(metrics.encode())));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
