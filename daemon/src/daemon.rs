@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Do not attach kprobes even where the kernel allows them.
     #[arg(long)]
     pub no_kprobes: bool,
+    /// bpffs directory for the pinned datapath maps (enforcement survives restarts).
+    #[arg(long, default_value = crate::probes::loader::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
     /// Rule evaluation worker threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -173,7 +176,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let rules = PackHandle::new(pack);
 
     // Probes.
-    let options = LoadOptions { monitor_all: args.host, try_kprobes: !args.no_kprobes };
+    let options = LoadOptions { monitor_all: args.host, try_kprobes: !args.no_kprobes, pin_dir: Some(args.pin_dir.clone()) };
     let mut probes = loader::load(&options).context("loading the eBPF programs")?;
     probes.attach_all(&options).context("attaching the eBPF programs")?;
     for status in &probes.programs {

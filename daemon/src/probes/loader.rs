@@ -34,6 +34,8 @@ pub enum LoaderError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("pinning the datapath maps: {0}")]
+    Pin(String),
     #[error("mounting {what}: {source}")]
     Mount {
         what: &'static str,
@@ -127,12 +129,29 @@ pub struct LoadOptions {
     pub monitor_all: bool,
     /// Attach the kprobes where the kernel allows (they are always loaded, so verified).
     pub try_kprobes: bool,
+    /// Pin the datapath maps (policy, quarantine, ...) under this bpffs directory, reusing
+    /// what a previous run pinned: enforcement survives a daemon restart.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { monitor_all: false, try_kprobes: true }
+        LoadOptions { monitor_all: false, try_kprobes: true, pin_dir: None }
     }
+}
+
+/// Where the daemon pins its maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/palisade";
+
+/// Mounts bpffs at /sys/fs/bpf when it is not there yet (needed for pinning).
+pub fn ensure_bpffs() -> Result<(), LoaderError> {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")))
+        .unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    crate::sys::mount_fs("bpf", "/sys/fs/bpf", "bpf").map_err(|source| LoaderError::Mount { what: "bpffs", source })
 }
 
 /// Mounts tracefs when the tracepoint ids are not reachable (aya looks there).
@@ -179,7 +198,12 @@ pub fn task_offsets() -> Option<ProbeConfig> {
 /// Loads the embedded object and sets the configuration map; attaches nothing yet.
 pub fn load(options: &LoadOptions) -> Result<LoadedProbes, LoaderError> {
     crate::sys::raise_memlock_limit();
-    let mut ebpf = EbpfLoader::new().load(super::object::PROBES_OBJECT)?;
+    let mut loader = EbpfLoader::new();
+    if let Some(dir) = &options.pin_dir {
+        ensure_bpffs()?;
+        crate::segmentation::datapath::pin_maps(&mut loader, dir).map_err(|e| LoaderError::Pin(e.to_string()))?;
+    }
+    let mut ebpf = loader.load(super::object::PROBES_OBJECT)?;
     let mut config = task_offsets().unwrap_or_default();
     config.monitor_all = u32::from(options.monitor_all);
     config.daemon_tgid = std::process::id();
