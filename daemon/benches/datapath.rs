@@ -1,0 +1,104 @@
+//! Per-packet cost of the cgroup_skb segmentation program with 0 / 10 / 1,000 / 10,000 policies,
+//! measured in the kernel with BPF_PROG_TEST_RUN (average ns per run over many repeats).
+//!
+//!     sudo -E cargo bench -p palisade --bench datapath -- --test --nocapture
+//!
+//! (a libtest target: the daemon's Cargo.toml declares no custom bench harness)
+//!
+//! Each policy selects the server pod and allows a distinct ipBlock (/24) on a distinct port, so
+//! IPCACHE and POLICY grow with the policy count. Two paths are timed: an established flow
+//! (conntrack hit) and a new flow that no rule allows (every POLICY probe, then drop).
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::path::Path;
+
+use palisade::inventory::Inventory;
+use palisade::segmentation::datapath::{self, Datapath};
+use palisade::segmentation::{PolicySet, Segmentation};
+use palisade_common::PROG_SEG_INGRESS;
+
+const REPEAT: u32 = 2_000_000;
+
+fn packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 14 + 20 + 20];
+    p[12] = 0x08; // ethertype IPv4
+    let ip = &mut p[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let tcp = &mut p[34..54];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x02; // SYN
+    p
+}
+
+/// BPF_PROG_TEST_RUN: (return value, average ns per run).
+fn test_run(prog_fd: i32, data: &[u8], repeat: u32) -> (u32, u32) {
+    let mut out = vec![0u8; data.len() + 256];
+    let mut attr = [0u8; 80];
+    attr[0..4].copy_from_slice(&(prog_fd as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+    attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(data.as_ptr() as u64).to_ne_bytes());
+    attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 10 /* BPF_PROG_TEST_RUN */, attr.as_mut_ptr(), attr.len()) };
+    assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    let retval = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
+    let duration = u32::from_ne_bytes(attr[36..40].try_into().expect("4 bytes"));
+    (retval, duration)
+}
+
+fn policies(n: usize) -> PolicySet {
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i}, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: 10.{}.{}.0/24}}}}]\n    ports: [{{port: {}}}]\n",
+            (i >> 8) & 255,
+            i & 255,
+            1000 + (i % 50000)
+        ));
+    }
+    if n > 0 {
+        text.push_str("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-client, namespace: bench}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 8080}]\n");
+    }
+    PolicySet::parse(&text, Path::new("bench.yaml")).expect("bench policies")
+}
+
+#[test]
+fn per_packet_cost_by_policy_count() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping datapath bench: needs root (BPF_PROG_TEST_RUN)");
+        return;
+    }
+    let inv = Inventory::parse(
+        "endpoints:\n  - {namespace: bench, name: server, labels: {app: server}, ips: [198.18.0.2]}\n  - {namespace: bench, name: client, labels: {app: client}, ips: [198.18.0.1]}\n  - {namespace: bench, name: other, labels: {app: other}, ips: [198.18.0.3]}\n",
+        Path::new("bench-inventory.yaml"),
+    )
+    .expect("inventory");
+    println!("{:>9} {:>10} {:>10} {:>16} {:>18}", "policies", "POLICY", "IPCACHE", "established ns", "new-denied ns");
+    for n in [0usize, 10, 1_000, 10_000] {
+        let mut bpf = datapath::load(None).expect("load");
+        let mut dp = Datapath::adopt(&mut bpf).expect("adopt");
+        let seg = Segmentation::new(inv.clone(), policies(n));
+        dp.sync(&mut bpf, seg.compiled()).expect("sync");
+        let prog = bpf.program(PROG_SEG_INGRESS).expect("program");
+        let fd = prog.fd().expect("loaded").as_fd().as_raw_fd();
+        // Established: the first run creates the conntrack entry, the rest hit it.
+        let established = packet([198, 18, 0, 1], [198, 18, 0, 2], 40000, 8080);
+        let (ret0, _) = test_run(fd, &established, 1);
+        let (ret, est_ns) = test_run(fd, &established, REPEAT);
+        // New flow from a pod no rule allows: all probes, then drop (no conntrack entry made).
+        let denied = packet([198, 18, 0, 3], [198, 18, 0, 2], 40001, 8080);
+        let (dret, new_ns) = test_run(fd, &denied, REPEAT);
+        if n > 0 {
+            assert_eq!((ret0, ret), (1, 1), "client -> server:8080 allowed");
+            assert_eq!(dret, 0, "other -> server:8080 denied");
+        }
+        println!("{n:>9} {:>10} {:>10} {est_ns:>16} {new_ns:>18}", seg.compiled().policy.len(), seg.compiled().ipcache.len());
+    }
+}
