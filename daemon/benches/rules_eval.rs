@@ -1,0 +1,223 @@
+//! Events per second per core through the full default rule pack, and evaluation latency, for
+//! the register VM (what the daemon uses) and the tree interpreter.
+//!
+//! `cargo bench -p palisade --bench rules_eval` (release build). The event mix is read from
+//! `PALISADE_BENCH_EVENTS` (a JSONL recording from `palisade run --record`) when set; otherwise
+//! it is built from the fixture events in testdata/rules, weighted like a busy web pod: mostly
+//! benign file opens, some execs and connects, a little of everything else, ~2% attacks.
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use palisade::rules::testing::load_fixtures;
+use palisade::rules::{EngineKind, EvaluatorConfig, PackHandle, RuleEvaluator, RulePack, to_rego_value};
+
+/// A deterministic generator, so every run evaluates the same mix.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn repo() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn recorded_events(path: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| match v.get("input") {
+            Some(input) if input.get("type").is_some() => input.clone(),
+            _ => v,
+        })
+        .collect()
+}
+
+fn synthetic_mix(count: usize) -> Vec<serde_json::Value> {
+    let cases = load_fixtures(&[repo().join("testdata/rules")]).expect("fixtures load");
+    let mut attacks = Vec::new();
+    let mut benign: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
+    for loaded in cases {
+        let event = loaded.case.event;
+        if loaded.case.want.is_empty() {
+            let ty = event["type"].as_str().unwrap_or("").to_string();
+            benign.entry(ty).or_default().push(event);
+        } else {
+            attacks.push(event);
+        }
+    }
+    // Share of each benign type in a busy web pod, per mille; the rest are attacks.
+    let weights: [(&str, usize); 12] = [
+        ("open", 600),
+        ("exec", 120),
+        ("connect", 110),
+        ("fork", 40),
+        ("exit", 40),
+        ("unlink", 20),
+        ("rename", 15),
+        ("cred", 10),
+        ("dup", 10),
+        ("chmod", 5),
+        ("memfd", 5),
+        ("namespace", 0),
+    ];
+    let mut rng = Lcg(0x5eed);
+    let mut events = Vec::with_capacity(count);
+    for i in 0..count {
+        let roll = rng.below(1000);
+        let mut acc = 0;
+        let mut chosen = None;
+        for (ty, weight) in weights {
+            acc += weight;
+            if roll < acc {
+                chosen = benign.get(ty).filter(|v| !v.is_empty());
+                break;
+            }
+        }
+        let mut event = match chosen {
+            Some(pool) => pool[rng.below(pool.len())].clone(),
+            None => attacks[rng.below(attacks.len())].clone(),
+        };
+        // Vary the strings so no two consecutive events are identical.
+        if event["type"] == "open" && event["open"]["path"].as_str().is_some_and(|p| p.starts_with("/usr/share/nginx/html/")) {
+            event["open"]["path"] = format!("/usr/share/nginx/html/assets/img-{}.png", i % 997).into();
+        }
+        event["process"]["pid"] = (1000 + (i % 5000)).into();
+        event["ktime_ns"] = (i as u64 * 1000).into();
+        events.push(event);
+    }
+    events
+}
+
+struct Figures {
+    events_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    max: Duration,
+    hits: usize,
+}
+
+fn measure(pack: &RulePack, events: &[serde_json::Value], rounds: usize) -> Figures {
+    let mut session = pack.session().expect("session");
+    // Warm up caches, allocator and branch predictors.
+    for event in events.iter().take(2000) {
+        let _ = pack.evaluate_in(&mut session, event);
+    }
+    let mut latencies = Vec::with_capacity(events.len() * rounds);
+    let mut hits = 0;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for event in events {
+            let t = Instant::now();
+            let result = pack.evaluate_in(&mut session, event);
+            latencies.push(t.elapsed());
+            hits += result.map(|h| h.len()).unwrap_or(0);
+        }
+    }
+    let total = start.elapsed();
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Figures {
+        events_per_sec: latencies.len() as f64 / total.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+        p999: at(0.999),
+        max: latencies[latencies.len() - 1],
+        hits: hits / rounds,
+    }
+}
+
+fn print(name: &str, f: &Figures) {
+    println!(
+        "{name:<34} {:>10.0} events/s/core   p50 {:>6.2} µs   p99 {:>6.2} µs   p99.9 {:>7.2} µs   max {:>8.1} µs   hits/pass {}",
+        f.events_per_sec,
+        f.p50.as_secs_f64() * 1e6,
+        f.p99.as_secs_f64() * 1e6,
+        f.p999.as_secs_f64() * 1e6,
+        f.max.as_secs_f64() * 1e6,
+        f.hits
+    );
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing to parse.
+    let pack = RulePack::load(&repo().join("rules")).expect("default pack loads");
+    let (events, source) = match std::env::var("PALISADE_BENCH_EVENTS") {
+        Ok(path) => (recorded_events(&path), path),
+        Err(_) => (synthetic_mix(20_000), "synthetic web-pod mix from testdata/rules".to_string()),
+    };
+    let mut by_type: std::collections::BTreeMap<&str, usize> = Default::default();
+    for e in &events {
+        *by_type.entry(e["type"].as_str().unwrap_or("?")).or_default() += 1;
+    }
+    println!("rules: {} in the default pack; events: {} ({source})", pack.rules().len(), events.len());
+    println!("mix: {by_type:?}");
+
+    // The input conversion alone (serde_json tree -> regorus value), part of every evaluation.
+    let start = Instant::now();
+    let mut sink = 0usize;
+    for e in &events {
+        sink += matches!(to_rego_value(e), regorus::Value::Object(_)) as usize;
+    }
+    let per = start.elapsed().as_secs_f64() / events.len() as f64;
+    println!("{:<34} {:>10.2} µs/event ({sink} objects)", "input conversion", per * 1e6);
+
+    let rvm = measure(&pack, &events, 5);
+    print("register VM (RVM), full pack", &rvm);
+
+    let interpreter = pack.with_engine(EngineKind::Interpreter);
+    let slice = &events[..events.len().min(5000)];
+    let tree = measure(&interpreter, slice, 1);
+    print("tree interpreter, full pack", &tree);
+    println!("RVM speed-up over the tree interpreter: {:.1}x", rvm.events_per_sec / tree.events_per_sec);
+
+    // Per type, RVM: where the time goes.
+    for ty in ["open", "exec", "connect"] {
+        let subset: Vec<serde_json::Value> = events.iter().filter(|e| e["type"] == ty).cloned().collect();
+        if subset.is_empty() {
+            continue;
+        }
+        let f = measure(&pack, &subset, 3);
+        print(&format!("  RVM, {ty} events only"), &f);
+    }
+
+    // The worker pool, one worker per core, end to end through the bounded channels.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let handle = PackHandle::new(RulePack::load(&repo().join("rules")).expect("pack"));
+    let (evaluator, results) = RuleEvaluator::start(
+        Arc::clone(&handle),
+        EvaluatorConfig { workers, queue: 4096, send_empty: true },
+    )
+    .expect("pool");
+    let total = events.len() * 3;
+    let drain = std::thread::spawn(move || {
+        let mut n = 0;
+        while n < total && results.recv().is_ok() {
+            n += 1;
+        }
+        n
+    });
+    let start = Instant::now();
+    for _ in 0..3 {
+        for e in &events {
+            evaluator.submit(e.clone()).expect("submit");
+        }
+    }
+    let done = drain.join().expect("drain");
+    let elapsed = start.elapsed();
+    evaluator.shutdown();
+    println!(
+        "{:<34} {:>10.0} events/s with {workers} workers ({done} evaluations, incl. the event clone and channel hops)",
+        "worker pool (RVM)",
+        done as f64 / elapsed.as_secs_f64()
+    );
+}
