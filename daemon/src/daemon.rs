@@ -74,6 +74,7 @@ pub struct DaemonState {
     pub rules_last_reload: Mutex<serde_json::Value>,
     pub host: ProbeHost,
     pub pipeline: PipelineStats,
+    pub enforcer: Arc<tokio::sync::Mutex<crate::enforcement::Enforcer>>,
 }
 
 #[derive(Default)]
@@ -194,6 +195,23 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     host.set_monitored(index.cgroup_ids().collect()).await?;
     tracing::info!(endpoints = index.len(), "monitoring endpoints");
 
+    // Segmentation: policies compiled against the inventory, synced into the pinned maps, the
+    // cgroup_skb programs attached to every endpoint cgroup.
+    let policies_dir = match &args.policies {
+        Some(dir) => dir.clone(),
+        None => crate::defaults::materialize(&defaults_dir.join("policies"), crate::defaults::DEFAULT_POLICIES)?,
+    };
+    let enforcer = crate::enforcement::Enforcer::start(
+        host.clone(),
+        inventory.clone(),
+        vec![policies_dir.clone()],
+        args.pin_dir.join("links"),
+        cgroup_root.clone(),
+    )
+    .await
+    .context("enforcing the policies")?;
+    let enforcer = Arc::new(tokio::sync::Mutex::new(enforcer));
+
     let state = Arc::new(DaemonState {
         node: crate::sys::hostname(),
         endpoints: RwLock::new(index),
@@ -204,6 +222,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         rules_last_reload: Mutex::new(json!({"result": "loaded", "dir": rules_dir.display().to_string()})),
         host: host.clone(),
         pipeline: PipelineStats::default(),
+        enforcer: enforcer.clone(),
     });
 
     // Alerts (until the alert log lands: JSON lines in the state directory).
@@ -251,7 +270,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 RulesNotification::RulesRejected { errors, kept_generation } => {
                     alerts.emit(json!({
                         "kind": "rules_rejected", "node": state.node, "severity": "high",
-                        "time": crate::events::input::rfc3339(Clock::new().wall_ns(crate::events::input::monotonic_now_ns())),
+                        "time": now_rfc3339(),
                         "message": format!("rule pack rejected; generation {kept_generation} stays in force"),
                         "errors": errors,
                     }));
@@ -262,6 +281,46 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             }
         })?
     };
+
+    // Policy files changed: recompile and sync; a bad file changes nothing and says why.
+    let _policies_watcher = {
+        let (watcher, mut changes) = watch_dir(&policies_dir)?;
+        let state = state.clone();
+        let alerts = alerts.clone();
+        tokio::spawn(async move {
+            while changes.recv().await.is_some() {
+                // Let an editor's burst of writes settle.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                while changes.try_recv().is_ok() {}
+                let result = state.enforcer.lock().await.reload_policies().await;
+                if let Err(err) = result {
+                    tracing::error!(%err, "policies rejected; the last good set stays enforced");
+                    alerts.emit(json!({
+                        "kind": "policies_rejected", "node": state.node, "severity": "high",
+                        "time": now_rfc3339(),
+                        "message": format!("policies rejected, the last good set stays enforced: {err}"),
+                    }));
+                }
+            }
+        });
+        watcher
+    };
+
+    // Denied flows from the datapath (rate-limited in the kernel, with counts).
+    {
+        let ring = crate::enforcement::take_verdict_ring(&host).await?;
+        let state = state.clone();
+        let alerts = alerts.clone();
+        tokio::spawn(async move {
+            let result = crate::enforcement::read_verdicts(ring, move |verdict| {
+                alerts.emit(policy_denied_alert(&state, &verdict));
+            })
+            .await;
+            if let Err(err) = result {
+                tracing::error!(%err, "reading policy verdicts stopped");
+            }
+        });
+    }
 
     // Inventory changes: re-resolve cgroups, update the monitored set and the index.
     {
@@ -275,6 +334,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     changed = inventory_rx.changed() => {
                         if changed.is_err() { return; }
                         let inventory = inventory_rx.borrow_and_update().clone();
+                        if let Err(err) = state.enforcer.lock().await.set_inventory(inventory.clone()).await {
+                            tracing::error!(%err, "re-segmenting after an inventory change");
+                        }
                         if let Ok(mut current) = state.inventory.write() { *current = inventory; }
                     }
                     _ = retry.tick() => {}
@@ -401,4 +463,51 @@ impl AlertOutput {
         }
         print!("{line}");
     }
+}
+
+fn now_rfc3339() -> String {
+    crate::events::input::rfc3339(Clock::new().wall_ns(crate::events::input::monotonic_now_ns()))
+}
+
+/// Watches a directory (recursively); each change sends a unit on the returned channel.
+fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
+    use notify::Watcher as _;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) if event.kind.is_access() => {}
+        Ok(_) => {
+            let _ = tx.send(());
+        }
+        Err(err) => tracing::warn!(%err, "directory watcher"),
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::Recursive).with_context(|| format!("watching {}", dir.display()))?;
+    Ok((watcher, rx))
+}
+
+/// A `policy_denied` alert for one record (which carries the count the kernel held back).
+fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEvent) -> serde_json::Value {
+    let addr = |a: &[u8; 16]| {
+        let ip = std::net::Ipv6Addr::from(*a);
+        ip.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_else(|| ip.to_string())
+    };
+    let pod = state.endpoints.read().ok().and_then(|e| e.get(v.header.cgroup_id));
+    let direction = if v.direction == palisade_common::DIRECTION_INGRESS { "ingress" } else { "egress" };
+    let reason = if v.reason == palisade_common::REASON_QUARANTINE { "quarantine" } else { "policy" };
+    let protocol = match v.protocol { 6 => "TCP", 17 => "UDP", 132 => "SCTP", 1 => "ICMP", 58 => "ICMPv6", _ => "other" };
+    let count = 1 + u64::from(v.suppressed);
+    let pod_name = pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_else(|| format!("cgroup {}", v.header.cgroup_id));
+    json!({
+        "kind": "policy_denied",
+        "time": crate::events::input::rfc3339(Clock::new().wall_ns(v.header.ktime_ns)),
+        "node": state.node,
+        "severity": "low",
+        "message": format!("{direction} {protocol} {}:{} {} {}:{} denied ({reason}){}", addr(&v.local_addr), v.local_port,
+            if direction == "ingress" { "<-" } else { "->" }, addr(&v.peer_addr), v.peer_port,
+            if v.suppressed > 0 { format!(", {} more held back by the rate limit", v.suppressed) } else { String::new() }),
+        "pod": pod.as_deref(),
+        "flow": {"direction": direction, "protocol": protocol, "local": addr(&v.local_addr), "local_port": v.local_port,
+                 "peer": addr(&v.peer_addr), "peer_port": v.peer_port, "peer_identity": v.peer_identity, "reason": reason},
+        "count": count,
+        "pod_name": pod_name,
+    })
 }

@@ -1,0 +1,201 @@
+//! Keeps the segmentation datapath in step with the inventory and the policy files: compiles,
+//! syncs the maps as a diff (adds before removes) and attaches the cgroup_skb programs to every
+//! endpoint cgroup, with pinned links so enforcement outlives the daemon. A policy file that
+//! fails validation changes nothing: the last good set stays enforced.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use aya::maps::{MapData, RingBuf};
+use palisade_common::{MAP_SEG_EVENTS, PolicyVerdictEvent};
+use serde::Serialize;
+
+use crate::inventory::Inventory;
+use crate::probes::host::{HostError, ProbeHost};
+use crate::segmentation::datapath::{Datapath, DatapathError, SyncStats};
+use crate::segmentation::{Compiled, PolicyError, PolicySet, Segmentation};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnforcementError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("the datapath state lock was poisoned")]
+    Poisoned,
+}
+
+/// What status shows about segmentation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EnforcementStatus {
+    pub policy_paths: Vec<String>,
+    pub policies: usize,
+    pub endpoints: usize,
+    pub isolated_endpoints: usize,
+    pub policy_entries: usize,
+    pub attached_cgroups: usize,
+    pub last_sync: Option<String>,
+    pub last_sync_ms: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+pub struct Enforcer {
+    segmentation: Segmentation,
+    /// Lives on the eBPF owner task (jobs run there one at a time).
+    datapath: Arc<Mutex<Datapath>>,
+    host: ProbeHost,
+    policy_paths: Vec<PathBuf>,
+    pin_dir: PathBuf,
+    cgroup_root: PathBuf,
+    attached: BTreeSet<PathBuf>,
+    pub status: EnforcementStatus,
+}
+
+impl Enforcer {
+    /// Loads policies (an invalid set is an error here: nothing to fall back to yet), adopts
+    /// what pinned maps already hold, syncs and attaches.
+    pub async fn start(
+        host: ProbeHost,
+        inventory: Inventory,
+        policy_paths: Vec<PathBuf>,
+        pin_dir: PathBuf,
+        cgroup_root: PathBuf,
+    ) -> Result<Enforcer, EnforcementError> {
+        let policies = PolicySet::load(&policy_paths)?;
+        let segmentation = Segmentation::new(inventory, policies);
+        let datapath = host.with(|ebpf| Datapath::adopt(ebpf)).await??;
+        let mut enforcer = Enforcer {
+            segmentation,
+            datapath: Arc::new(Mutex::new(datapath)),
+            host,
+            policy_paths,
+            pin_dir,
+            cgroup_root,
+            attached: BTreeSet::new(),
+            status: EnforcementStatus::default(),
+        };
+        enforcer.apply().await?;
+        Ok(enforcer)
+    }
+
+    pub fn compiled(&self) -> &Compiled {
+        self.segmentation.compiled()
+    }
+
+    /// Re-reads the policy files; on error the last good set stays and the error is returned.
+    pub async fn reload_policies(&mut self) -> Result<SyncStats, EnforcementError> {
+        match PolicySet::load(&self.policy_paths) {
+            Ok(set) => {
+                self.segmentation.set_policies(set);
+                self.apply().await
+            }
+            Err(err) => {
+                self.status.last_error = Some(format!("policies rejected, last good set stays: {err}"));
+                Err(err.into())
+            }
+        }
+    }
+
+    pub async fn set_inventory(&mut self, inventory: Inventory) -> Result<SyncStats, EnforcementError> {
+        self.segmentation.set_inventory(inventory);
+        self.apply().await
+    }
+
+    /// Syncs the maps, then attaches programs to new endpoint cgroups and lets go of gone ones.
+    async fn apply(&mut self) -> Result<SyncStats, EnforcementError> {
+        let started = std::time::Instant::now();
+        let compiled = self.segmentation.compiled().clone();
+        let wanted: BTreeSet<PathBuf> = compiled
+            .endpoints
+            .values()
+            .filter_map(|ep| ep.cgroup.as_ref())
+            .map(|rel| self.cgroup_root.join(rel))
+            .filter(|path| path.exists())
+            .collect();
+        let datapath = self.datapath.clone();
+        let pin_dir = self.pin_dir.clone();
+        let to_attach: Vec<PathBuf> = wanted.difference(&self.attached).cloned().collect();
+        let to_release: Vec<PathBuf> = self.attached.difference(&wanted).cloned().collect();
+        let result = self
+            .host
+            .with(move |ebpf| -> Result<(SyncStats, Vec<PathBuf>), EnforcementError> {
+                let mut datapath = datapath.lock().map_err(|_| EnforcementError::Poisoned)?;
+                // Maps first: a newly attached program must find its allows already in place.
+                let stats = datapath.sync(ebpf, &compiled)?;
+                let mut attached = Vec::new();
+                for cgroup in to_attach {
+                    match datapath.attach_pinned(ebpf, &cgroup, &pin_dir) {
+                        Ok(()) => attached.push(cgroup),
+                        Err(err) => tracing::error!(cgroup = %cgroup.display(), %err, "attaching the datapath"),
+                    }
+                }
+                Ok((stats, attached))
+            })
+            .await?;
+        let (stats, attached) = match result {
+            Ok(ok) => ok,
+            Err(err) => {
+                self.status.last_error = Some(err.to_string());
+                return Err(err);
+            }
+        };
+        self.attached.extend(attached);
+        for cgroup in to_release {
+            release_pins(&self.pin_dir, &cgroup);
+            self.attached.remove(&cgroup);
+        }
+        let compiled = self.segmentation.compiled();
+        self.status = EnforcementStatus {
+            policy_paths: self.policy_paths.iter().map(|p| p.display().to_string()).collect(),
+            policies: self.segmentation.policies().policies.len(),
+            endpoints: compiled.endpoints.len(),
+            isolated_endpoints: compiled.endpoint_config.values().filter(|c| c.flags != 0).count(),
+            policy_entries: compiled.policy.len(),
+            attached_cgroups: self.attached.len(),
+            last_sync: Some(format!("{stats:?}")),
+            last_sync_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+            last_error: None,
+        };
+        tracing::info!(?stats, attached = self.attached.len(), "datapath synced");
+        Ok(stats)
+    }
+}
+
+/// Unpins the links of a cgroup that left the inventory (the kernel detaches them when the last
+/// reference goes; a removed cgroup takes them along anyway).
+fn release_pins(pin_dir: &Path, cgroup: &Path) {
+    let Ok(id) = crate::probes::loader::cgroup_id(cgroup) else { return };
+    for suffix in ["ingress", "egress"] {
+        let _ = std::fs::remove_file(pin_dir.join(format!("{id}-{suffix}")));
+    }
+}
+
+/// Takes the policy-verdict ring buffer out of the object for its reader.
+pub async fn take_verdict_ring(host: &ProbeHost) -> Result<RingBuf<MapData>, EnforcementError> {
+    host.with(|ebpf| {
+        let map = ebpf.take_map(MAP_SEG_EVENTS).ok_or(DatapathError::MissingMap { name: MAP_SEG_EVENTS })?;
+        RingBuf::try_from(map).map_err(|source| DatapathError::Map { name: MAP_SEG_EVENTS, source })
+    })
+    .await?
+    .map_err(EnforcementError::from)
+}
+
+/// Reads denied-flow records and hands each to `on_verdict`.
+pub async fn read_verdicts(ring: RingBuf<MapData>, mut on_verdict: impl FnMut(PolicyVerdictEvent) + Send) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd.
+    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            match crate::segmentation::datapath::decode_verdict(&item) {
+                Some(verdict) => on_verdict(verdict),
+                None => tracing::warn!(len = item.len(), "malformed policy verdict record"),
+            }
+        }
+        guard.clear_ready();
+    }
+}
