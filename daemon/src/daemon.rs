@@ -490,6 +490,11 @@ fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEv
         let ip = std::net::Ipv6Addr::from(*a);
         ip.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_else(|| ip.to_string())
     };
+    // addr:port, with IPv6 in brackets so the port is not mistaken for part of the address.
+    let socket = |a: &[u8; 16], port: u16| {
+        let text = addr(a);
+        if text.contains(':') { format!("[{text}]:{port}") } else { format!("{text}:{port}") }
+    };
     let pod = state.endpoints.read().ok().and_then(|e| e.get(v.header.cgroup_id));
     let direction = if v.direction == palisade_common::DIRECTION_INGRESS { "ingress" } else { "egress" };
     let reason = if v.reason == palisade_common::REASON_QUARANTINE { "quarantine" } else { "policy" };
@@ -501,8 +506,8 @@ fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEv
         "time": crate::events::input::rfc3339(Clock::new().wall_ns(v.header.ktime_ns)),
         "node": state.node,
         "severity": "low",
-        "message": format!("{direction} {protocol} {}:{} {} {}:{} denied ({reason}){}", addr(&v.local_addr), v.local_port,
-            if direction == "ingress" { "<-" } else { "->" }, addr(&v.peer_addr), v.peer_port,
+        "message": format!("{direction} {protocol} {} {} {} denied ({reason}){}", socket(&v.local_addr, v.local_port),
+            if direction == "ingress" { "<-" } else { "->" }, socket(&v.peer_addr, v.peer_port),
             if v.suppressed > 0 { format!(", {} more held back by the rate limit", v.suppressed) } else { String::new() }),
         "pod": pod.as_deref(),
         "flow": {"direction": direction, "protocol": protocol, "local": addr(&v.local_addr), "local_port": v.local_port,

@@ -66,7 +66,13 @@ impl Enforcer {
     ) -> Result<Enforcer, EnforcementError> {
         let policies = PolicySet::load(&policy_paths)?;
         let segmentation = Segmentation::new(inventory, policies);
-        let datapath = host.with(|ebpf| Datapath::adopt(ebpf)).await??;
+        let datapath = host
+            .with(|ebpf| {
+                let datapath = Datapath::adopt(ebpf)?;
+                Datapath::set_denied_events(ebpf, true, palisade_common::DENY_EVENTS_PER_WINDOW)?;
+                Ok::<_, DatapathError>(datapath)
+            })
+            .await??;
         let mut enforcer = Enforcer {
             segmentation,
             datapath: Arc::new(Mutex::new(datapath)),
