@@ -516,3 +516,40 @@ fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEv
         "pod_name": pod_name,
     })
 }
+
+/// Everything `palisade status` shows, as JSON (sections by name).
+pub async fn status_json(state: &DaemonState) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let probes = match state.host.status().await {
+        Ok(status) => serde_json::to_value(status).unwrap_or_default(),
+        Err(err) => json!({"error": err.to_string()}),
+    };
+    let pack = state.rules.current();
+    let endpoints: Vec<serde_json::Value> = state
+        .inventory
+        .read()
+        .map(|inv| inv.endpoints.iter().map(|e| json!({"pod": e.key(), "ips": e.ips, "cgroup": e.cgroup})).collect())
+        .unwrap_or_default();
+    let monitored = state.endpoints.read().map(|e| e.len()).unwrap_or(0);
+    let unresolved = state.unresolved_cgroups.read().map(|u| u.clone()).unwrap_or_default();
+    let segmentation = serde_json::to_value(&state.enforcer.lock().await.status).unwrap_or_default();
+    json!({
+        "node": state.node,
+        "probes": probes,
+        "events": {
+            "reader": state.reader.snapshot(),
+            "enriched": state.pipeline.enriched.load(Relaxed),
+            "evaluations_with_hits": state.pipeline.evaluated_with_hits.load(Relaxed),
+            "rule_errors": state.pipeline.rule_errors.load(Relaxed),
+            "record_errors": state.pipeline.record_errors.load(Relaxed),
+        },
+        "rules": {
+            "generation": pack.generation(),
+            "rules": pack.rules().len(),
+            "subscribed_types": pack.subscribed_types(),
+            "last_reload": state.rules_last_reload.lock().map(|v| v.clone()).unwrap_or_default(),
+        },
+        "endpoints": {"monitored": monitored, "unresolved": unresolved, "inventory": endpoints},
+        "segmentation": segmentation,
+    })
+}
