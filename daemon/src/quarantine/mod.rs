@@ -14,6 +14,10 @@
 //!    `resume(by)` after the rate limit tripped, `status()`.
 //! 4. Changes: `set_policy(ResponsePolicy)` (hot reload), `set_inventory(&inventory)` (returns the
 //!    quarantines that ended because their endpoint left).
+//! 5. Alerts and API: [`api::alerts_for`] (rule alert + outcome, guardrail alert on a trip),
+//!    [`api::removal_alert`]; [`api::QuarantineApiHandler`] implements `crate::api::QuarantineApi`
+//!    (list; release writes its own audit alert).
+pub mod api;
 pub mod datapath;
 pub mod policy;
 pub mod responder;

@@ -81,6 +81,10 @@ pub struct Decision {
     /// Something went wrong after enforcement (e.g. the state file could not be written).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// This verdict tripped the rate limit: automatic quarantine is now suspended (the daemon
+    /// raises a guardrail alert besides the rule alert).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub breaker_tripped: bool,
 }
 
 /// The audit record of a release.
@@ -371,6 +375,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             cgroup_id,
             enforced_at_ns: None,
             warning: None,
+            breaker_tripped: false,
         };
         if verdict.hit.action != Action::Quarantine {
             return decision(Outcome::Alerted, "the rule's action is alert".into(), None);
@@ -434,7 +439,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             if let Err(err) = self.persist() {
                 tracing::error!(%err, "writing the quarantine state");
             }
-            return decision(Outcome::Suppressed, reason, Some(cgroup_id));
+            return Decision { breaker_tripped: true, ..decision(Outcome::Suppressed, reason, Some(cgroup_id)) };
         }
 
         // Enforce first, then record, then report.
@@ -475,6 +480,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             cgroup_id: Some(cgroup_id),
             enforced_at_ns: Some(enforced_at_ns),
             warning,
+            breaker_tripped: false,
         }
     }
 
@@ -735,6 +741,7 @@ mod tests {
         let tripped = r.respond(&verdict("shop/c", "x", Action::Quarantine));
         assert_eq!(tripped.outcome, Outcome::Suppressed);
         assert!(tripped.reason.contains("rate limit"), "{}", tripped.reason);
+        assert!(tripped.breaker_tripped);
         // Stays suppressed (no time-based re-arming) and says so in status and on disk.
         assert_eq!(r.respond(&verdict("shop/d", "x", Action::Quarantine)).outcome, Outcome::Suppressed);
         let status = r.status();
