@@ -239,6 +239,20 @@ pub fn rotated_path(dir: &Path, n: usize) -> PathBuf {
     dir.join(format!("{LOG_FILE_NAME}.{n}"))
 }
 
+/// The rotations present in `dir`, as (N, path), in no particular order.
+pub fn rotated_files(dir: &Path) -> Vec<(usize, PathBuf)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let n: usize = name.to_str()?.strip_prefix(LOG_FILE_NAME)?.strip_prefix('.')?.parse().ok()?;
+            (n >= 1).then(|| (n, rotated_path(dir, n)))
+        })
+        .collect()
+}
+
 struct Writer {
     config: AlertLogConfig,
     path: PathBuf,
@@ -379,14 +393,14 @@ impl Writer {
         }
         let dir = self.config.dir.clone();
         let keep = self.config.max_files;
-        // Rotations beyond the limit (also left over from a larger limit before) go first.
-        let mut n = keep.max(1);
-        while rotated_path(&dir, n).exists() {
-            if let Err(err) = std::fs::remove_file(rotated_path(&dir, n)) {
-                self.record_error(format!("remove {}: {err}", rotated_path(&dir, n).display()));
-                break;
+        // The oldest kept rotation is shifted out, and any beyond the limit (left over from a
+        // larger limit before) go too.
+        for (n, path) in rotated_files(&dir) {
+            if n >= keep.max(1)
+                && let Err(err) = std::fs::remove_file(&path)
+            {
+                self.record_error(format!("remove {}: {err}", path.display()));
             }
-            n += 1;
         }
         for i in (1..keep).rev() {
             let from = rotated_path(&dir, i);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::log::{LOG_FILE_NAME, rotated_path};
+use super::log::{LOG_FILE_NAME, rotated_files};
 use super::schema::{Alert, AlertKind};
 use super::time::{UnixMicros, format_micros, parse_instant};
 use crate::rules::model::Severity;
@@ -51,13 +51,12 @@ pub fn parse_kinds(text: &str) -> Result<Vec<AlertKind>, QueryError> {
 
 impl AlertQuery {
     pub fn matches(&self, alert: &Alert) -> bool {
-        if self.since.is_some() || self.until.is_some() {
-            // An alert whose time does not parse is shown rather than hidden.
-            if let Some(t) = alert.time_micros() {
-                if self.since.is_some_and(|since| t < since) || self.until.is_some_and(|until| t > until) {
-                    return false;
-                }
-            }
+        // An alert whose time does not parse is shown rather than hidden.
+        if (self.since.is_some() || self.until.is_some())
+            && let Some(t) = alert.time_micros()
+            && (self.since.is_some_and(|since| t < since) || self.until.is_some_and(|until| t > until))
+        {
+            return false;
         }
         if let Some(ns) = &self.namespace
             && alert.pod.as_ref().is_none_or(|p| &p.namespace != ns)
@@ -169,17 +168,8 @@ pub fn percent_decode(text: &str) -> Option<String> {
 
 /// The log files in `dir`, oldest first: `alerts.jsonl.N` .. `alerts.jsonl.1`, `alerts.jsonl`.
 pub fn log_files(dir: &Path) -> Vec<PathBuf> {
-    let mut rotated: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let name = entry.file_name();
-            let n: usize = name.to_str()?.strip_prefix(LOG_FILE_NAME)?.strip_prefix('.')?.parse().ok()?;
-            (n >= 1).then(|| (n, rotated_path(dir, n)))
-        })
-        .collect();
-    rotated.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut rotated = rotated_files(dir);
+    rotated.sort_by_key(|r| std::cmp::Reverse(r.0));
     let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
     let current = dir.join(LOG_FILE_NAME);
     if current.exists() {
