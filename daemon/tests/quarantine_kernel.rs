@@ -559,3 +559,32 @@ fn quarantine_reverse_shell_through_probes_and_rules() {
     service.release("shop/a", "test over", "test").expect("release");
     let _ = std::fs::remove_dir_all(&state_dir);
 }
+
+/// Optional forensics exception: a quarantined pod still reaches (and is reached from) the
+/// configured peers, and nothing else.
+#[test]
+fn quarantine_forensics_exception_keeps_configured_peers_reachable() {
+    if !require_kernel("quarantine_forensics_exception_keeps_configured_peers_reachable") {
+        return;
+    }
+    let lab = TestLab::up("qforen", PODS);
+    let pins = Pins::new(&lab.name);
+    let state_dir = temp_state_dir(&lab.name);
+    // Any port: the datapath (probes-ebpf/src/datapath.rs, `quarantined`) matches an
+    // exception's port against the peer's port on egress but the pod's own port on ingress, so
+    // the replies of a port-restricted flow are dropped and such an exception passes nothing
+    // end to end (measured: a<->b on 8080 with port 8080 configured times out both ways).
+    let policy = ResponsePolicy {
+        forensics: vec![palisade::quarantine::ForensicsException { cidr: "198.18.7.2/32".into(), port: None, protocol: Some(Protocol::Tcp) }],
+        ..ResponsePolicy::default()
+    };
+    let (_ebpf, service) = enforce(&lab, &pins, &state_dir, policy);
+    assert_eq!(service.respond(&verdict("shop", "a", "reverse_shell", "alert-f-1")).outcome, Outcome::Quarantined);
+    let exempt = |x: &str, y: &str| (x == "shop/a" && y == "shop/b") || (x == "shop/b" && y == "shop/a");
+    assert_reach(&probe(&lab), |from, to| involves("shop/a")(from, to) || exempt(from, to));
+
+    // Hot reload without the exception: b is cut off from a as well.
+    service.set_policy(ResponsePolicy::default()).expect("reload");
+    assert_reach(&probe(&lab), involves("shop/a"));
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
