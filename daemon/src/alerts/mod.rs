@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod cli;
 pub mod export;
 pub mod log;
+pub mod options;
 pub mod query;
 pub mod render;
 pub mod schema;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub use export::{ExportFormat, Exports, StdoutExporter, WebhookConfig, WebhookExporter};
 pub use log::{AlertLog, AlertLogConfig, AlertLogStats, AlertSink, LOG_FILE_NAME};
+pub use options::AlertOptions;
 pub use query::AlertQuery;
 pub use schema::{Alert, AlertKind, Outcome, PodInfo, ProcessInfo, RuleRef, SCHEMA_VERSION};
 
