@@ -137,6 +137,12 @@ impl AlertSink {
         self.tx.send(alert).await.map_err(|_| AlertsError::WriterStopped)
     }
 
+    /// As `emit`, from a thread outside the tokio runtime (e.g. a verdict thread). Must not be
+    /// called from async code.
+    pub fn blocking_emit(&self, alert: Alert) -> Result<(), AlertsError> {
+        self.tx.blocking_send(alert).map_err(|_| AlertsError::WriterStopped)
+    }
+
     /// Live alerts as they are written. A follower that falls behind by more than the follow
     /// capacity gets `RecvError::Lagged(n)`: it missed n alerts (they are in the log).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Alert>> {

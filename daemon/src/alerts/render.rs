@@ -198,7 +198,7 @@ pub struct AlertColumns {
 }
 
 pub const ALERT_HEADERS: [&str; 8] = ["TIME", "SEVERITY", "KIND", "RULE", "POD", "PROCESS", "OUTCOME", "MESSAGE"];
-const FIXED_WIDTHS: [usize; 7] = [23, 8, 14, 26, 30, 24, 19];
+const FIXED_WIDTHS: [usize; 7] = [23, 8, 14, 24, 26, 20, 19];
 
 impl AlertColumns {
     pub fn for_terminal(width: Option<usize>) -> AlertColumns {
