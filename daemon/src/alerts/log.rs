@@ -211,6 +211,9 @@ impl AlertLog {
             file,
             size,
             shared: shared.clone(),
+            pending: Vec::new(),
+            pending_alerts: 0,
+            pending_follow: Vec::new(),
             dirty: false,
             last_sync: Instant::now(),
             sync_now: false,
@@ -266,6 +269,10 @@ struct Writer {
     size: u64,
     shared: Arc<Shared>,
     aggregator: Aggregator,
+    /// Lines of the current batch, written together by `flush_pending`.
+    pending: Vec<u8>,
+    pending_alerts: u64,
+    pending_follow: Vec<Alert>,
     dirty: bool,
     last_sync: Instant,
     sync_now: bool,
@@ -300,6 +307,7 @@ impl Writer {
             if rx.is_empty() {
                 self.report_drops();
             }
+            self.flush_pending();
             self.maybe_sync(now);
         }
         // Shutdown: what is queued is written, open bursts get their follow-ups.
@@ -310,6 +318,7 @@ impl Writer {
             self.write(follow_up);
         }
         self.report_drops();
+        self.flush_pending();
         if let Err(err) = self.file.sync_data() {
             self.record_error(format!("sync {}: {err}", self.path.display()));
         }
@@ -357,18 +366,13 @@ impl Writer {
                 return;
             }
         };
-        if self.size > 0 && self.size + line.len() as u64 > self.config.max_file_bytes {
+        let pending = self.pending.len() as u64;
+        if self.size + pending > 0 && self.size + pending + line.len() as u64 > self.config.max_file_bytes {
+            self.flush_pending();
             self.rotate();
         }
-        match self.file.write_all(line.as_bytes()) {
-            Ok(()) => {
-                self.size += line.len() as u64;
-                self.dirty = true;
-                self.shared.counters.written.fetch_add(1, Ordering::Relaxed);
-                self.shared.counters.file_bytes.store(self.size, Ordering::Relaxed);
-            }
-            Err(err) => self.record_error(format!("write {}: {err}", self.path.display())),
-        }
+        self.pending.extend_from_slice(line.as_bytes());
+        self.pending_alerts += 1;
         if matches!(alert.kind, AlertKind::Quarantine | AlertKind::Release) {
             self.sync_now = true;
         }
@@ -376,9 +380,31 @@ impl Writer {
             m.record_alert(&alert);
         }
         self.config.exports.offer(&alert);
-        // Followers see the alert even if the disk write failed: the live view should not go
-        // dark because the disk is full.
-        let _ = self.shared.follow.send(Arc::new(alert));
+        self.pending_follow.push(alert);
+    }
+
+    /// Writes the batch's lines with one write(2).
+    fn flush_pending(&mut self) {
+        if self.pending.is_empty() && self.pending_follow.is_empty() {
+            return;
+        }
+        match self.file.write_all(&self.pending) {
+            Ok(()) => {
+                self.size += self.pending.len() as u64;
+                self.dirty = true;
+                self.shared.counters.written.fetch_add(self.pending_alerts, Ordering::Relaxed);
+                self.shared.counters.file_bytes.store(self.size, Ordering::Relaxed);
+            }
+            Err(err) => self.record_error(format!("write {} ({} alerts): {err}", self.path.display(), self.pending_alerts)),
+        }
+        self.pending.clear();
+        self.pending_alerts = 0;
+        // Broadcast only once written: a follower that subscribes and then reads history sees
+        // every alert in one or the other. Followers get them even if the write failed: the
+        // live view should not go dark because the disk is full.
+        for alert in self.pending_follow.drain(..) {
+            let _ = self.shared.follow.send(Arc::new(alert));
+        }
     }
 
     fn record_error(&self, message: String) {
