@@ -180,7 +180,8 @@ impl Lab {
                 // Pods in different /64s are still on one segment: make the other /64s on-link.
                 let routes: Vec<String> = v6_subnets
                     .iter()
-                    .map(|subnet| format!("-6 route replace {subnet} dev {}", naming::POD_INTERFACE))
+                    // No "-6" here: `ip -batch` takes no options on its lines; the prefix says v6.
+                    .map(|subnet| format!("route replace {subnet} dev {}", naming::POD_INTERFACE))
                     .collect();
                 netns::batch(&pod.netns, &routes)?;
             }
