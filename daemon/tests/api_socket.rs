@@ -99,6 +99,8 @@ async fn follow_shows_an_alert_raised_while_following() {
     wait_for("the live alert", || seen.lock().unwrap().len() >= 3).await;
     assert_eq!(*seen.lock().unwrap(), ["before", "during", "filtered out?"], "history once, then live, in order");
     follower.abort();
+    // A follower that goes away is unsubscribed (the server notices the closed stream).
+    wait_for("the first follower to be gone", || sink.stats().followers == 0).await;
 
     // The CLI follows the same way, over the same socket.
     let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
@@ -108,8 +110,7 @@ async fn follow_shows_an_alert_raised_while_following() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let followers_before = 0;
-    wait_for("the CLI to subscribe", || sink.stats().followers > followers_before).await;
+    wait_for("the CLI to subscribe", || sink.stats().followers == 1).await;
     sink.emit(Alert::new(AlertKind::Rule, Severity::High, "not this one").with_rule("other", "o")).await.unwrap();
     sink.emit(Alert::new(AlertKind::Rule, Severity::High, "raised while following").with_rule("wanted", "w")).await.unwrap();
     let stdout = child.stdout.take().unwrap();
