@@ -9,6 +9,7 @@ pub mod defaults;
 pub mod enforcement;
 pub mod events;
 pub mod inventory;
+pub mod k8s;
 pub mod lab;
 pub mod logging;
 pub mod probes;

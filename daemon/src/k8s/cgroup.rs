@@ -1,0 +1,234 @@
+//! Finds a pod's cgroup under the cgroup2 hierarchy from its UID and QoS class.
+//!
+//! The kubelet creates the pod-level cgroup when it creates the pod sandbox, before any of the
+//! pod's containers (the pause container included) runs a process. Segmenting and monitoring that
+//! directory therefore covers the pod from its first process, and every container the runtime
+//! later creates inside it. The layouts (paths relative to the cgroup2 mount):
+//!
+//! | driver | QoS | pod cgroup | containers |
+//! |---|---|---|---|
+//! | systemd | Guaranteed | `kubepods.slice/kubepods-pod<uid_>.slice` | `cri-containerd-<id>.scope`, `crio-<id>.scope`, `docker-<id>.scope` |
+//! | systemd | Burstable | `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice` | same |
+//! | systemd | BestEffort | `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice` | same |
+//! | cgroupfs | Guaranteed | `kubepods/pod<uid>` | `<id>` (containerd), `crio-<id>` (CRI-O) |
+//! | cgroupfs | Burstable | `kubepods/burstable/pod<uid>` | same |
+//! | cgroupfs | BestEffort | `kubepods/besteffort/pod<uid>` | same |
+//!
+//! `<uid_>` is the UID with `-` replaced by `_` (systemd reserves `-` for slice nesting). When the
+//! kubelet runs with a `--cgroup-root` (kind, some managed distributions) the same layout sits
+//! below another directory; a bounded search below the mount finds it.
+
+use std::path::{Path, PathBuf};
+
+/// How deep below the cgroup2 mount the fallback search looks for the `kubepods` tree.
+const SEARCH_DEPTH: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("pod {uid}: no cgroup below {root} (looked for {candidates})")]
+    NotFound { uid: String, root: PathBuf, candidates: String },
+    #[error("pod UID {0:?} is not a UID (hex digits and '-')")]
+    BadUid(String),
+}
+
+/// The pod's QoS class, as `status.qosClass` reports it; it decides the parent cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl QosClass {
+    /// `None` for a missing or unknown class; discovery then tries all three.
+    pub fn from_status(value: Option<&str>) -> Option<QosClass> {
+        match value? {
+            "Guaranteed" => Some(QosClass::Guaranteed),
+            "Burstable" => Some(QosClass::Burstable),
+            "BestEffort" => Some(QosClass::BestEffort),
+            _ => None,
+        }
+    }
+
+    const ALL: [QosClass; 3] = [QosClass::Burstable, QosClass::BestEffort, QosClass::Guaranteed];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDriver {
+    Systemd,
+    Cgroupfs,
+}
+
+/// A pod's cgroup, found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodCgroup {
+    /// Relative to the cgroup2 mount, no leading `/` (the inventory's form).
+    pub path: String,
+    pub driver: CgroupDriver,
+    /// Container ids whose cgroups exist below the pod cgroup (runtime prefixes stripped).
+    pub containers: Vec<String>,
+}
+
+/// Looks pods' cgroups up below one cgroup2 mount.
+#[derive(Debug, Clone)]
+pub struct CgroupLocator {
+    root: PathBuf,
+}
+
+impl CgroupLocator {
+    /// `root` is the cgroup2 mount (e.g. `/sys/fs/cgroup`).
+    pub fn new(root: impl Into<PathBuf>) -> CgroupLocator {
+        CgroupLocator { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The pod-level cgroup of the pod with `uid`. With an unknown QoS class every class is tried.
+    pub fn pod_cgroup(&self, uid: &str, qos: Option<QosClass>) -> Result<PodCgroup, CgroupError> {
+        if uid.is_empty() || !uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            return Err(CgroupError::BadUid(uid.to_string()));
+        }
+        let classes: Vec<QosClass> = match qos {
+            Some(class) => vec![class],
+            None => QosClass::ALL.to_vec(),
+        };
+        let mut tried = Vec::new();
+        for class in &classes {
+            for (relative, driver) in candidates(uid, *class) {
+                if self.root.join(&relative).is_dir() {
+                    return Ok(self.found(relative, driver));
+                }
+                tried.push(relative);
+            }
+        }
+        // A kubelet `--cgroup-root` puts the whole tree one or more levels down.
+        for base in self.kubepods_parents() {
+            for class in &classes {
+                for (relative, driver) in candidates(uid, *class) {
+                    let nested = format!("{base}/{relative}");
+                    if self.root.join(&nested).is_dir() {
+                        return Ok(self.found(nested, driver));
+                    }
+                }
+            }
+        }
+        Err(CgroupError::NotFound { uid: uid.to_string(), root: self.root.clone(), candidates: tried.join(", ") })
+    }
+
+    fn found(&self, path: String, driver: CgroupDriver) -> PodCgroup {
+        let containers = container_ids(&self.root.join(&path), driver);
+        PodCgroup { path, driver, containers }
+    }
+
+    /// Directories (relative, below the mount, not the mount itself) that hold a `kubepods` or
+    /// `kubepods.slice` directory, breadth first, at most [`SEARCH_DEPTH`] levels down.
+    fn kubepods_parents(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut level = vec![String::new()];
+        for _ in 0..SEARCH_DEPTH {
+            let mut next = Vec::new();
+            for dir in level {
+                let Ok(entries) = std::fs::read_dir(self.root.join(&dir)) else { continue };
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        continue;
+                    }
+                    let child = if dir.is_empty() { name.clone() } else { format!("{dir}/{name}") };
+                    if name == "kubepods" || name == "kubepods.slice" {
+                        if !dir.is_empty() {
+                            found.push(dir.clone());
+                        }
+                    } else if name.ends_with(".slice") || name.contains("kube") {
+                        // Only slices and kubelet-ish directories can hold a cgroup root;
+                        // container scopes and system services cannot.
+                        next.push(child);
+                    }
+                }
+            }
+            level = next;
+        }
+        found.sort();
+        found.dedup();
+        found
+    }
+}
+
+/// The pod cgroup paths for one QoS class, systemd first (the default driver since 1.22).
+fn candidates(uid: &str, class: QosClass) -> [(String, CgroupDriver); 2] {
+    let escaped = uid.replace('-', "_");
+    let systemd = match class {
+        QosClass::Guaranteed => format!("kubepods.slice/kubepods-pod{escaped}.slice"),
+        QosClass::Burstable => {
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{escaped}.slice")
+        }
+        QosClass::BestEffort => {
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{escaped}.slice")
+        }
+    };
+    let cgroupfs = match class {
+        QosClass::Guaranteed => format!("kubepods/pod{uid}"),
+        QosClass::Burstable => format!("kubepods/burstable/pod{uid}"),
+        QosClass::BestEffort => format!("kubepods/besteffort/pod{uid}"),
+    };
+    [(systemd, CgroupDriver::Systemd), (cgroupfs, CgroupDriver::Cgroupfs)]
+}
+
+/// Container ids below a pod cgroup, from the runtimes' directory names.
+fn container_ids(pod_dir: &Path, driver: CgroupDriver) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(pod_dir) else { return Vec::new() };
+    let mut ids: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| container_id_from_dir(&e.file_name().to_string_lossy(), driver))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// `cri-containerd-<id>.scope` -> `<id>` (systemd), `crio-<id>` / `<id>` (cgroupfs). CRI-O's
+/// `crio-conmon-<id>` monitor cgroups are not containers.
+pub fn container_id_from_dir(name: &str, driver: CgroupDriver) -> Option<String> {
+    let id = match driver {
+        CgroupDriver::Systemd => {
+            let stem = name.strip_suffix(".scope")?;
+            ["cri-containerd-", "crio-", "docker-"].iter().find_map(|prefix| stem.strip_prefix(prefix))?
+        }
+        CgroupDriver::Cgroupfs => name.strip_prefix("crio-").unwrap_or(name),
+    };
+    let is_id = id.len() >= 12 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    is_id.then(|| id.to_string())
+}
+
+/// `containerd://<id>` / `cri-o://<id>` / `docker://<id>` from a pod's containerStatuses -> `<id>`.
+pub fn container_id_from_status(value: &str) -> Option<&str> {
+    let (_, id) = value.split_once("://")?;
+    (!id.is_empty()).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_dir_names() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let systemd = CgroupDriver::Systemd;
+        assert_eq!(container_id_from_dir(&format!("cri-containerd-{id}.scope"), systemd).as_deref(), Some(id));
+        assert_eq!(container_id_from_dir(&format!("crio-{id}.scope"), systemd).as_deref(), Some(id));
+        assert_eq!(container_id_from_dir(&format!("crio-conmon-{id}.scope"), systemd), None);
+        assert_eq!(container_id_from_dir(id, CgroupDriver::Cgroupfs).as_deref(), Some(id));
+        assert_eq!(container_id_from_dir(&format!("crio-{id}"), CgroupDriver::Cgroupfs).as_deref(), Some(id));
+        assert_eq!(container_id_from_dir("cpu.max", CgroupDriver::Cgroupfs), None);
+        assert_eq!(container_id_from_status(&format!("containerd://{id}")), Some(id));
+        assert_eq!(container_id_from_status("containerd://"), None);
+    }
+
+    #[test]
+    fn a_uid_cannot_escape_the_hierarchy() {
+        let locator = CgroupLocator::new("/nonexistent");
+        assert!(matches!(locator.pod_cgroup("../../etc", None), Err(CgroupError::BadUid(_))));
+    }
+}

@@ -1,0 +1,304 @@
+//! Kubernetes API objects to palisade's own model: Pods to inventory endpoints, Namespaces to
+//! inventory namespaces, NetworkPolicies (through serde) to the segmentation policy set. The
+//! segmentation parser is the one validator of policies; nothing here re-implements it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{Container, Namespace as KubeNamespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy as KubeNetworkPolicy;
+
+use crate::inventory::{EndpointSpec, Inventory, InventoryError, InventoryFile, NamedPort, NamespaceSpec, Protocol};
+use crate::segmentation::policy::{NetworkPolicy, PolicySet};
+
+use super::QUARANTINE_LABEL;
+
+/// How the published inventory names its source in validation messages.
+pub const INVENTORY_SOURCE: &str = "kubernetes";
+
+/// A pod as the source sees it before its cgroup is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    /// `namespace/name`.
+    pub key: String,
+    pub uid: String,
+    pub qos_class: Option<String>,
+    /// Container ids from `status.containerStatuses` (runtime prefix stripped).
+    pub container_ids: Vec<String>,
+    pub endpoint: EndpointSpec,
+    /// Whether the pod carries `palisade.io/quarantined=true`.
+    pub quarantine_label: bool,
+    /// Why a part of the pod was left out of the endpoint (e.g. a host-network pod's IPs).
+    pub notes: Vec<String>,
+}
+
+/// `None` for pods that are finished (Succeeded/Failed): their IPs may already belong to a new
+/// pod, and nothing runs in them to monitor.
+pub fn pod_view(pod: &Pod) -> Option<PodView> {
+    let namespace = pod.metadata.namespace.clone()?;
+    let name = pod.metadata.name.clone()?;
+    let status = pod.status.as_ref();
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let spec = pod.spec.as_ref();
+    let mut notes = Vec::new();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let quarantine_label = labels.get(QUARANTINE_LABEL).is_some_and(|v| v == "true");
+    // The quarantine label is palisade's own bookkeeping: selectors must not see it change, or
+    // a quarantine would re-segment the pod a second time through the policy compiler.
+    let labels: BTreeMap<String, String> = labels.into_iter().filter(|(k, _)| k != QUARANTINE_LABEL).collect();
+
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let mut ips: Vec<IpAddr> = Vec::new();
+    if host_network {
+        // Host-network pods share the node's addresses (and several of them the same ones);
+        // NetworkPolicy does not apply to them, so they are monitored but not addressable.
+        notes.push("hostNetwork: the node's addresses are not the pod's own; not segmented".to_string());
+    } else if let Some(status) = status {
+        let listed: Vec<&str> = match &status.pod_ips {
+            Some(pod_ips) if !pod_ips.is_empty() => pod_ips.iter().map(|p| p.ip.as_str()).collect(),
+            _ => status.pod_ip.as_deref().into_iter().collect(),
+        };
+        for ip in listed {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+                Ok(_) => {}
+                Err(_) => notes.push(format!("status.podIPs: {ip:?} is not an IP address")),
+            }
+        }
+    }
+
+    let mut ports = Vec::new();
+    if let Some(spec) = spec {
+        // Sidecars (init containers that keep running) serve ports like ordinary containers.
+        let sidecars = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+        for container in spec.containers.iter().chain(sidecars) {
+            container_ports(container, &mut ports, &mut notes);
+        }
+    }
+
+    let container_ids = status
+        .map(|s| {
+            s.container_statuses
+                .iter()
+                .flatten()
+                .chain(s.init_container_statuses.iter().flatten())
+                .filter_map(|c| c.container_id.as_deref().and_then(super::cgroup::container_id_from_status))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+
+    Some(PodView {
+        key: format!("{namespace}/{name}"),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        qos_class: status.and_then(|s| s.qos_class.clone()),
+        container_ids,
+        endpoint: EndpointSpec {
+            namespace,
+            name,
+            labels,
+            service_account: spec.and_then(|s| s.service_account_name.clone()).filter(|s| !s.is_empty()),
+            ips,
+            ports,
+            cgroup: None,
+        },
+        quarantine_label,
+        notes,
+    })
+}
+
+fn container_ports(container: &Container, ports: &mut Vec<NamedPort>, notes: &mut Vec<String>) {
+    for port in container.ports.iter().flatten() {
+        let Some(number) = u16::try_from(port.container_port).ok().filter(|p| *p > 0) else {
+            notes.push(format!("container {}: port {} out of range", container.name, port.container_port));
+            continue;
+        };
+        let protocol = match port.protocol.as_deref().map(str::parse::<Protocol>) {
+            None => Protocol::Tcp,
+            Some(Ok(protocol)) => protocol,
+            Some(Err(message)) => {
+                notes.push(format!("container {}: port {number}: {message}", container.name));
+                continue;
+            }
+        };
+        let named = NamedPort { name: port.name.clone(), port: number, protocol };
+        if named.name.is_some() && ports.iter().any(|p: &NamedPort| p.name == named.name) {
+            notes.push(format!("container {}: port name {:?} used twice; first kept", container.name, named.name));
+            continue;
+        }
+        if !ports.contains(&named) {
+            ports.push(named);
+        }
+    }
+}
+
+pub fn namespace_spec(namespace: &KubeNamespace) -> Option<NamespaceSpec> {
+    Some(NamespaceSpec {
+        name: namespace.metadata.name.clone()?,
+        labels: namespace.metadata.labels.clone().unwrap_or_default(),
+    })
+}
+
+/// Builds the inventory from everything the API reported. The inventory validator is all or
+/// nothing, but one odd pod (say, an IP still held by a pod that is terminating) must not hold
+/// back every other pod's update: an endpoint or namespace the validator rejects is left out and
+/// reported, and the rest is published.
+pub fn build_inventory(mut file: InventoryFile) -> (Inventory, Vec<String>) {
+    let mut rejected = Vec::new();
+    let source = Path::new(INVENTORY_SOURCE);
+    // Each round removes the entry the error names, so this ends after at most one round per entry.
+    for _ in 0..=(file.endpoints.len() + file.namespaces.len()) {
+        match Inventory::from_file(file.clone(), source) {
+            Ok(inventory) => return (inventory, rejected),
+            Err(InventoryError::Invalid { field, message, .. }) => {
+                if let Some(index) = indexed(&field, "endpoints[").filter(|i| *i < file.endpoints.len()) {
+                    let ep = file.endpoints.remove(index);
+                    rejected.push(format!("pod {}/{}: {}: {message}", ep.namespace, ep.name, field_tail(&field)));
+                } else if let Some(index) = indexed(&field, "namespaces[").filter(|i| *i < file.namespaces.len()) {
+                    let ns = file.namespaces.remove(index);
+                    rejected.push(format!("namespace {}: {}: {message}", ns.name, field_tail(&field)));
+                } else {
+                    rejected.push(format!("{field}: {message}; inventory left empty"));
+                    break;
+                }
+            }
+            Err(other) => {
+                rejected.push(format!("{other}; inventory left empty"));
+                break;
+            }
+        }
+    }
+    (Inventory::default(), rejected)
+}
+
+fn indexed(field: &str, prefix: &str) -> Option<usize> {
+    field.strip_prefix(prefix)?.split(']').next()?.parse().ok()
+}
+
+fn field_tail(field: &str) -> &str {
+    field.split_once("].").map(|(_, tail)| tail).unwrap_or(field)
+}
+
+/// One NetworkPolicy from the API through the segmentation parser: serialised back to its
+/// manifest form (k8s-openapi writes `apiVersion` and `kind`) and parsed like a policy file, so
+/// both sources get identical validation and semantics.
+pub fn network_policy(policy: &KubeNetworkPolicy) -> Result<NetworkPolicy, String> {
+    let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
+    let name = policy.metadata.name.as_deref().unwrap_or("");
+    let source = format!("kubernetes:networkpolicy/{namespace}/{name}");
+    // Only what the parser reads: managedFields and annotations can be large and say nothing.
+    let mut slim = policy.clone();
+    slim.metadata = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        name: policy.metadata.name.clone(),
+        namespace: policy.metadata.namespace.clone(),
+        ..Default::default()
+    };
+    let text = serde_yaml::to_string(&slim).map_err(|e| format!("{source}: cannot serialise: {e}"))?;
+    let mut set = PolicySet::parse(&text, Path::new(&source)).map_err(|e| e.to_string())?;
+    match set.policies.pop() {
+        Some(mut parsed) if set.policies.is_empty() => {
+            parsed.source = source;
+            Ok(parsed)
+        }
+        _ => Err(format!("{source}: expected exactly one policy")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("pod json")
+    }
+
+    #[test]
+    fn pod_fields_become_an_endpoint() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "1234-abcd",
+                          "labels": {"app": "web", "palisade.io/quarantined": "true"}},
+            "spec": {"serviceAccountName": "web", "nodeName": "n1",
+                     "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080},
+                                                             {"containerPort": 53, "protocol": "UDP"}]}],
+                     "initContainers": [{"name": "side", "restartPolicy": "Always",
+                                          "ports": [{"name": "metrics", "containerPort": 9090}]},
+                                         {"name": "init", "ports": [{"name": "ignored", "containerPort": 1}]}]},
+            "status": {"phase": "Running", "qosClass": "Burstable",
+                       "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}],
+                       "containerStatuses": [{"name": "c", "containerID": "containerd://abcdef012345", "image": "i",
+                                              "imageID": "", "ready": true, "restartCount": 0}]}
+        }));
+        let view = pod_view(&p).expect("running pod");
+        assert_eq!(view.key, "shop/web-1");
+        assert!(view.quarantine_label);
+        assert_eq!(view.endpoint.labels.len(), 1, "the quarantine label is not a selector label");
+        assert_eq!(view.endpoint.service_account.as_deref(), Some("web"));
+        assert_eq!(view.endpoint.ips.len(), 2);
+        let names: Vec<_> = view.endpoint.ports.iter().map(|p| (p.name.clone(), p.port, p.protocol)).collect();
+        assert_eq!(
+            names,
+            [
+                (Some("http".into()), 8080, Protocol::Tcp),
+                (None, 53, Protocol::Udp),
+                (Some("metrics".into()), 9090, Protocol::Tcp)
+            ]
+        );
+        assert_eq!(view.container_ids, ["abcdef012345"]);
+        assert_eq!(view.qos_class.as_deref(), Some("Burstable"));
+    }
+
+    #[test]
+    fn finished_and_host_network_pods() {
+        let done = pod(serde_json::json!({"metadata": {"name": "a", "namespace": "x"}, "status": {"phase": "Succeeded", "podIP": "10.0.0.1"}}));
+        assert!(pod_view(&done).is_none());
+        let host = pod(serde_json::json!({"metadata": {"name": "a", "namespace": "x"},
+            "spec": {"hostNetwork": true, "containers": []}, "status": {"phase": "Running", "podIP": "192.168.1.2"}}));
+        let view = pod_view(&host).expect("running");
+        assert!(view.endpoint.ips.is_empty() && !view.notes.is_empty());
+    }
+
+    #[test]
+    fn a_rejected_endpoint_does_not_hold_back_the_others() {
+        let ep = |name: &str, ip: &str| EndpointSpec {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: Default::default(),
+            service_account: None,
+            ips: vec![ip.parse().unwrap()],
+            ports: vec![],
+            cgroup: None,
+        };
+        let file = InventoryFile { namespaces: vec![], endpoints: vec![ep("a", "10.0.0.1"), ep("b", "10.0.0.1"), ep("c", "10.0.0.3")] };
+        let (inventory, rejected) = build_inventory(file);
+        assert_eq!(inventory.endpoints.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].starts_with("pod x/b: ips[0]:"), "{rejected:?}");
+    }
+
+    #[test]
+    fn network_policy_goes_through_the_segmentation_parser() {
+        let np: KubeNetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "allow-web", "namespace": "shop", "resourceVersion": "7", "uid": "u",
+                          "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": "sql"}]}]}
+        }))
+        .expect("policy json");
+        let parsed = network_policy(&np).expect("valid");
+        assert_eq!(parsed.key(), "shop/allow-web");
+        assert!(parsed.ingress_isolation && !parsed.egress_isolation);
+        assert_eq!(parsed.source, "kubernetes:networkpolicy/shop/allow-web");
+
+        let mut bad = np.clone();
+        bad.spec.as_mut().unwrap().policy_types = Some(vec!["Sideways".into()]);
+        let err = network_policy(&bad).unwrap_err();
+        assert!(err.contains("spec.policyTypes[0]"), "{err}");
+    }
+}

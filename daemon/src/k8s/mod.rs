@@ -1,0 +1,53 @@
+//! Kubernetes: the node's pods, the namespaces and the NetworkPolicies from the API server,
+//! published like the standalone inventory; quarantines made visible in the cluster.
+//!
+//! The daemon's use (DaemonSet mode):
+//! 1. `let source = KubeSource::start(kube::Client::try_default().await?, SourceConfig::new(node, cgroup_root)).await?;`
+//!    waits for the first complete list of pods, namespaces and policies (never publishes a
+//!    half-synced, empty state), then keeps them current.
+//! 2. `source.inventory()` / `source.policies()`: `tokio::sync::watch` receivers of
+//!    [`crate::inventory::Inventory`] and [`crate::segmentation::PolicySet`] — the same types and
+//!    channel kind as the standalone `InventoryWatch`. During an API outage they keep the last
+//!    state (never cleared).
+//! 3. `source.health()`: a watch receiver of [`SourceHealth`] for `palisade status`.
+//! 4. `source.quarantine_sink()`: a [`KubeQuarantineSink`] (the [`ClusterQuarantineSink`] trait)
+//!    to call after the responder quarantined or released a pod; `source.take_release_requests()`
+//!    yields a [`ReleaseRequest`] when someone else removes the quarantine label, which the daemon
+//!    forwards to the responder's `release`.
+//! 5. Optionally [`ClusterAlertEvents`]: alerts as rate-limited, aggregated core/v1 Events.
+pub mod cgroup;
+pub mod convert;
+pub mod events;
+pub mod quarantine;
+pub mod source;
+
+pub use cgroup::{CgroupLocator, PodCgroup, QosClass};
+pub use events::{AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents};
+pub use quarantine::{ClusterQuarantineSink, KubeQuarantineSink, ReleaseRequest, SinkError};
+pub use source::{KubeSource, SourceConfig, SourceError, SourceHealth, UnresolvedCgroup, WatchHealth};
+
+/// The label a quarantined pod carries; removing it is a release.
+pub const QUARANTINE_LABEL: &str = "palisade.io/quarantined";
+/// Annotations beside the label, so `kubectl describe` says why.
+pub const QUARANTINE_RULE_ANNOTATION: &str = "palisade.io/quarantine-rule";
+pub const QUARANTINE_ALERT_ANNOTATION: &str = "palisade.io/quarantine-alert";
+/// `source.component` / `reportingComponent` of the Events palisade writes.
+pub const EVENT_COMPONENT: &str = "palisade";
+
+/// Every (API group, resource, verb) this module's code sends to the API server, in one place:
+/// the ClusterRole in `deploy/` must grant exactly these (a test compares them), and the API
+/// stand-in tests check that every request the code makes is one of them.
+pub const API_USES: &[(&str, &str, &str)] = &[
+    // source: reflector list + watch; the outage probe lists with limit=1.
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    // quarantine: the label patch (and its removal on release).
+    ("", "pods", "patch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+    ("networking.k8s.io", "networkpolicies", "list"),
+    ("networking.k8s.io", "networkpolicies", "watch"),
+    // quarantine/release Events and alert Events; repeated alerts patch the count.
+    ("", "events", "create"),
+    ("", "events", "patch"),
+];

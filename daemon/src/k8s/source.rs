@@ -1,0 +1,711 @@
+//! Watches the API server (kube-runtime watchers feeding reflector stores) and publishes the
+//! node's inventory and the cluster's policy set.
+//!
+//! Robustness comes from kube-runtime's watcher, configured here: it lists, then watches from the
+//! list's resourceVersion with bookmarks on (so a reconnect resumes from a recent version instead
+//! of relisting); a dropped watch connection is resumed from the last version seen; a `410 Gone`
+//! (the version was compacted away) restarts with a fresh list, which the reflector swaps in
+//! whole. Errors are retried with exponential backoff. The stores are never cleared on errors,
+//! so during an outage the last known state stays published; [`SourceHealth`] says since when
+//! the API has been unreachable and why.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy as KubeNetworkPolicy;
+use kube::api::{Api, ListParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt as _;
+use kube::{Client, Resource, ResourceExt as _};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::cgroup::{CgroupLocator, QosClass};
+use super::convert::{self, PodView};
+use super::quarantine::{KubeQuarantineSink, OwnLabelChanges, ReleaseRequest};
+use crate::inventory::{Inventory, InventoryFile};
+use crate::segmentation::policy::{NetworkPolicy, PolicySet};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("no complete list of {missing} from the API server within {timeout:?} (last error: {last_error})")]
+    InitialSync { timeout: Duration, missing: String, last_error: String },
+}
+
+/// Where and how to watch.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// This node's name (`spec.nodeName` of its pods; the DaemonSet passes it via the downward API).
+    pub node_name: String,
+    /// The cgroup2 mount the pod cgroups are looked up under.
+    pub cgroup_root: PathBuf,
+    /// How often pods whose cgroup is not found yet are looked up again.
+    pub cgroup_retry: Duration,
+    /// `start` gives up when the first complete lists have not arrived by then.
+    pub initial_sync_timeout: Duration,
+    /// While a watch is failing, how often a one-item list checks whether the API is back (a
+    /// resumed watch reports nothing until something changes).
+    pub outage_probe_interval: Duration,
+    /// Watch retry backoff: doubles from `backoff_min` up to `backoff_max`.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Changes arriving within this time are published together.
+    pub debounce: Duration,
+}
+
+impl SourceConfig {
+    pub fn new(node_name: impl Into<String>, cgroup_root: impl Into<PathBuf>) -> SourceConfig {
+        SourceConfig {
+            node_name: node_name.into(),
+            cgroup_root: cgroup_root.into(),
+            cgroup_retry: Duration::from_secs(2),
+            initial_sync_timeout: Duration::from_secs(120),
+            outage_probe_interval: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(800),
+            backoff_max: Duration::from_secs(30),
+            debounce: Duration::from_millis(50),
+        }
+    }
+}
+
+/// One watched resource's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WatchHealth {
+    pub connected: bool,
+    /// The first complete list arrived.
+    pub synced: bool,
+    /// RFC 3339, set while the watch fails.
+    pub outage_since: Option<String>,
+    #[serde(skip)]
+    pub outage_since_unix_ns: Option<i128>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Lists after the first (after `410 Gone` or a failed resume).
+    pub relists: u64,
+    /// Objects in the store.
+    pub objects: usize,
+}
+
+/// A pod published without a cgroup (not monitored or segmented by cgroup yet); retried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnresolvedCgroup {
+    pub pod: String,
+    pub uid: String,
+    pub reason: String,
+    /// RFC 3339: first time the lookup failed.
+    pub since: String,
+    pub attempts: u64,
+}
+
+/// What `palisade status` shows about the Kubernetes source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SourceHealth {
+    pub node: String,
+    /// Every watch is connected.
+    pub connected: bool,
+    /// RFC 3339: the earliest outage among the watches still failing.
+    pub outage_since: Option<String>,
+    /// The most recent error of any watch.
+    pub last_error: Option<String>,
+    /// Keyed `pods`, `namespaces`, `networkpolicies`.
+    pub watches: BTreeMap<String, WatchHealth>,
+    pub endpoints: usize,
+    pub policies: usize,
+    pub unresolved_cgroups: Vec<UnresolvedCgroup>,
+    /// Pods, namespaces or policies left out of what is published, and why.
+    pub rejected: Vec<String>,
+    /// How many times the inventory or the policy set was published (the first one included).
+    pub publications: u64,
+}
+
+impl SourceHealth {
+    fn recompute(&mut self) {
+        self.connected = !self.watches.is_empty() && self.watches.values().all(|w| w.connected);
+        let earliest = self
+            .watches
+            .values()
+            .filter_map(|w| w.outage_since_unix_ns.zip(w.outage_since.clone()))
+            .min_by_key(|(ns, _)| *ns);
+        self.outage_since = earliest.map(|(_, s)| s);
+        self.last_error = self
+            .watches
+            .values()
+            .filter_map(|w| w.last_error_at.clone().zip(w.last_error.clone()))
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, e)| e);
+    }
+}
+
+const PODS: &str = "pods";
+const NAMESPACES: &str = "namespaces";
+const NETWORK_POLICIES: &str = "networkpolicies";
+
+struct Shared {
+    health: watch::Sender<SourceHealth>,
+    changed: Notify,
+}
+
+impl Shared {
+    fn update(&self, kind: &str, f: impl FnOnce(&mut WatchHealth)) {
+        self.health.send_modify(|health| {
+            f(health.watches.entry(kind.to_string()).or_default());
+            health.recompute();
+        });
+    }
+
+    fn ok(&self, kind: &str, init: bool, objects: usize) {
+        self.update(kind, |w| {
+            if !w.connected {
+                tracing::info!(watch = kind, "Kubernetes API watch connected");
+            }
+            w.connected = true;
+            w.outage_since = None;
+            w.outage_since_unix_ns = None;
+            if init && w.synced {
+                w.relists += 1;
+            }
+            w.objects = objects;
+        });
+    }
+
+    fn synced(&self, kind: &str, objects: usize) {
+        self.update(kind, |w| {
+            w.synced = true;
+            w.objects = objects;
+        });
+    }
+
+    fn error(&self, kind: &str, error: String) {
+        let now = now_ns();
+        self.update(kind, |w| {
+            if w.connected || w.outage_since.is_none() {
+                tracing::warn!(watch = kind, %error, "Kubernetes API watch failing; keeping the last known state");
+                w.outage_since = Some(crate::events::input::rfc3339(now));
+                w.outage_since_unix_ns = Some(now);
+            } else {
+                tracing::debug!(watch = kind, %error, "Kubernetes API watch still failing");
+            }
+            w.connected = false;
+            w.last_error = Some(error);
+            w.last_error_at = Some(crate::events::input::rfc3339(now));
+        });
+    }
+
+    fn in_outage(&self, kind: &str) -> bool {
+        self.health.borrow().watches.get(kind).is_some_and(|w| !w.connected && w.outage_since.is_some())
+    }
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+}
+
+/// Exponential backoff for watch retries (kube-runtime's own constructor is private).
+struct RetryBackoff {
+    min: Duration,
+    max: Duration,
+    current: Option<Duration>,
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let next = match self.current {
+            None => self.min,
+            Some(current) => (current * 2).min(self.max),
+        };
+        self.current = Some(next);
+        Some(next)
+    }
+}
+
+impl Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.current = None;
+    }
+}
+
+/// The running source. Dropping it stops its tasks; receivers then see the channels closed.
+pub struct KubeSource {
+    client: Client,
+    node: String,
+    inventory: watch::Receiver<Inventory>,
+    policies: watch::Receiver<PolicySet>,
+    health: watch::Receiver<SourceHealth>,
+    release_requests: Option<mpsc::UnboundedReceiver<ReleaseRequest>>,
+    labelled: Arc<Mutex<BTreeSet<String>>>,
+    own_label_changes: OwnLabelChanges,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl KubeSource {
+    /// Starts the watchers and returns once pods, namespaces and policies have each been listed
+    /// completely once (or fails after `config.initial_sync_timeout`).
+    pub async fn start(client: Client, config: SourceConfig) -> Result<KubeSource, SourceError> {
+        let (health_tx, health_rx) = watch::channel(SourceHealth { node: config.node_name.clone(), ..Default::default() });
+        let shared = Arc::new(Shared { health: health_tx, changed: Notify::new() });
+        let (release_tx, release_rx) = mpsc::unbounded_channel();
+        let labelled = Arc::new(Mutex::new(BTreeSet::new()));
+        let own_label_changes = OwnLabelChanges::default();
+        let mut tasks = Vec::new();
+
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let (namespaces, namespace_writer) = reflector::store::<Namespace>();
+        let (policies, policy_writer) = reflector::store::<KubeNetworkPolicy>();
+
+        let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name));
+        let mut tracker = LabelTracker {
+            labelled: labelled.clone(),
+            own: own_label_changes.clone(),
+            releases: release_tx,
+            seen_in_init: None,
+        };
+        tasks.push(spawn_watch(
+            PODS,
+            Api::<Pod>::all(client.clone()),
+            pod_config,
+            pod_writer,
+            pods.clone(),
+            shared.clone(),
+            &config,
+            move |event| tracker.observe(event),
+        ));
+        tasks.push(spawn_watch(
+            NAMESPACES,
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            namespace_writer,
+            namespaces.clone(),
+            shared.clone(),
+            &config,
+            |_| {},
+        ));
+        tasks.push(spawn_watch(
+            NETWORK_POLICIES,
+            Api::<KubeNetworkPolicy>::all(client.clone()),
+            watcher::Config::default(),
+            policy_writer,
+            policies.clone(),
+            shared.clone(),
+            &config,
+            |_| {},
+        ));
+        let abort_all = |tasks: &[tokio::task::AbortHandle]| tasks.iter().for_each(|t| t.abort());
+
+        let ready = async {
+            // A writer is only dropped when its task ends, which cannot happen before abort.
+            let _ = pods.wait_until_ready().await;
+            let _ = namespaces.wait_until_ready().await;
+            let _ = policies.wait_until_ready().await;
+        };
+        if tokio::time::timeout(config.initial_sync_timeout, ready).await.is_err() {
+            abort_all(&tasks);
+            let health = shared.health.borrow().clone();
+            let missing: Vec<&str> = [PODS, NAMESPACES, NETWORK_POLICIES]
+                .into_iter()
+                .filter(|k| !health.watches.get(*k).is_some_and(|w| w.synced))
+                .collect();
+            return Err(SourceError::InitialSync {
+                timeout: config.initial_sync_timeout,
+                missing: missing.join(", "),
+                last_error: health.last_error.unwrap_or_else(|| "none".to_string()),
+            });
+        }
+
+        let mut builder = Builder {
+            locator: CgroupLocator::new(&config.cgroup_root),
+            pods,
+            namespaces,
+            policies,
+            last_good_policies: BTreeMap::new(),
+            cgroups: BTreeMap::new(),
+            unresolved: BTreeMap::new(),
+        };
+        let (inventory, policy_set, report) = builder.build();
+        let (inventory_tx, inventory_rx) = watch::channel(inventory);
+        let (policies_tx, policies_rx) = watch::channel(policy_set);
+        report.record(&shared, true);
+        tracing::info!(
+            node = %config.node_name,
+            endpoints = inventory_rx.borrow().endpoints.len(),
+            policies = policies_rx.borrow().policies.len(),
+            "Kubernetes source synced"
+        );
+        let task = tokio::spawn(builder.run(shared.clone(), inventory_tx, policies_tx, config.debounce, config.cgroup_retry));
+        tasks.push(task.abort_handle());
+
+        Ok(KubeSource {
+            client,
+            node: config.node_name,
+            inventory: inventory_rx,
+            policies: policies_rx,
+            health: health_rx,
+            release_requests: Some(release_rx),
+            labelled,
+            own_label_changes,
+            tasks,
+        })
+    }
+
+    /// Every new inventory (starts at the current one).
+    pub fn inventory(&self) -> watch::Receiver<Inventory> {
+        self.inventory.clone()
+    }
+
+    /// Every new policy set (starts at the current one).
+    pub fn policies(&self) -> watch::Receiver<PolicySet> {
+        self.policies.clone()
+    }
+
+    pub fn health(&self) -> watch::Receiver<SourceHealth> {
+        self.health.clone()
+    }
+
+    /// Release requests from the cluster (the quarantine label removed by someone else). Only
+    /// the first call gets the receiver.
+    pub fn take_release_requests(&mut self) -> Option<mpsc::UnboundedReceiver<ReleaseRequest>> {
+        self.release_requests.take()
+    }
+
+    /// Pods on this node that carry the quarantine label now (`namespace/name`): at start-up the
+    /// daemon can compare them with the responder's list.
+    pub fn labelled_quarantined(&self) -> BTreeSet<String> {
+        self.labelled.lock().map(|set| set.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// The sink that makes this node's quarantines visible in the cluster. It shares the
+    /// source's view of the label, so its own label removals are not mistaken for releases.
+    pub fn quarantine_sink(&self) -> KubeQuarantineSink {
+        KubeQuarantineSink::new(self.client.clone(), self.node.clone(), self.labelled.clone(), self.own_label_changes.clone())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_watch<K>(
+    kind: &'static str,
+    api: Api<K>,
+    watch_config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    store: Store<K>,
+    shared: Arc<Shared>,
+    config: &SourceConfig,
+    mut on_event: impl FnMut(&Event<K>) + Send + 'static,
+) -> tokio::task::AbortHandle
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let backoff = RetryBackoff { min: config.backoff_min, max: config.backoff_max, current: None };
+    let mut probe_params = ListParams::default().limit(1);
+    if let Some(fields) = &watch_config.field_selector {
+        probe_params = probe_params.fields(fields);
+    }
+    let probe_interval = config.outage_probe_interval;
+    let task = tokio::spawn(async move {
+        let stream = watcher(api.clone(), watch_config)
+            .modify(|object: &mut K| object.managed_fields_mut().clear())
+            .backoff(backoff)
+            .reflect(writer);
+        let mut stream = std::pin::pin!(stream);
+        let mut probe = tokio::time::interval(probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(Ok(event)) => {
+                        on_event(&event);
+                        let objects = store.state().len();
+                        shared.ok(kind, matches!(event, Event::Init), objects);
+                        match event {
+                            Event::Init | Event::InitApply(_) => {}
+                            Event::InitDone => {
+                                shared.synced(kind, objects);
+                                shared.changed.notify_one();
+                            }
+                            Event::Apply(_) | Event::Delete(_) => shared.changed.notify_one(),
+                        }
+                    }
+                    Some(Err(err)) => shared.error(kind, err.to_string()),
+                    None => break,
+                },
+                _ = probe.tick(), if shared.in_outage(kind) => {
+                    // A resumed watch is silent until something changes: ask directly.
+                    match api.list(&probe_params).await {
+                        Ok(_) => shared.ok(kind, false, store.state().len()),
+                        Err(err) => shared.error(kind, format!("outage probe: {err}")),
+                    }
+                }
+            }
+        }
+    });
+    task.abort_handle()
+}
+
+fn watcher<K>(api: Api<K>, config: watcher::Config) -> impl futures::Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    watcher::watcher(api, config)
+}
+
+/// Notices the quarantine label disappearing from a pod (or turning into anything but "true").
+struct LabelTracker {
+    labelled: Arc<Mutex<BTreeSet<String>>>,
+    own: OwnLabelChanges,
+    releases: mpsc::UnboundedSender<ReleaseRequest>,
+    /// Pods listed since the current (re)list began.
+    seen_in_init: Option<BTreeSet<String>>,
+}
+
+impl LabelTracker {
+    fn observe(&mut self, event: &Event<Pod>) {
+        match event {
+            Event::Init => self.seen_in_init = Some(BTreeSet::new()),
+            Event::InitApply(pod) => {
+                if let Some(seen) = &mut self.seen_in_init {
+                    seen.insert(pod_key(pod));
+                }
+                self.apply(pod);
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.seen_in_init.take() {
+                    self.with_labelled(|labelled| labelled.retain(|pod| seen.contains(pod)));
+                }
+            }
+            Event::Apply(pod) => self.apply(pod),
+            Event::Delete(pod) => {
+                let key = pod_key(pod);
+                self.with_labelled(|labelled| labelled.remove(&key));
+                self.own.take(&key);
+            }
+        }
+    }
+
+    fn apply(&mut self, pod: &Pod) {
+        let key = pod_key(pod);
+        let now = pod.labels().get(super::QUARANTINE_LABEL).is_some_and(|v| v == "true");
+        let before = self.with_labelled(|labelled| if now { !labelled.insert(key.clone()) } else { labelled.remove(&key) });
+        if before && !now {
+            if self.own.take(&key) {
+                tracing::debug!(pod = %key, "quarantine label removed by palisade's own release");
+                return;
+            }
+            let value = pod.labels().get(super::QUARANTINE_LABEL).cloned();
+            let reason = match value {
+                Some(value) => format!("label {}={value:?} set in the cluster", super::QUARANTINE_LABEL),
+                None => format!("label {} removed in the cluster", super::QUARANTINE_LABEL),
+            };
+            tracing::info!(pod = %key, %reason, "release requested through the cluster");
+            // The receiver is gone only when the daemon is shutting down.
+            let _ = self.releases.send(ReleaseRequest { pod: key, reason, by: "kubernetes".to_string() });
+        }
+    }
+
+    fn with_labelled<T>(&self, f: impl FnOnce(&mut BTreeSet<String>) -> T) -> T {
+        let mut guard = self.labelled.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    }
+}
+
+fn pod_key(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// What one build left out; goes into the health.
+struct BuildReport {
+    rejected: Vec<String>,
+    unresolved: Vec<UnresolvedCgroup>,
+    endpoints: usize,
+    policies: usize,
+}
+
+impl BuildReport {
+    fn record(self, shared: &Shared, published: bool) {
+        shared.health.send_modify(|health| {
+            health.rejected = self.rejected;
+            health.unresolved_cgroups = self.unresolved;
+            health.endpoints = self.endpoints;
+            health.policies = self.policies;
+            if published {
+                health.publications += 1;
+            }
+        });
+    }
+}
+
+struct Unresolved {
+    pod: String,
+    reason: String,
+    since: String,
+    attempts: u64,
+}
+
+/// Turns the three stores into the published inventory and policy set.
+struct Builder {
+    locator: CgroupLocator,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    policies: Store<KubeNetworkPolicy>,
+    /// Per policy key: the last version the segmentation parser accepted. A policy edited into
+    /// something invalid keeps its previous meaning instead of vanishing (which would open up
+    /// the pods it isolates).
+    last_good_policies: BTreeMap<String, (String, NetworkPolicy)>,
+    /// Pod UID -> cgroup path, once found (a pod's cgroup does not move).
+    cgroups: BTreeMap<String, String>,
+    unresolved: BTreeMap<String, Unresolved>,
+}
+
+impl Builder {
+    async fn run(
+        mut self,
+        shared: Arc<Shared>,
+        inventory_tx: watch::Sender<Inventory>,
+        policies_tx: watch::Sender<PolicySet>,
+        debounce: Duration,
+        cgroup_retry: Duration,
+    ) {
+        loop {
+            let retry = !self.unresolved.is_empty();
+            tokio::select! {
+                _ = shared.changed.notified() => tokio::time::sleep(debounce).await,
+                _ = tokio::time::sleep(cgroup_retry), if retry => {}
+            }
+            let (inventory, policies, report) = self.build();
+            let inventory_changed = inventory_tx.send_if_modified(|current| replace_if_different(current, inventory));
+            let policies_changed = policies_tx.send_if_modified(|current| replace_if_different(current, policies));
+            if inventory_changed || policies_changed {
+                tracing::info!(
+                    endpoints = report.endpoints,
+                    policies = report.policies,
+                    unresolved_cgroups = report.unresolved.len(),
+                    "Kubernetes inventory/policies published"
+                );
+            }
+            report.record(&shared, inventory_changed || policies_changed);
+        }
+    }
+
+    fn build(&mut self) -> (Inventory, PolicySet, BuildReport) {
+        let mut rejected = Vec::new();
+        let mut views: Vec<PodView> = self.pods.state().iter().filter_map(|pod| convert::pod_view(pod)).collect();
+        views.sort_by(|a, b| a.key.cmp(&b.key));
+        let live: BTreeSet<&str> = views.iter().map(|v| v.uid.as_str()).collect();
+        self.cgroups.retain(|uid, _| live.contains(uid.as_str()));
+        self.unresolved.retain(|uid, _| live.contains(uid.as_str()));
+
+        let mut endpoints = Vec::with_capacity(views.len());
+        for mut view in views {
+            for note in &view.notes {
+                rejected.push(format!("pod {}: {note}", view.key));
+            }
+            view.endpoint.cgroup = self.cgroup(&view);
+            endpoints.push(view.endpoint);
+        }
+        let mut namespaces: Vec<_> = self.namespaces.state().iter().filter_map(|ns| convert::namespace_spec(ns)).collect();
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        let (inventory, inventory_rejected) = convert::build_inventory(InventoryFile { namespaces, endpoints });
+        rejected.extend(inventory_rejected);
+
+        let mut objects = self.policies.state();
+        objects.sort_by_key(|p| (p.namespace().unwrap_or_default(), p.name_any()));
+        let mut policies = Vec::with_capacity(objects.len());
+        let mut keys = BTreeSet::new();
+        for object in objects {
+            let key = format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any());
+            let version = object.resource_version().unwrap_or_default();
+            keys.insert(key.clone());
+            match self.last_good_policies.get(&key) {
+                Some((good_version, policy)) if *good_version == version => policies.push(policy.clone()),
+                _ => match convert::network_policy(&object) {
+                    Ok(policy) => {
+                        self.last_good_policies.insert(key, (version, policy.clone()));
+                        policies.push(policy);
+                    }
+                    Err(error) => match self.last_good_policies.get(&key) {
+                        Some((_, previous)) => {
+                            rejected.push(format!("networkpolicy {key}: {error}; its previous version stays in force"));
+                            policies.push(previous.clone());
+                        }
+                        None => rejected.push(format!("networkpolicy {key}: {error}; not enforced")),
+                    },
+                },
+            }
+        }
+        self.last_good_policies.retain(|key, _| keys.contains(key));
+
+        let unresolved = self
+            .unresolved
+            .iter()
+            .map(|(uid, u)| UnresolvedCgroup {
+                pod: u.pod.clone(),
+                uid: uid.clone(),
+                reason: u.reason.clone(),
+                since: u.since.clone(),
+                attempts: u.attempts,
+            })
+            .collect();
+        let report = BuildReport { rejected, unresolved, endpoints: inventory.endpoints.len(), policies: policies.len() };
+        (inventory, PolicySet { policies }, report)
+    }
+
+    fn cgroup(&mut self, view: &PodView) -> Option<String> {
+        if view.uid.is_empty() {
+            return None;
+        }
+        if let Some(path) = self.cgroups.get(&view.uid) {
+            return Some(path.clone());
+        }
+        let qos = QosClass::from_status(view.qos_class.as_deref());
+        match self.locator.pod_cgroup(&view.uid, qos) {
+            Ok(found) => {
+                let missing: Vec<&String> = view.container_ids.iter().filter(|id| !found.containers.contains(id)).collect();
+                if !missing.is_empty() {
+                    tracing::debug!(pod = %view.key, ?missing, cgroup = %found.path, "containers not (yet) below the pod cgroup");
+                }
+                if let Some(previous) = self.unresolved.remove(&view.uid) {
+                    tracing::info!(pod = %view.key, cgroup = %found.path, attempts = previous.attempts, "pod cgroup found");
+                }
+                self.cgroups.insert(view.uid.clone(), found.path.clone());
+                Some(found.path)
+            }
+            Err(err) => {
+                let entry = self.unresolved.entry(view.uid.clone()).or_insert_with(|| {
+                    tracing::warn!(pod = %view.key, error = %err, "pod cgroup not found yet; retrying");
+                    Unresolved {
+                        pod: view.key.clone(),
+                        reason: String::new(),
+                        since: crate::events::input::rfc3339(now_ns()),
+                        attempts: 0,
+                    }
+                });
+                entry.attempts += 1;
+                entry.reason = err.to_string();
+                None
+            }
+        }
+    }
+}
+
+fn replace_if_different<T: PartialEq>(current: &mut T, new: T) -> bool {
+    if *current == new {
+        false
+    } else {
+        *current = new;
+        true
+    }
+}

@@ -1,0 +1,875 @@
+//! The Kubernetes source, the quarantine sink and the alert Events against an API stand-in: a
+//! small HTTP/1.1 server on 127.0.0.1 that speaks the real list/watch protocol (resourceVersions,
+//! chunked watch streams of JSON events, bookmarks, `410 Gone` after compaction) and can fail the
+//! way API servers do (500s, connections dropped on accept, watch streams cut).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Request, Response, StatusCode};
+use palisade::inventory::Inventory;
+use palisade::k8s::{
+    API_USES, AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents, ClusterQuarantineSink as _, KubeSource,
+    QUARANTINE_LABEL, SourceConfig, SourceHealth,
+};
+use palisade::segmentation::PolicySet;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+
+// ---- the API stand-in ----------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Pod,
+    Namespace,
+    NetworkPolicy,
+    Event,
+}
+
+impl Kind {
+    fn of(object: &Value) -> Kind {
+        match object["kind"].as_str() {
+            Some("Pod") => Kind::Pod,
+            Some("Namespace") => Kind::Namespace,
+            Some("NetworkPolicy") => Kind::NetworkPolicy,
+            Some("Event") => Kind::Event,
+            other => panic!("stand-in does not serve kind {other:?}"),
+        }
+    }
+    fn resource(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::Namespace => "namespaces",
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::Event => "events",
+        }
+    }
+    fn group(self) -> &'static str {
+        if self == Kind::NetworkPolicy { "networking.k8s.io" } else { "" }
+    }
+    fn list_kind(self) -> &'static str {
+        match self {
+            Kind::Pod => "PodList",
+            Kind::Namespace => "NamespaceList",
+            Kind::NetworkPolicy => "NetworkPolicyList",
+            Kind::Event => "EventList",
+        }
+    }
+    fn api_version(self) -> &'static str {
+        if self == Kind::NetworkPolicy { "networking.k8s.io/v1" } else { "v1" }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Every request answers 500 (kube's client does not retry 500s, unlike 503/504/429).
+    Status500,
+    /// Connections are closed as soon as they are accepted.
+    DropConnections,
+}
+
+#[derive(Debug, Clone)]
+struct Recorded {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+    content_type: String,
+    body: String,
+    /// (group, resource, verb) as RBAC names it.
+    use_: (String, String, String),
+}
+
+struct WatchSub {
+    kind: Kind,
+    node: Option<String>,
+    bookmarks: bool,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct Cluster {
+    rv: u64,
+    objects: BTreeMap<(Kind, String, String), Value>,
+    log: Vec<(u64, Kind, &'static str, Value)>,
+    /// Watches from a resourceVersion below this get `410 Gone`.
+    compacted: u64,
+    watches: Vec<WatchSub>,
+    requests: Vec<Recorded>,
+    fault: Option<Fault>,
+    next_uid: u64,
+    /// Open client connections, so a fault can cut them (kube's client reuses pooled ones).
+    connections: Vec<tokio::task::AbortHandle>,
+}
+
+fn matches_node(object: &Value, node: &Option<String>) -> bool {
+    node.as_ref().is_none_or(|n| object["spec"]["nodeName"].as_str() == Some(n.as_str()))
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut text = serde_json::to_vec(value).expect("json");
+    text.push(b'\n');
+    Bytes::from(text)
+}
+
+impl Cluster {
+    fn emit(&mut self, kind: Kind, type_: &'static str, object: Value) {
+        self.log.push((self.rv, kind, type_, object.clone()));
+        self.watches.retain(|w| {
+            if w.kind != kind || !matches_node(&object, &w.node) {
+                return !w.tx.is_closed();
+            }
+            w.tx.send(line(&json!({"type": type_, "object": object}))).is_ok()
+        });
+    }
+
+    fn store(&mut self, mut object: Value) -> Value {
+        let kind = Kind::of(&object);
+        let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let name = object["metadata"]["name"].as_str().expect("metadata.name").to_string();
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let key = (kind, ns, name);
+        let type_ = if self.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        if object["metadata"]["uid"].is_null() {
+            self.next_uid += 1;
+            object["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.next_uid));
+        }
+        self.objects.insert(key, object.clone());
+        self.emit(kind, type_, object.clone());
+        object
+    }
+}
+
+#[derive(Clone)]
+struct StandIn {
+    addr: SocketAddr,
+    cluster: Arc<Mutex<Cluster>>,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+    response
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let Value::Object(map) = target else { return };
+    for (key, value) in patch {
+        if value.is_null() {
+            map.remove(key);
+        } else {
+            merge_patch(map.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+impl StandIn {
+    async fn start() -> StandIn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
+        let addr = listener.local_addr().expect("addr");
+        let this = StandIn { addr, cluster: Arc::new(Mutex::new(Cluster::default())) };
+        let server = this.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                if server.lock().fault == Some(Fault::DropConnections) {
+                    drop(stream);
+                    continue;
+                }
+                let handler = server.clone();
+                let connection = tokio::spawn(async move {
+                    let server = handler;
+                    let service = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+                let mut cluster = server.lock();
+                cluster.connections.retain(|c| !c.is_finished());
+                cluster.connections.push(connection.abort_handle());
+            }
+        });
+        this
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cluster> {
+        self.cluster.lock().expect("stand-in lock")
+    }
+
+    fn client(&self) -> kube::Client {
+        let url: hyper::Uri = format!("http://{}", self.addr).parse().expect("url");
+        kube::Client::try_from(kube::Config::new(url)).expect("kube client")
+    }
+
+    fn apply(&self, object: Value) -> Value {
+        self.lock().store(object)
+    }
+
+    fn delete(&self, kind: Kind, ns: &str, name: &str) {
+        let mut cluster = self.lock();
+        let Some(mut object) = cluster.objects.remove(&(kind, ns.to_string(), name.to_string())) else {
+            panic!("delete: no {kind:?} {ns}/{name}");
+        };
+        cluster.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(cluster.rv.to_string());
+        cluster.emit(kind, "DELETED", object);
+    }
+
+    fn object(&self, kind: Kind, ns: &str, name: &str) -> Value {
+        self.lock().objects.get(&(kind, ns.to_string(), name.to_string())).cloned().expect("object exists")
+    }
+
+    /// A BOOKMARK with the current resourceVersion to every watch that asked for bookmarks.
+    fn bookmark(&self) -> u64 {
+        let mut cluster = self.lock();
+        let rv = cluster.rv;
+        cluster.watches.retain(|w| {
+            if !w.bookmarks {
+                return true;
+            }
+            let object = json!({"kind": match w.kind { Kind::Pod => "Pod", Kind::Namespace => "Namespace",
+                Kind::NetworkPolicy => "NetworkPolicy", Kind::Event => "Event" },
+                "apiVersion": w.kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
+            w.tx.send(line(&json!({"type": "BOOKMARK", "object": object}))).is_ok()
+        });
+        rv
+    }
+
+    /// Cuts every open watch stream (the client sees the response end).
+    fn drop_watches(&self) {
+        self.lock().watches.clear();
+    }
+
+    /// Forgets history: watching from any older resourceVersion is `410 Gone`.
+    fn compact(&self) {
+        let mut cluster = self.lock();
+        cluster.compacted = cluster.rv;
+        cluster.log.clear();
+    }
+
+    fn set_fault(&self, fault: Option<Fault>) {
+        let mut cluster = self.lock();
+        cluster.fault = fault;
+        if fault == Some(Fault::DropConnections) {
+            for connection in cluster.connections.drain(..) {
+                connection.abort();
+            }
+            cluster.watches.clear();
+        }
+    }
+
+    /// Waits until a watch of `kind` is open (a watcher opens it only after its list is consumed).
+    async fn wait_for_watch(&self, kind: Kind) {
+        tokio::time::timeout(WAIT, async {
+            while !self.lock().watches.iter().any(|w| w.kind == kind && !w.tx.is_closed()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("watch opened in time");
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        self.lock().requests.clone()
+    }
+
+    fn uses(&self) -> BTreeSet<(String, String, String)> {
+        self.lock().requests.iter().map(|r| r.use_.clone()).collect()
+    }
+
+    fn count(&self, resource: &str, verb: &str) -> usize {
+        self.lock().requests.iter().filter(|r| r.use_.1 == resource && r.use_.2 == verb).count()
+    }
+
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query: BTreeMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (percent_decode(k), percent_decode(v)),
+                None => (percent_decode(kv), String::new()),
+            })
+            .collect();
+        let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = String::from_utf8_lossy(&body).into_owned();
+
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // (kind, namespace, name)
+        let target = match segments.as_slice() {
+            ["api", "v1", "pods"] => Some((Kind::Pod, None, None)),
+            ["api", "v1", "namespaces"] => Some((Kind::Namespace, None, None)),
+            ["apis", "networking.k8s.io", "v1", "networkpolicies"] => Some((Kind::NetworkPolicy, None, None)),
+            ["api", "v1", "namespaces", ns, "pods", name] => Some((Kind::Pod, Some(*ns), Some(*name))),
+            ["api", "v1", "namespaces", ns, "events"] => Some((Kind::Event, Some(*ns), None)),
+            ["api", "v1", "namespaces", ns, "events", name] => Some((Kind::Event, Some(*ns), Some(*name))),
+            _ => None,
+        };
+        let watch = query.get("watch").is_some_and(|v| v == "true" || v == "1");
+        let verb = match (method.as_str(), &target, watch) {
+            ("GET", _, true) => "watch",
+            ("GET", Some((_, _, None)), false) => "list",
+            ("GET", Some((_, _, Some(_))), false) => "get",
+            ("POST", _, _) => "create",
+            ("PATCH", _, _) => "patch",
+            ("PUT", _, _) => "update",
+            ("DELETE", _, _) => "delete",
+            _ => "other",
+        };
+        let resource = target.map(|t| t.0);
+        let mut cluster = self.lock();
+        cluster.requests.push(Recorded {
+            method: method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+            content_type: content_type.clone(),
+            body: body.clone(),
+            use_: (
+                resource.map(|k| k.group()).unwrap_or("?").to_string(),
+                resource.map(|k| k.resource()).unwrap_or("?").to_string(),
+                verb.to_string(),
+            ),
+        });
+        if cluster.fault == Some(Fault::Status500) {
+            return full(StatusCode::INTERNAL_SERVER_ERROR, &status(500, "InternalError", "stand-in: injected failure"));
+        }
+        let Some((kind, ns, name)) = target else {
+            return full(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("no route {path}")));
+        };
+        let node = query.get("fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=")).map(str::to_string);
+        match verb {
+            "list" => {
+                let items: Vec<Value> = cluster
+                    .objects
+                    .iter()
+                    .filter(|((k, _, _), o)| *k == kind && matches_node(o, &node))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                full(
+                    StatusCode::OK,
+                    &json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(),
+                            "metadata": {"resourceVersion": cluster.rv.to_string()}, "items": items}),
+                )
+            }
+            "watch" => {
+                let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+                if from < cluster.compacted {
+                    let gone = status(410, "Expired", &format!("too old resource version: {from} ({})", cluster.compacted));
+                    let _ = tx.send(line(&json!({"type": "ERROR", "object": gone})));
+                    drop(tx);
+                } else {
+                    for (rv, k, type_, object) in &cluster.log {
+                        if *rv > from && *k == kind && matches_node(object, &node) {
+                            let _ = tx.send(line(&json!({"type": type_, "object": object})));
+                        }
+                    }
+                    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+                    cluster.watches.push(WatchSub { kind, node, bookmarks, tx });
+                }
+                let stream = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|bytes| (Ok::<_, Infallible>(Frame::data(bytes)), rx))
+                });
+                let mut response = Response::new(StreamBody::new(stream).boxed());
+                response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+                response
+            }
+            "patch" => {
+                let (Some(ns), Some(name)) = (ns, name) else {
+                    return full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", "patch needs a name"));
+                };
+                let key = (kind, ns.to_string(), name.to_string());
+                let Some(mut object) = cluster.objects.get(&key).cloned() else {
+                    return full(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("{name} not found")));
+                };
+                let Ok(patch) = serde_json::from_str::<Value>(&body) else {
+                    return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "patch is not JSON"));
+                };
+                merge_patch(&mut object, &patch);
+                let stored = cluster.store(object);
+                full(StatusCode::OK, &stored)
+            }
+            "create" => {
+                let Ok(mut object) = serde_json::from_str::<Value>(&body) else {
+                    return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body is not JSON"));
+                };
+                object["kind"] = json!("Event");
+                object["apiVersion"] = json!("v1");
+                object["metadata"]["namespace"] = json!(ns.unwrap_or(""));
+                let stored = cluster.store(object);
+                full(StatusCode::CREATED, &stored)
+            }
+            _ => full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", verb)),
+        }
+    }
+}
+
+// ---- fixtures ----------------------------------------------------------------------------------
+
+const NODE: &str = "node-a";
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(ns: &str, name: &str, uid: &str, node: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels,
+                     "managedFields": [{"manager": "kubectl", "operation": "Update"}]},
+        "spec": {"nodeName": node, "serviceAccountName": "web",
+                 "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": "Running", "qosClass": "Burstable", "podIP": ip, "podIPs": [{"ip": ip}]}
+    })
+}
+
+fn network_policy(ns: &str, name: &str, app: &str) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"podSelector": {"matchLabels": {"app": app}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "frontend"}}}],
+                              "ports": [{"port": "http"}]}]}
+    })
+}
+
+struct CgroupRoot(PathBuf);
+
+impl CgroupRoot {
+    fn new(test: &str) -> CgroupRoot {
+        let dir = std::env::temp_dir().join(format!("palisade-k8s-api-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp cgroup root");
+        CgroupRoot(dir)
+    }
+
+    /// The systemd driver's burstable pod slice for `uid`; returns the relative path.
+    fn add_burstable_pod(&self, uid: &str) -> String {
+        let rel = format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        );
+        std::fs::create_dir_all(self.0.join(&rel)).expect("pod cgroup dir");
+        rel
+    }
+}
+
+impl Drop for CgroupRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(cgroups: &Path) -> SourceConfig {
+    let mut config = SourceConfig::new(NODE, cgroups);
+    config.cgroup_retry = Duration::from_millis(100);
+    config.initial_sync_timeout = Duration::from_secs(10);
+    config.outage_probe_interval = Duration::from_millis(100);
+    config.backoff_min = Duration::from_millis(20);
+    config.backoff_max = Duration::from_millis(200);
+    config.debounce = Duration::from_millis(10);
+    config
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn wait_until<T: Clone>(rx: &mut watch::Receiver<T>, what: &str, mut pred: impl FnMut(&T) -> bool) -> T {
+    let result = tokio::time::timeout(WAIT, async {
+        loop {
+            {
+                let current = rx.borrow_and_update();
+                if pred(&current) {
+                    return current.clone();
+                }
+            }
+            if rx.changed().await.is_err() {
+                panic!("{what}: channel closed");
+            }
+        }
+    })
+    .await;
+    match result {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: not within {WAIT:?}"),
+    }
+}
+
+fn endpoint_names(inventory: &Inventory) -> Vec<String> {
+    inventory.endpoints.iter().map(|e| e.key()).collect()
+}
+
+fn policy_names(set: &PolicySet) -> Vec<String> {
+    set.policies.iter().map(|p| p.key()).collect()
+}
+
+fn assert_uses_are_declared(api: &StandIn) {
+    let declared: BTreeSet<(String, String, String)> =
+        API_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+    let undeclared: Vec<_> = api.uses().difference(&declared).cloned().collect();
+    assert!(undeclared.is_empty(), "requests outside API_USES (the RBAC list): {undeclared:?}");
+}
+
+async fn seeded(test: &str) -> (StandIn, CgroupRoot) {
+    let api = StandIn::start().await;
+    let cgroups = CgroupRoot::new(test);
+    api.apply(namespace("shop", json!({"team": "web", "kubernetes.io/metadata.name": "shop"})));
+    api.apply(namespace("kube-system", json!({})));
+    let uid = "11111111-2222-4333-8444-555555555555";
+    cgroups.add_burstable_pod(uid);
+    api.apply(pod("shop", "web-1", uid, NODE, "10.1.0.10", json!({"app": "web"})));
+    api.apply(pod("shop", "elsewhere", "99999999-2222-4333-8444-555555555555", "node-b", "10.2.0.10", json!({"app": "web"})));
+    (api, cgroups)
+}
+
+// ---- tests ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn pods_appear_change_labels_and_disappear() {
+    let (api, cgroups) = seeded("pods").await;
+    let source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let mut inventory = source.inventory();
+
+    let first = inventory.borrow_and_update().clone();
+    assert_eq!(endpoint_names(&first), ["shop/web-1"], "only this node's pods");
+    let web = first.endpoint("shop/web-1").expect("web-1");
+    assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
+    assert_eq!(web.service_account.as_deref(), Some("web"));
+    assert_eq!(web.ips, ["10.1.0.10".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(web.ports[0].name.as_deref(), Some("http"));
+    assert_eq!(
+        web.cgroup.as_deref(),
+        Some("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod11111111_2222_4333_8444_555555555555.slice")
+    );
+    assert_eq!(first.namespace_labels("shop").and_then(|l| l.get("team")).map(String::as_str), Some("web"));
+    let pod_lists: Vec<_> = api.requests().into_iter().filter(|r| r.use_.1 == "pods" && r.use_.2 == "list").collect();
+    assert_eq!(pod_lists[0].query.get("fieldSelector").map(String::as_str), Some("spec.nodeName=node-a"));
+
+    // Relabel.
+    api.apply(pod("shop", "web-1", "11111111-2222-4333-8444-555555555555", NODE, "10.1.0.10", json!({"app": "web", "tier": "2"})));
+    wait_until(&mut inventory, "relabel", |inv| {
+        inv.endpoint("shop/web-1").is_some_and(|e| e.labels.get("tier").is_some_and(|t| t == "2"))
+    })
+    .await;
+
+    // A pod whose cgroup does not exist yet: published without one, reported, retried.
+    let uid2 = "22222222-2222-4333-8444-555555555555";
+    api.apply(pod("shop", "web-2", uid2, NODE, "10.1.0.11", json!({"app": "web"})));
+    wait_until(&mut inventory, "web-2 appears", |inv| inv.endpoint("shop/web-2").is_some()).await;
+    assert_eq!(inventory.borrow().endpoint("shop/web-2").and_then(|e| e.cgroup.clone()), None);
+    let mut health = source.health();
+    let unresolved = wait_until(&mut health, "unresolved reported", |h| !h.unresolved_cgroups.is_empty()).await;
+    assert_eq!(unresolved.unresolved_cgroups[0].pod, "shop/web-2");
+    assert!(unresolved.unresolved_cgroups[0].reason.contains("no cgroup"), "{:?}", unresolved.unresolved_cgroups);
+    let rel = cgroups.add_burstable_pod(uid2);
+    wait_until(&mut inventory, "web-2 cgroup found on retry", |inv| {
+        inv.endpoint("shop/web-2").and_then(|e| e.cgroup.as_deref()) == Some(rel.as_str())
+    })
+    .await;
+    wait_until(&mut health, "unresolved cleared", |h| h.unresolved_cgroups.is_empty()).await;
+
+    // Disappear.
+    api.delete(Kind::Pod, "shop", "web-1");
+    wait_until(&mut inventory, "web-1 gone", |inv| endpoint_names(inv) == ["shop/web-2"]).await;
+    // A finished pod leaves the inventory too (its IP can be reused).
+    let mut done = api.object(Kind::Pod, "shop", "web-2");
+    done["status"]["phase"] = json!("Succeeded");
+    api.apply(done);
+    wait_until(&mut inventory, "finished pod gone", |inv| inv.endpoints.is_empty()).await;
+    assert_uses_are_declared(&api);
+}
+
+#[tokio::test]
+async fn network_policy_changes_show_in_the_policy_set() {
+    let (api, cgroups) = seeded("netpol").await;
+    api.apply(network_policy("shop", "allow-frontend", "web"));
+    let source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let mut policies = source.policies();
+    assert_eq!(policy_names(&policies.borrow_and_update()), ["shop/allow-frontend"]);
+    let first = policies.borrow().policies[0].clone();
+    assert!(first.pod_selector.match_labels.get("app").is_some_and(|v| v == "web"));
+
+    // Changed selector: re-published.
+    api.apply(network_policy("shop", "allow-frontend", "db"));
+    wait_until(&mut policies, "selector change", |set| {
+        set.policies.first().is_some_and(|p| p.pod_selector.match_labels.get("app").is_some_and(|v| v == "db"))
+    })
+    .await;
+
+    // A new policy, then an edit the segmentation parser rejects: the previous version stays.
+    api.apply(network_policy("shop", "second", "web"));
+    wait_until(&mut policies, "second policy", |set| set.policies.len() == 2).await;
+    let mut bad = network_policy("shop", "second", "web");
+    bad["spec"]["policyTypes"] = json!(["Sideways"]);
+    api.apply(bad);
+    let mut health = source.health();
+    let h = wait_until(&mut health, "rejection reported", |h| h.rejected.iter().any(|r| r.contains("shop/second"))).await;
+    assert!(h.rejected.iter().any(|r| r.contains("previous version stays")), "{:?}", h.rejected);
+    assert_eq!(policy_names(&policies.borrow()), ["shop/allow-frontend", "shop/second"]);
+
+    api.delete(Kind::NetworkPolicy, "shop", "allow-frontend");
+    wait_until(&mut policies, "deleted", |set| policy_names(set) == ["shop/second"]).await;
+    assert_uses_are_declared(&api);
+}
+
+#[tokio::test]
+async fn a_dropped_watch_resumes_from_the_last_bookmark_without_relisting() {
+    let (api, cgroups) = seeded("bookmark").await;
+    let source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let mut inventory = source.inventory();
+    let lists_before = api.count("pods", "list");
+    api.wait_for_watch(Kind::Pod).await;
+
+    // Changes on another node move the resourceVersion on without reaching this watch...
+    for i in 0..5 {
+        api.apply(pod("shop", &format!("other-{i}"), &format!("aaaaaaaa-0000-4000-8000-00000000000{i}"), "node-b", &format!("10.2.0.{}", 20 + i), json!({})));
+    }
+    // ...until a bookmark tells it where the stream stands.
+    let bookmark = api.bookmark();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // History before the bookmark is gone: resuming from anything older would be 410 Gone.
+    api.compact();
+    api.drop_watches();
+
+    api.apply(pod("shop", "web-3", "33333333-2222-4333-8444-555555555555", NODE, "10.1.0.12", json!({"app": "web"})));
+    wait_until(&mut inventory, "change after reconnect", |inv| inv.endpoint("shop/web-3").is_some()).await;
+
+    let pod_watches: Vec<_> = api.requests().into_iter().filter(|r| r.use_.1 == "pods" && r.use_.2 == "watch").collect();
+    let resumed = pod_watches.get(1).expect("a resumed pod watch");
+    assert_eq!(resumed.query.get("resourceVersion"), Some(&bookmark.to_string()), "resumed from the bookmark");
+    assert_eq!(resumed.query.get("allowWatchBookmarks").map(String::as_str), Some("true"));
+    assert_eq!(api.count("pods", "list"), lists_before, "no relist was needed");
+    assert_eq!(source.health().borrow().watches["pods"].relists, 0);
+    assert_uses_are_declared(&api);
+}
+
+#[tokio::test]
+async fn gone_410_relists_and_catches_up() {
+    let (api, cgroups) = seeded("gone").await;
+    let source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let mut inventory = source.inventory();
+    let lists_before = api.count("pods", "list");
+
+    // Disconnected (connections dropped on accept) while the cluster changes and compacts.
+    api.set_fault(Some(Fault::DropConnections));
+    api.drop_watches();
+    let mut health = source.health();
+    wait_until(&mut health, "pods watch failing", |h| h.watches.get("pods").is_some_and(|w| !w.connected)).await;
+    api.delete(Kind::Pod, "shop", "web-1");
+    api.apply(pod("shop", "web-4", "44444444-2222-4333-8444-555555555555", NODE, "10.1.0.13", json!({"app": "web"})));
+    api.compact();
+    api.set_fault(None);
+
+    // The resumed watch gets 410 Gone; the watcher lists again and the store is swapped whole.
+    let inv = wait_until(&mut inventory, "relisted", |inv| endpoint_names(inv) == ["shop/web-4"]).await;
+    assert!(inv.endpoint("shop/web-1").is_none(), "a pod deleted during the gap is gone");
+    assert!(api.count("pods", "list") > lists_before, "relisted");
+    let h = wait_until(&mut health, "relist counted, connected", |h| h.watches["pods"].relists >= 1 && h.connected).await;
+    assert!(h.outage_since.is_none());
+    assert_uses_are_declared(&api);
+}
+
+#[tokio::test]
+async fn an_outage_keeps_the_last_state_and_health_says_so() {
+    let (api, cgroups) = seeded("outage").await;
+    api.apply(network_policy("shop", "allow-frontend", "web"));
+    let source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let mut inventory = source.inventory();
+    let mut policies = source.policies();
+    let mut health = source.health();
+    let before_inventory = inventory.borrow_and_update().clone();
+    let before_policies = policies.borrow_and_update().clone();
+    assert!(health.borrow().connected);
+
+    api.set_fault(Some(Fault::Status500));
+    api.drop_watches();
+    let h: SourceHealth = wait_until(&mut health, "outage reported", |h| !h.connected && h.outage_since.is_some()).await;
+    assert!(h.last_error.as_deref().is_some_and(|e| e.contains("500") || e.contains("injected")), "{:?}", h.last_error);
+    // Several retry rounds later, nothing was cleared or republished.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!inventory.has_changed().expect("open"), "inventory republished during the outage");
+    assert!(!policies.has_changed().expect("open"), "policies republished during the outage");
+    assert_eq!(*inventory.borrow(), before_inventory);
+    assert_eq!(*policies.borrow(), before_policies);
+    assert!(!health.borrow().connected);
+
+    api.set_fault(None);
+    let h = wait_until(&mut health, "recovered", |h| h.connected).await;
+    assert!(h.outage_since.is_none(), "{h:?}");
+    api.apply(pod("shop", "web-1", "11111111-2222-4333-8444-555555555555", NODE, "10.1.0.10", json!({"app": "web", "after": "outage"})));
+    wait_until(&mut inventory, "changes flow again", |inv| {
+        inv.endpoint("shop/web-1").is_some_and(|e| e.labels.contains_key("after"))
+    })
+    .await;
+    assert_uses_are_declared(&api);
+}
+
+#[tokio::test]
+async fn initial_sync_failure_is_an_error_naming_the_cause() {
+    let api = StandIn::start().await;
+    api.set_fault(Some(Fault::Status500));
+    let cgroups = CgroupRoot::new("nosync");
+    let mut cfg = config(&cgroups.0);
+    cfg.initial_sync_timeout = Duration::from_millis(500);
+    let err = KubeSource::start(api.client(), cfg).await.err().expect("cannot sync");
+    let text = err.to_string();
+    assert!(text.contains("pods") && text.contains("namespaces") && text.contains("networkpolicies"), "{text}");
+    assert!(text.contains("500") || text.contains("injected"), "{text}");
+}
+
+#[tokio::test]
+async fn quarantine_is_labelled_and_reported_and_a_label_removal_is_a_release() {
+    let (api, cgroups) = seeded("quarantine").await;
+    let mut source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let mut releases = source.take_release_requests().expect("first take");
+    let sink = source.quarantine_sink();
+    let mut inventory = source.inventory();
+    let before = inventory.borrow_and_update().clone();
+
+    sink.quarantined("shop/web-1", "credential_read", "alert-123").await.expect("sink");
+    let requests = api.requests();
+    let patch = requests.iter().find(|r| r.method == "PATCH").expect("a PATCH");
+    assert_eq!(patch.path, "/api/v1/namespaces/shop/pods/web-1");
+    assert_eq!(patch.content_type, "application/merge-patch+json");
+    let body: Value = serde_json::from_str(&patch.body).expect("patch json");
+    assert_eq!(body["metadata"]["labels"][QUARANTINE_LABEL], "true");
+    assert_eq!(body["metadata"]["annotations"]["palisade.io/quarantine-rule"], "credential_read");
+    assert_eq!(body["metadata"]["annotations"]["palisade.io/quarantine-alert"], "alert-123");
+    let post = requests.iter().find(|r| r.method == "POST").expect("a POST");
+    assert_eq!(post.path, "/api/v1/namespaces/shop/events");
+    let event: Value = serde_json::from_str(&post.body).expect("event json");
+    assert_eq!(event["involvedObject"]["kind"], "Pod");
+    assert_eq!(event["involvedObject"]["name"], "web-1");
+    assert_eq!(event["involvedObject"]["namespace"], "shop");
+    assert_eq!(event["involvedObject"]["uid"], "11111111-2222-4333-8444-555555555555");
+    assert_eq!(event["reason"], "Quarantined");
+    assert_eq!(event["type"], "Warning");
+    let message = event["message"].as_str().unwrap_or("");
+    assert!(message.contains("credential_read") && message.contains("alert-123"), "{message}");
+    assert_eq!(event["source"]["component"], "palisade");
+    assert_eq!(event["source"]["host"], NODE);
+    assert_eq!(api.object(Kind::Pod, "shop", "web-1")["metadata"]["labels"][QUARANTINE_LABEL], "true");
+
+    // The watcher sees the label; selectors do not (no re-segmentation from the label itself).
+    tokio::time::timeout(WAIT, async {
+        while !source.labelled_quarantined().contains("shop/web-1") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("label seen by the watcher");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(*inventory.borrow(), before, "the quarantine label changed the published inventory");
+
+    // `kubectl label pod web-1 palisade.io/quarantined-` by an operator: a release request.
+    let mut unlabelled = api.object(Kind::Pod, "shop", "web-1");
+    unlabelled["metadata"]["labels"].as_object_mut().expect("labels").remove(QUARANTINE_LABEL);
+    api.apply(unlabelled);
+    let request = tokio::time::timeout(WAIT, releases.recv()).await.expect("release request in time").expect("open");
+    assert_eq!(request.pod, "shop/web-1");
+    assert!(request.reason.contains("removed"), "{}", request.reason);
+    // The daemon then releases through the responder and tells the cluster: no label to remove,
+    // only the Event.
+    let patches_before = api.count("pods", "patch");
+    sink.released("shop/web-1", "label removed by an operator").await.expect("released");
+    assert_eq!(api.count("pods", "patch"), patches_before);
+
+    // Quarantined again and released by palisade itself: the label removal is not a request.
+    sink.quarantined("shop/web-1", "reverse_shell", "alert-456").await.expect("sink");
+    tokio::time::timeout(WAIT, async {
+        while !source.labelled_quarantined().contains("shop/web-1") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("label seen again");
+    sink.released("shop/web-1", "cleared by on-call").await.expect("released");
+    let requests = api.requests();
+    let unpatch = requests.iter().rev().find(|r| r.method == "PATCH").expect("unlabel PATCH");
+    let body: Value = serde_json::from_str(&unpatch.body).expect("json");
+    assert!(body["metadata"]["labels"][QUARANTINE_LABEL].is_null() && body["metadata"]["labels"].as_object().is_some_and(|l| l.contains_key(QUARANTINE_LABEL)));
+    let released_event: Value = serde_json::from_str(&requests.iter().rev().find(|r| r.method == "POST").expect("POST").body).expect("json");
+    assert_eq!(released_event["reason"], "Released");
+    assert!(released_event["message"].as_str().is_some_and(|m| m.contains("cleared by on-call")));
+    assert!(api.object(Kind::Pod, "shop", "web-1")["metadata"]["labels"].get(QUARANTINE_LABEL).is_none());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(releases.try_recv().is_err(), "palisade's own unlabel came back as a release request");
+
+    // Alerts as Events: created, then aggregated, then over the limit.
+    let alerts = ClusterAlertEvents::new(
+        api.client(),
+        NODE,
+        AlertEventsConfig { burst: 2, refill_every: Duration::from_secs(3600), aggregate_window: Duration::from_secs(600) },
+    );
+    let outcomes = [
+        alerts.alert("shop/web-1", "shell_in_container", "warning", "shell started", "a-1").await.expect("alert 1"),
+        alerts.alert("shop/web-1", "shell_in_container", "warning", "shell started", "a-2").await.expect("alert 2"),
+        alerts.alert("shop/web-1", "shell_in_container", "warning", "shell started", "a-3").await.expect("alert 3"),
+    ];
+    assert_eq!(outcomes, [AlertEventOutcome::Created, AlertEventOutcome::Aggregated { count: 2 }, AlertEventOutcome::Suppressed]);
+    assert_eq!(alerts.suppressed(), 1);
+    let event_patch = api.requests().into_iter().find(|r| r.use_.1 == "events" && r.use_.2 == "patch").expect("event patch");
+    let body: Value = serde_json::from_str(&event_patch.body).expect("json");
+    assert_eq!(body["count"], 2);
+
+    // Across this test every verb of API_USES was used, and nothing else.
+    let declared: BTreeSet<(String, String, String)> =
+        API_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+    assert_eq!(api.uses(), declared);
+}
