@@ -20,8 +20,8 @@
 
 use std::path::{Path, PathBuf};
 
-/// How deep below the cgroup2 mount the fallback search looks for the `kubepods` tree.
-const SEARCH_DEPTH: usize = 4;
+/// How deep below the cgroup2 mount the fallback search looks for a pod's directory.
+const SEARCH_DEPTH: usize = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -103,16 +103,10 @@ impl CgroupLocator {
                 tried.push(relative);
             }
         }
-        // A kubelet `--cgroup-root` puts the whole tree one or more levels down.
-        for base in self.kubepods_parents() {
-            for class in &classes {
-                for (relative, driver) in candidates(uid, *class) {
-                    let nested = format!("{base}/{relative}");
-                    if self.root.join(&nested).is_dir() {
-                        return Ok(self.found(nested, driver));
-                    }
-                }
-            }
+        // A kubelet `--cgroup-root` (kind: `kubelet.slice/kubelet-kubepods.slice/...`) moves and
+        // renames the tree: look for the pod's own directory name below it.
+        if let Some((relative, driver)) = self.search(uid) {
+            return Ok(self.found(relative, driver));
         }
         Err(CgroupError::NotFound { uid: uid.to_string(), root: self.root.clone(), candidates: tried.join(", ") })
     }
@@ -122,37 +116,40 @@ impl CgroupLocator {
         PodCgroup { path, driver, containers }
     }
 
-    /// Directories (relative, below the mount, not the mount itself) that hold a `kubepods` or
-    /// `kubepods.slice` directory, breadth first, at most [`SEARCH_DEPTH`] levels down.
-    fn kubepods_parents(&self) -> Vec<String> {
-        let mut found = Vec::new();
+    /// Breadth first, at most [`SEARCH_DEPTH`] levels down, through slices and kubelet
+    /// directories only: a directory named `pod<uid>` (cgroupfs) or ending in `-pod<uid_>.slice`
+    /// (systemd).
+    fn search(&self, uid: &str) -> Option<(String, CgroupDriver)> {
+        let cgroupfs_name = format!("pod{uid}");
+        let systemd_suffix = format!("-pod{}.slice", uid.replace('-', "_"));
         let mut level = vec![String::new()];
         for _ in 0..SEARCH_DEPTH {
             let mut next = Vec::new();
             for dir in level {
                 let Ok(entries) = std::fs::read_dir(self.root.join(&dir)) else { continue };
-                for entry in entries.flatten() {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        continue;
-                    }
+                let mut names: Vec<String> = entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                for name in names {
                     let child = if dir.is_empty() { name.clone() } else { format!("{dir}/{name}") };
-                    if name == "kubepods" || name == "kubepods.slice" {
-                        if !dir.is_empty() {
-                            found.push(dir.clone());
-                        }
-                    } else if name.ends_with(".slice") || name.contains("kube") {
-                        // Only slices and kubelet-ish directories can hold a cgroup root;
-                        // container scopes and system services cannot.
+                    if name.ends_with(&systemd_suffix) {
+                        return Some((child, CgroupDriver::Systemd));
+                    }
+                    if name == cgroupfs_name {
+                        return Some((child, CgroupDriver::Cgroupfs));
+                    }
+                    // Container scopes and system services cannot hold pods: not descended into.
+                    if name.ends_with(".slice") || name.contains("kube") || name == "besteffort" || name == "burstable" {
                         next.push(child);
                     }
                 }
             }
             level = next;
         }
-        found.sort();
-        found.dedup();
-        found
+        None
     }
 }
 
