@@ -14,6 +14,8 @@ use clap::Args;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::alerts::{Alert, AlertKind, AlertOptions, AlertSink, Outcome};
+use crate::api::{ApiState, Metrics, status_provider};
 use crate::events::decode::Event;
 use crate::events::enrich::{EndpointIndex, PodRef, ProcCache, enrich};
 use crate::events::input::{Clock, to_input};
@@ -22,7 +24,9 @@ use crate::events::reader::{self, ReaderStats};
 use crate::inventory::Inventory;
 use crate::probes::host::ProbeHost;
 use crate::probes::loader::{self, LoadOptions};
+use crate::quarantine::{KernelQuarantineMap, QuarantineService, ResponderConfig, ResponsePolicy, Verdict};
 use crate::rules::evaluator::{EvaluatorConfig, PackHandle, RuleEvaluator};
+use crate::rules::model::Severity;
 use crate::rules::pack::{PackOptions, RulePack};
 use crate::rules::watch::RulesNotification;
 
@@ -61,6 +65,16 @@ pub struct RunArgs {
     /// Rule evaluation worker threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Quarantine response policy (YAML: dry_run, rules, protected_namespaces,
+    /// max_quarantines_per_minute, forensics), watched for changes.
+    #[arg(long)]
+    pub response_policy: Option<PathBuf>,
+    /// Dry run: report `would_quarantine` instead of cutting pods off (rules explicitly set to
+    /// quarantine in the response policy excepted).
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub alerts: AlertOptions,
 }
 
 /// Shared, read-mostly daemon state that status reports.
@@ -75,6 +89,10 @@ pub struct DaemonState {
     pub host: ProbeHost,
     pub pipeline: PipelineStats,
     pub enforcer: Arc<tokio::sync::Mutex<crate::enforcement::Enforcer>>,
+    pub quarantine: QuarantineService,
+    pub alerts: AlertSink,
+    pub metrics: Metrics,
+    pub started: String,
 }
 
 #[derive(Default)]
@@ -212,8 +230,29 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     .context("enforcing the policies")?;
     let enforcer = Arc::new(tokio::sync::Mutex::new(enforcer));
 
+    // Alerts: the log in the state directory (rotation, aggregation, loss accounting), exports.
+    let node = crate::sys::hostname();
+    let metrics = Metrics::new();
+    let (alert_log, alerts, exports) = args.alerts.start(&args.state_dir, &node, &metrics).context("starting the alert log")?;
+
+    // Quarantine: adopt what the state file and the pinned map hold before events flow.
+    let mut response_policy = match &args.response_policy {
+        Some(path) => load_response_policy(path)?,
+        None => ResponsePolicy::default(),
+    };
+    response_policy.dry_run |= args.dry_run;
+    let quarantine_map = host.with(|ebpf| KernelQuarantineMap::from_ebpf(ebpf)).await??;
+    let (quarantine, adoption) = QuarantineService::start(
+        ResponderConfig { state_dir: args.state_dir.clone(), cgroup_root: cgroup_root.clone(), policy: response_policy },
+        Box::new(quarantine_map),
+        &inventory,
+    )
+    .context("starting the quarantine responder")?;
+    tracing::info!(?adoption, "quarantine state adopted");
+    quarantine.set_endpoint_ids(enforcer.lock().await.compiled().endpoints.values().map(|ep| (ep.key(), ep.id)));
+
     let state = Arc::new(DaemonState {
-        node: crate::sys::hostname(),
+        node,
         endpoints: RwLock::new(index),
         inventory: RwLock::new(inventory),
         unresolved_cgroups: RwLock::new(unresolved),
@@ -223,23 +262,56 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         host: host.clone(),
         pipeline: PipelineStats::default(),
         enforcer: enforcer.clone(),
+        quarantine: quarantine.clone(),
+        alerts: alerts.clone(),
+        metrics: metrics.clone(),
+        started: now_rfc3339(),
     });
 
-    // Alerts (until the alert log lands: JSON lines in the state directory).
-    let alerts = AlertOutput::open(&args.state_dir.join("alerts.jsonl"))?;
+    // The root-only API socket and the metrics listener.
+    let listener = crate::api::bind(&args.state_dir.join(crate::api::SOCKET_NAME)).context("binding the API socket")?;
+    let api_state = {
+        let state = state.clone();
+        let exports = exports.clone();
+        ApiState::new(alerts.clone())
+            .with_status(status_provider(move || {
+                let state = state.clone();
+                let exports = exports.clone();
+                async move {
+                    let mut status = status_json(&state).await;
+                    status["exports"] = serde_json::to_value(exports.stats()).unwrap_or_default();
+                    status
+                }
+            }))
+            .with_quarantine(Arc::new(crate::quarantine::api::QuarantineApiHandler::new(quarantine.clone(), alerts.clone())))
+            .with_metrics(metrics.clone())
+    };
+    tokio::spawn(async move {
+        if let Err(err) = crate::api::serve_on(listener, api_state).await {
+            tracing::error!(%err, "API server stopped");
+        }
+    });
+    if !args.alerts.no_metrics {
+        let (addr, metrics) = (args.alerts.metrics_addr, metrics.clone());
+        tokio::spawn(async move {
+            if let Err(err) = crate::api::serve_metrics(addr, metrics).await {
+                tracing::error!(%err, %addr, "metrics listener stopped");
+            }
+        });
+    }
+    spawn_counter_exporter(state.clone());
 
-    // Rule workers and the verdict thread.
+    // Rule workers and the verdict thread: alert, decide (quarantine), record the outcome.
     let (evaluator, verdicts) = RuleEvaluator::start(rules.clone(), EvaluatorConfig { workers: args.workers.max(1), ..EvaluatorConfig::default() })?;
     {
         let state = state.clone();
-        let alerts = alerts.clone();
         std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
             for evaluation in verdicts {
                 match evaluation.hits {
                     Ok(hits) => {
                         state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         for hit in hits {
-                            alerts.emit(rule_alert(&state.node, &hit, &evaluation.input));
+                            respond(&state, hit, &evaluation.input);
                         }
                     }
                     Err(err) => {
@@ -254,11 +326,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // Rules hot reload: swap, switch kernel kinds, report rejections as alerts.
     let _rules_watcher = {
         let state = state.clone();
-        let alerts = alerts.clone();
         let runtime = tokio::runtime::Handle::current();
         crate::rules::watch::watch(&rules_dir, PackOptions::default(), rules.clone(), move |note| {
             match &note {
                 RulesNotification::Reloaded { .. } => {
+                    state.metrics.record_rule_reload(true);
                     let kinds = kinds_for(&state.rules.current());
                     let host = state.host.clone();
                     runtime.spawn(async move {
@@ -268,12 +340,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     });
                 }
                 RulesNotification::RulesRejected { errors, kept_generation } => {
-                    alerts.emit(json!({
-                        "kind": "rules_rejected", "node": state.node, "severity": "high",
-                        "time": now_rfc3339(),
-                        "message": format!("rule pack rejected; generation {kept_generation} stays in force"),
-                        "errors": errors,
-                    }));
+                    state.metrics.record_rule_reload(false);
+                    let alert = Alert::new(
+                        AlertKind::RulesRejected,
+                        Severity::High,
+                        format!("rule pack rejected, generation {kept_generation} stays in force: {}", errors.join("; ")),
+                    )
+                    .with_event(json!({"errors": errors, "kept_generation": kept_generation}));
+                    state.alerts.try_emit(alert);
                 }
             }
             if let Ok(mut last) = state.rules_last_reload.lock() {
@@ -286,7 +360,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let _policies_watcher = {
         let (watcher, mut changes) = watch_dir(&policies_dir)?;
         let state = state.clone();
-        let alerts = alerts.clone();
         tokio::spawn(async move {
             while changes.recv().await.is_some() {
                 // Let an editor's burst of writes settle.
@@ -295,11 +368,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 let result = state.enforcer.lock().await.reload_policies().await;
                 if let Err(err) = result {
                     tracing::error!(%err, "policies rejected; the last good set stays enforced");
-                    alerts.emit(json!({
-                        "kind": "policies_rejected", "node": state.node, "severity": "high",
-                        "time": now_rfc3339(),
-                        "message": format!("policies rejected, the last good set stays enforced: {err}"),
-                    }));
+                    let alert = Alert::new(
+                        AlertKind::Daemon,
+                        Severity::High,
+                        format!("policies rejected, the last good set stays enforced: {err}"),
+                    )
+                    .with_event(json!({"policies_rejected": err.to_string()}));
+                    state.alerts.try_emit(alert);
                 }
             }
         });
@@ -310,10 +385,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     {
         let ring = crate::enforcement::take_verdict_ring(&host).await?;
         let state = state.clone();
-        let alerts = alerts.clone();
         tokio::spawn(async move {
             let result = crate::enforcement::read_verdicts(ring, move |verdict| {
-                alerts.emit(policy_denied_alert(&state, &verdict));
+                let direction = if verdict.direction == palisade_common::DIRECTION_INGRESS { "ingress" } else { "egress" };
+                let reason = if verdict.reason == palisade_common::REASON_QUARANTINE { "quarantine" } else { "policy" };
+                state.metrics.add_policy_drops(direction, reason, 1 + u64::from(verdict.suppressed));
+                state.alerts.try_emit(policy_denied_alert(&state, &verdict));
             })
             .await;
             if let Err(err) = result {
@@ -334,8 +411,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     changed = inventory_rx.changed() => {
                         if changed.is_err() { return; }
                         let inventory = inventory_rx.borrow_and_update().clone();
-                        if let Err(err) = state.enforcer.lock().await.set_inventory(inventory.clone()).await {
-                            tracing::error!(%err, "re-segmenting after an inventory change");
+                        {
+                            let mut enforcer = state.enforcer.lock().await;
+                            if let Err(err) = enforcer.set_inventory(inventory.clone()).await {
+                                tracing::error!(%err, "re-segmenting after an inventory change");
+                            }
+                            state.quarantine.set_endpoint_ids(enforcer.compiled().endpoints.values().map(|ep| (ep.key(), ep.id)));
+                        }
+                        match state.quarantine.set_inventory(&inventory) {
+                            Ok(removals) => {
+                                for removal in &removals {
+                                    state.alerts.try_emit(crate::quarantine::api::removal_alert(removal));
+                                }
+                            }
+                            Err(err) => tracing::error!(%err, "reconciling quarantines with the inventory"),
                         }
                         if let Ok(mut current) = state.inventory.write() { *current = inventory; }
                     }
@@ -363,8 +452,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     }
 
     tracing::info!(state_dir = %args.state_dir.display(), "palisade is running");
-    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
-    tracing::info!("stopping");
+    wait_for_shutdown().await?;
+    tracing::info!("stopping; pinned datapath maps and links stay in force");
+    alert_log.shutdown().await;
     Ok(())
 }
 
@@ -422,47 +512,67 @@ fn pipeline(
     }
 }
 
-/// An alert for a rule hit (interim shape until the alert log module lands).
-fn rule_alert(node: &str, hit: &crate::rules::model::RuleHit, input: &serde_json::Value) -> serde_json::Value {
-    json!({
-        "kind": "rule",
-        "time": input.get("time"),
-        "node": node,
-        "rule": {"id": hit.rule_id, "title": hit.title},
-        "severity": hit.severity,
-        "mitre": hit.mitre,
-        "message": hit.message,
-        "action": hit.action,
-        "outcome": "alerted",
-        "pod": input.get("pod"),
-        "process": input.get("process"),
-        "event": input,
-    })
-}
-
-/// Appends alerts as JSON lines (interim writer).
-#[derive(Clone)]
-struct AlertOutput {
-    file: Arc<Mutex<std::fs::File>>,
-}
-
-impl AlertOutput {
-    fn open(path: &Path) -> anyhow::Result<AlertOutput> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(AlertOutput { file: Arc::new(Mutex::new(file)) })
-    }
-
-    fn emit(&self, alert: serde_json::Value) {
-        let mut line = alert.to_string();
-        line.push('\n');
-        if let Ok(mut file) = self.file.lock() {
-            if let Err(err) = file.write_all(line.as_bytes()) {
-                tracing::error!(%err, "writing an alert");
+/// Turns one rule hit into its alert, after the responder decided what to do about it (the map
+/// update, if any, has returned before the alert is written: alerts and enforcement agree).
+fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, input: &serde_json::Value) {
+    let alert = Alert::from_rule_hit(&hit, input);
+    let pod = input.get("pod").filter(|p| !p.is_null());
+    let namespace = pod.and_then(|p| p.get("namespace")).and_then(serde_json::Value::as_str);
+    let name = pod.and_then(|p| p.get("name")).and_then(serde_json::Value::as_str);
+    let alerts = match (namespace, name) {
+        (Some(namespace), Some(name)) => {
+            let verdict = Verdict { hit, namespace: namespace.to_string(), name: name.to_string(), alert_id: alert.id.clone() };
+            let decision = state.quarantine.respond(&verdict);
+            if decision.outcome == crate::quarantine::Outcome::Quarantined {
+                state.metrics.record_quarantine();
             }
+            crate::quarantine::api::alerts_for(alert, &decision)
         }
-        print!("{line}");
+        // Host-mode events outside any pod: nothing to isolate.
+        _ => vec![alert.with_outcome(Outcome::Alerted, Some("not in a pod".into()))],
+    };
+    for alert in alerts {
+        if let Err(err) = state.alerts.blocking_emit(alert) {
+            tracing::error!(%err, "an alert could not be written (the writer stopped)");
+        }
     }
+}
+
+fn load_response_policy(path: &Path) -> anyhow::Result<ResponsePolicy> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let policy: ResponsePolicy = serde_yaml::from_str(&text).map_err(|e| {
+        let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
+        anyhow::anyhow!("{}{at}: {e}", path.display())
+    })?;
+    policy.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(policy)
+}
+
+/// SIGINT or SIGTERM.
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for ctrl-c")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Feeds kernel per-kind counters and quarantine gauges into the metrics every few seconds.
+fn spawn_counter_exporter(state: Arc<DaemonState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            if let Ok(status) = state.host.status().await {
+                if let Some(counters) = status.counters {
+                    state.metrics.observe_kernel_counters(&counters.emitted, &counters.lost);
+                }
+            }
+            let active = state.quarantine.list_async().await.len();
+            state.metrics.set_quarantines_active(active as i64);
+        }
+    });
 }
 
 fn now_rfc3339() -> String {
@@ -485,7 +595,7 @@ fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Un
 }
 
 /// A `policy_denied` alert for one record (which carries the count the kernel held back).
-fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEvent) -> serde_json::Value {
+fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEvent) -> Alert {
     let addr = |a: &[u8; 16]| {
         let ip = std::net::Ipv6Addr::from(*a);
         ip.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_else(|| ip.to_string())
@@ -498,23 +608,31 @@ fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEv
     let pod = state.endpoints.read().ok().and_then(|e| e.get(v.header.cgroup_id));
     let direction = if v.direction == palisade_common::DIRECTION_INGRESS { "ingress" } else { "egress" };
     let reason = if v.reason == palisade_common::REASON_QUARANTINE { "quarantine" } else { "policy" };
-    let protocol = match v.protocol { 6 => "TCP", 17 => "UDP", 132 => "SCTP", 1 => "ICMP", 58 => "ICMPv6", _ => "other" };
-    let count = 1 + u64::from(v.suppressed);
-    let pod_name = pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_else(|| format!("cgroup {}", v.header.cgroup_id));
-    json!({
-        "kind": "policy_denied",
-        "time": crate::events::input::rfc3339(Clock::new().wall_ns(v.header.ktime_ns)),
-        "node": state.node,
-        "severity": "low",
-        "message": format!("{direction} {protocol} {} {} {} denied ({reason}){}", socket(&v.local_addr, v.local_port),
-            if direction == "ingress" { "<-" } else { "->" }, socket(&v.peer_addr, v.peer_port),
-            if v.suppressed > 0 { format!(", {} more held back by the rate limit", v.suppressed) } else { String::new() }),
-        "pod": pod.as_deref(),
-        "flow": {"direction": direction, "protocol": protocol, "local": addr(&v.local_addr), "local_port": v.local_port,
-                 "peer": addr(&v.peer_addr), "peer_port": v.peer_port, "peer_identity": v.peer_identity, "reason": reason},
-        "count": count,
-        "pod_name": pod_name,
-    })
+    let protocol = match v.protocol {
+        6 => "TCP",
+        17 => "UDP",
+        132 => "SCTP",
+        1 => "ICMP",
+        58 => "ICMPv6",
+        _ => "other",
+    };
+    let held_back = if v.suppressed > 0 { format!(", {} more held back by the rate limit", v.suppressed) } else { String::new() };
+    let message = format!(
+        "{direction} {protocol} {} {} {} denied ({reason}){held_back}",
+        socket(&v.local_addr, v.local_port),
+        if direction == "ingress" { "<-" } else { "->" },
+        socket(&v.peer_addr, v.peer_port),
+    );
+    let mut alert = Alert::new(AlertKind::PolicyDenied, Severity::Low, message).with_event(json!({
+        "direction": direction, "protocol": protocol, "local": addr(&v.local_addr), "local_port": v.local_port,
+        "peer": addr(&v.peer_addr), "peer_port": v.peer_port, "peer_identity": v.peer_identity, "reason": reason,
+        "cgroup_id": v.header.cgroup_id,
+    }));
+    alert.count = 1 + u64::from(v.suppressed);
+    if let Some(pod) = pod {
+        alert = alert.with_pod(crate::alerts::PodInfo { namespace: pod.namespace.clone(), name: pod.name.clone(), labels: pod.labels.clone() });
+    }
+    alert
 }
 
 /// Everything `palisade status` shows, as JSON (sections by name).
@@ -533,8 +651,14 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
     let monitored = state.endpoints.read().map(|e| e.len()).unwrap_or(0);
     let unresolved = state.unresolved_cgroups.read().map(|u| u.clone()).unwrap_or_default();
     let segmentation = serde_json::to_value(&state.enforcer.lock().await.status).unwrap_or_default();
+    let quarantine = json!({
+        "responder": serde_json::to_value(state.quarantine.status()).unwrap_or_default(),
+        "quarantined": serde_json::to_value(state.quarantine.list_async().await).unwrap_or_default(),
+    });
     json!({
         "node": state.node,
+        "version": env!("CARGO_PKG_VERSION"),
+        "started": state.started,
         "probes": probes,
         "events": {
             "reader": state.reader.snapshot(),
@@ -550,6 +674,7 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
             "last_reload": state.rules_last_reload.lock().map(|v| v.clone()).unwrap_or_default(),
         },
         "endpoints": {"monitored": monitored, "unresolved": unresolved, "inventory": endpoints},
-        "segmentation": segmentation,
+        "policies": segmentation,
+        "quarantine": quarantine,
     })
 }
