@@ -22,18 +22,48 @@ pub fn raise_memlock_limit() {
     }
 }
 
-/// The cgroup2 mount point, from /proc/mounts.
+/// The cgroup2 mount point, from /proc/mounts (hybrid hosts mount it beside the v1
+/// hierarchies, e.g. at /sys/fs/cgroup/unified, so the path cannot be assumed).
 pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
     parse_cgroup2_mount(&mounts).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup2 mount in /proc/mounts"))
 }
 
-fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+/// The cgroup id of a cgroup2 directory as the kernel reports it (bpf_get_current_cgroup_id,
+/// bpf_skb_cgroup_id): its inode number.
+pub fn cgroup_id(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata(dir)?.ino())
+}
+
+/// The first cgroup2 mount point in a /proc/mounts text.
+pub fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|line| {
         let mut fields = line.split_whitespace();
-        let (_src, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(target.replace("\\040", " ")))
+        let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_field(target)))
     })
+}
+
+/// /proc/mounts escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// This host's name (for alerts and events).
@@ -46,16 +76,4 @@ pub fn hostname() -> String {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_cgroup2_among_v1_mounts() {
-        let mounts = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
-        assert_eq!(parse_cgroup2_mount(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(parse_cgroup2_mount("proc /proc proc rw 0 0\n"), None);
-    }
 }

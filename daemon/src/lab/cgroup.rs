@@ -11,37 +11,7 @@ pub fn cgroup2_mount() -> Result<PathBuf, LabError> {
     let path = Path::new("/proc/mounts");
     let text = std::fs::read_to_string(path)
         .map_err(|source| LabError::Io { what: "read mounts", path: path.to_path_buf(), source })?;
-    parse_cgroup2_mount(&text).ok_or(LabError::NoCgroup2)
-}
-
-/// The first cgroup2 mount point in a /proc/mounts text.
-pub fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_field(target)))
-    })
-}
-
-/// /proc/mounts escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
-            out.push(value);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::sys::parse_cgroup2_mount(&text).ok_or(LabError::NoCgroup2)
 }
 
 /// Creates `relative` (and its missing parents) under `mount`; returns the relative paths of
@@ -133,15 +103,14 @@ pub fn remove_if_empty(dir: &Path) {
 /// The cgroup id the kernel reports for `dir` (bpf_get_current_cgroup_id, bpf_skb_cgroup_id):
 /// the inode number of the cgroup directory on cgroup2.
 pub fn cgroup_id(dir: &Path) -> Result<u64, LabError> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(dir)
-        .map(|m| m.ino())
+    crate::sys::cgroup_id(dir)
         .map_err(|source| LabError::Io { what: "stat cgroup", path: dir.to_path_buf(), source })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::parse_cgroup2_mount;
 
     #[test]
     fn finds_cgroup2_on_hybrid_and_unified_hosts() {

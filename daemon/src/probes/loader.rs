@@ -385,8 +385,4 @@ fn sum_per_kind(ebpf: &Ebpf, name: &'static str) -> Result<BTreeMap<String, u64>
     Ok(out)
 }
 
-/// The cgroup id of a cgroup2 directory: the kernel uses its inode number.
-pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::metadata(path)?.ino())
-}
+pub use crate::sys::cgroup_id;

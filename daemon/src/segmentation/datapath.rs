@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::Key as LpmTrieKey;
@@ -93,17 +92,12 @@ pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, DatapathError> {
 
 /// The cgroup id (as `bpf_skb_cgroup_id` reports it) of a cgroup v2 directory: its inode number.
 pub fn cgroup_id(path: &Path) -> Result<u64, DatapathError> {
-    std::fs::metadata(path).map(|m| m.ino()).map_err(|source| DatapathError::Cgroup { path: path.to_path_buf(), source })
+    crate::sys::cgroup_id(path).map_err(|source| DatapathError::Cgroup { path: path.to_path_buf(), source })
 }
 
 /// The cgroup2 mount point, from /proc/mounts.
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(mnt))
-    })
+    crate::sys::cgroup2_mount().ok()
 }
 
 /// Counts of one sync.
