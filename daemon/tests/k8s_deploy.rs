@@ -1,0 +1,412 @@
+//! deploy/: every manifest parses as its Kubernetes API type (k8s-openapi) with nothing dropped
+//! on the way (a misspelt field would be), the ClusterRole grants exactly `k8s::API_USES`, the
+//! DaemonSet mounts and probes what the daemon needs, the response policy parses, and the rules
+//! ConfigMaps, laid out the way the kubelet writes a projected volume, load as the default pack.
+//!
+//! `PALISADE_UPDATE_DEPLOY=1 cargo test -p palisade --test k8s_deploy` regenerates
+//! deploy/rules-configmap.yaml from rules/.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use palisade::k8s::API_USES;
+use palisade::quarantine::ResponsePolicy;
+use palisade::rules::pack::RulePack;
+use serde::Deserialize as _;
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn deploy() -> PathBuf {
+    repo().join("deploy")
+}
+
+/// Every document of every deploy/*.yaml except the kustomization, as (file, JSON value).
+fn documents() -> Vec<(String, Value)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy())
+        .expect("deploy/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
+        .collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read manifest");
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: document {}: {e}", i + 1));
+            if !value.is_null() {
+                docs.push((name.clone(), value));
+            }
+        }
+    }
+    docs
+}
+
+/// Parses as `T` and checks the typed value serialises back to the same document: k8s-openapi
+/// ignores unknown fields, so a misspelt or misplaced field shows up as a difference here.
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(file: &str, value: &Value) -> T {
+    let object: T = serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let back = serde_json::to_value(&object).expect("serialise");
+    if back != *value {
+        let mut diffs = Vec::new();
+        diff("", value, &back, &mut diffs);
+        panic!("{file}: fields lost or changed when read as {}: {diffs:#?}", std::any::type_name::<T>());
+    }
+    object
+}
+
+fn diff(at: &str, want: &Value, got: &Value, out: &mut Vec<String>) {
+    match (want, got) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let path = format!("{at}.{k}");
+                match b.get(k) {
+                    Some(w) => diff(&path, v, w, out),
+                    None => out.push(format!("{path}: dropped (unknown field?)")),
+                }
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                out.push(format!("{at}.{k}: added"));
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                diff(&format!("{at}[{i}]"), x, y, out);
+            }
+        }
+        _ if want != got => out.push(format!("{at}: {want} became {got}")),
+        _ => {}
+    }
+}
+
+struct Manifests {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    config_maps: Vec<ConfigMap>,
+    daemon_sets: Vec<DaemonSet>,
+}
+
+fn manifests() -> Manifests {
+    let mut m = Manifests {
+        namespaces: vec![],
+        service_accounts: vec![],
+        cluster_roles: vec![],
+        bindings: vec![],
+        config_maps: vec![],
+        daemon_sets: vec![],
+    };
+    for (file, doc) in documents() {
+        match (doc["apiVersion"].as_str(), doc["kind"].as_str()) {
+            (Some("v1"), Some("Namespace")) => m.namespaces.push(typed(&file, &doc)),
+            (Some("v1"), Some("ServiceAccount")) => m.service_accounts.push(typed(&file, &doc)),
+            (Some("v1"), Some("ConfigMap")) => m.config_maps.push(typed(&file, &doc)),
+            (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRole")) => m.cluster_roles.push(typed(&file, &doc)),
+            (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRoleBinding")) => m.bindings.push(typed(&file, &doc)),
+            (Some("apps/v1"), Some("DaemonSet")) => m.daemon_sets.push(typed(&file, &doc)),
+            (api, kind) => panic!("{file}: unexpected object {api:?} {kind:?}"),
+        }
+    }
+    m
+}
+
+fn config_map<'a>(m: &'a Manifests, name: &str) -> &'a ConfigMap {
+    m.config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no ConfigMap {name}"))
+}
+
+const NAMESPACE: &str = "palisade-system";
+
+#[test]
+fn manifests_parse_and_the_kustomization_lists_them_all() {
+    let m = manifests();
+    assert_eq!(m.namespaces.len(), 1);
+    assert_eq!(m.daemon_sets.len(), 1);
+    assert_eq!(m.cluster_roles.len(), 1);
+    assert_eq!(m.bindings.len(), 1);
+    assert_eq!(m.service_accounts.len(), 1);
+
+    let kustomization: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy().join("kustomization.yaml")).expect("kustomization"))
+            .expect("kustomization yaml");
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(|r| r.as_str().map(str::to_string))
+        .collect();
+    let files: BTreeSet<String> = documents().into_iter().map(|(file, _)| file).collect();
+    assert_eq!(listed, files, "kustomization resources vs deploy/*.yaml");
+    assert_eq!(kustomization["namespace"], NAMESPACE);
+    for (file, doc) in documents() {
+        if doc["kind"] != "Namespace" && !doc["kind"].as_str().is_some_and(|k| k.starts_with("Cluster")) {
+            assert_eq!(doc["metadata"]["namespace"], NAMESPACE, "{file}: {}", doc["metadata"]["name"]);
+        }
+    }
+}
+
+#[test]
+fn the_cluster_role_grants_exactly_what_the_code_uses() {
+    let m = manifests();
+    let role = &m.cluster_roles[0];
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none(), "{rule:?}");
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    assert_ne!(verb, "*", "wildcard verb");
+                    assert!(granted.insert((group.clone(), resource.clone(), verb.clone())), "granted twice: {group} {resource} {verb}");
+                }
+            }
+        }
+    }
+    let used: BTreeSet<(String, String, String)> =
+        API_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+    let extra: Vec<_> = granted.difference(&used).collect();
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(extra.is_empty() && missing.is_empty(), "granted but unused: {extra:?}; used but not granted: {missing:?}");
+
+    let binding = &m.bindings[0];
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(Some(binding.role_ref.name.as_str()), role.metadata.name.as_deref());
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    let sa = &m.service_accounts[0];
+    assert_eq!((subject.kind.as_str(), Some(subject.name.as_str())), ("ServiceAccount", sa.metadata.name.as_deref()));
+    assert_eq!(subject.namespace.as_deref(), Some(NAMESPACE));
+    let pod = m.daemon_sets[0].spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), sa.metadata.name.as_deref());
+}
+
+#[test]
+fn the_daemonset_has_least_privilege_mounts_probes_and_resources() {
+    let m = manifests();
+    let ds = &m.daemon_sets[0];
+    let pod = ds.spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.host_pid, Some(true), "procfs enrichment of host PIDs");
+    assert_ne!(pod.host_network, Some(true), "no hostNetwork");
+    let c = &pod.containers[0];
+
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert_eq!(added, BTreeSet::from(["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE", "SYS_PTRACE"]));
+    // Each added capability is justified by a comment right above it.
+    let text = std::fs::read_to_string(deploy().join("daemonset.yaml")).expect("daemonset.yaml");
+    let lines: Vec<&str> = text.lines().collect();
+    for cap in &added {
+        let at = lines.iter().position(|l| l.trim() == format!("- {cap}")).unwrap_or_else(|| panic!("{cap} line"));
+        assert!(lines[at - 1].trim_start().starts_with('#'), "{cap} has no justification comment");
+    }
+
+    let host_paths: BTreeMap<String, String> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.host_path.as_ref().map(|h| (v.name.clone(), h.path.clone())))
+        .collect();
+    let mounts: BTreeMap<String, String> =
+        c.volume_mounts.iter().flatten().map(|m| (m.name.clone(), m.mount_path.clone())).collect();
+    for (path, mount) in [
+        ("/sys/fs/bpf", "/sys/fs/bpf"),
+        ("/sys/fs/cgroup", "/sys/fs/cgroup"),
+        ("/sys/kernel/tracing", "/sys/kernel/tracing"),
+        ("/var/lib/palisade", "/var/lib/palisade"),
+    ] {
+        let (volume, _) = host_paths.iter().find(|(_, p)| *p == path).unwrap_or_else(|| panic!("no hostPath {path}"));
+        assert_eq!(mounts.get(volume).map(String::as_str), Some(mount), "{path} mounted at {mount}");
+    }
+    assert_eq!(host_paths.len(), 4, "no other host paths: {host_paths:?}");
+
+    let port = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).expect("metrics port");
+    assert_eq!(port.container_port, 9464);
+    for (what, probe) in [("liveness", &c.liveness_probe), ("readiness", &c.readiness_probe)] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{what} httpGet"));
+        assert_eq!(get.path.as_deref(), Some("/healthz"), "{what}");
+        assert_eq!(serde_json::to_value(&get.port).expect("port"), "metrics", "{what}");
+    }
+    let args = c.args.as_ref().expect("args");
+    assert!(args.iter().any(|a| a == "--metrics-addr=0.0.0.0:9464"), "{args:?}");
+
+    let resources = c.resources.as_ref().expect("resources");
+    for key in ["cpu", "memory"] {
+        assert!(resources.requests.as_ref().is_some_and(|r| r.contains_key(key)), "request {key}");
+        assert!(resources.limits.as_ref().is_some_and(|r| r.contains_key(key)), "limit {key}");
+    }
+    let node_env = c.env.iter().flatten().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
+    let field = node_env.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("fieldRef");
+    assert_eq!(field.field_path, "spec.nodeName");
+
+    // The args point into the mounts that exist.
+    let rules_mount = mounts.get("rules").expect("rules mount");
+    assert!(args.iter().any(|a| a == &format!("--rules={rules_mount}")), "{args:?}");
+    let config_mount = mounts.get("config").expect("config mount");
+    assert!(args.iter().any(|a| a.starts_with(&format!("--response-policy={config_mount}/"))), "{args:?}");
+}
+
+#[test]
+fn the_response_policy_parses_and_protects_palisade_itself() {
+    let m = manifests();
+    let text = config_map(&m, "palisade-config").data.as_ref().and_then(|d| d.get("response.yaml")).expect("response.yaml");
+    let policy: ResponsePolicy = serde_yaml::from_str(text).expect("response.yaml is a ResponsePolicy");
+    policy.validate().expect("valid");
+    assert!(policy.is_protected("kube-system") && policy.is_protected(NAMESPACE));
+    assert!(policy.dry_run, "the shipped default starts in dry run");
+}
+
+// ---- the rule pack ConfigMaps ------------------------------------------------------------------
+
+const RULES_CM: &str = "palisade-rules";
+const LISTS_CM: &str = "palisade-rule-lists";
+
+/// The default pack's files as the two ConfigMaps hold them: (rego modules, lists).
+fn pack_files(dir: &Path) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let read = |dir: &Path, keep: &dyn Fn(&str) -> bool| -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).expect("rules dir").flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_file() && keep(&name) {
+                out.insert(name, std::fs::read_to_string(entry.path()).expect("read rule file"));
+            }
+        }
+        out
+    };
+    let modules = read(dir, &|n| n.ends_with(".rego") && !n.ends_with("_test.rego"));
+    let lists = read(&dir.join("lists"), &|n| n.ends_with(".yaml") || n.ends_with(".yml") || n.ends_with(".json"));
+    (modules, lists)
+}
+
+fn render_rules_configmaps() -> String {
+    let (modules, lists) = pack_files(&repo().join("rules"));
+    // Literal block scalars, so `kubectl edit` and reviews show the rules as written.
+    let cm = |name: &str, what: &str, data: BTreeMap<String, String>| {
+        let mut out = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  labels:\n    app.kubernetes.io/name: palisade\n  annotations:\n    palisade.io/contents: {what}\ndata:\n"
+        );
+        for (key, text) in data {
+            let chomp = if !text.ends_with('\n') {
+                "-"
+            } else if text.ends_with("\n\n") {
+                "+"
+            } else {
+                ""
+            };
+            out.push_str(&format!("  {key}: |{chomp}\n"));
+            for line in text.lines() {
+                if line.is_empty() {
+                    out.push('\n');
+                } else {
+                    out.push_str(&format!("    {line}\n"));
+                }
+            }
+        }
+        out
+    };
+    format!(
+        "# GENERATED from rules/ by `PALISADE_UPDATE_DEPLOY=1 cargo test -p palisade --test k8s_deploy`.\n\
+         # Edit the rules in place with `kubectl edit configmap` (hot reload), or regenerate.\n{}---\n{}",
+        cm(RULES_CM, "rego modules of the default rule pack (mounted at the rules directory's top)", modules),
+        cm(LISTS_CM, "tunable lists of the default rule pack (mounted under lists/)", lists),
+    )
+}
+
+/// Writes a projected volume the way the kubelet's atomic writer does: the payload in a
+/// timestamped hidden directory, `..data` pointing at it, and one symlink per top-level entry.
+fn write_projected(dir: &Path, version: &str, files: &BTreeMap<String, String>) {
+    let payload = dir.join(format!("..{version}"));
+    for (path, text) in files {
+        let file = payload.join(path);
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("payload dir");
+        std::fs::write(&file, text).expect("payload file");
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).expect("..data_tmp");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+    let top: BTreeSet<&str> = files.keys().map(|p| p.split('/').next().unwrap_or(p)).collect();
+    for name in top {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("top-level symlink");
+        }
+    }
+}
+
+#[test]
+fn the_rules_configmaps_load_as_the_default_pack_when_projected() {
+    let generated = render_rules_configmaps();
+    let path = deploy().join("rules-configmap.yaml");
+    // The emitter keeps every byte of every file (tabs, blank lines, final newlines).
+    let (want_modules, want_lists) = pack_files(&repo().join("rules"));
+    let rendered: Vec<ConfigMap> = serde_yaml::Deserializer::from_str(&generated)
+        .map(|doc| ConfigMap::deserialize(doc).expect("rendered ConfigMap"))
+        .collect();
+    assert_eq!(rendered[0].data.as_ref(), Some(&want_modules), "rendered modules differ from rules/");
+    assert_eq!(rendered[1].data.as_ref(), Some(&want_lists), "rendered lists differ from rules/lists");
+    if std::env::var_os("PALISADE_UPDATE_DEPLOY").is_some() {
+        std::fs::write(&path, &generated).expect("write rules-configmap.yaml");
+    }
+    let m = manifests();
+    let modules = config_map(&m, RULES_CM).data.clone().unwrap_or_default();
+    let lists = config_map(&m, LISTS_CM).data.clone().unwrap_or_default();
+    let total: usize = modules.values().chain(lists.values()).map(String::len).sum();
+    assert!(total < 900 * 1024, "ConfigMaps are capped at 1 MiB; the pack is {total} bytes");
+
+    // The DaemonSet's projected volume maps every list key, and only those, to lists/<key>.
+    let pod = m.daemon_sets[0].spec.template.spec.as_ref().expect("pod spec");
+    let rules_volume = pod.volumes.iter().flatten().find(|v| v.name == "rules").expect("rules volume");
+    let sources = rules_volume.projected.as_ref().and_then(|p| p.sources.as_ref()).expect("projected sources");
+    let mut files = BTreeMap::new();
+    for source in sources {
+        let cm = source.config_map.as_ref().expect("configMap source");
+        let data = config_map(&m, &cm.name).data.clone().unwrap_or_default();
+        match &cm.items {
+            None => files.extend(data),
+            Some(items) => {
+                let keys: BTreeSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
+                let want: BTreeSet<&str> = data.keys().map(String::as_str).collect();
+                let missing: Vec<String> = want
+                    .difference(&keys)
+                    .map(|k| format!("                    - {{key: {k}, path: lists/{k}}}"))
+                    .collect();
+                assert!(missing.is_empty(), "add to the rules volume in deploy/daemonset.yaml:\n{}", missing.join("\n"));
+                assert_eq!(keys, want, "items name keys the ConfigMap {} does not have", cm.name);
+                for item in items {
+                    assert_eq!(item.path, format!("lists/{}", item.key));
+                    files.insert(item.path.clone(), data[&item.key].clone());
+                }
+            }
+        }
+    }
+
+    let dir = std::env::temp_dir().join(format!("palisade-k8s-deploy-rules-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    write_projected(&dir, "2024_01_01_00_00_00.000000001", &files);
+    let projected = RulePack::load(&dir).unwrap_or_else(|e| panic!("the projected ConfigMaps do not load: {e}"));
+    let default = RulePack::load(&repo().join("rules")).expect("rules/ loads");
+    let ids = |pack: &RulePack| pack.rules().iter().map(|r| r.id.clone()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        ids(&projected),
+        ids(&default),
+        "deploy/rules-configmap.yaml ships other rules than rules/: regenerate with \
+         PALISADE_UPDATE_DEPLOY=1 cargo test -p palisade --test k8s_deploy"
+    );
+    assert_eq!(modules.keys().collect::<Vec<_>>(), want_modules.keys().collect::<Vec<_>>(), "module files; regenerate");
+    assert_eq!(lists.keys().collect::<Vec<_>>(), want_lists.keys().collect::<Vec<_>>(), "list files; regenerate");
+    let _ = std::fs::remove_dir_all(&dir);
+}
