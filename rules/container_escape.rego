@@ -4,6 +4,8 @@
 package palisade.rules.container_escape
 
 import data.palisade.lib
+import data.palisade.lib.exempt_pod
+import data.palisade.lib.open_path
 import data.palisade.lists
 
 meta := {
@@ -18,7 +20,7 @@ meta := {
 who := sprintf("%s (pid %d)", [input.process.comm, input.process.pid])
 
 alerts contains {"message": msg} if {
-	not lib.exempt_pod
+	not exempt_pod
 	some what in primitives
 	msg := sprintf("%s %s", [who, what])
 }
@@ -64,13 +66,13 @@ primitives contains sprintf("called bpf(%s)%s", [object.get(input.bpf, "cmd_name
 primitives contains sprintf("opened %s for writing%s", [path, lib.outcome(input.open.result)]) if {
 	input.type == "open"
 	input.open.write
-	path := lib.abs_path(input.open.path)
+	path := open_path
 	escape_file(path)
 }
 
 primitives contains sprintf("opened container runtime socket %s%s", [path, lib.outcome(input.open.result)]) if {
 	input.type == "open"
-	path := lib.abs_path(input.open.path)
+	path := open_path
 	path in lists.runtime_sockets
 }
 

@@ -3,6 +3,9 @@
 package palisade.rules.credential_read
 
 import data.palisade.lib
+import data.palisade.lib.process_names
+import data.palisade.lib.process_is_shell
+import data.palisade.lib.open_path
 import data.palisade.lists
 
 meta := {
@@ -14,7 +17,7 @@ meta := {
 	"events": ["open"],
 }
 
-path := lib.abs_path(input.open.path)
+path := open_path
 
 reader := input.process.comm
 
@@ -40,12 +43,12 @@ alerts contains {"message": msg, "mitre": ["T1528"]} if {
 }
 
 authentication_program if {
-	some name in lib.process_names
+	some name in process_names
 	name in lists.credential_readers
 }
 
 ssh_program if {
-	some name in lib.process_names
+	some name in process_names
 	name in lists.ssh_key_readers
 }
 
@@ -66,7 +69,7 @@ service_account_token if {
 	contains(path, "/secrets/kubernetes.io/")
 }
 
-interactive_context if lib.process_is_shell
+interactive_context if process_is_shell
 
 interactive_context if {
 	some ancestor in input.process.ancestors

@@ -2,7 +2,7 @@
 # connection to a mining pool port.
 package palisade.rules.crypto_mining
 
-import data.palisade.lib
+import data.palisade.lib.exec_names
 import data.palisade.lists
 
 meta := {
@@ -16,7 +16,7 @@ meta := {
 
 alerts contains {"message": msg} if {
 	input.type == "exec"
-	some name in lib.exec_names
+	some name in exec_names
 	lower(name) in lists.miners
 	msg := sprintf("miner program %s started: %s", [name, concat(" ", input.exec.argv)])
 }
@@ -40,6 +40,6 @@ alerts contains {"message": msg} if {
 }
 
 miner_name if {
-	some name in lib.exec_names
+	some name in exec_names
 	lower(name) in lists.miners
 }

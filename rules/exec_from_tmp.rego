@@ -1,7 +1,7 @@
 # 6. Executing a file from a world-writable scratch directory: payloads are dropped there.
 package palisade.rules.exec_from_tmp
 
-import data.palisade.lib
+import data.palisade.lib.exec_path
 import data.palisade.lists
 
 meta := {
@@ -20,6 +20,6 @@ alerts contains {"message": msg} if {
 	msg := sprintf("executed %s from a writable temporary directory (%s)", [path, concat(" ", input.exec.argv)])
 }
 
-executed contains lib.abs_path(input.exec.filename) if input.exec.filename != ""
+executed contains exec_path if input.exec.filename != ""
 
 executed contains input.process.exe if input.process.exe != ""

@@ -18,10 +18,15 @@ abs_path(path) := clean(path) if {
 	input.process.cwd != ""
 } else := path
 
+# Already clean (the common case, dotfiles included): no "//", no "." or ".." component, no
+# trailing "/". Only the rest pays for the regular expressions.
 clean(path) := path if {
-	not contains(path, "/.")
 	not contains(path, "//")
+	not contains(path, "/./")
+	not contains(path, "/../")
 	not endswith(path, "/")
+	not endswith(path, "/.")
+	not endswith(path, "/..")
 } else := cleaned if {
 	a := regex.replace(path, `/+`, "/")
 	b := regex.replace(a, `(/\.)+(/|$)`, "/")
@@ -39,6 +44,21 @@ trim_suffix_slash(p) := p if {
 } else := p if {
 	p == "/"
 } else := trim_right(p, "/")
+
+# The paths an event names, absolute and cleaned. Rules use these rather than calling abs_path
+# themselves: a rule's value is computed once per event and shared by every rule that reads it,
+# a function is called again by each caller.
+open_path := abs_path(input.open.path)
+
+exec_path := abs_path(input.exec.filename)
+
+chmod_path := abs_path(input.chmod.path)
+
+unlink_path := abs_path(input.unlink.path)
+
+rename_old_path := abs_path(input.rename.old_path)
+
+rename_new_path := abs_path(input.rename.new_path)
 
 # A program name without a version suffix ("python3.11" -> "python").
 unversioned(program) := trim_right(program, "0123456789.-")

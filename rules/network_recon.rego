@@ -2,7 +2,7 @@
 # (so a renamed nmap still shows).
 package palisade.rules.network_recon
 
-import data.palisade.lib
+import data.palisade.lib.exec_names
 import data.palisade.lists
 
 meta := {
@@ -15,7 +15,7 @@ meta := {
 }
 
 alerts contains {"message": msg} if {
-	some name in lib.exec_names
+	some name in exec_names
 	name in lists.recon_tools
 	msg := sprintf("network scanning or sniffing tool run: %s", [concat(" ", input.exec.argv)])
 }
@@ -27,7 +27,7 @@ alerts contains {"message": msg} if {
 }
 
 recon_name if {
-	some name in lib.exec_names
+	some name in exec_names
 	name in lists.recon_tools
 }
 

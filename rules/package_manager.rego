@@ -2,7 +2,8 @@
 # behaviour -- a write to the package database, whatever the program is called.
 package palisade.rules.package_manager
 
-import data.palisade.lib
+import data.palisade.lib.exec_names
+import data.palisade.lib.open_path
 import data.palisade.lists
 
 meta := {
@@ -16,7 +17,7 @@ meta := {
 
 alerts contains {"message": msg} if {
 	input.type == "exec"
-	some name in lib.exec_names
+	some name in exec_names
 	subcommands := lists.package_managers[name]
 	some arg in array.slice(input.exec.argv, 1, count(input.exec.argv))
 	arg in subcommands
@@ -27,7 +28,7 @@ alerts contains {"message": msg} if {
 	input.type == "open"
 	input.open.write
 	input.open.result >= 0
-	path := lib.abs_path(input.open.path)
+	path := open_path
 	some db in lists.package_databases
 	startswith(path, db)
 	not lists.package_managers[input.process.comm]

@@ -2,7 +2,10 @@
 # seen at exec or as the dup2/dup3 that wires a socket onto fd 0, 1 or 2.
 package palisade.rules.reverse_shell
 
-import data.palisade.lib
+import data.palisade.lib.exec_shells
+import data.palisade.lib.exec_interpreters
+import data.palisade.lib.process_names
+import data.palisade.lib.parent
 import data.palisade.lists
 
 meta := {
@@ -21,9 +24,9 @@ socket_streams contains name if {
 	stdio[name] == "socket"
 }
 
-shell_like if count(lib.exec_shells) > 0
+shell_like if count(exec_shells) > 0
 
-shell_like if count(lib.exec_interpreters) > 0
+shell_like if count(exec_interpreters) > 0
 
 alerts contains {"message": msg} if {
 	input.type == "exec"
@@ -62,10 +65,10 @@ sort_streams := sort([s | some s in socket_streams])
 
 # inetd-style super-servers legitimately run services with a socket as stdio.
 super_server_child if {
-	lib.parent.comm in lists.socket_stdio_services
+	parent.comm in lists.socket_stdio_services
 }
 
 super_server_process if {
-	some name in lib.process_names
+	some name in process_names
 	name in lists.socket_stdio_services
 }

@@ -2,6 +2,7 @@
 package palisade.rules.setuid_bit
 
 import data.palisade.lib
+import data.palisade.lib.chmod_path
 
 meta := {
 	"id": "setuid_bit",
@@ -21,7 +22,7 @@ bit_names contains "setgid" if bits.and(input.chmod.mode, 1024) != 0
 
 bit_names contains "setgid" if input.chmod.setgid
 
-target := lib.abs_path(input.chmod.path) if input.chmod.path != ""
+target := chmod_path if input.chmod.path != ""
 
 else := sprintf("fd %d", [input.chmod.fd])
 

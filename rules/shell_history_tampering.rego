@@ -3,6 +3,9 @@
 package palisade.rules.shell_history_tampering
 
 import data.palisade.lib
+import data.palisade.lib.open_path
+import data.palisade.lib.unlink_path
+import data.palisade.lib.rename_old_path
 import data.palisade.lists
 
 meta := {
@@ -26,7 +29,7 @@ history_file(path) if {
 
 alerts contains {"message": msg} if {
 	input.type == "unlink"
-	path := lib.abs_path(input.unlink.path)
+	path := unlink_path
 	history_file(path)
 	msg := sprintf("%s (pid %d) deleted shell history %s%s", [input.process.comm, input.process.pid, path, lib.outcome(input.unlink.result)])
 }
@@ -34,14 +37,14 @@ alerts contains {"message": msg} if {
 alerts contains {"message": msg} if {
 	input.type == "open"
 	input.open.truncate
-	path := lib.abs_path(input.open.path)
+	path := open_path
 	history_file(path)
 	msg := sprintf("%s (pid %d) truncated shell history %s%s", [input.process.comm, input.process.pid, path, lib.outcome(input.open.result)])
 }
 
 alerts contains {"message": msg} if {
 	input.type == "rename"
-	path := lib.abs_path(input.rename.old_path)
+	path := rename_old_path
 	history_file(path)
 	msg := sprintf("%s (pid %d) moved shell history %s to %s%s", [
 		input.process.comm, input.process.pid, path, input.rename.new_path, lib.outcome(input.rename.result),

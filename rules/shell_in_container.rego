@@ -4,6 +4,8 @@
 package palisade.rules.shell_in_container
 
 import data.palisade.lib
+import data.palisade.lib.exec_shells
+import data.palisade.lib.parent
 import data.palisade.lists
 
 meta := {
@@ -16,7 +18,7 @@ meta := {
 	"description": "A shell attached to a terminal (kubectl exec -it, docker exec -it) or spawned by a web server, database or other network service.",
 }
 
-shell if count(lib.exec_shells) > 0
+shell if count(exec_shells) > 0
 
 alerts contains {"message": msg} if {
 	shell
@@ -29,7 +31,7 @@ alerts contains {"message": msg} if {
 alerts contains {"message": msg, "severity": "high"} if {
 	shell
 	not interactive
-	some name in {lib.parent.comm, lib.basename(lib.parent.exe)}
+	some name in {parent.comm, lib.basename(parent.exe)}
 	name in lists.shell_parent_services
 	msg := sprintf("shell %s (%s) spawned by network service %s in %s", [
 		input.exec.filename, concat(" ", input.exec.argv), name, where,
@@ -49,6 +51,6 @@ where := sprintf("pod %s/%s", [input.pod.namespace, input.pod.name]) if input.po
 
 else := "the host"
 
-parent_comm := lib.parent.comm
+parent_comm := parent.comm
 
 parent_comm := "?" if count(input.process.ancestors) == 0

@@ -3,6 +3,11 @@
 package palisade.rules.write_below_system_dir
 
 import data.palisade.lib
+import data.palisade.lib.open_path
+import data.palisade.lib.chmod_path
+import data.palisade.lib.unlink_path
+import data.palisade.lib.rename_old_path
+import data.palisade.lib.rename_new_path
 import data.palisade.lists
 
 meta := {
@@ -15,18 +20,18 @@ meta := {
 }
 
 # The paths each kind of event changes.
-changed contains lib.abs_path(input.open.path) if {
+changed contains open_path if {
 	input.type == "open"
 	writes
 }
 
-changed contains lib.abs_path(input.rename.new_path) if input.type == "rename"
+changed contains rename_new_path if input.type == "rename"
 
-changed contains lib.abs_path(input.rename.old_path) if input.type == "rename"
+changed contains rename_old_path if input.type == "rename"
 
-changed contains lib.abs_path(input.unlink.path) if input.type == "unlink"
+changed contains unlink_path if input.type == "unlink"
 
-changed contains lib.abs_path(input.chmod.path) if {
+changed contains chmod_path if {
 	input.type == "chmod"
 	input.chmod.path != ""
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use palisade::rules::testing::load_fixtures;
-use palisade::rules::{EngineKind, EvaluatorConfig, PackHandle, RuleEvaluator, RulePack, to_rego_value};
+use palisade::rules::{EngineKind, EvaluatorConfig, InputConverter, PackHandle, RuleEvaluator, RulePack, to_rego_value};
 
 /// A deterministic generator, so every run evaluates the same mix.
 struct Lcg(u64);
@@ -149,8 +149,10 @@ fn print(name: &str, f: &Figures) {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing to parse.
-    let pack = RulePack::load(&repo().join("rules")).expect("default pack loads");
+    // `cargo bench` passes --bench; nothing to parse. PALISADE_BENCH_RULES measures another
+    // rules directory (e.g. a variant of the default pack) against the same events.
+    let rules_dir = std::env::var("PALISADE_BENCH_RULES").map_or_else(|_| repo().join("rules"), Into::into);
+    let pack = RulePack::load(&rules_dir).expect("default pack loads");
     let (events, source) = match std::env::var("PALISADE_BENCH_EVENTS") {
         Ok(path) => (recorded_events(&path), path),
         Err(_) => (synthetic_mix(20_000), "synthetic web-pod mix from testdata/rules".to_string()),
@@ -159,17 +161,37 @@ fn main() {
     for e in &events {
         *by_type.entry(e["type"].as_str().unwrap_or("?")).or_default() += 1;
     }
+    // Profiling mode (e.g. under `valgrind --tool=callgrind`, whose instruction counts are
+    // repeatable on a loaded machine): one RVM pass over the first N events, nothing else.
+    if let Some(n) = std::env::var("PALISADE_BENCH_PROFILE").ok().and_then(|v| v.parse::<usize>().ok()) {
+        let slice = &events[..n.min(events.len())];
+        let mut session = pack.session().expect("session");
+        let mut hits = 0;
+        for event in slice {
+            hits += pack.evaluate_in(&mut session, event).map(|h| h.len()).unwrap_or(0);
+        }
+        println!("profile pass: {} events, {hits} hits", slice.len());
+        return;
+    }
     println!("rules: {} in the default pack; events: {} ({source})", pack.rules().len(), events.len());
     println!("mix: {by_type:?}");
 
-    // The input conversion alone (serde_json tree -> regorus value), part of every evaluation.
+    // The input conversion alone (serde_json tree -> regorus value), part of every evaluation:
+    // from scratch, and as a session does it (reusing what repeats between events).
     let start = Instant::now();
     let mut sink = 0usize;
     for e in &events {
         sink += matches!(to_rego_value(e), regorus::Value::Object(_)) as usize;
     }
     let per = start.elapsed().as_secs_f64() / events.len() as f64;
-    println!("{:<34} {:>10.2} µs/event ({sink} objects)", "input conversion", per * 1e6);
+    println!("{:<34} {:>10.2} µs/event ({sink} objects)", "input conversion, from scratch", per * 1e6);
+    let mut converter = InputConverter::default();
+    let start = Instant::now();
+    for e in &events {
+        sink += matches!(converter.convert(e), regorus::Value::Object(_)) as usize;
+    }
+    let per = start.elapsed().as_secs_f64() / events.len() as f64;
+    println!("{:<34} {:>10.2} µs/event", "input conversion, in a session", per * 1e6);
 
     let rvm = measure(&pack, &events, 5);
     print("register VM (RVM), full pack", &rvm);
@@ -192,7 +214,7 @@ fn main() {
 
     // The worker pool, one worker per core, end to end through the bounded channels.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let handle = PackHandle::new(RulePack::load(&repo().join("rules")).expect("pack"));
+    let handle = PackHandle::new(RulePack::load(&rules_dir).expect("pack"));
     let (evaluator, results) = RuleEvaluator::start(
         Arc::clone(&handle),
         EvaluatorConfig { workers, queue: 4096, send_empty: true },

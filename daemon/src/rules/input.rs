@@ -1,8 +1,16 @@
 //! The event `input` as a regorus value, built by walking the serde_json tree (no JSON text in
 //! between: printing and re-parsing every event would cost more than evaluating most rules).
-use std::collections::BTreeMap;
+//!
+//! The conversion is part of every evaluation, so it avoids allocations where it can: field
+//! names and the small vocabulary of enum-like values (event types, fd kinds, ops, families) are
+//! shared, reference-counted strings made once per process; and an [`InputConverter`] kept by
+//! each evaluating session reuses the converted `pod` and `process.ancestors` while they stay
+//! the same from one event to the next (consecutive events mostly come from the same pod and
+//! process tree). The result is always equal to a fresh conversion.
+use std::sync::OnceLock;
 
 use regorus::Value;
+use regorus::value::Object;
 
 use super::model::EventType;
 
@@ -12,17 +20,109 @@ pub fn to_rego_value(json: &serde_json::Value) -> Value {
         serde_json::Value::Null => Value::Null,
         serde_json::Value::Bool(b) => Value::Bool(*b),
         serde_json::Value::Number(n) => number(n),
-        serde_json::Value::String(s) => Value::String(s.as_str().into()),
+        serde_json::Value::String(s) => string(s),
         serde_json::Value::Array(items) => {
             Value::from(items.iter().map(to_rego_value).collect::<Vec<_>>())
         }
-        serde_json::Value::Object(fields) => Value::from(
-            fields
-                .iter()
-                .map(|(k, v)| (Value::String(k.as_str().into()), to_rego_value(v)))
-                .collect::<BTreeMap<_, _>>(),
-        ),
+        serde_json::Value::Object(fields) => {
+            fields.iter().map(|(k, v)| (string(k), to_rego_value(v))).collect::<Object>().into_value()
+        }
     }
+}
+
+/// Builds event inputs, reusing the parts that repeat from one event to the next. Keep one per
+/// evaluating thread (a rule `Session` has one).
+#[derive(Debug, Default)]
+pub struct InputConverter {
+    pod: Option<(serde_json::Value, Value)>,
+    ancestors: Option<(serde_json::Value, Value)>,
+}
+
+impl InputConverter {
+    /// The same value as `to_rego_value(json)`.
+    pub fn convert(&mut self, json: &serde_json::Value) -> Value {
+        let serde_json::Value::Object(fields) = json else {
+            return to_rego_value(json);
+        };
+        fields
+            .iter()
+            .map(|(k, v)| {
+                let value = match (k.as_str(), v) {
+                    ("pod", serde_json::Value::Object(_)) => reuse(&mut self.pod, v),
+                    ("process", serde_json::Value::Object(process)) => process
+                        .iter()
+                        .map(|(k, v)| {
+                            let value = match (k.as_str(), v) {
+                                ("ancestors", serde_json::Value::Array(_)) => reuse(&mut self.ancestors, v),
+                                _ => to_rego_value(v),
+                            };
+                            (string(k), value)
+                        })
+                        .collect::<Object>()
+                        .into_value(),
+                    _ => to_rego_value(v),
+                };
+                (string(k), value)
+            })
+            .collect::<Object>()
+            .into_value()
+    }
+}
+
+/// The converted value of `json`, from `slot` when it holds the same JSON.
+fn reuse(slot: &mut Option<(serde_json::Value, Value)>, json: &serde_json::Value) -> Value {
+    if let Some((previous, value)) = slot {
+        if previous == json {
+            return value.clone();
+        }
+    }
+    let value = to_rego_value(json);
+    *slot = Some((json.clone(), value.clone()));
+    value
+}
+
+/// Field names of the input schema and the enum-like values events carry. A string equal to
+/// one of them shares one allocation instead of getting its own.
+const WORDS: &[&str] = &[
+    "BPF_MAP_CREATE", "BPF_PROG_LOAD", "CLONE_NEWCGROUP", "CLONE_NEWIPC", "CLONE_NEWNET",
+    "CLONE_NEWNS", "CLONE_NEWPID", "CLONE_NEWUSER", "CLONE_NEWUTS", "O_APPEND", "O_CLOEXEC",
+    "O_CREAT", "O_NONBLOCK", "O_RDONLY", "O_RDWR", "O_TRUNC", "O_WRONLY", "PTRACE_ATTACH",
+    "PTRACE_SEIZE", "addr", "address", "ancestors", "argc", "args", "argv", "at_flags", "bpf",
+    "cap_effective", "cap_inheritable", "cap_permitted", "capset", "cgroup_id", "child_pid",
+    "chmod", "cmd", "cmd_name", "cmdline", "comm", "commit_creds", "connect", "create", "cred",
+    "cwd", "delete_module", "dirfd", "dup", "dup2", "dup3", "egid", "euid", "exe", "exec", "exit",
+    "exit_code", "family", "fchmod", "fchmodat", "fd", "file", "fileless", "filename",
+    "finit_module", "flags", "flags_names", "fork", "fstype", "gid", "inet", "inet6", "init_module",
+    "kprobe", "ktime_ns", "labels", "len", "memfd", "mode", "module", "mount", "name", "namespace",
+    "new_fd", "new_fd_kind", "new_path", "node", "null", "old_fd", "old_path", "op", "open",
+    "openat", "openat2", "other", "parent_pid", "path", "pid", "pipe", "pod", "port", "ppid",
+    "process", "ptrace", "rename", "renameat", "renameat2", "request", "request_name", "result",
+    "rmdir", "service_account", "setgid", "setns", "setresgid", "setresuid", "setreuid", "setuid",
+    "size", "socket", "source", "stderr", "stdin", "stdio", "stdout", "target", "target_pid", "tid",
+    "time", "tracepoint", "truncate", "truncated", "tty", "type", "uid", "umount", "unix",
+    "unix_path", "unknown", "unlink", "unlinkat", "unshare", "via_execveat", "write",
+];
+
+fn words() -> &'static (Vec<&'static str>, Vec<Value>) {
+    static SHARED: OnceLock<(Vec<&'static str>, Vec<Value>)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let mut names = WORDS.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        let values = names.iter().map(|w| Value::String((*w).into())).collect();
+        (names, values)
+    })
+}
+
+/// A regorus string, shared when it is one of the common words.
+fn string(s: &str) -> Value {
+    if s.len() <= 16 {
+        let (names, values) = words();
+        if let Ok(i) = names.binary_search(&s) {
+            return values[i].clone();
+        }
+    }
+    Value::String(s.into())
 }
 
 fn number(n: &serde_json::Number) -> Value {
@@ -65,5 +165,38 @@ mod tests {
         let parsed = Value::from_json_str(&json.to_string()).expect("parses");
         assert_eq!(direct, parsed);
         assert_eq!(to_json(&direct), json);
+    }
+
+    #[test]
+    fn the_converter_reuses_nothing_that_changed() {
+        let mut converter = InputConverter::default();
+        let events = [
+            serde_json::json!({"type": "open", "pod": {"namespace": "a", "labels": {"app": "x"}},
+                "process": {"pid": 1, "stdio": {"stdin": "tty"}, "ancestors": [{"pid": 1, "comm": "sh"}]},
+                "open": {"path": "/etc/shadow", "flags_names": ["O_RDONLY"]}}),
+            serde_json::json!({"type": "open", "pod": {"namespace": "a", "labels": {"app": "x"}},
+                "process": {"pid": 2, "ancestors": [{"pid": 1, "comm": "sh"}]}, "open": {"path": "/x"}}),
+            serde_json::json!({"type": "exec", "pod": {"namespace": "b", "labels": {"app": "x"}},
+                "process": {"pid": 2, "ancestors": [{"pid": 1, "comm": "bash"}]}, "exec": {"argv": ["a"]}}),
+            serde_json::json!({"type": "exec", "pod": null, "process": {"pid": 2, "ancestors": []}}),
+            serde_json::json!({"type": "exec", "pod": {"namespace": "b", "labels": {"app": "x"}},
+                "process": {"pid": 2, "ancestors": [{"pid": 1, "comm": "bash"}]}}),
+            serde_json::json!(["not", "an", "object"]),
+        ];
+        for event in events.iter().chain(events.iter()) {
+            let converted = converter.convert(event);
+            assert_eq!(converted, Value::from_json_str(&event.to_string()).expect("parses"));
+            assert_eq!(to_json(&converted), *event);
+        }
+    }
+
+    #[test]
+    fn shared_words_are_sorted_and_unique() {
+        let (names, values) = words();
+        assert!(names.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(names.len(), values.len());
+        assert!(names.iter().all(|w| w.len() <= 16));
+        assert_eq!(string("socket"), Value::from("socket"));
+        assert_eq!(string("/etc/shadow"), Value::from("/etc/shadow"));
     }
 }

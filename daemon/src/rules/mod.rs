@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 pub use diag::Diagnostic;
 pub use evaluator::{Evaluation, EvaluatorConfig, PackHandle, RuleEvaluator};
-pub use input::to_rego_value;
+pub use input::{InputConverter, to_rego_value};
 pub use model::{Action, EventType, Location, RuleHit, RuleMeta, Severity};
 pub use pack::{EngineKind, PackOptions, PackSources, RuleOverrides, RulePack, Session};
 pub use watch::{RulesNotification, RulesWatcher, reload, watch};

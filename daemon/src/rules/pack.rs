@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use super::RulesError;
 use super::diag::Diagnostic;
-use super::input::{event_type, to_rego_value};
+use super::input::{InputConverter, event_type, to_rego_value};
 use super::model::{Action, EventType, Location, RuleHit, RuleMeta, Severity};
 
 /// The package every rule lives under: `palisade.rules.<id>`.
@@ -224,6 +224,8 @@ impl std::fmt::Debug for RulePack {
 pub struct Session {
     pack_id: u64,
     engine: SessionEngine,
+    /// Builds each event's input, reusing what repeats between consecutive events.
+    converter: InputConverter,
 }
 
 enum SessionEngine {
@@ -427,7 +429,7 @@ impl RulePack {
             }
             EngineKind::Interpreter => SessionEngine::Interpreter(Box::new(self.engine.clone())),
         };
-        Ok(Session { pack_id: self.id, engine })
+        Ok(Session { pack_id: self.id, engine, converter: InputConverter::default() })
     }
 
     /// Evaluates one event (the JSON `input` the daemon produces) against the rules subscribed
@@ -438,7 +440,8 @@ impl RulePack {
             return Ok(Vec::new());
         }
         let mut session = self.acquire()?;
-        let result = self.evaluate_typed(&mut session, ty, to_rego_value(input), false);
+        let value = session.converter.convert(input);
+        let result = self.evaluate_typed(&mut session, ty, value, false);
         self.release(session);
         result
     }
@@ -453,7 +456,8 @@ impl RulePack {
         if self.dispatch[ty.index()].is_empty() {
             return Ok(Vec::new());
         }
-        self.evaluate_typed(session, ty, to_rego_value(input), false)
+        let value = session.converter.convert(input);
+        self.evaluate_typed(session, ty, value, false)
     }
 
     /// Like `evaluate`, but an alert that breaks the contract (no message, bad severity, ...) is
@@ -464,7 +468,8 @@ impl RulePack {
             return Ok(Vec::new());
         }
         let mut session = self.acquire()?;
-        let result = self.evaluate_typed(&mut session, ty, to_rego_value(input), true);
+        let value = session.converter.convert(input);
+        let result = self.evaluate_typed(&mut session, ty, value, true);
         self.release(session);
         result
     }
