@@ -73,6 +73,13 @@ pub struct RunArgs {
     /// quarantine in the response policy excepted).
     #[arg(long)]
     pub dry_run: bool,
+    /// Kubernetes mode: pods on this node, namespaces and NetworkPolicies come from the API
+    /// server (in-cluster config or KUBECONFIG) instead of --inventory and --policies.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// This node's name (Kubernetes mode; the DaemonSet passes it from spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
     #[command(flatten)]
     pub alerts: AlertOptions,
 }
@@ -93,6 +100,8 @@ pub struct DaemonState {
     pub alerts: AlertSink,
     pub metrics: Metrics,
     pub started: String,
+    /// Kubernetes mode: the API source's health.
+    pub kube_health: Option<tokio::sync::watch::Receiver<crate::k8s::SourceHealth>>,
 }
 
 #[derive(Default)]
@@ -164,19 +173,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     prepare_state_dir(&args.state_dir)?;
     let defaults_dir = args.state_dir.join("defaults");
 
-    // Inventory: the given file, or the embedded lab example.
-    let inventory_path = match &args.inventory {
-        Some(path) => path.clone(),
-        None => {
-            std::fs::create_dir_all(&defaults_dir)?;
-            let path = defaults_dir.join("inventory.yaml");
-            std::fs::write(&path, crate::defaults::DEFAULT_INVENTORY)?;
-            path
-        }
-    };
-    let inventory_watch = crate::inventory::watch::InventoryWatch::start(&inventory_path)
-        .with_context(|| format!("inventory {}", inventory_path.display()))?;
-    let inventory = inventory_watch.current();
+    let cgroup_root = crate::sys::cgroup2_mount().context("finding the cgroup2 mount")?;
+
+    // Endpoints and policies: the Kubernetes API, or an inventory file (default: the embedded
+    // lab example) and a policy directory (default: the embedded examples).
+    let mut sources = Sources::start(&args, &defaults_dir, &cgroup_root).await?;
+    let inventory = sources.inventory_rx.borrow().clone();
 
     if args.lab {
         let lab = crate::lab::Lab::up(&inventory, &crate::lab::LabOptions::named(&args.lab_name))
@@ -205,7 +207,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let host = ProbeHost::spawn(probes);
     host.set_enabled_kinds(kinds).await?;
 
-    let cgroup_root = crate::sys::cgroup2_mount().context("finding the cgroup2 mount")?;
     let (index, unresolved) = resolve_endpoints(&inventory, &cgroup_root);
     for pod in &unresolved {
         tracing::warn!(%pod, "endpoint cgroup not found; will retry");
@@ -215,14 +216,18 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     // Segmentation: policies compiled against the inventory, synced into the pinned maps, the
     // cgroup_skb programs attached to every endpoint cgroup.
-    let policies_dir = match &args.policies {
-        Some(dir) => dir.clone(),
-        None => crate::defaults::materialize(&defaults_dir.join("policies"), crate::defaults::DEFAULT_POLICIES)?,
+    let initial_policies = match &sources.policies {
+        PolicySource::Dir(dir) => crate::segmentation::PolicySet::load(&[dir]).with_context(|| format!("policies in {}", dir.display()))?,
+        PolicySource::Kube(rx) => rx.borrow().clone(),
     };
     let enforcer = crate::enforcement::Enforcer::start(
         host.clone(),
         inventory.clone(),
-        vec![policies_dir.clone()],
+        initial_policies,
+        match &sources.policies {
+            PolicySource::Dir(dir) => vec![dir.clone()],
+            PolicySource::Kube(_) => Vec::new(),
+        },
         args.pin_dir.join("links"),
         cgroup_root.clone(),
     )
@@ -266,7 +271,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         alerts: alerts.clone(),
         metrics: metrics.clone(),
         started: now_rfc3339(),
+        kube_health: sources.kube.as_ref().map(|k| k.health()),
     });
+    if let Some(kube) = sources.kube.as_mut() {
+        spawn_cluster_quarantine(state.clone(), kube);
+    }
 
     // The root-only API socket and the metrics listener.
     let listener = crate::api::bind(&args.state_dir.join(crate::api::SOCKET_NAME)).context("binding the API socket")?;
@@ -356,29 +365,45 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         })?
     };
 
-    // Policy files changed: recompile and sync; a bad file changes nothing and says why.
-    let _policies_watcher = {
-        let (watcher, mut changes) = watch_dir(&policies_dir)?;
-        let state = state.clone();
-        tokio::spawn(async move {
-            while changes.recv().await.is_some() {
-                // Let an editor's burst of writes settle.
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                while changes.try_recv().is_ok() {}
-                let result = state.enforcer.lock().await.reload_policies().await;
-                if let Err(err) = result {
-                    tracing::error!(%err, "policies rejected; the last good set stays enforced");
-                    let alert = Alert::new(
-                        AlertKind::Daemon,
-                        Severity::High,
-                        format!("policies rejected, the last good set stays enforced: {err}"),
-                    )
-                    .with_event(json!({"policies_rejected": err.to_string()}));
-                    state.alerts.try_emit(alert);
+    // Policy changes: files re-read (a bad file changes nothing and says why), or new sets from
+    // the API.
+    let _policies_watcher = match &sources.policies {
+        PolicySource::Dir(dir) => {
+            let (watcher, mut changes) = watch_dir(dir)?;
+            let state = state.clone();
+            tokio::spawn(async move {
+                while changes.recv().await.is_some() {
+                    // Let an editor's burst of writes settle.
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    while changes.try_recv().is_ok() {}
+                    let result = state.enforcer.lock().await.reload_policies().await;
+                    if let Err(err) = result {
+                        tracing::error!(%err, "policies rejected; the last good set stays enforced");
+                        let alert = Alert::new(
+                            AlertKind::Daemon,
+                            Severity::High,
+                            format!("policies rejected, the last good set stays enforced: {err}"),
+                        )
+                        .with_event(json!({"policies_rejected": err.to_string()}));
+                        state.alerts.try_emit(alert);
+                    }
                 }
-            }
-        });
-        watcher
+            });
+            Some(watcher)
+        }
+        PolicySource::Kube(rx) => {
+            let mut rx = rx.clone();
+            let state = state.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let set = rx.borrow_and_update().clone();
+                    if let Err(err) = state.enforcer.lock().await.set_policies(set).await {
+                        tracing::error!(%err, "applying NetworkPolicies from the API");
+                    }
+                }
+            });
+            None
+        }
     };
 
     // Denied flows from the datapath (rate-limited in the kernel, with counts).
@@ -402,7 +427,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // Inventory changes: re-resolve cgroups, update the monitored set and the index.
     {
         let state = state.clone();
-        let mut inventory_rx = inventory_watch.subscribe();
+        let mut inventory_rx = sources.inventory_rx.clone();
         let cgroup_root = cgroup_root.clone();
         tokio::spawn(async move {
             let mut retry = tokio::time::interval(std::time::Duration::from_secs(2));
@@ -651,6 +676,7 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
     let monitored = state.endpoints.read().map(|e| e.len()).unwrap_or(0);
     let unresolved = state.unresolved_cgroups.read().map(|u| u.clone()).unwrap_or_default();
     let segmentation = serde_json::to_value(&state.enforcer.lock().await.status).unwrap_or_default();
+    let kubernetes = state.kube_health.as_ref().map(|h| serde_json::to_value(&*h.borrow()).unwrap_or_default());
     let quarantine = json!({
         "responder": serde_json::to_value(state.quarantine.status()).unwrap_or_default(),
         "quarantined": serde_json::to_value(state.quarantine.list_async().await).unwrap_or_default(),
@@ -676,5 +702,98 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
         "endpoints": {"monitored": monitored, "unresolved": unresolved, "inventory": endpoints},
         "policies": segmentation,
         "quarantine": quarantine,
+        "kubernetes": kubernetes,
     })
+}
+
+/// Where policies come from.
+enum PolicySource {
+    Dir(PathBuf),
+    Kube(tokio::sync::watch::Receiver<crate::segmentation::PolicySet>),
+}
+
+/// The endpoint and policy sources, kept alive for the daemon's lifetime.
+struct Sources {
+    inventory_rx: tokio::sync::watch::Receiver<Inventory>,
+    policies: PolicySource,
+    kube: Option<crate::k8s::KubeSource>,
+    _inventory_watch: Option<crate::inventory::watch::InventoryWatch>,
+}
+
+impl Sources {
+    async fn start(args: &RunArgs, defaults_dir: &Path, cgroup_root: &Path) -> anyhow::Result<Sources> {
+        if args.kubernetes {
+            let node = args.node_name.clone().unwrap_or_else(crate::sys::hostname);
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let source = crate::k8s::KubeSource::start(client, crate::k8s::SourceConfig::new(node, cgroup_root))
+                .await
+                .context("first sync with the Kubernetes API")?;
+            return Ok(Sources {
+                inventory_rx: source.inventory(),
+                policies: PolicySource::Kube(source.policies()),
+                kube: Some(source),
+                _inventory_watch: None,
+            });
+        }
+        let inventory_path = match &args.inventory {
+            Some(path) => path.clone(),
+            None => {
+                std::fs::create_dir_all(defaults_dir)?;
+                let path = defaults_dir.join("inventory.yaml");
+                std::fs::write(&path, crate::defaults::DEFAULT_INVENTORY)?;
+                path
+            }
+        };
+        let watch = crate::inventory::watch::InventoryWatch::start(&inventory_path)
+            .with_context(|| format!("inventory {}", inventory_path.display()))?;
+        let policies_dir = match &args.policies {
+            Some(dir) => dir.clone(),
+            None => crate::defaults::materialize(&defaults_dir.join("policies"), crate::defaults::DEFAULT_POLICIES)?,
+        };
+        Ok(Sources {
+            inventory_rx: watch.subscribe(),
+            policies: PolicySource::Dir(policies_dir),
+            kube: None,
+            _inventory_watch: Some(watch),
+        })
+    }
+}
+
+/// Kubernetes mode: quarantines made visible (label + Event), label removals as releases, and a
+/// periodic reconciliation so the labels follow the responder (also across restarts).
+fn spawn_cluster_quarantine(state: Arc<DaemonState>, source: &mut crate::k8s::KubeSource) {
+    use crate::k8s::ClusterQuarantineSink as _;
+    let sink = source.quarantine_sink();
+    let labels = source.labelled_pods();
+    let Some(mut releases) = source.take_release_requests() else { return };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                request = releases.recv() => {
+                    let Some(request) = request else { return };
+                    match state.quarantine.release_async(request.pod.clone(), request.reason.clone(), request.by.clone()).await {
+                        Ok(record) => {
+                            state.metrics.record_release();
+                            state.alerts.try_emit(crate::quarantine::api::release_alert(&record));
+                        }
+                        Err(err) => tracing::warn!(pod = %request.pod, %err, "release requested by label removal"),
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            let quarantined = state.quarantine.list_async().await;
+            let labelled = labels.current();
+            for record in quarantined.iter().filter(|r| !labelled.contains(&r.pod)) {
+                if let Err(err) = sink.quarantined(&record.pod, &record.rule_id, &record.alert_id).await {
+                    tracing::warn!(pod = %record.pod, %err, "labelling a quarantined pod");
+                }
+            }
+            for pod in labelled.iter().filter(|p| !quarantined.iter().any(|r| &r.pod == *p)) {
+                if let Err(err) = sink.released(pod, "not quarantined on this node").await {
+                    tracing::warn!(%pod, %err, "removing a stale quarantine label");
+                }
+            }
+        }
+    });
 }

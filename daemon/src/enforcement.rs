@@ -55,16 +55,16 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
-    /// Loads policies (an invalid set is an error here: nothing to fall back to yet), adopts
-    /// what pinned maps already hold, syncs and attaches.
+    /// Adopts what pinned maps already hold, syncs `policies` and attaches. `policy_paths` are
+    /// what `reload_policies` re-reads (empty when policies come from the Kubernetes API).
     pub async fn start(
         host: ProbeHost,
         inventory: Inventory,
+        policies: PolicySet,
         policy_paths: Vec<PathBuf>,
         pin_dir: PathBuf,
         cgroup_root: PathBuf,
     ) -> Result<Enforcer, EnforcementError> {
-        let policies = PolicySet::load(&policy_paths)?;
         let segmentation = Segmentation::new(inventory, policies);
         let datapath = host
             .with(|ebpf| {
@@ -103,6 +103,13 @@ impl Enforcer {
                 Err(err.into())
             }
         }
+    }
+
+    /// Puts an already validated policy set in force (the Kubernetes source validates each
+    /// object and keeps the last good version of one that breaks).
+    pub async fn set_policies(&mut self, policies: PolicySet) -> Result<SyncStats, EnforcementError> {
+        self.segmentation.set_policies(policies);
+        self.apply().await
     }
 
     pub async fn set_inventory(&mut self, inventory: Inventory) -> Result<SyncStats, EnforcementError> {

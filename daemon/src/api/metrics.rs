@@ -261,8 +261,13 @@ pub async fn serve_metrics_on(listener: TcpListener, metrics: Metrics) -> Result
 }
 
 fn metrics_response(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    // Liveness/readiness for the DaemonSet: the daemon starts this listener only once probes,
+    // rules, segmentation and quarantine are up, so answering at all means ready.
+    if req.method() == Method::GET && req.uri().path() == "/healthz" {
+        return Response::new(Full::new(Bytes::from_static(b"ok\n")));
+    }
     if req.method() != Method::GET || req.uri().path() != "/metrics" {
-        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: try GET /metrics\n")));
+        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: try GET /metrics or /healthz\n")));
         *r.status_mut() = StatusCode::NOT_FOUND;
         return r;
     }

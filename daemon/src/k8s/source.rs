@@ -386,7 +386,12 @@ impl KubeSource {
     /// Pods on this node that carry the quarantine label now (`namespace/name`): at start-up the
     /// daemon can compare them with the responder's list.
     pub fn labelled_quarantined(&self) -> BTreeSet<String> {
-        self.labelled.lock().map(|set| set.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+        self.labelled_pods().current()
+    }
+
+    /// A live view of the labelled pods, for a task that outlives this borrow.
+    pub fn labelled_pods(&self) -> LabelledPods {
+        LabelledPods(self.labelled.clone())
     }
 
     /// The sink that makes this node's quarantines visible in the cluster. It shares the
@@ -707,5 +712,15 @@ fn replace_if_different<T: PartialEq>(current: &mut T, new: T) -> bool {
     } else {
         *current = new;
         true
+    }
+}
+
+/// Pods carrying the quarantine label, as the pod watcher last saw them.
+#[derive(Clone)]
+pub struct LabelledPods(Arc<Mutex<BTreeSet<String>>>);
+
+impl LabelledPods {
+    pub fn current(&self) -> BTreeSet<String> {
+        self.0.lock().map(|set| set.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone())
     }
 }
