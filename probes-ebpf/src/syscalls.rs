@@ -4,7 +4,9 @@
 //! they are caught through raw_syscalls, filtered by syscall number, when that fallback is on.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext,
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use palisade_common::*;
 
@@ -291,27 +293,48 @@ const NR_INIT_MODULE: u64 = 175;
 const NR_DELETE_MODULE: u64 = 176;
 const NR_FINIT_MODULE: u64 = 313;
 
-#[tracepoint]
-pub fn raw_sys_enter_module(ctx: TracePointContext) -> u32 {
-    // raw_syscalls/sys_enter: long id at 8, unsigned long args[6] at 16.
-    let nr: u64 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+/// x86_64 `struct pt_regs` offsets (arch ABI, stable): the syscall arguments and orig_ax.
+const PT_REGS_DI: usize = 112;
+const PT_REGS_SI: usize = 104;
+const PT_REGS_DX: usize = 96;
+const PT_REGS_R10: usize = 56;
+const PT_REGS_R8: usize = 72;
+const PT_REGS_R9: usize = 64;
+const PT_REGS_ORIG_AX: usize = 120;
+
+#[inline(always)]
+fn regs_field(regs: *const u8, offset: usize) -> u64 {
+    unsafe { bpf_probe_read_kernel(regs.add(offset) as *const u64) }.unwrap_or(0)
+}
+
+// A raw tracepoint, not the classic raw_syscalls tracepoint: it runs on every syscall of every
+// process, and the raw form skips building the trace record, which is most of the cost.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn raw_sys_enter_module(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct pt_regs *regs, long id)
+    let nr: u64 = ctx.arg(1);
     let op = match nr {
         NR_INIT_MODULE => MODULE_OP_INIT,
         NR_FINIT_MODULE => MODULE_OP_FINIT,
         NR_DELETE_MODULE => MODULE_OP_DELETE,
         _ => return 0,
     };
-    stash(&ctx, KIND_MODULE, op);
+    let regs: *const u8 = ctx.arg(0);
+    let args = [PT_REGS_DI, PT_REGS_SI, PT_REGS_DX, PT_REGS_R10, PT_REGS_R8, PT_REGS_R9].map(|off| regs_field(regs, off));
+    stash_args(KIND_MODULE, op, args);
     0
 }
 
-#[tracepoint]
-pub fn raw_sys_exit_module(ctx: TracePointContext) -> u32 {
-    let nr: u64 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_module(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct pt_regs *regs, long ret); the syscall number is in orig_ax.
+    let regs: *const u8 = ctx.arg(0);
+    let nr = regs_field(regs, PT_REGS_ORIG_AX);
     if nr != NR_INIT_MODULE && nr != NR_FINIT_MODULE && nr != NR_DELETE_MODULE {
         return 0;
     }
-    let _ = emit_module(syscall_ret(&ctx));
+    let ret: i64 = ctx.arg(1);
+    let _ = emit_module(ret);
     0
 }
 

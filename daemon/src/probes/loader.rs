@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{KProbe, TracePoint};
+use aya::programs::{KProbe, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use palisade_common::{
     KIND_COUNT, MAP_ENABLED_KINDS, MAP_EVENT_COUNTS, MAP_EVENTS, MAP_LOST_COUNTS,
@@ -102,10 +102,8 @@ const MODULE_PROGRAMS: &[&str] = &[
     "sys_enter_init_module", "sys_exit_init_module", "sys_enter_finit_module",
     "sys_exit_finit_module", "sys_enter_delete_module", "sys_exit_delete_module",
 ];
-const MODULE_FALLBACK: [Hook; 2] = [
-    tp("raw_sys_enter_module", "raw_syscalls", "sys_enter"),
-    tp("raw_sys_exit_module", "raw_syscalls", "sys_exit"),
-];
+/// Raw tracepoints (program, tracepoint): cheaper than the classic raw_syscalls ones.
+const MODULE_FALLBACK: [(&str, &str); 2] = [("raw_sys_enter_module", "sys_enter"), ("raw_sys_exit_module", "sys_exit")];
 
 /// Kprobes and what stands in for each when kprobes cannot attach.
 const KPROBES: &[(&str, &str, &str)] = &[
@@ -248,12 +246,12 @@ impl LoadedProbes {
                     target: format!("syscalls/{p}"),
                     state: AttachState::FellBack {
                         reason: "the kernel has no per-syscall tracepoint for module syscalls (CONFIG_MODULES off?)".into(),
-                        by: "raw_syscalls/sys_enter+sys_exit filtered by syscall number".into(),
+                        by: "raw tracepoints sys_enter+sys_exit filtered by syscall number".into(),
                     },
                 });
             }
-            for hook in &MODULE_FALLBACK {
-                self.attach_tracepoint(hook);
+            for (program, tracepoint) in MODULE_FALLBACK {
+                self.attach_raw_tracepoint(program, tracepoint);
             }
         }
         for &(program, function, stand_in) in KPROBES {
@@ -283,6 +281,28 @@ impl LoadedProbes {
         tracepoint.load().map_err(|e| format!("load: {e:#}"))?;
         tracepoint.attach(hook.category, hook.name).map_err(|e| format!("attach: {e:#}"))?;
         Ok(())
+    }
+
+    fn attach_raw_tracepoint(&mut self, program: &str, tracepoint: &str) {
+        let result = (|| -> Result<(), String> {
+            let prog = self.ebpf.program_mut(program).ok_or("program missing from the object")?;
+            let raw: &mut RawTracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
+            raw.load().map_err(|e| format!("load: {e:#}"))?;
+            raw.attach(tracepoint).map(|_| ()).map_err(|e| format!("attach: {e:#}"))
+        })();
+        let state = match result {
+            Ok(()) => AttachState::Attached,
+            Err(reason) => {
+                tracing::warn!(program, tracepoint, %reason, "raw tracepoint not attached");
+                AttachState::Unavailable { reason }
+            }
+        };
+        self.programs.push(ProgramStatus {
+            program: program.to_string(),
+            kind: "raw_tracepoint",
+            target: tracepoint.to_string(),
+            state,
+        });
     }
 
     fn attach_kprobe(&mut self, program: &str, function: &str, stand_in: &str, try_attach: bool) {
