@@ -776,6 +776,10 @@ fn spawn_cluster_quarantine(state: Arc<DaemonState>, source: &mut crate::k8s::Ku
                         Ok(record) => {
                             state.metrics.record_release();
                             state.alerts.try_emit(crate::quarantine::api::release_alert(&record));
+                            // The label is already gone: this posts the Released Event only.
+                            if let Err(err) = sink.released(&request.pod, &request.reason).await {
+                                tracing::warn!(pod = %request.pod, %err, "reporting a release requested by label removal");
+                            }
                         }
                         Err(err) => tracing::warn!(pod = %request.pod, %err, "release requested by label removal"),
                     }

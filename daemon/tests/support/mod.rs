@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod kube_standin;
 pub mod probes;
 
 use std::path::PathBuf;

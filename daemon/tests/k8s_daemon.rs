@@ -1,0 +1,469 @@
+//! `palisade run --kubernetes` end to end, against the API stand-in (`support::kube_standin`)
+//! reached through a kubeconfig (`KUBECONFIG`, plain http):
+//!
+//! - three "pods" are real lab pods (network namespace + veth + cgroup) whose cgroups sit where
+//!   the kubelet puts them (cgroupfs BestEffort and Guaranteed, systemd Burstable), found by the
+//!   daemon's cgroup locator from each Pod's UID and QoS class;
+//! - the Pods, their Namespace and a NetworkPolicy are served by the stand-in;
+//! - (1) the policy is enforced with real packets, (2) a policy change arriving as a watch event
+//!   re-segments, (3) a reverse shell primitive in a pod quarantines it and the stand-in receives
+//!   the label PATCH and the Event POST, (4) removing the label in the "cluster" releases it,
+//!   (5) an API outage (500s) keeps enforcement and `palisade status` reports it.
+//!
+//! Everything (daemon, lab, cgroups, pin and work directories) goes away on drop. To read the
+//! daemon log of a passing run, set `K8S_DAEMON_KEEP=1` (the work directory under
+//! `target/tmp/k8s-daemon/` stays); `K8S_DAEMON_LOG` overrides the daemon's `RUST_LOG`.
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use palisade::inventory::Protocol;
+use palisade::k8s::{API_USES, QUARANTINE_LABEL};
+use palisade::lab::{ProbeMatrix, ProbeOptions};
+use serde_json::{Value, json};
+use support::daemon::{PALISADE, POD_PATH, run_with_timeout};
+use support::kube_standin::{BlockingStandIn, Fault, Kind};
+use support::{TestLab, require_kernel};
+
+const NODE: &str = "test-node";
+const NS: &str = "shop";
+const PORT: u16 = 8080;
+const WEB: &str = "shop/web";
+const CLIENT: &str = "shop/client";
+const OTHER: &str = "shop/other";
+
+/// The QoS parents of the pod cgroups below, deepest first.
+const KUBEPODS_PARENTS: [&str; 4] =
+    ["kubepods/besteffort", "kubepods", "kubepods.slice/kubepods-burstable.slice", "kubepods.slice"];
+
+/// One lab pod as the cluster describes it.
+struct PodSpec {
+    name: &'static str,
+    app: &'static str,
+    uid: String,
+    qos: &'static str,
+    ip: &'static str,
+    /// Where the kubelet would have made its cgroup (relative to the cgroup2 mount).
+    cgroup: String,
+}
+
+fn pod_specs() -> Vec<PodSpec> {
+    // UIDs unique to this process, so a parallel run never shares a pod cgroup.
+    let uid = |first: &str| format!("{first}-0000-4000-8000-{:012x}", std::process::id());
+    let web = uid("a0000001");
+    let client = uid("a0000002");
+    let other = uid("a0000003");
+    vec![
+        PodSpec {
+            name: "web",
+            app: "web",
+            cgroup: format!("kubepods/besteffort/pod{web}"),
+            uid: web,
+            qos: "BestEffort",
+            ip: "198.18.70.10",
+        },
+        PodSpec {
+            name: "client",
+            app: "frontend",
+            cgroup: format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                client.replace('-', "_")
+            ),
+            uid: client,
+            qos: "Burstable",
+            ip: "198.18.70.11",
+        },
+        PodSpec {
+            name: "other",
+            app: "other",
+            cgroup: format!("kubepods/pod{other}"),
+            uid: other,
+            qos: "Guaranteed",
+            ip: "198.18.70.12",
+        },
+    ]
+}
+
+fn pod_object(spec: &PodSpec, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": spec.name, "namespace": NS, "uid": spec.uid, "labels": {"app": spec.app}},
+        "spec": {"nodeName": node, "serviceAccountName": "default",
+                 "containers": [{"name": "app", "image": "example/app",
+                                 "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}]}]},
+        "status": {"phase": "Running", "qosClass": spec.qos, "podIP": spec.ip, "podIPs": [{"ip": spec.ip}],
+                   "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "example/app",
+                                          "imageID": "", "containerID": format!("containerd://{:064x}", 1)}]}
+    })
+}
+
+/// `web` accepts `http` only from pods labelled `app=<from>`.
+fn web_policy(from: &str) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "web-ingress", "namespace": NS},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": from}}}],
+                              "ports": [{"port": "http", "protocol": "TCP"}]}]}
+    })
+}
+
+fn lab_inventory(specs: &[PodSpec]) -> String {
+    let mut text = format!("namespaces:\n  - name: {NS}\nendpoints:\n");
+    for spec in specs {
+        text.push_str(&format!(
+            "  - namespace: {NS}\n    name: {}\n    labels: {{app: {}}}\n    ips: [{}]\n    ports: [{{name: http, port: {PORT}, protocol: TCP}}]\n    cgroup: {}\n",
+            spec.name, spec.app, spec.ip, spec.cgroup
+        ));
+    }
+    text
+}
+
+/// The daemon in Kubernetes mode with its lab, stand-in and directories; all removed on drop
+/// (the work directory is kept, with the daemon log, when the test failed).
+struct K8sDaemon {
+    child: Option<Child>,
+    work: PathBuf,
+    state_dir: PathBuf,
+    pin_dir: PathBuf,
+    log_path: PathBuf,
+    lab: Option<TestLab>,
+    api: Option<BlockingStandIn>,
+}
+
+impl K8sDaemon {
+    fn start(api: BlockingStandIn, lab: TestLab) -> K8sDaemon {
+        let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("k8s-daemon").join(&lab.name);
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).expect("work directory");
+        let state_dir = work.join("state");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/palisade-test-k8s-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let kubeconfig = work.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let log_path = work.join("daemon.log");
+        let log = std::fs::File::create(&log_path).expect("daemon log");
+        let out = std::fs::File::create(work.join("daemon.out")).expect("daemon stdout");
+        let mut command = Command::new(PALISADE);
+        command
+            .args(["run", "--kubernetes", "--node-name", NODE, "--no-metrics"])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("NODE_NAME")
+            .env("RUST_LOG", std::env::var("K8S_DAEMON_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.spawn().unwrap_or_else(|e| panic!("starting {PALISADE} run: {e}"));
+        let mut daemon =
+            K8sDaemon { child: Some(child), work, state_dir, pin_dir, log_path, lab: Some(lab), api: Some(api) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !daemon.log().contains("palisade is running") {
+            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("palisade run --kubernetes exited ({status}) before it was running:\n{}", daemon.log());
+            }
+            assert!(Instant::now() < deadline, "palisade run --kubernetes not running after 60 s:\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    fn api(&self) -> &BlockingStandIn {
+        self.api.as_ref().expect("stand-in")
+    }
+
+    fn lab(&self) -> &TestLab {
+        self.lab.as_ref().expect("lab")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().rev().take(30).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// A CLI command against this daemon's state directory, as JSON.
+    fn cli_json(&self, args: &[&str]) -> Value {
+        let mut command = Command::new(PALISADE);
+        command.args(args).arg("--state-dir").arg(&self.state_dir).args(["-o", "json"]);
+        let out = run_with_timeout(command, Duration::from_secs(20));
+        assert!(
+            out.status.success(),
+            "palisade {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("palisade {args:?}: not JSON ({e})"))
+    }
+
+    fn status(&self) -> Value {
+        self.cli_json(&["status"])
+    }
+
+    fn quarantined(&self) -> Vec<Value> {
+        self.cli_json(&["quarantine", "list"]).as_array().cloned().expect("quarantine list is an array")
+    }
+
+    fn alerts(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.state_dir.join("alerts.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+    }
+
+    fn probe(&self) -> ProbeMatrix {
+        self.lab()
+            .probe_with(PORT, Protocol::Tcp, &ProbeOptions { timeout: Duration::from_millis(500) })
+            .unwrap_or_else(|e| panic!("lab probe: {e}"))
+    }
+
+    /// Probes until every (from, to, allowed) holds; panics with the matrix and the daemon log
+    /// after `timeout`. Returns how long it took.
+    fn wait_for_matrix(&self, what: &str, want: &[(&str, &str, bool)], timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let matrix = self.probe();
+            let wrong: Vec<String> = want
+                .iter()
+                .filter(|(from, to, allowed)| matrix.allowed(from, to) != Some(*allowed))
+                .map(|(from, to, allowed)| format!("{from} -> {to}: want allowed={allowed}, got {:?}", matrix.allowed(from, to)))
+                .collect();
+            if wrong.is_empty() {
+                return started.elapsed();
+            }
+            if started.elapsed() > timeout {
+                panic!("{what}: not within {timeout:?}:\n{}\n{}\ndaemon log:\n{}", wrong.join("\n"), matrix.to_table(), self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_for<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = check() {
+                return found;
+            }
+            if Instant::now() > deadline {
+                panic!("{what}: not within {timeout:?}\ndaemon log:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for K8sDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child by its pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                eprintln!("k8s_daemon: palisade run did not stop on SIGINT within 10 s; killed");
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        // The lab (pod netns, bridge, pod cgroups and the kubepods parents it created), then the
+        // pinned maps and links, then the API.
+        if let Some(lab) = self.lab.take() {
+            let name = lab.name.clone();
+            if let Err(err) = lab.guard.down() {
+                eprintln!("k8s_daemon: lab down {name}: {err}");
+            }
+        }
+        // The kubelet-style parents, if another run made them and left them empty (rmdir never
+        // removes a cgroup with children or processes).
+        if let Ok(mount) = palisade::lab::cgroup2_mount() {
+            for parent in KUBEPODS_PARENTS {
+                let _ = std::fs::remove_dir(mount.join(parent));
+            }
+        }
+        match std::fs::remove_dir_all(&self.pin_dir) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                eprintln!("k8s_daemon: removing {}: {err}", self.pin_dir.display())
+            }
+            _ => {}
+        }
+        drop(self.api.take());
+        if std::thread::panicking() || std::env::var_os("K8S_DAEMON_KEEP").is_some() {
+            eprintln!("k8s_daemon: work directory kept at {}; last log lines:\n{}", self.work.display(), self.log_tail());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+#[test]
+fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
+    if !require_kernel("kubernetes_mode_enforces_quarantines_and_survives_an_outage") {
+        return;
+    }
+    let started = Instant::now();
+    let specs = pod_specs();
+    // The kubelet makes the pod cgroups before any container runs: the lab makes them here.
+    let lab = TestLab::up("k8sdaemon", &lab_inventory(&specs));
+    let api = BlockingStandIn::start();
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": NS, "labels": {"kubernetes.io/metadata.name": NS}}}));
+    for spec in &specs {
+        api.apply(pod_object(spec, NODE));
+    }
+    // A pod on another node: not this daemon's.
+    api.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "elsewhere", "namespace": NS, "uid": "b0000001-0000-4000-8000-000000000001", "labels": {"app": "frontend"}},
+        "spec": {"nodeName": "other-node", "containers": [{"name": "app"}]},
+        "status": {"phase": "Running", "qosClass": "BestEffort", "podIP": "198.18.70.99", "podIPs": [{"ip": "198.18.70.99"}]}}));
+    api.apply(web_policy("frontend"));
+
+    let daemon = K8sDaemon::start(api, lab);
+    println!("daemon running after {:.1} s", started.elapsed().as_secs_f64());
+
+    // The daemon's view: this node's three pods, each with the cgroup the kubelet would use.
+    let status = daemon.status();
+    let kube = &status["kubernetes"];
+    assert_eq!(kube["node"], NODE, "{kube:#}");
+    assert_eq!(kube["connected"], true, "{kube:#}");
+    assert_eq!(kube["unresolved_cgroups"], json!([]), "{kube:#}");
+    let mut inventory: Vec<(String, String)> = status["endpoints"]["inventory"]
+        .as_array()
+        .expect("endpoints.inventory")
+        .iter()
+        .map(|e| (e["pod"].as_str().unwrap_or("").to_string(), e["cgroup"].as_str().unwrap_or("").to_string()))
+        .collect();
+    inventory.sort();
+    let mut want: Vec<(String, String)> = specs.iter().map(|s| (format!("{NS}/{}", s.name), s.cgroup.clone())).collect();
+    want.sort();
+    assert_eq!(inventory, want, "the daemon's endpoints");
+    assert_eq!(status["endpoints"]["monitored"], 3, "{:#}", status["endpoints"]);
+
+    // (1) The NetworkPolicy from the API, enforced with real packets.
+    let t = daemon.wait_for_matrix(
+        "web-ingress (from frontend) enforced",
+        &[(CLIENT, WEB, true), (OTHER, WEB, false), (WEB, CLIENT, true), (CLIENT, OTHER, true), (OTHER, CLIENT, true)],
+        Duration::from_secs(5),
+    );
+    println!("(1) policy enforced (checked in {:.1} s)", t.as_secs_f64());
+
+    // (2) The policy changed in the cluster (a MODIFIED watch event): re-segmented.
+    daemon.api().apply(web_policy("other"));
+    let t = daemon.wait_for_matrix(
+        "web-ingress (from other) re-segmented",
+        &[(CLIENT, WEB, false), (OTHER, WEB, true), (WEB, CLIENT, true)],
+        Duration::from_secs(10),
+    );
+    println!("(2) policy change re-segmented in {:.1} s", t.as_secs_f64());
+
+    // (3) A reverse-shell primitive in web: quarantined, labelled and reported in the cluster.
+    let mut command = daemon.lab().exec(WEB, PALISADE).expect("exec in web");
+    command.env_clear().env("PATH", POD_PATH).args(["workload", "dup-socket"]);
+    let shell_at = Instant::now();
+    let out = run_with_timeout(command, Duration::from_secs(20));
+    assert!(out.status.success(), "workload dup-socket: {}", String::from_utf8_lossy(&out.stderr));
+    let record = daemon.wait_for("web quarantined", Duration::from_secs(10), || {
+        daemon.quarantined().into_iter().find(|r| r["namespace"] == NS && r["name"] == "web")
+    });
+    assert_eq!(record["rule"], "reverse_shell", "{record:#}");
+    let alert_id = record["alert_id"].as_str().expect("alert_id").to_string();
+    let patch = daemon.wait_for("quarantine label PATCH", Duration::from_secs(10), || {
+        daemon.api().requests().into_iter().find(|r| r.method == "PATCH" && r.path == format!("/api/v1/namespaces/{NS}/pods/web"))
+    });
+    let labelled_after = shell_at.elapsed();
+    let body: Value = serde_json::from_str(&patch.body).expect("patch body");
+    assert_eq!(body["metadata"]["labels"][QUARANTINE_LABEL], "true", "{body:#}");
+    assert_eq!(body["metadata"]["annotations"]["palisade.io/quarantine-rule"], "reverse_shell", "{body:#}");
+    assert_eq!(body["metadata"]["annotations"]["palisade.io/quarantine-alert"], alert_id.as_str(), "{body:#}");
+    let event = daemon.wait_for("Quarantined Event POST", Duration::from_secs(5), || {
+        daemon.api().requests().into_iter().find_map(|r| {
+            let event: Value = serde_json::from_str(&r.body).ok()?;
+            (r.method == "POST" && r.path == format!("/api/v1/namespaces/{NS}/events") && event["reason"] == "Quarantined")
+                .then_some(event)
+        })
+    });
+    assert_eq!(event["involvedObject"]["name"], "web", "{event:#}");
+    assert_eq!(event["involvedObject"]["uid"], specs[0].uid.as_str(), "{event:#}");
+    assert_eq!(event["type"], "Warning", "{event:#}");
+    assert!(event["message"].as_str().is_some_and(|m| m.contains("reverse_shell") && m.contains(&alert_id)), "{event:#}");
+    assert_eq!(
+        daemon.api().object(Kind::Pod, NS, "web")["metadata"]["labels"][QUARANTINE_LABEL],
+        "true",
+        "the stand-in's pod carries the label"
+    );
+    let t = daemon.wait_for_matrix(
+        "web cut off",
+        &[(OTHER, WEB, false), (WEB, CLIENT, false), (WEB, OTHER, false), (CLIENT, OTHER, true)],
+        Duration::from_secs(5),
+    );
+    println!("(3) quarantined; label and Event in the cluster {:.1} s after the shell; cut off (checked in {:.1} s)",
+        labelled_after.as_secs_f64(), t.as_secs_f64());
+
+    // (4) `kubectl label pod web palisade.io/quarantined-`: a MODIFIED event without the label
+    // is a release.
+    let mut unlabelled = daemon.api().object(Kind::Pod, NS, "web");
+    unlabelled["metadata"]["labels"].as_object_mut().expect("labels").remove(QUARANTINE_LABEL);
+    daemon.api().apply(unlabelled);
+    daemon.wait_for("released (quarantine list empty)", Duration::from_secs(10), || daemon.quarantined().is_empty().then_some(()));
+    let t = daemon.wait_for_matrix(
+        "web reachable again",
+        &[(OTHER, WEB, true), (WEB, CLIENT, true), (WEB, OTHER, true), (CLIENT, WEB, false)],
+        Duration::from_secs(5),
+    );
+    let release = daemon.wait_for("release alert", Duration::from_secs(5), || {
+        daemon.alerts().into_iter().find(|a| a["kind"] == "release" && a["pod"]["name"] == "web")
+    });
+    assert!(release.to_string().contains("kubernetes"), "the release names the cluster as its source: {release:#}");
+    // The cluster hears about it: a Released Event (no label left to remove, so no PATCH).
+    let released = daemon.wait_for("Released Event POST", Duration::from_secs(5), || {
+        daemon.api().requests().into_iter().find_map(|r| {
+            let event: Value = serde_json::from_str(&r.body).ok()?;
+            (r.method == "POST" && event["reason"] == "Released").then_some(event)
+        })
+    });
+    assert_eq!(released["involvedObject"]["name"], "web", "{released:#}");
+    assert!(released["message"].as_str().is_some_and(|m| m.contains(QUARANTINE_LABEL)), "{released:#}");
+    // The released pod stays unlabelled (the reconciler does not put the label back).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        daemon.api().object(Kind::Pod, NS, "web")["metadata"]["labels"].get(QUARANTINE_LABEL).is_none(),
+        "the label came back after the release"
+    );
+    assert!(daemon.quarantined().is_empty(), "re-quarantined after the release");
+    assert_eq!(daemon.api().count("pods", "patch"), 1, "only the quarantine label was patched");
+    println!("(4) label removal released web (reachable again, checked in {:.1} s)", t.as_secs_f64());
+
+    // (5) The API answers 500 and the watches are cut: enforcement stays, status says so.
+    daemon.api().set_fault(Some(Fault::Status500));
+    daemon.api().drop_watches();
+    let kube = daemon.wait_for("outage in status", Duration::from_secs(10), || {
+        let kube = daemon.status()["kubernetes"].clone();
+        (kube["connected"] == false && kube["outage_since"].is_string()).then_some(kube)
+    });
+    assert!(kube["last_error"].as_str().is_some_and(|e| e.contains("500") || e.contains("injected")), "{kube:#}");
+    std::thread::sleep(Duration::from_secs(1));
+    daemon.wait_for_matrix(
+        "enforcement during the outage",
+        &[(CLIENT, WEB, false), (OTHER, WEB, true), (WEB, CLIENT, true)],
+        Duration::from_secs(1),
+    );
+    let status = daemon.status();
+    assert_eq!(status["endpoints"]["monitored"], 3, "endpoints dropped during the outage: {:#}", status["endpoints"]);
+    assert_eq!(status["kubernetes"]["connected"], false);
+    println!("(5) outage since {} kept enforcement", kube["outage_since"]);
+
+    let undeclared = daemon.api().undeclared_uses(API_USES);
+    assert!(undeclared.is_empty(), "requests outside API_USES (the RBAC list): {undeclared:?}");
+    println!("kubernetes mode end to end: {:.1} s", started.elapsed().as_secs_f64());
+}

@@ -1,0 +1,522 @@
+//! A Kubernetes API stand-in for tests: a small HTTP/1.1 server on 127.0.0.1 that speaks the
+//! real list/watch protocol (resourceVersions, chunked watch streams of JSON events, bookmarks,
+//! `410 Gone` after compaction), takes merge PATCHes and Event POSTs (recorded for assertions),
+//! and can fail the way API servers do (500s, connections dropped on accept, watch streams cut).
+//!
+//! Used in-process by `k8s_api.rs` (a kube client from [`StandIn::client`]) and, through a
+//! kubeconfig ([`StandIn::write_kubeconfig`]), by `k8s_daemon.rs` for `palisade run --kubernetes`.
+//! Synchronous tests keep it on its own runtime with [`BlockingStandIn`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// How long [`StandIn::wait_for_watch`] waits.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Pod,
+    Namespace,
+    NetworkPolicy,
+    Event,
+}
+
+impl Kind {
+    pub fn of(object: &Value) -> Kind {
+        match object["kind"].as_str() {
+            Some("Pod") => Kind::Pod,
+            Some("Namespace") => Kind::Namespace,
+            Some("NetworkPolicy") => Kind::NetworkPolicy,
+            Some("Event") => Kind::Event,
+            other => panic!("stand-in does not serve kind {other:?}"),
+        }
+    }
+    pub fn resource(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::Namespace => "namespaces",
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::Event => "events",
+        }
+    }
+    pub fn group(self) -> &'static str {
+        if self == Kind::NetworkPolicy { "networking.k8s.io" } else { "" }
+    }
+    pub fn list_kind(self) -> &'static str {
+        match self {
+            Kind::Pod => "PodList",
+            Kind::Namespace => "NamespaceList",
+            Kind::NetworkPolicy => "NetworkPolicyList",
+            Kind::Event => "EventList",
+        }
+    }
+    pub fn api_version(self) -> &'static str {
+        if self == Kind::NetworkPolicy { "networking.k8s.io/v1" } else { "v1" }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Every request answers 500 (kube's client does not retry 500s, unlike 503/504/429).
+    Status500,
+    /// Connections are closed as soon as they are accepted.
+    DropConnections,
+}
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub content_type: String,
+    pub body: String,
+    /// (group, resource, verb) as RBAC names it.
+    pub use_: (String, String, String),
+}
+
+struct WatchSub {
+    kind: Kind,
+    node: Option<String>,
+    bookmarks: bool,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct Cluster {
+    rv: u64,
+    objects: BTreeMap<(Kind, String, String), Value>,
+    log: Vec<(u64, Kind, &'static str, Value)>,
+    /// Watches from a resourceVersion below this get `410 Gone`.
+    compacted: u64,
+    watches: Vec<WatchSub>,
+    requests: Vec<Recorded>,
+    fault: Option<Fault>,
+    next_uid: u64,
+    /// Open client connections, so a fault can cut them (kube's client reuses pooled ones).
+    connections: Vec<tokio::task::AbortHandle>,
+}
+
+fn matches_node(object: &Value, node: &Option<String>) -> bool {
+    node.as_ref().is_none_or(|n| object["spec"]["nodeName"].as_str() == Some(n.as_str()))
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut text = serde_json::to_vec(value).expect("json");
+    text.push(b'\n');
+    Bytes::from(text)
+}
+
+impl Cluster {
+    fn emit(&mut self, kind: Kind, type_: &'static str, object: Value) {
+        self.log.push((self.rv, kind, type_, object.clone()));
+        self.watches.retain(|w| {
+            if w.kind != kind || !matches_node(&object, &w.node) {
+                return !w.tx.is_closed();
+            }
+            w.tx.send(line(&json!({"type": type_, "object": object}))).is_ok()
+        });
+    }
+
+    fn store(&mut self, mut object: Value) -> Value {
+        let kind = Kind::of(&object);
+        let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let name = object["metadata"]["name"].as_str().expect("metadata.name").to_string();
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let key = (kind, ns, name);
+        let type_ = if self.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        if object["metadata"]["uid"].is_null() {
+            self.next_uid += 1;
+            object["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.next_uid));
+        }
+        self.objects.insert(key, object.clone());
+        self.emit(kind, type_, object.clone());
+        object
+    }
+}
+
+#[derive(Clone)]
+pub struct StandIn {
+    pub addr: SocketAddr,
+    cluster: Arc<Mutex<Cluster>>,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+    response
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let Value::Object(map) = target else { return };
+    for (key, value) in patch {
+        if value.is_null() {
+            map.remove(key);
+        } else {
+            merge_patch(map.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+impl StandIn {
+    pub async fn start() -> StandIn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
+        let addr = listener.local_addr().expect("addr");
+        let this = StandIn { addr, cluster: Arc::new(Mutex::new(Cluster::default())) };
+        let server = this.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                if server.lock().fault == Some(Fault::DropConnections) {
+                    drop(stream);
+                    continue;
+                }
+                let handler = server.clone();
+                let connection = tokio::spawn(async move {
+                    let server = handler;
+                    let service = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+                let mut cluster = server.lock();
+                cluster.connections.retain(|c| !c.is_finished());
+                cluster.connections.push(connection.abort_handle());
+            }
+        });
+        this
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cluster> {
+        self.cluster.lock().expect("stand-in lock")
+    }
+
+    pub fn client(&self) -> kube::Client {
+        let url: hyper::Uri = format!("http://{}", self.addr).parse().expect("url");
+        kube::Client::try_from(kube::Config::new(url)).expect("kube client")
+    }
+
+    pub fn apply(&self, object: Value) -> Value {
+        self.lock().store(object)
+    }
+
+    pub fn delete(&self, kind: Kind, ns: &str, name: &str) {
+        let mut cluster = self.lock();
+        let Some(mut object) = cluster.objects.remove(&(kind, ns.to_string(), name.to_string())) else {
+            panic!("delete: no {kind:?} {ns}/{name}");
+        };
+        cluster.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(cluster.rv.to_string());
+        cluster.emit(kind, "DELETED", object);
+    }
+
+    pub fn object(&self, kind: Kind, ns: &str, name: &str) -> Value {
+        self.lock().objects.get(&(kind, ns.to_string(), name.to_string())).cloned().expect("object exists")
+    }
+
+    /// A BOOKMARK with the current resourceVersion to every watch that asked for bookmarks.
+    pub fn bookmark(&self) -> u64 {
+        let mut cluster = self.lock();
+        let rv = cluster.rv;
+        cluster.watches.retain(|w| {
+            if !w.bookmarks {
+                return true;
+            }
+            let object = json!({"kind": match w.kind { Kind::Pod => "Pod", Kind::Namespace => "Namespace",
+                Kind::NetworkPolicy => "NetworkPolicy", Kind::Event => "Event" },
+                "apiVersion": w.kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
+            w.tx.send(line(&json!({"type": "BOOKMARK", "object": object}))).is_ok()
+        });
+        rv
+    }
+
+    /// Cuts every open watch stream (the client sees the response end).
+    pub fn drop_watches(&self) {
+        self.lock().watches.clear();
+    }
+
+    /// Forgets history: watching from any older resourceVersion is `410 Gone`.
+    pub fn compact(&self) {
+        let mut cluster = self.lock();
+        cluster.compacted = cluster.rv;
+        cluster.log.clear();
+    }
+
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        let mut cluster = self.lock();
+        cluster.fault = fault;
+        if fault == Some(Fault::DropConnections) {
+            for connection in cluster.connections.drain(..) {
+                connection.abort();
+            }
+            cluster.watches.clear();
+        }
+    }
+
+    /// Waits until a watch of `kind` is open (a watcher opens it only after its list is consumed).
+    pub async fn wait_for_watch(&self, kind: Kind) {
+        tokio::time::timeout(WAIT, async {
+            while !self.lock().watches.iter().any(|w| w.kind == kind && !w.tx.is_closed()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("watch opened in time");
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.lock().requests.clone()
+    }
+
+    pub fn uses(&self) -> BTreeSet<(String, String, String)> {
+        self.lock().requests.iter().map(|r| r.use_.clone()).collect()
+    }
+
+    pub fn count(&self, resource: &str, verb: &str) -> usize {
+        self.lock().requests.iter().filter(|r| r.use_.1 == resource && r.use_.2 == verb).count()
+    }
+
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query: BTreeMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (percent_decode(k), percent_decode(v)),
+                None => (percent_decode(kv), String::new()),
+            })
+            .collect();
+        let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = String::from_utf8_lossy(&body).into_owned();
+
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // (kind, namespace, name)
+        let target = match segments.as_slice() {
+            ["api", "v1", "pods"] => Some((Kind::Pod, None, None)),
+            ["api", "v1", "namespaces"] => Some((Kind::Namespace, None, None)),
+            ["apis", "networking.k8s.io", "v1", "networkpolicies"] => Some((Kind::NetworkPolicy, None, None)),
+            ["api", "v1", "namespaces", ns, "pods", name] => Some((Kind::Pod, Some(*ns), Some(*name))),
+            ["api", "v1", "namespaces", ns, "events"] => Some((Kind::Event, Some(*ns), None)),
+            ["api", "v1", "namespaces", ns, "events", name] => Some((Kind::Event, Some(*ns), Some(*name))),
+            _ => None,
+        };
+        let watch = query.get("watch").is_some_and(|v| v == "true" || v == "1");
+        let verb = match (method.as_str(), &target, watch) {
+            ("GET", _, true) => "watch",
+            ("GET", Some((_, _, None)), false) => "list",
+            ("GET", Some((_, _, Some(_))), false) => "get",
+            ("POST", _, _) => "create",
+            ("PATCH", _, _) => "patch",
+            ("PUT", _, _) => "update",
+            ("DELETE", _, _) => "delete",
+            _ => "other",
+        };
+        let resource = target.map(|t| t.0);
+        let mut cluster = self.lock();
+        cluster.requests.push(Recorded {
+            method: method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+            content_type: content_type.clone(),
+            body: body.clone(),
+            use_: (
+                resource.map(|k| k.group()).unwrap_or("?").to_string(),
+                resource.map(|k| k.resource()).unwrap_or("?").to_string(),
+                verb.to_string(),
+            ),
+        });
+        if cluster.fault == Some(Fault::Status500) {
+            return full(StatusCode::INTERNAL_SERVER_ERROR, &status(500, "InternalError", "stand-in: injected failure"));
+        }
+        let Some((kind, ns, name)) = target else {
+            return full(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("no route {path}")));
+        };
+        let node = query.get("fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=")).map(str::to_string);
+        match verb {
+            "list" => {
+                let items: Vec<Value> = cluster
+                    .objects
+                    .iter()
+                    .filter(|((k, _, _), o)| *k == kind && matches_node(o, &node))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                full(
+                    StatusCode::OK,
+                    &json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(),
+                            "metadata": {"resourceVersion": cluster.rv.to_string()}, "items": items}),
+                )
+            }
+            "watch" => {
+                let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+                if from < cluster.compacted {
+                    let gone = status(410, "Expired", &format!("too old resource version: {from} ({})", cluster.compacted));
+                    let _ = tx.send(line(&json!({"type": "ERROR", "object": gone})));
+                    drop(tx);
+                } else {
+                    for (rv, k, type_, object) in &cluster.log {
+                        if *rv > from && *k == kind && matches_node(object, &node) {
+                            let _ = tx.send(line(&json!({"type": type_, "object": object})));
+                        }
+                    }
+                    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+                    cluster.watches.push(WatchSub { kind, node, bookmarks, tx });
+                }
+                let stream = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|bytes| (Ok::<_, Infallible>(Frame::data(bytes)), rx))
+                });
+                let mut response = Response::new(StreamBody::new(stream).boxed());
+                response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+                response
+            }
+            "patch" => {
+                let (Some(ns), Some(name)) = (ns, name) else {
+                    return full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", "patch needs a name"));
+                };
+                let key = (kind, ns.to_string(), name.to_string());
+                let Some(mut object) = cluster.objects.get(&key).cloned() else {
+                    return full(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("{name} not found")));
+                };
+                let Ok(patch) = serde_json::from_str::<Value>(&body) else {
+                    return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "patch is not JSON"));
+                };
+                merge_patch(&mut object, &patch);
+                let stored = cluster.store(object);
+                full(StatusCode::OK, &stored)
+            }
+            "create" => {
+                let Ok(mut object) = serde_json::from_str::<Value>(&body) else {
+                    return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body is not JSON"));
+                };
+                object["kind"] = json!("Event");
+                object["apiVersion"] = json!("v1");
+                object["metadata"]["namespace"] = json!(ns.unwrap_or(""));
+                let stored = cluster.store(object);
+                full(StatusCode::CREATED, &stored)
+            }
+            _ => full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", verb)),
+        }
+    }
+}
+
+impl StandIn {
+    /// Requests outside `declared` (group, resource, verb): the code used the API in a way its
+    /// RBAC list does not name.
+    pub fn undeclared_uses(&self, declared: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+        let declared: BTreeSet<(String, String, String)> =
+            declared.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+        self.uses().difference(&declared).cloned().collect()
+    }
+
+    /// Writes a kubeconfig whose only cluster is this stand-in (plain http, no credentials).
+    pub fn write_kubeconfig(&self, path: &Path) {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: http://{addr}\n\
+             users:\n- name: standin\n  user: {{}}\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\n\
+             current-context: standin\npreferences: {{}}\n",
+            addr = self.addr
+        );
+        std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
+    /// Whether a watch of `kind` is open now.
+    pub fn has_watch(&self, kind: Kind) -> bool {
+        self.lock().watches.iter().any(|w| w.kind == kind && !w.tx.is_closed())
+    }
+}
+
+/// The stand-in on a runtime of its own, for tests that are not async (they run processes and
+/// probes): every method but `start` is synchronous already. Dropping it stops the server.
+pub struct BlockingStandIn {
+    pub api: StandIn,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl BlockingStandIn {
+    pub fn start() -> BlockingStandIn {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name("kube-standin")
+            .build()
+            .expect("stand-in runtime");
+        let api = runtime.block_on(StandIn::start());
+        BlockingStandIn { api, runtime: Some(runtime) }
+    }
+}
+
+impl std::ops::Deref for BlockingStandIn {
+    type Target = StandIn;
+    fn deref(&self) -> &StandIn {
+        &self.api
+    }
+}
+
+impl Drop for BlockingStandIn {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
