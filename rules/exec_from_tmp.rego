@@ -15,8 +15,7 @@ meta := {
 
 alerts contains {"message": msg} if {
 	some path in executed
-	some dir in lists.temp_dirs
-	startswith(path, dir)
+	strings.any_prefix_match(path, lists.temp_dirs)
 	msg := sprintf("executed %s from a writable temporary directory (%s)", [path, concat(" ", input.exec.argv)])
 }
 

@@ -23,6 +23,7 @@ reasons contains "the kernel reports a memory-backed executable" if input.exec.f
 reasons contains "the executable is a memfd" if startswith(input.process.exe, "/memfd:")
 
 reasons contains "exec through a file descriptor" if {
+	strings.any_prefix_match(input.exec.filename, ["/dev/fd/", "/proc/"])
 	regex.match(`^/(dev/fd|proc/(self|thread-self|[0-9]+)/fd)/[0-9]+$`, input.exec.filename)
 }
 

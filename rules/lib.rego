@@ -18,15 +18,17 @@ abs_path(path) := clean(path) if {
 	input.process.cwd != ""
 } else := path
 
-# Already clean (the common case, dotfiles included): no "//", no "." or ".." component, no
-# trailing "/". Only the rest pays for the regular expressions.
 clean(path) := path if {
+	not contains(path, "/.")
+	not contains(path, "//")
+	not endswith(path, "/")
+} else := path if {
+	# Dotfiles ("/root/.ssh/id_rsa") are clean too: only "." and ".." components need folding.
+	# Only what fails both checks pays for the regular expressions.
 	not contains(path, "//")
 	not contains(path, "/./")
 	not contains(path, "/../")
-	not endswith(path, "/")
-	not endswith(path, "/.")
-	not endswith(path, "/..")
+	not strings.any_suffix_match(path, ["/", "/.", "/.."])
 } else := cleaned if {
 	a := regex.replace(path, `/+`, "/")
 	b := regex.replace(a, `(/\.)+(/|$)`, "/")

@@ -32,9 +32,11 @@ recon_name if {
 }
 
 # nmap-style scan types (-sS, -sT, -sU, -sV, -sn) together with a port or range option.
+scan_types := {"-sS", "-sT", "-sU", "-sV", "-sn", "-sA", "-sX", "-sF", "-sN"}
+
 scanner_arguments if {
 	some arg in input.exec.argv
-	regex.match(`^-s[STUVnAXFN]$`, arg)
+	arg in scan_types
 	some other in input.exec.argv
 	regex.match(`^(-p|--top-ports|-p-|--open|-Pn)`, other)
 }

@@ -29,8 +29,7 @@ alerts contains {"message": msg} if {
 	input.open.write
 	input.open.result >= 0
 	path := open_path
-	some db in lists.package_databases
-	startswith(path, db)
+	strings.any_prefix_match(path, lists.package_databases)
 	not lists.package_managers[input.process.comm]
 	msg := sprintf("%s (pid %d) wrote package database %s", [input.process.comm, input.process.pid, path])
 }

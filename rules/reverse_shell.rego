@@ -24,16 +24,20 @@ socket_streams contains name if {
 	stdio[name] == "socket"
 }
 
+# Checked first: it rules out nearly every exec for the price of a field comparison or two.
+stdin_or_stdout_socket if stdio.stdin == "socket"
+
+stdin_or_stdout_socket if stdio.stdout == "socket"
+
 shell_like if count(exec_shells) > 0
 
 shell_like if count(exec_interpreters) > 0
 
 alerts contains {"message": msg} if {
 	input.type == "exec"
+	stdin_or_stdout_socket
 	shell_like
 	not super_server_child
-	some stream in socket_streams
-	stream in {"stdin", "stdout"}
 	msg := sprintf("%s started with %s on a network socket: %s", [
 		input.exec.filename, concat(" and ", sort_streams), concat(" ", input.exec.argv),
 	])
@@ -42,9 +46,10 @@ alerts contains {"message": msg} if {
 # A renamed shell shows by its behaviour: every standard stream is the same network socket.
 alerts contains {"message": msg} if {
 	input.type == "exec"
+	stdin_or_stdout_socket
+	count(socket_streams) == 3
 	not shell_like
 	not super_server_child
-	count(socket_streams) == 3
 	msg := sprintf("%s started with all standard streams on a network socket: %s", [
 		input.exec.filename, concat(" ", input.exec.argv),
 	])

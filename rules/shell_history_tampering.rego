@@ -17,12 +17,16 @@ meta := {
 	"events": ["unlink", "open", "rename"],
 }
 
+# Both need the path to end with a listed name: one builtin call rules out most paths before
+# the list is walked.
 history_file(path) if {
+	strings.any_suffix_match(path, lists.history_files)
 	some name in lists.history_files
 	endswith(path, concat("/", ["", name]))
 }
 
 history_file(path) if {
+	strings.any_suffix_match(path, lists.history_files)
 	some name in lists.history_files
 	path == name
 }

@@ -44,6 +44,8 @@ interactive if input.process.stdio.stdin == "tty"
 # `sh -i` asks for an interactive shell even without a terminal.
 interactive if {
 	some arg in array.slice(input.exec.argv, 1, count(input.exec.argv))
+	startswith(arg, "-")
+	contains(arg, "i")
 	regex.match(`^-[a-zA-Z]*i[a-zA-Z]*$`, arg)
 }
 

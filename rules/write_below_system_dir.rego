@@ -19,19 +19,27 @@ meta := {
 	"events": ["open", "rename", "unlink", "chmod"],
 }
 
-# The paths each kind of event changes.
-changed contains open_path if {
+# The paths each kind of event changes (one rule per type, so an event only pays for its own).
+changed := open_changed if input.type == "open"
+
+else := rename_changed if input.type == "rename"
+
+else := unlink_changed if input.type == "unlink"
+
+else := chmod_changed if input.type == "chmod"
+
+open_changed contains open_path if {
 	input.type == "open"
 	writes
 }
 
-changed contains rename_new_path if input.type == "rename"
+rename_changed contains rename_new_path if input.type == "rename"
 
-changed contains rename_old_path if input.type == "rename"
+rename_changed contains rename_old_path if input.type == "rename"
 
-changed contains unlink_path if input.type == "unlink"
+unlink_changed contains unlink_path if input.type == "unlink"
 
-changed contains chmod_path if {
+chmod_changed contains chmod_path if {
 	input.type == "chmod"
 	input.chmod.path != ""
 }
@@ -68,16 +76,11 @@ alerts contains {"message": message(path), "severity": "medium"} if {
 message(path) := sprintf("%s (pid %d) %s %s%s", [input.process.comm, input.process.pid, verb, path, lib.outcome(result)])
 
 system_path(path) if {
+	strings.any_prefix_match(path, lists.system_dirs)
 	some dir in lists.system_dirs
 	startswith(path, concat("", [dir, "/"]))
 }
 
-allowed(path) if {
-	some prefix in lists.system_write_allowed
-	startswith(path, prefix)
-}
+allowed(path) if strings.any_prefix_match(path, lists.system_write_allowed)
 
-account_file(path) if {
-	some f in lists.account_files
-	startswith(path, f)
-}
+account_file(path) if strings.any_prefix_match(path, lists.account_files)
