@@ -12,9 +12,15 @@
 //!    breakdown (kernel -> user wakeup, enrich + rules, responder);
 //! 2. event -> first dropped packet, over the same number of quarantines with a second process
 //!    in the pod sending UDP to `shop/b` continuously: the first sendto that fails with EPERM
-//!    (the cgroup_skb egress drop) after the event, stamped when that sendto returned.
+//!    (the cgroup_skb egress drop) after the event, stamped when that sendto returned. The
+//!    sender is paced (one sendto every BENCH_SEND_PERIOD_NS, default 10 µs, ~100k packets/s),
+//!    so the figure is exact to within one period.
 //!
-//! Run: `sudo cargo bench -p palisade --bench quarantine_latency` (BENCH_CYCLES to change).
+//! 3. the datapath alone: a process in the pod updates the pinned map for its own cgroup and
+//!    sends at once: how long the update takes, and whether the very next packet is dropped.
+//!
+//! Run: `sudo cargo bench -p palisade --bench quarantine_latency` (BENCH_CYCLES to change;
+//! BENCH_STATE_ROOT to put the responder's state file elsewhere than $TMPDIR, e.g. on tmpfs).
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::fd::AsRawFd as _;
@@ -33,6 +39,8 @@ use palisade::probes::loader::{self, LoadOptions};
 use palisade::quarantine::datapath::{self, KernelQuarantineMap};
 use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, Verdict};
 use palisade::rules::{Action, RulePack};
+use palisade_common::{DatapathConfig, KIND_POLICY_VERDICT, MAP_SEG_CONFIG, MAP_SEG_EVENTS, PolicyVerdictEvent, REASON_QUARANTINE};
+use aya::maps::{Array, MapData, RingBuf};
 
 const MARK: &str = "@@ ";
 
@@ -42,6 +50,9 @@ fn main() {
         match args.get(2).map(String::as_str) {
             Some("trigger") => trigger(),
             Some("sender") => sender(args.get(3).expect("sender: address")),
+            Some("selftest") => {
+                selftest(Path::new(&args[3]), args[4].parse().expect("id"), &args[5], args[6].parse().expect("n"))
+            }
             other => panic!("unknown role {other:?}"),
         }
         return;
@@ -76,9 +87,21 @@ fn sender(addr: &str) {
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("socket");
     let mut passing: Option<bool> = None;
     let mut out = std::io::stdout().lock();
+    let mut sends: u64 = 0;
+    // Paced, not flat out: an unpaced sender fills its socket buffer faster than softirq frees
+    // the skbs and then sleeps in sendto for tens of µs at a time, which would be measured as
+    // drop latency. Non-blocking for the same reason.
+    socket.set_nonblocking(true).expect("nonblocking");
+    let period_ns: u64 = std::env::var("BENCH_SEND_PERIOD_NS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let mut next = monotonic_now_ns();
     loop {
+        while monotonic_now_ns() < next {
+            std::hint::spin_loop();
+        }
+        next += period_ns;
         let result = socket.send_to(b"palisade-bench", addr);
         let now = monotonic_now_ns();
+        sends += 1;
         let passed = match result {
             Ok(_) => true,
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => false,
@@ -86,7 +109,7 @@ fn sender(addr: &str) {
         };
         if passing != Some(passed) {
             passing = Some(passed);
-            let _ = writeln!(out, "{MARK}{} {now}", if passed { "pass" } else { "drop" });
+            let _ = writeln!(out, "{MARK}{} {now} {sends}", if passed { "pass" } else { "drop" });
             let _ = out.flush();
         }
     }
@@ -103,6 +126,32 @@ fn pin_to_cpu(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// In the pod itself: quarantine its own cgroup through the pinned map, then send at once.
+/// Prints, per iteration, how long the update took, how many sends still passed after it
+/// returned (want 0) and when the first EPERM came back.
+fn selftest(pins: &Path, cgroup_id: u64, addr: &str, iterations: usize) {
+    use palisade::quarantine::QuarantineDatapath as _;
+    let mut map = KernelQuarantineMap::open_pinned(pins).expect("pinned map");
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("socket");
+    let mut out = std::io::stdout().lock();
+    for _ in 0..iterations {
+        assert!(socket.send_to(b"palisade-bench", addr).is_ok(), "send before the update failed");
+        let before = monotonic_now_ns();
+        map.set(cgroup_id, Default::default()).expect("set");
+        let updated = monotonic_now_ns();
+        let mut passed = 0u64;
+        let eperm = loop {
+            match socket.send_to(b"palisade-bench", addr) {
+                Ok(_) => passed += 1,
+                Err(_) => break monotonic_now_ns(),
+            }
+        };
+        map.clear(cgroup_id).expect("clear");
+        let _ = writeln!(out, "{MARK}self {} {passed} {}", updated - before, eperm - updated);
+        let _ = out.flush();
     }
 }
 
@@ -139,12 +188,14 @@ impl Role {
         Role { child, stdin, lines }
     }
 
-    /// The time of the next `what` transition.
-    fn wait_for(&self, what: &str) -> u64 {
+    /// The time of the next `what` transition and the sender's send count at that moment.
+    fn wait_for(&self, what: &str) -> (u64, u64) {
         loop {
             let line = self.lines.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|e| panic!("sender: no {what}: {e}"));
-            if let Some(ns) = line.strip_prefix(what).and_then(|rest| rest.trim().parse().ok()) {
-                return ns;
+            let Some(rest) = line.strip_prefix(what) else { continue };
+            let mut fields = rest.split_whitespace().map(|f| f.parse::<u64>().ok());
+            if let (Some(Some(ns)), Some(Some(count))) = (fields.next(), fields.next()) {
+                return (ns, count);
             }
         }
     }
@@ -158,6 +209,27 @@ impl Drop for Role {
 }
 
 // ---- the benchmark -------------------------------------------------------------------------
+
+/// The kernel time of the next packet the datapath dropped for quarantine in cgroup `cgroup_id`.
+fn first_quarantine_drop(ring: &mut RingBuf<MapData>, cgroup_id: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(Instant::now() < deadline, "no quarantine drop record");
+        let mut pfd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<PolicyVerdictEvent>() {
+                continue;
+            }
+            // SAFETY: length checked; plain repr(C) data, any bit pattern is valid.
+            let record: PolicyVerdictEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if record.header.kind == KIND_POLICY_VERDICT && record.reason == REASON_QUARANTINE && record.header.cgroup_id == cgroup_id {
+                return record.header.ktime_ns;
+            }
+        }
+    }
+}
 
 struct Sample {
     /// event ktime -> map update returned
@@ -203,13 +275,22 @@ fn run(cycles: usize) {
     for pod in ["shop/a", "shop/b"] {
         datapath::attach_pinned(&mut dp, &lab.pod_cgroup_dir(pod).expect("dir"), &pins.join("links")).expect("attach");
     }
-    let state_dir = std::env::temp_dir().join(format!("palisade-bench-{lab_name}"));
+    let state_root = std::env::var_os("BENCH_STATE_ROOT").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let state_dir = state_root.join(format!("palisade-bench-{lab_name}"));
     let config = ResponderConfig {
         state_dir: state_dir.clone(),
         cgroup_root: palisade::lab::cgroup2_mount().expect("cgroup2"),
         policy: ResponsePolicy { max_quarantines_per_minute: 0, ..ResponsePolicy::default() },
     };
     let map = KernelQuarantineMap::from_ebpf(&dp).expect("map");
+    // The datapath's own drop records carry the kernel time of each dropped packet; no rate
+    // limit here so the first drop of every cycle is reported.
+    {
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(dp.map_mut(MAP_SEG_CONFIG).expect("SEG_CONFIG")).expect("array");
+        config.set(0, DatapathConfig { emit_denied: 1, deny_events_per_window: u32::MAX }, 0).expect("config");
+    }
+    let mut drops: RingBuf<MapData> = RingBuf::try_from(dp.take_map(MAP_SEG_EVENTS).expect("SEG_EVENTS")).expect("ring");
     let (service, _) = QuarantineService::start(config, Box::new(map), &inventory).expect("responder");
 
     // Probes: the daemon's load, monitoring pod a, dup events on.
@@ -285,24 +366,48 @@ fn run(cycles: usize) {
 
     // Phase 2: a second process in the pod sends continuously.
     let sender = Role::spawn(&lab, "shop/a", &["sender", "198.18.9.2:9"]);
-    sender.wait_for("pass");
+    let (first_pass, first_count) = sender.wait_for("pass");
+    let mut last_seen = (first_pass, first_count);
     let mut phase2 = Vec::with_capacity(cycles);
     let mut to_drop = Vec::with_capacity(cycles);
     let mut update_to_drop = Vec::with_capacity(cycles);
+    let mut to_drop_record = Vec::with_capacity(cycles);
     for n in 0..cycles {
+        while drops.next().is_some() {}
         let (sample, ktime) = cycle(n, &mut trigger);
-        let dropped = sender.wait_for("drop");
+        to_drop_record.push(first_quarantine_drop(&mut drops, a_id).saturating_sub(ktime));
+        let (dropped, _) = sender.wait_for("drop");
         to_drop.push(dropped.saturating_sub(ktime));
         // How long after the map update the sender saw the drop (its loop period bounds it).
         update_to_drop.push(dropped.saturating_sub(ktime + sample.total));
         phase2.push(sample);
         service.release("shop/a", "bench", "bench").expect("release");
-        sender.wait_for("pass");
+        last_seen = sender.wait_for("pass");
     }
+    let sender_period_ns = (last_seen.0 - first_pass) / (last_seen.1 - first_count).max(1);
     drop(sender);
     drop(trigger);
 
+    // Phase 3: the datapath alone, inside the pod: update, then the very next packet.
+    let selftest = Role::spawn(
+        &lab,
+        "shop/a",
+        &["selftest", pins.to_str().expect("utf-8 pin path"), &a_id.to_string(), "198.18.9.2:9", &cycles.to_string()],
+    );
+    let (mut update_ns, mut next_packet_ns, mut passed_after) = (Vec::new(), Vec::new(), 0u64);
+    for _ in 0..cycles {
+        let line = selftest.lines.recv_timeout(Duration::from_secs(10)).expect("selftest line");
+        let fields: Vec<u64> = line.strip_prefix("self ").unwrap_or("").split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        if let [update, passed, eperm] = fields[..] {
+            update_ns.push(update);
+            passed_after += passed;
+            next_packet_ns.push(eperm);
+        }
+    }
+    drop(selftest);
+
     println!("quarantine latency: {cycles} quarantine/release cycles per phase, phase 1 took {phase1_elapsed:?}");
+    println!("sender loop: one sendto every {} on average in phase 2", us(sender_period_ns) + " µs");
     println!();
     println!("| from the offending event's kernel timestamp to ... | n | p50 µs | p99 µs | max µs |");
     println!("|---|---|---|---|---|");
@@ -311,8 +416,15 @@ fn run(cycles: usize) {
     row("  of which: decode + enrich + rule evaluation", phase1.iter().map(|s| s.rules).collect());
     row("  of which: responder incl. map update", phase1.iter().map(|s| s.respond).collect());
     row("map update returned (pod sending continuously)", phase2.iter().map(|s| s.total).collect());
+    row("first dropped packet (datapath drop record, kernel time)", to_drop_record);
     row("first dropped packet (sender's EPERM)", to_drop);
     row("  of which: map update returned -> sender's first EPERM", update_to_drop);
+    println!();
+    println!("| datapath alone, from inside the pod | n | p50 µs | p99 µs | max µs |");
+    println!("|---|---|---|---|---|");
+    row("map update syscall (SEG_QUARANTINE insert)", update_ns);
+    row("update returned -> EPERM on the very next sendto", next_packet_ns);
+    println!("packets that passed after the update had returned: {passed_after} (of {cycles} quarantines)");
 
     for pod in ["shop/a", "shop/b"] {
         if let Ok(id) = palisade::lab::cgroup_id(&lab.pod_cgroup_dir(pod).expect("dir")) {
