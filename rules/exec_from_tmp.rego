@@ -21,4 +21,7 @@ alerts contains {"message": msg} if {
 
 executed contains exec_path if input.exec.filename != ""
 
-executed contains input.process.exe if input.process.exe != ""
+executed contains input.process.exe if {
+	is_string(input.process.exe)
+	input.process.exe != ""
+}

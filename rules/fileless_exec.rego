@@ -20,7 +20,10 @@ alerts contains {"message": msg} if {
 
 reasons contains "the kernel reports a memory-backed executable" if input.exec.fileless
 
-reasons contains "the executable is a memfd" if startswith(input.process.exe, "/memfd:")
+reasons contains "the executable is a memfd" if {
+	is_string(input.process.exe)
+	startswith(input.process.exe, "/memfd:")
+}
 
 reasons contains "exec through a file descriptor" if {
 	strings.any_prefix_match(input.exec.filename, ["/dev/fd/", "/proc/"])

@@ -3,8 +3,10 @@ package palisade.lib
 
 import data.palisade.lists
 
-# The last component of a path ("/usr/bin/bash" -> "bash").
+# The last component of a path ("/usr/bin/bash" -> "bash"). Undefined for a non-string (a
+# process whose exe could not be read has exe null), in both engines.
 basename(path) := last if {
+	is_string(path)
 	parts := split(path, "/")
 	last := parts[count(parts) - 1]
 }
