@@ -20,8 +20,8 @@ meta := {
 who := sprintf("%s (pid %d)", [input.process.comm, input.process.pid])
 
 alerts contains {"message": msg} if {
-	not exempt_pod
 	some what in primitives
+	not exempt_pod
 	msg := sprintf("%s %s", [who, what])
 }
 
