@@ -180,7 +180,8 @@ assert_wire_size!(QuarantineValue, 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ForensicsValue {
-    /// 0 = any port (the peer's port on egress, the local port on ingress).
+    /// 0 = any port; otherwise flows with this port at either end (the service side: a peer's
+    /// port the pod connects to, or the pod's own port a peer connects to, and their replies).
     pub port: u16,
     /// 0 = any protocol.
     pub protocol: u8,

@@ -570,18 +570,24 @@ fn quarantine_forensics_exception_keeps_configured_peers_reachable() {
     let lab = TestLab::up("qforen", PODS);
     let pins = Pins::new(&lab.name);
     let state_dir = temp_state_dir(&lab.name);
-    // Any port: the datapath (probes-ebpf/src/datapath.rs, `quarantined`) matches an
-    // exception's port against the peer's port on egress but the pod's own port on ingress, so
-    // the replies of a port-restricted flow are dropped and such an exception passes nothing
-    // end to end (measured: a<->b on 8080 with port 8080 configured times out both ways).
+    // Port-restricted: the probe's port is the service side in both directions, and the
+    // replies of each session must pass too.
     let policy = ResponsePolicy {
-        forensics: vec![palisade::quarantine::ForensicsException { cidr: "198.18.7.2/32".into(), port: None, protocol: Some(Protocol::Tcp) }],
+        forensics: vec![palisade::quarantine::ForensicsException { cidr: "198.18.7.2/32".into(), port: Some(PROBE_PORT), protocol: Some(Protocol::Tcp) }],
         ..ResponsePolicy::default()
     };
     let (_ebpf, service) = enforce(&lab, &pins, &state_dir, policy);
     assert_eq!(service.respond(&verdict("shop", "a", "reverse_shell", "alert-f-1")).outcome, Outcome::Quarantined);
     let exempt = |x: &str, y: &str| (x == "shop/a" && y == "shop/b") || (x == "shop/b" && y == "shop/a");
     assert_reach(&probe(&lab), |from, to| involves("shop/a")(from, to) || exempt(from, to));
+
+    // The exception is for that port only: another port configured, a and b are cut off.
+    let other_port = ResponsePolicy {
+        forensics: vec![palisade::quarantine::ForensicsException { cidr: "198.18.7.2/32".into(), port: Some(PROBE_PORT + 1), protocol: Some(Protocol::Tcp) }],
+        ..ResponsePolicy::default()
+    };
+    service.set_policy(other_port).expect("reload");
+    assert_reach(&probe(&lab), involves("shop/a"));
 
     // Hot reload without the exception: b is cut off from a as well.
     service.set_policy(ResponsePolicy::default()).expect("reload");

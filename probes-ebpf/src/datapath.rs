@@ -215,8 +215,10 @@ fn quarantined(p: &Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32
         return PASS;
     }
     if let Some(f) = SEG_FORENSICS.get(Key::new(128, IpAddrKey { addr: *peer })) {
-        let port = if egress { peer_port } else { local_port };
-        if (f.protocol == 0 || f.protocol == p.protocol) && (f.port == 0 || f.port == port) {
+        // The exception's port is the service side of the flow: the peer's port when the pod
+        // connects out, the pod's own port when the peer connects in. Either end matching lets
+        // both a session and its replies through.
+        if (f.protocol == 0 || f.protocol == p.protocol) && (f.port == 0 || f.port == peer_port || f.port == local_port) {
             return PASS;
         }
     }
