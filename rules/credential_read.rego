@@ -5,7 +5,7 @@ package palisade.rules.credential_read
 import data.palisade.lib
 import data.palisade.lib.process_names
 import data.palisade.lib.process_is_shell
-import data.palisade.lib.open_path
+import data.palisade.lib.open_path as path
 import data.palisade.lists
 
 meta := {
@@ -16,8 +16,6 @@ meta := {
 	"action": "alert",
 	"events": ["open"],
 }
-
-path := open_path
 
 reader := input.process.comm
 
