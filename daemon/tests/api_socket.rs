@@ -158,7 +158,7 @@ async fn status_and_quarantine_endpoints() {
     server.abort();
     log.shutdown().await;
 
-    struct Fake(Mutex<Vec<ReleaseRequest>>);
+    struct Fake(Mutex<Vec<ReleaseRequest>>, Mutex<Vec<String>>);
     impl QuarantineApi for Fake {
         fn list(&self) -> BoxFuture<'_, Result<Vec<QuarantineEntry>, QuarantineApiError>> {
             Box::pin(async {
@@ -183,9 +183,15 @@ async fn status_and_quarantine_endpoints() {
                 Ok(ReleaseOutcome { released: true, message: "released shop/web-1".into(), alert_id: None })
             })
         }
+        fn resume(&self, by: String) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+            Box::pin(async move {
+                self.1.lock().unwrap().push(by);
+                Ok(ReleaseOutcome { released: true, message: "automatic quarantine re-armed".into(), alert_id: None })
+            })
+        }
     }
     let tmp = TempDir::new("api-quarantine");
-    let fake = Arc::new(Fake(Mutex::new(Vec::new())));
+    let fake = Arc::new(Fake(Mutex::new(Vec::new()), Mutex::new(Vec::new())));
     let (log, _sink, state_dir, server) = start(&tmp.0, Some(fake.clone())).await;
     let bin = env!("CARGO_BIN_EXE_palisade");
     let out = Command::new(bin).args(["quarantine", "list", "--state-dir"]).arg(&state_dir).output().unwrap();
@@ -209,6 +215,10 @@ async fn status_and_quarantine_endpoints() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not quarantined"));
+    let out = Command::new(bin).args(["quarantine", "resume", "--state-dir"]).arg(&state_dir).env("SUDO_USER", "bob").output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("re-armed"), "{out:?}");
+    let resumes = fake.1.lock().unwrap().clone();
+    assert!(resumes.len() == 1 && resumes[0].starts_with("bob (uid 0 pid "), "{resumes:?}");
     server.abort();
     log.shutdown().await;
 }

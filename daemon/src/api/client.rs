@@ -321,6 +321,11 @@ pub enum QuarantineCommand {
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
     },
+    /// Re-arm automatic quarantine after the rate-limit guardrail suspended it.
+    Resume {
+        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Lift a pod's quarantine (recorded as a `release` alert with your reason).
     Release {
         /// NAMESPACE/POD
@@ -347,6 +352,14 @@ pub fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
                 }
                 other => anyhow::bail!("bad output format {other:?}: want table or json"),
             }
+        }
+        QuarantineCommand::Resume { state_dir } => {
+            let by = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_default();
+            let by: String = by.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
+            let client = ApiClient::new(&state_dir);
+            let value = block_on(client.post_json(&format!("/v1/quarantines/resume?by={by}"), &json!({})))??;
+            let outcome: ReleaseOutcome = serde_json::from_value(value)?;
+            println!("{}", terminal_safe(&outcome.message));
         }
         QuarantineCommand::Release { pod, reason, state_dir } => {
             crate::alerts::query::parse_pod(&pod)?;

@@ -116,6 +116,9 @@ pub enum QuarantineApiError {
 pub trait QuarantineApi: Send + Sync {
     fn list(&self) -> BoxFuture<'_, Result<Vec<QuarantineEntry>, QuarantineApiError>>;
     fn release(&self, request: ReleaseRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>>;
+    /// Re-arms automatic quarantine after the rate-limit guardrail suspended it; `by` names the
+    /// operator. The outcome's `released` says whether it was suspended.
+    fn resume(&self, by: String) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>>;
 }
 
 /// The stand-in when the daemon runs without a responder.
@@ -127,6 +130,10 @@ impl QuarantineApi for QuarantineNotEnabled {
     }
 
     fn release(&self, _request: ReleaseRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+        Box::pin(async { Err(QuarantineApiError::NotEnabled) })
+    }
+
+    fn resume(&self, _by: String) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
         Box::pin(async { Err(QuarantineApiError::NotEnabled) })
     }
 }

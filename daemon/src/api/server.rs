@@ -174,6 +174,16 @@ async fn route(req: Request<Incoming>, state: &ApiState, peer: &Peer) -> Respons
             Err(err) => quarantine_error(err),
         },
         (&Method::POST, "/v1/quarantines/release") => release(req, state, peer).await,
+        (&Method::POST, "/v1/quarantines/resume") => {
+            let by = match query_param(&query, "by").filter(|b| !b.is_empty()) {
+                Some(who) => format!("{who} (uid {} pid {})", peer.uid, peer.pid.map_or_else(|| "?".into(), |p| p.to_string())),
+                None => format!("uid {} pid {}", peer.uid, peer.pid.map_or_else(|| "?".into(), |p| p.to_string())),
+            };
+            match state.quarantine.resume(by).await {
+                Ok(outcome) => json_response(StatusCode::OK, &serde_json::to_value(outcome).unwrap_or(Value::Null)),
+                Err(err) => quarantine_error(err),
+            }
+        }
         (&Method::GET, "/metrics") => match &state.metrics {
             Some(m) => {
                 let mut r = Response::new(body::full(m.encode()));
@@ -185,7 +195,7 @@ async fn route(req: Request<Incoming>, state: &ApiState, peer: &Peer) -> Respons
             }
             None => error_response(StatusCode::NOT_FOUND, "this daemon keeps no metrics"),
         },
-        (_, "/healthz" | "/v1/status" | "/v1/alerts" | "/v1/alerts/follow" | "/v1/quarantines" | "/v1/quarantines/release" | "/metrics") => {
+        (_, "/healthz" | "/v1/status" | "/v1/alerts" | "/v1/alerts/follow" | "/v1/quarantines" | "/v1/quarantines/release" | "/v1/quarantines/resume" | "/metrics") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"))
         }
         _ => error_response(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
@@ -339,4 +349,13 @@ fn follow_alerts(state: &ApiState, query: AlertQuery) -> ApiBody {
         }
     });
     body
+}
+
+/// The value of `key` in a URL query string (no percent-decoding beyond `+` as space: the only
+/// caller passes a user name).
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == key).then(|| v.replace('+', " "))
+    })
 }

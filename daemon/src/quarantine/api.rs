@@ -128,6 +128,32 @@ impl QuarantineApi for QuarantineApiHandler {
         })
     }
 
+    fn resume(&self, by: String) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+        Box::pin(async move {
+            match self.service.resume_async(by.clone()).await {
+                Some(was) => {
+                    let alert = Alert::new(
+                        AlertKind::Guardrail,
+                        Severity::High,
+                        format!(
+                            "automatic quarantine re-armed by {by} (suspended since {}, {} quarantines suppressed meanwhile)",
+                            was.since, was.suppressed
+                        ),
+                    )
+                    .with_action(Action::Quarantine)
+                    .with_outcome(AlertOutcome::Released, Some(format!("resumed by {by}")))
+                    .with_event(json!({"suspended": was}));
+                    let alert_id = alert.id.clone();
+                    if let Err(err) = self.alerts.emit(alert).await {
+                        tracing::error!(%err, "resume done but its audit alert could not be written");
+                    }
+                    Ok(ReleaseOutcome { released: true, message: "automatic quarantine re-armed".into(), alert_id: Some(alert_id) })
+                }
+                None => Ok(ReleaseOutcome { released: false, message: "automatic quarantine was not suspended".into(), alert_id: None }),
+            }
+        })
+    }
+
     fn release(&self, request: ReleaseRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
         Box::pin(async move {
             let pod = format!("{}/{}", request.namespace, request.name);
