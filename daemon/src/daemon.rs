@@ -497,6 +497,11 @@ async fn apply_inventory(state: &Arc<DaemonState>, cgroup_root: &Path) {
             return;
         }
         tracing::info!(endpoints = index.len(), unresolved = unresolved.len(), "endpoints updated");
+        // A cgroup that appeared (or went) without an inventory change: attach the datapath to
+        // it (or let go) too; the sync itself is a no-op diff.
+        if let Err(err) = state.enforcer.lock().await.set_inventory(inventory).await {
+            tracing::error!(%err, "re-attaching the datapath after a cgroup change");
+        }
     }
     if let Ok(mut current) = state.endpoints.write() {
         *current = index;
