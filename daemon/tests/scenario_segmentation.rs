@@ -65,7 +65,11 @@ fn webapp_example_only_frontends_reach_the_backend() {
     }
     // Denied flows show up in the alert stream, for the backend, as ingress.
     let denied = daemon.wait_for_alert(
-        |a| a["kind"] == "policy_denied" && a["pod"]["name"] == "backend-1" && a["flow"]["direction"] == "ingress",
+        |a| {
+            // The flow details sit in `event` (alert log v1; `flow` in the interim writer).
+            let direction = if a["event"]["direction"].is_string() { &a["event"]["direction"] } else { &a["flow"]["direction"] };
+            a["kind"] == "policy_denied" && a["pod"]["name"] == "backend-1" && direction == "ingress"
+        },
         Duration::from_secs(5),
     );
     if denied.is_none() {

@@ -144,6 +144,11 @@ impl DaemonGuard {
             .arg("--lab")
             .arg("--lab-name")
             .arg(&guard.lab_name)
+            // Parallel daemons must not fight over the metrics port.
+            .arg("--no-metrics")
+            // Every occurrence its own alert line: scenario checks look for one particular
+            // event, which a burst follow-up would only count.
+            .args(["--alerts-aggregate-window", "0"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
