@@ -122,12 +122,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(run_async(args))
 }
 
-/// Resolves each endpoint's cgroup to its id; endpoints whose cgroup does not exist (yet) are
-/// returned by name so they can be retried and reported, not ignored.
+/// Resolves each local endpoint's cgroup to its id; endpoints whose cgroup does not exist (yet)
+/// are returned by name so they can be retried and reported, not ignored. Peer-only endpoints
+/// (pods on other nodes) have no cgroup here: they are neither monitored nor unresolved.
 pub fn resolve_endpoints(inventory: &Inventory, cgroup_root: &Path) -> (EndpointIndex, Vec<String>) {
     let mut index = EndpointIndex::default();
     let mut unresolved = Vec::new();
-    for ep in &inventory.endpoints {
+    for ep in inventory.local_endpoints() {
         let Some(rel) = &ep.cgroup else {
             unresolved.push(format!("{} (no cgroup in the inventory)", ep.key()));
             continue;
@@ -676,7 +677,12 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
     let endpoints: Vec<serde_json::Value> = state
         .inventory
         .read()
-        .map(|inv| inv.endpoints.iter().map(|e| json!({"pod": e.key(), "ips": e.ips, "cgroup": e.cgroup})).collect())
+        .map(|inv| {
+            inv.endpoints
+                .iter()
+                .map(|e| json!({"pod": e.key(), "ips": e.ips, "cgroup": e.cgroup, "peer_only": e.peer_only}))
+                .collect()
+        })
         .unwrap_or_default();
     let monitored = state.endpoints.read().map(|e| e.len()).unwrap_or(0);
     let unresolved = state.unresolved_cgroups.read().map(|u| u.clone()).unwrap_or_default();
@@ -805,4 +811,29 @@ fn spawn_cluster_quarantine(state: Arc<DaemonState>, source: &mut crate::k8s::Ku
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_only_endpoints_are_neither_monitored_nor_unresolved() {
+        let root = std::env::temp_dir().join(format!("palisade-resolve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("pods/web")).expect("cgroup dir");
+        let inventory = Inventory::parse(
+            "endpoints:\n\
+             - {namespace: shop, name: web, ips: [198.18.0.1], cgroup: pods/web}\n\
+             - {namespace: shop, name: pending, ips: [198.18.0.2]}\n\
+             - {namespace: shop, name: remote, labels: {app: frontend}, ips: [198.18.0.3], peerOnly: true}\n",
+            Path::new("inv.yaml"),
+        )
+        .expect("inventory");
+        let (index, unresolved) = resolve_endpoints(&inventory, &root);
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(index.len(), 1, "only the local endpoint with a cgroup is monitored");
+        assert_eq!(unresolved.len(), 1, "{unresolved:?}");
+        assert!(unresolved[0].starts_with("shop/pending "), "{unresolved:?}");
+    }
 }

@@ -1,7 +1,8 @@
 //! Keeps the segmentation datapath in step with the inventory and the policy files: compiles,
 //! syncs the maps as a diff (adds before removes) and attaches the cgroup_skb programs to every
 //! endpoint cgroup, with pinned links so enforcement outlives the daemon. A policy file that
-//! fails validation changes nothing: the last good set stays enforced.
+//! fails validation changes nothing: the last good set stays enforced. Peer-only endpoints (pods
+//! on other nodes) are peers in the maps but never attached to: they have no cgroup here.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -33,7 +34,10 @@ pub enum EnforcementError {
 pub struct EnforcementStatus {
     pub policy_paths: Vec<String>,
     pub policies: usize,
+    /// Compiled endpoints, peer-only ones included.
     pub endpoints: usize,
+    /// Of those, peer-only endpoints (peers only: not attached, not isolated here).
+    pub peer_endpoints: usize,
     pub isolated_endpoints: usize,
     pub policy_entries: usize,
     pub attached_cgroups: usize,
@@ -122,8 +126,7 @@ impl Enforcer {
         let started = std::time::Instant::now();
         let compiled = self.segmentation.compiled().clone();
         let wanted: BTreeSet<PathBuf> = compiled
-            .endpoints
-            .values()
+            .local_endpoints()
             .filter_map(|ep| ep.cgroup.as_ref())
             .map(|rel| self.cgroup_root.join(rel))
             .filter(|path| path.exists())
@@ -165,6 +168,7 @@ impl Enforcer {
             policy_paths: self.policy_paths.iter().map(|p| p.display().to_string()).collect(),
             policies: self.segmentation.policies().policies.len(),
             endpoints: compiled.endpoints.len(),
+            peer_endpoints: compiled.endpoints.values().filter(|ep| ep.peer_only).count(),
             isolated_endpoints: compiled.endpoint_config.values().filter(|c| c.flags != 0).count(),
             policy_entries: compiled.policy.len(),
             attached_cgroups: self.attached.len(),

@@ -108,8 +108,23 @@ async fn wait_until<T: Clone>(rx: &mut watch::Receiver<T>, what: &str, mut pred:
     }
 }
 
+/// This node's endpoints (not peer-only).
 fn endpoint_names(inventory: &Inventory) -> Vec<String> {
-    inventory.endpoints.iter().map(|e| e.key()).collect()
+    inventory.local_endpoints().map(|e| e.key()).collect()
+}
+
+/// Peer-only endpoints (pods on other nodes).
+fn peer_names(inventory: &Inventory) -> Vec<String> {
+    inventory.endpoints.iter().filter(|e| e.peer_only).map(|e| e.key()).collect()
+}
+
+/// Pod requests of `verb` by the node-local watch (field selector) or the cluster-wide one.
+fn pod_requests(api: &StandIn, verb: &str, node_local: bool) -> Vec<support::kube_standin::Recorded> {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.use_.1 == "pods" && r.use_.2 == verb)
+        .filter(|r| r.query.contains_key("fieldSelector") == node_local)
+        .collect()
 }
 
 fn policy_names(set: &PolicySet) -> Vec<String> {
@@ -144,7 +159,8 @@ async fn pods_appear_change_labels_and_disappear() {
     let mut inventory = source.inventory();
 
     let first = inventory.borrow_and_update().clone();
-    assert_eq!(endpoint_names(&first), ["shop/web-1"], "only this node's pods");
+    assert_eq!(endpoint_names(&first), ["shop/web-1"], "only this node's pods are local");
+    assert_eq!(peer_names(&first), ["shop/elsewhere"], "the other node's pod is a peer");
     let web = first.endpoint("shop/web-1").expect("web-1");
     assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
     assert_eq!(web.service_account.as_deref(), Some("web"));
@@ -155,8 +171,9 @@ async fn pods_appear_change_labels_and_disappear() {
         Some("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod11111111_2222_4333_8444_555555555555.slice")
     );
     assert_eq!(first.namespace_labels("shop").and_then(|l| l.get("team")).map(String::as_str), Some("web"));
-    let pod_lists: Vec<_> = api.requests().into_iter().filter(|r| r.use_.1 == "pods" && r.use_.2 == "list").collect();
+    let pod_lists = pod_requests(&api, "list", true);
     assert_eq!(pod_lists[0].query.get("fieldSelector").map(String::as_str), Some("spec.nodeName=node-a"));
+    assert!(!pod_requests(&api, "list", false).is_empty(), "a cluster-wide pod list (peers)");
 
     // Relabel.
     api.apply(pod("shop", "web-1", "11111111-2222-4333-8444-555555555555", NODE, "10.1.0.10", json!({"app": "web", "tier": "2"})));
@@ -188,7 +205,88 @@ async fn pods_appear_change_labels_and_disappear() {
     let mut done = api.object(Kind::Pod, "shop", "web-2");
     done["status"]["phase"] = json!("Succeeded");
     api.apply(done);
-    wait_until(&mut inventory, "finished pod gone", |inv| inv.endpoints.is_empty()).await;
+    let inv = wait_until(&mut inventory, "finished pod gone", |inv| inv.local_endpoints().next().is_none()).await;
+    assert_eq!(peer_names(&inv), ["shop/elsewhere"]);
+    assert_uses_are_declared(&api);
+}
+
+#[tokio::test]
+async fn pods_on_other_nodes_are_peer_only_endpoints_and_follow_label_changes() {
+    let (api, cgroups) = seeded("peers").await;
+    // Even where a cgroup for the remote pod's UID exists on this node, it is never looked up.
+    cgroups.add_burstable_pod("99999999-2222-4333-8444-555555555555");
+    let mut source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let mut releases = source.take_release_requests().expect("first take");
+    let mut inventory = source.inventory();
+    let mut health = source.health();
+
+    let first = inventory.borrow_and_update().clone();
+    let remote = first.endpoint("shop/elsewhere").expect("the pod on node-b is published");
+    assert!(remote.peer_only, "{remote:?}");
+    assert_eq!(remote.cgroup, None, "a peer-only endpoint has no cgroup");
+    assert_eq!(remote.labels.get("app").map(String::as_str), Some("web"));
+    assert_eq!(remote.service_account.as_deref(), Some("web"));
+    assert_eq!(remote.ips, ["10.2.0.10".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(remote.ports[0].name.as_deref(), Some("http"), "named ports resolve for egress to it");
+    assert!(!first.endpoint("shop/web-1").expect("web-1").peer_only);
+    let h = health.borrow().clone();
+    assert!(h.unresolved_cgroups.is_empty(), "a peer is never unresolved: {:?}", h.unresolved_cgroups);
+    assert_eq!((h.endpoints, h.peer_endpoints), (2, 1));
+    let cluster = h.watches.get("cluster-pods").expect("the cluster-wide pod watch reports health");
+    assert!(cluster.synced && cluster.connected, "{cluster:?}");
+    assert_eq!(cluster.objects, 2, "the cluster-wide store holds both nodes' pods");
+    assert_eq!(h.watches["pods"].objects, 1, "the node-local store holds this node's pod");
+
+    // Label changes on the other node are followed (a selector may start or stop matching).
+    api.apply(pod("shop", "elsewhere", "99999999-2222-4333-8444-555555555555", "node-b", "10.2.0.10", json!({"app": "frontend"})));
+    wait_until(&mut inventory, "peer relabelled", |inv| {
+        inv.endpoint("shop/elsewhere").is_some_and(|e| e.peer_only && e.labels.get("app").is_some_and(|a| a == "frontend"))
+    })
+    .await;
+
+    // More peers come and go; each node's pods are peers wherever they run.
+    api.apply(pod("prod", "api-1", "cccccccc-0000-4000-8000-000000000001", "node-c", "10.3.0.5", json!({"app": "api"})));
+    let inv = wait_until(&mut inventory, "peer on node-c", |inv| inv.endpoint("prod/api-1").is_some()).await;
+    assert_eq!(peer_names(&inv), ["prod/api-1", "shop/elsewhere"]);
+    assert_eq!(inv.namespace_labels("prod").and_then(|l| l.get("kubernetes.io/metadata.name")).map(String::as_str), Some("prod"));
+    api.delete(Kind::Pod, "prod", "api-1");
+    wait_until(&mut inventory, "peer gone", |inv| peer_names(inv) == ["shop/elsewhere"]).await;
+
+    // Host-network pods of other nodes have no addresses of their own: left out.
+    let mut host = pod("kube-system", "proxy-b", "dddddddd-0000-4000-8000-000000000001", "node-b", "192.168.0.2", json!({}));
+    host["spec"]["hostNetwork"] = json!(true);
+    api.apply(host);
+    // A peer claiming a local pod's address is left out and reported; the local pod stays.
+    api.apply(pod("shop", "clash", "eeeeeeee-0000-4000-8000-000000000001", "node-b", "10.1.0.10", json!({"app": "web"})));
+    let h = wait_until(&mut health, "clash reported", |h| h.rejected.iter().any(|r| r.contains("shop/clash"))).await;
+    assert!(h.rejected.iter().any(|r| r.contains("shop/clash") && r.contains("shop/web-1")), "{:?}", h.rejected);
+    let inv = inventory.borrow().clone();
+    assert!(inv.endpoint("shop/web-1").is_some_and(|e| !e.peer_only));
+    assert!(inv.endpoint("shop/clash").is_none() && inv.endpoint("kube-system/proxy-b").is_none(), "{:?}", endpoint_names(&inv));
+
+    // The quarantine label on another node's pod is not this node's business: not tracked, and
+    // its removal is no release request.
+    let mut labelled = api.object(Kind::Pod, "shop", "elsewhere");
+    labelled["metadata"]["labels"][QUARANTINE_LABEL] = json!("true");
+    api.apply(labelled);
+    let mut unlabelled = api.object(Kind::Pod, "shop", "elsewhere");
+    unlabelled["metadata"]["labels"].as_object_mut().expect("labels").remove(QUARANTINE_LABEL);
+    api.apply(unlabelled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(source.labelled_quarantined().is_empty(), "{:?}", source.labelled_quarantined());
+    assert!(releases.try_recv().is_err(), "a peer's label removal came through as a release request");
+
+    // A pod on this node is local, even though the cluster-wide watch sees it too.
+    let uid = "66666666-2222-4333-8444-555555555555";
+    let rel = cgroups.add_burstable_pod(uid);
+    api.apply(pod("shop", "web-6", uid, NODE, "10.1.0.16", json!({"app": "web"})));
+    let inv = wait_until(&mut inventory, "local pod", |inv| inv.endpoint("shop/web-6").is_some()).await;
+    let web6 = inv.endpoint("shop/web-6").expect("web-6");
+    assert!(!web6.peer_only && web6.cgroup.as_deref() == Some(rel.as_str()), "{web6:?}");
+    assert_eq!(inv.endpoints.iter().filter(|e| e.key() == "shop/web-6").count(), 1);
+
+    let cluster_lists = pod_requests(&api, "list", false);
+    assert!(!cluster_lists.is_empty() && cluster_lists.iter().all(|r| !r.query.contains_key("labelSelector")));
     assert_uses_are_declared(&api);
 }
 
@@ -231,9 +329,11 @@ async fn a_dropped_watch_resumes_from_the_last_bookmark_without_relisting() {
     let source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
     let mut inventory = source.inventory();
     let lists_before = api.count("pods", "list");
-    api.wait_for_watch(Kind::Pod).await;
+    // The node-local and the cluster-wide pod watch.
+    api.wait_for_watches(Kind::Pod, 2).await;
 
-    // Changes on another node move the resourceVersion on without reaching this watch...
+    // Changes on another node move the resourceVersion on without reaching the node-local
+    // watch (the cluster-wide one sees them: peers)...
     for i in 0..5 {
         api.apply(pod("shop", &format!("other-{i}"), &format!("aaaaaaaa-0000-4000-8000-00000000000{i}"), "node-b", &format!("10.2.0.{}", 20 + i), json!({})));
     }
@@ -246,14 +346,22 @@ async fn a_dropped_watch_resumes_from_the_last_bookmark_without_relisting() {
     api.drop_watches();
 
     api.apply(pod("shop", "web-3", "33333333-2222-4333-8444-555555555555", NODE, "10.1.0.12", json!({"app": "web"})));
-    wait_until(&mut inventory, "change after reconnect", |inv| inv.endpoint("shop/web-3").is_some()).await;
+    api.apply(pod("shop", "other-5", "aaaaaaaa-0000-4000-8000-000000000005", "node-b", "10.2.0.25", json!({})));
+    let inv = wait_until(&mut inventory, "changes after reconnect", |inv| {
+        inv.endpoint("shop/web-3").is_some() && inv.endpoint("shop/other-5").is_some()
+    })
+    .await;
+    assert_eq!(peer_names(&inv).len(), 7, "elsewhere and other-0..5 as peers: {:?}", peer_names(&inv));
 
-    let pod_watches: Vec<_> = api.requests().into_iter().filter(|r| r.use_.1 == "pods" && r.use_.2 == "watch").collect();
-    let resumed = pod_watches.get(1).expect("a resumed pod watch");
-    assert_eq!(resumed.query.get("resourceVersion"), Some(&bookmark.to_string()), "resumed from the bookmark");
-    assert_eq!(resumed.query.get("allowWatchBookmarks").map(String::as_str), Some("true"));
+    for node_local in [true, false] {
+        let pod_watches = pod_requests(&api, "watch", node_local);
+        let resumed = pod_watches.get(1).expect("a resumed pod watch");
+        assert_eq!(resumed.query.get("resourceVersion"), Some(&bookmark.to_string()), "resumed from the bookmark");
+        assert_eq!(resumed.query.get("allowWatchBookmarks").map(String::as_str), Some("true"));
+    }
     assert_eq!(api.count("pods", "list"), lists_before, "no relist was needed");
     assert_eq!(source.health().borrow().watches["pods"].relists, 0);
+    assert_eq!(source.health().borrow().watches["cluster-pods"].relists, 0);
     assert_uses_are_declared(&api);
 }
 

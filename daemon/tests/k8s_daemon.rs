@@ -4,8 +4,13 @@
 //! - three "pods" are real lab pods (network namespace + veth + cgroup) whose cgroups sit where
 //!   the kubelet puts them (cgroupfs BestEffort and Guaranteed, systemd Burstable), found by the
 //!   daemon's cgroup locator from each Pod's UID and QoS class;
+//! - two more lab pods stand for pods on another node (`spec.nodeName: other-node`): the daemon
+//!   learns them from its cluster-wide pod watch as peer-only endpoints (matched by labels, never
+//!   monitored or attached); the lab still runs them so they can send real packets;
 //! - the Pods, their Namespace and a NetworkPolicy are served by the stand-in;
-//! - (1) the policy is enforced with real packets, (2) a policy change arriving as a watch event
+//! - (1) the policy is enforced with real packets, for peers on this node and on the other one
+//!   (a remote pod labelled app=frontend is allowed in, one without the label is not, until the
+//!   cluster relabels it), (2) a policy change arriving as a watch event
 //!   re-segments, (3) a reverse shell primitive in a pod quarantines it and the stand-in receives
 //!   the label PATCH and the Event POST, (4) removing the label in the "cluster" releases it,
 //!   (5) an API outage (500s) keeps enforcement and `palisade status` reports it.
@@ -33,6 +38,10 @@ const PORT: u16 = 8080;
 const WEB: &str = "shop/web";
 const CLIENT: &str = "shop/client";
 const OTHER: &str = "shop/other";
+/// Lab pods that the cluster places on another node.
+const OTHER_NODE: &str = "other-node";
+const REMOTE: &str = "shop/remote";
+const REMOTE_DB: &str = "shop/remote-db";
 
 /// The QoS parents of the pod cgroups below, deepest first.
 const KUBEPODS_PARENTS: [&str; 4] =
@@ -47,6 +56,9 @@ struct PodSpec {
     ip: &'static str,
     /// Where the kubelet would have made its cgroup (relative to the cgroup2 mount).
     cgroup: String,
+    /// Runs on `OTHER_NODE`: a peer-only endpoint for the daemon (the lab gives it a cgroup of
+    /// its own that the daemon never learns).
+    remote: bool,
 }
 
 fn pod_specs() -> Vec<PodSpec> {
@@ -63,6 +75,7 @@ fn pod_specs() -> Vec<PodSpec> {
             uid: web,
             qos: "BestEffort",
             ip: "198.18.70.10",
+            remote: false,
         },
         PodSpec {
             name: "client",
@@ -74,6 +87,7 @@ fn pod_specs() -> Vec<PodSpec> {
             uid: client,
             qos: "Burstable",
             ip: "198.18.70.11",
+            remote: false,
         },
         PodSpec {
             name: "other",
@@ -82,6 +96,25 @@ fn pod_specs() -> Vec<PodSpec> {
             uid: other,
             qos: "Guaranteed",
             ip: "198.18.70.12",
+            remote: false,
+        },
+        PodSpec {
+            name: "remote",
+            app: "frontend",
+            uid: uid("a0000004"),
+            qos: "BestEffort",
+            ip: "198.18.70.20",
+            cgroup: String::new(),
+            remote: true,
+        },
+        PodSpec {
+            name: "remote-db",
+            app: "db",
+            uid: uid("a0000005"),
+            qos: "BestEffort",
+            ip: "198.18.70.21",
+            cgroup: String::new(),
+            remote: true,
         },
     ]
 }
@@ -114,9 +147,15 @@ fn lab_inventory(specs: &[PodSpec]) -> String {
     let mut text = format!("namespaces:\n  - name: {NS}\nendpoints:\n");
     for spec in specs {
         text.push_str(&format!(
-            "  - namespace: {NS}\n    name: {}\n    labels: {{app: {}}}\n    ips: [{}]\n    ports: [{{name: http, port: {PORT}, protocol: TCP}}]\n    cgroup: {}\n",
-            spec.name, spec.app, spec.ip, spec.cgroup
+            "  - namespace: {NS}\n    name: {}\n    labels: {{app: {}}}\n    ips: [{}]\n    ports: [{{name: http, port: {PORT}, protocol: TCP}}]\n",
+            spec.name, spec.app, spec.ip
         ));
+        if spec.remote {
+            // Still a lab pod (netns, veth, the lab's default cgroup), so it can send packets.
+            text.push_str("    peerOnly: true\n");
+        } else {
+            text.push_str(&format!("    cgroup: {}\n", spec.cgroup));
+        }
     }
     text
 }
@@ -320,7 +359,7 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
                      "metadata": {"name": NS, "labels": {"kubernetes.io/metadata.name": NS}}}));
     for spec in &specs {
-        api.apply(pod_object(spec, NODE));
+        api.apply(pod_object(spec, if spec.remote { OTHER_NODE } else { NODE }));
     }
     // A pod on another node: not this daemon's.
     api.apply(json!({"apiVersion": "v1", "kind": "Pod",
@@ -332,37 +371,72 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     let daemon = K8sDaemon::start(api, lab);
     println!("daemon running after {:.1} s", started.elapsed().as_secs_f64());
 
-    // The daemon's view: this node's three pods, each with the cgroup the kubelet would use.
+    // The daemon's view: this node's three pods, each with the cgroup the kubelet would use, and
+    // the other node's pods as peers without one (neither monitored nor unresolved).
     let status = daemon.status();
     let kube = &status["kubernetes"];
     assert_eq!(kube["node"], NODE, "{kube:#}");
     assert_eq!(kube["connected"], true, "{kube:#}");
     assert_eq!(kube["unresolved_cgroups"], json!([]), "{kube:#}");
-    let mut inventory: Vec<(String, String)> = status["endpoints"]["inventory"]
-        .as_array()
-        .expect("endpoints.inventory")
-        .iter()
-        .map(|e| (e["pod"].as_str().unwrap_or("").to_string(), e["cgroup"].as_str().unwrap_or("").to_string()))
-        .collect();
-    inventory.sort();
-    let mut want: Vec<(String, String)> = specs.iter().map(|s| (format!("{NS}/{}", s.name), s.cgroup.clone())).collect();
+    assert_eq!(kube["peer_endpoints"], 3, "{kube:#}");
+    let endpoints = status["endpoints"]["inventory"].as_array().expect("endpoints.inventory").clone();
+    let listed = |peer_only: bool| {
+        let mut listed: Vec<(String, String)> = endpoints
+            .iter()
+            .filter(|e| e["peer_only"] == peer_only)
+            .map(|e| (e["pod"].as_str().unwrap_or("").to_string(), e["cgroup"].as_str().unwrap_or("").to_string()))
+            .collect();
+        listed.sort();
+        listed
+    };
+    let mut want: Vec<(String, String)> =
+        specs.iter().filter(|s| !s.remote).map(|s| (format!("{NS}/{}", s.name), s.cgroup.clone())).collect();
     want.sort();
-    assert_eq!(inventory, want, "the daemon's endpoints");
+    assert_eq!(listed(false), want, "the daemon's local endpoints");
+    let mut want_peers: Vec<(String, String)> =
+        [REMOTE, REMOTE_DB, "shop/elsewhere"].iter().map(|p| (p.to_string(), String::new())).collect();
+    want_peers.sort();
+    assert_eq!(listed(true), want_peers, "the other node's pods, as peers without a cgroup");
     assert_eq!(status["endpoints"]["monitored"], 3, "{:#}", status["endpoints"]);
+    assert_eq!(status["endpoints"]["unresolved"], json!([]), "{:#}", status["endpoints"]);
+    assert_eq!(status["policies"]["peer_endpoints"], 3, "{:#}", status["policies"]);
+    assert_eq!(status["policies"]["attached_cgroups"], 3, "{:#}", status["policies"]);
 
-    // (1) The NetworkPolicy from the API, enforced with real packets.
+    // (1) The NetworkPolicy from the API, enforced with real packets: app=frontend is allowed in
+    // wherever it runs (shop/remote is on the other node), anything else is not.
     let t = daemon.wait_for_matrix(
         "web-ingress (from frontend) enforced",
-        &[(CLIENT, WEB, true), (OTHER, WEB, false), (WEB, CLIENT, true), (CLIENT, OTHER, true), (OTHER, CLIENT, true)],
+        &[
+            (CLIENT, WEB, true),
+            (OTHER, WEB, false),
+            (REMOTE, WEB, true),
+            (REMOTE_DB, WEB, false),
+            (WEB, CLIENT, true),
+            (WEB, REMOTE, true),
+            (CLIENT, OTHER, true),
+            (OTHER, CLIENT, true),
+        ],
         Duration::from_secs(5),
     );
-    println!("(1) policy enforced (checked in {:.1} s)", t.as_secs_f64());
+    println!("(1) policy enforced, for peers on this node and the other (checked in {:.1} s)", t.as_secs_f64());
+
+    // (1b) The other node's pod relabelled in the cluster (seen by the cluster-wide watch): the
+    // selector now matches it.
+    let mut relabelled = daemon.api().object(Kind::Pod, NS, "remote-db");
+    relabelled["metadata"]["labels"]["app"] = json!("frontend");
+    daemon.api().apply(relabelled);
+    let t = daemon.wait_for_matrix(
+        "remote-db relabelled app=frontend allowed",
+        &[(REMOTE_DB, WEB, true), (REMOTE, WEB, true), (OTHER, WEB, false)],
+        Duration::from_secs(10),
+    );
+    println!("(1b) a remote pod's label change re-segmented in {:.1} s", t.as_secs_f64());
 
     // (2) The policy changed in the cluster (a MODIFIED watch event): re-segmented.
     daemon.api().apply(web_policy("other"));
     let t = daemon.wait_for_matrix(
         "web-ingress (from other) re-segmented",
-        &[(CLIENT, WEB, false), (OTHER, WEB, true), (WEB, CLIENT, true)],
+        &[(CLIENT, WEB, false), (OTHER, WEB, true), (REMOTE, WEB, false), (REMOTE_DB, WEB, false), (WEB, CLIENT, true)],
         Duration::from_secs(10),
     );
     println!("(2) policy change re-segmented in {:.1} s", t.as_secs_f64());

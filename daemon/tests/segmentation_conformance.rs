@@ -119,6 +119,85 @@ fn upstream_netpol_cases_pass_offline() {
     }
 }
 
+/// The same cases with the pods spread over two nodes: each node's daemon compiles the cluster
+/// with its own pods local and the other node's pods peer-only (as the Kubernetes source
+/// publishes them), a packet's egress is decided on the source's node and its ingress on the
+/// destination's. Peers must be matched by labels wherever they run, so the distributed verdicts
+/// are exactly the single-node truth tables; and no node isolates or attaches to a peer.
+#[test]
+fn upstream_netpol_cases_pass_with_pods_on_two_nodes() {
+    use palisade::segmentation::lookup::{DatapathState, Packet, addr16, hook};
+    use palisade_common::{DIRECTION_EGRESS, DIRECTION_INGRESS};
+
+    let mut failures = Vec::new();
+    let mut checks = 0;
+    for dir in case_dirs() {
+        let text = std::fs::read_to_string(dir.join("case.yaml")).expect("case.yaml");
+        let case: Case = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let inv = inventory(case.inventory_patch.as_ref());
+        let set = PolicySet::load(&[dir.join("policies.yaml")]).unwrap_or_else(|e| panic!("{e}"));
+        // Alternate pods between the nodes, so every namespace has pods on both.
+        let node_of = |i: usize| i % 2;
+        let compiled: Vec<_> = (0..2)
+            .map(|node| {
+                let mut view = inv.clone();
+                for (i, e) in view.endpoints.iter_mut().enumerate() {
+                    if node_of(i) != node {
+                        e.peer_only = true;
+                        e.cgroup = None;
+                    }
+                }
+                compile(&view, &set)
+            })
+            .collect();
+        for (node, c) in compiled.iter().enumerate() {
+            for (i, e) in inv.endpoints.iter().enumerate().filter(|(i, _)| node_of(*i) != node) {
+                let ce = c.endpoint_by_key(&e.key()).expect("peer compiled");
+                assert!(ce.peer_only && ce.cgroup.is_none(), "{}: {} on node {node}", dir.display(), e.key());
+                assert!(!c.endpoint_config.contains_key(&ce.id) && !c.policy.keys().any(|k| k.endpoint_id == ce.id), "{i}");
+            }
+        }
+        for check in &case.checks {
+            checks += 1;
+            let protocol: Protocol = check.protocol.parse().expect("protocol");
+            let mut bad = Vec::new();
+            for (i, from) in inv.endpoints.iter().enumerate() {
+                let row: Vec<&str> = check.expect.get(&from.key()).map(|r| r.split_whitespace().collect()).unwrap_or_default();
+                assert_eq!(row.len(), inv.endpoints.len(), "{}: row {}", dir.display(), from.key());
+                for (j, to) in inv.endpoints.iter().enumerate() {
+                    let want = row[j] == ".";
+                    // Every address family both have (as `policy matrix` probes them).
+                    let mut families = 0;
+                    let mut allowed = true;
+                    for v4 in [true, false] {
+                        let (Some(a), Some(b)) =
+                            (from.ips.iter().find(|ip| ip.is_ipv4() == v4), to.ips.iter().find(|ip| ip.is_ipv4() == v4))
+                        else {
+                            continue;
+                        };
+                        families += 1;
+                        let pkt = Packet { src: addr16(*a), dst: addr16(*b), sport: 40000, dport: check.port, protocol: protocol.ip_proto() };
+                        let egress = hook(&compiled[node_of(i)], &mut DatapathState::default(), DIRECTION_EGRESS, 0, &pkt);
+                        let ingress = hook(&compiled[node_of(j)], &mut DatapathState::default(), DIRECTION_INGRESS, 0, &pkt);
+                        allowed &= egress.allowed() && ingress.allowed();
+                    }
+                    let got = families > 0 && allowed;
+                    if got != want {
+                        bad.push(format!("{} -> {}: want {want}, got {got}", from.key(), to.key()));
+                    }
+                }
+            }
+            if !bad.is_empty() {
+                failures.push(format!("{} ({}) {}/{}: {}", dir.display(), case.name, check.protocol, check.port, bad.join("; ")));
+            }
+        }
+    }
+    assert!(checks >= 30, "{checks} checks");
+    if !failures.is_empty() {
+        panic!("two-node conformance mismatches:\n{}", failures.join("\n"));
+    }
+}
+
 #[test]
 fn matrix_cli_prints_the_documented_json_shape() {
     let dir = case_dirs().into_iter().next().expect("a case");

@@ -1,6 +1,26 @@
 //! Endpoint inventory: the pods palisade knows about, with their namespaces, labels, IPs, named
 //! ports and cgroups. Standalone mode reads it from a YAML file (DESIGN.md, "Endpoint inventory");
 //! the Kubernetes source fills the same model.
+//!
+//! Two kinds of endpoint:
+//! - *local* endpoints (the default) run on this node: they are monitored (their cgroup is in
+//!   the probes' filter), segmented (the datapath is attached to their cgroup and enforces the
+//!   policies that select them) and can be quarantined. One without a `cgroup` (or whose cgroup
+//!   does not exist yet) is reported as unresolved and retried.
+//! - *peer-only* endpoints (`peerOnly: true`) run elsewhere, e.g. pods on other nodes of the
+//!   cluster. They exist so that NetworkPolicy peers match them by labels wherever they run: they
+//!   get an identity and their addresses are known to the datapath, but they are never
+//!   monitored, attached, isolated or quarantined from this node (their own node does that), and
+//!   they must not name a `cgroup`. Addresses stay unique across both kinds.
+//!
+//! ```yaml
+//! endpoints:
+//!   - namespace: shop
+//!     name: frontend-7          # runs on another node
+//!     labels: {app: frontend}
+//!     ips: [198.18.2.17]
+//!     peerOnly: true
+//! ```
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -74,6 +94,10 @@ pub struct EndpointSpec {
     /// cgroup path relative to the cgroup2 mount.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The pod runs elsewhere (another node): a policy peer only, never monitored, enforced at
+    /// or quarantined from here; it has no cgroup (see the module documentation).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub peer_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,7 +178,11 @@ pub struct Endpoint {
     pub service_account: Option<String>,
     pub ips: Vec<IpAddr>,
     pub ports: Vec<NamedPort>,
+    /// Always `None` for a peer-only endpoint.
     pub cgroup: Option<String>,
+    /// Runs elsewhere: matched by selectors as a peer, never monitored, isolated, attached or
+    /// quarantined on this node.
+    pub peer_only: bool,
 }
 
 impl Endpoint {
@@ -264,6 +292,12 @@ impl Inventory {
                     }
                 }
             }
+            if ep.peer_only && ep.cgroup.is_some() {
+                return Err(invalid(
+                    at("cgroup"),
+                    "a peer-only endpoint runs elsewhere and has no cgroup on this node".into(),
+                ));
+            }
             if let Some(cgroup) = &ep.cgroup {
                 let rel = cgroup.trim_start_matches('/');
                 if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
@@ -285,9 +319,15 @@ impl Inventory {
                 ips: ep.ips.clone(),
                 ports: ep.ports.clone(),
                 cgroup: ep.cgroup.as_ref().map(|c| c.trim_start_matches('/').to_string()),
+                peer_only: ep.peer_only,
             });
         }
         Ok(Inventory { namespaces, endpoints })
+    }
+
+    /// Endpoints that run on this node (not peer-only).
+    pub fn local_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| !e.peer_only)
     }
 
     pub fn endpoint(&self, key: &str) -> Option<&Endpoint> {
@@ -403,6 +443,45 @@ mod tests {
             let err = Inventory::parse(&text, Path::new("inv.yaml")).unwrap_err().to_string();
             assert!(err.contains(field), "{from} -> {to}: {err}");
         }
+    }
+
+    #[test]
+    fn peer_only_endpoints() {
+        let text = format!(
+            "{GOOD}  - namespace: shop\n    name: frontend-7\n    labels: {{app: frontend}}\n    ips: [198.18.2.17]\n    peerOnly: true\n"
+        );
+        let inv = Inventory::parse(&text, Path::new("inv.yaml")).expect("valid inventory");
+        assert!(!inv.endpoint("shop/frontend-1").expect("local").peer_only, "peerOnly defaults to false");
+        let remote = inv.endpoint("shop/frontend-7").expect("peer");
+        assert!(remote.peer_only && remote.cgroup.is_none());
+        assert_eq!(remote.selector_labels().get("app").map(String::as_str), Some("frontend"));
+        assert_eq!(inv.local_endpoints().map(|e| e.key()).collect::<Vec<_>>(), ["shop/frontend-1"]);
+
+        // A peer-only endpoint has no cgroup on this node.
+        let with_cgroup = text.replace("    peerOnly: true\n", "    peerOnly: true\n    cgroup: /palisade-lab/shop/frontend-7\n");
+        let err = Inventory::parse(&with_cgroup, Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.contains("endpoints[1].cgroup") && err.contains("peer-only"), "{err}");
+
+        // Addresses stay unique across local and peer-only endpoints.
+        let clash = text.replace("[198.18.2.17]", "[198.18.1.10]");
+        let err = Inventory::parse(&clash, Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.contains("endpoints[1].ips[0]") && err.contains("shop/frontend-1"), "{err}");
+
+        // Round trip: serialised specs say `peerOnly` only where it is set.
+        let spec = EndpointSpec {
+            namespace: "shop".into(),
+            name: "frontend-7".into(),
+            labels: Labels::new(),
+            service_account: None,
+            ips: vec![],
+            ports: vec![],
+            cgroup: None,
+            peer_only: true,
+        };
+        let yaml = serde_yaml::to_string(&spec).expect("yaml");
+        assert!(yaml.contains("peerOnly: true"), "{yaml}");
+        let local = serde_yaml::to_string(&EndpointSpec { peer_only: false, ..spec }).expect("yaml");
+        assert!(!local.contains("peerOnly"), "{local}");
     }
 
     #[test]

@@ -23,12 +23,16 @@ pub struct PodView {
     /// `namespace/name`.
     pub key: String,
     pub uid: String,
+    /// `spec.nodeName` (None while unscheduled).
+    pub node_name: Option<String>,
     pub qos_class: Option<String>,
     /// Container ids from `status.containerStatuses` (runtime prefix stripped).
     pub container_ids: Vec<String>,
     pub endpoint: EndpointSpec,
     /// Whether the pod carries `palisade.io/quarantined=true`.
     pub quarantine_label: bool,
+    /// `spec.hostNetwork`: the pod has no addresses of its own.
+    pub host_network: bool,
     /// Why a part of the pod was left out of the endpoint (e.g. a host-network pod's IPs).
     pub notes: Vec<String>,
 }
@@ -98,6 +102,7 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
     Some(PodView {
         key: format!("{namespace}/{name}"),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
+        node_name: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
         qos_class: status.and_then(|s| s.qos_class.clone()),
         container_ids,
         endpoint: EndpointSpec {
@@ -108,8 +113,10 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
             ips,
             ports,
             cgroup: None,
+            peer_only: false,
         },
         quarantine_label,
+        host_network,
         notes,
     })
 }
@@ -237,6 +244,7 @@ mod tests {
         }));
         let view = pod_view(&p).expect("running pod");
         assert_eq!(view.key, "shop/web-1");
+        assert_eq!(view.node_name.as_deref(), Some("n1"));
         assert!(view.quarantine_label);
         assert_eq!(view.endpoint.labels.len(), 1, "the quarantine label is not a selector label");
         assert_eq!(view.endpoint.service_account.as_deref(), Some("web"));
@@ -274,6 +282,7 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             ports: vec![],
             cgroup: None,
+            peer_only: false,
         };
         let file = InventoryFile { namespaces: vec![], endpoints: vec![ep("a", "10.0.0.1"), ep("b", "10.0.0.1"), ep("c", "10.0.0.3")] };
         let (inventory, rejected) = build_inventory(file);

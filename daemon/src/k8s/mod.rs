@@ -1,5 +1,6 @@
 //! Kubernetes: the node's pods, the namespaces and the NetworkPolicies from the API server,
-//! published like the standalone inventory; quarantines made visible in the cluster.
+//! published like the standalone inventory, plus every other node's pods as peer-only endpoints
+//! (so policy peers match them by labels); quarantines made visible in the cluster.
 //!
 //! The daemon's use (DaemonSet mode):
 //! 1. `let source = KubeSource::start(kube::Client::try_default().await?, SourceConfig::new(node, cgroup_root)).await?;`
@@ -38,7 +39,8 @@ pub const EVENT_COMPONENT: &str = "palisade";
 /// the ClusterRole in `deploy/` must grant exactly these (a test compares them), and the API
 /// stand-in tests check that every request the code makes is one of them.
 pub const API_USES: &[(&str, &str, &str)] = &[
-    // source: reflector list + watch; the outage probe lists with limit=1.
+    // source: reflector list + watch, this node's pods (field selector) and every node's pods
+    // (peers); the outage probe lists with limit=1.
     ("", "pods", "list"),
     ("", "pods", "watch"),
     // quarantine: the label patch (and its removal on release).

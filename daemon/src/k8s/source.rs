@@ -1,6 +1,18 @@
 //! Watches the API server (kube-runtime watchers feeding reflector stores) and publishes the
 //! node's inventory and the cluster's policy set.
 //!
+//! Pods are watched twice. The node-local watch (field selector `spec.nodeName=<node>`) feeds
+//! what this node monitors and enforces: local endpoints with their cgroups, and the quarantine
+//! label bookkeeping. The cluster-wide watch (no field selector) feeds the pods of every other
+//! node as *peer-only* endpoints (namespace, name, labels, service account, IPs, named ports; no
+//! cgroup): NetworkPolicy peers are matched by labels wherever they run, so a policy allowing
+//! `app=frontend` must allow a frontend pod on another node. Peer-only endpoints are never
+//! looked up in the cgroup tree, never unresolved, never monitored, attached or quarantined
+//! here, and their labels are not tracked for quarantine releases. A pod on this node is taken
+//! from the node-local watch only (the cluster-wide copy is ignored, also while the node-local
+//! watch has not seen it yet). Host-network pods of other nodes are left out: they have no
+//! addresses of their own.
+//!
 //! Robustness comes from kube-runtime's watcher, configured here: it lists, then watches from the
 //! list's resourceVersion with bookmarks on (so a reconnect resumes from a recent version instead
 //! of relisting); a dropped watch connection is resumed from the last version seen; a `410 Gone`
@@ -115,9 +127,13 @@ pub struct SourceHealth {
     pub outage_since: Option<String>,
     /// The most recent error of any watch.
     pub last_error: Option<String>,
-    /// Keyed `pods`, `namespaces`, `networkpolicies`.
+    /// Keyed `pods` (this node's), `cluster-pods` (every node's, for peers), `namespaces`,
+    /// `networkpolicies`.
     pub watches: BTreeMap<String, WatchHealth>,
+    /// Published endpoints, peer-only ones included.
     pub endpoints: usize,
+    /// Of those, peer-only endpoints (pods on other nodes).
+    pub peer_endpoints: usize,
     pub policies: usize,
     pub unresolved_cgroups: Vec<UnresolvedCgroup>,
     /// Pods, namespaces or policies left out of what is published, and why.
@@ -145,6 +161,7 @@ impl SourceHealth {
 }
 
 const PODS: &str = "pods";
+const CLUSTER_PODS: &str = "cluster-pods";
 const NAMESPACES: &str = "namespaces";
 const NETWORK_POLICIES: &str = "networkpolicies";
 
@@ -266,6 +283,7 @@ impl KubeSource {
         let mut tasks = Vec::new();
 
         let (pods, pod_writer) = reflector::store::<Pod>();
+        let (cluster_pods, cluster_pod_writer) = reflector::store::<Pod>();
         let (namespaces, namespace_writer) = reflector::store::<Namespace>();
         let (policies, policy_writer) = reflector::store::<KubeNetworkPolicy>();
 
@@ -285,6 +303,17 @@ impl KubeSource {
             shared.clone(),
             &config,
             move |event| tracker.observe(event),
+        ));
+        // Every node's pods, for peers: no label tracking (quarantines are per node).
+        tasks.push(spawn_watch(
+            CLUSTER_PODS,
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            cluster_pod_writer,
+            cluster_pods.clone(),
+            shared.clone(),
+            &config,
+            |_| {},
         ));
         tasks.push(spawn_watch(
             NAMESPACES,
@@ -311,13 +340,14 @@ impl KubeSource {
         let ready = async {
             // A writer is only dropped when its task ends, which cannot happen before abort.
             let _ = pods.wait_until_ready().await;
+            let _ = cluster_pods.wait_until_ready().await;
             let _ = namespaces.wait_until_ready().await;
             let _ = policies.wait_until_ready().await;
         };
         if tokio::time::timeout(config.initial_sync_timeout, ready).await.is_err() {
             abort_all(&tasks);
             let health = shared.health.borrow().clone();
-            let missing: Vec<&str> = [PODS, NAMESPACES, NETWORK_POLICIES]
+            let missing: Vec<&str> = [PODS, CLUSTER_PODS, NAMESPACES, NETWORK_POLICIES]
                 .into_iter()
                 .filter(|k| !health.watches.get(*k).is_some_and(|w| w.synced))
                 .collect();
@@ -330,7 +360,9 @@ impl KubeSource {
 
         let mut builder = Builder {
             locator: CgroupLocator::new(&config.cgroup_root),
+            node: config.node_name.clone(),
             pods,
+            cluster_pods,
             namespaces,
             policies,
             last_good_policies: BTreeMap::new(),
@@ -344,6 +376,7 @@ impl KubeSource {
         tracing::info!(
             node = %config.node_name,
             endpoints = inventory_rx.borrow().endpoints.len(),
+            peer_endpoints = inventory_rx.borrow().endpoints.iter().filter(|e| e.peer_only).count(),
             policies = policies_rx.borrow().policies.len(),
             "Kubernetes source synced"
         );
@@ -536,6 +569,7 @@ struct BuildReport {
     rejected: Vec<String>,
     unresolved: Vec<UnresolvedCgroup>,
     endpoints: usize,
+    peer_endpoints: usize,
     policies: usize,
 }
 
@@ -545,6 +579,7 @@ impl BuildReport {
             health.rejected = self.rejected;
             health.unresolved_cgroups = self.unresolved;
             health.endpoints = self.endpoints;
+            health.peer_endpoints = self.peer_endpoints;
             health.policies = self.policies;
             if published {
                 health.publications += 1;
@@ -560,10 +595,15 @@ struct Unresolved {
     attempts: u64,
 }
 
-/// Turns the three stores into the published inventory and policy set.
+/// Turns the stores into the published inventory and policy set.
 struct Builder {
     locator: CgroupLocator,
+    /// This node: pods of the cluster-wide store on it are taken from `pods` only.
+    node: String,
+    /// This node's pods (local endpoints).
     pods: Store<Pod>,
+    /// Every node's pods (those on other nodes become peer-only endpoints).
+    cluster_pods: Store<Pod>,
     namespaces: Store<Namespace>,
     policies: Store<KubeNetworkPolicy>,
     /// Per policy key: the last version the segmentation parser accepted. A policy edited into
@@ -596,6 +636,7 @@ impl Builder {
             if inventory_changed || policies_changed {
                 tracing::info!(
                     endpoints = report.endpoints,
+                    peer_endpoints = report.peer_endpoints,
                     policies = report.policies,
                     unresolved_cgroups = report.unresolved.len(),
                     "Kubernetes inventory/policies published"
@@ -614,11 +655,32 @@ impl Builder {
         self.unresolved.retain(|uid, _| live.contains(uid.as_str()));
 
         let mut endpoints = Vec::with_capacity(views.len());
+        let mut local_keys = BTreeSet::new();
         for mut view in views {
             for note in &view.notes {
                 rejected.push(format!("pod {}: {note}", view.key));
             }
             view.endpoint.cgroup = self.cgroup(&view);
+            local_keys.insert(view.key.clone());
+            endpoints.push(view.endpoint);
+        }
+        // Pods on other nodes, after the local ones: when an address clashes, the validator
+        // leaves out the later endpoint, so a local pod is never displaced by a peer.
+        let mut peers: Vec<PodView> = self
+            .cluster_pods
+            .state()
+            .iter()
+            .filter_map(|pod| convert::pod_view(pod))
+            .filter(|view| view.node_name.as_deref().is_some_and(|node| node != self.node))
+            .filter(|view| !view.host_network && !local_keys.contains(&view.key))
+            .collect();
+        peers.sort_by(|a, b| a.key.cmp(&b.key));
+        for mut view in peers {
+            for note in &view.notes {
+                rejected.push(format!("peer pod {}: {note}", view.key));
+            }
+            view.endpoint.cgroup = None;
+            view.endpoint.peer_only = true;
             endpoints.push(view.endpoint);
         }
         let mut namespaces: Vec<_> = self.namespaces.state().iter().filter_map(|ns| convert::namespace_spec(ns)).collect();
@@ -664,7 +726,13 @@ impl Builder {
                 attempts: u.attempts,
             })
             .collect();
-        let report = BuildReport { rejected, unresolved, endpoints: inventory.endpoints.len(), policies: policies.len() };
+        let report = BuildReport {
+            rejected,
+            unresolved,
+            endpoints: inventory.endpoints.len(),
+            peer_endpoints: inventory.endpoints.iter().filter(|e| e.peer_only).count(),
+            policies: policies.len(),
+        };
         (inventory, PolicySet { policies }, report)
     }
 

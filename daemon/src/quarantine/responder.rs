@@ -1,7 +1,7 @@
 //! The responder: turns rule verdicts into quarantine decisions, applies them to the datapath
 //! before reporting them, keeps the quarantine set on disk, and reconciles it at start-up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -181,6 +181,8 @@ pub struct Responder<D: QuarantineDatapath> {
     /// By pod key.
     records: BTreeMap<String, QuarantineRecord>,
     endpoints: HashMap<String, Located>,
+    /// Peer-only endpoints (pods on other nodes): never quarantinable from this node.
+    peers: BTreeSet<String>,
     endpoint_ids: HashMap<String, u32>,
     window: RateWindow,
     suspended: Option<SuspendedState>,
@@ -215,6 +217,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             policy: config.policy,
             records: BTreeMap::new(),
             endpoints: HashMap::new(),
+            peers: BTreeSet::new(),
             endpoint_ids: HashMap::new(),
             window: RateWindow::default(),
             suspended: None,
@@ -316,9 +319,9 @@ impl<D: QuarantineDatapath> Responder<D> {
     }
 
     fn locate_endpoints(&mut self, inventory: &Inventory) {
+        self.peers = inventory.endpoints.iter().filter(|ep| ep.peer_only).map(|ep| ep.key()).collect();
         self.endpoints = inventory
-            .endpoints
-            .iter()
+            .local_endpoints()
             .filter_map(|ep| {
                 let cgroup = ep.cgroup.clone()?;
                 let cgroup_id = crate::lab::cgroup_id(&self.cgroup_root.join(&cgroup)).ok();
@@ -379,6 +382,17 @@ impl<D: QuarantineDatapath> Responder<D> {
         };
         if verdict.hit.action != Action::Quarantine {
             return decision(Outcome::Alerted, "the rule's action is alert".into(), None);
+        }
+        if self.peers.contains(&pod) {
+            // Events only come from this node's cgroups, so this is a caller's mistake; it must
+            // still never reach the datapath (the pod's traffic is enforced on its own node).
+            self.counters.suppressed += 1;
+            tracing::warn!(%pod, rule = %rule_id, "quarantine suppressed: peer-only endpoint on another node");
+            return decision(
+                Outcome::Suppressed,
+                "the pod runs on another node (peer-only endpoint): only palisade on its node can quarantine it".into(),
+                None,
+            );
         }
         if let Some(existing) = self.records.get(&pod) {
             self.counters.already_quarantined += 1;
@@ -693,6 +707,32 @@ mod tests {
         let listed = r.list();
         assert_eq!(listed.len(), 1);
         assert_eq!((listed[0].rule_id.as_str(), listed[0].alert_id.as_str()), ("reverse_shell", "alert-shop/a-reverse_shell"));
+    }
+
+    #[test]
+    fn a_peer_only_pod_is_never_quarantined_from_this_node() {
+        let f = Fixture::new("peer");
+        let mut inv = inventory(&ALL);
+        inv.endpoints.push(
+            Inventory::parse(
+                "endpoints:\n  - {namespace: shop, name: remote, ips: [198.18.0.9], peerOnly: true}\n",
+                Path::new("peer.yaml"),
+            )
+            .expect("peer")
+            .endpoints
+            .remove(0),
+        );
+        let (mut r, _) = Responder::start(f.config(ResponsePolicy::default()), MemoryDatapath::default(), &inv).expect("start");
+        let d = r.respond(&verdict("shop/remote", "reverse_shell", Action::Quarantine));
+        assert_eq!(d.outcome, Outcome::Suppressed, "{d:?}");
+        assert!(d.reason.contains("another node") && d.reason.contains("peer-only"), "{}", d.reason);
+        assert_eq!(d.cgroup_id, None);
+        assert!(r.datapath().entries.is_empty() && r.list().is_empty());
+        assert_eq!(r.status().counters.suppressed, 1);
+        // An alert-only rule is still just an alert.
+        assert_eq!(r.respond(&verdict("shop/remote", "shell_in_container", Action::Alert)).outcome, Outcome::Alerted);
+        // Local pods are unaffected.
+        assert_eq!(r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //!
 //! * Identities: one numeric id per distinct (namespace, selector labels) set; one CIDR identity
 //!   per distinct ipBlock/except prefix, and per pod address that some ipBlock covers.
+//! * Peer-only endpoints (pods on other nodes, `Endpoint::peer_only`) are peers and nothing
+//!   else: they get their label identity and IPCACHE entries (endpoint id 0, so no hook ever
+//!   treats their address as a local endpoint), are matched by pod/namespace selectors and
+//!   ipBlocks and resolve egress named ports, but have no ENDPOINTS config and no POLICY entries
+//!   of their own: policies selecting them are enforced on their own node, not here. They keep
+//!   a `CompiledEndpoint` (marked `peer_only`) so the operator tools can name them.
 //! * IPCACHE (LPM): every pod address as /32 or /128 (label identity, CIDR identity, endpoint id)
 //!   and every ipBlock `cidr` and `except` prefix. `except` works with longest-prefix match
 //!   because an ipBlock allows exactly the CIDR identities of the trie prefixes inside its cidr
@@ -61,7 +67,11 @@ pub struct CompiledEndpoint {
     pub identity: u32,
     pub ips: Vec<IpAddr>,
     pub cgroup: Option<String>,
-    /// Policies (index into `Compiled::policies`) selecting this endpoint, per direction.
+    /// A pod on another node: a peer only (no ENDPOINTS config, no POLICY entries, IPCACHE
+    /// endpoint id 0); its own policies are enforced on its node.
+    pub peer_only: bool,
+    /// Policies (index into `Compiled::policies`) selecting this endpoint, per direction
+    /// (always empty for a peer-only endpoint).
     pub ingress_policies: Vec<usize>,
     pub egress_policies: Vec<usize>,
 }
@@ -103,6 +113,11 @@ pub struct Compiled {
 impl Compiled {
     pub fn endpoint_by_key(&self, key: &str) -> Option<&CompiledEndpoint> {
         self.endpoints.values().find(|e| e.key() == key)
+    }
+
+    /// Endpoints enforced on this node (not peer-only).
+    pub fn local_endpoints(&self) -> impl Iterator<Item = &CompiledEndpoint> {
+        self.endpoints.values().filter(|e| !e.peer_only)
     }
 }
 
@@ -173,12 +188,15 @@ impl Compiler {
                     name: ep.name.clone(),
                     identity,
                     ips: ep.ips.clone(),
-                    cgroup: ep.cgroup.clone(),
+                    cgroup: if ep.peer_only { None } else { ep.cgroup.clone() },
+                    peer_only: ep.peer_only,
                     ingress_policies: Vec::new(),
                     egress_policies: Vec::new(),
                 },
             );
-            out.endpoint_config.insert(id, EndpointConfig::default());
+            if !ep.peer_only {
+                out.endpoint_config.insert(id, EndpointConfig::default());
+            }
             ep_ids.push(id);
             ep_identity.push(identity);
         }
@@ -208,9 +226,11 @@ impl Compiler {
                     out.identities.insert(cidr_identity, IdentityKind::Cidr { cidr: host.to_string() });
                     cidr_prefixes.push((host, cidr_identity, Some(i)));
                 }
+                // A peer-only address is never a local endpoint at a hook (endpoint id 0).
+                let endpoint_id = if ep.peer_only { 0 } else { ep_ids[i] };
                 out.ipcache.insert(
                     LpmKey::from_cidr(&host),
-                    IpCacheValue { identity: ep_identity[i], cidr_identity, endpoint_id: ep_ids[i], _pad: 0 },
+                    IpCacheValue { identity: ep_identity[i], cidr_identity, endpoint_id, _pad: 0 },
                 );
             }
         }
@@ -231,9 +251,11 @@ impl Compiler {
 
         for (pi, p) in set.policies.iter().enumerate() {
             out.policies.push(PolicyRef { key: p.key(), source: p.source.clone() });
+            // Only local endpoints are isolated here; a peer-only pod's node isolates it.
             let selected: Vec<usize> = eps
                 .iter()
                 .enumerate()
+                .filter(|(_, e)| !e.peer_only)
                 .filter(|(_, e)| e.namespace == p.namespace && p.pod_selector.matches(&e.selector_labels()))
                 .map(|(i, _)| i)
                 .collect();
@@ -467,5 +489,89 @@ mod tests {
             assert_eq!(covered, b as u32 - a as u32 + 1);
         }
         assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn a_peer_only_endpoint_matches_selectors_as_a_peer_but_is_not_isolated() {
+        use std::path::Path;
+
+        use crate::segmentation::lookup::{HookDecision, lookup};
+
+        let inventory = Inventory::parse(
+            &[
+                "endpoints:",
+                "  - {namespace: shop, name: web, labels: {app: web}, ips: [198.18.0.1], cgroup: pods/web, ports: [{name: http, port: 8080}]}",
+                "  - {namespace: shop, name: remote, labels: {app: frontend}, ips: [198.18.0.2], peerOnly: true}",
+                "  - {namespace: shop, name: remote-db, labels: {app: db}, ips: [198.18.0.3], peerOnly: true, ports: [{name: sql, port: 5432}]}",
+            ]
+            .join("\n"),
+            Path::new("inv.yaml"),
+        )
+        .expect("inventory");
+        let policies = PolicySet::parse(
+            &[
+                "apiVersion: networking.k8s.io/v1",
+                "kind: NetworkPolicy",
+                "metadata: {name: web-ingress, namespace: shop}",
+                "spec:",
+                "  podSelector: {matchLabels: {app: web}}",
+                "  policyTypes: [Ingress, Egress]",
+                "  ingress: [{from: [{podSelector: {matchLabels: {app: frontend}}}], ports: [{port: http}]}]",
+                "  egress: [{to: [{podSelector: {matchLabels: {app: db}}}], ports: [{port: sql}]}]",
+                "---",
+                "apiVersion: networking.k8s.io/v1",
+                "kind: NetworkPolicy",
+                "metadata: {name: deny-all, namespace: shop}",
+                "spec:",
+                "  podSelector: {}",
+                "  policyTypes: [Ingress, Egress]",
+            ]
+            .join("\n"),
+            Path::new("policies.yaml"),
+        )
+        .expect("policies");
+        let compiled = compile(&inventory, &policies);
+        let web = compiled.endpoint_by_key("shop/web").expect("web").clone();
+        let remote = compiled.endpoint_by_key("shop/remote").expect("remote").clone();
+        let db = compiled.endpoint_by_key("shop/remote-db").expect("remote-db").clone();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+
+        // The peer: an identity of its labels, found by IP, but never a local endpoint.
+        assert!(remote.peer_only && remote.cgroup.is_none());
+        assert!(matches!(
+            compiled.identities.get(&remote.identity),
+            Some(IdentityKind::Labels { labels, .. }) if labels.get("app").is_some_and(|a| a == "frontend")
+        ));
+        let cached = crate::segmentation::lookup::lpm(&compiled.ipcache, &crate::segmentation::lookup::addr16(ip("198.18.0.2"))).expect("in the ipcache");
+        assert_eq!((cached.identity, cached.endpoint_id), (remote.identity, 0));
+        // Not isolated, even by a policy that selects every pod: no config, no entries of its own.
+        for peer in [&remote, &db] {
+            assert!(peer.ingress_policies.is_empty() && peer.egress_policies.is_empty());
+            assert!(!compiled.endpoint_config.contains_key(&peer.id));
+            assert!(!compiled.policy.keys().any(|k| k.endpoint_id == peer.id));
+        }
+        assert_eq!(web.ingress_policies.len(), 2);
+        assert_eq!(compiled.local_endpoints().map(|e| e.key()).collect::<Vec<_>>(), ["shop/web"]);
+
+        // Matched as a peer by the podSelector: allowed into web on http, by web's ingress rule.
+        let v = lookup(&compiled, ip("198.18.0.2"), ip("198.18.0.1"), 6, 8080);
+        assert!(v.allowed, "{v:?}");
+        assert_eq!(v.egress, HookDecision::NotEndpoint, "the peer's egress is its own node's");
+        assert!(matches!(v.ingress, Some(HookDecision::Allowed { peer_identity, .. }) if peer_identity == remote.identity), "{v:?}");
+        // A peer without the label stays denied; so does the right peer on another port.
+        assert!(!lookup(&compiled, ip("198.18.0.3"), ip("198.18.0.1"), 6, 8080).allowed);
+        assert!(!lookup(&compiled, ip("198.18.0.2"), ip("198.18.0.1"), 6, 9090).allowed);
+        // Egress named ports resolve against the peer-only destination's own ports.
+        assert!(lookup(&compiled, ip("198.18.0.1"), ip("198.18.0.3"), 6, 5432).allowed);
+        assert!(!lookup(&compiled, ip("198.18.0.1"), ip("198.18.0.2"), 6, 5432).allowed);
+
+        // The operator tools name the peers and do not claim to enforce at them.
+        let m = crate::segmentation::matrix::matrix(&compiled, crate::inventory::Protocol::Tcp, 8080);
+        assert_eq!(m.peers, ["shop/remote", "shop/remote-db"]);
+        assert!(crate::segmentation::matrix::table(&m).contains("peer-only"));
+        let e = crate::segmentation::matrix::explain(&compiled, &remote, &web, crate::inventory::Protocol::Tcp, 8080);
+        assert!(e.allowed && e.egress_policies.is_empty(), "{e:?}");
+        assert!(e.families[0].egress.contains("not enforced here"), "{e:?}");
+        assert!(e.families[0].ingress.contains("shop/web-ingress"), "{e:?}");
     }
 }

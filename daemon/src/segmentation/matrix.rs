@@ -1,5 +1,10 @@
 //! Reachability matrix and explanations, answered from the compiled map contents through
 //! `lookup` (the kernel's logic), never from the YAML.
+//!
+//! Both answer for this node: a peer-only endpoint (a pod on another node) is a peer whose own
+//! egress and ingress hooks run on its node, so a pair involving it shows only what this node
+//! enforces (the local side's hook). The matrix lists such endpoints under `peers`; the
+//! explanation says "not enforced here" for their side.
 
 use std::net::IpAddr;
 
@@ -22,6 +27,9 @@ pub struct Matrix {
     pub port: u16,
     pub protocol: String,
     pub results: Vec<MatrixEntry>,
+    /// Peer-only endpoints among `results` (their own hooks run on their node, not here).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
 }
 
 /// Address pairs a pod pair is probed with: every family both have (IPv4 first).
@@ -47,6 +55,7 @@ pub fn verdicts(compiled: &Compiled, from: &CompiledEndpoint, to: &CompiledEndpo
 
 /// Every ordered pair (self included), in inventory order. A pair is allowed when every address
 /// family both pods have is allowed; pods without a common family are reported as not allowed.
+/// For a pair with a peer-only endpoint only this node's side is enforced (see the module docs).
 pub fn matrix(compiled: &Compiled, protocol: Protocol, port: u16) -> Matrix {
     let mut eps: Vec<&CompiledEndpoint> = compiled.endpoints.values().collect();
     eps.sort_by_key(|e| e.id);
@@ -58,7 +67,8 @@ pub fn matrix(compiled: &Compiled, protocol: Protocol, port: u16) -> Matrix {
             results.push(MatrixEntry { from: from.key(), to: to.key(), allowed });
         }
     }
-    Matrix { port, protocol: protocol.as_str().to_string(), results }
+    let peers = eps.iter().filter(|e| e.peer_only).map(|e| e.key()).collect();
+    Matrix { port, protocol: protocol.as_str().to_string(), results, peers }
 }
 
 /// The matrix as a truth table ('.' allowed, 'X' denied), rows = from, columns = to.
@@ -83,6 +93,12 @@ pub fn table(m: &Matrix) -> String {
             out.push_str(&format!(" {:>width$}", if allowed { "." } else { "X" }));
         }
         out.push('\n');
+    }
+    if !m.peers.is_empty() {
+        out.push_str(&format!(
+            "peer-only (on other nodes; only this node's side is enforced here): {}\n",
+            m.peers.join(", ")
+        ));
     }
     out
 }
@@ -152,6 +168,10 @@ fn identity_name(compiled: &Compiled, id: u32) -> String {
 fn describe(compiled: &Compiled, d: &HookDecision, direction: u8, ep: &CompiledEndpoint) -> String {
     let dir = if direction == DIRECTION_EGRESS { "egress" } else { "ingress" };
     match d {
+        HookDecision::NotEndpoint if ep.peer_only => format!(
+            "{dir}: not enforced here ({} is a peer-only endpoint: its node enforces its policies)",
+            ep.key()
+        ),
         HookDecision::NotEndpoint => format!("{dir}: address is not an endpoint"),
         HookDecision::QuarantineException => format!("{dir}: quarantined, allowed by exception"),
         HookDecision::QuarantineDenied => format!("{dir}: {} is quarantined", ep.key()),

@@ -320,6 +320,18 @@ impl StandIn {
         .expect("watch opened in time");
     }
 
+    /// Waits until `count` watches of `kind` are open at once (e.g. the node-local and the
+    /// cluster-wide pod watch).
+    pub async fn wait_for_watches(&self, kind: Kind, count: usize) {
+        tokio::time::timeout(WAIT, async {
+            while self.lock().watches.iter().filter(|w| w.kind == kind && !w.tx.is_closed()).count() < count {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("watches opened in time");
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.lock().requests.clone()
     }
