@@ -6,6 +6,7 @@ import data.palisade.lib
 import data.palisade.lib.open_path
 import data.palisade.lib.unlink_path
 import data.palisade.lib.rename_old_path
+import data.palisade.lib.process_is_shell
 import data.palisade.lists
 
 meta := {
@@ -38,11 +39,21 @@ alerts contains {"message": msg} if {
 	msg := sprintf("%s (pid %d) deleted shell history %s%s", [input.process.comm, input.process.pid, path, lib.outcome(input.unlink.result)])
 }
 
+# A shell rewriting its history file at the end of a session opens it with O_TRUNC and mode
+# 0600 (bash's history save); a redirection (`: > ~/.bash_history`) uses 0666. Telling them
+# apart keeps every interactive session from alerting on exit, at the price of missing
+# `history -c; history -w` typed into the shell itself.
+shell_saving_own_history if {
+	input.open.mode == 384
+	process_is_shell
+}
+
 alerts contains {"message": msg} if {
 	input.type == "open"
 	input.open.truncate
 	path := open_path
 	history_file(path)
+	not shell_saving_own_history
 	msg := sprintf("%s (pid %d) truncated shell history %s%s", [input.process.comm, input.process.pid, path, lib.outcome(input.open.result)])
 }
 

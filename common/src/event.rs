@@ -182,8 +182,14 @@ pub struct CredEvent {
     pub cap_effective: u64,
     pub cap_permitted: u64,
     pub cap_inheritable: u64,
+    /// The credentials before the call (the header has them after it): what tells a non-root
+    /// process becoming root from root dropping privileges.
+    pub old_uid: u32,
+    pub old_gid: u32,
+    pub old_euid: u32,
+    pub old_egid: u32,
 }
-assert_wire_size!(CredEvent, 72 + 8 + 16 + 24);
+assert_wire_size!(CredEvent, 72 + 8 + 16 + 24 + 16);
 
 pub const MOUNT_OP_MOUNT: u32 = 1;
 pub const MOUNT_OP_UMOUNT: u32 = 2;

@@ -141,6 +141,8 @@ async fn behaviours_in_a_monitored_cgroup_arrive_as_events() {
     assert!(workload_pids.contains(&exec.header.pid), "exec pid {} is a workload pid", exec.header.pid);
     let setuid = seen.iter().find(|e| matches!(&e.data, EventData::Cred(x) if x.op == "setuid")).expect("setuid");
     assert_eq!(setuid.header.uid, 65534, "uid read after the setuid returned");
+    let EventData::Cred(cred) = &setuid.data else { unreachable!() };
+    assert_eq!((cred.old_uid, cred.old_euid), (0, 0), "credentials before the call: the workload ran as root");
     assert!(
         !seen.iter().any(|e| matches!(&e.data, EventData::Open(x) if x.path.contains("outside-marker"))),
         "an unmonitored process produced an event"

@@ -15,7 +15,7 @@ fn schema() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("connect", vec!["fd", "family", "address", "port", "unix_path", "result"]),
         ("open", vec!["op", "path", "dirfd", "flags", "flags_names", "mode", "write", "create", "truncate", "result"]),
         ("ptrace", vec!["request", "request_name", "target_pid", "addr", "result"]),
-        ("cred", vec!["op", "args", "cap_effective", "cap_permitted", "cap_inheritable", "result"]),
+        ("cred", vec!["op", "args", "cap_effective", "cap_permitted", "cap_inheritable", "result", "old_uid", "old_gid", "old_euid", "old_egid"]),
         ("mount", vec!["op", "source", "target", "fstype", "flags", "result"]),
         ("namespace", vec!["op", "flags", "flags_names", "fd", "result"]),
         ("module", vec!["op", "name", "fd", "flags", "len", "result"]),

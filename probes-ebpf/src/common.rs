@@ -138,6 +138,21 @@ unsafe fn read_kernel_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const *const u8).ok() }
 }
 
+/// The current task's (uid, gid, euid, egid); euid/egid are 0 without BTF offsets.
+#[inline(always)]
+pub fn current_ids(cfg: &ProbeConfig) -> [u32; 4] {
+    let uid_gid = bpf_get_current_uid_gid();
+    let mut ids = [uid_gid as u32, (uid_gid >> 32) as u32, 0, 0];
+    if cfg.task_offsets_valid != 0 {
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        if let Some(cred) = unsafe { read_kernel_ptr(task, cfg.off_task_cred) } {
+            ids[2] = unsafe { read_kernel_u32(cred, cfg.off_cred_euid) }.unwrap_or(0);
+            ids[3] = unsafe { read_kernel_u32(cred, cfg.off_cred_egid) }.unwrap_or(0);
+        }
+    }
+    ids
+}
+
 /// Fills the common header. `header` points into a reserved ring-buffer record.
 #[inline(always)]
 pub unsafe fn fill_header(header: *mut EventHeader, kind: u32, cgroup_id: u64, cfg: &ProbeConfig) {

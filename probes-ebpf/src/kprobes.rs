@@ -9,7 +9,7 @@ use palisade_common::{
     CRED_OP_COMMIT_CREDS, ConnectEvent, CredEvent, KIND_CONNECT, KIND_CRED, SOURCE_KPROBE,
 };
 
-use crate::common::{count_emitted, fill_header, read_cred, should_report};
+use crate::common::{count_emitted, current_ids, fill_header, read_cred, should_report};
 use crate::reserve_or_count;
 use crate::syscalls::{in_reported_syscall, read_sockaddr};
 
@@ -38,6 +38,12 @@ fn try_commit_creds(ctx: &ProbeContext) -> Result<(), i64> {
         (*ev).op = CRED_OP_COMMIT_CREDS;
         (*ev).ret = 0;
         (*ev).args = read_cred(new_cred, cfg);
+        // commit_creds runs before the new credentials are installed: current are the old ones.
+        let [uid, gid, euid, egid] = current_ids(cfg);
+        (*ev).old_uid = uid;
+        (*ev).old_gid = gid;
+        (*ev).old_euid = euid;
+        (*ev).old_egid = egid;
         (*ev).cap_effective = 0;
         (*ev).cap_permitted = 0;
         (*ev).cap_inheritable = 0;

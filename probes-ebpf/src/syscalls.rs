@@ -11,7 +11,7 @@ use aya_ebpf::{
 use palisade_common::*;
 
 use crate::common::{
-    PENDING_SYSCALLS, config, count_emitted, current_tid, fill_header, read_user_str,
+    PENDING_SYSCALLS, config, count_emitted, current_ids, current_tid, fill_header, read_user_str,
     should_report, syscall_arg, syscall_ret,
 };
 use crate::reserve_or_count;
@@ -203,12 +203,37 @@ fn emit_ptrace(ret: i64) -> Result<(), i64> {
 }
 
 // ---- credentials ---------------------------------------------------------------------------
-enter!(sys_enter_setuid, KIND_CRED, CRED_OP_SETUID);
-enter!(sys_enter_setgid, KIND_CRED, CRED_OP_SETGID);
-enter!(sys_enter_setreuid, KIND_CRED, CRED_OP_SETREUID);
-enter!(sys_enter_setresuid, KIND_CRED, CRED_OP_SETRESUID);
-enter!(sys_enter_setresgid, KIND_CRED, CRED_OP_SETRESGID);
-enter!(sys_enter_capset, KIND_CRED, CRED_OP_CAPSET);
+/// Like `enter!`, plus the credentials before the call in args[4..6] (these syscalls take at
+/// most three arguments): the header at exit only shows them after.
+macro_rules! enter_cred {
+    ($name:ident, $op:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            let Some(cfg) = config() else { return 0 };
+            let [uid, gid, euid, egid] = current_ids(cfg);
+            stash_args(
+                KIND_CRED,
+                $op,
+                [
+                    syscall_arg(&ctx, 0),
+                    syscall_arg(&ctx, 1),
+                    syscall_arg(&ctx, 2),
+                    0,
+                    u64::from(uid) | (u64::from(gid) << 32),
+                    u64::from(euid) | (u64::from(egid) << 32),
+                ],
+            );
+            0
+        }
+    };
+}
+
+enter_cred!(sys_enter_setuid, CRED_OP_SETUID);
+enter_cred!(sys_enter_setgid, CRED_OP_SETGID);
+enter_cred!(sys_enter_setreuid, CRED_OP_SETREUID);
+enter_cred!(sys_enter_setresuid, CRED_OP_SETRESUID);
+enter_cred!(sys_enter_setresgid, CRED_OP_SETRESGID);
+enter_cred!(sys_enter_capset, CRED_OP_CAPSET);
 exit!(sys_exit_setuid, emit_cred);
 exit!(sys_exit_setgid, emit_cred);
 exit!(sys_exit_setreuid, emit_cred);
@@ -223,6 +248,10 @@ fn emit_cred(ret: i64) -> Result<(), i64> {
         (*ev).cap_effective = 0;
         (*ev).cap_permitted = 0;
         (*ev).cap_inheritable = 0;
+        (*ev).old_uid = p.args[4] as u32;
+        (*ev).old_gid = (p.args[4] >> 32) as u32;
+        (*ev).old_euid = p.args[5] as u32;
+        (*ev).old_egid = (p.args[5] >> 32) as u32;
         if p.op == CRED_OP_CAPSET {
             (*ev).args = [0; 4];
             // struct __user_cap_data_struct { u32 effective, permitted, inheritable; } x2 (v3)

@@ -143,6 +143,11 @@ pub struct CredData {
     pub cap_permitted: u64,
     pub cap_inheritable: u64,
     pub result: i32,
+    /// The credentials before the call (`process.uid` etc. are after it).
+    pub old_uid: u32,
+    pub old_gid: u32,
+    pub old_euid: u32,
+    pub old_egid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -357,6 +362,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 cap_permitted: e.cap_permitted,
                 cap_inheritable: e.cap_inheritable,
                 result: e.ret,
+                old_uid: e.old_uid,
+                old_gid: e.old_gid,
+                old_euid: e.old_euid,
+                old_egid: e.old_egid,
             })
         }
         EventKind::Mount => {
