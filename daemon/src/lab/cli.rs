@@ -44,7 +44,7 @@ pub enum LabCommand {
         #[arg(long, default_value = DEFAULT_LAB_NAME)]
         lab: String,
         /// Per-connection timeout.
-        #[arg(long, default_value_t = 400)]
+        #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
         #[arg(long, default_value = DEFAULT_STATE_DIR, hide = true)]
         state_dir: PathBuf,

@@ -44,7 +44,9 @@ pub struct ProbeOptions {
 
 impl Default for ProbeOptions {
     fn default() -> Self {
-        ProbeOptions { timeout: Duration::from_millis(400) }
+        // Long enough that an allowed flow is never mistaken for a denied one on a loaded
+        // 2-core machine (each client and listener is a fresh process joining a netns and cgroup).
+        ProbeOptions { timeout: Duration::from_millis(1000) }
     }
 }
 
