@@ -63,7 +63,7 @@ fn main() {
     let ring = probes.take_ring_buffer().expect("ring");
     let host = ProbeHost::spawn_on(runtime.handle(), probes);
     runtime.block_on(async {
-        host.set_enabled_kinds(EventKind::PROBE_KINDS.to_vec()).await.expect("kinds");
+        host.set_enabled_kinds(EventKind::ALL.to_vec()).await.expect("kinds");
         host.set_monitored(BTreeSet::from([cgroup_id])).await.expect("monitor");
     });
 

@@ -151,11 +151,7 @@ pub fn resolve_endpoints(inventory: &Inventory, cgroup_root: &Path) -> (Endpoint
 
 /// Kernel kinds needed by a rule pack (exec and exit always: they keep the process cache right).
 fn kinds_for(pack: &RulePack) -> Vec<EventKind> {
-    let mut kinds: BTreeSet<EventKind> = pack
-        .subscribed_types()
-        .into_iter()
-        .filter_map(|t| EventKind::from_name(t.as_str()))
-        .collect();
+    let mut kinds: BTreeSet<EventKind> = pack.subscribed_types();
     kinds.insert(EventKind::Exec);
     kinds.insert(EventKind::Exit);
     kinds.into_iter().collect()

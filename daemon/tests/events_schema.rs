@@ -50,7 +50,7 @@ async fn produced_inputs_match_the_documented_schema() {
     }
     let (full_example, documented) = documented_examples();
     let cgroup = TestCgroup::new("schema");
-    let mut running = start(EventKind::PROBE_KINDS.to_vec(), BTreeSet::from([cgroup.id])).await;
+    let mut running = start(EventKind::ALL.to_vec(), BTreeSet::from([cgroup.id])).await;
     let tmp = std::env::temp_dir().join(format!("palisade-schema-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("tmp");
     let f = |n: &str| tmp.join(n).to_string_lossy().into_owned();
@@ -72,7 +72,7 @@ async fn produced_inputs_match_the_documented_schema() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         cgroup.workload(&args);
     }
-    let wanted: BTreeSet<&str> = EventKind::PROBE_KINDS.iter().map(|k| k.as_str()).collect();
+    let wanted: BTreeSet<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
     let events = collect_until(&mut running.events, Duration::from_secs(20), |seen| {
         let got: BTreeSet<&str> = seen.iter().map(|e| e.header.kind.as_str()).collect();
         wanted.is_subset(&got)

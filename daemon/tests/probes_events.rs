@@ -57,7 +57,7 @@ async fn behaviours_in_a_monitored_cgroup_arrive_as_events() {
         return;
     }
     let cgroup = TestCgroup::new("behaviours");
-    let mut running = start(EventKind::PROBE_KINDS.to_vec(), BTreeSet::from([cgroup.id])).await;
+    let mut running = start(EventKind::ALL.to_vec(), BTreeSet::from([cgroup.id])).await;
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
     let port = listener.local_addr().expect("addr").port();

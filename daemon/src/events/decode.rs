@@ -17,8 +17,6 @@ pub enum DecodeError {
     UnknownKind(#[from] UnknownKind),
     #[error("{kind:?} record is {len} bytes, expected {expected}")]
     WrongLength { kind: EventKind, len: usize, expected: usize },
-    #[error("{0:?} records do not come from the event ring buffer")]
-    NotAProbeEvent(EventKind),
 }
 
 /// Reads a wire struct from exactly `size_of::<T>()` bytes.
@@ -462,7 +460,6 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 new_fd_kind: "unknown",
             })
         }
-        EventKind::PolicyVerdict => return Err(DecodeError::NotAProbeEvent(kind)),
     };
     Ok(Event { header, data })
 }

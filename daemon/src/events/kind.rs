@@ -1,8 +1,12 @@
-//! Event kinds: the wire carries a `u32`; this is its checked user-side form.
-use palisade_common as wire;
-use serde::Serialize;
+//! Event kinds: the wire carries a `u32`; this is its checked user-side form, and the event
+//! types rules subscribe to (`input.type`; the rule engine calls it `EventType`).
+use std::fmt;
+use std::str::FromStr;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+use palisade_common as wire;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     Exec,
@@ -21,7 +25,6 @@ pub enum EventKind {
     Unlink,
     Rename,
     Dup,
-    PolicyVerdict,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -48,15 +51,17 @@ impl TryFrom<u32> for EventKind {
             wire::KIND_UNLINK => EventKind::Unlink,
             wire::KIND_RENAME => EventKind::Rename,
             wire::KIND_DUP => EventKind::Dup,
-            wire::KIND_POLICY_VERDICT => EventKind::PolicyVerdict,
+            // KIND_POLICY_VERDICT records come from the datapath's own ring buffer and are
+            // decoded there (segmentation::datapath::decode_verdict): not an event kind here.
             other => return Err(UnknownKind(other)),
         })
     }
 }
 
 impl EventKind {
-    /// Every kind the process/syscall probes produce (what rules may subscribe to).
-    pub const PROBE_KINDS: [EventKind; 16] = [
+    /// Every kind the probes produce (what rules may subscribe to), in the order the rule
+    /// engine numbers its per-type entry points (`index`).
+    pub const ALL: [EventKind; 16] = [
         EventKind::Exec, EventKind::Fork, EventKind::Exit, EventKind::Connect, EventKind::Open,
         EventKind::Ptrace, EventKind::Cred, EventKind::Mount, EventKind::Namespace,
         EventKind::Module, EventKind::Bpf, EventKind::Memfd, EventKind::Chmod, EventKind::Unlink,
@@ -81,12 +86,33 @@ impl EventKind {
             EventKind::Unlink => "unlink",
             EventKind::Rename => "rename",
             EventKind::Dup => "dup",
-            EventKind::PolicyVerdict => "policy_verdict",
         }
     }
 
+    /// Position in `ALL`, used to index per-type tables.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn from_name(name: &str) -> Option<EventKind> {
-        Self::PROBE_KINDS.iter().copied().find(|k| k.as_str() == name)
+        Self::ALL.iter().copied().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown event type {0:?}")]
+pub struct UnknownEventType(pub String);
+
+impl FromStr for EventKind {
+    type Err = UnknownEventType;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::from_name(s).ok_or_else(|| UnknownEventType(s.to_string()))
     }
 }
 
@@ -98,13 +124,20 @@ mod tests {
     fn every_wire_kind_round_trips_and_names_are_unique() {
         let mut names = std::collections::BTreeSet::new();
         for raw in 1..wire::KIND_COUNT {
-            let kind = EventKind::try_from(raw).expect("all ids below KIND_COUNT are known");
+            if raw == wire::KIND_POLICY_VERDICT {
+                assert_eq!(EventKind::try_from(raw), Err(UnknownKind(raw)), "datapath records are not probe events");
+                continue;
+            }
+            let kind = EventKind::try_from(raw).expect("every probe id below KIND_COUNT is known");
             assert!(names.insert(kind.as_str()));
         }
+        assert_eq!(names.len(), EventKind::ALL.len());
         assert_eq!(EventKind::try_from(0), Err(UnknownKind(0)));
         assert_eq!(EventKind::try_from(wire::KIND_COUNT), Err(UnknownKind(wire::KIND_COUNT)));
-        for kind in EventKind::PROBE_KINDS {
-            assert_eq!(EventKind::from_name(kind.as_str()), Some(kind));
+        for (i, kind) in EventKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), i);
+            assert_eq!(kind.as_str().parse::<EventKind>(), Ok(kind));
         }
+        assert!("policy_verdict".parse::<EventKind>().is_err());
     }
 }

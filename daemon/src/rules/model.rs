@@ -4,95 +4,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// An event type as it appears in `input.type`. The daemon's kernel-side kinds map onto these by
-/// name; `EventType::ALL` is the order the engine uses for its per-type entry points.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventType {
-    Exec,
-    Fork,
-    Exit,
-    Connect,
-    Open,
-    Ptrace,
-    Cred,
-    Mount,
-    Namespace,
-    Module,
-    Bpf,
-    Memfd,
-    Chmod,
-    Unlink,
-    Rename,
-    Dup,
-}
-
-impl EventType {
-    pub const ALL: [EventType; 16] = [
-        EventType::Exec,
-        EventType::Fork,
-        EventType::Exit,
-        EventType::Connect,
-        EventType::Open,
-        EventType::Ptrace,
-        EventType::Cred,
-        EventType::Mount,
-        EventType::Namespace,
-        EventType::Module,
-        EventType::Bpf,
-        EventType::Memfd,
-        EventType::Chmod,
-        EventType::Unlink,
-        EventType::Rename,
-        EventType::Dup,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::Exec => "exec",
-            EventType::Fork => "fork",
-            EventType::Exit => "exit",
-            EventType::Connect => "connect",
-            EventType::Open => "open",
-            EventType::Ptrace => "ptrace",
-            EventType::Cred => "cred",
-            EventType::Mount => "mount",
-            EventType::Namespace => "namespace",
-            EventType::Module => "module",
-            EventType::Bpf => "bpf",
-            EventType::Memfd => "memfd",
-            EventType::Chmod => "chmod",
-            EventType::Unlink => "unlink",
-            EventType::Rename => "rename",
-            EventType::Dup => "dup",
-        }
-    }
-
-    /// Position in `ALL`, used to index per-type tables.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for EventType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event type {0:?}")]
-pub struct UnknownEventType(pub String);
-
-impl FromStr for EventType {
-    type Err = UnknownEventType;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        EventType::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| UnknownEventType(s.to_string()))
-    }
-}
+/// An event type as it appears in `input.type`: the probes' event kinds, one definition for
+/// both (`EventType::ALL` is the order of the engine's per-type entry points).
+pub use crate::events::kind::{EventKind as EventType, UnknownEventType};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
