@@ -457,6 +457,42 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
+    // Response policy changes (dry run, per-rule modes, guardrails, forensics): reloaded as a
+    // whole; a file that does not parse or validate changes nothing and says why.
+    let _response_policy_watcher = match &args.response_policy {
+        Some(path) => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+            let (watcher, mut changes) = watch_dir(&dir)?;
+            let (state, path, force_dry_run) = (state.clone(), path.clone(), args.dry_run);
+            tokio::spawn(async move {
+                let mut last = std::fs::read(&path).ok();
+                while changes.recv().await.is_some() {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    while changes.try_recv().is_ok() {}
+                    let current = std::fs::read(&path).ok();
+                    if current == last {
+                        continue;
+                    }
+                    last = current;
+                    let result = load_response_policy(&path).and_then(|mut policy| {
+                        policy.dry_run |= force_dry_run;
+                        state.quarantine.set_policy(policy).map_err(anyhow::Error::from)
+                    });
+                    match result {
+                        Ok(()) => tracing::info!(path = %path.display(), "response policy reloaded"),
+                        Err(err) => {
+                            tracing::error!(%err, "response policy rejected; the previous one stays");
+                            let alert = Alert::new(AlertKind::Daemon, Severity::High, format!("response policy rejected, the previous one stays: {err:#}"));
+                            state.alerts.try_emit(alert);
+                        }
+                    }
+                }
+            });
+            Some(watcher)
+        }
+        None => None,
+    };
+
     // Pipeline: reader -> enrich -> input -> record -> rules.
     let (events_tx, events_rx) = mpsc::channel::<Event>(16384);
     tokio::spawn(reader::run(ring, state.reader.clone(), events_tx));
