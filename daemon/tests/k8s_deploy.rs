@@ -360,6 +360,13 @@ fn the_rules_configmaps_load_as_the_default_pack_when_projected() {
     if std::env::var_os("PALISADE_UPDATE_DEPLOY").is_some() {
         std::fs::write(&path, &generated).expect("write rules-configmap.yaml");
     }
+    // What ships must be the pack in rules/, byte for byte: a rule fixed in rules/ but not here
+    // would run unfixed in clusters.
+    let on_disk = std::fs::read_to_string(&path).expect("read rules-configmap.yaml");
+    assert!(
+        on_disk == generated,
+        "deploy/rules-configmap.yaml is stale: regenerate it with `PALISADE_UPDATE_DEPLOY=1 cargo test -p palisade --test k8s_deploy`"
+    );
     let m = manifests();
     let modules = config_map(&m, RULES_CM).data.clone().unwrap_or_default();
     let lists = config_map(&m, LISTS_CM).data.clone().unwrap_or_default();
