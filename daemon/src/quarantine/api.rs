@@ -5,22 +5,11 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::responder::{Decision, Outcome, QuarantineError, ReleaseRecord, Removal};
+use super::responder::{Decision, QuarantineError, ReleaseRecord, Removal};
 use super::QuarantineService;
 use crate::alerts::{Alert, AlertKind, AlertSink, Outcome as AlertOutcome, PodInfo};
 use crate::api::{BoxFuture, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome, ReleaseRequest};
 use crate::rules::{Action, Severity};
-
-fn alert_outcome(outcome: Outcome) -> AlertOutcome {
-    match outcome {
-        Outcome::Alerted => AlertOutcome::Alerted,
-        Outcome::Quarantined => AlertOutcome::Quarantined,
-        Outcome::AlreadyQuarantined => AlertOutcome::AlreadyQuarantined,
-        Outcome::WouldQuarantine => AlertOutcome::WouldQuarantine,
-        Outcome::Suppressed => AlertOutcome::Suppressed,
-        Outcome::Failed => AlertOutcome::Failed,
-    }
-}
 
 fn pod_info(pod: &str) -> Option<PodInfo> {
     let (namespace, name) = pod.split_once('/')?;
@@ -37,7 +26,7 @@ pub fn alerts_for(rule_alert: Alert, decision: &Decision) -> Vec<Alert> {
         reason.push_str("; ");
         reason.push_str(warning);
     }
-    let mut out = vec![rule_alert.with_outcome(alert_outcome(decision.outcome), Some(reason))];
+    let mut out = vec![rule_alert.with_outcome(decision.outcome, Some(reason))];
     if decision.breaker_tripped {
         let mut guardrail = Alert::new(
             AlertKind::Guardrail,
@@ -185,6 +174,7 @@ impl QuarantineApi for QuarantineApiHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alerts::Outcome;
 
     fn decision(outcome: Outcome, tripped: bool) -> Decision {
         Decision {

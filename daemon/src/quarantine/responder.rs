@@ -39,32 +39,11 @@ pub struct Verdict {
     pub alert_id: String,
 }
 
-/// What was done about a verdict; goes into the alert as `outcome`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The rule's action is `alert`: nothing to enforce.
-    Alerted,
-    Quarantined,
-    AlreadyQuarantined,
-    WouldQuarantine,
-    Suppressed,
-    /// The datapath refused the update (or the pod cannot be located): NOT enforced.
-    Failed,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Alerted => "alerted",
-            Outcome::Quarantined => "quarantined",
-            Outcome::AlreadyQuarantined => "already_quarantined",
-            Outcome::WouldQuarantine => "would_quarantine",
-            Outcome::Suppressed => "suppressed",
-            Outcome::Failed => "failed",
-        }
-    }
-}
+/// What was done about a verdict: the alert's own outcome type, so the decision goes into the
+/// alert as it is. The responder produces `Alerted`, `Quarantined`, `AlreadyQuarantined`,
+/// `WouldQuarantine`, `Suppressed` and `Failed` (the datapath refused the update, or the pod
+/// cannot be located: NOT enforced).
+pub use crate::alerts::Outcome;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Decision {
