@@ -8,13 +8,13 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use palisade::inventory::Protocol;
 use palisade::lab::{ProbeMatrix, ProbeOptions};
-use serde::Deserialize;
 use support::daemon::{DaemonGuard, DaemonOptions, repo_root};
+use support::netpol::{self, Case, Check, Patch};
 use support::require_kernel;
 
 fn read(path: &Path) -> String {
@@ -77,33 +77,6 @@ fn webapp_example_only_frontends_reach_the_backend() {
     }
     println!("webapp example: {:.1} s", started.elapsed().as_secs_f64());
     assert!(problems.is_empty(), "{}\n\n{}\n{}", problems.join("\n"), m8080.to_table(), m80.to_table());
-}
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    #[serde(default)]
-    inventory_patch: Option<Patch>,
-    checks: Vec<Check>,
-}
-
-#[derive(Deserialize, Default, Clone, PartialEq)]
-struct Patch {
-    #[serde(default)]
-    namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    #[serde(default)]
-    pods: BTreeMap<String, BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize)]
-struct Check {
-    port: u16,
-    protocol: String,
-    expect: BTreeMap<String, String>,
-}
-
-fn netpol_root() -> PathBuf {
-    repo_root().join("testdata/netpol")
 }
 
 /// The netpol inventory with a case's label patch applied.
@@ -194,13 +167,8 @@ fn upstream_netpol_cases_pass_on_the_kernel() {
         return;
     }
     let started = Instant::now();
-    let base = read(&netpol_root().join("inventory.yaml"));
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(netpol_root().join("cases"))
-        .expect("testdata/netpol/cases")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("case.yaml").is_file())
-        .collect();
-    dirs.sort();
+    let base = read(&netpol::root().join("inventory.yaml"));
+    let dirs = netpol::case_dirs();
     assert!(dirs.len() >= 30, "expected at least 30 cases, found {}", dirs.len());
     let sctp = sctp_available();
 

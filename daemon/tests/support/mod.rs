@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod kube_standin;
+pub mod netpol;
 pub mod probes;
 
 use std::path::PathBuf;
