@@ -101,6 +101,9 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
                         println!("    {}", f.egress);
                         println!("    {}", f.ingress);
                     }
+                    for n in &e.named_ports {
+                        println!("  named port: {n}");
+                    }
                 }
             }
             Ok(())

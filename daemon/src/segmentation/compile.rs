@@ -1,7 +1,11 @@
 //! The compiler: inventory + policies -> the exact contents of the datapath maps.
 //!
-//! * Identities: one numeric id per distinct (namespace, selector labels) set; one CIDR identity
-//!   per distinct ipBlock/except prefix, and per pod address that some ipBlock covers.
+//! * Identities: one numeric id per distinct (namespace, selector labels, named ports) set; one
+//!   CIDR identity per distinct ipBlock/except prefix, and per pod address that some ipBlock
+//!   covers. Named ports are part of a label identity because the spec resolves a named port on
+//!   each destination pod: two pods with the same labels but different named ports must not
+//!   share the egress entries keyed by their identity (Cilium split identities the same way,
+//!   cilium/cilium#45760). Selectors see only labels, so the split changes nothing else.
 //! * Peer-only endpoints (pods on other nodes, `Endpoint::peer_only`) are peers and nothing
 //!   else: they get their label identity and IPCACHE entries (endpoint id 0, so no hook ever
 //!   treats their address as a local endpoint), are matched by pod/namespace selectors and
@@ -21,9 +25,10 @@
 //!   handful of entries; the kernel probes only the block sizes present for that endpoint and
 //!   direction (a bitmask in its EndpointConfig), so a verdict stays a bounded number of O(1) hash
 //!   lookups whatever the number of rules.
-//! * Named ports: ingress resolves against the selected (destination) pod; egress against each
-//!   destination pod, keyed by that pod's identity (pods sharing an identity but disagreeing on a
-//!   port name's number get the union, as in Cilium).
+//! * Named ports: ingress resolves against the selected (destination) pod (its own POLICY
+//!   entries); egress against each destination pod, keyed by that pod's identity, which is exact
+//!   because every pod of an identity declares the same named ports. The kernel maps and the
+//!   per-packet probes are unchanged: only which pods share an identity is.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -36,7 +41,7 @@ use palisade_common::{
 use serde::Serialize;
 
 use super::policy::{Cidr, NetworkPolicy, Peer, PolicySet, PortSpec, Rule};
-use crate::inventory::{Endpoint, Inventory, Labels};
+use crate::inventory::{Endpoint, Inventory, Labels, NamedPort, Protocol};
 
 /// An LPM trie key as stored: prefix length (in the 16-byte form) and address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,7 +60,13 @@ impl LpmKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum IdentityKind {
-    Labels { namespace: String, labels: Labels },
+    Labels {
+        namespace: String,
+        labels: Labels,
+        /// The named ports every pod of this identity declares (`name=port/PROTO`), sorted.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        named_ports: Vec<String>,
+    },
     Cidr { cidr: String },
 }
 
@@ -66,6 +77,8 @@ pub struct CompiledEndpoint {
     pub name: String,
     pub identity: u32,
     pub ips: Vec<IpAddr>,
+    /// The pod's declared ports (named ports resolve against these).
+    pub ports: Vec<NamedPort>,
     pub cgroup: Option<String>,
     /// A pod on another node: a peer only (no ENDPOINTS config, no POLICY entries, IPCACHE
     /// endpoint id 0); its own policies are enforced on its node.
@@ -90,6 +103,9 @@ pub struct RuleRef {
     pub direction: &'static str,
     pub index: usize,
     pub summary: String,
+    /// The named ports the rule uses (name, protocol): `policy explain` shows how they resolved.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<(String, Protocol)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -146,7 +162,7 @@ impl<K: Ord> Alloc<K> {
 /// The compiler with its id allocators (keep one per daemon for stable ids).
 #[derive(Debug, Clone)]
 pub struct Compiler {
-    labels: Alloc<(String, Labels)>,
+    labels: Alloc<(String, Labels, PortNames)>,
     cidrs: Alloc<Cidr>,
     endpoints: Alloc<(String, String)>,
 }
@@ -160,6 +176,17 @@ impl Default for Compiler {
 /// Compiles with fresh ids (offline tools).
 pub fn compile(inventory: &Inventory, policies: &PolicySet) -> Compiled {
     Compiler::default().compile(inventory, policies)
+}
+
+/// A pod's named ports as (name, protocol, port), sorted and deduplicated: part of its identity.
+type PortNames = Vec<(String, Protocol, u16)>;
+
+fn port_names(ep: &Endpoint) -> PortNames {
+    let mut names: PortNames =
+        ep.ports.iter().filter_map(|p| p.name.as_ref().map(|n| (n.clone(), p.protocol, p.port))).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 struct Target {
@@ -178,8 +205,10 @@ impl Compiler {
         for ep in eps {
             let id = self.endpoints.get((ep.namespace.clone(), ep.name.clone()));
             let labels = ep.selector_labels();
-            let identity = self.labels.get((ep.namespace.clone(), labels.clone()));
-            out.identities.insert(identity, IdentityKind::Labels { namespace: ep.namespace.clone(), labels });
+            let names = port_names(ep);
+            let named_ports = names.iter().map(|(n, proto, port)| format!("{n}={port}/{proto}")).collect();
+            let identity = self.labels.get((ep.namespace.clone(), labels.clone(), names));
+            out.identities.insert(identity, IdentityKind::Labels { namespace: ep.namespace.clone(), labels, named_ports });
             out.endpoints.insert(
                 id,
                 CompiledEndpoint {
@@ -188,6 +217,7 @@ impl Compiler {
                     name: ep.name.clone(),
                     identity,
                     ips: ep.ips.clone(),
+                    ports: ep.ports.clone(),
                     cgroup: if ep.peer_only { None } else { ep.cgroup.clone() },
                     peer_only: ep.peer_only,
                     ingress_policies: Vec::new(),
@@ -283,6 +313,14 @@ impl Compiler {
                         direction: if direction == DIRECTION_INGRESS { "ingress" } else { "egress" },
                         index: ri,
                         summary: summarize(rule, direction),
+                        named_ports: rule
+                            .ports
+                            .iter()
+                            .filter_map(|pp| match &pp.port {
+                                PortSpec::Named(n) => Some((n.clone(), pp.protocol)),
+                                _ => None,
+                            })
+                            .collect(),
                     });
                     let targets = self.resolve_peers(p, rule, inventory, &identity_pods, &cidr_prefixes);
                     for &s in &selected {
@@ -489,6 +527,55 @@ mod tests {
             assert_eq!(covered, b as u32 - a as u32 + 1);
         }
         assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+    }
+
+    /// Issue 17, defect 1: pods with the same labels but different named ports do not share
+    /// an identity, so an egress rule to a named port reaches only the pods that declare it.
+    #[test]
+    fn named_ports_split_identities_and_resolve_per_destination_pod() {
+        use std::path::Path;
+
+        use crate::segmentation::lookup::lookup;
+        use crate::segmentation::matrix::explain;
+
+        let inventory = Inventory::parse(
+            &[
+                "endpoints:",
+                "  - {namespace: np, name: client, labels: {app: client}, ips: [198.18.7.1], cgroup: c}",
+                "  - {namespace: np, name: srv-a, labels: {app: srv}, ips: [198.18.7.2], cgroup: a, ports: [{name: grpc, port: 5353, protocol: UDP}]}",
+                "  - {namespace: np, name: srv-b, labels: {app: srv}, ips: [198.18.7.3], cgroup: b}",
+                "  - {namespace: np, name: srv-c, labels: {app: srv}, ips: [198.18.7.4], cgroup: d, ports: [{name: grpc, port: 6000, protocol: UDP}]}",
+            ]
+            .join("\n"),
+            Path::new("inv.yaml"),
+        )
+        .expect("inventory");
+        let policies = PolicySet::parse(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: e, namespace: np}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress: [{to: [{podSelector: {matchLabels: {app: srv}}}], ports: [{port: grpc, protocol: UDP}]}]\n",
+            Path::new("p.yaml"),
+        )
+        .expect("policies");
+        let compiled = compile(&inventory, &policies);
+        let ep = |k: &str| compiled.endpoint_by_key(k).expect(k).clone();
+        let (a, b, c) = (ep("np/srv-a"), ep("np/srv-b"), ep("np/srv-c"));
+        assert!(a.identity != b.identity && a.identity != c.identity && b.identity != c.identity, "{a:?} {b:?} {c:?}");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let udp = Protocol::Udp.ip_proto();
+        assert!(lookup(&compiled, ip("198.18.7.1"), ip("198.18.7.2"), udp, 5353).allowed);
+        assert!(!lookup(&compiled, ip("198.18.7.1"), ip("198.18.7.3"), udp, 5353).allowed, "srv-b has no port named grpc");
+        assert!(!lookup(&compiled, ip("198.18.7.1"), ip("198.18.7.4"), udp, 5353).allowed, "srv-c's grpc is 6000");
+        assert!(lookup(&compiled, ip("198.18.7.1"), ip("198.18.7.4"), udp, 6000).allowed);
+        assert!(!lookup(&compiled, ip("198.18.7.1"), ip("198.18.7.2"), udp, 6000).allowed);
+
+        // `policy explain` names the pods behind the identity and the resolution it used.
+        let client = ep("np/client");
+        let allowed = explain(&compiled, &client, &a, Protocol::Udp, 5353);
+        assert!(allowed.families[0].egress.contains("pods np/srv-a:"), "{allowed:?}");
+        assert!(allowed.families[0].egress.contains("grpc=5353/UDP"), "{allowed:?}");
+        assert_eq!(allowed.named_ports, ["np/e egress rule 0: port grpc/UDP resolved to UDP/5353 on np/srv-a"]);
+        let denied = explain(&compiled, &client, &b, Protocol::Udp, 5353);
+        assert!(!denied.allowed && denied.families[0].egress.contains("pods np/srv-b:"), "{denied:?}");
+        assert_eq!(denied.named_ports, ["np/e egress rule 0: port grpc/UDP np/srv-b declares no UDP port named grpc: matches nothing there"]);
     }
 
     #[test]

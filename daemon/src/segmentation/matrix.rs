@@ -114,6 +114,10 @@ pub struct Explanation {
     pub egress_policies: Vec<String>,
     pub ingress_policies: Vec<String>,
     pub families: Vec<FamilyExplanation>,
+    /// How the named ports of those policies' rules resolve on the destination pod (the pod a
+    /// named port is looked up on, for egress and ingress alike).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -149,16 +153,72 @@ pub fn explain(compiled: &Compiled, from: &CompiledEndpoint, to: &CompiledEndpoi
         egress_policies: names(&from.egress_policies),
         ingress_policies: names(&to.ingress_policies),
         families,
+        named_ports: named_port_resolution(compiled, from, to),
     }
 }
 
-fn identity_name(compiled: &Compiled, id: u32) -> String {
-    match compiled.identities.get(&id) {
-        Some(IdentityKind::Labels { namespace, labels }) => {
-            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("identity {id} (namespace {namespace}, {{{}}})", l.join(", "))
+/// For each rule (of the source's egress and the destination's ingress policies) that uses
+/// named ports: what each name resolved to on the destination pod.
+fn named_port_resolution(compiled: &Compiled, from: &CompiledEndpoint, to: &CompiledEndpoint) -> Vec<String> {
+    let mut out = Vec::new();
+    for (direction, policies) in [("egress", &from.egress_policies), ("ingress", &to.ingress_policies)] {
+        for &pi in policies {
+            let key = &compiled.policies[pi].key;
+            for rule in compiled.rules.iter().filter(|r| &r.policy == key && r.direction == direction) {
+                for (name, protocol) in &rule.named_ports {
+                    let ports: Vec<String> = to
+                        .ports
+                        .iter()
+                        .filter(|p| p.name.as_deref() == Some(name.as_str()) && p.protocol == *protocol)
+                        .map(|p| p.port.to_string())
+                        .collect();
+                    let resolved = if ports.is_empty() {
+                        format!("{} declares no {protocol} port named {name}: matches nothing there", to.key())
+                    } else {
+                        format!("resolved to {protocol}/{} on {}", ports.join(","), to.key())
+                    };
+                    out.push(format!("{key} {direction} rule {}: port {name}/{protocol} {resolved}", rule.index));
+                }
+            }
         }
-        Some(IdentityKind::Cidr { cidr }) => format!("identity {id} (cidr {cidr})"),
+    }
+    out
+}
+
+/// At most this many pods are named per identity (then "and N more").
+const PODS_NAMED: usize = 5;
+
+fn pod_list(mut pods: Vec<String>) -> String {
+    if pods.is_empty() {
+        return "no pods".to_string();
+    }
+    pods.sort();
+    let more = pods.len().saturating_sub(PODS_NAMED);
+    pods.truncate(PODS_NAMED);
+    let list = pods.join(", ");
+    if more > 0 { format!("pods {list} and {more} more") } else { format!("pods {list}") }
+}
+
+/// An identity as operators know it: what it stands for and the pods behind it.
+pub fn identity_name(compiled: &Compiled, id: u32) -> String {
+    match compiled.identities.get(&id) {
+        Some(IdentityKind::Labels { namespace, labels, named_ports }) => {
+            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let pods = pod_list(compiled.endpoints.values().filter(|e| e.identity == id).map(|e| e.key()).collect());
+            let ports = if named_ports.is_empty() { String::new() } else { format!(", named ports {}", named_ports.join(" ")) };
+            format!("identity {id} ({pods}: namespace {namespace}, {{{}}}{ports})", l.join(", "))
+        }
+        Some(IdentityKind::Cidr { cidr }) => {
+            let pods = match super::policy::Cidr::parse(cidr) {
+                Ok(c) => compiled.endpoints.values().filter(|e| e.ips.iter().any(|ip| c.contains(*ip))).map(|e| e.key()).collect(),
+                Err(_) => Vec::new(),
+            };
+            if pods.is_empty() {
+                format!("identity {id} (cidr {cidr})")
+            } else {
+                format!("identity {id} (cidr {cidr}, {})", pod_list(pods))
+            }
+        }
         None if id == 0 => "any peer".to_string(),
         None if id == palisade_common::IDENTITY_WORLD => "identity 1 (world)".to_string(),
         None => format!("identity {id}"),
