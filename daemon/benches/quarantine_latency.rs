@@ -280,7 +280,7 @@ fn run(cycles: usize) {
     let config = ResponderConfig {
         state_dir: state_dir.clone(),
         cgroup_root: palisade::lab::cgroup2_mount().expect("cgroup2"),
-        policy: ResponsePolicy { max_quarantines_per_minute: 0, ..ResponsePolicy::default() },
+        policy: ResponsePolicy { max_quarantines_per_minute: 0, max_quarantines_per_namespace_per_minute: 0, ..ResponsePolicy::default() },
     };
     let map = KernelQuarantineMap::from_ebpf(&dp).expect("map");
     // The datapath's own drop records carry the kernel time of each dropped packet; no rate

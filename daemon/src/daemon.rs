@@ -306,6 +306,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         });
     }
     spawn_counter_exporter(state.clone());
+    crate::quarantine::api::spawn_queue_worker(quarantine.clone(), alerts.clone(), metrics.clone());
 
     // Rule workers and the verdict thread: alert, decide (quarantine), record the outcome.
     let (evaluator, verdicts) = RuleEvaluator::start(rules.clone(), EvaluatorConfig { workers: args.workers.max(1), ..EvaluatorConfig::default() })?;

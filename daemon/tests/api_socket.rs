@@ -13,7 +13,8 @@ use palisade::alerts::schema::{Alert, AlertKind};
 use palisade::alerts::{AlertLog, AlertLogConfig, AlertSink};
 use palisade::api::client::ApiClient;
 use palisade::api::{
-    ApiState, BoxFuture, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome, ReleaseRequest, SOCKET_NAME,
+    ApiState, BoxFuture, CancelOutcome, OperatorRequest, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome,
+    SOCKET_NAME,
     status_provider,
 };
 use palisade::rules::model::Severity;
@@ -158,7 +159,7 @@ async fn status_and_quarantine_endpoints() {
     server.abort();
     log.shutdown().await;
 
-    struct Fake(Mutex<Vec<ReleaseRequest>>, Mutex<Vec<String>>);
+    struct Fake(Mutex<Vec<OperatorRequest>>, Mutex<Vec<OperatorRequest>>);
     impl QuarantineApi for Fake {
         fn list(&self) -> BoxFuture<'_, Result<Vec<QuarantineEntry>, QuarantineApiError>> {
             Box::pin(async {
@@ -170,11 +171,22 @@ async fn status_and_quarantine_endpoints() {
                     reason: "reverse shell".into(),
                     alert_id: Some("a-1".into()),
                     dry_run: false,
+                    pending: false,
                     extra: [("cgroup_id".to_string(), json!(42))].into(),
+                }, QuarantineEntry {
+                    namespace: "shop".into(),
+                    name: "web-2".into(),
+                    since: "2026-11-29T12:00:01.000000Z".into(),
+                    rule: Some("reverse_shell".into()),
+                    reason: "reverse shell".into(),
+                    alert_id: Some("a-2".into()),
+                    dry_run: false,
+                    pending: true,
+                    extra: Default::default(),
                 }])
             })
         }
-        fn release(&self, request: ReleaseRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+        fn release(&self, request: OperatorRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
             Box::pin(async move {
                 if request.name != "web-1" {
                     return Err(QuarantineApiError::NotQuarantined(format!("{}/{}", request.namespace, request.name)));
@@ -183,10 +195,13 @@ async fn status_and_quarantine_endpoints() {
                 Ok(ReleaseOutcome { released: true, message: "released shop/web-1".into(), alert_id: None })
             })
         }
-        fn resume(&self, by: String) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+        fn cancel(&self, request: OperatorRequest) -> BoxFuture<'_, Result<CancelOutcome, QuarantineApiError>> {
             Box::pin(async move {
-                self.1.lock().unwrap().push(by);
-                Ok(ReleaseOutcome { released: true, message: "automatic quarantine re-armed".into(), alert_id: None })
+                if request.name != "web-2" {
+                    return Err(QuarantineApiError::NotPending(format!("{}/{}", request.namespace, request.name)));
+                }
+                self.1.lock().unwrap().push(request);
+                Ok(CancelOutcome { cancelled: true, message: "queued quarantine of shop/web-2 cancelled".into(), alert_id: None })
             })
         }
     }
@@ -197,6 +212,8 @@ async fn status_and_quarantine_endpoints() {
     let out = Command::new(bin).args(["quarantine", "list", "--state-dir"]).arg(&state_dir).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("shop/web-1") && text.contains("reverse_shell"), "{text}");
+    let pending_line = text.lines().find(|l| l.contains("shop/web-2")).unwrap_or_default();
+    assert!(pending_line.contains("pending"), "a queued quarantine is listed as pending: {text}");
     let out = Command::new(bin)
         .args(["quarantine", "release", "shop/web-1", "--reason", "false positive: CI job", "--state-dir"])
         .arg(&state_dir)
@@ -215,10 +232,22 @@ async fn status_and_quarantine_endpoints() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not quarantined"));
-    let out = Command::new(bin).args(["quarantine", "resume", "--state-dir"]).arg(&state_dir).env("SUDO_USER", "bob").output().unwrap();
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("re-armed"), "{out:?}");
-    let resumes = fake.1.lock().unwrap().clone();
-    assert!(resumes.len() == 1 && resumes[0].starts_with("bob (uid 0 pid "), "{resumes:?}");
+    let out = Command::new(bin)
+        .args(["quarantine", "cancel", "shop/web-2", "--reason", "known deploy job", "--state-dir"])
+        .arg(&state_dir)
+        .env("SUDO_USER", "bob")
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("cancelled"), "{out:?}");
+    let cancels = fake.1.lock().unwrap().clone();
+    assert!(cancels.len() == 1 && cancels[0].by.starts_with("bob (uid 0 pid ") && cancels[0].reason == "known deploy job", "{cancels:?}");
+    let out = Command::new(bin).args(["quarantine", "cancel", "shop/web-1", "--reason", "x", "--state-dir"]).arg(&state_dir).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no queued quarantine"), "{out:?}");
+    // `resume` is retired: it says why and asks the daemon nothing; the route answers 410.
+    let out = Command::new(bin).args(["quarantine", "resume", "--state-dir"]).arg(&state_dir).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("queued"), "{out:?}");
+    let err = ApiClient::new(&state_dir).post_json("/v1/quarantines/resume", &json!({})).await.unwrap_err();
+    assert!(err.to_string().contains("410") && err.to_string().contains("pending"), "{err}");
     server.abort();
     log.shutdown().await;
 }

@@ -445,18 +445,22 @@ fn quarantine_dry_run_changes_nothing_in_the_kernel() {
     let _ = std::fs::remove_dir_all(&state_dir);
 }
 
-/// (d) Guardrails: a protected namespace is never cut off; past the per-node rate limit further
-/// quarantines are suppressed (and the pods keep connectivity) until an operator resumes.
+/// (d) Guardrails: a protected namespace is never cut off; past the rate limit a quarantine is
+/// queued (the pod keeps connectivity meanwhile, listed as pending) and applied in the kernel
+/// as soon as the bucket refills; nothing latches.
 #[test]
-fn quarantine_guardrails_protect_namespaces_and_limit_the_rate() {
-    if !require_kernel("quarantine_guardrails_protect_namespaces_and_limit_the_rate") {
+fn quarantine_guardrails_protect_namespaces_and_queue_over_the_rate_limit() {
+    if !require_kernel("quarantine_guardrails_protect_namespaces_and_queue_over_the_rate_limit") {
         return;
     }
     let lab = TestLab::up("qguard", PODS);
     let pins = Pins::new(&lab.name);
     let state_dir = temp_state_dir(&lab.name);
-    let policy = ResponsePolicy { max_quarantines_per_minute: 1, ..ResponsePolicy::default() };
-    let (_ebpf, service) = enforce(&lab, &pins, &state_dir, policy);
+    // One per second at most on the node, a burst of one: the second waits about a second.
+    let policy = ResponsePolicy { max_quarantines_per_minute: 60, ..ResponsePolicy::default() };
+    let (_ebpf, service) = enforce(&lab, &pins, &state_dir, policy.clone());
+    service.set_policy(ResponsePolicy { max_quarantines_per_minute: 1, ..policy.clone() }).expect("one token");
+    service.set_policy(policy).expect("60 per minute, tokens kept");
 
     let d = service.respond(&verdict("kube-system", "dns", "reverse_shell", "alert-g-1"));
     assert_eq!(d.outcome, Outcome::Suppressed, "{d:?}");
@@ -464,14 +468,26 @@ fn quarantine_guardrails_protect_namespaces_and_limit_the_rate() {
 
     assert_eq!(service.respond(&verdict("shop", "a", "reverse_shell", "alert-g-2")).outcome, Outcome::Quarantined);
     let d = service.respond(&verdict("shop", "b", "reverse_shell", "alert-g-3"));
-    assert_eq!(d.outcome, Outcome::Suppressed, "{d:?}");
+    assert_eq!(d.outcome, Outcome::Pending, "{d:?}");
     assert!(d.reason.contains("rate limit"), "{}", d.reason);
-    assert!(service.status().suspended.is_some());
-    // Only a is cut off: dns (protected) and b (suppressed) keep their connectivity.
-    assert_reach(&probe(&lab), involves("shop/a"));
+    assert_eq!(service.pending().len(), 1);
+    assert_eq!(service.status().pending, 1);
 
-    assert!(service.resume("operator").is_some());
-    assert_eq!(service.respond(&verdict("shop", "b", "reverse_shell", "alert-g-4")).outcome, Outcome::Quarantined);
+    // The queue is applied as the bucket refills.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let applied = loop {
+        let outcomes = service.apply_due();
+        if !outcomes.is_empty() {
+            break outcomes;
+        }
+        assert!(Instant::now() < deadline, "the queued quarantine was never applied");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(applied.len(), 1);
+    assert_eq!((applied[0].decision.pod.as_str(), applied[0].decision.outcome), ("shop/b", Outcome::Quarantined));
+    assert!(applied[0].queued_for_seconds > 0.0);
+    assert!(service.pending().is_empty());
+    // Both a and b are cut off in the kernel; dns (protected) keeps its connectivity.
     assert_reach(&probe(&lab), |from, to| involves("shop/a")(from, to) && involves("shop/b")(from, to));
     let _ = std::fs::remove_dir_all(&state_dir);
 }

@@ -121,6 +121,7 @@ fn outcome_colour(outcome: Outcome) -> &'static str {
     match outcome {
         Outcome::Quarantined | Outcome::AlreadyQuarantined => "\x1b[1;35m",
         Outcome::WouldQuarantine => "\x1b[35m",
+        Outcome::Pending => "\x1b[1;33m",
         Outcome::Failed => "\x1b[1;31m",
         Outcome::Released => "\x1b[32m",
         _ => "",

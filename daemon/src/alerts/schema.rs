@@ -88,6 +88,9 @@ pub enum Outcome {
     Quarantined,
     /// The pod was already quarantined; nothing new was done.
     AlreadyQuarantined,
+    /// The quarantine is queued by a rate limit: NOT enforced yet; a `quarantine` alert follows
+    /// when it is applied (or why it was not).
+    Pending,
     /// Dry run: the pod would have been quarantined.
     WouldQuarantine,
     /// The action was not taken (guardrail, no pod to act on, ...); `reason` says why.
@@ -106,6 +109,7 @@ impl Outcome {
             Outcome::Alerted => "alerted",
             Outcome::Quarantined => "quarantined",
             Outcome::AlreadyQuarantined => "already_quarantined",
+            Outcome::Pending => "pending",
             Outcome::WouldQuarantine => "would_quarantine",
             Outcome::Suppressed => "suppressed",
             Outcome::Released => "released",
@@ -118,10 +122,11 @@ impl Outcome {
 impl FromStr for Outcome {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        const ALL: [Outcome; 8] = [
+        const ALL: [Outcome; 9] = [
             Outcome::Alerted,
             Outcome::Quarantined,
             Outcome::AlreadyQuarantined,
+            Outcome::Pending,
             Outcome::WouldQuarantine,
             Outcome::Suppressed,
             Outcome::Released,

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
-use super::{QuarantineEntry, ReleaseOutcome, SOCKET_NAME};
+use super::{CancelOutcome, QuarantineEntry, ReleaseOutcome, SOCKET_NAME};
 use crate::alerts::render::{Cell, Table, colour_wanted, terminal_safe};
 
 #[derive(Debug, thiserror::Error)]
@@ -321,8 +321,20 @@ pub enum QuarantineCommand {
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
     },
-    /// Re-arm automatic quarantine after the rate-limit guardrail suspended it.
+    /// Retired: the rate limit queues quarantines instead of suspending them; says so.
+    #[command(hide = true)]
     Resume {
+        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Drop a quarantine the rate limit queued (listed as pending; recorded as an alert with
+    /// your reason). An enforced quarantine is lifted with `release` instead.
+    Cancel {
+        /// NAMESPACE/POD
+        pod: String,
+        /// Why the quarantine must not be applied (kept in the audit trail).
+        #[arg(long)]
+        reason: String,
         #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -353,13 +365,23 @@ pub fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
                 other => anyhow::bail!("bad output format {other:?}: want table or json"),
             }
         }
-        QuarantineCommand::Resume { state_dir } => {
+        QuarantineCommand::Resume { state_dir: _ } => {
+            // Nothing can be suspended any more, so there is nothing to ask the daemon.
+            eprintln!("palisade quarantine resume: {}", super::server::RESUME_RETIRED);
+        }
+        QuarantineCommand::Cancel { pod, reason, state_dir } => {
+            crate::alerts::query::parse_pod(&pod)?;
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must say why the quarantine must not be applied");
+            }
             let by = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_default();
-            let by: String = by.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
             let client = ApiClient::new(&state_dir);
-            let value = block_on(client.post_json(&format!("/v1/quarantines/resume?by={by}"), &json!({})))??;
-            let outcome: ReleaseOutcome = serde_json::from_value(value)?;
+            let value = block_on(client.post_json("/v1/quarantines/cancel", &json!({ "pod": pod, "reason": reason, "by": by })))??;
+            let outcome: CancelOutcome = serde_json::from_value(value)?;
             println!("{}", terminal_safe(&outcome.message));
+            if !outcome.cancelled {
+                anyhow::bail!("the queued quarantine of {pod} was not cancelled");
+            }
         }
         QuarantineCommand::Release { pod, reason, state_dir } => {
             crate::alerts::query::parse_pod(&pod)?;
@@ -390,7 +412,13 @@ pub fn render_quarantines(entries: &[QuarantineEntry], colour: bool) -> String {
             Cell::plain(&e.since),
             Cell::plain(e.rule.as_deref().unwrap_or("-")),
             Cell::plain(e.alert_id.as_deref().unwrap_or("-")),
-            if e.dry_run { Cell::coloured("dry-run", "\x1b[35m") } else { Cell::coloured("enforced", "\x1b[1;35m") },
+            if e.pending {
+                Cell::coloured("pending", "\x1b[1;33m")
+            } else if e.dry_run {
+                Cell::coloured("dry-run", "\x1b[35m")
+            } else {
+                Cell::coloured("enforced", "\x1b[1;35m")
+            },
             Cell::plain(crate::alerts::render::shorten(&e.reason, 80)),
         ]);
     }

@@ -47,6 +47,7 @@ struct Inner {
     alerts_dropped: Counter,
     alert_write_errors: Counter,
     quarantines_active: Gauge,
+    quarantines_pending: Gauge,
     quarantines: Counter,
     releases: Counter,
     policy_drops: Family<Labels, Counter>,
@@ -79,6 +80,7 @@ impl Metrics {
         let alerts_dropped = Counter::default();
         let alert_write_errors = Counter::default();
         let quarantines_active = Gauge::default();
+        let quarantines_pending = Gauge::default();
         let quarantines = Counter::default();
         let releases = Counter::default();
         let policy_drops = Family::<Labels, Counter>::default();
@@ -92,6 +94,7 @@ impl Metrics {
         registry.register("alerts_dropped", "Alerts dropped because the alert queue was full", alerts_dropped.clone());
         registry.register("alert_write_errors", "Alerts that could not be written to the alert log", alert_write_errors.clone());
         registry.register("quarantines_active", "Pods quarantined now", quarantines_active.clone());
+        registry.register("quarantines_pending", "Quarantines queued by the rate limit, not enforced yet", quarantines_pending.clone());
         registry.register("quarantines", "Quarantines applied", quarantines.clone());
         registry.register("quarantine_releases", "Quarantines released", releases.clone());
         registry.register("policy_drops", "Packets dropped by segmentation policy or quarantine, by direction and reason", policy_drops.clone());
@@ -111,6 +114,7 @@ impl Metrics {
                 alerts_dropped,
                 alert_write_errors,
                 quarantines_active,
+                quarantines_pending,
                 quarantines,
                 releases,
                 policy_drops,
@@ -185,6 +189,10 @@ impl Metrics {
 
     pub fn set_quarantines_active(&self, active: i64) {
         self.inner.quarantines_active.set(active);
+    }
+
+    pub fn set_quarantines_pending(&self, pending: i64) {
+        self.inner.quarantines_pending.set(pending);
     }
 
     pub fn record_quarantine(&self) {

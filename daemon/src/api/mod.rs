@@ -6,8 +6,10 @@
 //! | `GET /v1/status` | the daemon's status JSON (from its `StatusProvider`), plus `alerts` writer health |
 //! | `GET /v1/alerts?since=&until=&pod=&namespace=&rule=&severity=&kind=` | matching alerts, JSON lines, oldest first |
 //! | `GET /v1/alerts/follow?...` | the same filters; history when `since` is given, then live alerts, JSON lines (chunked) |
-//! | `GET /v1/quarantines` | `[QuarantineEntry]` |
+//! | `GET /v1/quarantines` | `[QuarantineEntry]`: enforced ones, then queued ones (`pending: true`) |
 //! | `POST /v1/quarantines/release` | body `{"pod": "ns/name", "reason": "...", "by": "..."}` → `ReleaseOutcome` |
+//! | `POST /v1/quarantines/cancel` | same body; drops a quarantine queued by the rate limit → `CancelOutcome` |
+//! | `POST /v1/quarantines/resume` | `410 Gone`: the rate limit queues instead of suspending, nothing to resume |
 //! | `GET /metrics` | Prometheus text exposition, when the daemon has a `Metrics` registry |
 //!
 //! Streamed lines that are not alerts are notices: `{"notice": "lagged", "missed": N}` when a
@@ -78,12 +80,16 @@ pub struct QuarantineEntry {
     pub alert_id: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
+    /// Queued by the rate limit, NOT enforced yet (`since` is when it was queued).
+    #[serde(default)]
+    pub pending: bool,
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
 }
 
+/// An operator's action on one pod (release, cancel), as the API server hands it over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReleaseRequest {
+pub struct OperatorRequest {
     pub namespace: String,
     pub name: String,
     pub reason: String,
@@ -99,12 +105,22 @@ pub struct ReleaseOutcome {
     pub alert_id: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelOutcome {
+    pub cancelled: bool,
+    pub message: String,
+    #[serde(default)]
+    pub alert_id: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuarantineApiError {
     #[error("quarantine is not enabled on this daemon")]
     NotEnabled,
     #[error("{0} is not quarantined")]
     NotQuarantined(String),
+    #[error("{0} has no queued quarantine")]
+    NotPending(String),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -115,10 +131,9 @@ pub enum QuarantineApiError {
 /// itself (through its `AlertSink`), since only it knows what was really done.
 pub trait QuarantineApi: Send + Sync {
     fn list(&self) -> BoxFuture<'_, Result<Vec<QuarantineEntry>, QuarantineApiError>>;
-    fn release(&self, request: ReleaseRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>>;
-    /// Re-arms automatic quarantine after the rate-limit guardrail suspended it; `by` names the
-    /// operator. The outcome's `released` says whether it was suspended.
-    fn resume(&self, by: String) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>>;
+    fn release(&self, request: OperatorRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>>;
+    /// Drops a quarantine the rate limit queued (the responder writes the audit alert).
+    fn cancel(&self, request: OperatorRequest) -> BoxFuture<'_, Result<CancelOutcome, QuarantineApiError>>;
 }
 
 /// The stand-in when the daemon runs without a responder.
@@ -129,11 +144,11 @@ impl QuarantineApi for QuarantineNotEnabled {
         Box::pin(async { Err(QuarantineApiError::NotEnabled) })
     }
 
-    fn release(&self, _request: ReleaseRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+    fn release(&self, _request: OperatorRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
         Box::pin(async { Err(QuarantineApiError::NotEnabled) })
     }
 
-    fn resume(&self, _by: String) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+    fn cancel(&self, _request: OperatorRequest) -> BoxFuture<'_, Result<CancelOutcome, QuarantineApiError>> {
         Box::pin(async { Err(QuarantineApiError::NotEnabled) })
     }
 }

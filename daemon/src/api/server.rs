@@ -21,7 +21,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc};
 
 use super::body::{self, ApiBody};
-use super::{ApiError, ApiState, QuarantineApiError, ReleaseRequest};
+use super::{ApiError, ApiState, QuarantineApiError, OperatorRequest};
 use crate::alerts::query::{AlertQuery, log_files, parse_pod, read_alerts};
 use crate::alerts::render::harden_json;
 use crate::alerts::schema::Alert;
@@ -173,17 +173,21 @@ async fn route(req: Request<Incoming>, state: &ApiState, peer: &Peer) -> Respons
             Ok(list) => json_response(StatusCode::OK, &serde_json::to_value(list).unwrap_or(Value::Null)),
             Err(err) => quarantine_error(err),
         },
-        (&Method::POST, "/v1/quarantines/release") => release(req, state, peer).await,
-        (&Method::POST, "/v1/quarantines/resume") => {
-            let by = match query_param(&query, "by").filter(|b| !b.is_empty()) {
-                Some(who) => format!("{who} (uid {} pid {})", peer.uid, peer.pid.map_or_else(|| "?".into(), |p| p.to_string())),
-                None => format!("uid {} pid {}", peer.uid, peer.pid.map_or_else(|| "?".into(), |p| p.to_string())),
-            };
-            match state.quarantine.resume(by).await {
+        (&Method::POST, "/v1/quarantines/release") => match operator_request(req, peer).await {
+            Ok(request) => match state.quarantine.release(request).await {
                 Ok(outcome) => json_response(StatusCode::OK, &serde_json::to_value(outcome).unwrap_or(Value::Null)),
                 Err(err) => quarantine_error(err),
-            }
-        }
+            },
+            Err(response) => response,
+        },
+        (&Method::POST, "/v1/quarantines/cancel") => match operator_request(req, peer).await {
+            Ok(request) => match state.quarantine.cancel(request).await {
+                Ok(outcome) => json_response(StatusCode::OK, &serde_json::to_value(outcome).unwrap_or(Value::Null)),
+                Err(err) => quarantine_error(err),
+            },
+            Err(response) => response,
+        },
+        (&Method::POST, "/v1/quarantines/resume") => error_response(StatusCode::GONE, RESUME_RETIRED),
         (&Method::GET, "/metrics") => match &state.metrics {
             Some(m) => {
                 let mut r = Response::new(body::full(m.encode()));
@@ -195,7 +199,7 @@ async fn route(req: Request<Incoming>, state: &ApiState, peer: &Peer) -> Respons
             }
             None => error_response(StatusCode::NOT_FOUND, "this daemon keeps no metrics"),
         },
-        (_, "/healthz" | "/v1/status" | "/v1/alerts" | "/v1/alerts/follow" | "/v1/quarantines" | "/v1/quarantines/release" | "/v1/quarantines/resume" | "/metrics") => {
+        (_, "/healthz" | "/v1/status" | "/v1/alerts" | "/v1/alerts/follow" | "/v1/quarantines" | "/v1/quarantines/release" | "/v1/quarantines/cancel" | "/v1/quarantines/resume" | "/metrics") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"))
         }
         _ => error_response(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
@@ -215,37 +219,38 @@ async fn status(state: &ApiState) -> Response<ApiBody> {
 fn quarantine_error(err: QuarantineApiError) -> Response<ApiBody> {
     let status = match err {
         QuarantineApiError::NotEnabled => StatusCode::NOT_IMPLEMENTED,
-        QuarantineApiError::NotQuarantined(_) => StatusCode::NOT_FOUND,
+        QuarantineApiError::NotQuarantined(_) | QuarantineApiError::NotPending(_) => StatusCode::NOT_FOUND,
         QuarantineApiError::Refused(_) => StatusCode::CONFLICT,
         QuarantineApiError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error_response(status, err)
 }
 
+/// Why `POST /v1/quarantines/resume` (and `palisade quarantine resume`) is gone.
+pub const RESUME_RETIRED: &str = "nothing to resume: the rate limit no longer suspends automatic quarantine; quarantines over it are queued and applied as the limit allows (`palisade quarantine list` shows them as pending, `palisade quarantine cancel NS/POD` drops one)";
+
+/// The body of release and cancel requests.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ReleaseBody {
+pub struct OperatorBody {
     pub pod: String,
     pub reason: String,
     #[serde(default)]
     pub by: Option<String>,
 }
 
-async fn release(req: Request<Incoming>, state: &ApiState, peer: &Peer) -> Response<ApiBody> {
+/// Reads and checks an operator's request body; the error is the response to send.
+async fn operator_request(req: Request<Incoming>, peer: &Peer) -> Result<OperatorRequest, Response<ApiBody>> {
     let limited = http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BYTES);
     let bytes = match limited.collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(err) => return error_response(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {err}")),
+        Err(err) => return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {err}"))),
     };
-    let request: ReleaseBody = match serde_json::from_slice(&bytes) {
-        Ok(r) => r,
-        Err(err) => return error_response(StatusCode::BAD_REQUEST, format!("want {{\"pod\": \"ns/name\", \"reason\": \"...\"}}: {err}")),
-    };
-    let (namespace, name) = match parse_pod(&request.pod) {
-        Ok(p) => p,
-        Err(err) => return error_response(StatusCode::BAD_REQUEST, err),
-    };
+    let request: OperatorBody = serde_json::from_slice(&bytes).map_err(|err| {
+        error_response(StatusCode::BAD_REQUEST, format!("want {{\"pod\": \"ns/name\", \"reason\": \"...\"}}: {err}"))
+    })?;
+    let (namespace, name) = parse_pod(&request.pod).map_err(|err| error_response(StatusCode::BAD_REQUEST, err))?;
     if request.reason.trim().is_empty() {
-        return error_response(StatusCode::BAD_REQUEST, "a release needs a reason");
+        return Err(error_response(StatusCode::BAD_REQUEST, "the request needs a reason"));
     }
     // The peer's uid and pid come from the kernel; the account name is the client's word.
     let pid = peer.pid.map_or_else(|| "?".to_string(), |p| p.to_string());
@@ -253,11 +258,7 @@ async fn release(req: Request<Incoming>, state: &ApiState, peer: &Peer) -> Respo
         Some(who) => format!("{who} (uid {} pid {pid})", peer.uid),
         None => format!("uid {} pid {pid}", peer.uid),
     };
-    let release = ReleaseRequest { namespace, name, reason: request.reason, by };
-    match state.quarantine.release(release).await {
-        Ok(outcome) => json_response(StatusCode::OK, &serde_json::to_value(outcome).unwrap_or(Value::Null)),
-        Err(err) => quarantine_error(err),
-    }
+    Ok(OperatorRequest { namespace, name, reason: request.reason, by })
 }
 
 fn alert_line(alert: &Alert) -> Option<Bytes> {
@@ -349,13 +350,4 @@ fn follow_alerts(state: &ApiState, query: AlertQuery) -> ApiBody {
         }
     });
     body
-}
-
-/// The value of `key` in a URL query string (no percent-decoding beyond `+` as space: the only
-/// caller passes a user name).
-fn query_param(query: &str, key: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == key).then(|| v.replace('+', " "))
-    })
 }

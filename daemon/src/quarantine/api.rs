@@ -1,14 +1,15 @@
 //! The quarantine as the rest of the daemon sees it: the API server's [`QuarantineApi`] (list,
-//! release with its audit alert) and the alert records of decisions and removals.
+//! release and cancel with their audit alerts), the alert records of decisions, queue outcomes
+//! and removals, and the worker that serves the rate-limit queue.
 
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::responder::{Decision, QuarantineError, ReleaseRecord, Removal};
+use super::responder::{CancelRecord, Decision, QuarantineError, QueueOutcome, ReleaseRecord, Removal};
 use super::QuarantineService;
 use crate::alerts::{Alert, AlertKind, AlertSink, Outcome as AlertOutcome, PodInfo};
-use crate::api::{BoxFuture, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome, ReleaseRequest};
+use crate::api::{BoxFuture, CancelOutcome, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome, OperatorRequest};
 use crate::rules::{Action, Severity};
 
 fn pod_info(pod: &str) -> Option<PodInfo> {
@@ -17,33 +18,102 @@ fn pod_info(pod: &str) -> Option<PodInfo> {
 }
 
 /// The alerts for a rule alert once the responder decided: the rule alert itself with the
-/// outcome and reason, plus a guardrail alert when this decision tripped the rate limit.
-/// Build the rule alert first (`Alert::from_rule_hit`) and pass its `id` as the verdict's
-/// `alert_id`, so the alert and the quarantine record name each other.
+/// outcome and reason (`pending` when a rate limit queued it; a `quarantine` alert from
+/// [`queue_alert`] follows when it is applied). Build the rule alert first
+/// (`Alert::from_rule_hit`) and pass its `id` as the verdict's `alert_id`, so the alert and the
+/// quarantine record name each other.
 pub fn alerts_for(rule_alert: Alert, decision: &Decision) -> Vec<Alert> {
     let mut reason = decision.reason.clone();
     if let Some(warning) = &decision.warning {
         reason.push_str("; ");
         reason.push_str(warning);
     }
-    let mut out = vec![rule_alert.with_outcome(decision.outcome, Some(reason))];
-    if decision.breaker_tripped {
-        let mut guardrail = Alert::new(
-            AlertKind::Guardrail,
-            Severity::Critical,
-            format!("automatic quarantine suspended on this node: {}", decision.reason),
-        )
-        .with_action(Action::Quarantine)
-        .with_outcome(AlertOutcome::Suppressed, Some("run `palisade quarantine resume` to re-arm it".into()))
-        .with_rule(decision.rule_id.clone(), decision.rule_id.clone())
-        .with_event(json!({"tripped_by_alert": decision.alert_id, "pod": decision.pod}));
-        if let Some(pod) = pod_info(&decision.pod) {
-            guardrail = guardrail.with_pod(pod);
-        }
-        out.push(guardrail);
-    }
-    out
+    vec![rule_alert.with_outcome(decision.outcome, Some(reason))]
 }
+
+/// The alert for what became of a queued quarantine: applied (with how long it waited) or ended.
+pub fn queue_alert(outcome: &QueueOutcome) -> Alert {
+    let decision = &outcome.decision;
+    let queued = &outcome.queued;
+    let message = match decision.outcome {
+        AlertOutcome::Quarantined => format!(
+            "queued quarantine of {} applied after {:.1} s (rule {}, alert {})",
+            decision.pod, outcome.queued_for_seconds, decision.rule_id, decision.alert_id
+        ),
+        other => format!(
+            "queued quarantine of {} ended {} after {:.1} s: {}",
+            decision.pod,
+            other.as_str(),
+            outcome.queued_for_seconds,
+            decision.reason
+        ),
+    };
+    let mut reason = decision.reason.clone();
+    if let Some(warning) = &decision.warning {
+        reason.push_str("; ");
+        reason.push_str(warning);
+    }
+    let mut alert = Alert::new(AlertKind::Quarantine, queued.severity, message)
+        .with_action(Action::Quarantine)
+        .with_outcome(decision.outcome, Some(reason))
+        .with_rule(decision.rule_id.clone(), decision.rule_id.clone())
+        .with_event(json!({
+            "queued_alert_id": queued.alert_id,
+            "queued_at": queued.queued_at,
+            "queued_for_seconds": outcome.queued_for_seconds,
+            "held_by": queued.held_by,
+            "cgroup_id": decision.cgroup_id,
+            "enforced_at_ns": decision.enforced_at_ns,
+        }));
+    if let Some(pod) = pod_info(&decision.pod) {
+        alert = alert.with_pod(pod);
+    }
+    alert
+}
+
+/// The audit alert of a cancelled queued quarantine.
+pub fn cancel_alert(record: &CancelRecord) -> Alert {
+    let mut alert = Alert::new(
+        AlertKind::Guardrail,
+        Severity::High,
+        format!("queued quarantine of {} cancelled by {}: {}", record.pod, record.by, record.reason),
+    )
+    .with_action(Action::Quarantine)
+    .with_outcome(AlertOutcome::Suppressed, Some(format!("cancelled by {}: {}", record.by, record.reason)))
+    .with_rule(record.rule_id.clone(), record.rule_id.clone())
+    .with_event(serde_json::to_value(record).unwrap_or(Value::Null));
+    if let Some(pod) = pod_info(&record.pod) {
+        alert = alert.with_pod(pod);
+    }
+    alert
+}
+
+/// Serves the rate-limit queue for the daemon's lifetime: applies queued quarantines as soon as
+/// the token buckets allow (waking when `next_due` says, at least every second) and writes an
+/// alert for each outcome.
+pub fn spawn_queue_worker(service: QuarantineService, alerts: AlertSink, metrics: crate::api::Metrics) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let wait = service.blocking(|s| s.next_due()).await.unwrap_or(QUEUE_IDLE_CHECK);
+            tokio::time::sleep(wait.clamp(QUEUE_MIN_SLEEP, QUEUE_IDLE_CHECK)).await;
+            let outcomes = service.apply_due_async().await;
+            for outcome in &outcomes {
+                if outcome.decision.outcome == AlertOutcome::Quarantined {
+                    metrics.record_quarantine();
+                }
+                if let Err(err) = alerts.emit(queue_alert(outcome)).await {
+                    tracing::error!(%err, pod = %outcome.decision.pod, "a queued quarantine's alert could not be written");
+                }
+            }
+            metrics.set_quarantines_pending(service.blocking(|s| s.pending().len()).await as i64);
+        }
+    })
+}
+
+/// The queue worker looks at least this often (a policy reload can make room).
+const QUEUE_IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// And no more often than this.
+const QUEUE_MIN_SLEEP: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The audit alert of a release.
 pub fn release_alert(record: &ReleaseRecord) -> Alert {
@@ -95,55 +165,60 @@ impl QuarantineApiHandler {
 impl QuarantineApi for QuarantineApiHandler {
     fn list(&self) -> BoxFuture<'_, Result<Vec<QuarantineEntry>, QuarantineApiError>> {
         Box::pin(async move {
-            Ok(self
-                .service
-                .list_async()
-                .await
-                .into_iter()
-                .map(|r| QuarantineEntry {
-                    namespace: r.namespace,
-                    name: r.name,
-                    since: r.since,
-                    rule: Some(r.rule_id),
-                    reason: r.reason,
-                    alert_id: Some(r.alert_id),
-                    dry_run: false,
-                    extra: BTreeMap::from([
-                        ("cgroup".to_string(), json!(r.cgroup)),
-                        ("cgroup_id".to_string(), json!(r.cgroup_id)),
-                    ]),
-                })
-                .collect())
+            let enforced = self.service.list_async().await.into_iter().map(|r| QuarantineEntry {
+                namespace: r.namespace,
+                name: r.name,
+                since: r.since,
+                rule: Some(r.rule_id),
+                reason: r.reason,
+                alert_id: Some(r.alert_id),
+                dry_run: false,
+                pending: false,
+                extra: BTreeMap::from([
+                    ("cgroup".to_string(), json!(r.cgroup)),
+                    ("cgroup_id".to_string(), json!(r.cgroup_id)),
+                ]),
+            });
+            let pending = self.service.pending_async().await.into_iter().map(|p| QuarantineEntry {
+                namespace: p.namespace,
+                name: p.name,
+                since: p.queued_at,
+                rule: Some(p.rule_id),
+                reason: p.reason,
+                alert_id: Some(p.alert_id),
+                dry_run: false,
+                pending: true,
+                extra: BTreeMap::from([("held_by".to_string(), json!(p.held_by))]),
+            });
+            Ok(enforced.chain(pending).collect())
         })
     }
 
-    fn resume(&self, by: String) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+    fn cancel(&self, request: OperatorRequest) -> BoxFuture<'_, Result<CancelOutcome, QuarantineApiError>> {
         Box::pin(async move {
-            match self.service.resume_async(by.clone()).await {
-                Some(was) => {
-                    let alert = Alert::new(
-                        AlertKind::Guardrail,
-                        Severity::High,
-                        format!(
-                            "automatic quarantine re-armed by {by} (suspended since {}, {} quarantines suppressed meanwhile)",
-                            was.since, was.suppressed
-                        ),
-                    )
-                    .with_action(Action::Quarantine)
-                    .with_outcome(AlertOutcome::Released, Some(format!("resumed by {by}")))
-                    .with_event(json!({"suspended": was}));
+            let pod = format!("{}/{}", request.namespace, request.name);
+            match self.service.cancel_async(pod.clone(), request.reason, request.by).await {
+                Ok(record) => {
+                    let alert = cancel_alert(&record);
                     let alert_id = alert.id.clone();
                     if let Err(err) = self.alerts.emit(alert).await {
-                        tracing::error!(%err, "resume done but its audit alert could not be written");
+                        tracing::error!(%err, %pod, "cancel done but its audit alert could not be written");
                     }
-                    Ok(ReleaseOutcome { released: true, message: "automatic quarantine re-armed".into(), alert_id: Some(alert_id) })
+                    let mut message = format!("queued quarantine of {pod} cancelled (queued since {})", record.queued_at);
+                    if let Some(warning) = &record.warning {
+                        message.push_str("; ");
+                        message.push_str(warning);
+                    }
+                    Ok(CancelOutcome { cancelled: true, message, alert_id: Some(alert_id) })
                 }
-                None => Ok(ReleaseOutcome { released: false, message: "automatic quarantine was not suspended".into(), alert_id: None }),
+                Err(QuarantineError::NotPending { pod }) => Err(QuarantineApiError::NotPending(pod)),
+                Err(err @ (QuarantineError::BadPodName(_) | QuarantineError::Policy(_))) => Err(QuarantineApiError::Refused(err.to_string())),
+                Err(err) => Err(QuarantineApiError::Failed(err.to_string())),
             }
         })
     }
 
-    fn release(&self, request: ReleaseRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
+    fn release(&self, request: OperatorRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>> {
         Box::pin(async move {
             let pod = format!("{}/{}", request.namespace, request.name);
             match self.service.release_async(pod.clone(), request.reason, request.by).await {
@@ -154,9 +229,6 @@ impl QuarantineApi for QuarantineApiHandler {
                         tracing::error!(%err, %pod, "release done but its audit alert could not be written");
                     }
                     let mut message = format!("{pod} released (quarantined since {})", record.since);
-                    if record.resumed {
-                        message.push_str("; automatic quarantine re-armed");
-                    }
                     if let Some(warning) = &record.warning {
                         message.push_str("; ");
                         message.push_str(warning);
@@ -164,7 +236,7 @@ impl QuarantineApi for QuarantineApiHandler {
                     Ok(ReleaseOutcome { released: true, message, alert_id: Some(alert_id) })
                 }
                 Err(QuarantineError::NotQuarantined { pod }) => Err(QuarantineApiError::NotQuarantined(pod)),
-                Err(err @ QuarantineError::BadPodName(_)) => Err(QuarantineApiError::Refused(err.to_string())),
+                Err(err @ (QuarantineError::BadPodName(_) | QuarantineError::Pending { .. })) => Err(QuarantineApiError::Refused(err.to_string())),
                 Err(err) => Err(QuarantineApiError::Failed(err.to_string())),
             }
         })
@@ -175,29 +247,50 @@ impl QuarantineApi for QuarantineApiHandler {
 mod tests {
     use super::*;
     use crate::alerts::Outcome;
+    use crate::quarantine::PendingQuarantine;
 
-    fn decision(outcome: Outcome, tripped: bool) -> Decision {
+    fn decision(outcome: Outcome) -> Decision {
         Decision {
             outcome,
-            reason: "rate limit of 1 quarantines per minute reached".into(),
+            reason: "rate limit: held back by the node ceiling".into(),
             pod: "shop/a".into(),
             rule_id: "reverse_shell".into(),
             alert_id: "x".into(),
             cgroup_id: Some(1),
             enforced_at_ns: None,
             warning: None,
-            breaker_tripped: tripped,
+            expected_in_seconds: Some(6.0),
         }
     }
 
     #[test]
-    fn decisions_map_onto_alert_outcomes_and_a_trip_is_loud() {
+    fn decisions_map_onto_alert_outcomes_and_queue_outcomes_name_the_wait() {
         let base = Alert::new(AlertKind::Rule, Severity::Critical, "hit");
-        let alerts = alerts_for(base.clone(), &decision(Outcome::Quarantined, false));
+        let alerts = alerts_for(base.clone(), &decision(Outcome::Quarantined));
         assert_eq!(alerts.len(), 1);
         assert_eq!(alerts[0].outcome, AlertOutcome::Quarantined);
-        let alerts = alerts_for(base, &decision(Outcome::Suppressed, true));
-        assert_eq!(alerts.iter().map(|a| a.kind).collect::<Vec<_>>(), [AlertKind::Rule, AlertKind::Guardrail]);
-        assert_eq!(alerts[1].pod.as_ref().map(PodInfo::qualified), Some("shop/a".into()));
+        let alerts = alerts_for(base, &decision(Outcome::Pending));
+        assert_eq!(alerts[0].outcome, AlertOutcome::Pending);
+        let applied = QueueOutcome {
+            decision: decision(Outcome::Quarantined),
+            queued: PendingQuarantine {
+                pod: "shop/a".into(),
+                namespace: "shop".into(),
+                name: "a".into(),
+                rule_id: "reverse_shell".into(),
+                severity: Severity::Critical,
+                alert_id: "x".into(),
+                reason: "shell".into(),
+                queued_at: "2026-12-01T00:00:00Z".into(),
+                queued_unix_ns: 0,
+                seq: 0,
+                held_by: "the node ceiling of 10 quarantines per minute".into(),
+            },
+            queued_for_seconds: 6.25,
+        };
+        let alert = queue_alert(&applied);
+        assert_eq!((alert.kind, alert.outcome), (AlertKind::Quarantine, AlertOutcome::Quarantined));
+        assert!(alert.message.contains("after 6.2 s") || alert.message.contains("after 6.3 s"), "{}", alert.message);
+        assert_eq!(alert.pod.as_ref().map(PodInfo::qualified), Some("shop/a".into()));
     }
 }

@@ -10,13 +10,16 @@
 //!    [`Decision`] whose `outcome` (`alerted`, `quarantined`, `already_quarantined`,
 //!    `would_quarantine`, `suppressed`, `failed`) and `reason` go into the alert. The map update
 //!    has returned before `respond` does.
-//! 3. Operator: `list()`, `release(pod, reason, by)` (yields the audit [`ReleaseRecord`]),
-//!    `resume(by)` after the rate limit tripped, `status()`.
-//! 4. Changes: `set_policy(ResponsePolicy)` (hot reload), `set_inventory(&inventory)` (returns the
+//! 3. Rate limits (token buckets per namespace under a node ceiling) queue a quarantine
+//!    (`pending`), never drop or latch: the daemon runs [`api::spawn_queue_worker`], which calls
+//!    `apply_due()` when `next_due()` says and alerts each [`QueueOutcome`].
+//! 4. Operator: `list()`, `pending()`, `release(pod, reason, by)` (yields the audit
+//!    [`ReleaseRecord`]), `cancel(pod, reason, by)` for a queued one ([`CancelRecord`]), `status()`.
+//! 5. Changes: `set_policy(ResponsePolicy)` (hot reload), `set_inventory(&inventory)` (returns the
 //!    quarantines that ended because their endpoint left).
-//! 5. Alerts and API: [`api::alerts_for`] (rule alert + outcome, guardrail alert on a trip),
+//! 6. Alerts and API: [`api::alerts_for`] (rule alert + outcome), [`api::queue_alert`],
 //!    [`api::removal_alert`]; [`api::QuarantineApiHandler`] implements `crate::api::QuarantineApi`
-//!    (list; release writes its own audit alert).
+//!    (list with pending; release and cancel write their own audit alerts).
 pub mod api;
 pub mod datapath;
 pub mod policy;
@@ -28,10 +31,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub use datapath::{DatapathError, KernelQuarantineMap, MemoryDatapath, QuarantineDatapath};
 pub use policy::{ForensicsException, ResponsePolicy, RuleMode};
 pub use responder::{
-    Adoption, Decision, Outcome, QuarantineError, ReleaseRecord, Removal, Responder, ResponderConfig,
-    ResponderStatus, Verdict,
+    Adoption, CancelRecord, Decision, Outcome, QuarantineError, QueueOutcome, ReleaseRecord, Removal, Responder,
+    ResponderConfig, ResponderStatus, Verdict,
 };
-pub use state::{QuarantineRecord, SuspendedState};
+pub use state::{PendingQuarantine, QuarantineRecord};
 
 use crate::inventory::Inventory;
 
@@ -72,8 +75,20 @@ impl QuarantineService {
         self.lock().list()
     }
 
-    pub fn resume(&self, by: &str) -> Option<SuspendedState> {
-        self.lock().resume(by)
+    pub fn cancel(&self, pod: &str, reason: &str, by: &str) -> Result<CancelRecord, QuarantineError> {
+        self.lock().cancel(pod, reason, by)
+    }
+
+    pub fn pending(&self) -> Vec<PendingQuarantine> {
+        self.lock().pending()
+    }
+
+    pub fn apply_due(&self) -> Vec<QueueOutcome> {
+        self.lock().apply_due()
+    }
+
+    pub fn next_due(&self) -> Option<std::time::Duration> {
+        self.lock().next_due()
     }
 
     pub fn status(&self) -> ResponderStatus {
@@ -108,10 +123,22 @@ impl QuarantineService {
         }
     }
 
-    pub async fn resume_async(&self, by: String) -> Option<SuspendedState> {
+    pub async fn cancel_async(&self, pod: String, reason: String, by: String) -> Result<CancelRecord, QuarantineError> {
+        self.blocking(move |this| this.cancel(&pod, &reason, &by)).await
+    }
+
+    pub async fn pending_async(&self) -> Vec<PendingQuarantine> {
+        self.blocking(|this| this.pending()).await
+    }
+
+    pub async fn apply_due_async(&self) -> Vec<QueueOutcome> {
+        self.blocking(|this| this.apply_due()).await
+    }
+
+    async fn blocking<T: Send + 'static>(&self, call: impl FnOnce(&QuarantineService) -> T + Send + 'static) -> T {
         let this = self.clone();
-        match tokio::task::spawn_blocking(move || this.resume(&by)).await {
-            Ok(previous) => previous,
+        match tokio::task::spawn_blocking(move || call(&this)).await {
+            Ok(value) => value,
             Err(err) => std::panic::resume_unwind(err.into_panic()),
         }
     }

@@ -1,16 +1,20 @@
 //! The responder: turns rule verdicts into quarantine decisions, applies them to the datapath
 //! before reporting them, keeps the quarantine set on disk, and reconciles it at start-up.
+//!
+//! Over a rate limit a quarantine is queued, never dropped: [`Responder::apply_due`] applies the
+//! queue as the token buckets refill (the daemon's queue worker calls it and alerts each
+//! outcome), and an operator can cancel a queued quarantine. Nothing latches.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use palisade_common::QuarantineValue;
 use serde::Serialize;
 
 use super::datapath::{DatapathError, ForensicsEntry, QuarantineDatapath};
-use super::policy::{Enforcement, RateWindow, ResponsePolicy};
-use super::state::{self, QuarantineRecord, StateError, StateFile, SuspendedState};
+use super::policy::{Enforcement, RateLimitStatus, RateLimiter, ResponsePolicy};
+use super::state::{self, PendingQuarantine, QuarantineRecord, StateError, StateFile};
 use crate::events::input::{monotonic_now_ns, rfc3339};
 use crate::inventory::Inventory;
 use crate::rules::{Action, RuleHit};
@@ -19,6 +23,10 @@ use crate::rules::{Action, RuleHit};
 pub enum QuarantineError {
     #[error("{pod} is not quarantined")]
     NotQuarantined { pod: String },
+    #[error("{pod} is not quarantined yet: its quarantine is queued by the rate limit (cancel it with `palisade quarantine cancel {pod}`)")]
+    Pending { pod: String },
+    #[error("{pod} has no queued quarantine")]
+    NotPending { pod: String },
     #[error("pod must be NAMESPACE/NAME, got {0:?}")]
     BadPodName(String),
     #[error("datapath: {0}")]
@@ -41,6 +49,7 @@ pub struct Verdict {
 
 /// What was done about a verdict: the alert's own outcome type, so the decision goes into the
 /// alert as it is. The responder produces `Alerted`, `Quarantined`, `AlreadyQuarantined`,
+/// `Pending` (queued by a rate limit: NOT enforced yet, applied as the limit allows),
 /// `WouldQuarantine`, `Suppressed` and `Failed` (the datapath refused the update, or the pod
 /// cannot be located: NOT enforced).
 pub use crate::alerts::Outcome;
@@ -60,10 +69,35 @@ pub struct Decision {
     /// Something went wrong after enforcement (e.g. the state file could not be written).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
-    /// This verdict tripped the rate limit: automatic quarantine is now suspended (the daemon
-    /// raises a guardrail alert besides the rule alert).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub breaker_tripped: bool,
+    /// `pending`: about how long until the rate limit lets it through (queue order aside).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_in_seconds: Option<f64>,
+}
+
+/// What became of a queued quarantine (from [`Responder::apply_due`]): applied (`quarantined`,
+/// or `failed`), or ended without a token because things changed while it waited
+/// (`already_quarantined`, `would_quarantine` after dry run was turned on, `suppressed` for a
+/// namespace protected meanwhile, `failed` for a pod that left).
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueOutcome {
+    pub decision: Decision,
+    pub queued: PendingQuarantine,
+    pub queued_for_seconds: f64,
+}
+
+/// The audit record of a cancelled queued quarantine.
+#[derive(Debug, Clone, Serialize)]
+pub struct CancelRecord {
+    pub pod: String,
+    pub rule_id: String,
+    pub alert_id: String,
+    pub queued_at: String,
+    pub cancelled_at: String,
+    pub queued_for_seconds: f64,
+    pub reason: String,
+    pub by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// The audit record of a release.
@@ -78,8 +112,6 @@ pub struct ReleaseRecord {
     pub quarantined_for_seconds: f64,
     pub reason: String,
     pub by: String,
-    /// The release also re-armed automatic quarantine after the rate limit had tripped.
-    pub resumed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }
@@ -103,6 +135,8 @@ pub struct Adoption {
     /// In the file but missing from the map (e.g. maps were not pinned): set again.
     pub reapplied: Vec<String>,
     pub removed: Vec<Removal>,
+    /// Queued quarantines from the state file, applied as the rate limit allows.
+    pub pending: Vec<PendingQuarantine>,
     /// Map entries of cgroups no endpoint has; cleared.
     pub stale_map_entries: Vec<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,6 +152,12 @@ pub struct Counters {
     pub failed: u64,
     pub released: u64,
     pub removed: u64,
+    /// Held back by a rate limit and queued.
+    pub queued: u64,
+    /// Applied from the queue.
+    pub applied_from_queue: u64,
+    /// Queued quarantines an operator cancelled.
+    pub cancelled: u64,
 }
 
 /// For `palisade status`.
@@ -127,11 +167,11 @@ pub struct ResponderStatus {
     pub dry_run: bool,
     pub rule_modes: BTreeMap<String, super::policy::RuleMode>,
     pub protected_namespaces: Vec<String>,
-    pub max_quarantines_per_minute: u32,
-    pub quarantines_last_minute: usize,
-    /// Set when the rate limit tripped: automatic quarantine is suspended until an operator
-    /// resumes it (or releases a pod).
-    pub suspended: Option<SuspendedState>,
+    pub rate_limit: RateLimitStatus,
+    /// Quarantines queued by the rate limit (not enforced yet).
+    pub pending: usize,
+    /// The oldest queued quarantine's wait so far.
+    pub oldest_pending_seconds: Option<f64>,
     pub forensics_exceptions: usize,
     pub counters: Counters,
 }
@@ -142,6 +182,18 @@ pub struct ResponderConfig {
     /// The cgroup2 mount; inventory cgroup paths are relative to it.
     pub cgroup_root: PathBuf,
     pub policy: ResponsePolicy,
+}
+
+/// A pod about to be quarantined, located.
+struct Target {
+    pod: String,
+    namespace: String,
+    name: String,
+    cgroup: String,
+    cgroup_id: u64,
+    rule_id: String,
+    alert_id: String,
+    message: String,
 }
 
 /// Where a pod lives, from the inventory.
@@ -163,8 +215,13 @@ pub struct Responder<D: QuarantineDatapath> {
     /// Peer-only endpoints (pods on other nodes): never quarantinable from this node.
     peers: BTreeSet<String>,
     endpoint_ids: HashMap<String, u32>,
-    window: RateWindow,
-    suspended: Option<SuspendedState>,
+    limiter: RateLimiter,
+    /// Queued quarantines by pod key (queue order: `seq`).
+    pending: BTreeMap<String, PendingQuarantine>,
+    next_seq: u64,
+    /// Queue outcomes not yet collected by `apply_due` (the queue is also served at the start
+    /// of `respond`, so earlier quarantines keep their place).
+    outbox: Vec<QueueOutcome>,
     counters: Counters,
 }
 
@@ -193,13 +250,19 @@ impl<D: QuarantineDatapath> Responder<D> {
             datapath,
             state_dir: config.state_dir,
             cgroup_root: config.cgroup_root,
-            policy: config.policy,
+            policy: config.policy.clone(),
             records: BTreeMap::new(),
             endpoints: HashMap::new(),
             peers: BTreeSet::new(),
             endpoint_ids: HashMap::new(),
-            window: RateWindow::default(),
-            suspended: None,
+            limiter: RateLimiter::new(
+                config.policy.max_quarantines_per_minute,
+                config.policy.max_quarantines_per_namespace_per_minute,
+                Instant::now(),
+            ),
+            pending: BTreeMap::new(),
+            next_seq: 0,
+            outbox: Vec::new(),
             counters: Counters::default(),
         };
         responder.locate_endpoints(inventory);
@@ -216,7 +279,9 @@ impl<D: QuarantineDatapath> Responder<D> {
                 StateFile::default()
             }
         };
-        responder.suspended = file.suspended;
+        if file.suspended.is_some() {
+            tracing::warn!("the state file says automatic quarantine was suspended by the rate limit; ignored: over the limit quarantines are queued now, nothing suspends");
+        }
         let in_map: HashMap<u64, QuarantineValue> = responder.datapath.entries()?.into_iter().collect();
         let (at, _) = now_rfc3339();
 
@@ -244,6 +309,15 @@ impl<D: QuarantineDatapath> Responder<D> {
             }
             adoption.adopted.push(record.clone());
             responder.records.insert(record.pod.clone(), record);
+        }
+
+        for pending in file.pending {
+            if responder.records.contains_key(&pending.pod) || responder.pending.contains_key(&pending.pod) {
+                continue;
+            }
+            responder.next_seq = responder.next_seq.max(pending.seq + 1);
+            adoption.pending.push(pending.clone());
+            responder.pending.insert(pending.pod.clone(), pending);
         }
 
         accounted.extend(responder.records.values().map(|r| r.cgroup_id));
@@ -291,6 +365,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             recovered = adoption.recovered_from_map.len(),
             reapplied = adoption.reapplied.len(),
             removed = adoption.removed.len(),
+            pending = adoption.pending.len(),
             stale = adoption.stale_map_entries.len(),
             "quarantine state adopted"
         );
@@ -329,7 +404,8 @@ impl<D: QuarantineDatapath> Responder<D> {
             &StateFile {
                 version: state::STATE_VERSION,
                 quarantined: self.records.values().cloned().collect(),
-                suspended: self.suspended.clone(),
+                pending: self.pending_in_order(),
+                suspended: None,
             },
         )
     }
@@ -344,8 +420,12 @@ impl<D: QuarantineDatapath> Responder<D> {
     }
 
     /// Decides and, when it comes to that, enforces. The datapath update has returned before
-    /// this does, and a failed update is reported as `failed`, never as `quarantined`.
+    /// this does, and a failed update is reported as `failed`, never as `quarantined`. Over a
+    /// rate limit the quarantine is queued (`pending`) and applied by `apply_due`.
     pub fn respond(&mut self, verdict: &Verdict) -> Decision {
+        let now = Instant::now();
+        // Quarantines queued earlier go first (their outcomes wait in the outbox).
+        self.serve_queue(now);
         let pod = format!("{}/{}", verdict.namespace, verdict.name);
         let rule_id = verdict.hit.rule_id.clone();
         let decision = |outcome: Outcome, reason: String, cgroup_id: Option<u64>| Decision {
@@ -357,7 +437,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             cgroup_id,
             enforced_at_ns: None,
             warning: None,
-            breaker_tripped: false,
+            expected_in_seconds: None,
         };
         if verdict.hit.action != Action::Quarantine {
             return decision(Outcome::Alerted, "the rule's action is alert".into(), None);
@@ -378,6 +458,13 @@ impl<D: QuarantineDatapath> Responder<D> {
             let reason = format!("quarantined since {} by rule {} (alert {})", existing.since, existing.rule_id, existing.alert_id);
             return decision(Outcome::AlreadyQuarantined, reason, Some(existing.cgroup_id));
         }
+        if let Some(queued) = self.pending.get(&pod) {
+            let reason = format!(
+                "a quarantine is already queued since {} by rule {} (alert {}), held back by {}",
+                queued.queued_at, queued.rule_id, queued.alert_id, queued.held_by
+            );
+            return decision(Outcome::Pending, reason, None);
+        }
         if self.policy.is_protected(&verdict.namespace) {
             self.counters.suppressed += 1;
             tracing::warn!(%pod, rule = %rule_id, "quarantine suppressed: protected namespace");
@@ -387,109 +474,296 @@ impl<D: QuarantineDatapath> Responder<D> {
             self.counters.would_quarantine += 1;
             return decision(Outcome::WouldQuarantine, why, None);
         }
-        let Some(located) = self.endpoints.get_mut(&pod) else {
-            self.counters.failed += 1;
-            tracing::error!(%pod, rule = %rule_id, "cannot quarantine: pod has no cgroup in the inventory");
-            return decision(Outcome::Failed, "the pod has no cgroup in the inventory".into(), None);
-        };
-        if located.cgroup_id.is_none() {
-            // The cgroup may have appeared since the inventory was read.
-            located.cgroup_id = crate::lab::cgroup_id(&self.cgroup_root.join(&located.cgroup)).ok();
-        }
-        let Some(cgroup_id) = located.cgroup_id else {
-            self.counters.failed += 1;
-            let reason = format!("cgroup {} does not exist", located.cgroup);
-            tracing::error!(%pod, rule = %rule_id, %reason, "cannot quarantine");
-            return decision(Outcome::Failed, reason, None);
-        };
-        let cgroup = located.cgroup.clone();
-        let now = Instant::now();
-        if let Some(suspended) = self.suspended.as_mut() {
-            suspended.suppressed += 1;
-            self.counters.suppressed += 1;
-            let reason = format!(
-                "automatic quarantine is suspended since {} (rate limit of {} per minute reached); run `palisade quarantine resume`",
-                suspended.since, suspended.limit_per_minute
-            );
-            tracing::error!(%pod, rule = %rule_id, suppressed = suspended.suppressed, "QUARANTINE SUPPRESSED: {reason}");
-            return decision(Outcome::Suppressed, reason, Some(cgroup_id));
-        }
-        let limit = self.policy.max_quarantines_per_minute;
-        if limit > 0 && self.window.count(now) >= limit as usize {
-            let (since, _) = now_rfc3339();
-            self.suspended = Some(SuspendedState {
-                since,
-                limit_per_minute: limit,
-                tripped_by_rule: rule_id.clone(),
-                tripped_by_pod: pod.clone(),
-                suppressed: 1,
-            });
-            self.counters.suppressed += 1;
-            let reason = format!(
-                "rate limit of {limit} quarantines per minute reached on this node: automatic quarantine suspended until an operator runs `palisade quarantine resume`"
-            );
-            tracing::error!(%pod, rule = %rule_id, "QUARANTINE SUPPRESSED: {reason}");
-            if let Err(err) = self.persist() {
-                tracing::error!(%err, "writing the quarantine state");
+        let (cgroup, cgroup_id) = match self.locate(&pod) {
+            Ok(found) => found,
+            Err(reason) => {
+                self.counters.failed += 1;
+                tracing::error!(%pod, rule = %rule_id, %reason, "cannot quarantine");
+                return decision(Outcome::Failed, reason, None);
             }
-            return Decision { breaker_tripped: true, ..decision(Outcome::Suppressed, reason, Some(cgroup_id)) };
-        }
+        };
 
-        // Enforce first, then record, then report.
-        let value = self.map_value(&pod);
-        if let Err(err) = self.datapath.set(cgroup_id, value) {
-            self.counters.failed += 1;
-            tracing::error!(%pod, rule = %rule_id, cgroup_id, %err, "QUARANTINE FAILED: datapath update refused");
-            return decision(Outcome::Failed, format!("datapath update failed: {err}"), Some(cgroup_id));
+        // The rate limits: queue behind earlier quarantines of the namespace, or when a bucket
+        // is empty. Queued, never dropped.
+        let ahead = self.pending.values().filter(|p| p.namespace == verdict.namespace).count();
+        let held = if ahead > 0 {
+            Some((format!("{ahead} earlier quarantine(s) queued in namespace {}", verdict.namespace), None))
+        } else {
+            self.limiter.check(&verdict.namespace, now).map(|(limited, wait)| (limited.to_string(), Some(wait)))
+        };
+        if let Some((held_by, wait)) = held {
+            let (queued_at, queued_unix_ns) = now_rfc3339();
+            let queued = PendingQuarantine {
+                pod: pod.clone(),
+                namespace: verdict.namespace.clone(),
+                name: verdict.name.clone(),
+                rule_id: rule_id.clone(),
+                severity: verdict.hit.severity,
+                alert_id: verdict.alert_id.clone(),
+                reason: verdict.hit.message.clone(),
+                queued_at,
+                queued_unix_ns,
+                seq: self.next_seq,
+                held_by: held_by.clone(),
+            };
+            self.next_seq += 1;
+            self.pending.insert(pod.clone(), queued);
+            self.counters.queued += 1;
+            let warning = self.persist().err().map(|err| {
+                tracing::error!(%pod, %err, "quarantine queued but the state file could not be written");
+                format!("queued, but the state file could not be written: {err}")
+            });
+            let when = match wait {
+                Some(wait) => format!("in about {:.1} s", wait.as_secs_f64()),
+                None => "after them".to_string(),
+            };
+            let reason = format!(
+                "rate limit: held back by {held_by}; queued, NOT enforced yet: applied {when} unless an operator cancels it (`palisade quarantine cancel {pod}`)"
+            );
+            tracing::warn!(%pod, rule = %rule_id, alert = %verdict.alert_id, %held_by, "quarantine queued by the rate limit");
+            return Decision {
+                warning,
+                expected_in_seconds: wait.map(|w| w.as_secs_f64()),
+                ..decision(Outcome::Pending, reason, Some(cgroup_id))
+            };
         }
-        let enforced_at_ns = monotonic_now_ns();
-        self.window.record(now);
-        self.counters.quarantined += 1;
-        let (since, since_unix_ns) = now_rfc3339();
-        let record = QuarantineRecord {
+        self.limiter.take(&verdict.namespace, now);
+        let target = Target {
             pod: pod.clone(),
             namespace: verdict.namespace.clone(),
             name: verdict.name.clone(),
             cgroup,
             cgroup_id,
-            since,
-            since_unix_ns,
             rule_id: rule_id.clone(),
             alert_id: verdict.alert_id.clone(),
-            reason: verdict.hit.message.clone(),
+            message: verdict.hit.message.clone(),
         };
-        self.records.insert(pod.clone(), record);
-        let warning = self.persist().err().map(|err| {
-            tracing::error!(%pod, %err, "quarantine enforced but the state file could not be written");
-            format!("enforced, but the state file could not be written: {err}")
-        });
-        tracing::warn!(%pod, rule = %rule_id, alert = %verdict.alert_id, cgroup_id, "pod quarantined");
-        Decision {
-            outcome: Outcome::Quarantined,
-            reason: format!("rule {rule_id}: {}", verdict.hit.message),
-            pod,
-            rule_id,
-            alert_id: verdict.alert_id.clone(),
-            cgroup_id: Some(cgroup_id),
-            enforced_at_ns: Some(enforced_at_ns),
-            warning,
-            breaker_tripped: false,
+        let enforced = self.enforce(target);
+        let warning = enforced.is_ok().then(|| self.persist_warning(&pod)).flatten();
+        match enforced {
+            Ok(enforced_at_ns) => Decision {
+                enforced_at_ns: Some(enforced_at_ns),
+                warning,
+                ..decision(Outcome::Quarantined, format!("rule {rule_id}: {}", verdict.hit.message), Some(cgroup_id))
+            },
+            Err(reason) => decision(Outcome::Failed, reason, Some(cgroup_id)),
         }
     }
 
+    /// The pod's cgroup and its id, or why it cannot be found.
+    fn locate(&mut self, pod: &str) -> Result<(String, u64), String> {
+        let Some(located) = self.endpoints.get_mut(pod) else {
+            return Err("the pod has no cgroup in the inventory".into());
+        };
+        if located.cgroup_id.is_none() {
+            // The cgroup may have appeared since the inventory was read.
+            located.cgroup_id = crate::lab::cgroup_id(&self.cgroup_root.join(&located.cgroup)).ok();
+        }
+        match located.cgroup_id {
+            Some(id) => Ok((located.cgroup.clone(), id)),
+            None => Err(format!("cgroup {} does not exist", located.cgroup)),
+        }
+    }
+
+    /// Enforce first, then record (the caller persists and reports). The monotonic time at
+    /// which the map update had returned, or why it failed.
+    fn enforce(&mut self, target: Target) -> Result<u64, String> {
+        let value = self.map_value(&target.pod);
+        if let Err(err) = self.datapath.set(target.cgroup_id, value) {
+            self.counters.failed += 1;
+            tracing::error!(pod = %target.pod, rule = %target.rule_id, cgroup_id = target.cgroup_id, %err, "QUARANTINE FAILED: datapath update refused");
+            return Err(format!("datapath update failed: {err}"));
+        }
+        let enforced_at_ns = monotonic_now_ns();
+        self.counters.quarantined += 1;
+        let (since, since_unix_ns) = now_rfc3339();
+        tracing::warn!(pod = %target.pod, rule = %target.rule_id, alert = %target.alert_id, cgroup_id = target.cgroup_id, "pod quarantined");
+        let record = QuarantineRecord {
+            pod: target.pod.clone(),
+            namespace: target.namespace,
+            name: target.name,
+            cgroup: target.cgroup,
+            cgroup_id: target.cgroup_id,
+            since,
+            since_unix_ns,
+            rule_id: target.rule_id,
+            alert_id: target.alert_id,
+            reason: target.message,
+        };
+        self.records.insert(target.pod, record);
+        Ok(enforced_at_ns)
+    }
+
+    fn persist_warning(&self, pod: &str) -> Option<String> {
+        self.persist().err().map(|err| {
+            tracing::error!(%pod, %err, "quarantine state changed but the state file could not be written");
+            format!("enforced, but the state file could not be written: {err}")
+        })
+    }
+
+    fn pending_in_order(&self) -> Vec<PendingQuarantine> {
+        let mut queued: Vec<PendingQuarantine> = self.pending.values().cloned().collect();
+        queued.sort_by_key(|p| p.seq);
+        queued
+    }
+
+    /// Applies queued quarantines, oldest first, as far as the rate limits allow; what became
+    /// of each goes to the outbox.
+    fn serve_queue(&mut self, now: Instant) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut changed = false;
+        for queued in self.pending_in_order() {
+            let pod = queued.pod.clone();
+            // What changed while it waited can end it without spending a token.
+            let ended = if let Some(existing) = self.records.get(&pod) {
+                self.counters.already_quarantined += 1;
+                Some((Outcome::AlreadyQuarantined, format!("quarantined meanwhile by rule {} (alert {})", existing.rule_id, existing.alert_id), Some(existing.cgroup_id)))
+            } else if self.policy.is_protected(&queued.namespace) {
+                self.counters.suppressed += 1;
+                Some((Outcome::Suppressed, format!("namespace {} was made protected while the quarantine was queued", queued.namespace), None))
+            } else if let Enforcement::DryRun(why) = self.policy.enforcement(&queued.rule_id) {
+                self.counters.would_quarantine += 1;
+                Some((Outcome::WouldQuarantine, format!("{why} (changed while the quarantine was queued)"), None))
+            } else {
+                match self.locate(&pod) {
+                    Err(reason) => {
+                        self.counters.failed += 1;
+                        tracing::error!(%pod, %reason, "cannot apply a queued quarantine");
+                        Some((Outcome::Failed, format!("{reason} (while the quarantine was queued)"), None))
+                    }
+                    Ok(_) => None,
+                }
+            };
+            let decision_for = |outcome: Outcome, reason: String, cgroup_id: Option<u64>| Decision {
+                outcome,
+                reason,
+                pod: pod.clone(),
+                rule_id: queued.rule_id.clone(),
+                alert_id: queued.alert_id.clone(),
+                cgroup_id,
+                enforced_at_ns: None,
+                warning: None,
+                expected_in_seconds: None,
+            };
+            let (_, unix_ns) = now_rfc3339();
+            let queued_for_seconds = ((unix_ns - queued.queued_unix_ns).max(0) as f64) / 1e9;
+            if let Some((outcome, reason, cgroup_id)) = ended {
+                self.pending.remove(&pod);
+                changed = true;
+                self.outbox.push(QueueOutcome { decision: decision_for(outcome, reason, cgroup_id), queued, queued_for_seconds });
+                continue;
+            }
+            if self.limiter.check(&queued.namespace, now).is_some() {
+                if self.limiter.node_exhausted(now) {
+                    break;
+                }
+                // This namespace waits; later ones in other namespaces may go.
+                continue;
+            }
+            let Ok((cgroup, cgroup_id)) = self.locate(&pod) else { continue };
+            self.limiter.take(&queued.namespace, now);
+            self.pending.remove(&pod);
+            changed = true;
+            let target = Target {
+                pod: pod.clone(),
+                namespace: queued.namespace.clone(),
+                name: queued.name.clone(),
+                cgroup,
+                cgroup_id,
+                rule_id: queued.rule_id.clone(),
+                alert_id: queued.alert_id.clone(),
+                message: queued.reason.clone(),
+            };
+            let decision = match self.enforce(target) {
+                Ok(enforced_at_ns) => {
+                    self.counters.applied_from_queue += 1;
+                    Decision {
+                        enforced_at_ns: Some(enforced_at_ns),
+                        ..decision_for(
+                            Outcome::Quarantined,
+                            format!("rule {}: {}; applied after {queued_for_seconds:.1} s in the rate-limit queue", queued.rule_id, queued.reason),
+                            Some(cgroup_id),
+                        )
+                    }
+                }
+                Err(reason) => decision_for(Outcome::Failed, reason, Some(cgroup_id)),
+            };
+            self.outbox.push(QueueOutcome { decision, queued, queued_for_seconds });
+        }
+        if changed {
+            if let Err(err) = self.persist() {
+                tracing::error!(%err, "queued quarantines applied but the state file could not be written");
+                if let Some(last) = self.outbox.last_mut() {
+                    last.decision.warning = Some(format!("the state file could not be written: {err}"));
+                }
+            }
+        }
+    }
+
+    /// Applies what the rate limits allow now and returns every queue outcome since the last
+    /// call (for alerts).
+    pub fn apply_due(&mut self) -> Vec<QueueOutcome> {
+        self.serve_queue(Instant::now());
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// How long until `apply_due` may have something to do (None: nothing queued).
+    pub fn next_due(&mut self) -> Option<Duration> {
+        if !self.outbox.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let namespaces: BTreeSet<String> = self.pending.values().map(|p| p.namespace.clone()).collect();
+        namespaces.iter().map(|ns| self.limiter.check(ns, now).map_or(Duration::ZERO, |(_, wait)| wait)).min()
+    }
+
+    /// Queued quarantines, oldest first.
+    pub fn pending(&self) -> Vec<PendingQuarantine> {
+        self.pending_in_order()
+    }
+
+    /// Drops a queued quarantine (an operator's decision, audited by the caller).
+    pub fn cancel(&mut self, pod: &str, reason: &str, by: &str) -> Result<CancelRecord, QuarantineError> {
+        split_pod(pod)?;
+        let Some(queued) = self.pending.remove(pod) else {
+            if self.records.contains_key(pod) {
+                return Err(QuarantineError::Policy(format!("{pod} is already quarantined: release it instead of cancelling")));
+            }
+            return Err(QuarantineError::NotPending { pod: pod.to_string() });
+        };
+        self.counters.cancelled += 1;
+        let (cancelled_at, now_ns) = now_rfc3339();
+        let warning = self.persist().err().map(|err| format!("cancelled, but the state file could not be written: {err}"));
+        tracing::warn!(%pod, %reason, %by, "queued quarantine cancelled");
+        Ok(CancelRecord {
+            pod: queued.pod,
+            rule_id: queued.rule_id,
+            alert_id: queued.alert_id,
+            queued_at: queued.queued_at,
+            cancelled_at,
+            queued_for_seconds: ((now_ns - queued.queued_unix_ns).max(0) as f64) / 1e9,
+            reason: reason.to_string(),
+            by: by.to_string(),
+            warning,
+        })
+    }
+
     /// Lifts a quarantine (the map entry goes first; if that fails, nothing changes) and returns
-    /// the audit record. Counts as an operator action: re-arms a tripped rate limit.
+    /// the audit record.
     pub fn release(&mut self, pod: &str, reason: &str, by: &str) -> Result<ReleaseRecord, QuarantineError> {
         split_pod(pod)?;
-        let record = self.records.get(pod).ok_or_else(|| QuarantineError::NotQuarantined { pod: pod.to_string() })?;
+        let Some(record) = self.records.get(pod) else {
+            if self.pending.contains_key(pod) {
+                return Err(QuarantineError::Pending { pod: pod.to_string() });
+            }
+            return Err(QuarantineError::NotQuarantined { pod: pod.to_string() });
+        };
         self.datapath.clear(record.cgroup_id)?;
         let Some(record) = self.records.remove(pod) else {
             return Err(QuarantineError::NotQuarantined { pod: pod.to_string() });
         };
-        let resumed = self.suspended.take().is_some();
-        if resumed {
-            self.window.clear();
-        }
         self.counters.released += 1;
         let (released_at, now_ns) = now_rfc3339();
         let warning = self.persist().err().map(|err| format!("released, but the state file could not be written: {err}"));
@@ -504,22 +778,8 @@ impl<D: QuarantineDatapath> Responder<D> {
             quarantined_for_seconds: ((now_ns - record.since_unix_ns).max(0) as f64) / 1e9,
             reason: reason.to_string(),
             by: by.to_string(),
-            resumed,
             warning,
         })
-    }
-
-    /// Re-arms automatic quarantine after the rate limit tripped; returns what was suspended.
-    pub fn resume(&mut self, by: &str) -> Option<SuspendedState> {
-        let previous = self.suspended.take();
-        self.window.clear();
-        if let Some(s) = &previous {
-            tracing::warn!(%by, since = %s.since, suppressed = s.suppressed, "automatic quarantine resumed");
-            if let Err(err) = self.persist() {
-                tracing::error!(%err, "writing the quarantine state");
-            }
-        }
-        previous
     }
 
     pub fn list(&self) -> Vec<QuarantineRecord> {
@@ -530,9 +790,11 @@ impl<D: QuarantineDatapath> Responder<D> {
         self.records.contains_key(pod)
     }
 
-    /// Hot reload of the response policy (dry run, rule modes, guardrails, forensics).
+    /// Hot reload of the response policy (dry run, rule modes, guardrails, forensics). Tokens
+    /// already spent stay spent; queued quarantines are judged by the new policy when served.
     pub fn set_policy(&mut self, policy: ResponsePolicy) -> Result<(), QuarantineError> {
         policy.validate().map_err(QuarantineError::Policy)?;
+        self.limiter.set_limits(policy.max_quarantines_per_minute, policy.max_quarantines_per_namespace_per_minute, Instant::now());
         self.policy = policy;
         self.apply_forensics()?;
         tracing::info!(dry_run = self.policy.dry_run, rules = self.policy.rules.len(), "response policy updated");
@@ -583,9 +845,12 @@ impl<D: QuarantineDatapath> Responder<D> {
             dry_run: self.policy.dry_run,
             rule_modes: self.policy.rules.clone(),
             protected_namespaces: self.policy.protected_namespaces.iter().cloned().collect(),
-            max_quarantines_per_minute: self.policy.max_quarantines_per_minute,
-            quarantines_last_minute: self.window.count(Instant::now()),
-            suspended: self.suspended.clone(),
+            rate_limit: self.limiter.snapshot(Instant::now()),
+            pending: self.pending.len(),
+            oldest_pending_seconds: self.pending.values().map(|p| p.queued_unix_ns).min().map(|oldest| {
+                let (_, now_ns) = now_rfc3339();
+                ((now_ns - oldest).max(0) as f64) / 1e9
+            }),
             forensics_exceptions: self.policy.forensics.len(),
             counters: self.counters.clone(),
         }
@@ -748,27 +1013,101 @@ mod tests {
     }
 
     #[test]
-    fn protected_namespace_and_rate_limit_suppress_until_resumed() {
-        let f = Fixture::new("guard");
-        let policy = ResponsePolicy { max_quarantines_per_minute: 2, ..ResponsePolicy::default() };
-        let (mut r, _) = start(&f, policy, MemoryDatapath::default());
+    fn protected_namespace_is_never_quarantined() {
+        let f = Fixture::new("protected");
+        let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
         let d = r.respond(&verdict("kube-system/dns", "reverse_shell", Action::Quarantine));
         assert_eq!(d.outcome, Outcome::Suppressed);
         assert!(d.reason.contains("kube-system"), "{}", d.reason);
+        assert!(r.datapath().entries.is_empty());
+    }
+
+    /// The rate limit delays, never drops: over the node ceiling a quarantine is queued
+    /// (`pending`, persisted, listed), applied once the bucket refills, and nothing latches.
+    #[test]
+    fn over_the_rate_limit_quarantines_queue_and_apply_as_tokens_refill() {
+        let f = Fixture::new("queue");
+        // A node ceiling of 2 per minute (30 s per token); the refill is driven by a reload to
+        // a fast rate instead of waiting.
+        let policy = ResponsePolicy { max_quarantines_per_minute: 2, max_quarantines_per_namespace_per_minute: 0, ..ResponsePolicy::default() };
+        let (mut r, _) = start(&f, policy, MemoryDatapath::default());
         assert_eq!(r.respond(&verdict("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
         assert_eq!(r.respond(&verdict("shop/b", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
-        let tripped = r.respond(&verdict("shop/c", "x", Action::Quarantine));
-        assert_eq!(tripped.outcome, Outcome::Suppressed);
-        assert!(tripped.reason.contains("rate limit"), "{}", tripped.reason);
-        assert!(tripped.breaker_tripped);
-        // Stays suppressed (no time-based re-arming) and says so in status and on disk.
-        assert_eq!(r.respond(&verdict("shop/d", "x", Action::Quarantine)).outcome, Outcome::Suppressed);
+        let queued = r.respond(&verdict("shop/c", "x", Action::Quarantine));
+        assert_eq!(queued.outcome, Outcome::Pending, "{queued:?}");
+        assert!(queued.reason.contains("node ceiling of 2") && queued.reason.contains("cancel"), "{}", queued.reason);
+        assert!(queued.expected_in_seconds.is_some_and(|s| s > 20.0 && s <= 30.0), "{queued:?}");
+        // A second verdict about the queued pod does not queue it twice; d queues behind c.
+        assert_eq!(r.respond(&verdict("shop/c", "y", Action::Quarantine)).outcome, Outcome::Pending);
+        assert_eq!(r.respond(&verdict("shop/d", "x", Action::Quarantine)).outcome, Outcome::Pending);
+        assert_eq!(r.datapath().entries.len(), 2, "queued ones are not enforced yet");
+        assert_eq!(r.pending().iter().map(|p| p.pod.as_str()).collect::<Vec<_>>(), ["shop/c", "shop/d"]);
         let status = r.status();
-        assert_eq!(status.suspended.as_ref().map(|s| s.suppressed), Some(2));
-        assert_eq!(state::load(&f.root.join("state")).expect("state").suspended.map(|s| s.tripped_by_pod), Some("shop/c".into()));
+        assert_eq!((status.pending, status.counters.queued), (2, 2));
+        assert_eq!(state::load(&f.root.join("state")).expect("state").pending.len(), 2, "the queue is persisted");
+        // Release of a queued pod is refused with the way out named.
+        assert!(matches!(r.release("shop/c", "x", "y"), Err(QuarantineError::Pending { .. })));
+        // Nothing is due yet.
+        assert!(r.apply_due().is_empty());
+        assert!(r.next_due().is_some_and(|d| d > Duration::from_secs(20)));
+        // Refill (a reload to a faster rate keeps the spent tokens but refills at 6000/min).
+        r.set_policy(ResponsePolicy { max_quarantines_per_minute: 6000, max_quarantines_per_namespace_per_minute: 0, ..ResponsePolicy::default() }).expect("reload");
+        std::thread::sleep(Duration::from_millis(30));
+        let applied = r.apply_due();
+        assert_eq!(applied.iter().map(|o| (o.decision.pod.as_str(), o.decision.outcome)).collect::<Vec<_>>(), [("shop/c", Outcome::Quarantined), ("shop/d", Outcome::Quarantined)]);
+        assert!(applied[0].decision.reason.contains("rate-limit queue"), "{}", applied[0].decision.reason);
+        assert_eq!(applied[0].decision.alert_id, "alert-shop/c-x", "the original alert is named");
+        assert_eq!(r.datapath().entries.len(), 4);
+        assert!(r.pending().is_empty() && r.next_due().is_none());
+        assert_eq!(r.status().counters.applied_from_queue, 2);
+        assert!(state::load(&f.root.join("state")).expect("state").pending.is_empty());
+    }
+
+    #[test]
+    fn a_namespace_bucket_holds_back_only_its_namespace_and_keeps_order() {
+        let f = Fixture::new("nsbucket");
+        std::fs::create_dir_all(f.root.join("cg/other/x")).expect("mkdir");
+        let policy = ResponsePolicy { max_quarantines_per_minute: 0, max_quarantines_per_namespace_per_minute: 1, ..ResponsePolicy::default() };
+        let inv = inventory(&["shop/a", "shop/b", "shop/c", "other/x"]);
+        let (mut r, _) = Responder::start(f.config(policy), MemoryDatapath::default(), &inv).expect("start");
+        assert_eq!(r.respond(&verdict("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        let held = r.respond(&verdict("shop/b", "x", Action::Quarantine));
+        assert_eq!(held.outcome, Outcome::Pending);
+        assert!(held.reason.contains("namespace shop"), "{}", held.reason);
+        // Another namespace is not held back by shop's storm.
+        assert_eq!(r.respond(&verdict("other/x", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        // c queues behind b (FIFO within the namespace), and an operator can cancel b.
+        assert_eq!(r.respond(&verdict("shop/c", "x", Action::Quarantine)).outcome, Outcome::Pending);
+        let cancelled = r.cancel("shop/b", "false positive", "alice").expect("cancel");
+        assert_eq!((cancelled.alert_id.as_str(), cancelled.by.as_str()), ("alert-shop/b-x", "alice"));
+        assert!(matches!(r.cancel("shop/b", "again", "alice"), Err(QuarantineError::NotPending { .. })));
+        assert!(matches!(r.cancel("shop/a", "enforced", "alice"), Err(QuarantineError::Policy(_))));
+        assert_eq!(r.pending().iter().map(|p| p.pod.as_str()).collect::<Vec<_>>(), ["shop/c"]);
+        assert_eq!(r.status().counters.cancelled, 1);
         assert_eq!(r.datapath().entries.len(), 2);
-        assert!(r.resume("operator").is_some());
-        assert_eq!(r.respond(&verdict("shop/c", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+    }
+
+    #[test]
+    fn a_restart_keeps_the_queue_and_what_changed_meanwhile_ends_queued_ones_with_an_outcome() {
+        let f = Fixture::new("requeue");
+        let policy = ResponsePolicy { max_quarantines_per_minute: 1, max_quarantines_per_namespace_per_minute: 0, ..ResponsePolicy::default() };
+        let (mut r, _) = start(&f, policy.clone(), MemoryDatapath::default());
+        assert_eq!(r.respond(&verdict("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        assert_eq!(r.respond(&verdict("shop/b", "x", Action::Quarantine)).outcome, Outcome::Pending);
+        assert_eq!(r.respond(&verdict("shop/c", "x", Action::Quarantine)).outcome, Outcome::Pending);
+        let map = MemoryDatapath { entries: r.datapath().entries.clone(), ..MemoryDatapath::default() };
+        drop(r);
+        // Restart with c gone from the inventory: b is applied from the adopted queue (fresh
+        // buckets), c ends as failed, with an outcome for the alert.
+        let inv = inventory(&["shop/a", "shop/b", "shop/d", "kube-system/dns"]);
+        let (mut r, adoption) = Responder::start(f.config(policy), map, &inv).expect("restart");
+        assert_eq!(adoption.pending.iter().map(|p| p.pod.as_str()).collect::<Vec<_>>(), ["shop/b", "shop/c"]);
+        let outcomes = r.apply_due();
+        let got: Vec<_> = outcomes.iter().map(|o| (o.decision.pod.as_str(), o.decision.outcome)).collect();
+        assert_eq!(got, [("shop/b", Outcome::Quarantined), ("shop/c", Outcome::Failed)]);
+        assert!(outcomes[1].decision.reason.contains("while the quarantine was queued"), "{}", outcomes[1].decision.reason);
+        assert!(r.pending().is_empty());
+        assert_eq!(r.datapath().entries.len(), 2);
     }
 
     #[test]

@@ -51,18 +51,26 @@ pub struct QuarantineRecord {
     pub reason: String,
 }
 
-/// The circuit breaker of the rate-limit guardrail, persisted so a restart does not quietly
-/// re-arm automatic quarantine.
+/// A quarantine held back by a rate limit: persisted so a restart applies it rather than
+/// forgetting it, and listed as `pending`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SuspendedState {
+pub struct PendingQuarantine {
+    /// `namespace/name`.
+    pub pod: String,
+    pub namespace: String,
+    pub name: String,
+    pub rule_id: String,
+    pub severity: crate::rules::Severity,
+    pub alert_id: String,
+    /// The rule's message.
+    pub reason: String,
     /// RFC 3339 UTC.
-    pub since: String,
-    pub limit_per_minute: u32,
-    /// The verdict that tripped it.
-    pub tripped_by_rule: String,
-    pub tripped_by_pod: String,
-    /// Quarantines suppressed since it tripped.
-    pub suppressed: u64,
+    pub queued_at: String,
+    pub queued_unix_ns: i128,
+    /// Queue order.
+    pub seq: u64,
+    /// The limit that held it back when it was queued.
+    pub held_by: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,7 +79,11 @@ pub struct StateFile {
     #[serde(default)]
     pub quarantined: Vec<QuarantineRecord>,
     #[serde(default)]
-    pub suspended: Option<SuspendedState>,
+    pub pending: Vec<PendingQuarantine>,
+    /// Written by daemons whose rate limit latched (suspended automatic quarantine); read only
+    /// to say it is ignored now.
+    #[serde(default, skip_serializing)]
+    pub suspended: Option<serde_json::Value>,
 }
 
 pub fn state_path(state_dir: &Path) -> PathBuf {
@@ -152,7 +164,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let empty = load(&dir).expect("missing file is fine");
         assert!(empty.quarantined.is_empty());
-        let file = StateFile { version: STATE_VERSION, quarantined: vec![record("shop/a")], suspended: None };
+        let file = StateFile { version: STATE_VERSION, quarantined: vec![record("shop/a")], ..StateFile::default() };
         save(&dir, &file).expect("save");
         assert_eq!(load(&dir).expect("load"), file);
         // No temp files left behind.
