@@ -5,7 +5,11 @@
 //! Per packet, in this order (see `segmentation::lookup`):
 //! 1. QUARANTINE by the socket's cgroup id (and its ancestors): deny everything except traffic
 //!    inside the pod itself (same address, loopback) and the optional forensics exception trie.
-//! 2. CONNTRACK (LRU): a packet of a flow whose opposite direction was already allowed passes.
+//! 2. CONNTRACK: a packet of a flow already allowed in its direction at this hook, or a reply to
+//!    one allowed in the opposite direction at the mirrored hook, passes. Entries follow TCP
+//!    SYN/FIN/RST and expire when idle past the timeout of their state; a SYN never passes on an
+//!    entry (a new connection is judged by policy, so a closed 5-tuple reused later is new); in
+//!    strict mode an entry judged under an older policy generation is judged again.
 //! 3. Policy: local endpoint and peer identity from the IPCACHE LPM trie, isolation flags from
 //!    ENDPOINTS, then a bounded number of POLICY hash probes (exact port, aligned port blocks,
 //!    any port, any protocol; for the peer's label identity, its CIDR identity and any peer).
@@ -24,8 +28,9 @@ pub const MAP_SEG_DENY_RATE: &str = "SEG_DENY_RATE";
 pub const MAP_SEG_EVENTS: &str = "SEG_EVENTS";
 pub const MAP_SEG_COUNTERS: &str = "SEG_COUNTERS";
 pub const MAP_SEG_CONFIG: &str = "SEG_CONFIG";
+pub const MAP_SEG_CT_CONFIG: &str = "SEG_CT_CONFIG";
 /// Every datapath map, in the order the user side pins them.
-pub const SEG_MAPS: [&str; 10] = [
+pub const SEG_MAPS: [&str; 11] = [
     MAP_SEG_QUARANTINE,
     MAP_SEG_FORENSICS,
     MAP_SEG_IPCACHE,
@@ -36,6 +41,7 @@ pub const SEG_MAPS: [&str; 10] = [
     MAP_SEG_EVENTS,
     MAP_SEG_COUNTERS,
     MAP_SEG_CONFIG,
+    MAP_SEG_CT_CONFIG,
 ];
 
 pub const PROG_SEG_INGRESS: &str = "seg_ingress";
@@ -87,6 +93,40 @@ pub const CT_LO_HI_EGRESS: u32 = 1;
 pub const CT_LO_HI_INGRESS: u32 = 2;
 pub const CT_HI_LO_EGRESS: u32 = 4;
 pub const CT_HI_LO_INGRESS: u32 = 8;
+
+/// CtValue.state
+/// A TCP SYN was allowed, nothing else seen yet.
+pub const CT_STATE_SYN: u8 = 1;
+/// TCP past the SYN (or picked up mid-stream when policy allows it).
+pub const CT_STATE_ESTABLISHED: u8 = 2;
+/// TCP after a RST or a FIN from each side.
+pub const CT_STATE_CLOSING: u8 = 3;
+/// Not TCP (UDP, SCTP, ICMP, ...).
+pub const CT_STATE_OTHER: u8 = 4;
+
+/// CtValue.tcp_fin: which side sent a FIN.
+pub const CT_FIN_LO: u8 = 1;
+pub const CT_FIN_HI: u8 = 2;
+
+/// TCP header flags the datapath looks at.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Default idle timeouts per conntrack state (CtConfig fields of 0 mean these).
+pub const CT_DEFAULT_TCP_SYN_S: u32 = 60;
+pub const CT_DEFAULT_TCP_ESTABLISHED_S: u32 = 6 * 3600;
+pub const CT_DEFAULT_TCP_CLOSING_S: u32 = 10;
+pub const CT_DEFAULT_OTHER_S: u32 = 60;
+/// An entry's last_seen_ns is rewritten at most this often (fewer writes to a shared cache line;
+/// expiry is this much late at most).
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// CtConfig.established_flows: strict (default: an established flow is judged again after a
+/// policy change) or keep (connection-setup-only semantics).
+pub const ESTABLISHED_FLOWS_STRICT: u32 = 0;
+pub const ESTABLISHED_FLOWS_KEEP: u32 = 1;
 
 /// policy_denied records per endpoint per window; the rest are counted and reported in the next.
 pub const DENY_EVENTS_PER_WINDOW: u32 = 16;
@@ -203,14 +243,92 @@ pub struct CtKey {
 }
 assert_wire_size!(CtKey, 40);
 
+/// SEG_CONNTRACK value. Two pods' hooks share an entry when both ends are local: the lo side's
+/// pod owns the bits CT_LO_HI_EGRESS and CT_HI_LO_INGRESS, the hi side's pod the other two, and
+/// each side's bits carry the policy generation they were judged under.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
     /// CT_* bits: which (orientation, hook) already allowed the flow.
     pub flags: u32,
-    pub _pad: u32,
+    /// CT_STATE_*
+    pub state: u8,
+    /// CT_FIN_LO | CT_FIN_HI
+    pub tcp_fin: u8,
+    pub _pad: u16,
+    /// Kernel CLOCK_MONOTONIC (coarse) of the last packet, refreshed at most every CT_REFRESH_NS.
+    pub last_seen_ns: u64,
+    /// CtConfig.policy_generation the lo side's bits were judged under.
+    pub generation_lo: u32,
+    pub generation_hi: u32,
+    /// Endpoint id of the pod whose hook created the entry (per-pod accounting).
+    pub owner: u32,
+    pub _pad2: u32,
 }
-assert_wire_size!(CtValue, 8);
+assert_wire_size!(CtValue, 32);
+
+/// SEG_CT_CONFIG (array, index 0): conntrack settings and the policy generation. Written by the
+/// user side only; fields of 0 mean the defaults.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtConfig {
+    /// Bumped after every sync that changed the policy maps.
+    pub policy_generation: u32,
+    /// ESTABLISHED_FLOWS_*
+    pub established_flows: u32,
+    pub tcp_syn_s: u32,
+    pub tcp_established_s: u32,
+    pub tcp_closing_s: u32,
+    pub other_s: u32,
+    pub _pad: [u32; 2],
+}
+assert_wire_size!(CtConfig, 32);
+
+/// The idle timeout of an entry in `state` (seconds, from the config or the default).
+#[inline(always)]
+pub const fn ct_timeout_s(cfg: &CtConfig, state: u8) -> u32 {
+    let (set, default) = match state {
+        CT_STATE_SYN => (cfg.tcp_syn_s, CT_DEFAULT_TCP_SYN_S),
+        CT_STATE_ESTABLISHED => (cfg.tcp_established_s, CT_DEFAULT_TCP_ESTABLISHED_S),
+        CT_STATE_CLOSING => (cfg.tcp_closing_s, CT_DEFAULT_TCP_CLOSING_S),
+        _ => (cfg.other_s, CT_DEFAULT_OTHER_S),
+    };
+    if set == 0 { default } else { set }
+}
+
+/// The state after a packet with `tcp_flags` from the `from_lo` side passed: (state, tcp_fin).
+/// Non-TCP entries stay CT_STATE_OTHER.
+#[inline(always)]
+pub const fn ct_next_state(state: u8, tcp_fin: u8, protocol: u8, tcp_flags: u8, from_lo: bool) -> (u8, u8) {
+    if protocol != PROTO_TCP {
+        return (CT_STATE_OTHER, 0);
+    }
+    if tcp_flags & TCP_RST != 0 {
+        return (CT_STATE_CLOSING, tcp_fin);
+    }
+    let mut fin = tcp_fin;
+    if tcp_flags & TCP_FIN != 0 {
+        fin |= if from_lo { CT_FIN_LO } else { CT_FIN_HI };
+    }
+    if fin == CT_FIN_LO | CT_FIN_HI || state == CT_STATE_CLOSING {
+        return (CT_STATE_CLOSING, fin);
+    }
+    if tcp_flags & TCP_ACK != 0 {
+        return (CT_STATE_ESTABLISHED, fin);
+    }
+    if state == 0 {
+        // A SYN (or a first packet without ACK): not established until something is acknowledged.
+        return (CT_STATE_SYN, fin);
+    }
+    (state, fin)
+}
+
+/// The two CT bits that belong to the pod at this hook (`local_is_lo`: the pod is the key's lo
+/// side): its egress bit (orientation pod -> peer) and its ingress bit (peer -> pod).
+#[inline(always)]
+pub const fn ct_side_bits(local_is_lo: bool) -> (u32, u32) {
+    if local_is_lo { (CT_LO_HI_EGRESS, CT_HI_LO_INGRESS) } else { (CT_HI_LO_EGRESS, CT_LO_HI_INGRESS) }
+}
 
 /// SEG_DENY_RATE value, keyed by endpoint id (u32): the per-endpoint event budget.
 #[repr(C)]
@@ -267,6 +385,15 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
 /// Normalizes a flow for SEG_CONNTRACK; returns the key and whether (src, sport) is the lo side.
 #[inline(always)]
 pub fn ct_key(src: &[u8; 16], sport: u16, dst: &[u8; 16], dport: u16, protocol: u8) -> (CtKey, bool) {
+    let mut key = CtKey::default();
+    let src_is_lo = ct_key_into(&mut key, src, sport, dst, dport, protocol);
+    (key, src_is_lo)
+}
+
+/// `ct_key` writing into `key` (the datapath keeps it off its stack); returns whether (src,
+/// sport) is the lo side.
+#[inline(always)]
+pub fn ct_key_into(key: &mut CtKey, src: &[u8; 16], sport: u16, dst: &[u8; 16], dport: u16, protocol: u8) -> bool {
     let mut src_is_lo = true;
     let mut i = 0;
     let mut decided = false;
@@ -281,12 +408,20 @@ pub fn ct_key(src: &[u8; 16], sport: u16, dst: &[u8; 16], dport: u16, protocol: 
     if !decided {
         src_is_lo = sport <= dport;
     }
-    let key = if src_is_lo {
-        CtKey { addr_lo: *src, addr_hi: *dst, port_lo: sport, port_hi: dport, protocol, _pad: [0; 3] }
+    if src_is_lo {
+        key.addr_lo = *src;
+        key.addr_hi = *dst;
+        key.port_lo = sport;
+        key.port_hi = dport;
     } else {
-        CtKey { addr_lo: *dst, addr_hi: *src, port_lo: dport, port_hi: sport, protocol, _pad: [0; 3] }
-    };
-    (key, src_is_lo)
+        key.addr_lo = *dst;
+        key.addr_hi = *src;
+        key.port_lo = dport;
+        key.port_hi = sport;
+    }
+    key.protocol = protocol;
+    key._pad = [0; 3];
+    src_is_lo
 }
 
 /// The CT bit a hook sets when it allows a packet in the given orientation.
@@ -328,4 +463,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::DenyRateState {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::CtConfig {}
 }

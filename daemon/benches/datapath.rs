@@ -7,18 +7,26 @@
 //!
 //! Each policy selects the server pod and allows a distinct ipBlock (/24) on a distinct port, so
 //! IPCACHE and POLICY grow with the policy count. Two paths are timed: an established flow
-//! (conntrack hit) and a new flow that no rule allows (every POLICY probe, then drop).
+//! (an ACK on a conntrack entry) and a new flow that no rule allows (every POLICY probe, then
+//! drop).
+//!
+//! `PALISADE_BENCH_BEFORE_OBJECT=path` also loads another build of the eBPF object (e.g. the
+//! previous commit's, `target/.../out/palisade-probes`) with the same map contents, and measures
+//! both in the same run, interleaved: ROUNDS rounds, each timing every object (order rotated per
+//! round); the figures are medians over the rounds.
 use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::Path;
 
 use palisade::inventory::Inventory;
-use palisade::segmentation::datapath::{self, Datapath};
+use aya::EbpfLoader;
+use palisade::segmentation::datapath::{self, Datapath, DatapathError};
 use palisade::segmentation::{PolicySet, Segmentation};
-use palisade_common::PROG_SEG_INGRESS;
+use palisade_common::{MAP_SEG_CT_CONFIG, PROG_SEG_INGRESS};
 
-const REPEAT: u32 = 2_000_000;
+const REPEAT: u32 = 1_000_000;
+const ROUNDS: usize = 7;
 
-fn packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+fn packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
     let mut p = vec![0u8; 14 + 20 + 20];
     p[12] = 0x08; // ethertype IPv4
     let ip = &mut p[14..34];
@@ -32,7 +40,7 @@ fn packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
     tcp[12] = 0x50;
-    tcp[13] = 0x02; // SYN
+    tcp[13] = tcp_flags;
     p
 }
 
@@ -69,6 +77,25 @@ fn policies(n: usize) -> PolicySet {
     PolicySet::parse(&text, Path::new("bench.yaml")).expect("bench policies")
 }
 
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+struct Object {
+    name: &'static str,
+    bpf: aya::Ebpf,
+}
+
+impl Object {
+    fn fd(&self) -> i32 {
+        self.bpf.program(PROG_SEG_INGRESS).expect("program").fd().expect("loaded").as_fd().as_raw_fd()
+    }
+}
+
+fn median(v: &mut [u32]) -> u32 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
 #[test]
 fn per_packet_cost_by_policy_count() {
     if unsafe { libc::geteuid() } != 0 {
@@ -80,25 +107,63 @@ fn per_packet_cost_by_policy_count() {
         Path::new("bench-inventory.yaml"),
     )
     .expect("inventory");
-    println!("{:>9} {:>10} {:>10} {:>16} {:>18}", "policies", "POLICY", "IPCACHE", "established ns", "new-denied ns");
+    let before = std::env::var_os("PALISADE_BENCH_BEFORE_OBJECT").map(|path| {
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", Path::new(&path).display()));
+        println!("before: {}", Path::new(&path).display());
+        bytes
+    });
+    println!("{:>9} {:>10} {:>10} {:>8} {:>16} {:>18}", "policies", "POLICY", "IPCACHE", "object", "established ns", "new-denied ns");
     for n in [0usize, 10, 1_000, 10_000] {
-        let mut bpf = datapath::load(None).expect("load");
-        let mut dp = Datapath::adopt(&mut bpf).expect("adopt");
         let seg = Segmentation::new(inv.clone(), policies(n));
-        dp.sync(&mut bpf, seg.compiled()).expect("sync");
-        let prog = bpf.program(PROG_SEG_INGRESS).expect("program");
-        let fd = prog.fd().expect("loaded").as_fd().as_raw_fd();
-        // Established: the first run creates the conntrack entry, the rest hit it.
-        let established = packet([198, 18, 0, 1], [198, 18, 0, 2], 40000, 8080);
-        let (ret0, _) = test_run(fd, &established, 1);
-        let (ret, est_ns) = test_run(fd, &established, REPEAT);
-        // New flow from a pod no rule allows: all probes, then drop (no conntrack entry made).
-        let denied = packet([198, 18, 0, 3], [198, 18, 0, 2], 40001, 8080);
-        let (dret, new_ns) = test_run(fd, &denied, REPEAT);
-        if n > 0 {
-            assert_eq!((ret0, ret), (1, 1), "client -> server:8080 allowed");
-            assert_eq!(dret, 0, "other -> server:8080 denied");
+        let mut objects = vec![Object { name: "after", bpf: datapath::load(None).expect("load") }];
+        if let Some(bytes) = &before {
+            objects.push(Object { name: "before", bpf: EbpfLoader::new().load(bytes).expect("load the before object") });
         }
-        println!("{n:>9} {:>10} {:>10} {est_ns:>16} {new_ns:>18}", seg.compiled().policy.len(), seg.compiled().ipcache.len());
+        for obj in &mut objects {
+            let mut dp = Datapath::adopt(&mut obj.bpf).expect("adopt");
+            match dp.sync(&mut obj.bpf, seg.compiled()) {
+                Ok(_) => {}
+                // An object from before SEG_CT_CONFIG existed: its maps are complete by then.
+                Err(DatapathError::MissingMap { name: MAP_SEG_CT_CONFIG }) if obj.name == "before" => {}
+                Err(err) => panic!("sync {}: {err}", obj.name),
+            }
+        }
+        // Established: a SYN then an ACK make the entry; the timed ACKs hit it.
+        let syn = packet([198, 18, 0, 1], [198, 18, 0, 2], 40000, 8080, TCP_SYN);
+        let established = packet([198, 18, 0, 1], [198, 18, 0, 2], 40000, 8080, TCP_ACK);
+        // New flow from a pod no rule allows: all probes, then drop (no conntrack entry made).
+        let denied = packet([198, 18, 0, 3], [198, 18, 0, 2], 40001, 8080, TCP_SYN);
+        for obj in &objects {
+            let fd = obj.fd();
+            let (r0, _) = test_run(fd, &syn, 1);
+            let (r1, _) = test_run(fd, &established, 1);
+            let (dret, _) = test_run(fd, &denied, 1);
+            if n > 0 {
+                assert_eq!((r0, r1), (1, 1), "{}: client -> server:8080 allowed", obj.name);
+                assert_eq!(dret, 0, "{}: other -> server:8080 denied", obj.name);
+            }
+        }
+        let mut est: Vec<Vec<u32>> = vec![Vec::new(); objects.len()];
+        let mut new: Vec<Vec<u32>> = vec![Vec::new(); objects.len()];
+        for round in 0..ROUNDS {
+            for k in 0..objects.len() {
+                let i = (round + k) % objects.len();
+                let fd = objects[i].fd();
+                let (ret, ns) = test_run(fd, &established, REPEAT);
+                assert!(n == 0 || ret == 1, "{}: established passes", objects[i].name);
+                est[i].push(ns);
+                new[i].push(test_run(fd, &denied, REPEAT).1);
+            }
+        }
+        for (i, obj) in objects.iter().enumerate() {
+            println!(
+                "{n:>9} {:>10} {:>10} {:>8} {:>16} {:>18}",
+                seg.compiled().policy.len(),
+                seg.compiled().ipcache.len(),
+                obj.name,
+                median(&mut est[i]),
+                median(&mut new[i])
+            );
+        }
     }
 }

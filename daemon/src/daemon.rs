@@ -80,6 +80,11 @@ pub struct RunArgs {
     /// This node's name (Kubernetes mode; the DaemonSet passes it from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// What a policy change does to open connections: `strict` judges each again at its next
+    /// packet (those the new policy does not allow stop), `keep` lets them run until they close
+    /// or idle out (connection-setup-only semantics).
+    #[arg(long, value_enum, default_value_t = crate::segmentation::conntrack::EstablishedFlows::Strict)]
+    pub established_flows: crate::segmentation::conntrack::EstablishedFlows,
     #[command(flatten)]
     pub alerts: AlertOptions,
 }
@@ -217,6 +222,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         PolicySource::Dir(dir) => crate::segmentation::PolicySet::load(&[dir]).with_context(|| format!("policies in {}", dir.display()))?,
         PolicySource::Kube(rx) => rx.borrow().clone(),
     };
+    let conntrack = crate::segmentation::conntrack::ConntrackSettings { established_flows: args.established_flows, ..Default::default() };
+    host.with(move |ebpf| crate::segmentation::conntrack::configure(ebpf, &conntrack))
+        .await?
+        .context("configuring connection tracking")?;
     let enforcer = crate::enforcement::Enforcer::start(
         host.clone(),
         inventory.clone(),

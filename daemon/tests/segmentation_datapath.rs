@@ -7,6 +7,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use palisade::inventory::Inventory;
+use palisade::segmentation::conntrack::{self, ConntrackSettings, CtTimeouts, EstablishedFlows};
 use palisade::segmentation::datapath::{self, Datapath};
 use palisade::segmentation::{PolicySet, Segmentation};
 
@@ -45,6 +46,32 @@ elif mode == "connect":
     try:
         c = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=1.0)
         c.sendall(b"ping"); ok = c.recv(4) == b"ping"
+        sys.exit(0 if ok else 1)
+    except Exception:
+        sys.exit(1)
+elif mode == "serve_close":
+    # Echo once, then close first (the server's FIN), so the client's side ends CLOSED, not in
+    # TIME_WAIT, and may reuse its port at once.
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[2]))); s.listen(64)
+    def loop():
+        while True:
+            c, _ = s.accept()
+            d = c.recv(4096)
+            if d: c.sendall(d)
+            c.close()
+    threading.Thread(target=loop, daemon=True).start()
+    print("ready", flush=True)
+    sys.stdin.read()
+elif mode == "connect_from":
+    # One exchange from a fixed source port; the server closes first, then we do.
+    try:
+        c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        c.bind(("0.0.0.0", int(sys.argv[4]))); c.settimeout(1.0)
+        c.connect((sys.argv[2], int(sys.argv[3])))
+        c.sendall(b"ping"); ok = c.recv(4) == b"ping"
+        ok = ok and c.recv(4) == b""
+        c.close()
         sys.exit(0 if ok else 1)
     except Exception:
         sys.exit(1)
@@ -141,6 +168,19 @@ impl Lab {
     fn connects(&self, from: &str, to: &str, port: u16) -> bool {
         let ip = self.pod(to).ip.clone();
         self.cmd(from, &["connect", &ip, &port.to_string()]).status().expect("client").success()
+    }
+
+    fn connects_from(&self, from: &str, to: &str, port: u16, source_port: u16) -> bool {
+        let ip = self.pod(to).ip.clone();
+        self.cmd(from, &["connect_from", &ip, &port.to_string(), &source_port.to_string()]).status().expect("client").success()
+    }
+
+    fn serve_close(&mut self, pod: &str, port: u16) {
+        let mut child = self.cmd(pod, &["serve_close", &port.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("ready line");
+        assert_eq!(line.trim(), "ready", "server in {pod}");
+        self.children.push(child);
     }
 
     fn hold(&self, from: &str, to: &str, port: u16) -> Held {
@@ -258,8 +298,8 @@ fn webapp_policy_is_enforced_with_real_packets() {
 }
 
 #[test]
-fn policy_change_keeps_open_connection_and_removal_blocks_new_ones() {
-    if !kernel_or_skip("policy_change_keeps_open_connection_and_removal_blocks_new_ones") {
+fn policy_change_strict_stops_established_flows_the_new_policy_denies() {
+    if !kernel_or_skip("policy_change_strict_stops_established_flows_the_new_policy_denies") {
         return;
     }
     let mut lab = Lab::new("c", &[("frontend-1", "198.18.1.12"), ("backend-1", "198.18.2.22"), ("db-1", "198.18.3.32")]);
@@ -275,7 +315,9 @@ fn policy_change_keeps_open_connection_and_removal_blocks_new_ones() {
     let mut held = lab.hold("frontend-1", "backend-1", 8080);
     assert!(held.roundtrip(), "allowed connection works");
 
-    // An unrelated change (a new policy, identities and keys recompiled): the connection lives.
+    // `--established-flows strict` is the default: nothing configured.
+    // An unrelated change (a new policy, identities and keys recompiled): the connection is judged
+    // again, still allowed, and lives.
     let mut set = webapp_policy();
     set.policies.extend(policies(BACKEND_DENY_EGRESS).policies);
     let stats = dp.sync(&mut bpf, seg.set_policies(set)).expect("sync change");
@@ -286,12 +328,13 @@ fn policy_change_keeps_open_connection_and_removal_blocks_new_ones() {
     }
     assert!(lab.connects("frontend-1", "backend-1", 8080), "new allowed connections still pass");
 
-    // Remove the allow: backend stays isolated with no rule; new connections fail.
+    // Remove the allow: backend stays isolated with no rule. The open connection stops at its
+    // next packet (the exchange waits one second for the echo), new connections fail.
     let stats = dp.sync(&mut bpf, seg.set_policies(policies(BACKEND_DENY_INGRESS))).expect("sync removal");
     assert!(stats.policy_removed > 0, "{stats:?}");
+    assert!(!held.roundtrip(), "strict: the established connection stops within a second of the change");
+    assert!(!held.roundtrip(), "strict: and stays stopped");
     assert!(!lab.connects("frontend-1", "backend-1", 8080), "new connections fail once the allow is gone");
-    // (The established flow keeps passing through conntrack, as in Kubernetes implementations.)
-    println!("established connection after allow removal: {}", if held.roundtrip() { "still passing (conntrack)" } else { "cut" });
 
     // A bad policy file is rejected and the last good set stays.
     let dir = std::env::temp_dir().join(format!("palisade-seg-bad-{}", std::process::id()));
@@ -302,6 +345,66 @@ fn policy_change_keeps_open_connection_and_removal_blocks_new_ones() {
     assert!(err.to_string().contains("document 1: spec.policyTypes[0]"), "{err}");
     assert_eq!(seg.compiled(), &before, "last good set stays");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn policy_change_keep_carries_established_flows_until_they_idle_out() {
+    if !kernel_or_skip("policy_change_keep_carries_established_flows_until_they_idle_out") {
+        return;
+    }
+    let mut lab = Lab::new("k", &[("frontend-1", "198.18.1.14"), ("backend-1", "198.18.2.24")]);
+    lab.serve("backend-1", &[8080]);
+    let inv = lab.inventory(&[("frontend-1", "frontend"), ("backend-1", "backend")]);
+    let mut bpf = datapath::load(None).expect("load eBPF object");
+    let settings = ConntrackSettings {
+        established_flows: EstablishedFlows::Keep,
+        timeouts: CtTimeouts { tcp_established_s: 2, ..CtTimeouts::default() },
+    };
+    conntrack::configure(&mut bpf, &settings).expect("conntrack settings");
+    let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
+    let mut seg = Segmentation::new(inv, webapp_policy());
+    dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    for p in &lab.pods {
+        dp.attach(&mut bpf, &p.cgroup_abs).expect("attach");
+    }
+    let mut held = lab.hold("frontend-1", "backend-1", 8080);
+    assert!(held.roundtrip(), "allowed connection works");
+    dp.sync(&mut bpf, seg.set_policies(policies(BACKEND_DENY_INGRESS))).expect("sync removal");
+    // Over more than the idle timeout, kept busy: the flow carries on.
+    for _ in 0..8 {
+        assert!(held.roundtrip(), "keep: the established connection carries on after the change");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(!lab.connects("frontend-1", "backend-1", 8080), "keep: new connections fail");
+    // Idle past the established timeout: forgotten, its next packet is judged as new (denied).
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(!held.roundtrip(), "keep: an established flow idle past its timeout is forgotten");
+}
+
+#[test]
+fn fin_closed_five_tuple_reused_later_is_judged_as_new() {
+    if !kernel_or_skip("fin_closed_five_tuple_reused_later_is_judged_as_new") {
+        return;
+    }
+    let mut lab = Lab::new("f", &[("frontend-1", "198.18.1.15"), ("backend-1", "198.18.2.25")]);
+    lab.serve_close("backend-1", 8080);
+    let inv = lab.inventory(&[("frontend-1", "frontend"), ("backend-1", "backend")]);
+    let mut bpf = datapath::load(None).expect("load eBPF object");
+    // keep: a policy change alone does not judge the old entry again; only its TCP state can.
+    let settings = ConntrackSettings { established_flows: EstablishedFlows::Keep, timeouts: CtTimeouts::default() };
+    conntrack::configure(&mut bpf, &settings).expect("conntrack settings");
+    let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
+    let mut seg = Segmentation::new(inv, webapp_policy());
+    dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    for p in &lab.pods {
+        dp.attach(&mut bpf, &p.cgroup_abs).expect("attach");
+    }
+    let source_port = 41_000;
+    assert!(lab.connects_from("frontend-1", "backend-1", 8080, source_port), "allowed, closed with FIN by both sides");
+    assert!(lab.connects_from("frontend-1", "backend-1", 8080, source_port), "the same 5-tuple again, still allowed");
+    dp.sync(&mut bpf, seg.set_policies(policies(BACKEND_DENY_INGRESS))).expect("sync removal");
+    assert!(!lab.connects_from("frontend-1", "backend-1", 8080, source_port), "a FIN'd 5-tuple reused later is judged as new: denied");
+    assert!(!lab.connects_from("frontend-1", "backend-1", 8080, source_port + 1), "and so is any other new connection");
 }
 
 #[test]

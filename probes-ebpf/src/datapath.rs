@@ -2,26 +2,28 @@
 //!
 //! Per packet, in this order (mirrored in pure Rust by `segmentation::lookup::hook`; keep the two
 //! in step): ICMPv6 neighbour discovery passes; (1) QUARANTINE by the socket's cgroup id and its
-//! ancestors: deny all except traffic inside the pod and the forensics exception; (2) CONNTRACK;
-//! (3) local endpoint and peer identity from IPCACHE, isolation from ENDPOINTS, POLICY probes.
+//! ancestors: deny all except traffic inside the pod and the forensics exception; (2) CONNTRACK
+//! (TCP state, idle expiry, policy generation in strict mode); (3) local endpoint and peer
+//! identity from IPCACHE, isolation from ENDPOINTS, POLICY probes.
 //! Denials become rate-limited PolicyVerdictEvent records in SEG_EVENTS.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::{cgroup_skb, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::SkBuffContext,
 };
 use palisade_common::{
     CNT_ALLOWED_CT, CNT_ALLOWED_POLICY, CNT_COUNT, CNT_DENIED_POLICY, CNT_DENIED_QUARANTINE,
-    CNT_EVENTS_LOST, CNT_EVENTS_SUPPRESSED, CNT_PACKETS, CNT_UNPARSED, CtKey, CtValue,
+    CNT_EVENTS_LOST, CNT_EVENTS_SUPPRESSED, CNT_PACKETS, CNT_UNPARSED, CT_STATE_SYN, CtConfig, CtKey, CtValue,
     DENY_EVENTS_PER_WINDOW, DENY_WINDOW_NS, DIRECTION_EGRESS, DIRECTION_INGRESS, DatapathConfig,
     DenyRateState, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointConfig, ForensicsValue,
     IDENTITY_ANY, IDENTITY_WORLD, IpAddrKey, IpCacheValue, KIND_POLICY_VERDICT, PROTO_ANY,
     PolicyKey, PolicyValue, PolicyVerdictEvent, QuarantineValue, REASON_POLICY, REASON_QUARANTINE,
     SEG_EVENTS_RINGBUF_BYTES, SEG_MAX_CGROUP_LEVELS, SEG_MAX_CONNTRACK, SEG_MAX_ENDPOINTS,
-    SEG_MAX_FORENSICS, SEG_MAX_IPCACHE, SEG_MAX_POLICY, SEG_MAX_QUARANTINE, SOURCE_DATAPATH,
-    ct_allow_bit, ct_key, ct_pass_bits,
+    ESTABLISHED_FLOWS_STRICT, PROTO_TCP, SEG_MAX_FORENSICS, SEG_MAX_IPCACHE, SEG_MAX_POLICY, SEG_MAX_QUARANTINE,
+    SOURCE_DATAPATH, CT_REFRESH_NS, TCP_ACK, TCP_SYN, ct_allow_bit, ct_key_into, ct_next_state, ct_pass_bits,
+    ct_side_bits, ct_timeout_s,
 };
 
 const PASS: i32 = 1;
@@ -57,12 +59,27 @@ static SEG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CNT_COUNT,
 #[map]
 static SEG_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
+#[map]
+static SEG_CT_CONFIG: Array<CtConfig> = Array::with_max_entries(1, 0);
+
+/// Per-CPU scratch for the conntrack path: keeps the key and the judgement off the 512-byte
+/// stack that the whole call chain shares.
+#[map]
+static SEG_CT_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);
+
+struct CtScratch {
+    key: CtKey,
+    judgement: Judgement,
+}
+
 struct Pkt {
     src: [u8; 16],
     dst: [u8; 16],
     sport: u16,
     dport: u16,
     protocol: u8,
+    /// TCP header flags (0 for other protocols).
+    tcp_flags: u8,
     /// ICMPv6 neighbour discovery (always passes).
     nd: bool,
 }
@@ -87,7 +104,7 @@ fn count(idx: u32) {
 #[inline(always)]
 fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
     let b0: u8 = ctx.load(0).ok()?;
-    let mut p = Pkt { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, protocol: 0, nd: false };
+    let mut p = Pkt { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, protocol: 0, tcp_flags: 0, nd: false };
     let l4: usize;
     match b0 >> 4 {
         4 => {
@@ -134,6 +151,9 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
         let ports: [u8; 4] = ctx.load(l4).ok()?;
         p.sport = u16::from_be_bytes([ports[0], ports[1]]);
         p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    if p.protocol == PROTO_TCP {
+        p.tcp_flags = ctx.load(l4 + 13).ok()?;
     }
     Some(p)
 }
@@ -227,63 +247,195 @@ fn quarantined(p: &Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32
     DROP
 }
 
+/// What policy says about one hook of a flow.
+struct Judgement {
+    /// The local endpoint (0: the local address is no endpoint, nothing to enforce).
+    local_ep: u32,
+    peer_identity: u32,
+    /// 1 allowed, 0 denied.
+    allowed: u32,
+}
+
 /// Conntrack, then the policy lookups.
 #[inline(never)]
 fn policy(p: &Pkt, direction: u32, cgroup_id: u64) -> i32 {
     let dir = direction as u8;
     let egress = dir == DIRECTION_EGRESS;
-    let (ck, src_is_lo) = ct_key(&p.src, p.sport, &p.dst, p.dport, p.protocol);
-    let ct_flags = match unsafe { SEG_CONNTRACK.get(&ck) } {
-        Some(v) => v.flags,
-        None => 0,
+    let Some(scratch) = SEG_CT_SCRATCH.get_ptr_mut(0) else {
+        // Index 0 of a one-entry array always exists; fail closed all the same.
+        return DROP;
     };
-    if ct_flags & ct_pass_bits(src_is_lo, dir) != 0 {
-        count(CNT_ALLOWED_CT);
+    // SAFETY: a per-CPU map value: this program run is its only user on this CPU.
+    let scratch = unsafe { &mut *scratch };
+    let ck = &mut scratch.key;
+    let j = &mut scratch.judgement;
+    let src_is_lo = ct_key_into(ck, &p.src, p.sport, &p.dst, p.dport, p.protocol);
+    let (local, peer, local_port, peer_port) =
+        if egress { (&p.src, &p.dst, p.sport, p.dport) } else { (&p.dst, &p.src, p.dport, p.sport) };
+    // The pod at this hook is the key's lo side when it sends from the lo side (egress) or
+    // receives from the hi side (ingress); its two CT bits are exactly this hook's pass bits.
+    let local_is_lo = src_is_lo == egress;
+    let pass_bits = ct_pass_bits(src_is_lo, dir);
+    let Some(cfg) = SEG_CT_CONFIG.get(0) else {
+        // Index 0 of a one-entry array always exists; fail closed all the same.
+        return DROP;
+    };
+    let strict = cfg.established_flows == ESTABLISHED_FLOWS_STRICT;
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A SYN without ACK opens a connection: never let through by an entry, always judged.
+    let syn = p.protocol == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let proto = (p.protocol as u32) << 16;
+    if let Some(e) = SEG_CONNTRACK.get_ptr_mut(&*ck) {
+        // SAFETY: a map value pointer the verifier checked; valid for this program run.
+        let e = unsafe { &mut *e };
+        if !syn && e.flags & pass_bits != 0 && ct_live(e, cfg, now) {
+            let generation = if local_is_lo { e.generation_lo } else { e.generation_hi };
+            if strict && generation != cfg.policy_generation {
+                // Judged under an older policy: judge this pod's bits again under the current one.
+                let (egress_bit, ingress_bit) = ct_side_bits(local_is_lo);
+                let mut flags = e.flags;
+                if flags & egress_bit != 0 {
+                    judge(local, peer, DIRECTION_EGRESS as u32, proto | peer_port as u32, j);
+                    if j.allowed == 0 {
+                        flags &= !egress_bit;
+                    }
+                }
+                if flags & ingress_bit != 0 {
+                    judge(local, peer, DIRECTION_INGRESS as u32, proto | local_port as u32, j);
+                    if j.allowed == 0 {
+                        flags &= !ingress_bit;
+                    }
+                }
+                e.flags = flags;
+                if local_is_lo {
+                    e.generation_lo = cfg.policy_generation;
+                } else {
+                    e.generation_hi = cfg.policy_generation;
+                }
+            }
+            if e.flags & pass_bits != 0 {
+                let (state, fin) = ct_next_state(e.state, e.tcp_fin, p.protocol, p.tcp_flags, src_is_lo);
+                if state != e.state || fin != e.tcp_fin || now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_NS {
+                    e.state = state;
+                    e.tcp_fin = fin;
+                    e.last_seen_ns = now;
+                }
+                count(CNT_ALLOWED_CT);
+                return PASS;
+            }
+        }
+    }
+    judge(local, peer, direction, proto | p.dport as u32, j);
+    if j.local_ep == 0 {
         return PASS;
     }
-    let (local, peer) = if egress { (&p.src, &p.dst) } else { (&p.dst, &p.src) };
-    let Some(local_v) = SEG_IPCACHE.get(Key::new(128, IpAddrKey { addr: *local })) else {
+    if j.allowed != 0 {
+        count(CNT_ALLOWED_POLICY);
+        let bit = ct_allow_bit(src_is_lo, dir);
+        // Looked up again rather than carried across the judgement (simpler for the verifier;
+        // the new-flow path only).
+        if let Some(e) = SEG_CONNTRACK.get_ptr_mut(&*ck) {
+            // SAFETY: as above.
+            let e = unsafe { &mut *e };
+            // A live entry, and not a new connection on a used 5-tuple: add this hook's bit.
+            if ct_live(e, cfg, now) && (!syn || e.state == CT_STATE_SYN) {
+                let generation = if local_is_lo { e.generation_lo } else { e.generation_hi };
+                let mut flags = e.flags;
+                if generation != cfg.policy_generation {
+                    // This pod's other bit was judged under an older policy: drop it.
+                    flags &= !pass_bits;
+                }
+                e.flags = flags | bit;
+                if local_is_lo {
+                    e.generation_lo = cfg.policy_generation;
+                } else {
+                    e.generation_hi = cfg.policy_generation;
+                }
+                let (state, fin) = ct_next_state(e.state, e.tcp_fin, p.protocol, p.tcp_flags, src_is_lo);
+                e.state = state;
+                e.tcp_fin = fin;
+                e.last_seen_ns = now;
+                return PASS;
+            }
+        }
+        // No entry, an expired one, or a SYN reusing a 5-tuple: a new connection.
+        ct_create(ck, p, bit | ((src_is_lo as u32) << 31), j.local_ep, now);
         return PASS;
+    }
+    count(CNT_DENIED_POLICY);
+    report(p, (direction << 8) | REASON_POLICY as u32, j.local_ep, j.peer_identity, cgroup_id);
+    DROP
+}
+
+/// Writes a new entry: `bit_lo` is the allowing hook's CT bit, bit 31 set when the packet came
+/// from the lo side.
+#[inline(never)]
+fn ct_create(ck: &CtKey, p: &Pkt, bit_lo: u32, owner: u32, now: u64) {
+    let generation = match SEG_CT_CONFIG.get(0) {
+        Some(c) => c.policy_generation,
+        None => 0,
+    };
+    let (state, fin) = ct_next_state(0, 0, p.protocol, p.tcp_flags, bit_lo >> 31 != 0);
+    let v = CtValue {
+        flags: bit_lo & 0xf,
+        state,
+        tcp_fin: fin,
+        _pad: 0,
+        last_seen_ns: now,
+        generation_lo: generation,
+        generation_hi: generation,
+        owner,
+        _pad2: 0,
+    };
+    let _ = SEG_CONNTRACK.insert(ck, &v, 0);
+}
+
+/// Not idle past its state's timeout (an expired entry is forgotten: overwritten when policy
+/// allows the flow again).
+#[inline(always)]
+fn ct_live(e: &CtValue, cfg: &CtConfig, now: u64) -> bool {
+    now.wrapping_sub(e.last_seen_ns) <= ct_timeout_s(cfg, e.state) as u64 * 1_000_000_000
+}
+
+/// Policy for one hook of a flow: may `peer` reach `local` (ingress) or `local` reach `peer`
+/// (egress) on `proto_port` (protocol << 16 | the service port: the destination port of the
+/// flow's first packet)?
+#[inline(never)]
+fn judge(local: &[u8; 16], peer: &[u8; 16], direction: u32, proto_port: u32, out: &mut Judgement) {
+    out.local_ep = 0;
+    out.peer_identity = IDENTITY_WORLD;
+    out.allowed = 1;
+    let Some(local_v) = SEG_IPCACHE.get(Key::new(128, IpAddrKey { addr: *local })) else {
+        return;
     };
     let local_ep = local_v.endpoint_id;
     if local_ep == 0 {
-        return PASS;
+        return;
     }
+    out.local_ep = local_ep;
     let (peer_identity, peer_cidr, peer_ep) = match SEG_IPCACHE.get(Key::new(128, IpAddrKey { addr: *peer })) {
         Some(v) => (v.identity, v.cidr_identity, v.endpoint_id),
         None => (IDENTITY_WORLD, 0, 0),
     };
-    let allowed = if peer_ep == local_ep || same(local, peer) {
-        true
-    } else {
-        match unsafe { SEG_ENDPOINTS.get(&local_ep) } {
-            None => true,
-            Some(cfg) => {
-                let (flag, plens) = if egress {
-                    (EP_ISOLATED_EGRESS, cfg.egress_port_plens)
-                } else {
-                    (EP_ISOLATED_INGRESS, cfg.ingress_port_plens)
-                };
-                if cfg.flags & flag == 0 {
-                    true
-                } else {
-                    let pp = ((p.protocol as u32) << 16) | p.dport as u32;
-                    probe(local_ep, direction, peer_identity, pp, plens)
-                        || (peer_cidr != 0 && probe(local_ep, direction, peer_cidr, pp, plens))
-                        || probe(local_ep, direction, IDENTITY_ANY, pp, plens)
-                }
-            }
-        }
-    };
-    if allowed {
-        count(CNT_ALLOWED_POLICY);
-        let v = CtValue { flags: ct_flags | ct_allow_bit(src_is_lo, dir), _pad: 0 };
-        let _ = SEG_CONNTRACK.insert(&ck, &v, 0);
-        return PASS;
+    out.peer_identity = peer_identity;
+    if peer_ep == local_ep || same(local, peer) {
+        return;
     }
-    count(CNT_DENIED_POLICY);
-    report(p, (direction << 8) | REASON_POLICY as u32, local_ep, peer_identity, cgroup_id);
-    DROP
+    let Some(cfg) = (unsafe { SEG_ENDPOINTS.get(&local_ep) }) else {
+        return;
+    };
+    let (flag, plens) = if direction == DIRECTION_EGRESS as u32 {
+        (EP_ISOLATED_EGRESS, cfg.egress_port_plens)
+    } else {
+        (EP_ISOLATED_INGRESS, cfg.ingress_port_plens)
+    };
+    if cfg.flags & flag == 0 {
+        return;
+    }
+    let allowed = probe(local_ep, direction, peer_identity, proto_port, plens)
+        || (peer_cidr != 0 && probe(local_ep, direction, peer_cidr, proto_port, plens))
+        || probe(local_ep, direction, IDENTITY_ANY, proto_port, plens);
+    out.allowed = allowed as u32;
 }
 
 /// POLICY probes for one peer id: exact port, each port-block size in use (longest first), any

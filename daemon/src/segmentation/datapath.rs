@@ -8,8 +8,9 @@
 //!
 //! Sync order (never fail-open, never dropping an allowed established flow): POLICY upserts, then
 //! IPCACHE upserts, then ENDPOINTS upserts (isolation turns on only once its allows exist), then
-//! ENDPOINTS removals, IPCACHE removals, POLICY removals. Conntrack is left alone: replies of
-//! flows allowed before the change keep passing.
+//! ENDPOINTS removals, IPCACHE removals, POLICY removals, then a new policy generation: with
+//! `--established-flows strict` (the default) each conntrack entry is judged again at its next
+//! packet, with `keep` replies of flows allowed before the change keep passing (see `conntrack`).
 //!
 //! Pinning: `pin_maps` registers every SEG_* map under a bpffs directory on the loader; a
 //! restarted daemon reuses the pinned maps (quarantine entries included) and `Datapath::adopt`
@@ -74,6 +75,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 /// directory on bpffs, created if missing). Call on the loader that loads `PROBES_OBJECT`.
 pub fn pin_maps<'a>(loader: &mut EbpfLoader<'a>, dir: &Path) -> Result<(), DatapathError> {
     std::fs::create_dir_all(dir).map_err(|e| DatapathError::Pin { path: dir.to_path_buf(), message: e.to_string() })?;
+    super::conntrack::drop_incompatible_pins(dir);
     for name in SEG_MAPS {
         loader.map_pin_path(name, dir.join(name));
     }
@@ -258,6 +260,10 @@ impl Datapath {
                 self.policy.remove(&k);
                 stats.policy_removed += 1;
             }
+        }
+        // 7. A new policy generation: in strict mode, established flows are judged again.
+        if stats != SyncStats::default() {
+            super::conntrack::bump_policy_generation(bpf)?;
         }
         tracing::debug!(?stats, "datapath synced");
         Ok(stats)

@@ -138,7 +138,8 @@ pub fn hook(compiled: &Compiled, state: &mut DatapathState, direction: u8, cgrou
         }
         return HookDecision::QuarantineDenied;
     }
-    // 2. conntrack
+    // 2. conntrack (the pure model has no clock and no TCP flags: its entries never expire and
+    // it models one policy generation; the kernel's state machine is in `conntrack`)
     let (ck, src_is_lo) = ct_key(&pkt.src, pkt.sport, &pkt.dst, pkt.dport, pkt.protocol);
     if let Some(v) = state.conntrack.get(&ck) {
         if v.flags & ct_pass_bits(src_is_lo, direction) != 0 {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 pub mod cli;
 pub mod compile;
+pub mod conntrack;
 pub mod datapath;
 pub mod lookup;
 pub mod matrix;
