@@ -120,7 +120,7 @@ fn measure(pack: &RulePack, events: &[serde_json::Value], rounds: usize) -> Figu
             let t = Instant::now();
             let result = pack.evaluate_in(&mut session, event);
             latencies.push(t.elapsed());
-            hits += result.map(|h| h.len()).unwrap_or(0);
+            hits += result.map(|v| v.hits.len()).unwrap_or(0);
         }
     }
     let total = start.elapsed();
@@ -168,7 +168,7 @@ fn main() {
         let mut session = pack.session().expect("session");
         let mut hits = 0;
         for event in slice {
-            hits += pack.evaluate_in(&mut session, event).map(|h| h.len()).unwrap_or(0);
+            hits += pack.evaluate_in(&mut session, event).map(|v| v.hits.len()).unwrap_or(0);
         }
         println!("profile pass: {} events, {hits} hits", slice.len());
         return;

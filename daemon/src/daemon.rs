@@ -322,7 +322,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     {
         let state = state.clone();
         std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
+            let mut failure_alerts = crate::rules::failures::FailureLimiter::default();
             for evaluation in verdicts {
+                for failure in &evaluation.failures {
+                    report_rule_failure(&state, &mut failure_alerts, failure, &evaluation.input);
+                }
                 match evaluation.hits {
                     Ok(hits) => {
                         state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -587,6 +591,40 @@ fn pipeline(
 
 /// Turns one rule hit into its alert, after the responder decided what to do about it (the map
 /// update, if any, has returned before the alert is written: alerts and enforcement agree).
+/// One rule could not judge one event: counted per rule and reason, logged, and raised as a
+/// `rule_error` alert when the limiter lets it through (the event's other rules already ran).
+fn report_rule_failure(
+    state: &DaemonState,
+    limiter: &mut crate::rules::failures::FailureLimiter,
+    failure: &crate::rules::RuleFailure,
+    input: &serde_json::Value,
+) {
+    state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.record_rule_error(&failure.rule_id, failure.reason.as_str());
+    let Some(count) = limiter.admit(failure, std::time::Instant::now()) else { return };
+    tracing::warn!(rule = %failure.rule_id, event_type = %failure.event_type, reason = %failure.reason, detail = %failure.detail, count, "rule could not judge an event");
+    let title = state.rules.current().rule(&failure.rule_id).map(|r| r.title.clone()).unwrap_or_default();
+    let mut alert = Alert::new(
+        AlertKind::RuleError,
+        Severity::High,
+        format!(
+            "rule {} could not judge a {} event ({}): {}; the other rules still ran",
+            failure.rule_id, failure.event_type, failure.reason, failure.detail
+        ),
+    )
+    .with_rule(failure.rule_id.clone(), title)
+    .with_event(json!({
+        "rule": failure.rule_id,
+        "event_type": failure.event_type,
+        "reason": failure.reason,
+        "detail": failure.detail,
+        "failures": count,
+    }));
+    alert.pod = crate::alerts::schema::pod_from_input(input);
+    alert.process = crate::alerts::schema::process_from_input(input);
+    state.alerts.try_emit(alert);
+}
+
 fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, input: &serde_json::Value) {
     let alert = Alert::from_rule_hit(&hit, input);
     let pod = input.get("pod").filter(|p| !p.is_null());

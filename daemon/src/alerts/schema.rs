@@ -28,6 +28,8 @@ pub enum AlertKind {
     PolicyDenied,
     /// A rule pack was rejected on load or reload (the previous pack stays in force).
     RulesRejected,
+    /// One rule could not judge an event (over its budget or an error); rate limited.
+    RuleError,
     /// A guardrail stopped an action (e.g. refusing to quarantine a protected namespace).
     Guardrail,
     /// Events or alerts were lost (ring buffer overflow, alert queue overflow).
@@ -37,12 +39,13 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 8] = [
+    pub const ALL: [AlertKind; 9] = [
         AlertKind::Rule,
         AlertKind::Quarantine,
         AlertKind::Release,
         AlertKind::PolicyDenied,
         AlertKind::RulesRejected,
+        AlertKind::RuleError,
         AlertKind::Guardrail,
         AlertKind::EventLoss,
         AlertKind::Daemon,
@@ -55,6 +58,7 @@ impl AlertKind {
             AlertKind::Release => "release",
             AlertKind::PolicyDenied => "policy_denied",
             AlertKind::RulesRejected => "rules_rejected",
+            AlertKind::RuleError => "rule_error",
             AlertKind::Guardrail => "guardrail",
             AlertKind::EventLoss => "event_loss",
             AlertKind::Daemon => "daemon",

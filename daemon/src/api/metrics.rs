@@ -53,6 +53,7 @@ struct Inner {
     policy_drops: Family<Labels, Counter>,
     map_sync: Family<Labels, Histogram, fn() -> Histogram>,
     rule_reloads: Family<Labels, Counter>,
+    rule_errors: Family<Labels, Counter>,
     exports: Family<Labels, Counter>,
     /// Last absolute value seen per kernel counter, to turn totals read from maps into increments.
     kernel_totals: Mutex<HashMap<(&'static str, String), u64>>,
@@ -86,6 +87,7 @@ impl Metrics {
         let policy_drops = Family::<Labels, Counter>::default();
         let map_sync = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(sync_histogram as fn() -> Histogram);
         let rule_reloads = Family::<Labels, Counter>::default();
+        let rule_errors = Family::<Labels, Counter>::default();
         let exports = Family::<Labels, Counter>::default();
         registry.register("events", "Kernel events received, by type", events.clone());
         registry.register("events_lost", "Kernel events lost (ring buffer full), by type", events_lost.clone());
@@ -100,6 +102,7 @@ impl Metrics {
         registry.register("policy_drops", "Packets dropped by segmentation policy or quarantine, by direction and reason", policy_drops.clone());
         registry.register("map_sync_seconds", "Time to sync a set of eBPF maps, by map", map_sync.clone());
         registry.register("rule_reloads", "Rule pack loads and reloads, by result (ok, failed)", rule_reloads.clone());
+        registry.register("rule_errors", "Rules that could not judge an event, by rule and reason (budget, timeout, error)", rule_errors.clone());
         registry.register("exports", "Alert exports, by exporter and result (sent, failed, dropped)", exports.clone());
         let build = Family::<Labels, Gauge>::default();
         build.get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))])).set(1);
@@ -120,6 +123,7 @@ impl Metrics {
                 policy_drops,
                 map_sync,
                 rule_reloads,
+                rule_errors,
                 exports,
                 kernel_totals: Mutex::new(HashMap::new()),
             }),
@@ -214,6 +218,11 @@ impl Metrics {
     pub fn record_rule_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
         self.inner.rule_reloads.get_or_create(&labels(&[("result", result)])).inc();
+    }
+
+    /// One rule could not judge one event (reason: `budget`, `timeout`, `error`).
+    pub fn record_rule_error(&self, rule: &str, reason: &str) {
+        self.inner.rule_errors.get_or_create(&labels(&[("rule", rule), ("reason", reason)])).inc();
     }
 
     /// exporter: `webhook`, `stdout`; result: `sent`, `failed`, `dropped`, `retried`.

@@ -158,15 +158,21 @@ fn replay(dir: &std::path::Path, events: &std::path::Path, output: OutputFormat)
         // A recording holds either bare events or records that wrap one as `input`.
         let input = record.get("input").filter(|i| i.get("type").is_some()).unwrap_or(&record);
         events_read += 1;
-        let hits = match pack.evaluate(input) {
-            Ok(hits) => hits,
+        // The same engine, budget and isolation as the daemon: a failing rule is reported and
+        // the event's other rules still raise their alerts.
+        let verdict = match pack.evaluate_verdict(input) {
+            Ok(verdict) => verdict,
             Err(e) => {
                 eprintln!("{}:{}:1: {e}", events.display(), index + 1);
                 errors += 1;
                 continue;
             }
         };
-        for hit in hits {
+        for failure in &verdict.failures {
+            eprintln!("{}:{}:1: {}", events.display(), index + 1, RulesError::RuleFailed { failure: failure.clone() });
+            errors += 1;
+        }
+        for hit in verdict.hits {
             hits_total += 1;
             match output {
                 OutputFormat::Json => {

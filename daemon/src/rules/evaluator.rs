@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use super::RulesError;
-use super::model::RuleHit;
+use super::model::{RuleFailure, RuleHit};
 use super::pack::{RulePack, Session};
 
 /// The rule pack in force. A swap replaces the whole pack at once: an evaluation holds an `Arc`
@@ -57,7 +57,10 @@ impl PackHandle {
 #[derive(Debug)]
 pub struct Evaluation {
     pub input: serde_json::Value,
+    /// The hits of the rules that ran (or why the event could not be evaluated at all).
     pub hits: Result<Vec<RuleHit>, RulesError>,
+    /// Rules that could not judge this event (over budget or an error); the others still ran.
+    pub failures: Vec<RuleFailure>,
     /// The generation of the pack that evaluated it.
     pub pack_generation: u64,
 }
@@ -185,15 +188,18 @@ fn worker_loop(
             match pack.session() {
                 Ok(s) => session = Some(s),
                 Err(e) => {
-                    sink(Evaluation { input, hits: Err(e), pack_generation: pack.generation() });
+                    sink(Evaluation { input, hits: Err(e), failures: Vec::new(), pack_generation: pack.generation() });
                     continue;
                 }
             }
         }
         let Some(session_ref) = session.as_mut() else { continue };
-        let hits = pack.evaluate_in(session_ref, &input);
-        if send_empty || !matches!(&hits, Ok(h) if h.is_empty()) {
-            sink(Evaluation { input, hits, pack_generation: pack.generation() });
+        let (hits, failures) = match pack.evaluate_in(session_ref, &input) {
+            Ok(verdict) => (Ok(verdict.hits), verdict.failures),
+            Err(e) => (Err(e), Vec::new()),
+        };
+        if send_empty || !failures.is_empty() || !matches!(&hits, Ok(h) if h.is_empty()) {
+            sink(Evaluation { input, hits, failures, pack_generation: pack.generation() });
         }
     }
 }

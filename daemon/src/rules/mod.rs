@@ -4,7 +4,9 @@
 //! 1. `RulePack::load_with(dir, &options)` once at start (a bad pack at start is fatal);
 //! 2. `PackHandle::new(pack)`, then `pack.subscribed_types()` into the kernel's enabled-type map;
 //! 3. `RuleEvaluator::start(handle.clone(), config)`; `submit` each event's JSON `input`;
-//!    evaluations with hits come back on the channel;
+//!    evaluations with hits or rule failures come back on the channel (a failure is one rule
+//!    over its budget or raising an error: count it, and raise the `rule_error` alerts that
+//!    `failures::FailureLimiter` lets through);
 //! 4. `watch(dir, options, handle, notify_fn)`: reloads on change; `RulesRejected` becomes an
 //!    alert of kind `rules_rejected`, `Reloaded` carries the new subscribed types.
 //!
@@ -12,6 +14,7 @@
 pub mod cli;
 pub mod diag;
 pub mod evaluator;
+pub mod failures;
 pub mod input;
 pub mod model;
 pub mod pack;
@@ -23,8 +26,8 @@ use std::path::PathBuf;
 pub use diag::Diagnostic;
 pub use evaluator::{Evaluation, EvaluatorConfig, PackHandle, RuleEvaluator};
 pub use input::{InputConverter, to_rego_value};
-pub use model::{Action, EventType, Location, RuleHit, RuleMeta, Severity};
-pub use pack::{EngineKind, PackOptions, PackSources, RuleOverrides, RulePack, Session};
+pub use model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
+pub use pack::{EngineKind, PackOptions, PackSources, RuleBudget, RuleOverrides, RulePack, Session};
 pub use watch::{RulesNotification, RulesWatcher, reload, watch};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,9 @@ pub enum RulesError {
     InvalidInput(String),
     #[error("rule evaluation failed: {0}")]
     Eval(String),
+    /// One rule could not judge an event (over budget or an error); see `Verdict`.
+    #[error("rule {} failed on a {} event ({}): {}", failure.rule_id, failure.event_type, failure.reason, failure.detail)]
+    RuleFailed { failure: model::RuleFailure },
     #[error("rule evaluator queue is full")]
     QueueFull,
     #[error("rule evaluator is shut down")]

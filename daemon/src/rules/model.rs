@@ -126,3 +126,59 @@ pub struct RuleHit {
     pub mitre: Vec<String>,
     pub action: Action,
 }
+
+/// Why one rule could not judge one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureReason {
+    /// It ran past its instruction budget.
+    Budget,
+    /// It ran past its wall-clock budget (an expensive builtin, a slow machine).
+    Timeout,
+    /// It raised an error (a builtin given a value it cannot take, a conflict, ...).
+    Error,
+}
+
+impl FailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Budget => "budget",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One rule that could not judge one event; the other rules of the event were still run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleFailure {
+    pub rule_id: String,
+    pub event_type: EventType,
+    pub reason: FailureReason,
+    /// What the engine said.
+    pub detail: String,
+}
+
+/// What the pack said about one event: the alerts of the rules that ran, and the rules that
+/// could not run (each on its own: one rule's failure never takes another's alerts away).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub hits: Vec<RuleHit>,
+    pub failures: Vec<RuleFailure>,
+}
+
+impl Verdict {
+    /// The hits, or the first rule failure as an error (for callers that want all or nothing).
+    pub fn into_hits(self) -> Result<Vec<RuleHit>, super::RulesError> {
+        match self.failures.into_iter().next() {
+            None => Ok(self.hits),
+            Some(failure) => Err(super::RulesError::RuleFailed { failure }),
+        }
+    }
+}

@@ -6,14 +6,21 @@
 //! `exec := [data.palisade.rules.a.alerts, data.palisade.rules.b.alerts]`, listing only the rules
 //! whose `meta.events` name that type. That module is compiled to the register VM with one entry
 //! point per type, so an event costs one VM call that runs exactly its subscribers.
+//!
+//! Isolation per rule: each rule also has an entry point of its own, and a budget (instructions
+//! and wall-clock time). The per-type call runs with the sum of its rules' budgets; only when it
+//! fails (one rule over budget or raising an error) are that event's rules run one by one, each
+//! within its own budget, so the failing rule is named and the others' alerts still come out.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::program::Program;
-use regorus::rvm::vm::RegoVM;
+use regorus::rvm::vm::{RegoVM, VmError};
+use regorus::utils::limits::{ExecutionTimerConfig, LimitError};
 use regorus::unstable::{Expr, Module, Rule, RuleHead, Span};
 use regorus::{CompiledPolicy, Engine, Value};
 use serde::Deserialize;
@@ -21,7 +28,7 @@ use serde::Deserialize;
 use super::RulesError;
 use super::diag::Diagnostic;
 use super::input::{InputConverter, event_type, to_rego_value};
-use super::model::{Action, EventType, Location, RuleHit, RuleMeta, Severity};
+use super::model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
 
 /// The package every rule lives under: `palisade.rules.<id>`.
 pub const RULES_PACKAGE: &str = "data.palisade.rules";
@@ -75,6 +82,42 @@ impl RuleOverrides {
 pub struct PackOptions {
     pub engine: EngineKind,
     pub overrides: RuleOverrides,
+    pub budget: RuleBudget,
+}
+
+/// What one rule may spend on one event. A rule past it is stopped and reported
+/// (`rule_error`, reason `budget` or `timeout`); the event's other rules are not affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleBudget {
+    /// Register-VM instructions (deterministic: the same rule and event always cost the same).
+    pub instructions: usize,
+    /// Wall-clock time, a backstop for builtins that cost much in one instruction (the tree
+    /// interpreter, which counts no instructions, has only this).
+    pub time: Duration,
+}
+
+impl Default for RuleBudget {
+    fn default() -> Self {
+        // The heaviest default rule uses a few thousand instructions on the recorded mix; 25,000
+        // is what regorus allowed a whole evaluation before per-rule budgets.
+        RuleBudget { instructions: 25_000, time: Duration::from_millis(100) }
+    }
+}
+
+impl RuleBudget {
+    /// The budget of `rules` rules run in one call.
+    fn times(self, rules: usize) -> RuleBudget {
+        let n = rules.max(1);
+        RuleBudget {
+            instructions: self.instructions.saturating_mul(n),
+            time: self.time.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX)),
+        }
+    }
+
+    fn timer(self) -> ExecutionTimerConfig {
+        // Check the clock every 64 instructions: cheap, and fine-grained enough for a 100 ms limit.
+        ExecutionTimerConfig { limit: self.time, check_interval: std::num::NonZeroU32::MIN.saturating_add(63) }
+    }
 }
 
 /// One text file of a pack, named as diagnostics should show it.
@@ -197,7 +240,11 @@ pub struct RulePack {
     /// Per event type (indexed by `EventType::index`): the rules its dispatch entry runs, in
     /// the order the entry returns their alert sets.
     dispatch: [Vec<usize>; 16],
+    /// Per event type, then per rule (indexed like `rules`; `None` for a disabled rule).
     entry_points: Vec<String>,
+    /// Per rule (indexed like `rules`): the index of its own `alerts` entry point.
+    rule_entries: Vec<Option<usize>>,
+    budget: RuleBudget,
     /// The tree interpreter with every module loaded (also the template for its sessions).
     engine: Engine,
     compiled: CompiledPolicy,
@@ -231,6 +278,46 @@ pub struct Session {
 enum SessionEngine {
     Vm(Box<RegoVM>),
     Interpreter(Box<Engine>),
+}
+
+impl SessionEngine {
+    /// Runs entry point `name` (index `index` in the VM) on `input` within `budget`.
+    fn run(&mut self, name: &str, index: usize, input: Value, budget: RuleBudget) -> Result<Value, (FailureReason, String)> {
+        match self {
+            SessionEngine::Vm(vm) => vm.set_input(input),
+            SessionEngine::Interpreter(engine) => engine.set_input(input),
+        }
+        self.run_again(name, index, budget)
+    }
+
+    /// Runs another entry point on the input already set.
+    fn run_again(&mut self, name: &str, index: usize, budget: RuleBudget) -> Result<Value, (FailureReason, String)> {
+        match self {
+            SessionEngine::Vm(vm) => {
+                vm.set_max_instructions(budget.instructions);
+                vm.set_execution_timer_config(Some(budget.timer()));
+                vm.execute_entry_point_by_index(index).map_err(|e| {
+                    let reason = match &e {
+                        VmError::InstructionLimitExceeded { .. } | VmError::MemoryLimitExceeded { .. } => FailureReason::Budget,
+                        VmError::TimeLimitExceeded { .. } => FailureReason::Timeout,
+                        _ => FailureReason::Error,
+                    };
+                    (reason, e.to_string())
+                })
+            }
+            SessionEngine::Interpreter(engine) => {
+                engine.set_execution_timer_config(budget.timer());
+                engine.eval_rule(name.to_string()).map_err(|e| {
+                    let reason = match e.downcast_ref::<LimitError>() {
+                        Some(LimitError::TimeLimitExceeded { .. }) => FailureReason::Timeout,
+                        Some(LimitError::MemoryLimitExceeded { .. }) => FailureReason::Budget,
+                        _ => FailureReason::Error,
+                    };
+                    (reason, format!("{e:#}"))
+                })
+            }
+        }
+    }
 }
 
 static NEXT_PACK_ID: AtomicU64 = AtomicU64::new(1);
@@ -320,8 +407,15 @@ impl RulePack {
             .add_policy(DISPATCH_FILE.to_string(), dispatch_source)
             .map_err(|e| rejected(Diagnostic::from_regorus(&e, DISPATCH_FILE)))?;
 
-        let entry_points: Vec<String> =
+        let mut entry_points: Vec<String> =
             EventType::ALL.iter().map(|t| format!("{DISPATCH_PACKAGE}.{t}")).collect();
+        let mut rule_entries = vec![None; rules.len()];
+        for (index, rule) in rules.iter().enumerate() {
+            if dispatch.iter().any(|subscribers| subscribers.contains(&index)) {
+                rule_entries[index] = Some(entry_points.len());
+                entry_points.push(format!("{RULES_PACKAGE}.{}.alerts", rule.id));
+            }
+        }
         let first_file = sources.policies.first().map_or(DISPATCH_FILE, |f| f.path.as_str());
         let compiled = engine
             .compile_with_entrypoint(&regorus::Rc::from(entry_points[0].as_str()))
@@ -339,6 +433,8 @@ impl RulePack {
             rules,
             dispatch,
             entry_points,
+            rule_entries,
+            budget: options.budget,
             engine,
             compiled,
             program,
@@ -407,6 +503,8 @@ impl RulePack {
             rules: self.rules.clone(),
             dispatch: self.dispatch.clone(),
             entry_points: self.entry_points.clone(),
+            rule_entries: self.rule_entries.clone(),
+            budget: self.budget,
             engine: self.engine.clone(),
             compiled: self.compiled.clone(),
             program: self.program.clone(),
@@ -433,11 +531,19 @@ impl RulePack {
     }
 
     /// Evaluates one event (the JSON `input` the daemon produces) against the rules subscribed
-    /// to its type. Safe to call from many threads; each call borrows an idle session.
+    /// to its type. Safe to call from many threads; each call borrows an idle session. A rule
+    /// that could not judge the event makes this an error (`evaluate_verdict` keeps the other
+    /// rules' hits and names the failing rules).
     pub fn evaluate(&self, input: &serde_json::Value) -> Result<Vec<RuleHit>, RulesError> {
+        self.evaluate_verdict(input).and_then(Verdict::into_hits)
+    }
+
+    /// The verdict of every rule subscribed to the event's type: hits, and the rules that
+    /// failed (over budget or an error), each on its own.
+    pub fn evaluate_verdict(&self, input: &serde_json::Value) -> Result<Verdict, RulesError> {
         let ty = event_type(input).map_err(RulesError::InvalidInput)?;
         if self.dispatch[ty.index()].is_empty() {
-            return Ok(Vec::new());
+            return Ok(Verdict::default());
         }
         let mut session = self.acquire()?;
         let value = session.converter.convert(input);
@@ -446,15 +552,11 @@ impl RulePack {
         result
     }
 
-    /// Like `evaluate`, with a session the caller keeps (a worker thread's own).
-    pub fn evaluate_in(
-        &self,
-        session: &mut Session,
-        input: &serde_json::Value,
-    ) -> Result<Vec<RuleHit>, RulesError> {
+    /// Like `evaluate_verdict`, with a session the caller keeps (a worker thread's own).
+    pub fn evaluate_in(&self, session: &mut Session, input: &serde_json::Value) -> Result<Verdict, RulesError> {
         let ty = event_type(input).map_err(RulesError::InvalidInput)?;
         if self.dispatch[ty.index()].is_empty() {
-            return Ok(Vec::new());
+            return Ok(Verdict::default());
         }
         let value = session.converter.convert(input);
         self.evaluate_typed(session, ty, value, false)
@@ -471,7 +573,7 @@ impl RulePack {
         let value = session.converter.convert(input);
         let result = self.evaluate_typed(&mut session, ty, value, true);
         self.release(session);
-        result
+        result.and_then(Verdict::into_hits)
     }
 
     fn acquire(&self) -> Result<Session, RulesError> {
@@ -488,30 +590,44 @@ impl RulePack {
         }
     }
 
+    /// The budget each rule has per event.
+    pub fn budget(&self) -> RuleBudget {
+        self.budget
+    }
+
     fn evaluate_typed(
         &self,
         session: &mut Session,
         ty: EventType,
         input: Value,
         strict: bool,
-    ) -> Result<Vec<RuleHit>, RulesError> {
+    ) -> Result<Verdict, RulesError> {
         if session.pack_id != self.id {
             return Err(RulesError::Eval("session belongs to another rule pack".to_string()));
         }
-        let raw = match &mut session.engine {
-            SessionEngine::Vm(vm) => {
-                vm.set_input(input);
-                vm.execute_entry_point_by_index(ty.index())
-                    .map_err(|e| RulesError::Eval(format!("{ty} rules: {e}")))?
+        let subscribers = &self.dispatch[ty.index()];
+        // Fast path: every subscriber in one call, with the sum of their budgets.
+        let all = session.engine.run(&self.entry_points[ty.index()], ty.index(), input, self.budget.times(subscribers.len()));
+        if let Ok(raw) = all {
+            return Ok(Verdict { hits: self.hits(ty, &raw, strict)?, failures: Vec::new() });
+        }
+        // Something failed: run each rule alone within its own budget, so only the failing
+        // rule loses its verdict and it is the one named.
+        let mut verdict = Verdict::default();
+        for &index in subscribers {
+            let rule = &self.rules[index];
+            let Some(entry) = self.rule_entries[index] else { continue };
+            match session.engine.run_again(&self.entry_points[entry], entry, self.budget) {
+                Ok(raw) => verdict.hits.extend(self.rule_hits(rule, &raw, strict)?),
+                Err((reason, detail)) => verdict.failures.push(RuleFailure {
+                    rule_id: rule.id.clone(),
+                    event_type: ty,
+                    reason,
+                    detail,
+                }),
             }
-            SessionEngine::Interpreter(engine) => {
-                engine.set_input(input);
-                engine
-                    .eval_rule(self.entry_points[ty.index()].clone())
-                    .map_err(|e| RulesError::Eval(format!("{ty} rules: {e:#}")))?
-            }
-        };
-        self.hits(ty, &raw, strict)
+        }
+        Ok(verdict)
     }
 
     /// Turns the dispatch entry's result (an array of alert sets, one per subscribed rule) into
@@ -533,26 +649,33 @@ impl RulePack {
             let Some(rule) = order.get(position).map(|&i| &self.rules[i]) else {
                 break;
             };
-            let alerts = match alerts {
-                Value::Set(alerts) => alerts,
-                Value::Undefined => continue,
-                other => {
-                    let problem = format!("`alerts` is {} instead of a set", super::input::to_json(other));
-                    return Err(contract_error(rule, problem));
-                }
-            };
-            for alert in alerts.iter() {
-                match alert_to_hit(rule, alert) {
-                    Ok(hit) => hits.push(hit),
-                    Err((problem, fallback)) => {
-                        if strict {
-                            return Err(contract_error(rule, problem));
-                        }
-                        // Detection must not be lost over a malformed alert: raise it anyway
-                        // with the rule's own metadata, and say what was wrong.
-                        tracing::warn!(rule = %rule.id, %problem, "alert breaks the rule contract");
-                        hits.push(fallback);
+            hits.extend(self.rule_hits(rule, alerts, strict)?);
+        }
+        Ok(hits)
+    }
+
+    /// One rule's `alerts` set as hits.
+    fn rule_hits(&self, rule: &RuleMeta, alerts: &Value, strict: bool) -> Result<Vec<RuleHit>, RulesError> {
+        let alerts = match alerts {
+            Value::Set(alerts) => alerts,
+            Value::Undefined => return Ok(Vec::new()),
+            other => {
+                let problem = format!("`alerts` is {} instead of a set", super::input::to_json(other));
+                return Err(contract_error(rule, problem));
+            }
+        };
+        let mut hits = Vec::new();
+        for alert in alerts.iter() {
+            match alert_to_hit(rule, alert) {
+                Ok(hit) => hits.push(hit),
+                Err((problem, fallback)) => {
+                    if strict {
+                        return Err(contract_error(rule, problem));
                     }
+                    // Detection must not be lost over a malformed alert: raise it anyway
+                    // with the rule's own metadata, and say what was wrong.
+                    tracing::warn!(rule = %rule.id, %problem, "alert breaks the rule contract");
+                    hits.push(fallback);
                 }
             }
         }
