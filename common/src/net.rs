@@ -3,8 +3,10 @@
 //! whose pure-Rust `lookup` mirrors the kernel's logic key for key).
 //!
 //! Per packet, in this order (see `segmentation::lookup`):
-//! 1. QUARANTINE by the socket's cgroup id (and its ancestors): deny everything except traffic
-//!    inside the pod itself (same address, loopback) and the optional forensics exception trie.
+//! 1. QUARANTINE by the socket's cgroup id (and its ancestors), before the packet is parsed: deny
+//!    everything except traffic inside the pod itself (same address, loopback) and the optional
+//!    forensics exception trie; unparsable packets and neighbour discovery (unless its target is
+//!    a forensics peer) are denied too. (Pods not quarantined: those two pass.)
 //! 2. CONNTRACK: a packet of a flow already allowed in its direction at this hook, or a reply to
 //!    one allowed in the opposite direction at the mirrored hook, passes. Entries follow TCP
 //!    SYN/FIN/RST and expire when idle past the timeout of their state; a SYN never passes on an
@@ -87,6 +89,17 @@ pub const EP_ISOLATED_EGRESS: u32 = 2;
 /// Verdict reasons (PolicyVerdictEvent.reason and the user-side lookup).
 pub const REASON_QUARANTINE: u8 = 1;
 pub const REASON_POLICY: u8 = 2;
+
+/// Which way out (or in) a drop stopped (PolicyVerdictEvent.path).
+/// A parsed IPv4/IPv6 packet at a cgroup_skb hook (every policy drop is on this path).
+pub const PATH_IP: u8 = 0;
+/// A packet the cgroup_skb hook could not parse (IP version not 4/6, IHL < 5, truncated):
+/// addresses and ports in the record are zero.
+pub const PATH_UNPARSED: u8 = 1;
+/// ICMPv6 neighbour discovery (passes for pods that are not quarantined).
+pub const PATH_ND: u8 = 2;
+/// A parsed packet written by a raw socket (SOCK_RAW: hand-built headers) at a cgroup_skb hook.
+pub const PATH_RAW_SOCKET: u8 = 3;
 
 /// Conntrack flags, relative to the normalized key (lo = the smaller (addr, port)).
 pub const CT_LO_HI_EGRESS: u32 = 1;
@@ -367,7 +380,8 @@ pub struct PolicyVerdictEvent {
     pub direction: u8,
     /// REASON_*
     pub reason: u8,
-    pub _pad: u8,
+    /// PATH_*: which way out (or in) was stopped.
+    pub path: u8,
     pub endpoint_id: u32,
     pub peer_identity: u32,
     /// Denials of this endpoint not reported since the previous record (rate limit).

@@ -728,8 +728,9 @@ fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEv
         _ => "other",
     };
     let held_back = if v.suppressed > 0 { format!(", {} more held back by the rate limit", v.suppressed) } else { String::new() };
+    let path = crate::segmentation::datapath::path_name(v.path);
     let message = format!(
-        "{direction} {protocol} {} {} {} denied ({reason}){held_back}",
+        "{direction} {protocol} {} {} {} denied ({reason}, path {path}){held_back}",
         socket(&v.local_addr, v.local_port),
         if direction == "ingress" { "<-" } else { "->" },
         socket(&v.peer_addr, v.peer_port),
@@ -737,7 +738,7 @@ fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEv
     let mut alert = Alert::new(AlertKind::PolicyDenied, Severity::Low, message).with_event(json!({
         "direction": direction, "protocol": protocol, "local": addr(&v.local_addr), "local_port": v.local_port,
         "peer": addr(&v.peer_addr), "peer_port": v.peer_port, "peer_identity": v.peer_identity, "reason": reason,
-        "cgroup_id": v.header.cgroup_id,
+        "path": path, "cgroup_id": v.header.cgroup_id,
     }));
     alert.count = 1 + u64::from(v.suppressed);
     if let Some(pod) = pod {

@@ -9,6 +9,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ fn role_helper() {
         "sink-server" => sink_server(arg(0).parse().expect("port")),
         "reverse-shell" => reverse_shell(arg(0).parse().expect("addr")),
         "daemon" => daemon_child(Path::new(&arg(0)), Path::new(&arg(1)), Path::new(&arg(2)), &arg(3)),
+        "escape-receiver" => escape::receiver(&arg(0), arg(1).parse().expect("port")),
+        "escape-sender" => escape::sender(arg(0).parse().expect("v4"), arg(1).parse().expect("v6"), arg(2).parse().expect("port")),
         other => panic!("unknown role {other}"),
     }
     std::process::exit(0);
@@ -167,6 +170,203 @@ fn daemon_child(pin_dir: &Path, state_dir: &Path, inventory_path: &Path, pod: &s
     say(&format!("decision {}", decision.outcome.as_str()));
     loop {
         std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// The escape attempts of a quarantined pod with CAP_NET_RAW and what another pod's wire sees.
+///
+/// Every attempt carries a tag (`UDP-3`, `RAW-3`, ... for round 3) in its payload; the receiver
+/// captures every frame arriving on its `eth0` with an AF_PACKET socket (the most a receiver can
+/// see: below the IP stack, so even packets the stack would discard count) and reports the tags.
+mod escape {
+    use super::say;
+    use std::collections::BTreeSet;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::sync::{Arc, Mutex};
+
+    pub const TAG_PREFIX: &[u8] = b"PALISADE-";
+
+    fn check(rc: libc::c_int, what: &str) -> libc::c_int {
+        assert!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
+        rc
+    }
+
+    fn ifindex(name: &str) -> u32 {
+        let c = std::ffi::CString::new(name).expect("name");
+        // SAFETY: a valid NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        assert!(index != 0, "if_nametoindex {name}: {}", std::io::Error::last_os_error());
+        index
+    }
+
+    /// Captures frames arriving on `interface` (not its own outgoing ones) and, when `port` is
+    /// not 0, takes UDP datagrams on `port`; on each stdin line `report`, prints `seen TAG,TAG`
+    /// (or `seen -`) for what arrived since the last report.
+    pub fn receiver(interface: &str, port: u16) {
+        // SAFETY: plain socket syscalls on descriptors this function owns.
+        let fd = check(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) }, "AF_PACKET socket");
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex(interface) as i32;
+        check(
+            unsafe { libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) },
+            "bind AF_PACKET",
+        );
+        // Bound so the stack has a taker for the datagrams (no ICMP errors echoing tags back).
+        let udp = (port != 0).then(|| std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind udp"));
+        let seen = Arc::new(Mutex::new(BTreeSet::<String>::new()));
+        {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                    // SAFETY: buffer and address are valid for the given lengths.
+                    let n = unsafe {
+                        libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_ll).cast(), &mut len)
+                    };
+                    if n < 0 {
+                        continue;
+                    }
+                    if from.sll_pkttype == libc::PACKET_OUTGOING {
+                        continue;
+                    }
+                    let frame = &buf[..n as usize];
+                    let mut seen = seen.lock().expect("seen");
+                    for tag in tags_in(frame) {
+                        seen.insert(tag);
+                    }
+                }
+            });
+        }
+        if let Some(udp) = udp {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while udp.recv(&mut buf).is_ok() {}
+            });
+        }
+        say("listening");
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            if line.trim() == "report" {
+                let mut seen = seen.lock().expect("seen");
+                let list: Vec<String> = std::mem::take(&mut *seen).into_iter().collect();
+                say(&format!("seen {}", if list.is_empty() { "-".to_string() } else { list.join(",") }));
+            }
+        }
+    }
+
+    /// `PALISADE-KIND-ROUND` occurrences in a frame.
+    fn tags_in(frame: &[u8]) -> Vec<String> {
+        let mut tags = Vec::new();
+        let mut i = 0;
+        while i + TAG_PREFIX.len() <= frame.len() {
+            if &frame[i..i + TAG_PREFIX.len()] == TAG_PREFIX {
+                let rest = &frame[i + TAG_PREFIX.len()..];
+                let end = rest.iter().position(|b| !(b.is_ascii_alphanumeric() || *b == b'-')).unwrap_or(rest.len());
+                if let Ok(tag) = std::str::from_utf8(&rest[..end]) {
+                    tags.push(tag.to_string());
+                }
+                i += TAG_PREFIX.len();
+            } else {
+                i += 1;
+            }
+        }
+        tags
+    }
+
+    fn ipv4_header(version_ihl: u8, protocol: u8, src: Ipv4Addr, dst: Ipv4Addr, total: usize) -> Vec<u8> {
+        let mut h = vec![0u8; 20];
+        h[0] = version_ihl;
+        h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        h[8] = 64;
+        h[9] = protocol;
+        h[12..16].copy_from_slice(&src.octets());
+        h[16..20].copy_from_slice(&dst.octets());
+        h
+    }
+
+    /// Opens every socket first (as an intruder would before the quarantine lands), prints
+    /// `ready`, then for each stdin line `send ROUND` makes every attempt once and prints
+    /// `sent KIND=ok|errno ...`.
+    pub fn sender(peer_v4: Ipv4Addr, peer_v6: Ipv6Addr, port: u16) {
+        let udp = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("udp socket");
+        // SAFETY: plain socket syscalls on descriptors this function owns.
+        let raw4 = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) }, "raw IPv4 socket");
+        let raw6 = check(unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) }, "raw ICMPv6 socket");
+        let hops: libc::c_int = 255;
+        let eth0 = ifindex("eth0");
+        unsafe {
+            check(libc::setsockopt(raw6, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, (&hops as *const libc::c_int).cast(), 4), "hops");
+            check(libc::setsockopt(raw6, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF, (&eth0 as *const u32).cast(), 4), "mcast if");
+        }
+        let own_v4 = Ipv4Addr::UNSPECIFIED;
+        let mut dst4: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        dst4.sin_family = libc::AF_INET as u16;
+        dst4.sin_addr.s_addr = u32::from_ne_bytes(peer_v4.octets());
+        say("ready");
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            let Some(round) = line.strip_prefix("send ") else { continue };
+            let mut results = Vec::new();
+            let result = |rc: isize| if rc >= 0 { "ok".to_string() } else { format!("errno{}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) };
+            // 1. a plain UDP datagram
+            let r = udp.send_to(format!("PALISADE-UDP-{round}").as_bytes(), (peer_v4, port));
+            results.push(match r {
+                Ok(_) => "UDP=ok".to_string(),
+                Err(e) => format!("UDP=errno{}", e.raw_os_error().unwrap_or(0)),
+            });
+            // 2. a hand-built IPv4/UDP packet on a raw socket
+            let payload = format!("PALISADE-RAW-{round}");
+            let total = 20 + 8 + payload.len();
+            let mut pkt = ipv4_header(0x45, 17, own_v4, peer_v4, total);
+            pkt.extend_from_slice(&40001u16.to_be_bytes());
+            pkt.extend_from_slice(&port.to_be_bytes());
+            pkt.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            pkt.extend_from_slice(&[0, 0]);
+            pkt.extend_from_slice(payload.as_bytes());
+            results.push(format!("RAW={}", result(send_raw(raw4, &pkt, &dst4))));
+            // 3. a malformed IPv4 header: IHL 3 (< 5); kernels that validate IP_HDRINCL headers
+            //    refuse it here (EINVAL), the AF_PACKET attempt carries it then
+            let payload = format!("PALISADE-IHL-{round}");
+            let mut pkt = ipv4_header(0x43, 17, own_v4, peer_v4, 20 + payload.len());
+            pkt.extend_from_slice(payload.as_bytes());
+            results.push(format!("IHL={}", result(send_raw(raw4, &pkt, &dst4))));
+            // 4. an IP version that is neither 4 nor 6
+            let payload = format!("PALISADE-VER-{round}");
+            let mut pkt = ipv4_header(0x75, 17, own_v4, peer_v4, 20 + payload.len());
+            pkt.extend_from_slice(payload.as_bytes());
+            results.push(format!("VER={}", result(send_raw(raw4, &pkt, &dst4))));
+            // 5. an IPv6 neighbour solicitation for the peer, to its solicited-node group, the
+            //    tag in a trailing (unknown, so ignored) option
+            let o = peer_v6.octets();
+            let group = Ipv6Addr::from([0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15]]);
+            let tag = format!("PALISADE-NS-{round}");
+            let mut ns = vec![135u8, 0, 0, 0, 0, 0, 0, 0];
+            ns.extend_from_slice(&o);
+            let opt_len = (2 + tag.len()).div_ceil(8) * 8;
+            ns.push(200);
+            ns.push((opt_len / 8) as u8);
+            ns.extend_from_slice(tag.as_bytes());
+            ns.resize(24 + opt_len, 0);
+            let mut dst6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            dst6.sin6_family = libc::AF_INET6 as u16;
+            dst6.sin6_addr.s6_addr = group.octets();
+            dst6.sin6_scope_id = eth0;
+            // SAFETY: valid buffer and address for the given lengths.
+            let rc = unsafe {
+                libc::sendto(raw6, ns.as_ptr().cast(), ns.len(), 0, (&dst6 as *const libc::sockaddr_in6).cast(), std::mem::size_of::<libc::sockaddr_in6>() as u32)
+            };
+            results.push(format!("NS={}", result(rc)));
+            say(&format!("sent {}", results.join(" ")));
+        }
+    }
+
+    fn send_raw(fd: libc::c_int, pkt: &[u8], dst: &libc::sockaddr_in) -> isize {
+        // SAFETY: valid buffer and address for the given lengths.
+        unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (dst as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) }
     }
 }
 
@@ -608,5 +808,155 @@ fn quarantine_forensics_exception_keeps_configured_peers_reachable() {
     // Hot reload without the exception: b is cut off from a as well.
     service.set_policy(ResponsePolicy::default()).expect("reload");
     assert_reach(&probe(&lab), involves("shop/a"));
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+// ---- escape paths (issue 10) -----------------------------------------------------------------
+
+const ESCAPE_PODS: &str = r#"
+endpoints:
+  - namespace: shop
+    name: a
+    ips: [198.18.9.1, "2001:db8::9:1"]
+    cgroup: /palisade-test/{lab}/shop/a
+  - namespace: shop
+    name: b
+    ips: [198.18.9.2, "2001:db8::9:2"]
+    cgroup: /palisade-test/{lab}/shop/b
+"#;
+const ESCAPE_PORT: u16 = 7171;
+
+/// Drop records of the datapath (SEG_EVENTS), taken out of the object.
+struct DropRecords {
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+}
+
+impl DropRecords {
+    fn take(ebpf: &mut aya::Ebpf) -> DropRecords {
+        palisade::segmentation::datapath::Datapath::set_denied_events(ebpf, true, 0).expect("enable drop records");
+        let map = ebpf.take_map(palisade_common::MAP_SEG_EVENTS).expect("SEG_EVENTS");
+        DropRecords { ring: aya::maps::RingBuf::try_from(map).expect("ring buffer") }
+    }
+
+    /// (reason, path) of every record about `cgroup_id` that arrives within `window`.
+    fn collect(&mut self, cgroup_id: u64, window: Duration) -> Vec<(u8, &'static str)> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            while let Some(item) = self.ring.next() {
+                let Some(v) = palisade::segmentation::datapath::decode_verdict(&item) else { continue };
+                if v.header.cgroup_id == cgroup_id {
+                    out.push((v.reason, palisade::segmentation::datapath::path_name(v.path)));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        out
+    }
+}
+
+/// Asks the receiver what arrived; repeats until `want` holds or `within` passes.
+fn seen_tags(receiver: &mut Role, within: Duration, want: impl Fn(&BTreeSet<String>) -> bool) -> BTreeSet<String> {
+    let deadline = Instant::now() + within;
+    let mut all = BTreeSet::new();
+    loop {
+        let line = receiver.send("report");
+        let list = line.strip_prefix("seen ").unwrap_or_else(|| panic!("receiver said {line:?}"));
+        all.extend(list.split(',').filter(|t| *t != "-").map(String::from));
+        if want(&all) || Instant::now() >= deadline {
+            return all;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+
+/// Runs a role inside the lab's own network namespace (the bridge side of every pod's veth).
+fn in_lab_netns(lab: &TestLab, role: &str, args: &str) -> Role {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let netns = std::fs::File::open(Path::new("/run/netns").join(lab.lab_netns())).expect("open the lab netns");
+    let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+    // SAFETY: one syscall on a descriptor opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Role::spawn(role_command(role, args, cmd))
+}
+
+/// The kinds (`UDP`, `RAW`, ...) the sender's `sent KIND=ok ...` line reports as sent.
+fn sent_kinds(sent: &str) -> BTreeSet<String> {
+    sent.trim_start_matches("sent ")
+        .split_whitespace()
+        .filter_map(|r| r.strip_suffix("=ok"))
+        .map(String::from)
+        .collect()
+}
+
+fn tags(kinds: &BTreeSet<String>, round: u32) -> BTreeSet<String> {
+    kinds.iter().map(|k| format!("{k}-{round}")).collect()
+}
+
+/// A quarantined pod with CAP_NET_RAW, its sockets opened before the quarantine, tries every IP
+/// way out: a UDP datagram, a hand-built IPv4/UDP packet on a raw socket, a malformed IPv4
+/// header (IHL 3: refused by the kernel's raw socket on 6.x, so only AF_PACKET carries it), an
+/// IP version that is neither 4 nor 6, an IPv6 neighbour solicitation. Two captures watch: the
+/// wire right out of pod a (its host-side veth) and pod b's `eth0`. Before the quarantine every
+/// attempt that was sent reaches a's wire, and those the lab bridge forwards reach b (so the
+/// test can fail); afterwards neither sees anything, and the drop records name each path.
+#[test]
+fn quarantined_pod_sends_nothing_by_any_ip_path() {
+    if !require_kernel("quarantined_pod_sends_nothing_by_any_ip_path") {
+        return;
+    }
+    let lab = TestLab::up("qescip", ESCAPE_PODS);
+    let pins = Pins::new(&lab.name);
+    let state_dir = temp_state_dir(&lab.name);
+    let (mut ebpf, service) = enforce(&lab, &pins, &state_dir, ResponsePolicy::default());
+    let mut records = DropRecords::take(&mut ebpf);
+    let a_id = palisade::lab::cgroup_id(&lab.pod_cgroup_dir("shop/a").expect("dir")).expect("id");
+
+    let mut at_b = Role::in_pod(&lab, "shop/b", "escape-receiver", &format!("eth0 {ESCAPE_PORT}"));
+    assert_eq!(at_b.next(Duration::from_secs(10)), "listening");
+    let a_veth = lab.pod("shop/a").expect("pod a").host_veth.clone();
+    let mut out_of_a = in_lab_netns(&lab, "escape-receiver", &format!("{a_veth} 0"));
+    assert_eq!(out_of_a.next(Duration::from_secs(10)), "listening");
+    let mut sender = Role::in_pod(&lab, "shop/a", "escape-sender", &format!("198.18.9.2 2001:db8::9:2 {ESCAPE_PORT}"));
+    assert_eq!(sender.next(Duration::from_secs(10)), "ready");
+
+    // Control: without quarantine the attempts leave a, and the well-formed ones reach b.
+    let sent = sender.send("send 1");
+    let kinds = sent_kinds(&sent);
+    for must in ["UDP", "RAW", "VER", "NS"] {
+        assert!(kinds.contains(must), "the {must} attempt was not even sent: {sent}");
+    }
+    let left_a = seen_tags(&mut out_of_a, Duration::from_secs(5), |s| tags(&kinds, 1).is_subset(s));
+    assert!(tags(&kinds, 1).is_subset(&left_a), "before the quarantine only {left_a:?} left a ({sent})");
+    let well_formed: BTreeSet<String> = ["UDP", "RAW", "NS"].iter().map(|k| k.to_string()).collect();
+    let reached_b = seen_tags(&mut at_b, Duration::from_secs(5), |s| tags(&well_formed, 1).is_subset(s));
+    assert!(tags(&well_formed, 1).is_subset(&reached_b), "before the quarantine only {reached_b:?} reached b ({sent})");
+
+    let decision = service.respond(&verdict("shop", "a", "reverse_shell", "alert-escape-ip"));
+    assert_eq!(decision.outcome, Outcome::Quarantined, "{decision:?}");
+    let _ = records.collect(a_id, Duration::from_millis(50));
+
+    let sent = sender.send("send 2");
+    assert!(sent.starts_with("sent "), "{sent}");
+    let paths = records.collect(a_id, Duration::from_millis(800));
+    for (capture, at) in [(&mut out_of_a, "a's wire"), (&mut at_b, "b's eth0")] {
+        let seen = seen_tags(capture, Duration::ZERO, |_| true);
+        let escaped: Vec<&String> = seen.iter().filter(|t| t.ends_with("-2")).collect();
+        assert!(escaped.is_empty(), "quarantined pod a got {escaped:?} out to {at} ({sent})");
+    }
+    let quarantine_paths: BTreeSet<&str> =
+        paths.iter().filter(|(reason, _)| *reason == palisade_common::REASON_QUARANTINE).map(|(_, path)| *path).collect();
+    for want in ["ip", "raw_socket", "unparsed", "neighbour_discovery"] {
+        assert!(quarantine_paths.contains(want), "no quarantine drop record on path {want}; records: {paths:?} ({sent})");
+    }
     let _ = std::fs::remove_dir_all(&state_dir);
 }

@@ -1,14 +1,19 @@
 //! Segmentation and quarantine datapath: cgroup_skb ingress/egress attached per pod cgroup.
 //!
 //! Per packet, in this order (mirrored in pure Rust by `segmentation::lookup::hook`; keep the two
-//! in step): ICMPv6 neighbour discovery passes; (1) QUARANTINE by the socket's cgroup id and its
-//! ancestors: deny all except traffic inside the pod and the forensics exception; (2) CONNTRACK
-//! (TCP state, idle expiry, policy generation in strict mode); (3) local endpoint and peer
-//! identity from IPCACHE, isolation from ENDPOINTS, POLICY probes.
+//! in step): (1) QUARANTINE by the socket's cgroup id and its ancestors, before the packet is even
+//! parsed: a quarantined pod's packets pass only inside the pod and to or from the forensics
+//! exception; unparsable packets and neighbour discovery (except for a forensics peer's address)
+//! are dropped too, and the drop record names the path (PATH_*); (2) unparsable packets and
+//! ICMPv6 neighbour discovery of pods that are not quarantined pass; (3) CONNTRACK (TCP state,
+//! idle expiry, policy generation in strict mode); (4) local endpoint and peer identity from
+//! IPCACHE, isolation from ENDPOINTS, POLICY probes.
 //! Denials become rate-limited PolicyVerdictEvent records in SEG_EVENTS.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    helpers::generated::{
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
     macros::{cgroup_skb, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::SkBuffContext,
@@ -18,7 +23,8 @@ use palisade_common::{
     CNT_EVENTS_LOST, CNT_EVENTS_SUPPRESSED, CNT_PACKETS, CNT_UNPARSED, CT_STATE_SYN, CtConfig, CtKey, CtValue,
     DENY_EVENTS_PER_WINDOW, DENY_WINDOW_NS, DIRECTION_EGRESS, DIRECTION_INGRESS, DatapathConfig,
     DenyRateState, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointConfig, ForensicsValue,
-    IDENTITY_ANY, IDENTITY_WORLD, IpAddrKey, IpCacheValue, KIND_POLICY_VERDICT, PROTO_ANY,
+    IDENTITY_ANY, IDENTITY_WORLD, IpAddrKey, IpCacheValue, KIND_POLICY_VERDICT, PATH_IP, PATH_ND,
+    PATH_RAW_SOCKET, PATH_UNPARSED, PROTO_ANY,
     PolicyKey, PolicyValue, PolicyVerdictEvent, QuarantineValue, REASON_POLICY, REASON_QUARANTINE,
     SEG_EVENTS_RINGBUF_BYTES, SEG_MAX_CGROUP_LEVELS, SEG_MAX_CONNTRACK, SEG_MAX_ENDPOINTS,
     ESTABLISHED_FLOWS_STRICT, PROTO_TCP, SEG_MAX_FORENSICS, SEG_MAX_IPCACHE, SEG_MAX_POLICY, SEG_MAX_QUARANTINE,
@@ -80,9 +86,15 @@ struct Pkt {
     protocol: u8,
     /// TCP header flags (0 for other protocols).
     tcp_flags: u8,
-    /// ICMPv6 neighbour discovery (always passes).
+    /// ICMPv6 neighbour discovery (passes unless the pod is quarantined).
     nd: bool,
+    /// The target address of a neighbour solicitation or advertisement (zero otherwise).
+    nd_target: [u8; 16],
 }
+
+const SOCK_RAW: u32 = 3;
+const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
+const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 
 #[cgroup_skb(ingress)]
 pub fn seg_ingress(ctx: SkBuffContext) -> i32 {
@@ -101,10 +113,18 @@ fn count(idx: u32) {
     }
 }
 
+impl Pkt {
+    #[inline(always)]
+    const fn zero() -> Pkt {
+        Pkt { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, protocol: 0, tcp_flags: 0, nd: false, nd_target: [0; 16] }
+    }
+}
+
+/// Fills `p` (zeroed by the caller) from the packet; None when it cannot be parsed. Writes into the
+/// caller's frame: the eBPF stack (512 bytes over all calls) has no room for copies.
 #[inline(always)]
-fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
+fn parse(ctx: &SkBuffContext, p: &mut Pkt) -> Option<()> {
     let b0: u8 = ctx.load(0).ok()?;
-    let mut p = Pkt { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, protocol: 0, tcp_flags: 0, nd: false };
     let l4: usize;
     match b0 >> 4 {
         4 => {
@@ -130,7 +150,7 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
             let frag: [u8; 2] = ctx.load(6).ok()?;
             if (u16::from_be_bytes(frag) & 0x1fff) != 0 {
                 // A non-first fragment carries no ports.
-                return Some(p);
+                return Some(());
             }
             l4 = ihl & 0x3c;
         }
@@ -142,7 +162,13 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
             if p.protocol == 58 {
                 let t: u8 = ctx.load(l4).ok()?;
                 p.nd = (133..=137).contains(&t);
-                return Some(p);
+                if t == ICMPV6_NEIGHBOUR_SOLICITATION || t == ICMPV6_NEIGHBOUR_ADVERTISEMENT {
+                    // A truncated message keeps a zero target (matches no forensics peer).
+                    if let Ok(target) = ctx.load::<[u8; 16]>(l4 + 8) {
+                        p.nd_target = target;
+                    }
+                }
+                return Some(());
             }
         }
         _ => return None,
@@ -155,7 +181,7 @@ fn parse(ctx: &SkBuffContext) -> Option<Pkt> {
     if p.protocol == PROTO_TCP {
         p.tcp_flags = ctx.load(l4 + 13).ok()?;
     }
-    Some(p)
+    Some(())
 }
 
 #[inline(always)]
@@ -187,8 +213,7 @@ fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
 }
 
 #[inline(always)]
-fn quarantine(ctx: &SkBuffContext) -> Option<&'static QuarantineValue> {
-    let own = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+fn quarantine(ctx: &SkBuffContext, own: u64) -> Option<&'static QuarantineValue> {
     if let Some(v) = unsafe { SEG_QUARANTINE.get(&own) } {
         return Some(v);
     }
@@ -209,25 +234,70 @@ fn quarantine(ctx: &SkBuffContext) -> Option<&'static QuarantineValue> {
 #[inline(always)]
 fn decide(ctx: &SkBuffContext, direction: u8) -> i32 {
     count(CNT_PACKETS);
-    let Some(p) = parse(ctx) else {
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let mut p = Pkt::zero();
+    // 1. quarantine: first, before any parse or early return, so no packet shape slips past it.
+    if let Some(q) = quarantine(ctx, cgroup_id) {
+        return quarantined(ctx, &mut p, direction as u32, q.endpoint_id, cgroup_id);
+    }
+    // 2. what the policy cannot judge: unparsable packets and neighbour discovery pass.
+    if parse(ctx, &mut p).is_none() {
         count(CNT_UNPARSED);
         return PASS;
-    };
+    }
     if p.nd {
         return PASS;
     }
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    // 1. quarantine
-    if let Some(q) = quarantine(ctx) {
-        return quarantined(&p, direction as u32, q.endpoint_id, cgroup_id);
-    }
-    // 2. conntrack, 3. policy
+    // 3. conntrack, 4. policy
     policy(&p, direction as u32, cgroup_id)
 }
 
-/// A quarantined pod: only traffic inside the pod and the forensics exception pass.
+/// A quarantined pod: only traffic inside the pod and the forensics exception pass. Whatever
+/// cannot be parsed is dropped (PATH_UNPARSED); neighbour discovery passes only when its target
+/// is a forensics peer (so the exception keeps working over IPv6), else PATH_ND.
 #[inline(never)]
-fn quarantined(p: &Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32 {
+fn quarantined(ctx: &SkBuffContext, p: &mut Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32 {
+    if parse(ctx, p).is_none() {
+        // What was read before the parse gave up is not trustworthy: report zeros.
+        *p = Pkt::zero();
+        count(CNT_DENIED_QUARANTINE);
+        report(p, path_bits(PATH_UNPARSED) | (direction << 8) | REASON_QUARANTINE as u32, endpoint_id, 0, cgroup_id);
+        return DROP;
+    }
+    if p.nd {
+        if SEG_FORENSICS.get(Key::new(128, IpAddrKey { addr: p.nd_target })).is_some() {
+            return PASS;
+        }
+        count(CNT_DENIED_QUARANTINE);
+        report(p, path_bits(PATH_ND) | (direction << 8) | REASON_QUARANTINE as u32, endpoint_id, 0, cgroup_id);
+        return DROP;
+    }
+    quarantined_ip(ctx, p, direction, endpoint_id, cgroup_id)
+}
+
+#[inline(always)]
+fn path_bits(path: u8) -> u32 {
+    (path as u32) << 16
+}
+
+/// Whether the packet's socket is a raw socket (hand-built headers): only to name the path in a
+/// drop record.
+#[inline(always)]
+fn from_raw_socket(ctx: &SkBuffContext) -> bool {
+    // SAFETY: the verifier checks both pointers (sk may be null; bpf_sk_fullsock returns null for
+    // request and time-wait sockets) before the field read.
+    unsafe {
+        let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let full = bpf_sk_fullsock(sk);
+        !full.is_null() && (*full).type_ == SOCK_RAW
+    }
+}
+
+#[inline(never)]
+fn quarantined_ip(ctx: &SkBuffContext, p: &Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32 {
     let egress = direction == DIRECTION_EGRESS as u32;
     let (local, peer, local_port, peer_port) =
         if egress { (&p.src, &p.dst, p.sport, p.dport) } else { (&p.dst, &p.src, p.dport, p.sport) };
@@ -243,7 +313,8 @@ fn quarantined(p: &Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32
         }
     }
     count(CNT_DENIED_QUARANTINE);
-    report(p, (direction << 8) | REASON_QUARANTINE as u32, endpoint_id, 0, cgroup_id);
+    let path = if from_raw_socket(ctx) { PATH_RAW_SOCKET } else { PATH_IP };
+    report(p, path_bits(path) | (direction << 8) | REASON_QUARANTINE as u32, endpoint_id, 0, cgroup_id);
     DROP
 }
 
@@ -480,9 +551,10 @@ fn probe(endpoint_id: u32, direction: u32, peer: u32, proto_port: u32, plens: u3
 }
 
 /// A policy_denied record, rate limited per endpoint (the rest are counted and reported with the
-/// next record).
+/// next record). `direction_reason` packs path << 16 | direction << 8 | reason (PATH_IP is 0).
 #[inline(never)]
 fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_identity: u32, cgroup_id: u64) {
+    let path = (direction_reason >> 16) as u8;
     let direction = (direction_reason >> 8) as u8;
     let reason = direction_reason as u8;
     let (limit, enabled) = match SEG_CONFIG.get(0) {
@@ -542,7 +614,7 @@ fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_identity: u32, 
     e.protocol = p.protocol;
     e.direction = direction;
     e.reason = reason;
-    e._pad = 0;
+    e.path = path;
     e.endpoint_id = endpoint_id;
     e.peer_identity = peer_identity;
     e.suppressed = suppressed;

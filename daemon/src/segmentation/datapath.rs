@@ -409,6 +409,18 @@ pub fn clear_forensics(bpf: &mut Ebpf, key: LpmKey) -> Result<(), DatapathError>
 
 // ---- policy_denied records ---------------------------------------------------------------------
 
+/// The name of a drop record's path (`PolicyVerdictEvent.path`, PATH_*), as alerts and tests
+/// show it.
+pub fn path_name(path: u8) -> &'static str {
+    match path {
+        palisade_common::PATH_IP => "ip",
+        palisade_common::PATH_UNPARSED => "unparsed",
+        palisade_common::PATH_ND => "neighbour_discovery",
+        palisade_common::PATH_RAW_SOCKET => "raw_socket",
+        _ => "unknown",
+    }
+}
+
 /// Decodes one SEG_EVENTS record (length checked, read unaligned).
 pub fn decode_verdict(bytes: &[u8]) -> Option<PolicyVerdictEvent> {
     if bytes.len() < std::mem::size_of::<PolicyVerdictEvent>() {
