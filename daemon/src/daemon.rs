@@ -218,18 +218,26 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     // Segmentation: policies compiled against the inventory, synced into the pinned maps, the
     // cgroup_skb programs attached to every endpoint cgroup.
-    let initial_policies = match &sources.policies {
-        PolicySource::Dir(dir) => crate::segmentation::PolicySet::load(&[dir]).with_context(|| format!("policies in {}", dir.display()))?,
-        PolicySource::Kube(rx) => rx.borrow().clone(),
+    // A rejected policy document does not stop the daemon: the rest is enforced, and the
+    // rejection is logged, alerted (below) and shown in the status.
+    let (initial_policies, policy_report) = match &sources.policies {
+        PolicySource::Dir(dir) => {
+            let loaded = crate::segmentation::PolicySet::load_each(&[dir]);
+            let report = crate::segmentation::PolicyReport::new(&loaded, &loaded.set, Vec::new());
+            (loaded.set, report)
+        }
+        PolicySource::Kube(rx) => (rx.borrow().clone(), Default::default()),
     };
     let conntrack = crate::segmentation::conntrack::ConntrackSettings { established_flows: args.established_flows, ..Default::default() };
     host.with(move |ebpf| crate::segmentation::conntrack::configure(ebpf, &conntrack))
         .await?
         .context("configuring connection tracking")?;
+    log_policy_report(&policy_report);
     let enforcer = crate::enforcement::Enforcer::start(
         host.clone(),
         inventory.clone(),
         initial_policies,
+        policy_report.clone(),
         match &sources.policies {
             PolicySource::Dir(dir) => vec![dir.clone()],
             PolicySource::Kube(_) => Vec::new(),
@@ -245,6 +253,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let node = crate::sys::hostname();
     let metrics = Metrics::new();
     let (alert_log, alerts, exports) = args.alerts.start(&args.state_dir, &node, &metrics).context("starting the alert log")?;
+    if let Some(alert) = policy_report_alert(&policy_report) {
+        alerts.try_emit(alert);
+    }
 
     // Quarantine: adopt what the state file and the pinned map hold before events flow.
     let mut response_policy = match &args.response_policy {
@@ -388,15 +399,19 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     while changes.try_recv().is_ok() {}
                     let result = state.enforcer.lock().await.reload_policies().await;
-                    if let Err(err) = result {
-                        tracing::error!(%err, "policies rejected; the last good set stays enforced");
-                        let alert = Alert::new(
-                            AlertKind::Daemon,
-                            Severity::High,
-                            format!("policies rejected, the last good set stays enforced: {err}"),
-                        )
-                        .with_event(json!({"policies_rejected": err.to_string()}));
-                        state.alerts.try_emit(alert);
+                    match result {
+                        Ok((_, report)) => {
+                            log_policy_report(&report);
+                            if let Some(alert) = policy_report_alert(&report) {
+                                state.alerts.try_emit(alert);
+                            }
+                        }
+                        Err(err) => {
+                            tracing::error!(%err, "syncing the policies");
+                            let alert = Alert::new(AlertKind::Daemon, Severity::High, format!("syncing the policies failed: {err}"))
+                                .with_event(json!({"policy_sync_failed": err.to_string()}));
+                            state.alerts.try_emit(alert);
+                        }
                     }
                 }
             });
@@ -657,6 +672,38 @@ fn load_response_policy(path: &Path) -> anyhow::Result<ResponsePolicy> {
     })?;
     policy.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(policy)
+}
+
+/// Logs each rejected policy document (error) and each ignored field (warning).
+fn log_policy_report(report: &crate::segmentation::PolicyReport) {
+    for error in &report.rejected {
+        tracing::error!(%error, "policy rejected; the rest is enforced, its last good version (if any) stays");
+    }
+    for policy in &report.kept_last_good {
+        tracing::warn!(%policy, "policy kept at its last good version");
+    }
+    for warning in &report.ignored {
+        tracing::warn!(%warning, "policy field has no effect");
+    }
+}
+
+/// One alert for a policy load that rejected something (None when nothing was rejected).
+fn policy_report_alert(report: &crate::segmentation::PolicyReport) -> Option<Alert> {
+    if report.rejected.is_empty() {
+        return None;
+    }
+    Some(
+        Alert::new(
+            AlertKind::Daemon,
+            Severity::High,
+            format!(
+                "{} policy document(s) rejected; the rest is enforced, the last good version of each rejected policy stays: {}",
+                report.rejected.len(),
+                report.rejected.join("; ")
+            ),
+        )
+        .with_event(json!({"policies_rejected": report.rejected, "kept_last_good": report.kept_last_good})),
+    )
 }
 
 /// SIGINT or SIGTERM.

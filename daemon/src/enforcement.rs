@@ -1,7 +1,8 @@
 //! Keeps the segmentation datapath in step with the inventory and the policy files: compiles,
 //! syncs the maps as a diff (adds before removes) and attaches the cgroup_skb programs to every
-//! endpoint cgroup, with pinned links so enforcement outlives the daemon. A policy file that
-//! fails validation changes nothing: the last good set stays enforced. Peer-only endpoints (pods
+//! endpoint cgroup, with pinned links so enforcement outlives the daemon. Policy files load
+//! document by document: a rejected document (or unreadable file) keeps the last good version of
+//! what it held, the rest is enforced, and the status lists what was rejected. Peer-only endpoints (pods
 //! on other nodes) are peers in the maps but never attached to: they have no cgroup here.
 
 use std::collections::BTreeSet;
@@ -15,7 +16,7 @@ use serde::Serialize;
 use crate::inventory::Inventory;
 use crate::probes::host::{HostError, ProbeHost};
 use crate::segmentation::datapath::{Datapath, DatapathError, SyncStats};
-use crate::segmentation::{Compiled, PolicyError, PolicySet, Segmentation};
+use crate::segmentation::{Compiled, PolicyError, PolicyReport, PolicySet, Segmentation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcementError {
@@ -44,6 +45,8 @@ pub struct EnforcementStatus {
     pub last_sync: Option<String>,
     pub last_sync_ms: Option<f64>,
     pub last_error: Option<String>,
+    /// What the last policy load rejected, kept at its last good version, or ignored.
+    pub policy_report: PolicyReport,
 }
 
 pub struct Enforcer {
@@ -55,16 +58,20 @@ pub struct Enforcer {
     pin_dir: PathBuf,
     cgroup_root: PathBuf,
     attached: BTreeSet<PathBuf>,
+    policy_report: PolicyReport,
     pub status: EnforcementStatus,
 }
 
 impl Enforcer {
     /// Adopts what pinned maps already hold, syncs `policies` and attaches. `policy_paths` are
-    /// what `reload_policies` re-reads (empty when policies come from the Kubernetes API).
+    /// what `reload_policies` re-reads (empty when policies come from the Kubernetes API);
+    /// `policy_report` is what loading `policies` rejected or ignored (shown in the status).
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         host: ProbeHost,
         inventory: Inventory,
         policies: PolicySet,
+        policy_report: PolicyReport,
         policy_paths: Vec<PathBuf>,
         pin_dir: PathBuf,
         cgroup_root: PathBuf,
@@ -85,6 +92,7 @@ impl Enforcer {
             pin_dir,
             cgroup_root,
             attached: BTreeSet::new(),
+            policy_report,
             status: EnforcementStatus::default(),
         };
         enforcer.apply().await?;
@@ -95,18 +103,12 @@ impl Enforcer {
         self.segmentation.compiled()
     }
 
-    /// Re-reads the policy files; on error the last good set stays and the error is returned.
-    pub async fn reload_policies(&mut self) -> Result<SyncStats, EnforcementError> {
-        match PolicySet::load(&self.policy_paths) {
-            Ok(set) => {
-                self.segmentation.set_policies(set);
-                self.apply().await
-            }
-            Err(err) => {
-                self.status.last_error = Some(format!("policies rejected, last good set stays: {err}"));
-                Err(err.into())
-            }
-        }
+    /// Re-reads the policy files document by document and syncs: every valid policy, the last
+    /// good version of each rejected one. The report says what was rejected, kept and ignored.
+    pub async fn reload_policies(&mut self) -> Result<(SyncStats, PolicyReport), EnforcementError> {
+        self.policy_report = self.segmentation.load_policies(&self.policy_paths);
+        let stats = self.apply().await?;
+        Ok((stats, self.policy_report.clone()))
     }
 
     /// Puts an already validated policy set in force (the Kubernetes source validates each
@@ -175,6 +177,7 @@ impl Enforcer {
             last_sync: Some(format!("{stats:?}")),
             last_sync_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
             last_error: None,
+            policy_report: self.policy_report.clone(),
         };
         tracing::info!(?stats, attached = self.attached.len(), "datapath synced");
         Ok(stats)

@@ -221,7 +221,7 @@ fn upstream_netpol_cases_pass_on_the_kernel() {
             "{id}: no datapath sync after the policy change\n{}",
             daemon.log()
         );
-        if daemon.log().contains("policies rejected") {
+        if daemon.log().contains("policy rejected") {
             panic!("{id}: the daemon rejected the case's policies:\n{}", daemon.log());
         }
         for check in runnable {
@@ -303,4 +303,58 @@ fn named_ports_resolve_per_pod_not_per_label_set() {
     assert!(daemon.wait_synced(before, Duration::from_millis(400), Duration::from_secs(15)), "no sync after the policy change\n{}", daemon.log());
     check("ingress policy", &mut problems);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Issue 17, defect 2: a policy whose policyTypes leaves out a direction it has rules for is
+/// valid Kubernetes. The daemon starts with it (and with an invalid policy beside it), enforces
+/// its listed direction, gives its unlisted rules no effect, and enforces the other valid policy.
+#[test]
+fn unlisted_policy_type_rules_load_and_have_no_effect() {
+    if !require_kernel("unlisted_policy_type_rules_load_and_have_no_effect") {
+        return;
+    }
+    let inventory = "\
+namespaces:
+  - name: pt
+endpoints:
+  - {namespace: pt, name: client, labels: {app: client}, ips: [198.18.9.1], cgroup: /palisade-lab/pt/client}
+  - {namespace: pt, name: other, labels: {app: other}, ips: [198.18.9.2], cgroup: /palisade-lab/pt/other}
+  - {namespace: pt, name: srv, labels: {app: srv}, ips: [198.18.9.3], cgroup: /palisade-lab/pt/srv}
+";
+    // Ingress only; its egress rule, if it were applied, would isolate srv's egress to one
+    // address that no pod has.
+    let srv_in = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: srv-in, namespace: pt}\nspec:\n  podSelector: {matchLabels: {app: srv}}\n  policyTypes: [Ingress]\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n  egress: [{to: [{ipBlock: {cidr: 198.18.9.250/32}}]}]\n";
+    let other_in = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: other-in, namespace: pt}\nspec:\n  podSelector: {matchLabels: {app: other}}\n  policyTypes: [Ingress]\n";
+    let broken = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: pt}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 80, endPort: 70}]}]\n";
+    let daemon = DaemonGuard::start(
+        DaemonOptions::new("scnpolicytypes", inventory)
+            .policy("a-broken.yaml", broken)
+            .policy("other-in.yaml", other_in)
+            .policy("srv-in.yaml", srv_in),
+    );
+    let log = daemon.log();
+    assert!(log.contains("spec.ingress[0].ports[0].endPort"), "the invalid policy is reported with its field:\n{log}");
+    assert!(log.contains("pt/srv-in") && log.contains("spec.egress"), "the ignored rules are warned about:\n{log}");
+    let mut m = probe(&daemon, 80, Protocol::Tcp, 800);
+    let cases = [
+        ("pt/client", "pt/srv", true, "srv-in's listed direction allows the client"),
+        ("pt/other", "pt/srv", false, "srv-in's listed direction isolates srv"),
+        ("pt/srv", "pt/client", true, "srv-in's egress rules have no effect"),
+        ("pt/srv", "pt/srv", true, "a pod reaches itself"),
+        ("pt/client", "pt/other", false, "other-in is enforced though a policy beside it is invalid"),
+    ];
+    let mut problems = Vec::new();
+    for (from, to, want, why) in cases {
+        let mut got = m.allowed(from, to).expect("probed");
+        if got != want && want {
+            m = probe(&daemon, 80, Protocol::Tcp, 2000);
+            got = m.allowed(from, to).expect("probed");
+        }
+        if got != want {
+            problems.push(format!("TCP 80 {from} -> {to}: allowed={got}, want {want} ({why})"));
+        }
+    }
+    assert!(problems.is_empty(), "{}\n{}", problems.join("\n"), m.to_table());
+    let alert = daemon.wait_for_alert(|a| a["message"].as_str().is_some_and(|m| m.contains("policy document(s) rejected")), Duration::from_secs(5));
+    assert!(alert.is_some(), "the rejection is alerted: {:?}", daemon.alerts());
 }

@@ -211,6 +211,9 @@ pub fn network_policy(policy: &KubeNetworkPolicy) -> Result<NetworkPolicy, Strin
     let mut set = PolicySet::parse(&text, Path::new(&source)).map_err(|e| e.to_string())?;
     match set.policies.pop() {
         Some(mut parsed) if set.policies.is_empty() => {
+            for warning in &parsed.ignored {
+                tracing::warn!(%warning, "NetworkPolicy field has no effect");
+            }
             parsed.source = source;
             Ok(parsed)
         }

@@ -59,7 +59,8 @@ pub enum Output {
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
         PolicyCommand::Check { paths } => {
-            let set = PolicySet::load(&paths)?;
+            let loaded = PolicySet::load_each(&paths);
+            let set = &loaded.set;
             for p in &set.policies {
                 let types = match (p.ingress_isolation, p.egress_isolation) {
                     (true, true) => "Ingress,Egress",
@@ -68,8 +69,17 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
                     (false, false) => "-",
                 };
                 println!("ok  {}  policyTypes={types}  ({})", p.key(), p.source);
+                for warning in &p.ignored {
+                    println!("warning: {warning}");
+                }
             }
-            println!("{} policies valid", set.policies.len());
+            for r in &loaded.rejected {
+                println!("error: {}", r.error);
+            }
+            println!("{} policies valid, {} rejected", set.policies.len(), loaded.rejected.len());
+            if !loaded.rejected.is_empty() {
+                anyhow::bail!("{} policy document(s) rejected", loaded.rejected.len());
+            }
             Ok(())
         }
         PolicyCommand::Matrix { inventory, policies, port, protocol, output } => {

@@ -1,7 +1,8 @@
 //! Segmentation: NetworkPolicy compiler, identities, datapath map contents, and the eBPF datapath.
 //!
-//! The daemon keeps one [`Segmentation`]: it validates policy files (all or nothing; the last
-//! good set stays on error), recompiles on policy or inventory changes with stable ids, and hands
+//! The daemon keeps one [`Segmentation`]: it validates policy files document by document (a
+//! rejected document or file keeps the last good version of what it held; the rest loads),
+//! recompiles on policy or inventory changes with stable ids, and hands
 //! the compiled contents to [`datapath::Datapath::sync`], which applies them as a diff (adds
 //! before removes). [`lookup::lookup`] answers from the same contents with the kernel's logic.
 use std::path::PathBuf;
@@ -18,7 +19,32 @@ pub use compile::{Compiled, Compiler, compile};
 pub use lookup::{Verdict, lookup};
 pub use policy::{PolicyError, PolicySet};
 
+use serde::Serialize;
+
 use crate::inventory::Inventory;
+
+/// What loading the policy files did, beyond the policies in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyReport {
+    /// Each rejected document or file, with the error naming file, document and field.
+    pub rejected: Vec<String>,
+    /// Policies (namespace/name) left at their last good version because their new one was
+    /// rejected.
+    pub kept_last_good: Vec<String>,
+    /// Valid fields with no effect (rules of a direction policyTypes leaves out).
+    pub ignored: Vec<String>,
+}
+
+impl PolicyReport {
+    /// The report of a load (`loaded`) whose result in force is `set`.
+    pub fn new(loaded: &policy::Loaded, set: &PolicySet, kept_last_good: Vec<String>) -> PolicyReport {
+        PolicyReport {
+            rejected: loaded.rejected.iter().map(|r| r.error.to_string()).collect(),
+            kept_last_good,
+            ignored: set.policies.iter().flat_map(|p| p.ignored.iter().cloned()).collect(),
+        }
+    }
+}
 
 /// The segmentation state the daemon owns: inventory, last good policy set, compiled contents.
 #[derive(Debug, Clone, Default)]
@@ -36,12 +62,27 @@ impl Segmentation {
         s
     }
 
-    /// Loads and validates policy paths and, only if every document is valid, makes them the
-    /// current set. On error nothing changes (the last good set stays) and the error names the
-    /// file, document and field.
+    /// Loads policy paths document by document and makes the result the current set: every
+    /// valid policy, plus the last good version of each rejected one (see
+    /// [`policy::Loaded::with_last_good`]). The report says what was rejected, kept and ignored.
+    pub fn load_policies(&mut self, paths: &[PathBuf]) -> PolicyReport {
+        let loaded = PolicySet::load_each(paths);
+        let (set, kept_last_good) = loaded.with_last_good(&self.policies);
+        let report = PolicyReport::new(&loaded, &set, kept_last_good);
+        self.set_policies(set);
+        report
+    }
+
+    /// [`Segmentation::load_policies`], with the first rejection as the error (the valid rest
+    /// and the last good versions are in force either way).
     pub fn reload_policies(&mut self, paths: &[PathBuf]) -> Result<&Compiled, PolicyError> {
-        let set = PolicySet::load(paths)?;
-        Ok(self.set_policies(set))
+        let loaded = PolicySet::load_each(paths);
+        let (set, _) = loaded.with_last_good(&self.policies);
+        self.set_policies(set);
+        match loaded.rejected.into_iter().next() {
+            Some(r) => Err(r.error),
+            None => Ok(&self.compiled),
+        }
     }
 
     pub fn set_policies(&mut self, policies: PolicySet) -> &Compiled {

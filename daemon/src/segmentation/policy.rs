@@ -1,9 +1,16 @@
 //! networking.k8s.io/v1 NetworkPolicy: parsing (multi-document files, directories) and validation.
 //!
-//! Validation errors name the file, the document index (1-based) and the field, e.g.
+//! Validation follows the API server's `ValidateNetworkPolicySpec`: what it accepts is accepted,
+//! what it rejects is rejected with the same field path. In particular rules of a direction that
+//! an explicit `policyTypes` leaves out are valid and have no effect: they are validated, then
+//! dropped with a warning naming the policy and the field (`NetworkPolicy::ignored`).
+//!
+//! Errors name the file, the document index (1-based) and the field, e.g.
 //! `policies/x.yaml: document 2: spec.ingress[0].ports[1].endPort: must be >= port`.
-//! Loading is all or nothing: `PolicySet::load` returns either every policy of every path, or the
-//! first error; callers keep their last good set on error.
+//! [`PolicySet::load_each`] loads every valid document and reports each rejected one (or each
+//! file that cannot be read or is not YAML) on its own, so one bad policy never stops the others;
+//! the daemon keeps the last good version of what was rejected. [`PolicySet::load`] is the
+//! strict form (the first error) for offline tools.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -299,6 +306,9 @@ pub struct NetworkPolicy {
     pub egress: Vec<Rule>,
     /// Where it came from: `file: document N`.
     pub source: String,
+    /// Fields that are valid but have no effect (rules of a direction `policyTypes` leaves out),
+    /// as warnings naming the policy and the field.
+    pub ignored: Vec<String>,
 }
 
 impl NetworkPolicy {
@@ -313,16 +323,83 @@ pub struct PolicySet {
     pub policies: Vec<NetworkPolicy>,
 }
 
+/// One document (or a whole file) that was not loaded, and why.
+#[derive(Debug)]
+pub struct Rejected {
+    pub file: PathBuf,
+    /// `namespace/name` when the document names a policy; None when the whole file was rejected
+    /// (unreadable, or not YAML: its documents cannot be told apart).
+    pub policy: Option<String>,
+    pub error: PolicyError,
+}
+
+/// What loading gives: every valid policy, and every rejected document or file.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub set: PolicySet,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Loaded {
+    /// The set with the last good version of each rejected policy put back from `previous`:
+    /// a policy whose document was rejected keeps its previous version (by namespace/name); a
+    /// file rejected as a whole keeps every previous policy that came from it. Returns the set
+    /// and the keys of the policies kept that way.
+    pub fn with_last_good(&self, previous: &PolicySet) -> (PolicySet, Vec<String>) {
+        let mut set = self.set.clone();
+        let mut kept = Vec::new();
+        for r in &self.rejected {
+            let prefix = format!("{}: document ", r.file.display());
+            for p in &previous.policies {
+                let wanted = match &r.policy {
+                    Some(key) => &p.key() == key,
+                    None => p.source.starts_with(&prefix),
+                };
+                if wanted && !set.policies.iter().any(|q| q.key() == p.key()) {
+                    kept.push(p.key());
+                    set.policies.push(p.clone());
+                }
+            }
+        }
+        (set, kept)
+    }
+}
+
 impl PolicySet {
-    /// Loads files and directories (`*.yaml`, `*.yml`, sorted, not recursive). All or nothing.
+    /// Loads files and directories (`*.yaml`, `*.yml`, sorted, not recursive); strict: the
+    /// first error (offline tools; the daemon uses `load_each`).
     pub fn load<P: AsRef<Path>>(paths: &[P]) -> Result<PolicySet, PolicyError> {
+        let loaded = PolicySet::load_each(paths);
+        match loaded.rejected.into_iter().next() {
+            Some(r) => Err(r.error),
+            None => Ok(loaded.set),
+        }
+    }
+
+    /// Loads every valid document of every path; each unreadable file, non-YAML file, invalid
+    /// document and duplicate is reported in `rejected` and the rest still loads.
+    pub fn load_each<P: AsRef<Path>>(paths: &[P]) -> Loaded {
+        let mut loaded = Loaded::default();
         let mut files = Vec::new();
         for path in paths {
             let path = path.as_ref();
-            let meta = std::fs::metadata(path).map_err(|source| PolicyError::Read { path: path.to_path_buf(), source })?;
+            let reject = |source| Rejected { file: path.to_path_buf(), policy: None, error: PolicyError::Read { path: path.to_path_buf(), source } };
+            let meta = match std::fs::metadata(path) {
+                Ok(meta) => meta,
+                Err(source) => {
+                    loaded.rejected.push(reject(source));
+                    continue;
+                }
+            };
             if meta.is_dir() {
-                let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-                    .map_err(|source| PolicyError::Read { path: path.to_path_buf(), source })?
+                let entries = match std::fs::read_dir(path) {
+                    Ok(entries) => entries,
+                    Err(source) => {
+                        loaded.rejected.push(reject(source));
+                        continue;
+                    }
+                };
+                let mut entries: Vec<PathBuf> = entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
                     .collect();
@@ -332,46 +409,52 @@ impl PolicySet {
                 files.push((path.to_path_buf(), false));
             }
         }
-        let mut set = PolicySet::default();
         for (file, from_dir) in files {
-            let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Read { path: file.clone(), source })?;
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(source) => {
+                    loaded.rejected.push(Rejected { file: file.clone(), policy: None, error: PolicyError::Read { path: file, source } });
+                    continue;
+                }
+            };
             if from_dir && !looks_like_k8s_objects(&text) {
                 // e.g. an endpoint inventory kept beside the policies: not ours to judge.
                 tracing::debug!(file = %file.display(), "skipping a file without Kubernetes objects");
                 continue;
             }
-            set.extend(PolicySet::parse(&text, &file)?, &file)?;
+            let (policies, rejected) = PolicySet::parse_each(&text, &file);
+            loaded.rejected.extend(rejected);
+            for p in policies {
+                if let Some(first) = loaded.set.policies.iter().find(|q| q.key() == p.key()) {
+                    let document = p.source.rsplit_once("document ").and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
+                    let error = PolicyError::Duplicate {
+                        path: file.clone(),
+                        document,
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        first: first.source.clone(),
+                    };
+                    // The first one stays in force; the duplicate is what is rejected.
+                    loaded.rejected.push(Rejected { file: file.clone(), policy: Some(p.key()), error });
+                    continue;
+                }
+                loaded.set.policies.push(p);
+            }
         }
-        Ok(set)
+        loaded
     }
 
-    /// Parses one (multi-document) YAML text; `path` only names the source in errors.
+    /// Parses one (multi-document) YAML text; `path` only names the source in errors. Strict:
+    /// the first error.
     pub fn parse(text: &str, path: &Path) -> Result<PolicySet, PolicyError> {
-        let mut set = PolicySet::default();
-        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let index = i + 1;
-            let doc = Option::<NetworkPolicyDoc>::deserialize(document).map_err(|e| PolicyError::Parse {
-                path: path.to_path_buf(),
-                document: index,
-                message: e.to_string(),
-            })?;
-            let Some(doc) = doc else { continue };
-            let policy = validate(doc, &format!("{}: document {index}", path.display())).map_err(|(field, message)| {
-                PolicyError::Invalid { path: path.to_path_buf(), document: index, field, message }
-            })?;
-            set.extend(PolicySet { policies: vec![policy] }, path)?;
+        let (policies, rejected) = PolicySet::parse_each(text, path);
+        if let Some(r) = rejected.into_iter().next() {
+            return Err(r.error);
         }
-        Ok(set)
-    }
-
-    fn extend(&mut self, other: PolicySet, path: &Path) -> Result<(), PolicyError> {
-        for p in other.policies {
-            if let Some(first) = self.policies.iter().find(|q| q.namespace == p.namespace && q.name == p.name) {
-                let document = p
-                    .source
-                    .rsplit_once("document ")
-                    .and_then(|(_, n)| n.parse().ok())
-                    .unwrap_or(0);
+        let mut set = PolicySet::default();
+        for p in policies {
+            if let Some(first) = set.policies.iter().find(|q| q.key() == p.key()) {
+                let document = p.source.rsplit_once("document ").and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
                 return Err(PolicyError::Duplicate {
                     path: path.to_path_buf(),
                     document,
@@ -380,10 +463,57 @@ impl PolicySet {
                     first: first.source.clone(),
                 });
             }
-            self.policies.push(p);
+            set.policies.push(p);
         }
-        Ok(())
+        Ok(set)
     }
+
+    /// Every valid document of one text, and each invalid one on its own. A text that is not
+    /// YAML at all is rejected as a whole (its documents cannot be told apart reliably).
+    fn parse_each(text: &str, path: &Path) -> (Vec<NetworkPolicy>, Vec<Rejected>) {
+        let mut policies = Vec::new();
+        let mut rejected = Vec::new();
+        // First pass, untyped: the YAML syntax of the whole text and each document's name.
+        let mut names = Vec::new();
+        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            match serde_yaml::Value::deserialize(document) {
+                Ok(value) => names.push(document_key(&value)),
+                Err(e) => {
+                    let error = PolicyError::Parse { path: path.to_path_buf(), document: i + 1, message: e.to_string() };
+                    return (Vec::new(), vec![Rejected { file: path.to_path_buf(), policy: None, error }]);
+                }
+            }
+        }
+        // Second pass, typed: errors keep serde_yaml's line and column.
+        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let index = i + 1;
+            let policy_key = names.get(i).cloned().flatten();
+            let reject = |error| Rejected { file: path.to_path_buf(), policy: policy_key.clone(), error };
+            let doc = match Option::<NetworkPolicyDoc>::deserialize(document) {
+                Ok(Some(doc)) => doc,
+                Ok(None) => continue,
+                Err(e) => {
+                    rejected.push(reject(PolicyError::Parse { path: path.to_path_buf(), document: index, message: e.to_string() }));
+                    continue;
+                }
+            };
+            match validate(doc, &format!("{}: document {index}", path.display())) {
+                Ok(policy) => policies.push(policy),
+                Err((field, message)) => {
+                    rejected.push(reject(PolicyError::Invalid { path: path.to_path_buf(), document: index, field, message }))
+                }
+            }
+        }
+        (policies, rejected)
+    }
+}
+
+/// `namespace/name` of a document that names itself (namespace defaulting to `default`).
+fn document_key(value: &serde_yaml::Value) -> Option<String> {
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str()?;
+    let namespace = meta.get("namespace").and_then(|n| n.as_str()).unwrap_or("default");
+    Some(format!("{namespace}/{name}"))
 }
 
 /// True when some document of the text is a mapping with `kind` or `apiVersion` (or the text
@@ -425,33 +555,7 @@ fn validate(doc: NetworkPolicyDoc, source: &str) -> Result<NetworkPolicy, Invali
     let pod_selector = selector(spec.pod_selector.unwrap_or_default(), "spec.podSelector")?;
     let ingress_docs = spec.ingress.unwrap_or_default();
     let egress_docs = spec.egress.unwrap_or_default();
-    let (ingress_isolation, egress_isolation) = match &spec.policy_types {
-        None => (true, !egress_docs.is_empty()),
-        Some(types) => {
-            let mut ing = false;
-            let mut eg = false;
-            for (i, t) in types.iter().enumerate() {
-                match t.as_str() {
-                    "Ingress" => ing = true,
-                    "Egress" => eg = true,
-                    other => {
-                        return Err(inv(&format!("spec.policyTypes[{i}]"), format!("{other:?}: expected Ingress or Egress")));
-                    }
-                }
-            }
-            if types.is_empty() {
-                (true, !egress_docs.is_empty())
-            } else {
-                (ing, eg)
-            }
-        }
-    };
-    if !ingress_isolation && !ingress_docs.is_empty() {
-        return Err(inv("spec.ingress", "ingress rules given but policyTypes does not include Ingress".into()));
-    }
-    if !egress_isolation && !egress_docs.is_empty() {
-        return Err(inv("spec.egress", "egress rules given but policyTypes does not include Egress".into()));
-    }
+    // Rules are validated whatever policyTypes says (as the API server does), in its order.
     let mut ingress = Vec::new();
     for (i, r) in ingress_docs.into_iter().enumerate() {
         ingress.push(rule(r.from, r.ports, &format!("spec.ingress[{i}]"), "from")?);
@@ -459,6 +563,44 @@ fn validate(doc: NetworkPolicyDoc, source: &str) -> Result<NetworkPolicy, Invali
     let mut egress = Vec::new();
     for (i, r) in egress_docs.into_iter().enumerate() {
         egress.push(rule(r.to, r.ports, &format!("spec.egress[{i}]"), "to")?);
+    }
+    let (ingress_isolation, egress_isolation) = match spec.policy_types.as_deref() {
+        // Missing or empty: Ingress always, Egress when there are egress rules (the API
+        // server's defaulting).
+        None | Some([]) => (true, !egress.is_empty()),
+        Some(types) => {
+            if types.len() > 2 {
+                return Err(inv("spec.policyTypes", format!("{types:?}: may not specify more than two policyTypes")));
+            }
+            let mut ing = false;
+            let mut eg = false;
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => ing = true,
+                    "Egress" => eg = true,
+                    other => {
+                        return Err(inv(&format!("spec.policyTypes[{i}]"), format!("{other:?}: supported values: \"Ingress\", \"Egress\"")));
+                    }
+                }
+            }
+            (ing, eg)
+        }
+    };
+    let key = format!("{namespace}/{name}");
+    let mut ignored = Vec::new();
+    if !ingress_isolation && !ingress.is_empty() {
+        ignored.push(format!(
+            "{key} ({source}): spec.ingress: {} rule(s) have no effect: policyTypes does not include Ingress",
+            ingress.len()
+        ));
+        ingress.clear();
+    }
+    if !egress_isolation && !egress.is_empty() {
+        ignored.push(format!(
+            "{key} ({source}): spec.egress: {} rule(s) have no effect: policyTypes does not include Egress",
+            egress.len()
+        ));
+        egress.clear();
     }
     Ok(NetworkPolicy {
         namespace,
@@ -469,6 +611,7 @@ fn validate(doc: NetworkPolicyDoc, source: &str) -> Result<NetworkPolicy, Invali
         ingress,
         egress,
         source: source.to_string(),
+        ignored,
     })
 }
 
@@ -524,12 +667,8 @@ fn rule(peers: Option<Vec<PeerDoc>>, ports: Option<Vec<PortDoc>>, at: &str, peer
                     // "80" as a string: Kubernetes rejects it; so do we, with the reason.
                     return Err((format!("{f}.port"), format!("{n:?} is a number written as a string; write port: {n}")));
                 }
-                let ok = !s.is_empty()
-                    && s.len() <= 15
-                    && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && s.bytes().any(|b| b.is_ascii_lowercase());
-                if !ok {
-                    return Err((format!("{f}.port"), format!("{s:?} is not a valid port name")));
+                if let Err(why) = check_port_name(&s) {
+                    return Err((format!("{f}.port"), format!("{s:?}: {why}")));
                 }
                 PortSpec::Named(s)
             }
@@ -556,7 +695,7 @@ fn ip_block(b: IpBlockDoc, at: &str) -> Result<IpBlock, Invalid> {
 fn selector(s: SelectorDoc, at: &str) -> Result<Selector, Invalid> {
     let mut out = Selector::default();
     for (k, v) in s.match_labels.unwrap_or_default() {
-        crate::inventory::validate_label(&k, &v).map_err(|m| (format!("{at}.matchLabels.{k}"), m))?;
+        crate::inventory::validate_label(&k, &v).map_err(|m| (format!("{at}.matchLabels"), format!("{k:?}: {m}")))?;
         out.match_labels.insert(k, v);
     }
     for (i, r) in s.match_expressions.unwrap_or_default().into_iter().enumerate() {
@@ -570,6 +709,9 @@ fn selector(s: SelectorDoc, at: &str) -> Result<Selector, Invalid> {
             other => return Err((format!("{f}.operator"), format!("{other:?}: expected In, NotIn, Exists or DoesNotExist"))),
         };
         let values = r.values.unwrap_or_default();
+        for (j, v) in values.iter().enumerate() {
+            crate::inventory::validate_label(&r.key, v).map_err(|m| (format!("{f}.values[{j}]"), m))?;
+        }
         match operator {
             Operator::In | Operator::NotIn if values.is_empty() => {
                 return Err((format!("{f}.values"), "must be non-empty for In and NotIn".into()));
@@ -582,6 +724,26 @@ fn selector(s: SelectorDoc, at: &str) -> Result<Selector, Invalid> {
         out.match_expressions.push(Requirement { key: r.key, operator, values });
     }
     Ok(out)
+}
+
+/// The API server's IsValidPortName (an IANA_SVC_NAME).
+fn check_port_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 15 {
+        return Err("must be no more than 15 characters");
+    }
+    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)");
+    }
+    if s.contains("--") {
+        return Err("must not contain consecutive hyphens");
+    }
+    if !s.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err("must contain at least one letter (a-z)");
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err("must not begin or end with a hyphen");
+    }
+    Ok(())
 }
 
 fn check_dns(s: &str, max: usize) -> Result<(), String> {
@@ -631,6 +793,104 @@ mod tests {
             let err = PolicySet::parse(&text, Path::new("p.yaml")).unwrap_err().to_string();
             assert!(err.contains(want), "{to}: {err}");
         }
+    }
+
+    /// Issue 17, defect 2: the API server accepts rules of a direction policyTypes leaves out
+    /// (they have no effect); so do we, with a warning naming the policy and field.
+    #[test]
+    fn rules_of_an_unlisted_policy_type_are_valid_and_ignored() {
+        let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-in, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n  ingress: [{from: [{podSelector: {}}]}]\n  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8}}]}, {ports: [{port: 53, protocol: UDP}]}]\n";
+        let set = PolicySet::parse(text, Path::new("p.yaml")).expect("valid, as the API server says");
+        let p = &set.policies[0];
+        assert!(p.ingress_isolation && !p.egress_isolation);
+        assert_eq!(p.ingress.len(), 1);
+        assert!(p.egress.is_empty(), "rules of an unlisted type have no effect");
+        assert_eq!(p.ignored.len(), 1, "{:?}", p.ignored);
+        assert!(p.ignored[0].contains("x/only-in") && p.ignored[0].contains("spec.egress") && p.ignored[0].contains("2 rule"), "{:?}", p.ignored);
+        // Egress-only with ingress rules, the other way round.
+        let text = text.replace("[Ingress]", "[Egress]");
+        let p = &PolicySet::parse(&text, Path::new("p.yaml")).expect("valid").policies[0];
+        assert!(!p.ingress_isolation && p.egress_isolation && p.ingress.is_empty() && p.egress.len() == 2);
+        assert!(p.ignored[0].contains("spec.ingress"), "{:?}", p.ignored);
+        // Rules of an unlisted type are still validated (the API server validates them).
+        let bad = text.replace("port: 53", "port: 70000");
+        let err = PolicySet::parse(&bad, Path::new("p.yaml")).unwrap_err().to_string();
+        assert!(err.contains("spec.egress[1].ports[0].port"), "{err}");
+        let bad = text.replace("cidr: 10.0.0.0/8", "cidr: 10.0.0.0/33").replace("[Egress]", "[Ingress]");
+        let err = PolicySet::parse(&bad, Path::new("p.yaml")).unwrap_err().to_string();
+        assert!(err.contains("spec.egress[0].to[0].ipBlock.cidr"), "{err}");
+    }
+
+    /// What the API server's ValidateNetworkPolicySpec rejects, with its field paths.
+    #[test]
+    fn api_server_rejections_keep_its_field_paths() {
+        for (from, to, want) in [
+            ("  podSelector: {}", "  podSelector: {}\n  policyTypes: [Ingress, Egress, Ingress]", "spec.policyTypes:"),
+            ("  podSelector: {}", "  podSelector: {}\n  policyTypes: [ingress]", "spec.policyTypes[0]"),
+            ("    - port: 80", "    - port: a--b", "spec.ingress[0].ports[0].port"),
+            ("    - port: 80", "    - port: -ab", "spec.ingress[0].ports[0].port"),
+            ("    - port: 80", "    - port: abcdefghijklmnop", "spec.ingress[0].ports[0].port"),
+            ("    - port: 80", "    - port: http\n      endPort: 90", "spec.ingress[0].ports[0].endPort"),
+            ("    - port: 80", "    - endPort: 90", "spec.ingress[0].ports[0].endPort"),
+            ("  podSelector: {}", "  podSelector: {matchLabels: {a: \"b c\"}}", "spec.podSelector.matchLabels"),
+            ("  podSelector: {}", "  podSelector: {matchExpressions: [{key: a, operator: In, values: [\"b c\"]}]}", "spec.podSelector.matchExpressions[0].values[0]"),
+            ("  ingress:\n", "  ingress:\n  - from: [{}]\n", "spec.ingress[0].from[0]"),
+            ("  ingress:\n", "  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]\n", "spec.ingress[0].from[0]"),
+        ] {
+            let text = GOOD.replace(from, to);
+            assert_ne!(text, GOOD, "{to}");
+            let err = PolicySet::parse(&text, Path::new("p.yaml")).unwrap_err().to_string();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+        // Accepted by the API server: duplicate policyTypes, an empty list (defaults), port
+        // names with single hyphens and digits.
+        for (from, to) in [
+            ("  podSelector: {}", "  podSelector: {}\n  policyTypes: [Ingress, Ingress]"),
+            ("  podSelector: {}", "  podSelector: {}\n  policyTypes: []"),
+            ("    - port: 80", "    - port: h2-c-1"),
+        ] {
+            let text = GOOD.replace(from, to);
+            PolicySet::parse(&text, Path::new("p.yaml")).unwrap_or_else(|e| panic!("{to}: {e}"));
+        }
+    }
+
+    /// One invalid document does not stop the others; a rejected policy keeps its last good
+    /// version, a file that is not YAML keeps every policy it held.
+    #[test]
+    fn one_invalid_document_never_stops_the_others() {
+        let dir = std::env::temp_dir().join(format!("palisade-policy-each-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let doc = |name: &str, port: &str| GOOD.replace("name: a", &format!("name: {name}")).replace("port: 80", &format!("port: {port}"));
+        std::fs::write(dir.join("1.yaml"), format!("{}---\n{}", doc("a", "80"), doc("b", "80"))).expect("write");
+        std::fs::write(dir.join("2.yaml"), doc("c", "80")).expect("write");
+        let first = PolicySet::load_each(&[&dir]);
+        assert!(first.rejected.is_empty(), "{:?}", first.rejected);
+        assert_eq!(first.set.policies.len(), 3);
+
+        // b becomes invalid and 2.yaml stops being YAML; a new valid d appears.
+        std::fs::write(dir.join("1.yaml"), format!("{}---\n{}", doc("a", "81"), doc("b", "0"))).expect("write");
+        std::fs::write(dir.join("2.yaml"), "spec: [unclosed").expect("write");
+        std::fs::write(dir.join("3.yaml"), doc("d", "80")).expect("write");
+        let second = PolicySet::load_each(&[&dir]);
+        let keys: Vec<String> = second.set.policies.iter().map(|p| p.key()).collect();
+        assert_eq!(keys, ["x/a", "x/d"], "the valid rest loads");
+        assert_eq!(second.rejected.len(), 2, "{:?}", second.rejected);
+        assert_eq!(second.rejected[0].policy.as_deref(), Some("x/b"));
+        assert!(second.rejected[0].error.to_string().contains("1.yaml: document 2: spec.ingress[0].ports[0].port"), "{}", second.rejected[0].error);
+        assert_eq!(second.rejected[1].policy, None);
+        assert!(PolicySet::load(&[&dir]).is_err(), "the strict form still fails");
+
+        let (set, kept) = second.with_last_good(&first.set);
+        let mut keys: Vec<String> = set.policies.iter().map(|p| p.key()).collect();
+        keys.sort();
+        assert_eq!(keys, ["x/a", "x/b", "x/c", "x/d"]);
+        assert_eq!(kept, ["x/b", "x/c"]);
+        let a = set.policies.iter().find(|p| p.key() == "x/a").expect("a");
+        assert_eq!(a.ingress[0].ports[0].port, PortSpec::Number(81), "a valid change applies");
+        let b = set.policies.iter().find(|p| p.key() == "x/b").expect("b");
+        assert_eq!(b, first.set.policies.iter().find(|p| p.key() == "x/b").expect("old b"), "b stays at its last good version");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
