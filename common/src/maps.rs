@@ -9,8 +9,20 @@ pub const MAP_ENABLED_KINDS: &str = "ENABLED_KINDS";
 pub const MAP_MONITORED_CGROUPS: &str = "MONITORED_CGROUPS";
 pub const MAP_EVENT_COUNTS: &str = "EVENT_COUNTS";
 pub const MAP_LOST_COUNTS: &str = "LOST_COUNTS";
+pub const MAP_EVENTS_PRIORITY: &str = "EVENTS_PRIORITY";
+pub const MAP_SENSITIVE_PREFIXES: &str = "SENSITIVE_PREFIXES";
+pub const MAP_POD_LOSSES: &str = "POD_LOSSES";
 
 pub const EVENTS_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
+/// The ring buffer of protected (rare, high-value) events: high-volume kinds never go there,
+/// and each pod may use only its own share of it (see `ProbeConfig::priority_cost_ns`).
+pub const PRIORITY_RINGBUF_BYTES: u32 = 2 * 1024 * 1024;
+/// Bytes of an open's path compared against the sensitive prefixes (longer prefixes are cut
+/// to this, which only makes the match wider).
+pub const SENSITIVE_PREFIX_LEN: usize = 64;
+pub const MAX_SENSITIVE_PREFIXES: u32 = 1024;
+/// (pod cgroup, kind, reason) loss counters; LRU so a churn of cgroups cannot fill it.
+pub const MAX_POD_LOSS_ENTRIES: u32 = 8192;
 pub const MAX_MONITORED_CGROUPS: u32 = 16384;
 pub const MAX_PENDING_SYSCALLS: u32 = 16384;
 /// How many cgroup levels above the task's own are checked against MONITORED_CGROUPS
@@ -27,7 +39,9 @@ pub struct ProbeConfig {
     pub daemon_tgid: u32,
     /// 1 when the offsets below were resolved from the kernel's BTF.
     pub task_offsets_valid: u32,
-    pub _reserved: u32,
+    /// 1: route protected kinds to EVENTS_PRIORITY and apply the per-pod budgets; 0: every
+    /// event goes to EVENTS (the behaviour before the priority path existed).
+    pub priority_routing: u32,
     /// Byte offsets inside `struct task_struct` and `struct cred` (no CO-RE in aya-ebpf; user
     /// space resolves them from /sys/kernel/btf/vmlinux).
     pub off_task_real_parent: u32,
@@ -38,8 +52,55 @@ pub struct ProbeConfig {
     pub off_cred_gid: u32,
     pub off_cred_euid: u32,
     pub off_cred_egid: u32,
+    /// Per-pod token buckets, as nanoseconds of credit: an event costs `*_cost_ns`, credit grows
+    /// by the elapsed time up to `*_burst_ns`. A cost of 0 turns that budget off.
+    /// Share of the priority ring per pod; protected events past it go to the bulk ring.
+    pub priority_cost_ns: u64,
+    pub priority_burst_ns: u64,
+    /// Budget of high-volume kinds per pod; past it the pod's own events are dropped (counted).
+    pub bulk_cost_ns: u64,
+    pub bulk_burst_ns: u64,
 }
-assert_wire_size!(ProbeConfig, 48);
+assert_wire_size!(ProbeConfig, 80);
+
+/// Why a pod's event did not reach user space the normal way (POD_LOSSES key).
+pub const LOSS_RING_FULL: u32 = 1;
+/// Over the pod's budget of high-volume events.
+pub const LOSS_BUDGET: u32 = 2;
+/// Not a loss: a protected event past the pod's priority share (or with the priority ring
+/// full) that went through the bulk ring instead.
+pub const LOSS_DEMOTED: u32 = 3;
+/// Or'ed into a reason when the event was of a protected kind (or a sensitive open).
+pub const LOSS_PROTECTED: u32 = 0x100;
+
+/// POD_LOSSES key: which pod lost which kind of event, and why.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodLossKey {
+    pub cgroup_id: u64,
+    pub kind: u32,
+    pub reason: u32,
+}
+assert_wire_size!(PodLossKey, 16);
+
+/// POD_BUDGETS value: the credit of each bucket and when it was last refilled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodBudget {
+    pub priority_credit_ns: u64,
+    pub priority_last_ns: u64,
+    pub bulk_credit_ns: u64,
+    pub bulk_last_ns: u64,
+}
+assert_wire_size!(PodBudget, 32);
+
+/// SENSITIVE_PREFIXES key data (after the LPM trie's bit length): path bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathPrefix {
+    pub bytes: [u8; SENSITIVE_PREFIX_LEN],
+}
+assert_wire_size!(PathPrefix, 64);
 
 /// A syscall seen at enter, waiting for its exit (keyed by thread id).
 #[repr(C)]
@@ -75,4 +136,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::PendingSyscall {}
     unsafe impl aya::Pod for super::PendingExec {}
+    unsafe impl aya::Pod for super::PodLossKey {}
+    unsafe impl aya::Pod for super::PodBudget {}
+    unsafe impl aya::Pod for super::PathPrefix {}
 }

@@ -20,10 +20,11 @@ use crate::events::decode::Event;
 use crate::events::enrich::{EndpointIndex, PodRef, ProcCache, enrich};
 use crate::events::input::{Clock, to_input};
 use crate::events::kind::EventKind;
-use crate::events::reader::{self, ReaderStats};
+use crate::events::loss::LossMonitor;
+use crate::events::reader::{self, QueueDrops, QueueShares, ReaderStats};
 use crate::inventory::Inventory;
 use crate::probes::host::ProbeHost;
-use crate::probes::loader::{self, LoadOptions};
+use crate::probes::loader::{self, EventBudgets, LoadOptions};
 use crate::quarantine::{KernelQuarantineMap, QuarantineService, ResponderConfig, ResponsePolicy, Verdict};
 use crate::rules::evaluator::{EvaluatorConfig, PackHandle, RuleEvaluator};
 use crate::rules::model::Severity;
@@ -87,6 +88,8 @@ pub struct RunArgs {
     pub established_flows: crate::segmentation::conntrack::EstablishedFlows,
     #[command(flatten)]
     pub alerts: AlertOptions,
+    #[command(flatten)]
+    pub budgets: EventBudgets,
 }
 
 /// Shared, read-mostly daemon state that status reports.
@@ -96,6 +99,12 @@ pub struct DaemonState {
     pub inventory: RwLock<Inventory>,
     pub unresolved_cgroups: RwLock<Vec<String>>,
     pub reader: Arc<ReaderStats>,
+    /// Bulk events the pipeline had no room for, per pod and kind.
+    pub queue_drops: Arc<QueueDrops>,
+    /// Each pod's place in the bulk queue.
+    pub queue_shares: Arc<QueueShares>,
+    /// Loss totals per pod, kind and reason, as last sampled (status shows them).
+    pub losses: Mutex<LossMonitor>,
     pub rules: Arc<PackHandle>,
     pub rules_last_reload: Mutex<serde_json::Value>,
     pub host: ProbeHost,
@@ -199,15 +208,22 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let rules = PackHandle::new(pack);
 
     // Probes.
-    let options = LoadOptions { monitor_all: args.host, try_kprobes: !args.no_kprobes, pin_dir: Some(args.pin_dir.clone()) };
+    let options = LoadOptions {
+        monitor_all: args.host,
+        try_kprobes: !args.no_kprobes,
+        pin_dir: Some(args.pin_dir.clone()),
+        budgets: Some(args.budgets),
+    };
     let mut probes = loader::load(&options).context("loading the eBPF programs")?;
     probes.attach_all(&options).context("attaching the eBPF programs")?;
     for status in &probes.programs {
         tracing::debug!(program = %status.program, target = %status.target, state = ?status.state, "program");
     }
     let ring = probes.take_ring_buffer()?;
+    let priority_ring = probes.take_priority_ring_buffer()?;
     let host = ProbeHost::spawn(probes);
     host.set_enabled_kinds(kinds).await?;
+    set_sensitive_prefixes(&host, &rules_dir).await?;
 
     let (index, unresolved) = resolve_endpoints(&inventory, &cgroup_root);
     for pod in &unresolved {
@@ -279,6 +295,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         inventory: RwLock::new(inventory),
         unresolved_cgroups: RwLock::new(unresolved),
         reader: Arc::new(ReaderStats::default()),
+        queue_drops: Arc::new(QueueDrops::default()),
+        queue_shares: Arc::new(QueueShares::new(BULK_QUEUE_SHARE_PER_POD)),
+        losses: Mutex::new(LossMonitor::new(std::time::Duration::from_secs(10))),
         rules: rules.clone(),
         rules_last_reload: Mutex::new(json!({"result": "loaded", "dir": rules_dir.display().to_string()})),
         host: host.clone(),
@@ -327,6 +346,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     }
     spawn_counter_exporter(state.clone());
     crate::quarantine::api::spawn_queue_worker(quarantine.clone(), alerts.clone(), metrics.clone());
+    spawn_loss_monitor(state.clone());
 
     // Rule workers and the verdict thread: alert, decide (quarantine), record the outcome.
     let (evaluator, verdicts) = RuleEvaluator::start(rules.clone(), EvaluatorConfig { workers: args.workers.max(1), ..EvaluatorConfig::default() })?;
@@ -357,6 +377,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // Rules hot reload: swap, switch kernel kinds, report rejections as alerts.
     let _rules_watcher = {
         let state = state.clone();
+        let rules_dir_for_reload = rules_dir.clone();
         let runtime = tokio::runtime::Handle::current();
         crate::rules::watch::watch(&rules_dir, PackOptions::default(), rules.clone(), move |note| {
             match &note {
@@ -364,9 +385,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     state.metrics.record_rule_reload(true);
                     let kinds = kinds_for(&state.rules.current());
                     let host = state.host.clone();
+                    let rules_dir = rules_dir_for_reload.clone();
                     runtime.spawn(async move {
                         if let Err(err) = host.set_enabled_kinds(kinds).await {
                             tracing::error!(%err, "switching kernel event kinds after a rules reload");
+                        }
+                        if let Err(err) = set_sensitive_prefixes(&host, &rules_dir).await {
+                            tracing::error!(%err, "updating the sensitive path prefixes after a rules reload; the previous ones stay");
                         }
                     });
                 }
@@ -522,9 +547,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    // Pipeline: reader -> enrich -> input -> record -> rules.
-    let (events_tx, events_rx) = mpsc::channel::<Event>(16384);
-    tokio::spawn(reader::run(ring, state.reader.clone(), events_tx));
+    // Pipeline: reader -> enrich -> input -> record -> rules. Protected events have a queue of
+    // their own, which the pipeline always serves first.
+    let (priority_tx, priority_rx) = mpsc::channel::<Event>(PRIORITY_QUEUE_EVENTS);
+    let (events_tx, events_rx) = mpsc::channel::<Event>(BULK_QUEUE_EVENTS);
+    tokio::spawn(reader::run_routed(
+        priority_ring,
+        ring,
+        state.reader.clone(),
+        state.queue_drops.clone(),
+        state.queue_shares.clone(),
+        priority_tx,
+        events_tx,
+    ));
+    let runtime_handle = tokio::runtime::Handle::current();
     {
         let state = state.clone();
         let record = match &args.record {
@@ -535,7 +571,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         };
         std::thread::Builder::new()
             .name("palisade-pipeline".into())
-            .spawn(move || pipeline(events_rx, state, record, evaluator))?;
+            .spawn(move || pipeline(runtime_handle, priority_rx, events_rx, state, record, evaluator))?;
     }
 
     tracing::info!(state_dir = %args.state_dir.display(), "palisade is running");
@@ -573,7 +609,43 @@ async fn apply_inventory(state: &Arc<DaemonState>, cgroup_root: &Path) {
     }
 }
 
+/// Events queued between the reader and the pipeline thread: protected ones, the rest.
+const PRIORITY_QUEUE_EVENTS: usize = 4096;
+const BULK_QUEUE_EVENTS: usize = 16384;
+/// The most bulk events one pod may have queued: a flooding pod never fills the queue alone.
+const BULK_QUEUE_SHARE_PER_POD: u32 = BULK_QUEUE_EVENTS as u32 / 8;
+
+/// The next event: a protected one whenever one is waiting (a bulk one gives its pod's place
+/// in the queue back). None when both queues are closed.
+fn next_event(
+    runtime: &tokio::runtime::Handle,
+    priority: &mut mpsc::Receiver<Event>,
+    bulk: &mut mpsc::Receiver<Event>,
+    shares: &QueueShares,
+) -> Option<Event> {
+    let from_bulk = |event: Event| {
+        shares.release(event.header.cgroup_id);
+        event
+    };
+    if let Ok(event) = priority.try_recv() {
+        return Some(event);
+    }
+    if let Ok(event) = bulk.try_recv() {
+        return Some(from_bulk(event));
+    }
+    runtime.block_on(async {
+        tokio::select! {
+            biased;
+            Some(event) = priority.recv() => Some(event),
+            Some(event) = bulk.recv() => Some(from_bulk(event)),
+            else => None,
+        }
+    })
+}
+
 fn pipeline(
+    runtime: tokio::runtime::Handle,
+    mut priority: mpsc::Receiver<Event>,
     mut events: mpsc::Receiver<Event>,
     state: Arc<DaemonState>,
     mut record: Option<std::io::BufWriter<std::fs::File>>,
@@ -581,7 +653,8 @@ fn pipeline(
 ) {
     let clock = Clock::new();
     let mut cache = ProcCache::new(8192);
-    while let Some(event) = events.blocking_recv() {
+    let shares = state.queue_shares.clone();
+    while let Some(event) = next_event(&runtime, &mut priority, &mut events, &shares) {
         let enriched = {
             let Ok(endpoints) = state.endpoints.read() else { return };
             enrich(event, &endpoints, &mut cache)
@@ -591,7 +664,7 @@ fn pipeline(
         if let Some(out) = record.as_mut() {
             let written = serde_json::to_writer(&mut *out, &input).map_err(std::io::Error::other).and_then(|()| out.write_all(b"\n"));
             // Flush when idle so a reader of the file sees events promptly.
-            let flushed = if events.is_empty() { out.flush() } else { Ok(()) };
+            let flushed = if events.is_empty() && priority.is_empty() { out.flush() } else { Ok(()) };
             if let Err(err) = written.and(flushed) {
                 state.pipeline.record_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(%err, "writing the event record");
@@ -733,6 +806,55 @@ fn spawn_counter_exporter(state: Arc<DaemonState>) {
     });
 }
 
+/// Loads the pack's sensitive open prefixes into the kernel (which opens take the priority ring).
+async fn set_sensitive_prefixes(host: &ProbeHost, rules_dir: &Path) -> anyhow::Result<()> {
+    let prefixes = crate::rules::prefilter::sensitive_open_prefixes(rules_dir)?;
+    let count = prefixes.len();
+    host.with(move |ebpf| loader::set_sensitive_prefixes(ebpf, &prefixes)).await??;
+    tracing::info!(prefixes = count, "sensitive open prefixes loaded");
+    Ok(())
+}
+
+/// Samples the per-pod loss counters (kernel and reader) every second; raises `event_loss`
+/// alerts (rate limited by the monitor) and counts user-space drops in the metrics.
+fn spawn_loss_monitor(state: Arc<DaemonState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut queue_seen: std::collections::BTreeMap<(u64, EventKind), u64> = Default::default();
+        loop {
+            tick.tick().await;
+            let mut totals = match state.host.with(|ebpf| loader::read_pod_losses(ebpf)).await {
+                Ok(Ok(totals)) => totals,
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "reading the per-pod loss counters");
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let queue = state.queue_drops.totals();
+            for (&(cgroup, kind), &total) in &queue {
+                let before = queue_seen.insert((cgroup, kind), total).unwrap_or(0);
+                if total > before {
+                    state.metrics.record_events_lost(kind.as_str(), total - before);
+                }
+            }
+            totals.extend(crate::events::loss::queue_drop_totals(&queue));
+            let report = match state.losses.lock() {
+                Ok(mut monitor) => monitor.observe(&totals, std::time::Instant::now()),
+                Err(_) => return,
+            };
+            if let Some(report) = report {
+                let alert = match state.endpoints.read() {
+                    Ok(endpoints) => report.alert(&endpoints),
+                    Err(_) => return,
+                };
+                tracing::warn!(message = %alert.message, "event loss");
+                state.alerts.try_emit(alert);
+            }
+        }
+    });
+}
+
 fn now_rfc3339() -> String {
     crate::events::input::rfc3339(Clock::new().wall_ns(crate::events::input::monotonic_now_ns()))
 }
@@ -794,6 +916,22 @@ fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEv
     alert
 }
 
+/// Loss totals per pod, kind and reason (demotions included: they say a pod is past its share).
+fn loss_status(state: &DaemonState) -> serde_json::Value {
+    let Ok(monitor) = state.losses.lock() else { return serde_json::Value::Null };
+    let endpoints = state.endpoints.read().ok();
+    let rows: Vec<serde_json::Value> = monitor
+        .totals()
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(key, n)| {
+            let pod = endpoints.as_ref().and_then(|e| e.get(key.cgroup_id)).map(|p| format!("{}/{}", p.namespace, p.name));
+            json!({"pod": pod, "cgroup_id": key.cgroup_id, "kind": key.kind, "reason": key.reason, "protected": key.protected, "count": n})
+        })
+        .collect();
+    json!(rows)
+}
+
 /// Everything `palisade status` shows, as JSON (sections by name).
 pub async fn status_json(state: &DaemonState) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
@@ -831,6 +969,7 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
             "evaluations_with_hits": state.pipeline.evaluated_with_hits.load(Relaxed),
             "rule_errors": state.pipeline.rule_errors.load(Relaxed),
             "record_errors": state.pipeline.record_errors.load(Relaxed),
+            "loss": loss_status(state),
         },
         "rules": {
             "generation": pack.generation(),

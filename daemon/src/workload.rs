@@ -35,7 +35,7 @@ fn cstr(s: &str) -> CString {
 pub const ACTIONS: &[&str] = &[
     "open", "write", "connect", "connect6", "ptrace", "setuid", "mount", "unshare-user",
     "finit-module", "bpf", "memfd-exec", "chmod-setuid", "unlink", "rename", "dup-socket",
-    "sleep", "open-loop",
+    "sleep", "open-loop", "connect-loop",
 ];
 
 /// Runs one action. Failures of the *syscall under test* are expected for some actions
@@ -151,6 +151,33 @@ pub fn perform(action: &str, args: &[String]) -> Result<(), WorkloadError> {
                 unsafe {
                     let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
                     if fd >= 0 {
+                        libc::close(fd);
+                    }
+                }
+            }
+            println!("{}", start.elapsed().as_nanos());
+        }
+        "connect-loop" => {
+            // A connect flood: socket+connect+close COUNT times to ADDR:PORT (refused on a
+            // closed loopback port, so each round is one fast syscall trip).
+            let count: u64 = arg(0, "connect-loop COUNT ADDR:PORT")?.parse().unwrap_or(100_000);
+            let addr: std::net::SocketAddrV4 = arg(1, "connect-loop COUNT ADDR:PORT")?.parse().map_err(|e| WorkloadError::Io {
+                action: "connect-loop",
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            })?;
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: addr.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            let start = std::time::Instant::now();
+            for _ in 0..count {
+                // SAFETY: plain syscalls with a valid sockaddr_in of the size passed.
+                unsafe {
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    if fd >= 0 {
+                        libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
                         libc::close(fd);
                     }
                 }

@@ -30,7 +30,7 @@ fn try_commit_creds(ctx: &ProbeContext) -> Result<(), i64> {
         return Ok(());
     }
     let new_cred: *const u8 = ctx.arg(0).ok_or(0i64)?;
-    let mut entry = reserve_or_count!(CredEvent, KIND_CRED);
+    let mut entry = reserve_or_count!(CredEvent, KIND_CRED, cfg, cgroup_id, true);
     let ev = entry.as_mut_ptr();
     unsafe {
         fill_header(&mut (*ev).header, KIND_CRED, cgroup_id, cfg);
@@ -75,7 +75,7 @@ fn try_tcp_connect(ctx: &ProbeContext) -> Result<(), i64> {
     };
     let uaddr: *const u8 = ctx.arg(1).ok_or(0i64)?;
     let addr_len: i32 = ctx.arg(2).unwrap_or(0);
-    let mut entry = reserve_or_count!(ConnectEvent, KIND_CONNECT);
+    let mut entry = reserve_or_count!(ConnectEvent, KIND_CONNECT, cfg, cgroup_id, false);
     let ev = entry.as_mut_ptr();
     unsafe {
         fill_header(&mut (*ev).header, KIND_CONNECT, cgroup_id, cfg);

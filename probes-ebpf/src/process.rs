@@ -102,7 +102,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     let Some((cgroup_id, cfg)) = should_report(KIND_EXEC) else {
         return Ok(());
     };
-    let mut entry = reserve_or_count!(ExecEvent, KIND_EXEC);
+    let mut entry = reserve_or_count!(ExecEvent, KIND_EXEC, cfg, cgroup_id, true);
     let ev = entry.as_mut_ptr();
     unsafe {
         fill_header(&mut (*ev).header, KIND_EXEC, cgroup_id, cfg);
@@ -169,7 +169,7 @@ fn try_sched_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
     let child_pid: u32 = unsafe { ctx.read_at(FORK_CHILD_PID) }.unwrap_or(0);
     // New threads pass through here too (child_pid is then a thread id): the clone flags are not
     // in this tracepoint, so user space tells threads from processes.
-    let mut entry = reserve_or_count!(ForkEvent, KIND_FORK);
+    let mut entry = reserve_or_count!(ForkEvent, KIND_FORK, cfg, cgroup_id, false);
     let ev = entry.as_mut_ptr();
     unsafe {
         fill_header(&mut (*ev).header, KIND_FORK, cgroup_id, cfg);
@@ -195,7 +195,7 @@ fn try_sched_process_exit() -> Result<(), i64> {
     let Some((cgroup_id, cfg)) = should_report(KIND_EXIT) else {
         return Ok(());
     };
-    let mut entry = reserve_or_count!(ExitEvent, KIND_EXIT);
+    let mut entry = reserve_or_count!(ExitEvent, KIND_EXIT, cfg, cgroup_id, false);
     let ev = entry.as_mut_ptr();
     unsafe {
         fill_header(&mut (*ev).header, KIND_EXIT, cgroup_id, cfg);

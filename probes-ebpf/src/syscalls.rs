@@ -10,8 +10,11 @@ use aya_ebpf::{
 };
 use palisade_common::*;
 
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+
 use crate::common::{
-    PENDING_SYSCALLS, config, count_emitted, current_ids, current_tid, fill_header, read_user_str,
+    PENDING_SYSCALLS, config, count_emitted, current_ids, current_tid, fill_header,
+    kind_is_protected, open_path_is_sensitive, output_routed, read_user_str, read_user_str_len,
     should_report, syscall_arg, syscall_ret,
 };
 use crate::reserve_or_count;
@@ -79,12 +82,19 @@ macro_rules! exit {
     };
 }
 
-/// Reserve, fill the header from the stashed syscall, run `$body` on the record, submit.
+/// Reserve on the ring the event's route says, fill the header from the stashed syscall, run
+/// `$body` on the record, submit. `protected($p)` says whether this event takes the priority
+/// path (by default: whether its kind does).
 macro_rules! emit {
-    ($ty:ty, $kind:expr, $ret:ident, |$ev:ident, $p:ident| $body:block) => {{
+    ($ty:ty, $kind:expr, $ret:ident, |$ev:ident, $p:ident| $body:block) => {
+        emit!($ty, $kind, $ret, protected(_pending) = kind_is_protected($kind), |$ev, $p| $body)
+    };
+    ($ty:ty, $kind:expr, $ret:ident, protected($pp:ident) = $protected:expr, |$ev:ident, $p:ident| $body:block) => {{
         let Some($p) = take($kind) else { return Ok(()) };
         let Some(cfg) = config() else { return Ok(()) };
-        let mut entry = reserve_or_count!($ty, $kind);
+        let $pp = &$p;
+        let protected: bool = $protected;
+        let mut entry = reserve_or_count!($ty, $kind, cfg, $p.cgroup_id, protected);
         let $ev = entry.as_mut_ptr();
         unsafe {
             fill_header(&mut (*$ev).header, $kind, $p.cgroup_id, cfg);
@@ -103,8 +113,16 @@ enter!(sys_enter_openat2, KIND_OPEN, OPEN_OP_OPENAT2);
 exit!(sys_exit_openat, emit_open);
 exit!(sys_exit_openat2, emit_open);
 
+/// Opens are built in per-CPU scratch: which ring one takes depends on its path.
+#[map]
+static OPEN_SCRATCH: PerCpuArray<OpenEvent> = PerCpuArray::with_max_entries(1, 0);
+
 fn emit_open(ret: i64) -> Result<(), i64> {
-    emit!(OpenEvent, KIND_OPEN, ret, |ev, p| {
+    let Some(p) = take(KIND_OPEN) else { return Ok(()) };
+    let Some(cfg) = config() else { return Ok(()) };
+    let ev = OPEN_SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
+    let protected = unsafe {
+        fill_header(&mut (*ev).header, KIND_OPEN, p.cgroup_id, cfg);
         (*ev).op = p.op;
         (*ev).dirfd = p.args[0] as i32;
         (*ev).ret = ret;
@@ -117,10 +135,16 @@ fn emit_open(ret: i64) -> Result<(), i64> {
             (*ev).flags = p.args[2] as u32;
             (*ev).mode = p.args[3] as u32;
         }
-        if read_user_str(&mut (*ev).path, p.args[1]) {
+        let len = read_user_str_len(&mut (*ev).path, p.args[1]);
+        if len == PATH_LEN as i64 {
             (*ev).header.flags |= FLAG_TRUNCATED;
         }
-    })
+        open_path_is_sensitive(&(*ev).path, len)
+    };
+    if output_routed(cfg, p.cgroup_id, KIND_OPEN, protected, unsafe { &*ev }) {
+        count_emitted(KIND_OPEN);
+    }
+    Ok(())
 }
 
 // ---- connect -------------------------------------------------------------------------------
@@ -530,8 +554,10 @@ enter!(sys_enter_dup3, KIND_DUP, DUP_OP_DUP3);
 exit!(sys_exit_dup2, emit_dup);
 exit!(sys_exit_dup3, emit_dup);
 
+/// A descriptor duplicated onto stdin, stdout or stderr (the reverse-shell primitive) is
+/// protected; other dups are ordinary high-volume events.
 fn emit_dup(ret: i64) -> Result<(), i64> {
-    emit!(DupEvent, KIND_DUP, ret, |ev, p| {
+    emit!(DupEvent, KIND_DUP, ret, protected(pending) = (pending.args[1] as i64) >= 0 && (pending.args[1] as i64) <= 2, |ev, p| {
         (*ev).op = p.op;
         (*ev).old_fd = p.args[0] as i32;
         (*ev).new_fd = p.args[1] as i32;

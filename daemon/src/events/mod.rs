@@ -4,4 +4,5 @@ pub mod decode;
 pub mod enrich;
 pub mod input;
 pub mod kind;
+pub mod loss;
 pub mod reader;

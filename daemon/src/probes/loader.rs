@@ -4,12 +4,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{KProbe, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use palisade_common::{
-    KIND_COUNT, MAP_ENABLED_KINDS, MAP_EVENT_COUNTS, MAP_EVENTS, MAP_LOST_COUNTS,
-    MAP_MONITORED_CGROUPS, MAP_PROBE_CONFIG, ProbeConfig,
+    KIND_COUNT, LOSS_BUDGET, LOSS_DEMOTED, LOSS_PROTECTED, LOSS_RING_FULL, MAP_ENABLED_KINDS, MAP_EVENT_COUNTS,
+    MAP_EVENTS, MAP_EVENTS_PRIORITY, MAP_LOST_COUNTS, MAP_MONITORED_CGROUPS, MAP_POD_LOSSES,
+    MAP_PROBE_CONFIG, MAP_SENSITIVE_PREFIXES, MAX_SENSITIVE_PREFIXES, PathPrefix, PodLossKey,
+    ProbeConfig, SENSITIVE_PREFIX_LEN,
 };
 use serde::Serialize;
 
@@ -36,6 +39,8 @@ pub enum LoaderError {
     },
     #[error("pinning the datapath maps: {0}")]
     Pin(String),
+    #[error("sensitive path prefixes: {0}")]
+    Prefixes(PrefixError),
     #[error("mounting {what}: {source}")]
     Mount {
         what: &'static str,
@@ -130,11 +135,52 @@ pub struct LoadOptions {
     /// Pin the datapath maps (policy, quarantine, ...) under this bpffs directory, reusing
     /// what a previous run pinned: enforcement survives a daemon restart.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// The priority ring and the per-pod budgets; None: every event goes to the one bulk ring
+    /// (what a reader of `take_ring_buffer` alone needs).
+    pub budgets: Option<EventBudgets>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { monitor_all: false, try_kprobes: true, pin_dir: None }
+        LoadOptions { monitor_all: false, try_kprobes: true, pin_dir: None, budgets: None }
+    }
+}
+
+/// Per-pod event budgets, applied in the kernel (token buckets per pod cgroup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct EventBudgets {
+    /// Per pod: protected events (exec, credentials, ptrace, modules, bpf, mounts, namespaces,
+    /// memfd, dup onto stdio, opens of sensitive paths) per second that take the priority ring;
+    /// past it they go through the bulk ring. 0: no limit.
+    #[arg(long, default_value_t = 500)]
+    pub pod_priority_rate: u32,
+    /// Per pod: burst of protected events above the rate.
+    #[arg(long, default_value_t = 500)]
+    pub pod_priority_burst: u32,
+    /// Per pod: high-volume events (open, connect, chmod, unlink, rename, dup) per second; a pod
+    /// past it loses its own events (counted, and raised as an `event_loss` alert). 0: no limit.
+    #[arg(long, default_value_t = 5000)]
+    pub pod_event_rate: u32,
+    /// Per pod: burst of high-volume events above the rate.
+    #[arg(long, default_value_t = 10000)]
+    pub pod_event_burst: u32,
+}
+
+impl Default for EventBudgets {
+    fn default() -> Self {
+        EventBudgets { pod_priority_rate: 500, pod_priority_burst: 500, pod_event_rate: 5000, pod_event_burst: 10000 }
+    }
+}
+
+impl EventBudgets {
+    /// Writes the buckets into the probe configuration (costs in ns of credit per event).
+    fn apply(&self, config: &mut ProbeConfig) {
+        let cost = |rate: u32| if rate == 0 { 0 } else { 1_000_000_000 / u64::from(rate) };
+        config.priority_routing = 1;
+        config.priority_cost_ns = cost(self.pod_priority_rate);
+        config.priority_burst_ns = config.priority_cost_ns * u64::from(self.pod_priority_burst.max(1));
+        config.bulk_cost_ns = cost(self.pod_event_rate);
+        config.bulk_burst_ns = config.bulk_cost_ns * u64::from(self.pod_event_burst.max(1));
     }
 }
 
@@ -205,6 +251,9 @@ pub fn load(options: &LoadOptions) -> Result<LoadedProbes, LoaderError> {
     let mut config = task_offsets().unwrap_or_default();
     config.monitor_all = u32::from(options.monitor_all);
     config.daemon_tgid = std::process::id();
+    if let Some(budgets) = &options.budgets {
+        budgets.apply(&mut config);
+    }
     {
         let map = ebpf.map_mut(MAP_PROBE_CONFIG).ok_or(LoaderError::MissingMap(MAP_PROBE_CONFIG))?;
         let mut array: Array<&mut MapData, ProbeConfig> =
@@ -341,11 +390,128 @@ impl LoadedProbes {
         kprobe.attach(function, 0).map(|_| ()).map_err(|e| format!("attach: {e:#}"))
     }
 
-    /// Takes the event ring buffer out of the object for the reader task.
+    /// Takes the (bulk) event ring buffer out of the object for the reader task.
     pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, LoaderError> {
         let map = self.ebpf.take_map(MAP_EVENTS).ok_or(LoaderError::MissingMap(MAP_EVENTS))?;
         RingBuf::try_from(map).map_err(|source| LoaderError::Map { name: MAP_EVENTS, source })
     }
+
+    /// Takes the priority ring buffer (protected kinds; used when `budgets` routing is on).
+    pub fn take_priority_ring_buffer(&mut self) -> Result<RingBuf<MapData>, LoaderError> {
+        let map = self.ebpf.take_map(MAP_EVENTS_PRIORITY).ok_or(LoaderError::MissingMap(MAP_EVENTS_PRIORITY))?;
+        RingBuf::try_from(map).map_err(|source| LoaderError::Map { name: MAP_EVENTS_PRIORITY, source })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrefixError {
+    #[error("sensitive path prefix {0:?} is not an absolute path")]
+    NotAbsolute(String),
+    #[error("{count} sensitive path prefixes; the kernel map holds {max}")]
+    TooMany { count: usize, max: u32 },
+}
+
+/// Replaces the set of path prefixes whose opens are protected events. Prefixes longer than
+/// the kernel compares are cut (the match only gets wider). Adds before it removes, so a prefix
+/// in both sets is never missing.
+pub fn set_sensitive_prefixes(ebpf: &mut Ebpf, prefixes: &[String]) -> Result<(), LoaderError> {
+    if prefixes.len() > MAX_SENSITIVE_PREFIXES as usize {
+        return Err(LoaderError::Prefixes(PrefixError::TooMany { count: prefixes.len(), max: MAX_SENSITIVE_PREFIXES }));
+    }
+    let mut wanted = std::collections::BTreeSet::new();
+    for prefix in prefixes {
+        if !prefix.starts_with('/') {
+            return Err(LoaderError::Prefixes(PrefixError::NotAbsolute(prefix.clone())));
+        }
+        let bytes = prefix.as_bytes();
+        let len = bytes.len().min(SENSITIVE_PREFIX_LEN);
+        let mut data = PathPrefix { bytes: [0; SENSITIVE_PREFIX_LEN] };
+        data.bytes[..len].copy_from_slice(&bytes[..len]);
+        wanted.insert(((len * 8) as u32, data.bytes));
+    }
+    let map = ebpf.map_mut(MAP_SENSITIVE_PREFIXES).ok_or(LoaderError::MissingMap(MAP_SENSITIVE_PREFIXES))?;
+    let mut trie: LpmTrie<&mut MapData, PathPrefix, u32> =
+        LpmTrie::try_from(map).map_err(|source| LoaderError::Map { name: MAP_SENSITIVE_PREFIXES, source })?;
+    let present: Vec<(u32, [u8; SENSITIVE_PREFIX_LEN])> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| (k.prefix_len(), k.data().bytes))
+        .collect();
+    for (bits, bytes) in &wanted {
+        trie.insert(&LpmKey::new(*bits, PathPrefix { bytes: *bytes }), 1, 0)
+            .map_err(|source| LoaderError::Map { name: MAP_SENSITIVE_PREFIXES, source })?;
+    }
+    for (bits, bytes) in present.into_iter().filter(|k| !wanted.contains(k)) {
+        match trie.remove(&LpmKey::new(bits, PathPrefix { bytes })) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(LoaderError::Map { name: MAP_SENSITIVE_PREFIXES, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Why a pod's events did not reach user space the normal way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossReason {
+    /// A ring buffer had no room.
+    RingFull,
+    /// The pod was over its budget of high-volume events.
+    PodBudget,
+    /// Not a loss: protected events past the pod's priority share that went through the bulk
+    /// ring instead.
+    Demoted,
+    /// User space: the queue to the pipeline was full.
+    QueueFull,
+}
+
+impl LossReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::RingFull => "ring_full",
+            LossReason::PodBudget => "pod_budget",
+            LossReason::Demoted => "demoted",
+            LossReason::QueueFull => "queue_full",
+        }
+    }
+
+    /// Whether events counted under this reason are gone.
+    pub fn is_loss(self) -> bool {
+        self != LossReason::Demoted
+    }
+}
+
+/// One counter of events that did not reach user space the normal way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct LossKey {
+    pub cgroup_id: u64,
+    pub kind: EventKind,
+    pub reason: LossReason,
+    /// The events were protected ones (a protected kind, a sensitive open, a dup onto stdio).
+    pub protected: bool,
+}
+
+/// Per (pod cgroup, kind, reason) totals from the kernel, summed over CPUs. Kinds the user side
+/// does not know are skipped.
+pub fn read_pod_losses(ebpf: &Ebpf) -> Result<BTreeMap<LossKey, u64>, LoaderError> {
+    let map = ebpf.map(MAP_POD_LOSSES).ok_or(LoaderError::MissingMap(MAP_POD_LOSSES))?;
+    let hash: PerCpuHashMap<&MapData, PodLossKey, u64> =
+        PerCpuHashMap::try_from(map).map_err(|source| LoaderError::Map { name: MAP_POD_LOSSES, source })?;
+    let mut out = BTreeMap::new();
+    for entry in hash.iter() {
+        let (key, values) = entry.map_err(|source| LoaderError::Map { name: MAP_POD_LOSSES, source })?;
+        let Ok(kind) = EventKind::try_from(key.kind) else { continue };
+        let reason = match key.reason & !LOSS_PROTECTED {
+            LOSS_RING_FULL => LossReason::RingFull,
+            LOSS_BUDGET => LossReason::PodBudget,
+            LOSS_DEMOTED => LossReason::Demoted,
+            _ => continue,
+        };
+        let protected = key.reason & LOSS_PROTECTED != 0 || reason == LossReason::Demoted;
+        let key = LossKey { cgroup_id: key.cgroup_id, kind, reason, protected };
+        *out.entry(key).or_insert(0) += values.iter().sum::<u64>();
+    }
+    Ok(out)
 }
 
 /// Sets which event kinds the kernel emits.

@@ -18,6 +18,7 @@ pub mod failures;
 pub mod input;
 pub mod model;
 pub mod pack;
+pub mod prefilter;
 pub mod testing;
 pub mod watch;
 
