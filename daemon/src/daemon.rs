@@ -1037,29 +1037,32 @@ impl Sources {
     }
 }
 
-/// Kubernetes mode: quarantines made visible (label + Event), label removals as releases, and a
-/// periodic reconciliation so the labels follow the responder (also across restarts).
+/// Kubernetes mode: quarantines made visible (label + Event), label removals by anyone else
+/// undone with a `tamper` alert (release only through the API socket), and a periodic
+/// reconciliation so the labels follow the responder (also across restarts).
 fn spawn_cluster_quarantine(state: Arc<DaemonState>, source: &mut crate::k8s::KubeSource) {
     use crate::k8s::ClusterQuarantineSink as _;
     let sink = source.quarantine_sink();
     let labels = source.labelled_pods();
-    let Some(mut releases) = source.take_release_requests() else { return };
+    let Some(mut removals) = source.take_label_removals() else { return };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             tokio::select! {
-                request = releases.recv() => {
-                    let Some(request) = request else { return };
-                    match state.quarantine.release_async(request.pod.clone(), request.reason.clone(), request.by.clone()).await {
-                        Ok(record) => {
-                            state.metrics.record_release();
-                            state.alerts.try_emit(crate::quarantine::api::release_alert(&record));
-                            // The label is already gone: this posts the Released Event only.
-                            if let Err(err) = sink.released(&request.pod, &request.reason).await {
-                                tracing::warn!(pod = %request.pod, %err, "reporting a release requested by label removal");
-                            }
+                removal = removals.recv() => {
+                    let Some(removal) = removal else { return };
+                    let quarantined = state.quarantine.list_async().await.into_iter().find(|r| r.pod == removal.pod);
+                    if let Some(record) = quarantined {
+                        // The reconciler below may have put it back already.
+                        let relabel = if labels.current().contains(&record.pod) {
+                            Ok(())
+                        } else {
+                            sink.quarantined(&record.pod, &record.rule_id, &record.alert_id).await.map_err(|e| e.to_string())
+                        };
+                        if let Err(err) = &relabel {
+                            tracing::error!(pod = %record.pod, %err, "putting the quarantine label back");
                         }
-                        Err(err) => tracing::warn!(pod = %request.pod, %err, "release requested by label removal"),
+                        state.alerts.try_emit(crate::quarantine::api::tamper_alert(&record, &removal.change, relabel.err()));
                     }
                 }
                 _ = tick.tick() => {}

@@ -13,7 +13,7 @@ use palisade::alerts::schema::{Alert, AlertKind};
 use palisade::alerts::{AlertLog, AlertLogConfig, AlertSink};
 use palisade::api::client::ApiClient;
 use palisade::api::{
-    ApiState, BoxFuture, CancelOutcome, OperatorRequest, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome,
+    AddOutcome, ApiState, BoxFuture, CancelOutcome, OperatorRequest, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome,
     SOCKET_NAME,
     status_provider,
 };
@@ -159,7 +159,7 @@ async fn status_and_quarantine_endpoints() {
     server.abort();
     log.shutdown().await;
 
-    struct Fake(Mutex<Vec<OperatorRequest>>, Mutex<Vec<OperatorRequest>>);
+    struct Fake(Mutex<Vec<OperatorRequest>>, Mutex<Vec<OperatorRequest>>, Mutex<Vec<OperatorRequest>>);
     impl QuarantineApi for Fake {
         fn list(&self) -> BoxFuture<'_, Result<Vec<QuarantineEntry>, QuarantineApiError>> {
             Box::pin(async {
@@ -195,6 +195,15 @@ async fn status_and_quarantine_endpoints() {
                 Ok(ReleaseOutcome { released: true, message: "released shop/web-1".into(), alert_id: None })
             })
         }
+        fn add(&self, request: OperatorRequest) -> BoxFuture<'_, Result<AddOutcome, QuarantineApiError>> {
+            Box::pin(async move {
+                if request.name == "web-1" {
+                    return Err(QuarantineApiError::Refused("shop/web-1 is already quarantined".into()));
+                }
+                self.2.lock().unwrap().push(request);
+                Ok(AddOutcome { quarantined: true, message: "shop/web-3 quarantined".into(), alert_id: Some("a-3".into()) })
+            })
+        }
         fn cancel(&self, request: OperatorRequest) -> BoxFuture<'_, Result<CancelOutcome, QuarantineApiError>> {
             Box::pin(async move {
                 if request.name != "web-2" {
@@ -206,7 +215,7 @@ async fn status_and_quarantine_endpoints() {
         }
     }
     let tmp = TempDir::new("api-quarantine");
-    let fake = Arc::new(Fake(Mutex::new(Vec::new()), Mutex::new(Vec::new())));
+    let fake = Arc::new(Fake(Mutex::new(Vec::new()), Mutex::new(Vec::new()), Mutex::new(Vec::new())));
     let (log, _sink, state_dir, server) = start(&tmp.0, Some(fake.clone())).await;
     let bin = env!("CARGO_BIN_EXE_palisade");
     let out = Command::new(bin).args(["quarantine", "list", "--state-dir"]).arg(&state_dir).output().unwrap();
@@ -243,6 +252,19 @@ async fn status_and_quarantine_endpoints() {
     assert!(cancels.len() == 1 && cancels[0].by.starts_with("bob (uid 0 pid ") && cancels[0].reason == "known deploy job", "{cancels:?}");
     let out = Command::new(bin).args(["quarantine", "cancel", "shop/web-1", "--reason", "x", "--state-dir"]).arg(&state_dir).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no queued quarantine"), "{out:?}");
+    let out = Command::new(bin)
+        .args(["quarantine", "add", "shop/web-3", "--reason", "seen exfiltrating", "--state-dir"])
+        .arg(&state_dir)
+        .env("SUDO_USER", "carol")
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("quarantined"), "{out:?}");
+    let adds = fake.2.lock().unwrap().clone();
+    assert!(adds.len() == 1 && adds[0].by.starts_with("carol (uid 0 pid ") && adds[0].reason == "seen exfiltrating", "{adds:?}");
+    let out = Command::new(bin).args(["quarantine", "add", "shop/web-1", "--reason", "x", "--state-dir"]).arg(&state_dir).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already quarantined"), "{out:?}");
+    let out = Command::new(bin).args(["quarantine", "add", "shop/web-3", "--reason", " ", "--state-dir"]).arg(&state_dir).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--reason"), "{out:?}");
     // `resume` is retired: it says why and asks the daemon nothing; the route answers 410.
     let out = Command::new(bin).args(["quarantine", "resume", "--state-dir"]).arg(&state_dir).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("queued"), "{out:?}");

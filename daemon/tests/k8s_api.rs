@@ -216,7 +216,7 @@ async fn pods_on_other_nodes_are_peer_only_endpoints_and_follow_label_changes() 
     // Even where a cgroup for the remote pod's UID exists on this node, it is never looked up.
     cgroups.add_burstable_pod("99999999-2222-4333-8444-555555555555");
     let mut source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
-    let mut releases = source.take_release_requests().expect("first take");
+    let mut removals = source.take_label_removals().expect("first take");
     let mut inventory = source.inventory();
     let mut health = source.health();
 
@@ -265,7 +265,7 @@ async fn pods_on_other_nodes_are_peer_only_endpoints_and_follow_label_changes() 
     assert!(inv.endpoint("shop/clash").is_none() && inv.endpoint("kube-system/proxy-b").is_none(), "{:?}", endpoint_names(&inv));
 
     // The quarantine label on another node's pod is not this node's business: not tracked, and
-    // its removal is no release request.
+    // its removal is not reported.
     let mut labelled = api.object(Kind::Pod, "shop", "elsewhere");
     labelled["metadata"]["labels"][QUARANTINE_LABEL] = json!("true");
     api.apply(labelled);
@@ -274,7 +274,7 @@ async fn pods_on_other_nodes_are_peer_only_endpoints_and_follow_label_changes() 
     api.apply(unlabelled);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(source.labelled_quarantined().is_empty(), "{:?}", source.labelled_quarantined());
-    assert!(releases.try_recv().is_err(), "a peer's label removal came through as a release request");
+    assert!(removals.try_recv().is_err(), "a peer's label removal was reported");
 
     // A pod on this node is local, even though the cluster-wide watch sees it too.
     let uid = "66666666-2222-4333-8444-555555555555";
@@ -440,10 +440,10 @@ async fn initial_sync_failure_is_an_error_naming_the_cause() {
 }
 
 #[tokio::test]
-async fn quarantine_is_labelled_and_reported_and_a_label_removal_is_a_release() {
+async fn quarantine_is_labelled_and_reported_and_a_label_removal_is_reported_not_a_release() {
     let (api, cgroups) = seeded("quarantine").await;
     let mut source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
-    let mut releases = source.take_release_requests().expect("first take");
+    let mut removals = source.take_label_removals().expect("first take");
     let sink = source.quarantine_sink();
     let mut inventory = source.inventory();
     let before = inventory.borrow_and_update().clone();
@@ -483,20 +483,30 @@ async fn quarantine_is_labelled_and_reported_and_a_label_removal_is_a_release() 
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(*inventory.borrow(), before, "the quarantine label changed the published inventory");
 
-    // `kubectl label pod web-1 palisade.io/quarantined-` by an operator: a release request.
+    // `kubectl label pod web-1 palisade.io/quarantined-` by someone else: reported (the daemon
+    // answers with the label put back and a tamper alert), never a release.
     let mut unlabelled = api.object(Kind::Pod, "shop", "web-1");
     unlabelled["metadata"]["labels"].as_object_mut().expect("labels").remove(QUARANTINE_LABEL);
     api.apply(unlabelled);
-    let request = tokio::time::timeout(WAIT, releases.recv()).await.expect("release request in time").expect("open");
-    assert_eq!(request.pod, "shop/web-1");
-    assert!(request.reason.contains("removed"), "{}", request.reason);
-    // The daemon then releases through the responder and tells the cluster: no label to remove,
-    // only the Event.
-    let patches_before = api.count("pods", "patch");
-    sink.released("shop/web-1", "label removed by an operator").await.expect("released");
-    assert_eq!(api.count("pods", "patch"), patches_before);
+    let removal = tokio::time::timeout(WAIT, removals.recv()).await.expect("label removal in time").expect("open");
+    assert_eq!(removal.pod, "shop/web-1");
+    assert!(removal.change.contains("removed"), "{}", removal.change);
+    // Set to another value: the same.
+    sink.quarantined("shop/web-1", "credential_read", "alert-123").await.expect("label put back");
+    tokio::time::timeout(WAIT, async {
+        while !source.labelled_quarantined().contains("shop/web-1") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("label seen again");
+    let mut falsified = api.object(Kind::Pod, "shop", "web-1");
+    falsified["metadata"]["labels"][QUARANTINE_LABEL] = json!("false");
+    api.apply(falsified);
+    let removal = tokio::time::timeout(WAIT, removals.recv()).await.expect("label change in time").expect("open");
+    assert!(removal.change.contains("\"false\""), "{}", removal.change);
 
-    // Quarantined again and released by palisade itself: the label removal is not a request.
+    // Quarantined again and released by palisade itself: the label removal is not reported.
     sink.quarantined("shop/web-1", "reverse_shell", "alert-456").await.expect("sink");
     tokio::time::timeout(WAIT, async {
         while !source.labelled_quarantined().contains("shop/web-1") {
@@ -515,7 +525,7 @@ async fn quarantine_is_labelled_and_reported_and_a_label_removal_is_a_release() 
     assert!(released_event["message"].as_str().is_some_and(|m| m.contains("cleared by on-call")));
     assert!(api.object(Kind::Pod, "shop", "web-1")["metadata"]["labels"].get(QUARANTINE_LABEL).is_none());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(releases.try_recv().is_err(), "palisade's own unlabel came back as a release request");
+    assert!(removals.try_recv().is_err(), "palisade's own unlabel came back as someone else's removal");
 
     // Alerts as Events: created, then aggregated, then over the limit.
     let alerts = ClusterAlertEvents::new(

@@ -12,7 +12,8 @@
 //!   (a remote pod labelled app=frontend is allowed in, one without the label is not, until the
 //!   cluster relabels it), (2) a policy change arriving as a watch event
 //!   re-segments, (3) a reverse shell primitive in a pod quarantines it and the stand-in receives
-//!   the label PATCH and the Event POST, (4) removing the label in the "cluster" releases it,
+//!   the label PATCH and the Event POST, (4) removing the label in the "cluster" releases
+//!   nothing: the label is put back with a `tamper` alert; release goes through the API socket,
 //!   (5) an API outage (500s) keeps enforcement and `palisade status` reports it.
 //!
 //! Everything (daemon, lab, cgroups, pin and work directories) goes away on drop. To read the
@@ -484,12 +485,37 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     println!("(3) quarantined; label and Event in the cluster {:.1} s after the shell; cut off (checked in {:.1} s)",
         labelled_after.as_secs_f64(), t.as_secs_f64());
 
-    // (4) `kubectl label pod web palisade.io/quarantined-`: a MODIFIED event without the label
-    // is a release.
+    // (4) `kubectl label pod web palisade.io/quarantined-` by anyone allowed to patch pods: no
+    // way out. The label is put back, a tamper alert is raised, web stays cut off.
     let mut unlabelled = daemon.api().object(Kind::Pod, NS, "web");
     unlabelled["metadata"]["labels"].as_object_mut().expect("labels").remove(QUARANTINE_LABEL);
     daemon.api().apply(unlabelled);
-    daemon.wait_for("released (quarantine list empty)", Duration::from_secs(10), || daemon.quarantined().is_empty().then_some(()));
+    let tamper = daemon.wait_for("tamper alert", Duration::from_secs(10), || {
+        daemon.alerts().into_iter().find(|a| a["kind"] == "tamper" && a["pod"]["name"] == "web")
+    });
+    assert!(tamper["message"].as_str().is_some_and(|m| m.contains("removed") && m.contains("put back")), "{tamper:#}");
+    assert_eq!(tamper["event"]["quarantine_alert_id"], alert_id.as_str(), "{tamper:#}");
+    daemon.wait_for("label put back", Duration::from_secs(10), || {
+        (daemon.api().object(Kind::Pod, NS, "web")["metadata"]["labels"][QUARANTINE_LABEL] == "true").then_some(())
+    });
+    assert_eq!(daemon.quarantined().len(), 1, "the label removal released the pod");
+    assert!(daemon.alerts().iter().all(|a| a["kind"] != "release"), "a release alert after a label removal");
+    daemon.wait_for_matrix(
+        "web still cut off after the label removal",
+        &[(OTHER, WEB, false), (WEB, CLIENT, false), (WEB, OTHER, false), (CLIENT, OTHER, true)],
+        Duration::from_secs(5),
+    );
+    // Release through the root-only API socket: the pod is reachable again and palisade removes
+    // its own label (a removal it does not mistake for tampering), with a Released Event.
+    let out = run_with_timeout(
+        {
+            let mut command = Command::new(PALISADE);
+            command.args(["quarantine", "release", WEB, "--reason", "test: incident closed", "--state-dir"]).arg(&daemon.state_dir);
+            command
+        },
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "quarantine release: {}", String::from_utf8_lossy(&out.stderr));
     let t = daemon.wait_for_matrix(
         "web reachable again",
         &[(OTHER, WEB, true), (WEB, CLIENT, true), (WEB, OTHER, true), (CLIENT, WEB, false)],
@@ -498,25 +524,23 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     let release = daemon.wait_for("release alert", Duration::from_secs(5), || {
         daemon.alerts().into_iter().find(|a| a["kind"] == "release" && a["pod"]["name"] == "web")
     });
-    assert!(release.to_string().contains("kubernetes"), "the release names the cluster as its source: {release:#}");
-    // The cluster hears about it: a Released Event (no label left to remove, so no PATCH).
-    let released = daemon.wait_for("Released Event POST", Duration::from_secs(5), || {
+    assert!(release.to_string().contains("incident closed"), "{release:#}");
+    daemon.wait_for("label removed by palisade", Duration::from_secs(10), || {
+        daemon.api().object(Kind::Pod, NS, "web")["metadata"]["labels"].get(QUARANTINE_LABEL).is_none().then_some(())
+    });
+    daemon.wait_for("Released Event POST", Duration::from_secs(5), || {
         daemon.api().requests().into_iter().find_map(|r| {
             let event: Value = serde_json::from_str(&r.body).ok()?;
-            (r.method == "POST" && event["reason"] == "Released").then_some(event)
+            (r.method == "POST" && event["reason"] == "Released" && event["involvedObject"]["name"] == "web").then_some(event)
         })
     });
-    assert_eq!(released["involvedObject"]["name"], "web", "{released:#}");
-    assert!(released["message"].as_str().is_some_and(|m| m.contains(QUARANTINE_LABEL)), "{released:#}");
-    // The released pod stays unlabelled (the reconciler does not put the label back).
+    // palisade's own removal is not reported as tampering, and the label stays off.
     std::thread::sleep(Duration::from_millis(2500));
-    assert!(
-        daemon.api().object(Kind::Pod, NS, "web")["metadata"]["labels"].get(QUARANTINE_LABEL).is_none(),
-        "the label came back after the release"
-    );
+    assert_eq!(daemon.alerts().iter().filter(|a| a["kind"] == "tamper").count(), 1, "palisade's own unlabel taken for tampering");
+    assert!(daemon.api().object(Kind::Pod, NS, "web")["metadata"]["labels"].get(QUARANTINE_LABEL).is_none(), "the label came back");
     assert!(daemon.quarantined().is_empty(), "re-quarantined after the release");
-    assert_eq!(daemon.api().count("pods", "patch"), 1, "only the quarantine label was patched");
-    println!("(4) label removal released web (reachable again, checked in {:.1} s)", t.as_secs_f64());
+    assert_eq!(daemon.api().count("pods", "patch"), 3, "label set, put back, removed: nothing else patched");
+    println!("(4) label removal undone with a tamper alert; release through the API (reachable again, checked in {:.1} s)", t.as_secs_f64());
 
     // (5) The API answers 500 and the watches are cut: enforcement stays, status says so.
     daemon.api().set_fault(Some(Fault::Status500));

@@ -40,7 +40,7 @@ pub struct AlertFilterArgs {
     #[arg(long)]
     pub severity: Option<String>,
     /// Only these kinds (repeat or comma-separate): rule, quarantine, release, policy_denied,
-    /// rules_rejected, rule_error, guardrail, event_loss, daemon.
+    /// rules_rejected, rule_error, guardrail, tamper, event_loss, daemon.
     #[arg(long)]
     pub kind: Vec<String>,
 }

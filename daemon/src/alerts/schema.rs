@@ -32,6 +32,9 @@ pub enum AlertKind {
     RuleError,
     /// A guardrail stopped an action (e.g. refusing to quarantine a protected namespace).
     Guardrail,
+    /// Someone tried to undo palisade's enforcement outside the authenticated path (e.g. removed
+    /// the quarantine label from a pod); what palisade did about it is in `outcome`.
+    Tamper,
     /// Events or alerts were lost (ring buffer overflow, alert queue overflow).
     EventLoss,
     /// The daemon itself: start, stop, degraded operation.
@@ -39,7 +42,7 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 9] = [
+    pub const ALL: [AlertKind; 10] = [
         AlertKind::Rule,
         AlertKind::Quarantine,
         AlertKind::Release,
@@ -47,6 +50,7 @@ impl AlertKind {
         AlertKind::RulesRejected,
         AlertKind::RuleError,
         AlertKind::Guardrail,
+        AlertKind::Tamper,
         AlertKind::EventLoss,
         AlertKind::Daemon,
     ];
@@ -60,6 +64,7 @@ impl AlertKind {
             AlertKind::RulesRejected => "rules_rejected",
             AlertKind::RuleError => "rule_error",
             AlertKind::Guardrail => "guardrail",
+            AlertKind::Tamper => "tamper",
             AlertKind::EventLoss => "event_loss",
             AlertKind::Daemon => "daemon",
         }

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
-use super::{CancelOutcome, QuarantineEntry, ReleaseOutcome, SOCKET_NAME};
+use super::{AddOutcome, CancelOutcome, QuarantineEntry, ReleaseOutcome, SOCKET_NAME};
 use crate::alerts::render::{Cell, Table, colour_wanted, terminal_safe};
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +338,16 @@ pub enum QuarantineCommand {
         #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Quarantine a pod by hand, at once (recorded as a `quarantine` alert with your reason).
+    Add {
+        /// NAMESPACE/POD
+        pod: String,
+        /// Why (kept in the audit trail and the quarantine record).
+        #[arg(long)]
+        reason: String,
+        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Lift a pod's quarantine (recorded as a `release` alert with your reason).
     Release {
         /// NAMESPACE/POD
@@ -368,6 +378,20 @@ pub fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
         QuarantineCommand::Resume { state_dir: _ } => {
             // Nothing can be suspended any more, so there is nothing to ask the daemon.
             eprintln!("palisade quarantine resume: {}", super::server::RESUME_RETIRED);
+        }
+        QuarantineCommand::Add { pod, reason, state_dir } => {
+            crate::alerts::query::parse_pod(&pod)?;
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must say why the pod is quarantined");
+            }
+            let by = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_default();
+            let client = ApiClient::new(&state_dir);
+            let value = block_on(client.post_json("/v1/quarantines/add", &json!({ "pod": pod, "reason": reason, "by": by })))??;
+            let outcome: AddOutcome = serde_json::from_value(value)?;
+            println!("{}", terminal_safe(&outcome.message));
+            if !outcome.quarantined {
+                anyhow::bail!("{pod} was not quarantined");
+            }
         }
         QuarantineCommand::Cancel { pod, reason, state_dir } => {
             crate::alerts::query::parse_pod(&pod)?;

@@ -7,6 +7,7 @@
 //! | `GET /v1/alerts?since=&until=&pod=&namespace=&rule=&severity=&kind=` | matching alerts, JSON lines, oldest first |
 //! | `GET /v1/alerts/follow?...` | the same filters; history when `since` is given, then live alerts, JSON lines (chunked) |
 //! | `GET /v1/quarantines` | `[QuarantineEntry]`: enforced ones, then queued ones (`pending: true`) |
+//! | `POST /v1/quarantines/add` | body `{"pod": "ns/name", "reason": "...", "by": "..."}`: an operator's quarantine, enforced at once → `AddOutcome` |
 //! | `POST /v1/quarantines/release` | body `{"pod": "ns/name", "reason": "...", "by": "..."}` → `ReleaseOutcome` |
 //! | `POST /v1/quarantines/cancel` | same body; drops a quarantine queued by the rate limit → `CancelOutcome` |
 //! | `POST /v1/quarantines/resume` | `410 Gone`: the rate limit queues instead of suspending, nothing to resume |
@@ -87,7 +88,7 @@ pub struct QuarantineEntry {
     pub extra: BTreeMap<String, Value>,
 }
 
-/// An operator's action on one pod (release, cancel), as the API server hands it over.
+/// An operator's action on one pod (add, release, cancel), as the API server hands it over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorRequest {
     pub namespace: String,
@@ -101,6 +102,15 @@ pub struct OperatorRequest {
 pub struct ReleaseOutcome {
     pub released: bool,
     pub message: String,
+    #[serde(default)]
+    pub alert_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddOutcome {
+    pub quarantined: bool,
+    pub message: String,
+    /// The audit alert, which the quarantine record names.
     #[serde(default)]
     pub alert_id: Option<String>,
 }
@@ -132,6 +142,8 @@ pub enum QuarantineApiError {
 pub trait QuarantineApi: Send + Sync {
     fn list(&self) -> BoxFuture<'_, Result<Vec<QuarantineEntry>, QuarantineApiError>>;
     fn release(&self, request: OperatorRequest) -> BoxFuture<'_, Result<ReleaseOutcome, QuarantineApiError>>;
+    /// Quarantines a pod by hand (the responder writes the audit alert).
+    fn add(&self, request: OperatorRequest) -> BoxFuture<'_, Result<AddOutcome, QuarantineApiError>>;
     /// Drops a quarantine the rate limit queued (the responder writes the audit alert).
     fn cancel(&self, request: OperatorRequest) -> BoxFuture<'_, Result<CancelOutcome, QuarantineApiError>>;
 }
@@ -149,6 +161,10 @@ impl QuarantineApi for QuarantineNotEnabled {
     }
 
     fn cancel(&self, _request: OperatorRequest) -> BoxFuture<'_, Result<CancelOutcome, QuarantineApiError>> {
+        Box::pin(async { Err(QuarantineApiError::NotEnabled) })
+    }
+
+    fn add(&self, _request: OperatorRequest) -> BoxFuture<'_, Result<AddOutcome, QuarantineApiError>> {
         Box::pin(async { Err(QuarantineApiError::NotEnabled) })
     }
 }

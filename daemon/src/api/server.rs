@@ -180,6 +180,13 @@ async fn route(req: Request<Incoming>, state: &ApiState, peer: &Peer) -> Respons
             },
             Err(response) => response,
         },
+        (&Method::POST, "/v1/quarantines/add") => match operator_request(req, peer).await {
+            Ok(request) => match state.quarantine.add(request).await {
+                Ok(outcome) => json_response(StatusCode::OK, &serde_json::to_value(outcome).unwrap_or(Value::Null)),
+                Err(err) => quarantine_error(err),
+            },
+            Err(response) => response,
+        },
         (&Method::POST, "/v1/quarantines/cancel") => match operator_request(req, peer).await {
             Ok(request) => match state.quarantine.cancel(request).await {
                 Ok(outcome) => json_response(StatusCode::OK, &serde_json::to_value(outcome).unwrap_or(Value::Null)),
@@ -199,7 +206,7 @@ async fn route(req: Request<Incoming>, state: &ApiState, peer: &Peer) -> Respons
             }
             None => error_response(StatusCode::NOT_FOUND, "this daemon keeps no metrics"),
         },
-        (_, "/healthz" | "/v1/status" | "/v1/alerts" | "/v1/alerts/follow" | "/v1/quarantines" | "/v1/quarantines/release" | "/v1/quarantines/cancel" | "/v1/quarantines/resume" | "/metrics") => {
+        (_, "/healthz" | "/v1/status" | "/v1/alerts" | "/v1/alerts/follow" | "/v1/quarantines" | "/v1/quarantines/release" | "/v1/quarantines/add" | "/v1/quarantines/cancel" | "/v1/quarantines/resume" | "/metrics") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"))
         }
         _ => error_response(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),

@@ -12,9 +12,9 @@
 //!    state (never cleared).
 //! 3. `source.health()`: a watch receiver of [`SourceHealth`] for `palisade status`.
 //! 4. `source.quarantine_sink()`: a [`KubeQuarantineSink`] (the [`ClusterQuarantineSink`] trait)
-//!    to call after the responder quarantined or released a pod; `source.take_release_requests()`
-//!    yields a [`ReleaseRequest`] when someone else removes the quarantine label, which the daemon
-//!    forwards to the responder's `release`.
+//!    to call after the responder quarantined or released a pod; `source.take_label_removals()`
+//!    yields a [`LabelRemoval`] when someone else removes the quarantine label: the daemon puts
+//!    it back and raises a `tamper` alert (release only through the root-only API socket).
 //! 5. Optionally [`ClusterAlertEvents`]: alerts as rate-limited, aggregated core/v1 Events.
 pub mod cgroup;
 pub mod convert;
@@ -24,10 +24,10 @@ pub mod source;
 
 pub use cgroup::{CgroupLocator, PodCgroup, QosClass};
 pub use events::{AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents};
-pub use quarantine::{ClusterQuarantineSink, KubeQuarantineSink, ReleaseRequest, SinkError};
+pub use quarantine::{ClusterQuarantineSink, KubeQuarantineSink, LabelRemoval, SinkError};
 pub use source::{KubeSource, SourceConfig, SourceError, SourceHealth, UnresolvedCgroup, WatchHealth};
 
-/// The label a quarantined pod carries; removing it is a release.
+/// The label a quarantined pod carries (a view: removing it is tampering, undone by palisade).
 pub const QUARANTINE_LABEL: &str = "palisade.io/quarantined";
 /// Annotations beside the label, so `kubectl describe` says why.
 pub const QUARANTINE_RULE_ANNOTATION: &str = "palisade.io/quarantine-rule";

@@ -1,8 +1,9 @@
 //! Quarantine made visible in the cluster: the quarantined pod gets the label
 //! `palisade.io/quarantined=true` (plus annotations naming the rule and alert) and a Warning
-//! Event; a release removes them and posts a Normal Event. Removing the label by hand is a
-//! release request (see `source::LabelTracker`), which the daemon hands to the responder, so
-//! `kubectl label pod X palisade.io/quarantined-` is audited like `palisade quarantine release`.
+//! Event; a release removes them and posts a Normal Event. The label is a view, never a way
+//! out: anyone allowed to patch pods could remove it, so a removal palisade did not make (see
+//! `source::LabelTracker`) is reported as a [`LabelRemoval`], which the daemon answers by putting
+//! the label back and raising a `tamper` alert. Release goes through the root-only API socket.
 //!
 //! Enforcement never depends on this: the responder updates the kernel map first and calls the
 //! sink afterwards; an API failure here is reported, not retried forever.
@@ -33,14 +34,13 @@ pub enum SinkError {
     },
 }
 
-/// A release asked for through the cluster.
+/// The quarantine label removed (or changed) in the cluster by someone other than palisade.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReleaseRequest {
+pub struct LabelRemoval {
     /// `namespace/name`.
     pub pod: String,
-    pub reason: String,
-    /// Who, as the audit record names them.
-    pub by: String,
+    /// What was seen (removed, or set to another value).
+    pub change: String,
 }
 
 /// What the responder calls once a quarantine or release is in force in the kernel.
@@ -114,6 +114,9 @@ impl ClusterQuarantineSink for KubeQuarantineSink {
         let message = format!("palisade quarantined this pod (all traffic denied, both directions): rule {rule_id}, alert {alert_id}");
         let event = post_pod_event(&self.client, &self.node, namespace, name, uid, "Warning", "Quarantined", "Quarantine", &message).await;
         labelled.map_err(|source| SinkError::Api { pod: pod.to_string(), what: "label the pod", source })?;
+        // The API server answered with the labelled pod: count it as labelled now, so the
+        // reconciler does not patch again before the watch catches up.
+        self.labelled.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(pod.to_string());
         event.map_err(|source| SinkError::Api { pod: pod.to_string(), what: "post the quarantine Event", source })?;
         tracing::info!(%pod, rule = rule_id, alert = alert_id, "quarantine labelled and reported in the cluster");
         Ok(())
@@ -123,8 +126,8 @@ impl ClusterQuarantineSink for KubeQuarantineSink {
         let (namespace, name) = split_pod(pod)?;
         let mut uid = None;
         let mut label_result = Ok(());
-        // A release that came from the label's removal has no label left to remove; patching
-        // anyway would leave an "own change" expectation that a later removal would be mistaken for.
+        // A pod whose label is already gone has nothing to remove; patching anyway would leave
+        // an "own change" expectation that a later removal would be mistaken for.
         if self.is_labelled(pod) {
             self.own.insert(pod);
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);

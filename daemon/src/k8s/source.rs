@@ -8,7 +8,7 @@
 //! cgroup): NetworkPolicy peers are matched by labels wherever they run, so a policy allowing
 //! `app=frontend` must allow a frontend pod on another node. Peer-only endpoints are never
 //! looked up in the cgroup tree, never unresolved, never monitored, attached or quarantined
-//! here, and their labels are not tracked for quarantine releases. A pod on this node is taken
+//! here, and their quarantine label is not tracked. A pod on this node is taken
 //! from the node-local watch only (the cluster-wide copy is ignored, also while the node-local
 //! watch has not seen it yet). Host-network pods of other nodes are left out: they have no
 //! addresses of their own.
@@ -42,7 +42,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::cgroup::{CgroupLocator, QosClass};
 use super::convert::{self, PodView};
-use super::quarantine::{KubeQuarantineSink, OwnLabelChanges, ReleaseRequest};
+use super::quarantine::{KubeQuarantineSink, LabelRemoval, OwnLabelChanges};
 use crate::inventory::{Inventory, InventoryFile};
 use crate::segmentation::policy::{NetworkPolicy, PolicySet};
 
@@ -257,7 +257,7 @@ pub struct KubeSource {
     inventory: watch::Receiver<Inventory>,
     policies: watch::Receiver<PolicySet>,
     health: watch::Receiver<SourceHealth>,
-    release_requests: Option<mpsc::UnboundedReceiver<ReleaseRequest>>,
+    label_removals: Option<mpsc::UnboundedReceiver<LabelRemoval>>,
     labelled: Arc<Mutex<BTreeSet<String>>>,
     own_label_changes: OwnLabelChanges,
     tasks: Vec<tokio::task::AbortHandle>,
@@ -277,7 +277,7 @@ impl KubeSource {
     pub async fn start(client: Client, config: SourceConfig) -> Result<KubeSource, SourceError> {
         let (health_tx, health_rx) = watch::channel(SourceHealth { node: config.node_name.clone(), ..Default::default() });
         let shared = Arc::new(Shared { health: health_tx, changed: Notify::new() });
-        let (release_tx, release_rx) = mpsc::unbounded_channel();
+        let (removal_tx, removal_rx) = mpsc::unbounded_channel();
         let labelled = Arc::new(Mutex::new(BTreeSet::new()));
         let own_label_changes = OwnLabelChanges::default();
         let mut tasks = Vec::new();
@@ -291,7 +291,7 @@ impl KubeSource {
         let mut tracker = LabelTracker {
             labelled: labelled.clone(),
             own: own_label_changes.clone(),
-            releases: release_tx,
+            removals: removal_tx,
             seen_in_init: None,
         };
         tasks.push(spawn_watch(
@@ -389,7 +389,7 @@ impl KubeSource {
             inventory: inventory_rx,
             policies: policies_rx,
             health: health_rx,
-            release_requests: Some(release_rx),
+            label_removals: Some(removal_rx),
             labelled,
             own_label_changes,
             tasks,
@@ -410,10 +410,10 @@ impl KubeSource {
         self.health.clone()
     }
 
-    /// Release requests from the cluster (the quarantine label removed by someone else). Only
-    /// the first call gets the receiver.
-    pub fn take_release_requests(&mut self) -> Option<mpsc::UnboundedReceiver<ReleaseRequest>> {
-        self.release_requests.take()
+    /// The quarantine label removed in the cluster by someone other than palisade (tampering:
+    /// the label is no way out). Only the first call gets the receiver.
+    pub fn take_label_removals(&mut self) -> Option<mpsc::UnboundedReceiver<LabelRemoval>> {
+        self.label_removals.take()
     }
 
     /// Pods on this node that carry the quarantine label now (`namespace/name`): at start-up the
@@ -505,7 +505,7 @@ where
 struct LabelTracker {
     labelled: Arc<Mutex<BTreeSet<String>>>,
     own: OwnLabelChanges,
-    releases: mpsc::UnboundedSender<ReleaseRequest>,
+    removals: mpsc::UnboundedSender<LabelRemoval>,
     /// Pods listed since the current (re)list began.
     seen_in_init: Option<BTreeSet<String>>,
 }
@@ -544,13 +544,13 @@ impl LabelTracker {
                 return;
             }
             let value = pod.labels().get(super::QUARANTINE_LABEL).cloned();
-            let reason = match value {
+            let change = match value {
                 Some(value) => format!("label {}={value:?} set in the cluster", super::QUARANTINE_LABEL),
                 None => format!("label {} removed in the cluster", super::QUARANTINE_LABEL),
             };
-            tracing::info!(pod = %key, %reason, "release requested through the cluster");
+            tracing::warn!(pod = %key, %change, "quarantine label changed by someone other than palisade");
             // The receiver is gone only when the daemon is shutting down.
-            let _ = self.releases.send(ReleaseRequest { pod: key, reason, by: "kubernetes".to_string() });
+            let _ = self.removals.send(LabelRemoval { pod: key, change });
         }
     }
 

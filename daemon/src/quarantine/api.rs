@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::responder::{CancelRecord, Decision, QuarantineError, QueueOutcome, ReleaseRecord, Removal};
-use super::QuarantineService;
+use super::responder::{MANUAL_RULE, CancelRecord, Decision, QuarantineError, QueueOutcome, ReleaseRecord, Removal};
+use super::{QuarantineRecord, QuarantineService};
 use crate::alerts::{Alert, AlertKind, AlertSink, Outcome as AlertOutcome, PodInfo};
-use crate::api::{BoxFuture, CancelOutcome, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome, OperatorRequest};
+use crate::api::{AddOutcome, BoxFuture, CancelOutcome, QuarantineApi, QuarantineApiError, QuarantineEntry, ReleaseOutcome, OperatorRequest};
 use crate::rules::{Action, Severity};
 
 fn pod_info(pod: &str) -> Option<PodInfo> {
@@ -66,6 +66,28 @@ pub fn queue_alert(outcome: &QueueOutcome) -> Alert {
             "enforced_at_ns": decision.enforced_at_ns,
         }));
     if let Some(pod) = pod_info(&decision.pod) {
+        alert = alert.with_pod(pod);
+    }
+    alert
+}
+
+/// The alert for the quarantine label changed in the cluster by someone other than palisade: the
+/// quarantine stays in force and the label is put back (`relabel_error` when that failed).
+pub fn tamper_alert(record: &QuarantineRecord, change: &str, relabel_error: Option<String>) -> Alert {
+    let done = match &relabel_error {
+        None => "the label was put back".to_string(),
+        Some(err) => format!("putting the label back failed ({err}); the reconciler retries"),
+    };
+    let mut alert = Alert::new(
+        AlertKind::Tamper,
+        Severity::High,
+        format!("{change} on quarantined pod {} by someone other than palisade: {done}; the quarantine stays in force (release only with `palisade quarantine release`)", record.pod),
+    )
+    .with_action(Action::Quarantine)
+    .with_outcome(AlertOutcome::AlreadyQuarantined, Some(format!("quarantined since {} (alert {}); {done}", record.since, record.alert_id)))
+    .with_rule(record.rule_id.clone(), record.rule_id.clone())
+    .with_event(json!({"change": change, "quarantine_alert_id": record.alert_id, "cgroup_id": record.cgroup_id, "relabelled": relabel_error.is_none()}));
+    if let Some(pod) = pod_info(&record.pod) {
         alert = alert.with_pod(pod);
     }
     alert
@@ -191,6 +213,54 @@ impl QuarantineApi for QuarantineApiHandler {
                 extra: BTreeMap::from([("held_by".to_string(), json!(p.held_by))]),
             });
             Ok(enforced.chain(pending).collect())
+        })
+    }
+
+    fn add(&self, request: OperatorRequest) -> BoxFuture<'_, Result<AddOutcome, QuarantineApiError>> {
+        Box::pin(async move {
+            let pod = format!("{}/{}", request.namespace, request.name);
+            // The audit alert exists first so the quarantine record can name it.
+            let alert = Alert::new(
+                AlertKind::Quarantine,
+                Severity::High,
+                format!("quarantine of {pod} by {}: {}", request.by, request.reason),
+            )
+            .with_action(Action::Quarantine)
+            .with_rule(MANUAL_RULE.to_string(), "Quarantine by an operator".to_string());
+            let alert = match pod_info(&pod) {
+                Some(info) => alert.with_pod(info),
+                None => alert,
+            };
+            let alert_id = alert.id.clone();
+            let result = self.service.add_async(pod.clone(), request.reason.clone(), request.by.clone(), alert_id.clone()).await;
+            let (alert, answer) = match result {
+                Ok(decision) => {
+                    let mut message = format!("{pod} quarantined (alert {alert_id})");
+                    if let Some(warning) = &decision.warning {
+                        message.push_str("; ");
+                        message.push_str(warning);
+                    }
+                    let event = json!({"by": request.by, "reason": request.reason, "cgroup_id": decision.cgroup_id, "enforced_at_ns": decision.enforced_at_ns});
+                    let alert = alert.with_outcome(AlertOutcome::Quarantined, Some(decision.reason.clone())).with_event(event);
+                    (alert, Ok(AddOutcome { quarantined: true, message, alert_id: Some(alert_id) }))
+                }
+                Err(err) => {
+                    let alert = alert
+                        .with_outcome(AlertOutcome::Failed, Some(err.to_string()))
+                        .with_event(json!({"by": request.by, "reason": request.reason}));
+                    let answer = match err {
+                        QuarantineError::BadPodName(_) | QuarantineError::AlreadyQuarantined { .. } | QuarantineError::Refused { .. } => {
+                            QuarantineApiError::Refused(err.to_string())
+                        }
+                        other => QuarantineApiError::Failed(other.to_string()),
+                    };
+                    (alert, Err(answer))
+                }
+            };
+            if let Err(err) = self.alerts.emit(alert).await {
+                tracing::error!(%err, %pod, "operator quarantine handled but its audit alert could not be written");
+            }
+            answer
         })
     }
 

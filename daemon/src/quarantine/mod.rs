@@ -13,7 +13,8 @@
 //! 3. Rate limits (token buckets per namespace under a node ceiling) queue a quarantine
 //!    (`pending`), never drop or latch: the daemon runs [`api::spawn_queue_worker`], which calls
 //!    `apply_due()` when `next_due()` says and alerts each [`QueueOutcome`].
-//! 4. Operator: `list()`, `pending()`, `release(pod, reason, by)` (yields the audit
+//! 4. Operator (through the root-only API socket): `list()`, `pending()`, `add(pod, reason, by,
+//!    alert_id)` (a quarantine by hand), `release(pod, reason, by)` (yields the audit
 //!    [`ReleaseRecord`]), `cancel(pod, reason, by)` for a queued one ([`CancelRecord`]), `status()`.
 //! 5. Changes: `set_policy(ResponsePolicy)` (hot reload), `set_inventory(&inventory)` (returns the
 //!    quarantines that ended because their endpoint left).
@@ -75,6 +76,10 @@ impl QuarantineService {
         self.lock().list()
     }
 
+    pub fn add(&self, pod: &str, reason: &str, by: &str, alert_id: &str) -> Result<Decision, QuarantineError> {
+        self.lock().add(pod, reason, by, alert_id)
+    }
+
     pub fn cancel(&self, pod: &str, reason: &str, by: &str) -> Result<CancelRecord, QuarantineError> {
         self.lock().cancel(pod, reason, by)
     }
@@ -121,6 +126,10 @@ impl QuarantineService {
             Ok(list) => list,
             Err(err) => std::panic::resume_unwind(err.into_panic()),
         }
+    }
+
+    pub async fn add_async(&self, pod: String, reason: String, by: String, alert_id: String) -> Result<Decision, QuarantineError> {
+        self.blocking(move |this| this.add(&pod, &reason, &by, &alert_id)).await
     }
 
     pub async fn cancel_async(&self, pod: String, reason: String, by: String) -> Result<CancelRecord, QuarantineError> {

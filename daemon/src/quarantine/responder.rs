@@ -27,6 +27,10 @@ pub enum QuarantineError {
     Pending { pod: String },
     #[error("{pod} has no queued quarantine")]
     NotPending { pod: String },
+    #[error("{pod} is already quarantined (since {since}, alert {alert_id})")]
+    AlreadyQuarantined { pod: String, since: String, alert_id: String },
+    #[error("{pod}: {reason}")]
+    Refused { pod: String, reason: String },
     #[error("pod must be NAMESPACE/NAME, got {0:?}")]
     BadPodName(String),
     #[error("datapath: {0}")]
@@ -224,6 +228,9 @@ pub struct Responder<D: QuarantineDatapath> {
     outbox: Vec<QueueOutcome>,
     counters: Counters,
 }
+
+/// The rule id an operator's quarantine is recorded under.
+pub const MANUAL_RULE: &str = "manual";
 
 fn now_rfc3339() -> (String, i128) {
     let unix_ns = std::time::SystemTime::now()
@@ -750,6 +757,54 @@ impl<D: QuarantineDatapath> Responder<D> {
         })
     }
 
+    /// An operator's quarantine (`palisade quarantine add`): enforced at once, past the rate
+    /// limits and dry run (the operator decided), a queued one included; never in a protected
+    /// namespace or for a pod of another node. `alert_id` is the audit alert's.
+    pub fn add(&mut self, pod: &str, reason: &str, by: &str, alert_id: &str) -> Result<Decision, QuarantineError> {
+        let (namespace, name) = split_pod(pod)?;
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        let refused = |reason: String| QuarantineError::Refused { pod: pod.to_string(), reason };
+        if let Some(existing) = self.records.get(pod) {
+            return Err(QuarantineError::AlreadyQuarantined { pod: pod.to_string(), since: existing.since.clone(), alert_id: existing.alert_id.clone() });
+        }
+        if self.peers.contains(pod) {
+            return Err(refused("the pod runs on another node (peer-only endpoint): quarantine it with palisade on its node".into()));
+        }
+        if self.policy.is_protected(&namespace) {
+            return Err(refused(format!("namespace {namespace} is protected (protected_namespaces in the response policy)")));
+        }
+        let (cgroup, cgroup_id) = self.locate(pod).map_err(refused)?;
+        let message = format!("quarantined by {by}: {reason}");
+        let target = Target {
+            pod: pod.to_string(),
+            namespace,
+            name,
+            cgroup,
+            cgroup_id,
+            rule_id: MANUAL_RULE.to_string(),
+            alert_id: alert_id.to_string(),
+            message: message.clone(),
+        };
+        let enforced_at_ns = self.enforce(target).map_err(|reason| QuarantineError::Refused { pod: pod.to_string(), reason })?;
+        // The operator's word supersedes a queued automatic quarantine.
+        if let Some(queued) = self.pending.remove(pod) {
+            tracing::info!(%pod, queued_alert = %queued.alert_id, "a queued quarantine was superseded by an operator's");
+        }
+        let warning = self.persist_warning(pod);
+        tracing::warn!(%pod, %by, %reason, "pod quarantined by an operator");
+        Ok(Decision {
+            outcome: Outcome::Quarantined,
+            reason: message,
+            pod: pod.to_string(),
+            rule_id: MANUAL_RULE.to_string(),
+            alert_id: alert_id.to_string(),
+            cgroup_id: Some(cgroup_id),
+            enforced_at_ns: Some(enforced_at_ns),
+            warning,
+            expected_in_seconds: None,
+        })
+    }
+
     /// Lifts a quarantine (the map entry goes first; if that fails, nothing changes) and returns
     /// the audit record.
     pub fn release(&mut self, pod: &str, reason: &str, by: &str) -> Result<ReleaseRecord, QuarantineError> {
@@ -1108,6 +1163,25 @@ mod tests {
         assert!(outcomes[1].decision.reason.contains("while the quarantine was queued"), "{}", outcomes[1].decision.reason);
         assert!(r.pending().is_empty());
         assert_eq!(r.datapath().entries.len(), 2);
+    }
+
+    #[test]
+    fn an_operator_quarantines_by_hand_past_the_rate_limit_but_not_in_a_protected_namespace() {
+        let f = Fixture::new("manual");
+        let policy = ResponsePolicy { dry_run: true, max_quarantines_per_minute: 1, ..ResponsePolicy::default() };
+        let (mut r, _) = start(&f, policy, MemoryDatapath::default());
+        let d = r.add("shop/a", "seen exfiltrating", "alice", "audit-1").expect("add");
+        assert_eq!((d.outcome, d.rule_id.as_str(), d.alert_id.as_str()), (Outcome::Quarantined, MANUAL_RULE, "audit-1"));
+        assert!(r.datapath().entries.contains_key(&f.id("shop/a")), "enforced despite dry run");
+        // Not limited by the bucket (which it does not spend either).
+        assert_eq!(r.add("shop/b", "same incident", "alice", "audit-2").expect("add").outcome, Outcome::Quarantined);
+        assert!(matches!(r.add("shop/a", "again", "alice", "audit-3"), Err(QuarantineError::AlreadyQuarantined { .. })));
+        assert!(matches!(r.add("kube-system/dns", "x", "alice", "audit-4"), Err(QuarantineError::Refused { reason, .. }) if reason.contains("protected")));
+        assert!(matches!(r.add("shop/ghost", "x", "alice", "audit-5"), Err(QuarantineError::Refused { .. })));
+        assert!(matches!(r.add("nonsense", "x", "alice", "audit-6"), Err(QuarantineError::BadPodName(_))));
+        let listed = r.list();
+        assert_eq!(listed.iter().map(|q| (q.pod.as_str(), q.rule_id.as_str())).collect::<Vec<_>>(), [("shop/a", "manual"), ("shop/b", "manual")]);
+        assert!(listed[0].reason.contains("alice") && listed[0].reason.contains("seen exfiltrating"));
     }
 
     #[test]
