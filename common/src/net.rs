@@ -31,8 +31,9 @@ pub const MAP_SEG_EVENTS: &str = "SEG_EVENTS";
 pub const MAP_SEG_COUNTERS: &str = "SEG_COUNTERS";
 pub const MAP_SEG_CONFIG: &str = "SEG_CONFIG";
 pub const MAP_SEG_CT_CONFIG: &str = "SEG_CT_CONFIG";
+pub const MAP_SEG_CT_PODS: &str = "SEG_CT_PODS";
 /// Every datapath map, in the order the user side pins them.
-pub const SEG_MAPS: [&str; 11] = [
+pub const SEG_MAPS: [&str; 12] = [
     MAP_SEG_QUARANTINE,
     MAP_SEG_FORENSICS,
     MAP_SEG_IPCACHE,
@@ -44,16 +45,24 @@ pub const SEG_MAPS: [&str; 11] = [
     MAP_SEG_COUNTERS,
     MAP_SEG_CONFIG,
     MAP_SEG_CT_CONFIG,
+    MAP_SEG_CT_PODS,
 ];
 
 pub const PROG_SEG_INGRESS: &str = "seg_ingress";
 pub const PROG_SEG_EGRESS: &str = "seg_egress";
+/// Removes expired conntrack entries named in its input (run by the user side's sweeper with
+/// BPF_PROG_TEST_RUN), keeping the per-pod counts exact.
+pub const PROG_SEG_CT_SWEEP: &str = "seg_ct_sweep";
+/// Keys per sweep program run (40 bytes each, after a 14-byte Ethernet header).
+pub const CT_SWEEP_BATCH: u32 = 64;
 
 pub const SEG_MAX_QUARANTINE: u32 = 16384;
 pub const SEG_MAX_FORENSICS: u32 = 1024;
 pub const SEG_MAX_IPCACHE: u32 = 262_144;
 pub const SEG_MAX_ENDPOINTS: u32 = 65_536;
 pub const SEG_MAX_POLICY: u32 = 1_048_576;
+/// A hash map, not an LRU: an entry is never evicted to make room for another pod's flow; it
+/// leaves when it expires (removed by the sweeper).
 pub const SEG_MAX_CONNTRACK: u32 = 262_144;
 pub const SEG_EVENTS_RINGBUF_BYTES: u32 = 1024 * 1024;
 /// How many cgroup levels (from the root) the quarantine check walks (a pod's containers live in
@@ -89,6 +98,8 @@ pub const EP_ISOLATED_EGRESS: u32 = 2;
 /// Verdict reasons (PolicyVerdictEvent.reason and the user-side lookup).
 pub const REASON_QUARANTINE: u8 = 1;
 pub const REASON_POLICY: u8 = 2;
+/// Allowed by policy, but the pod's conntrack quota (or the table) is full: dropped.
+pub const REASON_CONNTRACK_FULL: u8 = 3;
 
 /// Which way out (or in) a drop stopped (PolicyVerdictEvent.path).
 /// A parsed IPv4/IPv6 packet at a cgroup_skb hook (every policy drop is on this path).
@@ -140,6 +151,10 @@ pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 /// policy change) or keep (connection-setup-only semantics).
 pub const ESTABLISHED_FLOWS_STRICT: u32 = 0;
 pub const ESTABLISHED_FLOWS_KEEP: u32 = 1;
+
+/// Conntrack entries one pod may hold (CtConfig.per_endpoint_max of 0 means this): one pod
+/// opening many flows fills its own quota, never the table other pods' connections live in.
+pub const CT_DEFAULT_PER_ENDPOINT_MAX: u32 = 16_384;
 
 /// policy_denied records per endpoint per window; the rest are counted and reported in the next.
 pub const DENY_EVENTS_PER_WINDOW: u32 = 16;
@@ -293,9 +308,26 @@ pub struct CtConfig {
     pub tcp_established_s: u32,
     pub tcp_closing_s: u32,
     pub other_s: u32,
-    pub _pad: [u32; 2],
+    /// Entries one endpoint may create (0 = CT_DEFAULT_PER_ENDPOINT_MAX).
+    pub per_endpoint_max: u32,
+    pub _pad: u32,
 }
 assert_wire_size!(CtConfig, 32);
+
+/// SEG_CT_PODS value, keyed by endpoint id (u32): one pod's conntrack accounting, updated by
+/// the kernel only (atomic adds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtPodUsage {
+    /// Entries charged to the pod now (created by its hooks, not yet removed by the sweeper).
+    pub entries: i64,
+    /// New flows dropped because the pod's quota was used up.
+    pub quota_drops: u64,
+    /// New flows dropped because the whole table was full.
+    pub table_full_drops: u64,
+    pub _pad: u64,
+}
+assert_wire_size!(CtPodUsage, 32);
 
 /// The idle timeout of an entry in `state` (seconds, from the config or the default).
 #[inline(always)]
@@ -478,4 +510,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::DenyRateState {}
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::CtConfig {}
+    unsafe impl aya::Pod for super::CtPodUsage {}
 }

@@ -6,9 +6,11 @@
 //! (a libtest target: the daemon's Cargo.toml declares no custom bench harness)
 //!
 //! Each policy selects the server pod and allows a distinct ipBlock (/24) on a distinct port, so
-//! IPCACHE and POLICY grow with the policy count. Two paths are timed: an established flow
-//! (an ACK on a conntrack entry) and a new flow that no rule allows (every POLICY probe, then
-//! drop).
+//! IPCACHE and POLICY grow with the policy count. Three paths are timed: an established flow
+//! (an ACK on a conntrack entry), a new flow that no rule allows (every POLICY probe, then drop),
+//! and a new flow that a rule allows (the SYN of a 5-tuple never seen: probes, then a new
+//! conntrack entry, charged to the pod); the last with one run per packet (each 5-tuple is new
+//! once), FLOWS_PER_ROUND distinct source ports per round, the median of all.
 //!
 //! `PALISADE_BENCH_BEFORE_OBJECT=path` also loads another build of the eBPF object (e.g. the
 //! previous commit's, `target/.../out/palisade-probes`) with the same map contents, and measures
@@ -19,12 +21,14 @@ use std::path::Path;
 
 use palisade::inventory::Inventory;
 use aya::EbpfLoader;
+use palisade::segmentation::conntrack::{self, ConntrackSettings};
 use palisade::segmentation::datapath::{self, Datapath, DatapathError};
 use palisade::segmentation::{PolicySet, Segmentation};
-use palisade_common::{MAP_SEG_CT_CONFIG, PROG_SEG_INGRESS};
+use palisade_common::{MAP_SEG_CT_CONFIG, PROG_SEG_INGRESS, SEG_MAX_CONNTRACK};
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 7;
+const FLOWS_PER_ROUND: u16 = 9_000;
 
 fn packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
     let mut p = vec![0u8; 14 + 20 + 20];
@@ -112,7 +116,10 @@ fn per_packet_cost_by_policy_count() {
         println!("before: {}", Path::new(&path).display());
         bytes
     });
-    println!("{:>9} {:>10} {:>10} {:>8} {:>16} {:>18}", "policies", "POLICY", "IPCACHE", "object", "established ns", "new-denied ns");
+    println!(
+        "{:>9} {:>10} {:>10} {:>8} {:>16} {:>18} {:>18}",
+        "policies", "POLICY", "IPCACHE", "object", "established ns", "new-denied ns", "new-allowed ns"
+    );
     for n in [0usize, 10, 1_000, 10_000] {
         let seg = Segmentation::new(inv.clone(), policies(n));
         let mut objects = vec![Object { name: "after", bpf: datapath::load(None).expect("load") }];
@@ -120,6 +127,11 @@ fn per_packet_cost_by_policy_count() {
             objects.push(Object { name: "before", bpf: EbpfLoader::new().load(bytes).expect("load the before object") });
         }
         for obj in &mut objects {
+            if obj.name == "after" {
+                // Room for every flow the bench creates (the default quota is per pod).
+                let settings = ConntrackSettings { per_pod: SEG_MAX_CONNTRACK, ..ConntrackSettings::default() };
+                conntrack::configure(&mut obj.bpf, &settings).expect("conntrack settings");
+            }
             let mut dp = Datapath::adopt(&mut obj.bpf).expect("adopt");
             match dp.sync(&mut obj.bpf, seg.compiled()) {
                 Ok(_) => {}
@@ -145,6 +157,7 @@ fn per_packet_cost_by_policy_count() {
         }
         let mut est: Vec<Vec<u32>> = vec![Vec::new(); objects.len()];
         let mut new: Vec<Vec<u32>> = vec![Vec::new(); objects.len()];
+        let mut created: Vec<Vec<u32>> = vec![Vec::new(); objects.len()];
         for round in 0..ROUNDS {
             for k in 0..objects.len() {
                 let i = (round + k) % objects.len();
@@ -153,16 +166,23 @@ fn per_packet_cost_by_policy_count() {
                 assert!(n == 0 || ret == 1, "{}: established passes", objects[i].name);
                 est[i].push(ns);
                 new[i].push(test_run(fd, &denied, REPEAT).1);
+                for f in 0..FLOWS_PER_ROUND {
+                    let sport = 1024 + round as u16 * FLOWS_PER_ROUND + f;
+                    let (ret, ns) = test_run(fd, &packet([198, 18, 0, 1], [198, 18, 0, 2], sport, 8080, TCP_SYN), 1);
+                    assert!(n == 0 || ret == 1, "{}: a new allowed flow passes", objects[i].name);
+                    created[i].push(ns);
+                }
             }
         }
         for (i, obj) in objects.iter().enumerate() {
             println!(
-                "{n:>9} {:>10} {:>10} {:>8} {:>16} {:>18}",
+                "{n:>9} {:>10} {:>10} {:>8} {:>16} {:>18} {:>18}",
                 seg.compiled().policy.len(),
                 seg.compiled().ipcache.len(),
                 obj.name,
                 median(&mut est[i]),
-                median(&mut new[i])
+                median(&mut new[i]),
+                median(&mut created[i])
             );
         }
     }

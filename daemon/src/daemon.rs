@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// or idle out (connection-setup-only semantics).
     #[arg(long, value_enum, default_value_t = crate::segmentation::conntrack::EstablishedFlows::Strict)]
     pub established_flows: crate::segmentation::conntrack::EstablishedFlows,
+    /// Connection-tracking entries one pod may hold (of 262,144 per node); its new flows past
+    /// that are refused and counted, other pods' connections are untouched.
+    #[arg(long, default_value_t = palisade_common::CT_DEFAULT_PER_ENDPOINT_MAX)]
+    pub conntrack_per_pod: u32,
     #[command(flatten)]
     pub alerts: AlertOptions,
     #[command(flatten)]
@@ -113,6 +117,8 @@ pub struct DaemonState {
     pub quarantine: QuarantineService,
     pub alerts: AlertSink,
     pub metrics: Metrics,
+    /// Connection tracking: settings, sweeps, per-pod counts (the sweeper thread updates it).
+    pub conntrack: Arc<Mutex<crate::segmentation::conntrack::ConntrackStatus>>,
     pub started: String,
     /// Kubernetes mode: the API source's health.
     pub kube_health: Option<tokio::sync::watch::Receiver<crate::k8s::SourceHealth>>,
@@ -244,11 +250,21 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
         PolicySource::Kube(rx) => (rx.borrow().clone(), Default::default()),
     };
-    let conntrack = crate::segmentation::conntrack::ConntrackSettings { established_flows: args.established_flows, ..Default::default() };
-    host.with(move |ebpf| crate::segmentation::conntrack::configure(ebpf, &conntrack))
+    let conntrack_settings = crate::segmentation::conntrack::ConntrackSettings {
+        established_flows: args.established_flows,
+        per_pod: args.conntrack_per_pod,
+        ..Default::default()
+    };
+    let sweeper = host
+        .with(move |ebpf| -> Result<_, crate::segmentation::conntrack::ConntrackError> {
+            crate::segmentation::conntrack::configure(ebpf, &conntrack_settings)?;
+            Ok(crate::segmentation::conntrack::Sweeper::new(ebpf)?)
+        })
         .await?
         .context("configuring connection tracking")?;
     log_policy_report(&policy_report);
+    let conntrack = crate::segmentation::conntrack::spawn_sweeper(sweeper, conntrack_settings, std::time::Duration::from_secs(5))
+        .context("starting the conntrack sweeper")?;
     let enforcer = crate::enforcement::Enforcer::start(
         host.clone(),
         inventory.clone(),
@@ -306,6 +322,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         quarantine: quarantine.clone(),
         alerts: alerts.clone(),
         metrics: metrics.clone(),
+        conntrack,
         started: now_rfc3339(),
         kube_health: sources.kube.as_ref().map(|k| k.health()),
     });
@@ -464,7 +481,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let result = crate::enforcement::read_verdicts(ring, move |verdict| {
                 let direction = if verdict.direction == palisade_common::DIRECTION_INGRESS { "ingress" } else { "egress" };
-                let reason = if verdict.reason == palisade_common::REASON_QUARANTINE { "quarantine" } else { "policy" };
+                let reason = verdict_reason(verdict.reason);
                 state.metrics.add_policy_drops(direction, reason, 1 + u64::from(verdict.suppressed));
                 state.alerts.try_emit(policy_denied_alert(&state, &verdict));
             })
@@ -802,6 +819,16 @@ fn spawn_counter_exporter(state: Arc<DaemonState>) {
             }
             let active = state.quarantine.list_async().await.len();
             state.metrics.set_quarantines_active(active as i64);
+            let pods = state.conntrack.lock().map(|s| s.pods.clone()).unwrap_or_default();
+            if !pods.is_empty() {
+                let enforcer = state.enforcer.lock().await;
+                let named: Vec<(String, crate::segmentation::conntrack::PodUsage)> = pods
+                    .iter()
+                    .map(|(id, u)| (enforcer.compiled().endpoints.get(id).map(|e| e.key()).unwrap_or_else(|| format!("endpoint-{id}")), *u))
+                    .collect();
+                drop(enforcer);
+                state.metrics.observe_conntrack(&named);
+            }
         }
     });
 }
@@ -887,7 +914,7 @@ fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEv
     };
     let pod = state.endpoints.read().ok().and_then(|e| e.get(v.header.cgroup_id));
     let direction = if v.direction == palisade_common::DIRECTION_INGRESS { "ingress" } else { "egress" };
-    let reason = if v.reason == palisade_common::REASON_QUARANTINE { "quarantine" } else { "policy" };
+    let reason = verdict_reason(v.reason);
     let protocol = match v.protocol {
         6 => "TCP",
         17 => "UDP",
@@ -932,6 +959,44 @@ fn loss_status(state: &DaemonState) -> serde_json::Value {
     json!(rows)
 }
 
+/// A drop record's reason, as alerts and metrics name it.
+fn verdict_reason(reason: u8) -> &'static str {
+    match reason {
+        palisade_common::REASON_QUARANTINE => "quarantine",
+        palisade_common::REASON_CONNTRACK_FULL => "conntrack_full",
+        _ => "policy",
+    }
+}
+
+/// Connection tracking for status: settings, sweeps, and the pods holding entries or refused
+/// flows, by name.
+async fn conntrack_status(state: &DaemonState) -> serde_json::Value {
+    let Ok(status) = state.conntrack.lock().map(|s| s.clone()) else {
+        return json!({"error": "conntrack status lock poisoned"});
+    };
+    let enforcer = state.enforcer.lock().await;
+    let endpoints = &enforcer.compiled().endpoints;
+    let pods: Vec<serde_json::Value> = status
+        .pods
+        .iter()
+        .filter(|(_, u)| u.entries > 0 || u.quota_drops > 0 || u.table_full_drops > 0)
+        .map(|(id, u)| {
+            let pod = endpoints.get(id).map(|e| e.key()).unwrap_or_else(|| format!("endpoint {id} (gone)"));
+            json!({"pod": pod, "entries": u.entries, "quota_drops": u.quota_drops, "table_full_drops": u.table_full_drops})
+        })
+        .collect();
+    json!({
+        "established_flows": status.settings.established_flows,
+        "per_pod_quota": status.settings.per_pod,
+        "table_size": status.table_size,
+        "timeouts_s": status.settings.timeouts,
+        "sweep_interval_s": status.sweep_interval_s,
+        "sweeps": status.sweeps,
+        "last_sweep": status.last_sweep,
+        "pods": pods,
+    })
+}
+
 /// Everything `palisade status` shows, as JSON (sections by name).
 pub async fn status_json(state: &DaemonState) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
@@ -953,6 +1018,7 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
     let monitored = state.endpoints.read().map(|e| e.len()).unwrap_or(0);
     let unresolved = state.unresolved_cgroups.read().map(|u| u.clone()).unwrap_or_default();
     let segmentation = serde_json::to_value(&state.enforcer.lock().await.status).unwrap_or_default();
+    let conntrack = conntrack_status(state).await;
     let kubernetes = state.kube_health.as_ref().map(|h| serde_json::to_value(&*h.borrow()).unwrap_or_default());
     let quarantine = json!({
         "responder": serde_json::to_value(state.quarantine.status()).unwrap_or_default(),
@@ -979,6 +1045,7 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
         },
         "endpoints": {"monitored": monitored, "unresolved": unresolved, "inventory": endpoints},
         "policies": segmentation,
+        "conntrack": conntrack,
         "quarantine": quarantine,
         "kubernetes": kubernetes,
     })

@@ -10,6 +10,7 @@ use palisade::inventory::Inventory;
 use palisade::segmentation::conntrack::{self, ConntrackSettings, CtTimeouts, EstablishedFlows};
 use palisade::segmentation::datapath::{self, Datapath};
 use palisade::segmentation::{PolicySet, Segmentation};
+use palisade_common::{CT_DEFAULT_PER_ENDPOINT_MAX, SEG_MAX_CONNTRACK};
 
 fn kernel_or_skip(test: &str) -> bool {
     let root = unsafe { libc::geteuid() } == 0;
@@ -75,6 +76,44 @@ elif mode == "connect_from":
         sys.exit(0 if ok else 1)
     except Exception:
         sys.exit(1)
+elif mode == "serve_push":
+    # Sends "data" to every accepted connection on each line read from stdin (a server push: no
+    # request from the client precedes it).
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[2]))); s.listen(64)
+    conns = []
+    def loop():
+        while True:
+            c, _ = s.accept(); conns.append(c)
+    threading.Thread(target=loop, daemon=True).start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        for c in list(conns):
+            try: c.sendall(b"data")
+            except Exception: pass
+        print("pushed", flush=True)
+elif mode == "read":
+    c = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=1.0)
+    print("connected", flush=True)
+    for line in sys.stdin:
+        try:
+            d = c.recv(64)
+            print("ok" if d == b"data" else "fail", flush=True)
+        except Exception:
+            print("fail", flush=True)
+elif mode == "flood":
+    # UDP to many distinct (address, port) pairs: one conntrack entry each at this pod's egress.
+    # Two packets per flow: the second is a lookup, which an LRU table takes as recent use.
+    n = int(sys.argv[2]); per_addr = 60000
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent = 0
+    for i in range(n):
+        dst = ("198.19.200.%d" % (1 + i // per_addr), 1 + i % per_addr)
+        try:
+            s.sendto(b"x", dst); s.sendto(b"x", dst); sent += 1
+        except OSError:
+            pass
+    print(sent, flush=True)
 elif mode == "hold":
     c = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=1.0)
     print("connected", flush=True)
@@ -183,6 +222,40 @@ impl Lab {
         self.children.push(child);
     }
 
+    /// A server in `pod` that pushes data to its clients on demand.
+    fn serve_push(&self, pod: &str, port: u16) -> Held {
+        let mut child = self.cmd(pod, &["serve_push", &port.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("server");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("ready line");
+        assert_eq!(line.trim(), "ready", "push server in {pod}");
+        Held { child, stdin, stdout }
+    }
+
+    /// A client in `from` connected to `to`, reading what the server pushes.
+    fn reader(&self, from: &str, to: &str, port: u16) -> Held {
+        let ip = self.pod(to).ip.clone();
+        let mut child = self.cmd(from, &["read", &ip, &port.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("reader");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("connected line");
+        assert_eq!(line.trim(), "connected", "reader {from} -> {to}:{port}");
+        Held { child, stdin, stdout }
+    }
+
+    /// Sends UDP to `flows` distinct destinations from `pod`; returns how many sends succeeded.
+    fn flood(&self, pod: &str, flows: u32) -> u64 {
+        // The destinations are routed to the pod's loopback (from its own address): each packet
+        // passes the pod's egress hook (one conntrack entry) and is dropped on the way back in
+        // (not local, no forwarding): no ARP queue to fill, no load on the lab bridge.
+        let p = self.pod(pod);
+        sh(&["ip", "-n", &p.netns, "route", "add", "198.19.200.0/24", "dev", "lo", "src", &p.ip]);
+        let out = self.cmd(pod, &["flood", &flows.to_string()]).output().expect("flood");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("flood count")
+    }
+
     fn hold(&self, from: &str, to: &str, port: u16) -> Held {
         let ip = self.pod(to).ip.clone();
         let mut child = self.cmd(from, &["hold", &ip, &port.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("hold");
@@ -214,6 +287,21 @@ struct Held {
 }
 
 impl Held {
+    /// One line to the helper, one "ok"/"pushed" back.
+    fn tell(&mut self) -> String {
+        if writeln!(self.stdin, "go").is_err() {
+            return String::new();
+        }
+        let mut line = String::new();
+        let _ = self.stdout.read_line(&mut line);
+        line.trim().to_string()
+    }
+
+    /// The server pushes, the reader reads (within a second).
+    fn push_arrives(server: &mut Held, reader: &mut Held) -> bool {
+        server.tell() == "pushed" && reader.tell() == "ok"
+    }
+
     fn roundtrip(&mut self) -> bool {
         if writeln!(self.stdin, "hello").is_err() {
             return false;
@@ -359,6 +447,7 @@ fn policy_change_keep_carries_established_flows_until_they_idle_out() {
     let settings = ConntrackSettings {
         established_flows: EstablishedFlows::Keep,
         timeouts: CtTimeouts { tcp_established_s: 2, ..CtTimeouts::default() },
+        ..ConntrackSettings::default()
     };
     conntrack::configure(&mut bpf, &settings).expect("conntrack settings");
     let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
@@ -391,7 +480,7 @@ fn fin_closed_five_tuple_reused_later_is_judged_as_new() {
     let inv = lab.inventory(&[("frontend-1", "frontend"), ("backend-1", "backend")]);
     let mut bpf = datapath::load(None).expect("load eBPF object");
     // keep: a policy change alone does not judge the old entry again; only its TCP state can.
-    let settings = ConntrackSettings { established_flows: EstablishedFlows::Keep, timeouts: CtTimeouts::default() };
+    let settings = ConntrackSettings { established_flows: EstablishedFlows::Keep, ..ConntrackSettings::default() };
     conntrack::configure(&mut bpf, &settings).expect("conntrack settings");
     let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
     let mut seg = Segmentation::new(inv, webapp_policy());
@@ -405,6 +494,101 @@ fn fin_closed_five_tuple_reused_later_is_judged_as_new() {
     dp.sync(&mut bpf, seg.set_policies(policies(BACKEND_DENY_INGRESS))).expect("sync removal");
     assert!(!lab.connects_from("frontend-1", "backend-1", 8080, source_port), "a FIN'd 5-tuple reused later is judged as new: denied");
     assert!(!lab.connects_from("frontend-1", "backend-1", 8080, source_port + 1), "and so is any other new connection");
+}
+
+#[test]
+fn one_pod_opening_more_flows_than_the_table_holds_leaves_other_pods_connections_alone() {
+    if !kernel_or_skip("one_pod_opening_more_flows_than_the_table_holds_leaves_other_pods_connections_alone") {
+        return;
+    }
+    // backend-1: the victim, a server whose egress is isolated with no allow, so the data it
+    // pushes to its client passes only on the conntrack entry of the client's connection.
+    // frontend-1: its client, no program attached (a peer, as a pod on another node).
+    // db-1: opens far more flows than the table holds.
+    let lab = Lab::new("e", &[("frontend-1", "198.18.1.16"), ("backend-1", "198.18.2.26"), ("db-1", "198.18.3.36")]);
+    let inv = lab.inventory(&[("frontend-1", "frontend"), ("backend-1", "backend"), ("db-1", "db")]);
+    let mut bpf = datapath::load(None).expect("load eBPF object");
+    let settings = ConntrackSettings { timeouts: CtTimeouts { other_s: 2, ..CtTimeouts::default() }, ..ConntrackSettings::default() };
+    conntrack::configure(&mut bpf, &settings).expect("conntrack settings");
+    let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
+    let mut set = webapp_policy();
+    set.policies.extend(policies(BACKEND_DENY_EGRESS).policies);
+    let seg = Segmentation::new(inv, set);
+    dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    for pod in ["backend-1", "db-1"] {
+        dp.attach(&mut bpf, &lab.pod(pod).cgroup_abs).expect("attach");
+    }
+    let mut sweeper = conntrack::Sweeper::new(&mut bpf).expect("sweeper");
+    let mut server = lab.serve_push("backend-1", 8080);
+    let mut reader = lab.reader("frontend-1", "backend-1", 8080);
+    assert!(Held::push_arrives(&mut server, &mut reader), "the server's push reaches its client");
+
+    let flows = 2 * SEG_MAX_CONNTRACK;
+    let sent = lab.flood("db-1", flows);
+    let db = seg.compiled().endpoint_by_key("webapp/db-1").expect("db-1").id;
+    let usage = |sweeper: &conntrack::Sweeper, id: u32| sweeper.usage().into_iter().find(|(ep, _)| *ep == id).map(|(_, u)| u).unwrap_or_default();
+    let db_usage = usage(&sweeper, db);
+    println!("flood: {sent} of {flows} sends; db-1 conntrack {db_usage:?}");
+    assert!(Held::push_arrives(&mut server, &mut reader), "the other pod's long-lived connection keeps working");
+    {
+        // A new connection to it opens (its handshake needs a new entry) and gets data.
+        let mut second = lab.reader("frontend-1", "backend-1", 8080);
+        assert_eq!(server.tell(), "pushed");
+        assert_eq!(reader.tell(), "ok", "the long-lived connection");
+        assert_eq!(second.tell(), "ok", "a new connection to the pod works while the other pod is over its quota");
+    }
+    assert_eq!(db_usage.entries, u64::from(CT_DEFAULT_PER_ENDPOINT_MAX), "the flooding pod holds its quota, no more");
+    assert!(db_usage.quota_drops > 0, "its flows past the quota are refused and counted");
+
+    // Idle past the timeout for other protocols (2 s here): the sweeper removes the flood's
+    // entries and gives db-1 its quota back.
+    std::thread::sleep(Duration::from_millis(3500));
+    let stats = sweeper.sweep();
+    println!("sweep: {stats:?}");
+    assert!(stats.removed >= u64::from(CT_DEFAULT_PER_ENDPOINT_MAX), "{stats:?}");
+    assert_eq!(usage(&sweeper, db).entries, 0, "db-1's quota is free again");
+    assert!(Held::push_arrives(&mut server, &mut reader), "the established TCP connection is not swept");
+}
+
+/// bpf(2) on a zeroed attr of 128 bytes; returns the result (an fd for BPF_MAP_CREATE).
+fn bpf_raw(cmd: i64, fill: impl FnOnce(&mut [u8; 128])) -> i64 {
+    let mut attr = [0u8; 128];
+    fill(&mut attr);
+    // SAFETY: attr is a zero-padded bpf_attr for `cmd`; pointers in it outlive the call.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) }
+}
+
+#[test]
+fn a_pinned_conntrack_map_of_an_older_layout_is_replaced_at_load() {
+    if !kernel_or_skip("a_pinned_conntrack_map_of_an_older_layout_is_replaced_at_load") {
+        return;
+    }
+    // What a daemon before this layout pinned: an LRU hash, 40-byte keys, 8-byte values.
+    let dir = PathBuf::from(format!("/sys/fs/bpf/palisade-test-ctpin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    let fd = bpf_raw(0 /* BPF_MAP_CREATE */, |a| {
+        a[0..4].copy_from_slice(&9u32.to_ne_bytes()); // BPF_MAP_TYPE_LRU_HASH
+        a[4..8].copy_from_slice(&40u32.to_ne_bytes());
+        a[8..12].copy_from_slice(&8u32.to_ne_bytes());
+        a[12..16].copy_from_slice(&1024u32.to_ne_bytes());
+    });
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    let path = std::ffi::CString::new(dir.join("SEG_CONNTRACK").to_string_lossy().into_owned()).expect("path");
+    let rc = bpf_raw(6 /* BPF_OBJ_PIN */, |a| {
+        a[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+        a[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    });
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our own fd from BPF_MAP_CREATE, closed once.
+    unsafe { libc::close(fd as i32) };
+
+    let mut bpf = datapath::load(Some(&dir)).expect("loads over an old pinned conntrack map");
+    Datapath::adopt(&mut bpf).expect("the datapath programs load");
+    let pinned = aya::maps::MapData::from_pin(dir.join("SEG_CONNTRACK")).and_then(|m| m.info()).expect("pinned map");
+    assert_eq!(pinned.value_size() as usize, std::mem::size_of::<palisade_common::CtValue>(), "replaced by this build's layout");
+    drop(bpf);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -11,16 +11,17 @@
 //! Denials become rate-limited PolicyVerdictEvent records in SEG_EVENTS.
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::generated::{
         bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, map},
+    macros::{cgroup_skb, map, socket_filter},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::SkBuffContext,
 };
 use palisade_common::{
     CNT_ALLOWED_CT, CNT_ALLOWED_POLICY, CNT_COUNT, CNT_DENIED_POLICY, CNT_DENIED_QUARANTINE,
-    CNT_EVENTS_LOST, CNT_EVENTS_SUPPRESSED, CNT_PACKETS, CNT_UNPARSED, CT_STATE_SYN, CtConfig, CtKey, CtValue,
+    CNT_EVENTS_LOST, CNT_EVENTS_SUPPRESSED, CNT_PACKETS, CNT_UNPARSED, CT_STATE_SYN, CtConfig, CtKey, CtPodUsage, CtValue,
     DENY_EVENTS_PER_WINDOW, DENY_WINDOW_NS, DIRECTION_EGRESS, DIRECTION_INGRESS, DatapathConfig,
     DenyRateState, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointConfig, ForensicsValue,
     IDENTITY_ANY, IDENTITY_WORLD, IpAddrKey, IpCacheValue, KIND_POLICY_VERDICT, PATH_IP, PATH_ND,
@@ -28,7 +29,7 @@ use palisade_common::{
     PolicyKey, PolicyValue, PolicyVerdictEvent, QuarantineValue, REASON_POLICY, REASON_QUARANTINE,
     SEG_EVENTS_RINGBUF_BYTES, SEG_MAX_CGROUP_LEVELS, SEG_MAX_CONNTRACK, SEG_MAX_ENDPOINTS,
     ESTABLISHED_FLOWS_STRICT, PROTO_TCP, SEG_MAX_FORENSICS, SEG_MAX_IPCACHE, SEG_MAX_POLICY, SEG_MAX_QUARANTINE,
-    SOURCE_DATAPATH, CT_REFRESH_NS, TCP_ACK, TCP_SYN, ct_allow_bit, ct_key_into, ct_next_state, ct_pass_bits,
+    SOURCE_DATAPATH, CT_DEFAULT_PER_ENDPOINT_MAX, CT_REFRESH_NS, CT_SWEEP_BATCH, REASON_CONNTRACK_FULL, TCP_ACK, TCP_SYN, ct_allow_bit, ct_key_into, ct_next_state, ct_pass_bits,
     ct_side_bits, ct_timeout_s,
 };
 
@@ -50,8 +51,14 @@ static SEG_ENDPOINTS: HashMap<u32, EndpointConfig> = HashMap::with_max_entries(S
 #[map]
 static SEG_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(SEG_MAX_POLICY, 0);
 
+/// Not an LRU: no flow's entry is evicted to make room for another's (see SEG_CT_PODS).
 #[map]
-static SEG_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(SEG_MAX_CONNTRACK, 0);
+static SEG_CONNTRACK: HashMap<CtKey, CtValue> = HashMap::with_max_entries(SEG_MAX_CONNTRACK, 0);
+
+/// Per-pod conntrack accounting (entries held, drops). An LRU only so that ids of pods long gone
+/// age out; it holds far more rows than a node has pods.
+#[map]
+static SEG_CT_PODS: LruHashMap<u32, CtPodUsage> = LruHashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
 
 #[map]
 static SEG_DENY_RATE: LruHashMap<u32, DenyRateState> = LruHashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
@@ -430,8 +437,13 @@ fn policy(p: &Pkt, direction: u32, cgroup_id: u64) -> i32 {
             }
         }
         // No entry, an expired one, or a SYN reusing a 5-tuple: a new connection.
-        ct_create(ck, p, bit | ((src_is_lo as u32) << 31), j.local_ep, now);
-        return PASS;
+        if ct_create(ck, p, bit | ((src_is_lo as u32) << 31), j.local_ep, now) {
+            return PASS;
+        }
+        // Allowed, but the pod's quota (or the table) is full: without an entry its replies
+        // would be judged as new flows, so the connection is refused here, and counted.
+        report(p, (direction << 8) | REASON_CONNTRACK_FULL as u32, j.local_ep, j.peer_identity, cgroup_id);
+        return DROP;
     }
     count(CNT_DENIED_POLICY);
     report(p, (direction << 8) | REASON_POLICY as u32, j.local_ep, j.peer_identity, cgroup_id);
@@ -439,14 +451,46 @@ fn policy(p: &Pkt, direction: u32, cgroup_id: u64) -> i32 {
 }
 
 /// Writes a new entry: `bit_lo` is the allowing hook's CT bit, bit 31 set when the packet came
-/// from the lo side.
+/// from the lo side. A new key is charged to `owner` (the pod at this hook) within its quota;
+/// false when the quota or the table is full (counted per pod).
 #[inline(never)]
-fn ct_create(ck: &CtKey, p: &Pkt, bit_lo: u32, owner: u32, now: u64) {
-    let generation = match SEG_CT_CONFIG.get(0) {
-        Some(c) => c.policy_generation,
-        None => 0,
+fn ct_create(ck: &CtKey, p: &Pkt, bit_lo: u32, owner: u32, now: u64) -> bool {
+    let (generation, quota) = match SEG_CT_CONFIG.get(0) {
+        Some(c) => (c.policy_generation, if c.per_endpoint_max == 0 { CT_DEFAULT_PER_ENDPOINT_MAX } else { c.per_endpoint_max }),
+        None => (0, CT_DEFAULT_PER_ENDPOINT_MAX),
     };
     let (state, fin) = ct_next_state(0, 0, p.protocol, p.tcp_flags, bit_lo >> 31 != 0);
+    if let Some(e) = SEG_CONNTRACK.get_ptr_mut(ck) {
+        // An expired entry or a reused 5-tuple: rewritten in place, still charged to its owner
+        // (the other end of the same 5-tuple).
+        // SAFETY: a map value pointer the verifier checked; valid for this program run.
+        let e = unsafe { &mut *e };
+        e.flags = bit_lo & 0xf;
+        e.state = state;
+        e.tcp_fin = fin;
+        e.last_seen_ns = now;
+        e.generation_lo = generation;
+        e.generation_hi = generation;
+        return true;
+    }
+    let usage = match SEG_CT_PODS.get_ptr_mut(&owner) {
+        Some(u) => u,
+        None => {
+            let _ = SEG_CT_PODS.insert(&owner, &CtPodUsage::default(), BPF_NOEXIST as u64);
+            match SEG_CT_PODS.get_ptr_mut(&owner) {
+                Some(u) => u,
+                // No accounting row: fail closed.
+                None => return false,
+            }
+        }
+    };
+    // SAFETY: map value pointers the verifier checked; other CPUs and the sweep program update
+    // the same row, so only with atomic adds (a plain read for the quota check).
+    let entries = unsafe { &raw mut (*usage).entries };
+    if unsafe { core::ptr::read_volatile(entries) } >= quota as i64 {
+        atomic_add(unsafe { &raw mut (*usage).quota_drops }.cast(), 1);
+        return false;
+    }
     let v = CtValue {
         flags: bit_lo & 0xf,
         state,
@@ -458,7 +502,62 @@ fn ct_create(ck: &CtKey, p: &Pkt, bit_lo: u32, owner: u32, now: u64) {
         owner,
         _pad2: 0,
     };
-    let _ = SEG_CONNTRACK.insert(ck, &v, 0);
+    match SEG_CONNTRACK.insert(ck, &v, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            atomic_add(entries, 1);
+            true
+        }
+        // Another CPU created it first: that entry stands (this hook's bit is set again by the
+        // flow's next packet).
+        Err(e) if e == -17 => true,
+        Err(_) => {
+            atomic_add(unsafe { &raw mut (*usage).table_full_drops }.cast(), 1);
+            false
+        }
+    }
+}
+
+/// The conntrack sweeper's kernel half: its input (after a 14-byte Ethernet header, which
+/// BPF_PROG_TEST_RUN strips) is up to CT_SWEEP_BATCH keys; each that is still expired is removed
+/// and uncharged from its owner. Returns how many were removed. Expiry is checked here, with the
+/// datapath's clock, so an entry that came back to life since the user side read it stays.
+#[socket_filter]
+pub fn seg_ct_sweep(ctx: SkBuffContext) -> i64 {
+    let Some(cfg) = SEG_CT_CONFIG.get(0) else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let keys = ctx.len() / core::mem::size_of::<CtKey>() as u32;
+    let mut removed: i64 = 0;
+    let mut i: u32 = 0;
+    while i < CT_SWEEP_BATCH && i < keys {
+        let Ok(key) = ctx.load::<CtKey>(i as usize * core::mem::size_of::<CtKey>()) else {
+            break;
+        };
+        let owner = match unsafe { SEG_CONNTRACK.get(&key) } {
+            Some(e) if !ct_live(e, cfg, now) => e.owner,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if SEG_CONNTRACK.remove(&key).is_ok() {
+            removed += 1;
+            if let Some(u) = SEG_CT_PODS.get_ptr_mut(&owner) {
+                atomic_add(unsafe { &raw mut (*u).entries }, -1);
+            }
+        }
+        i += 1;
+    }
+    removed
+}
+
+/// An atomic add on a shared map value (u64 counters are passed cast to i64: same bits).
+#[inline(always)]
+fn atomic_add(p: *mut i64, v: i64) {
+    // SAFETY: `p` points into a map value the verifier checked (callers pass field pointers of a
+    // looked-up value); the result is unused, so this is one BPF atomic add instruction.
+    unsafe { core::intrinsics::atomic_xadd::<i64, i64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v) };
 }
 
 /// Not idle past its state's timeout (an expired entry is forgotten: overwritten when policy

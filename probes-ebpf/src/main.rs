@@ -3,6 +3,10 @@
 #![no_std]
 #![no_main]
 #![allow(static_mut_refs)]
+// Atomic adds on shared map values (the bpfel target's core has no atomic read-modify-write
+// methods): datapath.rs `atomic_add`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod common;
 mod datapath;

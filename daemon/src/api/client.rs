@@ -287,7 +287,7 @@ fn render_probes(out: &mut String, probes: &Value, colour: bool) {
 }
 
 /// Sections in the order an operator reads them; unknown ones follow, alphabetically.
-const KNOWN_SECTIONS: [&str; 9] = ["probes", "rules", "policies", "endpoints", "quarantine", "quarantines", "alerts", "exports", "metrics"];
+const KNOWN_SECTIONS: [&str; 10] = ["probes", "rules", "policies", "conntrack", "endpoints", "quarantine", "quarantines", "alerts", "exports", "metrics"];
 
 pub fn render_status(status: &Value, colour: bool) -> String {
     let mut out = String::new();

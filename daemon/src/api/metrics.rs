@@ -55,6 +55,8 @@ struct Inner {
     rule_reloads: Family<Labels, Counter>,
     rule_errors: Family<Labels, Counter>,
     exports: Family<Labels, Counter>,
+    conntrack_entries: Family<Labels, Gauge>,
+    conntrack_drops: Family<Labels, Counter>,
     /// Last absolute value seen per kernel counter, to turn totals read from maps into increments.
     kernel_totals: Mutex<HashMap<(&'static str, String), u64>>,
 }
@@ -89,6 +91,8 @@ impl Metrics {
         let rule_reloads = Family::<Labels, Counter>::default();
         let rule_errors = Family::<Labels, Counter>::default();
         let exports = Family::<Labels, Counter>::default();
+        let conntrack_entries = Family::<Labels, Gauge>::default();
+        let conntrack_drops = Family::<Labels, Counter>::default();
         registry.register("events", "Kernel events received, by type", events.clone());
         registry.register("events_lost", "Kernel events lost (ring buffer full), by type", events_lost.clone());
         registry.register("rule_evaluation_seconds", "Time to evaluate the rule pack on one event", evaluation.clone());
@@ -104,6 +108,12 @@ impl Metrics {
         registry.register("rule_reloads", "Rule pack loads and reloads, by result (ok, failed)", rule_reloads.clone());
         registry.register("rule_errors", "Rules that could not judge an event, by rule and reason (budget, timeout, error)", rule_errors.clone());
         registry.register("exports", "Alert exports, by exporter and result (sent, failed, dropped)", exports.clone());
+        registry.register("conntrack_entries", "Connection-tracking entries held, by pod", conntrack_entries.clone());
+        registry.register(
+            "conntrack_drops",
+            "New flows refused for lack of conntrack room, by pod and reason (quota: the pod's own quota; table_full: the node's table)",
+            conntrack_drops.clone(),
+        );
         let build = Family::<Labels, Gauge>::default();
         build.get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))])).set(1);
         registry.register("build_info", "palisade build", build);
@@ -125,6 +135,8 @@ impl Metrics {
                 rule_reloads,
                 rule_errors,
                 exports,
+                conntrack_entries,
+                conntrack_drops,
                 kernel_totals: Mutex::new(HashMap::new()),
             }),
         }
@@ -167,6 +179,20 @@ impl Metrics {
         let previous = last.insert((family, key.to_string()), total).unwrap_or(0);
         // A smaller total means the counter restarted (maps recreated): count it from zero.
         if total >= previous { total - previous } else { total }
+    }
+
+    /// Per-pod conntrack counts read from the kernel (entries now; drops as totals).
+    pub fn observe_conntrack(&self, pods: &[(String, crate::segmentation::conntrack::PodUsage)]) {
+        self.inner.conntrack_entries.clear();
+        for (pod, usage) in pods {
+            self.inner.conntrack_entries.get_or_create(&labels(&[("pod", pod)])).set(usage.entries as i64);
+            for (reason, total) in [("quota", usage.quota_drops), ("table_full", usage.table_full_drops)] {
+                let delta = self.kernel_delta("conntrack_drops", &format!("{pod}/{reason}"), total);
+                if delta > 0 {
+                    self.inner.conntrack_drops.get_or_create(&labels(&[("pod", pod), ("reason", reason)])).inc_by(delta);
+                }
+            }
+        }
     }
 
     pub fn observe_evaluation(&self, elapsed: Duration) {

@@ -8,14 +8,26 @@
 //! reused later is judged as a new connection); an entry idle past its state's timeout is
 //! forgotten; in strict mode an entry of an older generation is judged again on its next packet,
 //! so after a policy change the flows the new policy does not allow stop at their next packet.
+//!
+//! Per-pod accounting: SEG_CONNTRACK is a hash map, not an LRU, so no flow's entry is ever
+//! evicted to make room for another's. Each new key is charged to the pod whose hook created it
+//! (SEG_CT_PODS), within a quota (`--conntrack-per-pod`, default 16,384 of 262,144); a pod over
+//! its quota has its own new flows refused (counted, `conntrack_full` drop records), and other
+//! pods' connections, open or new, are untouched. Expired entries are removed by the [`Sweeper`]:
+//! it reads the table, and hands the keys it finds expired to the `seg_ct_sweep` program, which
+//! checks them again with the datapath's clock, removes them and uncharges their owners (the
+//! counts stay exact: only the kernel writes them).
 
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::Path;
 
 use aya::Ebpf;
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, HashMap, Map, MapData, MapType};
+use aya::programs::SocketFilter;
 use palisade_common::{
-    CT_DEFAULT_OTHER_S, CT_DEFAULT_TCP_CLOSING_S, CT_DEFAULT_TCP_ESTABLISHED_S, CT_DEFAULT_TCP_SYN_S, CtConfig, CtKey,
-    CtValue, ESTABLISHED_FLOWS_KEEP, ESTABLISHED_FLOWS_STRICT, MAP_SEG_CONNTRACK, MAP_SEG_CT_CONFIG,
+    CT_DEFAULT_OTHER_S, CT_DEFAULT_PER_ENDPOINT_MAX, CT_DEFAULT_TCP_CLOSING_S, CT_DEFAULT_TCP_ESTABLISHED_S,
+    CT_DEFAULT_TCP_SYN_S, CT_SWEEP_BATCH, CtConfig, CtKey, CtPodUsage, CtValue, ESTABLISHED_FLOWS_KEEP,
+    ESTABLISHED_FLOWS_STRICT, MAP_SEG_CONNTRACK, MAP_SEG_CT_CONFIG, MAP_SEG_CT_PODS, PROG_SEG_CT_SWEEP, ct_timeout_s,
 };
 use serde::Serialize;
 
@@ -69,16 +81,32 @@ impl Default for CtTimeouts {
 /// would forget busy flows.
 pub const MIN_TIMEOUT_S: u32 = 2;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ConntrackSettings {
     pub established_flows: EstablishedFlows,
     pub timeouts: CtTimeouts,
+    /// Entries one pod may hold.
+    pub per_pod: u32,
+}
+
+impl Default for ConntrackSettings {
+    fn default() -> ConntrackSettings {
+        ConntrackSettings {
+            established_flows: EstablishedFlows::Strict,
+            timeouts: CtTimeouts::default(),
+            per_pod: CT_DEFAULT_PER_ENDPOINT_MAX,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
     #[error("conntrack timeout {field} = {value} s is below the minimum of {MIN_TIMEOUT_S} s")]
     TimeoutTooShort { field: &'static str, value: u32 },
+    #[error("--conntrack-per-pod must be at least 1")]
+    ZeroQuota,
+    #[error("conntrack sweeper: {0}")]
+    Sweep(String),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
 }
@@ -95,6 +123,9 @@ impl ConntrackSettings {
             if value < MIN_TIMEOUT_S {
                 return Err(ConntrackError::TimeoutTooShort { field, value });
             }
+        }
+        if self.per_pod == 0 {
+            return Err(ConntrackError::ZeroQuota);
         }
         Ok(())
     }
@@ -124,6 +155,7 @@ pub fn configure(bpf: &mut Ebpf, settings: &ConntrackSettings) -> Result<(), Con
     cfg.tcp_established_s = settings.timeouts.tcp_established_s;
     cfg.tcp_closing_s = settings.timeouts.tcp_closing_s;
     cfg.other_s = settings.timeouts.other_s;
+    cfg.per_endpoint_max = settings.per_pod;
     map.set(0, cfg, 0).map_err(map_err)?;
     Ok(())
 }
@@ -144,8 +176,11 @@ pub fn bump_policy_generation(bpf: &mut Ebpf) -> Result<u32, DatapathError> {
 /// names of the maps removed.
 pub fn drop_incompatible_pins(dir: &Path) -> Vec<&'static str> {
     let mut dropped = Vec::new();
-    let expected = [(MAP_SEG_CONNTRACK, std::mem::size_of::<CtKey>() as u32, std::mem::size_of::<CtValue>() as u32)];
-    for (name, key_size, value_size) in expected {
+    let expected = [
+        (MAP_SEG_CONNTRACK, MapType::Hash, std::mem::size_of::<CtKey>() as u32, std::mem::size_of::<CtValue>() as u32),
+        (MAP_SEG_CT_PODS, MapType::LruHash, 4, std::mem::size_of::<CtPodUsage>() as u32),
+    ];
+    for (name, map_type, key_size, value_size) in expected {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -158,7 +193,8 @@ pub fn drop_incompatible_pins(dir: &Path) -> Vec<&'static str> {
                 continue;
             }
         };
-        if info.key_size() != key_size || info.value_size() != value_size {
+        let same_type = info.map_type().map(|t| t == map_type).unwrap_or(false);
+        if !same_type || info.key_size() != key_size || info.value_size() != value_size {
             tracing::warn!(
                 path = %path.display(),
                 key_size = info.key_size(),
@@ -172,6 +208,187 @@ pub fn drop_incompatible_pins(dir: &Path) -> Vec<&'static str> {
         }
     }
     dropped
+}
+
+/// One pod's conntrack accounting, as the kernel counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PodUsage {
+    pub entries: u64,
+    pub quota_drops: u64,
+    pub table_full_drops: u64,
+}
+
+/// What one sweep did and saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct SweepStats {
+    /// Entries in the table when it was read.
+    pub entries: u64,
+    /// Expired entries removed.
+    pub removed: u64,
+    /// Sweep-program runs that failed (each logged).
+    pub errors: u64,
+    pub elapsed_ms: f64,
+}
+
+/// Removes expired conntrack entries and reads the per-pod counts, with its own handles on the
+/// maps and the sweep program (so it can run on its own thread, never holding up the eBPF owner).
+pub struct Sweeper {
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    pods: HashMap<MapData, u32, CtPodUsage>,
+    config: Array<MapData, CtConfig>,
+    program: OwnedFd,
+}
+
+fn dup_map(bpf: &Ebpf, name: &'static str) -> Result<MapData, DatapathError> {
+    let map = bpf.map(name).ok_or(DatapathError::MissingMap { name })?;
+    let fd = match map {
+        Map::HashMap(m) | Map::LruHashMap(m) | Map::Array(m) => m.fd().as_fd().try_clone_to_owned(),
+        _ => return Err(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_string() } }),
+    }
+    .map_err(|e| DatapathError::Pin { path: name.into(), message: format!("duplicating the map fd: {e}") })?;
+    MapData::from_fd(fd).map_err(|source| DatapathError::Map { name, source })
+}
+
+impl Sweeper {
+    /// Loads the sweep program (once) and takes its own handles on the maps.
+    pub fn new(bpf: &mut Ebpf) -> Result<Sweeper, DatapathError> {
+        let name = PROG_SEG_CT_SWEEP;
+        let prog: &mut SocketFilter = bpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let program = prog
+            .fd()
+            .map_err(|source| DatapathError::Program { name, source })?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| DatapathError::Pin { path: name.into(), message: format!("duplicating the program fd: {e}") })?;
+        let conntrack = HashMap::try_from(Map::HashMap(dup_map(bpf, MAP_SEG_CONNTRACK)?))
+            .map_err(|source| DatapathError::Map { name: MAP_SEG_CONNTRACK, source })?;
+        let pods = HashMap::try_from(Map::LruHashMap(dup_map(bpf, MAP_SEG_CT_PODS)?))
+            .map_err(|source| DatapathError::Map { name: MAP_SEG_CT_PODS, source })?;
+        let config = Array::try_from(Map::Array(dup_map(bpf, MAP_SEG_CT_CONFIG)?))
+            .map_err(|source| DatapathError::Map { name: MAP_SEG_CT_CONFIG, source })?;
+        Ok(Sweeper { conntrack, pods, config, program })
+    }
+
+    /// One pass: reads every entry, and has the kernel remove the ones idle past their timeout.
+    pub fn sweep(&mut self) -> SweepStats {
+        let started = std::time::Instant::now();
+        let mut stats = SweepStats::default();
+        let cfg = self.config.get(&0, 0).unwrap_or_default();
+        let now = coarse_monotonic_ns();
+        let mut expired: Vec<CtKey> = Vec::new();
+        for kv in self.conntrack.iter() {
+            let Ok((key, value)) = kv else { continue };
+            stats.entries += 1;
+            let timeout_ns = u64::from(ct_timeout_s(&cfg, value.state)) * 1_000_000_000;
+            if now.saturating_sub(value.last_seen_ns) > timeout_ns {
+                expired.push(key);
+            }
+        }
+        for batch in expired.chunks(CT_SWEEP_BATCH as usize) {
+            match run_sweep_program(&self.program, batch) {
+                Ok(removed) => stats.removed += u64::from(removed),
+                Err(err) => {
+                    stats.errors += 1;
+                    tracing::error!(%err, "conntrack sweep program run failed");
+                }
+            }
+        }
+        stats.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        stats
+    }
+
+    /// Every pod's counts, by endpoint id.
+    pub fn usage(&self) -> Vec<(u32, PodUsage)> {
+        self.pods
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, u)| {
+                (id, PodUsage { entries: u.entries.max(0) as u64, quota_drops: u.quota_drops, table_full_drops: u.table_full_drops })
+            })
+            .collect()
+    }
+}
+
+/// What status shows about connection tracking (kept up to date by the sweeper thread).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConntrackStatus {
+    pub settings: ConntrackSettings,
+    pub table_size: u32,
+    pub sweep_interval_s: u64,
+    pub sweeps: u64,
+    pub last_sweep: Option<SweepStats>,
+    /// Every pod the kernel keeps counts for, by endpoint id.
+    pub pods: Vec<(u32, PodUsage)>,
+}
+
+/// Sweeps every `interval` on its own thread for the daemon's lifetime; returns the status it
+/// keeps current.
+pub fn spawn_sweeper(
+    mut sweeper: Sweeper,
+    settings: ConntrackSettings,
+    interval: std::time::Duration,
+) -> std::io::Result<std::sync::Arc<std::sync::Mutex<ConntrackStatus>>> {
+    let status = std::sync::Arc::new(std::sync::Mutex::new(ConntrackStatus {
+        settings,
+        table_size: palisade_common::SEG_MAX_CONNTRACK,
+        sweep_interval_s: interval.as_secs(),
+        ..ConntrackStatus::default()
+    }));
+    let shared = status.clone();
+    std::thread::Builder::new().name("ct-sweeper".into()).spawn(move || {
+        loop {
+            std::thread::sleep(interval);
+            let stats = sweeper.sweep();
+            let pods = sweeper.usage();
+            if let Ok(mut status) = shared.lock() {
+                status.sweeps += 1;
+                status.last_sweep = Some(stats);
+                status.pods = pods;
+            }
+        }
+    })?;
+    Ok(status)
+}
+
+/// CLOCK_MONOTONIC_COARSE, the clock `bpf_ktime_get_coarse_ns` reads.
+fn coarse_monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// BPF_PROG_TEST_RUN of the sweep program on a batch of keys; returns how many it removed.
+fn run_sweep_program(program: &OwnedFd, keys: &[CtKey]) -> std::io::Result<u32> {
+    // A 14-byte Ethernet header (the kernel strips it for socket filters), then the keys.
+    let mut data = vec![0u8; 14 + std::mem::size_of_val(keys)];
+    data[12] = 0x08; // ethertype IPv4: any value the test run accepts
+    for (i, key) in keys.iter().enumerate() {
+        let at = 14 + i * std::mem::size_of::<CtKey>();
+        // SAFETY: CtKey is repr(C) plain bytes with explicit padding; read as bytes.
+        let bytes = unsafe { std::slice::from_raw_parts((key as *const CtKey).cast::<u8>(), std::mem::size_of::<CtKey>()) };
+        data[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    // union bpf_attr, test member: prog_fd, retval, data_size_in, data_size_out, data_in,
+    // data_out, repeat, duration, ... (the kernel zero-checks the tail).
+    let mut attr = [0u8; 80];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(data.as_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: attr is a valid bpf_attr for BPF_PROG_TEST_RUN; data outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 10 /* BPF_PROG_TEST_RUN */, attr.as_mut_ptr(), attr.len()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]))
 }
 
 #[cfg(test)]
