@@ -234,6 +234,8 @@ pub struct SweepStats {
 /// maps and the sweep program (so it can run on its own thread, never holding up the eBPF owner).
 pub struct Sweeper {
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// The same map, for batched reads (BPF_MAP_LOOKUP_BATCH).
+    conntrack_fd: OwnedFd,
     pods: HashMap<MapData, u32, CtPodUsage>,
     config: Array<MapData, CtConfig>,
     program: OwnedFd,
@@ -267,13 +269,19 @@ impl Sweeper {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| DatapathError::Pin { path: name.into(), message: format!("duplicating the program fd: {e}") })?;
-        let conntrack = HashMap::try_from(Map::HashMap(dup_map(bpf, MAP_SEG_CONNTRACK)?))
+        let conntrack_data = dup_map(bpf, MAP_SEG_CONNTRACK)?;
+        let conntrack_fd = conntrack_data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| DatapathError::Pin { path: MAP_SEG_CONNTRACK.into(), message: format!("duplicating the map fd: {e}") })?;
+        let conntrack = HashMap::try_from(Map::HashMap(conntrack_data))
             .map_err(|source| DatapathError::Map { name: MAP_SEG_CONNTRACK, source })?;
         let pods = HashMap::try_from(Map::LruHashMap(dup_map(bpf, MAP_SEG_CT_PODS)?))
             .map_err(|source| DatapathError::Map { name: MAP_SEG_CT_PODS, source })?;
         let config = Array::try_from(Map::Array(dup_map(bpf, MAP_SEG_CT_CONFIG)?))
             .map_err(|source| DatapathError::Map { name: MAP_SEG_CT_CONFIG, source })?;
-        Ok(Sweeper { conntrack, pods, config, program })
+        Ok(Sweeper { conntrack, conntrack_fd, pods, config, program })
     }
 
     /// One pass: reads every entry, and has the kernel remove the ones idle past their timeout.
@@ -283,12 +291,20 @@ impl Sweeper {
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         let now = coarse_monotonic_ns();
         let mut expired: Vec<CtKey> = Vec::new();
-        for kv in self.conntrack.iter() {
-            let Ok((key, value)) = kv else { continue };
+        let mut consider = |key: CtKey, value: CtValue| {
             stats.entries += 1;
             let timeout_ns = u64::from(ct_timeout_s(&cfg, value.state)) * 1_000_000_000;
             if now.saturating_sub(value.last_seen_ns) > timeout_ns {
                 expired.push(key);
+            }
+        };
+        // Batched (thousands of entries per system call); one entry per call where the kernel
+        // has no batch operations for this map.
+        if let Err(err) = read_batched(&self.conntrack_fd, &mut consider) {
+            tracing::debug!(%err, "batched conntrack read unavailable, reading entry by entry");
+            for kv in self.conntrack.iter() {
+                let Ok((key, value)) = kv else { continue };
+                consider(key, value);
             }
         }
         for batch in expired.chunks(CT_SWEEP_BATCH as usize) {
@@ -355,6 +371,51 @@ pub fn spawn_sweeper(
         }
     })?;
     Ok(status)
+}
+
+/// Reads every entry of a conntrack map with BPF_MAP_LOOKUP_BATCH. An error on the first call
+/// (nothing handed over yet, e.g. a kernel without batch operations) is returned for the caller
+/// to fall back; a later one ends this pass with what was read (logged; the next pass retries).
+fn read_batched(map: &OwnedFd, each: &mut impl FnMut(CtKey, CtValue)) -> std::io::Result<()> {
+    const CHUNK: usize = 4096;
+    let mut keys = vec![CtKey::default(); CHUNK];
+    let mut values = vec![CtValue::default(); CHUNK];
+    // The hash map's batch token is a bucket index (u32); 8 bytes leave room.
+    let mut in_batch = [0u8; 8];
+    let mut out_batch = [0u8; 8];
+    let mut first = true;
+    loop {
+        // union bpf_attr, batch member: in_batch, out_batch, keys, values (u64 pointers),
+        // count (u32, in/out), map_fd (u32), elem_flags, flags (u64).
+        let mut attr = [0u8; 56];
+        let in_ptr = if first { 0 } else { in_batch.as_ptr() as u64 };
+        attr[0..8].copy_from_slice(&in_ptr.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(out_batch.as_mut_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(keys.as_mut_ptr() as u64).to_ne_bytes());
+        attr[24..32].copy_from_slice(&(values.as_mut_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&(CHUNK as u32).to_ne_bytes());
+        attr[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+        // SAFETY: attr is a valid bpf_attr for BPF_MAP_LOOKUP_BATCH; the key and value buffers
+        // hold `count` repr(C) entries of the map's key and value sizes, and outlive the call.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, 24 /* BPF_MAP_LOOKUP_BATCH */, attr.as_mut_ptr(), attr.len()) };
+        let err = (rc != 0).then(std::io::Error::last_os_error);
+        let count = (u32::from_ne_bytes([attr[32], attr[33], attr[34], attr[35]]) as usize).min(CHUNK);
+        for i in 0..count {
+            each(keys[i], values[i]);
+        }
+        match err {
+            None => {}
+            // ENOENT: the last batch (possibly empty) was read.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Some(e) if first && count == 0 => return Err(e),
+            Some(e) => {
+                tracing::warn!(%e, "batched conntrack read stopped part way; the next sweep reads again");
+                return Ok(());
+            }
+        }
+        in_batch = out_batch;
+        first = false;
+    }
 }
 
 /// CLOCK_MONOTONIC_COARSE, the clock `bpf_ktime_get_coarse_ns` reads.
