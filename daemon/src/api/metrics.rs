@@ -321,3 +321,26 @@ fn metrics_response(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> 
     );
     r
 }
+
+#[cfg(test)]
+mod conntrack_tests {
+    use super::*;
+    use crate::segmentation::conntrack::PodUsage;
+
+    #[test]
+    fn conntrack_entries_and_refusals_per_pod() {
+        let metrics = Metrics::new();
+        let pod = |entries, quota_drops| {
+            vec![("webapp/db-1".to_string(), PodUsage { entries, quota_drops, table_full_drops: 0 })]
+        };
+        metrics.observe_conntrack(&pod(16_384, 1_500));
+        // Kernel totals: the counter adds the difference.
+        metrics.observe_conntrack(&pod(16_000, 2_000));
+        let text = metrics.encode();
+        assert!(text.contains(r#"palisade_conntrack_entries{pod="webapp/db-1"} 16000"#), "{text}");
+        assert!(text.contains(r#"palisade_conntrack_drops_total{pod="webapp/db-1",reason="quota"} 2000"#), "{text}");
+        // A pod gone from the kernel's counts no longer has an entries gauge.
+        metrics.observe_conntrack(&[]);
+        assert!(!metrics.encode().contains("palisade_conntrack_entries{"), "{}", metrics.encode());
+    }
+}
