@@ -12,6 +12,8 @@ pub const MAP_LOST_COUNTS: &str = "LOST_COUNTS";
 pub const MAP_EVENTS_PRIORITY: &str = "EVENTS_PRIORITY";
 pub const MAP_SENSITIVE_PREFIXES: &str = "SENSITIVE_PREFIXES";
 pub const MAP_POD_LOSSES: &str = "POD_LOSSES";
+pub const MAP_QUIET_OPEN_PREFIXES: &str = "QUIET_OPEN_PREFIXES";
+pub const MAP_PREFILTERED_COUNTS: &str = "PREFILTERED_COUNTS";
 
 pub const EVENTS_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
 /// The ring buffer of protected (rare, high-value) events: high-volume kinds never go there,

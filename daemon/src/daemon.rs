@@ -833,12 +833,17 @@ fn spawn_counter_exporter(state: Arc<DaemonState>) {
     });
 }
 
-/// Loads the pack's sensitive open prefixes into the kernel (which opens take the priority ring).
+/// Loads what the kernel knows of the pack's opens: the sensitive prefixes (which opens take
+/// the priority ring) and the pack's declared prefilter (which stay in the kernel).
 async fn set_sensitive_prefixes(host: &ProbeHost, rules_dir: &Path) -> anyhow::Result<()> {
-    let prefixes = crate::rules::prefilter::sensitive_open_prefixes(rules_dir)?;
-    let count = prefixes.len();
-    host.with(move |ebpf| loader::set_sensitive_prefixes(ebpf, &prefixes)).await??;
-    tracing::info!(prefixes = count, "sensitive open prefixes loaded");
+    let prefilter = crate::rules::prefilter::OpenPrefilter::load(rules_dir)?;
+    let (sensitive, quiet) = (prefilter.sensitive.len(), prefilter.quiet.len());
+    host.with(move |ebpf| {
+        loader::set_sensitive_prefixes(ebpf, &prefilter.sensitive)?;
+        loader::set_quiet_open_prefixes(ebpf, &prefilter.quiet)
+    })
+    .await??;
+    tracing::info!(sensitive, quiet, "open prefixes loaded (priority routing, kernel prefilter)");
     Ok(())
 }
 

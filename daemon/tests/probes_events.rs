@@ -177,3 +177,34 @@ async fn disabled_kinds_are_not_emitted() {
     let counters = running.host.status().await.expect("status").counters.expect("counters");
     assert_eq!(counters.emitted.get("open").copied(), Some(0));
 }
+
+/// The pack's kernel prefilter: read-only opens below a quiet prefix (here the shared libraries
+/// the dynamic loader opens for every process) never reach the ring buffer; the same file by a
+/// non-canonical path, and ordinary files, still do. Counted as prefiltered, not as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pack_prefilter_keeps_library_opens_in_the_kernel() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new("prefilter");
+    let mut running = start(vec![EventKind::Exec, EventKind::Open], BTreeSet::from([cgroup.id])).await;
+    let quiet = vec!["/usr/lib/".to_string(), "/lib/".to_string(), "/etc/ld.so.cache".to_string()];
+    running.host.with(move |ebpf| loader::set_quiet_open_prefixes(ebpf, &quiet)).await.expect("host").expect("quiet prefixes");
+    cgroup.workload(&["open", "/usr/lib/os-release"]);
+    cgroup.workload(&["open", "/usr/lib/../lib/os-release"]);
+    cgroup.workload(&["open", "/etc/hostname"]);
+    let is_open = |e: &Event, path: &str| matches!(&e.data, EventData::Open(x) if x.path == path);
+    let seen = collect_until(&mut running.events, Duration::from_secs(10), |seen| {
+        seen.iter().any(|e| is_open(e, "/etc/hostname")) && seen.iter().any(|e| is_open(e, "/usr/lib/../lib/os-release"))
+    })
+    .await;
+    let late = collect_until(&mut running.events, Duration::from_millis(500), |_| false).await;
+    let opens: Vec<String> =
+        seen.iter().chain(late.iter()).filter_map(|e| if let EventData::Open(x) = &e.data { Some(x.path.clone()) } else { None }).collect();
+    assert!(opens.iter().any(|p| p == "/etc/hostname"), "an ordinary open reaches user space: {opens:?}");
+    assert!(opens.iter().any(|p| p == "/usr/lib/../lib/os-release"), "a non-canonical path is never prefiltered: {opens:?}");
+    assert!(!opens.iter().any(|p| p == "/usr/lib/os-release" || p == "/etc/ld.so.cache" || p.starts_with("/lib/")), "quiet opens left the kernel: {opens:?}");
+    let counters = running.host.status().await.expect("status").counters.expect("counters");
+    assert!(counters.prefiltered.get("open").copied().unwrap_or(0) >= 2, "{counters:?}");
+    assert_eq!(counters.lost.get("open").copied(), Some(0), "{counters:?}");
+}

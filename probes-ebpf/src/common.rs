@@ -46,6 +46,15 @@ pub static EVENTS_PRIORITY: RingBuf = RingBuf::with_byte_size(PRIORITY_RINGBUF_B
 #[map]
 pub static SENSITIVE_PREFIXES: LpmTrie<PathPrefix, u32> = LpmTrie::with_max_entries(MAX_SENSITIVE_PREFIXES, 0);
 
+/// The kernel prefilter of the loaded rule pack: read-only opens of absolute, canonical paths
+/// below these prefixes can match no rule and never leave the kernel (empty: no prefilter).
+#[map]
+pub static QUIET_OPEN_PREFIXES: LpmTrie<PathPrefix, u32> = LpmTrie::with_max_entries(MAX_SENSITIVE_PREFIXES, 0);
+
+/// Events the prefilter kept in the kernel, per kind.
+#[map]
+pub static PREFILTERED_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_COUNT, 0);
+
 /// Per pod cgroup, kind and reason: events that did not reach user space the normal way.
 #[map]
 pub static POD_LOSSES: LruPerCpuHashMap<PodLossKey, u64> = LruPerCpuHashMap::with_max_entries(MAX_POD_LOSS_ENTRIES, 0);
@@ -399,6 +408,30 @@ macro_rules! reserve_or_count {
             None => return Ok(()),
         }
     };
+}
+
+/// open(2) flags that make an open a write (what the rules' `write`, `create`, `truncate` say).
+const O_WRONLY: u32 = 0o1;
+const O_RDWR: u32 = 0o2;
+const O_CREAT: u32 = 0o100;
+const O_TRUNC: u32 = 0o1000;
+
+/// True when the pack's prefilter says no rule can match this open: read-only, not sensitive
+/// (which also means absolute and canonical), below a quiet prefix.
+#[inline(always)]
+pub fn open_is_quiet(path: &[u8; PATH_LEN], flags: u32, sensitive: bool) -> bool {
+    if sensitive || flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 {
+        return false;
+    }
+    let Some(key) = PREFIX_SCRATCH.get_ptr_mut(0) else { return false };
+    let key = unsafe { &mut *key };
+    key.prefix_len = (SENSITIVE_PREFIX_LEN * 8) as u32;
+    let mut i = 0usize;
+    while i < SENSITIVE_PREFIX_LEN {
+        key.data.bytes[i] = path[i];
+        i += 1;
+    }
+    QUIET_OPEN_PREFIXES.get(&*key).is_some()
 }
 
 /// True when an open of `path` (as the process passed it, `len` bytes with the NUL) must take

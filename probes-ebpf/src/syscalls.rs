@@ -14,7 +14,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 use crate::common::{
     PENDING_SYSCALLS, config, count_emitted, current_ids, current_tid, fill_header,
-    kind_is_protected, open_path_is_sensitive, output_routed, read_user_str, read_user_str_len,
+    PREFILTERED_COUNTS, count, kind_is_protected, open_is_quiet, open_path_is_sensitive, output_routed, read_user_str, read_user_str_len,
     should_report, syscall_arg, syscall_ret,
 };
 use crate::reserve_or_count;
@@ -141,6 +141,10 @@ fn emit_open(ret: i64) -> Result<(), i64> {
         }
         open_path_is_sensitive(&(*ev).path, len)
     };
+    if unsafe { open_is_quiet(&(*ev).path, (*ev).flags, protected) } {
+        count(&PREFILTERED_COUNTS, KIND_OPEN);
+        return Ok(());
+    }
     if output_routed(cfg, p.cgroup_id, KIND_OPEN, protected, unsafe { &*ev }) {
         count_emitted(KIND_OPEN);
     }

@@ -11,7 +11,7 @@ use aya::{Ebpf, EbpfLoader};
 use palisade_common::{
     KIND_COUNT, LOSS_BUDGET, LOSS_DEMOTED, LOSS_PROTECTED, LOSS_RING_FULL, MAP_ENABLED_KINDS, MAP_EVENT_COUNTS,
     MAP_EVENTS, MAP_EVENTS_PRIORITY, MAP_LOST_COUNTS, MAP_MONITORED_CGROUPS, MAP_POD_LOSSES,
-    MAP_PROBE_CONFIG, MAP_SENSITIVE_PREFIXES, MAX_SENSITIVE_PREFIXES, PathPrefix, PodLossKey,
+    MAP_PREFILTERED_COUNTS, MAP_PROBE_CONFIG, MAP_QUIET_OPEN_PREFIXES, MAP_SENSITIVE_PREFIXES, MAX_SENSITIVE_PREFIXES, PathPrefix, PodLossKey,
     ProbeConfig, SENSITIVE_PREFIX_LEN,
 };
 use serde::Serialize;
@@ -405,9 +405,11 @@ impl LoadedProbes {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrefixError {
-    #[error("sensitive path prefix {0:?} is not an absolute path")]
+    #[error("path prefix {0:?} is not an absolute path")]
     NotAbsolute(String),
-    #[error("{count} sensitive path prefixes; the kernel map holds {max}")]
+    #[error("quiet open prefix {0:?} is longer than the {SENSITIVE_PREFIX_LEN} bytes the kernel compares")]
+    TooLong(String),
+    #[error("{count} path prefixes; the kernel map holds {max}")]
     TooMany { count: usize, max: u32 },
 }
 
@@ -415,6 +417,17 @@ pub enum PrefixError {
 /// the kernel compares are cut (the match only gets wider). Adds before it removes, so a prefix
 /// in both sets is never missing.
 pub fn set_sensitive_prefixes(ebpf: &mut Ebpf, prefixes: &[String]) -> Result<(), LoaderError> {
+    set_prefixes(ebpf, MAP_SENSITIVE_PREFIXES, prefixes, true)
+}
+
+/// Replaces the pack's kernel prefilter: read-only opens below these prefixes stay in the
+/// kernel. A prefix the kernel cannot compare whole is an error (cutting it would filter more
+/// than the pack said); an empty set turns the prefilter off.
+pub fn set_quiet_open_prefixes(ebpf: &mut Ebpf, prefixes: &[String]) -> Result<(), LoaderError> {
+    set_prefixes(ebpf, MAP_QUIET_OPEN_PREFIXES, prefixes, false)
+}
+
+fn set_prefixes(ebpf: &mut Ebpf, map_name: &'static str, prefixes: &[String], may_cut: bool) -> Result<(), LoaderError> {
     if prefixes.len() > MAX_SENSITIVE_PREFIXES as usize {
         return Err(LoaderError::Prefixes(PrefixError::TooMany { count: prefixes.len(), max: MAX_SENSITIVE_PREFIXES }));
     }
@@ -424,14 +437,17 @@ pub fn set_sensitive_prefixes(ebpf: &mut Ebpf, prefixes: &[String]) -> Result<()
             return Err(LoaderError::Prefixes(PrefixError::NotAbsolute(prefix.clone())));
         }
         let bytes = prefix.as_bytes();
+        if !may_cut && bytes.len() > SENSITIVE_PREFIX_LEN {
+            return Err(LoaderError::Prefixes(PrefixError::TooLong(prefix.clone())));
+        }
         let len = bytes.len().min(SENSITIVE_PREFIX_LEN);
         let mut data = PathPrefix { bytes: [0; SENSITIVE_PREFIX_LEN] };
         data.bytes[..len].copy_from_slice(&bytes[..len]);
         wanted.insert(((len * 8) as u32, data.bytes));
     }
-    let map = ebpf.map_mut(MAP_SENSITIVE_PREFIXES).ok_or(LoaderError::MissingMap(MAP_SENSITIVE_PREFIXES))?;
+    let map = ebpf.map_mut(map_name).ok_or(LoaderError::MissingMap(map_name))?;
     let mut trie: LpmTrie<&mut MapData, PathPrefix, u32> =
-        LpmTrie::try_from(map).map_err(|source| LoaderError::Map { name: MAP_SENSITIVE_PREFIXES, source })?;
+        LpmTrie::try_from(map).map_err(|source| LoaderError::Map { name: map_name, source })?;
     let present: Vec<(u32, [u8; SENSITIVE_PREFIX_LEN])> = trie
         .keys()
         .filter_map(Result::ok)
@@ -439,12 +455,12 @@ pub fn set_sensitive_prefixes(ebpf: &mut Ebpf, prefixes: &[String]) -> Result<()
         .collect();
     for (bits, bytes) in &wanted {
         trie.insert(&LpmKey::new(*bits, PathPrefix { bytes: *bytes }), 1, 0)
-            .map_err(|source| LoaderError::Map { name: MAP_SENSITIVE_PREFIXES, source })?;
+            .map_err(|source| LoaderError::Map { name: map_name, source })?;
     }
     for (bits, bytes) in present.into_iter().filter(|k| !wanted.contains(k)) {
         match trie.remove(&LpmKey::new(bits, PathPrefix { bytes })) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => return Err(LoaderError::Map { name: MAP_SENSITIVE_PREFIXES, source }),
+            Err(source) => return Err(LoaderError::Map { name: map_name, source }),
         }
     }
     Ok(())
@@ -549,12 +565,15 @@ pub fn unmonitor_cgroup(ebpf: &mut Ebpf, cgroup_id: u64) -> Result<(), LoaderErr
 pub struct KindCounters {
     pub emitted: BTreeMap<String, u64>,
     pub lost: BTreeMap<String, u64>,
+    /// Kept in the kernel by the rule pack's prefilter (no rule could match them).
+    pub prefiltered: BTreeMap<String, u64>,
 }
 
 pub fn read_counters(ebpf: &Ebpf) -> Result<KindCounters, LoaderError> {
     Ok(KindCounters {
         emitted: sum_per_kind(ebpf, MAP_EVENT_COUNTS)?,
         lost: sum_per_kind(ebpf, MAP_LOST_COUNTS)?,
+        prefiltered: sum_per_kind(ebpf, MAP_PREFILTERED_COUNTS)?,
     })
 }
 

@@ -1,13 +1,18 @@
 //! What the kernel should know about a rule pack before any event reaches Rego.
 //!
-//! Today: the path prefixes whose opens are *protected* events, which take the priority ring
-//! (see probes-ebpf/src/common.rs) so that a flood of other opens cannot push them out. This is
-//! routing, not filtering: an open that matches no prefix still reaches the rules through the
-//! bulk ring, so a prefix missing here costs priority, never an alert. Opens the kernel cannot
-//! judge by their text (relative paths, `//`, `/./`, `/../`) are protected whatever this says.
-//!
-//! The prefixes are the built-in ones below plus every absolute entry of the pack's path lists
-//! (`credential_files`, `account_files`, ...), so tuning a list tunes the routing too.
+//! 1. The path prefixes whose opens are *protected* events, which take the priority ring
+//!    (see probes-ebpf/src/common.rs) so that a flood of other opens cannot push them out. This
+//!    is routing, not filtering: an open that matches no prefix still reaches the rules through
+//!    the bulk ring, so a prefix missing here costs priority, never an alert. Opens the kernel
+//!    cannot judge by their text (relative paths, `//`, `/./`, `/../`) are protected whatever
+//!    this says. The prefixes are the built-in ones below plus every absolute entry of the
+//!    pack's path lists (`credential_files`, `account_files`), so tuning a list tunes routing.
+//! 2. The pack's declared kernel prefilter, the list `quiet_open_prefixes`: read-only opens of
+//!    absolute, canonical, non-sensitive paths below one of them never leave the kernel (shared
+//!    libraries, locales). A pack without that list filters nothing in the kernel. The
+//!    declaration is the pack author's claim that no rule matches such an open;
+//!    [`OpenPrefilter`] mirrors the kernel's decision so that the claim is tested: the recorded
+//!    corpus and every fixture give the same alerts with and without it (tests below).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -30,21 +35,100 @@ pub const BUILTIN_SENSITIVE_PREFIXES: &[&str] = &[
 /// Lists (by file stem) whose absolute entries are sensitive path prefixes.
 pub const SENSITIVE_PATH_LISTS: &[&str] = &["credential_files", "account_files"];
 
-#[derive(Debug, thiserror::Error)]
-pub enum PrefilterError {
-    #[error("reading the rule pack's lists in {dir}: {message}")]
-    Lists { dir: String, message: String },
+/// The list (by file stem) that declares the pack's kernel open prefilter.
+pub const QUIET_OPEN_LIST: &str = "quiet_open_prefixes";
+
+/// Bytes of a path the kernel compares with a prefix (`palisade_common::SENSITIVE_PREFIX_LEN`).
+const KERNEL_PREFIX_LEN: usize = palisade_common::SENSITIVE_PREFIX_LEN;
+
+/// What the kernel knows of a pack for opens: which are protected, which stay in the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenPrefilter {
+    pub sensitive: Vec<String>,
+    pub quiet: Vec<String>,
 }
 
-/// The sensitive open prefixes for the pack in `rules_dir`, sorted and without duplicates.
-pub fn sensitive_open_prefixes(rules_dir: &Path) -> Result<Vec<String>, PrefilterError> {
+const O_WRONLY: u32 = 0o1;
+const O_RDWR: u32 = 0o2;
+const O_CREAT: u32 = 0o100;
+const O_TRUNC: u32 = 0o1000;
+
+impl OpenPrefilter {
+    /// Both prefix sets of the pack in `rules_dir`.
+    pub fn load(rules_dir: &Path) -> Result<OpenPrefilter, PrefilterError> {
+        let lists = pack_lists(rules_dir)?;
+        let quiet: Vec<String> = lists
+            .get(QUIET_OPEN_LIST)
+            .and_then(serde_json::Value::as_array)
+            .map(|entries| entries.iter().filter_map(serde_json::Value::as_str).map(str::to_string).collect())
+            .unwrap_or_default();
+        for prefix in &quiet {
+            if !prefix.starts_with('/') || prefix.len() > KERNEL_PREFIX_LEN {
+                return Err(PrefilterError::QuietPrefix { prefix: prefix.clone(), max: KERNEL_PREFIX_LEN });
+            }
+        }
+        Ok(OpenPrefilter { sensitive: prefixes_from_lists(&lists), quiet })
+    }
+
+    /// The kernel's decision for an open of `path` (as the process passed it) with `flags`:
+    /// true when it is kept in the kernel. Mirrors `open_path_is_sensitive` and `open_is_quiet`
+    /// in probes-ebpf/src/common.rs.
+    pub fn keeps_in_kernel(&self, path: &str, flags: u32) -> bool {
+        if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 || self.is_sensitive(path) {
+            return false;
+        }
+        let head = &path.as_bytes()[..path.len().min(KERNEL_PREFIX_LEN)];
+        self.quiet.iter().any(|p| head.starts_with(p.as_bytes()))
+    }
+
+    /// Protected in the kernel: empty is not, relative or non-canonical is, else a sensitive
+    /// prefix (compared on the first `KERNEL_PREFIX_LEN` bytes) decides.
+    pub fn is_sensitive(&self, path: &str) -> bool {
+        let bytes = path.as_bytes();
+        if bytes.is_empty() {
+            return false;
+        }
+        if bytes[0] != b'/' {
+            return true;
+        }
+        let head = &bytes[..bytes.len().min(KERNEL_PREFIX_LEN)];
+        if self.sensitive.iter().any(|p| {
+            let p = &p.as_bytes()[..p.len().min(KERNEL_PREFIX_LEN)];
+            head.starts_with(p)
+        }) {
+            return true;
+        }
+        // The kernel scans the first PATH_LEN - 4 bytes for //, /./, /../ (and those at the end).
+        let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
+        (0..bytes.len().min(palisade_common::PATH_LEN - 4)).any(|i| {
+            at(i) == b'/'
+                && (at(i + 1) == b'/'
+                    || (at(i + 1) == b'.' && (matches!(at(i + 2), b'/' | 0) || (at(i + 2) == b'.' && matches!(at(i + 3), b'/' | 0)))))
+        })
+    }
+}
+
+fn pack_lists(rules_dir: &Path) -> Result<serde_json::Value, PrefilterError> {
     let lists_error = |message: String| PrefilterError::Lists { dir: rules_dir.display().to_string(), message };
     let sources = PackSources::read_dir(rules_dir).map_err(|e| lists_error(e.to_string()))?;
     let data = sources.lists_data().map_err(|diags| {
         lists_error(diags.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
     })?;
     let data = serde_json::to_value(&data).map_err(|e| lists_error(e.to_string()))?;
-    Ok(prefixes_from_lists(&data["palisade"]["lists"]))
+    Ok(data["palisade"]["lists"].clone())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrefilterError {
+    #[error("reading the rule pack's lists in {dir}: {message}")]
+    Lists { dir: String, message: String },
+    #[error("lists/quiet_open_prefixes: {prefix:?} must be an absolute path of at most {max} bytes")]
+    QuietPrefix { prefix: String, max: usize },
+}
+
+/// The sensitive open prefixes for the pack in `rules_dir`, sorted and without duplicates.
+pub fn sensitive_open_prefixes(rules_dir: &Path) -> Result<Vec<String>, PrefilterError> {
+    Ok(prefixes_from_lists(&pack_lists(rules_dir)?))
 }
 
 /// The built-in prefixes plus the absolute string entries of `SENSITIVE_PATH_LISTS` in `lists`
@@ -75,6 +159,68 @@ mod tests {
         }
         assert!(prefixes.iter().all(|p| p.starts_with('/')), "{prefixes:?}");
         assert!(!prefixes.iter().any(|p| "/usr/lib/x86_64-linux-gnu/libc.so.6".starts_with(p.as_str())));
+    }
+
+    fn default_pack() -> (std::path::PathBuf, OpenPrefilter) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+        let prefilter = OpenPrefilter::load(&dir).expect("default pack prefilter");
+        (dir, prefilter)
+    }
+
+    #[test]
+    fn the_kernel_decision_keeps_libraries_and_locales_in_and_everything_a_rule_reads_out() {
+        let (_, f) = default_pack();
+        assert!(!f.quiet.is_empty(), "the default pack declares a kernel prefilter");
+        for path in ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libm.so.6", "/etc/ld.so.cache", "/usr/lib/locale/locale-archive"] {
+            assert!(f.keeps_in_kernel(path, 0o2000000), "{path} should stay in the kernel");
+        }
+        for (path, flags) in [
+            ("/usr/lib/x86_64-linux-gnu/libc.so.6", O_WRONLY),
+            ("/usr/lib/evil", O_CREAT | O_RDWR),
+            ("/usr/lib/../../etc/shadow", 0),
+            ("/usr/lib//x", 0),
+            ("lib/libc.so.6", 0),
+            ("/etc/shadow", 0),
+            ("/etc/hostname", 0),
+        ] {
+            assert!(!f.keeps_in_kernel(path, flags), "{path} ({flags:o}) must reach the rules");
+        }
+        let no_declaration = OpenPrefilter { sensitive: f.sensitive.clone(), quiet: Vec::new() };
+        assert!(!no_declaration.keeps_in_kernel("/usr/lib/x86_64-linux-gnu/libc.so.6", 0), "a pack without prefilters filters nothing");
+    }
+
+    /// Soundness of the declared prefilter: the recorded corpus and every fixture raise the same
+    /// alerts whether or not the opens the kernel keeps are evaluated.
+    #[test]
+    fn the_prefilter_changes_no_alert_of_the_corpus_or_the_fixtures() {
+        use crate::rules::pack::RulePack;
+        let (dir, f) = default_pack();
+        let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut events: Vec<(String, serde_json::Value)> = Vec::new();
+        let corpus = std::fs::read_to_string(root.join("testdata/scenarios/recorded-mix.jsonl")).expect("recorded corpus");
+        for (i, line) in corpus.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            events.push((format!("recorded-mix.jsonl:{}", i + 1), serde_json::from_str(line).expect("corpus line")));
+        }
+        let fixtures = crate::rules::testing::load_fixtures(&[root.join("testdata/rules")]).expect("fixtures");
+        for case in fixtures {
+            events.push((format!("{}: {}", case.file, case.case.name), case.case.event.clone()));
+        }
+        let mut kept = 0;
+        for (name, event) in &events {
+            if event["type"] != "open" {
+                continue;
+            }
+            let path = event["open"]["path"].as_str().unwrap_or("");
+            let flags = event["open"]["flags"].as_u64().unwrap_or(0) as u32;
+            if !f.keeps_in_kernel(path, flags) {
+                continue;
+            }
+            kept += 1;
+            let hits = pack.evaluate(event).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(hits.is_empty(), "{name}: the kernel would keep this open, but it raises {hits:?}");
+        }
+        assert!(kept > 100, "the prefilter keeps only {kept} opens of the corpus in the kernel: the test says little");
     }
 
     #[test]
