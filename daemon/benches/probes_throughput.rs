@@ -2,7 +2,10 @@
 //! - syscall overhead: an open/close loop in a cgroup with no programs, with every program
 //!   attached and the cgroup monitored (all kinds on, events drained, decoded and enriched),
 //!   and with the programs attached but the cgroup not monitored (the in-kernel filter's cost);
-//! - events per second through ring buffer + decode + enrichment, and kernel-counted losses.
+//! - events per second through ring buffer + decode + enrichment, and kernel-counted losses;
+//! - the rule pack's kernel prefilter: the same loop on a shared-library path, monitored,
+//!   without and with the default pack's `quiet_open_prefixes` (per-open cost, and the events
+//!   that reach user space).
 //!
 //! Run: `cargo bench -p palisade --bench probes_throughput` (root). BENCH_OPENS sets the loop size.
 
@@ -22,9 +25,13 @@ use palisade::probes::loader::{self, LoadOptions};
 const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
 
 fn run_loop(cgroup: &std::path::Path, opens: u64) -> Duration {
+    run_loop_on(cgroup, opens, "/etc/hostname")
+}
+
+fn run_loop_on(cgroup: &std::path::Path, opens: u64, path: &str) -> Duration {
     let procs = cgroup.join("cgroup.procs");
     let mut cmd = std::process::Command::new(PALISADE);
-    cmd.args(["workload", "open-loop", &opens.to_string()]);
+    cmd.args(["workload", "open-loop", &opens.to_string(), path]);
     // SAFETY: only writes a file between fork and exec.
     unsafe {
         cmd.pre_exec(move || std::fs::write(&procs, b"0"));
@@ -109,6 +116,32 @@ fn main() {
     let elapsed = start.elapsed() - Duration::from_millis(300);
     let events = last - before;
 
+    // Wait until the consumer has drained everything, then count what one measurement adds.
+    let settle = || {
+        let mut last = consumed.load(Ordering::Relaxed);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = consumed.load(Ordering::Relaxed);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    const LIBRARY: &str = "/usr/lib/os-release";
+    let base = settle();
+    let lib_plain = median_of(3, || run_loop_on(&cgroup, opens, LIBRARY));
+    let lib_plain_events = settle() - base;
+    let rules_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let prefilter = palisade::rules::prefilter::OpenPrefilter::load(&rules_dir).expect("default pack prefilter");
+    runtime
+        .block_on(host.with(move |ebpf| loader::set_quiet_open_prefixes(ebpf, &prefilter.quiet)))
+        .expect("host")
+        .expect("quiet prefixes");
+    let base = settle();
+    let lib_prefiltered = median_of(3, || run_loop_on(&cgroup, opens, LIBRARY));
+    let lib_prefiltered_events = settle() - base;
+
     runtime.block_on(async { host.set_monitored(BTreeSet::new()).await.expect("unmonitor") });
     let filtered = median_of(3, || run_loop(&cgroup, opens));
 
@@ -125,5 +158,8 @@ fn main() {
     println!("  attached, monitored, all kinds  {:>8.0} ns/op   ratio {:.2}x", per_op(monitored), per_op(monitored) / per_op(none));
     println!("  events through ring buffer + decode + enrich: {events} in {:.2}s = {:.0} events/s", elapsed.as_secs_f64(), events as f64 / elapsed.as_secs_f64());
     println!("  kernel-counted losses (all kinds): {}", counters.lost.values().sum::<u64>());
+    println!("  open of {LIBRARY}, monitored, no prefilter      {:>8.0} ns/op   events to user space: {lib_plain_events} (3 runs)", per_op(lib_plain));
+    println!("  open of {LIBRARY}, monitored, pack prefilter    {:>8.0} ns/op   events to user space: {lib_prefiltered_events} (3 runs)", per_op(lib_prefiltered));
+    println!("  prefiltered in the kernel (open): {}", counters.prefiltered.get("open").copied().unwrap_or(0));
     println!("  reader: {:?}", stats.snapshot());
 }
