@@ -90,6 +90,10 @@ pub struct RunArgs {
     /// that are refused and counted, other pods' connections are untouched.
     #[arg(long, default_value_t = palisade_common::CT_DEFAULT_PER_ENDPOINT_MAX)]
     pub conntrack_per_pod: u32,
+    /// Use at most this many POLICY map entries (at most the map's size): headroom for the
+    /// operator, and how tests reach the capacity limit without a million entries.
+    #[arg(long, hide = true)]
+    pub max_policy_entries: Option<usize>,
     #[command(flatten)]
     pub alerts: AlertOptions,
     #[command(flatten)]
@@ -276,6 +280,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         },
         args.pin_dir.join("links"),
         cgroup_root.clone(),
+        {
+            let mut capacity = crate::segmentation::Capacity::default();
+            capacity.policy = args.max_policy_entries.unwrap_or(capacity.policy).min(capacity.policy);
+            capacity
+        },
     )
     .await
     .context("enforcing the policies")?;
@@ -775,10 +784,19 @@ fn log_policy_report(report: &crate::segmentation::PolicyReport) {
     for warning in &report.ignored {
         tracing::warn!(%warning, "policy field has no effect");
     }
+    if let Some(over) = &report.over_capacity {
+        tracing::error!(%over, "policy set rejected as a whole; the last good set stays enforced");
+    }
 }
 
 /// One alert for a policy load that rejected something (None when nothing was rejected).
 fn policy_report_alert(report: &crate::segmentation::PolicyReport) -> Option<Alert> {
+    if let Some(over) = &report.over_capacity {
+        return Some(
+            Alert::new(AlertKind::Daemon, Severity::High, format!("policy set rejected, the last good set stays enforced: {over}"))
+                .with_event(json!({"policies_over_capacity": over, "policies_rejected": report.rejected})),
+        );
+    }
     if report.rejected.is_empty() {
         return None;
     }

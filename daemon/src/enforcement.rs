@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::inventory::Inventory;
 use crate::probes::host::{HostError, ProbeHost};
 use crate::segmentation::datapath::{Datapath, DatapathError, SyncStats};
-use crate::segmentation::{Compiled, PolicyError, PolicyReport, PolicySet, Segmentation};
+use crate::segmentation::{Capacity, Compiled, PolicyError, PolicyReport, PolicySet, Segmentation, Usage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcementError {
@@ -47,6 +47,11 @@ pub struct EnforcementStatus {
     pub last_error: Option<String>,
     /// What the last policy load rejected, kept at its last good version, or ignored.
     pub policy_report: PolicyReport,
+    /// Map entries the set in force needs, against the capacity.
+    pub usage: Usage,
+    /// The set in force does not fit (new pods pushed the last good set over, or the set on
+    /// disk at start did not fit): its pods are isolated and only the allows that fit are in.
+    pub degraded: Option<String>,
 }
 
 pub struct Enforcer {
@@ -65,7 +70,8 @@ pub struct Enforcer {
 impl Enforcer {
     /// Adopts what pinned maps already hold, syncs `policies` and attaches. `policy_paths` are
     /// what `reload_policies` re-reads (empty when policies come from the Kubernetes API);
-    /// `policy_report` is what loading `policies` rejected or ignored (shown in the status).
+    /// `policy_report` is what loading `policies` rejected or ignored (shown in the status);
+    /// `capacity` the map entries the compiler may use (the maps' sizes, or less).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         host: ProbeHost,
@@ -75,8 +81,9 @@ impl Enforcer {
         policy_paths: Vec<PathBuf>,
         pin_dir: PathBuf,
         cgroup_root: PathBuf,
+        capacity: Capacity,
     ) -> Result<Enforcer, EnforcementError> {
-        let segmentation = Segmentation::new(inventory, policies);
+        let segmentation = Segmentation::with_capacity(inventory, policies, capacity);
         let datapath = host
             .with(|ebpf| {
                 let datapath = Datapath::adopt(ebpf)?;
@@ -113,8 +120,16 @@ impl Enforcer {
 
     /// Puts an already validated policy set in force (the Kubernetes source validates each
     /// object and keeps the last good version of one that breaks).
+    /// A set that does not fit the maps is rejected as a whole (logged, in the status) and the
+    /// last good set stays.
     pub async fn set_policies(&mut self, policies: PolicySet) -> Result<SyncStats, EnforcementError> {
-        self.segmentation.set_policies(policies);
+        self.policy_report.over_capacity = match self.segmentation.try_set_policies(policies) {
+            Ok(_) => None,
+            Err(over) => {
+                tracing::error!(%over, "policy set rejected: over capacity; the last good set stays");
+                Some(over.to_string())
+            }
+        };
         self.apply().await
     }
 
@@ -135,14 +150,32 @@ impl Enforcer {
             .collect();
         let datapath = self.datapath.clone();
         let pin_dir = self.pin_dir.clone();
+        let capacity = self.segmentation.capacity();
         let to_attach: Vec<PathBuf> = wanted.difference(&self.attached).cloned().collect();
         let to_release: Vec<PathBuf> = self.attached.difference(&wanted).cloned().collect();
         let result = self
             .host
-            .with(move |ebpf| -> Result<(SyncStats, Vec<PathBuf>), EnforcementError> {
+            .with(move |ebpf| -> Result<(Result<SyncStats, DatapathError>, Vec<PathBuf>), EnforcementError> {
                 let mut datapath = datapath.lock().map_err(|_| EnforcementError::Poisoned)?;
                 // Maps first: a newly attached program must find its allows already in place.
-                let stats = datapath.sync(ebpf, &compiled)?;
+                // The sync adds before it removes; when the old and new POLICY entries together
+                // do not fit, the allows that go away are dropped first (a moment of drops,
+                // never of allows), so the sync never fails half way on a full map.
+                let step = {
+                    let held = datapath.policy_entries();
+                    let union = held.len() + compiled.policy.keys().filter(|k| !held.contains_key(k)).count();
+                    (union > capacity.policy).then(|| {
+                        let mut step = compiled.clone();
+                        step.policy.retain(|k, _| held.contains_key(k));
+                        step
+                    })
+                };
+                let sync = match &step {
+                    Some(step) => datapath.sync(ebpf, step).and_then(|_| datapath.sync(ebpf, &compiled)),
+                    None => datapath.sync(ebpf, &compiled),
+                };
+                // New endpoints are attached even when the sync failed: an unattached pod
+                // passes everything, an attached one at least gets what was written.
                 let mut attached = Vec::new();
                 for cgroup in to_attach {
                     match datapath.attach_pinned(ebpf, &cgroup, &pin_dir) {
@@ -150,10 +183,10 @@ impl Enforcer {
                         Err(err) => tracing::error!(cgroup = %cgroup.display(), %err, "attaching the datapath"),
                     }
                 }
-                Ok((stats, attached))
+                Ok((sync, attached))
             })
             .await?;
-        let (stats, attached) = match result {
+        let (sync, attached) = match result {
             Ok(ok) => ok,
             Err(err) => {
                 self.status.last_error = Some(err.to_string());
@@ -161,6 +194,14 @@ impl Enforcer {
             }
         };
         self.attached.extend(attached);
+        let stats = match sync {
+            Ok(stats) => stats,
+            Err(err) => {
+                self.status.attached_cgroups = self.attached.len();
+                self.status.last_error = Some(err.to_string());
+                return Err(err.into());
+            }
+        };
         for cgroup in to_release {
             release_pins(&self.pin_dir, &cgroup);
             self.attached.remove(&cgroup);
@@ -178,7 +219,12 @@ impl Enforcer {
             last_sync_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
             last_error: None,
             policy_report: self.policy_report.clone(),
+            usage: compiled.usage,
+            degraded: compiled.over_capacity.as_ref().map(|o| o.to_string()),
         };
+        if let Some(over) = &compiled.over_capacity {
+            tracing::error!(%over, "the policy set in force does not fit the maps: its pods are isolated, only the allows that fit are in");
+        }
         tracing::info!(?stats, attached = self.attached.len(), "datapath synced");
         Ok(stats)
     }

@@ -15,6 +15,11 @@ pub enum PolicyCommand {
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Also compile against this inventory and report the map entries the set needs
+        /// against the maps' sizes (an error when it does not fit, naming the policy that
+        /// tipped it).
+        #[arg(long)]
+        inventory: Option<PathBuf>,
     },
     /// Reachability between every ordered pair of endpoints, from the compiled datapath maps.
     Matrix {
@@ -58,7 +63,7 @@ pub enum Output {
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
-        PolicyCommand::Check { paths } => {
+        PolicyCommand::Check { paths, inventory } => {
             let loaded = PolicySet::load_each(&paths);
             let set = &loaded.set;
             for p in &set.policies {
@@ -77,6 +82,13 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
                 println!("error: {}", r.error);
             }
             println!("{} policies valid, {} rejected", set.policies.len(), loaded.rejected.len());
+            if let Some(inventory) = inventory {
+                let compiled = compile(&Inventory::load(&inventory)?, set);
+                println!("map entries: {}", compiled.usage);
+                if let Some(over) = &compiled.over_capacity {
+                    anyhow::bail!("{over}");
+                }
+            }
             if !loaded.rejected.is_empty() {
                 anyhow::bail!("{} policy document(s) rejected", loaded.rejected.len());
             }

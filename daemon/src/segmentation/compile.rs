@@ -25,6 +25,14 @@
 //!   handful of entries; the kernel probes only the block sizes present for that endpoint and
 //!   direction (a bitmask in its EndpointConfig), so a verdict stays a bounded number of O(1) hash
 //!   lookups whatever the number of rules.
+//! * Capacity: the compiler counts the entries each map needs against its size ([`Capacity`])
+//!   policy by policy, in order. The first policy that does not fit "tips" the set: it and every
+//!   later policy still isolate the pods they select (ENDPOINTS flags, cheap and bounded by the
+//!   inventory) but add no allow entries (nor, when IPCACHE tipped, ipBlock prefixes), so what
+//!   is written always fits
+//!   and fails closed; `Compiled::over_capacity` names the tipping policy and the counts. The
+//!   daemon rejects such a policy set as a whole and keeps its last good one; only when the
+//!   last good set no longer fits (new pods) or at start-up does this degraded set go in force.
 //! * Named ports: ingress resolves against the selected (destination) pod (its own POLICY
 //!   entries); egress against each destination pod, keyed by that pod's identity, which is exact
 //!   because every pod of an identity declares the same named ports. The kernel maps and the
@@ -36,7 +44,7 @@ use std::net::IpAddr;
 use palisade_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointConfig,
     IDENTITY_ANY, IDENTITY_CIDR_FIRST, IDENTITY_LABEL_FIRST, IpCacheValue, PROTO_ANY, PolicyKey,
-    PolicyValue,
+    PolicyValue, SEG_MAX_ENDPOINTS, SEG_MAX_IPCACHE, SEG_MAX_POLICY,
 };
 use serde::Serialize;
 
@@ -114,6 +122,53 @@ pub struct PolicyRef {
     pub source: String,
 }
 
+/// How many entries each datapath map holds: the compiler never produces more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Capacity {
+    pub policy: usize,
+    pub ipcache: usize,
+    pub endpoints: usize,
+}
+
+impl Default for Capacity {
+    /// The kernel maps' sizes.
+    fn default() -> Self {
+        Capacity { policy: SEG_MAX_POLICY as usize, ipcache: SEG_MAX_IPCACHE as usize, endpoints: SEG_MAX_ENDPOINTS as usize }
+    }
+}
+
+/// Entries a compiled set needs per map (all of them, also those left out when it did not fit),
+/// and the capacity they were counted against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub policy: usize,
+    pub ipcache: usize,
+    pub endpoints: usize,
+    pub capacity: Capacity,
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "POLICY {}/{}, IPCACHE {}/{}, ENDPOINTS {}/{}",
+            self.policy, self.capacity.policy, self.ipcache, self.capacity.ipcache, self.endpoints, self.capacity.endpoints
+        )
+    }
+}
+
+/// A set that does not fit: the map, the policy that tipped it, and the counts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} does not fit the {map} map: the set needs {needed} entries, the map holds {capacity} (entries: {usage})")]
+pub struct OverCapacity {
+    pub map: &'static str,
+    /// `policy NS/NAME (file: document N)`, or `the inventory`.
+    pub what: String,
+    pub needed: usize,
+    pub capacity: usize,
+    pub usage: Usage,
+}
+
 /// The compiled datapath contents (exactly what `datapath::sync` writes into the maps).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Compiled {
@@ -124,6 +179,11 @@ pub struct Compiled {
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
     pub rules: Vec<RuleRef>,
     pub policies: Vec<PolicyRef>,
+    /// Entries needed per map against the capacity compiled for.
+    pub usage: Usage,
+    /// Set when the set did not fit: the policies from the tipping one on isolate but allow
+    /// nothing (see the module docs).
+    pub over_capacity: Option<OverCapacity>,
 }
 
 impl Compiled {
@@ -165,11 +225,17 @@ pub struct Compiler {
     labels: Alloc<(String, Labels, PortNames)>,
     cidrs: Alloc<Cidr>,
     endpoints: Alloc<(String, String)>,
+    capacity: Capacity,
 }
 
 impl Default for Compiler {
     fn default() -> Self {
-        Compiler { labels: Alloc::new(IDENTITY_LABEL_FIRST), cidrs: Alloc::new(IDENTITY_CIDR_FIRST), endpoints: Alloc::new(1) }
+        Compiler {
+            labels: Alloc::new(IDENTITY_LABEL_FIRST),
+            cidrs: Alloc::new(IDENTITY_CIDR_FIRST),
+            endpoints: Alloc::new(1),
+            capacity: Capacity::default(),
+        }
     }
 }
 
@@ -196,8 +262,19 @@ struct Target {
 }
 
 impl Compiler {
+    /// A compiler that fits its output into `capacity` (at most the kernel maps' sizes).
+    pub fn with_capacity(capacity: Capacity) -> Compiler {
+        Compiler { capacity, ..Compiler::default() }
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
     pub fn compile(&mut self, inventory: &Inventory, set: &PolicySet) -> Compiled {
+        let cap = self.capacity;
         let mut out = Compiled::default();
+        out.usage.capacity = cap;
         let eps = &inventory.endpoints;
         // Endpoints and label identities.
         let mut ep_ids = Vec::with_capacity(eps.len());
@@ -230,18 +307,40 @@ impl Compiler {
             ep_ids.push(id);
             ep_identity.push(identity);
         }
-        // Every ipBlock prefix (cidr and except) across all policies.
+        // Every ipBlock prefix (cidr and except), policy by policy, as long as IPCACHE holds
+        // them beside the pod addresses; the first policy whose prefixes do not fit tips the set.
+        let pod_addresses: BTreeSet<Cidr> = eps.iter().flat_map(|e| e.ips.iter().map(|ip| Cidr::host(*ip))).collect();
         let mut blocks: BTreeSet<Cidr> = BTreeSet::new();
-        for p in &set.policies {
+        let mut all_blocks: BTreeSet<Cidr> = BTreeSet::new();
+        let mut tipped: Option<(usize, &'static str)> = None;
+        if eps.len() > cap.endpoints || pod_addresses.len() > cap.ipcache {
+            // The inventory alone does not fit: no policy adds anything.
+            tipped = Some((0, if eps.len() > cap.endpoints { "ENDPOINTS" } else { "IPCACHE" }));
+        }
+        for (pi, p) in set.policies.iter().enumerate() {
+            let mut mine: BTreeSet<Cidr> = BTreeSet::new();
             for r in p.ingress.iter().chain(&p.egress) {
                 for peer in &r.peers {
                     if let Peer::IpBlock(b) = peer {
-                        blocks.insert(b.cidr);
-                        blocks.extend(b.except.iter().copied());
+                        mine.insert(b.cidr);
+                        mine.extend(b.except.iter().copied());
                     }
                 }
             }
+            all_blocks.extend(mine.iter().copied());
+            if tipped.is_some() {
+                continue;
+            }
+            let fresh = mine.iter().filter(|c| !blocks.contains(c) && !pod_addresses.contains(c)).count();
+            let used = pod_addresses.len() + blocks.iter().filter(|c| !pod_addresses.contains(c)).count();
+            if used + fresh > cap.ipcache {
+                tipped = Some((pi, "IPCACHE"));
+                continue;
+            }
+            blocks.extend(mine);
         }
+        out.usage.endpoints = eps.len();
+        out.usage.ipcache = pod_addresses.len() + all_blocks.iter().filter(|c| !pod_addresses.contains(c)).count();
         // IPCACHE: (cidr, value); `cidr_prefixes` lists every prefix with a CIDR identity and the
         // pod behind it (for named ports), for ipBlock resolution.
         let mut cidr_prefixes: Vec<(Cidr, u32, Option<usize>)> = Vec::new();
@@ -279,8 +378,12 @@ impl Compiler {
             identity_pods.entry(*id).or_default().push(i);
         }
 
+        // POLICY keys of the policies past the tipping point, only counted.
+        let mut left_out: std::collections::HashSet<PolicyKey> = std::collections::HashSet::new();
         for (pi, p) in set.policies.iter().enumerate() {
             out.policies.push(PolicyRef { key: p.key(), source: p.source.clone() });
+            // This policy's allow entries, then whether they fit.
+            let mut entries: Vec<(PolicyKey, PolicyValue)> = Vec::new();
             // Only local endpoints are isolated here; a peer-only pod's node isolates it.
             let selected: Vec<usize> = eps
                 .iter()
@@ -337,21 +440,50 @@ impl Compiler {
                                     port,
                                     _pad2: 0,
                                 };
-                                out.policy.entry(key).or_insert(PolicyValue { rule_id, _pad: 0 });
-                                if (1..16).contains(&plen) {
-                                    if let Some(cfg) = out.endpoint_config.get_mut(&local) {
-                                        if direction == DIRECTION_INGRESS {
-                                            cfg.ingress_port_plens |= 1 << plen;
-                                        } else {
-                                            cfg.egress_port_plens |= 1 << plen;
-                                        }
-                                    }
-                                }
+                                entries.push((key, PolicyValue { rule_id, _pad: 0 }));
                             }
                         }
                     }
                 }
             }
+            if tipped.is_none() {
+                let fresh: BTreeSet<&PolicyKey> = entries.iter().map(|(k, _)| k).filter(|k| !out.policy.contains_key(k)).collect();
+                if out.policy.len() + fresh.len() > cap.policy {
+                    tipped = Some((pi, "POLICY"));
+                }
+            }
+            if tipped.is_some_and(|(t, _)| pi >= t) {
+                left_out.extend(entries.into_iter().map(|(k, _)| k).filter(|k| !out.policy.contains_key(k)));
+                continue;
+            }
+            for (key, value) in entries {
+                out.policy.entry(key).or_insert(value);
+                let plen = key.port_plen;
+                if (1..16).contains(&plen) {
+                    if let Some(cfg) = out.endpoint_config.get_mut(&key.endpoint_id) {
+                        if key.direction == DIRECTION_INGRESS {
+                            cfg.ingress_port_plens |= 1 << plen;
+                        } else {
+                            cfg.egress_port_plens |= 1 << plen;
+                        }
+                    }
+                }
+            }
+        }
+        out.usage.policy = out.policy.len() + left_out.len();
+        if let Some((t, map)) = tipped {
+            let what = match set.policies.get(t) {
+                Some(p) if map == "POLICY" || (map == "IPCACHE" && out.usage.endpoints <= cap.endpoints && pod_addresses.len() <= cap.ipcache) => {
+                    format!("policy {} ({})", p.key(), p.source)
+                }
+                _ => "the inventory".to_string(),
+            };
+            let (needed, capacity) = match map {
+                "POLICY" => (out.usage.policy, cap.policy),
+                "IPCACHE" => (out.usage.ipcache, cap.ipcache),
+                _ => (out.usage.endpoints, cap.endpoints),
+            };
+            out.over_capacity = Some(OverCapacity { map, what, needed, capacity, usage: out.usage });
         }
         out
     }
@@ -576,6 +708,59 @@ mod tests {
         let denied = explain(&compiled, &client, &b, Protocol::Udp, 5353);
         assert!(!denied.allowed && denied.families[0].egress.contains("pods np/srv-b:"), "{denied:?}");
         assert_eq!(denied.named_ports, ["np/e egress rule 0: port grpc/UDP np/srv-b declares no UDP port named grpc: matches nothing there"]);
+    }
+
+    /// Issue 10: a set that does not fit the maps names the policy that tipped it; what is
+    /// compiled fits, the tipping and later policies still isolate but allow nothing.
+    #[test]
+    fn over_capacity_names_the_tipping_policy_and_fails_closed() {
+        use std::path::Path;
+
+        let inventory = Inventory::parse(
+            &[
+                "endpoints:",
+                "  - {namespace: cap, name: client, labels: {app: client}, ips: [198.18.8.1], cgroup: c}",
+                "  - {namespace: cap, name: srv, labels: {app: srv}, ips: [198.18.8.2], cgroup: s}",
+                "  - {namespace: cap, name: other, labels: {app: other}, ips: [198.18.8.3], cgroup: o}",
+            ]
+            .join("\n"),
+            Path::new("inv.yaml"),
+        )
+        .expect("inventory");
+        let doc = |name: &str, spec: &str| format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: cap}}\nspec:\n{spec}");
+        let small = doc("srv-in", "  podSelector: {matchLabels: {app: srv}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n");
+        let big = doc("big", "  podSelector: {}\n  ingress: [{from: [{podSelector: {}}], ports: [{port: 1, endPort: 65534}]}]\n");
+        let blocks = doc("blocks", "  podSelector: {matchLabels: {app: other}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 10.2.0.0/16]}}]}]\n");
+        let set = PolicySet::parse(&format!("{small}---\n{big}---\n{blocks}"), Path::new("p.yaml")).expect("policies");
+        let full = compile(&inventory, &set);
+        assert!(full.over_capacity.is_none());
+        assert!(full.policy.len() > 20, "{}", full.policy.len());
+
+        let capacity = Capacity { policy: 20, ..Capacity::default() };
+        let c = Compiler::with_capacity(capacity).compile(&inventory, &set);
+        let over = c.over_capacity.clone().expect("over capacity");
+        assert_eq!(over.map, "POLICY");
+        assert!(over.what.contains("cap/big") && over.what.contains("p.yaml: document 2"), "{over}");
+        assert_eq!(over.needed, full.policy.len(), "the count is of the whole set");
+        assert_eq!(c.usage.policy, full.policy.len());
+        assert!(c.policy.len() <= 20);
+        assert!(over.to_string().contains("POLICY"), "{over}");
+        // Before the tip: srv-in's allow is in. From it on: isolation, no allows, no prefixes.
+        let ep = |k: &str| c.endpoint_by_key(k).expect(k).clone();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(crate::segmentation::lookup::lookup(&c, ip("198.18.8.1"), ip("198.18.8.2"), 6, 80).allowed);
+        assert!(!crate::segmentation::lookup::lookup(&c, ip("198.18.8.3"), ip("198.18.8.2"), 6, 80).allowed);
+        assert!(!crate::segmentation::lookup::lookup(&c, ip("198.18.8.1"), ip("198.18.8.3"), 6, 80).allowed, "big still isolates other");
+        assert!(c.endpoint_config[&ep("cap/other").id].flags & EP_ISOLATED_EGRESS != 0, "blocks still isolates other's egress");
+
+        // IPCACHE: 3 pod addresses + 3 prefixes of `blocks` need 6 entries.
+        let capacity = Capacity { ipcache: 5, ..Capacity::default() };
+        let c = Compiler::with_capacity(capacity).compile(&inventory, &set);
+        let over = c.over_capacity.clone().expect("over capacity");
+        assert_eq!((over.map, over.needed, over.capacity), ("IPCACHE", 6, 5), "{over}");
+        assert!(over.what.contains("cap/blocks"), "{over}");
+        assert!(c.ipcache.len() <= 5);
+        assert!(!c.identities.values().any(|i| matches!(i, IdentityKind::Cidr { .. })), "no prefixes of policies past the tip");
     }
 
     #[test]

@@ -127,6 +127,11 @@ fn lpm_key(k: &LpmKey) -> LpmTrieKey<IpAddrKey> {
 }
 
 impl Datapath {
+    /// The POLICY entries the map holds (as last synced or adopted).
+    pub fn policy_entries(&self) -> &BTreeMap<PolicyKey, PolicyValue> {
+        &self.policy
+    }
+
     /// Loads the cgroup_skb programs into the kernel (once) and reads what the maps already hold
     /// (pinned maps of a previous run), so the first sync is a diff.
     pub fn adopt(bpf: &mut Ebpf) -> Result<Datapath, DatapathError> {

@@ -15,7 +15,7 @@ pub mod lookup;
 pub mod matrix;
 pub mod policy;
 
-pub use compile::{Compiled, Compiler, compile};
+pub use compile::{Capacity, Compiled, Compiler, OverCapacity, Usage, compile};
 pub use lookup::{Verdict, lookup};
 pub use policy::{PolicyError, PolicySet};
 
@@ -33,6 +33,9 @@ pub struct PolicyReport {
     pub kept_last_good: Vec<String>,
     /// Valid fields with no effect (rules of a direction policyTypes leaves out).
     pub ignored: Vec<String>,
+    /// The loaded set did not fit the maps: rejected as a whole (the last good set stays), with
+    /// the policy that tipped it and the counts.
+    pub over_capacity: Option<String>,
 }
 
 impl PolicyReport {
@@ -42,6 +45,7 @@ impl PolicyReport {
             rejected: loaded.rejected.iter().map(|r| r.error.to_string()).collect(),
             kept_last_good,
             ignored: set.policies.iter().flat_map(|p| p.ignored.iter().cloned()).collect(),
+            over_capacity: None,
         }
     }
 }
@@ -57,7 +61,13 @@ pub struct Segmentation {
 
 impl Segmentation {
     pub fn new(inventory: Inventory, policies: PolicySet) -> Segmentation {
-        let mut s = Segmentation { compiler: Compiler::default(), inventory, policies, compiled: Compiled::default() };
+        Segmentation::with_capacity(inventory, policies, Capacity::default())
+    }
+
+    /// Compiles into at most `capacity` entries per map. A set that does not fit at start is
+    /// in force degraded (its pods isolated, the allows that fit): there is no last good set yet.
+    pub fn with_capacity(inventory: Inventory, policies: PolicySet, capacity: Capacity) -> Segmentation {
+        let mut s = Segmentation { compiler: Compiler::with_capacity(capacity), inventory, policies, compiled: Compiled::default() };
         s.recompile();
         s
     }
@@ -68,8 +78,10 @@ impl Segmentation {
     pub fn load_policies(&mut self, paths: &[PathBuf]) -> PolicyReport {
         let loaded = PolicySet::load_each(paths);
         let (set, kept_last_good) = loaded.with_last_good(&self.policies);
-        let report = PolicyReport::new(&loaded, &set, kept_last_good);
-        self.set_policies(set);
+        let mut report = PolicyReport::new(&loaded, &set, kept_last_good);
+        if let Err(over) = self.try_set_policies(set) {
+            report.over_capacity = Some(over.to_string());
+        }
         report
     }
 
@@ -85,9 +97,22 @@ impl Segmentation {
         }
     }
 
-    pub fn set_policies(&mut self, policies: PolicySet) -> &Compiled {
+    /// Puts `policies` in force if they fit the maps; otherwise the set is rejected as a whole
+    /// and the last good set stays (recompiled against the current inventory).
+    pub fn try_set_policies(&mut self, policies: PolicySet) -> Result<&Compiled, OverCapacity> {
+        let compiled = self.compiler.compile(&self.inventory, &policies);
+        if let Some(over) = compiled.over_capacity.clone() {
+            return Err(over);
+        }
         self.policies = policies;
-        self.recompile();
+        self.compiled = compiled;
+        Ok(&self.compiled)
+    }
+
+    /// [`Segmentation::try_set_policies`], the contents in force either way (callers that
+    /// report a rejection use `try_set_policies`).
+    pub fn set_policies(&mut self, policies: PolicySet) -> &Compiled {
+        let _ = self.try_set_policies(policies);
         &self.compiled
     }
 
@@ -99,6 +124,10 @@ impl Segmentation {
 
     pub fn compiled(&self) -> &Compiled {
         &self.compiled
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.compiler.capacity()
     }
 
     pub fn policies(&self) -> &PolicySet {

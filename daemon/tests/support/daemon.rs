@@ -41,6 +41,8 @@ pub struct DaemonOptions {
     pub policies: Vec<(String, String)>,
     /// Pass `--record <work>/record.jsonl`.
     pub record: bool,
+    /// More arguments for `palisade run`.
+    pub args: Vec<String>,
 }
 
 impl DaemonOptions {
@@ -51,11 +53,17 @@ impl DaemonOptions {
             rules: repo_root().join("rules"),
             policies: Vec::new(),
             record: false,
+            args: Vec::new(),
         }
     }
 
     pub fn policy(mut self, name: &str, text: &str) -> DaemonOptions {
         self.policies.push((name.to_string(), text.to_string()));
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> DaemonOptions {
+        self.args.push(arg.to_string());
         self
     }
 
@@ -156,6 +164,7 @@ impl DaemonGuard {
             // Its own process group: a Ctrl-C in the terminal running the tests reaches the
             // test, which then stops the daemon itself.
             .process_group(0);
+        command.args(&options.args);
         if let Some(record) = &guard.record_path {
             command.arg("--record").arg(record);
         }
