@@ -16,8 +16,10 @@ use crate::alerts::render::{Cell, Table, colour_wanted, terminal_safe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the daemon at {socket}: {source}{hint}")]
-    Connect { socket: PathBuf, source: std::io::Error, hint: &'static str },
+    /// The OS error is part of the message and deliberately not a `source`: anyhow would print
+    /// it a second time as "Caused by".
+    #[error("cannot reach the daemon at {socket}: {error}{hint}")]
+    Connect { socket: PathBuf, error: std::io::Error, hint: &'static str },
     #[error("the daemon answered {status}: {message}")]
     Status { status: StatusCode, message: String },
     #[error("talking to the daemon: {0}")]
@@ -31,8 +33,8 @@ pub enum ClientError {
 impl ClientError {
     /// The daemon is not there (no socket, nobody listening): callers may fall back to files.
     pub fn daemon_absent(&self) -> bool {
-        matches!(self, ClientError::Connect { source, .. }
-            if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused))
+        matches!(self, ClientError::Connect { error, .. }
+            if matches!(error.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused))
     }
 }
 
@@ -56,14 +58,14 @@ impl ApiClient {
     }
 
     async fn request(&self, method: Method, path: &str, body: Option<Bytes>) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|source| {
-            let hint = match source.kind() {
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|error| {
+            let hint = match error.kind() {
                 std::io::ErrorKind::PermissionDenied => " (the API is root-only: run as root, e.g. with sudo)",
                 std::io::ErrorKind::NotFound => " (is the daemon running? `palisade alerts --file` reads log files without it)",
                 std::io::ErrorKind::ConnectionRefused => " (the daemon is not running)",
                 _ => "",
             };
-            ClientError::Connect { socket: self.socket.clone(), source, hint }
+            ClientError::Connect { socket: self.socket.clone(), error, hint }
         })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
@@ -451,6 +453,20 @@ pub fn render_quarantines(entries: &[QuarantineEntry], colour: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// Issue 17: `palisade status` without a daemon printed the OS error twice (in the message
+    /// and again as "Caused by").
+    #[test]
+    fn a_connect_error_names_the_os_error_once() {
+        let client = ApiClient::with_socket(std::env::temp_dir().join(format!("palisade-no-daemon-{}/api.sock", std::process::id())));
+        let err = block_on(client.get_json("/v1/status")).expect("runtime").expect_err("no daemon");
+        assert!(err.daemon_absent(), "{err}");
+        let shown = format!("{:?}", anyhow::Error::from(err));
+        assert_eq!(shown.matches("os error 2").count(), 1, "{shown}");
+        assert!(!shown.contains("Caused by"), "{shown}");
+        assert!(shown.contains("is the daemon running?"), "{shown}");
+    }
+
     use super::*;
 
     #[test]
