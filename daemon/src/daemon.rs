@@ -871,6 +871,7 @@ fn spawn_loss_monitor(state: Arc<DaemonState>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut queue_seen: std::collections::BTreeMap<(u64, EventKind), u64> = Default::default();
+        let mut loss_seen: std::collections::BTreeMap<loader::LossKey, u64> = Default::default();
         loop {
             tick.tick().await;
             let mut totals = match state.host.with(|ebpf| loader::read_pod_losses(ebpf)).await {
@@ -889,6 +890,16 @@ fn spawn_loss_monitor(state: Arc<DaemonState>) {
                 }
             }
             totals.extend(crate::events::loss::queue_drop_totals(&queue));
+            if let Ok(endpoints) = state.endpoints.read() {
+                for (key, &total) in &totals {
+                    let before = loss_seen.insert(*key, total).unwrap_or(0);
+                    if total > before {
+                        let pod = endpoints.get(key.cgroup_id).map(|p| format!("{}/{}", p.namespace, p.name));
+                        let pod = pod.unwrap_or_else(|| format!("cgroup:{}", key.cgroup_id));
+                        state.metrics.record_pod_events_lost(&pod, key.kind.as_str(), key.reason.as_str(), total - before);
+                    }
+                }
+            }
             let report = match state.losses.lock() {
                 Ok(mut monitor) => monitor.observe(&totals, std::time::Instant::now()),
                 Err(_) => return,

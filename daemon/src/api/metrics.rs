@@ -42,6 +42,7 @@ struct Inner {
     registry: Registry,
     events: Family<Labels, Counter>,
     events_lost: Family<Labels, Counter>,
+    events_lost_by_pod: Family<Labels, Counter>,
     evaluation: Histogram,
     alerts: Family<Labels, Counter>,
     alerts_dropped: Counter,
@@ -78,6 +79,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("palisade");
         let events = Family::<Labels, Counter>::default();
         let events_lost = Family::<Labels, Counter>::default();
+        let events_lost_by_pod = Family::<Labels, Counter>::default();
         let evaluation = latency_histogram();
         let alerts = Family::<Labels, Counter>::default();
         let alerts_dropped = Counter::default();
@@ -95,6 +97,11 @@ impl Metrics {
         let conntrack_drops = Family::<Labels, Counter>::default();
         registry.register("events", "Kernel events received, by type", events.clone());
         registry.register("events_lost", "Kernel events lost (ring buffer full), by type", events_lost.clone());
+        registry.register(
+            "events_lost_by_pod",
+            "Events that did not reach the rules, by pod, kind and reason (ring_full, pod_budget, queue_full; demoted: protected events past the pod's priority share, not lost)",
+            events_lost_by_pod.clone(),
+        );
         registry.register("rule_evaluation_seconds", "Time to evaluate the rule pack on one event", evaluation.clone());
         registry.register("alerts", "Alerts written, by kind, rule and severity", alerts.clone());
         registry.register("alerts_dropped", "Alerts dropped because the alert queue was full", alerts_dropped.clone());
@@ -122,6 +129,7 @@ impl Metrics {
                 registry,
                 events,
                 events_lost,
+                events_lost_by_pod,
                 evaluation,
                 alerts,
                 alerts_dropped,
@@ -145,6 +153,14 @@ impl Metrics {
     /// One event of `event_type` reached userspace.
     pub fn record_event(&self, event_type: &str) {
         self.inner.events.get_or_create(&labels(&[("type", event_type)])).inc();
+    }
+
+    /// Adds `count` to a pod's loss counter (the caller turns kernel totals into increments).
+    pub fn record_pod_events_lost(&self, pod: &str, kind: &str, reason: &str, count: u64) {
+        self.inner
+            .events_lost_by_pod
+            .get_or_create(&labels(&[("pod", pod), ("kind", kind), ("reason", reason)]))
+            .inc_by(count);
     }
 
     pub fn record_events_lost(&self, event_type: &str, count: u64) {
@@ -320,6 +336,20 @@ fn metrics_response(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> 
         hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod loss_tests {
+    use super::*;
+
+    #[test]
+    fn losses_per_pod_kind_and_reason() {
+        let metrics = Metrics::new();
+        metrics.record_pod_events_lost("flood/noisy", "open", "pod_budget", 1000);
+        metrics.record_pod_events_lost("flood/noisy", "open", "pod_budget", 500);
+        let text = metrics.encode();
+        assert!(text.contains(r#"palisade_events_lost_by_pod_total{pod="flood/noisy",kind="open",reason="pod_budget"} 1500"#), "{text}");
+    }
 }
 
 #[cfg(test)]
