@@ -362,10 +362,19 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             tracing::error!(%err, "API server stopped");
         }
     });
+    // Cleared when the event reader task ends: the daemon is blind then, and /healthz says so.
+    let reader_running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     if !args.alerts.no_metrics {
         let (addr, metrics) = (args.alerts.metrics_addr, metrics.clone());
+        let health = {
+            let (state, reader_running) = (state.clone(), reader_running.clone());
+            crate::api::health_provider(move || {
+                let (state, reader_running) = (state.clone(), reader_running.clone());
+                async move { health(&state, reader_running.load(std::sync::atomic::Ordering::Relaxed)).await }
+            })
+        };
         tokio::spawn(async move {
-            if let Err(err) = crate::api::serve_metrics(addr, metrics).await {
+            if let Err(err) = crate::api::serve_metrics(addr, metrics, health).await {
                 tracing::error!(%err, %addr, "metrics listener stopped");
             }
         });
@@ -577,7 +586,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // their own, which the pipeline always serves first.
     let (priority_tx, priority_rx) = mpsc::channel::<Event>(PRIORITY_QUEUE_EVENTS);
     let (events_tx, events_rx) = mpsc::channel::<Event>(BULK_QUEUE_EVENTS);
-    tokio::spawn(reader::run_routed(
+    let reader_task = reader::run_routed(
         priority_ring,
         ring,
         state.reader.clone(),
@@ -585,7 +594,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         state.queue_shares.clone(),
         priority_tx,
         events_tx,
-    ));
+    );
+    tokio::spawn(async move {
+        let ended = reader_task.await;
+        reader_running.store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(?ended, "the event reader stopped: no more kernel events (/healthz answers 503)");
+    });
     let runtime_handle = tokio::runtime::Handle::current();
     {
         let state = state.clone();
@@ -1029,6 +1043,31 @@ async fn conntrack_status(state: &DaemonState) -> serde_json::Value {
         "last_sweep": status.last_sweep,
         "pods": pods,
     })
+}
+
+/// What `/healthz` on the metrics listener reports: the event readers, the watchers (the
+/// Kubernetes API's, or the local files') and the last datapath sync. Only a stopped reader is
+/// unhealthy (503, the kubelet restarts the daemon); an API outage or a failed sync is
+/// `degraded` with 200, since enforcement carries on with the last good state.
+async fn health(state: &DaemonState, reader_running: bool) -> crate::api::Health {
+    let kube = state.kube_health.as_ref().map(|h| h.borrow().clone());
+    let sync = state.enforcer.lock().await.status.clone();
+    let watchers_ok = kube.as_ref().is_none_or(|k| k.connected);
+    let sync_ok = sync.last_error.is_none();
+    let status = if !reader_running { "unhealthy" } else if watchers_ok && sync_ok { "ok" } else { "degraded" };
+    let watchers = match &kube {
+        Some(kube) => serde_json::to_value(kube).unwrap_or_default(),
+        None => json!({"source": "files", "inventory_endpoints": state.inventory.read().map(|i| i.endpoints.len()).unwrap_or(0)}),
+    };
+    crate::api::Health {
+        ok: reader_running,
+        report: json!({
+            "status": status,
+            "readers": {"running": reader_running, "events": state.reader.snapshot()},
+            "watchers": watchers,
+            "last_sync": {"at": sync.last_sync, "ms": sync.last_sync_ms, "error": sync.last_error},
+        }),
+    }
 }
 
 /// Everything `palisade status` shows, as JSON (sections by name).

@@ -1,6 +1,13 @@
 //! Prometheus metrics: one registry handle the daemon's stages record into, served as text
-//! exposition (OpenMetrics text, which Prometheus scrapes natively) on a TCP address.
-use std::collections::HashMap;
+//! exposition (OpenMetrics text, which Prometheus scrapes natively) on a TCP address, beside
+//! `GET /healthz` (the daemon's readers, watchers and last sync, from a [`HealthProvider`]).
+//!
+//! The listener is reachable by whatever can reach its address, so it holds up against slow and
+//! many clients ([`ListenerLimits`]): request headers must arrive within a timeout, a connection
+//! lives at most so long, and at most so many are open: at the cap the oldest is closed to make
+//! room, so a flood of idle connections cannot keep a health check out. Each close is counted
+//! (`palisade_http_connections_closed_total{reason}`).
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,6 +65,7 @@ struct Inner {
     exports: Family<Labels, Counter>,
     conntrack_entries: Family<Labels, Gauge>,
     conntrack_drops: Family<Labels, Counter>,
+    connections_closed: Family<Labels, Counter>,
     /// Last absolute value seen per kernel counter, to turn totals read from maps into increments.
     kernel_totals: Mutex<HashMap<(&'static str, String), u64>>,
 }
@@ -95,6 +103,7 @@ impl Metrics {
         let exports = Family::<Labels, Counter>::default();
         let conntrack_entries = Family::<Labels, Gauge>::default();
         let conntrack_drops = Family::<Labels, Counter>::default();
+        let connections_closed = Family::<Labels, Counter>::default();
         registry.register("events", "Kernel events received, by type", events.clone());
         registry.register("events_lost", "Kernel events lost (ring buffer full), by type", events_lost.clone());
         registry.register(
@@ -121,6 +130,11 @@ impl Metrics {
             "New flows refused for lack of conntrack room, by pod and reason (quota: the pod's own quota; table_full: the node's table)",
             conntrack_drops.clone(),
         );
+        registry.register(
+            "http_connections_closed",
+            "HTTP connections the daemon closed on the client, by listener and reason (evicted at the connection cap, header_timeout, connection_timeout)",
+            connections_closed.clone(),
+        );
         let build = Family::<Labels, Gauge>::default();
         build.get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))])).set(1);
         registry.register("build_info", "palisade build", build);
@@ -145,6 +159,7 @@ impl Metrics {
                 exports,
                 conntrack_entries,
                 conntrack_drops,
+                connections_closed,
                 kernel_totals: Mutex::new(HashMap::new()),
             }),
         }
@@ -272,6 +287,11 @@ impl Metrics {
         self.inner.exports.get_or_create(&labels(&[("exporter", exporter), ("result", result)])).inc();
     }
 
+    /// A connection `listener` (metrics, api) closed on the client for `reason`.
+    pub fn record_connection_closed(&self, listener: &str, reason: &str) {
+        self.inner.connections_closed.get_or_create(&labels(&[("listener", listener), ("reason", reason)])).inc();
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -282,19 +302,67 @@ impl Metrics {
     }
 }
 
+/// The daemon's health as `/healthz` reports it.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// False when the daemon cannot do its job (e.g. the event reader stopped): `/healthz`
+    /// answers 503, so the kubelet restarts it. Degraded-but-working states (an API outage, a
+    /// failed sync) stay 200 and say so in the report.
+    pub ok: bool,
+    /// JSON: `status` plus the sections (`readers`, `watchers`, `last_sync`).
+    pub report: serde_json::Value,
+}
+
+/// Produces the health on each `GET /healthz`.
+pub type HealthProvider = Arc<dyn Fn() -> super::BoxFuture<'static, Health> + Send + Sync>;
+
+/// Wraps an async closure as a [`HealthProvider`].
+pub fn health_provider<F, Fut>(make: F) -> HealthProvider
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Health> + Send + 'static,
+{
+    Arc::new(move || Box::pin(make()))
+}
+
+/// How much a listener lets one client hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Open connections at most; at the cap the oldest is closed for the new one.
+    pub max_connections: usize,
+    /// A request's headers must be complete within this (slow-loris).
+    pub header_timeout: Duration,
+    /// A connection is closed after this, whatever it is doing (slow bodies, idle keep-alive).
+    pub connection_timeout: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits { max_connections: 64, header_timeout: Duration::from_secs(5), connection_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Open connections by age (ids grow), so the oldest can be closed at the cap.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
 /// Binds the metrics address (separate from `serve_metrics_on` so callers can learn the port).
 pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, ApiError> {
     TcpListener::bind(addr).await.map_err(|source| ApiError::Bind { what: format!("metrics address {addr}"), source })
 }
 
-/// Serves `GET /metrics` on `addr` until the task is dropped.
-pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> Result<(), ApiError> {
+/// Serves `GET /metrics` and `GET /healthz` on `addr` until the task is dropped.
+pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics, health: HealthProvider) -> Result<(), ApiError> {
     let listener = bind_metrics(addr).await?;
     tracing::info!(%addr, "serving Prometheus metrics");
-    serve_metrics_on(listener, metrics).await
+    serve_metrics_on(listener, metrics, health, ListenerLimits::default()).await
 }
 
-pub async fn serve_metrics_on(listener: TcpListener, metrics: Metrics) -> Result<(), ApiError> {
+pub async fn serve_metrics_on(listener: TcpListener, metrics: Metrics, health: HealthProvider, limits: ListenerLimits) -> Result<(), ApiError> {
+    let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -305,25 +373,65 @@ pub async fn serve_metrics_on(listener: TcpListener, metrics: Metrics) -> Result
                 continue;
             }
         };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
+        // Make room first: the oldest connection goes (an idle or slow one, in a flood).
+        let id = {
+            let mut open = lock_connections(&connections);
+            while open.open.len() >= limits.max_connections.max(1) {
+                let Some((_, oldest)) = open.open.pop_first() else { break };
+                oldest.abort();
+                metrics.record_connection_closed("metrics", "evicted");
+            }
+            open.next_id += 1;
+            open.next_id
+        };
+        let (counter, metrics, health, tracked) = (metrics.clone(), metrics.clone(), health.clone(), connections.clone());
+        // The task waits until its handle is registered, so it cannot finish (and unregister)
+        // before it is registered.
+        let (registered_tx, registered_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = registered_rx.await;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, std::convert::Infallible>(metrics_response(&req, &metrics)) }
+                let (metrics, health) = (metrics.clone(), health.clone());
+                async move { Ok::<_, std::convert::Infallible>(metrics_response(&req, &metrics, &health).await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(err) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
-                tracing::debug!(%err, "metrics connection ended");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(io, service);
+            let reason = match tokio::time::timeout(limits.connection_timeout, connection).await {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) if err.is_timeout() => Some("header_timeout"),
+                Ok(Err(err)) => {
+                    tracing::debug!(%err, "metrics connection ended");
+                    None
+                }
+                Err(_) => Some("connection_timeout"),
+            };
+            if let Some(reason) = reason {
+                tracing::debug!(reason, "metrics connection closed by the server");
+                counter.record_connection_closed("metrics", reason);
             }
+            lock_connections(&tracked).open.remove(&id);
         });
+        lock_connections(&connections).open.insert(id, task.abort_handle());
+        let _ = registered_tx.send(());
     }
 }
 
-fn metrics_response(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    // Liveness/readiness for the DaemonSet: the daemon starts this listener only once probes,
-    // rules, segmentation and quarantine are up, so answering at all means ready.
+fn lock_connections(connections: &Mutex<Connections>) -> std::sync::MutexGuard<'_, Connections> {
+    connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn metrics_response(req: &Request<hyper::body::Incoming>, metrics: &Metrics, health: &HealthProvider) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && req.uri().path() == "/healthz" {
-        return Response::new(Full::new(Bytes::from_static(b"ok\n")));
+        let Health { ok, report } = health().await;
+        let mut r = Response::new(Full::new(Bytes::from(format!("{report}\n"))));
+        if !ok {
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+        return r;
     }
     if req.method() != Method::GET || req.uri().path() != "/metrics" {
         let mut r = Response::new(Full::new(Bytes::from_static(b"not found: try GET /metrics or /healthz\n")));

@@ -2,7 +2,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `GET /healthz` | `ok` |
+//! | `GET /healthz` | `ok` (the socket's own liveness; the metrics listener's `/healthz` reports the daemon's health) |
 //! | `GET /v1/status` | the daemon's status JSON (from its `StatusProvider`), plus `alerts` writer health |
 //! | `GET /v1/alerts?since=&until=&pod=&namespace=&rule=&severity=&kind=` | matching alerts, JSON lines, oldest first |
 //! | `GET /v1/alerts/follow?...` | the same filters; history when `since` is given, then live alerts, JSON lines (chunked) |
@@ -29,7 +29,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use metrics::{DEFAULT_METRICS_ADDR, Metrics, serve_metrics};
+pub use metrics::{DEFAULT_METRICS_ADDR, Health, HealthProvider, ListenerLimits, Metrics, health_provider, serve_metrics};
 pub use server::{bind, serve, serve_on};
 
 use crate::alerts::AlertSink;

@@ -29,6 +29,8 @@ use crate::alerts::time::now_micros;
 
 /// Release requests larger than this are refused (they are a pod name and a sentence).
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Request headers, and an operator request's body, must arrive within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle follow stream sends an empty line this often, so a vanished client is noticed.
 const FOLLOW_HEARTBEAT: Duration = Duration::from_secs(15);
 
@@ -112,7 +114,13 @@ async fn handle_connection(stream: UnixStream, state: Arc<ApiState>) {
         async move { Ok::<_, std::convert::Infallible>(route(req, &state, &peer).await) }
     });
     let io = hyper_util::rt::TokioIo::new(stream);
-    if let Err(err) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+    // Follow streams live long, so no connection deadline here; but a request's headers (and an
+    // operator request's body, see `operator_request`) must arrive in time.
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .serve_connection(io, service);
+    if let Err(err) = connection.await {
         tracing::debug!(%err, "API connection ended");
     }
 }
@@ -248,9 +256,10 @@ pub struct OperatorBody {
 /// Reads and checks an operator's request body; the error is the response to send.
 async fn operator_request(req: Request<Incoming>, peer: &Peer) -> Result<OperatorRequest, Response<ApiBody>> {
     let limited = http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BYTES);
-    let bytes = match limited.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) => return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {err}"))),
+    let bytes = match tokio::time::timeout(REQUEST_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(err)) => return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {err}"))),
+        Err(_) => return Err(error_response(StatusCode::REQUEST_TIMEOUT, format!("request body not complete within {REQUEST_TIMEOUT:?}"))),
     };
     let request: OperatorBody = serde_json::from_slice(&bytes).map_err(|err| {
         error_response(StatusCode::BAD_REQUEST, format!("want {{\"pod\": \"ns/name\", \"reason\": \"...\"}}: {err}"))
