@@ -102,6 +102,13 @@ fn healthz_keeps_answering_through_slow_loris_and_a_connection_flood() {
     // Both kinds of close are counted where an operator sees them.
     let (_, body) = get(addr, "/metrics");
     assert!(counter(&body, "header_timeout") >= 8.0, "header timeouts not counted:\n{body}");
-    assert!(counter(&body, "evicted") >= (200 - limits.max_connections) as f64, "evictions not counted:\n{body}");
+    // An idle flood connection is closed by whichever comes first: eviction at the cap, or the
+    // header timeout (no request ever started on it).
+    let evicted = counter(&body, "evicted");
+    assert!(evicted > 0.0, "evictions not counted:\n{body}");
+    assert!(
+        evicted + counter(&body, "header_timeout") >= (8 + 200 - limits.max_connections) as f64,
+        "not every close counted:\n{body}"
+    );
     drop(runtime);
 }
