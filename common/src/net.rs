@@ -32,8 +32,9 @@ pub const MAP_SEG_COUNTERS: &str = "SEG_COUNTERS";
 pub const MAP_SEG_CONFIG: &str = "SEG_CONFIG";
 pub const MAP_SEG_CT_CONFIG: &str = "SEG_CT_CONFIG";
 pub const MAP_SEG_CT_PODS: &str = "SEG_CT_PODS";
+pub const MAP_SEG_BACKSTOP: &str = "SEG_BACKSTOP";
 /// Every datapath map, in the order the user side pins them.
-pub const SEG_MAPS: [&str; 12] = [
+pub const SEG_MAPS: [&str; 13] = [
     MAP_SEG_QUARANTINE,
     MAP_SEG_FORENSICS,
     MAP_SEG_IPCACHE,
@@ -46,6 +47,7 @@ pub const SEG_MAPS: [&str; 12] = [
     MAP_SEG_CONFIG,
     MAP_SEG_CT_CONFIG,
     MAP_SEG_CT_PODS,
+    MAP_SEG_BACKSTOP,
 ];
 
 pub const PROG_SEG_INGRESS: &str = "seg_ingress";
@@ -55,6 +57,19 @@ pub const PROG_SEG_EGRESS: &str = "seg_egress";
 pub const PROG_SEG_CT_SWEEP: &str = "seg_ct_sweep";
 /// Keys per sweep program run (40 bytes each, after a 14-byte Ethernet header).
 pub const CT_SWEEP_BATCH: u32 = 64;
+/// lsm_cgroup/socket_post_create per pod cgroup: a quarantined pod opens no packet socket
+/// (AF_PACKET, SOCK_PACKET) and no raw IP socket.
+pub const PROG_SEG_SOCK_CREATE: &str = "seg_sock_create";
+/// cgroup/sock_create per pod cgroup: a quarantined pod opens no raw IP socket (inet only, works
+/// without the BPF LSM).
+pub const PROG_SEG_INET_SOCK_CREATE: &str = "seg_inet_sock_create";
+/// TC (tcx) on the pod's host-side interface, for what the cgroup hooks cannot see (frames of a
+/// packet socket opened before the quarantine, kernel-made ARP/ND): ingress there is what the
+/// pod sends, egress what it receives.
+pub const PROG_SEG_BACKSTOP_FROM_POD: &str = "seg_backstop_from_pod";
+pub const PROG_SEG_BACKSTOP_TO_POD: &str = "seg_backstop_to_pod";
+/// The LSM hook the socket program attaches to.
+pub const SOCK_CREATE_LSM_HOOK: &str = "socket_post_create";
 
 pub const SEG_MAX_QUARANTINE: u32 = 16384;
 pub const SEG_MAX_FORENSICS: u32 = 1024;
@@ -64,6 +79,7 @@ pub const SEG_MAX_POLICY: u32 = 1_048_576;
 /// A hash map, not an LRU: an entry is never evicted to make room for another pod's flow; it
 /// leaves when it expires (removed by the sweeper).
 pub const SEG_MAX_CONNTRACK: u32 = 262_144;
+pub const SEG_MAX_BACKSTOP: u32 = 65_536;
 pub const SEG_EVENTS_RINGBUF_BYTES: u32 = 1024 * 1024;
 /// How many cgroup levels (from the root) the quarantine check walks (a pod's containers live in
 /// child cgroups of the pod cgroup).
@@ -111,6 +127,13 @@ pub const PATH_UNPARSED: u8 = 1;
 pub const PATH_ND: u8 = 2;
 /// A parsed packet written by a raw socket (SOCK_RAW: hand-built headers) at a cgroup_skb hook.
 pub const PATH_RAW_SOCKET: u8 = 3;
+/// A packet or raw socket refused at creation (lsm_cgroup socket_post_create). The record has no
+/// addresses: `local_port` holds the address family, `peer_port` the socket type, `protocol`
+/// the protocol's low byte; the header carries the process (pid, comm).
+pub const PATH_SOCKET_CREATE: u8 = 4;
+/// A frame dropped by the TC backstop on the pod's host-side interface (what no cgroup hook
+/// saw: packet sockets, kernel-made ARP/ND). Addresses are filled for IPv4/IPv6 frames.
+pub const PATH_BACKSTOP: u8 = 5;
 
 /// Conntrack flags, relative to the normalized key (lo = the smaller (addr, port)).
 pub const CT_LO_HI_EGRESS: u32 = 1;
@@ -375,6 +398,16 @@ pub const fn ct_side_bits(local_is_lo: bool) -> (u32, u32) {
     if local_is_lo { (CT_LO_HI_EGRESS, CT_HI_LO_INGRESS) } else { (CT_HI_LO_EGRESS, CT_LO_HI_INGRESS) }
 }
 
+/// SEG_BACKSTOP value, keyed by the ifindex of a pod's host-side interface (in the namespace the
+/// TC programs are attached in): whose interface it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackstopValue {
+    /// The pod's cgroup id, looked up in SEG_QUARANTINE.
+    pub cgroup_id: u64,
+}
+assert_wire_size!(BackstopValue, 8);
+
 /// SEG_DENY_RATE value, keyed by endpoint id (u32): the per-endpoint event budget.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -511,4 +544,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::CtConfig {}
     unsafe impl aya::Pod for super::CtPodUsage {}
+    unsafe impl aya::Pod for super::BackstopValue {}
 }

@@ -24,7 +24,10 @@ use aya::EbpfLoader;
 use palisade::segmentation::conntrack::{self, ConntrackSettings};
 use palisade::segmentation::datapath::{self, Datapath, DatapathError};
 use palisade::segmentation::{PolicySet, Segmentation};
-use palisade_common::{MAP_SEG_CT_CONFIG, PROG_SEG_INGRESS, SEG_MAX_CONNTRACK};
+use palisade_common::{
+    BackstopValue, MAP_SEG_BACKSTOP, MAP_SEG_CT_CONFIG, PROG_SEG_BACKSTOP_FROM_POD, PROG_SEG_INGRESS, QuarantineValue,
+    SEG_MAX_CONNTRACK,
+};
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 7;
@@ -186,4 +189,39 @@ fn per_packet_cost_by_policy_count() {
             );
         }
     }
+}
+
+/// The TC backstop on a pod's host-side interface (issue 10): per-frame cost for a pod that is
+/// not quarantined (the common case: SEG_BACKSTOP and SEG_QUARANTINE lookups, then "next") and
+/// for a quarantined one (frame parsed, exceptions checked, dropped; drop records off).
+/// BPF_PROG_TEST_RUN runs a TC program on the loopback device (ifindex 1), so the bench registers
+/// ifindex 1 as the pod's interface.
+#[test]
+fn backstop_cost_per_frame() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping backstop bench: needs root (BPF_PROG_TEST_RUN)");
+        return;
+    }
+    let mut bpf = datapath::load(None).expect("load");
+    let cgroup_id = 4242;
+    {
+        let mut map: aya::maps::HashMap<&mut aya::maps::MapData, u32, BackstopValue> =
+            aya::maps::HashMap::try_from(bpf.map_mut(MAP_SEG_BACKSTOP).expect("SEG_BACKSTOP")).expect("map");
+        map.insert(1, BackstopValue { cgroup_id }, 0).expect("insert");
+    }
+    let prog: &mut aya::programs::SchedClassifier =
+        bpf.program_mut(PROG_SEG_BACKSTOP_FROM_POD).expect("program").try_into().expect("classifier");
+    prog.load().expect("load classifier");
+    let fd = prog.fd().expect("loaded").as_fd().as_raw_fd();
+    let frame = packet([198, 18, 0, 1], [198, 18, 0, 2], 40000, 8080, 0x10);
+    let (ret, free_ns) = test_run(fd, &frame, REPEAT);
+    assert_eq!(ret as i32, -1, "a pod that is not quarantined: next");
+    palisade::segmentation::datapath::set_quarantine(&mut bpf, cgroup_id, QuarantineValue::default()).expect("quarantine");
+    let prog = bpf.program(PROG_SEG_BACKSTOP_FROM_POD).expect("program");
+    let fd = prog.fd().expect("loaded").as_fd().as_raw_fd();
+    let (ret, quarantined_ns) = test_run(fd, &frame, REPEAT);
+    assert_eq!(ret, 2, "a quarantined pod's frame: drop");
+    println!("{:>28} {:>10}", "tc backstop", "ns/frame");
+    println!("{:>28} {free_ns:>10}", "pod not quarantined");
+    println!("{:>28} {quarantined_ns:>10}", "pod quarantined (dropped)");
 }

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::inventory::Inventory;
 use crate::probes::host::{HostError, ProbeHost};
+use crate::quarantine::datapath::{EscapeHooks, attach_escape_hooks};
 use crate::segmentation::datapath::{Datapath, DatapathError, SyncStats};
 use crate::segmentation::{Capacity, Compiled, PolicyError, PolicyReport, PolicySet, Segmentation, Usage};
 
@@ -42,6 +43,11 @@ pub struct EnforcementStatus {
     pub isolated_endpoints: usize,
     pub policy_entries: usize,
     pub attached_cgroups: usize,
+    /// Endpoints whose datapath, socket hooks or TC backstop are not (yet) attached, and why.
+    pub unattached: Vec<Unattached>,
+    /// What stops a quarantined pod's raw and packet sockets on this kernel (see
+    /// docs/quarantine-coverage.md).
+    pub escape_paths: EscapePaths,
     pub last_sync: Option<String>,
     pub last_sync_ms: Option<f64>,
     pub last_error: Option<String>,
@@ -54,6 +60,29 @@ pub struct EnforcementStatus {
     pub degraded: Option<String>,
 }
 
+/// One endpoint part that is not enforced, for status.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Unattached {
+    pub cgroup: String,
+    /// `datapath` (cgroup_skb), `raw_ip_sockets`, `packet_sockets` or `backstop`.
+    pub what: &'static str,
+    pub why: String,
+}
+
+/// Coverage of a quarantined pod's ways out, over the attached endpoints.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EscapePaths {
+    /// IP packets of every socket kind, unparsable ones and neighbour discovery included.
+    pub cgroup_skb: usize,
+    /// Raw IP sockets refused at creation (cgroup/sock_create).
+    pub raw_ip_sockets_refused: usize,
+    /// Packet sockets refused at creation (lsm_cgroup/socket_post_create; needs the BPF LSM).
+    pub packet_sockets_refused: usize,
+    /// Frames no cgroup hook sees (packet sockets, kernel-made ARP/ND) dropped on the pod's
+    /// host-side interface.
+    pub tc_backstop: usize,
+}
+
 pub struct Enforcer {
     segmentation: Segmentation,
     /// Lives on the eBPF owner task (jobs run there one at a time).
@@ -64,6 +93,11 @@ pub struct Enforcer {
     cgroup_root: PathBuf,
     attached: BTreeSet<PathBuf>,
     policy_report: PolicyReport,
+    /// The escape-path hooks of each attached cgroup (the backstop is retried at every sync
+    /// until it is in place).
+    escape_hooks: std::collections::BTreeMap<PathBuf, EscapeHooks>,
+    /// Cgroups the cgroup_skb programs could not be attached to, and why.
+    attach_errors: std::collections::BTreeMap<PathBuf, String>,
     pub status: EnforcementStatus,
 }
 
@@ -100,6 +134,8 @@ impl Enforcer {
             cgroup_root,
             attached: BTreeSet::new(),
             policy_report,
+            escape_hooks: Default::default(),
+            attach_errors: Default::default(),
             status: EnforcementStatus::default(),
         };
         enforcer.apply().await?;
@@ -153,9 +189,15 @@ impl Enforcer {
         let capacity = self.segmentation.capacity();
         let to_attach: Vec<PathBuf> = wanted.difference(&self.attached).cloned().collect();
         let to_release: Vec<PathBuf> = self.attached.difference(&wanted).cloned().collect();
+        // Escape hooks for new cgroups, and again where the backstop is still missing.
+        let mut to_hook: Vec<PathBuf> = to_attach.clone();
+        to_hook.extend(
+            self.escape_hooks.iter().filter(|(c, h)| h.backstop_pending() && wanted.contains(*c)).map(|(c, _)| c.clone()),
+        );
+        type Applied = (Result<SyncStats, DatapathError>, Vec<PathBuf>, Vec<(PathBuf, String)>, Vec<(PathBuf, EscapeHooks)>);
         let result = self
             .host
-            .with(move |ebpf| -> Result<(Result<SyncStats, DatapathError>, Vec<PathBuf>), EnforcementError> {
+            .with(move |ebpf| -> Result<Applied, EnforcementError> {
                 let mut datapath = datapath.lock().map_err(|_| EnforcementError::Poisoned)?;
                 // Maps first: a newly attached program must find its allows already in place.
                 // The sync adds before it removes; when the old and new POLICY entries together
@@ -177,23 +219,40 @@ impl Enforcer {
                 // New endpoints are attached even when the sync failed: an unattached pod
                 // passes everything, an attached one at least gets what was written.
                 let mut attached = Vec::new();
+                let mut failed = Vec::new();
                 for cgroup in to_attach {
                     match datapath.attach_pinned(ebpf, &cgroup, &pin_dir) {
                         Ok(()) => attached.push(cgroup),
-                        Err(err) => tracing::error!(cgroup = %cgroup.display(), %err, "attaching the datapath"),
+                        Err(err) => {
+                            tracing::error!(cgroup = %cgroup.display(), %err, "attaching the datapath");
+                            failed.push((cgroup, err.to_string()));
+                        }
                     }
                 }
-                Ok((sync, attached))
+                let hooks = to_hook
+                    .into_iter()
+                    .filter(|cgroup| !failed.iter().any(|(f, _)| f == cgroup))
+                    .map(|cgroup| {
+                        let hooks = attach_escape_hooks(ebpf, &cgroup, &pin_dir);
+                        (cgroup, hooks)
+                    })
+                    .collect();
+                Ok((sync, attached, failed, hooks))
             })
             .await?;
-        let (sync, attached) = match result {
+        let (sync, attached, failed, hooks) = match result {
             Ok(ok) => ok,
             Err(err) => {
                 self.status.last_error = Some(err.to_string());
                 return Err(err);
             }
         };
+        for cgroup in &attached {
+            self.attach_errors.remove(cgroup);
+        }
         self.attached.extend(attached);
+        self.attach_errors.extend(failed);
+        self.escape_hooks.extend(hooks);
         let stats = match sync {
             Ok(stats) => stats,
             Err(err) => {
@@ -205,7 +264,10 @@ impl Enforcer {
         for cgroup in to_release {
             release_pins(&self.pin_dir, &cgroup);
             self.attached.remove(&cgroup);
+            self.escape_hooks.remove(&cgroup);
         }
+        self.attach_errors.retain(|cgroup, _| wanted.contains(cgroup));
+        let (unattached, escape_paths) = self.escape_status();
         let compiled = self.segmentation.compiled();
         self.status = EnforcementStatus {
             policy_paths: self.policy_paths.iter().map(|p| p.display().to_string()).collect(),
@@ -215,6 +277,8 @@ impl Enforcer {
             isolated_endpoints: compiled.endpoint_config.values().filter(|c| c.flags != 0).count(),
             policy_entries: compiled.policy.len(),
             attached_cgroups: self.attached.len(),
+            unattached,
+            escape_paths,
             last_sync: Some(format!("{stats:?}")),
             last_sync_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
             last_error: None,
@@ -230,11 +294,36 @@ impl Enforcer {
     }
 }
 
+impl Enforcer {
+    /// What is not attached and why; what covers the escape paths.
+    fn escape_status(&self) -> (Vec<Unattached>, EscapePaths) {
+        let mut unattached: Vec<Unattached> = self
+            .attach_errors
+            .iter()
+            .map(|(c, why)| Unattached { cgroup: c.display().to_string(), what: "datapath", why: why.clone() })
+            .collect();
+        let mut paths = EscapePaths { cgroup_skb: self.attached.len(), ..EscapePaths::default() };
+        for (cgroup, hooks) in &self.escape_hooks {
+            for (what, missing, covered) in [
+                ("raw_ip_sockets", &hooks.raw_ip_sockets, &mut paths.raw_ip_sockets_refused),
+                ("packet_sockets", &hooks.packet_sockets, &mut paths.packet_sockets_refused),
+                ("backstop", &hooks.backstop, &mut paths.tc_backstop),
+            ] {
+                match missing {
+                    None => *covered += 1,
+                    Some(why) => unattached.push(Unattached { cgroup: cgroup.display().to_string(), what, why: why.clone() }),
+                }
+            }
+        }
+        (unattached, paths)
+    }
+}
+
 /// Unpins the links of a cgroup that left the inventory (the kernel detaches them when the last
 /// reference goes; a removed cgroup takes them along anyway).
 fn release_pins(pin_dir: &Path, cgroup: &Path) {
     let Ok(id) = crate::probes::loader::cgroup_id(cgroup) else { return };
-    for suffix in ["ingress", "egress"] {
+    for suffix in crate::quarantine::datapath::LINK_SUFFIXES {
         let _ = std::fs::remove_file(pin_dir.join(format!("{id}-{suffix}")));
     }
 }

@@ -17,7 +17,7 @@ use aya_ebpf::{
     },
     macros::{cgroup_skb, map, socket_filter},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::SkBuffContext,
+    programs::{SkBuffContext, sk_buff::SkBuff},
 };
 use palisade_common::{
     CNT_ALLOWED_CT, CNT_ALLOWED_POLICY, CNT_COUNT, CNT_DENIED_POLICY, CNT_DENIED_QUARANTINE,
@@ -35,12 +35,13 @@ use palisade_common::{
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
+pub(crate) const SOCK_RAW: u32 = 3;
 
 #[map]
-static SEG_QUARANTINE: HashMap<u64, QuarantineValue> = HashMap::with_max_entries(SEG_MAX_QUARANTINE, 0);
+pub(crate) static SEG_QUARANTINE: HashMap<u64, QuarantineValue> = HashMap::with_max_entries(SEG_MAX_QUARANTINE, 0);
 
 #[map]
-static SEG_FORENSICS: LpmTrie<IpAddrKey, ForensicsValue> = LpmTrie::with_max_entries(SEG_MAX_FORENSICS, 0);
+pub(crate) static SEG_FORENSICS: LpmTrie<IpAddrKey, ForensicsValue> = LpmTrie::with_max_entries(SEG_MAX_FORENSICS, 0);
 
 #[map]
 static SEG_IPCACHE: LpmTrie<IpAddrKey, IpCacheValue> = LpmTrie::with_max_entries(SEG_MAX_IPCACHE, 0);
@@ -61,16 +62,16 @@ static SEG_CONNTRACK: HashMap<CtKey, CtValue> = HashMap::with_max_entries(SEG_MA
 static SEG_CT_PODS: LruHashMap<u32, CtPodUsage> = LruHashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
 
 #[map]
-static SEG_DENY_RATE: LruHashMap<u32, DenyRateState> = LruHashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
+pub(crate) static SEG_DENY_RATE: LruHashMap<u32, DenyRateState> = LruHashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
 
 #[map]
-static SEG_EVENTS: RingBuf = RingBuf::with_byte_size(SEG_EVENTS_RINGBUF_BYTES, 0);
+pub(crate) static SEG_EVENTS: RingBuf = RingBuf::with_byte_size(SEG_EVENTS_RINGBUF_BYTES, 0);
 
 #[map]
-static SEG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CNT_COUNT, 0);
+pub(crate) static SEG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CNT_COUNT, 0);
 
 #[map]
-static SEG_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+pub(crate) static SEG_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 static SEG_CT_CONFIG: Array<CtConfig> = Array::with_max_entries(1, 0);
@@ -85,21 +86,20 @@ struct CtScratch {
     judgement: Judgement,
 }
 
-struct Pkt {
-    src: [u8; 16],
-    dst: [u8; 16],
-    sport: u16,
-    dport: u16,
-    protocol: u8,
+pub(crate) struct Pkt {
+    pub(crate) src: [u8; 16],
+    pub(crate) dst: [u8; 16],
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) protocol: u8,
     /// TCP header flags (0 for other protocols).
-    tcp_flags: u8,
+    pub(crate) tcp_flags: u8,
     /// ICMPv6 neighbour discovery (passes unless the pod is quarantined).
-    nd: bool,
+    pub(crate) nd: bool,
     /// The target address of a neighbour solicitation or advertisement (zero otherwise).
-    nd_target: [u8; 16],
+    pub(crate) nd_target: [u8; 16],
 }
 
-const SOCK_RAW: u32 = 3;
 const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
 const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 
@@ -114,7 +114,7 @@ pub fn seg_egress(ctx: SkBuffContext) -> i32 {
 }
 
 #[inline(always)]
-fn count(idx: u32) {
+pub(crate) fn count(idx: u32) {
     if let Some(slot) = SEG_COUNTERS.get_ptr_mut(idx) {
         unsafe { *slot += 1 };
     }
@@ -122,16 +122,17 @@ fn count(idx: u32) {
 
 impl Pkt {
     #[inline(always)]
-    const fn zero() -> Pkt {
+    pub(crate) const fn zero() -> Pkt {
         Pkt { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, protocol: 0, tcp_flags: 0, nd: false, nd_target: [0; 16] }
     }
 }
 
-/// Fills `p` (zeroed by the caller) from the packet; None when it cannot be parsed. Writes into the
-/// caller's frame: the eBPF stack (512 bytes over all calls) has no room for copies.
+/// Fills `p` (zeroed by the caller) from the IP header at `base` (0 at cgroup_skb hooks, 14 behind
+/// an Ethernet header at TC); None when it cannot be parsed. Writes into the caller's frame: the
+/// eBPF stack (512 bytes over all calls) has no room for copies.
 #[inline(always)]
-fn parse(ctx: &SkBuffContext, p: &mut Pkt) -> Option<()> {
-    let b0: u8 = ctx.load(0).ok()?;
+pub(crate) fn parse(skb: &SkBuff, base: usize, p: &mut Pkt) -> Option<()> {
+    let b0: u8 = skb.load(base).ok()?;
     let l4: usize;
     match b0 >> 4 {
         4 => {
@@ -139,9 +140,9 @@ fn parse(ctx: &SkBuffContext, p: &mut Pkt) -> Option<()> {
             if ihl < 20 {
                 return None;
             }
-            p.protocol = ctx.load(9).ok()?;
-            let s: [u8; 4] = ctx.load(12).ok()?;
-            let d: [u8; 4] = ctx.load(16).ok()?;
+            p.protocol = skb.load(base + 9).ok()?;
+            let s: [u8; 4] = skb.load(base + 12).ok()?;
+            let d: [u8; 4] = skb.load(base + 16).ok()?;
             p.src[10] = 0xff;
             p.src[11] = 0xff;
             p.dst[10] = 0xff;
@@ -154,7 +155,7 @@ fn parse(ctx: &SkBuffContext, p: &mut Pkt) -> Option<()> {
             p.dst[13] = d[1];
             p.dst[14] = d[2];
             p.dst[15] = d[3];
-            let frag: [u8; 2] = ctx.load(6).ok()?;
+            let frag: [u8; 2] = skb.load(base + 6).ok()?;
             if (u16::from_be_bytes(frag) & 0x1fff) != 0 {
                 // A non-first fragment carries no ports.
                 return Some(());
@@ -162,16 +163,16 @@ fn parse(ctx: &SkBuffContext, p: &mut Pkt) -> Option<()> {
             l4 = ihl & 0x3c;
         }
         6 => {
-            p.protocol = ctx.load(6).ok()?;
-            p.src = ctx.load(8).ok()?;
-            p.dst = ctx.load(24).ok()?;
+            p.protocol = skb.load(base + 6).ok()?;
+            p.src = skb.load(base + 8).ok()?;
+            p.dst = skb.load(base + 24).ok()?;
             l4 = 40;
             if p.protocol == 58 {
-                let t: u8 = ctx.load(l4).ok()?;
+                let t: u8 = skb.load(base + l4).ok()?;
                 p.nd = (133..=137).contains(&t);
                 if t == ICMPV6_NEIGHBOUR_SOLICITATION || t == ICMPV6_NEIGHBOUR_ADVERTISEMENT {
                     // A truncated message keeps a zero target (matches no forensics peer).
-                    if let Ok(target) = ctx.load::<[u8; 16]>(l4 + 8) {
+                    if let Ok(target) = skb.load::<[u8; 16]>(base + l4 + 8) {
                         p.nd_target = target;
                     }
                 }
@@ -181,18 +182,18 @@ fn parse(ctx: &SkBuffContext, p: &mut Pkt) -> Option<()> {
         _ => return None,
     }
     if p.protocol == 6 || p.protocol == 17 || p.protocol == 132 {
-        let ports: [u8; 4] = ctx.load(l4).ok()?;
+        let ports: [u8; 4] = skb.load(base + l4).ok()?;
         p.sport = u16::from_be_bytes([ports[0], ports[1]]);
         p.dport = u16::from_be_bytes([ports[2], ports[3]]);
     }
     if p.protocol == PROTO_TCP {
-        p.tcp_flags = ctx.load(l4 + 13).ok()?;
+        p.tcp_flags = skb.load(base + l4 + 13).ok()?;
     }
     Some(())
 }
 
 #[inline(always)]
-fn is_loopback(a: &[u8; 16]) -> bool {
+pub(crate) fn is_loopback(a: &[u8; 16]) -> bool {
     let mut zero10 = true;
     let mut i = 0;
     while i < 10 {
@@ -208,7 +209,7 @@ fn is_loopback(a: &[u8; 16]) -> bool {
 }
 
 #[inline(always)]
-fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
+pub(crate) fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
     let mut i = 0;
     while i < 16 {
         if a[i] != b[i] {
@@ -248,7 +249,7 @@ fn decide(ctx: &SkBuffContext, direction: u8) -> i32 {
         return quarantined(ctx, &mut p, direction as u32, q.endpoint_id, cgroup_id);
     }
     // 2. what the policy cannot judge: unparsable packets and neighbour discovery pass.
-    if parse(ctx, &mut p).is_none() {
+    if parse(&ctx.skb, 0, &mut p).is_none() {
         count(CNT_UNPARSED);
         return PASS;
     }
@@ -264,7 +265,7 @@ fn decide(ctx: &SkBuffContext, direction: u8) -> i32 {
 /// is a forensics peer (so the exception keeps working over IPv6), else PATH_ND.
 #[inline(never)]
 fn quarantined(ctx: &SkBuffContext, p: &mut Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32 {
-    if parse(ctx, p).is_none() {
+    if parse(&ctx.skb, 0, p).is_none() {
         // What was read before the parse gave up is not trustworthy: report zeros.
         *p = Pkt::zero();
         count(CNT_DENIED_QUARANTINE);
@@ -272,7 +273,7 @@ fn quarantined(ctx: &SkBuffContext, p: &mut Pkt, direction: u32, endpoint_id: u3
         return DROP;
     }
     if p.nd {
-        if SEG_FORENSICS.get(Key::new(128, IpAddrKey { addr: p.nd_target })).is_some() {
+        if nd_exempt(p) {
             return PASS;
         }
         count(CNT_DENIED_QUARANTINE);
@@ -283,7 +284,7 @@ fn quarantined(ctx: &SkBuffContext, p: &mut Pkt, direction: u32, endpoint_id: u3
 }
 
 #[inline(always)]
-fn path_bits(path: u8) -> u32 {
+pub(crate) fn path_bits(path: u8) -> u32 {
     (path as u32) << 16
 }
 
@@ -303,21 +304,36 @@ fn from_raw_socket(ctx: &SkBuffContext) -> bool {
     }
 }
 
-#[inline(never)]
-fn quarantined_ip(ctx: &SkBuffContext, p: &Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32 {
-    let egress = direction == DIRECTION_EGRESS as u32;
+/// What a quarantined pod may still exchange: traffic inside the pod (same address, loopback)
+/// and the forensics exception.
+#[inline(always)]
+pub(crate) fn quarantine_exempt(p: &Pkt, egress: bool) -> bool {
     let (local, peer, local_port, peer_port) =
         if egress { (&p.src, &p.dst, p.sport, p.dport) } else { (&p.dst, &p.src, p.dport, p.sport) };
     if same(local, peer) || is_loopback(peer) {
-        return PASS;
+        return true;
     }
     if let Some(f) = SEG_FORENSICS.get(Key::new(128, IpAddrKey { addr: *peer })) {
         // The exception's port is the service side of the flow: the peer's port when the pod
         // connects out, the pod's own port when the peer connects in. Either end matching lets
         // both a session and its replies through.
         if (f.protocol == 0 || f.protocol == p.protocol) && (f.port == 0 || f.port == peer_port || f.port == local_port) {
-            return PASS;
+            return true;
         }
+    }
+    false
+}
+
+/// Neighbour discovery a quarantined pod may still exchange: about a forensics peer's address.
+#[inline(always)]
+pub(crate) fn nd_exempt(p: &Pkt) -> bool {
+    SEG_FORENSICS.get(Key::new(128, IpAddrKey { addr: p.nd_target })).is_some()
+}
+
+#[inline(never)]
+fn quarantined_ip(ctx: &SkBuffContext, p: &Pkt, direction: u32, endpoint_id: u32, cgroup_id: u64) -> i32 {
+    if quarantine_exempt(p, direction == DIRECTION_EGRESS as u32) {
+        return PASS;
     }
     count(CNT_DENIED_QUARANTINE);
     let path = if from_raw_socket(ctx) { PATH_RAW_SOCKET } else { PATH_IP };
@@ -652,41 +668,13 @@ fn probe(endpoint_id: u32, direction: u32, peer: u32, proto_port: u32, plens: u3
 /// A policy_denied record, rate limited per endpoint (the rest are counted and reported with the
 /// next record). `direction_reason` packs path << 16 | direction << 8 | reason (PATH_IP is 0).
 #[inline(never)]
-fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_identity: u32, cgroup_id: u64) {
+pub(crate) fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_identity: u32, cgroup_id: u64) {
     let path = (direction_reason >> 16) as u8;
     let direction = (direction_reason >> 8) as u8;
     let reason = direction_reason as u8;
-    let (limit, enabled) = match SEG_CONFIG.get(0) {
-        Some(c) => (if c.deny_events_per_window == 0 { DENY_EVENTS_PER_WINDOW } else { c.deny_events_per_window }, c.emit_denied != 0),
-        None => (DENY_EVENTS_PER_WINDOW, false),
-    };
-    if !enabled {
+    let Some((now, suppressed)) = admit(endpoint_id) else {
         return;
-    }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let suppressed;
-    match SEG_DENY_RATE.get_ptr_mut(&endpoint_id) {
-        Some(st) => {
-            let st = unsafe { &mut *st };
-            if now.wrapping_sub(st.window_start_ns) > DENY_WINDOW_NS {
-                st.window_start_ns = now;
-                st.emitted = 0;
-            }
-            if st.emitted >= limit {
-                st.suppressed += 1;
-                count(CNT_EVENTS_SUPPRESSED);
-                return;
-            }
-            st.emitted += 1;
-            suppressed = st.suppressed;
-            st.suppressed = 0;
-        }
-        None => {
-            let st = DenyRateState { window_start_ns: now, emitted: 1, suppressed: 0 };
-            let _ = SEG_DENY_RATE.insert(&endpoint_id, &st, 0);
-            suppressed = 0;
-        }
-    }
+    };
     let Some(mut entry) = SEG_EVENTS.reserve::<PolicyVerdictEvent>(0) else {
         count(CNT_EVENTS_LOST);
         return;
@@ -719,4 +707,42 @@ fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_identity: u32, 
     e.suppressed = suppressed;
     e._pad2 = 0;
     entry.submit(0);
+}
+
+/// The per-endpoint record budget: Some((now, denials held back since the last record)) when a
+/// record may be written, None when records are off or the window's budget is spent (counted).
+#[inline(always)]
+pub(crate) fn admit(endpoint_id: u32) -> Option<(u64, u32)> {
+    let (limit, enabled) = match SEG_CONFIG.get(0) {
+        Some(c) => (if c.deny_events_per_window == 0 { DENY_EVENTS_PER_WINDOW } else { c.deny_events_per_window }, c.emit_denied != 0),
+        None => (DENY_EVENTS_PER_WINDOW, false),
+    };
+    if !enabled {
+        return None;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let suppressed;
+    match SEG_DENY_RATE.get_ptr_mut(&endpoint_id) {
+        Some(st) => {
+            let st = unsafe { &mut *st };
+            if now.wrapping_sub(st.window_start_ns) > DENY_WINDOW_NS {
+                st.window_start_ns = now;
+                st.emitted = 0;
+            }
+            if st.emitted >= limit {
+                st.suppressed += 1;
+                count(CNT_EVENTS_SUPPRESSED);
+                return None;
+            }
+            st.emitted += 1;
+            suppressed = st.suppressed;
+            st.suppressed = 0;
+        }
+        None => {
+            let st = DenyRateState { window_start_ns: now, emitted: 1, suppressed: 0 };
+            let _ = SEG_DENY_RATE.insert(&endpoint_id, &st, 0);
+            suppressed = 0;
+        }
+    }
+    Some((now, suppressed))
 }

@@ -10,6 +10,7 @@
 
 mod common;
 mod datapath;
+mod escape;
 mod kprobes;
 mod process;
 mod syscalls;

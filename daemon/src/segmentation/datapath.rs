@@ -422,6 +422,8 @@ pub fn path_name(path: u8) -> &'static str {
         palisade_common::PATH_UNPARSED => "unparsed",
         palisade_common::PATH_ND => "neighbour_discovery",
         palisade_common::PATH_RAW_SOCKET => "raw_socket",
+        palisade_common::PATH_SOCKET_CREATE => "socket_create",
+        palisade_common::PATH_BACKSTOP => "backstop",
         _ => "unknown",
     }
 }
