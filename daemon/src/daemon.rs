@@ -39,6 +39,9 @@ pub struct RunArgs {
     /// Rules directory, watched for changes. Default: the embedded default rule pack.
     #[arg(long)]
     pub rules: Option<PathBuf>,
+    /// Accept a rules directory with no rules (nothing is judged); otherwise it is rejected.
+    #[arg(long)]
+    pub allow_empty_rules: bool,
     /// NetworkPolicy directory. Default: the embedded example policies.
     #[arg(long)]
     pub policies: Option<PathBuf>,
@@ -212,7 +215,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         Some(dir) => dir.clone(),
         None => crate::defaults::materialize(&defaults_dir.join("rules"), crate::defaults::DEFAULT_RULES)?,
     };
-    let pack = RulePack::load(&rules_dir).map_err(|e| anyhow::anyhow!("rule pack {}:\n{}", rules_dir.display(), e.lines().join("\n")))?;
+    let rule_options = PackOptions { allow_empty: args.allow_empty_rules, ..PackOptions::default() };
+    let pack = RulePack::load_with(&rules_dir, &rule_options).map_err(|e| anyhow::anyhow!("rule pack {}:\n{}", rules_dir.display(), e.lines().join("\n")))?;
     let kinds = kinds_for(&pack);
     tracing::info!(rules = pack.rules().len(), dir = %rules_dir.display(), "rule pack loaded");
     let rules = PackHandle::new(pack);
@@ -414,7 +418,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         let state = state.clone();
         let rules_dir_for_reload = rules_dir.clone();
         let runtime = tokio::runtime::Handle::current();
-        crate::rules::watch::watch(&rules_dir, PackOptions::default(), rules.clone(), move |note| {
+        crate::rules::watch::watch(&rules_dir, rule_options.clone(), rules.clone(), move |note| {
             match &note {
                 RulesNotification::Reloaded { .. } => {
                     state.metrics.record_rule_reload(true);

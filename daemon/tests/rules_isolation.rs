@@ -10,17 +10,30 @@ use serde_json::Value;
 use support::daemon::{DaemonGuard, DaemonOptions, repo_root, system_program};
 use support::require_kernel;
 
-/// Subscribes to exec and loops far past any per-rule instruction budget on every exec.
+/// Subscribes to exec and, on execs of a program named like the test's payload (not on the
+/// built-in events the load runs every rule on, so it loads), loops far past any per-rule
+/// instruction budget: a blow-up that depends on the data, as a list grown huge would.
 const BURN_RULE: &str = r#"package palisade.rules.burn
 
 meta := {"id": "burn", "title": "Budget burner", "severity": "low", "mitre": ["T1059"],
          "action": "alert", "events": ["exec"]}
 
 alerts contains "never" if {
+	contains(input.exec.filename, "payload")
 	some i in numbers.range(1, 1000)
 	some j in numbers.range(1, 1000)
 	i * j == 0
 }
+"#;
+
+/// A rule that depends on itself (the VM would overflow the native stack running it).
+const RECURSIVE_RULE: &str = r#"package palisade.rules.rec
+
+meta := {"id": "rec", "title": "Recursive", "severity": "low", "mitre": ["T1059"], "action": "alert", "events": ["exec"]}
+
+f(x) := f(x)
+
+alerts contains "never" if f(input.exec.filename)
 "#;
 
 /// Subscribes to exec and calls a builtin with a value it cannot take on every exec.
@@ -114,11 +127,13 @@ fn daemon_still_alerts_on_real_exec_when_one_rule_exhausts_its_budget() {
     std::fs::create_dir_all(&tmp).expect("tmp dir");
     let payload = tmp.join("payload");
     std::fs::copy(system_program("true").expect("true"), &payload).expect("copy payload");
-    for _ in 0..3 {
+    let run_payload = || {
         let out = daemon.exec_in("iso/web", &[&payload.to_string_lossy()]);
         assert!(out.status.success(), "payload ran: {out:?}");
+    };
+    for _ in 0..3 {
+        run_payload();
     }
-    let _ = std::fs::remove_dir_all(&tmp);
 
     let in_pod = |a: &Value| a["pod"]["name"] == "web" && a["pod"]["namespace"] == "iso";
     let hit = daemon.wait_for_alert(|a| a["kind"] == "rule" && a["rule"]["id"] == "exec_from_tmp" && in_pod(a), Duration::from_secs(20));
@@ -134,6 +149,26 @@ fn daemon_still_alerts_on_real_exec_when_one_rule_exhausts_its_budget() {
     let burn_alerts = daemon.alerts().into_iter().filter(|a| a["kind"] == "rule_error" && a["rule"]["id"] == "burn").count();
     assert_eq!(burn_alerts, 1, "rule_error alerts are rate limited per rule and event type");
     assert!(daemon.alerts().iter().all(|a| a["rule"]["id"] != "burn" || a["kind"] != "rule"), "the burner never alerts");
+
+    // Hot reload of a hostile pack (a recursive rule): rejected with its location, the daemon
+    // keeps running with the last good pack, and a real exec from /tmp still alerts.
+    let tmp_alerts = |daemon: &DaemonGuard| {
+        daemon.alerts().iter().filter(|a| a["kind"] == "rule" && a["rule"]["id"] == "exec_from_tmp" && in_pod(a)).count()
+    };
+    let before = tmp_alerts(&daemon);
+    std::fs::write(dir.join("rec.rego"), RECURSIVE_RULE).expect("write recursive rule");
+    let rejected = daemon.wait_for_alert(
+        |a| a["kind"] == "rules_rejected" && a["message"].as_str().is_some_and(|m| m.contains("rec.rego:5:1: recursion")),
+        Duration::from_secs(30),
+    );
+    assert!(rejected.is_some(), "no rules_rejected alert naming rec.rego:5:1; alerts: {:#?}", daemon.alerts());
+    run_payload();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tmp_alerts(&daemon) <= before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(tmp_alerts(&daemon) > before, "exec_from_tmp after the rejected reload; log:\n{}", daemon.log());
+    let _ = std::fs::remove_dir_all(&tmp);
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,7 +7,7 @@ use clap::{Subcommand, ValueEnum};
 
 use super::RulesError;
 use super::pack::{PackOptions, PackSources, RuleOverrides, RulePack, parse_modules};
-use super::testing::{TestKind, TestOptions, run_tests};
+use super::testing::{TestKind, TestOptions, default_fixture_paths, load_fixtures, run_tests};
 
 #[derive(Subcommand, Debug)]
 pub enum RulesCommand {
@@ -17,6 +17,13 @@ pub enum RulesCommand {
         /// Action overrides to apply (YAML: `actions: {rule: alert}`, `disabled: [rule]`).
         #[arg(long)]
         overrides: Option<PathBuf>,
+        /// Fixture files or directories every rule is also run on, within its budget (default:
+        /// DIR/fixtures and DIR/../testdata/rules).
+        #[arg(long = "fixtures")]
+        fixtures: Vec<PathBuf>,
+        /// Accept a pack with no rules.
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Run `test_*` rules of `*_test.rego` files and fixture cases (events in, alerts out).
     Test {
@@ -51,7 +58,7 @@ pub enum OutputFormat {
 
 pub fn run(cmd: RulesCommand) -> anyhow::Result<()> {
     match cmd {
-        RulesCommand::Check { dir, overrides } => check(&dir, overrides),
+        RulesCommand::Check { dir, overrides, fixtures, allow_empty } => check(&dir, overrides, fixtures, allow_empty),
         RulesCommand::Test { dir, coverage, fixtures, verbose } => test(&dir, coverage, fixtures, verbose),
         RulesCommand::Replay { dir, events, output } => replay(&dir, &events, output),
         RulesCommand::List { dir } => list(&dir),
@@ -77,10 +84,19 @@ fn options(overrides: Option<PathBuf>) -> PackOptions {
     PackOptions { overrides, ..PackOptions::default() }
 }
 
-fn check(dir: &std::path::Path, overrides: Option<PathBuf>) -> anyhow::Result<()> {
-    let options = options(overrides);
+fn check(dir: &std::path::Path, overrides: Option<PathBuf>, fixtures: Vec<PathBuf>, allow_empty: bool) -> anyhow::Result<()> {
+    let options = PackOptions { allow_empty, ..options(overrides) };
     let sources = PackSources::read_dir(dir).unwrap_or_else(|e| fail_with(&e));
     let pack = RulePack::from_sources(&sources, &options).unwrap_or_else(|e| fail_with(&e));
+    // What passes `check` runs in the daemon: every rule, alone and within its budget, on the
+    // built-in events (done by the load) and on the pack's fixtures.
+    let fixture_paths = if fixtures.is_empty() { default_fixture_paths(dir) } else { fixtures };
+    let cases = load_fixtures(&fixture_paths).unwrap_or_else(|e| fail_with(&e));
+    let events: Vec<serde_json::Value> = cases.iter().map(|c| c.case.event.clone()).collect();
+    let diagnostics = pack.smoke_check(&events, "fixture");
+    if !diagnostics.is_empty() {
+        fail_with(&RulesError::Rejected { diagnostics });
+    }
     // Test files are not part of the pack, but a broken one is still a problem to report.
     let mut all = sources.policies.clone();
     all.extend(sources.tests.iter().cloned());

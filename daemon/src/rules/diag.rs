@@ -39,8 +39,7 @@ impl Diagnostic {
     /// and are pinned to the start of `fallback_file`.
     pub fn from_regorus(err: &anyhow::Error, fallback_file: &str) -> Self {
         let text = format!("{err:#}");
-        parse_regorus_message(&text)
-            .unwrap_or_else(|| Diagnostic::file(fallback_file, one_line(&text)))
+        parse_regorus_message(&text).unwrap_or_else(|| Diagnostic::file(fallback_file, with_detail(one_line(&text))))
     }
 }
 
@@ -58,6 +57,7 @@ fn parse_regorus_message(text: &str) -> Option<Diagnostic> {
         .find_map(|l| l.strip_prefix("error: "))
         .map(str::to_string)
         .unwrap_or_else(|| one_line(text));
+    let message = with_detail(message);
     // Context that anyhow put before the positioned part is worth keeping.
     let prefix = one_line(text[..arrow].trim().trim_end_matches(':'));
     let message = if prefix.is_empty() || message.contains(&prefix) {
@@ -66,6 +66,15 @@ fn parse_regorus_message(text: &str) -> Option<Diagnostic> {
         format!("{message} ({prefix})")
     };
     Some(Diagnostic { file, line, col, message })
+}
+
+/// Some regorus errors carry no text ("Compilation error: "): say at least what failed.
+fn with_detail(message: String) -> String {
+    if message.trim_end().ends_with(':') || message.trim().is_empty() {
+        format!("{} the rule engine cannot compile the expression here (regorus gave no detail)", message.trim_end())
+    } else {
+        message
+    }
 }
 
 fn one_line(text: &str) -> String {
@@ -81,6 +90,13 @@ mod tests {
         let text = "\n--> rules/a.rego:3:7\n  |\n3 | x := \n  |       ^\nerror: unexpected eof";
         let d = parse_regorus_message(text).expect("positioned");
         assert_eq!(d.to_string(), "rules/a.rego:3:7: unexpected eof");
+    }
+
+    #[test]
+    fn empty_messages_still_say_what_failed() {
+        let text = "\n--> rules/a.rego:6:5\n  |\n6 | x := f(y)\n  |     ^\nerror: Compilation error: ";
+        let d = parse_regorus_message(text).expect("positioned");
+        assert!(d.message.starts_with("Compilation error: the rule engine cannot compile"), "{d}");
     }
 
     #[test]

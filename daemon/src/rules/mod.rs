@@ -11,6 +11,7 @@
 //!    alert of kind `rules_rejected`, `Reloaded` carries the new subscribed types.
 //!
 //! The rule contract (packages, `meta`, `alerts`, lists) is documented in `rules/README.md`.
+pub mod analysis;
 pub mod cli;
 pub mod diag;
 pub mod evaluator;
@@ -19,6 +20,7 @@ pub mod input;
 pub mod model;
 pub mod pack;
 pub mod prefilter;
+pub mod smoke;
 pub mod testing;
 pub mod watch;
 
@@ -29,7 +31,7 @@ pub use evaluator::{Evaluation, EvaluatorConfig, PackHandle, RuleEvaluator};
 pub use input::{InputConverter, to_rego_value};
 pub use model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
 pub use pack::{EngineKind, PackOptions, PackSources, RuleBudget, RuleOverrides, RulePack, Session};
-pub use watch::{RulesNotification, RulesWatcher, reload, watch};
+pub use watch::{RELOAD_DEADLINE, RulesNotification, RulesWatcher, reload, reload_within, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {

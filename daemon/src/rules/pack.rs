@@ -26,6 +26,7 @@ use regorus::{CompiledPolicy, Engine, Value};
 use serde::Deserialize;
 
 use super::RulesError;
+use super::analysis;
 use super::diag::Diagnostic;
 use super::input::{InputConverter, event_type, to_rego_value};
 use super::model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
@@ -83,6 +84,9 @@ pub struct PackOptions {
     pub engine: EngineKind,
     pub overrides: RuleOverrides,
     pub budget: RuleBudget,
+    /// Accept a pack with no rules (it judges nothing). Off by default: an empty rules directory
+    /// is far more often a mistake (a wrong mount, a failed sync) than an intent.
+    pub allow_empty: bool,
 }
 
 /// What one rule may spend on one event. A rule past it is stopped and reported
@@ -130,6 +134,8 @@ pub struct SourceFile {
 /// The files of a rules directory, sorted by path.
 #[derive(Debug, Clone, Default)]
 pub struct PackSources {
+    /// The directory read, for problems of the pack as a whole.
+    pub root: Option<String>,
     /// Rule and helper modules (`*.rego` except `*_test.rego`).
     pub policies: Vec<SourceFile>,
     /// Rego tests (`*_test.rego`), used by `palisade rules test` only.
@@ -143,7 +149,8 @@ impl PackSources {
     /// Reads a rules directory (recursively; names starting with `.` are skipped, so editor swap
     /// files and `..data` symlink farms of ConfigMaps are not read twice).
     pub fn read_dir(dir: &Path) -> Result<Self, RulesError> {
-        let mut sources = PackSources::default();
+        let mut sources = PackSources { root: Some(dir.display().to_string()), ..PackSources::default() };
+        let (mut files, mut total) = (0usize, 0u64);
         let mut stack = vec![dir.to_path_buf()];
         while let Some(current) = stack.pop() {
             let entries = std::fs::read_dir(&current)
@@ -178,9 +185,30 @@ impl PackSources {
                 } else {
                     continue;
                 };
+                // Limits before reading: a pack is never read into memory past them.
+                let limit = if in_lists { analysis::MAX_LIST_BYTES } else { analysis::MAX_SOURCE_BYTES };
+                let shown = path.display().to_string();
+                if meta.len() > limit {
+                    return Err(rejected(Diagnostic::file(
+                        &shown,
+                        format!("file is {} bytes, more than the {limit} a pack file may have", meta.len()),
+                    )));
+                }
+                files += 1;
+                total += meta.len();
+                if files > analysis::MAX_PACK_FILES || total > analysis::MAX_PACK_BYTES {
+                    return Err(rejected(Diagnostic::file(
+                        &shown,
+                        format!(
+                            "the pack is larger than {} files or {} bytes",
+                            analysis::MAX_PACK_FILES,
+                            analysis::MAX_PACK_BYTES
+                        ),
+                    )));
+                }
                 let text = std::fs::read_to_string(&path)
                     .map_err(|source| RulesError::Io { path: path.clone(), source })?;
-                bucket.push(SourceFile { path: path.display().to_string(), text });
+                bucket.push(SourceFile { path: shown, text });
             }
         }
         for bucket in [&mut sources.policies, &mut sources.tests, &mut sources.lists] {
@@ -194,6 +222,13 @@ impl PackSources {
         let mut lists = serde_json::Map::new();
         let mut diagnostics = Vec::new();
         for file in &self.lists {
+            if file.text.len() as u64 > analysis::MAX_LIST_BYTES {
+                diagnostics.push(Diagnostic::file(
+                    &file.path,
+                    format!("list file is {} bytes, more than the {} a list may have", file.text.len(), analysis::MAX_LIST_BYTES),
+                ));
+                continue;
+            }
             let stem = Path::new(&file.path)
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -384,6 +419,13 @@ impl RulePack {
             return Err(RulesError::Rejected { diagnostics });
         }
         rules.sort_by(|a, b| a.id.cmp(&b.id));
+        if rules.is_empty() && !options.allow_empty {
+            let at = sources.root.clone().or_else(|| sources.policies.first().map(|f| f.path.clone())).unwrap_or_default();
+            return Err(rejected(Diagnostic::file(
+                at,
+                "the pack has no rules (no package palisade.rules.<id>), so it would judge nothing; allow an empty pack explicitly if that is meant",
+            )));
+        }
 
         let mut warnings = Vec::new();
         let known: BTreeSet<&str> = rules.iter().map(|r| r.id.as_str()).collect();
@@ -444,8 +486,14 @@ impl RulePack {
         };
         // Make one session now so a pack that cannot run (e.g. data conflicting with rule
         // paths) is rejected at load, not at its first event.
-        let session = pack.session()?;
+        let mut session = pack.session()?;
+        // Every rule runs, within its budget, on one event of each type it subscribes to, so
+        // a pack that loads also runs.
+        let diagnostics = pack.smoke_in(&mut session, super::smoke::events(), "built-in");
         pack.release(session);
+        if !diagnostics.is_empty() {
+            return Err(RulesError::Rejected { diagnostics });
+        }
         for w in &pack.warnings {
             tracing::warn!(warning = %w, "rule pack");
         }
@@ -588,6 +636,56 @@ impl RulePack {
         if let Ok(mut idle) = self.idle.lock() {
             idle.push(session);
         }
+    }
+
+    /// Runs every subscribed rule alone, within its budget, on each of `events` (e.g. a pack's
+    /// fixtures); one diagnostic per rule that cannot judge one of them.
+    pub fn smoke_check(&self, events: &[serde_json::Value], what: &str) -> Vec<Diagnostic> {
+        match self.acquire() {
+            Ok(mut session) => {
+                let diagnostics = self.smoke_in(&mut session, events, what);
+                self.release(session);
+                diagnostics
+            }
+            Err(e) => e.lines().into_iter().map(|l| Diagnostic::file(DISPATCH_FILE, l)).collect(),
+        }
+    }
+
+    fn smoke_in(&self, session: &mut Session, events: &[serde_json::Value], what: &str) -> Vec<Diagnostic> {
+        let mut diagnostics = Vec::new();
+        let mut failed: BTreeSet<usize> = BTreeSet::new();
+        for event in events {
+            let Ok(ty) = event_type(event) else { continue };
+            let input = session.converter.convert(event);
+            let mut first = true;
+            for &index in &self.dispatch[ty.index()] {
+                let Some(entry) = self.rule_entries[index] else { continue };
+                if failed.contains(&index) {
+                    continue;
+                }
+                let name = &self.entry_points[entry];
+                let result = if first {
+                    first = false;
+                    session.engine.run(name, entry, input.clone(), self.budget)
+                } else {
+                    session.engine.run_again(name, entry, self.budget)
+                };
+                if let Err((reason, detail)) = result {
+                    let rule = &self.rules[index];
+                    let what_failed = match reason {
+                        FailureReason::Budget => format!("runs past its budget of {} instructions", self.budget.instructions),
+                        FailureReason::Timeout => format!("runs past its budget of {:?}", self.budget.time),
+                        FailureReason::Error => "fails".to_string(),
+                    };
+                    diagnostics.push(Diagnostic::at(
+                        &rule.location,
+                        format!("rule {}: {what_failed} on the {what} {ty} event ({detail})", rule.id),
+                    ));
+                    failed.insert(index);
+                }
+            }
+        }
+        diagnostics
     }
 
     /// The budget each rule has per event.
@@ -793,6 +891,18 @@ pub(crate) fn parse_modules(
     let mut engine = Engine::new();
     let mut diagnostics = Vec::new();
     for file in files {
+        // Checked before the parser sees the text: its time grows exponentially with nesting.
+        if file.text.len() as u64 > analysis::MAX_SOURCE_BYTES {
+            diagnostics.push(Diagnostic::file(
+                &file.path,
+                format!("file is {} bytes, more than the {} a rule file may have", file.text.len(), analysis::MAX_SOURCE_BYTES),
+            ));
+            continue;
+        }
+        if let Some(d) = analysis::check_source_text(&file.path, &file.text) {
+            diagnostics.push(d);
+            continue;
+        }
         if let Err(e) = engine.add_policy(file.path.clone(), file.text.clone()) {
             diagnostics.push(Diagnostic::from_regorus(&e, &file.path));
         }
@@ -811,6 +921,15 @@ pub(crate) fn parse_modules(
         .add_data(data.clone())
         .map_err(|e| rejected(Diagnostic::file(LISTS_PATH, format!("{e:#}"))))?;
     let modules = engine.get_modules().clone();
+    let list_names: BTreeSet<String> = sources
+        .lists
+        .iter()
+        .filter_map(|f| Path::new(&f.path).file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    let diagnostics = analysis::check_modules(&modules, &list_names);
+    if !diagnostics.is_empty() {
+        return Err(RulesError::Rejected { diagnostics });
+    }
     Ok((engine, modules, data))
 }
 

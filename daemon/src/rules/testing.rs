@@ -129,6 +129,12 @@ pub fn run_tests(dir: &Path, options: &TestOptions) -> Result<TestReport, RulesE
     if options.coverage {
         engine.set_enable_coverage(true);
     }
+    // Rego unit tests run only in the interpreter, which counts no instructions: bound them in
+    // time (ten rule budgets: a test may exercise several rules).
+    engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+        limit: options.pack.budget.time.saturating_mul(10),
+        check_interval: std::num::NonZeroU32::MIN.saturating_add(63),
+    });
     let mut seen = BTreeSet::new();
     for module in &modules {
         let file = module.package.span.source.file().clone();
@@ -216,7 +222,8 @@ pub fn run_tests(dir: &Path, options: &TestOptions) -> Result<TestReport, RulesE
     Ok(report)
 }
 
-fn default_fixture_paths(dir: &Path) -> Vec<PathBuf> {
+/// `DIR/fixtures` and `DIR/../testdata/rules`, whichever exist.
+pub fn default_fixture_paths(dir: &Path) -> Vec<PathBuf> {
     let mut paths = Vec::new();
     let own = dir.join("fixtures");
     if own.is_dir() {
@@ -327,7 +334,16 @@ pub fn run_case(pack: &RulePack, interpreter: &RulePack, loaded: &LoadedCase) ->
                 ids(&other)
             ));
         }
-        Err(e) => return Some(format!("interpreter failed: {}", e.lines().join("; "))),
+        // The daemon runs the register VM; a case the interpreter cannot evaluate is a
+        // disagreement between the two, and a failure (e.g. a builtin error the VM treats as
+        // "undefined" and the interpreter raises).
+        Err(e) => {
+            return Some(format!(
+                "engines disagree: the register VM (the daemon's engine) raised {:?}, the tree interpreter failed: {}",
+                ids(&got),
+                e.lines().join("; ")
+            ));
+        }
     }
     let mut lines = Vec::new();
     for want in &loaded.case.want {

@@ -3,6 +3,7 @@
 //! `RulesRejected` notification says why.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -36,24 +37,63 @@ pub enum RulesNotification {
     },
 }
 
+/// How long a reload may take. The load path bounds its own work (source limits before parsing,
+/// a budget per rule in the smoke evaluation), so this is a backstop: past it the load is
+/// abandoned, the last good pack stays, and the rejection says why.
+pub const RELOAD_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Builds a pack from `dir` and, if it is good, puts it in force.
 pub fn reload(dir: &Path, options: &PackOptions, handle: &PackHandle) -> RulesNotification {
-    match RulePack::load_with(dir, options) {
-        Ok(pack) => {
+    reload_within(dir, options, handle, RELOAD_DEADLINE, &Arc::new(AtomicBool::new(false)))
+}
+
+/// `reload` with a deadline. The load runs on a thread of its own; `busy` is set while one
+/// runs, and a load still running past an earlier deadline makes the next reload wait its turn
+/// (rejected now, retried on the next change) rather than pile up threads.
+pub fn reload_within(
+    dir: &Path,
+    options: &PackOptions,
+    handle: &PackHandle,
+    deadline: Duration,
+    busy: &Arc<AtomicBool>,
+) -> RulesNotification {
+    let kept_generation = handle.generation();
+    let rejected = |errors: Vec<String>| {
+        for error in &errors {
+            tracing::error!(%error, kept_generation, "rule pack rejected; keeping the last good pack");
+        }
+        RulesNotification::RulesRejected { errors, kept_generation }
+    };
+    if busy.swap(true, Ordering::AcqRel) {
+        return rejected(vec![format!(
+            "{}:1:1: an earlier load of this directory is still running past its deadline; not loading again until it ends",
+            dir.display()
+        )]);
+    }
+    let (tx, rx) = bounded(1);
+    let (load_dir, load_options, load_busy) = (dir.to_path_buf(), options.clone(), busy.clone());
+    let spawned = std::thread::Builder::new().name("palisade-rules-load".to_string()).spawn(move || {
+        let result = RulePack::load_with(&load_dir, &load_options);
+        load_busy.store(false, Ordering::Release);
+        let _ = tx.send(result);
+    });
+    if let Err(e) = spawned {
+        busy.store(false, Ordering::Release);
+        return rejected(vec![format!("{}:1:1: cannot start the rules loader: {e}", dir.display())]);
+    }
+    match rx.recv_timeout(deadline) {
+        Ok(Ok(pack)) => {
             let rules = pack.rules().len();
             let subscribed_types = pack.subscribed_types().into_iter().collect();
             let generation = handle.swap(pack);
             tracing::info!(generation, rules, dir = %dir.display(), "rule pack reloaded");
             RulesNotification::Reloaded { generation, rules, subscribed_types }
         }
-        Err(e) => {
-            let errors = e.lines();
-            let kept_generation = handle.generation();
-            for error in &errors {
-                tracing::error!(%error, kept_generation, "rule pack rejected; keeping the last good pack");
-            }
-            RulesNotification::RulesRejected { errors, kept_generation }
-        }
+        Ok(Err(e)) => rejected(e.lines()),
+        Err(_) => rejected(vec![format!(
+            "{}:1:1: loading the rule pack took longer than {deadline:?}; abandoned",
+            dir.display()
+        )]),
     }
 }
 
@@ -104,6 +144,7 @@ pub fn watch(
     .map_err(RulesError::Watch)?;
     watcher.watch(&dir, RecursiveMode::Recursive).map_err(RulesError::Watch)?;
 
+    let busy = Arc::new(AtomicBool::new(false));
     let thread = std::thread::Builder::new()
         .name("palisade-rules-watch".to_string())
         .spawn(move || {
@@ -116,7 +157,7 @@ pub fn watch(
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
                 }
-                notify_fn(reload(&dir, &options, &handle));
+                notify_fn(reload_within(&dir, &options, &handle, RELOAD_DEADLINE, &busy));
             }
         })
         .map_err(|e| RulesError::Eval(format!("cannot start rules watcher: {e}")))?;
