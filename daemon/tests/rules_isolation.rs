@@ -96,7 +96,11 @@ fn a_budget_exhausting_rule_does_not_blind_the_others() {
         match engine {
             // The VM counts instructions; a builtin error inside a rule body makes that body
             // undefined (OPA's default), so `failing` simply does not fire there.
-            EngineKind::Rvm => assert_eq!(failed, vec![("burn", FailureReason::Budget)]),
+            // Budget, or Timeout on a machine so loaded that the instructions take 100 ms.
+            EngineKind::Rvm => assert!(
+                failed == vec![("burn", FailureReason::Budget)] || failed == vec![("burn", FailureReason::Timeout)],
+                "{failed:?}"
+            ),
             // The interpreter has only a wall-clock budget, and raises the builtin's error:
             // `failing` fails alone (`rules test` reports the disagreement, see rules_semantics).
             EngineKind::Interpreter => {
@@ -143,7 +147,8 @@ fn daemon_still_alerts_on_real_exec_when_one_rule_exhausts_its_budget() {
             .wait_for_alert(|a| a["kind"] == "rule_error" && a["rule"]["id"] == rule, Duration::from_secs(10))
             .unwrap_or_else(|| panic!("no rule_error alert for {rule}; alerts: {:#?}", daemon.alerts()));
         assert_eq!(error["event"]["event_type"], "exec", "{error:#}");
-        assert_eq!(error["event"]["reason"], reason, "{error:#}");
+        // Instructions or, on a machine so loaded that 25,000 instructions take 100 ms, time.
+        assert!(error["event"]["reason"] == reason || error["event"]["reason"] == "timeout", "{error:#}");
     }
     // Rate limited: three execs (and whatever else ran in the pod) make one alert per rule.
     let burn_alerts = daemon.alerts().into_iter().filter(|a| a["kind"] == "rule_error" && a["rule"]["id"] == "burn").count();
