@@ -270,13 +270,17 @@ pub fn load_pinned(pin_dir: &Path) -> Result<Ebpf, DatapathError> {
     }
     let mut ebpf = loader.load(crate::probes::object::PROBES_OBJECT)?;
     for name in [PROG_SEG_INGRESS, PROG_SEG_EGRESS] {
-        let program = cgroup_skb(&mut ebpf, name)?;
+        let program = program::<CgroupSkb>(&mut ebpf, name)?;
         program.load().map_err(|source| DatapathError::Program { name, source })?;
     }
     Ok(ebpf)
 }
 
-fn cgroup_skb<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, DatapathError> {
+/// The program `name` of the object as its type `P` (cgroup_skb, cgroup_sock, tcx, ...).
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(DatapathError::Pin { path: PathBuf::from(name), message: "program missing from the eBPF object".into() })?
         .try_into()
@@ -301,7 +305,7 @@ pub fn attach_pinned(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) -> Res
             continue;
         }
         adopted = false;
-        let program = cgroup_skb(ebpf, name)?;
+        let program = program::<CgroupSkb>(ebpf, name)?;
         // Through bpf_link_create (kernel >= 5.7) the flags must be 0: cgroup links always
         // coexist with other programs on the cgroup, as BPF_F_ALLOW_MULTI attachments do.
         let link_id = program
@@ -349,11 +353,7 @@ pub fn attach_socket_hook(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) -
     let pin = link_pin(link_dir, cgroup_id, "inet-sock-create");
     if !pin.exists() {
         let name = PROG_SEG_INET_SOCK_CREATE;
-        let program: &mut CgroupSock = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Pin { path: PathBuf::from(name), message: "program missing from the eBPF object".into() })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let program: &mut CgroupSock = program(ebpf, name)?;
         if program.fd().is_err() {
             program.load().map_err(|source| DatapathError::Program { name, source })?;
         }
@@ -512,11 +512,7 @@ pub fn attach_backstop(ebpf: &mut Ebpf, host: &HostInterface, cgroup_id: u64, li
         if pin.exists() {
             continue;
         }
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Pin { path: PathBuf::from(name), message: "program missing from the eBPF object".into() })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let program: &mut SchedClassifier = program(ebpf, name)?;
         if program.fd().is_err() {
             program.load().map_err(|source| DatapathError::Program { name, source })?;
         }

@@ -31,7 +31,7 @@ use palisade_common::{
 };
 use serde::Serialize;
 
-use super::datapath::DatapathError;
+use super::datapath::{DatapathError, program};
 
 /// What a policy change does to flows that are already open.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -255,11 +255,7 @@ impl Sweeper {
     /// Loads the sweep program (once) and takes its own handles on the maps.
     pub fn new(bpf: &mut Ebpf) -> Result<Sweeper, DatapathError> {
         let name = PROG_SEG_CT_SWEEP;
-        let prog: &mut SocketFilter = bpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let prog: &mut SocketFilter = program(bpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(|source| DatapathError::Program { name, source })?;
         }

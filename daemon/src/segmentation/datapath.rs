@@ -136,11 +136,7 @@ impl Datapath {
     /// (pinned maps of a previous run), so the first sync is a diff.
     pub fn adopt(bpf: &mut Ebpf) -> Result<Datapath, DatapathError> {
         for name in [PROG_SEG_INGRESS, PROG_SEG_EGRESS] {
-            let prog: &mut CgroupSkb = bpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram { name })?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
+            let prog: &mut CgroupSkb = program(bpf, name)?;
             if prog.fd().is_err() {
                 prog.load().map_err(|source| DatapathError::Program { name, source })?;
             }
@@ -286,7 +282,7 @@ impl Datapath {
         let egress = match attach_one(bpf, PROG_SEG_EGRESS, &file, CgroupSkbAttachType::Egress) {
             Ok(l) => l,
             Err(e) => {
-                let _ = program(bpf, PROG_SEG_INGRESS).and_then(|p| {
+                let _ = program::<CgroupSkb>(bpf, PROG_SEG_INGRESS).and_then(|p| {
                     p.detach(ingress).map_err(|source| DatapathError::Program { name: PROG_SEG_INGRESS, source })
                 });
                 return Err(e);
@@ -312,7 +308,7 @@ impl Datapath {
                 continue; // adopted from a previous run
             }
             let link_id = attach_one(bpf, name, &file, kind)?;
-            let prog = program(bpf, name)?;
+            let prog = program::<CgroupSkb>(bpf, name)?;
             let link = prog.take_link(link_id).map_err(|source| DatapathError::Program { name, source })?;
             let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin { path: pin.clone(), message: e.to_string() })?;
             fd_link.pin(&pin).map_err(|e| DatapathError::Pin { path: pin.clone(), message: e.to_string() })?;
@@ -323,10 +319,10 @@ impl Datapath {
     pub fn detach(&mut self, bpf: &mut Ebpf, cgroup: &Path) -> Result<(), DatapathError> {
         let path = resolve_cgroup(cgroup);
         let (ingress, egress) = self.attached.remove(&path).ok_or_else(|| DatapathError::NotAttached { path: path.clone() })?;
-        program(bpf, PROG_SEG_INGRESS)?
+        program::<CgroupSkb>(bpf, PROG_SEG_INGRESS)?
             .detach(ingress)
             .map_err(|source| DatapathError::Program { name: PROG_SEG_INGRESS, source })?;
-        program(bpf, PROG_SEG_EGRESS)?
+        program::<CgroupSkb>(bpf, PROG_SEG_EGRESS)?
             .detach(egress)
             .map_err(|source| DatapathError::Program { name: PROG_SEG_EGRESS, source })?;
         Ok(())
@@ -355,7 +351,11 @@ fn resolve_cgroup(cgroup: &Path) -> PathBuf {
     }
 }
 
-fn program<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, DatapathError> {
+/// The program `name` of the object as its type `P` (cgroup_skb, the conntrack sweeper, ...).
+pub(super) fn program<'a, P>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     bpf.program_mut(name)
         .ok_or(DatapathError::MissingProgram { name })?
         .try_into()
@@ -363,7 +363,7 @@ fn program<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSk
 }
 
 fn attach_one(bpf: &mut Ebpf, name: &'static str, cgroup: &File, kind: CgroupSkbAttachType) -> Result<CgroupSkbLinkId, DatapathError> {
-    let prog = program(bpf, name)?;
+    let prog = program::<CgroupSkb>(bpf, name)?;
     if prog.fd().is_err() {
         prog.load().map_err(|source| DatapathError::Program { name, source })?;
     }
