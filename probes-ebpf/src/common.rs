@@ -423,7 +423,17 @@ pub fn open_is_quiet(path: &[u8; PATH_LEN], flags: u32, sensitive: bool) -> bool
     if sensitive || flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 {
         return false;
     }
-    let Some(key) = PREFIX_SCRATCH.get_ptr_mut(0) else { return false };
+    let Some(key) = prefix_key(path) else { return false };
+    QUIET_OPEN_PREFIXES.get(key).is_some()
+}
+
+/// The LPM key for the first SENSITIVE_PREFIX_LEN bytes of `path`, built in the per-CPU
+/// scratch slot (too large for the stack); None only if the slot is missing.
+#[inline(always)]
+fn prefix_key(path: &[u8; PATH_LEN]) -> Option<&'static LpmKey<PathPrefix>> {
+    let key = PREFIX_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the per-CPU slot is this program's alone while it runs (no preemption inside one
+    // program run), and the pointer is valid for the map's lifetime.
     let key = unsafe { &mut *key };
     key.prefix_len = (SENSITIVE_PREFIX_LEN * 8) as u32;
     let mut i = 0usize;
@@ -431,7 +441,7 @@ pub fn open_is_quiet(path: &[u8; PATH_LEN], flags: u32, sensitive: bool) -> bool
         key.data.bytes[i] = path[i];
         i += 1;
     }
-    QUIET_OPEN_PREFIXES.get(&*key).is_some()
+    Some(key)
 }
 
 /// True when an open of `path` (as the process passed it, `len` bytes with the NUL) must take
@@ -445,15 +455,8 @@ pub fn open_path_is_sensitive(path: &[u8; PATH_LEN], len: i64) -> bool {
     if path[0] != b'/' {
         return true;
     }
-    if let Some(key) = PREFIX_SCRATCH.get_ptr_mut(0) {
-        let key = unsafe { &mut *key };
-        key.prefix_len = (SENSITIVE_PREFIX_LEN * 8) as u32;
-        let mut i = 0usize;
-        while i < SENSITIVE_PREFIX_LEN {
-            key.data.bytes[i] = path[i];
-            i += 1;
-        }
-        if SENSITIVE_PREFIXES.get(&*key).is_some() {
+    if let Some(key) = prefix_key(path) {
+        if SENSITIVE_PREFIXES.get(key).is_some() {
             return true;
         }
     }

@@ -222,12 +222,19 @@ pub(crate) fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
 
 #[inline(always)]
 fn quarantine(ctx: &SkBuffContext, own: u64) -> Option<&'static QuarantineValue> {
+    quarantine_in_hierarchy(own, |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) })
+}
+
+/// The quarantine entry of cgroup `own` or of one of its ancestors, walked from the root down
+/// with `ancestor(level)` (the skb's or the current task's helper: both return 0 past the end).
+#[inline(always)]
+pub(crate) fn quarantine_in_hierarchy(own: u64, ancestor: impl Fn(i32) -> u64) -> Option<&'static QuarantineValue> {
     if let Some(v) = unsafe { SEG_QUARANTINE.get(&own) } {
         return Some(v);
     }
     let mut level: i32 = 1;
     while level <= SEG_MAX_CGROUP_LEVELS as i32 {
-        let anc = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) };
+        let anc = ancestor(level);
         if anc == 0 || anc == own {
             break;
         }

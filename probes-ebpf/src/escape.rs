@@ -29,11 +29,11 @@ use aya_ebpf::{
 use palisade_common::{
     BackstopValue, CNT_DENIED_QUARANTINE, IpAddrKey, DIRECTION_EGRESS, DIRECTION_INGRESS, KIND_POLICY_VERDICT,
     PATH_BACKSTOP, PATH_SOCKET_CREATE, PolicyVerdictEvent, QuarantineValue,
-    REASON_QUARANTINE, SEG_MAX_BACKSTOP, SEG_MAX_CGROUP_LEVELS, SOURCE_DATAPATH,
+    REASON_QUARANTINE, SEG_MAX_BACKSTOP, SOURCE_DATAPATH,
 };
 
 use crate::datapath::{
-    Pkt, SEG_EVENTS, SEG_FORENSICS, SEG_QUARANTINE, admit, count, nd_exempt, parse, path_bits,
+    Pkt, SEG_EVENTS, SEG_FORENSICS, SEG_QUARANTINE, admit, count, quarantine_in_hierarchy, nd_exempt, parse, path_bits,
     quarantine_exempt, report,
 };
 
@@ -106,21 +106,7 @@ pub fn seg_inet_sock_create(ctx: SockContext) -> i32 {
 /// The quarantine entry of the current task's cgroup or one of its ancestors.
 #[inline(always)]
 fn current_quarantine(own: u64) -> Option<&'static QuarantineValue> {
-    if let Some(v) = unsafe { SEG_QUARANTINE.get(&own) } {
-        return Some(v);
-    }
-    let mut level: i32 = 1;
-    while level <= SEG_MAX_CGROUP_LEVELS as i32 {
-        let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if anc == 0 || anc == own {
-            break;
-        }
-        if let Some(v) = unsafe { SEG_QUARANTINE.get(&anc) } {
-            return Some(v);
-        }
-        level += 1;
-    }
-    None
+    quarantine_in_hierarchy(own, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
 }
 
 #[inline(never)]
