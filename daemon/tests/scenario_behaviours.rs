@@ -691,3 +691,74 @@ impl Sanitizer {
         }
     }
 }
+
+/// Issue 12, aggregation: a second, *different* escape primitive in the same pod 100 ms after
+/// the first is its own alert, written at once (not folded into a follow-up that would come a
+/// window later, stamped with the flush time); 1,000 identical repeats are one alert plus one
+/// counted follow-up. Dry run, so both primitives have the same outcome (`would_quarantine`)
+/// and only the behaviour tells them apart; a long window, so a held-back alert could only show
+/// up as a follow-up (which the checks below reject).
+#[test]
+fn distinct_primitives_are_never_held_back_and_repeats_fold_into_a_counted_follow_up() {
+    if !require_kernel("distinct_primitives_are_never_held_back_and_repeats_fold_into_a_counted_follow_up") {
+        return;
+    }
+    const ESCAPE: &str = "agg-escape";
+    const REPEAT: &str = "agg-repeat";
+    const REPEATS: u64 = 1000;
+    let inv = inventory(&[(ESCAPE, "198.18.2.10"), (REPEAT, "198.18.2.11")]);
+    let daemon = DaemonGuard::start(
+        DaemonOptions::new("scnaggregate", &inv).arg("--dry-run").arg("--alerts-aggregate-window").arg("4s"),
+    );
+    let script = format!("{PALISADE} workload unshare-user; sleep 0.1; exec {PALISADE} workload bpf");
+    let out = daemon.exec_in(&Ctx::key(ESCAPE), &["sh", "-c", &script]);
+    let escape_alert = |event_type: &'static str| {
+        move |a: &Value| is_alert_for(a, "container_escape", ESCAPE) && a["event"]["type"] == event_type && a["count"] == 1
+    };
+    let unshare = daemon.wait_for_alert(escape_alert("namespace"), Duration::from_secs(15));
+    let bpf = daemon.wait_for_alert(escape_alert("bpf"), Duration::from_secs(15));
+    let escape_alerts: Vec<Value> = daemon.rule_alerts().into_iter().filter(|a| a["pod"]["name"] == ESCAPE).collect();
+    let shown = |alerts: &[Value]| {
+        alerts.iter().map(|a| format!("{} count {} follows {} time {}: {}", a["rule"]["id"], a["count"], a["follows"], a["time"], a["message"])).collect::<Vec<_>>().join("\n")
+    };
+    let (Some(unshare), Some(bpf)) = (unshare, bpf) else {
+        panic!("two primitives in {ESCAPE} did not give two alerts of their own (workload: {}):\n{}", summary(&out), shown(&escape_alerts));
+    };
+    for a in [&unshare, &bpf] {
+        assert!(a["follows"].is_null(), "a new primitive came as a follow-up: {a}");
+        assert_eq!(a["time"], a["event"]["time"], "an alert carries its event's own time: {a}");
+        assert_eq!(a["outcome"], "would_quarantine");
+    }
+    assert!(unshare["time"].as_str() < bpf["time"].as_str(), "unshare came first: {} vs {}", unshare["time"], bpf["time"]);
+    // How late each alert was written after its event (its id is taken when it is made).
+    let lag = |a: &Value| {
+        let id = a["id"].as_str().and_then(|id| i64::from_str_radix(id.split('-').next()?, 16).ok()).unwrap_or(0);
+        let event = palisade::alerts::time::parse_rfc3339(a["time"].as_str().unwrap_or("")).unwrap_or(0);
+        (id - event) as f64 / 1000.0
+    };
+    println!("unshare alert {:.1} ms after its event, bpf alert {:.1} ms after its event", lag(&unshare), lag(&bpf));
+
+    // 1,000 identical opens of /etc/shadow by one process.
+    let out = daemon.exec_in(&Ctx::key(REPEAT), &[PALISADE, "workload", "open-loop", &REPEATS.to_string(), "/etc/shadow"]);
+    assert!(out.status.success(), "open-loop: {}", summary(&out));
+    let follow_up = daemon.wait_for_alert(|a| is_alert_for(a, "credential_read", REPEAT) && !a["follows"].is_null(), Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    let repeats: Vec<Value> = daemon.rule_alerts().into_iter().filter(|a| is_alert_for(a, "credential_read", REPEAT)).collect();
+    let losses: Vec<Value> = daemon.alerts().into_iter().filter(|a| a["kind"] == "event_loss").collect();
+    let Some(follow_up) = follow_up else {
+        panic!("no counted follow-up for {REPEATS} identical opens:\n{}", shown(&repeats));
+    };
+    let firsts: Vec<&Value> = repeats.iter().filter(|a| a["follows"].is_null()).collect();
+    assert_eq!(firsts.len(), 1, "one alert opens the burst:\n{}", shown(&repeats));
+    assert_eq!(repeats.len(), 2, "one alert and one follow-up:\n{}", shown(&repeats));
+    assert_eq!(follow_up["follows"], firsts[0]["id"]);
+    assert_eq!(
+        follow_up["count"].as_u64(),
+        Some(REPEATS - 1),
+        "the follow-up counts every repeat (losses: {losses:?})"
+    );
+    assert_eq!(follow_up["time"], follow_up["last_seen"]);
+    assert_eq!(follow_up["last_seen"], follow_up["last_event"]["time"], "the follow-up carries its last occurrence's time");
+    assert_eq!(follow_up["first_seen"], follow_up["event"]["time"]);
+    assert!(follow_up["first_seen"].as_str() <= follow_up["last_seen"].as_str());
+}

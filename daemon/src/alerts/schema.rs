@@ -206,7 +206,9 @@ pub struct Alert {
     /// written); alerts made later in one daemon sort after earlier ones.
     #[serde(default)]
     pub id: String,
-    /// When the alert was raised (RFC 3339 UTC, microseconds).
+    /// When it happened (RFC 3339 UTC, microseconds): for a rule alert the time of the event
+    /// itself (taken in the kernel), for an aggregated follow-up its last occurrence's; for
+    /// other kinds when the alert was raised.
     pub time: String,
     #[serde(default)]
     pub node: String,
@@ -339,10 +341,19 @@ impl Alert {
     }
 
     /// A rule hit on an event `input`: rule, severity, MITRE ids, message and action from the
-    /// hit; node, pod and process from the input, which is kept whole as evidence. The outcome
-    /// starts as `alerted`; the responder sets it (`with_outcome`) when it acts.
+    /// hit; time, node, pod and process from the input, which is kept whole as evidence. The
+    /// time is the event's own (`input.time`), so an alert written late still says when it
+    /// happened; the id is taken now, so ids keep sorting in the order alerts are made. The
+    /// outcome starts as `alerted`; the responder sets it (`with_outcome`) when it acts.
     pub fn from_rule_hit(hit: &RuleHit, input: &Value) -> Alert {
         let mut alert = Alert::new(AlertKind::Rule, hit.severity, hit.message.clone());
+        let event_time = input.get("time").and_then(Value::as_str).and_then(|t| super::time::parse_rfc3339(t).ok());
+        if let Some(micros) = event_time {
+            let time = format_micros(micros);
+            alert.first_seen = time.clone();
+            alert.last_seen = time.clone();
+            alert.time = time;
+        }
         alert.rule = Some(RuleRef { id: hit.rule_id.clone(), title: hit.title.clone() });
         alert.mitre = hit.mitre.clone();
         alert.action = hit.action;
@@ -413,7 +424,7 @@ mod tests {
     #[test]
     fn from_rule_hit_takes_pod_process_and_evidence() {
         let input = json!({
-            "type": "exec", "node": "node-a",
+            "type": "exec", "node": "node-a", "time": "2026-11-29T12:00:00.123456Z",
             "pod": {"namespace": "shop", "name": "web-1", "labels": {"app": "web"}},
             "process": {"pid": 42, "comm": "sh", "exe": "/bin/sh", "cmdline": ["sh", "-c", "id"], "uid": 0,
                         "ancestors": [{"pid": 1, "comm": "init", "exe": "/sbin/init"}]},
@@ -434,6 +445,7 @@ mod tests {
         assert_eq!(process.ancestors[0].comm, "init");
         assert_eq!(alert.action, Action::Quarantine);
         assert_eq!(alert.outcome, Outcome::Alerted);
+        assert_eq!((alert.time.as_str(), alert.first_seen.as_str()), ("2026-11-29T12:00:00.123456Z", "2026-11-29T12:00:00.123456Z"));
         let line = serde_json::to_string(&alert).unwrap();
         let back: Alert = serde_json::from_str(&line).unwrap();
         assert_eq!(back, alert);

@@ -154,9 +154,6 @@ impl DaemonGuard {
             .arg(&guard.lab_name)
             // Parallel daemons must not fight over the metrics port.
             .arg("--no-metrics")
-            // Every occurrence its own alert line: scenario checks look for one particular
-            // event, which a burst follow-up would only count.
-            .args(["--alerts-aggregate-window", "0"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -164,6 +161,11 @@ impl DaemonGuard {
             // Its own process group: a Ctrl-C in the terminal running the tests reaches the
             // test, which then stops the daemon itself.
             .process_group(0);
+        // Every occurrence its own alert line (unless the test sets a window): scenario checks
+        // look for one particular event, which a burst follow-up would only count.
+        if !options.args.iter().any(|a| a == "--alerts-aggregate-window") {
+            command.args(["--alerts-aggregate-window", "0"]);
+        }
         command.args(&options.args);
         if let Some(record) = &guard.record_path {
             command.arg("--record").arg(record);
