@@ -783,7 +783,7 @@ fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, input: &serde
 
 fn load_response_policy(path: &Path) -> anyhow::Result<ResponsePolicy> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let policy: ResponsePolicy = serde_yaml::from_str(&text).map_err(|e| {
+    let policy: ResponsePolicy = serde_norway::from_str(&text).map_err(|e| {
         let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
         anyhow::anyhow!("{}{at}: {e}", path.display())
     })?;

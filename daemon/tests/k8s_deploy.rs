@@ -39,7 +39,7 @@ fn documents() -> Vec<(String, Value)> {
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read manifest");
         let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
             let value = Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: document {}: {e}", i + 1));
             if !value.is_null() {
                 docs.push((name.clone(), value));
@@ -137,7 +137,7 @@ fn manifests_parse_and_the_kustomization_lists_them_all() {
     assert_eq!(m.service_accounts.len(), 1);
 
     let kustomization: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(deploy().join("kustomization.yaml")).expect("kustomization"))
+        serde_norway::from_str(&std::fs::read_to_string(deploy().join("kustomization.yaml")).expect("kustomization"))
             .expect("kustomization yaml");
     let listed: BTreeSet<String> = kustomization["resources"]
         .as_array()
@@ -262,7 +262,7 @@ fn the_daemonset_has_least_privilege_mounts_probes_and_resources() {
 fn the_response_policy_parses_and_protects_palisade_itself() {
     let m = manifests();
     let text = config_map(&m, "palisade-config").data.as_ref().and_then(|d| d.get("response.yaml")).expect("response.yaml");
-    let policy: ResponsePolicy = serde_yaml::from_str(text).expect("response.yaml is a ResponsePolicy");
+    let policy: ResponsePolicy = serde_norway::from_str(text).expect("response.yaml is a ResponsePolicy");
     policy.validate().expect("valid");
     assert!(policy.is_protected("kube-system") && policy.is_protected(NAMESPACE));
     assert!(policy.dry_run, "the shipped default starts in dry run");
@@ -352,7 +352,7 @@ fn the_rules_configmaps_load_as_the_default_pack_when_projected() {
     let path = deploy().join("rules-configmap.yaml");
     // The emitter keeps every byte of every file (tabs, blank lines, final newlines).
     let (want_modules, want_lists) = pack_files(&repo().join("rules"));
-    let rendered: Vec<ConfigMap> = serde_yaml::Deserializer::from_str(&generated)
+    let rendered: Vec<ConfigMap> = serde_norway::Deserializer::from_str(&generated)
         .map(|doc| ConfigMap::deserialize(doc).expect("rendered ConfigMap"))
         .collect();
     assert_eq!(rendered[0].data.as_ref(), Some(&want_modules), "rendered modules differ from rules/");

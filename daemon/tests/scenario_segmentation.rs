@@ -82,10 +82,10 @@ fn webapp_example_only_frontends_reach_the_backend() {
 /// The netpol inventory with a case's label patch applied.
 fn patched_inventory(base: &str, patch: Option<&Patch>) -> String {
     let Some(patch) = patch else { return base.to_string() };
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(base).expect("netpol inventory");
-    let merge = |entry: &mut serde_yaml::Value, labels: &BTreeMap<String, String>| {
+    let mut doc: serde_norway::Value = serde_norway::from_str(base).expect("netpol inventory");
+    let merge = |entry: &mut serde_norway::Value, labels: &BTreeMap<String, String>| {
         let map = entry.as_mapping_mut().expect("mapping");
-        let slot = map.entry("labels".into()).or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+        let slot = map.entry("labels".into()).or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
         let slot = slot.as_mapping_mut().expect("labels mapping");
         for (k, v) in labels {
             slot.insert(k.clone().into(), v.clone().into());
@@ -103,7 +103,7 @@ fn patched_inventory(base: &str, patch: Option<&Patch>) -> String {
             merge(ep, labels);
         }
     }
-    serde_yaml::to_string(&doc).expect("inventory YAML")
+    serde_norway::to_string(&doc).expect("inventory YAML")
 }
 
 /// Whether this kernel can open SCTP sockets.
@@ -189,7 +189,7 @@ fn upstream_netpol_cases_pass_on_the_kernel() {
     let mut failures = Vec::new();
     for dir in &dirs {
         let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
-        let case: Case = serde_yaml::from_str(&read(&dir.join("case.yaml"))).unwrap_or_else(|e| panic!("{id}: {e}"));
+        let case: Case = serde_norway::from_str(&read(&dir.join("case.yaml"))).unwrap_or_else(|e| panic!("{id}: {e}"));
         let runnable: Vec<&Check> = case
             .checks
             .iter()

@@ -32,7 +32,7 @@ fn upstream_netpol_cases_pass_offline() {
     let mut checks = 0;
     for dir in &dirs {
         let text = std::fs::read_to_string(dir.join("case.yaml")).expect("case.yaml");
-        let case: Case = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let case: Case = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let inv = inventory(case.inventory_patch.as_ref());
         let set = PolicySet::load(&[dir.join("policies.yaml")]).unwrap_or_else(|e| panic!("{e}"));
         let compiled = compile(&inv, &set);
@@ -96,7 +96,7 @@ fn upstream_netpol_cases_pass_with_pods_on_two_nodes() {
     let mut checks = 0;
     for dir in case_dirs() {
         let text = std::fs::read_to_string(dir.join("case.yaml")).expect("case.yaml");
-        let case: Case = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let case: Case = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let inv = inventory(case.inventory_patch.as_ref());
         let set = PolicySet::load(&[dir.join("policies.yaml")]).unwrap_or_else(|e| panic!("{e}"));
         // Alternate pods between the nodes, so every namespace has pods on both.

@@ -219,7 +219,7 @@ impl Inventory {
 
     /// Parse and validate; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Inventory, InventoryError> {
-        let file: InventoryFile = serde_yaml::from_str(text).map_err(|err| {
+        let file: InventoryFile = serde_norway::from_str(text).map_err(|err| {
             let (line, column) = err
                 .location()
                 .map(|loc| (loc.line(), loc.column()))
@@ -478,9 +478,9 @@ mod tests {
             cgroup: None,
             peer_only: true,
         };
-        let yaml = serde_yaml::to_string(&spec).expect("yaml");
+        let yaml = serde_norway::to_string(&spec).expect("yaml");
         assert!(yaml.contains("peerOnly: true"), "{yaml}");
-        let local = serde_yaml::to_string(&EndpointSpec { peer_only: false, ..spec }).expect("yaml");
+        let local = serde_norway::to_string(&EndpointSpec { peer_only: false, ..spec }).expect("yaml");
         assert!(!local.contains("peerOnly"), "{local}");
     }
 

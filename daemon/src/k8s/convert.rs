@@ -207,7 +207,7 @@ pub fn network_policy(policy: &KubeNetworkPolicy) -> Result<NetworkPolicy, Strin
         namespace: policy.metadata.namespace.clone(),
         ..Default::default()
     };
-    let text = serde_yaml::to_string(&slim).map_err(|e| format!("{source}: cannot serialise: {e}"))?;
+    let text = serde_norway::to_string(&slim).map_err(|e| format!("{source}: cannot serialise: {e}"))?;
     let mut set = PolicySet::parse(&text, Path::new(&source)).map_err(|e| e.to_string())?;
     match set.policies.pop() {
         Some(mut parsed) if set.policies.is_empty() => {

@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn defaults_protect_kube_system_and_parse_from_yaml() {
-        let policy: ResponsePolicy = serde_yaml::from_str(
+        let policy: ResponsePolicy = serde_norway::from_str(
             "dry_run: true\nrules: {reverse_shell: quarantine}\nforensics: [{cidr: 198.18.9.0/24, port: 22, protocol: TCP}]\n",
         )
         .expect("valid");

@@ -70,7 +70,7 @@ impl RuleOverrides {
     pub fn from_yaml_file(path: &Path) -> Result<Self, RulesError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| RulesError::Io { path: path.to_path_buf(), source })?;
-        serde_yaml::from_str(&text).map_err(|e| {
+        serde_norway::from_str(&text).map_err(|e| {
             let (line, col) = e.location().map_or((1, 1), |l| (l.line() as u32, l.column() as u32));
             RulesError::Rejected {
                 diagnostics: vec![Diagnostic::new(path.display().to_string(), line, col, e.to_string())],
@@ -238,7 +238,7 @@ impl PackSources {
                     Diagnostic::new(&file.path, e.line() as u32, e.column() as u32, e.to_string())
                 })
             } else {
-                serde_yaml::from_str(&file.text).map_err(|e| {
+                serde_norway::from_str(&file.text).map_err(|e| {
                     let (line, col) =
                         e.location().map_or((1, 1), |l| (l.line() as u32, l.column() as u32));
                     Diagnostic::new(&file.path, line, col, e.to_string())

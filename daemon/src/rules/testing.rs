@@ -274,7 +274,7 @@ pub fn load_fixtures(paths: &[PathBuf]) -> Result<Vec<LoadedCase>, RulesError> {
                 }
             }
         } else {
-            match serde_yaml::from_str::<FixtureFile>(&text) {
+            match serde_norway::from_str::<FixtureFile>(&text) {
                 Ok(fixture) => {
                     let _ = fixture.description;
                     for mut case in fixture.cases {

@@ -50,7 +50,7 @@ struct NetworkPolicyDoc {
     spec: Option<SpecDoc>,
     #[serde(default)]
     #[allow(dead_code)]
-    status: Option<serde_yaml::Value>,
+    status: Option<serde_norway::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -475,8 +475,8 @@ impl PolicySet {
         let mut rejected = Vec::new();
         // First pass, untyped: the YAML syntax of the whole text and each document's name.
         let mut names = Vec::new();
-        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            match serde_yaml::Value::deserialize(document) {
+        for (i, document) in serde_norway::Deserializer::from_str(text).enumerate() {
+            match serde_norway::Value::deserialize(document) {
                 Ok(value) => names.push(document_key(&value)),
                 Err(e) => {
                     let error = PolicyError::Parse { path: path.to_path_buf(), document: i + 1, message: e.to_string() };
@@ -484,8 +484,8 @@ impl PolicySet {
                 }
             }
         }
-        // Second pass, typed: errors keep serde_yaml's line and column.
-        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        // Second pass, typed: errors keep serde_norway's line and column.
+        for (i, document) in serde_norway::Deserializer::from_str(text).enumerate() {
             let index = i + 1;
             let policy_key = names.get(i).cloned().flatten();
             let reject = |error| Rejected { file: path.to_path_buf(), policy: policy_key.clone(), error };
@@ -509,7 +509,7 @@ impl PolicySet {
 }
 
 /// `namespace/name` of a document that names itself (namespace defaulting to `default`).
-fn document_key(value: &serde_yaml::Value) -> Option<String> {
+fn document_key(value: &serde_norway::Value) -> Option<String> {
     let meta = value.get("metadata")?;
     let name = meta.get("name")?.as_str()?;
     let namespace = meta.get("namespace").and_then(|n| n.as_str()).unwrap_or("default");
@@ -519,9 +519,9 @@ fn document_key(value: &serde_yaml::Value) -> Option<String> {
 /// True when some document of the text is a mapping with `kind` or `apiVersion` (or the text
 /// does not parse, so that the parser reports the error).
 fn looks_like_k8s_objects(text: &str) -> bool {
-    for document in serde_yaml::Deserializer::from_str(text) {
-        match serde_yaml::Value::deserialize(document) {
-            Ok(serde_yaml::Value::Mapping(m)) => {
+    for document in serde_norway::Deserializer::from_str(text) {
+        match serde_norway::Value::deserialize(document) {
+            Ok(serde_norway::Value::Mapping(m)) => {
                 if m.contains_key("kind") || m.contains_key("apiVersion") {
                     return true;
                 }

@@ -194,7 +194,7 @@ impl DaemonGuard {
 
     /// The inventory text with each endpoint's cgroup made unique to this lab.
     pub fn rewrite_inventory(&self, text: &str) -> String {
-        let mut doc: serde_yaml::Value = serde_yaml::from_str(text).expect("inventory YAML");
+        let mut doc: serde_norway::Value = serde_norway::from_str(text).expect("inventory YAML");
         if let Some(endpoints) = doc.get_mut("endpoints").and_then(|e| e.as_sequence_mut()) {
             for ep in endpoints {
                 let ns = ep.get("namespace").and_then(|v| v.as_str()).unwrap_or("default").to_string();
@@ -205,7 +205,7 @@ impl DaemonGuard {
                 }
             }
         }
-        serde_yaml::to_string(&doc).expect("inventory YAML")
+        serde_norway::to_string(&doc).expect("inventory YAML")
     }
 
     /// The lab (pods, probe).
