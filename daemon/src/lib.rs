@@ -17,4 +17,5 @@ pub mod quarantine;
 pub mod rules;
 pub mod segmentation;
 pub mod sys;
+pub mod time;
 pub mod workload;

@@ -213,6 +213,19 @@ async fn query_filters() {
     let out = Command::new(bin).args(["alerts", "--since", "nonsense", "--file"]).arg(&file).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--since"));
+
+    // A date that does not exist is an error that says so, never silently the next month
+    // (the hand-written parser read 2026-02-31 as 3 March); from the CLI and in an API query.
+    for (flag, date) in [("--since", "2026-02-31"), ("--until", "2026-11-31T00:00:00Z")] {
+        let out = Command::new(bin).args(["alerts", flag, date, "--file"]).arg(&file).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {date} was accepted: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(stderr.contains(flag) && stderr.contains(date) && stderr.contains("day"), "{stderr}");
+    }
+    assert!(AlertQuery::from_query_string("since=2026-02-31", 0).is_err());
+    // Relative times keep working.
+    let out = Command::new(bin).args(["alerts", "-o", "json", "--since", "1h30m", "--file"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test]

@@ -123,12 +123,10 @@ pub fn to_falco(alert: &Alert) -> Value {
     })
 }
 
-/// Falco writes nanoseconds: `2026-11-29T12:00:00.123456000Z`.
+/// Falco writes nanoseconds: `2026-11-29T12:00:00.123456000Z`; a time that is not RFC 3339 is
+/// passed on as it is.
 fn falco_time(time: &str) -> String {
-    match time.strip_suffix('Z') {
-        Some(base) if base.len() == 26 => format!("{base}000Z"),
-        _ => time.to_string(),
-    }
+    crate::time::nanos_form(time).unwrap_or_else(|| time.to_string())
 }
 
 /// One alert as a line in `format` (no trailing newline), hardened for terminals.

@@ -221,12 +221,9 @@ fn process_cell(alert: &Alert) -> String {
     format!("{name}[{}]", p.pid)
 }
 
-/// `2026-11-29 12:00:00.123` from an alert time; the raw text if it is not in our form.
+/// `2026-11-29 12:00:00.123` (UTC) from an alert time; the raw text if it is not RFC 3339.
 fn short_time(time: &str) -> String {
-    match (time.get(0..10), time.get(11..23)) {
-        (Some(date), Some(clock)) if time.len() >= 23 => format!("{date} {clock}"),
-        _ => time.to_string(),
-    }
+    crate::time::short_form(time).unwrap_or_else(|| time.to_string())
 }
 
 /// One alert as an aligned line (no trailing newline).
