@@ -33,8 +33,9 @@ pub const MAP_SEG_CONFIG: &str = "SEG_CONFIG";
 pub const MAP_SEG_CT_CONFIG: &str = "SEG_CT_CONFIG";
 pub const MAP_SEG_CT_PODS: &str = "SEG_CT_PODS";
 pub const MAP_SEG_BACKSTOP: &str = "SEG_BACKSTOP";
+pub const MAP_SEG_CGROUPS: &str = "SEG_CGROUPS";
 /// Every datapath map, in the order the user side pins them.
-pub const SEG_MAPS: [&str; 13] = [
+pub const SEG_MAPS: [&str; 14] = [
     MAP_SEG_QUARANTINE,
     MAP_SEG_FORENSICS,
     MAP_SEG_IPCACHE,
@@ -48,6 +49,7 @@ pub const SEG_MAPS: [&str; 13] = [
     MAP_SEG_CT_CONFIG,
     MAP_SEG_CT_PODS,
     MAP_SEG_BACKSTOP,
+    MAP_SEG_CGROUPS,
 ];
 
 pub const PROG_SEG_INGRESS: &str = "seg_ingress";
@@ -80,6 +82,8 @@ pub const SEG_MAX_POLICY: u32 = 1_048_576;
 /// leaves when it expires (removed by the sweeper).
 pub const SEG_MAX_CONNTRACK: u32 = 262_144;
 pub const SEG_MAX_BACKSTOP: u32 = 65_536;
+/// SEG_CGROUPS: endpoint cgroups, fail-closed parents and exempt cgroups.
+pub const SEG_MAX_CGROUPS: u32 = 65_536;
 pub const SEG_EVENTS_RINGBUF_BYTES: u32 = 1024 * 1024;
 /// How many cgroup levels (from the root) the quarantine check walks (a pod's containers live in
 /// child cgroups of the pod cgroup).
@@ -111,11 +115,37 @@ pub const PROTO_SCTP: u8 = 132;
 pub const EP_ISOLATED_INGRESS: u32 = 1;
 pub const EP_ISOLATED_EGRESS: u32 = 2;
 
+/// CgroupValue.kind
+/// The cgroup of a local endpoint whose maps are written: judged by policy.
+pub const CGROUP_ENDPOINT: u32 = 1;
+/// A parent the datapath is attached at (the lab's pods parent, kubepods): a cgroup below it
+/// that is no known endpoint yet gets the fail-closed default (only traffic inside the pod).
+pub const CGROUP_PARENT: u32 = 2;
+/// Below a parent but not a pod (the daemon's own cgroup): judged as before, by address.
+pub const CGROUP_EXEMPT: u32 = 3;
+
+/// SEG_CGROUPS value, keyed by cgroup id (u64). The datapath takes the deepest entry among the
+/// socket's cgroup and its ancestors.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CgroupValue {
+    /// CGROUP_*
+    pub kind: u32,
+    /// The endpoint id (CGROUP_ENDPOINT), else 0.
+    pub endpoint_id: u32,
+}
+assert_wire_size!(CgroupValue, 8);
+
 /// Verdict reasons (PolicyVerdictEvent.reason and the user-side lookup).
 pub const REASON_QUARANTINE: u8 = 1;
 pub const REASON_POLICY: u8 = 2;
 /// Allowed by policy, but the pod's conntrack quota (or the table) is full: dropped.
 pub const REASON_CONNTRACK_FULL: u8 = 3;
+/// A pod below a fail-closed parent whose endpoint is not written yet (a new pod before its
+/// first sync): only traffic inside the pod passes.
+pub const REASON_UNKNOWN_ENDPOINT: u8 = 4;
+/// A packet the hook could not parse, of a pod isolated in that direction.
+pub const REASON_UNPARSED: u8 = 5;
 
 /// Which way out (or in) a drop stopped (PolicyVerdictEvent.path).
 /// A parsed IPv4/IPv6 packet at a cgroup_skb hook (every policy drop is on this path).
@@ -134,6 +164,8 @@ pub const PATH_SOCKET_CREATE: u8 = 4;
 /// A frame dropped by the TC backstop on the pod's host-side interface (what no cgroup hook
 /// saw: packet sockets, kernel-made ARP/ND). Addresses are filled for IPv4/IPv6 frames.
 pub const PATH_BACKSTOP: u8 = 5;
+/// A packet of (or to) a pod below a fail-closed parent whose endpoint is not written yet.
+pub const PATH_UNKNOWN_ENDPOINT: u8 = 6;
 
 /// Conntrack flags, relative to the normalized key (lo = the smaller (addr, port)).
 pub const CT_LO_HI_EGRESS: u32 = 1;
@@ -192,7 +224,11 @@ pub const CNT_DENIED_QUARANTINE: u32 = 4;
 pub const CNT_EVENTS_SUPPRESSED: u32 = 5;
 pub const CNT_EVENTS_LOST: u32 = 6;
 pub const CNT_UNPARSED: u32 = 7;
-pub const CNT_COUNT: u32 = 8;
+/// Packets of pods below a fail-closed parent with no endpoint yet, dropped.
+pub const CNT_DENIED_UNKNOWN: u32 = 8;
+/// Unparsable packets of isolated pods, dropped (of CNT_UNPARSED).
+pub const CNT_DENIED_UNPARSED: u32 = 9;
+pub const CNT_COUNT: u32 = 10;
 
 /// LPM trie data (the aya key adds the prefix length): a 16-byte address.
 #[repr(C)]
@@ -545,4 +581,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::CtConfig {}
     unsafe impl aya::Pod for super::CtPodUsage {}
     unsafe impl aya::Pod for super::BackstopValue {}
+    unsafe impl aya::Pod for super::CgroupValue {}
 }

@@ -63,6 +63,13 @@ pub struct RunArgs {
     /// Do not attach kprobes even where the kernel allows them.
     #[arg(long)]
     pub no_kprobes: bool,
+    /// The cgroup (relative to the cgroup2 mount) the datapath is attached at for every pod
+    /// below it, so a new pod is judged from its first packet: until its endpoint is written
+    /// it gets only traffic inside itself (the fail-closed default). `auto`: the lab's pods
+    /// parent with --lab, kubepods.slice (or kubepods) in Kubernetes mode, none otherwise;
+    /// `none`: attach per pod only.
+    #[arg(long, default_value = "auto")]
+    pub pods_cgroup: String,
     /// bpffs directory for the pinned datapath maps (enforcement survives restarts).
     #[arg(long, default_value = crate::probes::loader::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
@@ -289,6 +296,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             capacity.policy = args.max_policy_entries.unwrap_or(capacity.policy).min(capacity.policy);
             capacity
         },
+        pods_parent(&args, &cgroup_root),
     )
     .await
     .context("enforcing the policies")?;
@@ -1011,11 +1019,26 @@ fn loss_status(state: &DaemonState) -> serde_json::Value {
     json!(rows)
 }
 
+/// Where the datapath is attached for every pod below it (`--pods-cgroup`).
+fn pods_parent(args: &RunArgs, cgroup_root: &Path) -> Option<PathBuf> {
+    match args.pods_cgroup.as_str() {
+        "none" => None,
+        "auto" if args.lab => Some(cgroup_root.join(crate::lab::naming::default_cgroup_root(&args.lab_name))),
+        "auto" if args.kubernetes => {
+            ["kubepods.slice", "kubepods"].iter().map(|p| cgroup_root.join(p)).find(|p| p.is_dir())
+        }
+        "auto" => None,
+        other => Some(cgroup_root.join(other.trim_start_matches('/'))),
+    }
+}
+
 /// A drop record's reason, as alerts and metrics name it.
 fn verdict_reason(reason: u8) -> &'static str {
     match reason {
         palisade_common::REASON_QUARANTINE => "quarantine",
         palisade_common::REASON_CONNTRACK_FULL => "conntrack_full",
+        palisade_common::REASON_UNKNOWN_ENDPOINT => "unknown_endpoint",
+        palisade_common::REASON_UNPARSED => "unparsed",
         _ => "policy",
     }
 }

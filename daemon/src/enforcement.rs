@@ -5,17 +5,17 @@
 //! what it held, the rest is enforced, and the status lists what was rejected. Peer-only endpoints (pods
 //! on other nodes) are peers in the maps but never attached to: they have no cgroup here.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
-use palisade_common::{MAP_SEG_EVENTS, PolicyVerdictEvent};
+use palisade_common::{CGROUP_ENDPOINT, CGROUP_EXEMPT, CGROUP_PARENT, CgroupValue, MAP_SEG_EVENTS, PolicyVerdictEvent};
 use serde::Serialize;
 
 use crate::inventory::Inventory;
 use crate::probes::host::{HostError, ProbeHost};
-use crate::quarantine::datapath::{EscapeHooks, attach_escape_hooks};
+use crate::quarantine::datapath::{EscapeHooks, attach_backstop_hook, attach_escape_hooks, attach_socket_hook};
 use crate::segmentation::datapath::{Datapath, DatapathError, SyncStats};
 use crate::segmentation::{Capacity, Compiled, PolicyError, PolicyReport, PolicySet, Segmentation, Usage};
 
@@ -43,6 +43,9 @@ pub struct EnforcementStatus {
     pub isolated_endpoints: usize,
     pub policy_entries: usize,
     pub attached_cgroups: usize,
+    /// Where the datapath is attached for every pod below it (new pods fail closed until their
+    /// endpoint is written); None: attached per pod.
+    pub pods_parent: Option<PodsParent>,
     /// Endpoints whose datapath, socket hooks or TC backstop are not (yet) attached, and why.
     pub unattached: Vec<Unattached>,
     /// What stops a quarantined pod's raw and packet sockets on this kernel (see
@@ -58,6 +61,46 @@ pub struct EnforcementStatus {
     /// The set in force does not fit (new pods pushed the last good set over, or the set on
     /// disk at start did not fit): its pods are isolated and only the allows that fit are in.
     pub degraded: Option<String>,
+}
+
+/// The pods parent, for status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PodsParent {
+    pub cgroup: String,
+    /// Its programs are attached (else pods are attached one by one, and `last_error` says why).
+    pub attached: bool,
+    /// Endpoints judged by the parent's programs.
+    pub covered_endpoints: usize,
+    /// Why its programs could not be attached.
+    pub error: Option<String>,
+}
+
+/// What one `apply` did on the eBPF owner task.
+struct Applied {
+    sync: Result<SyncStats, DatapathError>,
+    /// The parent's programs are in place (with its socket hooks' coverage).
+    parent: Option<EscapeHooks>,
+    parent_error: Option<String>,
+    attached: Vec<PathBuf>,
+    covered: Vec<PathBuf>,
+    failed: Vec<(PathBuf, String)>,
+    hooks: Vec<(PathBuf, EscapeHooks)>,
+    backstops: Vec<(PathBuf, Result<String, String>)>,
+}
+
+impl Applied {
+    fn new(sync: Result<SyncStats, DatapathError>) -> Applied {
+        Applied {
+            sync,
+            parent: None,
+            parent_error: None,
+            attached: Vec::new(),
+            covered: Vec::new(),
+            failed: Vec::new(),
+            hooks: Vec::new(),
+            backstops: Vec::new(),
+        }
+    }
 }
 
 /// One endpoint part that is not enforced, for status.
@@ -98,6 +141,18 @@ pub struct Enforcer {
     escape_hooks: std::collections::BTreeMap<PathBuf, EscapeHooks>,
     /// Cgroups the cgroup_skb programs could not be attached to, and why.
     attach_errors: std::collections::BTreeMap<PathBuf, String>,
+    /// Where the datapath is attached once for every pod below it (the lab's pods parent,
+    /// kubepods), so a new pod is judged from its first packet: an unknown cgroup below it gets
+    /// the fail-closed default until its endpoint is written. Pods outside it are attached one
+    /// by one.
+    pods_parent: Option<PathBuf>,
+    /// The parent's programs are attached (pinned); its socket-creation hooks' coverage.
+    parent_attached: Option<EscapeHooks>,
+    parent_error: Option<String>,
+    /// Cgroups below the parent that are not pods (the daemon's own): judged by address.
+    exempt_cgroups: Vec<PathBuf>,
+    /// Endpoint cgroups covered by the parent's programs.
+    covered: BTreeSet<PathBuf>,
     pub status: EnforcementStatus,
 }
 
@@ -105,7 +160,8 @@ impl Enforcer {
     /// Adopts what pinned maps already hold, syncs `policies` and attaches. `policy_paths` are
     /// what `reload_policies` re-reads (empty when policies come from the Kubernetes API);
     /// `policy_report` is what loading `policies` rejected or ignored (shown in the status);
-    /// `capacity` the map entries the compiler may use (the maps' sizes, or less).
+    /// `capacity` the map entries the compiler may use (the maps' sizes, or less); `pods_parent`
+    /// the cgroup (absolute) to attach the datapath at for every pod below it (None: per pod).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         host: ProbeHost,
@@ -116,6 +172,7 @@ impl Enforcer {
         pin_dir: PathBuf,
         cgroup_root: PathBuf,
         capacity: Capacity,
+        pods_parent: Option<PathBuf>,
     ) -> Result<Enforcer, EnforcementError> {
         let segmentation = Segmentation::with_capacity(inventory, policies, capacity);
         let datapath = host
@@ -136,6 +193,11 @@ impl Enforcer {
             policy_report,
             escape_hooks: Default::default(),
             attach_errors: Default::default(),
+            exempt_cgroups: pods_parent.as_deref().map(own_cgroups_below).unwrap_or_default(),
+            pods_parent,
+            parent_attached: None,
+            parent_error: None,
+            covered: BTreeSet::new(),
             status: EnforcementStatus::default(),
         };
         enforcer.apply().await?;
@@ -178,23 +240,38 @@ impl Enforcer {
     async fn apply(&mut self) -> Result<SyncStats, EnforcementError> {
         let started = std::time::Instant::now();
         let compiled = self.segmentation.compiled().clone();
-        let wanted: BTreeSet<PathBuf> = compiled
-            .local_endpoints()
-            .filter_map(|ep| ep.cgroup.as_ref())
-            .map(|rel| self.cgroup_root.join(rel))
-            .filter(|path| path.exists())
-            .collect();
+        // Local endpoints with a cgroup here, and their SEG_CGROUPS entries.
+        let mut cgroup_entries: BTreeMap<u64, CgroupValue> = BTreeMap::new();
+        let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
+        for ep in compiled.local_endpoints() {
+            let Some(rel) = ep.cgroup.as_ref() else { continue };
+            let path = self.cgroup_root.join(rel.trim_start_matches('/'));
+            let Ok(id) = crate::sys::cgroup_id(&path) else { continue };
+            cgroup_entries.insert(id, CgroupValue { kind: CGROUP_ENDPOINT, endpoint_id: ep.id });
+            wanted.insert(path);
+        }
+        let parent = self.pods_parent.clone().filter(|p| p.exists());
+        if let Some(parent) = &parent {
+            for exempt in &self.exempt_cgroups {
+                if let Ok(id) = crate::sys::cgroup_id(exempt) {
+                    cgroup_entries.entry(id).or_insert(CgroupValue { kind: CGROUP_EXEMPT, endpoint_id: 0 });
+                }
+            }
+            if let Ok(id) = crate::sys::cgroup_id(parent) {
+                cgroup_entries.insert(id, CgroupValue { kind: CGROUP_PARENT, endpoint_id: 0 });
+            }
+        }
+        let outer_parent = parent.clone();
+        let below = move |path: &Path| outer_parent.as_ref().is_some_and(|p| path.starts_with(p) && path != p);
         let datapath = self.datapath.clone();
         let pin_dir = self.pin_dir.clone();
         let capacity = self.segmentation.capacity();
-        let to_attach: Vec<PathBuf> = wanted.difference(&self.attached).cloned().collect();
-        let to_release: Vec<PathBuf> = self.attached.difference(&wanted).cloned().collect();
-        // Escape hooks for new cgroups, and again where the backstop is still missing.
-        let mut to_hook: Vec<PathBuf> = to_attach.clone();
-        to_hook.extend(
-            self.escape_hooks.iter().filter(|(c, h)| h.backstop_pending() && wanted.contains(*c)).map(|(c, _)| c.clone()),
-        );
-        type Applied = (Result<SyncStats, DatapathError>, Vec<PathBuf>, Vec<(PathBuf, String)>, Vec<(PathBuf, EscapeHooks)>);
+        // Per pod or through the parent: either way not attached again.
+        let attached_before: BTreeSet<PathBuf> = self.attached.union(&self.covered).cloned().collect();
+        let parent_before = self.parent_attached.clone();
+        let backstop_pending: BTreeSet<PathBuf> =
+            self.escape_hooks.iter().filter(|(c, h)| h.backstop_pending() && wanted.contains(*c)).map(|(c, _)| c.clone()).collect();
+        let (inner_below, inner_wanted) = (below.clone(), wanted.clone());
         let result = self
             .host
             .with(move |ebpf| -> Result<Applied, EnforcementError> {
@@ -212,51 +289,110 @@ impl Enforcer {
                         step
                     })
                 };
-                let sync = match &step {
+                let mut sync = match &step {
                     Some(step) => datapath.sync(ebpf, step).and_then(|_| datapath.sync(ebpf, &compiled)),
                     None => datapath.sync(ebpf, &compiled),
                 };
+                // Then which cgroups are endpoints: a pod below the parent turns from the
+                // fail-closed default to its policy only once its maps are in (so not after a
+                // failed sync).
+                if sync.is_ok() {
+                    if let Err(err) = datapath.sync_cgroups(ebpf, &cgroup_entries) {
+                        sync = Err(err);
+                    }
+                }
+                // The parent: attached (pinned, adopted when already there) before any per-pod
+                // link below it is let go.
+                let mut applied = Applied::new(sync);
+                if let Some(parent) = &parent {
+                    applied.parent = match parent_before {
+                        Some(hooks) => Some(hooks),
+                        None => match datapath.attach_pinned(ebpf, parent, &pin_dir) {
+                            Ok(()) => {
+                                let mut hooks = EscapeHooks::default();
+                                match attach_socket_hook(ebpf, parent, &pin_dir) {
+                                    Ok(packet) => hooks.packet_sockets = packet.err(),
+                                    Err(err) => {
+                                        hooks.raw_ip_sockets = Some(err.to_string());
+                                        hooks.packet_sockets = Some(err.to_string());
+                                    }
+                                }
+                                tracing::info!(parent = %parent.display(), "datapath attached at the pods parent: new pods are judged from their first packet");
+                                Some(hooks)
+                            }
+                            Err(err) => {
+                                tracing::error!(parent = %parent.display(), %err, "attaching the datapath at the pods parent; attaching per pod");
+                                applied.parent_error = Some(err.to_string());
+                                None
+                            }
+                        },
+                    };
+                }
+                let parent_in_place = applied.parent.is_some();
+                let covered_by_parent = |path: &Path| parent_in_place && inner_below(path);
                 // New endpoints are attached even when the sync failed: an unattached pod
                 // passes everything, an attached one at least gets what was written.
-                let mut attached = Vec::new();
-                let mut failed = Vec::new();
-                for cgroup in to_attach {
-                    match datapath.attach_pinned(ebpf, &cgroup, &pin_dir) {
-                        Ok(()) => attached.push(cgroup),
+                for cgroup in inner_wanted.iter().filter(|c| !attached_before.contains(*c)) {
+                    if covered_by_parent(cgroup) {
+                        applied.covered.push(cgroup.clone());
+                        let mut hooks = applied.parent.clone().unwrap_or_default();
+                        hooks.set_backstop(attach_backstop_hook(ebpf, cgroup, &pin_dir));
+                        applied.hooks.push((cgroup.clone(), hooks));
+                        continue;
+                    }
+                    match datapath.attach_pinned(ebpf, cgroup, &pin_dir) {
+                        Ok(()) => {
+                            applied.attached.push(cgroup.clone());
+                            applied.hooks.push((cgroup.clone(), attach_escape_hooks(ebpf, cgroup, &pin_dir)));
+                        }
                         Err(err) => {
                             tracing::error!(cgroup = %cgroup.display(), %err, "attaching the datapath");
-                            failed.push((cgroup, err.to_string()));
+                            applied.failed.push((cgroup.clone(), err.to_string()));
                         }
                     }
                 }
-                let hooks = to_hook
-                    .into_iter()
-                    .filter(|cgroup| !failed.iter().any(|(f, _)| f == cgroup))
-                    .map(|cgroup| {
-                        let hooks = attach_escape_hooks(ebpf, &cgroup, &pin_dir);
-                        (cgroup, hooks)
-                    })
-                    .collect();
-                Ok((sync, attached, failed, hooks))
+                // The backstop again where it is still missing.
+                for cgroup in backstop_pending.iter().filter(|c| attached_before.contains(*c)) {
+                    applied.backstops.push((cgroup.clone(), attach_backstop_hook(ebpf, cgroup, &pin_dir)));
+                }
+                Ok(applied)
             })
             .await?;
-        let (sync, attached, failed, hooks) = match result {
+        let result = result.map(|a| {
+            self.parent_attached = a.parent.clone();
+            self.parent_error = a.parent_error.clone();
+            (a.sync, a.attached, a.covered, a.failed, a.hooks, a.backstops)
+        });
+        let to_release: Vec<PathBuf> = self.attached.iter().filter(|c| !wanted.contains(*c)).cloned().collect();
+        // Per-pod links of pods the parent now covers (an older run's): let go once the
+        // parent's are in place.
+        let migrated: Vec<PathBuf> = match &self.parent_attached {
+            Some(_) => self.attached.iter().filter(|c| wanted.contains(*c) && below(c)).cloned().collect(),
+            None => Vec::new(),
+        };
+        let (sync, attached, covered, failed, hooks, backstops) = match result {
             Ok(ok) => ok,
             Err(err) => {
                 self.status.last_error = Some(err.to_string());
                 return Err(err);
             }
         };
-        for cgroup in &attached {
+        for cgroup in attached.iter().chain(&covered) {
             self.attach_errors.remove(cgroup);
         }
         self.attached.extend(attached);
+        self.covered.extend(covered);
         self.attach_errors.extend(failed);
         self.escape_hooks.extend(hooks);
+        for (cgroup, outcome) in backstops {
+            if let Some(h) = self.escape_hooks.get_mut(&cgroup) {
+                h.set_backstop(outcome);
+            }
+        }
         let stats = match sync {
             Ok(stats) => stats,
             Err(err) => {
-                self.status.attached_cgroups = self.attached.len();
+                self.status.attached_cgroups = self.attached.len() + self.covered.len();
                 self.status.last_error = Some(err.to_string());
                 return Err(err.into());
             }
@@ -264,6 +400,17 @@ impl Enforcer {
         for cgroup in to_release {
             release_pins(&self.pin_dir, &cgroup);
             self.attached.remove(&cgroup);
+            self.escape_hooks.remove(&cgroup);
+        }
+        for cgroup in migrated {
+            release_datapath_pins(&self.pin_dir, &cgroup);
+            self.attached.remove(&cgroup);
+            self.covered.insert(cgroup);
+        }
+        let gone: Vec<PathBuf> = self.covered.iter().filter(|c| !wanted.contains(*c)).cloned().collect();
+        for cgroup in gone {
+            release_pins(&self.pin_dir, &cgroup);
+            self.covered.remove(&cgroup);
             self.escape_hooks.remove(&cgroup);
         }
         self.attach_errors.retain(|cgroup, _| wanted.contains(cgroup));
@@ -276,7 +423,13 @@ impl Enforcer {
             peer_endpoints: compiled.endpoints.values().filter(|ep| ep.peer_only).count(),
             isolated_endpoints: compiled.endpoint_config.values().filter(|c| c.flags != 0).count(),
             policy_entries: compiled.policy.len(),
-            attached_cgroups: self.attached.len(),
+            attached_cgroups: self.attached.len() + self.covered.len(),
+            pods_parent: self.pods_parent.as_ref().map(|p| PodsParent {
+                cgroup: p.display().to_string(),
+                attached: self.parent_attached.is_some(),
+                covered_endpoints: self.covered.len(),
+                error: self.parent_error.clone(),
+            }),
             unattached,
             escape_paths,
             last_sync: Some(format!("{stats:?}")),
@@ -289,7 +442,7 @@ impl Enforcer {
         if let Some(over) = &compiled.over_capacity {
             tracing::error!(%over, "the policy set in force does not fit the maps: its pods are isolated, only the allows that fit are in");
         }
-        tracing::info!(?stats, attached = self.attached.len(), "datapath synced");
+        tracing::info!(?stats, attached = self.attached.len(), covered_by_parent = self.covered.len(), "datapath synced");
         Ok(stats)
     }
 }
@@ -302,7 +455,7 @@ impl Enforcer {
             .iter()
             .map(|(c, why)| Unattached { cgroup: c.display().to_string(), what: "datapath", why: why.clone() })
             .collect();
-        let mut paths = EscapePaths { cgroup_skb: self.attached.len(), ..EscapePaths::default() };
+        let mut paths = EscapePaths { cgroup_skb: self.attached.len() + self.covered.len(), ..EscapePaths::default() };
         for (cgroup, hooks) in &self.escape_hooks {
             for (what, missing, covered) in [
                 ("raw_ip_sockets", &hooks.raw_ip_sockets, &mut paths.raw_ip_sockets_refused),
@@ -317,6 +470,27 @@ impl Enforcer {
         }
         (unattached, paths)
     }
+}
+
+/// Unpins a pod's own cgroup_skb and socket-creation links (the parent's now cover it); its TC
+/// backstop stays.
+fn release_datapath_pins(pin_dir: &Path, cgroup: &Path) {
+    let Ok(id) = crate::sys::cgroup_id(cgroup) else { return };
+    for suffix in ["ingress", "egress", "inet-sock-create", "sock-create"] {
+        let _ = std::fs::remove_file(pin_dir.join(format!("{id}-{suffix}")));
+    }
+}
+
+/// This process's cgroups below `parent` (a daemon running in a pod below kubepods): exempt
+/// from the fail-closed default, which would otherwise cut its own API traffic.
+fn own_cgroups_below(parent: &Path) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") else { return Vec::new() };
+    let Some(mount) = crate::sys::cgroup2_mount().ok() else { return Vec::new() };
+    text.lines()
+        .filter_map(|l| l.strip_prefix("0::"))
+        .map(|rel| mount.join(rel.trim_start_matches('/')))
+        .filter(|p| p.starts_with(parent) && p != parent)
+        .collect()
 }
 
 /// Unpins the links of a cgroup that left the inventory (the kernel detaches them when the last

@@ -385,7 +385,7 @@ fn a_policy_set_over_capacity_is_rejected_and_new_pods_are_still_enforced() {
         "{CAPACITY_INVENTORY}  - {{namespace: cap, name: srv2, labels: {{app: srv}}, ips: [198.18.8.4], cgroup: /palisade-lab/cap/srv2}}\n"
     );
     // The lab makes its pods at start: srv2's pod exists, then leaves the inventory (the
-    // daemon no longer knows it: nothing is enforced on it).
+    // daemon no longer knows it: below the pods parent it gets the fail-closed default).
     let daemon = DaemonGuard::start(
         DaemonOptions::new("scncapacity", &with_srv2).policy("a-srv-in.yaml", srv_in).arg("--max-policy-entries").arg("20"),
     );
@@ -393,7 +393,7 @@ fn a_policy_set_over_capacity_is_rejected_and_new_pods_are_still_enforced() {
     daemon.set_inventory(CAPACITY_INVENTORY);
     assert!(daemon.wait_synced(before, Duration::from_millis(400), Duration::from_secs(20)), "no sync\n{}", daemon.log());
     let m = probe(&daemon, 80, Protocol::Tcp, 800);
-    assert_eq!(m.allowed("cap/other", "cap/srv2"), Some(true), "srv2 is not an endpoint yet\n{}", m.to_table());
+    assert_eq!(m.allowed("cap/other", "cap/srv2"), Some(false), "srv2 is no endpoint: nothing reaches it\n{}", m.to_table());
 
     // srv2 comes (back) into the inventory and the oversized set arrives, at the same time.
     let before = daemon.sync_count();

@@ -10,7 +10,9 @@ use palisade::inventory::Inventory;
 use palisade::segmentation::conntrack::{self, ConntrackSettings, CtTimeouts, EstablishedFlows};
 use palisade::segmentation::datapath::{self, Datapath};
 use palisade::segmentation::{PolicySet, Segmentation};
-use palisade_common::{CT_DEFAULT_PER_ENDPOINT_MAX, SEG_MAX_CONNTRACK};
+use std::collections::BTreeMap;
+
+use palisade_common::{CGROUP_ENDPOINT, CGROUP_PARENT, CT_DEFAULT_PER_ENDPOINT_MAX, CgroupValue, SEG_MAX_CONNTRACK};
 
 fn kernel_or_skip(test: &str) -> bool {
     let root = unsafe { libc::geteuid() } == 0;
@@ -114,6 +116,41 @@ elif mode == "flood":
         except OSError:
             pass
     print(sent, flush=True)
+elif mode == "connect_loop":
+    # Tries a connection every 50 ms for the given seconds, from the first instant the process
+    # runs; prints how many got through.
+    import time
+    end = time.monotonic() + float(sys.argv[4]); ok = 0; tries = 0
+    while time.monotonic() < end:
+        tries += 1
+        try:
+            c = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=0.2)
+            c.sendall(b"ping"); ok += c.recv(4) == b"ping"; c.close()
+        except Exception:
+            time.sleep(0.05)
+    print(ok, tries, flush=True)
+elif mode == "self":
+    # Traffic inside the pod: loopback and the pod's own address.
+    res = []
+    for addr in ["127.0.0.1", sys.argv[2]]:
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, 0)); s.listen(1)
+        try:
+            c = socket.create_connection(s.getsockname(), timeout=1.0); a, _ = s.accept()
+            c.sendall(b"x"); res.append(a.recv(1) == b"x")
+        except Exception:
+            res.append(False)
+    sys.exit(0 if all(res) else 1)
+elif mode == "badver":
+    # A hand-built packet with IP version 7 (unparsable) on a raw socket; prints the outcome.
+    import errno, struct
+    r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    dst = socket.inet_aton(sys.argv[2])
+    pkt = bytes([0x75, 0]) + struct.pack("!H", 28) + bytes(4) + bytes([64, 17, 0, 0]) + socket.inet_aton(sys.argv[3]) + dst + bytes(8)
+    try:
+        r.sendto(pkt, (sys.argv[2], 0)); print("sent", flush=True)
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, str(e.errno)), flush=True)
 elif mode == "hold":
     c = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=1.0)
     print("connected", flush=True)
@@ -158,21 +195,40 @@ impl Lab {
         sh(&["ip", "-n", &bridge_ns, "link", "add", "br0", "type", "bridge"]);
         sh(&["ip", "-n", &bridge_ns, "link", "set", "br0", "up"]);
         std::fs::create_dir_all(&cgroup_root).expect("cgroup root");
-        for (i, (name, ip)) in pods.iter().enumerate() {
-            let netns = format!("{prefix}-{i}");
-            sh(&["ip", "netns", "add", &netns]);
-            let host_if = format!("h{i}");
-            sh(&["ip", "-n", &bridge_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
-            sh(&["ip", "-n", &bridge_ns, "link", "set", &host_if, "master", "br0", "up"]);
-            sh(&["ip", "-n", &netns, "addr", "add", &format!("{ip}/15"), "dev", "eth0"]);
-            sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-            let cgroup_abs = cgroup_root.join(name);
-            std::fs::create_dir_all(&cgroup_abs).expect("pod cgroup");
-            let cgroup_rel = cgroup_abs.strip_prefix(&mount).expect("below mount").to_string_lossy().into_owned();
-            lab.pods.push(Pod { name: name.to_string(), netns, ip: ip.to_string(), cgroup_abs, cgroup_rel });
+        for (name, ip) in pods {
+            lab.add_pod(name, ip);
         }
         lab
+    }
+
+    /// One more pod: network namespace, veth into the bridge, cgroup below the lab's root.
+    fn add_pod(&mut self, name: &str, ip: &str) {
+        let mount = datapath::cgroup2_mount().expect("cgroup2 mounted");
+        let i = self.pods.len();
+        let netns = format!("{}-{i}", self.prefix);
+        sh(&["ip", "netns", "add", &netns]);
+        let host_if = format!("h{i}");
+        sh(&["ip", "-n", &self.bridge_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        sh(&["ip", "-n", &self.bridge_ns, "link", "set", &host_if, "master", "br0", "up"]);
+        sh(&["ip", "-n", &netns, "addr", "add", &format!("{ip}/15"), "dev", "eth0"]);
+        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        let cgroup_abs = self.cgroup_root.join(name);
+        std::fs::create_dir_all(&cgroup_abs).expect("pod cgroup");
+        let cgroup_rel = cgroup_abs.strip_prefix(&mount).expect("below mount").to_string_lossy().into_owned();
+        self.pods.push(Pod { name: name.to_string(), netns, ip: ip.to_string(), cgroup_abs, cgroup_rel });
+    }
+
+    /// SEG_CGROUPS as the daemon writes it: every pod an endpoint, the lab root the fail-closed
+    /// parent.
+    fn cgroup_entries(&self, compiled: &palisade::segmentation::Compiled) -> BTreeMap<u64, CgroupValue> {
+        let mut entries = BTreeMap::new();
+        for p in &self.pods {
+            let Some(ep) = compiled.local_endpoints().find(|ep| ep.name == p.name) else { continue };
+            entries.insert(datapath::cgroup_id(&p.cgroup_abs).expect("cgroup id"), CgroupValue { kind: CGROUP_ENDPOINT, endpoint_id: ep.id });
+        }
+        entries.insert(datapath::cgroup_id(&self.cgroup_root).expect("cgroup id"), CgroupValue { kind: CGROUP_PARENT, endpoint_id: 0 });
+        entries
     }
 
     fn pod(&self, name: &str) -> &Pod {
@@ -614,4 +670,104 @@ fn quarantine_flag_cuts_an_open_connection() {
     assert!(!held.roundtrip(), "open connection stops passing data");
     datapath::clear_quarantine(&mut bpf, cg).expect("release");
     assert!(lab.connects("frontend-1", "backend-1", 8080), "released");
+}
+
+/// Drop records (path, cgroup id) the datapath wrote so far.
+fn drop_records(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<(u8, u8, u64)> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if let Some(v) = datapath::decode_verdict(&item) {
+            out.push((v.path, v.reason, v.header.cgroup_id));
+        }
+    }
+    out
+}
+
+/// The datapath attached once at the lab's root (the pods parent): a pod created while it runs
+/// sends from its first instant, before any sync knows it. Nothing it sends reaches another pod
+/// (the fail-closed default, recorded as unknown_endpoint), traffic inside it works, and after
+/// the sync that writes its endpoint its allowed traffic flows.
+#[test]
+fn a_new_pod_below_the_pods_parent_gets_nothing_out_before_its_endpoint_is_written() {
+    if !kernel_or_skip("a_new_pod_below_the_pods_parent_gets_nothing_out_before_its_endpoint_is_written") {
+        return;
+    }
+    let mut lab = Lab::new("np", &[("frontend-1", "198.18.1.14"), ("backend-1", "198.18.2.24")]);
+    lab.serve("backend-1", &[8080]);
+    let labels = [("frontend-1", "frontend"), ("frontend-2", "frontend"), ("backend-1", "backend")];
+    let mut bpf = datapath::load(None).expect("load eBPF object");
+    let ring = bpf.take_map(palisade_common::MAP_SEG_EVENTS).expect("SEG_EVENTS");
+    let mut ring = aya::maps::RingBuf::try_from(ring).expect("ring buffer");
+    let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
+    Datapath::set_denied_events(&mut bpf, true, 0).expect("records on");
+    let mut seg = Segmentation::new(lab.inventory(&labels), webapp_policy());
+    dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    dp.sync_cgroups(&mut bpf, &lab.cgroup_entries(seg.compiled())).expect("cgroups");
+    dp.attach(&mut bpf, &lab.cgroup_root).expect("attach at the parent");
+    assert!(lab.connects("frontend-1", "backend-1", 8080), "a known pod's allowed flow passes through the parent's programs");
+
+    // The new pod exists in no map; its first process starts sending at once.
+    lab.add_pod("frontend-2", "198.18.1.15");
+    let backend = lab.pod("backend-1").ip.clone();
+    let out = lab.cmd("frontend-2", &["connect_loop", &backend, "8080", "1.0"]).output().expect("connect loop");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (ok, tries): (u32, u32) = {
+        let mut it = text.split_whitespace().map(|n| n.parse().expect("count"));
+        (it.next().expect("ok"), it.next().expect("tries"))
+    };
+    assert!(tries > 0, "the new pod tried");
+    assert_eq!(ok, 0, "nothing from a pod with no endpoint reaches another pod ({tries} tries)");
+    let own = lab.pod("frontend-2").ip.clone();
+    assert!(lab.cmd("frontend-2", &["self", &own]).status().expect("self").success(), "traffic inside the pod still works");
+    let new_id = datapath::cgroup_id(&lab.pod("frontend-2").cgroup_abs).expect("cgroup id");
+    let records = drop_records(&mut ring);
+    assert!(
+        records.iter().any(|(path, _, cg)| *path == palisade_common::PATH_UNKNOWN_ENDPOINT && *cg == new_id),
+        "drop records name the unknown_endpoint path: {records:?}"
+    );
+
+    // The sync that knows it: its allowed traffic flows.
+    seg.set_inventory(lab.inventory(&labels));
+    dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    dp.sync_cgroups(&mut bpf, &lab.cgroup_entries(seg.compiled())).expect("cgroups");
+    assert!(lab.connects("frontend-2", "backend-1", 8080), "after its endpoint is written, its allowed flow passes");
+}
+
+/// A pod that is not quarantined but isolated by a policy sends a packet the datapath cannot
+/// parse (IP version 7 on a raw socket): dropped (the sender gets EPERM) and recorded as
+/// unparsed; a pod that no policy isolates still may.
+#[test]
+fn unparsable_packets_of_an_isolated_pod_are_dropped() {
+    if !kernel_or_skip("unparsable_packets_of_an_isolated_pod_are_dropped") {
+        return;
+    }
+    let lab = Lab::new("uv", &[("frontend-1", "198.18.1.16"), ("backend-1", "198.18.2.26"), ("db-1", "198.18.3.26")]);
+    let labels = [("frontend-1", "frontend"), ("backend-1", "backend"), ("db-1", "db")];
+    let mut bpf = datapath::load(None).expect("load eBPF object");
+    let ring = bpf.take_map(palisade_common::MAP_SEG_EVENTS).expect("SEG_EVENTS");
+    let mut ring = aya::maps::RingBuf::try_from(ring).expect("ring buffer");
+    let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
+    Datapath::set_denied_events(&mut bpf, true, 0).expect("records on");
+    let egress_only = policies(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: backend-egress, namespace: webapp}\nspec:\n  podSelector: {matchLabels: {app: backend}}\n  policyTypes: [Egress]\n  egress:\n    - to: [{podSelector: {matchLabels: {app: db}}}]\n      ports: [{protocol: TCP, port: 5432}]\n",
+    );
+    let seg = Segmentation::new(lab.inventory(&labels), egress_only);
+    dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    dp.sync_cgroups(&mut bpf, &lab.cgroup_entries(seg.compiled())).expect("cgroups");
+    for p in &lab.pods {
+        dp.attach(&mut bpf, &p.cgroup_abs).expect("attach");
+    }
+    let isolated = seg.compiled().local_endpoints().find(|ep| ep.name == "backend-1").expect("backend");
+    assert_ne!(seg.compiled().endpoint_config.get(&isolated.id).map(|c| c.flags).unwrap_or(0), 0, "the policy isolates backend-1's egress");
+    let (backend, db, frontend) = (lab.pod("backend-1").ip.clone(), lab.pod("db-1").ip.clone(), lab.pod("frontend-1").ip.clone());
+    let out = lab.cmd("backend-1", &["badver", &db, &backend]).output().expect("badver");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "EPERM", "an isolated pod's unparsable packet is dropped at its egress");
+    let records = drop_records(&mut ring);
+    let cg = datapath::cgroup_id(&lab.pod("backend-1").cgroup_abs).expect("cgroup id");
+    assert!(
+        records.iter().any(|(path, reason, c)| *path == palisade_common::PATH_UNPARSED && *reason == palisade_common::REASON_UNPARSED && *c == cg),
+        "recorded as unparsed: {records:?}"
+    );
+    let out = lab.cmd("db-1", &["badver", &frontend, &db]).output().expect("badver");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sent", "a pod no policy isolates is not judged");
 }

@@ -4,10 +4,13 @@
 //! in step): (1) QUARANTINE by the socket's cgroup id and its ancestors, before the packet is even
 //! parsed: a quarantined pod's packets pass only inside the pod and to or from the forensics
 //! exception; unparsable packets and neighbour discovery (except for a forensics peer's address)
-//! are dropped too, and the drop record names the path (PATH_*); (2) unparsable packets and
-//! ICMPv6 neighbour discovery of pods that are not quarantined pass; (3) CONNTRACK (TCP state,
-//! idle expiry, policy generation in strict mode); (4) local endpoint and peer identity from
-//! IPCACHE, isolation from ENDPOINTS, POLICY probes.
+//! are dropped too, and the drop record names the path (PATH_*); (2) the socket's cgroup in
+//! SEG_CGROUPS: a pod below a fail-closed parent (where the programs are attached once for all
+//! pods) that is no endpoint yet passes only traffic inside itself (PATH_UNKNOWN_ENDPOINT);
+//! (3) unparsable packets are dropped for an endpoint isolated in that direction and pass
+//! otherwise; ICMPv6 neighbour discovery passes; (4) CONNTRACK (TCP state, idle expiry, policy
+//! generation in strict mode); (5) local endpoint and peer identity from IPCACHE, isolation
+//! from ENDPOINTS, POLICY probes.
 //! Denials become rate-limited PolicyVerdictEvent records in SEG_EVENTS.
 
 use aya_ebpf::{
@@ -29,7 +32,8 @@ use palisade_common::{
     PolicyKey, PolicyValue, PolicyVerdictEvent, QuarantineValue, REASON_POLICY, REASON_QUARANTINE,
     SEG_EVENTS_RINGBUF_BYTES, SEG_MAX_CGROUP_LEVELS, SEG_MAX_CONNTRACK, SEG_MAX_ENDPOINTS,
     ESTABLISHED_FLOWS_STRICT, PROTO_TCP, SEG_MAX_FORENSICS, SEG_MAX_IPCACHE, SEG_MAX_POLICY, SEG_MAX_QUARANTINE,
-    SOURCE_DATAPATH, CT_DEFAULT_PER_ENDPOINT_MAX, CT_REFRESH_NS, CT_SWEEP_BATCH, REASON_CONNTRACK_FULL, TCP_ACK, TCP_SYN, ct_allow_bit, ct_key_into, ct_next_state, ct_pass_bits,
+    SOURCE_DATAPATH, CT_DEFAULT_PER_ENDPOINT_MAX, CGROUP_ENDPOINT, CGROUP_PARENT, CNT_DENIED_UNKNOWN, CNT_DENIED_UNPARSED,
+    CgroupValue, PATH_UNKNOWN_ENDPOINT, REASON_UNKNOWN_ENDPOINT, REASON_UNPARSED, SEG_MAX_CGROUPS, CT_REFRESH_NS, CT_SWEEP_BATCH, REASON_CONNTRACK_FULL, TCP_ACK, TCP_SYN, ct_allow_bit, ct_key_into, ct_next_state, ct_pass_bits,
     ct_side_bits, ct_timeout_s,
 };
 
@@ -45,6 +49,11 @@ pub(crate) static SEG_FORENSICS: LpmTrie<IpAddrKey, ForensicsValue> = LpmTrie::w
 
 #[map]
 static SEG_IPCACHE: LpmTrie<IpAddrKey, IpCacheValue> = LpmTrie::with_max_entries(SEG_MAX_IPCACHE, 0);
+
+/// Which cgroups are endpoints (and their endpoint id), which are fail-closed parents: a cgroup
+/// below a parent that is no endpoint yet gets only traffic inside the pod.
+#[map]
+static SEG_CGROUPS: HashMap<u64, CgroupValue> = HashMap::with_max_entries(SEG_MAX_CGROUPS, 0);
 
 #[map]
 static SEG_ENDPOINTS: HashMap<u32, EndpointConfig> = HashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
@@ -255,16 +264,81 @@ fn decide(ctx: &SkBuffContext, direction: u8) -> i32 {
     if let Some(q) = quarantine(ctx, cgroup_id) {
         return quarantined(ctx, &mut p, direction as u32, q.endpoint_id, cgroup_id);
     }
-    // 2. what the policy cannot judge: unparsable packets and neighbour discovery pass.
+    // 2. whose cgroup: an endpoint (its id), or a pod below a fail-closed parent whose
+    // endpoint is not written yet (only traffic inside the pod passes).
+    let (kind, endpoint_id) = match cgroup_entry(ctx, cgroup_id) {
+        Some(v) => (v.kind, v.endpoint_id),
+        None => (0, 0),
+    };
+    if kind == CGROUP_PARENT {
+        return unknown_endpoint(ctx, &mut p, direction as u32, cgroup_id);
+    }
+    // 3. what the policy cannot judge: unparsable packets pass unless the pod is isolated in
+    // this direction; neighbour discovery passes.
     if parse(&ctx.skb, 0, &mut p).is_none() {
         count(CNT_UNPARSED);
+        if kind == CGROUP_ENDPOINT && isolated(endpoint_id, direction) {
+            p = Pkt::zero();
+            count(CNT_DENIED_UNPARSED);
+            report(&p, path_bits(PATH_UNPARSED) | ((direction as u32) << 8) | REASON_UNPARSED as u32, endpoint_id, 0, cgroup_id);
+            return DROP;
+        }
         return PASS;
     }
     if p.nd {
         return PASS;
     }
-    // 3. conntrack, 4. policy
+    // 4. conntrack, 5. policy
     policy(&p, direction as u32, cgroup_id)
+}
+
+/// The deepest SEG_CGROUPS entry among the socket's cgroup and its ancestors (its own first:
+/// one lookup when the pod's processes sit in the pod cgroup itself).
+#[inline(always)]
+fn cgroup_entry(ctx: &SkBuffContext, own: u64) -> Option<&'static CgroupValue> {
+    if let Some(v) = unsafe { SEG_CGROUPS.get(&own) } {
+        return Some(v);
+    }
+    let mut found: Option<&'static CgroupValue> = None;
+    let mut level: i32 = 1;
+    while level <= SEG_MAX_CGROUP_LEVELS as i32 {
+        let anc = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) };
+        if anc == 0 || anc == own {
+            break;
+        }
+        if let Some(v) = unsafe { SEG_CGROUPS.get(&anc) } {
+            found = Some(v);
+        }
+        level += 1;
+    }
+    found
+}
+
+/// Whether endpoint `endpoint_id` is isolated in `direction` (a policy selects it).
+#[inline(always)]
+fn isolated(endpoint_id: u32, direction: u8) -> bool {
+    let flag = if direction == DIRECTION_EGRESS { EP_ISOLATED_EGRESS } else { EP_ISOLATED_INGRESS };
+    match unsafe { SEG_ENDPOINTS.get(&endpoint_id) } {
+        Some(cfg) => cfg.flags & flag != 0,
+        None => false,
+    }
+}
+
+/// A pod below a fail-closed parent with no endpoint yet: traffic inside the pod (same address,
+/// loopback) passes, everything else is dropped (PATH_UNKNOWN_ENDPOINT), parsed or not.
+#[inline(never)]
+fn unknown_endpoint(ctx: &SkBuffContext, p: &mut Pkt, direction: u32, cgroup_id: u64) -> i32 {
+    if parse(&ctx.skb, 0, p).is_none() {
+        *p = Pkt::zero();
+    } else {
+        let (local, peer) = if direction == DIRECTION_EGRESS as u32 { (&p.src, &p.dst) } else { (&p.dst, &p.src) };
+        if same(local, peer) || is_loopback(peer) {
+            return PASS;
+        }
+    }
+    count(CNT_DENIED_UNKNOWN);
+    report(p, path_bits(PATH_UNKNOWN_ENDPOINT) | (direction << 8) | REASON_UNKNOWN_ENDPOINT as u32, 0, 0, cgroup_id);
+    DROP
 }
 
 /// A quarantined pod: only traffic inside the pod and the forensics exception pass. Whatever

@@ -548,6 +548,20 @@ impl EscapeHooks {
     pub fn backstop_pending(&self) -> bool {
         self.backstop.is_some()
     }
+
+    /// Records the outcome of [`attach_backstop_hook`].
+    pub fn set_backstop(&mut self, outcome: Result<String, String>) {
+        match outcome {
+            Ok(name) => {
+                self.host_interface = Some(name);
+                self.backstop = None;
+            }
+            Err(why) => {
+                self.host_interface = None;
+                self.backstop = Some(why);
+            }
+        }
+    }
 }
 
 /// The pod's network namespace, from a process in its cgroup (or a child cgroup):
@@ -591,16 +605,18 @@ pub fn attach_escape_hooks(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) 
             hooks.packet_sockets = Some(err.to_string());
         }
     }
-    let backstop = pod_netns(cgroup_dir).and_then(|netns| host_interface(&netns).map_err(|e| e.to_string())).and_then(|host| {
+    hooks.set_backstop(attach_backstop_hook(ebpf, cgroup_dir, link_dir));
+    hooks
+}
+
+/// The TC backstop alone for one pod cgroup (its socket hooks come from a parent it sits
+/// below): Ok names the host-side interface, Err says why it is not attached.
+pub fn attach_backstop_hook(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) -> Result<String, String> {
+    pod_netns(cgroup_dir).and_then(|netns| host_interface(&netns).map_err(|e| e.to_string())).and_then(|host| {
         let cgroup_id = crate::lab::cgroup_id(cgroup_dir).map_err(|e| e.to_string())?;
         attach_backstop(ebpf, &host, cgroup_id, link_dir).map_err(|e| e.to_string())?;
         Ok(host.name)
-    });
-    match backstop {
-        Ok(name) => hooks.host_interface = Some(name),
-        Err(why) => hooks.backstop = Some(why),
-    }
-    hooks
+    })
 }
 
 #[cfg(test)]

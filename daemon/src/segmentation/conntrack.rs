@@ -176,11 +176,14 @@ pub fn bump_policy_generation(bpf: &mut Ebpf) -> Result<u32, DatapathError> {
 /// names of the maps removed.
 pub fn drop_incompatible_pins(dir: &Path) -> Vec<&'static str> {
     let mut dropped = Vec::new();
+    // (name, type, key size, value size, max entries when it must match too)
     let expected = [
-        (MAP_SEG_CONNTRACK, MapType::Hash, std::mem::size_of::<CtKey>() as u32, std::mem::size_of::<CtValue>() as u32),
-        (MAP_SEG_CT_PODS, MapType::LruHash, 4, std::mem::size_of::<CtPodUsage>() as u32),
+        (MAP_SEG_CONNTRACK, MapType::Hash, std::mem::size_of::<CtKey>() as u32, std::mem::size_of::<CtValue>() as u32, None),
+        (MAP_SEG_CT_PODS, MapType::LruHash, 4, std::mem::size_of::<CtPodUsage>() as u32, None),
+        // Counters only: a table of an older count of counters is replaced (they restart at 0).
+        (palisade_common::MAP_SEG_COUNTERS, MapType::PerCpuArray, 4, 8, Some(palisade_common::CNT_COUNT)),
     ];
-    for (name, map_type, key_size, value_size) in expected {
+    for (name, map_type, key_size, value_size, max_entries) in expected {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -194,12 +197,13 @@ pub fn drop_incompatible_pins(dir: &Path) -> Vec<&'static str> {
             }
         };
         let same_type = info.map_type().map(|t| t == map_type).unwrap_or(false);
-        if !same_type || info.key_size() != key_size || info.value_size() != value_size {
+        let same_size = max_entries.is_none_or(|m| info.max_entries() == m);
+        if !same_type || info.key_size() != key_size || info.value_size() != value_size || !same_size {
             tracing::warn!(
                 path = %path.display(),
                 key_size = info.key_size(),
                 value_size = info.value_size(),
-                "pinned conntrack map has an older layout: replaced by an empty one"
+                "pinned datapath map has an older layout: replaced by an empty one"
             );
             match std::fs::remove_file(&path) {
                 Ok(()) => dropped.push(name),

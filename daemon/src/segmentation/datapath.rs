@@ -27,7 +27,7 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupSkb, CgroupSkbAttachType, ProgramError, cgroup_skb::CgroupSkbLinkId};
 use aya::{Ebpf, EbpfLoader};
 use palisade_common::{
-    DatapathConfig, EndpointConfig, ForensicsValue, IpAddrKey, IpCacheValue, MAP_SEG_CONFIG,
+    CgroupValue, DatapathConfig, EndpointConfig, MAP_SEG_CGROUPS, ForensicsValue, IpAddrKey, IpCacheValue, MAP_SEG_CONFIG,
     MAP_SEG_ENDPOINTS, MAP_SEG_FORENSICS, MAP_SEG_IPCACHE, MAP_SEG_POLICY, MAP_SEG_QUARANTINE,
     PROG_SEG_EGRESS, PROG_SEG_INGRESS, PolicyKey, PolicyValue, PolicyVerdictEvent, QuarantineValue,
     SEG_MAPS,
@@ -119,6 +119,7 @@ pub struct Datapath {
     policy: BTreeMap<PolicyKey, PolicyValue>,
     ipcache: BTreeMap<LpmKey, IpCacheValue>,
     endpoints: BTreeMap<u32, EndpointConfig>,
+    cgroups: BTreeMap<u64, CgroupValue>,
     attached: StdHashMap<PathBuf, (CgroupSkbLinkId, CgroupSkbLinkId)>,
 }
 
@@ -170,6 +171,16 @@ impl Datapath {
             for kv in map.iter() {
                 let (k, v) = kv.map_err(map_err(MAP_SEG_ENDPOINTS))?;
                 dp.endpoints.insert(k, v);
+            }
+        }
+        {
+            let map: HashMap<&MapData, u64, CgroupValue> = HashMap::try_from(
+                bpf.map(MAP_SEG_CGROUPS).ok_or(DatapathError::MissingMap { name: MAP_SEG_CGROUPS })?,
+            )
+            .map_err(map_err(MAP_SEG_CGROUPS))?;
+            for kv in map.iter() {
+                let (k, v) = kv.map_err(map_err(MAP_SEG_CGROUPS))?;
+                dp.cgroups.insert(k, v);
             }
         }
         Ok(dp)
@@ -268,6 +279,39 @@ impl Datapath {
         }
         tracing::debug!(?stats, "datapath synced");
         Ok(stats)
+    }
+
+    /// Writes SEG_CGROUPS as a diff against `wanted` (cgroup id -> endpoint, fail-closed parent
+    /// or exempt): adds and changes first, then removals. Call after `sync`, so a cgroup becomes
+    /// a known endpoint only once its endpoint's maps are in.
+    pub fn sync_cgroups(&mut self, bpf: &mut Ebpf, wanted: &BTreeMap<u64, CgroupValue>) -> Result<(usize, usize), DatapathError> {
+        let mut map: HashMap<&mut MapData, u64, CgroupValue> = HashMap::try_from(
+            bpf.map_mut(MAP_SEG_CGROUPS).ok_or(DatapathError::MissingMap { name: MAP_SEG_CGROUPS })?,
+        )
+        .map_err(map_err(MAP_SEG_CGROUPS))?;
+        let (mut added, mut removed) = (0, 0);
+        // Endpoints before parents: a parent written first would hold a known pod unknown.
+        let mut order: Vec<(&u64, &CgroupValue)> = wanted.iter().collect();
+        order.sort_by_key(|(_, v)| v.kind == palisade_common::CGROUP_PARENT);
+        for (k, v) in order {
+            if self.cgroups.get(k) != Some(v) {
+                map.insert(k, v, 0).map_err(map_err(MAP_SEG_CGROUPS))?;
+                self.cgroups.insert(*k, *v);
+                added += 1;
+            }
+        }
+        let gone: Vec<u64> = self.cgroups.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for k in gone {
+            remove_ok(map.remove(&k)).map_err(map_err(MAP_SEG_CGROUPS))?;
+            self.cgroups.remove(&k);
+            removed += 1;
+        }
+        Ok((added, removed))
+    }
+
+    /// The SEG_CGROUPS entries (as last synced or adopted).
+    pub fn cgroup_entries(&self) -> &BTreeMap<u64, CgroupValue> {
+        &self.cgroups
     }
 
     /// Attaches both cgroup_skb programs to a pod cgroup (absolute path, or relative to the
@@ -424,6 +468,7 @@ pub fn path_name(path: u8) -> &'static str {
         palisade_common::PATH_RAW_SOCKET => "raw_socket",
         palisade_common::PATH_SOCKET_CREATE => "socket_create",
         palisade_common::PATH_BACKSTOP => "backstop",
+        palisade_common::PATH_UNKNOWN_ENDPOINT => "unknown_endpoint",
         _ => "unknown",
     }
 }

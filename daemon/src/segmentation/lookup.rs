@@ -2,8 +2,10 @@
 //! same order as `probes-ebpf/src/datapath.rs` (keep the two in step).
 //!
 //! A packet crosses two hooks: the source pod's cgroup_skb egress, then the destination pod's
-//! cgroup_skb ingress. Each hook runs: (1) quarantine of the socket's cgroup, (2) conntrack,
-//! (3) local endpoint + peer identity from IPCACHE, isolation from ENDPOINTS, POLICY probes.
+//! cgroup_skb ingress. Each hook runs: (1) quarantine of the socket's cgroup, (2) the fail-closed
+//! default of a pod below the pods parent with no endpoint yet, (3) conntrack, (4) local endpoint
+//! + peer identity from IPCACHE, isolation from ENDPOINTS, POLICY probes. (Unparsable packets,
+//! which the kernel drops for isolated pods, have no model here.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -52,6 +54,9 @@ pub fn mask16(addr: &[u8; 16], plen: u32) -> [u8; 16] {
 #[derive(Debug, Clone, Default)]
 pub struct DatapathState {
     pub quarantined: BTreeSet<u64>,
+    /// Cgroups below a fail-closed parent with no endpoint written yet (SEG_CGROUPS says
+    /// CGROUP_PARENT for their deepest entry): only traffic inside the pod passes.
+    pub unknown: BTreeSet<u64>,
     pub forensics: BTreeMap<LpmKey, ForensicsValue>,
     pub conntrack: HashMap<CtKey, CtValue>,
 }
@@ -73,6 +78,10 @@ pub enum HookDecision {
     NotEndpoint,
     QuarantineException,
     QuarantineDenied,
+    /// A pod below a fail-closed parent whose endpoint is not written yet.
+    UnknownEndpoint,
+    /// Traffic inside such a pod (same address, loopback).
+    UnknownEndpointLocal,
     Conntrack,
     SelfTraffic,
     NotIsolated,
@@ -82,7 +91,7 @@ pub enum HookDecision {
 
 impl HookDecision {
     pub fn allowed(&self) -> bool {
-        !matches!(self, HookDecision::QuarantineDenied | HookDecision::Denied { .. })
+        !matches!(self, HookDecision::QuarantineDenied | HookDecision::UnknownEndpoint | HookDecision::Denied { .. })
     }
 }
 
@@ -138,7 +147,14 @@ pub fn hook(compiled: &Compiled, state: &mut DatapathState, direction: u8, cgrou
         }
         return HookDecision::QuarantineDenied;
     }
-    // 2. conntrack (the pure model has no clock and no TCP flags: its entries never expire and
+    // 2. a pod with no endpoint yet below a fail-closed parent
+    if cgroup_id != 0 && state.unknown.contains(&cgroup_id) {
+        if local == peer || is_loopback16(&peer) {
+            return HookDecision::UnknownEndpointLocal;
+        }
+        return HookDecision::UnknownEndpoint;
+    }
+    // 3. conntrack (the pure model has no clock and no TCP flags: its entries never expire and
     // it models one policy generation; the kernel's state machine is in `conntrack`)
     let (ck, src_is_lo) = ct_key(&pkt.src, pkt.sport, &pkt.dst, pkt.dport, pkt.protocol);
     if let Some(v) = state.conntrack.get(&ck) {
@@ -146,7 +162,7 @@ pub fn hook(compiled: &Compiled, state: &mut DatapathState, direction: u8, cgrou
             return HookDecision::Conntrack;
         }
     }
-    // 3. policy
+    // 4. policy
     let Some(local_v) = lpm(&compiled.ipcache, &local).filter(|v| v.endpoint_id != 0) else {
         return HookDecision::NotEndpoint;
     };

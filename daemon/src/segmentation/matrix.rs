@@ -235,6 +235,8 @@ fn describe(compiled: &Compiled, d: &HookDecision, direction: u8, ep: &CompiledE
         HookDecision::NotEndpoint => format!("{dir}: address is not an endpoint"),
         HookDecision::QuarantineException => format!("{dir}: quarantined, allowed by exception"),
         HookDecision::QuarantineDenied => format!("{dir}: {} is quarantined", ep.key()),
+        HookDecision::UnknownEndpoint => format!("{dir}: {} has no endpoint in the datapath yet (fail-closed default)", ep.key()),
+        HookDecision::UnknownEndpointLocal => format!("{dir}: allowed (traffic inside a pod with no endpoint yet)"),
         HookDecision::Conntrack => format!("{dir}: allowed by connection tracking"),
         HookDecision::SelfTraffic => format!("{dir}: allowed (a pod always reaches itself)"),
         HookDecision::NotIsolated => format!("{dir}: allowed ({} is selected by no policy with {dir} isolation)", ep.key()),
