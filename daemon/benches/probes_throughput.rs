@@ -142,7 +142,7 @@ fn main() {
     let lib_prefiltered = median_of(3, || run_loop_on(&cgroup, opens, LIBRARY));
     let lib_prefiltered_events = settle() - base;
 
-    runtime.block_on(async { host.set_monitored(BTreeSet::new()).await.expect("unmonitor") });
+    runtime.block_on(async { host.set_monitored(BTreeSet::<u64>::new()).await.expect("unmonitor") });
     let filtered = median_of(3, || run_loop(&cgroup, opens));
 
     let status = runtime.block_on(host.status()).expect("status");

@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod defaults;
+pub mod endpoints;
 pub mod enforcement;
 pub mod events;
 pub mod inventory;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::decode::{Event, EventData, bytes_to_text};
+use crate::endpoints::{CgroupId, PodKey};
 
 /// The pod as events and alerts show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -18,19 +19,26 @@ pub struct PodRef {
     pub service_account: Option<String>,
 }
 
+impl PodRef {
+    /// The pod's typed key (the inventory validated both parts as Kubernetes names).
+    pub fn key(&self) -> PodKey {
+        PodKey::from_validated(&self.namespace, &self.name)
+    }
+}
+
 /// cgroup id -> pod, rebuilt by the daemon whenever the inventory changes.
 #[derive(Debug, Clone, Default)]
 pub struct EndpointIndex {
-    by_cgroup: HashMap<u64, Arc<PodRef>>,
+    by_cgroup: HashMap<CgroupId, Arc<PodRef>>,
 }
 
 impl EndpointIndex {
-    pub fn insert(&mut self, cgroup_id: u64, pod: PodRef) {
-        self.by_cgroup.insert(cgroup_id, Arc::new(pod));
+    pub fn insert(&mut self, cgroup_id: impl Into<CgroupId>, pod: PodRef) {
+        self.by_cgroup.insert(cgroup_id.into(), Arc::new(pod));
     }
 
-    pub fn get(&self, cgroup_id: u64) -> Option<Arc<PodRef>> {
-        self.by_cgroup.get(&cgroup_id).cloned()
+    pub fn get(&self, cgroup_id: impl Into<CgroupId>) -> Option<Arc<PodRef>> {
+        self.by_cgroup.get(&cgroup_id.into()).cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -41,7 +49,7 @@ impl EndpointIndex {
         self.by_cgroup.is_empty()
     }
 
-    pub fn cgroup_ids(&self) -> impl Iterator<Item = u64> + '_ {
+    pub fn cgroup_ids(&self) -> impl Iterator<Item = CgroupId> + '_ {
         self.by_cgroup.keys().copied()
     }
 }

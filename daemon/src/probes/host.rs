@@ -8,13 +8,14 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::loader::{self, KindCounters, LoaderError, ProgramStatus};
+use crate::endpoints::CgroupId;
 use crate::events::kind::EventKind;
 
 type EbpfJob = Box<dyn FnOnce(&mut Ebpf) + Send>;
 
 enum Command {
     /// Replace the monitored cgroup set.
-    SetMonitored { cgroups: BTreeSet<u64>, reply: oneshot::Sender<Result<(), LoaderError>> },
+    SetMonitored { cgroups: BTreeSet<CgroupId>, reply: oneshot::Sender<Result<(), LoaderError>> },
     SetEnabledKinds { kinds: Vec<EventKind>, reply: oneshot::Sender<Result<(), LoaderError>> },
     Status { reply: oneshot::Sender<ProbeStatus> },
     /// Run a job against the object on the owner task (segmentation and quarantine map updates).
@@ -49,7 +50,7 @@ pub enum HostError {
 struct Owner {
     ebpf: Ebpf,
     programs: Vec<ProgramStatus>,
-    monitored: BTreeSet<u64>,
+    monitored: BTreeSet<CgroupId>,
     enabled: Vec<EventKind>,
     offsets_valid: bool,
     monitor_all: bool,
@@ -87,7 +88,9 @@ impl ProbeHost {
         rx.await.map_err(|_| HostError::Stopped)
     }
 
-    pub async fn set_monitored(&self, cgroups: BTreeSet<u64>) -> Result<(), HostError> {
+    /// Replaces the monitored cgroup set (ids, or bare `u64`s from a test's own cgroup).
+    pub async fn set_monitored(&self, cgroups: impl IntoIterator<Item = impl Into<CgroupId>>) -> Result<(), HostError> {
+        let cgroups: BTreeSet<CgroupId> = cgroups.into_iter().map(Into::into).collect();
         Ok(self.call(|reply| Command::SetMonitored { cgroups, reply }).await??)
     }
 
@@ -143,16 +146,16 @@ impl Owner {
     }
 
     /// Adds before it removes, so a cgroup in both the old and new set is never unwatched.
-    fn set_monitored(&mut self, cgroups: BTreeSet<u64>) -> Result<(), LoaderError> {
+    fn set_monitored(&mut self, cgroups: BTreeSet<CgroupId>) -> Result<(), LoaderError> {
         for (slot, id) in cgroups.iter().enumerate() {
             if !self.monitored.contains(id) {
-                loader::monitor_cgroup(&mut self.ebpf, *id, slot as u32)?;
+                loader::monitor_cgroup(&mut self.ebpf, id.get(), slot as u32)?;
                 self.monitored.insert(*id);
             }
         }
-        let stale: Vec<u64> = self.monitored.difference(&cgroups).copied().collect();
+        let stale: Vec<CgroupId> = self.monitored.difference(&cgroups).copied().collect();
         for id in stale {
-            loader::unmonitor_cgroup(&mut self.ebpf, id)?;
+            loader::unmonitor_cgroup(&mut self.ebpf, id.get())?;
             self.monitored.remove(&id);
         }
         Ok(())

@@ -3,8 +3,9 @@
 //!
 //! The daemon's use:
 //! 1. At start, once the datapath maps are loaded (pinned) and before events flow:
-//!    `QuarantineService::start(config, datapath, &inventory)` adopts `<state_dir>/quarantine.json`
-//!    and the pinned SEG_QUARANTINE map, reconciled with the inventory ([`Adoption`]). The
+//!    `QuarantineService::start_with(config, datapath, table)` adopts `<state_dir>/quarantine.json`
+//!    and the pinned SEG_QUARANTINE map, reconciled with the endpoint table the endpoints stage
+//!    published ([`Adoption`]; `start(config, datapath, &inventory)` resolves one first). The
 //!    datapath is a [`KernelQuarantineMap`] (`from_ebpf(&ebpf)` or `open_pinned(pin_dir)`).
 //! 2. Per rule hit: `service.respond(&Verdict { hit, namespace, name, alert_id })` returns a
 //!    [`Decision`] whose `outcome` (`alerted`, `quarantined`, `already_quarantined`,
@@ -16,8 +17,9 @@
 //! 4. Operator (through the root-only API socket): `list()`, `pending()`, `add(pod, reason, by,
 //!    alert_id)` (a quarantine by hand), `release(pod, reason, by)` (yields the audit
 //!    [`ReleaseRecord`]), `cancel(pod, reason, by)` for a queued one ([`CancelRecord`]), `status()`.
-//! 5. Changes: `set_policy(ResponsePolicy)` (hot reload), `set_inventory(&inventory)` (returns the
-//!    quarantines that ended because their endpoint left).
+//! 5. Changes: `set_policy(ResponsePolicy)` (hot reload), `set_endpoints(table)` (returns the
+//!    quarantines that ended because their endpoint left; a re-created cgroup takes its pod's
+//!    quarantine along).
 //! 6. Alerts and API: [`api::alerts_for`] (rule alert + outcome), [`api::queue_alert`],
 //!    [`api::removal_alert`]; [`api::QuarantineApiHandler`] implements `crate::api::QuarantineApi`
 //!    (list with pending; release and cancel write their own audit alerts).
@@ -37,6 +39,7 @@ pub use responder::{
 };
 pub use state::{PendingQuarantine, QuarantineRecord};
 
+use crate::endpoints::EndpointTable;
 use crate::inventory::Inventory;
 
 /// The responder behind a lock, cheap to clone: the verdict thread, the API server and the
@@ -49,12 +52,23 @@ pub struct QuarantineService {
 }
 
 impl QuarantineService {
+    /// For callers without an endpoints stage (tests, tools); see [`Responder::start`].
     pub fn start(
         config: ResponderConfig,
         datapath: Box<dyn QuarantineDatapath>,
         inventory: &Inventory,
     ) -> Result<(QuarantineService, Adoption), QuarantineError> {
         let (responder, adoption) = Responder::start(config, datapath, inventory)?;
+        Ok((QuarantineService { inner: Arc::new(Mutex::new(responder)) }, adoption))
+    }
+
+    /// Starts on the endpoint table the endpoints stage published (the daemon's way).
+    pub fn start_with(
+        config: ResponderConfig,
+        datapath: Box<dyn QuarantineDatapath>,
+        endpoints: Arc<EndpointTable>,
+    ) -> Result<(QuarantineService, Adoption), QuarantineError> {
+        let (responder, adoption) = Responder::start_with(config, datapath, endpoints)?;
         Ok((QuarantineService { inner: Arc::new(Mutex::new(responder)) }, adoption))
     }
 
@@ -108,7 +122,11 @@ impl QuarantineService {
         self.lock().set_inventory(inventory)
     }
 
-    pub fn set_endpoint_ids(&self, ids: impl IntoIterator<Item = (String, u32)>) {
+    pub fn set_endpoints(&self, endpoints: Arc<EndpointTable>) -> Result<Vec<Removal>, QuarantineError> {
+        self.lock().set_endpoints(endpoints)
+    }
+
+    pub fn set_endpoint_ids(&self, ids: impl IntoIterator<Item = (crate::endpoints::PodKey, crate::endpoints::EndpointId)>) {
         self.lock().set_endpoint_ids(ids)
     }
 

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use palisade_common::QuarantineValue;
@@ -15,6 +16,7 @@ use serde::Serialize;
 use super::datapath::{DatapathError, ForensicsEntry, QuarantineDatapath};
 use super::policy::{Enforcement, RateLimitStatus, RateLimiter, ResponsePolicy};
 use super::state::{self, PendingQuarantine, QuarantineRecord, StateError, StateFile};
+use crate::endpoints::{CgroupId, EndpointId, EndpointTable, Placement, PodKey};
 use crate::events::input::{monotonic_now_ns, rfc3339};
 use crate::inventory::Inventory;
 use crate::rules::{Action, RuleHit};
@@ -200,7 +202,7 @@ struct Target {
     message: String,
 }
 
-/// Where a pod lives, from the inventory.
+/// Where a local pod with a cgroup lives, from the endpoint table.
 #[derive(Debug, Clone)]
 struct Located {
     cgroup: String,
@@ -211,14 +213,15 @@ struct Located {
 pub struct Responder<D: QuarantineDatapath> {
     datapath: D,
     state_dir: PathBuf,
+    /// Only for [`Responder::set_inventory`] (callers without an endpoints stage).
     cgroup_root: PathBuf,
     policy: ResponsePolicy,
     /// By pod key.
     records: BTreeMap<String, QuarantineRecord>,
-    endpoints: HashMap<String, Located>,
-    /// Peer-only endpoints (pods on other nodes): never quarantinable from this node.
-    peers: BTreeSet<String>,
-    endpoint_ids: HashMap<String, u32>,
+    /// The pods as the endpoints stage resolved them (peer-only pods, on other nodes, are never
+    /// quarantinable from this node).
+    endpoints: Arc<EndpointTable>,
+    endpoint_ids: HashMap<PodKey, EndpointId>,
     limiter: RateLimiter,
     /// Queued quarantines by pod key (queue order: `seq`).
     pending: BTreeMap<String, PendingQuarantine>,
@@ -251,7 +254,16 @@ impl<D: QuarantineDatapath> Responder<D> {
     /// Adopts what is there before anything else happens: the state file, the (pinned) map and
     /// the inventory are reconciled; nothing already quarantined is ever lifted here except for
     /// endpoints that no longer exist. Call before events flow.
+    ///
+    /// For callers without an endpoints stage (tests, tools): the inventory's cgroups are
+    /// resolved through [`EndpointTable::resolve`]. The daemon uses [`Responder::start_with`].
     pub fn start(config: ResponderConfig, datapath: D, inventory: &Inventory) -> Result<(Responder<D>, Adoption), QuarantineError> {
+        let table = EndpointTable::resolve(Arc::new(inventory.clone()), &config.cgroup_root);
+        Responder::start_with(config, datapath, Arc::new(table))
+    }
+
+    /// [`Responder::start`] with the endpoint table the endpoints stage published.
+    pub fn start_with(config: ResponderConfig, datapath: D, endpoints: Arc<EndpointTable>) -> Result<(Responder<D>, Adoption), QuarantineError> {
         config.policy.validate().map_err(QuarantineError::Policy)?;
         let mut responder = Responder {
             datapath,
@@ -259,8 +271,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             cgroup_root: config.cgroup_root,
             policy: config.policy.clone(),
             records: BTreeMap::new(),
-            endpoints: HashMap::new(),
-            peers: BTreeSet::new(),
+            endpoints,
             endpoint_ids: HashMap::new(),
             limiter: RateLimiter::new(
                 config.policy.max_quarantines_per_minute,
@@ -272,7 +283,6 @@ impl<D: QuarantineDatapath> Responder<D> {
             outbox: Vec::new(),
             counters: Counters::default(),
         };
-        responder.locate_endpoints(inventory);
         let mut adoption = Adoption::default();
         let file = match state::load(&responder.state_dir) {
             Ok(file) => file,
@@ -296,7 +306,7 @@ impl<D: QuarantineDatapath> Responder<D> {
         let mut accounted: std::collections::HashSet<u64> = std::collections::HashSet::new();
         for mut record in file.quarantined {
             accounted.insert(record.cgroup_id);
-            let Some(located) = responder.endpoints.get(&record.pod).cloned() else {
+            let Some(located) = responder.located(&record.pod) else {
                 responder.datapath.clear(record.cgroup_id)?;
                 responder.counters.removed += 1;
                 adoption.removed.push(Removal { record, reason: "endpoint is no longer in the inventory".into(), at: at.clone() });
@@ -330,8 +340,8 @@ impl<D: QuarantineDatapath> Responder<D> {
         accounted.extend(responder.records.values().map(|r| r.cgroup_id));
         let by_cgroup: HashMap<u64, (String, String)> = responder
             .endpoints
-            .iter()
-            .filter_map(|(pod, l)| l.cgroup_id.map(|id| (id, (pod.clone(), l.cgroup.clone()))))
+            .entries()
+            .filter_map(|e| Some((e.cgroup_id()?.get(), (e.pod.to_string(), e.cgroup()?.to_string()))))
             .collect();
         for (cgroup_id, _) in in_map {
             if accounted.contains(&cgroup_id) {
@@ -379,28 +389,31 @@ impl<D: QuarantineDatapath> Responder<D> {
         Ok((responder, adoption))
     }
 
-    fn locate_endpoints(&mut self, inventory: &Inventory) {
-        self.peers = inventory.endpoints.iter().filter(|ep| ep.peer_only).map(|ep| ep.key()).collect();
-        self.endpoints = inventory
-            .local_endpoints()
-            .filter_map(|ep| {
-                let cgroup = ep.cgroup.clone()?;
-                let cgroup_id = crate::lab::cgroup_id(&self.cgroup_root.join(&cgroup)).ok();
-                Some((ep.key(), Located { cgroup, cgroup_id }))
-            })
-            .collect();
+    /// A local pod with a cgroup (None: not in the table, on another node, or no cgroup named).
+    fn located(&self, pod: &str) -> Option<Located> {
+        let key = pod.parse::<PodKey>().ok()?;
+        match &self.endpoints.get(&key)?.placement {
+            Placement::Local { cgroup, cgroup_id } => Some(Located { cgroup: cgroup.clone(), cgroup_id: cgroup_id.map(CgroupId::get) }),
+            Placement::LocalWithoutCgroup | Placement::Peer => None,
+        }
+    }
+
+    /// A peer-only endpoint (a pod on another node).
+    fn is_peer(&self, pod: &str) -> bool {
+        pod.parse::<PodKey>().ok().and_then(|key| self.endpoints.get(&key).map(|e| e.is_peer())).unwrap_or(false)
     }
 
     /// Segmentation endpoint ids by pod (informational in the map value: the datapath uses it
     /// to rate-limit and attribute drop records).
-    pub fn set_endpoint_ids(&mut self, ids: impl IntoIterator<Item = (String, u32)>) {
+    pub fn set_endpoint_ids(&mut self, ids: impl IntoIterator<Item = (PodKey, EndpointId)>) {
         self.endpoint_ids = ids.into_iter().collect();
     }
 
     fn map_value(&self, pod: &str) -> QuarantineValue {
+        let endpoint_id = pod.parse::<PodKey>().ok().and_then(|key| self.endpoint_ids.get(&key).copied());
         QuarantineValue {
             since_ns: monotonic_now_ns(),
-            endpoint_id: self.endpoint_ids.get(pod).copied().unwrap_or(0),
+            endpoint_id: endpoint_id.map_or(0, EndpointId::get),
             flags: 0,
         }
     }
@@ -449,7 +462,7 @@ impl<D: QuarantineDatapath> Responder<D> {
         if verdict.hit.action != Action::Quarantine {
             return decision(Outcome::Alerted, "the rule's action is alert".into(), None);
         }
-        if self.peers.contains(&pod) {
+        if self.is_peer(&pod) {
             // Events only come from this node's cgroups, so this is a caller's mistake; it must
             // still never reach the datapath (the pod's traffic is enforced on its own node).
             self.counters.suppressed += 1;
@@ -557,17 +570,14 @@ impl<D: QuarantineDatapath> Responder<D> {
         }
     }
 
-    /// The pod's cgroup and its id, or why it cannot be found.
-    fn locate(&mut self, pod: &str) -> Result<(String, u64), String> {
-        let Some(located) = self.endpoints.get_mut(pod) else {
+    /// The pod's cgroup and its id, or why it cannot be found (a cgroup that appears later is
+    /// in the next table the endpoints stage publishes: it retries every few seconds).
+    fn locate(&self, pod: &str) -> Result<(String, u64), String> {
+        let Some(located) = self.located(pod) else {
             return Err("the pod has no cgroup in the inventory".into());
         };
-        if located.cgroup_id.is_none() {
-            // The cgroup may have appeared since the inventory was read.
-            located.cgroup_id = crate::lab::cgroup_id(&self.cgroup_root.join(&located.cgroup)).ok();
-        }
         match located.cgroup_id {
-            Some(id) => Ok((located.cgroup.clone(), id)),
+            Some(id) => Ok((located.cgroup, id)),
             None => Err(format!("cgroup {} does not exist", located.cgroup)),
         }
     }
@@ -767,7 +777,7 @@ impl<D: QuarantineDatapath> Responder<D> {
         if let Some(existing) = self.records.get(pod) {
             return Err(QuarantineError::AlreadyQuarantined { pod: pod.to_string(), since: existing.since.clone(), alert_id: existing.alert_id.clone() });
         }
-        if self.peers.contains(pod) {
+        if self.is_peer(pod) {
             return Err(refused("the pod runs on another node (peer-only endpoint): quarantine it with palisade on its node".into()));
         }
         if self.policy.is_protected(&namespace) {
@@ -860,16 +870,23 @@ impl<D: QuarantineDatapath> Responder<D> {
         &self.policy
     }
 
-    /// A new inventory: quarantines of endpoints that left it end (returned, for the alert
-    /// history); a pod whose cgroup changed keeps its quarantine on the new cgroup.
+    /// [`Responder::set_endpoints`] for callers without an endpoints stage (tests, tools): the
+    /// inventory's cgroups are resolved through [`EndpointTable::resolve`].
     pub fn set_inventory(&mut self, inventory: &Inventory) -> Result<Vec<Removal>, QuarantineError> {
-        self.locate_endpoints(inventory);
+        let table = EndpointTable::resolve(Arc::new(inventory.clone()), &self.cgroup_root);
+        self.set_endpoints(Arc::new(table))
+    }
+
+    /// A new endpoint table: quarantines of endpoints that left it end (returned, for the alert
+    /// history); a pod whose cgroup changed keeps its quarantine on the new cgroup.
+    pub fn set_endpoints(&mut self, endpoints: Arc<EndpointTable>) -> Result<Vec<Removal>, QuarantineError> {
+        self.endpoints = endpoints;
         let mut removals = Vec::new();
         let pods: Vec<String> = self.records.keys().cloned().collect();
         let (at, _) = now_rfc3339();
         for pod in pods {
             let Some(record) = self.records.get(&pod).cloned() else { continue };
-            match self.endpoints.get(&pod).cloned() {
+            match self.located(&pod) {
                 None => {
                     self.datapath.clear(record.cgroup_id)?;
                     self.records.remove(&pod);

@@ -101,6 +101,15 @@ impl CompiledEndpoint {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The pod's typed key (compiled from the validated inventory).
+    pub fn pod_key(&self) -> crate::endpoints::PodKey {
+        crate::endpoints::PodKey::from_validated(&self.namespace, &self.name)
+    }
+
+    pub fn endpoint_id(&self) -> crate::endpoints::EndpointId {
+        crate::endpoints::EndpointId(self.id)
+    }
 }
 
 /// One ingress/egress rule of one policy: what a POLICY entry's rule_id points at.
