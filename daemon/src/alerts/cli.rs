@@ -18,6 +18,7 @@ use super::render::{AlertColumns, Cell, Table, alert_header, alert_line, colour_
 use super::schema::Alert;
 use super::time::{now_micros, parse_instant};
 use crate::api::client::{ApiClient, block_on};
+use crate::output::OutputFormat;
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct AlertFilterArgs {
@@ -92,9 +93,18 @@ pub struct AlertsArgs {
     pub filters: AlertFilterArgs,
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Output format: table, json (one alert per line, for jq) or falco (Falco's JSON output).
-    #[arg(short = 'o', long, default_value = "table")]
-    pub output: String,
+    /// json is one alert per line (for jq); falco is Falco's JSON output.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: AlertOutput,
+}
+
+/// `-o` for `palisade alerts`: the shared table and json ([`OutputFormat`]) plus Falco's JSON.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AlertOutput {
+    #[default]
+    Table,
+    Json,
+    Falco,
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,9 +115,8 @@ pub enum AlertsCommand {
         filters: AlertFilterArgs,
         #[command(flatten)]
         source: SourceArgs,
-        /// Output format: table or json.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: OutputFormat,
     },
 }
 
@@ -124,14 +133,13 @@ struct Printer {
 }
 
 impl Printer {
-    fn new(format: &str) -> anyhow::Result<Printer> {
+    fn new(format: AlertOutput) -> Printer {
         let output = match format {
-            "table" => Output::Table { columns: AlertColumns::for_terminal(terminal_width()), colour: colour_wanted(), header_done: false },
-            "json" => Output::Lines(ExportFormat::Json),
-            "falco" => Output::Lines(ExportFormat::Falco),
-            other => anyhow::bail!("bad output format {other:?}: want table, json or falco"),
+            AlertOutput::Table => Output::Table { columns: AlertColumns::for_terminal(terminal_width()), colour: colour_wanted(), header_done: false },
+            AlertOutput::Json => Output::Lines(ExportFormat::Json),
+            AlertOutput::Falco => Output::Lines(ExportFormat::Falco),
         };
-        Ok(Printer { output, out: std::io::stdout().lock(), closed: false })
+        Printer { output, out: std::io::stdout().lock(), closed: false }
     }
 
     fn print(&mut self, alert: &Alert) -> ControlFlow<()> {
@@ -204,10 +212,10 @@ fn report_problems(report: &ReadReport) {
 
 pub fn run(args: AlertsArgs) -> anyhow::Result<()> {
     if let Some(AlertsCommand::Summary { filters, source, output }) = args.command {
-        return summary(&filters.to_query()?, &source, &output);
+        return summary(&filters.to_query()?, &source, output);
     }
     let query = args.filters.to_query()?;
-    let mut printer = Printer::new(&args.output)?;
+    let mut printer = Printer::new(args.output);
     let files = match files_to_read(&args.source)? {
         Some(files) => files,
         None => {
@@ -355,10 +363,7 @@ impl Summary {
     }
 }
 
-fn summary(query: &AlertQuery, source: &SourceArgs, output: &str) -> anyhow::Result<()> {
-    if !matches!(output, "table" | "json") {
-        anyhow::bail!("bad output format {output:?}: want table or json");
-    }
+fn summary(query: &AlertQuery, source: &SourceArgs, output: OutputFormat) -> anyhow::Result<()> {
     let mut summary = Summary::default();
     match files_to_read(source)? {
         Some(files) => report_problems(&read_alerts(&files, query, |a| {
@@ -394,7 +399,7 @@ fn summary(query: &AlertQuery, source: &SourceArgs, output: &str) -> anyhow::Res
         }
     }
     let mut out = std::io::stdout().lock();
-    let text = if output == "json" { serde_json::to_string_pretty(&summary)? + "\n" } else { summary.render(colour_wanted()) };
+    let text = if output == OutputFormat::Json { serde_json::to_string_pretty(&summary)? + "\n" } else { summary.render(colour_wanted()) };
     if let Err(err) = out.write_all(text.as_bytes())
         && err.kind() != std::io::ErrorKind::BrokenPipe
     {

@@ -4,21 +4,12 @@
 //! JSON escaping alone keeps a value from forging a *line*, but serde_json leaves DEL, the C1
 //! controls (U+0080..U+009F, where U+009B is a CSI on some terminals) and bidi overrides raw,
 //! so `harden_json` escapes those as well: `tail -f alerts.jsonl` is safe too.
-use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use super::schema::{Alert, Outcome};
+use crate::output::is_display_hazard;
+pub use crate::output::{Cell, Paint, Table, colour_wanted, terminal_safe};
 use crate::rules::model::Severity;
-
-/// Characters that change how a terminal shows later text, beyond what JSON already escapes.
-fn is_display_hazard(c: char) -> bool {
-    matches!(c,
-        '\u{7f}'..='\u{9f}'
-        | '\u{061c}' | '\u{200e}' | '\u{200f}'
-        | '\u{202a}'..='\u{202e}'
-        | '\u{2066}'..='\u{2069}'
-        | '\u{2028}' | '\u{2029}')
-}
 
 /// Escapes, inside an already serialized JSON text, the characters serde_json leaves raw that a
 /// terminal would act on. They only occur inside strings there, where `\uXXXX` is valid JSON.
@@ -35,32 +26,6 @@ pub fn harden_json(json: String) -> String {
         }
     }
     out
-}
-
-/// Makes a string inert for a terminal: control characters, ANSI escapes (their ESC), C1
-/// controls and bidi overrides become visible escapes (`\n`, `\e`, `\x07`, `\u{202e}`).
-/// Text that events already rendered from invalid UTF-8 (`\xff`) stays as it is, visible.
-pub fn terminal_safe(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(|c| c.is_control() || is_display_hazard(c)) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{1b}' => out.push_str("\\e"),
-            c if (c as u32) < 0x100 && (c.is_control() || is_display_hazard(c)) => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
-            }
-            c if c.is_control() || is_display_hazard(c) => {
-                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
 }
 
 /// At most `max` characters, ending in `…` when cut.
@@ -91,12 +56,6 @@ pub fn shorten_middle(text: &str, max: usize) -> String {
     out
 }
 
-/// Whether to colour: stdout is a terminal and NO_COLOR is not set.
-pub fn colour_wanted() -> bool {
-    use std::io::IsTerminal;
-    std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
-}
-
 /// Terminal width, when stdout is one.
 pub fn terminal_width() -> Option<usize> {
     let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
@@ -105,90 +64,24 @@ pub fn terminal_width() -> Option<usize> {
     (rc == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
 }
 
-const RESET: &str = "\x1b[0m";
-
-fn severity_colour(severity: Severity) -> &'static str {
+fn severity_paint(severity: Severity) -> Paint {
     match severity {
-        Severity::Critical => "\x1b[1;31m",
-        Severity::High => "\x1b[31m",
-        Severity::Medium => "\x1b[33m",
-        Severity::Low => "\x1b[36m",
-        Severity::Info => "\x1b[2m",
+        Severity::Critical => Paint::BoldRed,
+        Severity::High => Paint::Red,
+        Severity::Medium => Paint::Yellow,
+        Severity::Low => Paint::Cyan,
+        Severity::Info => Paint::Dim,
     }
 }
 
-fn outcome_colour(outcome: Outcome) -> &'static str {
+fn outcome_paint(outcome: Outcome) -> Paint {
     match outcome {
-        Outcome::Quarantined | Outcome::AlreadyQuarantined => "\x1b[1;35m",
-        Outcome::WouldQuarantine => "\x1b[35m",
-        Outcome::Pending => "\x1b[1;33m",
-        Outcome::Failed => "\x1b[1;31m",
-        Outcome::Released => "\x1b[32m",
-        _ => "",
-    }
-}
-
-/// One table cell: text already made terminal-safe, and an optional colour.
-#[derive(Debug, Clone)]
-pub struct Cell {
-    pub text: String,
-    pub colour: &'static str,
-}
-
-impl Cell {
-    pub fn plain(text: impl AsRef<str>) -> Cell {
-        Cell { text: terminal_safe(text.as_ref()).into_owned(), colour: "" }
-    }
-
-    pub fn coloured(text: impl AsRef<str>, colour: &'static str) -> Cell {
-        Cell { text: terminal_safe(text.as_ref()).into_owned(), colour }
-    }
-}
-
-/// An aligned text table; the last column is never padded.
-#[derive(Debug, Default)]
-pub struct Table {
-    pub headers: Vec<String>,
-    pub rows: Vec<Vec<Cell>>,
-}
-
-impl Table {
-    pub fn new(headers: &[&str]) -> Table {
-        Table { headers: headers.iter().map(|h| h.to_string()).collect(), rows: Vec::new() }
-    }
-
-    pub fn push(&mut self, row: Vec<Cell>) {
-        self.rows.push(row);
-    }
-
-    pub fn render(&self, colour: bool) -> String {
-        let columns = self.headers.len();
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
-        for row in &self.rows {
-            for (i, cell) in row.iter().enumerate().take(columns) {
-                widths[i] = widths[i].max(cell.text.chars().count());
-            }
-        }
-        let mut out = String::new();
-        let header_cells: Vec<Cell> = self.headers.iter().map(|h| Cell { text: h.clone(), colour: "\x1b[1m" }).collect();
-        for row in std::iter::once(&header_cells).chain(self.rows.iter()) {
-            let mut line = String::new();
-            for (i, cell) in row.iter().enumerate().take(columns) {
-                let last = i + 1 == columns.min(row.len());
-                let pad = if last { 0 } else { widths[i] - cell.text.chars().count() };
-                if colour && !cell.colour.is_empty() {
-                    let _ = write!(line, "{}{}{RESET}", cell.colour, cell.text);
-                } else {
-                    line.push_str(&cell.text);
-                }
-                if !last {
-                    line.push_str(&" ".repeat(pad + 2));
-                }
-            }
-            out.push_str(line.trim_end());
-            out.push('\n');
-        }
-        out
+        Outcome::Quarantined | Outcome::AlreadyQuarantined => Paint::BoldMagenta,
+        Outcome::WouldQuarantine => Paint::Magenta,
+        Outcome::Pending => Paint::BoldYellow,
+        Outcome::Failed => Paint::BoldRed,
+        Outcome::Released => Paint::Green,
+        _ => Paint::Plain,
     }
 }
 
@@ -226,6 +119,14 @@ fn short_time(time: &str) -> String {
     crate::time::short_form(time).unwrap_or_else(|| time.to_string())
 }
 
+/// The alert table's shape: fixed widths for all but the message, so that followed alerts,
+/// printed one at a time, line up under a header printed before them.
+fn alert_table() -> Table {
+    let mut table = Table::new(&ALERT_HEADERS);
+    table.min_widths = FIXED_WIDTHS.iter().map(|w| Some(*w as u16)).collect();
+    table
+}
+
 /// One alert as an aligned line (no trailing newline).
 pub fn alert_line(alert: &Alert, columns: &AlertColumns, colour: bool) -> String {
     let rule = alert.rule_id();
@@ -237,64 +138,43 @@ pub fn alert_line(alert: &Alert, columns: &AlertColumns, colour: bool) -> String
     if let Some(reason) = &alert.reason {
         message = format!("{message} [{reason}]");
     }
-    let cells: [(String, &'static str); 8] = [
-        (short_time(&alert.time), ""),
-        (alert.severity.as_str().to_string(), severity_colour(alert.severity)),
-        (alert.kind.as_str().to_string(), ""),
-        (if rule.is_empty() { "-".into() } else { rule.to_string() }, ""),
-        (pod, ""),
-        (process_cell(alert), ""),
-        (alert.outcome.as_str().to_string(), outcome_colour(alert.outcome)),
-        (message, ""),
+    let cells: [(String, Paint); 8] = [
+        (short_time(&alert.time), Paint::Plain),
+        (alert.severity.as_str().to_string(), severity_paint(alert.severity)),
+        (alert.kind.as_str().to_string(), Paint::Plain),
+        (if rule.is_empty() { "-".into() } else { rule.to_string() }, Paint::Plain),
+        (pod, Paint::Plain),
+        (process_cell(alert), Paint::Plain),
+        (alert.outcome.as_str().to_string(), outcome_paint(alert.outcome)),
+        (message, Paint::Plain),
     ];
-    let mut line = String::new();
-    for (i, (text, paint)) in cells.iter().enumerate() {
-        let safe = terminal_safe(text);
-        let (text, width) = if i < FIXED_WIDTHS.len() {
-            let w = FIXED_WIDTHS[i];
-            (if i == 4 || i == 5 { shorten_middle(&safe, w) } else { shorten(&safe, w) }, Some(w))
-        } else {
-            (shorten(&safe, columns.message), None)
-        };
-        let pad = width.map_or(0, |w| w.saturating_sub(text.chars().count()));
-        if colour && !paint.is_empty() {
-            let _ = write!(line, "{paint}{text}{RESET}");
-        } else {
-            line.push_str(&text);
-        }
-        if width.is_some() {
-            line.push_str(&" ".repeat(pad + 2));
-        }
-    }
-    line.trim_end().to_string()
+    let row = cells
+        .iter()
+        .enumerate()
+        .map(|(i, (text, paint))| {
+            let safe = terminal_safe(text);
+            let text = match FIXED_WIDTHS.get(i) {
+                Some(&w) if i == 4 || i == 5 => shorten_middle(&safe, w),
+                Some(&w) => shorten(&safe, w),
+                None => shorten(&safe, columns.message),
+            };
+            // Already terminal-safe: `painted` leaves it as it is.
+            Cell::painted(text, *paint)
+        })
+        .collect();
+    let mut table = alert_table();
+    table.push(row);
+    table.render_rows(colour).trim_end_matches('\n').to_string()
 }
 
 /// The header line matching `alert_line`.
 pub fn alert_header(colour: bool) -> String {
-    let mut line = String::new();
-    for (i, h) in ALERT_HEADERS.iter().enumerate() {
-        line.push_str(h);
-        if let Some(w) = FIXED_WIDTHS.get(i) {
-            line.push_str(&" ".repeat(w.saturating_sub(h.len()) + 2));
-        }
-    }
-    let line = line.trim_end().to_string();
-    if colour { format!("\x1b[1m{line}{RESET}") } else { line }
+    alert_table().render(colour).trim_end_matches('\n').to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn terminal_safe_escapes_controls_and_bidi() {
-        assert_eq!(terminal_safe("plain /bin/sh"), "plain /bin/sh");
-        assert_eq!(terminal_safe("a\nb\r\tc"), "a\\nb\\r\\tc");
-        assert_eq!(terminal_safe("\x1b[31mred\x1b]0;title\x07"), "\\e[31mred\\e]0;title\\x07");
-        assert_eq!(terminal_safe("\u{9b}31m \u{7f}"), "\\x9b31m \\x7f");
-        assert_eq!(terminal_safe("abc\u{202e}txt.exe"), "abc\\u{202e}txt.exe");
-        assert_eq!(terminal_safe("/tmp/\\xff\\xfe"), "/tmp/\\xff\\xfe");
-    }
 
     #[test]
     fn harden_json_keeps_json_valid() {
@@ -312,11 +192,29 @@ mod tests {
         assert_eq!(shorten_middle("namespace/pod-name-long", 11), "names…-long");
     }
 
+    /// Followed alerts are printed one at a time: each line must still start its columns where
+    /// the header does, whatever the values' widths.
     #[test]
-    fn table_aligns_columns() {
-        let mut t = Table::new(&["A", "BB"]);
-        t.push(vec![Cell::plain("long value"), Cell::plain("x")]);
-        t.push(vec![Cell::plain("s"), Cell::plain("y\nz")]);
-        assert_eq!(t.render(false), "A           BB\nlong value  x\ns           y\\nz\n");
+    fn alert_lines_line_up_with_the_header() {
+        let mut alert: Alert = serde_json::from_value(serde_json::json!({
+            "schema": 1, "id": "a1", "time": "2026-11-29T12:00:00.123456Z", "node": "n", "kind": "rule",
+            "severity": "critical", "action": "quarantine", "outcome": "quarantined", "message": "m",
+            "count": 3, "first_seen": "2026-11-29T12:00:00Z", "last_seen": "2026-11-29T12:00:00Z",
+            "rule": {"id": "a_rule_id_much_longer_than_the_rule_column_allows", "title": "t"},
+            "pod": {"namespace": "shop", "name": "web-1"}
+        }))
+        .unwrap();
+        let header = alert_header(false);
+        let starts: Vec<usize> = ALERT_HEADERS.iter().map(|h| header.find(h).unwrap()).collect();
+        for message in ["short", "a\nforged line"] {
+            alert.message = message.into();
+            let line = alert_line(&alert, &AlertColumns::for_terminal(Some(200)), false);
+            assert!(!line.contains('\n'), "{line}");
+            for (i, start) in starts.iter().enumerate().skip(1) {
+                let before = line.chars().nth(start - 1);
+                let at = line.chars().nth(*start);
+                assert!(before == Some(' ') && at.is_some_and(|c| c != ' '), "column {} at {start}:\n{header}\n{line}", ALERT_HEADERS[i]);
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use hyper::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
 use super::{AddOutcome, CancelOutcome, QuarantineEntry, ReleaseOutcome, SOCKET_NAME};
-use crate::alerts::render::{Cell, Table, colour_wanted, terminal_safe};
+use crate::output::{Cell, OutputFormat, Paint, Table, colour_wanted, terminal_safe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -143,19 +143,17 @@ pub struct StatusArgs {
     /// The daemon's state directory (its API socket lives there).
     #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
     pub state_dir: std::path::PathBuf,
-    /// Output format: table or json.
-    #[arg(short = 'o', long, default_value = "table")]
-    pub output: String,
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: OutputFormat,
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let client = ApiClient::new(&args.state_dir);
     let value = block_on(client.get_json("/v1/status"))??;
     let mut out = std::io::stdout().lock();
-    match args.output.as_str() {
-        "json" => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
-        "table" => write!(out, "{}", render_status(&value, colour_wanted()))?,
-        other => anyhow::bail!("bad output format {other:?}: want table or json"),
+    match args.output {
+        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
+        OutputFormat::Table => write!(out, "{}", render_status(&value, colour_wanted()))?,
     }
     Ok(())
 }
@@ -192,12 +190,14 @@ fn render_generic(out: &mut String, value: &Value, depth: usize, colour: bool) {
     let pad = "  ".repeat(depth);
     match value {
         Value::Object(map) => {
-            let width = map.iter().filter(|(_, v)| scalar_text(v).is_some()).map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+            // Key/value pairs: a headerless two-column table.
+            let mut pairs = Table::new(&["", ""]);
             for (key, v) in map {
                 if let Some(text) = scalar_text(v) {
-                    let _ = writeln!(out, "{pad}{:<width$}  {}", terminal_safe(key), terminal_safe(&text));
+                    pairs.push(vec![Cell::plain(key), Cell::plain(text)]);
                 }
             }
+            out.push_str(&indent(&pairs.render_rows(false), depth * 2));
             for (key, v) in map {
                 if scalar_text(v).is_none() {
                     let _ = writeln!(out, "{pad}{}:", terminal_safe(key));
@@ -242,16 +242,16 @@ fn render_programs(out: &mut String, programs: &[Value], colour: bool) {
         let text = |k: &str| p.get(k).and_then(scalar_text).unwrap_or_else(|| "-".into());
         let state = text("state");
         let paint = match state.as_str() {
-            "attached" => "\x1b[32m",
-            "fell_back" => "\x1b[33m",
-            _ => "\x1b[31m",
+            "attached" => Paint::Green,
+            "fell_back" => Paint::Yellow,
+            _ => Paint::Red,
         };
         let detail = match (p.get("by").and_then(Value::as_str), p.get("reason").and_then(Value::as_str)) {
             (Some(by), Some(reason)) => format!("by {by}: {reason}"),
             (None, Some(reason)) => reason.to_string(),
             _ => String::new(),
         };
-        table.push(vec![Cell::plain(text("program")), Cell::plain(text("kind")), Cell::plain(text("target")), Cell::coloured(state, paint), Cell::plain(detail)]);
+        table.push(vec![Cell::plain(text("program")), Cell::plain(text("kind")), Cell::plain(text("target")), Cell::painted(state, paint), Cell::plain(detail)]);
     }
     out.push_str(&indent(&table.render(colour), 2));
 }
@@ -266,8 +266,8 @@ fn render_counters(out: &mut String, counters: &Value, colour: bool) {
     for kind in kinds {
         let get = |m: Option<&serde_json::Map<String, Value>>| m.and_then(|m| m.get(kind)).and_then(scalar_text).unwrap_or_else(|| "0".into());
         let lost_text = get(lost);
-        let paint = if lost_text != "0" { "\x1b[31m" } else { "" };
-        table.push(vec![Cell::plain(kind), Cell::plain(get(emitted)), Cell::coloured(lost_text, paint)]);
+        let paint = if lost_text != "0" { Paint::Red } else { Paint::Plain };
+        table.push(vec![Cell::plain(kind), Cell::plain(get(emitted)), Cell::painted(lost_text, paint)]);
     }
     out.push_str(&indent(&table.render(colour), 2));
 }
@@ -319,9 +319,8 @@ pub enum QuarantineCommand {
     List {
         #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
-        /// Output format: table or json.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// Retired: the rate limit queues quarantines instead of suspending them; says so.
     #[command(hide = true)]
@@ -368,13 +367,12 @@ pub fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
             let client = ApiClient::new(&state_dir);
             let value = block_on(client.get_json("/v1/quarantines"))??;
             let mut out = std::io::stdout().lock();
-            match output.as_str() {
-                "json" => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
-                "table" => {
+            match output {
+                OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
+                OutputFormat::Table => {
                     let entries: Vec<QuarantineEntry> = serde_json::from_value(value)?;
                     write!(out, "{}", render_quarantines(&entries, colour_wanted()))?;
                 }
-                other => anyhow::bail!("bad output format {other:?}: want table or json"),
             }
         }
         QuarantineCommand::Resume { state_dir: _ } => {
@@ -439,11 +437,11 @@ pub fn render_quarantines(entries: &[QuarantineEntry], colour: bool) -> String {
             Cell::plain(e.rule.as_deref().unwrap_or("-")),
             Cell::plain(e.alert_id.as_deref().unwrap_or("-")),
             if e.pending {
-                Cell::coloured("pending", "\x1b[1;33m")
+                Cell::painted("pending", Paint::BoldYellow)
             } else if e.dry_run {
-                Cell::coloured("dry-run", "\x1b[35m")
+                Cell::painted("dry-run", Paint::Magenta)
             } else {
-                Cell::coloured("enforced", "\x1b[1;35m")
+                Cell::painted("enforced", Paint::BoldMagenta)
             },
             Cell::plain(crate::alerts::render::shorten(&e.reason, 80)),
         ]);

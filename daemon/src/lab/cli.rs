@@ -3,10 +3,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 
 use super::{DEFAULT_LAB_NAME, DEFAULT_STATE_DIR, Lab, LabOptions, ProbeOptions};
 use crate::inventory::{Inventory, Protocol};
+use crate::output::{Cell, OutputFormat, Table};
 
 #[derive(Subcommand, Debug)]
 pub enum LabCommand {
@@ -39,7 +40,7 @@ pub enum LabCommand {
         port: u16,
         #[arg(long, default_value = "TCP")]
         protocol: Protocol,
-        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
         #[arg(long, default_value = DEFAULT_LAB_NAME)]
         lab: String,
@@ -66,12 +67,6 @@ pub enum LabCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Json,
-    Table,
-}
-
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     match cmd {
         LabCommand::Up { inventory, name, state_dir } => {
@@ -85,10 +80,12 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                 started.elapsed().as_millis(),
                 lab.lab_netns()
             );
+            let mut table = Table::new(&["POD", "NETNS", "CGROUP", "ADDRESSES"]);
             for pod in lab.pods() {
                 let ips: Vec<String> = pod.ips.iter().map(ToString::to_string).collect();
-                println!("  {:<28} netns {:<32} cgroup {}  {}", pod.key, pod.netns, pod.cgroup, ips.join(" "));
+                table.push(vec![Cell::plain(&pod.key), Cell::plain(&pod.netns), Cell::plain(&pod.cgroup), Cell::plain(ips.join(" "))]);
             }
+            print!("{}", indent(&table.render(false)));
             Ok(())
         }
         LabCommand::Exec { pod, lab, state_dir, command } => {
@@ -131,11 +128,18 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             for name in super::list(&state_dir)? {
                 let lab = Lab::open(&name, &state_dir)?;
                 println!("{name}: {} pods", lab.pods().len());
+                let mut table = Table::new(&["POD", "NETNS"]);
                 for pod in lab.pods() {
-                    println!("  {:<28} netns {}", pod.key, pod.netns);
+                    table.push(vec![Cell::plain(&pod.key), Cell::plain(&pod.netns)]);
                 }
+                print!("{}", indent(&table.render(false)));
             }
             Ok(())
         }
     }
+}
+
+/// A pod table under its lab's line.
+fn indent(text: &str) -> String {
+    text.lines().map(|line| format!("  {line}\n")).collect()
 }

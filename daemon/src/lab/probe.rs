@@ -89,6 +89,7 @@ impl ProbeMatrix {
     /// A from × to table: `ok` (all addresses reachable), `--` (none), or the reachable
     /// families (`v4`, `v6`) when only some are.
     pub fn to_table(&self) -> String {
+        use crate::output::{Cell, Table};
         let mut pods: Vec<&str> = Vec::new();
         for r in &self.results {
             for pod in [r.from.as_str(), r.to.as_str()] {
@@ -97,36 +98,33 @@ impl ProbeMatrix {
                 }
             }
         }
-        let width = pods.iter().map(|p| p.len()).max().unwrap_or(4).max(4);
         let mut out = format!("{} port {}: rows connect to columns\n", self.protocol, self.port);
-        out.push_str(&format!("{:width$}", "from \\ to"));
-        for to in &pods {
-            out.push_str(&format!("  {to:>width$}"));
-        }
-        out.push('\n');
+        let headers: Vec<&str> = std::iter::once("from \\ to").chain(pods.iter().copied()).collect();
+        let mut grid = Table::new(&headers).align_right(&(1..headers.len()).collect::<Vec<_>>());
         for from in &pods {
-            out.push_str(&format!("{from:width$}"));
+            let mut row = vec![Cell::plain(from)];
             for to in &pods {
                 let flows: Vec<&ProbeResult> = self.results.iter().filter(|r| r.from == *from && r.to == *to).collect();
                 let cell = if flows.is_empty() {
-                    "".to_string()
+                    ""
                 } else if flows.iter().all(|r| r.allowed) {
-                    "ok".to_string()
+                    "ok"
                 } else if flows.iter().all(|r| !r.allowed) {
-                    "--".to_string()
+                    "--"
                 } else {
                     let v4 = flows.iter().any(|r| r.allowed && r.ip.is_ipv4());
                     let v6 = flows.iter().any(|r| r.allowed && r.ip.is_ipv6());
                     match (v4, v6) {
-                        (true, false) => "v4".to_string(),
-                        (false, true) => "v6".to_string(),
-                        _ => "some".to_string(),
+                        (true, false) => "v4",
+                        (false, true) => "v6",
+                        _ => "some",
                     }
                 };
-                out.push_str(&format!("  {cell:>width$}"));
+                row.push(Cell::plain(cell));
             }
-            out.push('\n');
+            grid.push(row);
         }
+        out.push_str(&grid.render(false));
         out
     }
 }

@@ -3,11 +3,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 
 use super::RulesError;
 use super::pack::{PackOptions, PackSources, RuleOverrides, RulePack, parse_modules};
 use super::testing::{TestKind, TestOptions, default_fixture_paths, load_fixtures, run_tests};
+use crate::output::{Cell, OutputFormat, Table, colour_wanted};
 
 #[derive(Subcommand, Debug)]
 pub enum RulesCommand {
@@ -43,17 +44,15 @@ pub enum RulesCommand {
         dir: PathBuf,
         #[arg(long)]
         events: PathBuf,
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: OutputFormat,
     },
     /// List the rules of a pack with their metadata and subscribed event types.
-    List { dir: PathBuf },
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputFormat {
-    Json,
-    Table,
+    List {
+        dir: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: OutputFormat,
+    },
 }
 
 pub fn run(cmd: RulesCommand) -> anyhow::Result<()> {
@@ -61,7 +60,7 @@ pub fn run(cmd: RulesCommand) -> anyhow::Result<()> {
         RulesCommand::Check { dir, overrides, fixtures, allow_empty } => check(&dir, overrides, fixtures, allow_empty),
         RulesCommand::Test { dir, coverage, fixtures, verbose } => test(&dir, coverage, fixtures, verbose),
         RulesCommand::Replay { dir, events, output } => replay(&dir, &events, output),
-        RulesCommand::List { dir } => list(&dir),
+        RulesCommand::List { dir, output } => list(&dir, output),
     }
 }
 
@@ -154,9 +153,8 @@ fn replay(dir: &std::path::Path, events: &std::path::Path, output: OutputFormat)
     let file = std::fs::File::open(events).with_context(|| format!("opening {}", events.display()))?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    if output == OutputFormat::Table {
-        writeln!(out, "{:<6} {:<24} {:<22} {:<18} {:<9} {:<10} MESSAGE", "LINE", "POD", "PROCESS", "RULE", "SEVERITY", "ACTION")?;
-    }
+    // Table rows are kept until the end: columns are as wide as their widest value.
+    let mut table = Table::new(&["LINE", "POD", "PROCESS", "RULE", "SEVERITY", "ACTION", "MESSAGE"]);
     let (mut events_read, mut hits_total, mut errors) = (0usize, 0usize, 0usize);
     for (index, line) in BufReader::new(file).lines().enumerate() {
         let line = line.with_context(|| format!("reading {}", events.display()))?;
@@ -221,45 +219,59 @@ fn replay(dir: &std::path::Path, events: &std::path::Path, output: OutputFormat)
                             )
                         })
                         .unwrap_or_else(|| "-".to_string());
-                    writeln!(
-                        out,
-                        "{:<6} {:<24} {:<22} {:<18} {:<9} {:<10} {}",
-                        index + 1,
-                        printable(&pod),
-                        printable(&process),
-                        hit.rule_id,
-                        hit.severity,
-                        hit.action,
-                        printable(&hit.message)
-                    )?;
+                    table.push(vec![
+                        Cell::plain((index + 1).to_string()),
+                        Cell::plain(pod),
+                        Cell::plain(process),
+                        Cell::plain(&hit.rule_id),
+                        Cell::plain(hit.severity.to_string()),
+                        Cell::plain(hit.action.to_string()),
+                        Cell::plain(&hit.message),
+                    ]);
                 }
             }
         }
+    }
+    if output == OutputFormat::Table {
+        write!(out, "{}", table.render(colour_wanted()))?;
     }
     eprintln!("{events_read} events, {hits_total} alerts, {errors} errors");
     Ok(())
 }
 
-/// Untrusted text for a terminal table: control characters escaped so a path cannot forge rows
-/// or move the cursor.
-fn printable(text: &str) -> String {
-    text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
-}
-
-fn list(dir: &std::path::Path) -> anyhow::Result<()> {
+fn list(dir: &std::path::Path, output: OutputFormat) -> anyhow::Result<()> {
     let pack = RulePack::load(dir).unwrap_or_else(|e| fail_with(&e));
-    println!("{:<24} {:<9} {:<10} {:<28} {:<22} TITLE", "RULE", "SEVERITY", "ACTION", "EVENTS", "MITRE");
-    for rule in pack.rules() {
-        let events: Vec<&str> = rule.events.iter().map(|t| t.as_str()).collect();
-        println!(
-            "{:<24} {:<9} {:<10} {:<28} {:<22} {}",
-            rule.id,
-            rule.severity,
-            rule.action,
-            events.join(","),
-            rule.mitre.join(","),
-            rule.title
-        );
+    match output {
+        OutputFormat::Json => {
+            let rules: Vec<serde_json::Value> = pack
+                .rules()
+                .iter()
+                .map(|rule| {
+                    serde_json::json!({
+                        "id": rule.id, "title": rule.title, "severity": rule.severity.to_string(),
+                        "action": rule.action.to_string(),
+                        "events": rule.events.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+                        "mitre": rule.mitre,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&rules)?);
+        }
+        OutputFormat::Table => {
+            let mut table = Table::new(&["RULE", "SEVERITY", "ACTION", "EVENTS", "MITRE", "TITLE"]);
+            for rule in pack.rules() {
+                let events: Vec<&str> = rule.events.iter().map(|t| t.as_str()).collect();
+                table.push(vec![
+                    Cell::plain(&rule.id),
+                    Cell::plain(rule.severity.to_string()),
+                    Cell::plain(rule.action.to_string()),
+                    Cell::plain(events.join(",")),
+                    Cell::plain(rule.mitre.join(",")),
+                    Cell::plain(&rule.title),
+                ]);
+            }
+            print!("{}", table.render(colour_wanted()));
+        }
     }
     Ok(())
 }

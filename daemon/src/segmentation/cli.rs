@@ -2,12 +2,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 
 use super::compile::compile;
 use super::matrix::{explain, matrix, table};
 use super::policy::PolicySet;
 use crate::inventory::{Inventory, Protocol};
+use crate::output::OutputFormat as Output;
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
@@ -31,7 +32,7 @@ pub enum PolicyCommand {
         port: u16,
         #[arg(long, default_value = "TCP")]
         protocol: Protocol,
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Output,
     },
     /// The verdict for one pair and why: policies selecting each side, the rule that allowed it.
@@ -50,15 +51,9 @@ pub enum PolicyCommand {
         port: u16,
         #[arg(long, default_value = "TCP")]
         protocol: Protocol,
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Output,
     },
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    Json,
-    Table,
 }
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {

@@ -73,27 +73,25 @@ pub fn matrix(compiled: &Compiled, protocol: Protocol, port: u16) -> Matrix {
 
 /// The matrix as a truth table ('.' allowed, 'X' denied), rows = from, columns = to.
 pub fn table(m: &Matrix) -> String {
+    use crate::output::{Cell, Table};
     let mut names: Vec<&str> = Vec::new();
     for r in &m.results {
         if !names.contains(&r.from.as_str()) {
             names.push(&r.from);
         }
     }
-    let width = names.iter().map(|n| n.len()).max().unwrap_or(1).max(4);
-    let mut out = format!("{} {}/{}  (rows: from, columns: to; . allowed, X denied)\n", "", m.protocol, m.port);
-    out.push_str(&format!("{:width$}", ""));
-    for n in &names {
-        out.push_str(&format!(" {n:>width$}"));
-    }
-    out.push('\n');
+    let mut out = format!("{}/{}  (rows: from, columns: to; . allowed, X denied)\n", m.protocol, m.port);
+    let headers: Vec<&str> = std::iter::once("").chain(names.iter().copied()).collect();
+    let mut grid = Table::new(&headers).align_right(&(1..headers.len()).collect::<Vec<_>>());
     for from in &names {
-        out.push_str(&format!("{from:width$}"));
+        let mut row = vec![Cell::plain(from)];
         for to in &names {
             let allowed = m.results.iter().find(|r| r.from == *from && r.to == *to).is_some_and(|r| r.allowed);
-            out.push_str(&format!(" {:>width$}", if allowed { "." } else { "X" }));
+            row.push(Cell::plain(if allowed { "." } else { "X" }));
         }
-        out.push('\n');
+        grid.push(row);
     }
+    out.push_str(&grid.render(false));
     if !m.peers.is_empty() {
         out.push_str(&format!(
             "peer-only (on other nodes; only this node's side is enforced here): {}\n",
