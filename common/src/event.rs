@@ -68,8 +68,33 @@ pub struct EventHeader {
     pub egid: u32,
     pub flags: u32,
     pub comm: [u8; COMM_LEN],
+    /// When the process (thread-group leader) started, ns since boot (task->start_boottime,
+    /// what /proc/PID/stat's starttime counts in ticks): with `pid` it names one process, so a
+    /// reused pid is never taken for the old one. 0 when the offsets are unknown.
+    pub start_ns: u64,
 }
-assert_wire_size!(EventHeader, 72);
+assert_wire_size!(EventHeader, 80);
+
+/// The kind of a file descriptor, read from the task's file table in the kernel
+/// (ExecEvent.stdio, DupEvent.new_fd_kind).
+pub const FD_KIND_UNKNOWN: u32 = 0;
+/// No file at that descriptor.
+pub const FD_KIND_CLOSED: u32 = 1;
+pub const FD_KIND_FILE: u32 = 2;
+pub const FD_KIND_PIPE: u32 = 3;
+pub const FD_KIND_SOCKET: u32 = 4;
+/// A terminal: the tty, console and pseudo-terminal character devices.
+pub const FD_KIND_TTY: u32 = 5;
+/// /dev/null (character device 1:3).
+pub const FD_KIND_NULL: u32 = 6;
+/// Anything else (other character or block devices, anonymous inodes: eventfd, epoll...).
+pub const FD_KIND_OTHER: u32 = 7;
+
+// Flags of a path resolved in the kernel (ExecEvent.exe_flags).
+/// The dentry walk reached the root: the path is the object's canonical path.
+pub const PATH_RESOLVED: u32 = 1;
+/// The walk ran out of room or components; the path is cut (its tail is kept).
+pub const PATH_CUT: u32 = 2;
 
 /// sched_process_exec, with the argv captured at sys_enter_execve/execveat.
 #[repr(C)]
@@ -86,8 +111,15 @@ pub struct ExecEvent {
     /// execveat's dirfd and flags (AT_EMPTY_PATH marks an exec of an fd, e.g. a memfd).
     pub dirfd: i32,
     pub at_flags: u32,
+    /// The new image's path from task->mm->exe_file, by a dentry walk with mount crossings in
+    /// the kernel (what /proc/PID/exe would say, at the moment of the exec).
+    pub exe: [u8; PATH_LEN],
+    /// PATH_RESOLVED / PATH_CUT for `exe`.
+    pub exe_flags: u32,
+    /// FD_KIND_* of descriptors 0, 1 and 2 after the exec (close-on-exec already applied).
+    pub stdio: [u32; 3],
 }
-assert_wire_size!(ExecEvent, 72 + 256 + 1024 + 16);
+assert_wire_size!(ExecEvent, 80 + 256 + 1024 + 16 + 256 + 16);
 
 /// sched_process_fork.
 #[repr(C)]
@@ -96,8 +128,11 @@ pub struct ForkEvent {
     pub header: EventHeader,
     pub parent_pid: u32,
     pub child_pid: u32,
+    /// CLOCK_BOOTTIME at the tracepoint: the child started (its start_ns) at or before this,
+    /// which tells its later events from those of an older process that had its pid.
+    pub boot_ns: u64,
 }
-assert_wire_size!(ForkEvent, 80);
+assert_wire_size!(ForkEvent, 96);
 
 /// sched_process_exit, thread-group leaders only.
 #[repr(C)]
@@ -108,7 +143,7 @@ pub struct ExitEvent {
     pub exit_code: i32,
     pub _pad: u32,
 }
-assert_wire_size!(ExitEvent, 80);
+assert_wire_size!(ExitEvent, 88);
 
 /// connect(2) (tracepoint, emitted at exit with the result) or tcp_v{4,6}_connect (kprobe).
 #[repr(C)]
@@ -127,7 +162,7 @@ pub struct ConnectEvent {
     /// AF_UNIX socket path (abstract sockets start with a NUL, shown as '@').
     pub unix_path: [u8; UNIX_PATH_LEN],
 }
-assert_wire_size!(ConnectEvent, 72 + 16 + 16 + 112);
+assert_wire_size!(ConnectEvent, 80 + 16 + 16 + 112);
 
 pub const OPEN_OP_OPENAT: u32 = 1;
 pub const OPEN_OP_OPENAT2: u32 = 2;
@@ -145,7 +180,7 @@ pub struct OpenEvent {
     pub ret: i64,
     pub path: [u8; PATH_LEN],
 }
-assert_wire_size!(OpenEvent, 72 + 24 + 256);
+assert_wire_size!(OpenEvent, 80 + 24 + 256);
 
 /// ptrace(2), emitted at exit.
 #[repr(C)]
@@ -158,7 +193,7 @@ pub struct PtraceEvent {
     pub addr: u64,
     pub ret: i64,
 }
-assert_wire_size!(PtraceEvent, 72 + 32);
+assert_wire_size!(PtraceEvent, 80 + 32);
 
 pub const CRED_OP_SETUID: u32 = 1;
 pub const CRED_OP_SETGID: u32 = 2;
@@ -189,7 +224,7 @@ pub struct CredEvent {
     pub old_euid: u32,
     pub old_egid: u32,
 }
-assert_wire_size!(CredEvent, 72 + 8 + 16 + 24 + 16);
+assert_wire_size!(CredEvent, 80 + 8 + 16 + 24 + 16);
 
 pub const MOUNT_OP_MOUNT: u32 = 1;
 pub const MOUNT_OP_UMOUNT: u32 = 2;
@@ -206,7 +241,7 @@ pub struct MountEvent {
     pub target: [u8; PATH_LEN],
     pub fstype: [u8; FSTYPE_LEN],
 }
-assert_wire_size!(MountEvent, 72 + 16 + 256 + 256 + 32);
+assert_wire_size!(MountEvent, 80 + 16 + 256 + 256 + 32);
 
 pub const NS_OP_UNSHARE: u32 = 1;
 pub const NS_OP_SETNS: u32 = 2;
@@ -224,7 +259,7 @@ pub struct NamespaceEvent {
     pub fd: i32,
     pub _pad: u32,
 }
-assert_wire_size!(NamespaceEvent, 72 + 24);
+assert_wire_size!(NamespaceEvent, 80 + 24);
 
 pub const MODULE_OP_INIT: u32 = 1;
 pub const MODULE_OP_FINIT: u32 = 2;
@@ -245,7 +280,7 @@ pub struct ModuleEvent {
     /// delete_module: the name; init/finit: the parameter string.
     pub name: [u8; NAME_LEN],
 }
-assert_wire_size!(ModuleEvent, 72 + 24 + 64);
+assert_wire_size!(ModuleEvent, 80 + 24 + 64);
 
 /// bpf(2), at exit.
 #[repr(C)]
@@ -256,7 +291,7 @@ pub struct BpfEvent {
     pub size: u32,
     pub ret: i64,
 }
-assert_wire_size!(BpfEvent, 72 + 16);
+assert_wire_size!(BpfEvent, 80 + 16);
 
 /// memfd_create, at exit.
 #[repr(C)]
@@ -267,7 +302,7 @@ pub struct MemfdEvent {
     pub ret: i32,
     pub name: [u8; NAME_LEN],
 }
-assert_wire_size!(MemfdEvent, 72 + 8 + 64);
+assert_wire_size!(MemfdEvent, 80 + 8 + 64);
 
 pub const CHMOD_OP_CHMOD: u32 = 1;
 pub const CHMOD_OP_FCHMOD: u32 = 2;
@@ -285,7 +320,7 @@ pub struct ChmodEvent {
     pub mode: u32,
     pub path: [u8; PATH_LEN],
 }
-assert_wire_size!(ChmodEvent, 72 + 16 + 256);
+assert_wire_size!(ChmodEvent, 80 + 16 + 256);
 
 pub const UNLINK_OP_UNLINKAT: u32 = 0;
 pub const UNLINK_OP_UNLINK: u32 = 1;
@@ -302,7 +337,7 @@ pub struct UnlinkEvent {
     pub op: u32,
     pub path: [u8; PATH_LEN],
 }
-assert_wire_size!(UnlinkEvent, 72 + 16 + 256);
+assert_wire_size!(UnlinkEvent, 80 + 16 + 256);
 
 pub const RENAME_OP_RENAMEAT2: u32 = 0;
 pub const RENAME_OP_RENAME: u32 = 1;
@@ -320,7 +355,7 @@ pub struct RenameEvent {
     pub old_path: [u8; PATH_LEN],
     pub new_path: [u8; PATH_LEN],
 }
-assert_wire_size!(RenameEvent, 72 + 16 + 512);
+assert_wire_size!(RenameEvent, 80 + 16 + 512);
 
 pub const DUP_OP_DUP2: u32 = 2;
 pub const DUP_OP_DUP3: u32 = 3;
@@ -335,5 +370,8 @@ pub struct DupEvent {
     pub new_fd: i32,
     pub flags: u32,
     pub ret: i64,
+    /// FD_KIND_* of `new_fd` after the call, read from the task's file table in the kernel.
+    pub new_fd_kind: u32,
+    pub _pad: u32,
 }
-assert_wire_size!(DupEvent, 72 + 24);
+assert_wire_size!(DupEvent, 80 + 32);

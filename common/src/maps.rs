@@ -62,8 +62,35 @@ pub struct ProbeConfig {
     /// Budget of high-volume kinds per pod; past it the pod's own events are dropped (counted).
     pub bulk_cost_ns: u64,
     pub bulk_burst_ns: u64,
+    /// 1 when the offsets below (process start time, exe path and file-table walks) were
+    /// resolved from the kernel's BTF; 0: start_ns is 0, exe and fd kinds are unknown.
+    pub path_offsets_valid: u32,
+    pub off_task_group_leader: u32,
+    pub off_task_start_boottime: u32,
+    pub off_task_mm: u32,
+    pub off_task_files: u32,
+    pub off_mm_exe_file: u32,
+    pub off_file_f_path: u32,
+    pub off_file_f_inode: u32,
+    pub off_path_mnt: u32,
+    pub off_path_dentry: u32,
+    pub off_dentry_d_parent: u32,
+    pub off_dentry_d_name: u32,
+    pub off_qstr_len: u32,
+    pub off_qstr_name: u32,
+    pub off_vfsmount_mnt_root: u32,
+    /// container_of(vfsmount, struct mount, mnt): the mount a vfsmount is embedded in.
+    pub off_mount_mnt: u32,
+    pub off_mount_mnt_parent: u32,
+    pub off_mount_mnt_mountpoint: u32,
+    pub off_files_fdt: u32,
+    pub off_fdtable_max_fds: u32,
+    pub off_fdtable_fd: u32,
+    pub off_inode_i_mode: u32,
+    pub off_inode_i_rdev: u32,
+    pub _pad_offsets: u32,
 }
-assert_wire_size!(ProbeConfig, 80);
+assert_wire_size!(ProbeConfig, 80 + 24 * 4);
 
 /// Why a pod's event did not reach user space the normal way (POD_LOSSES key).
 pub const LOSS_RING_FULL: u32 = 1;

@@ -489,7 +489,7 @@ pub struct PolicyVerdictEvent {
     pub suppressed: u32,
     pub _pad2: u32,
 }
-assert_wire_size!(PolicyVerdictEvent, 72 + 56);
+assert_wire_size!(PolicyVerdictEvent, 80 + 56);
 
 /// The v4-mapped form of an IPv4 address.
 #[inline(always)]

@@ -144,6 +144,9 @@ pub struct PipelineStats {
     pub evaluated_with_hits: std::sync::atomic::AtomicU64,
     pub rule_errors: std::sync::atomic::AtomicU64,
     pub record_errors: std::sync::atomic::AtomicU64,
+    /// The process cache's counters (entries, bytes, misses, reused pids, evictions), as of
+    /// the pipeline's last idle moment.
+    pub process_cache: std::sync::Mutex<crate::events::enrich::ProcCacheStats>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -159,7 +162,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Kernel kinds needed by a rule pack (exec and exit always: they keep the process cache right).
 fn kinds_for(pack: &RulePack) -> Vec<EventKind> {
     let mut kinds: BTreeSet<EventKind> = pack.subscribed_types();
+    // The process cache is built from these (ancestry, context that outlives the process).
     kinds.insert(EventKind::Exec);
+    kinds.insert(EventKind::Fork);
     kinds.insert(EventKind::Exit);
     kinds.into_iter().collect()
 }
@@ -647,6 +652,9 @@ fn next_event(
     })
 }
 
+/// The process cache's memory bound (about 64,000 processes of typical size).
+const PROCESS_CACHE_BYTES: usize = 64 << 20;
+
 fn pipeline(
     runtime: tokio::runtime::Handle,
     mut priority: mpsc::Receiver<Event>,
@@ -656,12 +664,24 @@ fn pipeline(
     evaluator: RuleEvaluator,
 ) {
     let clock = Clock::new();
-    let mut cache = ProcCache::new(8192);
+    let mut cache = ProcCache::with_byte_budget(PROCESS_CACHE_BYTES);
+    // The programs are attached: processes from now on are seen by their fork/exec events;
+    // the ones that already exist are seeded from /proc, once (never on the event path).
+    let seeded = cache.seed_from_proc(Path::new("/proc"));
+    tracing::info!(seeded, "process cache seeded from /proc");
+    let mut since_stats = 0u32;
     let shares = state.queue_shares.clone();
     while let Some(event) = next_event(&runtime, &mut priority, &mut events, &shares) {
         let table = state.endpoints.borrow().clone();
         let enriched = enrich(event, table.index(), &mut cache);
         state.pipeline.enriched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        since_stats += 1;
+        if since_stats >= 1024 || (events.is_empty() && priority.is_empty()) {
+            since_stats = 0;
+            if let Ok(mut stats) = state.pipeline.process_cache.lock() {
+                *stats = cache.stats();
+            }
+        }
         let input = to_input(&enriched, &clock, &state.node);
         if let Some(out) = record.as_mut() {
             let written = serde_json::to_writer(&mut *out, &input).map_err(std::io::Error::other).and_then(|()| out.write_all(b"\n"));
@@ -1078,6 +1098,7 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
             "evaluations_with_hits": state.pipeline.evaluated_with_hits.load(Relaxed),
             "rule_errors": state.pipeline.rule_errors.load(Relaxed),
             "record_errors": state.pipeline.record_errors.load(Relaxed),
+            "process_cache": state.pipeline.process_cache.lock().map(|s| serde_json::to_value(*s).unwrap_or_default()).unwrap_or_default(),
             "loss": loss_status(state),
         },
         "rules": {

@@ -109,9 +109,10 @@ impl Ctx<'_> {
 
     /// Runs a shell in `pod` whose stdio is a TCP connection to a listener in the attacker pod
     /// (`port`), started with `args` (`{ip}`/`{port}` replaced). The session stays open until
-    /// the daemon has judged it (the daemon reads a process's standard streams from /proc, so
-    /// a shell gone before that would show nothing -- real sessions last), then the attacker
-    /// types a command; a quarantine cuts the session off, so the shell is killed afterwards.
+    /// the daemon has judged it (the standard streams are read in the kernel at exec and dup,
+    /// so a shell gone sooner would be judged the same; this checks the session too), then the
+    /// attacker types a command; a quarantine cuts the session off, so the shell is killed
+    /// afterwards.
     fn reverse_shell(&self, pod: &str, port: u16, args: &[&str], check: fn(&Value) -> bool) -> Ran {
         let listener = listen_in_pod(self.daemon, &Ctx::key(ATTACKER), &format!("{ATTACKER_IP}:{port}"));
         let args: Vec<String> =
@@ -761,4 +762,78 @@ fn distinct_primitives_are_never_held_back_and_repeats_fold_into_a_counted_follo
     assert_eq!(follow_up["last_seen"], follow_up["last_event"]["time"], "the follow-up carries its last occurrence's time");
     assert_eq!(follow_up["first_seen"], follow_up["event"]["time"]);
     assert!(follow_up["first_seen"].as_str() <= follow_up["last_seen"].as_str());
+}
+
+/// Issue 12, process context from the kernel: `cat /etc/shadow` that is gone the moment it
+/// read the file, whose pid is then taken (via ns_last_pid) by another process that reads it
+/// too. The first alert names cat -- its exe, argv, standard streams (stdin /dev/null, stdout
+/// and stderr a pipe), its python parent and the pod -- though nothing of it is left by the time
+/// the daemon sees the event; the second names the new process and nothing of cat's.
+#[test]
+fn process_context_is_the_kernels_at_the_event_and_a_reused_pid_inherits_nothing() {
+    if !require_kernel("process_context_is_the_kernels_at_the_event_and_a_reused_pid_inherits_nothing") {
+        return;
+    }
+    const POD: &str = "ctx-short";
+    let python = python3().expect("python3 (the test drives the pid reuse with it)");
+    let python_exe = std::fs::canonicalize(&python).expect("python3 path");
+    let cat_exe = std::fs::canonicalize(system_program("cat").expect("cat")).expect("cat path");
+    let daemon = DaemonGuard::start(DaemonOptions::new("scnprocctx", &inventory(&[(POD, "198.18.3.10")])));
+    // The reader of the reused pid is this same python (so the reuse happens between two
+    // forks of one process), run with another argv so the two are told apart.
+    let script = r#"
+import os, subprocess, sys
+if len(sys.argv) > 1:
+    open('/etc/shadow').read()
+    sys.exit(0)
+DEV = subprocess.DEVNULL
+cat = subprocess.Popen(['cat', '/etc/shadow'], stdin=DEV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+cat.communicate()
+pid = cat.pid
+for attempt in range(500):
+    with open('/proc/sys/kernel/ns_last_pid', 'w') as f:
+        f.write(str(pid - 1))
+    second = subprocess.Popen([sys.executable, sys.argv[0], 'second'], stdin=DEV, stdout=DEV, stderr=DEV)
+    if second.pid == pid:
+        second.wait()
+        break
+    second.kill()
+    second.wait()
+print(pid, second.pid, attempt, flush=True)
+"#;
+    let script_path = daemon.scratch.join("reuse.py");
+    std::fs::write(&script_path, script).expect("script");
+    let out = daemon.exec_in(&Ctx::key(POD), &[&python.to_string_lossy(), &script_path.to_string_lossy()]);
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    let pids: Vec<u32> = printed.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(out.status.success() && pids.len() == 3, "the script: {} / {printed:?}", summary(&out));
+    let (cat_pid, second_pid) = (pids[0], pids[1]);
+    assert_eq!(cat_pid, second_pid, "could not make a process reuse cat's pid in {} attempts", pids[2] + 1);
+    println!("cat's pid {cat_pid} taken by the second reader after {} attempts", pids[2] + 1);
+
+    let cmdline = |a: &Value| a["process"]["cmdline"].as_array().map(|c| c.iter().filter_map(Value::as_str).map(str::to_string).collect::<Vec<_>>()).unwrap_or_default();
+    let for_pid = |a: &Value| is_alert_for(a, "credential_read", POD) && a["process"]["pid"] == cat_pid;
+    let found = |want: &str| {
+        let want = want.to_string();
+        daemon.wait_for_alert(move |a| for_pid(a) && a["process"]["cmdline"].as_array().is_some_and(|c| c.last().and_then(Value::as_str) == Some(want.as_str())), Duration::from_secs(15))
+    };
+    let cat = found("/etc/shadow");
+    let second = found("second");
+    let alerts: Vec<String> = daemon.rule_alerts().iter().filter(|a| for_pid(a)).map(|a| a["process"].to_string()).collect();
+    let (Some(cat), Some(second)) = (cat, second) else {
+        panic!("both reads of pid {cat_pid} alert with their own command line; alerts for that pid:\n{}", alerts.join("\n"));
+    };
+    // The alert's summary (`process`) and the full context the rule saw (`event.process`).
+    let p = &cat["event"]["process"];
+    assert_eq!(cat["process"]["exe"], p["exe"]);
+    assert_eq!(p["exe"], cat_exe.to_string_lossy().as_ref(), "cat's exe: {p}");
+    assert_eq!(cmdline(&cat), vec!["cat", "/etc/shadow"], "{p}");
+    assert_eq!((p["stdio"]["stdin"].as_str(), p["stdio"]["stdout"].as_str(), p["stdio"]["stderr"].as_str()), (Some("null"), Some("pipe"), Some("pipe")), "{p}");
+    assert_eq!(p["ancestors"][0]["exe"], python_exe.to_string_lossy().as_ref(), "cat's parent is the python script: {p}");
+    assert!(p["start_ns"].as_u64().is_some_and(|s| s > 0), "{p}");
+    let q = &second["event"]["process"];
+    assert_eq!(q["exe"], python_exe.to_string_lossy().as_ref(), "the new process on that pid: {q}");
+    assert_eq!(cmdline(&second).last().map(String::as_str), Some("second"), "{q}");
+    assert_eq!(q["stdio"]["stdout"], "null", "the new process's own streams, not cat's: {q}");
+    assert_ne!(p["start_ns"], q["start_ns"], "two processes, two start times");
 }

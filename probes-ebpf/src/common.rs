@@ -31,7 +31,8 @@ use palisade_common::{
     MAX_CGROUP_ANCESTOR_LEVELS, MAX_MONITORED_CGROUPS, MAX_PENDING_SYSCALLS,
     MAX_POD_LOSS_ENTRIES, MAX_SENSITIVE_PREFIXES, PATH_LEN, PRIORITY_RINGBUF_BYTES, PathPrefix,
     PendingExec, PendingSyscall, PodBudget, PodLossKey, ProbeConfig, SENSITIVE_PREFIX_LEN,
-    SOURCE_TRACEPOINT,
+    SOURCE_TRACEPOINT, FD_KIND_CLOSED, FD_KIND_FILE, FD_KIND_NULL, FD_KIND_OTHER, FD_KIND_PIPE,
+    FD_KIND_SOCKET, FD_KIND_TTY, FD_KIND_UNKNOWN, PATH_CUT, PATH_RESOLVED,
 };
 
 /// The bulk ring: every kind, high-volume ones under each pod's budget.
@@ -99,6 +100,12 @@ pub static PENDING_EXECS: LruHashMap<u32, PendingExec> =
 /// Per-CPU scratch for building a PendingExec (too big for the 512-byte stack).
 #[map]
 pub static EXEC_SCRATCH: PerCpuArray<PendingExec> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch in which a path is built backwards from its last component (twice PATH_LEN,
+/// so a write at any offset below PATH_LEN of at most PATH_LEN bytes stays inside it, which is
+/// what the verifier checks).
+#[map]
+pub static PATH_SCRATCH: PerCpuArray<[u8; 2 * PATH_LEN]> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn config() -> Option<&'static ProbeConfig> {
@@ -217,6 +224,7 @@ pub unsafe fn fill_header(header: *mut EventHeader, kind: u32, cgroup_id: u64, c
     h.egid = 0;
     h.flags = 0;
     h.comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    h.start_ns = unsafe { current_start_ns(cfg) };
     if cfg.task_offsets_valid == 0 {
         h.flags |= FLAG_NO_TASK_OFFSETS;
         return;
@@ -228,6 +236,212 @@ pub unsafe fn fill_header(header: *mut EventHeader, kind: u32, cgroup_id: u64, c
     if let Some(cred) = unsafe { read_kernel_ptr(task, cfg.off_task_cred) } {
         h.euid = unsafe { read_kernel_u32(cred, cfg.off_cred_euid) }.unwrap_or(0);
         h.egid = unsafe { read_kernel_u32(cred, cfg.off_cred_egid) }.unwrap_or(0);
+    }
+}
+
+/// When the current process (its thread-group leader) started, ns since boot; 0 without offsets.
+#[inline(always)]
+pub unsafe fn current_start_ns(cfg: &ProbeConfig) -> u64 {
+    if cfg.path_offsets_valid == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Some(leader) = (unsafe { read_kernel_ptr(task, cfg.off_task_group_leader) }) else { return 0 };
+    unsafe { bpf_probe_read_kernel(leader.add(cfg.off_task_start_boottime as usize) as *const u64) }.unwrap_or(0)
+}
+
+/// `x`, through memory the compiler cannot see into: it then keeps a mask applied to the
+/// result, which the verifier needs to bound an index the compiler already knows is in range.
+#[inline(always)]
+fn opaque(x: u64) -> u64 {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&x) }
+}
+
+/// Components per mount and mounts one path walk climbs at most (a deeper path is cut,
+/// keeping its tail).
+const MAX_PATH_COMPONENTS: u32 = 40;
+const MAX_PATH_MOUNTS: u32 = 8;
+const PATH_MASK: u32 = PATH_LEN as u32 - 1;
+
+/// Writes the canonical path of `struct path *path` (kernel memory) into `out`: the dentry
+/// chain up to the mount's root, then across each mount to its mountpoint in the parent mount,
+/// until the root of the mount namespace's tree, like d_path() (which tracepoints cannot
+/// call). Returns PATH_RESOLVED when the walk reached the root, plus PATH_CUT when the path
+/// did not fit (its tail is kept); 0 when nothing could be read (then `out` is empty).
+#[inline(always)]
+pub unsafe fn resolve_path(path: *const u8, out: *mut [u8; PATH_LEN], cfg: &ProbeConfig) -> u32 {
+    unsafe { (*out)[0] = 0 };
+    if cfg.path_offsets_valid == 0 || path.is_null() {
+        return 0;
+    }
+    let Some(scratch) = PATH_SCRATCH.get_ptr_mut(0) else { return 0 };
+    let buf = scratch as *mut u8;
+    let Some(mut dentry) = (unsafe { read_kernel_ptr(path, cfg.off_path_dentry) }) else { return 0 };
+    let Some(mut vfsmnt) = (unsafe { read_kernel_ptr(path, cfg.off_path_mnt) }) else { return 0 };
+    if dentry.is_null() || vfsmnt.is_null() {
+        return 0;
+    }
+    let mut mnt = unsafe { vfsmnt.sub(cfg.off_mount_mnt as usize) };
+    // The path ends at PATH_LEN - 1 (its NUL); components are put in front of it. All the
+    // arithmetic is u64 so the verifier sees each bound on the very register the helper gets.
+    let mut off: u64 = PATH_MASK as u64;
+    unsafe { *buf.add(PATH_MASK as usize) = 0 };
+    let mut flags = 0u32;
+    // Two nested loops, each with one way to go round: the inner one climbs dentries inside a
+    // mount, the outer one crosses to the parent mount. (One loop doing either step per round
+    // doubles the verifier's paths per round; this way the inner counter is dead when the
+    // inner loop ends, so the verifier prunes the states it ends in.)
+    let mut crossing = 0u32;
+    'mounts: while crossing < MAX_PATH_MOUNTS {
+        crossing += 1;
+        let mnt_root = unsafe { read_kernel_ptr(vfsmnt, cfg.off_vfsmount_mnt_root) }.unwrap_or(core::ptr::null());
+        let mut step = 0u32;
+        while step < MAX_PATH_COMPONENTS {
+            step += 1;
+            if dentry == mnt_root {
+                break;
+            }
+            let parent = unsafe { read_kernel_ptr(dentry, cfg.off_dentry_d_parent) }.unwrap_or(core::ptr::null());
+            if parent.is_null() || parent == dentry {
+                // The root of a file system that is not the mount's root (a detached or
+                // internal mount such as a memfd's): as far as a name goes.
+                flags |= PATH_RESOLVED;
+                break 'mounts;
+            }
+            let qstr = unsafe { dentry.add(cfg.off_dentry_d_name as usize) };
+            let len = unsafe { read_kernel_u32(qstr, cfg.off_qstr_len) }.unwrap_or(0) as u64;
+            let name = unsafe { read_kernel_ptr(qstr, cfg.off_qstr_name) }.unwrap_or(core::ptr::null());
+            if len >= PATH_MASK as u64 || len + 1 > off {
+                flags |= PATH_CUT;
+                break 'mounts;
+            }
+            off -= len;
+            let at = opaque(off) & PATH_MASK as u64;
+            // SAFETY: at < PATH_LEN and len < PATH_LEN, inside the 2 * PATH_LEN scratch.
+            unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_kernel(buf.add(at as usize).cast(), len as u32, name.cast())
+            };
+            off -= 1;
+            unsafe { *buf.add((opaque(off) & PATH_MASK as u64) as usize) = b'/' };
+            // A no-op (the check above keeps off in 0..PATH_LEN) that gives every round the
+            // same range for off, so the verifier sees one state per round, not one per path.
+            off &= PATH_MASK as u64;
+            dentry = parent;
+        }
+        if dentry != mnt_root {
+            flags |= PATH_CUT;
+            break;
+        }
+        let parent = unsafe { read_kernel_ptr(mnt, cfg.off_mount_mnt_parent) }.unwrap_or(core::ptr::null());
+        if parent.is_null() || parent == mnt {
+            flags |= PATH_RESOLVED;
+            break;
+        }
+        dentry = unsafe { read_kernel_ptr(mnt, cfg.off_mount_mnt_mountpoint) }.unwrap_or(core::ptr::null());
+        mnt = parent;
+        vfsmnt = unsafe { mnt.add(cfg.off_mount_mnt as usize) };
+        if dentry.is_null() {
+            break;
+        }
+    }
+    if flags & PATH_RESOLVED == 0 && flags & PATH_CUT == 0 {
+        // Out of mounts.
+        flags |= PATH_CUT;
+    }
+    if off == PATH_MASK as u64 {
+        // The root itself.
+        off -= 1;
+        unsafe { *buf.add((opaque(off) & PATH_MASK as u64) as usize) = b'/' };
+    }
+    let off = opaque(off) & PATH_MASK as u64;
+    let n: u64 = PATH_LEN as u64 - off;
+    if n > PATH_LEN as u64 {
+        return 0;
+    }
+    // SAFETY: n <= PATH_LEN bytes into the PATH_LEN-byte `out`; the source is the scratch.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            out.cast(),
+            n as u32,
+            buf.add(off as usize).cast(),
+        )
+    };
+    flags
+}
+
+/// The executable path of the current task (task->mm->exe_file), into `out`; PATH_* flags.
+#[inline(always)]
+pub unsafe fn current_exe(out: *mut [u8; PATH_LEN], cfg: &ProbeConfig) -> u32 {
+    unsafe { (*out)[0] = 0 };
+    if cfg.path_offsets_valid == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Some(mm) = (unsafe { read_kernel_ptr(task, cfg.off_task_mm) }) else { return 0 };
+    if mm.is_null() {
+        return 0;
+    }
+    let Some(file) = (unsafe { read_kernel_ptr(mm, cfg.off_mm_exe_file) }) else { return 0 };
+    if file.is_null() {
+        return 0;
+    }
+    unsafe { resolve_path(file.add(cfg.off_file_f_path as usize), out, cfg) }
+}
+
+const S_IFMT: u32 = 0o170000;
+const S_IFSOCK: u32 = 0o140000;
+const S_IFIFO: u32 = 0o010000;
+const S_IFCHR: u32 = 0o020000;
+const S_IFREG: u32 = 0o100000;
+const S_IFDIR: u32 = 0o040000;
+
+/// FD_KIND_* of descriptor `fd` of the current task, from its file table.
+#[inline(always)]
+pub unsafe fn current_fd_kind(fd: i64, cfg: &ProbeConfig) -> u32 {
+    if cfg.path_offsets_valid == 0 || !(0..1024).contains(&fd) {
+        return FD_KIND_UNKNOWN;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Some(files) = (unsafe { read_kernel_ptr(task, cfg.off_task_files) }) else { return FD_KIND_UNKNOWN };
+    if files.is_null() {
+        return FD_KIND_UNKNOWN;
+    }
+    let Some(fdt) = (unsafe { read_kernel_ptr(files, cfg.off_files_fdt) }) else { return FD_KIND_UNKNOWN };
+    if fdt.is_null() {
+        return FD_KIND_UNKNOWN;
+    }
+    let max = unsafe { read_kernel_u32(fdt, cfg.off_fdtable_max_fds) }.unwrap_or(0);
+    if fd as u32 >= max {
+        return FD_KIND_CLOSED;
+    }
+    let Some(array) = (unsafe { read_kernel_ptr(fdt, cfg.off_fdtable_fd) }) else { return FD_KIND_UNKNOWN };
+    let Some(file) = (unsafe { read_kernel_ptr(array, fd as u32 * 8) }) else { return FD_KIND_UNKNOWN };
+    if file.is_null() {
+        return FD_KIND_CLOSED;
+    }
+    let Some(inode) = (unsafe { read_kernel_ptr(file, cfg.off_file_f_inode) }) else { return FD_KIND_UNKNOWN };
+    if inode.is_null() {
+        return FD_KIND_OTHER;
+    }
+    let mode = unsafe { bpf_probe_read_kernel(inode.add(cfg.off_inode_i_mode as usize) as *const u16) }.unwrap_or(0) as u32;
+    match mode & S_IFMT {
+        S_IFSOCK => FD_KIND_SOCKET,
+        S_IFIFO => FD_KIND_PIPE,
+        S_IFREG | S_IFDIR => FD_KIND_FILE,
+        S_IFCHR => {
+            let rdev = unsafe { read_kernel_u32(inode, cfg.off_inode_i_rdev) }.unwrap_or(0);
+            // The kernel's dev_t: major in the top 12 bits, minor in the low 20.
+            let (major, minor) = (rdev >> 20, rdev & 0xfffff);
+            if major == 1 && minor == 3 {
+                FD_KIND_NULL
+            } else if major == 4 || major == 5 || (136..=143).contains(&major) {
+                FD_KIND_TTY
+            } else {
+                FD_KIND_OTHER
+            }
+        }
+        _ => FD_KIND_OTHER,
     }
 }
 

@@ -775,6 +775,7 @@ pub(crate) fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_iden
     e.header.egid = 0;
     e.header.flags = 0;
     e.header.comm = [0; 16];
+    e.header.start_ns = 0;
     e.local_addr = if egress { p.src } else { p.dst };
     e.peer_addr = if egress { p.dst } else { p.src };
     e.local_port = if egress { p.sport } else { p.dport };

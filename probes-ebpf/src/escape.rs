@@ -133,6 +133,7 @@ fn report_socket(cgroup_id: u64, endpoint_id: u32, family: u16, kind: u16, proto
     e.header.egid = 0;
     e.header.flags = 0;
     e.header.comm = [0; 16];
+    e.header.start_ns = 0;
     // SAFETY: the helper writes at most 16 bytes into the 16-byte array.
     unsafe { bpf_get_current_comm(e.header.comm.as_mut_ptr().cast(), 16) };
     e.local_addr = [0; 16];

@@ -11,8 +11,8 @@ use palisade_common::{
 };
 
 use crate::common::{
-    EXEC_SCRATCH, PENDING_EXECS, count_emitted, current_exit_code, current_tgid,
-    current_tid, fill_header, read_user_str, should_report, syscall_arg,
+    EXEC_SCRATCH, PENDING_EXECS, count_emitted, current_exe, current_exit_code, current_fd_kind,
+    current_tgid, current_tid, fill_header, read_user_str, should_report, syscall_arg,
 };
 use crate::reserve_or_count;
 
@@ -114,6 +114,10 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
                 (*ev).header.flags |= FLAG_TRUNCATED;
             }
         }
+        // The new image and standard streams, read now: a process that exits a moment later
+        // (or a pid reused after it) cannot change what this exec reports.
+        (*ev).exe_flags = current_exe(&mut (*ev).exe, cfg);
+        (*ev).stdio = [current_fd_kind(0, cfg), current_fd_kind(1, cfg), current_fd_kind(2, cfg)];
         let old_tid: u32 = ctx.read_at(EXEC_OLD_PID).unwrap_or(0);
         match PENDING_EXECS.get_ptr(&old_tid) {
             Some(pending) => {
@@ -175,6 +179,7 @@ fn try_sched_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
         fill_header(&mut (*ev).header, KIND_FORK, cgroup_id, cfg);
         (*ev).parent_pid = parent_pid;
         (*ev).child_pid = child_pid;
+        (*ev).boot_ns = aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns();
     }
     entry.submit(0);
     count_emitted(KIND_FORK);

@@ -13,7 +13,7 @@ use palisade_common::*;
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 use crate::common::{
-    PENDING_SYSCALLS, config, count_emitted, current_ids, current_tid, fill_header,
+    PENDING_SYSCALLS, config, count_emitted, current_fd_kind, current_ids, current_tid, fill_header,
     PREFILTERED_COUNTS, count, kind_is_protected, open_is_quiet, open_path_is_sensitive, output_routed, read_user_str, read_user_str_len,
     should_report, syscall_arg, syscall_ret,
 };
@@ -567,5 +567,11 @@ fn emit_dup(ret: i64) -> Result<(), i64> {
         (*ev).new_fd = p.args[1] as i32;
         (*ev).flags = if p.op == DUP_OP_DUP3 { p.args[2] as u32 } else { 0 };
         (*ev).ret = ret;
+        // What the new descriptor is, read from the file table now (not from /proc later).
+        (*ev).new_fd_kind = match config() {
+            Some(cfg) if ret >= 0 => current_fd_kind(p.args[1] as i64, cfg),
+            _ => palisade_common::FD_KIND_UNKNOWN,
+        };
+        (*ev)._pad = 0;
     })
 }

@@ -75,6 +75,8 @@ pub struct Header {
     pub egid: u32,
     pub comm: String,
     pub truncated: bool,
+    /// When the process started (ns since boot; 0 unknown): with `pid`, the process's identity.
+    pub start_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -87,12 +89,26 @@ pub struct ExecData {
     pub at_flags: u32,
     /// The program came from a file descriptor (fexecve / execveat(AT_EMPTY_PATH)) or a memfd.
     pub fileless: bool,
+    /// The new image's canonical path, from the kernel (task->mm->exe_file); None when it
+    /// could not be read. The input shows it as `process.exe` (through the process cache).
+    #[serde(skip)]
+    pub exe: Option<String>,
+    /// The walk that produced `exe` reached the root (false: cut or unreadable).
+    #[serde(skip)]
+    pub exe_resolved: bool,
+    /// The standard streams after the exec, from the task's file table in the kernel (the
+    /// input shows them as `process.stdio`).
+    #[serde(skip)]
+    pub stdio: super::enrich::Stdio,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ForkData {
     pub parent_pid: u32,
     pub child_pid: u32,
+    /// CLOCK_BOOTTIME ns at the fork: the child's start_ns is at or before it.
+    #[serde(skip)]
+    pub boot_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -273,6 +289,7 @@ fn header_from_wire(h: &wire::EventHeader, kind: EventKind) -> Header {
         egid: h.egid,
         comm: c_string(&h.comm),
         truncated: h.flags & wire::FLAG_TRUNCATED != 0,
+        start_ns: h.start_ns,
     }
 }
 
@@ -291,8 +308,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let e: wire::ExecEvent = read_wire(bytes, kind)?;
             let argv = e.argv.iter().take((e.argc as usize).min(wire::ARGV_SLOTS)).map(|a| c_string(a)).collect();
             let filename = c_string(&e.filename);
+            let exe = c_string(&e.exe);
+            let exe = (!exe.is_empty()).then_some(exe);
             let fileless = filename.starts_with("/dev/fd/")
-                || (e.via_execveat != 0 && e.at_flags & AT_EMPTY_PATH != 0);
+                || (e.via_execveat != 0 && e.at_flags & AT_EMPTY_PATH != 0)
+                || exe.as_deref().is_some_and(|x| x.starts_with("/memfd:"));
             EventData::Exec(ExecData {
                 filename,
                 argv,
@@ -301,11 +321,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 dirfd: e.dirfd,
                 at_flags: e.at_flags,
                 fileless,
+                exe_resolved: exe.is_some() && e.exe_flags & wire::PATH_RESOLVED != 0 && e.exe_flags & wire::PATH_CUT == 0,
+                exe,
+                stdio: super::enrich::Stdio { stdin: fd_kind_name(e.stdio[0]), stdout: fd_kind_name(e.stdio[1]), stderr: fd_kind_name(e.stdio[2]) },
             })
         }
         EventKind::Fork => {
             let e: wire::ForkEvent = read_wire(bytes, kind)?;
-            EventData::Fork(ForkData { parent_pid: e.parent_pid, child_pid: e.child_pid })
+            EventData::Fork(ForkData { parent_pid: e.parent_pid, child_pid: e.child_pid, boot_ns: e.boot_ns })
         }
         EventKind::Exit => {
             let e: wire::ExitEvent = read_wire(bytes, kind)?;
@@ -457,11 +480,25 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 new_fd: e.new_fd,
                 flags: e.flags,
                 result: e.ret,
-                new_fd_kind: "unknown",
+                new_fd_kind: fd_kind_name(e.new_fd_kind),
             })
         }
     };
     Ok(Event { header, data })
+}
+
+/// The name of a wire FD_KIND_* (what rules compare `stdio.*` and `new_fd_kind` with).
+pub fn fd_kind_name(kind: u32) -> &'static str {
+    match kind {
+        wire::FD_KIND_CLOSED => "closed",
+        wire::FD_KIND_FILE => "file",
+        wire::FD_KIND_PIPE => "pipe",
+        wire::FD_KIND_SOCKET => "socket",
+        wire::FD_KIND_TTY => "tty",
+        wire::FD_KIND_NULL => "null",
+        wire::FD_KIND_OTHER => "other",
+        _ => "unknown",
+    }
 }
 
 const AF_UNIX: u16 = 1;
@@ -576,6 +613,7 @@ mod tests {
             egid: 0,
             flags: 0,
             comm,
+            start_ns: 5_000_000_000,
         }
     }
 
@@ -620,8 +658,12 @@ mod tests {
             via_execveat: 1,
             dirfd: 4,
             at_flags: AT_EMPTY_PATH,
+            exe: [0; wire::PATH_LEN],
+            exe_flags: wire::PATH_RESOLVED,
+            stdio: [wire::FD_KIND_SOCKET, wire::FD_KIND_PIPE, wire::FD_KIND_TTY],
         };
         exec.filename[..9].copy_from_slice(b"/dev/fd/4");
+        exec.exe[..9].copy_from_slice(b"/memfd:x\0");
         exec.argv[0][..2].copy_from_slice(b"sh");
         exec.argv[1][..2].copy_from_slice(b"-c");
         exec.argv[2][..4].copy_from_slice(b"id\xff\x00");
@@ -629,6 +671,9 @@ mod tests {
         let EventData::Exec(data) = event.data else { panic!() };
         assert_eq!(data.argv, vec!["sh", "-c", "id\\xff"]);
         assert!(data.fileless);
+        assert_eq!((data.exe.as_deref(), data.exe_resolved), (Some("/memfd:x"), true));
+        assert_eq!((data.stdio.stdin, data.stdio.stdout, data.stdio.stderr), ("socket", "pipe", "tty"));
+        assert_eq!(event.header.start_ns, 5_000_000_000);
 
         let mut connect = wire::ConnectEvent {
             header: header(wire::KIND_CONNECT),
@@ -648,10 +693,10 @@ mod tests {
     #[test]
     fn truncated_records_are_errors() {
         let full = bytes_of(&open_record(b"/x"));
-        for len in [0, 1, 71] {
+        for len in [0, 1, 79] {
             assert!(matches!(decode(&full[..len]), Err(DecodeError::ShorterThanHeader { .. })), "len {len}");
         }
-        for len in [72, 100, full.len() - 1] {
+        for len in [80, 100, full.len() - 1] {
             assert!(matches!(decode(&full[..len]), Err(DecodeError::WrongLength { kind: EventKind::Open, .. })), "len {len}");
         }
     }

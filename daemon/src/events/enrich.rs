@@ -1,13 +1,22 @@
-//! Enrichment: the pod an event came from (by cgroup id) and process details from procfs
-//! (exe, full cmdline, cwd, standard streams, ancestry), through a bounded cache.
-
+//! Enrichment: the pod an event came from (by cgroup id) and the process's context (exe,
+//! command line, standard streams, ancestry) from the process cache.
+//!
+//! The cache is built from the kernel's own fork, exec and exit events: an exec carries the new
+//! image's path (task->mm->exe_file), argv and the kind of each standard stream as the kernel
+//! saw them at that moment; a fork gives the child its parent's context; a dup onto 0-2 updates
+//! that stream. So a process that is gone a millisecond after its behaviour, or whose pid was
+//! reused since, is still described as it was. Processes are told apart by pid *and* start time
+//! (`header.start_ns`): an event whose start time differs from the cached entry's is a new
+//! process with that pid and never inherits the old one's context. /proc is read only once, to
+//! seed the processes that existed before the daemon started ([`ProcCache::seed_from_proc`]),
+//! never on the event path. The cache is bounded in bytes; evictions are counted.
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::decode::{Event, EventData, bytes_to_text};
+use super::decode::{Event, EventData, Header, bytes_to_text};
 use crate::endpoints::{CgroupId, PodKey};
 
 /// The pod as events and alerts show it.
@@ -74,7 +83,7 @@ impl Default for Stdio {
     }
 }
 
-/// What procfs told us about a process (fields are None when it was already gone).
+/// A process's context as an event shows it (fields are None/empty when it is not known).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProcessDetails {
     pub exe: Option<String>,
@@ -87,23 +96,140 @@ pub struct ProcessDetails {
 /// How far up the parent chain ancestry goes.
 pub const MAX_ANCESTORS: usize = 8;
 
-/// Bounded cache of process details keyed by pid; exec and exit invalidate.
-pub struct ProcCache {
-    proc_root: PathBuf,
-    capacity: usize,
-    entries: HashMap<u32, Arc<ProcessDetails>>,
-    order: VecDeque<u32>,
+/// Exited processes stay this many events longer (events of theirs still in flight on the
+/// other ring are judged with their context), unless the cache needs the room first.
+pub const EXIT_GRACE_EVENTS: u64 = 4096;
+
+/// Bytes a cache entry is charged on top of its strings (the entry, map and queue slots).
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<ProcEntry>() + 64;
+
+#[derive(Debug, Clone)]
+struct ProcEntry {
+    /// ns since boot; 0 while unknown (a forked child before its first own event).
+    start_ns: u64,
+    /// Seeded from /proc, whose start time counts clock ticks: compared at that resolution.
+    seeded: bool,
+    ppid: u32,
+    comm: String,
+    exe: Option<String>,
+    cmdline: Vec<String>,
+    cwd: Option<String>,
+    stdio: Stdio,
+    /// Eviction order: an `order` slot naming another generation is stale.
+    generation: u64,
+    bytes: usize,
+}
+
+impl ProcEntry {
+    fn unknown(start_ns: u64, ppid: u32, comm: &str) -> ProcEntry {
+        ProcEntry {
+            start_ns,
+            seeded: false,
+            ppid,
+            comm: comm.to_string(),
+            exe: None,
+            cmdline: Vec::new(),
+            cwd: None,
+            stdio: Stdio::default(),
+            generation: 0,
+            bytes: 0,
+        }
+    }
+
+    fn weigh(&mut self) -> usize {
+        self.bytes = ENTRY_OVERHEAD
+            + self.comm.len()
+            + self.exe.as_ref().map_or(0, String::len)
+            + self.cwd.as_ref().map_or(0, String::len)
+            + self.cmdline.iter().map(|a| a.len() + std::mem::size_of::<String>()).sum::<usize>();
+        self.bytes
+    }
+}
+
+/// Counters of the process cache (status and metrics show them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ProcCacheStats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub max_bytes: usize,
+    /// Events of a cached process.
     pub hits: u64,
+    /// Events of a process the cache did not know (started before the daemon and not seeded,
+    /// or evicted, or its fork event lost): their context is unknown, never guessed.
     pub misses: u64,
+    /// Events whose pid was cached for an older process (later start time): a reused pid; the
+    /// old context is retired, never inherited.
+    pub reused: u64,
+    /// Events of an older process that came after a newer one with the same pid (the two rings
+    /// reorder): judged with the older process's retired context.
+    pub late: u64,
+    /// Entries dropped to stay within `max_bytes`.
+    pub evictions: u64,
+    /// Processes seeded from /proc at start.
+    pub seeded: u64,
+}
+
+/// Fork records kept for children whose first own event has not come yet (threads leave one
+/// each too, which age out): at most this many.
+const MAX_PENDING_FORKS: usize = 8192;
+/// Contexts of processes whose pid was taken by a newer process, kept for their events still
+/// in flight (the two rings reorder events): at most this many.
+const MAX_RETIRED: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct ForkRecord {
+    parent_pid: u32,
+    parent_start_ns: u64,
+    /// The child started at or before this (CLOCK_BOOTTIME ns).
+    boot_ns: u64,
+}
+
+/// Which process an event belongs to, relative to the cached entry of its pid.
+enum Identity {
+    /// The cached entry (possibly just created).
+    Current,
+    /// An older process that had this pid (its event came late): its retired context.
+    Retired(Option<ProcEntry>),
+}
+
+/// The process cache (see the module documentation), keyed by pid.
+pub struct ProcCache {
+    entries: HashMap<u32, ProcEntry>,
+    order: VecDeque<(u32, u64)>,
+    exited: VecDeque<(u32, u64, u64)>,
+    forks: HashMap<u32, ForkRecord>,
+    fork_order: VecDeque<u32>,
+    retired: HashMap<(u32, u64), ProcEntry>,
+    retired_order: VecDeque<(u32, u64)>,
+    next_generation: u64,
+    events: u64,
+    tick_ns: u64,
+    stats: ProcCacheStats,
 }
 
 impl ProcCache {
-    pub fn new(capacity: usize) -> Self {
-        Self::with_root(capacity, PathBuf::from("/proc"))
+    /// A cache for about `max_entries` processes (charged ~1 KiB each).
+    pub fn new(max_entries: usize) -> Self {
+        Self::with_byte_budget(max_entries.max(1) * 1024)
     }
 
-    pub fn with_root(capacity: usize, proc_root: PathBuf) -> Self {
-        ProcCache { proc_root, capacity: capacity.max(1), entries: HashMap::new(), order: VecDeque::new(), hits: 0, misses: 0 }
+    pub fn with_byte_budget(max_bytes: usize) -> Self {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let hz = if hz > 0 { hz as u64 } else { 100 };
+        ProcCache {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            exited: VecDeque::new(),
+            forks: HashMap::new(),
+            fork_order: VecDeque::new(),
+            retired: HashMap::new(),
+            retired_order: VecDeque::new(),
+            next_generation: 1,
+            events: 0,
+            tick_ns: 1_000_000_000 / hz,
+            stats: ProcCacheStats { max_bytes: max_bytes.max(ENTRY_OVERHEAD), ..ProcCacheStats::default() },
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -114,38 +240,273 @@ impl ProcCache {
         self.entries.is_empty()
     }
 
-    pub fn invalidate(&mut self, pid: u32) {
-        self.entries.remove(&pid);
+    pub fn stats(&self) -> ProcCacheStats {
+        ProcCacheStats { entries: self.entries.len(), ..self.stats }
     }
 
-    pub fn details(&mut self, pid: u32) -> Arc<ProcessDetails> {
-        if let Some(found) = self.entries.get(&pid) {
-            self.hits += 1;
-            return found.clone();
+    /// Seeds the processes that exist now (before any event is handled), from `proc_root`
+    /// (normally /proc). Returns how many were added; the byte bound applies.
+    pub fn seed_from_proc(&mut self, proc_root: &Path) -> usize {
+        let Ok(dir) = std::fs::read_dir(proc_root) else { return 0 };
+        let mut added = 0;
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if self.entries.contains_key(&pid) {
+                continue;
+            }
+            let Some(stat) = std::fs::read_to_string(entry.path().join("stat")).ok().and_then(|s| parse_stat_full(&s)) else {
+                continue;
+            };
+            let details = read_process_own(proc_root, pid);
+            let e = ProcEntry {
+                start_ns: stat.start_ticks.saturating_mul(self.tick_ns),
+                seeded: true,
+                ppid: stat.ppid,
+                comm: stat.comm,
+                exe: details.exe,
+                cmdline: details.cmdline,
+                cwd: details.cwd,
+                stdio: details.stdio,
+                generation: 0,
+                bytes: 0,
+            };
+            self.insert(pid, e);
+            added += 1;
         }
-        self.misses += 1;
-        let details = Arc::new(read_process(&self.proc_root, pid));
-        // Evict oldest insertions; stale order entries of invalidated pids are skipped.
-        while self.entries.len() >= self.capacity {
-            match self.order.pop_front() {
-                Some(old) => {
-                    self.entries.remove(&old);
+        self.stats.seeded += added as u64;
+        added
+    }
+
+    fn insert(&mut self, pid: u32, mut entry: ProcEntry) {
+        if let Some(old) = self.entries.remove(&pid) {
+            self.stats.bytes -= old.bytes;
+        }
+        entry.generation = self.next_generation;
+        self.next_generation += 1;
+        let bytes = entry.weigh();
+        while self.stats.bytes + bytes > self.stats.max_bytes {
+            let Some((victim, generation)) = self.order.pop_front() else { break };
+            if self.entries.get(&victim).is_some_and(|e| e.generation == generation) {
+                if let Some(gone) = self.entries.remove(&victim) {
+                    self.stats.bytes -= gone.bytes;
+                    self.stats.evictions += 1;
                 }
-                None => break,
             }
         }
-        self.entries.insert(pid, details.clone());
-        self.order.push_back(pid);
-        if self.order.len() > self.capacity * 2 {
+        self.stats.bytes += bytes;
+        self.order.push_back((pid, entry.generation));
+        self.entries.insert(pid, entry);
+        if self.order.len() > 2 * self.entries.len() + 64 {
             let entries = &self.entries;
-            self.order.retain(|p| entries.contains_key(p));
+            self.order.retain(|(p, g)| entries.get(p).is_some_and(|e| e.generation == *g));
         }
-        details
     }
 
-    /// What an fd of a process refers to right now.
-    pub fn fd_kind(&self, pid: u32, fd: i32) -> &'static str {
-        fd_kind(&self.proc_root, pid, fd)
+    fn reweigh(&mut self, pid: u32) {
+        if let Some(e) = self.entries.get_mut(&pid) {
+            let before = e.bytes;
+            let after = e.weigh();
+            self.stats.bytes = self.stats.bytes + after - before;
+        }
+    }
+
+    /// Moves the entry of `pid` aside for late events of its process (a newer one has the pid).
+    fn retire(&mut self, pid: u32) {
+        let Some(old) = self.entries.remove(&pid) else { return };
+        self.stats.bytes -= old.bytes;
+        if old.start_ns == 0 {
+            return;
+        }
+        let key = (pid, old.start_ns);
+        self.retired.insert(key, old);
+        self.retired_order.push_back(key);
+        while self.retired_order.len() > MAX_RETIRED {
+            if let Some(k) = self.retired_order.pop_front() {
+                self.retired.remove(&k);
+            }
+        }
+    }
+
+    /// How an entry started at `cached` relates to a process started at `event`: equal (0 on
+    /// either side is unknown, taken as equal; seeded entries compare at tick resolution).
+    fn compare_start(&self, cached: u64, seeded: bool, event: u64) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        if cached == 0 || event == 0 {
+            return Ordering::Equal;
+        }
+        if seeded && cached.abs_diff(event) < self.tick_ns {
+            return Ordering::Equal;
+        }
+        event.cmp(&cached)
+    }
+
+    /// A new entry for `pid` started at `start_ns`: its parent's context when a fork record
+    /// says it is that parent's child, else unknown (counted as a miss).
+    fn fresh(&mut self, pid: u32, h: &Header) -> ProcEntry {
+        if let Some(fork) = self.forks.get(&pid).copied() {
+            if h.start_ns == 0 || h.start_ns <= fork.boot_ns {
+                self.forks.remove(&pid);
+                let parent = match self.entries.get(&fork.parent_pid) {
+                    Some(p) if self.compare_start(p.start_ns, p.seeded, fork.parent_start_ns).is_eq() => Some(p.clone()),
+                    _ => self.retired.get(&(fork.parent_pid, fork.parent_start_ns)).cloned(),
+                };
+                if let Some(parent) = parent {
+                    self.stats.hits += 1;
+                    return ProcEntry { start_ns: h.start_ns, seeded: false, ppid: fork.parent_pid, comm: h.comm.clone(), ..parent };
+                }
+            }
+        }
+        self.stats.misses += 1;
+        ProcEntry::unknown(h.start_ns, h.ppid, &h.comm)
+    }
+
+    /// Finds (or makes) the entry of the process that produced `h`.
+    fn identify(&mut self, h: &Header) -> Identity {
+        use std::cmp::Ordering;
+        let pid = h.pid;
+        let relation = self.entries.get(&pid).map(|e| self.compare_start(e.start_ns, e.seeded, h.start_ns));
+        match relation {
+            Some(Ordering::Equal) => {
+                self.stats.hits += 1;
+                if let Some(e) = self.entries.get_mut(&pid) {
+                    if (e.start_ns == 0 || e.seeded) && h.start_ns != 0 {
+                        e.start_ns = h.start_ns;
+                        e.seeded = false;
+                    }
+                    if h.ppid != 0 {
+                        e.ppid = h.ppid;
+                    }
+                    if e.comm != h.comm {
+                        e.comm.clone_from(&h.comm);
+                    }
+                }
+                self.reweigh(pid);
+                Identity::Current
+            }
+            Some(Ordering::Less) => {
+                // An older process with this pid: its event was overtaken by the newer one's.
+                self.stats.late += 1;
+                Identity::Retired(self.retired.get(&(pid, h.start_ns)).cloned())
+            }
+            Some(Ordering::Greater) => {
+                self.stats.reused += 1;
+                self.retire(pid);
+                let entry = self.fresh(pid, h);
+                self.insert(pid, entry);
+                Identity::Current
+            }
+            None => {
+                let entry = self.fresh(pid, h);
+                self.insert(pid, entry);
+                Identity::Current
+            }
+        }
+    }
+
+    /// Updates the cache with `event` and returns the context of its process.
+    fn observe(&mut self, event: &Event) -> Arc<ProcessDetails> {
+        self.events += 1;
+        self.expire_exited();
+        let h = &event.header;
+        if let Identity::Retired(old) = self.identify(h) {
+            return Arc::new(match old {
+                Some(e) => self.details_from(h.pid, &e),
+                None => ProcessDetails::default(),
+            });
+        }
+        match &event.data {
+            EventData::Exec(exec) => {
+                if let Some(e) = self.entries.get_mut(&h.pid) {
+                    e.exe.clone_from(&exec.exe);
+                    e.cmdline.clone_from(&exec.argv);
+                    e.stdio = exec.stdio.clone();
+                }
+                self.reweigh(h.pid);
+            }
+            EventData::Fork(fork) if fork.child_pid != 0 && fork.child_pid != h.pid => self.record_fork(h, fork),
+            EventData::Dup(dup) if dup.result >= 0 && (0..=2).contains(&dup.new_fd) => {
+                if let Some(e) = self.entries.get_mut(&h.pid) {
+                    match dup.new_fd {
+                        0 => e.stdio.stdin = dup.new_fd_kind,
+                        1 => e.stdio.stdout = dup.new_fd_kind,
+                        _ => e.stdio.stderr = dup.new_fd_kind,
+                    }
+                }
+            }
+            _ => {}
+        }
+        let details = match self.entries.get(&h.pid) {
+            Some(e) => self.details_from(h.pid, e),
+            None => ProcessDetails::default(),
+        };
+        if matches!(event.data, EventData::Exit(_)) {
+            if let Some(e) = self.entries.get(&h.pid) {
+                self.exited.push_back((h.pid, e.generation, self.events));
+            }
+        }
+        Arc::new(details)
+    }
+
+    /// A fork by the process of `h`: the child (or a new thread: the tracepoint does not say)
+    /// gets the parent's context at its first own event. When the child's events overtook the
+    /// fork (another ring), its entry is already there and gets the context now.
+    fn record_fork(&mut self, h: &Header, fork: &super::decode::ForkData) {
+        let child = fork.child_pid;
+        if let Some(existing) = self.entries.get(&child) {
+            let is_child = existing.start_ns != 0 && existing.start_ns <= fork.boot_ns && existing.start_ns >= h.start_ns;
+            if is_child {
+                let unknown = existing.exe.is_none() && existing.cmdline.is_empty();
+                if let (true, Some(parent)) = (unknown, self.entries.get(&h.pid).cloned()) {
+                    if let Some(e) = self.entries.get_mut(&child) {
+                        e.exe = parent.exe;
+                        e.cmdline = parent.cmdline;
+                        e.cwd = parent.cwd;
+                        e.stdio = parent.stdio;
+                    }
+                }
+                if let Some(e) = self.entries.get_mut(&child) {
+                    e.ppid = h.pid;
+                }
+                self.reweigh(child);
+                return;
+            }
+        }
+        let record = ForkRecord { parent_pid: h.pid, parent_start_ns: h.start_ns, boot_ns: fork.boot_ns };
+        if self.forks.insert(child, record).is_none() {
+            self.fork_order.push_back(child);
+        }
+        while self.fork_order.len() > MAX_PENDING_FORKS {
+            if let Some(old) = self.fork_order.pop_front() {
+                self.forks.remove(&old);
+            }
+        }
+    }
+
+    fn expire_exited(&mut self) {
+        while let Some(&(pid, generation, at)) = self.exited.front() {
+            if self.events.saturating_sub(at) < EXIT_GRACE_EVENTS {
+                break;
+            }
+            self.exited.pop_front();
+            if self.entries.get(&pid).is_some_and(|e| e.generation == generation) {
+                if let Some(gone) = self.entries.remove(&pid) {
+                    self.stats.bytes -= gone.bytes;
+                }
+            }
+        }
+    }
+
+    fn details_from(&self, pid: u32, e: &ProcEntry) -> ProcessDetails {
+        let mut ancestors = Vec::new();
+        let mut next = e.ppid;
+        let mut seen = pid;
+        while next != 0 && next != seen && ancestors.len() < MAX_ANCESTORS {
+            let Some(parent) = self.entries.get(&next) else { break };
+            ancestors.push(Ancestor { pid: next, comm: parent.comm.clone(), exe: parent.exe.clone() });
+            seen = next;
+            next = parent.ppid;
+        }
+        ProcessDetails { exe: e.exe.clone(), cmdline: e.cmdline.clone(), cwd: e.cwd.clone(), stdio: e.stdio.clone(), ancestors }
     }
 }
 
@@ -182,6 +543,40 @@ pub fn parse_stat(stat: &str) -> Option<(String, u32)> {
     let _state = rest.next()?;
     let ppid = rest.next()?.parse().ok()?;
     Some((comm, ppid))
+}
+
+struct StatLine {
+    comm: String,
+    ppid: u32,
+    /// Field 22: clock ticks since boot at the process's start.
+    start_ticks: u64,
+}
+
+fn parse_stat_full(stat: &str) -> Option<StatLine> {
+    let (comm, ppid) = parse_stat(stat)?;
+    let close = stat.rfind(')')?;
+    // After the comm: field 3 (state) is the first; field 22 (starttime) the twentieth.
+    let start_ticks = stat.get(close + 1..)?.split_whitespace().nth(19)?.parse().ok()?;
+    Some(StatLine { comm, ppid, start_ticks })
+}
+
+/// A process's own details from procfs (no ancestors: the cache links those), for seeding.
+fn read_process_own(proc_root: &Path, pid: u32) -> ProcessDetails {
+    let dir = proc_root.join(pid.to_string());
+    let cmdline = std::fs::read(dir.join("cmdline"))
+        .map(|raw| raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(bytes_to_text).collect())
+        .unwrap_or_default();
+    ProcessDetails {
+        exe: read_link_text(&dir.join("exe")),
+        cmdline,
+        cwd: read_link_text(&dir.join("cwd")),
+        stdio: Stdio {
+            stdin: fd_kind(proc_root, pid, 0),
+            stdout: fd_kind(proc_root, pid, 1),
+            stderr: fd_kind(proc_root, pid, 2),
+        },
+        ancestors: Vec::new(),
+    }
 }
 
 pub fn read_process(proc_root: &Path, pid: u32) -> ProcessDetails {
@@ -226,25 +621,9 @@ pub struct EnrichedEvent {
     pub process: Arc<ProcessDetails>,
 }
 
-/// Adds pod and process context to a decoded event.
-pub fn enrich(mut event: Event, endpoints: &EndpointIndex, cache: &mut ProcCache) -> EnrichedEvent {
-    let pid = event.header.pid;
-    if matches!(event.data, EventData::Exec(_)) {
-        cache.invalidate(pid);
-    }
-    let process = cache.details(pid);
-    match &mut event.data {
-        EventData::Exec(exec) => {
-            if process.exe.as_deref().is_some_and(|exe| exe.starts_with("/memfd:")) {
-                exec.fileless = true;
-            }
-        }
-        EventData::Dup(dup) => {
-            dup.new_fd_kind = cache.fd_kind(pid, dup.new_fd);
-        }
-        EventData::Exit(_) => cache.invalidate(pid),
-        _ => {}
-    }
+/// Adds pod and process context to a decoded event (from the cache; /proc is not read).
+pub fn enrich(event: Event, endpoints: &EndpointIndex, cache: &mut ProcCache) -> EnrichedEvent {
+    let process = cache.observe(&event);
     EnrichedEvent { pod: endpoints.get(event.header.cgroup_id), event, process }
 }
 
@@ -258,19 +637,147 @@ mod tests {
         assert_eq!(parse_stat("garbage"), None);
     }
 
+    use crate::events::decode::{ExecData, ExitData, ForkData};
+    use crate::events::kind::EventKind;
+
+    fn header(kind: EventKind, pid: u32, ppid: u32, start_ns: u64, comm: &str) -> Header {
+        Header {
+            ktime_ns: 1,
+            cgroup_id: 9,
+            kind,
+            source: "tracepoint",
+            pid,
+            tid: pid,
+            ppid,
+            uid: 0,
+            gid: 0,
+            euid: 0,
+            egid: 0,
+            comm: comm.into(),
+            truncated: false,
+            start_ns,
+        }
+    }
+
+    /// `parent` (started at `start_ns`) forks `child` at boot time `boot_ns`.
+    fn fork(parent: u32, grandparent: u32, start_ns: u64, child: u32, boot_ns: u64) -> Event {
+        Event {
+            header: header(EventKind::Fork, parent, grandparent, start_ns, "sh"),
+            data: EventData::Fork(ForkData { parent_pid: parent, child_pid: child, boot_ns }),
+        }
+    }
+
+    fn exec(pid: u32, ppid: u32, start_ns: u64, exe: &str, argv: &[&str], stdin: &'static str) -> Event {
+        Event {
+            header: header(EventKind::Exec, pid, ppid, start_ns, exe.rsplit('/').next().unwrap_or(exe)),
+            data: EventData::Exec(ExecData {
+                filename: exe.into(),
+                argv: argv.iter().map(|a| a.to_string()).collect(),
+                argc: argv.len() as u32,
+                via_execveat: false,
+                dirfd: -100,
+                at_flags: 0,
+                fileless: false,
+                exe: Some(exe.into()),
+                exe_resolved: true,
+                stdio: Stdio { stdin, stdout: "pipe", stderr: "pipe" },
+            }),
+        }
+    }
+
+    fn exit(pid: u32, ppid: u32, start_ns: u64) -> Event {
+        Event { header: header(EventKind::Exit, pid, ppid, start_ns, "x"), data: EventData::Exit(ExitData { exit_code: 0 }) }
+    }
+
     #[test]
-    fn own_process_details_and_cache_bound() {
+    fn context_comes_from_fork_and_exec_events_and_outlives_the_process() {
+        let mut cache = ProcCache::new(64);
+        // A shell (pid 100, parent 1) forks 200, which execs cat, which exits at once.
+        cache.observe(&exec(100, 1, 1_000, "/usr/bin/bash", &["bash"], "tty"));
+        cache.observe(&fork(100, 1, 1_000, 200, 2_001));
+        let cat = cache.observe(&exec(200, 100, 2_000, "/usr/bin/cat", &["cat", "/etc/shadow"], "socket"));
+        assert_eq!(cat.exe.as_deref(), Some("/usr/bin/cat"));
+        assert_eq!(cat.cmdline, vec!["cat", "/etc/shadow"]);
+        assert_eq!(cat.stdio.stdin, "socket");
+        assert_eq!(cat.ancestors.first().map(|a| (a.pid, a.exe.as_deref())), Some((100, Some("/usr/bin/bash"))));
+        let at_exit = cache.observe(&exit(200, 100, 2_000));
+        assert_eq!(at_exit.exe.as_deref(), Some("/usr/bin/cat"));
+        // An event of that process still in flight on the other ring keeps its context.
+        let late = cache.observe(&Event { header: header(EventKind::Exit, 200, 100, 2_000, "cat"), data: EventData::Exit(ExitData { exit_code: 0 }) });
+        assert_eq!(late.exe.as_deref(), Some("/usr/bin/cat"));
+        // A forked child that does something before exec shows its parent's image.
+        cache.observe(&fork(100, 1, 1_000, 201, 3_000));
+        let child = cache.observe(&exit(201, 100, 3_000));
+        assert_eq!((child.exe.as_deref(), child.ancestors[0].pid), (Some("/usr/bin/bash"), 100));
+        assert_eq!(cache.stats().reused, 0);
+    }
+
+    #[test]
+    fn a_reused_pid_never_inherits_the_old_context() {
+        let mut cache = ProcCache::new(64);
+        cache.observe(&exec(300, 1, 5_000, "/usr/bin/setpriv", &["setpriv", "--reuid=0"], "tty"));
+        // Its exit was lost; a new process gets pid 300 (another start time).
+        let other = cache.observe(&Event {
+            header: header(EventKind::Exit, 300, 1, 9_000, "sleep"),
+            data: EventData::Exit(ExitData { exit_code: 0 }),
+        });
+        assert_eq!((other.exe.as_deref(), other.cmdline.len(), other.stdio.stdin), (None, 0, "unknown"));
+        assert_eq!(cache.stats().reused, 1);
+        // A process the cache never saw is unknown, not looked up in /proc.
         let me = std::process::id();
-        let mut cache = ProcCache::new(2);
-        let details = cache.details(me);
-        assert!(details.exe.is_some());
-        assert!(!details.cmdline.is_empty());
-        assert!(!details.ancestors.is_empty(), "a test process has a parent");
-        cache.details(me);
-        assert_eq!(cache.hits, 1);
-        cache.details(1);
-        cache.details(u32::MAX); // a pid that does not exist: empty details, still cached
-        assert!(cache.len() <= 2);
-        assert_eq!(cache.details(u32::MAX).exe, None);
+        let unknown = cache.observe(&exit(me, 1, 7));
+        assert_eq!(unknown.exe, None);
+        // (The first exec of pid 300 and the new process on pid 300 were misses too: nobody
+        // saw either start.)
+        assert_eq!(cache.stats().misses, 3);
+    }
+
+    #[test]
+    fn events_reordered_between_the_rings_keep_their_own_process() {
+        let mut cache = ProcCache::new(64);
+        cache.observe(&exec(100, 1, 1_000, "/usr/bin/python3", &["python3", "x.py"], "tty"));
+        // Child 200 (started 2_000) runs cat; its exec (priority ring) overtakes the fork (bulk).
+        cache.observe(&fork(100, 1, 1_000, 200, 1_500)); // an older fork of pid 200 (a thread, say)
+        let cat = cache.observe(&exec(200, 100, 2_000, "/usr/bin/cat", &["cat", "/etc/shadow"], "null"));
+        assert_eq!(cat.exe.as_deref(), Some("/usr/bin/cat"));
+        cache.observe(&fork(100, 1, 1_000, 200, 2_001));
+        let after_fork = cache.observe(&exit(200, 100, 2_000));
+        assert_eq!(after_fork.exe.as_deref(), Some("/usr/bin/cat"), "the late fork does not clobber the exec");
+        // pid 200 is reused by a child that execs sleep (start 3_000) before cat's exit arrives...
+        cache.observe(&fork(100, 1, 1_000, 200, 3_001));
+        let sleep = cache.observe(&exec(200, 100, 3_000, "/usr/bin/sleep", &["sleep", "5"], "null"));
+        assert_eq!(sleep.exe.as_deref(), Some("/usr/bin/sleep"));
+        // ... and a late event of cat still names cat, while sleep keeps its own context.
+        let late = cache.observe(&exit(200, 100, 2_000));
+        assert_eq!((late.exe.as_deref(), late.cmdline.len()), (Some("/usr/bin/cat"), 2));
+        let sleep_again = cache.observe(&exit(200, 100, 3_000));
+        assert_eq!(sleep_again.exe.as_deref(), Some("/usr/bin/sleep"));
+        let stats = cache.stats();
+        assert_eq!((stats.reused, stats.late), (1, 1), "{stats:?}");
+    }
+
+    #[test]
+    fn seeded_processes_are_matched_at_tick_resolution() {
+        let mut cache = ProcCache::new(100_000);
+        assert!(cache.seed_from_proc(Path::new("/proc")) > 0);
+        let me = std::process::id();
+        let stat = parse_stat_full(&std::fs::read_to_string(format!("/proc/{me}/stat")).unwrap()).unwrap();
+        let start_ns = stat.start_ticks * cache.tick_ns + cache.tick_ns / 2;
+        let mine = cache.observe(&exit(me, stat.ppid, start_ns));
+        assert!(mine.exe.is_some() && !mine.cmdline.is_empty(), "{mine:?}");
+        assert!(!mine.ancestors.is_empty(), "a test process has a parent");
+        assert_eq!(cache.stats().hits, 1);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_byte_budget_and_counts_evictions() {
+        let mut cache = ProcCache::with_byte_budget(16 * 1024);
+        for pid in 1..=500u32 {
+            cache.observe(&exec(pid, 1, u64::from(pid), "/usr/bin/python3", &["python3", "-c", "pass"], "null"));
+        }
+        let stats = cache.stats();
+        assert!(stats.bytes <= stats.max_bytes, "{stats:?}");
+        assert!(stats.evictions > 0 && stats.entries < 500, "{stats:?}");
+        assert_eq!(stats.entries as u64 + stats.evictions, 500);
     }
 }

@@ -75,7 +75,7 @@ pub fn to_input(ev: &EnrichedEvent, clock: &Clock, node: &str) -> Value {
     let kind = h.kind.as_str();
     let p = &ev.process;
     let process = json!({
-        "pid": h.pid, "tid": h.tid, "ppid": h.ppid,
+        "pid": h.pid, "tid": h.tid, "ppid": h.ppid, "start_ns": h.start_ns,
         "uid": h.uid, "gid": h.gid, "euid": h.euid, "egid": h.egid,
         "comm": h.comm,
         "exe": p.exe, "cmdline": p.cmdline, "cwd": p.cwd,

@@ -231,12 +231,52 @@ pub fn task_offsets() -> Option<ProbeConfig> {
         })
     })();
     match resolved {
-        Ok(cfg) => Some(cfg),
+        Ok(mut cfg) => {
+            if let Err(err) = path_offsets(&btf, &mut cfg) {
+                tracing::warn!(%err, "kernel BTF lacks a field the process-context reads need: process start times, exe paths and fd kinds will be unknown");
+            }
+            Some(cfg)
+        }
         Err(err) => {
             tracing::warn!(%err, "kernel BTF lacks a field the probes read: ppid, euid and egid will be 0");
             None
         }
     }
+}
+
+/// The offsets of the in-kernel process context: the process start time, the walk from a
+/// task to its executable's path (mm -> exe_file -> f_path -> dentry chain with mount
+/// crossings) and the walk to the kind of a file descriptor (files -> fdt -> fd[] -> inode).
+pub fn path_offsets(btf: &Btf, cfg: &mut ProbeConfig) -> Result<(), super::btf::BtfError> {
+    let off = |s: &str, m: &str| btf.member_offset(s, m);
+    let resolved = ProbeConfig {
+        path_offsets_valid: 1,
+        off_task_group_leader: off("task_struct", "group_leader")?,
+        off_task_start_boottime: off("task_struct", "start_boottime")?,
+        off_task_mm: off("task_struct", "mm")?,
+        off_task_files: off("task_struct", "files")?,
+        off_mm_exe_file: off("mm_struct", "exe_file")?,
+        off_file_f_path: off("file", "f_path")?,
+        off_file_f_inode: off("file", "f_inode")?,
+        off_path_mnt: off("path", "mnt")?,
+        off_path_dentry: off("path", "dentry")?,
+        off_dentry_d_parent: off("dentry", "d_parent")?,
+        off_dentry_d_name: off("dentry", "d_name")?,
+        off_qstr_len: off("qstr", "len")?,
+        off_qstr_name: off("qstr", "name")?,
+        off_vfsmount_mnt_root: off("vfsmount", "mnt_root")?,
+        off_mount_mnt: off("mount", "mnt")?,
+        off_mount_mnt_parent: off("mount", "mnt_parent")?,
+        off_mount_mnt_mountpoint: off("mount", "mnt_mountpoint")?,
+        off_files_fdt: off("files_struct", "fdt")?,
+        off_fdtable_max_fds: off("fdtable", "max_fds")?,
+        off_fdtable_fd: off("fdtable", "fd")?,
+        off_inode_i_mode: off("inode", "i_mode")?,
+        off_inode_i_rdev: off("inode", "i_rdev")?,
+        ..*cfg
+    };
+    *cfg = resolved;
+    Ok(())
 }
 
 /// Loads the embedded object and sets the configuration map; attaches nothing yet.
