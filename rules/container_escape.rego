@@ -15,6 +15,17 @@ meta := {
 	"mitre": ["T1611", "T1610"],
 	"action": "quarantine",
 	"events": ["mount", "namespace", "module", "bpf", "open", "connect"],
+	"prefilter": {
+		"open": [
+			{"open.write": true, "open.path": {"path_suffix": escape_files}},
+			{"open.path": {"path_in": lists.runtime_sockets}},
+		],
+		"connect": [{"connect.family": "unix", "connect.unix_path": {"in": lists.runtime_sockets}}],
+		"namespace": [
+			{"namespace.flags": {"any_bits": 302120960}}, # the escape_namespaces bits
+			{"namespace.op": "setns", "namespace.flags": 0},
+		],
+	},
 }
 
 who := sprintf("%s (pid %d)", [input.process.comm, input.process.pid])
@@ -96,10 +107,12 @@ connect_primitives contains sprintf("connected to container runtime socket %s%s"
 	input.connect.unix_path in lists.runtime_sockets
 }
 
-escape_file(path) if strings.any_suffix_match(path, [
+escape_file(path) if strings.any_suffix_match(path, escape_files)
+
+escape_files := [
 	"/sys/kernel/core_pattern",
 	"/release_agent",
 	"/notify_on_release",
 	"/sys/kernel/modprobe",
 	"/sys/fs/binfmt_misc/register",
-])
+]

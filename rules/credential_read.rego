@@ -15,6 +15,13 @@ meta := {
 	"mitre": ["T1003.008", "T1552.001", "T1552.004", "T1528"],
 	"action": "alert",
 	"events": ["open"],
+	# Only opens of these paths can raise (see rules/README.md, "Prefilters").
+	"prefilter": {"open": [
+		{"open.path": {"path_in": lists.credential_files}},
+		{"open.path": {"path_contains": ["/.ssh/"]}},
+		{"open.path": {"path_prefix": ["/etc/ssh/ssh_host_"]}},
+		{"open.path": {"path_suffix": ["/serviceaccount/token"]}},
+	]},
 }
 
 reader := input.process.comm

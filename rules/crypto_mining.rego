@@ -12,6 +12,7 @@ meta := {
 	"mitre": ["T1496"],
 	"action": "quarantine",
 	"events": ["exec", "connect"],
+	"prefilter": {"connect": [{"connect.family": {"in": ["inet", "inet6"]}, "connect.port": {"in": lists.mining_pool_ports}}]},
 }
 
 alerts contains {"message": msg} if {

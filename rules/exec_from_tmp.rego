@@ -11,6 +11,10 @@ meta := {
 	"mitre": ["T1204.002", "T1059"],
 	"action": "alert",
 	"events": ["exec"],
+	"prefilter": {"exec": [
+		{"exec.filename": {"path_prefix": lists.temp_dirs}},
+		{"process.exe": {"prefix": lists.temp_dirs}},
+	]},
 }
 
 alerts contains {"message": msg} if {

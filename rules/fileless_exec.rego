@@ -11,6 +11,12 @@ meta := {
 	"mitre": ["T1620", "T1027.011"],
 	"action": "quarantine",
 	"events": ["exec"],
+	"prefilter": {"exec": [
+		{"exec.fileless": true},
+		{"process.exe": {"prefix": ["/memfd:"]}},
+		{"exec.filename": {"prefix": ["/dev/fd/", "/proc/"]}},
+		{"exec.via_execveat": true},
+	]},
 }
 
 alerts contains {"message": msg} if {

@@ -13,6 +13,7 @@ meta := {
 	"mitre": ["T1072", "T1105"],
 	"action": "alert",
 	"events": ["exec", "open"],
+	"prefilter": {"open": [{"open.write": true, "open.path": {"path_prefix": lists.package_databases}}]},
 }
 
 alerts contains {"message": msg} if {

@@ -8,6 +8,7 @@ meta := {
 	"mitre": ["T1055.008", "T1003.007"],
 	"action": "alert",
 	"events": ["ptrace"],
+	"prefilter": {"ptrace": [{"ptrace.request": {"in": injecting_requests}}]},
 }
 
 # ATTACH, SEIZE, and the requests that change a tracee: POKETEXT/POKEDATA/POKEUSER, SETREGS,

@@ -15,6 +15,10 @@ meta := {
 	"mitre": ["T1059.004", "T1071"],
 	"action": "quarantine",
 	"events": ["exec", "dup"],
+	"prefilter": {
+		"exec": [{"process.stdio.stdin": "socket"}, {"process.stdio.stdout": "socket"}],
+		"dup": [{"dup.new_fd": {"in": [0, 1, 2]}, "dup.new_fd_kind": "socket"}],
+	},
 }
 
 stdio := input.process.stdio

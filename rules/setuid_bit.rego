@@ -11,6 +11,7 @@ meta := {
 	"mitre": ["T1548.001"],
 	"action": "alert",
 	"events": ["chmod"],
+	"prefilter": {"chmod": [{"chmod.mode": {"any_bits": 3072}}, {"chmod.setuid": true}, {"chmod.setgid": true}]},
 }
 
 # S_ISUID 04000, S_ISGID 02000.

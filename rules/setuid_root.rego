@@ -11,6 +11,7 @@ meta := {
 	"mitre": ["T1548.001", "T1068"],
 	"action": "alert",
 	"events": ["cred"],
+	"prefilter": {"cred": [{"cred.op": {"in": uid_ops}}]},
 }
 
 uid_ops := {"setuid", "setreuid", "setresuid", "commit_creds"}

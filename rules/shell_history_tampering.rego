@@ -16,6 +16,11 @@ meta := {
 	"mitre": ["T1070.003"],
 	"action": "alert",
 	"events": ["unlink", "open", "rename"],
+	"prefilter": {
+		"open": [{"open.truncate": true, "open.path": {"path_suffix": lists.history_files}}],
+		"unlink": [{"unlink.path": {"path_suffix": lists.history_files}}],
+		"rename": [{"rename.old_path": {"path_suffix": lists.history_files}}],
+	},
 }
 
 # Both need the path to end with a listed name: one builtin call rules out most paths before

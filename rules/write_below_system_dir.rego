@@ -17,6 +17,19 @@ meta := {
 	"mitre": ["T1222.002", "T1543", "T1098"],
 	"action": "alert",
 	"events": ["open", "rename", "unlink", "chmod"],
+	"prefilter": {
+		"open": [
+			{"open.write": true, "open.path": {"path_prefix": lists.system_dirs}},
+			{"open.create": true, "open.path": {"path_prefix": lists.system_dirs}},
+			{"open.truncate": true, "open.path": {"path_prefix": lists.system_dirs}},
+		],
+		"rename": [
+			{"rename.old_path": {"path_prefix": lists.system_dirs}},
+			{"rename.new_path": {"path_prefix": lists.system_dirs}},
+		],
+		"unlink": [{"unlink.path": {"path_prefix": lists.system_dirs}}],
+		"chmod": [{"chmod.path": {"path_prefix": lists.system_dirs}}],
+	},
 }
 
 # The paths each kind of event changes (one rule per type, so an event only pays for its own).

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use palisade::rules::testing::load_fixtures;
-use palisade::rules::{EngineKind, EvaluatorConfig, InputConverter, PackHandle, RuleEvaluator, RulePack, to_rego_value};
+use palisade::rules::{EngineKind, EvaluatorConfig, InputConverter, PackHandle, PackOptions, RuleEvaluator, RulePack, to_rego_value};
 
 /// A deterministic generator, so every run evaluates the same mix.
 struct Lcg(u64);
@@ -193,53 +193,75 @@ fn main() {
     let per = start.elapsed().as_secs_f64() / events.len() as f64;
     println!("{:<34} {:>10.2} µs/event ({sink} objects in all)", "input conversion, in a session", per * 1e6);
 
-    let rvm = measure(&pack, &events, 5);
-    print("register VM (RVM), full pack", &rvm);
+    // Before/after, interleaved in one run: the pack evaluating every subscriber of an event's
+    // type ("all rules", as before prefilters) and with the rules' prefilters (what the daemon
+    // does), twice each, so load changes on a shared machine hit both alike.
+    let unfiltered = pack.without_prefilters();
+    let reaching = events.iter().filter(|e| !pack.rules_judging(e).is_empty()).count();
+    let evaluations: usize = events.iter().map(|e| pack.rules_judging(e).len()).sum();
+    let evaluations_all: usize = events.iter().map(|e| unfiltered.rules_judging(e).len()).sum();
+    println!(
+        "prefilters: {reaching} of {} events reach Rego ({:.1}%); rule evaluations {evaluations} instead of {evaluations_all}",
+        events.len(),
+        100.0 * reaching as f64 / events.len() as f64
+    );
+    let mut rvm = None;
+    for round in 0..2 {
+        let before = measure(&unfiltered, &events, 3);
+        print(&format!("RVM, all rules (before) #{}", round + 1), &before);
+        let after = measure(&pack, &events, 3);
+        print(&format!("RVM, prefilters (after) #{}", round + 1), &after);
+        rvm = Some(after);
+    }
+    let rvm = rvm.expect("measured");
 
-    let interpreter = pack.with_engine(EngineKind::Interpreter);
+    let interpreter = unfiltered.with_engine(EngineKind::Interpreter);
     let slice = &events[..events.len().min(5000)];
     let tree = measure(&interpreter, slice, 1);
-    print("tree interpreter, full pack", &tree);
-    println!("RVM speed-up over the tree interpreter: {:.1}x", rvm.events_per_sec / tree.events_per_sec);
+    print("tree interpreter, all rules", &tree);
+    println!("RVM (prefilters) over the tree interpreter: {:.1}x", rvm.events_per_sec / tree.events_per_sec);
 
-    // Per type, RVM: where the time goes.
+    // Per type: where the time goes.
     for ty in ["open", "exec", "connect"] {
         let subset: Vec<serde_json::Value> = events.iter().filter(|e| e["type"] == ty).cloned().collect();
         if subset.is_empty() {
             continue;
         }
-        let f = measure(&pack, &subset, 3);
-        print(&format!("  RVM, {ty} events only"), &f);
+        let before = measure(&unfiltered, &subset, 3);
+        print(&format!("  {ty} only, all rules (before)"), &before);
+        let after = measure(&pack, &subset, 3);
+        print(&format!("  {ty} only, prefilters (after)"), &after);
     }
 
-    // The worker pool, one worker per core, end to end through the bounded channels.
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let handle = PackHandle::new(RulePack::load(&rules_dir).expect("pack"));
-    let (evaluator, results) = RuleEvaluator::start(
-        Arc::clone(&handle),
-        EvaluatorConfig { workers, queue: 4096, send_empty: true },
-    )
-    .expect("pool");
-    let total = events.len() * 3;
-    let drain = std::thread::spawn(move || {
-        let mut n = 0;
-        while n < total && results.recv().is_ok() {
-            n += 1;
-        }
-        n
-    });
-    let start = Instant::now();
-    for _ in 0..3 {
-        for e in &events {
-            evaluator.submit(e.clone()).expect("submit");
-        }
+    // The worker pool end to end through its bounded channels, as the daemon configures it
+    // (only evaluations with hits come back), with 1 and 2 workers. The inputs are cloned
+    // before the clock starts: the daemon builds each event's JSON anyway, this measures the pool.
+    for no_prefilters in [true, false] {
+        let what = if no_prefilters { "all rules (before)" } else { "prefilters (after)" };
+        let one = pool(&rules_dir, &events, 1, 3, no_prefilters);
+        let two = pool(&rules_dir, &events, 2, 3, no_prefilters);
+        println!(
+            "worker pool, {what:<20} {one:>10.0} events/s with 1 worker, {two:>10.0} with 2 ({:.2}x)",
+            two / one
+        );
     }
-    let done = drain.join().expect("drain");
-    let elapsed = start.elapsed();
+}
+
+/// Events per second through a pool of `workers`, `rounds` passes over `events`.
+fn pool(rules_dir: &Path, events: &[serde_json::Value], workers: usize, rounds: usize, no_prefilters: bool) -> f64 {
+    let options = PackOptions { no_prefilters, ..PackOptions::default() };
+    let handle = PackHandle::new(RulePack::load_with(rules_dir, &options).expect("pack"));
+    let (evaluator, results) =
+        RuleEvaluator::start(Arc::clone(&handle), EvaluatorConfig { workers, queue: 4096, send_empty: false }).expect("pool");
+    let inputs: Vec<serde_json::Value> = (0..rounds).flat_map(|_| events.iter().cloned()).collect();
+    let total = inputs.len();
+    let drain = std::thread::spawn(move || results.iter().count());
+    let start = Instant::now();
+    for input in inputs {
+        evaluator.submit(input).expect("submit");
+    }
     evaluator.shutdown();
-    println!(
-        "{:<34} {:>10.0} events/s with {workers} workers ({done} evaluations, incl. the event clone and channel hops)",
-        "worker pool (RVM)",
-        done as f64 / elapsed.as_secs_f64()
-    );
+    let elapsed = start.elapsed();
+    let _ = drain.join();
+    total as f64 / elapsed.as_secs_f64()
 }

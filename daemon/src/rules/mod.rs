@@ -20,6 +20,7 @@ pub mod input;
 pub mod model;
 pub mod pack;
 pub mod prefilter;
+pub mod rule_filter;
 pub mod smoke;
 pub mod testing;
 pub mod watch;

@@ -30,6 +30,7 @@ use super::analysis;
 use super::diag::Diagnostic;
 use super::input::{InputConverter, event_type, to_rego_value};
 use super::model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
+use super::rule_filter::{self, MAX_FILTERED_SUBSCRIBERS, TypeFilter};
 
 /// The package every rule lives under: `palisade.rules.<id>`.
 pub const RULES_PACKAGE: &str = "data.palisade.rules";
@@ -39,7 +40,7 @@ pub const LISTS_PATH: &str = "data.palisade.lists";
 const DISPATCH_PACKAGE: &str = "data.palisade.dispatch";
 const DISPATCH_FILE: &str = "<generated palisade.dispatch>";
 /// Fields a rule's `meta` object may have.
-const META_FIELDS: [&str; 7] = ["id", "title", "severity", "mitre", "action", "events", "description"];
+const META_FIELDS: [&str; 8] = ["id", "title", "severity", "mitre", "action", "events", "description", "prefilter"];
 /// Fields an alert object may have; only `message` is required.
 const ALERT_FIELDS: [&str; 4] = ["message", "severity", "mitre", "action"];
 
@@ -87,6 +88,9 @@ pub struct PackOptions {
     /// Accept a pack with no rules (it judges nothing). Off by default: an empty rules directory
     /// is far more often a mistake (a wrong mount, a failed sync) than an intent.
     pub allow_empty: bool,
+    /// Evaluate every subscriber of an event's type, ignoring the rules' `meta.prefilter`
+    /// (for comparisons: `rules test` checks that prefilters change no verdict).
+    pub no_prefilters: bool,
 }
 
 /// What one rule may spend on one event. A rule past it is stopped and reported
@@ -275,6 +279,11 @@ pub struct RulePack {
     /// Per event type (indexed by `EventType::index`): the rules its dispatch entry runs, in
     /// the order the entry returns their alert sets.
     dispatch: [Vec<usize>; 16],
+    /// Per event type, aligned with `dispatch`: each subscriber's prefilter for that type
+    /// (`None`: the rule always runs).
+    filters: [Vec<Option<TypeFilter>>; 16],
+    /// Whether `filters` are applied (off only for comparisons).
+    prefilters: bool,
     /// Per event type, then per rule (indexed like `rules`; `None` for a disabled rule).
     entry_points: Vec<String>,
     /// Per rule (indexed like `rules`): the index of its own `alerts` entry point.
@@ -389,6 +398,7 @@ impl RulePack {
         // `meta` is evaluated once here (with no input: it must be constant). This is also
         // where regorus reports semantic errors of the whole pack.
         let mut rules = Vec::new();
+        let mut declared_filters: BTreeMap<String, Vec<(EventType, TypeFilter)>> = BTreeMap::new();
         for package in &packages {
             let meta_rule = find_named_rule(package, &modules, "meta");
             let Some((meta_span, meta_expr)) = meta_rule else {
@@ -411,7 +421,22 @@ impl RulePack {
                 }
             };
             match validate_meta(&package.id, &value, &meta_location, meta_expr.as_ref(), options) {
-                Ok(meta) => rules.push(meta),
+                Ok(meta) => {
+                    if let Some(declared) = prefilter_field(&value) {
+                        match rule_filter::parse(declared, &meta.events) {
+                            Ok(parsed) => {
+                                declared_filters.insert(meta.id.clone(), parsed);
+                            }
+                            Err(problems) => {
+                                let at = field_location(&meta_location, meta_expr.as_deref(), "prefilter");
+                                for problem in problems {
+                                    diagnostics.push(Diagnostic::at(&at, format!("rule {}: {problem}", meta.id)));
+                                }
+                            }
+                        }
+                    }
+                    rules.push(meta);
+                }
                 Err(mut ds) => diagnostics.append(&mut ds),
             }
         }
@@ -444,6 +469,17 @@ impl RulePack {
                 dispatch[ty.index()].push(index);
             }
         }
+        let filters: [Vec<Option<TypeFilter>>; 16] = std::array::from_fn(|t| {
+            dispatch[t]
+                .iter()
+                .map(|&i| {
+                    declared_filters
+                        .get(&rules[i].id)
+                        .and_then(|fs| fs.iter().find(|(ty, _)| ty.index() == t))
+                        .map(|(_, f)| f.clone())
+                })
+                .collect()
+        });
         let dispatch_source = dispatch_module(&rules, &dispatch);
         engine
             .add_policy(DISPATCH_FILE.to_string(), dispatch_source)
@@ -474,6 +510,8 @@ impl RulePack {
             engine_kind: options.engine,
             rules,
             dispatch,
+            filters,
+            prefilters: !options.no_prefilters,
             entry_points,
             rule_entries,
             budget: options.budget,
@@ -543,6 +581,29 @@ impl RulePack {
 
     /// The same pack evaluated by another engine (for comparisons and benchmarks).
     pub fn with_engine(&self, engine_kind: EngineKind) -> RulePack {
+        self.variant(engine_kind, self.prefilters)
+    }
+
+    /// The same pack with every subscriber of an event's type evaluated, whatever the rules'
+    /// prefilters say (for comparisons and benchmarks).
+    pub fn without_prefilters(&self) -> RulePack {
+        self.variant(self.engine_kind, false)
+    }
+
+    /// Whether rules' prefilters are applied.
+    pub fn prefilters_applied(&self) -> bool {
+        self.prefilters
+    }
+
+    /// Whether `rule_id` declares a prefilter for `ty`.
+    pub fn has_prefilter(&self, rule_id: &str, ty: EventType) -> bool {
+        self.dispatch[ty.index()]
+            .iter()
+            .zip(&self.filters[ty.index()])
+            .any(|(&i, f)| f.is_some() && self.rules[i].id == rule_id)
+    }
+
+    fn variant(&self, engine_kind: EngineKind, prefilters: bool) -> RulePack {
         RulePack {
             id: NEXT_PACK_ID.fetch_add(1, Ordering::Relaxed),
             generation: self.generation,
@@ -550,6 +611,8 @@ impl RulePack {
             engine_kind,
             rules: self.rules.clone(),
             dispatch: self.dispatch.clone(),
+            filters: self.filters.clone(),
+            prefilters,
             entry_points: self.entry_points.clone(),
             rule_entries: self.rule_entries.clone(),
             budget: self.budget,
@@ -590,12 +653,13 @@ impl RulePack {
     /// failed (over budget or an error), each on its own.
     pub fn evaluate_verdict(&self, input: &serde_json::Value) -> Result<Verdict, RulesError> {
         let ty = event_type(input).map_err(RulesError::InvalidInput)?;
-        if self.dispatch[ty.index()].is_empty() {
+        let selected = self.select(ty, input);
+        if selected == 0 {
             return Ok(Verdict::default());
         }
         let mut session = self.acquire()?;
         let value = session.converter.convert(input);
-        let result = self.evaluate_typed(&mut session, ty, value, false);
+        let result = self.evaluate_typed(&mut session, ty, value, selected, false);
         self.release(session);
         result
     }
@@ -603,23 +667,58 @@ impl RulePack {
     /// Like `evaluate_verdict`, with a session the caller keeps (a worker thread's own).
     pub fn evaluate_in(&self, session: &mut Session, input: &serde_json::Value) -> Result<Verdict, RulesError> {
         let ty = event_type(input).map_err(RulesError::InvalidInput)?;
-        if self.dispatch[ty.index()].is_empty() {
+        let selected = self.select(ty, input);
+        if selected == 0 {
             return Ok(Verdict::default());
         }
         let value = session.converter.convert(input);
-        self.evaluate_typed(session, ty, value, false)
+        self.evaluate_typed(session, ty, value, selected, false)
+    }
+
+    /// The rules that judge `input`: its type's subscribers whose prefilter admits it (all of
+    /// them without prefilters). Empty: the event never reaches Rego.
+    pub fn rules_judging(&self, input: &serde_json::Value) -> Vec<&RuleMeta> {
+        let Ok(ty) = event_type(input) else { return Vec::new() };
+        let selected = self.select(ty, input);
+        self.dispatch[ty.index()]
+            .iter()
+            .enumerate()
+            .filter(|&(position, _)| is_selected(selected, position))
+            .map(|(_, &i)| &self.rules[i])
+            .collect()
+    }
+
+    /// The subscribers of `ty` that must judge `input`, as a bit mask over `dispatch[ty]`
+    /// (0: none, the event never reaches Rego). Cheap: field tests on the JSON, no allocation.
+    fn select(&self, ty: EventType, input: &serde_json::Value) -> u64 {
+        let subscribers = self.dispatch[ty.index()].len();
+        if subscribers == 0 {
+            return 0;
+        }
+        let all = all_of(subscribers);
+        if !self.prefilters || subscribers > MAX_FILTERED_SUBSCRIBERS {
+            return all;
+        }
+        let mut selected = 0u64;
+        for (position, filter) in self.filters[ty.index()].iter().enumerate() {
+            if filter.as_ref().is_none_or(|f| f.admits(input)) {
+                selected |= 1 << position;
+            }
+        }
+        selected
     }
 
     /// Like `evaluate`, but an alert that breaks the contract (no message, bad severity, ...) is
     /// an error instead of a best-effort hit. For tests.
     pub fn evaluate_strict(&self, input: &serde_json::Value) -> Result<Vec<RuleHit>, RulesError> {
         let ty = event_type(input).map_err(RulesError::InvalidInput)?;
-        if self.dispatch[ty.index()].is_empty() {
+        let selected = self.select(ty, input);
+        if selected == 0 {
             return Ok(Vec::new());
         }
         let mut session = self.acquire()?;
         let value = session.converter.convert(input);
-        let result = self.evaluate_typed(&mut session, ty, value, true);
+        let result = self.evaluate_typed(&mut session, ty, value, selected, true);
         self.release(session);
         result.and_then(Verdict::into_hits)
     }
@@ -698,21 +797,42 @@ impl RulePack {
         session: &mut Session,
         ty: EventType,
         input: Value,
+        selected: u64,
         strict: bool,
     ) -> Result<Verdict, RulesError> {
         if session.pack_id != self.id {
             return Err(RulesError::Eval("session belongs to another rule pack".to_string()));
         }
         let subscribers = &self.dispatch[ty.index()];
-        // Fast path: every subscriber in one call, with the sum of their budgets.
+        if selected.count_ones() == 1 && subscribers.len() > 1 {
+            // One rule passed its prefilter: its own entry point, its own budget.
+            let position = selected.trailing_zeros() as usize;
+            let rule = &self.rules[subscribers[position]];
+            let Some(entry) = self.rule_entries[subscribers[position]] else {
+                return Ok(Verdict::default());
+            };
+            return match session.engine.run(&self.entry_points[entry], entry, input, self.budget) {
+                Ok(raw) => Ok(Verdict { hits: self.rule_hits(rule, &raw, strict)?, failures: Vec::new() }),
+                Err((reason, detail)) => Ok(Verdict {
+                    hits: Vec::new(),
+                    failures: vec![RuleFailure { rule_id: rule.id.clone(), event_type: ty, reason, detail }],
+                }),
+            };
+        }
+        // Fast path: every subscriber in one call, with the sum of their budgets. The alerts of
+        // a rule whose prefilter failed are dropped, so the verdict is the same as if it had not
+        // run (one call costs less than one call per selected rule).
         let all = session.engine.run(&self.entry_points[ty.index()], ty.index(), input, self.budget.times(subscribers.len()));
         if let Ok(raw) = all {
-            return Ok(Verdict { hits: self.hits(ty, &raw, strict)?, failures: Vec::new() });
+            return Ok(Verdict { hits: self.hits(ty, &raw, selected, strict)?, failures: Vec::new() });
         }
-        // Something failed: run each rule alone within its own budget, so only the failing
-        // rule loses its verdict and it is the one named.
+        // Something failed: run each selected rule alone within its own budget, so only the
+        // failing rule loses its verdict and it is the one named.
         let mut verdict = Verdict::default();
-        for &index in subscribers {
+        for (position, &index) in subscribers.iter().enumerate() {
+            if !is_selected(selected, position) {
+                continue;
+            }
             let rule = &self.rules[index];
             let Some(entry) = self.rule_entries[index] else { continue };
             match session.engine.run_again(&self.entry_points[entry], entry, self.budget) {
@@ -730,7 +850,7 @@ impl RulePack {
 
     /// Turns the dispatch entry's result (an array of alert sets, one per subscribed rule) into
     /// hits.
-    pub(crate) fn hits(&self, ty: EventType, raw: &Value, strict: bool) -> Result<Vec<RuleHit>, RulesError> {
+    pub(crate) fn hits(&self, ty: EventType, raw: &Value, selected: u64, strict: bool) -> Result<Vec<RuleHit>, RulesError> {
         let order = &self.dispatch[ty.index()];
         let sets = match raw {
             Value::Array(sets) => sets,
@@ -747,6 +867,9 @@ impl RulePack {
             let Some(rule) = order.get(position).map(|&i| &self.rules[i]) else {
                 break;
             };
+            if !is_selected(selected, position) {
+                continue;
+            }
             hits.extend(self.rule_hits(rule, alerts, strict)?);
         }
         Ok(hits)
@@ -778,6 +901,24 @@ impl RulePack {
             }
         }
         Ok(hits)
+    }
+}
+
+/// The mask selecting all of `n` subscribers (all bits when there are more than 64: then no
+/// prefilter applies).
+fn all_of(n: usize) -> u64 {
+    if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
+}
+
+fn is_selected(selected: u64, position: usize) -> bool {
+    position >= 64 || selected & (1 << position) != 0
+}
+
+/// A rule's `meta.prefilter`, if it declares one.
+fn prefilter_field(meta: &Value) -> Option<&Value> {
+    match meta {
+        Value::Object(fields) => fields.get(&Value::from("prefilter")),
+        _ => None,
     }
 }
 

@@ -161,12 +161,15 @@ pub fn run_tests(dir: &Path, options: &TestOptions) -> Result<TestReport, RulesE
         }
     }
 
-    let interpreter = pack.with_engine(EngineKind::Interpreter);
+    // The interpreter runs every subscriber (no prefilters), and so does a second RVM pack:
+    // a rule whose declared prefilter hides one of its alerts fails the case that shows it.
+    let interpreter = pack.with_engine(EngineKind::Interpreter).without_prefilters();
+    let unfiltered = pack.without_prefilters();
     let mut positive: BTreeSet<String> = BTreeSet::new();
     let mut negative: BTreeSet<String> = BTreeSet::new();
     for loaded in &cases {
         let name = format!("{}: {}", loaded.file, loaded.case.name);
-        let failure = run_case(&pack, &interpreter, loaded);
+        let failure = run_case(&pack, &interpreter, &unfiltered, loaded);
         if failure.is_none() {
             let wanted: BTreeSet<&str> = loaded.case.want.iter().map(Expectation::rule).collect();
             positive.extend(wanted.iter().map(|s| s.to_string()));
@@ -317,14 +320,27 @@ fn merge(base: &mut serde_json::Value, overlay: &serde_json::Value) {
     }
 }
 
-/// Runs one case through the register VM and the tree interpreter; returns the failure, if
-/// any, as a readable diff.
-pub fn run_case(pack: &RulePack, interpreter: &RulePack, loaded: &LoadedCase) -> Option<String> {
+/// Runs one case through the register VM (with the rules' prefilters, as the daemon does),
+/// the register VM without prefilters and the tree interpreter; returns the failure, if any,
+/// as a readable diff.
+pub fn run_case(pack: &RulePack, interpreter: &RulePack, unfiltered: &RulePack, loaded: &LoadedCase) -> Option<String> {
     let event = &loaded.case.event;
     let got = match pack.evaluate_strict(event) {
         Ok(hits) => hits,
         Err(e) => return Some(format!("evaluation failed: {}", e.lines().join("; "))),
     };
+    match unfiltered.evaluate_strict(event) {
+        Ok(all) if sorted(&all) == sorted(&got) => {}
+        Ok(all) => {
+            let hidden: Vec<&str> = all.iter().filter(|h| !got.contains(h)).map(|h| h.rule_id.as_str()).collect();
+            return Some(format!(
+                "prefilter unsound: without prefilters the rules raise {:?}, with them {:?}; the meta.prefilter of {hidden:?} rejects this event",
+                ids(&all),
+                ids(&got)
+            ));
+        }
+        Err(e) => return Some(format!("evaluation without prefilters failed: {}", e.lines().join("; "))),
+    }
     match interpreter.evaluate_strict(event) {
         Ok(other) if sorted(&other) == sorted(&got) => {}
         Ok(other) => {

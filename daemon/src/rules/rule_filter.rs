@@ -1,0 +1,463 @@
+//! Prefilters in user space: cheap field tests a rule declares in `meta.prefilter`, checked on
+//! the event's JSON before any input conversion or VM work. An event whose type has subscribers
+//! but none whose prefilter holds never reaches Rego; one that passes the prefilter of some of
+//! them runs only those.
+//!
+//! The declaration, per event type, is a list of conditions; the rule runs when any of them
+//! holds, and a condition holds when all of its field tests do:
+//!
+//! ```rego
+//! "prefilter": {
+//!     "open": [
+//!         {"open.path": {"path_in": lists.credential_files}},
+//!         {"open.write": true, "open.path": {"path_suffix": ["/release_agent"]}},
+//!     ],
+//! },
+//! ```
+//!
+//! Soundness rules (so a prefilter can only ever cost an evaluation, never hide one that the
+//! rule's own conditions would not also reject):
+//! - a type the rule does not declare a prefilter for always runs the rule, as before;
+//! - a field that is missing, or of a kind the test cannot judge (a number where strings are
+//!   listed, `null`, an array), makes the test hold: `{"open.write": true}` rejects only a
+//!   boolean `false`, as Rego's `input.open.write` does;
+//! - the `path_*` tests hold for any path that is not absolute and canonical (relative, `//`,
+//!   `/./`, `/../`, a trailing `/`, `.` or `..`), because rules resolve and clean paths
+//!   (`lib.abs_path`) before comparing them, and the raw text says nothing about the result;
+//! - numbers compare as Rego does (1 equals 1.0).
+//!
+//! The declaration is the rule author's claim that the rule raises nothing on an event that
+//! fails it; `palisade rules test` checks the claim on every fixture, and a unit test on the
+//! recorded corpus (the alerts are the same with and without prefilters).
+use std::collections::BTreeSet;
+
+use regorus::Value;
+
+use super::model::EventType;
+
+/// The tests a field may be given, by name (`{"open.path": {"path_prefix": [...]}}`); a plain
+/// literal (`"open.write": true`) is equality.
+pub const TEST_NAMES: [&str; 9] =
+    ["in", "prefix", "suffix", "contains", "path_in", "path_prefix", "path_suffix", "path_contains", "any_bits"];
+
+/// At most this many subscribers of one event type are prefiltered (a selection is a bit mask);
+/// past it, every subscriber of that type runs, as without prefilters.
+pub const MAX_FILTERED_SUBSCRIBERS: usize = 64;
+
+/// One rule's prefilter for one event type: any condition holding lets the rule run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeFilter {
+    conditions: Vec<Condition>,
+}
+
+/// All of its field tests must hold.
+#[derive(Debug, Clone, PartialEq)]
+struct Condition {
+    tests: Vec<FieldTest>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct FieldTest {
+    /// The input field, as object keys (or array indices) from the top of `input`.
+    field: Vec<String>,
+    test: Test,
+    /// A `path_*` test: a path that is not absolute and canonical passes.
+    path: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Test {
+    /// Equal to one of these.
+    In(Literals),
+    Prefix(Vec<String>),
+    Suffix(Vec<String>),
+    Contains(Vec<String>),
+    /// An integer with at least one of these bits set.
+    AnyBits(u64),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Literals {
+    strings: BTreeSet<String>,
+    numbers: Vec<f64>,
+    bools: Vec<bool>,
+}
+
+impl TypeFilter {
+    /// Whether the rule must run on `input` (an event of the type this filter is for).
+    pub fn admits(&self, input: &serde_json::Value) -> bool {
+        self.conditions.iter().any(|c| c.tests.iter().all(|t| t.holds(input)))
+    }
+}
+
+impl FieldTest {
+    fn holds(&self, input: &serde_json::Value) -> bool {
+        let mut value = input;
+        for key in &self.field {
+            let next = match value {
+                serde_json::Value::Object(fields) => fields.get(key),
+                serde_json::Value::Array(items) => key.parse::<usize>().ok().and_then(|i| items.get(i)),
+                _ => None,
+            };
+            match next {
+                Some(v) => value = v,
+                // Missing: the test cannot judge; the rule runs.
+                None => return true,
+            }
+        }
+        if self.path {
+            if let serde_json::Value::String(s) = value {
+                if !is_canonical_absolute(s) {
+                    return true;
+                }
+            }
+        }
+        match (&self.test, value) {
+            (Test::In(literals), v) => literals.contains(v),
+            (Test::Prefix(ps), serde_json::Value::String(s)) => ps.iter().any(|p| s.starts_with(p.as_str())),
+            (Test::Suffix(ps), serde_json::Value::String(s)) => ps.iter().any(|p| s.ends_with(p.as_str())),
+            (Test::Contains(ps), serde_json::Value::String(s)) => ps.iter().any(|p| s.contains(p.as_str())),
+            (Test::AnyBits(mask), serde_json::Value::Number(n)) => match n.as_u64().or_else(|| n.as_i64().map(|i| i as u64)) {
+                Some(bits) => bits & mask != 0,
+                None => true,
+            },
+            // A value of a type the test cannot judge: the rule runs.
+            _ => true,
+        }
+    }
+}
+
+impl Literals {
+    /// Whether `value` equals one of the literals. A value of a kind no literal has (a number
+    /// where strings are listed, `null` where `true` is) cannot be judged: Rego's own test may
+    /// still hold for it (`input.open.write` holds for any value but `false`), so it passes.
+    fn contains(&self, value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::String(s) => self.strings.is_empty() || self.strings.contains(s.as_str()),
+            serde_json::Value::Number(n) => match n.as_f64() {
+                Some(x) if !self.numbers.is_empty() => self.numbers.iter().any(|&y| x == y),
+                _ => true,
+            },
+            serde_json::Value::Bool(b) => self.bools.is_empty() || self.bools.contains(b),
+            serde_json::Value::Null => true,
+            serde_json::Value::Array(_) | serde_json::Value::Object(_) => true,
+        }
+    }
+}
+
+/// True when `lib.abs_path` returns the path unchanged: absolute, no empty, `.` or `..`
+/// component, no trailing `/` (except `/` itself).
+pub fn is_canonical_absolute(path: &str) -> bool {
+    if !path.starts_with('/') {
+        return false;
+    }
+    if path == "/" {
+        return true;
+    }
+    !path.ends_with('/') && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Parses a rule's `meta.prefilter` (already evaluated); one message per problem, each naming
+/// where in the declaration it is.
+pub fn parse(value: &Value, events: &[EventType]) -> Result<Vec<(EventType, TypeFilter)>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut out = Vec::new();
+    let Value::Object(types) = value else {
+        return Err(vec!["meta.prefilter must be an object {event type: [condition, ...]}".to_string()]);
+    };
+    for (key, conditions) in types.iter() {
+        let Some(name) = key.as_string().ok().map(|s| s.to_string()) else {
+            problems.push("meta.prefilter keys must be event types".to_string());
+            continue;
+        };
+        let Ok(ty) = name.parse::<EventType>() else {
+            problems.push(format!("meta.prefilter: {name:?} is not an event type"));
+            continue;
+        };
+        if !events.contains(&ty) {
+            problems.push(format!("meta.prefilter.{name}: the rule does not subscribe to {name} events (meta.events)"));
+            continue;
+        }
+        let items: Vec<&Value> = match conditions {
+            Value::Array(items) => items.iter().collect(),
+            Value::Set(items) => items.iter().collect(),
+            _ => {
+                problems.push(format!("meta.prefilter.{name} must be a list of conditions"));
+                continue;
+            }
+        };
+        if items.is_empty() {
+            problems.push(format!(
+                "meta.prefilter.{name} is empty, so the rule would never run on {name} events; remove {name} from meta.events instead"
+            ));
+            continue;
+        }
+        let mut parsed = Vec::new();
+        for (i, condition) in items.into_iter().enumerate() {
+            match parse_condition(condition) {
+                Ok(c) => parsed.push(c),
+                Err(p) => problems.push(format!("meta.prefilter.{name}[{i}]: {p}")),
+            }
+        }
+        out.push((ty, TypeFilter { conditions: parsed }));
+    }
+    if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+fn parse_condition(value: &Value) -> Result<Condition, String> {
+    let Value::Object(fields) = value else {
+        return Err("a condition is an object {\"field.path\": test, ...}".to_string());
+    };
+    if fields.is_empty() {
+        return Err("a condition needs at least one field test".to_string());
+    }
+    let mut tests = Vec::new();
+    for (key, spec) in fields.iter() {
+        let Some(field) = key.as_string().ok().map(|s| s.to_string()) else {
+            return Err("field names must be strings like \"open.path\"".to_string());
+        };
+        let segments: Vec<String> = field.split('.').map(str::to_string).collect();
+        if segments.iter().any(String::is_empty) {
+            return Err(format!("bad field {field:?} (want dotted names like \"open.path\")"));
+        }
+        let (test, path) = parse_test(spec).map_err(|p| format!("{field}: {p}"))?;
+        tests.push(FieldTest { field: segments, test, path });
+    }
+    Ok(Condition { tests })
+}
+
+fn parse_test(spec: &Value) -> Result<(Test, bool), String> {
+    let Value::Object(test) = spec else {
+        return literal(spec).map(|l| (Test::In(l), false));
+    };
+    let mut entries = test.iter();
+    let (Some((name, argument)), None) = (entries.next(), entries.next()) else {
+        return Err(format!("a test is a literal or an object with one of {}", TEST_NAMES.join(", ")));
+    };
+    let name = name.as_string().map(|s| s.to_string()).unwrap_or_default();
+    let path = name.starts_with("path_");
+    let test = match name.as_str() {
+        "in" | "path_in" => {
+            let mut all = Literals::default();
+            for item in members(argument)? {
+                let l = literal(item)?;
+                all.strings.extend(l.strings);
+                all.numbers.extend(l.numbers);
+                all.bools.extend(l.bools);
+            }
+            Test::In(all)
+        }
+        "prefix" | "path_prefix" => Test::Prefix(strings(argument)?),
+        "suffix" | "path_suffix" => Test::Suffix(strings(argument)?),
+        "contains" | "path_contains" => Test::Contains(strings(argument)?),
+        "any_bits" => match argument {
+            Value::Number(n) => match n.as_u64() {
+                Some(mask) if mask > 0 => Test::AnyBits(mask),
+                _ => return Err("any_bits wants a positive integer mask".to_string()),
+            },
+            _ => return Err("any_bits wants a positive integer mask".to_string()),
+        },
+        other => return Err(format!("unknown test {other:?} (want one of {})", TEST_NAMES.join(", "))),
+    };
+    Ok((test, path))
+}
+
+fn members(value: &Value) -> Result<Vec<&Value>, String> {
+    match value {
+        Value::Array(items) => Ok(items.iter().collect()),
+        Value::Set(items) => Ok(items.iter().collect()),
+        _ => Err("wants a list".to_string()),
+    }
+}
+
+fn strings(value: &Value) -> Result<Vec<String>, String> {
+    members(value)?
+        .into_iter()
+        .map(|v| v.as_string().map(|s| s.to_string()).map_err(|_| "wants a list of strings".to_string()))
+        .collect()
+}
+
+fn literal(value: &Value) -> Result<Literals, String> {
+    let mut l = Literals::default();
+    match value {
+        Value::String(s) => {
+            l.strings.insert(s.to_string());
+        }
+        Value::Number(n) => l.numbers.push(n.as_f64().ok_or("a number that is not a float")?),
+        Value::Bool(b) => l.bools.push(*b),
+        // Nothing to compare with: `null` passes every equality test anyway.
+        Value::Null => {}
+        _ => return Err("a literal test is a string, number, boolean or null".to_string()),
+    }
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn filter(declaration: serde_json::Value, events: &[EventType]) -> Result<Vec<(EventType, TypeFilter)>, Vec<String>> {
+        parse(&super::super::input::to_rego_value(&declaration), events)
+    }
+
+    #[test]
+    fn canonical_paths() {
+        for p in ["/", "/etc/shadow", "/root/.ssh/id_rsa", "/a/.b/c"] {
+            assert!(is_canonical_absolute(p), "{p}");
+        }
+        for p in ["", "etc/shadow", "/etc//shadow", "/etc/./shadow", "/x/../etc/shadow", "/etc/", "/etc/.", "/etc/..", "//etc"] {
+            assert!(!is_canonical_absolute(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn conditions_are_any_of_all_of() {
+        let decl = json!({"open": [
+            {"open.path": {"path_in": ["/etc/shadow"]}},
+            {"open.write": true, "open.path": {"path_suffix": ["/release_agent"]}},
+        ]});
+        let parsed = filter(decl, &[EventType::Open]).expect("parses");
+        let f = &parsed[0].1;
+        let ev = |path: &str, write: bool| json!({"type": "open", "open": {"path": path, "write": write}});
+        assert!(f.admits(&ev("/etc/shadow", false)));
+        assert!(!f.admits(&ev("/etc/passwd", false)));
+        assert!(f.admits(&ev("/sys/fs/cgroup/x/release_agent", true)));
+        assert!(!f.admits(&ev("/sys/fs/cgroup/x/release_agent", false)));
+        // What the rule cleans or resolves first always passes.
+        assert!(f.admits(&ev("/etc/../etc/shadow", false)));
+        assert!(f.admits(&ev("shadow", false)));
+        assert!(f.admits(&ev("/etc//shadow", false)));
+        // A missing field or a value the test cannot judge lets the rule run.
+        assert!(f.admits(&json!({"type": "open", "open": {}})));
+        assert!(f.admits(&json!({"type": "open", "open": {"path": 3}})));
+        // `true` rejects only `false`: Rego's `input.open.write` holds for 1 or null too.
+        for write in [json!(1), json!(null), json!("yes")] {
+            assert!(f.admits(&json!({"type": "open", "open": {"path": "/x/release_agent", "write": write}})), "{write}");
+        }
+    }
+
+    #[test]
+    fn numbers_bits_and_indices() {
+        let decl = json!({"ptrace": [{"ptrace.request": {"in": [16, 4]}}], "chmod": [{"chmod.mode": {"any_bits": 3072}}],
+            "exec": [{"exec.argv.0": {"prefix": ["-"]}}]});
+        let parsed = filter(decl, &[EventType::Ptrace, EventType::Chmod, EventType::Exec]).expect("parses");
+        let get = |t: EventType| &parsed.iter().find(|(ty, _)| *ty == t).expect("type").1;
+        assert!(get(EventType::Ptrace).admits(&json!({"ptrace": {"request": 16.0}})));
+        assert!(!get(EventType::Ptrace).admits(&json!({"ptrace": {"request": 0}})));
+        assert!(get(EventType::Chmod).admits(&json!({"chmod": {"mode": 2541}})));
+        assert!(!get(EventType::Chmod).admits(&json!({"chmod": {"mode": 493}})));
+        assert!(get(EventType::Exec).admits(&json!({"exec": {"argv": ["-bash"]}})));
+        assert!(!get(EventType::Exec).admits(&json!({"exec": {"argv": ["bash"]}})));
+        assert!(get(EventType::Exec).admits(&json!({"exec": {"argv": []}})));
+    }
+
+    #[test]
+    fn bad_declarations_are_named() {
+        let cases = [
+            (json!(["open"]), "must be an object"),
+            (json!({"opne": []}), "not an event type"),
+            (json!({"exec": [{"exec.filename": "/x"}]}), "does not subscribe to exec"),
+            (json!({"open": []}), "would never run"),
+            (json!({"open": [{}]}), "at least one field test"),
+            (json!({"open": [{"open..path": "/x"}]}), "bad field"),
+            (json!({"open": [{"open.path": {"starts": ["/x"]}}]}), "unknown test \"starts\""),
+            (json!({"open": [{"open.path": {"prefix": "/x"}}]}), "wants a list"),
+            (json!({"open": [{"open.path": {"prefix": [1]}}]}), "list of strings"),
+            (json!({"open": [{"open.flags": {"any_bits": 0}}]}), "positive integer"),
+            (json!({"open": [{"open.path": ["/x"]}]}), "literal test"),
+        ];
+        for (decl, want) in cases {
+            let problems = filter(decl.clone(), &[EventType::Open]).expect_err(&decl.to_string());
+            assert!(problems.iter().any(|p| p.contains(want)), "{decl}: {problems:?} lacks {want:?}");
+        }
+    }
+}
+
+/// Soundness of the default pack's prefilters, on real and on disguised events.
+#[cfg(test)]
+mod soundness {
+    use std::path::Path;
+
+    use crate::rules::model::RuleHit;
+    use crate::rules::pack::RulePack;
+
+    fn sorted(mut hits: Vec<RuleHit>) -> Vec<RuleHit> {
+        hits.sort();
+        hits
+    }
+
+    /// The fields that carry a path a rule cleans before comparing it.
+    const PATH_FIELDS: [(&str, &str); 6] = [
+        ("open", "path"),
+        ("exec", "filename"),
+        ("unlink", "path"),
+        ("rename", "old_path"),
+        ("rename", "new_path"),
+        ("chmod", "path"),
+    ];
+
+    /// What an attacker who knows the prefilters would write instead of the plain path: the
+    /// same file, spelled so that a naive string test misses it.
+    fn disguises(event: &serde_json::Value) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for (section, field) in PATH_FIELDS {
+            let Some(path) = event[section][field].as_str().filter(|p| p.starts_with('/') && p.len() > 1) else { continue };
+            let (dir, base) = path.rsplit_once('/').unwrap_or(("", path));
+            let spellings = [
+                path.replacen('/', "//", 1),
+                format!("/.{path}"),
+                format!("/tmp/..{path}"),
+                format!("{path}/"),
+                format!("{dir}/./{base}"),
+            ];
+            for spelling in spellings {
+                let mut disguised = event.clone();
+                disguised[section][field] = spelling.into();
+                out.push(disguised);
+            }
+            // Relative to the working directory.
+            let mut relative = event.clone();
+            relative[section][field] = base.into();
+            relative["process"]["cwd"] = if dir.is_empty() { "/".into() } else { dir.into() };
+            out.push(relative);
+        }
+        out
+    }
+
+    #[test]
+    fn prefilters_change_no_verdict_of_the_corpus_the_fixtures_or_their_disguised_paths() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let pack = RulePack::load(&root.join("rules")).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+        assert!(pack.prefilters_applied());
+        let unfiltered = pack.without_prefilters();
+        let mut events: Vec<(String, serde_json::Value)> = Vec::new();
+        let corpus = std::fs::read_to_string(root.join("testdata/scenarios/recorded-mix.jsonl")).expect("recorded corpus");
+        for (i, line) in corpus.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            events.push((format!("recorded-mix.jsonl:{}", i + 1), serde_json::from_str(line).expect("corpus line")));
+        }
+        let fixtures = crate::rules::testing::load_fixtures(&[root.join("testdata/rules")]).expect("fixtures");
+        let mut attacks = 0;
+        for case in fixtures {
+            let name = format!("{}: {}", case.file, case.case.name);
+            for (j, disguised) in disguises(&case.case.event).into_iter().enumerate() {
+                events.push((format!("{name} (disguise {j})"), disguised));
+            }
+            attacks += usize::from(!case.case.want.is_empty());
+            events.push((name, case.case.event));
+        }
+        let (mut skipped, mut alerts) = (0, 0);
+        for (name, event) in &events {
+            let filtered = pack.evaluate_verdict(event).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let all = unfiltered.evaluate_verdict(event).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(filtered.failures, all.failures, "{name}");
+            let (filtered, all) = (sorted(filtered.hits), sorted(all.hits));
+            assert_eq!(filtered, all, "{name}: prefilters change the verdict of {event}");
+            alerts += all.len();
+            skipped += usize::from(pack.rules_judging(event).is_empty() && !unfiltered.rules_judging(event).is_empty());
+        }
+        // The test says something only if prefilters skip much and the events raise much.
+        assert!(attacks > 20 && alerts > 100, "{attacks} attack fixtures, {alerts} alerts");
+        assert!(skipped * 2 > events.len(), "prefilters keep only {skipped} of {} events from Rego", events.len());
+    }
+}
