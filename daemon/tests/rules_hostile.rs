@@ -67,6 +67,22 @@ fn hostile_packs() -> Vec<Hostile> {
             says: "rule r: runs past its budget of 25000 instructions on the built-in exec event",
         },
         Hostile {
+            // regorus builds (and reserves) the whole range in one builtin call, before any
+            // budget applies: gigabytes, or an allocation abort for 1e12.
+            name: "huge range",
+            files: vec![("r.rego".into(), rule("r", "", "alerts contains \"x\" if {\n\tsome i in numbers.range(1, 1000000000000)\n\ti == 0\n}"))],
+            file: "r.rego",
+            line: 6,
+            says: "numbers.range(1, 1000000000000) spans 1000000000000 numbers, more than the 10000",
+        },
+        Hostile {
+            name: "range with computed bounds",
+            files: vec![("r.rego".into(), rule("r", "", "alerts contains \"x\" if {\n\tsome i in numbers.range(0, count(input.exec.filename) * 1000000000)\n\ti == 0\n}"))],
+            file: "r.rego",
+            line: 6,
+            says: "numbers.range needs literal bounds (at most 10000 apart)",
+        },
+        Hostile {
             name: "huge list (entries)",
             files: vec![
                 ("lists/tools.json".into(), format!("[{}]", big_list.join(","))),

@@ -31,6 +31,33 @@ const DENIED_FUNCTIONS: [(&str, &str); 4] = [
     ("opa.runtime", "it exposes the daemon's environment to rules"),
 ];
 
+/// The widest `numbers.range` / `numbers.range_step` a rule may ask for. regorus builds the
+/// whole array in one builtin call, before any instruction or time budget can stop it (and
+/// reserves it up front: `numbers.range(1, 1e12)` would abort the daemon on allocation), so
+/// the bounds must be literals at most this far apart.
+pub const MAX_RANGE: u64 = 10_000;
+
+/// Builtins that fail on an argument they cannot take (`to_number("bash")`, a malformed
+/// duration, invalid base64 or JSON). The tree interpreter raises an error; regorus' register
+/// VM, the daemon's engine, makes the expression undefined instead (as OPA does), so the rule
+/// body silently does not hold. A pack calling them loads with a warning naming each call.
+pub const ERROR_PRONE_BUILTINS: [&str; 14] = [
+    "to_number",
+    "units.parse",
+    "units.parse_bytes",
+    "json.unmarshal",
+    "yaml.unmarshal",
+    "base64.decode",
+    "base64url.decode",
+    "hex.decode",
+    "urlquery.decode",
+    "time.parse_ns",
+    "time.parse_rfc3339_ns",
+    "time.parse_duration_ns",
+    "semver.compare",
+    "net.cidr_contains",
+];
+
 /// Checks a source text before parsing: bracket nesting (strings and comments skipped).
 pub fn check_source_text(file: &str, text: &str) -> Option<Diagnostic> {
     let (mut depth, mut line, mut col) = (0usize, 1u32, 0u32);
@@ -105,13 +132,34 @@ pub fn check_modules(modules: &Modules, list_names: &BTreeSet<String>) -> Vec<Di
     let mut data_paths: BTreeSet<String> = defs.keys().cloned().collect();
     data_paths.extend(list_names.iter().map(|n| format!("{}.{n}", super::pack::LISTS_PATH)));
 
-    let mut walker = Walker { defs: &defs, data_paths: &data_paths, diagnostics: Vec::new(), edges: BTreeMap::new() };
-    for module in modules {
-        walker.module(module);
-    }
+    let walker = walk(modules, &defs, &data_paths);
     let mut diagnostics = walker.diagnostics;
     diagnostics.extend(find_cycles(&defs, &walker.edges));
     diagnostics
+}
+
+/// What loads but deserves the author's attention: calls of error-prone builtins (see
+/// `ERROR_PRONE_BUILTINS`). Run on modules `check_modules` accepted.
+pub fn check_warnings(modules: &Modules) -> Vec<Diagnostic> {
+    let (defs, data_paths) = (BTreeMap::new(), BTreeSet::new());
+    walk(modules, &defs, &data_paths).warnings
+}
+
+fn walk<'a>(modules: &Modules, defs: &'a BTreeMap<String, RuleDef>, data_paths: &'a BTreeSet<String>) -> Walker<'a> {
+    let mut walker = Walker { defs, data_paths, diagnostics: Vec::new(), warnings: Vec::new(), edges: BTreeMap::new() };
+    for module in modules {
+        walker.module(module);
+    }
+    walker
+}
+
+/// A literal integer argument.
+fn literal_integer(expr: &Expr) -> Option<i64> {
+    match expr {
+        Expr::Number { value, .. } => value.as_i64().ok(),
+        Expr::UnaryExpr { expr, .. } => literal_integer(expr).map(|v| -v),
+        _ => None,
+    }
 }
 
 fn package_path(module: &Module) -> String {
@@ -136,6 +184,8 @@ struct Walker<'a> {
     /// Every path something defines: rules and lists.
     data_paths: &'a BTreeSet<String>,
     diagnostics: Vec<Diagnostic>,
+    /// Problems that do not stop the pack from loading.
+    warnings: Vec<Diagnostic>,
     /// Rule path -> rule paths it refers to.
     edges: BTreeMap<String, BTreeSet<String>>,
 }
@@ -273,6 +323,7 @@ impl Walker<'_> {
             }
             Expr::Call { fcn, params, span, .. } => {
                 self.call(span, fcn, scope);
+                self.builtin_limits(span, fcn, params);
                 for param in params {
                     self.expr(param, scope);
                 }
@@ -363,6 +414,35 @@ impl Walker<'_> {
         }
         let own = format!("{}.{name}", scope.package);
         self.defs.contains_key(&own).then_some(own)
+    }
+
+    /// Calls whose cost or semantics the budgets cannot cover: ranges (rejected unless small
+    /// and literal) and error-prone builtins (a warning).
+    fn builtin_limits(&mut self, call: &regorus::unstable::Span, fcn: &Expr, params: &[regorus::unstable::Ref<Expr>]) {
+        let name = fcn.span().text();
+        let at = location(call);
+        if name == "numbers.range" || name == "numbers.range_step" {
+            let bounds = (params.first().and_then(|p| literal_integer(p)), params.get(1).and_then(|p| literal_integer(p)));
+            let problem = match bounds {
+                (Some(a), Some(b)) if a.abs_diff(b) <= MAX_RANGE => None,
+                (Some(a), Some(b)) => Some(format!("{name}({a}, {b}) spans {} numbers, more than the {MAX_RANGE} a rule may ask for", a.abs_diff(b) + 1)),
+                _ => Some(format!("{name} needs literal bounds (at most {MAX_RANGE} apart)")),
+            };
+            if let Some(problem) = problem {
+                self.diagnostics.push(Diagnostic::at(
+                    &at,
+                    format!("{problem}: the engine builds the whole range in one step, before any budget can stop it"),
+                ));
+            }
+        }
+        if ERROR_PRONE_BUILTINS.contains(&name) {
+            self.warnings.push(Diagnostic::at(
+                &at,
+                format!(
+                    "{name} fails on an argument it cannot take: the daemon's register VM then makes the expression undefined (the body does not hold, no alert, no rule_error) where the tree interpreter raises an error; check the argument first (e.g. regex.match before to_number) and cover it with a fixture"
+                ),
+            ));
+        }
     }
 
     fn call(&mut self, call: &regorus::unstable::Span, fcn: &Expr, scope: &Scope) {

@@ -452,7 +452,7 @@ impl RulePack {
             )));
         }
 
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = analysis::check_warnings(&modules).iter().map(ToString::to_string).collect();
         let known: BTreeSet<&str> = rules.iter().map(|r| r.id.as_str()).collect();
         for id in options.overrides.actions.keys().chain(options.overrides.disabled.iter()) {
             if !known.contains(id.as_str()) {
