@@ -19,8 +19,14 @@
 //! 3. the datapath alone: a process in the pod updates the pinned map for its own cgroup and
 //!    sends at once: how long the update takes, and whether the very next packet is dropped.
 //!
+//! Phases 1 and 2 alternate, cycle by cycle, between the two ways of writing the state file
+//! (`StateWrites`): `synchronous` (written and fsynced on the verdict path, after the map update:
+//! what palisade did before) and `background` (handed to the state writer thread: now), so the
+//! two are compared in one run under the same load.
+//!
 //! Run: `sudo cargo bench -p palisade --bench quarantine_latency` (BENCH_CYCLES to change;
-//! BENCH_STATE_ROOT to put the responder's state file elsewhere than $TMPDIR, e.g. on tmpfs).
+//! BENCH_STATE_ROOT to put the responder's state file elsewhere than /var/lib, the file system
+//! of the default state directory, e.g. on tmpfs).
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::fd::AsRawFd as _;
@@ -37,7 +43,7 @@ use palisade::inventory::Inventory;
 use palisade::lab::{Lab, LabOptions};
 use palisade::probes::loader::{self, LoadOptions};
 use palisade::quarantine::datapath::{self, KernelQuarantineMap};
-use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, Verdict};
+use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, StateWrites, Verdict};
 use palisade::rules::{Action, RulePack};
 use palisade_common::{DatapathConfig, KIND_POLICY_VERDICT, MAP_SEG_CONFIG, MAP_SEG_EVENTS, PolicyVerdictEvent, REASON_QUARANTINE};
 use aya::maps::{Array, MapData, RingBuf};
@@ -248,6 +254,21 @@ fn percentiles(mut v: Vec<u64>) -> (u64, u64, u64) {
     (p(0.50), p(0.99), *v.last().unwrap_or(&0))
 }
 
+/// The file system type of `path` (from /proc/mounts: the longest mount point above it).
+fn fs_type(path: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, kind) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(point).then(|| (point.len(), kind.to_string()))
+        })
+        .max()
+        .map(|(_, kind)| kind)
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn us(ns: u64) -> String {
     format!("{:.1}", ns as f64 / 1000.0)
 }
@@ -275,7 +296,7 @@ fn run(cycles: usize) {
     for pod in ["shop/a", "shop/b"] {
         datapath::attach_pinned(&mut dp, &lab.pod_cgroup_dir(pod).expect("dir"), &pins.join("links")).expect("attach");
     }
-    let state_root = std::env::var_os("BENCH_STATE_ROOT").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let state_root = std::env::var_os("BENCH_STATE_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
     let state_dir = state_root.join(format!("palisade-bench-{lab_name}"));
     let config = ResponderConfig {
         state_dir: state_dir.clone(),
@@ -356,10 +377,13 @@ fn run(cycles: usize) {
         cycle(n, &mut trigger);
         service.release("shop/a", "bench", "bench").expect("release");
     }
-    let mut phase1 = Vec::with_capacity(cycles);
+    let modes = [StateWrites::Synchronous, StateWrites::Background];
+    let mode_of = |n: usize| modes[n % 2];
+    let mut phase1: [Vec<Sample>; 2] = [Vec::with_capacity(cycles), Vec::with_capacity(cycles)];
     let started = Instant::now();
     for n in 0..cycles {
-        phase1.push(cycle(n, &mut trigger).0);
+        service.set_state_writes(mode_of(n));
+        phase1[n % 2].push(cycle(n, &mut trigger).0);
         service.release("shop/a", "bench", "bench").expect("release");
     }
     let phase1_elapsed = started.elapsed();
@@ -368,19 +392,21 @@ fn run(cycles: usize) {
     let sender = Role::spawn(&lab, "shop/a", &["sender", "198.18.9.2:9"]);
     let (first_pass, first_count) = sender.wait_for("pass");
     let mut last_seen = (first_pass, first_count);
-    let mut phase2 = Vec::with_capacity(cycles);
-    let mut to_drop = Vec::with_capacity(cycles);
-    let mut update_to_drop = Vec::with_capacity(cycles);
-    let mut to_drop_record = Vec::with_capacity(cycles);
+    let mut phase2: [Vec<Sample>; 2] = Default::default();
+    let mut to_drop: [Vec<u64>; 2] = Default::default();
+    let mut update_to_drop: [Vec<u64>; 2] = Default::default();
+    let mut to_drop_record: [Vec<u64>; 2] = Default::default();
     for n in 0..cycles {
+        let m = n % 2;
+        service.set_state_writes(mode_of(n));
         while drops.next().is_some() {}
         let (sample, ktime) = cycle(n, &mut trigger);
-        to_drop_record.push(first_quarantine_drop(&mut drops, a_id).saturating_sub(ktime));
+        to_drop_record[m].push(first_quarantine_drop(&mut drops, a_id).saturating_sub(ktime));
         let (dropped, _) = sender.wait_for("drop");
-        to_drop.push(dropped.saturating_sub(ktime));
+        to_drop[m].push(dropped.saturating_sub(ktime));
         // How long after the map update the sender saw the drop (its loop period bounds it).
-        update_to_drop.push(dropped.saturating_sub(ktime + sample.total));
-        phase2.push(sample);
+        update_to_drop[m].push(dropped.saturating_sub(ktime + sample.total));
+        phase2[m].push(sample);
         service.release("shop/a", "bench", "bench").expect("release");
         last_seen = sender.wait_for("pass");
     }
@@ -409,16 +435,23 @@ fn run(cycles: usize) {
     println!("quarantine latency: {cycles} quarantine/release cycles per phase, phase 1 took {phase1_elapsed:?}");
     println!("sender loop: one sendto every {} on average in phase 2", us(sender_period_ns) + " µs");
     println!();
-    println!("| from the offending event's kernel timestamp to ... | n | p50 µs | p99 µs | max µs |");
-    println!("|---|---|---|---|---|");
-    row("map update returned (idle pod)", phase1.iter().map(|s| s.total).collect());
-    row("  of which: record in user space (ring buffer wakeup)", phase1.iter().map(|s| s.wakeup).collect());
-    row("  of which: decode + enrich + rule evaluation", phase1.iter().map(|s| s.rules).collect());
-    row("  of which: responder incl. map update", phase1.iter().map(|s| s.respond).collect());
-    row("map update returned (pod sending continuously)", phase2.iter().map(|s| s.total).collect());
-    row("first dropped packet (datapath drop record, kernel time)", to_drop_record);
-    row("first dropped packet (sender's EPERM)", to_drop);
-    row("  of which: map update returned -> sender's first EPERM", update_to_drop);
+    println!("state directory: {} ({})", state_dir.display(), fs_type(&state_root));
+    for (m, name) in [(0, "synchronous (before)"), (1, "background writer (after)")] {
+        println!();
+        println!("state file written: {name}, {} cycles per phase", phase1[m].len());
+        println!();
+        println!("| from the offending event's kernel timestamp to ... | n | p50 µs | p99 µs | max µs |");
+        println!("|---|---|---|---|---|");
+        row("map update returned (idle pod)", phase1[m].iter().map(|s| s.total).collect());
+        row("  of which: record in user space (ring buffer wakeup)", phase1[m].iter().map(|s| s.wakeup).collect());
+        row("  of which: decode + enrich + rule evaluation", phase1[m].iter().map(|s| s.rules).collect());
+        row("  of which: responder incl. map update", phase1[m].iter().map(|s| s.respond).collect());
+        row("map update returned (pod sending continuously)", phase2[m].iter().map(|s| s.total).collect());
+        row("  of which: responder incl. map update", phase2[m].iter().map(|s| s.respond).collect());
+        row("first dropped packet (datapath drop record, kernel time)", std::mem::take(&mut to_drop_record[m]));
+        row("first dropped packet (sender's EPERM)", std::mem::take(&mut to_drop[m]));
+        row("  of which: map update returned -> sender's first EPERM", std::mem::take(&mut update_to_drop[m]));
+    }
     println!();
     println!("| datapath alone, from inside the pod | n | p50 µs | p99 µs | max µs |");
     println!("|---|---|---|---|---|");

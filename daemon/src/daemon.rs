@@ -67,8 +67,8 @@ pub struct RunArgs {
     /// The cgroup (relative to the cgroup2 mount) the datapath is attached at for every pod
     /// below it, so a new pod is judged from its first packet: until its endpoint is written
     /// it gets only traffic inside itself (the fail-closed default). `auto`: the lab's pods
-    /// parent with --lab, kubepods.slice (or kubepods) in Kubernetes mode, none otherwise;
-    /// `none`: attach per pod only.
+    /// parent with --lab, none otherwise (in Kubernetes mode name kubepods.slice or kubepods
+    /// explicitly); `none`: attach per pod only.
     #[arg(long, default_value = "auto")]
     pub pods_cgroup: String,
     /// bpffs directory for the pinned datapath maps (enforcement survives restarts).
@@ -156,7 +156,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .thread_name("palisade")
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(run_async(args))
+    let result = runtime.block_on(run_async(args));
+    // Blocking tasks (the eBPF owner, watchers, follow streams) are not waited for: what
+    // enforces is pinned in the kernel, and run_async flushed the alert log and the state file.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result
 }
 
 /// Kernel kinds needed by a rule pack (exec and exit always: they keep the process cache right).
@@ -322,8 +326,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         started: now_rfc3339(),
         kube_health: sources.kube.as_ref().map(|k| k.health()),
     });
+    // API releases reach the Kubernetes mirror, which posts the Released Event (who, why).
+    let mut release_notices = None;
     if let Some(kube) = sources.kube.as_mut() {
-        spawn_cluster_quarantine(state.clone(), kube);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        release_notices = Some(tx);
+        spawn_cluster_quarantine(state.clone(), kube, rx);
     }
 
     // The root-only API socket and the metrics listener.
@@ -341,7 +349,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     status
                 }
             }))
-            .with_quarantine(Arc::new(crate::quarantine::api::QuarantineApiHandler::new(quarantine.clone(), alerts.clone())))
+            .with_quarantine(Arc::new({
+                let handler = crate::quarantine::api::QuarantineApiHandler::new(quarantine.clone(), alerts.clone()).with_metrics(metrics.clone());
+                match release_notices.take() {
+                    Some(tx) => handler.with_release_notices(tx),
+                    None => handler,
+                }
+            }))
             .with_metrics(metrics.clone())
     };
     tokio::spawn(async move {
@@ -570,8 +584,29 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     tracing::info!(state_dir = %args.state_dir.display(), "palisade is running");
     wait_for_shutdown().await?;
-    tracing::info!("stopping; pinned datapath maps and links stay in force");
+    let stopping = std::time::Instant::now();
+    let quarantined = state.quarantine.list().len();
+    let (attached, pods_parent) = {
+        let enforcer = state.enforcer.lock().await;
+        (enforcer.status.attached_cgroups, enforcer.status.pods_parent.as_ref().filter(|p| p.attached).map(|p| p.cgroup.clone()))
+    };
+    tracing::info!(
+        pin_dir = %args.pin_dir.display(),
+        quarantined,
+        attached_endpoints = attached,
+        pods_parent = pods_parent.as_deref().unwrap_or("none"),
+        "stopping; in force in the kernel until the next start (pinned maps and links): the policies, \
+         {quarantined} quarantine(s), the datapath on {attached} endpoint(s){}",
+        match &pods_parent {
+            Some(p) => format!(", and the fail-closed default for new pods below {p}"),
+            None => String::new(),
+        }
+    );
+    if let Err(err) = state.quarantine.flush_state() {
+        tracing::error!(%err, "writing the quarantine state file at shutdown (the pinned map keeps the quarantines)");
+    }
     alert_log.shutdown().await;
+    tracing::info!(took_ms = stopping.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }
 
@@ -989,10 +1024,10 @@ fn loss_status(state: &DaemonState) -> serde_json::Value {
 fn pods_parent(args: &RunArgs, cgroup_root: &Path) -> Option<PathBuf> {
     match args.pods_cgroup.as_str() {
         "none" => None,
-        "auto" if args.lab => Some(cgroup_root.join(crate::lab::naming::default_cgroup_root(&args.lab_name))),
-        "auto" if args.kubernetes => {
-            ["kubepods.slice", "kubepods"].iter().map(|p| cgroup_root.join(p)).find(|p| p.is_dir())
-        }
+        // Kubernetes mode takes an explicit --pods-cgroup (kubepods.slice or kubepods): with the
+        // parent at kubepods.slice, the k8s_daemon test's systemd-style pod was cut off although
+        // its endpoint was written; not understood yet, so not the default.
+        "auto" if args.lab && !args.kubernetes => Some(cgroup_root.join(crate::lab::naming::default_cgroup_root(&args.lab_name))),
         "auto" => None,
         other => Some(cgroup_root.join(other.trim_start_matches('/'))),
     }
@@ -1171,7 +1206,11 @@ impl Sources {
 /// Kubernetes mode: quarantines made visible (label + Event), label removals by anyone else
 /// undone with a `tamper` alert (release only through the API socket), and a periodic
 /// reconciliation so the labels follow the responder (also across restarts).
-fn spawn_cluster_quarantine(state: Arc<DaemonState>, source: &mut crate::k8s::KubeSource) {
+fn spawn_cluster_quarantine(
+    state: Arc<DaemonState>,
+    source: &mut crate::k8s::KubeSource,
+    mut releases: tokio::sync::mpsc::UnboundedReceiver<crate::quarantine::ReleaseRecord>,
+) {
     use crate::k8s::ClusterQuarantineSink as _;
     let sink = source.quarantine_sink();
     let labels = source.labelled_pods();
@@ -1196,7 +1235,15 @@ fn spawn_cluster_quarantine(state: Arc<DaemonState>, source: &mut crate::k8s::Ku
                         state.alerts.try_emit(crate::quarantine::api::tamper_alert(&record, &removal.change, relabel.err()));
                     }
                 }
+                Some(record) = releases.recv() => {
+                    release_label(&sink, &record).await;
+                }
                 _ = tick.tick() => {}
+            }
+            // Releases not handled yet go first, so their Event names who released and why
+            // rather than the reconciler's "not quarantined on this node".
+            while let Ok(record) = releases.try_recv() {
+                release_label(&sink, &record).await;
             }
             let quarantined = state.quarantine.list_async().await;
             let labelled = labels.current();
@@ -1212,4 +1259,13 @@ fn spawn_cluster_quarantine(state: Arc<DaemonState>, source: &mut crate::k8s::Ku
             }
         }
     });
+}
+
+/// Removes the quarantine label after an API release; the Normal `Released` Event says who
+/// released the pod and why.
+async fn release_label(sink: &dyn crate::k8s::ClusterQuarantineSink, record: &crate::quarantine::ReleaseRecord) {
+    let reason = format!("released by {}: {}", record.by, record.reason);
+    if let Err(err) = sink.released(&record.pod, &reason).await {
+        tracing::warn!(pod = %record.pod, %err, "removing the quarantine label after a release");
+    }
 }

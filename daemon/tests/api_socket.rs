@@ -385,3 +385,55 @@ async fn a_second_daemon_does_not_steal_the_socket() {
     let again = palisade::api::bind(&socket);
     assert!(again.is_ok(), "{:?}", again.err());
 }
+
+/// A slow client cannot hold the API socket: a request whose headers trickle in a byte a second
+/// and a crowd of idle connections leave other clients answered at once, and the server closes
+/// the trickling connection at its header deadline (10 s) rather than waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_cannot_hold_the_api_socket() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tmp = TempDir::new("api-slow");
+    let (log, _sink, state_dir, server) = start(&tmp.0, None).await;
+    let socket = state_dir.join(SOCKET_NAME);
+    // Idle connections that never send a byte, and one that trickles its headers.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::UnixStream::connect(&socket).await.expect("idle connect"));
+    }
+    let mut slow = tokio::net::UnixStream::connect(&socket).await.expect("slow connect");
+    slow.write_all(b"GET /v1/status HTTP/1.1\r\nhost: x\r\n").await.expect("first bytes");
+    let started = std::time::Instant::now();
+    let trickle = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            // One byte a second, never finishing the headers; stops when the server hangs up.
+            if slow.write_all(b"x").await.is_err() {
+                return started.elapsed();
+            }
+            match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+                // A 408 answer: the server gave up on it; the close follows.
+                Ok(Ok(_)) => {}
+                Err(_) => {}
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return started.elapsed();
+            }
+        }
+    });
+    let client = ApiClient::new(&state_dir);
+    for _ in 0..5 {
+        let status = tokio::time::timeout(Duration::from_secs(2), client.get_json("/v1/status"))
+            .await
+            .expect("answered while the slow client trickles")
+            .expect("status");
+        assert_eq!(status["node"], "node-test");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let held = trickle.await.expect("trickle task");
+    assert!(held < Duration::from_secs(20), "the server closed the trickling connection at its header deadline, not later ({held:?})");
+    assert!(held >= Duration::from_secs(5), "it was not closed for another reason right away ({held:?})");
+    drop(idle);
+    server.abort();
+    log.shutdown().await;
+}

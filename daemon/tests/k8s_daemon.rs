@@ -528,12 +528,16 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     daemon.wait_for("label removed by palisade", Duration::from_secs(10), || {
         daemon.api().object(Kind::Pod, NS, "web")["metadata"]["labels"].get(QUARANTINE_LABEL).is_none().then_some(())
     });
-    daemon.wait_for("Released Event POST", Duration::from_secs(5), || {
+    let event = daemon.wait_for("Released Event POST", Duration::from_secs(5), || {
         daemon.api().requests().into_iter().find_map(|r| {
             let event: Value = serde_json::from_str(&r.body).ok()?;
             (r.method == "POST" && event["reason"] == "Released" && event["involvedObject"]["name"] == "web").then_some(event)
         })
     });
+    // The Event says who released the pod and why (not the reconciler's "not quarantined on
+    // this node").
+    let message = event["message"].as_str().unwrap_or_default();
+    assert!(message.contains("incident closed") && message.contains("released by"), "Released Event message: {message:?}");
     // palisade's own removal is not reported as tampering, and the label stays off.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(daemon.alerts().iter().filter(|a| a["kind"] == "tamper").count(), 1, "palisade's own unlabel taken for tampering");

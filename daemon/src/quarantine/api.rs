@@ -176,11 +176,27 @@ pub fn removal_alert(removal: &Removal) -> Alert {
 pub struct QuarantineApiHandler {
     service: QuarantineService,
     alerts: AlertSink,
+    metrics: Option<crate::api::Metrics>,
+    releases: Option<tokio::sync::mpsc::UnboundedSender<ReleaseRecord>>,
 }
 
 impl QuarantineApiHandler {
     pub fn new(service: QuarantineService, alerts: AlertSink) -> QuarantineApiHandler {
-        QuarantineApiHandler { service, alerts }
+        QuarantineApiHandler { service, alerts, metrics: None, releases: None }
+    }
+
+    /// Counts operator quarantines and releases (`palisade_quarantines_total`,
+    /// `palisade_releases_total`) like the responder's own.
+    pub fn with_metrics(mut self, metrics: crate::api::Metrics) -> QuarantineApiHandler {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Every release through the API goes to `releases` too (the Kubernetes mirror posts the
+    /// Released Event with who released and why).
+    pub fn with_release_notices(mut self, releases: tokio::sync::mpsc::UnboundedSender<ReleaseRecord>) -> QuarantineApiHandler {
+        self.releases = Some(releases);
+        self
     }
 }
 
@@ -235,6 +251,9 @@ impl QuarantineApi for QuarantineApiHandler {
             let result = self.service.add_async(pod.clone(), request.reason.clone(), request.by.clone(), alert_id.clone()).await;
             let (alert, answer) = match result {
                 Ok(decision) => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.record_quarantine();
+                    }
                     let mut message = format!("{pod} quarantined (alert {alert_id})");
                     if let Some(warning) = &decision.warning {
                         message.push_str("; ");
@@ -293,6 +312,12 @@ impl QuarantineApi for QuarantineApiHandler {
             let pod = format!("{}/{}", request.namespace, request.name);
             match self.service.release_async(pod.clone(), request.reason, request.by).await {
                 Ok(record) => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.record_release();
+                    }
+                    if let Some(releases) = &self.releases {
+                        let _ = releases.send(record.clone());
+                    }
                     let alert = release_alert(&record);
                     let alert_id = alert.id.clone();
                     if let Err(err) = self.alerts.emit(alert).await {

@@ -35,7 +35,7 @@ pub use datapath::{DatapathError, KernelQuarantineMap, MemoryDatapath, Quarantin
 pub use policy::{ForensicsException, ResponsePolicy, RuleMode};
 pub use responder::{
     Adoption, CancelRecord, Decision, Outcome, QuarantineError, QueueOutcome, ReleaseRecord, Removal, Responder,
-    ResponderConfig, ResponderStatus, Verdict,
+    ResponderConfig, ResponderStatus, StateWrites, Verdict,
 };
 pub use state::{PendingQuarantine, QuarantineRecord};
 
@@ -82,8 +82,29 @@ impl QuarantineService {
         self.lock().respond(verdict)
     }
 
+    /// Lifts a quarantine; returns once the state file without it is durable (waiting for the
+    /// disk outside the lock, so verdicts are not held up meanwhile).
     pub fn release(&self, pod: &str, reason: &str, by: &str) -> Result<ReleaseRecord, QuarantineError> {
-        self.lock().release(pod, reason, by)
+        let (mut record, generation, writer) = {
+            let mut responder = self.lock();
+            let (record, generation) = responder.release_deferred(pod, reason, by)?;
+            (record, generation, responder.state_writer())
+        };
+        if let Err(err) = writer.wait(generation) {
+            tracing::error!(%pod, %err, "released, but the state file could not be written");
+            record.warning = Some(format!("released, but the state file could not be written: {err}"));
+        }
+        Ok(record)
+    }
+
+    /// How the state file is written after a rule's quarantine (benchmarks compare the two).
+    pub fn set_state_writes(&self, mode: StateWrites) {
+        self.lock().set_state_writes(mode)
+    }
+
+    /// Waits until every state change so far is on disk.
+    pub fn flush_state(&self) -> Result<(), state::StateError> {
+        self.lock().flush_state()
     }
 
     pub fn list(&self) -> Vec<QuarantineRecord> {

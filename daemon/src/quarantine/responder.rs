@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::datapath::{DatapathError, ForensicsEntry, QuarantineDatapath};
 use super::policy::{Enforcement, RateLimitStatus, RateLimiter, ResponsePolicy};
-use super::state::{self, PendingQuarantine, QuarantineRecord, StateError, StateFile};
+use super::state::{self, PendingQuarantine, QuarantineRecord, StateError, StateFile, StateWriter};
 use crate::endpoints::{CgroupId, EndpointId, EndpointTable, Placement, PodKey};
 use crate::events::input::{monotonic_now_ns, rfc3339};
 use crate::inventory::Inventory;
@@ -164,6 +164,19 @@ pub struct Counters {
     pub applied_from_queue: u64,
     /// Queued quarantines an operator cancelled.
     pub cancelled: u64,
+    /// State file writes that failed (each logged; the pinned map stays the source of truth).
+    pub state_write_errors: u64,
+}
+
+/// How the state file is written after a rule's quarantine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StateWrites {
+    /// Handed to the background writer: the verdict path never waits for the disk (default).
+    #[default]
+    Background,
+    /// Written and fsynced before the verdict returns (what palisade did before; kept for the
+    /// latency benchmark's side-by-side figures).
+    Synchronous,
 }
 
 /// For `palisade status`.
@@ -230,6 +243,8 @@ pub struct Responder<D: QuarantineDatapath> {
     /// of `respond`, so earlier quarantines keep their place).
     outbox: Vec<QueueOutcome>,
     counters: Counters,
+    writer: std::sync::Arc<StateWriter>,
+    state_writes: StateWrites,
 }
 
 /// The rule id an operator's quarantine is recorded under.
@@ -265,6 +280,8 @@ impl<D: QuarantineDatapath> Responder<D> {
     /// [`Responder::start`] with the endpoint table the endpoints stage published.
     pub fn start_with(config: ResponderConfig, datapath: D, endpoints: Arc<EndpointTable>) -> Result<(Responder<D>, Adoption), QuarantineError> {
         config.policy.validate().map_err(QuarantineError::Policy)?;
+        let writer = StateWriter::spawn(&config.state_dir)
+            .map_err(|source| StateError::Io { what: "start the writer thread for", path: config.state_dir.clone(), source })?;
         let mut responder = Responder {
             datapath,
             state_dir: config.state_dir,
@@ -282,6 +299,8 @@ impl<D: QuarantineDatapath> Responder<D> {
             next_seq: 0,
             outbox: Vec::new(),
             counters: Counters::default(),
+            writer: std::sync::Arc::new(writer),
+            state_writes: StateWrites::default(),
         };
         let mut adoption = Adoption::default();
         let file = match state::load(&responder.state_dir) {
@@ -418,16 +437,43 @@ impl<D: QuarantineDatapath> Responder<D> {
         }
     }
 
+    fn snapshot(&self) -> StateFile {
+        StateFile {
+            version: state::STATE_VERSION,
+            quarantined: self.records.values().cloned().collect(),
+            pending: self.pending_in_order(),
+            suspended: None,
+        }
+    }
+
+    /// Writes the state file and waits until it is durable (operator actions, adoption).
     fn persist(&self) -> Result<(), StateError> {
-        state::save(
-            &self.state_dir,
-            &StateFile {
-                version: state::STATE_VERSION,
-                quarantined: self.records.values().cloned().collect(),
-                pending: self.pending_in_order(),
-                suspended: None,
-            },
-        )
+        self.writer.write(self.snapshot())
+    }
+
+    /// Hands the state to the background writer (the verdict path): errors are logged and
+    /// counted by the writer, in `status` as `state_write_errors`.
+    fn persist_later(&self) {
+        match self.state_writes {
+            StateWrites::Background => {
+                self.writer.submit(self.snapshot());
+            }
+            StateWrites::Synchronous => {
+                if let Err(err) = self.persist() {
+                    tracing::error!(%err, "writing the quarantine state file");
+                }
+            }
+        }
+    }
+
+    /// Chooses how the state file is written after a rule's quarantine.
+    pub fn set_state_writes(&mut self, mode: StateWrites) {
+        self.state_writes = mode;
+    }
+
+    /// Waits until every state change so far is on disk.
+    pub fn flush_state(&self) -> Result<(), StateError> {
+        self.persist()
     }
 
     fn apply_forensics(&mut self) -> Result<(), QuarantineError> {
@@ -529,10 +575,8 @@ impl<D: QuarantineDatapath> Responder<D> {
             self.next_seq += 1;
             self.pending.insert(pod.clone(), queued);
             self.counters.queued += 1;
-            let warning = self.persist().err().map(|err| {
-                tracing::error!(%pod, %err, "quarantine queued but the state file could not be written");
-                format!("queued, but the state file could not be written: {err}")
-            });
+            self.persist_later();
+            let warning = None;
             let when = match wait {
                 Some(wait) => format!("in about {:.1} s", wait.as_secs_f64()),
                 None => "after them".to_string(),
@@ -558,8 +602,12 @@ impl<D: QuarantineDatapath> Responder<D> {
             alert_id: verdict.alert_id.clone(),
             message: verdict.hit.message.clone(),
         };
+        // The map first; the state file after, off the verdict path.
         let enforced = self.enforce(target);
-        let warning = enforced.is_ok().then(|| self.persist_warning(&pod)).flatten();
+        if enforced.is_ok() {
+            self.persist_later();
+        }
+        let warning = None;
         match enforced {
             Ok(enforced_at_ns) => Decision {
                 enforced_at_ns: Some(enforced_at_ns),
@@ -710,12 +758,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             self.outbox.push(QueueOutcome { decision, queued, queued_for_seconds });
         }
         if changed {
-            if let Err(err) = self.persist() {
-                tracing::error!(%err, "queued quarantines applied but the state file could not be written");
-                if let Some(last) = self.outbox.last_mut() {
-                    last.decision.warning = Some(format!("the state file could not be written: {err}"));
-                }
-            }
+            self.persist_later();
         }
     }
 
@@ -816,8 +859,23 @@ impl<D: QuarantineDatapath> Responder<D> {
     }
 
     /// Lifts a quarantine (the map entry goes first; if that fails, nothing changes) and returns
-    /// the audit record.
+    /// the audit record once the state file without it is durable.
     pub fn release(&mut self, pod: &str, reason: &str, by: &str) -> Result<ReleaseRecord, QuarantineError> {
+        let (mut record, generation) = self.release_deferred(pod, reason, by)?;
+        if let Err(err) = self.writer.wait(generation) {
+            record.warning = Some(format!("released, but the state file could not be written: {err}"));
+        }
+        Ok(record)
+    }
+
+    /// The state writer, to wait for a generation without holding the responder.
+    pub fn state_writer(&self) -> std::sync::Arc<StateWriter> {
+        self.writer.clone()
+    }
+
+    /// [`release`](Self::release) without the wait: the record and the state generation that
+    /// must be durable before the release is acknowledged.
+    pub fn release_deferred(&mut self, pod: &str, reason: &str, by: &str) -> Result<(ReleaseRecord, u64), QuarantineError> {
         split_pod(pod)?;
         let Some(record) = self.records.get(pod) else {
             if self.pending.contains_key(pod) {
@@ -831,9 +889,9 @@ impl<D: QuarantineDatapath> Responder<D> {
         };
         self.counters.released += 1;
         let (released_at, now_ns) = now_rfc3339();
-        let warning = self.persist().err().map(|err| format!("released, but the state file could not be written: {err}"));
+        let generation = self.writer.submit(self.snapshot());
         tracing::warn!(%pod, %reason, %by, "quarantine released");
-        Ok(ReleaseRecord {
+        let record = ReleaseRecord {
             pod: record.pod,
             cgroup_id: record.cgroup_id,
             rule_id: record.rule_id,
@@ -843,8 +901,9 @@ impl<D: QuarantineDatapath> Responder<D> {
             quarantined_for_seconds: ((now_ns - record.since_unix_ns).max(0) as f64) / 1e9,
             reason: reason.to_string(),
             by: by.to_string(),
-            warning,
-        })
+            warning: None,
+        };
+        Ok((record, generation))
     }
 
     pub fn list(&self) -> Vec<QuarantineRecord> {
@@ -924,7 +983,7 @@ impl<D: QuarantineDatapath> Responder<D> {
                 ((now_ns - oldest).max(0) as f64) / 1e9
             }),
             forensics_exceptions: self.policy.forensics.len(),
-            counters: self.counters.clone(),
+            counters: Counters { state_write_errors: self.writer.errors(), ..self.counters.clone() },
         }
     }
 
@@ -1116,6 +1175,7 @@ mod tests {
         assert_eq!(r.pending().iter().map(|p| p.pod.as_str()).collect::<Vec<_>>(), ["shop/c", "shop/d"]);
         let status = r.status();
         assert_eq!((status.pending, status.counters.queued), (2, 2));
+        r.flush_state().expect("state written");
         assert_eq!(state::load(&f.root.join("state")).expect("state").pending.len(), 2, "the queue is persisted");
         // Release of a queued pod is refused with the way out named.
         assert!(matches!(r.release("shop/c", "x", "y"), Err(QuarantineError::Pending { .. })));
@@ -1132,6 +1192,7 @@ mod tests {
         assert_eq!(r.datapath().entries.len(), 4);
         assert!(r.pending().is_empty() && r.next_due().is_none());
         assert_eq!(r.status().counters.applied_from_queue, 2);
+        r.flush_state().expect("state written");
         assert!(state::load(&f.root.join("state")).expect("state").pending.is_empty());
     }
 

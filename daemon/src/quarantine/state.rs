@@ -1,6 +1,13 @@
 //! The quarantine set on disk: `<state_dir>/quarantine.json`, rewritten atomically (temp file,
 //! fsync, rename, fsync of the directory) after every change, so a crash leaves either the old or
 //! the new set, never a torn one.
+//!
+//! Writes go through one background thread ([`StateWriter`]): the verdict path updates the
+//! pinned map (the source of truth while the daemon is down) and hands the writer a snapshot,
+//! never waiting for an fsync; the latest snapshot wins (one the writer has not started yet is
+//! replaced, not queued). Operator actions (release, cancel, add) wait until their snapshot, or
+//! a later one, is durable before they are acknowledged. A crash between a map update and its
+//! write is recovered from the map at the next start (`recovered_from_map`).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,6 +36,11 @@ pub enum StateError {
     },
     #[error("{path}: version {found} is newer than this daemon understands ({STATE_VERSION})")]
     Version { path: PathBuf, found: u32 },
+    /// The background writer's write failed (its own error, as text: it was logged there).
+    #[error("{0}")]
+    Writer(String),
+    #[error("the state writer thread is gone")]
+    WriterGone,
 }
 
 /// One quarantined pod, as persisted and listed.
@@ -138,6 +150,124 @@ pub fn save(state_dir: &Path, file: &StateFile) -> Result<(), StateError> {
     Ok(())
 }
 
+/// The one writer of the state file, on its own thread. Dropping it writes what is still due,
+/// then joins the thread.
+pub struct StateWriter {
+    shared: std::sync::Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
+    state: std::sync::Mutex<WriterState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct WriterState {
+    /// The snapshot to write next and its generation (None: nothing due).
+    due: Option<(u64, StateFile)>,
+    submitted: u64,
+    /// The generation of the last finished write (failed or not).
+    written: u64,
+    /// The error of the last write when it failed, with its generation.
+    failed: Option<(u64, String)>,
+    errors: u64,
+    stop: bool,
+}
+
+impl StateWriter {
+    pub fn spawn(state_dir: &Path) -> std::io::Result<StateWriter> {
+        let shared = std::sync::Arc::new(Shared { state: Default::default(), changed: std::sync::Condvar::new() });
+        let thread = {
+            let (shared, dir) = (shared.clone(), state_dir.to_path_buf());
+            std::thread::Builder::new().name("palisade-qstate".into()).spawn(move || write_loop(&shared, &dir))?
+        };
+        Ok(StateWriter { shared, thread: Some(thread) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        // The state is counters and a snapshot: usable after a panic elsewhere.
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the writer `file` (replacing a snapshot it has not started on); returns its
+    /// generation for [`wait`](Self::wait). Never blocks on the disk.
+    pub fn submit(&self, file: StateFile) -> u64 {
+        let mut st = self.lock();
+        st.submitted += 1;
+        let generation = st.submitted;
+        st.due = Some((generation, file));
+        self.shared.changed.notify_all();
+        generation
+    }
+
+    /// Waits until generation `generation`, or a later one, is written; its error if that
+    /// write failed.
+    pub fn wait(&self, generation: u64) -> Result<(), StateError> {
+        let mut st = self.lock();
+        while st.written < generation {
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                return Err(StateError::WriterGone);
+            }
+            st = self.shared.changed.wait_timeout(st, std::time::Duration::from_millis(200)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        match &st.failed {
+            Some((failed, message)) if *failed >= generation => Err(StateError::Writer(message.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `file` and waits until it is durable.
+    pub fn write(&self, file: StateFile) -> Result<(), StateError> {
+        let generation = self.submit(file);
+        self.wait(generation)
+    }
+
+    /// Failed writes so far (each also logged).
+    pub fn errors(&self) -> u64 {
+        self.lock().errors
+    }
+}
+
+impl Drop for StateWriter {
+    fn drop(&mut self) {
+        self.lock().stop = true;
+        self.shared.changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write_loop(shared: &Shared, dir: &Path) {
+    loop {
+        let (generation, file) = {
+            let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(due) = st.due.take() {
+                    break due;
+                }
+                if st.stop {
+                    return;
+                }
+                st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let result = save(dir, &file);
+        let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.written = generation;
+        match result {
+            Ok(()) => st.failed = None,
+            Err(err) => {
+                st.errors += 1;
+                tracing::error!(%err, generation, "writing the quarantine state file (the pinned map stays in force; the next change writes it again)");
+                st.failed = Some((generation, err.to_string()));
+            }
+        }
+        shared.changed.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +300,29 @@ mod tests {
         // No temp files left behind.
         let names: Vec<_> = std::fs::read_dir(&dir).expect("dir").filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_writer_keeps_the_latest_snapshot_and_reports_failures_to_waiters() {
+        let dir = std::env::temp_dir().join(format!("palisade-qstate-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let writer = StateWriter::spawn(&dir).expect("writer");
+        for i in 0..50 {
+            let pod = format!("shop/p{i}");
+            writer.submit(StateFile { version: STATE_VERSION, quarantined: vec![record(&pod)], ..StateFile::default() });
+        }
+        let last = StateFile { version: STATE_VERSION, quarantined: vec![record("shop/last")], ..StateFile::default() };
+        writer.write(last.clone()).expect("durable");
+        assert_eq!(load(&dir).expect("load"), last, "the latest snapshot is what is on disk");
+        // A state directory that cannot be written: the waiter gets the error, it is counted.
+        let file_in_the_way = dir.join("blocked");
+        std::fs::write(&file_in_the_way, "x").expect("file");
+        let bad = StateWriter::spawn(&file_in_the_way.join("sub")).expect("writer");
+        assert!(matches!(bad.write(last.clone()), Err(StateError::Writer(_))));
+        assert_eq!(bad.errors(), 1);
+        drop(bad);
+        drop(writer);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -173,11 +173,10 @@ impl Datapath {
                 dp.endpoints.insert(k, v);
             }
         }
-        {
-            let map: HashMap<&MapData, u64, CgroupValue> = HashMap::try_from(
-                bpf.map(MAP_SEG_CGROUPS).ok_or(DatapathError::MissingMap { name: MAP_SEG_CGROUPS })?,
-            )
-            .map_err(map_err(MAP_SEG_CGROUPS))?;
+        // An object without SEG_CGROUPS (an older build, e.g. the benchmark's "before") has no
+        // pods parent to adopt.
+        if let Some(map) = bpf.map(MAP_SEG_CGROUPS) {
+            let map: HashMap<&MapData, u64, CgroupValue> = HashMap::try_from(map).map_err(map_err(MAP_SEG_CGROUPS))?;
             for kv in map.iter() {
                 let (k, v) = kv.map_err(map_err(MAP_SEG_CGROUPS))?;
                 dp.cgroups.insert(k, v);
