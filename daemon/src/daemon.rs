@@ -815,6 +815,9 @@ fn log_policy_report(report: &crate::segmentation::PolicyReport) {
     for warning in &report.ignored {
         tracing::warn!(%warning, "policy field has no effect");
     }
+    for skipped in &report.skipped {
+        tracing::warn!(%skipped, "policy directory entry not loaded");
+    }
     if let Some(over) = &report.over_capacity {
         tracing::error!(%over, "policy set rejected as a whole; the last good set stays enforced");
     }

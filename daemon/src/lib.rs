@@ -21,3 +21,4 @@ pub mod segmentation;
 pub mod sys;
 pub mod time;
 pub mod workload;
+pub mod yaml;

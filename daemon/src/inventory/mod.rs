@@ -37,6 +37,10 @@ pub const SERVICE_ACCOUNT_LABEL: &str = "palisade.io/serviceaccount";
 
 pub type Labels = BTreeMap<String, String>;
 
+/// The largest inventory file read (checked before reading and parsing). 65,536 endpoints, as
+/// many as the datapath holds, take about 20 MB of YAML.
+pub const MAX_INVENTORY_BYTES: u64 = 32 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
     #[error("{path}: cannot read: {source}")]
@@ -44,6 +48,13 @@ pub enum InventoryError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// Past a limit checked before parsing (size, nesting depth).
+    #[error("{path}: {source}")]
+    Limit {
+        path: PathBuf,
+        #[source]
+        source: crate::yaml::YamlInputError,
     },
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
@@ -210,15 +221,24 @@ pub struct Inventory {
 
 impl Inventory {
     pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
-        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = Inventory::read(path)?;
         Inventory::parse(&text, path)
     }
 
-    /// Parse and validate; `path` only names the source in errors.
+    /// The text of an inventory file, refused past [`MAX_INVENTORY_BYTES`] without reading it.
+    pub fn read(path: &Path) -> Result<String, InventoryError> {
+        crate::yaml::read_limited(path, MAX_INVENTORY_BYTES).map_err(|err| match err {
+            crate::yaml::YamlInputError::Read(source) => InventoryError::Read { path: path.to_path_buf(), source },
+            source => InventoryError::Limit { path: path.to_path_buf(), source },
+        })
+    }
+
+    /// Parse and validate; `path` only names the source in errors. Size and nesting depth are
+    /// checked before the parser runs (see [`crate::yaml`]); a byte-order mark is accepted.
     pub fn parse(text: &str, path: &Path) -> Result<Inventory, InventoryError> {
+        let text = crate::yaml::strip_bom(text);
+        crate::yaml::check(text, MAX_INVENTORY_BYTES)
+            .map_err(|source| InventoryError::Limit { path: path.to_path_buf(), source })?;
         let file: InventoryFile = serde_norway::from_str(text).map_err(|err| {
             let (line, column) = err
                 .location()
@@ -273,10 +293,9 @@ impl Inventory {
                 validate_dns_subdomain(sa).map_err(|m| invalid(at("serviceAccount"), m))?;
             }
             for (j, ip) in ep.ips.iter().enumerate() {
-                if ip.is_unspecified() || ip.is_multicast() {
-                    return Err(invalid(at(&format!("ips[{j}]")), format!("{ip} cannot be an endpoint address")));
-                }
-                if let Some(other) = seen_ips.insert(*ip, format!("{}/{}", ep.namespace, ep.name)) {
+                check_endpoint_address(ip).map_err(|m| invalid(at(&format!("ips[{j}]")), m))?;
+                // Canonical form: no two spellings of one address on two pods.
+                if let Some(other) = seen_ips.insert(ip.to_canonical(), format!("{}/{}", ep.namespace, ep.name)) {
                     return Err(invalid(at(&format!("ips[{j}]")), format!("{ip} is already used by {other}")));
                 }
             }
@@ -338,6 +357,30 @@ impl Inventory {
     pub fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
         self.namespaces.get(namespace).map(|ns| &ns.labels)
     }
+}
+
+/// A pod address names one pod, and only that pod: no address that means something else on
+/// every host (unspecified, loopback, broadcast, multicast), and no IPv4-mapped IPv6 address,
+/// which the datapath and `policy explain` would otherwise judge as a second identity for the
+/// IPv4 address it maps (or another pod's).
+fn check_endpoint_address(ip: &IpAddr) -> Result<(), String> {
+    if let IpAddr::V6(v6) = ip {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            return Err(format!("{ip} is an IPv4-mapped IPv6 address (it aliases {v4}): write {v4} instead"));
+        }
+    }
+    let what = if ip.is_unspecified() {
+        "unspecified"
+    } else if ip.is_loopback() {
+        "a loopback address"
+    } else if ip.is_multicast() {
+        "a multicast address"
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        "the broadcast address"
+    } else {
+        return Ok(());
+    };
+    Err(format!("{ip} is {what}: it cannot be a pod address"))
 }
 
 fn validate_dns_label(s: &str) -> Result<(), String> {
@@ -482,6 +525,64 @@ mod tests {
         assert!(yaml.contains("peerOnly: true"), "{yaml}");
         let local = serde_norway::to_string(&EndpointSpec { peer_only: false, ..spec }).expect("yaml");
         assert!(!local.contains("peerOnly"), "{local}");
+    }
+
+    #[test]
+    fn aliasing_and_host_local_addresses_are_refused() {
+        let second = |ips: &str| format!("{GOOD}  - namespace: shop\n    name: frontend-2\n    ips: {ips}\n");
+        // An IPv4-mapped IPv6 address equal to another pod's IPv4: one pod's traffic would be
+        // judged as the other's.
+        let err = Inventory::parse(&second("[\"::ffff:198.18.1.10\"]"), Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.contains("endpoints[1].ips[0]") && err.contains("IPv4-mapped") && err.contains("198.18.1.10"), "{err}");
+        // ... and mapped on its own (no other pod), still a second spelling of an IPv4 address.
+        let err = Inventory::parse(&second("[\"::ffff:198.18.9.9\"]"), Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.contains("endpoints[1].ips[0]") && err.contains("IPv4-mapped"), "{err}");
+        for (ip, what) in [
+            ("127.0.0.1", "loopback"),
+            ("127.9.9.9", "loopback"),
+            ("\"::1\"", "loopback"),
+            ("255.255.255.255", "broadcast"),
+            ("224.0.0.1", "multicast"),
+            ("\"ff02::1\"", "multicast"),
+            ("0.0.0.0", "unspecified"),
+            ("\"::\"", "unspecified"),
+        ] {
+            let err = Inventory::parse(&second(&format!("[{ip}]")), Path::new("inv.yaml")).unwrap_err().to_string();
+            assert!(err.contains("endpoints[1].ips[0]") && err.contains(what), "{ip}: {err}");
+        }
+        // Duplicates within one pod, and across pods, in either family.
+        let err = Inventory::parse(&second("[198.18.1.20, 198.18.1.20]"), Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.contains("endpoints[1].ips[1]") && err.contains("shop/frontend-2"), "{err}");
+        let v6 = GOOD.replace("[198.18.1.10]", "[198.18.1.10, \"2001:db8::1\"]");
+        let text = format!("{v6}  - namespace: shop\n    name: frontend-2\n    ips: [\"2001:db8:0::0:1\"]\n");
+        let err = Inventory::parse(&text, Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.contains("endpoints[1].ips[0]") && err.contains("shop/frontend-1"), "{err}");
+        // Ordinary pod addresses, IPv4 and IPv6, stay valid.
+        Inventory::parse(&second("[198.18.1.20, \"2001:db8::20\"]"), Path::new("inv.yaml")).expect("valid");
+    }
+
+    #[test]
+    fn oversized_deep_and_bom_prefixed_files() {
+        // Nesting is refused before the parser runs, naming the line.
+        let deep = format!("namespaces: {}", "[".repeat(100_000));
+        let err = Inventory::parse(&deep, Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("inv.yaml: line 1 column") && err.contains("nesting deeper than"), "{err}");
+        let compact = format!("endpoints:\n{}x\n", "- ".repeat(100_000));
+        let err = Inventory::parse(&compact, Path::new("inv.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("inv.yaml: line 2 column") && err.contains("nesting"), "{err}");
+        // Too large: refused before reading, naming the file and the limit.
+        let dir = std::env::temp_dir().join(format!("palisade-inventory-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let big = dir.join("inventory.yaml");
+        let file = std::fs::File::create(&big).expect("create");
+        file.set_len(MAX_INVENTORY_BYTES + 1).expect("sparse file");
+        let err = Inventory::load(&big).unwrap_err().to_string();
+        assert!(err.contains("inventory.yaml") && err.contains(&MAX_INVENTORY_BYTES.to_string()), "{err}");
+        // A byte-order mark is not part of the document.
+        std::fs::write(&big, format!("\u{feff}{GOOD}")).expect("write");
+        let inv = Inventory::load(&big).expect("a BOM-prefixed inventory is valid");
+        assert!(inv.endpoint("shop/frontend-1").is_some());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

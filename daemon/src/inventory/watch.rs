@@ -101,7 +101,7 @@ impl Drop for InventoryWatch {
 }
 
 fn read(path: &Path) -> Result<String, InventoryError> {
-    std::fs::read_to_string(path).map_err(|source| InventoryError::Read { path: path.to_path_buf(), source })
+    Inventory::read(path)
 }
 
 struct Reloader {
@@ -147,6 +147,12 @@ impl Reloader {
     fn reload(&mut self) {
         let text = match read(&self.path) {
             Ok(text) => text,
+            Err(err @ InventoryError::Limit { .. }) => {
+                // Not a transient state: refused like an invalid inventory.
+                tracing::error!(file = %self.path.display(), error = %err, "inventory refused; keeping the last good one");
+                self.last_error.send_replace(Some(err.to_string()));
+                return;
+            }
             Err(err) => {
                 // Mid-replace (delete then create): the next event re-reads it.
                 tracing::warn!(file = %self.path.display(), error = %err, "inventory not readable; keeping the last good one");

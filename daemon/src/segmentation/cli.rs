@@ -76,6 +76,9 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             for r in &loaded.rejected {
                 println!("error: {}", r.error);
             }
+            for skipped in &loaded.skipped {
+                println!("note: {skipped}");
+            }
             println!("{} policies valid, {} rejected", set.policies.len(), loaded.rejected.len());
             if let Some(inventory) = inventory {
                 let compiled = compile(&Inventory::load(&inventory)?, set);

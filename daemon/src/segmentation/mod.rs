@@ -33,6 +33,10 @@ pub struct PolicyReport {
     pub kept_last_good: Vec<String>,
     /// Valid fields with no effect (rules of a direction policyTypes leaves out).
     pub ignored: Vec<String>,
+    /// Directory entries not loaded, with the reason (another extension, a file with no
+    /// Kubernetes object, a sub-directory): reported, never passed over silently.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
     /// The loaded set did not fit the maps: rejected as a whole (the last good set stays), with
     /// the policy that tipped it and the counts.
     pub over_capacity: Option<String>,
@@ -45,6 +49,7 @@ impl PolicyReport {
             rejected: loaded.rejected.iter().map(|r| r.error.to_string()).collect(),
             kept_last_good,
             ignored: set.policies.iter().flat_map(|p| p.ignored.iter().cloned()).collect(),
+            skipped: loaded.skipped.iter().map(|s| s.to_string()).collect(),
             over_capacity: None,
         }
     }

@@ -11,6 +11,14 @@
 //! file that cannot be read or is not YAML) on its own, so one bad policy never stops the others;
 //! the daemon keeps the last good version of what was rejected. [`PolicySet::load`] is the
 //! strict form (the first error) for offline tools.
+//!
+//! Limits, checked before the costly step they guard (each a named constant below, documented in
+//! DEVELOPERS.md): file size before reading, YAML nesting depth before parsing
+//! ([`crate::yaml`]), per-policy budgets of ipBlock prefixes and datapath entries at
+//! validation, and the set's budgets while loading (a policy that tips the set is rejected on its
+//! own). In a directory, every entry that is not loaded is reported in [`Loaded::skipped`] with
+//! the reason (a `.YAML` file is loaded: extensions match in any case; a byte-order mark is
+//! accepted).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,6 +28,23 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::inventory::{Labels, Protocol};
+
+/// The largest policy file read (Kubernetes itself keeps one object under about 1.5 MiB).
+pub const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// The most bytes of policy files one load reads (all files of all paths together).
+pub const MAX_POLICY_LOAD_BYTES: u64 = 64 * 1024 * 1024;
+/// The most ipBlock prefixes (`cidr` plus `except`) one policy may have.
+pub const MAX_POLICY_PREFIXES: usize = 16_384;
+/// The most datapath entries one policy may need for each pod it selects: over its rules, peers
+/// times port blocks (a port range takes one entry per aligned block, up to 32). 50,000 ipBlocks
+/// on a port range need 800,000 per pod (compiling them for the 5-pod example took minutes and
+/// hundreds of MB); such a policy is refused here, before compiling.
+pub const MAX_POLICY_ENTRIES: usize = 65_536;
+/// The set's budget of datapath entries (each policy's per-pod entries, summed): the POLICY
+/// map's size. A policy that tips the set past it is rejected on its own.
+pub const MAX_SET_ENTRIES: usize = palisade_common::SEG_MAX_POLICY as usize;
+/// The set's budget of ipBlock prefixes: the IPCACHE map's size.
+pub const MAX_SET_PREFIXES: usize = palisade_common::SEG_MAX_IPCACHE as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -35,6 +60,15 @@ pub enum PolicyError {
     Invalid { path: PathBuf, document: usize, field: String, message: String },
     #[error("{path}: document {document}: duplicate policy {namespace}/{name} (first in {first})")]
     Duplicate { path: PathBuf, document: usize, namespace: String, name: String, first: String },
+    /// Past a limit checked before reading or parsing (file size, load size, nesting depth).
+    #[error("{path}: {source}")]
+    Limit {
+        path: PathBuf,
+        #[source]
+        source: crate::yaml::YamlInputError,
+    },
+    #[error("{path}: document {document}: policy {policy} does not fit the set's budget: {message}")]
+    SetBudget { path: PathBuf, document: usize, policy: String, message: String },
 }
 
 // ---- wire (YAML) types -------------------------------------------------------------------------
@@ -315,6 +349,50 @@ impl NetworkPolicy {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// What the policy costs the datapath, counted from its rules alone (see
+    /// [`MAX_POLICY_ENTRIES`] and [`MAX_POLICY_PREFIXES`]).
+    pub fn budget(&self) -> Budget {
+        let mut budget = Budget::default();
+        for rule in self.ingress.iter().chain(&self.egress) {
+            budget.add(&Budget::of_rule(rule));
+        }
+        budget
+    }
+}
+
+/// A policy's cost in datapath entries (per selected pod) and ipBlock prefixes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub entries: usize,
+    pub prefixes: usize,
+}
+
+impl Budget {
+    pub fn of_rule(rule: &Rule) -> Budget {
+        let prefixes = rule
+            .peers
+            .iter()
+            .map(|p| match p {
+                Peer::IpBlock(b) => 1 + b.except.len(),
+                Peer::Pods { .. } => 0,
+            })
+            .sum();
+        let port_entries: usize = rule
+            .ports
+            .iter()
+            .map(|p| match p.port {
+                PortSpec::Range(a, b) => super::compile::port_blocks(a, b).len(),
+                _ => 1,
+            })
+            .sum();
+        Budget { entries: rule.peers.len().max(1).saturating_mul(port_entries.max(1)), prefixes }
+    }
+
+    pub fn add(&mut self, other: &Budget) {
+        self.entries = self.entries.saturating_add(other.entries);
+        self.prefixes = self.prefixes.saturating_add(other.prefixes);
+    }
 }
 
 /// A validated set of policies (every document of every path given).
@@ -333,11 +411,27 @@ pub struct Rejected {
     pub error: PolicyError,
 }
 
-/// What loading gives: every valid policy, and every rejected document or file.
+/// A directory entry that was not loaded, and why (an explicit, reported ignore: nothing in a
+/// policy directory is passed over silently).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: skipped: {}", self.file.display(), self.reason)
+    }
+}
+
+/// What loading gives: every valid policy, every rejected document or file, and every
+/// directory entry skipped.
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub set: PolicySet,
     pub rejected: Vec<Rejected>,
+    pub skipped: Vec<Skipped>,
 }
 
 impl Loaded {
@@ -399,30 +493,81 @@ impl PolicySet {
                         continue;
                     }
                 };
-                let mut entries: Vec<PathBuf> = entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-                    .collect();
-                entries.sort();
-                files.extend(entries.into_iter().map(|p| (p, true)));
+                let mut yaml_files: Vec<PathBuf> = Vec::new();
+                for entry in entries {
+                    let entry = match entry {
+                        Ok(entry) => entry.path(),
+                        Err(source) => {
+                            loaded.rejected.push(reject(source));
+                            continue;
+                        }
+                    };
+                    let name = entry.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    if entry.is_dir() {
+                        // `..data` and `..<timestamp>`: a mounted ConfigMap's own layout.
+                        if !name.starts_with("..") {
+                            loaded.skipped.push(Skipped { file: entry, reason: "a directory (policy directories are not read recursively)".into() });
+                        }
+                        continue;
+                    }
+                    let yaml = entry
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+                    if !entry.is_file() {
+                        loaded.skipped.push(Skipped { file: entry, reason: "not a regular file".into() });
+                    } else if !yaml {
+                        loaded.skipped.push(Skipped { file: entry, reason: "not a .yaml or .yml file".into() });
+                    } else {
+                        yaml_files.push(entry);
+                    }
+                }
+                yaml_files.sort();
+                files.extend(yaml_files.into_iter().map(|p| (p, true)));
             } else {
                 files.push((path.to_path_buf(), false));
             }
         }
+        let mut read_bytes = 0u64;
+        let mut set_budget = Budget::default();
         for (file, from_dir) in files {
-            let text = match std::fs::read_to_string(&file) {
+            let whole_file = |error| Rejected { file: file.clone(), policy: None, error };
+            let remaining = MAX_POLICY_LOAD_BYTES.saturating_sub(read_bytes);
+            let text = match crate::yaml::read_limited(&file, MAX_POLICY_FILE_BYTES.min(remaining)) {
                 Ok(text) => text,
+                Err(crate::yaml::YamlInputError::Read(source)) => {
+                    loaded.rejected.push(whole_file(PolicyError::Read { path: file.clone(), source }));
+                    continue;
+                }
+                Err(crate::yaml::YamlInputError::TooLarge { size, limit }) if limit < MAX_POLICY_FILE_BYTES => {
+                    let source = std::io::Error::other(format!(
+                        "{size} bytes would take this load past the {MAX_POLICY_LOAD_BYTES} bytes one load of policy files may read"
+                    ));
+                    loaded.rejected.push(whole_file(PolicyError::Read { path: file.clone(), source }));
+                    continue;
+                }
                 Err(source) => {
-                    loaded.rejected.push(Rejected { file: file.clone(), policy: None, error: PolicyError::Read { path: file, source } });
+                    loaded.rejected.push(whole_file(PolicyError::Limit { path: file.clone(), source }));
                     continue;
                 }
             };
-            if from_dir && !looks_like_k8s_objects(&text) {
-                // e.g. an endpoint inventory kept beside the policies: not ours to judge.
-                tracing::debug!(file = %file.display(), "skipping a file without Kubernetes objects");
+            read_bytes += text.len() as u64;
+            let text = crate::yaml::strip_bom(&text);
+            // Before anything parses it (also the look for Kubernetes objects below).
+            if let Err(source) = crate::yaml::check(text, MAX_POLICY_FILE_BYTES) {
+                loaded.rejected.push(whole_file(PolicyError::Limit { path: file.clone(), source }));
                 continue;
             }
-            let (policies, rejected) = PolicySet::parse_each(&text, &file);
+            if from_dir && !looks_like_k8s_objects(text) {
+                // e.g. an endpoint inventory kept beside the policies: not ours to judge, but
+                // reported (never passed over silently).
+                loaded.skipped.push(Skipped {
+                    file: file.clone(),
+                    reason: "no document has kind or apiVersion (not a Kubernetes object, e.g. an inventory)".into(),
+                });
+                continue;
+            }
+            let (policies, rejected) = PolicySet::parse_each(text, &file);
             loaded.rejected.extend(rejected);
             for p in policies {
                 if let Some(first) = loaded.set.policies.iter().find(|q| q.key() == p.key()) {
@@ -435,6 +580,10 @@ impl PolicySet {
                         first: first.source.clone(),
                     };
                     // The first one stays in force; the duplicate is what is rejected.
+                    loaded.rejected.push(Rejected { file: file.clone(), policy: Some(p.key()), error });
+                    continue;
+                }
+                if let Err(error) = admit(&mut set_budget, &p, &file) {
                     loaded.rejected.push(Rejected { file: file.clone(), policy: Some(p.key()), error });
                     continue;
                 }
@@ -452,7 +601,9 @@ impl PolicySet {
             return Err(r.error);
         }
         let mut set = PolicySet::default();
+        let mut set_budget = Budget::default();
         for p in policies {
+            admit(&mut set_budget, &p, path)?;
             if let Some(first) = set.policies.iter().find(|q| q.key() == p.key()) {
                 let document = p.source.rsplit_once("document ").and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
                 return Err(PolicyError::Duplicate {
@@ -473,6 +624,11 @@ impl PolicySet {
     fn parse_each(text: &str, path: &Path) -> (Vec<NetworkPolicy>, Vec<Rejected>) {
         let mut policies = Vec::new();
         let mut rejected = Vec::new();
+        let text = crate::yaml::strip_bom(text);
+        if let Err(source) = crate::yaml::check(text, MAX_POLICY_FILE_BYTES) {
+            let error = PolicyError::Limit { path: path.to_path_buf(), source };
+            return (Vec::new(), vec![Rejected { file: path.to_path_buf(), policy: None, error }]);
+        }
         // First pass, untyped: the YAML syntax of the whole text and each document's name.
         let mut names = Vec::new();
         for (i, document) in serde_norway::Deserializer::from_str(text).enumerate() {
@@ -506,6 +662,23 @@ impl PolicySet {
         }
         (policies, rejected)
     }
+}
+
+/// Adds a policy to the set's running budget, or says why it does not fit (the set stays as it
+/// was).
+fn admit(set: &mut Budget, policy: &NetworkPolicy, path: &Path) -> Result<(), PolicyError> {
+    let mut after = *set;
+    after.add(&policy.budget());
+    let message = if after.entries > MAX_SET_ENTRIES {
+        format!("the set would need {} datapath entries per selected pod, more than the {MAX_SET_ENTRIES} the POLICY map holds", after.entries)
+    } else if after.prefixes > MAX_SET_PREFIXES {
+        format!("the set would have {} ipBlock prefixes, more than the {MAX_SET_PREFIXES} the IPCACHE map holds", after.prefixes)
+    } else {
+        *set = after;
+        return Ok(());
+    };
+    let document = policy.source.rsplit_once("document ").and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
+    Err(PolicyError::SetBudget { path: path.to_path_buf(), document, policy: policy.key(), message })
 }
 
 /// `namespace/name` of a document that names itself (namespace defaulting to `default`).
@@ -563,6 +736,21 @@ fn validate(doc: NetworkPolicyDoc, source: &str) -> Result<NetworkPolicy, Invali
     let mut egress = Vec::new();
     for (i, r) in egress_docs.into_iter().enumerate() {
         egress.push(rule(r.to, r.ports, &format!("spec.egress[{i}]"), "to")?);
+    }
+    // The policy's budgets, naming the rule that tips it (before anything compiles it).
+    let mut budget = Budget::default();
+    let rules = ingress.iter().enumerate().map(|(i, r)| (format!("spec.ingress[{i}]"), r));
+    for (at, r) in rules.chain(egress.iter().enumerate().map(|(i, r)| (format!("spec.egress[{i}]"), r))) {
+        budget.add(&Budget::of_rule(r));
+        if budget.entries > MAX_POLICY_ENTRIES {
+            return Err(inv(&at, format!(
+                "the policy needs {} datapath entries per selected pod up to here (peers times port blocks), more than the {MAX_POLICY_ENTRIES} a policy may have: split it",
+                budget.entries
+            )));
+        }
+        if budget.prefixes > MAX_POLICY_PREFIXES {
+            return Err(inv(&at, format!("the policy has {} ipBlock prefixes (cidr and except) up to here, more than the {MAX_POLICY_PREFIXES} a policy may have", budget.prefixes)));
+        }
     }
     let (ingress_isolation, egress_isolation) = match spec.policy_types.as_deref() {
         // Missing or empty: Ingress always, Egress when there are egress rules (the API
@@ -891,6 +1079,92 @@ mod tests {
         let b = set.policies.iter().find(|p| p.key() == "x/b").expect("b");
         assert_eq!(b, first.set.policies.iter().find(|p| p.key() == "x/b").expect("old b"), "b stays at its last good version");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A policy with `n` ipBlock peers in one ingress rule, on `ports`.
+    fn blocks_policy(name: &str, n: usize, ports: &str) -> String {
+        let mut text = format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports: {ports}\n    from:\n");
+        for i in 0..n {
+            text.push_str(&format!("    - ipBlock: {{cidr: 10.{}.{}.{}/32}}\n", (i >> 16) & 255, (i >> 8) & 255, i & 255));
+        }
+        text
+    }
+
+    #[test]
+    fn hostile_sizes_are_refused_before_parsing_or_compiling() {
+        // 100,000 nested `[`: refused by the depth check (the parser took seconds to say so).
+        let deep = format!("{GOOD}---\nspec: {}", "[".repeat(100_000));
+        let err = PolicySet::parse(&deep, Path::new("deep.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("deep.yaml: line 12 column") && err.contains("nesting deeper than"), "{err}");
+        // 50,000 ipBlocks on a port range: 800,000 entries per selected pod; refused at
+        // validation, naming the rule and the budget.
+        let err = PolicySet::parse(&blocks_policy("many", 50_000, "[{port: 1, endPort: 65535}]"), Path::new("p.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("p.yaml: document 1: spec.ingress[0]:"), "{err}");
+        assert!(err.contains("800000 datapath entries") && err.contains(&MAX_POLICY_ENTRIES.to_string()), "{err}");
+        // The same blocks on one port: within the entry budget, past the prefix budget.
+        let err = PolicySet::parse(&blocks_policy("many", MAX_POLICY_PREFIXES + 1, "[{port: 80}]"), Path::new("p.yaml")).unwrap_err().to_string();
+        assert!(err.contains("spec.ingress[0]") && err.contains(&MAX_POLICY_PREFIXES.to_string()), "{err}");
+        // 3,600 ipBlocks on a range fit one policy (57,600 per pod) ...
+        let one = blocks_policy("a", 3_600, "[{port: 1, endPort: 65535}]");
+        let set = PolicySet::parse(&one, Path::new("p.yaml")).expect("within the policy budget");
+        assert_eq!(set.policies[0].budget(), Budget { entries: 3_600 * 16, prefixes: 3_600 });
+        // A set of policies each within its budget, but together past the POLICY map: the one
+        // that tips it is rejected, on its own, naming the budget; the others load. (256 peers
+        // on 256 ports: 65,536 entries per pod each, so the 17th tips 1,048,576.)
+        let ports = format!("[{}]", (1..=256).map(|p| format!("{{port: {p}}}")).collect::<Vec<_>>().join(", "));
+        let full = blocks_policy("a", 256, &ports);
+        let dir = std::env::temp_dir().join(format!("palisade-policy-budget-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let fit = MAX_SET_ENTRIES / MAX_POLICY_ENTRIES;
+        for i in 0..=fit {
+            std::fs::write(dir.join(format!("p{i:02}.yaml")), full.replace("name: a,", &format!("name: p{i},"))).expect("write");
+        }
+        let loaded = PolicySet::load_each(&[&dir]);
+        assert_eq!(loaded.set.policies.len(), fit);
+        assert_eq!(loaded.rejected.len(), 1, "{:?}", loaded.rejected);
+        let err = loaded.rejected[0].error.to_string();
+        assert!(err.contains(&format!("policy x/p{fit}")) && err.contains(&MAX_SET_ENTRIES.to_string()), "{err}");
+        assert_eq!(loaded.rejected[0].policy.as_deref(), Some(format!("x/p{fit}").as_str()));
+        // A file past the size limit is refused before it is read.
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).expect("dir");
+        let big = dir.join("big.yaml");
+        std::fs::File::create(&big).expect("create").set_len(MAX_POLICY_FILE_BYTES + 1).expect("sparse");
+        let loaded = PolicySet::load_each(&[&dir]);
+        let err = loaded.rejected[0].error.to_string();
+        assert!(err.contains("big.yaml") && err.contains(&MAX_POLICY_FILE_BYTES.to_string()), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn nothing_in_a_directory_is_skipped_silently() {
+        let dir = std::env::temp_dir().join(format!("palisade-policy-skip-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(dir.join("nested")).expect("dir");
+        std::fs::create_dir_all(dir.join("..data")).expect("configmap dir");
+        // Upper-case extensions load.
+        std::fs::write(dir.join("upper.YAML"), GOOD.replace("name: a", "name: upper")).expect("write");
+        std::fs::write(dir.join("short.YML"), GOOD.replace("name: a", "name: short")).expect("write");
+        // A BOM-prefixed file is a policy (before: "kind: missing").
+        std::fs::write(dir.join("bom.yaml"), format!("\u{feff}{}", GOOD.replace("name: a", "name: bom"))).expect("write");
+        // Reported, not loaded: another extension, an inventory, a sub-directory.
+        std::fs::write(dir.join("notes.txt"), GOOD).expect("write");
+        std::fs::write(dir.join("inventory.yaml"), "endpoints: []\n").expect("write");
+        // A document without kind/apiVersion beside a policy: an error, naming the document.
+        std::fs::write(dir.join("mixed.yaml"), format!("{GOOD}---\nmetadata: {{name: b}}\nspec: {{}}\n")).expect("write");
+        let loaded = PolicySet::load_each(&[&dir]);
+        let mut keys: Vec<String> = loaded.set.policies.iter().map(|p| p.key()).collect();
+        keys.sort();
+        assert_eq!(keys, ["x/a", "x/bom", "x/short", "x/upper"]);
+        let skipped: Vec<String> = loaded.skipped.iter().map(|s| s.to_string()).collect();
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        assert!(skipped.iter().any(|s| s.contains("inventory.yaml: skipped: no document has kind or apiVersion")), "{skipped:?}");
+        assert!(skipped.iter().any(|s| s.contains("notes.txt: skipped: not a .yaml or .yml file")), "{skipped:?}");
+        assert!(skipped.iter().any(|s| s.contains("nested: skipped: a directory")), "{skipped:?}");
+        assert_eq!(loaded.rejected.len(), 1, "{:?}", loaded.rejected);
+        let err = loaded.rejected[0].error.to_string();
+        assert!(err.contains("mixed.yaml: document 2: apiVersion: missing"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
