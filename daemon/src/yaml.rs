@@ -154,6 +154,13 @@ pub fn check_depth(text: &str, limit: usize) -> Result<(), YamlInputError> {
                 Quote::None => match b {
                     b' ' | b'\t' => {}
                     b'#' if i == 0 || matches!(bytes[i - 1], b' ' | b'\t') => break,
+                    b'&' | b'!' if scalar_start => {
+                        // An anchor or a tag: a node follows it, so a bracket after it still
+                        // opens a collection.
+                        while i + 1 < bytes.len() && !matches!(bytes[i + 1], b' ' | b'\t' | b'[' | b']' | b'{' | b'}' | b',') {
+                            i += 1;
+                        }
+                    }
                     b'\'' if scalar_start => quote = Quote::Single,
                     b'"' if scalar_start => quote = Quote::Double,
                     b'[' | b'{' if scalar_start || flow > 0 => {
@@ -215,6 +222,10 @@ mod tests {
             indented.push_str(&format!("{}k{level}:\n", " ".repeat(level)));
         }
         assert_eq!(depth_error(&indented).map(|(line, _)| line), Some(MAX_YAML_DEPTH + 1));
+        // Behind an anchor or a tag, a bracket still opens a collection.
+        for prefix in ["a: &x ", "a: !!seq ", "- &x !t ", "&x ", "a: &x", "[&x"] {
+            assert!(depth_error(&format!("{prefix}{}", "[".repeat(1000))).is_some(), "{prefix}");
+        }
         // Flow nesting that spans lines, inside block nesting.
         let spanning = format!("a:\n  b: {}\n", "[\n".repeat(40));
         assert!(depth_error(&spanning).is_some());
