@@ -795,13 +795,7 @@ fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, input: &serde
 }
 
 fn load_response_policy(path: &Path) -> anyhow::Result<ResponsePolicy> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let policy: ResponsePolicy = serde_norway::from_str(&text).map_err(|e| {
-        let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
-        anyhow::anyhow!("{}{at}: {e}", path.display())
-    })?;
-    policy.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(policy)
+    ResponsePolicy::load(path).map_err(anyhow::Error::msg)
 }
 
 /// Logs each rejected policy document (error) and each ignored field (warning).

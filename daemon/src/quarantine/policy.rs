@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::inventory::Protocol;
 
+/// The largest response policy file read.
+pub const MAX_RESPONSE_POLICY_BYTES: u64 = 1024 * 1024;
 /// Namespaces never quarantined unless configured otherwise (the cluster's own plumbing).
 pub const DEFAULT_PROTECTED_NAMESPACES: [&str; 1] = ["kube-system"];
 /// Quarantines per minute on one node (the node ceiling: a burst of this many, then one every
@@ -106,6 +108,26 @@ impl ResponsePolicy {
 
     pub fn is_protected(&self, namespace: &str) -> bool {
         self.protected_namespaces.contains(namespace)
+    }
+
+    /// Reads and validates a response policy file: size ([`MAX_RESPONSE_POLICY_BYTES`]) before
+    /// reading, YAML nesting before parsing (see [`crate::yaml`]); errors name the file, and the
+    /// line and column or the field.
+    pub fn load(path: &std::path::Path) -> Result<ResponsePolicy, String> {
+        let text = crate::yaml::read_limited(path, MAX_RESPONSE_POLICY_BYTES).map_err(|e| format!("{}: {e}", path.display()))?;
+        ResponsePolicy::parse(&text, path)
+    }
+
+    /// [`ResponsePolicy::load`] from a text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &std::path::Path) -> Result<ResponsePolicy, String> {
+        let text = crate::yaml::strip_bom(text);
+        crate::yaml::check(text, MAX_RESPONSE_POLICY_BYTES).map_err(|e| format!("{}: {e}", path.display()))?;
+        let policy: ResponsePolicy = serde_norway::from_str(text).map_err(|e| {
+            let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
+            format!("{}{at}: {e}", path.display())
+        })?;
+        policy.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(policy)
     }
 
     /// Checks what cannot be checked by serde (CIDRs).
