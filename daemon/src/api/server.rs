@@ -261,18 +261,24 @@ async fn operator_request(req: Request<Incoming>, peer: &Peer) -> Result<Operato
         Ok(Err(err)) => return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {err}"))),
         Err(_) => return Err(error_response(StatusCode::REQUEST_TIMEOUT, format!("request body not complete within {REQUEST_TIMEOUT:?}"))),
     };
-    let request: OperatorBody = serde_json::from_slice(&bytes).map_err(|err| {
-        error_response(StatusCode::BAD_REQUEST, format!("want {{\"pod\": \"ns/name\", \"reason\": \"...\"}}: {err}"))
-    })?;
-    let (namespace, name) = parse_pod(&request.pod).map_err(|err| error_response(StatusCode::BAD_REQUEST, err))?;
+    parse_operator_body(&bytes, peer.uid, peer.pid).map_err(|message| error_response(StatusCode::BAD_REQUEST, message))
+}
+
+/// An operator request's body (`{"pod": "ns/name", "reason": "...", "by": "..."}`) from a peer
+/// whose uid and pid the kernel reported: the request, or why it is a bad request. Pure (no
+/// I/O), so that it can be fuzzed.
+pub fn parse_operator_body(bytes: &[u8], uid: u32, pid: Option<i32>) -> Result<OperatorRequest, String> {
+    let request: OperatorBody = serde_json::from_slice(bytes)
+        .map_err(|err| format!("want {{\"pod\": \"ns/name\", \"reason\": \"...\"}}: {err}"))?;
+    let (namespace, name) = parse_pod(&request.pod).map_err(|err| err.to_string())?;
     if request.reason.trim().is_empty() {
-        return Err(error_response(StatusCode::BAD_REQUEST, "the request needs a reason"));
+        return Err("the request needs a reason".into());
     }
     // The peer's uid and pid come from the kernel; the account name is the client's word.
-    let pid = peer.pid.map_or_else(|| "?".to_string(), |p| p.to_string());
+    let pid = pid.map_or_else(|| "?".to_string(), |p| p.to_string());
     let by = match request.by.as_deref().filter(|b| !b.is_empty()) {
-        Some(who) => format!("{who} (uid {} pid {pid})", peer.uid),
-        None => format!("uid {} pid {pid}", peer.uid),
+        Some(who) => format!("{who} (uid {uid} pid {pid})"),
+        None => format!("uid {uid} pid {pid}"),
     };
     Ok(OperatorRequest { namespace, name, reason: request.reason, by })
 }
