@@ -5,6 +5,7 @@ use anyhow::Context as _;
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
     embed_defaults(std::path::Path::new(&manifest_dir))?;
+    git_revision(std::path::Path::new(&manifest_dir));
     let root_dir = std::path::Path::new(&manifest_dir).join("../probes-ebpf");
     let root_dir = root_dir
         .canonicalize()
@@ -14,6 +15,31 @@ fn main() -> anyhow::Result<()> {
         [aya_build::Package { name: "palisade-probes", root_dir, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// `PALISADE_GIT_REVISION` for `palisade --version`: the commit built, `unknown` outside a git
+/// checkout (a source tarball).
+fn git_revision(manifest_dir: &std::path::Path) {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(manifest_dir)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let revision = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=PALISADE_GIT_REVISION={revision}");
+    // Rebuild the version when HEAD moves (a commit, a checkout); in a worktree HEAD is its own.
+    if let Some(head) = git(&["rev-parse", "--path-format=absolute", "--git-path", "HEAD"]) {
+        println!("cargo:rerun-if-changed={head}");
+    }
+    if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &reference]) {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
 }
 
 /// Generates `embedded_defaults.rs`: the default rule pack, policies and lab inventory, so the

@@ -52,12 +52,13 @@ pub struct RunArgs {
     /// Write every event, as the rule engine receives it, to this JSONL file.
     #[arg(long)]
     pub record: Option<PathBuf>,
-    /// Bring up a local lab pod for every inventory endpoint first (standalone demo mode).
-    #[arg(long)]
-    pub lab: bool,
-    /// Lab name (with --lab).
-    #[arg(long, default_value = crate::lab::DEFAULT_LAB_NAME)]
-    pub lab_name: String,
+    /// Bring up a local lab pod for every inventory endpoint first (standalone demo mode), in
+    /// the lab named NAME (`--lab` alone: the default lab).
+    #[arg(long, num_args = 0..=1, default_missing_value = crate::lab::DEFAULT_LAB_NAME, value_name = "NAME")]
+    pub lab: Option<String>,
+    /// The old spelling of the lab's name (`--lab --lab-name NAME`), kept for scripts.
+    #[arg(long, hide = true, requires = "lab")]
+    pub lab_name: Option<String>,
     /// Host mode: report every process on the host, not only monitored pods.
     #[arg(long)]
     pub host: bool,
@@ -109,6 +110,13 @@ pub struct RunArgs {
     pub alerts: AlertOptions,
     #[command(flatten)]
     pub budgets: EventBudgets,
+}
+
+impl RunArgs {
+    /// The lab to bring up first, if any: `--lab [NAME]`, or the old `--lab --lab-name NAME`.
+    pub fn lab_name(&self) -> Option<&str> {
+        self.lab_name.as_deref().or(self.lab.as_deref())
+    }
 }
 
 /// Shared, read-mostly daemon state that status reports.
@@ -192,9 +200,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // lab example) and a policy directory (default: the embedded examples).
     let mut sources = Sources::start(&args, &defaults_dir, &cgroup_root).await?;
 
-    if args.lab {
+    if let Some(lab_name) = args.lab_name() {
         let inventory = sources.inventory_rx.borrow().clone();
-        let lab = crate::lab::Lab::up(&inventory, &crate::lab::LabOptions::named(&args.lab_name))
+        let lab = crate::lab::Lab::up(&inventory, &crate::lab::LabOptions::named(lab_name))
             .context("bringing up the lab")?;
         tracing::info!(lab = lab.name(), pods = lab.pods().len(), "lab is up");
     }
@@ -1024,7 +1032,9 @@ fn pods_parent(args: &RunArgs, cgroup_root: &Path) -> Option<PathBuf> {
         // Kubernetes mode takes an explicit --pods-cgroup (kubepods.slice or kubepods): with the
         // parent at kubepods.slice, the k8s_daemon test's systemd-style pod was cut off although
         // its endpoint was written; not understood yet, so not the default.
-        "auto" if args.lab && !args.kubernetes => Some(cgroup_root.join(crate::lab::naming::default_cgroup_root(&args.lab_name))),
+        "auto" if args.lab_name().is_some() && !args.kubernetes => {
+            args.lab_name().map(|lab| cgroup_root.join(crate::lab::naming::default_cgroup_root(lab)))
+        }
         "auto" => None,
         other => Some(cgroup_root.join(other.trim_start_matches('/'))),
     }

@@ -1,8 +1,22 @@
 //! The `palisade` command line: the daemon (`run`) and the operator's tools.
-use clap::{Parser, Subcommand};
+use std::sync::LazyLock;
+
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+/// `palisade --version`: the crate version, the git revision built and the SHA-256 of the
+/// embedded eBPF object, so an operator can tell which programs a binary loads.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    let digest = ring::digest::digest(&ring::digest::SHA256, palisade::probes::object::PROBES_OBJECT);
+    let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{} (git {}, eBPF object sha256 {hash})",
+        env!("CARGO_PKG_VERSION"),
+        env!("PALISADE_GIT_REVISION")
+    )
+});
 
 #[derive(Parser)]
-#[command(name = "palisade", version, about = "eBPF runtime detection turned into network enforcement")]
+#[command(name = "palisade", version = VERSION.as_str(), about = "eBPF runtime detection turned into network enforcement")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,6 +42,13 @@ enum Command {
     /// Rego rule tools: check, test, replay.
     #[command(subcommand)]
     Rules(palisade::rules::cli::RulesCommand),
+    /// Print a shell completion script (e.g. `palisade completions bash > /etc/bash_completion.d/palisade`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `palisade man | man -l -`.
+    Man,
     /// Perform one real behaviour (test instrument for kernel and scenario tests).
     #[command(hide = true)]
     Workload {
@@ -47,6 +68,11 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(cmd) => palisade::lab::cli::run(cmd),
         Command::Policy(cmd) => palisade::segmentation::cli::run(cmd),
         Command::Rules(cmd) => palisade::rules::cli::run(cmd),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "palisade", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
         Command::Workload { action, args } => Ok(palisade::workload::perform(&action, &args)?),
     }
 }

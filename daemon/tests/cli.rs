@@ -113,3 +113,84 @@ fn output_format_is_one_checked_enum() {
     let out = palisade(&["alerts", "-o", "yaml"]);
     assert!(stderr(&out).contains("falco"), "alerts also has falco: {}", stderr(&out));
 }
+
+/// `--version` names the git revision and the SHA-256 of the embedded eBPF object.
+#[test]
+fn version_names_the_revision_and_the_ebpf_object() {
+    let out = palisade(&["--version"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with(&format!("palisade {}", env!("CARGO_PKG_VERSION"))), "{text}");
+    let revision = text.split("git ").nth(1).and_then(|r| r.split(',').next()).unwrap_or_default();
+    assert!(revision == "unknown" || (revision.len() >= 7 && revision.chars().all(|c| c.is_ascii_hexdigit())), "{text}");
+    let hash = text.split("sha256 ").nth(1).map(|h| h.trim().trim_end_matches(')')).unwrap_or_default();
+    assert!(hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()), "{text}");
+    // The hash is of what the binary embeds (and so loads), not a constant.
+    let object = palisade::probes::object::PROBES_OBJECT;
+    assert!(object.len() > 1000);
+    let digest = ring::digest::digest(&ring::digest::SHA256, object);
+    let expected: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hash, expected);
+}
+
+#[test]
+fn completions_and_man_page_are_generated_from_the_cli() {
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef palisade"), ("fish", "complete -c palisade")] {
+        let out = palisade(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.contains(marker), "{shell}:\n{text}");
+        for word in ["quarantine", "policy", "state-dir"] {
+            assert!(text.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    assert_eq!(palisade(&["completions", "tcsh"]).status.code(), Some(2));
+    let out = palisade(&["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(".TH palisade") && text.contains("quarantine") && text.contains("completions"), "{text}");
+}
+
+/// Clients find the daemon through PALISADE_STATE_DIR or PALISADE_SOCKET, as through the flags.
+#[test]
+fn clients_take_the_state_dir_and_socket_from_the_environment() {
+    let dir = std::env::temp_dir().join(format!("palisade-cli-env-{}", std::process::id()));
+    let run = |envs: &[(&str, &Path)], args: &[&str]| {
+        let mut command = Command::new(PALISADE);
+        command.args(args).env("RUST_BACKTRACE", "0").env_remove("PALISADE_STATE_DIR").env_remove("PALISADE_SOCKET");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    };
+    let socket = dir.join("custom.sock");
+    for args in [&["status"][..], &["quarantine", "list"], &["alerts", "summary"]] {
+        let out = run(&[("PALISADE_STATE_DIR", &dir)], args);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(&dir.join(palisade::api::SOCKET_NAME).display().to_string()), "{args:?}: {}", stderr(&out));
+        let out = run(&[("PALISADE_STATE_DIR", &dir), ("PALISADE_SOCKET", &socket)], args);
+        assert!(stderr(&out).contains(&socket.display().to_string()), "{args:?}: {}", stderr(&out));
+    }
+    // A flag wins over the environment.
+    let out = run(&[("PALISADE_STATE_DIR", Path::new("/nonexistent-env"))], &["status", "--state-dir", dir.to_str().unwrap()]);
+    assert!(stderr(&out).contains(&dir.display().to_string()) && !stderr(&out).contains("nonexistent-env"), "{}", stderr(&out));
+}
+
+/// `--lab NAME` everywhere; the old spellings (`lab up/down --name`, `run --lab-name`) still parse.
+#[test]
+fn lab_is_named_with_lab_everywhere_and_old_spellings_still_parse() {
+    let missing = "/nonexistent/palisade-inventory.yaml";
+    for flag in ["--lab", "--name"] {
+        let out = palisade(&["lab", "up", "--inventory", missing, flag, "cli-test"]);
+        assert_ne!(out.status.code(), Some(2), "lab up {flag} is a usage error: {}", stderr(&out));
+        assert!(stderr(&out).contains(missing), "lab up {flag}: {}", stderr(&out));
+    }
+    let help = stdout(&palisade(&["lab", "up", "--help"]));
+    assert!(help.contains("--lab <") && !help.contains("--name <") && !help.contains("aliases"), "old spelling is hidden:\n{help}");
+    for args in [&["run", "--lab", "x", "--help"][..], &["run", "--lab", "--lab-name", "x", "--help"], &["lab", "down", "--name", "x", "--help"]] {
+        let out = palisade(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let help = stdout(&palisade(&["run", "--help"]));
+    assert!(help.contains("--lab [<NAME>]") && !help.contains("--lab-name"), "{help}");
+}

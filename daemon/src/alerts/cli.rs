@@ -17,7 +17,7 @@ use super::query::{AlertQuery, ReadReport, log_files, parse_kinds, parse_pod, re
 use super::render::{AlertColumns, Cell, Table, alert_header, alert_line, colour_wanted, terminal_safe, terminal_width};
 use super::schema::Alert;
 use super::time::{now_micros, parse_instant};
-use crate::api::client::{ApiClient, block_on};
+use crate::api::client::block_on;
 use crate::output::OutputFormat;
 
 #[derive(Args, Debug, Clone, Default)]
@@ -76,9 +76,8 @@ pub struct SourceArgs {
     /// Read these log files (in the order given) instead of asking the daemon.
     #[arg(long, num_args = 1..)]
     pub file: Vec<PathBuf>,
-    /// The daemon's state directory (its API socket and alert log live there).
-    #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub daemon: crate::api::client::DaemonArgs,
 }
 
 #[derive(Args, Debug)]
@@ -219,14 +218,14 @@ pub fn run(args: AlertsArgs) -> anyhow::Result<()> {
     let files = match files_to_read(&args.source)? {
         Some(files) => files,
         None => {
-            let client = ApiClient::new(&args.source.state_dir);
+            let client = args.source.daemon.client();
             let path = if args.follow { "/v1/alerts/follow" } else { "/v1/alerts" };
             let url = format!("{path}?{}", query.to_query_string());
             match block_on(client.stream_lines(&url, |line| printer.line(line)))? {
                 Ok(()) => return Ok(()),
-                Err(err) if err.daemon_absent() && !log_files(&args.source.state_dir).is_empty() => {
-                    eprintln!("palisade: {err}; reading the log files in {} instead", args.source.state_dir.display());
-                    log_files(&args.source.state_dir)
+                Err(err) if err.daemon_absent() && !log_files(&args.source.daemon.state_dir).is_empty() => {
+                    eprintln!("palisade: {err}; reading the log files in {} instead", args.source.daemon.state_dir.display());
+                    log_files(&args.source.daemon.state_dir)
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -371,7 +370,7 @@ fn summary(query: &AlertQuery, source: &SourceArgs, output: OutputFormat) -> any
             ControlFlow::Continue(())
         })),
         None => {
-            let client = ApiClient::new(&source.state_dir);
+            let client = source.daemon.client();
             let url = format!("/v1/alerts?{}", query.to_query_string());
             let streamed = block_on(client.stream_lines(&url, |line| {
                 match serde_json::from_slice::<Value>(line) {
@@ -387,9 +386,9 @@ fn summary(query: &AlertQuery, source: &SourceArgs, output: OutputFormat) -> any
             }))?;
             match streamed {
                 Ok(()) => {}
-                Err(err) if err.daemon_absent() && !log_files(&source.state_dir).is_empty() => {
-                    eprintln!("palisade: {err}; reading the log files in {} instead", source.state_dir.display());
-                    report_problems(&read_alerts(&log_files(&source.state_dir), query, |a| {
+                Err(err) if err.daemon_absent() && !log_files(&source.daemon.state_dir).is_empty() => {
+                    eprintln!("palisade: {err}; reading the log files in {} instead", source.daemon.state_dir.display());
+                    report_problems(&read_alerts(&log_files(&source.daemon.state_dir), query, |a| {
                         summary.add(&a);
                         ControlFlow::Continue(())
                     }));

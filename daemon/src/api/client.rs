@@ -48,6 +48,26 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_NAME)
 }
 
+/// Where a client finds the daemon, the same for every command that asks it.
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// The daemon's state directory (its API socket and alert log live there).
+    #[arg(long, env = "PALISADE_STATE_DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The daemon's API socket, when it is not in STATE_DIR.
+    #[arg(long, env = "PALISADE_SOCKET")]
+    pub socket: Option<PathBuf>,
+}
+
+impl DaemonArgs {
+    pub fn client(&self) -> ApiClient {
+        match &self.socket {
+            Some(socket) => ApiClient::with_socket(socket.clone()),
+            None => ApiClient::new(&self.state_dir),
+        }
+    }
+}
+
 impl ApiClient {
     pub fn new(state_dir: &Path) -> ApiClient {
         ApiClient { socket: socket_path(state_dir) }
@@ -140,15 +160,14 @@ pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> Result<T, Cl
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The daemon's state directory (its API socket lives there).
-    #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
-    pub state_dir: std::path::PathBuf,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
     #[arg(short = 'o', long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let client = ApiClient::new(&args.state_dir);
+    let client = args.daemon.client();
     let value = block_on(client.get_json("/v1/status"))??;
     let mut out = std::io::stdout().lock();
     match args.output {
@@ -317,16 +336,16 @@ pub fn render_status(status: &Value, colour: bool) -> String {
 pub enum QuarantineCommand {
     /// List quarantined pods.
     List {
-        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: OutputFormat,
     },
     /// Retired: the rate limit queues quarantines instead of suspending them; says so.
     #[command(hide = true)]
     Resume {
-        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Drop a quarantine the rate limit queued (listed as pending; recorded as an alert with
     /// your reason). An enforced quarantine is lifted with `release` instead.
@@ -336,8 +355,8 @@ pub enum QuarantineCommand {
         /// Why the quarantine must not be applied (kept in the audit trail).
         #[arg(long)]
         reason: String,
-        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Quarantine a pod by hand, at once (recorded as a `quarantine` alert with your reason).
     Add {
@@ -346,8 +365,8 @@ pub enum QuarantineCommand {
         /// Why (kept in the audit trail and the quarantine record).
         #[arg(long)]
         reason: String,
-        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Lift a pod's quarantine (recorded as a `release` alert with your reason).
     Release {
@@ -356,15 +375,15 @@ pub enum QuarantineCommand {
         /// Why it is safe to release (kept in the audit trail).
         #[arg(long)]
         reason: String,
-        #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
 }
 
 pub fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
     match command {
-        QuarantineCommand::List { state_dir, output } => {
-            let client = ApiClient::new(&state_dir);
+        QuarantineCommand::List { daemon, output } => {
+            let client = daemon.client();
             let value = block_on(client.get_json("/v1/quarantines"))??;
             let mut out = std::io::stdout().lock();
             match output {
@@ -375,17 +394,17 @@ pub fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        QuarantineCommand::Resume { state_dir: _ } => {
+        QuarantineCommand::Resume { daemon: _ } => {
             // Nothing can be suspended any more, so there is nothing to ask the daemon.
             eprintln!("palisade quarantine resume: {}", super::server::RESUME_RETIRED);
         }
-        QuarantineCommand::Add { pod, reason, state_dir } => {
+        QuarantineCommand::Add { pod, reason, daemon } => {
             crate::alerts::query::parse_pod(&pod)?;
             if reason.trim().is_empty() {
                 anyhow::bail!("--reason must say why the pod is quarantined");
             }
             let by = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_default();
-            let client = ApiClient::new(&state_dir);
+            let client = daemon.client();
             let value = block_on(client.post_json("/v1/quarantines/add", &json!({ "pod": pod, "reason": reason, "by": by })))??;
             let outcome: AddOutcome = serde_json::from_value(value)?;
             println!("{}", terminal_safe(&outcome.message));
@@ -393,13 +412,13 @@ pub fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
                 anyhow::bail!("{pod} was not quarantined");
             }
         }
-        QuarantineCommand::Cancel { pod, reason, state_dir } => {
+        QuarantineCommand::Cancel { pod, reason, daemon } => {
             crate::alerts::query::parse_pod(&pod)?;
             if reason.trim().is_empty() {
                 anyhow::bail!("--reason must say why the quarantine must not be applied");
             }
             let by = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_default();
-            let client = ApiClient::new(&state_dir);
+            let client = daemon.client();
             let value = block_on(client.post_json("/v1/quarantines/cancel", &json!({ "pod": pod, "reason": reason, "by": by })))??;
             let outcome: CancelOutcome = serde_json::from_value(value)?;
             println!("{}", terminal_safe(&outcome.message));
@@ -407,13 +426,13 @@ pub fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
                 anyhow::bail!("the queued quarantine of {pod} was not cancelled");
             }
         }
-        QuarantineCommand::Release { pod, reason, state_dir } => {
+        QuarantineCommand::Release { pod, reason, daemon } => {
             crate::alerts::query::parse_pod(&pod)?;
             if reason.trim().is_empty() {
                 anyhow::bail!("--reason must say why the release is safe");
             }
             let by = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_default();
-            let client = ApiClient::new(&state_dir);
+            let client = daemon.client();
             let value = block_on(client.post_json("/v1/quarantines/release", &json!({ "pod": pod, "reason": reason, "by": by })))??;
             let outcome: ReleaseOutcome = serde_json::from_value(value)?;
             println!("{}", terminal_safe(&outcome.message));

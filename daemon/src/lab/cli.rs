@@ -16,8 +16,8 @@ pub enum LabCommand {
         /// Endpoint inventory (YAML).
         #[arg(long)]
         inventory: PathBuf,
-        /// Lab name (several labs can coexist).
-        #[arg(long, default_value = DEFAULT_LAB_NAME)]
+        /// Lab name (several labs can coexist). `--name` is the old spelling.
+        #[arg(long = "lab", alias = "name", default_value = DEFAULT_LAB_NAME)]
         name: String,
         #[arg(long, default_value = DEFAULT_STATE_DIR, hide = true)]
         state_dir: PathBuf,
@@ -52,7 +52,8 @@ pub enum LabCommand {
     },
     /// Remove everything a lab created (also after a crash).
     Down {
-        #[arg(long, default_value = DEFAULT_LAB_NAME, conflicts_with = "all")]
+        /// Lab name. `--name` is the old spelling.
+        #[arg(long = "lab", alias = "name", default_value = DEFAULT_LAB_NAME, conflicts_with = "all")]
         name: String,
         /// Every lab on this host.
         #[arg(long)]
