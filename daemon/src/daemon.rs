@@ -15,8 +15,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::alerts::{Alert, AlertKind, AlertOptions, AlertSink, Outcome};
-use crate::api::{ApiState, Metrics, status_provider};
+use crate::api::{ApiState, status_provider};
 use crate::endpoints::{EndpointTable, EndpointsStage};
+use crate::events::context::EventContext;
 use crate::events::decode::Event;
 use crate::events::enrich::{ProcCache, enrich};
 use crate::events::input::{Clock, to_input};
@@ -24,6 +25,7 @@ use crate::events::kind::EventKind;
 use crate::events::loss::LossMonitor;
 use crate::events::reader::{self, QueueDrops, QueueShares, ReaderStats};
 use crate::inventory::Inventory;
+use crate::metrics::Metrics;
 use crate::probes::host::ProbeHost;
 use crate::probes::loader::{self, EventBudgets, LoadOptions};
 use crate::quarantine::{KernelQuarantineMap, QuarantineService, ResponderConfig, ResponsePolicy, Verdict};
@@ -399,14 +401,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
             let mut failure_alerts = crate::rules::failures::FailureLimiter::default();
             for evaluation in verdicts {
+                // The pipeline submits every event with its context.
+                let Some(context) = evaluation.context.as_deref() else {
+                    state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!("an evaluation came back without its event context; not acted on");
+                    continue;
+                };
                 for failure in &evaluation.failures {
-                    report_rule_failure(&state, &mut failure_alerts, failure, &evaluation.input);
+                    report_rule_failure(&state, &mut failure_alerts, failure, context);
                 }
                 match evaluation.hits {
                     Ok(hits) => {
                         state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         for hit in hits {
-                            respond(&state, hit, &evaluation.input);
+                            respond(&state, hit, context, &evaluation.input);
                         }
                     }
                     Err(err) => {
@@ -735,35 +743,35 @@ fn pipeline(
                 tracing::warn!(%err, "writing the event record");
             }
         }
-        if evaluator.submit(input).is_err() {
+        if evaluator.submit_with(input, Arc::new(EventContext::of(&enriched, &clock))).is_err() {
             tracing::error!("rule workers stopped; pipeline ends");
             return;
         }
     }
 }
 
-/// Turns one rule hit into its alert, after the responder decided what to do about it (the map
-/// update, if any, has returned before the alert is written: alerts and enforcement agree).
 /// One rule could not judge one event: counted per rule and reason, logged, and raised as a
 /// `rule_error` alert when the limiter lets it through (the event's other rules already ran).
 fn report_rule_failure(
     state: &DaemonState,
     limiter: &mut crate::rules::failures::FailureLimiter,
     failure: &crate::rules::RuleFailure,
-    input: &serde_json::Value,
+    context: &EventContext,
 ) {
     state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     state.metrics.record_rule_error(&failure.rule_id, failure.reason.as_str());
     let Some(count) = limiter.admit(failure, std::time::Instant::now()) else { return };
     tracing::warn!(rule = %failure.rule_id, event_type = %failure.event_type, reason = %failure.reason, detail = %failure.detail, count, "rule could not judge an event");
     let title = state.rules.current().rule(&failure.rule_id).map(|r| r.title.clone()).unwrap_or_default();
-    let mut alert = Alert::new(
+    let alert = Alert::about_event(
         AlertKind::RuleError,
         Severity::High,
         format!(
             "rule {} could not judge a {} event ({}): {}; the other rules still ran",
             failure.rule_id, failure.event_type, failure.reason, failure.detail
         ),
+        &state.node,
+        context,
     )
     .with_rule(failure.rule_id.clone(), title)
     .with_event(json!({
@@ -773,19 +781,16 @@ fn report_rule_failure(
         "detail": failure.detail,
         "failures": count,
     }));
-    alert.pod = crate::alerts::schema::pod_from_input(input);
-    alert.process = crate::alerts::schema::process_from_input(input);
     state.alerts.try_emit(alert);
 }
 
-fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, input: &serde_json::Value) {
-    let alert = Alert::from_rule_hit(&hit, input);
-    let pod = input.get("pod").filter(|p| !p.is_null());
-    let namespace = pod.and_then(|p| p.get("namespace")).and_then(serde_json::Value::as_str);
-    let name = pod.and_then(|p| p.get("name")).and_then(serde_json::Value::as_str);
-    let alerts = match (namespace, name) {
-        (Some(namespace), Some(name)) => {
-            let verdict = Verdict { hit, namespace: namespace.to_string(), name: name.to_string(), alert_id: alert.id.clone() };
+/// Turns one rule hit into its alert, after the responder decided what to do about it (the map
+/// update, if any, has returned before the alert is written: alerts and enforcement agree).
+fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, context: &EventContext, input: &serde_json::Value) {
+    let alert = Alert::for_rule_hit(&hit, &state.node, context, input);
+    let alerts = match context.pod.as_deref() {
+        Some(pod) => {
+            let verdict = Verdict { hit, namespace: pod.namespace.clone(), name: pod.name.clone(), alert_id: alert.id.clone() };
             let decision = state.quarantine.respond(&verdict);
             if decision.outcome == crate::quarantine::Outcome::Quarantined {
                 state.metrics.record_quarantine();
@@ -793,7 +798,7 @@ fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, input: &serde
             crate::quarantine::api::alerts_for(alert, &decision)
         }
         // Host-mode events outside any pod: nothing to isolate.
-        _ => vec![alert.with_outcome(Outcome::Alerted, Some("not in a pod".into()))],
+        None => vec![alert.with_outcome(Outcome::Alerted, Some("not in a pod".into()))],
     };
     for alert in alerts {
         if let Err(err) = state.alerts.blocking_emit(alert) {

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::render::harden_json;
 use super::schema::Alert;
-use crate::api::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::rules::model::Severity;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -24,7 +24,7 @@ use super::render::harden_json;
 use super::schema::{Alert, AlertKind};
 use super::time::now_micros;
 use super::AlertsError;
-use crate::api::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::rules::model::Severity;
 
 pub const LOG_FILE_NAME: &str = "alerts.jsonl";
@@ -377,7 +377,7 @@ impl Writer {
             self.sync_now = true;
         }
         if let Some(m) = &self.config.metrics {
-            m.record_alert(&alert);
+            m.record_alert(alert.kind.as_str(), alert.rule_id(), alert.severity.as_str(), alert.count);
         }
         self.config.exports.offer(&alert);
         self.pending_follow.push(alert);

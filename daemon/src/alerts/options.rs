@@ -9,7 +9,7 @@ use clap::Args;
 use super::export::{ExportError, ExportFormat, Exports, StdoutExporter, WebhookConfig, WebhookExporter};
 use super::log::{AlertLog, AlertLogConfig, AlertSink};
 use super::time::parse_duration;
-use crate::api::metrics::{DEFAULT_METRICS_ADDR, Metrics};
+use crate::metrics::{DEFAULT_METRICS_ADDR, Metrics};
 
 #[derive(Args, Debug, Clone)]
 pub struct AlertOptions {

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::time::{UnixMicros, format_micros, now_micros};
+use crate::events::context::{EventContext, ProcessContext};
+use crate::events::enrich::PodRef;
 use crate::rules::model::{Action, RuleHit, Severity};
 
 /// Bumped when a field changes meaning or goes away (adding optional fields does not bump it).
@@ -250,8 +252,32 @@ fn u32_field(value: &Value, key: &str) -> Option<u32> {
     value.get(key).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok())
 }
 
-/// The pod of an event `input` (`input.pod`), if it came from one.
-pub fn pod_from_input(input: &Value) -> Option<PodInfo> {
+impl From<&PodRef> for PodInfo {
+    fn from(pod: &PodRef) -> PodInfo {
+        PodInfo { namespace: pod.namespace.clone(), name: pod.name.clone(), labels: pod.labels.clone() }
+    }
+}
+
+impl From<&ProcessContext> for ProcessInfo {
+    fn from(process: &ProcessContext) -> ProcessInfo {
+        let details = &process.details;
+        ProcessInfo {
+            pid: process.pid,
+            comm: Some(process.comm.clone()),
+            exe: details.exe.clone(),
+            cmdline: details.cmdline.clone(),
+            uid: Some(process.uid),
+            ancestors: details
+                .ancestors
+                .iter()
+                .map(|a| AncestorInfo { pid: a.pid, comm: a.comm.clone(), exe: a.exe.clone() })
+                .collect(),
+        }
+    }
+}
+
+/// The pod of a recorded event `input` (`input.pod`), if it came from one.
+fn pod_from_input(input: &Value) -> Option<PodInfo> {
     let pod = input.get("pod")?;
     let labels = pod
         .get("labels")
@@ -261,8 +287,8 @@ pub fn pod_from_input(input: &Value) -> Option<PodInfo> {
     Some(PodInfo { namespace: str_field(pod, "namespace")?, name: str_field(pod, "name")?, labels })
 }
 
-/// The process of an event `input` (`input.process`).
-pub fn process_from_input(input: &Value) -> Option<ProcessInfo> {
+/// The process of a recorded event `input` (`input.process`).
+fn process_from_input(input: &Value) -> Option<ProcessInfo> {
     let p = input.get("process")?;
     let cmdline = p
         .get("cmdline")
@@ -340,28 +366,52 @@ impl Alert {
         }
     }
 
-    /// A rule hit on an event `input`: rule, severity, MITRE ids, message and action from the
-    /// hit; time, node, pod and process from the input, which is kept whole as evidence. The
-    /// time is the event's own (`input.time`), so an alert written late still says when it
-    /// happened; the id is taken now, so ids keep sorting in the order alerts are made. The
-    /// outcome starts as `alerted`; the responder sets it (`with_outcome`) when it acts.
+    /// An alert about one event, the one way the daemon builds them (rule hits, rule errors):
+    /// pod and process from the event's typed context, `node` from the daemon; `event` is left
+    /// to the caller (the input as evidence, or kind-specific details).
+    pub fn about_event(kind: AlertKind, severity: Severity, message: impl Into<String>, node: &str, context: &EventContext) -> Alert {
+        let mut alert = Alert::new(kind, severity, message);
+        alert.node = node.to_string();
+        alert.pod = context.pod.as_deref().map(PodInfo::from);
+        alert.process = Some(ProcessInfo::from(&context.process));
+        alert
+    }
+
+    /// A rule hit on an event: rule, severity, MITRE ids, message and action from the hit; pod
+    /// and process from the event's typed context; the input kept whole as evidence. The time
+    /// is the event's own, so an alert written late still says when it happened; the id is
+    /// taken now, so ids keep sorting in the order alerts are made. The outcome starts as
+    /// `alerted`; the responder sets it (`with_outcome`) when it acts.
+    pub fn for_rule_hit(hit: &RuleHit, node: &str, context: &EventContext, input: &Value) -> Alert {
+        let time = crate::time::format_unix_ns(context.wall_ns);
+        Alert::about_event(AlertKind::Rule, hit.severity, hit.message.clone(), node, context).with_hit(hit, Some(time), input)
+    }
+
+    /// [`Alert::for_rule_hit`] for callers that hold only a recorded JSON `input` (tools and
+    /// tests replaying events; the daemon has the typed context): time (`input.time`), node,
+    /// pod and process are read from the input.
     pub fn from_rule_hit(hit: &RuleHit, input: &Value) -> Alert {
-        let mut alert = Alert::new(AlertKind::Rule, hit.severity, hit.message.clone());
         let event_time = input.get("time").and_then(Value::as_str).and_then(|t| super::time::parse_rfc3339(t).ok());
-        if let Some(micros) = event_time {
-            let time = format_micros(micros);
-            alert.first_seen = time.clone();
-            alert.last_seen = time.clone();
-            alert.time = time;
-        }
-        alert.rule = Some(RuleRef { id: hit.rule_id.clone(), title: hit.title.clone() });
-        alert.mitre = hit.mitre.clone();
-        alert.action = hit.action;
+        let mut alert = Alert::new(AlertKind::Rule, hit.severity, hit.message.clone()).with_hit(hit, event_time.map(format_micros), input);
         alert.node = str_field(input, "node").unwrap_or_default();
         alert.pod = pod_from_input(input);
         alert.process = process_from_input(input);
-        alert.event = Some(input.clone());
         alert
+    }
+
+    /// The rule hit's part of its alert: rule, MITRE ids, action, the event's time (when known)
+    /// and the input as evidence.
+    fn with_hit(mut self, hit: &RuleHit, time: Option<String>, input: &Value) -> Alert {
+        if let Some(time) = time {
+            self.first_seen = time.clone();
+            self.last_seen = time.clone();
+            self.time = time;
+        }
+        self.rule = Some(RuleRef { id: hit.rule_id.clone(), title: hit.title.clone() });
+        self.mitre = hit.mitre.clone();
+        self.action = hit.action;
+        self.event = Some(input.clone());
+        self
     }
 
     pub fn with_outcome(mut self, outcome: Outcome, reason: Option<String>) -> Alert {
@@ -421,6 +471,72 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn shell_hit() -> RuleHit {
+        RuleHit {
+            rule_id: "shell_in_container".into(),
+            title: "Shell in container".into(),
+            severity: Severity::High,
+            message: "shell started".into(),
+            mitre: vec!["T1059".into()],
+            action: Action::Quarantine,
+        }
+    }
+
+    /// The daemon builds rule alerts from the event's typed context: the alert must be the one
+    /// the recorded input describes, with strings a process controls (comm, argv, exe with
+    /// quotes, newlines and a fake JSON tail) carried as they are, never re-parsed into fields.
+    #[test]
+    fn typed_context_gives_the_alert_the_input_describes() {
+        use std::sync::Arc;
+
+        use crate::events::decode::{Event, EventData, ExitData, Header};
+        use crate::events::enrich::{Ancestor, EnrichedEvent, ProcessDetails};
+        use crate::events::input::{Clock, to_input};
+
+        let hostile = "sh\"\n{\"pod\":{\"namespace\":\"kube-system\"}}";
+        let event = Event {
+            header: Header {
+                ktime_ns: 1_000_000_123_456,
+                cgroup_id: 77,
+                kind: crate::events::kind::EventKind::Exit,
+                source: "tracepoint",
+                pid: 42,
+                tid: 43,
+                ppid: 1,
+                uid: 1000,
+                gid: 1000,
+                euid: 0,
+                egid: 0,
+                comm: hostile.into(),
+                truncated: false,
+            },
+            data: EventData::Exit(ExitData { exit_code: 0 }),
+        };
+        let pod = PodRef { namespace: "shop".into(), name: "web-1".into(), labels: [("app".into(), "web".into())].into(), service_account: None };
+        let details = ProcessDetails {
+            exe: Some(format!("/tmp/{hostile}")),
+            cmdline: vec![hostile.into(), "-c".into(), "id".into()],
+            ancestors: vec![Ancestor { pid: 1, comm: "init".into(), exe: Some("/sbin/init".into()) }],
+            ..ProcessDetails::default()
+        };
+        let enriched = EnrichedEvent { event, pod: Some(Arc::new(pod)), process: Arc::new(details) };
+        let clock = Clock::new();
+        let input = to_input(&enriched, &clock, "node-a");
+        let context = EventContext::of(&enriched, &clock);
+        let hit = shell_hit();
+        let typed = Alert::for_rule_hit(&hit, "node-a", &context, &input);
+        let mut recorded = Alert::from_rule_hit(&hit, &input);
+        recorded.id = typed.id.clone();
+        assert_eq!(typed, recorded);
+        assert_eq!(typed.pod.as_ref().map(PodInfo::qualified).as_deref(), Some("shop/web-1"));
+        assert_eq!(typed.process.as_ref().and_then(|p| p.comm.as_deref()), Some(hostile));
+
+        // Outside any pod: no pod, the process still named.
+        let outside = EventContext { pod: None, ..context };
+        let alert = Alert::about_event(AlertKind::RuleError, Severity::High, "x", "node-a", &outside);
+        assert_eq!((alert.pod, alert.process.map(|p| p.pid)), (None, Some(42)));
+    }
+
     #[test]
     fn from_rule_hit_takes_pod_process_and_evidence() {
         let input = json!({
@@ -429,14 +545,7 @@ mod tests {
             "process": {"pid": 42, "comm": "sh", "exe": "/bin/sh", "cmdline": ["sh", "-c", "id"], "uid": 0,
                         "ancestors": [{"pid": 1, "comm": "init", "exe": "/sbin/init"}]},
         });
-        let hit = RuleHit {
-            rule_id: "shell_in_container".into(),
-            title: "Shell in container".into(),
-            severity: Severity::High,
-            message: "shell started".into(),
-            mitre: vec!["T1059".into()],
-            action: Action::Quarantine,
-        };
+        let hit = shell_hit();
         let alert = Alert::from_rule_hit(&hit, &input);
         assert_eq!(alert.node, "node-a");
         assert_eq!(alert.pod.as_ref().map(PodInfo::qualified).as_deref(), Some("shop/web-1"));

@@ -89,53 +89,45 @@ impl From<&crate::inventory::Endpoint> for PodKey {
     }
 }
 
-/// A cgroup v2 id (the cgroup directory's inode number): what the kernel stamps on every event
-/// and what the datapath maps are keyed by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct CgroupId(pub u64);
+/// A numeric id newtype: the number on the wire (serde transparent), typed in the code.
+macro_rules! numeric_id {
+    ($(#[$doc:meta])* $name:ident($int:ty)) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub $int);
 
-impl CgroupId {
-    pub fn get(self) -> u64 {
-        self.0
-    }
+        impl $name {
+            pub fn get(self) -> $int {
+                self.0
+            }
+        }
+
+        impl From<$int> for $name {
+            fn from(id: $int) -> $name {
+                $name(id)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
 }
 
-impl From<u64> for CgroupId {
-    fn from(id: u64) -> CgroupId {
-        CgroupId(id)
-    }
-}
+numeric_id!(
+    /// A cgroup v2 id (the cgroup directory's inode number): what the kernel stamps on every
+    /// event and what the datapath maps are keyed by.
+    CgroupId(u64)
+);
 
-impl fmt::Display for CgroupId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// A segmentation endpoint id (the compiler's stable per-pod number in the datapath maps; 0
-/// means "no local endpoint").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct EndpointId(pub u32);
-
-impl EndpointId {
-    pub fn get(self) -> u32 {
-        self.0
-    }
-}
-
-impl From<u32> for EndpointId {
-    fn from(id: u32) -> EndpointId {
-        EndpointId(id)
-    }
-}
-
-impl fmt::Display for EndpointId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+numeric_id!(
+    /// A segmentation endpoint id (the compiler's stable per-pod number in the datapath maps; 0
+    /// means "no local endpoint").
+    EndpointId(u32)
+);
 
 #[cfg(test)]
 mod tests {

@@ -113,7 +113,7 @@ pub fn cancel_alert(record: &CancelRecord) -> Alert {
 /// Serves the rate-limit queue for the daemon's lifetime: applies queued quarantines as soon as
 /// the token buckets allow (waking when `next_due` says, at least every second) and writes an
 /// alert for each outcome.
-pub fn spawn_queue_worker(service: QuarantineService, alerts: AlertSink, metrics: crate::api::Metrics) -> tokio::task::JoinHandle<()> {
+pub fn spawn_queue_worker(service: QuarantineService, alerts: AlertSink, metrics: crate::metrics::Metrics) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let wait = service.blocking(|s| s.next_due()).await.unwrap_or(QUEUE_IDLE_CHECK);

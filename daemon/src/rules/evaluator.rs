@@ -9,6 +9,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use super::RulesError;
 use super::model::{RuleFailure, RuleHit};
 use super::pack::{RulePack, Session};
+use crate::events::context::EventContext;
 
 /// The rule pack in force. A swap replaces the whole pack at once: an evaluation holds an `Arc`
 /// of the pack it started with, so no event ever sees a half-loaded pack.
@@ -57,6 +58,9 @@ impl PackHandle {
 #[derive(Debug)]
 pub struct Evaluation {
     pub input: serde_json::Value,
+    /// The event's typed context, as submitted (`submit_with`): the responder and the alert
+    /// builder read the pod and process from it, not back out of `input`.
+    pub context: Option<Arc<EventContext>>,
     /// The hits of the rules that ran (or why the event could not be evaluated at all).
     pub hits: Result<Vec<RuleHit>, RulesError>,
     /// Rules that could not judge this event (over budget or an error); the others still ran.
@@ -81,10 +85,13 @@ impl Default for EvaluatorConfig {
     }
 }
 
+/// One queued event: its input and, from the daemon's pipeline, its typed context.
+type Job = (serde_json::Value, Option<Arc<EventContext>>);
+
 /// N threads, each with its own engine session, fed through one bounded queue. Results go to
 /// the sink given at start (`RuleEvaluator::start` makes it a channel).
 pub struct RuleEvaluator {
-    jobs: Option<Sender<serde_json::Value>>,
+    jobs: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -109,7 +116,7 @@ impl RuleEvaluator {
         config: EvaluatorConfig,
         sink: impl Fn(Evaluation) + Send + Sync + 'static,
     ) -> Result<RuleEvaluator, RulesError> {
-        let (jobs_tx, jobs_rx) = bounded::<serde_json::Value>(config.queue.max(1));
+        let (jobs_tx, jobs_rx) = bounded::<Job>(config.queue.max(1));
         let sink = Arc::new(sink);
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
@@ -129,7 +136,14 @@ impl RuleEvaluator {
     /// Queues an event, waiting while the queue is full.
     pub fn submit(&self, input: serde_json::Value) -> Result<(), RulesError> {
         let jobs = self.jobs.as_ref().ok_or(RulesError::Closed)?;
-        jobs.send(input).map_err(|_| RulesError::Closed)
+        jobs.send((input, None)).map_err(|_| RulesError::Closed)
+    }
+
+    /// [`RuleEvaluator::submit`] with the event's typed context, handed back in its
+    /// [`Evaluation`].
+    pub fn submit_with(&self, input: serde_json::Value, context: Arc<EventContext>) -> Result<(), RulesError> {
+        let jobs = self.jobs.as_ref().ok_or(RulesError::Closed)?;
+        jobs.send((input, Some(context))).map_err(|_| RulesError::Closed)
     }
 
     /// Queues an event if there is room; gives it back when the queue is full, so the caller
@@ -138,9 +152,9 @@ impl RuleEvaluator {
         let Some(jobs) = self.jobs.as_ref() else {
             return Err((input, RulesError::Closed));
         };
-        jobs.try_send(input).map_err(|e| match e {
-            TrySendError::Full(input) => (input, RulesError::QueueFull),
-            TrySendError::Disconnected(input) => (input, RulesError::Closed),
+        jobs.try_send((input, None)).map_err(|e| match e {
+            TrySendError::Full((input, _)) => (input, RulesError::QueueFull),
+            TrySendError::Disconnected((input, _)) => (input, RulesError::Closed),
         })
     }
 
@@ -172,13 +186,13 @@ impl Drop for RuleEvaluator {
 
 fn worker_loop(
     handle: &PackHandle,
-    jobs: &Receiver<serde_json::Value>,
+    jobs: &Receiver<Job>,
     send_empty: bool,
     sink: &(dyn Fn(Evaluation) + Send + Sync),
 ) {
     let mut pack = handle.current();
     let mut session: Option<Session> = None;
-    while let Ok(input) = jobs.recv() {
+    while let Ok((input, context)) = jobs.recv() {
         // One atomic load per event; the session is rebuilt only when a new pack is in force.
         if pack.generation() != handle.generation() {
             pack = handle.current();
@@ -188,7 +202,7 @@ fn worker_loop(
             match pack.session() {
                 Ok(s) => session = Some(s),
                 Err(e) => {
-                    sink(Evaluation { input, hits: Err(e), failures: Vec::new(), pack_generation: pack.generation() });
+                    sink(Evaluation { input, context, hits: Err(e), failures: Vec::new(), pack_generation: pack.generation() });
                     continue;
                 }
             }
@@ -199,7 +213,7 @@ fn worker_loop(
             Err(e) => (Err(e), Vec::new()),
         };
         if send_empty || !failures.is_empty() || !matches!(&hits, Ok(h) if h.is_empty()) {
-            sink(Evaluation { input, hits, failures, pack_generation: pack.generation() });
+            sink(Evaluation { input, context, hits, failures, pack_generation: pack.generation() });
         }
     }
 }
