@@ -509,6 +509,7 @@ mod tests {
                 egid: 0,
                 comm: hostile.into(),
                 truncated: false,
+                start_ns: 0,
             },
             data: EventData::Exit(ExitData { exit_code: 0 }),
         };
