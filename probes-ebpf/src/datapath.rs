@@ -750,9 +750,7 @@ fn probe(endpoint_id: u32, direction: u32, peer: u32, proto_port: u32, plens: u3
 /// next record). `direction_reason` packs path << 16 | direction << 8 | reason (PATH_IP is 0).
 #[inline(never)]
 pub(crate) fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_identity: u32, cgroup_id: u64) {
-    let path = (direction_reason >> 16) as u8;
     let direction = (direction_reason >> 8) as u8;
-    let reason = direction_reason as u8;
     let Some((now, suppressed)) = admit(endpoint_id) else {
         return;
     };
@@ -762,12 +760,38 @@ pub(crate) fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_iden
     };
     let egress = direction == DIRECTION_EGRESS;
     let e = unsafe { &mut *entry.as_mut_ptr() };
+    fill_verdict_header(e, now, cgroup_id, 0, direction_reason, endpoint_id, peer_identity, suppressed);
+    e.local_addr = if egress { p.src } else { p.dst };
+    e.peer_addr = if egress { p.dst } else { p.src };
+    e.local_port = if egress { p.sport } else { p.dport };
+    e.peer_port = if egress { p.dport } else { p.sport };
+    e.protocol = p.protocol;
+    entry.submit(0);
+}
+
+/// Fills a verdict record's header and its verdict fields (everything but the packet's addresses,
+/// ports and protocol), for the cgroup_skb programs (`report`) and the socket-creation hooks and
+/// the TC backstop (`escape.rs`) alike. `pid_tgid` is 0 where no task is known (packets);
+/// `direction_reason` packs path << 16 | direction << 8 | reason, as `report` takes it. The comm
+/// is zeroed (the socket hooks then read the task's).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fill_verdict_header(
+    e: &mut PolicyVerdictEvent,
+    now: u64,
+    cgroup_id: u64,
+    pid_tgid: u64,
+    direction_reason: u32,
+    endpoint_id: u32,
+    peer_identity: u32,
+    suppressed: u32,
+) {
     e.header.ktime_ns = now;
     e.header.cgroup_id = cgroup_id;
     e.header.kind = KIND_POLICY_VERDICT;
     e.header.source = SOURCE_DATAPATH;
-    e.header.pid = 0;
-    e.header.tid = 0;
+    e.header.pid = (pid_tgid >> 32) as u32;
+    e.header.tid = pid_tgid as u32;
     e.header.ppid = 0;
     e.header.uid = 0;
     e.header.gid = 0;
@@ -776,19 +800,13 @@ pub(crate) fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_iden
     e.header.flags = 0;
     e.header.comm = [0; 16];
     e.header.start_ns = 0;
-    e.local_addr = if egress { p.src } else { p.dst };
-    e.peer_addr = if egress { p.dst } else { p.src };
-    e.local_port = if egress { p.sport } else { p.dport };
-    e.peer_port = if egress { p.dport } else { p.sport };
-    e.protocol = p.protocol;
-    e.direction = direction;
-    e.reason = reason;
-    e.path = path;
+    e.direction = (direction_reason >> 8) as u8;
+    e.reason = direction_reason as u8;
+    e.path = (direction_reason >> 16) as u8;
     e.endpoint_id = endpoint_id;
     e.peer_identity = peer_identity;
     e.suppressed = suppressed;
     e._pad2 = 0;
-    entry.submit(0);
 }
 
 /// The per-endpoint record budget: Some((now, denials held back since the last record)) when a

@@ -27,13 +27,13 @@ use aya_ebpf::{
     programs::{LsmContext, SockContext, TcContext},
 };
 use palisade_common::{
-    BackstopValue, CNT_DENIED_QUARANTINE, IpAddrKey, DIRECTION_EGRESS, DIRECTION_INGRESS, KIND_POLICY_VERDICT,
+    BackstopValue, CNT_DENIED_QUARANTINE, IpAddrKey, DIRECTION_EGRESS, DIRECTION_INGRESS,
     PATH_BACKSTOP, PATH_SOCKET_CREATE, PolicyVerdictEvent, QuarantineValue,
-    REASON_QUARANTINE, SEG_MAX_BACKSTOP, SOURCE_DATAPATH,
+    REASON_QUARANTINE, SEG_MAX_BACKSTOP,
 };
 
 use crate::datapath::{
-    Pkt, SEG_EVENTS, SEG_FORENSICS, SEG_QUARANTINE, admit, count, quarantine_in_hierarchy, nd_exempt, parse, path_bits,
+    Pkt, SEG_EVENTS, SEG_FORENSICS, SEG_QUARANTINE, admit, count, fill_verdict_header, quarantine_in_hierarchy, nd_exempt, parse, path_bits,
     quarantine_exempt, report,
 };
 
@@ -120,34 +120,16 @@ fn report_socket(cgroup_id: u64, endpoint_id: u32, family: u16, kind: u16, proto
     };
     let e = unsafe { &mut *entry.as_mut_ptr() };
     let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
-    e.header.ktime_ns = now;
-    e.header.cgroup_id = cgroup_id;
-    e.header.kind = KIND_POLICY_VERDICT;
-    e.header.source = SOURCE_DATAPATH;
-    e.header.pid = (pid_tgid >> 32) as u32;
-    e.header.tid = pid_tgid as u32;
-    e.header.ppid = 0;
-    e.header.uid = 0;
-    e.header.gid = 0;
-    e.header.euid = 0;
-    e.header.egid = 0;
-    e.header.flags = 0;
-    e.header.comm = [0; 16];
-    e.header.start_ns = 0;
+    let direction_reason = path_bits(PATH_SOCKET_CREATE) | ((DIRECTION_EGRESS as u32) << 8) | REASON_QUARANTINE as u32;
+    fill_verdict_header(e, now, cgroup_id, pid_tgid, direction_reason, endpoint_id, 0, suppressed);
     // SAFETY: the helper writes at most 16 bytes into the 16-byte array.
     unsafe { bpf_get_current_comm(e.header.comm.as_mut_ptr().cast(), 16) };
+    // A socket has no addresses yet: the record carries the socket's family and type instead.
     e.local_addr = [0; 16];
     e.peer_addr = [0; 16];
     e.local_port = family;
     e.peer_port = kind;
     e.protocol = protocol;
-    e.direction = DIRECTION_EGRESS;
-    e.reason = REASON_QUARANTINE;
-    e.path = PATH_SOCKET_CREATE;
-    e.endpoint_id = endpoint_id;
-    e.peer_identity = 0;
-    e.suppressed = suppressed;
-    e._pad2 = 0;
     entry.submit(0);
 }
 
