@@ -1,6 +1,6 @@
 //! Exports: JSON lines on stdout for log shippers, Falco's JSON output shape (so falcosidekick
 //! and pipelines built for Falco take palisade alerts as they are), and an HTTP webhook with
-//! retries, exponential backoff and a bounded queue whose overflow is counted.
+//! retries, exponential backoff and a bounded queue whose overflow is counted (alerts/webhook.rs).
 //!
 //! Every exporter has its own bounded queue: a slow consumer never slows the alert writer, and
 //! what it cannot take is counted (stats, metrics), never silently lost.
@@ -8,23 +8,18 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::render::harden_json;
 use super::schema::Alert;
 use crate::metrics::Metrics;
 use crate::rules::model::Severity;
+pub use super::webhook::WebhookExporter;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExportError {
-    #[error("bad webhook URL {0:?}: want http://host[:port][/path] (https is not supported; put a local relay in front)")]
-    BadUrl(String),
     #[error("bad export format {0:?}: want json or falco")]
     BadFormat(String),
 }
@@ -149,6 +144,8 @@ pub struct ExportCounters {
     pub failed: AtomicU64,
     pub dropped: AtomicU64,
     pub retried: AtomicU64,
+    /// Deliveries that failed in the TLS handshake (also counted in `failed`).
+    pub tls_errors: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +155,9 @@ pub struct ExportStats {
     /// Refused because the exporter's queue was full.
     pub dropped: u64,
     pub retried: u64,
+    /// Failed in the TLS handshake: the receiver's certificate did not verify (also in `failed`).
+    #[serde(default)]
+    pub tls_errors: u64,
 }
 
 impl ExportCounters {
@@ -167,6 +167,7 @@ impl ExportCounters {
             failed: self.failed.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             retried: self.retried.load(Ordering::Relaxed),
+            tls_errors: self.tls_errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -240,197 +241,10 @@ impl StdoutExporter {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct WebhookConfig {
-    /// `http://host[:port][/path]`.
-    pub url: String,
-    pub format: ExportFormat,
-    /// Extra request headers, e.g. `Authorization`.
-    pub headers: Vec<(String, String)>,
-    pub queue_capacity: usize,
-    /// Attempts per alert, the first included.
-    pub max_attempts: u32,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    pub timeout: Duration,
-}
-
-impl WebhookConfig {
-    pub fn new(url: impl Into<String>) -> WebhookConfig {
-        WebhookConfig {
-            url: url.into(),
-            format: ExportFormat::Json,
-            headers: Vec::new(),
-            queue_capacity: 1024,
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(30),
-            timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpUrl {
-    /// `host:port` to connect to.
-    pub authority: String,
-    /// The Host header.
-    pub host: String,
-    pub path: String,
-}
-
-pub fn parse_http_url(url: &str) -> Result<HttpUrl, ExportError> {
-    let bad = || ExportError::BadUrl(url.to_string());
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
-    let (host_port, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if host_port.is_empty() || host_port.contains('@') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad());
-    }
-    let has_port = match host_port.rfind(']') {
-        Some(close) => host_port[close..].contains(':'),
-        None => host_port.contains(':'),
-    };
-    let authority = if has_port { host_port.to_string() } else { format!("{host_port}:80") };
-    Ok(HttpUrl { authority, host: host_port.to_string(), path: path.to_string() })
-}
-
-/// POSTs each alert to an HTTP endpoint, retrying with exponential backoff.
-#[derive(Clone)]
-pub struct WebhookExporter {
-    tx: mpsc::Sender<Bytes>,
-    counters: Arc<ExportCounters>,
-    format: ExportFormat,
-    metrics: Option<Metrics>,
-}
-
-impl WebhookExporter {
-    /// Starts the sender task on the current tokio runtime.
-    pub fn start(config: WebhookConfig, metrics: Option<Metrics>) -> Result<WebhookExporter, ExportError> {
-        let url = parse_http_url(&config.url)?;
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
-        let counters = Arc::new(ExportCounters::default());
-        let exporter = WebhookExporter { tx, counters: counters.clone(), format: config.format, metrics: metrics.clone() };
-        tokio::spawn(webhook_sender(config, url, rx, counters, metrics));
-        Ok(exporter)
-    }
-
-    pub fn offer(&self, alert: &Alert) {
-        let body = Bytes::from(format_line(alert, self.format));
-        if self.tx.try_send(body).is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            if let Some(m) = &self.metrics {
-                m.record_export("webhook", "dropped");
-            }
-        }
-    }
-
-    pub fn stats(&self) -> ExportStats {
-        self.counters.snapshot()
-    }
-}
-
-#[derive(Debug)]
-enum PostError {
-    /// Worth trying again: connection trouble, timeouts, 5xx, 429.
-    Transient(String),
-    /// Not: other 4xx (the receiver will not change its mind).
-    Permanent(String),
-}
-
-async fn webhook_sender(
-    config: WebhookConfig,
-    url: HttpUrl,
-    mut rx: mpsc::Receiver<Bytes>,
-    counters: Arc<ExportCounters>,
-    metrics: Option<Metrics>,
-) {
-    let record = |result: &str| {
-        if let Some(m) = &metrics {
-            m.record_export("webhook", result);
-        }
-    };
-    while let Some(body) = rx.recv().await {
-        let mut backoff = config.initial_backoff;
-        let mut attempt = 1;
-        loop {
-            match post_once(&config, &url, body.clone()).await {
-                Ok(()) => {
-                    counters.sent.fetch_add(1, Ordering::Relaxed);
-                    record("sent");
-                    break;
-                }
-                Err(PostError::Transient(err)) if attempt < config.max_attempts => {
-                    tracing::debug!(%err, attempt, url = %config.url, "webhook post failed; retrying");
-                    counters.retried.fetch_add(1, Ordering::Relaxed);
-                    record("retried");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(config.max_backoff);
-                    attempt += 1;
-                }
-                Err(PostError::Transient(err) | PostError::Permanent(err)) => {
-                    tracing::warn!(%err, attempts = attempt, url = %config.url, "webhook gave up on an alert");
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    record("failed");
-                    break;
-                }
-            }
-        }
-    }
-}
-
-async fn post_once(config: &WebhookConfig, url: &HttpUrl, body: Bytes) -> Result<(), PostError> {
-    let attempt = async {
-        let stream = tokio::net::TcpStream::connect(&url.authority)
-            .await
-            .map_err(|e| PostError::Transient(format!("connect {}: {e}", url.authority)))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| PostError::Transient(format!("handshake: {e}")))?;
-        let conn_task = tokio::spawn(conn);
-        let mut request = hyper::Request::post(url.path.as_str())
-            .header(hyper::header::HOST, url.host.as_str())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::USER_AGENT, concat!("palisade/", env!("CARGO_PKG_VERSION")));
-        for (k, v) in &config.headers {
-            request = request.header(k.as_str(), v.as_str());
-        }
-        let request = request.body(Full::new(body)).map_err(|e| PostError::Permanent(format!("request: {e}")))?;
-        let response = sender.send_request(request).await.map_err(|e| PostError::Transient(format!("send: {e}")))?;
-        let status = response.status();
-        // Read the body so the connection ends cleanly; its content does not matter.
-        let _ = response.into_body().collect().await;
-        conn_task.abort();
-        if status.is_success() {
-            Ok(())
-        } else if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-            Err(PostError::Transient(format!("HTTP {status}")))
-        } else {
-            Err(PostError::Permanent(format!("HTTP {status}")))
-        }
-    };
-    match tokio::time::timeout(config.timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(PostError::Transient(format!("no answer within {:?}", config.timeout))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::alerts::schema::{AlertKind, PodInfo, ProcessInfo};
-
-    #[test]
-    fn urls() {
-        let u = parse_http_url("http://127.0.0.1:2801/hook").unwrap();
-        assert_eq!((u.authority.as_str(), u.host.as_str(), u.path.as_str()), ("127.0.0.1:2801", "127.0.0.1:2801", "/hook"));
-        assert_eq!(parse_http_url("http://sidekick").unwrap().authority, "sidekick:80");
-        assert_eq!(parse_http_url("http://[::1]").unwrap().authority, "[::1]:80");
-        assert!(parse_http_url("https://x").is_err());
-        assert!(parse_http_url("http://u:p@x/").is_err());
-    }
 
     #[test]
     fn falco_shape() {

@@ -1,6 +1,6 @@
 //! The alert stream: the versioned alert record, the durable JSONL log (one writer task,
 //! bounded queue, rotation, retention, burst aggregation, live broadcast), queries over the log,
-//! rendering for terminals, exports (stdout, Falco JSON, webhook) and the `palisade alerts` CLI.
+//! rendering for terminals, exports (stdout, Falco JSON, an http(s) webhook) and the `palisade alerts` CLI.
 //! docs/alerts.md documents the schema and the operator's view.
 pub mod aggregate;
 pub mod cli;
@@ -11,10 +11,12 @@ pub mod query;
 pub mod render;
 pub mod schema;
 pub mod time;
+pub mod webhook;
 
 use std::path::{Path, PathBuf};
 
-pub use export::{ExportFormat, Exports, StdoutExporter, WebhookConfig, WebhookExporter};
+pub use export::{ExportFormat, Exports, StdoutExporter};
+pub use webhook::{WebhookConfig, WebhookExporter};
 pub use log::{AlertLog, AlertLogConfig, AlertLogStats, AlertSink, LOG_FILE_NAME};
 pub use options::AlertOptions;
 pub use query::AlertQuery;

@@ -1,12 +1,13 @@
 //! The daemon's alert, export and metrics options (`#[command(flatten)]` them into `RunArgs`),
 //! and starting the writer and exporters from them.
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 
-use super::export::{ExportError, ExportFormat, Exports, StdoutExporter, WebhookConfig, WebhookExporter};
+use super::export::{ExportFormat, Exports, StdoutExporter};
+use super::webhook::{self, WebhookConfig, WebhookError, WebhookExporter};
 use super::log::{AlertLog, AlertLogConfig, AlertSink};
 use super::time::parse_duration;
 use crate::metrics::{DEFAULT_METRICS_ADDR, Metrics};
@@ -23,13 +24,28 @@ pub struct AlertOptions {
     /// falco (Falco's JSON output shape).
     #[arg(long, value_name = "FORMAT")]
     pub alerts_stdout: Option<ExportFormat>,
-    /// POST every alert to this http:// URL (e.g. falcosidekick), with retries and backoff.
+    /// POST every alert to this http:// or https:// URL (e.g. falcosidekick), with retries and
+    /// backoff.
     #[arg(long, value_name = "URL")]
     pub webhook: Option<String>,
+    /// PEM bundle of the CAs that sign the https webhook's certificate (default: the system's).
+    #[arg(long, value_name = "FILE")]
+    pub webhook_ca: Option<PathBuf>,
+    /// PEM client certificate chain for an https webhook that asks for one.
+    #[arg(long, value_name = "FILE", requires = "webhook_client_key")]
+    pub webhook_client_cert: Option<PathBuf>,
+    /// PEM private key of --webhook-client-cert.
+    #[arg(long, value_name = "FILE", requires = "webhook_client_cert")]
+    pub webhook_client_key: Option<PathBuf>,
+    /// Extra webhook headers from a file, one `Name: value` per line (`#` comments): mount a
+    /// Secret here for tokens. The variable PALISADE_WEBHOOK_HEADERS (same format) is read too.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_header_file: Option<PathBuf>,
     /// Webhook body format: json or falco.
     #[arg(long, default_value = "json")]
     pub webhook_format: ExportFormat,
-    /// Extra webhook header, `Name: value` (repeatable).
+    /// Extra webhook header, `Name: value` (repeatable). Visible to every local user in the
+    /// process's command line: use --webhook-header-file or PALISADE_WEBHOOK_HEADERS for secrets.
     #[arg(long, value_name = "HEADER")]
     pub webhook_header: Vec<String>,
     /// Alerts the webhook queue holds while the receiver is slow; overflow is counted.
@@ -66,10 +82,9 @@ impl AlertOptions {
             let mut config = WebhookConfig::new(url.clone());
             config.format = self.webhook_format;
             config.queue_capacity = self.webhook_queue;
-            for header in &self.webhook_header {
-                let (name, value) = header.split_once(':').ok_or_else(|| StartError::BadHeader(header.clone()))?;
-                config.headers.push((name.trim().to_string(), value.trim().to_string()));
-            }
+            config.ca_file = self.webhook_ca.clone();
+            config.client_cert = self.webhook_client_cert.clone().zip(self.webhook_client_key.clone());
+            config.headers = self.webhook_headers(std::env::var(webhook::HEADERS_ENV).ok().as_deref())?;
             exports.webhook = Some(WebhookExporter::start(config, Some(metrics.clone()))?);
         }
         let mut config = AlertLogConfig::new(state_dir, node);
@@ -83,12 +98,36 @@ impl AlertOptions {
     }
 }
 
+impl AlertOptions {
+    /// The webhook's headers: --webhook-header, then the header file, then `env_headers` (the
+    /// value of PALISADE_WEBHOOK_HEADERS). A secret-looking header on the command line is
+    /// accepted with a warning.
+    pub fn webhook_headers(&self, env_headers: Option<&str>) -> Result<Vec<(String, String)>, WebhookError> {
+        let mut headers = Vec::new();
+        for (i, header) in self.webhook_header.iter().enumerate() {
+            let (name, value) = webhook::parse_header("--webhook-header", i + 1, header)?;
+            if ["authorization", "proxy-authorization", "x-api-key"].contains(&name.to_ascii_lowercase().as_str()) || name.to_ascii_lowercase().contains("token") {
+                tracing::warn!(header = %name, "a webhook credential given with --webhook-header is readable by every local user in /proc/<pid>/cmdline; use --webhook-header-file or {}", webhook::HEADERS_ENV);
+            }
+            headers.push((name, value));
+        }
+        if let Some(path) = &self.webhook_header_file {
+            headers.extend(webhook::read_header_file(path)?);
+        }
+        if let Some(text) = env_headers {
+            if text.len() as u64 > webhook::MAX_HEADER_SOURCE_BYTES {
+                return Err(WebhookError::File { path: webhook::HEADERS_ENV.into(), reason: "too long".into() });
+            }
+            headers.extend(webhook::parse_header_lines(webhook::HEADERS_ENV, text)?);
+        }
+        Ok(headers)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("bad --webhook-header {0:?}: want `Name: value`")]
-    BadHeader(String),
     #[error(transparent)]
-    Export(#[from] ExportError),
+    Webhook(#[from] WebhookError),
     #[error(transparent)]
     Alerts(#[from] super::AlertsError),
 }
