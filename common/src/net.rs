@@ -34,8 +34,11 @@ pub const MAP_SEG_CT_CONFIG: &str = "SEG_CT_CONFIG";
 pub const MAP_SEG_CT_PODS: &str = "SEG_CT_PODS";
 pub const MAP_SEG_BACKSTOP: &str = "SEG_BACKSTOP";
 pub const MAP_SEG_CGROUPS: &str = "SEG_CGROUPS";
+/// The drop-record budget of cgroups that are no endpoint (yet), by cgroup id: each unknown pod
+/// has its own, as each endpoint has one in SEG_DENY_RATE.
+pub const MAP_SEG_DENY_RATE_CGROUP: &str = "SEG_DENY_RATE_CGROUP";
 /// Every datapath map, in the order the user side pins them.
-pub const SEG_MAPS: [&str; 14] = [
+pub const SEG_MAPS: [&str; 15] = [
     MAP_SEG_QUARANTINE,
     MAP_SEG_FORENSICS,
     MAP_SEG_IPCACHE,
@@ -50,6 +53,7 @@ pub const SEG_MAPS: [&str; 14] = [
     MAP_SEG_CT_PODS,
     MAP_SEG_BACKSTOP,
     MAP_SEG_CGROUPS,
+    MAP_SEG_DENY_RATE_CGROUP,
 ];
 
 pub const PROG_SEG_INGRESS: &str = "seg_ingress";

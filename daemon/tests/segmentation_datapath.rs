@@ -733,6 +733,50 @@ fn a_new_pod_below_the_pods_parent_gets_nothing_out_before_its_endpoint_is_writt
     assert!(lab.connects("frontend-2", "backend-1", 8080), "after its endpoint is written, its allowed flow passes");
 }
 
+/// Two pods below the pods parent with no endpoint yet: one floods (its drops spend its record
+/// budget), the other sends once. Its drop is still recorded: each unknown pod has its own
+/// budget (keyed by cgroup id), as each endpoint has one. Before, every record of no endpoint
+/// was budgeted as endpoint id 0, so one unknown pod's flood hid the others' records.
+#[test]
+fn an_unknown_pods_flood_does_not_spend_another_unknown_pods_record_budget() {
+    if !kernel_or_skip("an_unknown_pods_flood_does_not_spend_another_unknown_pods_record_budget") {
+        return;
+    }
+    let mut lab = Lab::new("ub", &[("backend-1", "198.18.2.27")]);
+    lab.serve("backend-1", &[8080]);
+    let labels = [("backend-1", "backend")];
+    let mut bpf = datapath::load(None).expect("load eBPF object");
+    let ring = bpf.take_map(palisade_common::MAP_SEG_EVENTS).expect("SEG_EVENTS");
+    let mut ring = aya::maps::RingBuf::try_from(ring).expect("ring buffer");
+    let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
+    // Two records per window and cgroup/endpoint: the flood spends its budget at once.
+    Datapath::set_denied_events(&mut bpf, true, 2).expect("records on");
+    let seg = Segmentation::new(lab.inventory(&labels), webapp_policy());
+    dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    dp.sync_cgroups(&mut bpf, &lab.cgroup_entries(seg.compiled())).expect("cgroups");
+    dp.attach(&mut bpf, &lab.cgroup_root).expect("attach at the parent");
+
+    lab.add_pod("flooder", "198.18.1.17");
+    lab.add_pod("quiet", "198.18.1.18");
+    let backend = lab.pod("backend-1").ip.clone();
+    let flood = lab.cmd("flooder", &["connect_loop", &backend, "8080", "2.0"]).stdout(Stdio::piped()).spawn().expect("flood");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!lab.connects("quiet", "backend-1", 8080), "a pod with no endpoint gets nothing out");
+    let out = flood.wait_with_output().expect("flood");
+    let tries: u32 = String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("tries");
+    assert!(tries > 4, "the flooder tried more often than its budget allows ({tries})");
+
+    let records = drop_records(&mut ring);
+    let (flooder, quiet) = (
+        datapath::cgroup_id(&lab.pod("flooder").cgroup_abs).expect("cgroup id"),
+        datapath::cgroup_id(&lab.pod("quiet").cgroup_abs).expect("cgroup id"),
+    );
+    let of = |cg: u64| records.iter().filter(|(path, _, c)| *path == palisade_common::PATH_UNKNOWN_ENDPOINT && *c == cg).count();
+    assert!(of(flooder) > 0, "the flooder's drops are recorded: {records:?}");
+    assert!(of(flooder) < tries as usize, "within its budget, not one record per drop ({tries} tries): {records:?}");
+    assert!(of(quiet) > 0, "the quiet pod's drop is recorded despite the flood next to it: {records:?}");
+}
+
 /// A pod that is not quarantined but isolated by a policy sends a packet the datapath cannot
 /// parse (IP version 7 on a raw socket): dropped (the sender gets EPERM) and recorded as
 /// unparsed; a pod that no policy isolates still may.

@@ -73,6 +73,11 @@ static SEG_CT_PODS: LruHashMap<u32, CtPodUsage> = LruHashMap::with_max_entries(S
 #[map]
 pub(crate) static SEG_DENY_RATE: LruHashMap<u32, DenyRateState> = LruHashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
 
+/// The record budget of drops that belong to no endpoint (a pod below the pods parent whose
+/// endpoint is not written yet), per cgroup: one unknown pod's flood never spends another's.
+#[map]
+static SEG_DENY_RATE_CGROUP: LruHashMap<u64, DenyRateState> = LruHashMap::with_max_entries(SEG_MAX_ENDPOINTS, 0);
+
 #[map]
 pub(crate) static SEG_EVENTS: RingBuf = RingBuf::with_byte_size(SEG_EVENTS_RINGBUF_BYTES, 0);
 
@@ -751,7 +756,7 @@ fn probe(endpoint_id: u32, direction: u32, peer: u32, proto_port: u32, plens: u3
 #[inline(never)]
 pub(crate) fn report(p: &Pkt, direction_reason: u32, endpoint_id: u32, peer_identity: u32, cgroup_id: u64) {
     let direction = (direction_reason >> 8) as u8;
-    let Some((now, suppressed)) = admit(endpoint_id) else {
+    let Some((now, suppressed)) = admit(endpoint_id, cgroup_id) else {
         return;
     };
     let Some(mut entry) = SEG_EVENTS.reserve::<PolicyVerdictEvent>(0) else {
@@ -809,10 +814,11 @@ pub(crate) fn fill_verdict_header(
     e._pad2 = 0;
 }
 
-/// The per-endpoint record budget: Some((now, denials held back since the last record)) when a
-/// record may be written, None when records are off or the window's budget is spent (counted).
+/// The record budget, per endpoint (per cgroup for drops of no endpoint, `endpoint_id` 0):
+/// Some((now, denials held back since the last record)) when a record may be written, None when
+/// records are off or the window's budget is spent (counted).
 #[inline(always)]
-pub(crate) fn admit(endpoint_id: u32) -> Option<(u64, u32)> {
+pub(crate) fn admit(endpoint_id: u32, cgroup_id: u64) -> Option<(u64, u32)> {
     let (limit, enabled) = match SEG_CONFIG.get(0) {
         Some(c) => (if c.deny_events_per_window == 0 { DENY_EVENTS_PER_WINDOW } else { c.deny_events_per_window }, c.emit_denied != 0),
         None => (DENY_EVENTS_PER_WINDOW, false),
@@ -821,8 +827,13 @@ pub(crate) fn admit(endpoint_id: u32) -> Option<(u64, u32)> {
         return None;
     }
     let now = unsafe { bpf_ktime_get_ns() };
+    let state = if endpoint_id != 0 {
+        SEG_DENY_RATE.get_ptr_mut(&endpoint_id)
+    } else {
+        SEG_DENY_RATE_CGROUP.get_ptr_mut(&cgroup_id)
+    };
     let suppressed;
-    match SEG_DENY_RATE.get_ptr_mut(&endpoint_id) {
+    match state {
         Some(st) => {
             let st = unsafe { &mut *st };
             if now.wrapping_sub(st.window_start_ns) > DENY_WINDOW_NS {
@@ -840,7 +851,11 @@ pub(crate) fn admit(endpoint_id: u32) -> Option<(u64, u32)> {
         }
         None => {
             let st = DenyRateState { window_start_ns: now, emitted: 1, suppressed: 0 };
-            let _ = SEG_DENY_RATE.insert(&endpoint_id, &st, 0);
+            let _ = if endpoint_id != 0 {
+                SEG_DENY_RATE.insert(&endpoint_id, &st, 0)
+            } else {
+                SEG_DENY_RATE_CGROUP.insert(&cgroup_id, &st, 0)
+            };
             suppressed = 0;
         }
     }

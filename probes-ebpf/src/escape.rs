@@ -111,7 +111,7 @@ fn current_quarantine(own: u64) -> Option<&'static QuarantineValue> {
 
 #[inline(never)]
 fn report_socket(cgroup_id: u64, endpoint_id: u32, family: u16, kind: u16, protocol: u8) {
-    let Some((now, suppressed)) = admit(endpoint_id) else {
+    let Some((now, suppressed)) = admit(endpoint_id, cgroup_id) else {
         return;
     };
     let Some(mut entry) = SEG_EVENTS.reserve::<PolicyVerdictEvent>(0) else {
