@@ -1,5 +1,6 @@
 //! The Kubernetes source, the quarantine sink and the alert Events against the API stand-in
-//! (`support::kube_standin`): a small HTTP/1.1 server on 127.0.0.1 that speaks the real
+//! (`support::kube_standin`): a small HTTPS server on 127.0.0.1 (its own CA, a bearer token
+//! required, as API servers do) that speaks the real
 //! list/watch protocol (resourceVersions, chunked watch streams of JSON events, bookmarks,
 //! `410 Gone` after compaction) and can fail the way API servers do (500s, connections dropped
 //! on accept, watch streams cut).
@@ -437,6 +438,37 @@ async fn initial_sync_failure_is_an_error_naming_the_cause() {
     let text = err.to_string();
     assert!(text.contains("pods") && text.contains("namespaces") && text.contains("networkpolicies"), "{text}");
     assert!(text.contains("500") || text.contains("injected"), "{text}");
+}
+
+#[tokio::test]
+async fn an_untrusted_server_or_a_missing_token_fails_the_sync_naming_the_cause() {
+    let api = StandIn::start().await;
+    let cgroups = CgroupRoot::new("tls");
+    // A client that trusts another CA: the handshake fails, nothing is listed.
+    let other = support::tls::TestCa::new("not the API server's CA");
+    let mut config_other_ca = kube::Config::new(format!("https://{}", api.addr).parse().unwrap());
+    config_other_ca.root_cert = Some(vec![pem_der(&other.pem)]);
+    config_other_ca.auth_info.token = Some(api.token.to_string().into());
+    let mut cfg = config(&cgroups.0);
+    cfg.initial_sync_timeout = Duration::from_millis(500);
+    let client = kube::Client::try_from(config_other_ca).unwrap();
+    let err = KubeSource::start(client, cfg.clone()).await.err().expect("an untrusted server must not sync");
+    assert!(api.requests().is_empty(), "a request reached the server over an unverified connection");
+    let text = err.to_string();
+    assert!(text.contains("pods"), "{text}");
+
+    // The right CA but no token: 401, an error, nothing synced.
+    let mut config_no_token = kube::Config::new(format!("https://{}", api.addr).parse().unwrap());
+    config_no_token.root_cert = Some(vec![pem_der(&api.ca_pem)]);
+    let client = kube::Client::try_from(config_no_token).unwrap();
+    let err = KubeSource::start(client, cfg).await.err().expect("no token, no sync");
+    assert!(err.to_string().contains("401") || err.to_string().contains("Unauthorized"), "{err}");
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(pem.as_bytes()).next().unwrap().unwrap().to_vec()
 }
 
 #[tokio::test]

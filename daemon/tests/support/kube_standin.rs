@@ -1,5 +1,6 @@
-//! A Kubernetes API stand-in for tests: a small HTTP/1.1 server on 127.0.0.1 that speaks the
-//! real list/watch protocol (resourceVersions, chunked watch streams of JSON events, bookmarks,
+//! A Kubernetes API stand-in for tests: a small HTTPS (HTTP/1.1 over TLS, a certificate from a
+//! CA of its own) server on 127.0.0.1 that requires a bearer token, as API servers do, and speaks
+//! the real list/watch protocol (resourceVersions, chunked watch streams of JSON events, bookmarks,
 //! `410 Gone` after compaction), takes merge PATCHes and Event POSTs (recorded for assertions),
 //! and can fail the way API servers do (500s, connections dropped on accept, watch streams cut).
 //!
@@ -151,6 +152,10 @@ impl Cluster {
 pub struct StandIn {
     pub addr: SocketAddr,
     cluster: Arc<Mutex<Cluster>>,
+    /// The CA that signed the server's certificate (for 127.0.0.1), PEM.
+    pub ca_pem: Arc<String>,
+    /// The bearer token every request must carry; others get `401 Unauthorized`.
+    pub token: Arc<String>,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -215,7 +220,15 @@ impl StandIn {
     pub async fn start() -> StandIn {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
         let addr = listener.local_addr().expect("addr");
-        let this = StandIn { addr, cluster: Arc::new(Mutex::new(Cluster::default())) };
+        let ca = super::tls::TestCa::new("kube stand-in CA");
+        let acceptor = ca.acceptor(None);
+        let token = format!("standin-{}-{}", std::process::id(), addr.port());
+        let this = StandIn {
+            addr,
+            cluster: Arc::new(Mutex::new(Cluster::default())),
+            ca_pem: Arc::new(ca.pem.clone()),
+            token: Arc::new(token),
+        };
         let server = this.clone();
         tokio::spawn(async move {
             loop {
@@ -225,8 +238,10 @@ impl StandIn {
                     continue;
                 }
                 let handler = server.clone();
+                let acceptor = acceptor.clone();
                 let connection = tokio::spawn(async move {
                     let server = handler;
+                    let Ok(stream) = acceptor.accept(stream).await else { return };
                     let service = hyper::service::service_fn(move |req| {
                         let server = server.clone();
                         async move { Ok::<_, Infallible>(server.handle(req).await) }
@@ -247,9 +262,13 @@ impl StandIn {
         self.cluster.lock().expect("stand-in lock")
     }
 
+    /// A kube client that trusts the stand-in's CA and carries its token.
     pub fn client(&self) -> kube::Client {
-        let url: hyper::Uri = format!("http://{}", self.addr).parse().expect("url");
-        kube::Client::try_from(kube::Config::new(url)).expect("kube client")
+        let url: hyper::Uri = format!("https://{}", self.addr).parse().expect("url");
+        let mut config = kube::Config::new(url);
+        config.root_cert = Some(vec![pem_to_der(&self.ca_pem)]);
+        config.auth_info.token = Some(self.token.to_string().into());
+        kube::Client::try_from(config).expect("kube client")
     }
 
     pub fn apply(&self, object: Value) -> Value {
@@ -345,6 +364,14 @@ impl StandIn {
     }
 
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let authorised = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.strip_prefix("Bearer ") == Some(self.token.as_str()));
+        if !authorised {
+            return full(StatusCode::UNAUTHORIZED, &status(401, "Unauthorized", "Unauthorized"));
+        }
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let query: BTreeMap<String, String> = req
@@ -481,13 +508,18 @@ impl StandIn {
         self.uses().difference(&declared).cloned().collect()
     }
 
-    /// Writes a kubeconfig whose only cluster is this stand-in (plain http, no credentials).
+    /// Writes a kubeconfig whose only cluster is this stand-in: https, its CA (in a file next to
+    /// the kubeconfig) and its bearer token.
     pub fn write_kubeconfig(&self, path: &Path) {
+        let ca_path = path.with_extension("ca.pem");
+        std::fs::write(&ca_path, self.ca_pem.as_bytes()).unwrap_or_else(|e| panic!("writing {}: {e}", ca_path.display()));
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: http://{addr}\n\
-             users:\n- name: standin\n  user: {{}}\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: https://{addr}\n    certificate-authority: {ca}\n\
+             users:\n- name: standin\n  user:\n    token: {token}\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\n\
              current-context: standin\npreferences: {{}}\n",
-            addr = self.addr
+            addr = self.addr,
+            ca = ca_path.display(),
+            token = self.token,
         );
         std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
@@ -531,4 +563,11 @@ impl Drop for BlockingStandIn {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
     }
+}
+
+/// The first certificate of a PEM text, DER.
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(pem.as_bytes()).next().expect("a certificate").expect("PEM").to_vec()
 }
