@@ -23,7 +23,7 @@ use crate::events::enrich::{ProcCache, enrich};
 use crate::events::input::{Clock, to_input};
 use crate::events::kind::EventKind;
 use crate::events::loss::LossMonitor;
-use crate::events::reader::{self, QueueDrops, QueueShares, ReaderStats};
+use crate::events::reader::{self, QueueBudget, QueueDrops, Queued, ReaderStats};
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
 use crate::probes::host::ProbeHost;
@@ -129,8 +129,8 @@ pub struct DaemonState {
     pub reader: Arc<ReaderStats>,
     /// Bulk events the pipeline had no room for, per pod and kind.
     pub queue_drops: Arc<QueueDrops>,
-    /// Each pod's place in the bulk queue.
-    pub queue_shares: Arc<QueueShares>,
+    /// The byte budgets of the queues to the pipeline (each pod's share of the bulk queue).
+    pub queue_budget: Arc<QueueBudget>,
     /// Loss totals per pod, kind and reason, as last sampled (status shows them).
     pub losses: Mutex<LossMonitor>,
     pub rules: Arc<PackHandle>,
@@ -322,7 +322,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         endpoints: endpoints.clone(),
         reader: Arc::new(ReaderStats::default()),
         queue_drops: Arc::new(QueueDrops::default()),
-        queue_shares: Arc::new(QueueShares::new(BULK_QUEUE_SHARE_PER_POD)),
+        queue_budget: Arc::new(QueueBudget::new(BULK_QUEUE_BYTES, BULK_QUEUE_BYTES_PER_POD, PRIORITY_QUEUE_BYTES)),
         losses: Mutex::new(LossMonitor::new(std::time::Duration::from_secs(10))),
         rules: rules.clone(),
         rules_last_reload: Mutex::new(json!({"result": "loaded", "dir": rules_dir.display().to_string()})),
@@ -568,14 +568,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     // Pipeline: reader -> enrich -> input -> record -> rules. Protected events have a queue of
     // their own, which the pipeline always serves first.
-    let (priority_tx, priority_rx) = mpsc::channel::<Event>(PRIORITY_QUEUE_EVENTS);
-    let (events_tx, events_rx) = mpsc::channel::<Event>(BULK_QUEUE_EVENTS);
+    let (priority_tx, priority_rx) = mpsc::channel::<Queued>(QUEUE_EVENTS);
+    let (events_tx, events_rx) = mpsc::channel::<Queued>(QUEUE_EVENTS);
     let reader_task = reader::run_routed(
         priority_ring,
         ring,
         state.reader.clone(),
         state.queue_drops.clone(),
-        state.queue_shares.clone(),
+        state.queue_budget.clone(),
         priority_tx,
         events_tx,
     );
@@ -669,34 +669,57 @@ fn spawn_endpoint_followers(state: Arc<DaemonState>, mut endpoints: tokio::sync:
     });
 }
 
-/// Events queued between the reader and the pipeline thread: protected ones, the rest.
-const PRIORITY_QUEUE_EVENTS: usize = 4096;
-const BULK_QUEUE_EVENTS: usize = 16384;
-/// The most bulk events one pod may have queued: a flooding pod never fills the queue alone.
-const BULK_QUEUE_SHARE_PER_POD: u32 = BULK_QUEUE_EVENTS as u32 / 8;
+/// The memory the queues between the reader and the pipeline thread may hold (`reader::
+/// event_bytes`): protected events (the reader waits for room), the rest (dropped and counted
+/// past it), and the most one pod's bulk events may hold, so a flooding pod never fills the
+/// queue alone. About 8,000 opens (with the event struct, ~500 bytes each) in the bulk queue.
+const PRIORITY_QUEUE_BYTES: usize = 2 << 20;
+const BULK_QUEUE_BYTES: usize = 4 << 20;
+const BULK_QUEUE_BYTES_PER_POD: usize = BULK_QUEUE_BYTES / 8;
+/// A second bound on each queue, in events (the byte budgets bind first: an event is larger
+/// than 128 bytes).
+const QUEUE_EVENTS: usize = 32768;
 
 /// The next event: a protected one whenever one is waiting (a bulk one gives its pod's place
 /// in the queue back). None when both queues are closed.
 fn next_event(
     runtime: &tokio::runtime::Handle,
-    priority: &mut mpsc::Receiver<Event>,
-    bulk: &mut mpsc::Receiver<Event>,
-    shares: &QueueShares,
+    priority: &mut mpsc::Receiver<Queued>,
+    bulk: &mut mpsc::Receiver<Queued>,
+    budget: &QueueBudget,
+    trimmer: &mut crate::memory::Trimmer,
 ) -> Option<Event> {
-    let from_bulk = |event: Event| {
-        shares.release(event.header.cgroup_id);
-        event
+    let from_bulk = |queued: Queued| {
+        budget.release_bulk(queued.event.header.cgroup_id, queued.bytes);
+        queued.event
+    };
+    let from_priority = |queued: Queued| {
+        budget.release_priority(queued.bytes);
+        queued.event
     };
     if let Ok(event) = priority.try_recv() {
-        return Some(event);
+        return Some(from_priority(event));
     }
     if let Ok(event) = bulk.try_recv() {
         return Some(from_bulk(event));
     }
     runtime.block_on(async {
+        // After a burst, once no event came for a while, the memory that held it goes back
+        // to the system (the allocator keeps freed pages otherwise).
+        if let Some(wait) = trimmer.idle_wait() {
+            tokio::select! {
+                biased;
+                Some(event) = priority.recv() => return Some(from_priority(event)),
+                Some(event) = bulk.recv() => return Some(from_bulk(event)),
+                () = tokio::time::sleep(wait) => {
+                    trimmer.idle();
+                }
+                else => return None,
+            }
+        }
         tokio::select! {
             biased;
-            Some(event) = priority.recv() => Some(event),
+            Some(event) = priority.recv() => Some(from_priority(event)),
             Some(event) = bulk.recv() => Some(from_bulk(event)),
             else => None,
         }
@@ -708,8 +731,8 @@ const PROCESS_CACHE_BYTES: usize = 64 << 20;
 
 fn pipeline(
     runtime: tokio::runtime::Handle,
-    mut priority: mpsc::Receiver<Event>,
-    mut events: mpsc::Receiver<Event>,
+    mut priority: mpsc::Receiver<Queued>,
+    mut events: mpsc::Receiver<Queued>,
     state: Arc<DaemonState>,
     mut record: Option<std::io::BufWriter<std::fs::File>>,
     evaluator: RuleEvaluator,
@@ -720,9 +743,13 @@ fn pipeline(
     // the ones that already exist are seeded from /proc, once (never on the event path).
     let seeded = cache.seed_from_proc(Path::new("/proc"));
     tracing::info!(seeded, "process cache seeded from /proc");
+    // Start-up (pack compilation and smoke runs, BTF, the eBPF object) leaves freed memory
+    // behind in the allocator: give it back once, so the idle RSS is what running needs.
+    crate::memory::release_free_memory();
     let mut since_stats = 0u32;
-    let shares = state.queue_shares.clone();
-    while let Some(event) = next_event(&runtime, &mut priority, &mut events, &shares) {
+    let budget = state.queue_budget.clone();
+    let mut trimmer = crate::memory::Trimmer::default();
+    while let Some(event) = next_event(&runtime, &mut priority, &mut events, &budget, &mut trimmer) {
         let table = state.endpoints.borrow().clone();
         let enriched = enrich(event, table.index(), &mut cache);
         state.pipeline.enriched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -747,6 +774,7 @@ fn pipeline(
             tracing::error!("rule workers stopped; pipeline ends");
             return;
         }
+        trimmer.note_event();
     }
 }
 
@@ -1147,6 +1175,7 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
             "record_errors": state.pipeline.record_errors.load(Relaxed),
             "process_cache": state.pipeline.process_cache.lock().map(|s| serde_json::to_value(*s).unwrap_or_default()).unwrap_or_default(),
             "loss": loss_status(state),
+            "queues": state.queue_budget.snapshot(),
         },
         "rules": {
             "generation": pack.generation(),

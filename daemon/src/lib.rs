@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod k8s;
 pub mod lab;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod output;
 pub mod probes;

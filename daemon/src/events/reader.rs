@@ -3,12 +3,12 @@
 //!
 //! With the priority ring (`run_routed`), protected events are read first and handed on with
 //! back-pressure; bulk events are handed on only while the pipeline has room *for that pod*
-//! (`QueueShares`: each pod may hold a bounded share of the bulk queue), and the ones it has
-//! no room for are dropped and counted per pod cgroup and kind (`QueueDrops`). So a flood
-//! neither delays a protected event, nor takes another pod's place in the queue, nor grows
-//! memory.
+//! (`QueueBudget`: the queues are bounded in bytes, and each pod may hold a bounded share of
+//! the bulk queue's), and the ones it has no room for are dropped and counted per pod cgroup
+//! and kind (`QueueDrops`). So a flood neither delays a protected event, nor takes another
+//! pod's place in the queue, nor grows memory, however large its events are.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use super::decode::{DecodeError, Event, decode};
+use super::decode::{DecodeError, Event, EventData, decode};
 use super::kind::EventKind;
 
 #[derive(Debug, Default)]
@@ -110,39 +110,138 @@ impl QueueDrops {
     }
 }
 
-/// Bulk events each pod has in the queue to the pipeline, and the most one pod may have: a pod
-/// over its share loses its own events, never another pod's place.
-#[derive(Debug)]
-pub struct QueueShares {
-    per_pod: u32,
-    queued: Mutex<std::collections::HashMap<u64, u32>>,
+/// What one queued event holds in memory: the struct itself and the heap its strings and lists
+/// own (by capacity). Queues between stages are bounded by this, not by a count of events, so
+/// events made as large as possible (long paths, full argv) cannot multiply what a queue holds.
+pub fn event_bytes(event: &Event) -> usize {
+    fn opt(s: &Option<String>) -> usize {
+        s.as_ref().map_or(0, |s| s.capacity())
+    }
+    let data = match &event.data {
+        EventData::Exec(d) => {
+            d.filename.capacity()
+                + d.argv.capacity() * std::mem::size_of::<String>()
+                + d.argv.iter().map(String::capacity).sum::<usize>()
+                + opt(&d.exe)
+        }
+        EventData::Fork(_) | EventData::Exit(_) | EventData::Ptrace(_) | EventData::Bpf(_) | EventData::Dup(_) => 0,
+        EventData::Connect(d) => opt(&d.address) + opt(&d.unix_path),
+        EventData::Open(d) => d.path.capacity() + d.flags_names.capacity() * std::mem::size_of::<&str>(),
+        EventData::Cred(d) => d.args.capacity() * std::mem::size_of::<u32>(),
+        EventData::Mount(d) => d.source.capacity() + d.target.capacity() + d.fstype.capacity(),
+        EventData::Namespace(d) => d.flags_names.capacity() * std::mem::size_of::<&str>(),
+        EventData::Module(d) => d.name.capacity(),
+        EventData::Memfd(d) => d.name.capacity(),
+        EventData::Chmod(d) => d.path.capacity(),
+        EventData::Unlink(d) => d.path.capacity(),
+        EventData::Rename(d) => d.old_path.capacity() + d.new_path.capacity(),
+    };
+    std::mem::size_of::<Event>() + event.header.comm.capacity() + data
 }
 
-impl QueueShares {
-    pub fn new(per_pod: u32) -> QueueShares {
-        QueueShares { per_pod: per_pod.max(1), queued: Mutex::new(std::collections::HashMap::new()) }
+/// One event in a queue between the reader and the pipeline, with the bytes it was counted as.
+#[derive(Debug)]
+pub struct Queued {
+    pub event: Event,
+    pub bytes: usize,
+}
+
+/// The memory bounds of the two queues between the reader and the pipeline, in bytes.
+///
+/// - Priority queue: at most `priority_limit` bytes; the reader waits for room (back-pressure:
+///   protected events are never dropped here; the kernel ring holds them meanwhile).
+/// - Bulk queue: at most `bulk_limit` bytes in all and `per_pod_limit` per pod; an event that
+///   does not fit is dropped and counted for its pod (`QueueDrops`): a flooding pod fills its
+///   own share, never another pod's, and memory stays bounded whatever its events hold.
+#[derive(Debug)]
+pub struct QueueBudget {
+    bulk_limit: usize,
+    per_pod_limit: usize,
+    bulk: Mutex<BulkQueued>,
+    priority_limit: usize,
+    priority: tokio::sync::Semaphore,
+}
+
+#[derive(Debug, Default)]
+struct BulkQueued {
+    bytes: usize,
+    per_pod: HashMap<u64, usize>,
+}
+
+/// What the queues hold now and their bounds (status).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct QueueBudgetSnapshot {
+    pub bulk_bytes: usize,
+    pub bulk_limit_bytes: usize,
+    pub per_pod_limit_bytes: usize,
+    pub priority_bytes: usize,
+    pub priority_limit_bytes: usize,
+}
+
+impl QueueBudget {
+    pub fn new(bulk_limit: usize, per_pod_limit: usize, priority_limit: usize) -> QueueBudget {
+        let priority_limit = priority_limit.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        QueueBudget {
+            bulk_limit: bulk_limit.max(1),
+            per_pod_limit: per_pod_limit.max(1),
+            bulk: Mutex::new(BulkQueued::default()),
+            priority_limit,
+            priority: tokio::sync::Semaphore::new(priority_limit),
+        }
     }
 
-    /// Takes a place for one event of `cgroup_id`; false when the pod holds its whole share.
-    pub fn acquire(&self, cgroup_id: u64) -> bool {
-        let Ok(mut queued) = self.queued.lock() else { return false };
-        let n = queued.entry(cgroup_id).or_insert(0);
-        if *n >= self.per_pod {
+    /// Takes room for `bytes` of `cgroup_id`'s bulk events; false when the pod's share or the
+    /// whole queue has no room for them.
+    pub fn acquire_bulk(&self, cgroup_id: u64, bytes: usize) -> bool {
+        let Ok(mut queued) = self.bulk.lock() else { return false };
+        let pod = queued.per_pod.get(&cgroup_id).copied().unwrap_or(0);
+        if pod + bytes > self.per_pod_limit || queued.bytes + bytes > self.bulk_limit {
             return false;
         }
-        *n += 1;
+        queued.bytes += bytes;
+        queued.per_pod.insert(cgroup_id, pod + bytes);
         true
     }
 
-    /// Gives the place back (the pipeline took the event, or it could not be queued).
-    pub fn release(&self, cgroup_id: u64) {
-        if let Ok(mut queued) = self.queued.lock() {
-            if let Some(n) = queued.get_mut(&cgroup_id) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    queued.remove(&cgroup_id);
+    /// Gives the room back (the pipeline took the event, or it could not be queued).
+    pub fn release_bulk(&self, cgroup_id: u64, bytes: usize) {
+        if let Ok(mut queued) = self.bulk.lock() {
+            queued.bytes = queued.bytes.saturating_sub(bytes);
+            if let Some(pod) = queued.per_pod.get_mut(&cgroup_id) {
+                *pod = pod.saturating_sub(bytes);
+                if *pod == 0 {
+                    queued.per_pod.remove(&cgroup_id);
                 }
             }
+        }
+    }
+
+    /// The bytes a priority event is counted as: its size, but never more than the whole
+    /// budget (so one event always fits in an empty queue).
+    fn priority_permits(&self, bytes: usize) -> u32 {
+        bytes.clamp(1, self.priority_limit).min(u32::MAX as usize) as u32
+    }
+
+    /// Waits until the priority queue has room for `bytes`; the room is held until
+    /// [`QueueBudget::release_priority`].
+    pub async fn acquire_priority(&self, bytes: usize) {
+        if let Ok(permit) = self.priority.acquire_many(self.priority_permits(bytes)).await {
+            permit.forget();
+        }
+    }
+
+    /// Gives the room of a priority event back (the pipeline took it).
+    pub fn release_priority(&self, bytes: usize) {
+        self.priority.add_permits(self.priority_permits(bytes) as usize);
+    }
+
+    pub fn snapshot(&self) -> QueueBudgetSnapshot {
+        QueueBudgetSnapshot {
+            bulk_bytes: self.bulk.lock().map(|q| q.bytes).unwrap_or(0),
+            bulk_limit_bytes: self.bulk_limit,
+            per_pod_limit_bytes: self.per_pod_limit,
+            priority_bytes: self.priority_limit.saturating_sub(self.priority.available_permits()),
+            priority_limit_bytes: self.priority_limit,
         }
     }
 }
@@ -151,17 +250,17 @@ impl QueueShares {
 const BULK_BATCH: usize = 256;
 
 /// Drains both rings until an output is closed: the priority ring first and completely, with
-/// back-pressure; then up to `BULK_BATCH` bulk records, each dropped (and counted) when its pod
-/// holds its whole share of `bulk_out` or `bulk_out` is full. Whoever receives from `bulk_out`
-/// releases each event's share.
+/// back-pressure (room in the priority queue's byte budget); then up to `BULK_BATCH` bulk
+/// records, each dropped (and counted) when its pod's share or the bulk queue's byte budget has
+/// no room for it. Whoever receives releases each event's bytes (`Queued::bytes`).
 pub async fn run_routed(
     priority: RingBuf<MapData>,
     bulk: RingBuf<MapData>,
     stats: Arc<ReaderStats>,
     drops: Arc<QueueDrops>,
-    shares: Arc<QueueShares>,
-    priority_out: mpsc::Sender<Event>,
-    bulk_out: mpsc::Sender<Event>,
+    budget: Arc<QueueBudget>,
+    priority_out: mpsc::Sender<Queued>,
+    bulk_out: mpsc::Sender<Queued>,
 ) -> std::io::Result<()> {
     // SAFETY: each ring buffer owns its fd and lives inside its AsyncFd, so the fd stays open
     // for as long as it is registered.
@@ -173,7 +272,7 @@ pub async fn run_routed(
             guard = priority.readable_mut() => {
                 let mut guard = guard?;
                 // Records are decoded one at a time and sent before the next is read: nothing
-                // piles up in memory beyond the channel's bound.
+                // piles up in memory beyond the queue's byte budget.
                 loop {
                     let Some(event) = ({
                         let ring = guard.get_inner_mut();
@@ -183,7 +282,9 @@ pub async fn run_routed(
                         }
                     }) else { break };
                     if let Some(event) = event {
-                        if priority_out.send(event).await.is_err() {
+                        let bytes = event_bytes(&event);
+                        budget.acquire_priority(bytes).await;
+                        if priority_out.send(Queued { event, bytes }).await.is_err() {
                             return Ok(());
                         }
                     }
@@ -203,15 +304,16 @@ pub async fn run_routed(
                     read += 1;
                     let Some(event) = stats.decode_counted(&item) else { continue };
                     let cgroup_id = event.header.cgroup_id;
-                    if !shares.acquire(cgroup_id) {
+                    let bytes = event_bytes(&event);
+                    if !budget.acquire_bulk(cgroup_id, bytes) {
                         drops.add(cgroup_id, event.header.kind);
                         continue;
                     }
-                    match bulk_out.try_send(event) {
+                    match bulk_out.try_send(Queued { event, bytes }) {
                         Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(event)) => {
-                            shares.release(cgroup_id);
-                            drops.add(cgroup_id, event.header.kind);
+                        Err(mpsc::error::TrySendError::Full(queued)) => {
+                            budget.release_bulk(cgroup_id, bytes);
+                            drops.add(cgroup_id, queued.event.header.kind);
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
                     }
@@ -225,5 +327,140 @@ pub async fn run_routed(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::decode::{ExecData, Header, OpenData};
+
+    fn event(cgroup_id: u64, data: EventData) -> Event {
+        let kind = match &data {
+            EventData::Exec(_) => EventKind::Exec,
+            _ => EventKind::Open,
+        };
+        Event {
+            header: Header {
+                ktime_ns: 1,
+                cgroup_id,
+                kind,
+                source: "tracepoint",
+                pid: 1,
+                tid: 1,
+                ppid: 0,
+                uid: 0,
+                gid: 0,
+                euid: 0,
+                egid: 0,
+                comm: "x".repeat(15),
+                truncated: false,
+                start_ns: 0,
+            },
+            data,
+        }
+    }
+
+    fn open(cgroup_id: u64, path: &str) -> Event {
+        event(
+            cgroup_id,
+            EventData::Open(OpenData {
+                op: "openat",
+                path: path.to_string(),
+                dirfd: -100,
+                flags: 0,
+                flags_names: vec!["O_RDONLY"],
+                mode: 0,
+                write: false,
+                create: false,
+                truncate: false,
+                result: 3,
+            }),
+        )
+    }
+
+    /// The largest exec the kernel sends: a full path and every argv slot full.
+    fn big_exec(cgroup_id: u64) -> Event {
+        let argv = (0..palisade_common::event::ARGV_SLOTS).map(|_| "a".repeat(palisade_common::event::ARG_LEN)).collect();
+        event(
+            cgroup_id,
+            EventData::Exec(ExecData {
+                filename: "/".repeat(palisade_common::event::PATH_LEN),
+                argv,
+                argc: 16,
+                via_execveat: false,
+                dirfd: -100,
+                at_flags: 0,
+                fileless: false,
+                exe: Some("/".repeat(palisade_common::event::PATH_LEN)),
+                exe_resolved: true,
+                stdio: Default::default(),
+            }),
+        )
+    }
+
+    #[test]
+    fn an_event_counts_its_heap() {
+        let small = event_bytes(&open(1, "/a"));
+        let long = event_bytes(&open(1, &"/x".repeat(128)));
+        assert!(small >= std::mem::size_of::<Event>());
+        assert!(long >= small + 250, "a 256-byte path counted as {} more bytes", long - small);
+        assert!(event_bytes(&big_exec(1)) > 16 * 64 + 2 * 256, "{}", event_bytes(&big_exec(1)));
+    }
+
+    /// An attacker who makes every event as large as the kernel allows fills the pod's share
+    /// with fewer events; the bytes queued never pass the bounds, another pod still gets in,
+    /// and room given back can be taken again.
+    #[test]
+    fn queues_are_bounded_in_bytes_per_pod_and_in_all() {
+        let (noisy, quiet, third) = (10, 20, 30);
+        let budget = QueueBudget::new(64 << 10, 16 << 10, 8 << 10);
+        let big = event_bytes(&big_exec(noisy));
+        let mut taken = 0;
+        while budget.acquire_bulk(noisy, big) {
+            taken += 1;
+            assert!(taken < 1000, "the pod's share never filled");
+        }
+        assert_eq!(taken, (16 << 10) / big, "large events fill the pod's share in bytes, not in events");
+        assert!(budget.snapshot().bulk_bytes <= 16 << 10);
+        // Small events of the same pod do not fit either once its share is spent...
+        let small = event_bytes(&open(noisy, "/a"));
+        while budget.acquire_bulk(noisy, small) {}
+        assert!(budget.snapshot().bulk_bytes <= 16 << 10);
+        // ...but another pod's do.
+        assert!(budget.acquire_bulk(quiet, small), "a flooding pod took a quiet pod's place");
+        // All pods together stay under the total.
+        let mut pod = 100;
+        while budget.acquire_bulk(pod, 8 << 10) || budget.acquire_bulk(pod + 1, small) {
+            pod += 2;
+            assert!(pod < 10_000);
+        }
+        assert!(budget.snapshot().bulk_bytes <= 64 << 10, "{:?}", budget.snapshot());
+        // A fresh pod's small event did not fit: the whole queue is full, for everyone.
+        assert!(!budget.acquire_bulk(third, small), "{:?}", budget.snapshot());
+        // Room given back is room again.
+        budget.release_bulk(noisy, big);
+        assert!(budget.acquire_bulk(noisy, small), "{:?}", budget.snapshot());
+    }
+
+    #[tokio::test]
+    async fn the_priority_queue_waits_for_room_in_bytes() {
+        let budget = Arc::new(QueueBudget::new(1 << 20, 1 << 20, 4096));
+        budget.acquire_priority(3000).await;
+        assert_eq!(budget.snapshot().priority_bytes, 3000);
+        // 3000 + 3000 > 4096: the reader waits (back-pressure, nothing dropped) ...
+        let waiting = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.acquire_priority(3000).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a priority event was queued past the byte budget");
+        // ... until the pipeline takes the first one.
+        budget.release_priority(3000);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("room given back").expect("task");
+        // One event larger than the whole budget still gets through an empty queue.
+        budget.release_priority(3000);
+        tokio::time::timeout(std::time::Duration::from_secs(5), budget.acquire_priority(1 << 20)).await.expect("an oversized event");
+        assert_eq!(budget.snapshot().priority_bytes, 4096);
     }
 }
