@@ -196,10 +196,28 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     prepare_state_dir(&args.state_dir)?;
     let defaults_dir = args.state_dir.join("defaults");
 
+    // The metrics listener opens first, so the kubelet's probes see a slow start-up as
+    // "starting" (503 on /healthz and /readyz, with the phase) rather than as a dead port.
+    let metrics = Metrics::new();
+    let startup = Arc::new(Startup::default());
+    if !args.alerts.no_metrics {
+        let (addr, metrics, startup) = (args.alerts.metrics_addr, metrics.clone(), startup.clone());
+        let health = crate::api::health_provider(move || {
+            let startup = startup.clone();
+            async move { startup.health().await }
+        });
+        tokio::spawn(async move {
+            if let Err(err) = crate::api::serve_metrics(addr, metrics, health).await {
+                tracing::error!(%err, %addr, "metrics listener stopped");
+            }
+        });
+    }
+
     let cgroup_root = crate::sys::cgroup2_mount().context("finding the cgroup2 mount")?;
 
     // Endpoints and policies: the Kubernetes API, or an inventory file (default: the embedded
     // lab example) and a policy directory (default: the embedded examples).
+    startup.enter("sources");
     let mut sources = Sources::start(&args, &defaults_dir, &cgroup_root).await?;
 
     if let Some(lab_name) = args.lab_name() {
@@ -214,6 +232,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let inventory = table.inventory().as_ref().clone();
 
     // Rules: compiled before the probes start so the enabled kinds are right from the start.
+    startup.enter("rules");
     let rules_dir = match &args.rules {
         Some(dir) => dir.clone(),
         None => crate::defaults::materialize(&defaults_dir.join("rules"), crate::defaults::DEFAULT_RULES)?,
@@ -225,6 +244,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let rules = PackHandle::new(pack);
 
     // Probes.
+    startup.enter("probes");
     let options = LoadOptions {
         monitor_all: args.host,
         try_kprobes: !args.no_kprobes,
@@ -248,6 +268,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // cgroup_skb programs attached to every endpoint cgroup.
     // A rejected policy document does not stop the daemon: the rest is enforced, and the
     // rejection is logged, alerted (below) and shown in the status.
+    startup.enter("policies");
     let (initial_policies, policy_report) = match &sources.policies {
         PolicySource::Dir(dir) => {
             let loaded = crate::segmentation::PolicySet::load_each(&[dir]);
@@ -294,8 +315,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let enforcer = Arc::new(tokio::sync::Mutex::new(enforcer));
 
     // Alerts: the log in the state directory (rotation, aggregation, loss accounting), exports.
+    startup.enter("alerts and quarantine");
     let node = crate::sys::hostname();
-    let metrics = Metrics::new();
     let (alert_log, alerts, exports) = args.alerts.start(&args.state_dir, &node, &metrics).context("starting the alert log")?;
     if let Some(alert) = policy_report_alert(&policy_report) {
         alerts.try_emit(alert);
@@ -375,21 +396,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     });
     // Cleared when the event reader task ends: the daemon is blind then, and /healthz says so.
     let reader_running = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    if !args.alerts.no_metrics {
-        let (addr, metrics) = (args.alerts.metrics_addr, metrics.clone());
-        let health = {
-            let (state, reader_running) = (state.clone(), reader_running.clone());
-            crate::api::health_provider(move || {
-                let (state, reader_running) = (state.clone(), reader_running.clone());
-                async move { health(&state, reader_running.load(std::sync::atomic::Ordering::Relaxed)).await }
-            })
-        };
-        tokio::spawn(async move {
-            if let Err(err) = crate::api::serve_metrics(addr, metrics, health).await {
-                tracing::error!(%err, %addr, "metrics listener stopped");
-            }
-        });
-    }
     spawn_counter_exporter(state.clone());
     crate::quarantine::api::spawn_queue_worker(quarantine.clone(), alerts.clone(), metrics.clone());
     spawn_loss_monitor(state.clone());
@@ -579,6 +585,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         priority_tx,
         events_tx,
     );
+    let reader_running_for_health = reader_running.clone();
     tokio::spawn(async move {
         let ended = reader_task.await;
         reader_running.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -598,6 +605,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             .spawn(move || pipeline(runtime_handle, priority_rx, events_rx, state, record, evaluator))?;
     }
 
+    startup.running(state.clone(), reader_running_for_health);
     tracing::info!(state_dir = %args.state_dir.display(), "palisade is running");
     wait_for_shutdown().await?;
     let stopping = std::time::Instant::now();
@@ -1113,10 +1121,48 @@ async fn conntrack_status(state: &DaemonState) -> serde_json::Value {
     })
 }
 
+/// What the metrics listener's `/healthz` and `/readyz` report while the daemon starts (the
+/// phase it is in), and once it runs ([`health`]).
+#[derive(Default)]
+struct Startup {
+    phase: Mutex<&'static str>,
+    since: std::sync::OnceLock<String>,
+    running: std::sync::OnceLock<(Arc<DaemonState>, Arc<std::sync::atomic::AtomicBool>)>,
+}
+
+impl Startup {
+    fn enter(&self, phase: &'static str) {
+        let _ = self.since.set(now_rfc3339());
+        if let Ok(mut current) = self.phase.lock() {
+            *current = phase;
+        }
+        tracing::debug!(phase, "starting");
+    }
+
+    fn running(&self, state: Arc<DaemonState>, reader_running: Arc<std::sync::atomic::AtomicBool>) {
+        let _ = self.running.set((state, reader_running));
+    }
+
+    async fn health(&self) -> crate::api::Health {
+        match self.running.get() {
+            Some((state, reader_running)) => health(state, reader_running.load(std::sync::atomic::Ordering::Relaxed)).await,
+            None => {
+                let phase = self.phase.lock().map(|p| *p).unwrap_or("?");
+                crate::api::Health {
+                    ok: false,
+                    ready: false,
+                    report: json!({"status": "starting", "phase": phase, "since": self.since.get()}),
+                }
+            }
+        }
+    }
+}
+
 /// What `/healthz` on the metrics listener reports: the event readers, the watchers (the
 /// Kubernetes API's, or the local files') and the last datapath sync. Only a stopped reader is
 /// unhealthy (503, the kubelet restarts the daemon); an API outage or a failed sync is
-/// `degraded` with 200, since enforcement carries on with the last good state.
+/// `degraded` with 200, since enforcement carries on with the last good state. Ready
+/// (`/readyz`) once the reader runs and the datapath has been synced at least once.
 async fn health(state: &DaemonState, reader_running: bool) -> crate::api::Health {
     let kube = state.kube_health.as_ref().map(|h| h.borrow().clone());
     let sync = state.enforcer.lock().await.status.clone();
@@ -1129,6 +1175,7 @@ async fn health(state: &DaemonState, reader_running: bool) -> crate::api::Health
     };
     crate::api::Health {
         ok: reader_running,
+        ready: reader_running && sync.last_sync.is_some(),
         report: json!({
             "status": status,
             "readers": {"running": reader_running, "events": state.reader.snapshot()},

@@ -53,7 +53,7 @@ fn healthz_keeps_answering_through_slow_loris_and_a_connection_flood() {
     let metrics = Metrics::new();
     let limits = ListenerLimits { max_connections: 16, header_timeout: Duration::from_secs(1), connection_timeout: Duration::from_secs(20) };
     let health = health_provider(|| async {
-        Health { ok: true, report: json!({"status": "ok", "readers": {"running": true}, "watchers": {"source": "test"}, "last_sync": {"at": "t0"}}) }
+        Health { ok: true, ready: true, report: json!({"status": "ok", "readers": {"running": true}, "watchers": {"source": "test"}, "last_sync": {"at": "t0"}}) }
     });
     let addr = runtime.block_on(async {
         let listener = bind_metrics("127.0.0.1:0".parse().expect("addr")).await.expect("bind");

@@ -73,7 +73,7 @@ async fn metrics_endpoint_parses_as_prometheus_text() {
 
     let listener = palisade::api::metrics::bind_metrics("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let health = palisade::api::health_provider(|| async { palisade::api::Health { ok: true, report: serde_json::json!({"status": "ok"}) } });
+    let health = palisade::api::health_provider(|| async { palisade::api::Health { ok: true, ready: true, report: serde_json::json!({"status": "ok"}) } });
     let server = tokio::spawn(palisade::api::metrics::serve_metrics_on(listener, metrics.clone(), health, Default::default()));
     let (head, body) = scrape(addr, "/metrics").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

@@ -1,5 +1,5 @@
 //! `palisade run --kubernetes` end to end, against the API stand-in (`support::kube_standin`)
-//! reached through a kubeconfig (`KUBECONFIG`, plain http):
+//! reached through a kubeconfig (`KUBECONFIG`, https with the stand-in's CA and token):
 //!
 //! - three "pods" are real lab pods (network namespace + veth + cgroup) whose cgroups sit where
 //!   the kubelet puts them (cgroupfs BestEffort and Guaranteed, systemd Burstable), found by the
@@ -175,11 +175,19 @@ struct K8sDaemon {
 
 impl K8sDaemon {
     fn start(api: BlockingStandIn, lab: TestLab) -> K8sDaemon {
-        let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("k8s-daemon").join(&lab.name);
+        let mut daemon = K8sDaemon::spawn(api, Some(lab), "enforce", &["--no-metrics".to_string()]);
+        daemon.wait_running(Duration::from_secs(60));
+        daemon
+    }
+
+    /// Starts `palisade run --kubernetes` with `extra` arguments and does not wait for it.
+    fn spawn(api: BlockingStandIn, lab: Option<TestLab>, name: &str, extra: &[String]) -> K8sDaemon {
+        let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("k8s-daemon").join(lab.as_ref().map_or(name, |l| l.name.as_str()));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).expect("work directory");
         let state_dir = work.join("state");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/palisade-test-k8s-{}", std::process::id()));
+        // One per daemon: tests of this file run in parallel in one process.
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/palisade-test-k8s-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&pin_dir);
         let kubeconfig = work.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig);
@@ -188,7 +196,8 @@ impl K8sDaemon {
         let out = std::fs::File::create(work.join("daemon.out")).expect("daemon stdout");
         let mut command = Command::new(PALISADE);
         command
-            .args(["run", "--kubernetes", "--node-name", NODE, "--no-metrics"])
+            .args(["run", "--kubernetes", "--node-name", NODE])
+            .args(extra)
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--pin-dir")
@@ -203,17 +212,18 @@ impl K8sDaemon {
             .stderr(log);
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command.spawn().unwrap_or_else(|e| panic!("starting {PALISADE} run: {e}"));
-        let mut daemon =
-            K8sDaemon { child: Some(child), work, state_dir, pin_dir, log_path, lab: Some(lab), api: Some(api) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !daemon.log().contains("palisade is running") {
-            if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("palisade run --kubernetes exited ({status}) before it was running:\n{}", daemon.log());
+        K8sDaemon { child: Some(child), work, state_dir, pin_dir, log_path, lab, api: Some(api) }
+    }
+
+    fn wait_running(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains("palisade is running") {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("palisade run --kubernetes exited ({status}) before it was running:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "palisade run --kubernetes not running after 60 s:\n{}", daemon.log());
+            assert!(Instant::now() < deadline, "palisade run --kubernetes not running after {timeout:?}:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        daemon
     }
 
     fn api(&self) -> &BlockingStandIn {
@@ -570,4 +580,63 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     let undeclared = daemon.api().undeclared_uses(API_USES);
     assert!(undeclared.is_empty(), "requests outside API_USES (the RBAC list): {undeclared:?}");
     println!("kubernetes mode end to end: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// `GET path` on 127.0.0.1:port: (status line, body), or None when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(String, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+#[test]
+fn a_slow_start_is_reported_as_starting_then_ready_once_synced() {
+    if !require_kernel("a_slow_start_is_reported_as_starting_then_ready_once_synced") {
+        return;
+    }
+    let api = BlockingStandIn::start();
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}));
+    // The API answers 500 until the test lets it recover: the daemon waits in its first sync.
+    api.set_fault(Some(Fault::Status500));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let mut daemon =
+        K8sDaemon::spawn(api, None, "slow-start", &["--metrics-addr".to_string(), format!("127.0.0.1:{port}")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (health, ready) = loop {
+        if let (Some(health), Some(ready)) = (http_get(port, "/healthz"), http_get(port, "/readyz")) {
+            break (health, ready);
+        }
+        assert!(Instant::now() < deadline, "the metrics listener did not open while the daemon starts:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Starting is neither live nor ready, and says where it is.
+    for (what, (status, body)) in [("/healthz", &health), ("/readyz", &ready)] {
+        assert!(status.contains(" 503 "), "{what} while starting: {status}");
+        let report: Value = serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
+        assert_eq!(report["status"], "starting", "{what}: {report}");
+        assert_eq!(report["phase"], "sources", "{what}: the first sync with the API: {report}");
+    }
+    assert!(!daemon.log().contains("palisade is running"), "the daemon ran although the API failed");
+
+    daemon.api().set_fault(None);
+    daemon.wait_running(Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = http_get(port, "/readyz");
+        if ready.as_ref().is_some_and(|(status, _)| status.contains(" 200 ")) {
+            let report: Value = serde_json::from_str(ready.unwrap().1.trim()).expect("/readyz JSON");
+            assert_eq!(report["readers"]["running"], true, "{report}");
+            assert!(report["last_sync"]["at"].is_string(), "ready before the first sync: {report}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz not 200 after the start-up: {ready:?}\n{}", daemon.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _) = http_get(port, "/healthz").expect("/healthz");
+    assert!(status.contains(" 200 "), "/healthz once running: {status}");
 }

@@ -1,6 +1,8 @@
 //! The metrics listener: the crate's [`Metrics`] registry (`crate::metrics`) served as text
 //! exposition (OpenMetrics text, which Prometheus scrapes natively) on a TCP address, beside
-//! `GET /healthz` (the daemon's readers, watchers and last sync, from a [`HealthProvider`]).
+//! `GET /healthz` (liveness: the daemon's readers, watchers and last sync, from a [`HealthProvider`]) and
+//! `GET /readyz` (readiness: started and synced once); both 503 with `"status": "starting"` and
+//! the phase while the daemon starts.
 //!
 //! The listener is reachable by whatever can reach its address, so it holds up against slow and
 //! many clients ([`ListenerLimits`]): request headers must arrive within a timeout, a connection
@@ -27,6 +29,9 @@ pub struct Health {
     /// answers 503, so the kubelet restarts it. Degraded-but-working states (an API outage, a
     /// failed sync) stay 200 and say so in the report.
     pub ok: bool,
+    /// Enforcing: started, and the datapath synced at least once. `/readyz` answers 503 until
+    /// then (a DaemonSet's rolling update waits for it).
+    pub ready: bool,
     /// JSON: `status` plus the sections (`readers`, `watchers`, `last_sync`).
     pub report: serde_json::Value,
 }
@@ -142,17 +147,18 @@ fn lock_connections(connections: &Mutex<Connections>) -> std::sync::MutexGuard<'
 }
 
 async fn metrics_response(req: &Request<hyper::body::Incoming>, metrics: &Metrics, health: &HealthProvider) -> Response<Full<Bytes>> {
-    if req.method() == Method::GET && req.uri().path() == "/healthz" {
-        let Health { ok, report } = health().await;
+    if req.method() == Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz") {
+        let Health { ok, ready, report } = health().await;
+        let good = if req.uri().path() == "/healthz" { ok } else { ready };
         let mut r = Response::new(Full::new(Bytes::from(format!("{report}\n"))));
-        if !ok {
+        if !good {
             *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         }
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
         return r;
     }
     if req.method() != Method::GET || req.uri().path() != "/metrics" {
-        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: try GET /metrics or /healthz\n")));
+        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: try GET /metrics, /healthz or /readyz\n")));
         *r.status_mut() = StatusCode::NOT_FOUND;
         return r;
     }
