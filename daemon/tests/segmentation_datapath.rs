@@ -815,3 +815,34 @@ fn unparsable_packets_of_an_isolated_pod_are_dropped() {
     let out = lab.cmd("db-1", &["badver", &frontend, &db]).output().expect("badver");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sent", "a pod no policy isolates is not judged");
 }
+
+/// Found by the differential tester (testdata/netpol/differential/01): an ipBlock `::/0` (like
+/// any IPv6 prefix covering `::ffff:0:0/96`) matched IPv4 peers too, because the datapath keeps
+/// IPv4 addresses in one LPM trie as `::ffff:a.b.c.d`. With real packets to an address no pod
+/// of the inventory has (the world): `::/0` alone lets nothing out over IPv4, `0.0.0.0/0` beside
+/// it does.
+#[test]
+fn an_ipv6_block_covering_everything_does_not_match_ipv4_peers() {
+    if !kernel_or_skip("an_ipv6_block_covering_everything_does_not_match_ipv4_peers") {
+        return;
+    }
+    let mut lab = Lab::new("v6", &[("frontend-1", "198.18.1.17"), ("outside-1", "198.18.2.27")]);
+    lab.serve("outside-1", &[8080]);
+    let mut inv = lab.inventory(&[("frontend-1", "frontend")]);
+    inv.endpoints.retain(|e| e.name == "frontend-1");
+    assert!(lab.connects("frontend-1", "outside-1", 8080), "lab connectivity without palisade");
+    let egress_to = |peers: &str| {
+        policies(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: out, namespace: webapp}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress: [{{to: [{peers}]}}]\n"
+        ))
+    };
+    let mut bpf = datapath::load(None).expect("load eBPF object");
+    let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
+    let mut seg = Segmentation::new(inv, egress_to("{ipBlock: {cidr: \"::/0\"}}"));
+    dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    let frontend = lab.pods.iter().find(|p| p.name == "frontend-1").expect("frontend").cgroup_abs.clone();
+    dp.attach(&mut bpf, &frontend).expect("attach");
+    assert!(!lab.connects("frontend-1", "outside-1", 8080), "egress to ::/0 only: an IPv4 address outside the inventory is denied");
+    dp.sync(&mut bpf, seg.set_policies(egress_to("{ipBlock: {cidr: \"::/0\"}}, {ipBlock: {cidr: 0.0.0.0/0}}"))).expect("sync");
+    assert!(lab.connects("frontend-1", "outside-1", 8080), "with 0.0.0.0/0 beside ::/0 it is allowed");
+}

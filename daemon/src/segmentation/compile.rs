@@ -16,7 +16,9 @@
 //!   and every ipBlock `cidr` and `except` prefix. `except` works with longest-prefix match
 //!   because an ipBlock allows exactly the CIDR identities of the trie prefixes inside its cidr
 //!   and not inside one of its excepts: an address inside an except always matches the except
-//!   prefix or something longer inside it, never the enclosing block.
+//!   prefix or something longer inside it, never the enclosing block. IPv4 addresses live in the
+//!   trie in IPv4-mapped form, so an IPv6 block covering `::ffff:0:0/96` (`::/0`, `::/64`) gets
+//!   a world entry for that range beside it: the spec's IPv6 CIDRs never match IPv4 peers.
 //! * ENDPOINTS: per endpoint isolation flags and the port-block sizes its POLICY entries use.
 //! * POLICY: allow entries keyed by (endpoint, peer identity, direction, protocol, port block).
 //!   Wildcards: peer 0 = any peer, protocol 0 = any protocol (rules without ports), port_plen 0 =
@@ -43,7 +45,7 @@ use std::net::IpAddr;
 
 use palisade_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointConfig,
-    IDENTITY_ANY, IDENTITY_CIDR_FIRST, IDENTITY_LABEL_FIRST, IpCacheValue, PROTO_ANY, PolicyKey,
+    IDENTITY_ANY, IDENTITY_CIDR_FIRST, IDENTITY_LABEL_FIRST, IDENTITY_WORLD, IpCacheValue, PROTO_ANY, PolicyKey,
     PolicyValue, SEG_MAX_ENDPOINTS, SEG_MAX_IPCACHE, SEG_MAX_POLICY,
 };
 use serde::Serialize;
@@ -322,6 +324,7 @@ impl Compiler {
         let mut blocks: BTreeSet<Cidr> = BTreeSet::new();
         let mut all_blocks: BTreeSet<Cidr> = BTreeSet::new();
         let mut tipped: Option<(usize, &'static str)> = None;
+        let mut barrier = V4Barrier::default();
         if eps.len() > cap.endpoints || pod_addresses.len() > cap.ipcache {
             // The inventory alone does not fit: no policy adds anything.
             tipped = Some((0, if eps.len() > cap.endpoints { "ENDPOINTS" } else { "IPCACHE" }));
@@ -342,14 +345,18 @@ impl Compiler {
             }
             let fresh = mine.iter().filter(|c| !blocks.contains(c) && !pod_addresses.contains(c)).count();
             let used = pod_addresses.len() + blocks.iter().filter(|c| !pod_addresses.contains(c)).count();
-            if used + fresh > cap.ipcache {
+            let barrier_after = usize::from(barrier.with(&mine).needed());
+            if used + fresh + barrier_after > cap.ipcache {
                 tipped = Some((pi, "IPCACHE"));
                 continue;
             }
+            barrier = barrier.with(&mine);
             blocks.extend(mine);
         }
         out.usage.endpoints = eps.len();
-        out.usage.ipcache = pod_addresses.len() + all_blocks.iter().filter(|c| !pod_addresses.contains(c)).count();
+        out.usage.ipcache = pod_addresses.len()
+            + all_blocks.iter().filter(|c| !pod_addresses.contains(c)).count()
+            + usize::from(V4Barrier::default().with(&all_blocks).needed());
         // IPCACHE: (cidr, value); `cidr_prefixes` lists every prefix with a CIDR identity and the
         // pod behind it (for named ports), for ipBlock resolution.
         let mut cidr_prefixes: Vec<(Cidr, u32, Option<usize>)> = Vec::new();
@@ -380,6 +387,12 @@ impl Compiler {
             out.identities.insert(id, IdentityKind::Cidr { cidr: b.to_string() });
             cidr_prefixes.push((*b, id, None));
             out.ipcache.insert(LpmKey::from_cidr(b), IpCacheValue { identity: id, cidr_identity: id, endpoint_id: 0, _pad: 0 });
+        }
+        if barrier.needed() {
+            out.ipcache.insert(
+                LpmKey::from_cidr(&V4_MAPPED),
+                IpCacheValue { identity: IDENTITY_WORLD, cidr_identity: 0, endpoint_id: 0, _pad: 0 },
+            );
         }
         // Label identities present, with their pods.
         let mut identity_pods: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -544,6 +557,35 @@ impl Compiler {
                 Target { id, endpoints }
             })
             .collect()
+    }
+}
+
+/// The IPv4-mapped range `::ffff:0:0/96`: the datapath's 16-byte form of every IPv4 address.
+const V4_MAPPED: Cidr = Cidr { addr: IpAddr::V6(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)), len: 96 };
+
+/// Whether IPCACHE needs an entry for [`V4_MAPPED`] with the world identity: when an IPv6
+/// block covers that range in the trie (`::/0`, `::/64`, any prefix of `::ffff:0:0/96`), IPv4
+/// addresses would otherwise match the IPv6 block's entry, and an ipBlock `::/0` would allow
+/// every IPv4 peer. IPv4 prefixes and pod addresses are longer, so they still win; an IPv4
+/// `0.0.0.0/0` is the same trie key and already says the right thing.
+#[derive(Debug, Clone, Copy, Default)]
+struct V4Barrier {
+    v6_covers: bool,
+    v4_any: bool,
+}
+
+impl V4Barrier {
+    fn with<'a>(self, prefixes: impl IntoIterator<Item = &'a Cidr>) -> V4Barrier {
+        let mut out = self;
+        for c in prefixes {
+            out.v6_covers |= c.addr.is_ipv6() && c.contains_cidr(&V4_MAPPED);
+            out.v4_any |= c.addr.is_ipv4() && c.len == 0;
+        }
+        out
+    }
+
+    fn needed(self) -> bool {
+        self.v6_covers && !self.v4_any
     }
 }
 
