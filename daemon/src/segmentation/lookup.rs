@@ -34,12 +34,17 @@ pub fn is_loopback16(a: &[u8; 16]) -> bool {
 
 /// Longest-prefix match over an LPM map's contents (what the kernel's trie answers).
 pub fn lpm<V: Copy>(map: &BTreeMap<LpmKey, V>, addr: &[u8; 16]) -> Option<V> {
-    // Probe from the longest prefix down: at most 129 ordered-map lookups, fine off the datapath.
-    for plen in (0..=128u32).rev() {
+    // Probe from the longest prefix down, only the prefix lengths present (keys order by
+    // length first, so the next shorter length in use is the last key below `(len, ::)`): a
+    // few ordered-map lookups per address instead of 129 (the differential tests make millions).
+    let mut below = LpmKey { prefix_len: 129, addr: [0; 16] };
+    while let Some((present, _)) = map.range(..below).next_back() {
+        let plen = present.prefix_len;
         let key = LpmKey { prefix_len: plen, addr: mask16(addr, plen) };
         if let Some(v) = map.get(&key) {
             return Some(*v);
         }
+        below = LpmKey { prefix_len: plen, addr: [0; 16] };
     }
     None
 }

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod lookup;
 pub mod matrix;
 pub mod policy;
+pub mod reference;
 
 pub use compile::{Capacity, Compiled, Compiler, OverCapacity, Usage, compile};
 pub use lookup::{Verdict, lookup};
