@@ -69,9 +69,10 @@ pub struct RunArgs {
     pub no_kprobes: bool,
     /// The cgroup (relative to the cgroup2 mount) the datapath is attached at for every pod
     /// below it, so a new pod is judged from its first packet: until its endpoint is written
-    /// it gets only traffic inside itself (the fail-closed default). `auto`: the lab's pods
-    /// parent with --lab, none otherwise (in Kubernetes mode name kubepods.slice or kubepods
-    /// explicitly); `none`: attach per pod only.
+    /// it gets only traffic inside itself (the fail-closed default). `auto`: in Kubernetes mode
+    /// the kubelet's pods root of this node's pods (kubepods.slice, kubepods, or below a kubelet
+    /// --cgroup-root), with --lab the lab's pods parent, none otherwise; `none`: attach per pod
+    /// only.
     #[arg(long, default_value = "auto")]
     pub pods_cgroup: String,
     /// bpffs directory for the pinned datapath maps (enforcement survives restarts).
@@ -308,7 +309,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             capacity.policy = args.max_policy_entries.unwrap_or(capacity.policy).min(capacity.policy);
             capacity
         },
-        pods_parent(&args, &cgroup_root),
+        pods_parent(&args, &cgroup_root, &inventory),
     )
     .await
     .context("enforcing the policies")?;
@@ -1067,16 +1068,22 @@ fn loss_status(state: &DaemonState) -> serde_json::Value {
 }
 
 /// Where the datapath is attached for every pod below it (`--pods-cgroup`).
-fn pods_parent(args: &RunArgs, cgroup_root: &Path) -> Option<PathBuf> {
+fn pods_parent(args: &RunArgs, cgroup_root: &Path, inventory: &Inventory) -> Option<PathBuf> {
     match args.pods_cgroup.as_str() {
         "none" => None,
-        // Kubernetes mode takes an explicit --pods-cgroup (kubepods.slice or kubepods): with the
-        // parent at kubepods.slice, the k8s_daemon test's systemd-style pod was cut off although
-        // its endpoint was written; not understood yet, so not the default.
-        "auto" if args.lab_name().is_some() && !args.kubernetes => {
-            args.lab_name().map(|lab| cgroup_root.join(crate::lab::naming::default_cgroup_root(lab)))
+        // Kubernetes: the kubelet's pods root of this node's pods (kubepods.slice, kubepods, or
+        // below a kubelet --cgroup-root), else the one at the mount.
+        "auto" if args.kubernetes => {
+            let local = inventory.endpoints.iter().filter(|e| !e.peer_only).filter_map(|e| e.cgroup.as_deref());
+            let found = crate::k8s::kubepods_parent(cgroup_root, local);
+            if found.is_none() {
+                tracing::warn!(
+                    "no kubepods cgroup found (no pod of this node located yet, no kubepods.slice or kubepods at the cgroup2 mount): the datapath is attached per pod, so a pod created later passes until the sync after it appears; name the parent with --pods-cgroup"
+                );
+            }
+            found.map(|rel| cgroup_root.join(rel))
         }
-        "auto" => None,
+        "auto" => args.lab_name().map(|lab| cgroup_root.join(crate::lab::naming::default_cgroup_root(lab))),
         other => Some(cgroup_root.join(other.trim_start_matches('/'))),
     }
 }

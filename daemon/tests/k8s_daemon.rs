@@ -44,9 +44,22 @@ const OTHER_NODE: &str = "other-node";
 const REMOTE: &str = "shop/remote";
 const REMOTE_DB: &str = "shop/remote-db";
 
-/// The QoS parents of the pod cgroups below, deepest first.
-const KUBEPODS_PARENTS: [&str; 4] =
-    ["kubepods/besteffort", "kubepods", "kubepods.slice/kubepods-burstable.slice", "kubepods.slice"];
+/// The kubelet's cgroup root for this run (as with `kubelet --cgroup-root`): the pods' cgroups
+/// sit below it, so runs in parallel never share a kubepods parent. (They did: each daemon's
+/// programs at a shared `kubepods.slice` took the other run's pods for unknown ones and cut them
+/// off, which is how the systemd-style client was cut off although its endpoint was written.)
+fn kubelet_root() -> String {
+    format!("palisade-test-k8s-{}.slice", std::process::id())
+}
+
+/// The QoS parents of the pod cgroups below, deepest first, then the root itself.
+fn kubepods_parents() -> Vec<String> {
+    let root = kubelet_root();
+    ["kubepods/besteffort", "kubepods", "kubepods.slice/kubepods-burstable.slice", "kubepods.slice/kubepods-besteffort.slice", "kubepods.slice", ""]
+        .iter()
+        .map(|p| if p.is_empty() { root.clone() } else { format!("{root}/{p}") })
+        .collect()
+}
 
 /// One lab pod as the cluster describes it.
 struct PodSpec {
@@ -72,7 +85,7 @@ fn pod_specs() -> Vec<PodSpec> {
         PodSpec {
             name: "web",
             app: "web",
-            cgroup: format!("kubepods/besteffort/pod{web}"),
+            cgroup: format!("{}/kubepods/besteffort/pod{web}", kubelet_root()),
             uid: web,
             qos: "BestEffort",
             ip: "198.18.70.10",
@@ -82,7 +95,8 @@ fn pod_specs() -> Vec<PodSpec> {
             name: "client",
             app: "frontend",
             cgroup: format!(
-                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                "{}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                kubelet_root(),
                 client.replace('-', "_")
             ),
             uid: client,
@@ -93,7 +107,7 @@ fn pod_specs() -> Vec<PodSpec> {
         PodSpec {
             name: "other",
             app: "other",
-            cgroup: format!("kubepods/pod{other}"),
+            cgroup: format!("{}/kubepods/pod{other}", kubelet_root()),
             uid: other,
             qos: "Guaranteed",
             ip: "198.18.70.12",
@@ -335,10 +349,10 @@ impl Drop for K8sDaemon {
                 eprintln!("k8s_daemon: lab down {name}: {err}");
             }
         }
-        // The kubelet-style parents, if another run made them and left them empty (rmdir never
-        // removes a cgroup with children or processes).
+        // This run's kubelet-style parents, if left empty (rmdir never removes a cgroup with
+        // children or processes).
         if let Ok(mount) = palisade::lab::cgroup2_mount() {
-            for parent in KUBEPODS_PARENTS {
+            for parent in kubepods_parents() {
                 let _ = std::fs::remove_dir(mount.join(parent));
             }
         }
@@ -379,7 +393,7 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
         "status": {"phase": "Running", "qosClass": "BestEffort", "podIP": "198.18.70.99", "podIPs": [{"ip": "198.18.70.99"}]}}));
     api.apply(web_policy("frontend"));
 
-    let daemon = K8sDaemon::start(api, lab);
+    let mut daemon = K8sDaemon::start(api, lab);
     println!("daemon running after {:.1} s", started.elapsed().as_secs_f64());
 
     // The daemon's view: this node's three pods, each with the cgroup the kubelet would use, and
@@ -412,6 +426,12 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     assert_eq!(status["endpoints"]["unresolved"], json!([]), "{:#}", status["endpoints"]);
     assert_eq!(status["policies"]["peer_endpoints"], 3, "{:#}", status["policies"]);
     assert_eq!(status["policies"]["attached_cgroups"], 3, "{:#}", status["policies"]);
+    // The datapath at the kubelet's pods root, found without --pods-cgroup (systemd's, as a node
+    // uses one driver; the cgroupfs pods of this lab are attached one by one).
+    let parent = &status["policies"]["pods_parent"];
+    assert!(parent["cgroup"].as_str().is_some_and(|c| c.ends_with(&format!("{}/kubepods.slice", kubelet_root()))), "{parent:#}");
+    assert_eq!(parent["attached"], true, "{parent:#}");
+    assert_eq!(parent["covered_endpoints"], 1, "{parent:#}");
 
     // (1) The NetworkPolicy from the API, enforced with real packets: app=frontend is allowed in
     // wherever it runs (shop/remote is on the other node), anything else is not.
@@ -430,6 +450,55 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
         Duration::from_secs(5),
     );
     println!("(1) policy enforced, for peers on this node and the other (checked in {:.1} s)", t.as_secs_f64());
+
+    // (1c) A pod created while the daemon runs, as a kubelet makes it: its pod slice, and its
+    // processes in a container scope below (the packets' cgroup is the scope, not the pod slice).
+    // It sends from its first instant, before the API has told the daemon about it: nothing
+    // passes either way until its endpoint exists; then its traffic is judged by policy.
+    let late_uid = format!("a0000006-0000-4000-8000-{:012x}", std::process::id());
+    let late_slice = format!(
+        "{}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        kubelet_root(),
+        late_uid.replace('-', "_")
+    );
+    let late_scope = format!("{late_slice}/cri-containerd-{:064x}.scope", 6);
+    let mut text = lab_inventory(&specs);
+    text.push_str(&format!(
+        "  - namespace: {NS}\n    name: late\n    labels: {{app: late}}\n    ips: [198.18.70.13]\n    ports: [{{name: http, port: {PORT}, protocol: TCP}}]\n    cgroup: {late_scope}\n"
+    ));
+    let inventory = palisade::inventory::Inventory::parse(&text, Path::new("k8s_daemon-late.yaml")).expect("inventory with the late pod");
+    daemon.lab.as_mut().expect("lab").guard.reconcile(&inventory).expect("lab up with the late pod");
+    const LATE: &str = "shop/late";
+    let matrix = daemon.probe();
+    for (from, to) in [(LATE, OTHER), (LATE, CLIENT), (LATE, WEB), (OTHER, LATE), (CLIENT, LATE), (WEB, LATE)] {
+        assert_eq!(matrix.allowed(from, to), Some(false), "{from} -> {to} before the pod's endpoint exists:\n{}", matrix.to_table());
+    }
+    let scope_id = palisade::segmentation::datapath::cgroup_id(&palisade::lab::cgroup2_mount().expect("cgroup2").join(&late_scope)).expect("scope id");
+    daemon.wait_for("unknown_endpoint drop records of the late pod", Duration::from_secs(5), || {
+        daemon.alerts().into_iter().find(|a| {
+            a["kind"] == "policy_denied" && a["event"]["reason"] == "unknown_endpoint" && a["event"]["cgroup_id"] == scope_id
+        })
+    });
+    let late = PodSpec {
+        name: "late",
+        app: "late",
+        uid: late_uid,
+        qos: "BestEffort",
+        ip: "198.18.70.13",
+        cgroup: late_slice.clone(),
+        remote: false,
+    };
+    daemon.api().apply(pod_object(&late, NODE));
+    let t = daemon.wait_for_matrix(
+        "the late pod judged by policy once its endpoint exists",
+        &[(LATE, OTHER, true), (LATE, CLIENT, true), (OTHER, LATE, true), (CLIENT, LATE, true), (LATE, WEB, false), (CLIENT, WEB, true)],
+        Duration::from_secs(10),
+    );
+    let status = daemon.status();
+    let endpoint = status["endpoints"]["inventory"].as_array().expect("endpoints").iter().find(|e| e["pod"] == LATE).cloned();
+    assert_eq!(endpoint.as_ref().map(|e| e["cgroup"].clone()), Some(json!(late_slice)), "the pod slice is its cgroup: {endpoint:?}");
+    assert_eq!(status["policies"]["pods_parent"]["covered_endpoints"], 2, "{:#}", status["policies"]);
+    println!("(1c) a pod created while running: nothing out before its endpoint, judged by policy {:.1} s after the API knew it", t.as_secs_f64());
 
     // (1b) The other node's pod relabelled in the cluster (seen by the cluster-wide watch): the
     // selector now matches it.
@@ -573,7 +642,7 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
         Duration::from_secs(5),
     );
     let status = daemon.status();
-    assert_eq!(status["endpoints"]["monitored"], 3, "endpoints dropped during the outage: {:#}", status["endpoints"]);
+    assert_eq!(status["endpoints"]["monitored"], 4, "endpoints dropped during the outage: {:#}", status["endpoints"]);
     assert_eq!(status["kubernetes"]["connected"], false);
     println!("(5) outage since {} kept enforcement", kube["outage_since"]);
 

@@ -153,6 +153,38 @@ impl CgroupLocator {
     }
 }
 
+/// Whether a cgroup directory name is the kubelet's pods root: `kubepods.slice` (systemd),
+/// `kubepods` (cgroupfs), or `<root>-kubepods.slice` below a kubelet `--cgroup-root` with the
+/// systemd driver (kind: `kubelet.slice/kubelet-kubepods.slice`).
+fn is_kubepods_root(name: &str) -> bool {
+    name == "kubepods" || name == "kubepods.slice" || name.ends_with("-kubepods.slice")
+}
+
+/// The kubelet's pods root (relative to the cgroup2 mount) below which this node's pods live, for
+/// attaching the datapath once for every pod (Kubernetes mode's default `--pods-cgroup`):
+/// the pods root of the pod cgroups the locator found (`pod_cgroups`, relative paths), so a
+/// kubelet `--cgroup-root` is followed; the systemd one when pods sit below both kinds (a node
+/// uses one driver), then the one holding the most pods. With no pod found yet, `kubepods.slice`
+/// or else `kubepods` when it exists at the mount. None: nothing found (the datapath is then
+/// attached per pod).
+pub fn kubepods_parent<'a>(mount: &Path, pod_cgroups: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let mut roots: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for cgroup in pod_cgroups {
+        let parts: Vec<&str> = cgroup.trim_matches('/').split('/').collect();
+        // The pod's own directory is never the root: only its ancestors are looked at.
+        if let Some(at) = parts.iter().take(parts.len().saturating_sub(1)).position(|p| is_kubepods_root(p)) {
+            *roots.entry(parts[..=at].join("/")).or_default() += 1;
+        }
+    }
+    let best = roots.into_iter().max_by(|(a, na), (b, nb)| {
+        (a.ends_with(".slice"), na, std::cmp::Reverse(a)).cmp(&(b.ends_with(".slice"), nb, std::cmp::Reverse(b)))
+    });
+    if let Some((root, _)) = best {
+        return Some(root);
+    }
+    ["kubepods.slice", "kubepods"].into_iter().find(|name| mount.join(name).is_dir()).map(str::to_string)
+}
+
 /// The pod cgroup paths for one QoS class, systemd first (the default driver since 1.22).
 fn candidates(uid: &str, class: QosClass) -> [(String, CgroupDriver); 2] {
     let escaped = uid.replace('-', "_");
@@ -221,6 +253,33 @@ mod tests {
         assert_eq!(container_id_from_dir("cpu.max", CgroupDriver::Cgroupfs), None);
         assert_eq!(container_id_from_status(&format!("containerd://{id}")), Some(id));
         assert_eq!(container_id_from_status("containerd://"), None);
+    }
+
+    #[test]
+    fn the_pods_root_follows_the_pods_found() {
+        let none = Path::new("/nonexistent");
+        let systemd = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice";
+        let cgroupfs = "kubepods/besteffort/pod2";
+        let kind = "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod3.slice";
+        assert_eq!(kubepods_parent(none, [systemd]).as_deref(), Some("kubepods.slice"));
+        assert_eq!(kubepods_parent(none, [cgroupfs, "kubepods/pod4"]).as_deref(), Some("kubepods"));
+        // Both kinds (a test lab; a node has one driver): systemd's.
+        assert_eq!(kubepods_parent(none, [cgroupfs, "kubepods/pod4", systemd]).as_deref(), Some("kubepods.slice"));
+        assert_eq!(kubepods_parent(none, [kind]).as_deref(), Some("kubelet.slice/kubelet-kubepods.slice"));
+        assert_eq!(
+            kubepods_parent(none, [&*format!("/test.slice/{systemd}")]).as_deref(),
+            Some("test.slice/kubepods.slice"),
+            "below another root"
+        );
+        // A pod whose own directory has the name is not below a root; no pods, nothing at the mount.
+        assert_eq!(kubepods_parent(none, ["kubepods"]), None);
+        assert_eq!(kubepods_parent(none, []), None);
+        let mount = std::env::temp_dir().join(format!("palisade-kubepods-{}", std::process::id()));
+        std::fs::create_dir_all(mount.join("kubepods")).expect("dir");
+        assert_eq!(kubepods_parent(&mount, []).as_deref(), Some("kubepods"), "no pod yet: the mount's");
+        std::fs::create_dir_all(mount.join("kubepods.slice")).expect("dir");
+        assert_eq!(kubepods_parent(&mount, []).as_deref(), Some("kubepods.slice"));
+        let _ = std::fs::remove_dir_all(&mount);
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod events;
 pub mod quarantine;
 pub mod source;
 
-pub use cgroup::{CgroupLocator, PodCgroup, QosClass};
+pub use cgroup::{CgroupLocator, PodCgroup, QosClass, kubepods_parent};
 pub use events::{AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents};
 pub use quarantine::{ClusterQuarantineSink, KubeQuarantineSink, LabelRemoval, SinkError};
 pub use source::{KubeSource, SourceConfig, SourceError, SourceHealth, UnresolvedCgroup, WatchHealth};

@@ -400,6 +400,15 @@ pub struct LabGuard {
 }
 
 impl LabGuard {
+    /// Reconciles the lab with `inventory` as `Lab::up` does (pods added, rebuilt or removed);
+    /// the guard then brings down what the lab holds now.
+    pub fn reconcile(&mut self, inventory: &Inventory) -> Result<(), LabError> {
+        let lab = self.lab.as_ref().ok_or_else(|| LabError::NoSuchLab("(guard already down)".into()))?;
+        let options = LabOptions { name: lab.name().to_string(), state_dir: lab.state_dir.clone() };
+        self.lab = Some(Lab::up(inventory, &options)?);
+        Ok(())
+    }
+
     /// Brings the lab down now, reporting errors.
     pub fn down(mut self) -> Result<DownReport, LabError> {
         match self.lab.take() {
