@@ -673,8 +673,14 @@ fn a_slow_start_is_reported_as_starting_then_ready_once_synced() {
     // The API answers 500 until the test lets it recover: the daemon waits in its first sync.
     api.set_fault(Some(Fault::Status500));
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let mut daemon =
-        K8sDaemon::spawn(api, None, "slow-start", &["--metrics-addr".to_string(), format!("127.0.0.1:{port}")]);
+    // No pods here: `--pods-cgroup auto` would take a kubepods parent at the cgroup2 mount if one
+    // exists (another run's), and cut that run's pods off as unknown ones.
+    let mut daemon = K8sDaemon::spawn(
+        api,
+        None,
+        "slow-start",
+        &["--metrics-addr".to_string(), format!("127.0.0.1:{port}"), "--pods-cgroup".to_string(), "none".to_string()],
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let (health, ready) = loop {
         if let (Some(health), Some(ready)) = (http_get(port, "/healthz"), http_get(port, "/readyz")) {
