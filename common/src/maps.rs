@@ -14,6 +14,11 @@ pub const MAP_SENSITIVE_PREFIXES: &str = "SENSITIVE_PREFIXES";
 pub const MAP_POD_LOSSES: &str = "POD_LOSSES";
 pub const MAP_QUIET_OPEN_PREFIXES: &str = "QUIET_OPEN_PREFIXES";
 pub const MAP_PREFILTERED_COUNTS: &str = "PREFILTERED_COUNTS";
+pub const MAP_CONNECT_PORTS: &str = "CONNECT_PORTS";
+/// The pack's connect prefilter: the inet/inet6 destination ports its connect rules can match
+/// (keys 0..=65535), and `CONNECT_PORTS_ON`, present only while the prefilter is on.
+pub const MAX_CONNECT_PORTS: u32 = 4096;
+pub const CONNECT_PORTS_ON: u32 = 0x1_0000;
 
 pub const EVENTS_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
 /// The ring buffer of protected (rare, high-value) events: high-volume kinds never go there,

@@ -182,6 +182,7 @@ fn main() {
     println!();
     println!("kernel counters: emitted {}", status["probes"]["counters"]["emitted"]);
     println!("kernel counters: lost {}", status["probes"]["counters"]["lost"]);
+    println!("kernel counters: prefiltered {}", status["probes"]["counters"]["prefiltered"]);
     println!("losses per pod/kind/reason: {}", status["events"]["loss"]);
     let loss_alerts = daemon.alerts().iter().filter(|a| a["kind"] == "event_loss").count();
     println!("event_loss alerts: {loss_alerts}");

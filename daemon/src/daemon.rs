@@ -261,7 +261,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let priority_ring = probes.take_priority_ring_buffer()?;
     let host = ProbeHost::spawn(probes);
     host.set_enabled_kinds(kinds).await?;
-    set_sensitive_prefixes(&host, &rules_dir).await?;
+    set_sensitive_prefixes(&host, &rules_dir, rules.current().connect_ports()).await?;
 
     host.set_monitored(table.monitored()).await?;
 
@@ -445,11 +445,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     let kinds = kinds_for(&state.rules.current());
                     let host = state.host.clone();
                     let rules_dir = rules_dir_for_reload.clone();
+                    let connect_ports = state.rules.current().connect_ports();
                     runtime.spawn(async move {
                         if let Err(err) = host.set_enabled_kinds(kinds).await {
                             tracing::error!(%err, "switching kernel event kinds after a rules reload");
                         }
-                        if let Err(err) = set_sensitive_prefixes(&host, &rules_dir).await {
+                        if let Err(err) = set_sensitive_prefixes(&host, &rules_dir, connect_ports).await {
                             tracing::error!(%err, "updating the sensitive path prefixes after a rules reload; the previous ones stay");
                         }
                     });
@@ -681,7 +682,8 @@ fn spawn_endpoint_followers(state: Arc<DaemonState>, mut endpoints: tokio::sync:
 /// The memory the queues between the reader and the pipeline thread may hold (`reader::
 /// event_bytes`): protected events (the reader waits for room), the rest (dropped and counted
 /// past it), and the most one pod's bulk events may hold, so a flooding pod never fills the
-/// queue alone. About 8,000 opens (with the event struct, ~500 bytes each) in the bulk queue.
+/// queue alone. An open is ~300 bytes (the 232-byte event and its path): ~14,000 opens in the
+/// bulk queue, ~1,700 per pod (before: 16,384 and 2,048 events of any size).
 const PRIORITY_QUEUE_BYTES: usize = 2 << 20;
 const BULK_QUEUE_BYTES: usize = 4 << 20;
 const BULK_QUEUE_BYTES_PER_POD: usize = BULK_QUEUE_BYTES / 8;
@@ -929,17 +931,25 @@ fn spawn_counter_exporter(state: Arc<DaemonState>) {
     });
 }
 
-/// Loads what the kernel knows of the pack's opens: the sensitive prefixes (which opens take
-/// the priority ring) and the pack's declared prefilter (which stay in the kernel).
-async fn set_sensitive_prefixes(host: &ProbeHost, rules_dir: &Path) -> anyhow::Result<()> {
+/// Loads what the kernel knows of the pack: the sensitive prefixes (which opens take the
+/// priority ring), the pack's declared open prefilter (which opens stay in the kernel) and the
+/// connect ports its connect rules can match (`RulePack::connect_ports`: other inet connects
+/// stay in the kernel; None filters none).
+async fn set_sensitive_prefixes(
+    host: &ProbeHost,
+    rules_dir: &Path,
+    connect_ports: Option<std::collections::BTreeSet<u16>>,
+) -> anyhow::Result<()> {
     let prefilter = crate::rules::prefilter::OpenPrefilter::load(rules_dir)?;
     let (sensitive, quiet) = (prefilter.sensitive.len(), prefilter.quiet.len());
+    let ports = connect_ports.as_ref().map(|p| p.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
     host.with(move |ebpf| {
         loader::set_sensitive_prefixes(ebpf, &prefilter.sensitive)?;
-        loader::set_quiet_open_prefixes(ebpf, &prefilter.quiet)
+        loader::set_quiet_open_prefixes(ebpf, &prefilter.quiet)?;
+        loader::set_connect_ports(ebpf, connect_ports.as_ref())
     })
     .await??;
-    tracing::info!(sensitive, quiet, "open prefixes loaded (priority routing, kernel prefilter)");
+    tracing::info!(sensitive, quiet, connect_ports = ports.as_deref().unwrap_or("all (no connect prefilter)"), "kernel prefilters loaded (open prefixes for priority routing and filtering, connect ports)");
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use palisade_common::{
     KIND_COUNT, KIND_CRED, KIND_EXEC, KIND_MEMFD, KIND_MODULE, KIND_MOUNT, KIND_NAMESPACE,
     KIND_OPEN, KIND_PTRACE, KIND_RENAME, KIND_UNLINK, LOSS_BUDGET, LOSS_DEMOTED, LOSS_PROTECTED, LOSS_RING_FULL,
     MAX_CGROUP_ANCESTOR_LEVELS, MAX_MONITORED_CGROUPS, MAX_PENDING_SYSCALLS,
-    MAX_POD_LOSS_ENTRIES, MAX_SENSITIVE_PREFIXES, PATH_LEN, PRIORITY_RINGBUF_BYTES, PathPrefix,
+    MAX_POD_LOSS_ENTRIES, MAX_SENSITIVE_PREFIXES, CONNECT_PORTS_ON, MAX_CONNECT_PORTS, PATH_LEN, PRIORITY_RINGBUF_BYTES, PathPrefix,
     PendingExec, PendingSyscall, PodBudget, PodLossKey, ProbeConfig, SENSITIVE_PREFIX_LEN,
     SOURCE_TRACEPOINT, FD_KIND_CLOSED, FD_KIND_FILE, FD_KIND_NULL, FD_KIND_OTHER, FD_KIND_PIPE,
     FD_KIND_SOCKET, FD_KIND_TTY, FD_KIND_UNKNOWN, PATH_CUT, PATH_RESOLVED,
@@ -622,6 +622,23 @@ macro_rules! reserve_or_count {
             None => return Ok(()),
         }
     };
+}
+
+/// The pack's connect prefilter (ports its connect rules can match; `CONNECT_PORTS_ON` while on).
+#[map]
+pub static CONNECT_PORTS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_CONNECT_PORTS + 1, 0);
+
+/// True when the pack's prefilter says no rule can match this connect: an inet/inet6 connect
+/// to a port none of its connect rules names. Other families always pass.
+#[inline(always)]
+pub fn connect_is_quiet(family: u16, port: u16) -> bool {
+    const AF_INET: u16 = 2;
+    const AF_INET6: u16 = 10;
+    if family != AF_INET && family != AF_INET6 {
+        return false;
+    }
+    // SAFETY: map lookups return pointers valid for this program run; only presence is read.
+    unsafe { CONNECT_PORTS.get(&CONNECT_PORTS_ON).is_some() && CONNECT_PORTS.get(&(port as u32)).is_none() }
 }
 
 /// open(2) flags that make an open a write (what the rules' `write`, `create`, `truncate` say).

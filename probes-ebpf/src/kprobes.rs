@@ -9,7 +9,7 @@ use palisade_common::{
     CRED_OP_COMMIT_CREDS, ConnectEvent, CredEvent, KIND_CONNECT, KIND_CRED, SOURCE_KPROBE,
 };
 
-use crate::common::{count_emitted, current_ids, fill_header, read_cred, should_report};
+use crate::common::{PREFILTERED_COUNTS, connect_is_quiet, count, count_emitted, current_ids, fill_header, read_cred, should_report};
 use crate::reserve_or_count;
 use crate::syscalls::{in_reported_syscall, read_sockaddr};
 
@@ -75,6 +75,15 @@ fn try_tcp_connect(ctx: &ProbeContext) -> Result<(), i64> {
     };
     let uaddr: *const u8 = ctx.arg(1).ok_or(0i64)?;
     let addr_len: i32 = ctx.arg(2).unwrap_or(0);
+    {
+        use aya_ebpf::helpers::bpf_probe_read_kernel;
+        let family: u16 = unsafe { bpf_probe_read_kernel(uaddr as *const u16) }.unwrap_or(0);
+        let port = u16::from_be(unsafe { bpf_probe_read_kernel(uaddr.wrapping_add(2) as *const u16) }.unwrap_or(0));
+        if connect_is_quiet(family, port) {
+            count(&PREFILTERED_COUNTS, KIND_CONNECT);
+            return Ok(());
+        }
+    }
     let mut entry = reserve_or_count!(ConnectEvent, KIND_CONNECT, cfg, cgroup_id, false);
     let ev = entry.as_mut_ptr();
     unsafe {

@@ -14,7 +14,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 use crate::common::{
     PENDING_SYSCALLS, config, count_emitted, current_fd_kind, current_ids, current_tid, fill_header,
-    PREFILTERED_COUNTS, count, kind_is_protected, open_is_quiet, open_path_is_sensitive, output_routed, read_user_str, read_user_str_len,
+    PREFILTERED_COUNTS, connect_is_quiet, count, kind_is_protected, open_is_quiet, open_path_is_sensitive, output_routed, read_user_str, read_user_str_len,
     should_report, syscall_arg, syscall_ret,
 };
 use crate::reserve_or_count;
@@ -160,12 +160,35 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 fn emit_connect(ret: i64) -> Result<(), i64> {
+    if connect_prefiltered() {
+        return Ok(());
+    }
     emit!(ConnectEvent, KIND_CONNECT, ret, |ev, p| {
         (*ev).fd = p.args[0] as i32;
         (*ev).ret = ret as i32;
         (*ev)._pad = 0;
         read_sockaddr(ev, p.args[1] as *const u8, p.args[2] as u32, false);
     })
+}
+
+/// The pack's connect prefilter, before anything is reserved: when this thread's connect is
+/// one no rule can match (`connect_is_quiet`), it is taken, counted as prefiltered and dropped.
+#[inline(always)]
+fn connect_prefiltered() -> bool {
+    let tid = current_tid();
+    let Some(p) = (unsafe { PENDING_SYSCALLS.get(&tid) }).copied() else { return false };
+    if p.kind != KIND_CONNECT {
+        return false;
+    }
+    let sa = p.args[1] as *const u8;
+    let family: u16 = unsafe { bpf_probe_read_user(sa as *const u16) }.unwrap_or(0);
+    let port = u16::from_be(unsafe { bpf_probe_read_user(sa.wrapping_add(2) as *const u16) }.unwrap_or(0));
+    if !connect_is_quiet(family, port) {
+        return false;
+    }
+    let _ = PENDING_SYSCALLS.remove(&tid);
+    count(&PREFILTERED_COUNTS, KIND_CONNECT);
+    true
 }
 
 /// Fills family/port/addr/unix_path from a sockaddr in user (`kernel == false`) or kernel memory.

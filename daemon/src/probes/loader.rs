@@ -11,7 +11,7 @@ use aya::{Ebpf, EbpfLoader};
 use palisade_common::{
     KIND_COUNT, LOSS_BUDGET, LOSS_DEMOTED, LOSS_PROTECTED, LOSS_RING_FULL, MAP_ENABLED_KINDS, MAP_EVENT_COUNTS,
     MAP_EVENTS, MAP_EVENTS_PRIORITY, MAP_LOST_COUNTS, MAP_MONITORED_CGROUPS, MAP_POD_LOSSES,
-    MAP_PREFILTERED_COUNTS, MAP_PROBE_CONFIG, MAP_QUIET_OPEN_PREFIXES, MAP_SENSITIVE_PREFIXES, MAX_SENSITIVE_PREFIXES, PathPrefix, PodLossKey,
+    CONNECT_PORTS_ON, MAP_CONNECT_PORTS, MAX_CONNECT_PORTS, MAP_PREFILTERED_COUNTS, MAP_PROBE_CONFIG, MAP_QUIET_OPEN_PREFIXES, MAP_SENSITIVE_PREFIXES, MAX_SENSITIVE_PREFIXES, PathPrefix, PodLossKey,
     ProbeConfig, SENSITIVE_PREFIX_LEN,
 };
 use serde::Serialize;
@@ -451,6 +451,8 @@ pub enum PrefixError {
     TooLong(String),
     #[error("{count} path prefixes; the kernel map holds {max}")]
     TooMany { count: usize, max: u32 },
+    #[error("{count} connect ports in the pack's prefilter; the kernel map holds {max}")]
+    TooManyPorts { count: usize, max: u32 },
 }
 
 /// Replaces the set of path prefixes whose opens are protected events. Prefixes longer than
@@ -465,6 +467,39 @@ pub fn set_sensitive_prefixes(ebpf: &mut Ebpf, prefixes: &[String]) -> Result<()
 /// than the pack said); an empty set turns the prefilter off.
 pub fn set_quiet_open_prefixes(ebpf: &mut Ebpf, prefixes: &[String]) -> Result<(), LoaderError> {
     set_prefixes(ebpf, MAP_QUIET_OPEN_PREFIXES, prefixes, false)
+}
+
+/// Replaces the pack's kernel connect prefilter: with `Some(ports)`, inet/inet6 connects to
+/// any other port stay in the kernel (counted as prefiltered); `None` turns it off. The ports
+/// go in before the switch and the switch goes off before they leave, so a port the pack
+/// names is never filtered, also while the set changes.
+pub fn set_connect_ports(ebpf: &mut Ebpf, ports: Option<&std::collections::BTreeSet<u16>>) -> Result<(), LoaderError> {
+    let map = ebpf.map_mut(MAP_CONNECT_PORTS).ok_or(LoaderError::MissingMap(MAP_CONNECT_PORTS))?;
+    let mut map: BpfHashMap<&mut MapData, u32, u8> =
+        BpfHashMap::try_from(map).map_err(|source| LoaderError::Map { name: MAP_CONNECT_PORTS, source })?;
+    let map_error = |source| LoaderError::Map { name: MAP_CONNECT_PORTS, source };
+    let present: std::collections::BTreeSet<u32> = map.keys().filter_map(Result::ok).collect();
+    let Some(ports) = ports else {
+        if present.contains(&CONNECT_PORTS_ON) {
+            map.remove(&CONNECT_PORTS_ON).map_err(map_error)?;
+        }
+        for key in present.into_iter().filter(|k| *k != CONNECT_PORTS_ON) {
+            map.remove(&key).map_err(map_error)?;
+        }
+        return Ok(());
+    };
+    if ports.len() > MAX_CONNECT_PORTS as usize {
+        return Err(LoaderError::Prefixes(PrefixError::TooManyPorts { count: ports.len(), max: MAX_CONNECT_PORTS }));
+    }
+    let wanted: std::collections::BTreeSet<u32> = ports.iter().map(|&p| u32::from(p)).collect();
+    for port in &wanted {
+        map.insert(port, 1, 0).map_err(map_error)?;
+    }
+    map.insert(CONNECT_PORTS_ON, 1, 0).map_err(map_error)?;
+    for key in present.into_iter().filter(|k| *k != CONNECT_PORTS_ON && !wanted.contains(k)) {
+        map.remove(&key).map_err(map_error)?;
+    }
+    Ok(())
 }
 
 fn set_prefixes(ebpf: &mut Ebpf, map_name: &'static str, prefixes: &[String], may_cut: bool) -> Result<(), LoaderError> {

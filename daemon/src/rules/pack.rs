@@ -552,6 +552,23 @@ impl RulePack {
         EventType::ALL.into_iter().filter(|t| !self.dispatch[t.index()].is_empty()).collect()
     }
 
+    /// The inet/inet6 destination ports the pack's connect rules can match, from their
+    /// prefilters (`TypeFilter::inet_ports`): the kernel may keep every other inet connect.
+    /// None (filter nothing) when some connect rule declares no connect prefilter or one that
+    /// may admit any port, when no rule subscribes to connects, or when the prefilters are off
+    /// or not applied (too many subscribers).
+    pub fn connect_ports(&self) -> Option<BTreeSet<u16>> {
+        let t = EventType::Connect.index();
+        if !self.prefilters || self.dispatch[t].is_empty() || self.dispatch[t].len() > MAX_FILTERED_SUBSCRIBERS {
+            return None;
+        }
+        let mut ports = BTreeSet::new();
+        for filter in &self.filters[t] {
+            ports.extend(filter.as_ref()?.inet_ports()?);
+        }
+        Some(ports)
+    }
+
     /// The rules an event of this type is evaluated against.
     pub fn rules_for(&self, ty: EventType) -> impl Iterator<Item = &RuleMeta> {
         self.dispatch[ty.index()].iter().map(|&i| &self.rules[i])

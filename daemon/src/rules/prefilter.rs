@@ -223,6 +223,59 @@ mod tests {
         assert!(kept > 100, "the prefilter keeps only {kept} opens of the corpus in the kernel: the test says little");
     }
 
+    /// The kernel's connect decision (`connect_is_quiet` in probes-ebpf/src/common.rs).
+    fn kernel_keeps_connect(ports: &BTreeSet<u16>, event: &serde_json::Value) -> bool {
+        let family = event["connect"]["family"].as_str().unwrap_or("");
+        let port = event["connect"]["port"].as_u64().unwrap_or(0);
+        matches!(family, "inet" | "inet6") && !ports.contains(&(port as u16))
+    }
+
+    #[test]
+    fn the_default_pack_lets_only_the_ports_its_connect_rules_name_out_of_the_kernel() {
+        use crate::rules::pack::RulePack;
+        let (dir, _) = default_pack();
+        let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+        let ports = pack.connect_ports().expect("the default pack's connect rules all declare prefilters");
+        let lists = pack_lists(&dir).expect("lists");
+        let mining: BTreeSet<u16> =
+            lists["mining_pool_ports"].as_array().expect("mining_pool_ports").iter().map(|p| p.as_u64().expect("port") as u16).collect();
+        assert_eq!(ports, mining, "crypto_mining names the mining ports; container_escape only unix sockets");
+        assert!(pack.without_prefilters().connect_ports().is_none(), "prefilters off: nothing filtered in the kernel");
+    }
+
+    /// Soundness of the connect prefilter: no connect of the recorded corpus or of a fixture
+    /// that the kernel would keep raises an alert.
+    #[test]
+    fn the_connect_prefilter_changes_no_alert_of_the_corpus_or_the_fixtures() {
+        use crate::rules::pack::RulePack;
+        let (dir, _) = default_pack();
+        let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+        let ports = pack.connect_ports().expect("connect ports");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut events: Vec<(String, serde_json::Value)> = Vec::new();
+        let corpus = std::fs::read_to_string(root.join("testdata/scenarios/recorded-mix.jsonl")).expect("recorded corpus");
+        for (i, line) in corpus.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            events.push((format!("recorded-mix.jsonl:{}", i + 1), serde_json::from_str(line).expect("corpus line")));
+        }
+        let fixtures = crate::rules::testing::load_fixtures(&[root.join("testdata/rules")]).expect("fixtures");
+        for case in fixtures {
+            events.push((format!("{}: {}", case.file, case.case.name), case.case.event.clone()));
+        }
+        let all_rules = pack.without_prefilters();
+        let (mut kept, mut alerting_passed) = (0, 0);
+        for (name, event) in events.iter().filter(|(_, e)| e["type"] == "connect") {
+            let hits = all_rules.evaluate(event).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if kernel_keeps_connect(&ports, event) {
+                kept += 1;
+                assert!(hits.is_empty(), "{name}: the kernel would keep this connect, but without prefilters it raises {hits:?}");
+            } else if !hits.is_empty() {
+                alerting_passed += 1;
+            }
+        }
+        assert!(kept > 100, "the prefilter keeps only {kept} connects of the corpus in the kernel: the test says little");
+        assert!(alerting_passed > 0, "no alerting connect in the corpus or fixtures: the test says little");
+    }
+
     #[test]
     fn relative_and_non_string_entries_are_not_prefixes() {
         let lists = serde_json::json!({"credential_files": ["/etc/x", "relative", 3], "other": ["/nope"]});

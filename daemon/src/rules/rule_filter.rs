@@ -90,6 +90,41 @@ impl TypeFilter {
     }
 }
 
+impl TypeFilter {
+    /// For a `connect` filter: the inet/inet6 destination ports it can admit, when that is a
+    /// finite set (every condition either names ports with `connect.port: {"in": [...]}` or a
+    /// literal, or admits no inet/inet6 family); None when some condition may admit any port.
+    /// This is what the kernel's connect prefilter may drop: an inet connect to another port
+    /// fails every condition.
+    pub fn inet_ports(&self) -> Option<BTreeSet<u16>> {
+        let mut ports = BTreeSet::new();
+        for condition in &self.conditions {
+            let field_is = |t: &&FieldTest, name: &str| t.field.len() == 2 && t.field[0] == "connect" && t.field[1] == name;
+            let family_excludes_inet = condition.tests.iter().filter(|t| field_is(t, "family")).any(|t| match &t.test {
+                // A string family that is not listed fails `In` (Literals::contains).
+                Test::In(l) => !l.strings.is_empty() && !l.strings.contains("inet") && !l.strings.contains("inet6"),
+                _ => false,
+            });
+            if family_excludes_inet {
+                continue;
+            }
+            let named = condition.tests.iter().filter(|t| field_is(t, "port")).find_map(|t| match &t.test {
+                // A number fails `In` when numbers are listed and none is equal.
+                Test::In(l) if !l.numbers.is_empty() => Some(
+                    l.numbers
+                        .iter()
+                        .filter(|x| x.fract() == 0.0 && (0.0..=65535.0).contains(*x))
+                        .map(|&x| x as u16)
+                        .collect::<Vec<u16>>(),
+                ),
+                _ => None,
+            });
+            ports.extend(named?);
+        }
+        Some(ports)
+    }
+}
+
 impl FieldTest {
     fn holds(&self, input: &serde_json::Value) -> bool {
         let mut value = input;
@@ -299,6 +334,30 @@ mod tests {
 
     fn filter(declaration: serde_json::Value, events: &[EventType]) -> Result<Vec<(EventType, TypeFilter)>, Vec<String>> {
         parse(&super::super::input::to_rego_value(&declaration), events)
+    }
+
+    #[test]
+    fn connect_filters_name_their_inet_ports_or_none() {
+        let ports = |decl: serde_json::Value| {
+            let parsed = filter(json!({"connect": decl}), &[EventType::Connect]).expect("parses");
+            parsed[0].1.inet_ports()
+        };
+        // Ports named (as a list or a literal), unix-only conditions contribute none.
+        assert_eq!(
+            ports(json!([
+                {"connect.family": {"in": ["inet", "inet6"]}, "connect.port": {"in": [3333, 4444]}},
+                {"connect.port": 22},
+                {"connect.family": "unix", "connect.unix_path": {"in": ["/run/docker.sock"]}},
+            ])),
+            Some(BTreeSet::from([22, 3333, 4444]))
+        );
+        // A condition that may hold for an inet connect to any port: nothing can be dropped.
+        assert_eq!(ports(json!([{"connect.port": {"in": [3333]}}, {"connect.family": "inet"}])), None);
+        assert_eq!(ports(json!([{"connect.address": {"prefix": ["10."]}}])), None);
+        assert_eq!(ports(json!([{"connect.port": {"any_bits": 1}}])), None);
+        assert_eq!(ports(json!([{"connect.port": {"in": ["3333"]}}])), None, "a string port passes every number");
+        // Numbers that no port equals add nothing.
+        assert_eq!(ports(json!([{"connect.port": {"in": [80.5, 70000, -1, 443]}}])), Some(BTreeSet::from([443])));
     }
 
     #[test]
