@@ -4,6 +4,7 @@
 # - Debian's LLVM 22 dev packages (bpf-linker links against them)
 # - bpf-linker built against that LLVM
 # - iproute2 (the lab), procps
+# - kubectl (kustomize rendering of deploy/ in the tests)
 set -euo pipefail
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -21,6 +22,13 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# kubectl: its built-in kustomize renders deploy/ in daemon/tests/k8s_deploy.rs.
+if ! command -v kubectl >/dev/null 2>&1; then
+  log "installing kubectl (kustomize rendering in the deploy tests)"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq kubectl >/dev/null \
+    || log "WARNING: kubectl is not installable from this machine's apt sources; the k8s_deploy rendering test will fail"
 fi
 
 if ! rustup toolchain list | grep -q '^nightly'; then

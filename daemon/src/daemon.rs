@@ -917,6 +917,12 @@ fn spawn_counter_exporter(state: Arc<DaemonState>) {
             }
             let active = state.quarantine.list_async().await.len();
             state.metrics.set_quarantines_active(active as i64);
+            let sync_failing = state.enforcer.lock().await.status.last_error.is_some();
+            state.metrics.set_datapath_sync_failing(sync_failing);
+            if let Some(kube) = &state.kube_health {
+                let connected = kube.borrow().connected;
+                state.metrics.set_watchers_connected("kubernetes", connected);
+            }
             let pods = state.conntrack.lock().map(|s| s.pods.clone()).unwrap_or_default();
             if !pods.is_empty() {
                 let enforcer = state.enforcer.lock().await;

@@ -49,6 +49,12 @@ enum Command {
     },
     /// Print the man page (roff), e.g. `palisade man | man -l -`.
     Man,
+    /// Mount bpffs at DIR unless it is there (the DaemonSet's init container, which shares the
+    /// mount with the host so pins outlive the pod).
+    MountBpffs {
+        #[arg(default_value = "/sys/fs/bpf")]
+        dir: std::path::PathBuf,
+    },
     /// Perform one real behaviour (test instrument for kernel and scenario tests).
     #[command(hide = true)]
     Workload {
@@ -73,6 +79,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
+        Command::MountBpffs { dir } => {
+            let outcome = palisade::sys::mount_bpffs(&dir)?;
+            println!("{outcome}");
+            Ok(())
+        }
         Command::Workload { action, args } => Ok(palisade::workload::perform(&action, &args)?),
     }
 }

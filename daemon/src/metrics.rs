@@ -53,6 +53,8 @@ struct Inner {
     conntrack_entries: Family<Labels, Gauge>,
     conntrack_drops: Family<Labels, Counter>,
     connections_closed: Family<Labels, Counter>,
+    datapath_sync_failing: Gauge,
+    watchers_connected: Family<Labels, Gauge>,
     /// Last absolute value seen per kernel counter, to turn totals read from maps into increments.
     kernel_totals: Mutex<HashMap<(&'static str, String), u64>>,
 }
@@ -91,6 +93,8 @@ impl Metrics {
         let conntrack_entries = Family::<Labels, Gauge>::default();
         let conntrack_drops = Family::<Labels, Counter>::default();
         let connections_closed = Family::<Labels, Counter>::default();
+        let datapath_sync_failing = Gauge::default();
+        let watchers_connected = Family::<Labels, Gauge>::default();
         registry.register("events", "Kernel events received, by type", events.clone());
         registry.register("events_lost", "Kernel events lost (ring buffer full), by type", events_lost.clone());
         registry.register(
@@ -122,6 +126,16 @@ impl Metrics {
             "HTTP connections the daemon closed on the client, by listener and reason (evicted at the connection cap, header_timeout, connection_timeout)",
             connections_closed.clone(),
         );
+        registry.register(
+            "datapath_sync_failing",
+            "1 while the last datapath sync failed (the last good state stays enforced), 0 after a good one",
+            datapath_sync_failing.clone(),
+        );
+        registry.register(
+            "watchers_connected",
+            "1 while the source's watches are connected (Kubernetes mode), by source",
+            watchers_connected.clone(),
+        );
         let build = Family::<Labels, Gauge>::default();
         build.get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))])).set(1);
         registry.register("build_info", "palisade build", build);
@@ -147,6 +161,8 @@ impl Metrics {
                 conntrack_entries,
                 conntrack_drops,
                 connections_closed,
+                datapath_sync_failing,
+                watchers_connected,
                 kernel_totals: Mutex::new(HashMap::new()),
             }),
         }
@@ -237,6 +253,14 @@ impl Metrics {
 
     pub fn set_quarantines_pending(&self, pending: i64) {
         self.inner.quarantines_pending.set(pending);
+    }
+
+    pub fn set_datapath_sync_failing(&self, failing: bool) {
+        self.inner.datapath_sync_failing.set(i64::from(failing));
+    }
+
+    pub fn set_watchers_connected(&self, source: &str, connected: bool) {
+        self.inner.watchers_connected.get_or_create(&labels(&[("source", source)])).set(i64::from(connected));
     }
 
     pub fn record_quarantine(&self) {

@@ -1,6 +1,6 @@
 //! Small system helpers: mounts, rlimits, cgroup2 discovery.
 use std::ffi::CString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Mounts a pseudo filesystem (tracefs, bpf) at `target`, creating the directory.
 pub fn mount_fs(source: &str, target: &str, fstype: &str) -> std::io::Result<()> {
@@ -10,6 +10,70 @@ pub fn mount_fs(source: &str, target: &str, fstype: &str) -> std::io::Result<()>
     // SAFETY: all pointers are valid NUL-terminated strings; data is null.
     let rc = unsafe { libc::mount(source.as_ptr(), target_c.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// The filesystem type mounted at `dir` now (the last mount there wins), from
+/// /proc/self/mountinfo; None when `dir` is no mount point.
+pub fn fs_type_at(dir: &Path) -> std::io::Result<Option<String>> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(parse_fs_type_at(&mountinfo, dir))
+}
+
+/// mountinfo lines: `id parent major:minor root mountpoint options [optional...] - fstype source
+/// superoptions`; mount points escape spaces as `\040`.
+fn parse_fs_type_at(mountinfo: &str, dir: &Path) -> Option<String> {
+    let want = dir.to_str()?.trim_end_matches('/');
+    let want = if want.is_empty() { "/" } else { want };
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let mount_point = fields.get(4)?.replace("\\040", " ");
+            let dash = fields.iter().position(|f| *f == "-")?;
+            (mount_point == want).then(|| fields.get(dash + 1).map(|t| t.to_string())).flatten()
+        })
+        .last()
+}
+
+/// What `palisade mount-bpffs` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BpffsMount {
+    AlreadyMounted(PathBuf),
+    Mounted(PathBuf),
+}
+
+impl std::fmt::Display for BpffsMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BpffsMount::AlreadyMounted(dir) => write!(f, "bpffs already mounted at {}", dir.display()),
+            BpffsMount::Mounted(dir) => write!(f, "mounted bpffs at {}", dir.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpffsError {
+    #[error("{dir}: {what}: {source}")]
+    Io { dir: PathBuf, what: &'static str, source: std::io::Error },
+    #[error("{dir}: {found} is mounted there, not bpffs: pins would not be shared with the host")]
+    Other { dir: PathBuf, found: String },
+}
+
+/// Mounts bpffs at `dir` unless it is mounted there already; anything else mounted at `dir` is
+/// an error (pinning there would not outlive the pod).
+pub fn mount_bpffs(dir: &Path) -> Result<BpffsMount, BpffsError> {
+    let io = |what: &'static str| move |source| BpffsError::Io { dir: dir.to_path_buf(), what, source };
+    match fs_type_at(dir).map_err(io("reading /proc/self/mountinfo"))? {
+        Some(fs) if fs == "bpf" => return Ok(BpffsMount::AlreadyMounted(dir.to_path_buf())),
+        // A hostPath volume is a bind mount of the host's directory: mounting over it is the point.
+        Some(_) | None => {}
+    }
+    let target = dir.to_str().ok_or_else(|| BpffsError::Other { dir: dir.to_path_buf(), found: "a path that is not UTF-8".into() })?;
+    mount_fs("bpf", target, "bpf").map_err(io("mount -t bpf"))?;
+    match fs_type_at(dir).map_err(io("reading /proc/self/mountinfo"))? {
+        Some(fs) if fs == "bpf" => Ok(BpffsMount::Mounted(dir.to_path_buf())),
+        found => Err(BpffsError::Other { dir: dir.to_path_buf(), found: found.unwrap_or_else(|| "nothing".into()) }),
+    }
 }
 
 /// Older kernels charge BPF maps to RLIMIT_MEMLOCK; lift it (harmless on newer ones).
@@ -76,4 +140,24 @@ pub fn hostname() -> String {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod mount_tests {
+    use super::*;
+
+    #[test]
+    fn the_last_mount_at_a_directory_names_its_type() {
+        let mountinfo = "\
+22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw
+30 22 0:26 / /sys/fs/bpf rw,nosuid shared:9 - sysfs sysfs rw
+31 30 0:27 / /sys/fs/bpf rw,relatime shared:10 - bpf bpf rw,mode=700
+40 1 0:30 / /var/lib/my\\040dir rw - tmpfs tmpfs rw
+";
+        assert_eq!(parse_fs_type_at(mountinfo, Path::new("/sys/fs/bpf")).as_deref(), Some("bpf"));
+        assert_eq!(parse_fs_type_at(mountinfo, Path::new("/sys/fs/bpf/")).as_deref(), Some("bpf"));
+        assert_eq!(parse_fs_type_at(mountinfo, Path::new("/sys")).as_deref(), Some("sysfs"));
+        assert_eq!(parse_fs_type_at(mountinfo, Path::new("/var/lib/my dir")).as_deref(), Some("tmpfs"));
+        assert_eq!(parse_fs_type_at(mountinfo, Path::new("/sys/fs")), None);
+    }
 }

@@ -6,11 +6,14 @@
 //! `PALISADE_UPDATE_DEPLOY=1 cargo test -p palisade --test k8s_deploy` regenerates
 //! deploy/rules-configmap.yaml from rules/.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ResourceQuota, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use palisade::k8s::API_USES;
 use palisade::quarantine::ResponsePolicy;
@@ -93,6 +96,9 @@ struct Manifests {
     bindings: Vec<ClusterRoleBinding>,
     config_maps: Vec<ConfigMap>,
     daemon_sets: Vec<DaemonSet>,
+    quotas: Vec<ResourceQuota>,
+    services: Vec<Service>,
+    network_policies: Vec<NetworkPolicy>,
 }
 
 fn manifests() -> Manifests {
@@ -103,6 +109,9 @@ fn manifests() -> Manifests {
         bindings: vec![],
         config_maps: vec![],
         daemon_sets: vec![],
+        quotas: vec![],
+        services: vec![],
+        network_policies: vec![],
     };
     for (file, doc) in documents() {
         match (doc["apiVersion"].as_str(), doc["kind"].as_str()) {
@@ -112,6 +121,9 @@ fn manifests() -> Manifests {
             (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRole")) => m.cluster_roles.push(typed(&file, &doc)),
             (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRoleBinding")) => m.bindings.push(typed(&file, &doc)),
             (Some("apps/v1"), Some("DaemonSet")) => m.daemon_sets.push(typed(&file, &doc)),
+            (Some("v1"), Some("ResourceQuota")) => m.quotas.push(typed(&file, &doc)),
+            (Some("v1"), Some("Service")) => m.services.push(typed(&file, &doc)),
+            (Some("networking.k8s.io/v1"), Some("NetworkPolicy")) => m.network_policies.push(typed(&file, &doc)),
             (api, kind) => panic!("{file}: unexpected object {api:?} {kind:?}"),
         }
     }
@@ -234,11 +246,34 @@ fn the_daemonset_has_least_privilege_mounts_probes_and_resources() {
 
     let port = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).expect("metrics port");
     assert_eq!(port.container_port, 9464);
-    for (what, probe) in [("liveness", &c.liveness_probe), ("readiness", &c.readiness_probe)] {
+    // Start-up has its own probe (a slow first sync is not a dead agent); liveness and start-up
+    // ask /healthz, readiness /readyz (synced at least once).
+    for (what, probe, path) in [
+        ("startup", &c.startup_probe, "/healthz"),
+        ("liveness", &c.liveness_probe, "/healthz"),
+        ("readiness", &c.readiness_probe, "/readyz"),
+    ] {
         let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{what} httpGet"));
-        assert_eq!(get.path.as_deref(), Some("/healthz"), "{what}");
+        assert_eq!(get.path.as_deref(), Some(path), "{what}");
         assert_eq!(serde_json::to_value(&get.port).expect("port"), "metrics", "{what}");
     }
+    let startup = c.startup_probe.as_ref().expect("startupProbe");
+    let budget = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+    assert!(budget >= 180, "a slow node gets at least 3 minutes to start, not {budget} s");
+    assert!(c.liveness_probe.as_ref().and_then(|p| p.initial_delay_seconds).is_none(), "the startupProbe covers start-up");
+
+    // bpffs: the init container mounts it where the host has not, and shares the mount with the
+    // host (Bidirectional); the agent sees it (HostToContainer). Only the init container is
+    // privileged, and it runs the agent's own image.
+    let init = pod.init_containers.iter().flatten().find(|i| i.name == "mount-bpffs").expect("mount-bpffs init container");
+    assert_eq!(init.image, c.image, "the init container runs the agent's image");
+    assert_eq!(init.args.as_deref(), Some(&["mount-bpffs".to_string(), "/sys/fs/bpf".to_string()][..]));
+    assert_eq!(init.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    let propagation = |mounts: &Option<Vec<k8s_openapi::api::core::v1::VolumeMount>>| {
+        mounts.iter().flatten().find(|m| m.mount_path == "/sys/fs/bpf").and_then(|m| m.mount_propagation.clone())
+    };
+    assert_eq!(propagation(&init.volume_mounts).as_deref(), Some("Bidirectional"));
+    assert_eq!(propagation(&c.volume_mounts).as_deref(), Some("HostToContainer"));
     let args = c.args.as_ref().expect("args");
     assert!(args.iter().any(|a| a == "--metrics-addr=0.0.0.0:9464"), "{args:?}");
 
@@ -251,9 +286,11 @@ fn the_daemonset_has_least_privilege_mounts_probes_and_resources() {
     let field = node_env.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("fieldRef");
     assert_eq!(field.field_path, "spec.nodeName");
 
-    // The args point into the mounts that exist.
-    let rules_mount = mounts.get("rules").expect("rules mount");
-    assert!(args.iter().any(|a| a == &format!("--rules={rules_mount}")), "{args:?}");
+    // The args point into the mounts that exist: --rules is the parent of the two rule
+    // ConfigMaps' directories (modules, lists).
+    let rules_dir = args.iter().find_map(|a| a.strip_prefix("--rules=")).expect("--rules");
+    assert_eq!(mounts.get("rules").map(String::as_str), Some(format!("{rules_dir}/modules").as_str()));
+    assert_eq!(mounts.get("rule-lists").map(String::as_str), Some(format!("{rules_dir}/lists").as_str()));
     let config_mount = mounts.get("config").expect("config mount");
     assert!(args.iter().any(|a| a.starts_with(&format!("--response-policy={config_mount}/"))), "{args:?}");
 }
@@ -319,8 +356,8 @@ fn render_rules_configmaps() -> String {
     format!(
         "# GENERATED from rules/ by `PALISADE_UPDATE_DEPLOY=1 cargo test -p palisade --test k8s_deploy`.\n\
          # Edit the rules in place with `kubectl edit configmap` (hot reload), or regenerate.\n{}---\n{}",
-        cm(RULES_CM, "rego modules of the default rule pack (mounted at the rules directory's top)", modules),
-        cm(LISTS_CM, "tunable lists of the default rule pack (mounted under lists/)", lists),
+        cm(RULES_CM, "rego modules of the default rule pack (mounted at RULES_DIR/modules)", modules),
+        cm(LISTS_CM, "tunable lists of the default rule pack (mounted at RULES_DIR/lists)", lists),
     )
 }
 
@@ -373,38 +410,23 @@ fn the_rules_configmaps_load_as_the_default_pack_when_projected() {
     let total: usize = modules.values().chain(lists.values()).map(String::len).sum();
     assert!(total < 900 * 1024, "ConfigMaps are capped at 1 MiB; the pack is {total} bytes");
 
-    // The DaemonSet's projected volume maps every list key, and only those, to lists/<key>.
+    // Each rules ConfigMap is mounted whole (no items): a key added with `kubectl edit` reaches
+    // the pod without an edit to the DaemonSet.
     let pod = m.daemon_sets[0].spec.template.spec.as_ref().expect("pod spec");
-    let rules_volume = pod.volumes.iter().flatten().find(|v| v.name == "rules").expect("rules volume");
-    let sources = rules_volume.projected.as_ref().and_then(|p| p.sources.as_ref()).expect("projected sources");
-    let mut files = BTreeMap::new();
-    for source in sources {
-        let cm = source.config_map.as_ref().expect("configMap source");
-        let data = config_map(&m, &cm.name).data.clone().unwrap_or_default();
-        match &cm.items {
-            None => files.extend(data),
-            Some(items) => {
-                let keys: BTreeSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
-                let want: BTreeSet<&str> = data.keys().map(String::as_str).collect();
-                let missing: Vec<String> = want
-                    .difference(&keys)
-                    .map(|k| format!("                    - {{key: {k}, path: lists/{k}}}"))
-                    .collect();
-                assert!(missing.is_empty(), "add to the rules volume in deploy/daemonset.yaml:\n{}", missing.join("\n"));
-                assert_eq!(keys, want, "items name keys the ConfigMap {} does not have", cm.name);
-                for item in items {
-                    assert_eq!(item.path, format!("lists/{}", item.key));
-                    files.insert(item.path.clone(), data[&item.key].clone());
-                }
-            }
-        }
+    for (volume, cm) in [("rules", RULES_CM), ("rule-lists", LISTS_CM)] {
+        let v = pod.volumes.iter().flatten().find(|v| v.name == volume).unwrap_or_else(|| panic!("{volume} volume"));
+        let source = v.config_map.as_ref().unwrap_or_else(|| panic!("{volume}: a configMap volume"));
+        assert_eq!(source.name, cm);
+        assert!(source.items.is_none(), "{volume}: the whole ConfigMap, no item list");
     }
-
     let dir = std::env::temp_dir().join(format!("palisade-k8s-deploy-rules-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    write_projected(&dir, "2024_01_01_00_00_00.000000001", &files);
-    let projected = RulePack::load(&dir).unwrap_or_else(|e| panic!("the projected ConfigMaps do not load: {e}"));
+    // The kubelet's layout: each ConfigMap volume in its own directory below --rules.
+    write_projected(&dir.join("modules"), "2024_01_01_00_00_00.000000001", &modules);
+    let mut edited_lists = lists.clone();
+    write_projected(&dir.join("lists"), "2024_01_01_00_00_00.000000001", &lists);
+    let projected = RulePack::load(&dir).unwrap_or_else(|e| panic!("the mounted ConfigMaps do not load: {e}"));
     let default = RulePack::load(&repo().join("rules")).expect("rules/ loads");
     let ids = |pack: &RulePack| pack.rules().iter().map(|r| r.id.clone()).collect::<BTreeSet<_>>();
     assert_eq!(
@@ -415,5 +437,175 @@ fn the_rules_configmaps_load_as_the_default_pack_when_projected() {
     );
     assert_eq!(modules.keys().collect::<Vec<_>>(), want_modules.keys().collect::<Vec<_>>(), "module files; regenerate");
     assert_eq!(lists.keys().collect::<Vec<_>>(), want_lists.keys().collect::<Vec<_>>(), "list files; regenerate");
+
+    // `kubectl edit configmap palisade-rule-lists` adding a key: the next payload carries it and
+    // the pack loads it, with no DaemonSet change.
+    edited_lists.insert("operator_extra.yaml".into(), "- /opt/vendor/secret.key\n".into());
+    write_projected(&dir.join("lists"), "2024_01_02_00_00_00.000000001", &edited_lists);
+    RulePack::load(&dir).expect("the edited lists load");
+    let data = palisade::rules::pack::PackSources::read_dir(&dir).expect("read the pack").lists_data().expect("lists data");
+    let extra = serde_json::to_value(&data["palisade"]["lists"]["operator_extra"]).expect("list as JSON");
+    assert_eq!(extra, serde_json::json!(["/opt/vendor/secret.key"]), "a key added by kubectl edit must reach the pack");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- admission, metrics exposure and monitoring ------------------------------------------------
+
+#[test]
+fn system_node_critical_is_admitted_outside_kube_system_and_metrics_reach_only_prometheus() {
+    let m = manifests();
+    let pod = m.daemon_sets[0].spec.template.spec.as_ref().expect("pod spec");
+    let pod_labels = m.daemon_sets[0].spec.template.metadata.as_ref().and_then(|md| md.labels.clone()).expect("pod labels");
+    let selects_agents = |selector: &BTreeMap<String, String>| selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)) && !selector.is_empty();
+
+    // A quota scoped to the DaemonSet's priority class, in its namespace (GKE and clusters with
+    // the plugin's limitedResources refuse the pods otherwise).
+    let class = pod.priority_class_name.as_deref().expect("priorityClassName");
+    let quota = m.quotas.first().expect("a ResourceQuota");
+    assert_eq!(quota.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let spec = quota.spec.as_ref().expect("quota spec");
+    let scope = spec.scope_selector.as_ref().and_then(|s| s.match_expressions.as_ref()).expect("scopeSelector");
+    assert!(
+        scope.iter().any(|e| e.scope_name == "PriorityClass" && e.operator == "In" && e.values.iter().flatten().any(|v| v == class)),
+        "the quota's scope must name {class}: {scope:?}"
+    );
+    let pods = spec.hard.as_ref().and_then(|h| h.get("pods")).expect("hard pods");
+    assert!(["k", "M"].iter().any(|suffix| pods.0.ends_with(suffix)) || pods.0.parse::<u64>().is_ok_and(|n| n >= 5000), "room for one agent per node: {pods:?}");
+
+    // The metrics Service selects the agents and targets their metrics port.
+    let service = m.services.iter().find(|s| s.metadata.name.as_deref() == Some("palisade-metrics")).expect("metrics Service");
+    let spec = service.spec.as_ref().expect("service spec");
+    assert!(selects_agents(spec.selector.as_ref().expect("selector")), "the Service selects the agent pods");
+    let port = spec.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).expect("metrics port");
+    assert_eq!(port.port, 9464);
+
+    // The NetworkPolicy admits ingress to the agents on the metrics port only, from one namespace.
+    let policy = m.network_policies.first().expect("a NetworkPolicy for the metrics port");
+    let spec = policy.spec.as_ref().expect("policy spec");
+    assert!(selects_agents(spec.pod_selector.as_ref().and_then(|s| s.match_labels.as_ref()).expect("podSelector")), "it selects the agents");
+    assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
+    let ingress = spec.ingress.as_ref().expect("ingress rules");
+    assert_eq!(ingress.len(), 1);
+    let ports: Vec<String> = ingress[0].ports.iter().flatten().map(|p| serde_json::to_string(&p.port).unwrap_or_default()).collect();
+    assert_eq!(ports, vec!["9464".to_string()], "only the metrics port");
+    assert!(ingress[0].from.iter().flatten().all(|peer| peer.namespace_selector.is_some() && peer.ip_block.is_none()), "from namespaces only");
+}
+
+/// Metric families the daemon exports, as `# TYPE` names in its exposition.
+fn exported_metric_families() -> BTreeSet<String> {
+    let metrics = palisade::metrics::Metrics::new();
+    metrics.encode().lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).map(str::to_string).collect()
+}
+
+/// `palisade_*` series names in a PromQL expression, reduced to their family (`_total`,
+/// `_bucket`, `_sum`, `_count` removed).
+fn metric_families_in(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("palisade_") {
+        let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        rest = &rest[at + name.len()..];
+        let family = ["_total", "_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
+        out.insert(family.to_string());
+    }
+    out
+}
+
+#[test]
+fn monitoring_names_only_metrics_the_daemon_exports() {
+    let exported = exported_metric_families();
+    assert!(exported.contains("palisade_events_lost_by_pod"), "{exported:?}");
+    let dir = deploy().join("monitoring");
+    let rule: Value = serde_norway::from_str(&std::fs::read_to_string(dir.join("prometheusrule.yaml")).expect("prometheusrule.yaml")).expect("yaml");
+    assert_eq!((rule["apiVersion"].as_str(), rule["kind"].as_str()), (Some("monitoring.coreos.com/v1"), Some("PrometheusRule")));
+    let mut alerts = BTreeSet::new();
+    for group in rule["spec"]["groups"].as_array().expect("groups") {
+        for r in group["rules"].as_array().expect("rules") {
+            let name = r["alert"].as_str().expect("alert name");
+            let expr = r["expr"].as_str().unwrap_or_else(|| panic!("{name}: expr"));
+            for family in metric_families_in(expr) {
+                assert!(exported.contains(&family), "{name}: {family} is not a metric the daemon exports");
+            }
+            assert!(["critical", "warning"].contains(&r["labels"]["severity"].as_str().unwrap_or("")), "{name}: severity");
+            alerts.insert(name.to_string());
+        }
+    }
+    // The ones the operator must not miss.
+    for want in ["PalisadeEventLoss", "PalisadeRuleErrors", "PalisadeDatapathSyncFailing", "PalisadeQuarantine", "PalisadeAgentDown"] {
+        assert!(alerts.contains(want), "PrometheusRule lacks {want}");
+    }
+    let monitor: Value = serde_norway::from_str(&std::fs::read_to_string(dir.join("servicemonitor.yaml")).expect("servicemonitor.yaml")).expect("yaml");
+    let service: Value = documents().into_iter().find(|(_, d)| d["kind"] == "Service").map(|(_, d)| d).expect("Service");
+    assert_eq!(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"], "the ServiceMonitor selects the metrics Service");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], service["spec"]["ports"][0]["name"]);
+
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("palisade-dashboard.json")).expect("dashboard")).expect("dashboard JSON");
+    let mut used = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            for family in metric_families_in(target["expr"].as_str().expect("expr")) {
+                assert!(exported.contains(&family), "dashboard panel {}: {family} is not exported", panel["title"]);
+                used += 1;
+            }
+        }
+    }
+    assert!(used >= 8, "the dashboard shows the daemon's metrics");
+}
+
+/// The kustomize base and the monitoring base render (kubectl's built-in kustomize, as
+/// `kubectl apply -k` would), and what they render still parses as the Kubernetes types.
+#[test]
+fn the_kustomize_bases_render() {
+    let kubectl = ["/usr/bin/kubectl", "/usr/local/bin/kubectl"].into_iter().find(|p| Path::new(p).exists());
+    let Some(kubectl) = kubectl else {
+        panic!("kubectl (for `kubectl kustomize`) is not installed; scripts/setup.sh installs it");
+    };
+    for dir in [deploy(), deploy().join("monitoring")] {
+        let out = std::process::Command::new(kubectl).arg("kustomize").arg(&dir).output().expect("run kubectl kustomize");
+        assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).expect("utf-8");
+        let mut kinds = Vec::new();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let value = Value::deserialize(doc).expect("rendered YAML");
+            let kind = value["kind"].as_str().unwrap_or("?").to_string();
+            match kind.as_str() {
+                "DaemonSet" => drop(typed::<DaemonSet>("rendered", &value)),
+                "ConfigMap" => drop(typed::<ConfigMap>("rendered", &value)),
+                "Service" => drop(typed::<Service>("rendered", &value)),
+                "NetworkPolicy" => drop(typed::<NetworkPolicy>("rendered", &value)),
+                "ResourceQuota" => drop(typed::<ResourceQuota>("rendered", &value)),
+                _ => {}
+            }
+            if kind != "Namespace" && !kind.starts_with("Cluster") {
+                assert_eq!(value["metadata"]["namespace"], NAMESPACE, "rendered {kind}");
+            }
+            kinds.push(kind);
+        }
+        assert!(!kinds.is_empty(), "{} rendered nothing", dir.display());
+    }
+}
+
+/// The init container's command on the real kernel: mounts bpffs where there is none, leaves an
+/// existing one alone.
+#[test]
+fn mount_bpffs_mounts_once_and_is_idempotent() {
+    if !support::require_kernel("mount_bpffs_mounts_once_and_is_idempotent") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("palisade-mount-bpffs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade")).arg("mount-bpffs").arg(&dir).output().expect("run");
+        assert!(out.status.success(), "mount-bpffs: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_ne!(palisade::sys::fs_type_at(&dir).expect("mountinfo").as_deref(), Some("bpf"));
+    let first = run();
+    let second = run();
+    let mounted = palisade::sys::fs_type_at(&dir).expect("mountinfo");
+    let _ = std::process::Command::new("umount").arg(&dir).status();
+    let _ = std::fs::remove_dir(&dir);
+    assert_eq!(first, format!("mounted bpffs at {}", dir.display()));
+    assert_eq!(second, format!("bpffs already mounted at {}", dir.display()), "a second run must not stack a mount");
+    assert_eq!(mounted.as_deref(), Some("bpf"));
 }
