@@ -12,7 +12,15 @@ meta := {
 	"mitre": ["T1496"],
 	"action": "quarantine",
 	"events": ["exec", "connect"],
-	"prefilter": {"connect": [{"connect.family": {"in": ["inet", "inet6"]}, "connect.port": {"in": lists.mining_pool_ports}}]},
+	"prefilter": {
+		"connect": [{"connect.family": {"in": ["inet", "inet6"]}, "connect.port": {"in": lists.mining_pool_ports}}],
+		# A miner by name, or mining arguments in the command line.
+		"exec": [
+			{"exec.filename": {"basename_in": lists.miners}},
+			{"exec.argv.0": {"basename_in": lists.miners}},
+			{"exec.argv": {"joined_contains": lists.miner_arguments}},
+		],
+	},
 }
 
 alerts contains {"message": msg} if {

@@ -12,6 +12,12 @@ meta := {
 	"mitre": ["T1046", "T1040", "T1018"],
 	"action": "alert",
 	"events": ["exec"],
+	# A recon tool by name, or a scan type among the arguments (scanner_arguments needs one).
+	"prefilter": {"exec": [
+		{"exec.filename": {"basename_in": lists.recon_tools}},
+		{"exec.argv.0": {"basename_in": lists.recon_tools}},
+		{"exec.argv": {"any_in": scan_types}},
+	]},
 }
 
 alerts contains {"message": msg} if {

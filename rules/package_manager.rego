@@ -13,7 +13,14 @@ meta := {
 	"mitre": ["T1072", "T1105"],
 	"action": "alert",
 	"events": ["exec", "open"],
-	"prefilter": {"open": [{"open.write": true, "open.path": {"path_prefix": lists.package_databases}}]},
+	"prefilter": {
+		"open": [{"open.write": true, "open.path": {"path_prefix": lists.package_databases}}],
+		# A package manager by name (the keys of lists.package_managers).
+		"exec": [
+			{"exec.filename": {"basename_in": lists.package_managers}},
+			{"exec.argv.0": {"basename_in": lists.package_managers}},
+		],
+	},
 }
 
 alerts contains {"message": msg} if {

@@ -15,6 +15,11 @@ meta := {
 	"mitre": ["T1059.004", "T1609"],
 	"action": "alert",
 	"events": ["exec"],
+	# Only the shells' own execs (exec_shells is empty otherwise).
+	"prefilter": {"exec": [
+		{"exec.filename": {"basename_in": lists.shells}},
+		{"exec.argv.0": {"basename_in": lists.shells}},
+	]},
 	"description": "A shell attached to a terminal (kubectl exec -it, docker exec -it) or spawned by a web server, database or other network service.",
 }
 

@@ -37,8 +37,20 @@ use super::model::EventType;
 
 /// The tests a field may be given, by name (`{"open.path": {"path_prefix": [...]}}`); a plain
 /// literal (`"open.write": true`) is equality.
-pub const TEST_NAMES: [&str; 9] =
-    ["in", "prefix", "suffix", "contains", "path_in", "path_prefix", "path_suffix", "path_contains", "any_bits"];
+pub const TEST_NAMES: [&str; 12] = [
+    "in",
+    "prefix",
+    "suffix",
+    "contains",
+    "path_in",
+    "path_prefix",
+    "path_suffix",
+    "path_contains",
+    "any_bits",
+    "basename_in",
+    "any_in",
+    "joined_contains",
+];
 
 /// At most this many subscribers of one event type are prefiltered (a selection is a bit mask);
 /// past it, every subscriber of that type runs, as without prefilters.
@@ -74,6 +86,15 @@ enum Test {
     Contains(Vec<String>),
     /// An integer with at least one of these bits set.
     AnyBits(u64),
+    /// A string whose last `/` component, leading `-` trimmed, is one of these, ignoring case
+    /// (what `lib.exec_names` yields, also for a login shell's `-bash`, and rules that compare
+    /// `lower(name)`). Lowercased at parse time.
+    Basename(BTreeSet<String>),
+    /// An array with at least one element equal to one of these.
+    AnyIn(Literals),
+    /// An array of strings whose elements, joined by spaces and lowercased, contain one of
+    /// these (what `contains(lower(concat(" ", argv)), fragment)` tests). Lowercased.
+    JoinedContains(Vec<String>),
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -156,6 +177,24 @@ impl FieldTest {
                 Some(bits) => bits & mask != 0,
                 None => true,
             },
+            (Test::Basename(names), serde_json::Value::String(s)) => {
+                let last = s.rsplit('/').next().unwrap_or("");
+                names.contains(&last.trim_start_matches('-').to_lowercase()) || names.contains(&last.to_lowercase())
+            }
+            (Test::AnyIn(literals), serde_json::Value::Array(items)) => items.iter().any(|v| literals.contains(v)),
+            (Test::JoinedContains(fragments), serde_json::Value::Array(items)) => {
+                let mut joined = String::new();
+                for (i, item) in items.iter().enumerate() {
+                    // A non-string element: Rego's concat fails, the test cannot judge.
+                    let serde_json::Value::String(s) = item else { return true };
+                    if i > 0 {
+                        joined.push(' ');
+                    }
+                    joined.push_str(s);
+                }
+                let joined = joined.to_lowercase();
+                fragments.iter().any(|f| joined.contains(f.as_str()))
+            }
             // A value of a type the test cannot judge: the rule runs.
             _ => true,
         }
@@ -292,6 +331,18 @@ fn parse_test(spec: &Value) -> Result<(Test, bool), String> {
             },
             _ => return Err("any_bits wants a positive integer mask".to_string()),
         },
+        "basename_in" => Test::Basename(names(argument)?.into_iter().map(|n| n.to_lowercase()).collect()),
+        "any_in" => {
+            let mut all = Literals::default();
+            for item in members(argument)? {
+                let l = literal(item)?;
+                all.strings.extend(l.strings);
+                all.numbers.extend(l.numbers);
+                all.bools.extend(l.bools);
+            }
+            Test::AnyIn(all)
+        }
+        "joined_contains" => Test::JoinedContains(strings(argument)?.into_iter().map(|f| f.to_lowercase()).collect()),
         other => return Err(format!("unknown test {other:?} (want one of {})", TEST_NAMES.join(", "))),
     };
     Ok((test, path))
@@ -302,6 +353,18 @@ fn members(value: &Value) -> Result<Vec<&Value>, String> {
         Value::Array(items) => Ok(items.iter().collect()),
         Value::Set(items) => Ok(items.iter().collect()),
         _ => Err("wants a list".to_string()),
+    }
+}
+
+/// Names from a list, a set, or an object's keys (`lists.package_managers` maps names to
+/// their subcommands).
+fn names(value: &Value) -> Result<Vec<String>, String> {
+    match value {
+        Value::Object(fields) => fields
+            .iter()
+            .map(|(k, _)| k.as_string().map(|s| s.to_string()).map_err(|_| "wants names (strings)".to_string()))
+            .collect(),
+        other => strings(other),
     }
 }
 
@@ -358,6 +421,34 @@ mod tests {
         assert_eq!(ports(json!([{"connect.port": {"in": ["3333"]}}])), None, "a string port passes every number");
         // Numbers that no port equals add nothing.
         assert_eq!(ports(json!([{"connect.port": {"in": [80.5, 70000, -1, 443]}}])), Some(BTreeSet::from([443])));
+    }
+
+    #[test]
+    fn exec_names_arguments_and_command_lines() {
+        let decl = json!({"exec": [
+            {"exec.filename": {"basename_in": ["bash", "XMRig"]}},
+            {"exec.argv": {"any_in": ["-sS"]}},
+            {"exec.argv": {"joined_contains": ["stratum+tcp://", "--donate-level 1"]}},
+        ]});
+        let parsed = filter(decl, &[EventType::Exec]).expect("parses");
+        let f = &parsed[0].1;
+        let ev = |filename: serde_json::Value, argv: serde_json::Value| json!({"type": "exec", "exec": {"filename": filename, "argv": argv}});
+        assert!(f.admits(&ev(json!("/bin/bash"), json!(["bash"]))));
+        assert!(f.admits(&ev(json!("/opt/XMRIG"), json!([]))), "names compare ignoring case");
+        assert!(f.admits(&ev(json!("-bash"), json!([]))), "a login shell's leading '-'");
+        assert!(f.admits(&ev(json!("/usr/bin/nmap"), json!(["nmap", "-sS", "10.0.0.1"]))));
+        assert!(f.admits(&ev(json!("/tmp/x"), json!(["x", "-o", "STRATUM+TCP://pool:3333"]))));
+        assert!(f.admits(&ev(json!("/tmp/x"), json!(["x", "--donate-level", "1"]))), "a fragment across two arguments");
+        assert!(!f.admits(&ev(json!("/usr/bin/ls"), json!(["ls", "-l"]))));
+        assert!(!f.admits(&ev(json!("/bin/bash/"), json!(["ls"]))), "the last component of '/bin/bash/' is empty, as in lib.basename");
+        // What the tests cannot judge passes.
+        assert!(f.admits(&ev(json!(null), json!(["ls", 3]))));
+        assert!(f.admits(&ev(json!("/usr/bin/ls"), json!("not a list"))));
+        // An object's keys are names (lists.package_managers maps names to subcommands).
+        let decl = json!({"exec": [{"exec.argv.0": {"basename_in": {"apt": ["install"], "pip": ["install"]}}}]});
+        let parsed = filter(decl, &[EventType::Exec]).expect("parses");
+        assert!(parsed[0].1.admits(&json!({"type": "exec", "exec": {"argv": ["/usr/bin/pip", "install"]}})));
+        assert!(!parsed[0].1.admits(&json!({"type": "exec", "exec": {"argv": ["/usr/bin/cat"]}})));
     }
 
     #[test]
