@@ -61,6 +61,8 @@ pub struct EnforcementStatus {
     /// The set in force does not fit (new pods pushed the last good set over, or the set on
     /// disk at start did not fit): its pods are isolated and only the allows that fit are in.
     pub degraded: Option<String>,
+    /// Link pins of cgroups removed while no daemon ran, removed at start-up.
+    pub stale_link_pins_removed: usize,
 }
 
 /// The pods parent, for status.
@@ -153,6 +155,10 @@ pub struct Enforcer {
     exempt_cgroups: Vec<PathBuf>,
     /// Endpoint cgroups covered by the parent's programs.
     covered: BTreeSet<PathBuf>,
+    /// The cgroup id each attached or covered cgroup's link pins are named by, recorded when it
+    /// was attached: a cgroup removed before its endpoint leaves the inventory has no id to read
+    /// any more, and its pins must still go.
+    link_ids: BTreeMap<PathBuf, u64>,
     pub status: EnforcementStatus,
 }
 
@@ -198,9 +204,16 @@ impl Enforcer {
             parent_attached: None,
             parent_error: None,
             covered: BTreeSet::new(),
+            link_ids: BTreeMap::new(),
             status: EnforcementStatus::default(),
         };
         enforcer.apply().await?;
+        // Pins of cgroups removed while no daemon ran (their links hold dead cgroups).
+        let removed = remove_stale_link_pins(&enforcer.pin_dir, &live_cgroup_ids(&enforcer.cgroup_root));
+        if removed > 0 {
+            tracing::info!(removed, pin_dir = %enforcer.pin_dir.display(), "removed the link pins of cgroups that no longer exist");
+        }
+        enforcer.status.stale_link_pins_removed = removed;
         Ok(enforcer)
     }
 
@@ -243,11 +256,13 @@ impl Enforcer {
         // Local endpoints with a cgroup here, and their SEG_CGROUPS entries.
         let mut cgroup_entries: BTreeMap<u64, CgroupValue> = BTreeMap::new();
         let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut wanted_ids: BTreeMap<PathBuf, u64> = BTreeMap::new();
         for ep in compiled.local_endpoints() {
             let Some(rel) = ep.cgroup.as_ref() else { continue };
             let path = self.cgroup_root.join(rel.trim_start_matches('/'));
             let Ok(id) = crate::sys::cgroup_id(&path) else { continue };
             cgroup_entries.insert(id, CgroupValue { kind: CGROUP_ENDPOINT, endpoint_id: ep.id });
+            wanted_ids.insert(path.clone(), id);
             wanted.insert(path);
         }
         let parent = self.pods_parent.clone().filter(|p| p.exists());
@@ -379,6 +394,9 @@ impl Enforcer {
         };
         for cgroup in attached.iter().chain(&covered) {
             self.attach_errors.remove(cgroup);
+            if let Some(id) = wanted_ids.get(cgroup) {
+                self.link_ids.insert(cgroup.clone(), *id);
+            }
         }
         self.attached.extend(attached);
         self.covered.extend(covered);
@@ -398,18 +416,18 @@ impl Enforcer {
             }
         };
         for cgroup in to_release {
-            release_pins(&self.pin_dir, &cgroup);
+            release_pins(&self.pin_dir, &cgroup, self.link_ids.remove(&cgroup));
             self.attached.remove(&cgroup);
             self.escape_hooks.remove(&cgroup);
         }
         for cgroup in migrated {
-            release_datapath_pins(&self.pin_dir, &cgroup);
+            release_datapath_pins(&self.pin_dir, &cgroup, self.link_ids.get(&cgroup).copied());
             self.attached.remove(&cgroup);
             self.covered.insert(cgroup);
         }
         let gone: Vec<PathBuf> = self.covered.iter().filter(|c| !wanted.contains(*c)).cloned().collect();
         for cgroup in gone {
-            release_pins(&self.pin_dir, &cgroup);
+            release_pins(&self.pin_dir, &cgroup, self.link_ids.remove(&cgroup));
             self.covered.remove(&cgroup);
             self.escape_hooks.remove(&cgroup);
         }
@@ -438,6 +456,7 @@ impl Enforcer {
             policy_report: self.policy_report.clone(),
             usage: compiled.usage,
             degraded: compiled.over_capacity.as_ref().map(|o| o.to_string()),
+            stale_link_pins_removed: self.status.stale_link_pins_removed,
         };
         if let Some(over) = &compiled.over_capacity {
             tracing::error!(%over, "the policy set in force does not fit the maps: its pods are isolated, only the allows that fit are in");
@@ -474,8 +493,8 @@ impl Enforcer {
 
 /// Unpins a pod's own cgroup_skb and socket-creation links (the parent's now cover it); its TC
 /// backstop stays.
-fn release_datapath_pins(pin_dir: &Path, cgroup: &Path) {
-    let Ok(id) = crate::sys::cgroup_id(cgroup) else { return };
+fn release_datapath_pins(pin_dir: &Path, cgroup: &Path, recorded: Option<u64>) {
+    let Some(id) = recorded.or_else(|| crate::sys::cgroup_id(cgroup).ok()) else { return };
     for suffix in ["ingress", "egress", "inet-sock-create", "sock-create"] {
         let _ = std::fs::remove_file(pin_dir.join(format!("{id}-{suffix}")));
     }
@@ -494,12 +513,62 @@ fn own_cgroups_below(parent: &Path) -> Vec<PathBuf> {
 }
 
 /// Unpins the links of a cgroup that left the inventory (the kernel detaches them when the last
-/// reference goes; a removed cgroup takes them along anyway).
-fn release_pins(pin_dir: &Path, cgroup: &Path) {
-    let Ok(id) = crate::probes::loader::cgroup_id(cgroup) else { return };
+/// reference goes). The pins are named by the cgroup id recorded at attach (`recorded`): the
+/// cgroup may be gone already, and a removed cgroup's links stay pinned (and its id unreadable)
+/// until their pins are removed.
+fn release_pins(pin_dir: &Path, cgroup: &Path, recorded: Option<u64>) {
+    let Some(id) = recorded.or_else(|| crate::probes::loader::cgroup_id(cgroup).ok()) else {
+        tracing::warn!(cgroup = %cgroup.display(), "no cgroup id recorded or readable: its link pins (if any) go at the next start");
+        return;
+    };
     for suffix in crate::quarantine::datapath::LINK_SUFFIXES {
         let _ = std::fs::remove_file(pin_dir.join(format!("{id}-{suffix}")));
     }
+}
+
+/// How many cgroup directories `live_cgroup_ids` reads at most (a node has a few thousand).
+const MAX_CGROUPS_WALKED: usize = 1_000_000;
+
+/// The ids (inode numbers) of every cgroup below the cgroup2 mount `root`.
+fn live_cgroup_ids(root: &Path) -> BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut ids = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+        ids.insert(meta.ino());
+        if ids.len() >= MAX_CGROUPS_WALKED {
+            tracing::warn!(walked = ids.len(), "cgroup walk stopped at its bound");
+            break;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        stack.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+    }
+    ids
+}
+
+/// Removes the link pins (`<cgroup id>-<suffix>`) under `pin_dir` whose cgroup is not in `live`:
+/// links of a cgroup removed while no daemon ran, which nothing else would ever unpin. Returns
+/// how many went. A walk that stopped at its bound keeps everything (it cannot tell).
+fn remove_stale_link_pins(pin_dir: &Path, live: &BTreeSet<u64>) -> usize {
+    if live.is_empty() || live.len() >= MAX_CGROUPS_WALKED {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir(pin_dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((id, suffix)) = name.split_once('-') else { continue };
+        let Ok(id) = id.parse::<u64>() else { continue };
+        if !crate::quarantine::datapath::LINK_SUFFIXES.contains(&suffix) || live.contains(&id) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(err) => tracing::warn!(pin = %entry.path().display(), %err, "removing a stale link pin"),
+        }
+    }
+    removed
 }
 
 /// Takes the policy-verdict ring buffer out of the object for its reader.
@@ -526,5 +595,28 @@ pub async fn read_verdicts(ring: RingBuf<MapData>, mut on_verdict: impl FnMut(Po
             }
         }
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pins_of_cgroups_that_are_gone_are_removed_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("palisade-stale-pins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let names = ["7-ingress", "7-egress", "7-backstop-to-pod", "8-ingress", "8-sock-create", "9-other", "SEG_POLICY", "x-ingress"];
+        for name in names {
+            std::fs::write(dir.join(name), b"").expect("pin stand-in");
+        }
+        let live: BTreeSet<u64> = [8, 1].into_iter().collect();
+        assert_eq!(remove_stale_link_pins(&dir, &live), 3, "cgroup 7's three link pins");
+        let mut left: Vec<String> = std::fs::read_dir(&dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["8-ingress", "8-sock-create", "9-other", "SEG_POLICY", "x-ingress"]);
+        assert_eq!(remove_stale_link_pins(&dir, &BTreeSet::new()), 0, "an empty walk (no mount read) removes nothing");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
