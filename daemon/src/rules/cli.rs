@@ -38,6 +38,13 @@ pub enum RulesCommand {
         /// Print passing tests too.
         #[arg(short, long)]
         verbose: bool,
+        /// Also print what each rule costs on the fixtures (and `--events`): events of its
+        /// types, evaluations after its prefilter, time per evaluation and share of the total.
+        #[arg(long)]
+        bench: bool,
+        /// Recorded events (JSONL, from `palisade run --record`) to add to the bench corpus.
+        #[arg(long, requires = "bench")]
+        events: Option<PathBuf>,
     },
     /// The alerts the rules would raise on recorded events (JSONL, from `palisade run --record`).
     Replay {
@@ -58,7 +65,9 @@ pub enum RulesCommand {
 pub fn run(cmd: RulesCommand) -> anyhow::Result<()> {
     match cmd {
         RulesCommand::Check { dir, overrides, fixtures, allow_empty } => check(&dir, overrides, fixtures, allow_empty),
-        RulesCommand::Test { dir, coverage, fixtures, verbose } => test(&dir, coverage, fixtures, verbose),
+        RulesCommand::Test { dir, coverage, fixtures, verbose, bench, events } => {
+            test(&dir, coverage, fixtures.clone(), verbose, bench.then_some((fixtures, events)))
+        }
         RulesCommand::Replay { dir, events, output } => replay(&dir, &events, output),
         RulesCommand::List { dir, output } => list(&dir, output),
     }
@@ -110,7 +119,10 @@ fn check(dir: &std::path::Path, overrides: Option<PathBuf>, fixtures: Vec<PathBu
     Ok(())
 }
 
-fn test(dir: &std::path::Path, coverage: bool, fixtures: Vec<PathBuf>, verbose: bool) -> anyhow::Result<()> {
+/// Fixture paths and an optional recording: the corpus of `rules test --bench`.
+type BenchCorpus = (Vec<PathBuf>, Option<PathBuf>);
+
+fn test(dir: &std::path::Path, coverage: bool, fixtures: Vec<PathBuf>, verbose: bool, bench: Option<BenchCorpus>) -> anyhow::Result<()> {
     let options = TestOptions { coverage, fixtures, pack: PackOptions::default() };
     let report = run_tests(dir, &options).unwrap_or_else(|e| fail_with(&e));
     for result in &report.results {
@@ -142,8 +154,60 @@ fn test(dir: &std::path::Path, coverage: bool, fixtures: Vec<PathBuf>, verbose: 
         }
     }
     println!("{} passed, {} failed", report.passed(), report.failed());
+    if let Some((fixtures, events)) = bench {
+        print_costs(dir, fixtures, events.as_deref())?;
+    }
     if report.failed() > 0 {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Rounds per event in `rules test --bench`: the best of them is kept, which takes out most of
+/// what a busy machine adds.
+const BENCH_ROUNDS: usize = 5;
+
+fn print_costs(dir: &std::path::Path, fixtures: Vec<PathBuf>, events: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let pack = RulePack::load(dir).unwrap_or_else(|e| fail_with(&e));
+    let fixture_paths = if fixtures.is_empty() { default_fixture_paths(dir) } else { fixtures };
+    let mut corpus: Vec<serde_json::Value> =
+        load_fixtures(&fixture_paths).unwrap_or_else(|e| fail_with(&e)).into_iter().map(|c| c.case.event).collect();
+    let from_fixtures = corpus.len();
+    if let Some(path) = events {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        for (index, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.with_context(|| format!("reading {}", path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let record: serde_json::Value = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}: not a JSON event", path.display(), index + 1))?;
+            let input = record.get("input").filter(|i| i.get("type").is_some()).cloned().unwrap_or(record);
+            corpus.push(input);
+        }
+    }
+    let mut costs = pack.rule_costs(&corpus, BENCH_ROUNDS).unwrap_or_else(|e| fail_with(&e));
+    let total: std::time::Duration = costs.iter().map(|c| c.time).sum();
+    costs.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.rule_id.cmp(&b.rule_id)));
+    println!(
+        "bench: {} events ({from_fixtures} from fixtures{}), each rule run alone on the events its prefilter lets through, best of {BENCH_ROUNDS}",
+        corpus.len(),
+        events.map(|p| format!(", {} from {}", corpus.len() - from_fixtures, p.display())).unwrap_or_default()
+    );
+    println!("{:<28} {:>8} {:>10} {:>9} {:>10} {:>7} {:>9}", "RULE", "EVENTS", "EVALUATED", "FAILED", "µs/EVAL", "SHARE", "TOTAL ms");
+    for cost in &costs {
+        let per = if cost.evaluations == 0 { 0.0 } else { cost.time.as_secs_f64() * 1e6 / cost.evaluations as f64 };
+        let share = if total.is_zero() { 0.0 } else { 100.0 * cost.time.as_secs_f64() / total.as_secs_f64() };
+        println!(
+            "{:<28} {:>8} {:>10} {:>9} {:>10.1} {:>6.1}% {:>9.2}",
+            cost.rule_id,
+            cost.events,
+            cost.evaluations,
+            cost.failures,
+            per,
+            share,
+            cost.time.as_secs_f64() * 1e3
+        );
     }
     Ok(())
 }

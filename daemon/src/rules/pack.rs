@@ -366,6 +366,20 @@ impl SessionEngine {
 
 static NEXT_PACK_ID: AtomicU64 = AtomicU64::new(1);
 
+/// One rule's cost on a set of events (see `RulePack::rule_costs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleCost {
+    pub rule_id: String,
+    /// Events of the types the rule subscribes to.
+    pub events: usize,
+    /// Those its prefilter let through (all of them without one): the ones it judged.
+    pub evaluations: usize,
+    /// Evaluations that failed (over budget or an error); each counted once, not timed again.
+    pub failures: usize,
+    /// Time spent judging them.
+    pub time: Duration,
+}
+
 /// A rule package found while loading: its id and where it is.
 struct RulePackage {
     id: String,
@@ -802,6 +816,39 @@ impl RulePack {
             }
         }
         diagnostics
+    }
+
+    /// What each rule costs on `events` (`palisade rules test --bench`): per rule, the events of
+    /// its types, how many of them its prefilter let through, and the time it took to judge
+    /// those, run alone (so the per-evaluation overhead a dispatch call shares between rules is
+    /// counted in each), best of `rounds` runs per event. Indexed like `rules()`.
+    pub fn rule_costs(&self, events: &[serde_json::Value], rounds: usize) -> Result<Vec<RuleCost>, RulesError> {
+        let mut session = self.session()?;
+        let mut costs: Vec<RuleCost> = self.rules.iter().map(|r| RuleCost { rule_id: r.id.clone(), ..RuleCost::default() }).collect();
+        for event in events {
+            let Ok(ty) = event_type(event) else { continue };
+            let selected = self.select(ty, event);
+            let mut input = None;
+            for (position, &index) in self.dispatch[ty.index()].iter().enumerate() {
+                let cost = &mut costs[index];
+                cost.events += 1;
+                let Some(entry) = self.rule_entries[index].filter(|_| is_selected(selected, position)) else { continue };
+                let input = input.get_or_insert_with(|| session.converter.convert(event));
+                cost.evaluations += 1;
+                let mut best = Duration::MAX;
+                for _ in 0..rounds.max(1) {
+                    let started = std::time::Instant::now();
+                    let result = session.engine.run(&self.entry_points[entry], entry, input.clone(), self.budget);
+                    best = best.min(started.elapsed());
+                    if result.is_err() {
+                        cost.failures += 1;
+                        break;
+                    }
+                }
+                cost.time += best;
+            }
+        }
+        Ok(costs)
     }
 
     /// The budget each rule has per event.
