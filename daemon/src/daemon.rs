@@ -479,15 +479,30 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             let (watcher, mut changes) = watch_dir(dir)?;
             let state = state.clone();
             tokio::spawn(async move {
-                while changes.recv().await.is_some() {
-                    // Let an editor's burst of writes settle.
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                // A change already taken off the channel (while settling) that is not reloaded yet.
+                let mut changed_again = false;
+                loop {
+                    if !std::mem::take(&mut changed_again) && changes.recv().await.is_none() {
+                        break;
+                    }
+                    // Coalesced by what is pending, not by waiting: every change noticed so far is
+                    // in this reload; changes during it make exactly one more. (A 200 ms sleep
+                    // here put a floor under every policy change's latency.)
                     while changes.try_recv().is_ok() {}
                     let result = state.enforcer.lock().await.reload_policies().await;
                     match result {
                         Ok((_, report)) => {
                             log_policy_report(&report);
                             if let Some(alert) = policy_report_alert(&report) {
+                                // A file caught half written (an editor writing in place) is
+                                // rejected and its last good version stays; the rest of the
+                                // write follows at once. Alert only when nothing follows.
+                                let settling = tokio::time::timeout(POLICY_SETTLE, changes.recv()).await;
+                                if matches!(settling, Ok(Some(()))) {
+                                    tracing::debug!("a rejected policy file changed again at once: reloading before alerting");
+                                    changed_again = true;
+                                    continue;
+                                }
                                 state.alerts.try_emit(alert);
                             }
                         }
@@ -1009,6 +1024,10 @@ fn spawn_loss_monitor(state: Arc<DaemonState>) {
 fn now_rfc3339() -> String {
     crate::events::input::rfc3339(Clock::new().wall_ns(crate::events::input::monotonic_now_ns()))
 }
+
+/// How long a policy reload that rejected a file waits for a further change before alerting
+/// (only then: a clean reload alerts nothing and waits for nothing).
+const POLICY_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Watches a directory (recursively); each change sends a unit on the returned channel.
 fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
