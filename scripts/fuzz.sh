@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the cargo-fuzz targets in fuzz/ (nightly, libFuzzer, AddressSanitizer) and runs each
+# one after another (never in parallel: -jobs=1) for SECONDS each (default 3) on its seeds
+# (fuzz/seeds/TARGET, read-only) plus what earlier runs found (fuzz/corpus/TARGET, not in git).
+# A crash, leak, timeout or out-of-memory stops the script with the input saved under
+# fuzz/artifacts/TARGET/. Installs cargo-fuzz when missing. See fuzz/README.md.
+#
+#   scripts/fuzz.sh            # every target, 3 s each (scripts/test.sh runs this)
+#   scripts/fuzz.sh 300 policy_oracle inventory   # 5 minutes each of two targets
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/lib/llvm-22/bin:$HOME/.cargo/bin:$PATH"
+seconds="${1:-3}"
+shift || true
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+cd fuzz
+targets=("$@")
+if [ "${#targets[@]}" -eq 0 ]; then
+    mapfile -t targets < <(cargo +nightly fuzz list)
+fi
+# 16 codegen units: the targets link the whole daemon library (kube, regorus, aya), and
+# cargo-fuzz's default of one unit per crate makes that build much slower, for a small gain in
+# executions per second.
+build=(--codegen-units 16)
+cargo +nightly fuzz build "${build[@]}"
+for target in "${targets[@]}"; do
+    mkdir -p "corpus/$target"
+    echo "== fuzz $target (${seconds} s)"
+    log="corpus/$target.log"
+    set +e
+    cargo +nightly fuzz run "${build[@]}" "$target" "corpus/$target" "seeds/$target" -- \
+        -max_total_time="$seconds" -jobs=1 -workers=1 -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1
+    status=$?
+    set -e
+    grep -E "^(INFO: seed corpus|#[0-9]+ +(INITED|DONE)|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb|SUMMARY|==[0-9]+==ERROR|thread .* panicked)" "$log" || true
+    if [ "$status" -ne 0 ]; then
+        tail -n 60 "$log" >&2
+        echo "fuzz target $target failed (exit $status); the input is under fuzz/artifacts/$target/" >&2
+        exit "$status"
+    fi
+done
