@@ -4,35 +4,7 @@
 //! rejection or a value, never a panic.
 #![no_main]
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use libfuzzer_sys::fuzz_target;
-use palisade::inventory::InventoryFile;
-use palisade::k8s::convert;
+#[path = "../src/checks.rs"]
+mod checks;
 
-fuzz_target!(|data: &[u8]| {
-    let Some((&which, json)) = data.split_first() else { return };
-    match which % 3 {
-        0 => {
-            if let Ok(pod) = serde_json::from_slice::<Pod>(json) {
-                if let Some(view) = convert::pod_view(&pod) {
-                    let file = InventoryFile { namespaces: Vec::new(), endpoints: vec![view.endpoint.clone()] };
-                    let (inventory, rejected) = convert::build_inventory(file);
-                    assert!(inventory.endpoints.len() + rejected.len() >= 1);
-                }
-            }
-        }
-        1 => {
-            if let Ok(ns) = serde_json::from_slice::<Namespace>(json) {
-                if let Some(spec) = convert::namespace_spec(&ns) {
-                    let _ = convert::build_inventory(InventoryFile { namespaces: vec![spec], endpoints: Vec::new() });
-                }
-            }
-        }
-        _ => {
-            if let Ok(policy) = serde_json::from_slice::<NetworkPolicy>(json) {
-                let _ = convert::network_policy(&policy);
-            }
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::k8s_convert(data));
