@@ -21,16 +21,47 @@ meta := {
 		{"open.path": {"path_contains": ["/.ssh/"]}},
 		{"open.path": {"path_prefix": ["/etc/ssh/ssh_host_"]}},
 		{"open.path": {"path_suffix": ["/serviceaccount/token"]}},
+		# Fail closed: a path the kernel could not resolve is judged by its argument below
+		# (which must at least end in a credential file's name).
+		{"open.path_resolved": false, "open.path": {"path_suffix": credential_names}},
 	]},
 }
+
+# The file names of the credential files ("shadow", ...), for the prefilter.
+credential_names := [name | some file in lists.credential_files; name := lib.basename(file)]
 
 reader := input.process.comm
 
 alerts contains {"message": msg, "mitre": ["T1003.008"]} if {
-	path in lists.credential_files
+	credential_file
 	not authentication_program
-	msg := sprintf("%s (pid %d) opened password hashes %s%s", [reader, input.process.pid, path, lib.outcome(input.open.result)])
+	msg := sprintf("%s (pid %d) opened password hashes %s%s%s", [reader, input.process.pid, path, unresolved_note, lib.outcome(input.open.result)])
 }
+
+credential_file if path in lists.credential_files
+
+# Fail closed. An open the kernel did not resolve (it failed, or the walk could not finish)
+# names its file only by the argument, which a symlink, /proc/<pid>/root or a bind mount can
+# disguise: it counts when the argument ends like a credential file ("/proc/1/root/etc/shadow"),
+# or, for a bare relative name nothing resolved, has a credential file's name ("shadow").
+credential_file if {
+	input.open.path_resolved == false
+	some file in lists.credential_files
+	endswith(path, file)
+}
+
+credential_file if {
+	input.open.path_resolved == false
+	not startswith(input.open.path, "/")
+	some file in lists.credential_files
+	lib.basename(file) == lib.basename(input.open.path)
+}
+
+unresolved_note := "" if {
+	not input.open.path_resolved == false
+} else := sprintf(" (not resolved by the kernel; passed as %s)", [input.open.path_arg]) if {
+	is_string(input.open.path_arg)
+} else := " (not resolved by the kernel)"
 
 alerts contains {"message": msg, "mitre": ["T1552.004"]} if {
 	ssh_private_key

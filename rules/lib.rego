@@ -11,12 +11,15 @@ basename(path) := last if {
 	last := parts[count(parts) - 1]
 }
 
-# A path as an absolute, cleaned path. Paths are reported as the process passed them, so a
-# relative one is resolved against the process's cwd (right for AT_FDCWD, the common case), and
-# "." / ".." / "//" are folded so "/etc/../etc//shadow" is still /etc/shadow.
+# A path as an absolute, cleaned path. An open's path is already the kernel's canonical path
+# of the opened file (input.open.path_resolved), which this leaves as it is. Other paths are
+# as the process passed them, so a relative one is resolved against the process's cwd (right
+# for AT_FDCWD, when the cwd is known), and "." / ".." / "//" are folded so
+# "/etc/../etc//shadow" is still /etc/shadow. A relative path with no known cwd stays as it is.
 abs_path(path) := clean(path) if {
 	startswith(path, "/")
 } else := clean(concat("/", [input.process.cwd, path])) if {
+	is_string(input.process.cwd)
 	input.process.cwd != ""
 } else := path
 

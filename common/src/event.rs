@@ -95,6 +95,10 @@ pub const FD_KIND_OTHER: u32 = 7;
 pub const PATH_RESOLVED: u32 = 1;
 /// The walk ran out of room or components; the path is cut (its tail is kept).
 pub const PATH_CUT: u32 = 2;
+/// OpenEvent.resolved holds the directory a relative argument names its file from (the
+/// working directory or `dirfd`), not the file: the open failed, so there was no file to
+/// resolve; user space joins the argument to it (lexically: symlinks in it are not followed).
+pub const PATH_BASE_DIR: u32 = 4;
 
 /// sched_process_exec, with the argv captured at sys_enter_execve/execveat.
 #[repr(C)]
@@ -178,9 +182,17 @@ pub struct OpenEvent {
     pub mode: u32,
     /// fd or -errno.
     pub ret: i64,
+    /// The argument as the process passed it.
     pub path: [u8; PATH_LEN],
+    /// What the kernel resolved, by the dentry walk at syscall exit: the opened file's
+    /// canonical path (from the new fd's struct file), or for a failed open of a relative
+    /// argument the directory it was resolved against (PATH_BASE_DIR); empty when neither.
+    pub resolved: [u8; PATH_LEN],
+    /// PATH_RESOLVED / PATH_CUT / PATH_BASE_DIR for `resolved`.
+    pub resolved_flags: u32,
+    pub _pad: u32,
 }
-assert_wire_size!(OpenEvent, 80 + 24 + 256);
+assert_wire_size!(OpenEvent, 80 + 24 + 256 + 256 + 8);
 
 /// ptrace(2), emitted at exit.
 #[repr(C)]

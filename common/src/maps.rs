@@ -93,9 +93,16 @@ pub struct ProbeConfig {
     pub off_fdtable_fd: u32,
     pub off_inode_i_mode: u32,
     pub off_inode_i_rdev: u32,
+    /// task->fs (struct fs_struct *), fs_struct.root and .pwd (struct path): the process's root
+    /// and working directory, for canonical paths of opens (relative arguments, bind mounts).
+    pub off_task_fs: u32,
+    pub off_fs_root: u32,
+    pub off_fs_pwd: u32,
+    /// vfsmount.mnt_sb: two mounts of one file system (a bind mount and the root) share it.
+    pub off_vfsmount_mnt_sb: u32,
     pub _pad_offsets: u32,
 }
-assert_wire_size!(ProbeConfig, 80 + 24 * 4);
+assert_wire_size!(ProbeConfig, 80 + 28 * 4);
 
 /// Why a pod's event did not reach user space the normal way (POD_LOSSES key).
 pub const LOSS_RING_FULL: u32 = 1;

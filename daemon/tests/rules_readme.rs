@@ -13,7 +13,7 @@ fn schema() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("fork", vec!["parent_pid", "child_pid"]),
         ("exit", vec!["exit_code"]),
         ("connect", vec!["fd", "family", "address", "port", "unix_path", "result"]),
-        ("open", vec!["op", "path", "dirfd", "flags", "flags_names", "mode", "write", "create", "truncate", "result"]),
+        ("open", vec!["op", "path", "path_arg", "path_resolved", "dirfd", "flags", "flags_names", "mode", "write", "create", "truncate", "result"]),
         ("ptrace", vec!["request", "request_name", "target_pid", "addr", "result"]),
         ("cred", vec!["op", "args", "cap_effective", "cap_permitted", "cap_inheritable", "result", "old_uid", "old_gid", "old_euid", "old_egid"]),
         ("mount", vec!["op", "source", "target", "fstype", "flags", "result"]),

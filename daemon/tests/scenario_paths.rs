@@ -74,7 +74,9 @@ fn every_spelling_of_a_sensitive_path_alerts_with_its_canonical_path() {
     }
     let python = python3().map(|p| p.to_string_lossy().into_owned());
     let pods: Vec<&str> = variants("", python.as_deref()).iter().map(|v| v.pod).collect();
+    let starting = Instant::now();
     let daemon = DaemonGuard::start(DaemonOptions::new("scnpaths", &inventory(&pods)).arg("--dry-run"));
+    println!("daemon running after {:.1} s", starting.elapsed().as_secs_f64());
     let dir = daemon.scratch.join("paths");
     std::fs::create_dir_all(dir.join("bind")).expect("bind target");
     std::os::unix::fs::symlink("/etc/shadow", dir.join("link")).expect("symlink");

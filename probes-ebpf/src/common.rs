@@ -32,7 +32,7 @@ use palisade_common::{
     MAX_POD_LOSS_ENTRIES, MAX_SENSITIVE_PREFIXES, CONNECT_PORTS_ON, MAX_CONNECT_PORTS, PATH_LEN, PRIORITY_RINGBUF_BYTES, PathPrefix,
     PendingExec, PendingSyscall, PodBudget, PodLossKey, ProbeConfig, SENSITIVE_PREFIX_LEN,
     SOURCE_TRACEPOINT, FD_KIND_CLOSED, FD_KIND_FILE, FD_KIND_NULL, FD_KIND_OTHER, FD_KIND_PIPE,
-    FD_KIND_SOCKET, FD_KIND_TTY, FD_KIND_UNKNOWN, PATH_CUT, PATH_RESOLVED,
+    FD_KIND_SOCKET, FD_KIND_TTY, FD_KIND_UNKNOWN, PATH_BASE_DIR, PATH_CUT, PATH_RESOLVED,
 };
 
 /// The bulk ring: every kind, high-volume ones under each pod's budget.
@@ -264,13 +264,48 @@ const MAX_PATH_COMPONENTS: u32 = 40;
 const MAX_PATH_MOUNTS: u32 = 8;
 const PATH_MASK: u32 = PATH_LEN as u32 - 1;
 
+/// The current process's root (fs->root): its dentry and its file system's superblock (null
+/// pointers when unreadable).
+#[inline(always)]
+unsafe fn current_root(cfg: &ProbeConfig) -> (*const u8, *const u8) {
+    let null = (core::ptr::null(), core::ptr::null());
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Some(fs) = (unsafe { read_kernel_ptr(task, cfg.off_task_fs) }) else { return null };
+    if fs.is_null() {
+        return null;
+    }
+    let root = unsafe { fs.add(cfg.off_fs_root as usize) };
+    let dentry = unsafe { read_kernel_ptr(root, cfg.off_path_dentry) }.unwrap_or(core::ptr::null());
+    let mnt = unsafe { read_kernel_ptr(root, cfg.off_path_mnt) }.unwrap_or(core::ptr::null());
+    if mnt.is_null() {
+        return null;
+    }
+    let sb = unsafe { read_kernel_ptr(mnt, cfg.off_vfsmount_mnt_sb) }.unwrap_or(core::ptr::null());
+    (dentry, sb)
+}
+
 /// Writes the canonical path of `struct path *path` (kernel memory) into `out`: the dentry
 /// chain up to the mount's root, then across each mount to its mountpoint in the parent mount,
 /// until the root of the mount namespace's tree, like d_path() (which tracepoints cannot
-/// call). Returns PATH_RESOLVED when the walk reached the root, plus PATH_CUT when the path
-/// did not fit (its tail is kept); 0 when nothing could be read (then `out` is empty).
+/// call). The open walk (`resolve_path_within` with THROUGH_BINDS) differs in one way: inside
+/// the file system of the process's root, it climbs
+/// dentries up to that root without stopping at mount boundaries, so a bind mount of one of
+/// its directories (`mount --bind /etc /mnt/x`) names the file by its own path (`/etc/shadow`,
+/// not `/mnt/x/shadow`). Returns PATH_RESOLVED when the walk
+/// reached the root, plus PATH_CUT when the path did not fit (its tail is kept); 0 when nothing
+/// could be read (then `out` is empty).
 #[inline(always)]
 pub unsafe fn resolve_path(path: *const u8, out: *mut [u8; PATH_LEN], cfg: &ProbeConfig) -> u32 {
+    unsafe { resolve_path_within::<MAX_PATH_MOUNTS, MAX_PATH_COMPONENTS, false>(path, out, cfg) }
+}
+
+/// `resolve_path` crossing at most `MOUNTS` mounts and climbing at most `COMPONENTS` dentries
+/// per mount (the verifier walks every round, so its cost grows with both). With
+/// `THROUGH_BINDS`, the walk in the root's own file system climbs to the root through bind
+/// mounts (see `resolve_path`); that costs the verifier several times more per round, so the
+/// exe walk (8 mounts of 40) goes without it and the open walk (4 of 24) with it.
+#[inline(always)]
+pub unsafe fn resolve_path_within<const MOUNTS: u32, const COMPONENTS: u32, const THROUGH_BINDS: bool>(path: *const u8, out: *mut [u8; PATH_LEN], cfg: &ProbeConfig) -> u32 {
     unsafe { (*out)[0] = 0 };
     if cfg.path_offsets_valid == 0 || path.is_null() {
         return 0;
@@ -282,6 +317,7 @@ pub unsafe fn resolve_path(path: *const u8, out: *mut [u8; PATH_LEN], cfg: &Prob
     if dentry.is_null() || vfsmnt.is_null() {
         return 0;
     }
+    let (root_dentry, root_sb) = if THROUGH_BINDS { unsafe { current_root(cfg) } } else { (core::ptr::null(), core::ptr::null()) };
     let mut mnt = unsafe { vfsmnt.sub(cfg.off_mount_mnt as usize) };
     // The path ends at PATH_LEN - 1 (its NUL); components are put in front of it. All the
     // arithmetic is u64 so the verifier sees each bound on the very register the helper gets.
@@ -293,13 +329,22 @@ pub unsafe fn resolve_path(path: *const u8, out: *mut [u8; PATH_LEN], cfg: &Prob
     // doubles the verifier's paths per round; this way the inner counter is dead when the
     // inner loop ends, so the verifier prunes the states it ends in.)
     let mut crossing = 0u32;
-    'mounts: while crossing < MAX_PATH_MOUNTS {
+    'mounts: while crossing < MOUNTS {
         crossing += 1;
         let mnt_root = unsafe { read_kernel_ptr(vfsmnt, cfg.off_vfsmount_mnt_root) }.unwrap_or(core::ptr::null());
+        // In the root's own file system the walk ends at the root, through any bind mount.
+        // (Only `stop` lives on into the loop: every extra live value multiplies the states
+        // the verifier has to walk through.)
+        let stop = if THROUGH_BINDS {
+            let sb = unsafe { read_kernel_ptr(vfsmnt, cfg.off_vfsmount_mnt_sb) }.unwrap_or(core::ptr::null());
+            if !root_sb.is_null() && sb == root_sb && !root_dentry.is_null() { root_dentry } else { mnt_root }
+        } else {
+            mnt_root
+        };
         let mut step = 0u32;
-        while step < MAX_PATH_COMPONENTS {
+        while step < COMPONENTS {
             step += 1;
-            if dentry == mnt_root {
+            if dentry == stop {
                 break;
             }
             let parent = unsafe { read_kernel_ptr(dentry, cfg.off_dentry_d_parent) }.unwrap_or(core::ptr::null());
@@ -329,8 +374,12 @@ pub unsafe fn resolve_path(path: *const u8, out: *mut [u8; PATH_LEN], cfg: &Prob
             off &= PATH_MASK as u64;
             dentry = parent;
         }
-        if dentry != mnt_root {
+        if dentry != stop {
             flags |= PATH_CUT;
+            break;
+        }
+        if THROUGH_BINDS && dentry == root_dentry {
+            flags |= PATH_RESOLVED;
             break;
         }
         let parent = unsafe { read_kernel_ptr(mnt, cfg.off_mount_mnt_parent) }.unwrap_or(core::ptr::null());
@@ -368,6 +417,85 @@ pub unsafe fn resolve_path(path: *const u8, out: *mut [u8; PATH_LEN], cfg: &Prob
         )
     };
     flags
+}
+
+/// The `struct file *` at descriptor `fd` of the current task (None: no file, or unreadable).
+#[inline(always)]
+pub unsafe fn current_fd_file(fd: i64, cfg: &ProbeConfig) -> Option<*const u8> {
+    if cfg.path_offsets_valid == 0 || !(0..1 << 20).contains(&fd) {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files = unsafe { read_kernel_ptr(task, cfg.off_task_files) }?;
+    if files.is_null() {
+        return None;
+    }
+    let fdt = unsafe { read_kernel_ptr(files, cfg.off_files_fdt) }?;
+    if fdt.is_null() {
+        return None;
+    }
+    let max = unsafe { read_kernel_u32(fdt, cfg.off_fdtable_max_fds) }.unwrap_or(0);
+    if fd as u32 >= max {
+        return None;
+    }
+    let array = unsafe { read_kernel_ptr(fdt, cfg.off_fdtable_fd) }?;
+    let file = unsafe { read_kernel_ptr(array, fd as u32 * 8) }?;
+    if file.is_null() { None } else { Some(file) }
+}
+
+const AT_FDCWD: i32 = -100;
+
+/// The walk's bounds for opens (smaller than for exe paths: the open program's routing after
+/// the walk must fit the verifier's budget too). A deeper path is cut, so not resolved.
+const OPEN_PATH_MOUNTS: u32 = 4;
+const OPEN_PATH_COMPONENTS: u32 = 24;
+
+/// What an open resolved, into `out`, with its PATH_* flags into `out_flags` (0 when
+/// nothing): the opened file's path when it succeeded (`ret` is the new fd), else, for a
+/// relative argument, the directory it was resolved against (the working directory or
+/// `dirfd`, with PATH_BASE_DIR).
+///
+/// The flags go to memory, not back in a register: the caller reads them from the record, so
+/// the verifier, which does not track map memory, goes on from the walk's many end states as
+/// from one (a returned value keeps them apart, and the routing after it then runs out of the
+/// verifier's budget).
+#[inline(always)]
+pub unsafe fn resolve_open(ret: i64, dirfd: i32, relative: bool, out: *mut [u8; PATH_LEN], out_flags: *mut u32, cfg: &ProbeConfig) {
+    unsafe { *out_flags = 0 };
+    let target: *const u8 = if ret >= 0 {
+        match unsafe { current_fd_file(ret, cfg) } {
+            Some(file) => unsafe { file.add(cfg.off_file_f_path as usize) },
+            None => core::ptr::null(),
+        }
+    } else if relative && dirfd == AT_FDCWD {
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        match unsafe { read_kernel_ptr(task, cfg.off_task_fs) } {
+            Some(fs) if !fs.is_null() => unsafe { fs.add(cfg.off_fs_pwd as usize) },
+            _ => core::ptr::null(),
+        }
+    } else if relative {
+        match unsafe { current_fd_file(dirfd as i64, cfg) } {
+            Some(file) => unsafe { file.add(cfg.off_file_f_path as usize) },
+            None => core::ptr::null(),
+        }
+    } else {
+        core::ptr::null()
+    };
+    if target.is_null() {
+        unsafe { (*out)[0] = 0 };
+        return;
+    }
+    let flags = unsafe { resolve_path_within::<OPEN_PATH_MOUNTS, OPEN_PATH_COMPONENTS, true>(target, out, cfg) };
+    unsafe { core::ptr::write_volatile(out_flags, flags) };
+}
+
+/// Marks `out_flags` (written by `resolve_open` for a failed open) as a base directory.
+#[inline(always)]
+pub unsafe fn mark_base_dir(out_flags: *mut u32) {
+    let flags = unsafe { core::ptr::read_volatile(out_flags) };
+    if flags != 0 {
+        unsafe { core::ptr::write_volatile(out_flags, flags | PATH_BASE_DIR) };
+    }
 }
 
 /// The executable path of the current task (task->mm->exe_file), into `out`; PATH_* flags.
@@ -673,6 +801,16 @@ fn prefix_key(path: &[u8; PATH_LEN]) -> Option<&'static LpmKey<PathPrefix>> {
         i += 1;
     }
     Some(key)
+}
+
+/// True when a canonical path (what the kernel resolved) starts with a sensitive prefix.
+#[inline(always)]
+pub fn resolved_path_is_sensitive(path: &[u8; PATH_LEN]) -> bool {
+    match prefix_key(path) {
+        Some(key) => SENSITIVE_PREFIXES.get(key).is_some(),
+        // No scratch slot: cannot judge, so protected.
+        None => true,
+    }
 }
 
 /// True when an open of `path` (as the process passed it, `len` bytes with the NUL) must take

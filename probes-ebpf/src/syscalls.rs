@@ -15,6 +15,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 use crate::common::{
     PENDING_SYSCALLS, config, count_emitted, current_fd_kind, current_ids, current_tid, fill_header,
     PREFILTERED_COUNTS, connect_is_quiet, count, kind_is_protected, open_is_quiet, open_path_is_sensitive, output_routed, read_user_str, read_user_str_len,
+    mark_base_dir, resolve_open, resolved_path_is_sensitive,
     should_report, syscall_arg, syscall_ret,
 };
 use crate::reserve_or_count;
@@ -117,11 +118,17 @@ exit!(sys_exit_openat2, emit_open);
 #[map]
 static OPEN_SCRATCH: PerCpuArray<OpenEvent> = PerCpuArray::with_max_entries(1, 0);
 
+const ENOENT: i64 = 2;
+
+/// Bits of the argument's verdict, kept in the record's padding while the walk runs.
+const ARG_PROTECTED: u32 = 1;
+const ARG_QUIET: u32 = 2;
+
 fn emit_open(ret: i64) -> Result<(), i64> {
     let Some(p) = take(KIND_OPEN) else { return Ok(()) };
     let Some(cfg) = config() else { return Ok(()) };
     let ev = OPEN_SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
-    let protected = unsafe {
+    unsafe {
         fill_header(&mut (*ev).header, KIND_OPEN, p.cgroup_id, cfg);
         (*ev).op = p.op;
         (*ev).dirfd = p.args[0] as i32;
@@ -139,9 +146,39 @@ fn emit_open(ret: i64) -> Result<(), i64> {
         if len == PATH_LEN as i64 {
             (*ev).header.flags |= FLAG_TRUNCATED;
         }
-        open_path_is_sensitive(&(*ev).path, len)
+        // The argument's verdict first (what routing falls back to when nothing is resolved),
+        // parked in the record: the verifier then carries no value of it through the walk, which
+        // would otherwise be walked once per branch taken here.
+        let protected = open_path_is_sensitive(&(*ev).path, len);
+        let quiet = open_is_quiet(&(*ev).path, (*ev).flags, protected);
+        let verdict = if protected { ARG_PROTECTED } else { 0 } | if quiet { ARG_QUIET } else { 0 };
+        core::ptr::write_volatile(&mut (*ev)._pad, verdict);
+        // The file the kernel opened (or, for a failed relative open, the directory it was
+        // looked up in), named by a dentry walk now: `..`, symlinks, dirfds, /proc/self/root
+        // and bind mounts all end at the real file.
+        let relative = len > 1 && (*ev).path[0] != b'/';
+        resolve_open(ret, (*ev).dirfd, relative, &mut (*ev).resolved, &mut (*ev).resolved_flags, cfg);
+    }
+    // Read back from the record, not kept in registers across the walk (see resolve_open).
+    let ret = unsafe { core::ptr::read_volatile(&(*ev).ret) };
+    if ret < 0 {
+        unsafe { mark_base_dir(&mut (*ev).resolved_flags) };
+    }
+    let resolved_flags = unsafe { core::ptr::read_volatile(&(*ev).resolved_flags) };
+    let verdict = unsafe { core::ptr::read_volatile(&(*ev)._pad) };
+    unsafe { (*ev)._pad = 0 };
+    // Routing and the pack's prefilter judge the resolved file when there is one; otherwise the
+    // argument, with everything the kernel cannot judge by its text protected. A failed open
+    // other than ENOENT (EACCES on /etc/shadow through a symlink) is never filtered: nothing
+    // names the object it was refused.
+    let canonical = resolved_flags & PATH_RESOLVED != 0 && resolved_flags & (PATH_CUT | PATH_BASE_DIR) == 0;
+    let (protected, quiet) = if canonical {
+        let protected = resolved_path_is_sensitive(unsafe { &(*ev).resolved });
+        (protected, unsafe { open_is_quiet(&(*ev).resolved, (*ev).flags, protected) })
+    } else {
+        (verdict & ARG_PROTECTED != 0, ret == -ENOENT && verdict & ARG_QUIET != 0)
     };
-    if unsafe { open_is_quiet(&(*ev).path, (*ev).flags, protected) } {
+    if quiet {
         count(&PREFILTERED_COUNTS, KIND_OPEN);
         return Ok(());
     }

@@ -129,7 +129,16 @@ pub struct ConnectData {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OpenData {
     pub op: &'static str,
+    /// The file the kernel opened (canonical: absolute, no `.`/`..`/`//`, symlinks followed,
+    /// bind mounts of the root's file system seen through) when `path_resolved`; otherwise
+    /// the best the kernel could give: a relative argument joined to the directory the kernel
+    /// looked it up in (lexically), or the argument as passed.
     pub path: String,
+    /// The argument as the process passed it.
+    pub path_arg: String,
+    /// `path` is the opened file's path resolved by the kernel (false: the open failed or the
+    /// walk could not finish; rules on sensitive files treat the path as a candidate).
+    pub path_resolved: bool,
     pub dirfd: i32,
     pub flags: u32,
     pub flags_names: Vec<&'static str>,
@@ -341,9 +350,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Open => {
             let e: wire::OpenEvent = read_wire(bytes, kind)?;
             let access = e.flags & 0o3;
+            let path_arg = c_string(&e.path);
+            let (path, path_resolved) = open_path(&path_arg, &c_string(&e.resolved), e.resolved_flags);
             EventData::Open(OpenData {
                 op: if e.op == wire::OPEN_OP_OPENAT2 { "openat2" } else { "openat" },
-                path: c_string(&e.path),
+                path,
+                path_arg,
+                path_resolved,
                 dirfd: e.dirfd,
                 flags: e.flags,
                 flags_names: open_flag_names(e.flags),
@@ -526,6 +539,35 @@ fn connect_data(e: &wire::ConnectEvent) -> ConnectData {
     ConnectData { fd: e.fd, family, address, port: e.port, unix_path, result: e.ret }
 }
 
+/// An open's `path` and whether it is the kernel's resolution of the opened file, from the
+/// argument and what the kernel resolved (`flags`: PATH_*).
+pub fn open_path(arg: &str, resolved: &str, flags: u32) -> (String, bool) {
+    let walked = flags & wire::PATH_RESOLVED != 0 && flags & wire::PATH_CUT == 0 && resolved.starts_with('/');
+    if walked && flags & wire::PATH_BASE_DIR == 0 {
+        return (resolved.to_string(), true);
+    }
+    if walked && !arg.is_empty() && !arg.starts_with('/') {
+        return (clean_path(&format!("{resolved}/{arg}")), false);
+    }
+    (arg.to_string(), false)
+}
+
+/// `path` (absolute) with `.`, `..` and repeated `/` folded away, as text (symlinks are not
+/// followed: that is the kernel's part). `..` at the root stays at the root.
+pub fn clean_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 fn open_flag_names(flags: u32) -> Vec<&'static str> {
     let mut names = vec![match flags & 0o3 {
         0 => "O_RDONLY",
@@ -631,9 +673,39 @@ mod tests {
             mode: 0o644,
             ret: 3,
             path: [0u8; wire::PATH_LEN],
+            resolved: [0u8; wire::PATH_LEN],
+            resolved_flags: 0,
+            _pad: 0,
         };
         ev.path[..path.len()].copy_from_slice(path);
         ev
+    }
+
+    #[test]
+    fn an_open_names_the_file_the_kernel_resolved_and_keeps_the_argument() {
+        let mut ev = open_record(b"shadow");
+        ev.resolved[..11].copy_from_slice(b"/etc/shadow");
+        ev.resolved_flags = wire::PATH_RESOLVED;
+        let EventData::Open(open) = decode(&bytes_of(&ev)).expect("valid").data else { panic!() };
+        assert_eq!((open.path.as_str(), open.path_arg.as_str(), open.path_resolved), ("/etc/shadow", "shadow", true));
+        // A failed relative open: the directory it was looked up in, joined lexically.
+        let mut ev = open_record(b"../etc/./shadow");
+        ev.ret = -13;
+        ev.resolved[..4].copy_from_slice(b"/usr");
+        ev.resolved_flags = wire::PATH_RESOLVED | wire::PATH_BASE_DIR;
+        let EventData::Open(open) = decode(&bytes_of(&ev)).expect("valid").data else { panic!() };
+        assert_eq!((open.path.as_str(), open.path_resolved), ("/etc/shadow", false));
+        // A cut walk or nothing resolved: the argument, not resolved.
+        for flags in [0, wire::PATH_RESOLVED | wire::PATH_CUT, wire::PATH_CUT] {
+            let mut ev = open_record(b"/proc/self/root/etc/shadow");
+            ev.ret = -13;
+            ev.resolved[..5].copy_from_slice(b"/x/yz");
+            ev.resolved_flags = flags;
+            let EventData::Open(open) = decode(&bytes_of(&ev)).expect("valid").data else { panic!() };
+            assert_eq!((open.path.as_str(), open.path_resolved), ("/proc/self/root/etc/shadow", false), "flags {flags}");
+        }
+        assert_eq!(clean_path("/a//b/./../../../c/"), "/c");
+        assert_eq!(clean_path("/"), "/");
     }
 
     #[test]

@@ -367,6 +367,8 @@ mod tests {
             EventData::Open(OpenData {
                 op: "openat",
                 path: path.to_string(),
+                path_arg: path.to_string(),
+                path_resolved: true,
                 dirfd: -100,
                 flags: 0,
                 flags_names: vec!["O_RDONLY"],

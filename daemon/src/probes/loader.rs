@@ -273,6 +273,10 @@ pub fn path_offsets(btf: &Btf, cfg: &mut ProbeConfig) -> Result<(), super::btf::
         off_fdtable_fd: off("fdtable", "fd")?,
         off_inode_i_mode: off("inode", "i_mode")?,
         off_inode_i_rdev: off("inode", "i_rdev")?,
+        off_task_fs: off("task_struct", "fs")?,
+        off_fs_root: off("fs_struct", "root")?,
+        off_fs_pwd: off("fs_struct", "pwd")?,
+        off_vfsmount_mnt_sb: off("vfsmount", "mnt_sb")?,
         ..*cfg
     };
     *cfg = resolved;
@@ -367,7 +371,10 @@ impl LoadedProbes {
         }
         let program = self.ebpf.program_mut(hook.program).ok_or("program missing from the object")?;
         let tracepoint: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+        let started = std::time::Instant::now();
         tracepoint.load().map_err(|e| format!("load: {e:#}"))?;
+        // The verifier's time is most of the start-up; a program that grows shows here.
+        tracing::debug!(program = hook.program, load_ms = started.elapsed().as_millis() as u64, "program verified and loaded");
         tracepoint.attach(hook.category, hook.name).map_err(|e| format!("attach: {e:#}"))?;
         Ok(())
     }
