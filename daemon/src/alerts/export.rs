@@ -161,6 +161,14 @@ pub struct ExportStats {
 }
 
 impl ExportCounters {
+    /// One alert refused by `exporter`'s full queue: counted here and in the metrics.
+    pub fn record_dropped(&self, exporter: &str, metrics: Option<&Metrics>) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = metrics {
+            m.record_export(exporter, "dropped");
+        }
+    }
+
     pub fn snapshot(&self) -> ExportStats {
         ExportStats {
             sent: self.sent.load(Ordering::Relaxed),
@@ -229,10 +237,7 @@ impl StdoutExporter {
 
     pub fn offer(&self, alert: &Alert) {
         if self.tx.try_send(format_line(alert, self.format)).is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            if let Some(m) = &self.metrics {
-                m.record_export("stdout", "dropped");
-            }
+            self.counters.record_dropped("stdout", self.metrics.as_ref());
         }
     }
 

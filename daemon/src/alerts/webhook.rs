@@ -270,10 +270,7 @@ impl WebhookExporter {
     pub fn offer(&self, alert: &Alert) {
         let body = Bytes::from(format_line(alert, self.format));
         if self.tx.try_send(body).is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            if let Some(m) = &self.metrics {
-                m.record_export("webhook", "dropped");
-            }
+            self.counters.record_dropped("webhook", self.metrics.as_ref());
         }
     }
 
