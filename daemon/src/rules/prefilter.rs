@@ -189,13 +189,8 @@ mod tests {
         assert!(!no_declaration.keeps_in_kernel("/usr/lib/x86_64-linux-gnu/libc.so.6", 0), "a pack without prefilters filters nothing");
     }
 
-    /// Soundness of the declared prefilter: the recorded corpus and every fixture raise the same
-    /// alerts whether or not the opens the kernel keeps are evaluated.
-    #[test]
-    fn the_prefilter_changes_no_alert_of_the_corpus_or_the_fixtures() {
-        use crate::rules::pack::RulePack;
-        let (dir, f) = default_pack();
-        let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+    /// The recorded corpus and every rule fixture's event, named by where they come from.
+    fn corpus_and_fixture_events() -> Vec<(String, serde_json::Value)> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut events: Vec<(String, serde_json::Value)> = Vec::new();
         let corpus = std::fs::read_to_string(root.join("testdata/scenarios/recorded-mix.jsonl")).expect("recorded corpus");
@@ -206,6 +201,17 @@ mod tests {
         for case in fixtures {
             events.push((format!("{}: {}", case.file, case.case.name), case.case.event.clone()));
         }
+        events
+    }
+
+    /// Soundness of the declared prefilter: the recorded corpus and every fixture raise the same
+    /// alerts whether or not the opens the kernel keeps are evaluated.
+    #[test]
+    fn the_prefilter_changes_no_alert_of_the_corpus_or_the_fixtures() {
+        use crate::rules::pack::RulePack;
+        let (dir, f) = default_pack();
+        let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+        let events = corpus_and_fixture_events();
         let mut kept = 0;
         for (name, event) in &events {
             if event["type"] != "open" {
@@ -251,16 +257,7 @@ mod tests {
         let (dir, _) = default_pack();
         let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
         let ports = pack.connect_ports().expect("connect ports");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut events: Vec<(String, serde_json::Value)> = Vec::new();
-        let corpus = std::fs::read_to_string(root.join("testdata/scenarios/recorded-mix.jsonl")).expect("recorded corpus");
-        for (i, line) in corpus.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            events.push((format!("recorded-mix.jsonl:{}", i + 1), serde_json::from_str(line).expect("corpus line")));
-        }
-        let fixtures = crate::rules::testing::load_fixtures(&[root.join("testdata/rules")]).expect("fixtures");
-        for case in fixtures {
-            events.push((format!("{}: {}", case.file, case.case.name), case.case.event.clone()));
-        }
+        let events = corpus_and_fixture_events();
         let all_rules = pack.without_prefilters();
         let (mut kept, mut alerting_passed) = (0, 0);
         for (name, event) in events.iter().filter(|(_, e)| e["type"] == "connect") {
