@@ -97,7 +97,13 @@ pub fn parse_instant(text: &str, now: UnixMicros) -> Result<UnixMicros, TimeErro
     match parse_duration(text) {
         Ok(back) => {
             let back = i64::try_from(back.as_micros()).unwrap_or(i64::MAX);
-            Ok(now.saturating_sub(back))
+            let at = now.saturating_sub(back);
+            // An instant jiff cannot print (before the year -9999) would be printed as another
+            // one: refuse it here, so what parses prints back to itself.
+            match Timestamp::from_microsecond(at) {
+                Ok(_) => Ok(at),
+                Err(_) => Err(TimeError::BadDuration { text: text.to_string(), reason: "reaches back before the year -9999".into() }),
+            }
         }
         // Without a date's `-` or a clock's `:` the user meant a duration: say what is wrong
         // with it rather than why it is not a date.
@@ -111,6 +117,17 @@ pub fn parse_instant(text: &str, now: UnixMicros) -> Result<UnixMicros, TimeErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_reaching_past_the_printable_range_is_refused() {
+        // Found by the api_request fuzz target (whose own lock has another jiff, which read
+        // `H:M:S` with huge hours as a duration): an instant before the year -9999 printed as the
+        // range's end and re-parsed as another instant.
+        let err = parse_instant("5000000d", 1_700_000_000_000_000).unwrap_err();
+        assert!(err.to_string().contains("-9999"), "{err}");
+        assert!(parse_instant("000000001455163829:070:1007700077", 1_700_000_000_000_000).is_err());
+        assert_eq!(parse_instant("2h", 7_200_000_001).unwrap(), 1);
+    }
 
     #[test]
     fn round_trips_alert_times() {
