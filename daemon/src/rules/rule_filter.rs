@@ -311,16 +311,7 @@ fn parse_test(spec: &Value) -> Result<(Test, bool), String> {
     let name = name.as_string().map(|s| s.to_string()).unwrap_or_default();
     let path = name.starts_with("path_");
     let test = match name.as_str() {
-        "in" | "path_in" => {
-            let mut all = Literals::default();
-            for item in members(argument)? {
-                let l = literal(item)?;
-                all.strings.extend(l.strings);
-                all.numbers.extend(l.numbers);
-                all.bools.extend(l.bools);
-            }
-            Test::In(all)
-        }
+        "in" | "path_in" => Test::In(all_literals(argument)?),
         "prefix" | "path_prefix" => Test::Prefix(strings(argument)?),
         "suffix" | "path_suffix" => Test::Suffix(strings(argument)?),
         "contains" | "path_contains" => Test::Contains(strings(argument)?),
@@ -332,16 +323,7 @@ fn parse_test(spec: &Value) -> Result<(Test, bool), String> {
             _ => return Err("any_bits wants a positive integer mask".to_string()),
         },
         "basename_in" => Test::Basename(names(argument)?.into_iter().map(|n| n.to_lowercase()).collect()),
-        "any_in" => {
-            let mut all = Literals::default();
-            for item in members(argument)? {
-                let l = literal(item)?;
-                all.strings.extend(l.strings);
-                all.numbers.extend(l.numbers);
-                all.bools.extend(l.bools);
-            }
-            Test::AnyIn(all)
-        }
+        "any_in" => Test::AnyIn(all_literals(argument)?),
         "joined_contains" => Test::JoinedContains(strings(argument)?.into_iter().map(|f| f.to_lowercase()).collect()),
         other => return Err(format!("unknown test {other:?} (want one of {})", TEST_NAMES.join(", "))),
     };
@@ -373,6 +355,18 @@ fn strings(value: &Value) -> Result<Vec<String>, String> {
         .into_iter()
         .map(|v| v.as_string().map(|s| s.to_string()).map_err(|_| "wants a list of strings".to_string()))
         .collect()
+}
+
+/// The literals of a list of members (`in`, `any_in`), merged into one set.
+fn all_literals(argument: &Value) -> Result<Literals, String> {
+    let mut all = Literals::default();
+    for item in members(argument)? {
+        let l = literal(item)?;
+        all.strings.extend(l.strings);
+        all.numbers.extend(l.numbers);
+        all.bools.extend(l.bools);
+    }
+    Ok(all)
 }
 
 fn literal(value: &Value) -> Result<Literals, String> {
