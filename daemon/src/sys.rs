@@ -57,10 +57,12 @@ pub enum BpffsError {
     Io { dir: PathBuf, what: &'static str, source: std::io::Error },
     #[error("{dir}: {found} is mounted there, not bpffs: pins would not be shared with the host")]
     Other { dir: PathBuf, found: String },
+    #[error("{0}: not a UTF-8 path")]
+    NotUtf8(PathBuf),
 }
 
-/// Mounts bpffs at `dir` unless it is mounted there already; anything else mounted at `dir` is
-/// an error (pinning there would not outlive the pod).
+/// Mounts bpffs at `dir` unless it is mounted there already (over whatever else is there, such as
+/// the hostPath bind of the host's directory); an error when `dir` is still not bpffs afterwards.
 pub fn mount_bpffs(dir: &Path) -> Result<BpffsMount, BpffsError> {
     let io = |what: &'static str| move |source| BpffsError::Io { dir: dir.to_path_buf(), what, source };
     match fs_type_at(dir).map_err(io("reading /proc/self/mountinfo"))? {
@@ -68,7 +70,7 @@ pub fn mount_bpffs(dir: &Path) -> Result<BpffsMount, BpffsError> {
         // A hostPath volume is a bind mount of the host's directory: mounting over it is the point.
         Some(_) | None => {}
     }
-    let target = dir.to_str().ok_or_else(|| BpffsError::Other { dir: dir.to_path_buf(), found: "a path that is not UTF-8".into() })?;
+    let target = dir.to_str().ok_or_else(|| BpffsError::NotUtf8(dir.to_path_buf()))?;
     mount_fs("bpf", target, "bpf").map_err(io("mount -t bpf"))?;
     match fs_type_at(dir).map_err(io("reading /proc/self/mountinfo"))? {
         Some(fs) if fs == "bpf" => Ok(BpffsMount::Mounted(dir.to_path_buf())),
