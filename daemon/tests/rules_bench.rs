@@ -2,9 +2,10 @@
 //! that loops is listed first with most of the time; a prefilter shows as fewer evaluations
 //! than events.
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
+#[path = "support/rule_pack.rs"]
+mod rule_pack;
+use rule_pack::run;
 
 const CHEAP: &str = r#"package palisade.rules.cheap
 
@@ -39,13 +40,7 @@ cases:
 "#;
 
 fn pack() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rules-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("cheap.rego"), CHEAP).expect("rule");
-    std::fs::write(dir.join("costly.rego"), COSTLY).expect("rule");
-    std::fs::write(dir.join("fixtures.yaml"), FIXTURES).expect("fixtures");
-    dir
+    rule_pack::write("rules-bench", &[("cheap.rego", CHEAP), ("costly.rego", COSTLY), ("fixtures.yaml", FIXTURES)])
 }
 
 /// The bench table's rows: rule -> (events, evaluated, share %).
@@ -64,12 +59,8 @@ fn rows(out: &str) -> Vec<(String, usize, usize, f64)> {
 fn the_bench_names_the_costly_rule_and_counts_what_prefilters_skip() {
     let dir = pack();
     let fixtures = dir.join("fixtures.yaml");
-    let out = Command::new(PALISADE)
-        .args(["rules", "test", dir.to_str().expect("utf-8"), "--fixtures", fixtures.to_str().expect("utf-8"), "--bench"])
-        .output()
-        .expect("run palisade");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = run(&["rules", "test", dir.to_str().expect("utf-8"), "--fixtures", fixtures.to_str().expect("utf-8"), "--bench"]);
+    assert_eq!(code, Some(0), "{text}");
     let rows = rows(&text);
     assert_eq!(rows.len(), 2, "{text}");
     let (first, events, evaluated, share) = &rows[0];
@@ -86,12 +77,8 @@ fn the_default_pack_on_the_recorded_corpus_lists_every_rule() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let rules = repo.join("rules");
     let events = repo.join("testdata/scenarios/recorded-mix.jsonl");
-    let out = Command::new(PALISADE)
-        .args(["rules", "test", rules.to_str().expect("utf-8"), "--bench", "--events", events.to_str().expect("utf-8")])
-        .output()
-        .expect("run palisade");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = run(&["rules", "test", rules.to_str().expect("utf-8"), "--bench", "--events", events.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{text}");
     let rows = rows(&text);
     let pack = palisade::rules::RulePack::load(&rules).expect("default pack");
     assert_eq!(rows.len(), pack.rules().len(), "{text}");

@@ -2,12 +2,13 @@
 //! an error in the tree interpreter and undefined in the register VM the daemon runs. Every load
 //! warns about such calls with their location, and `rules test` fails a fixture on which the
 //! engines disagree, so a rule author cannot ship the difference without being told.
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use palisade::rules::RulePack;
 
-const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
+#[path = "support/rule_pack.rs"]
+mod rule_pack;
+use rule_pack::run;
 
 const RULE: &str = r#"package palisade.rules.big_pid
 
@@ -30,17 +31,7 @@ cases:
 "#;
 
 fn pack() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rules-builtins-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("big_pid.rego"), RULE).expect("rule");
-    std::fs::write(dir.join("fixtures.yaml"), FIXTURES).expect("fixtures");
-    dir
-}
-
-fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(PALISADE).args(args).output().expect("run palisade");
-    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    rule_pack::write("rules-builtins", &[("big_pid.rego", RULE), ("fixtures.yaml", FIXTURES)])
 }
 
 #[test]

@@ -2,11 +2,12 @@
 //! location; a declaration that hides an alert the rule would raise fails `rules test` on the
 //! fixture that shows it; a sound one passes, and events that fail it never reach the rule.
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use palisade::rules::RulePack;
 
-const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
+#[path = "support/rule_pack.rs"]
+mod rule_pack;
+use rule_pack::run;
 
 /// A rule raising on writes below /etc, with `prefilter` as its declaration.
 fn etc_write_rule(prefilter: &str) -> String {
@@ -49,17 +50,7 @@ cases:
 "#;
 
 fn pack(name: &str, rule: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rules-prefilter-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("etc_write.rego"), rule).expect("rule");
-    std::fs::write(dir.join("fixtures.yaml"), FIXTURES).expect("fixtures");
-    dir
-}
-
-fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(PALISADE).args(args).output().expect("run palisade");
-    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    rule_pack::write(&format!("rules-prefilter-{name}"), &[("etc_write.rego", rule), ("fixtures.yaml", FIXTURES)])
 }
 
 fn test_pack(dir: &Path) -> (Option<i32>, String) {

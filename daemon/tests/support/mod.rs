@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod kube_standin;
 pub mod netpol;
 pub mod probes;
+pub mod rule_pack;
 pub mod tls;
 
 use std::path::PathBuf;
