@@ -14,8 +14,9 @@ use clap::Args;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::alerts::{Alert, AlertKind, AlertOptions, AlertSink, Outcome};
+use crate::alerts::{Alert, AlertKind, AlertOptions, Outcome};
 use crate::api::{ApiState, status_provider};
+use crate::status::{DaemonState, PipelineStats, Startup, now_rfc3339, status_json};
 use crate::endpoints::{EndpointTable, EndpointsStage};
 use crate::events::context::EventContext;
 use crate::events::decode::Event;
@@ -120,44 +121,6 @@ impl RunArgs {
     pub fn lab_name(&self) -> Option<&str> {
         self.lab_name.as_deref().or(self.lab.as_deref())
     }
-}
-
-/// Shared, read-mostly daemon state that status reports.
-pub struct DaemonState {
-    pub node: String,
-    /// The endpoint table as the endpoints stage last published it.
-    pub endpoints: tokio::sync::watch::Receiver<Arc<EndpointTable>>,
-    pub reader: Arc<ReaderStats>,
-    /// Bulk events the pipeline had no room for, per pod and kind.
-    pub queue_drops: Arc<QueueDrops>,
-    /// The byte budgets of the queues to the pipeline (each pod's share of the bulk queue).
-    pub queue_budget: Arc<QueueBudget>,
-    /// Loss totals per pod, kind and reason, as last sampled (status shows them).
-    pub losses: Mutex<LossMonitor>,
-    pub rules: Arc<PackHandle>,
-    pub rules_last_reload: Mutex<serde_json::Value>,
-    pub host: ProbeHost,
-    pub pipeline: PipelineStats,
-    pub enforcer: Arc<tokio::sync::Mutex<crate::enforcement::Enforcer>>,
-    pub quarantine: QuarantineService,
-    pub alerts: AlertSink,
-    pub metrics: Metrics,
-    /// Connection tracking: settings, sweeps, per-pod counts (the sweeper thread updates it).
-    pub conntrack: Arc<Mutex<crate::segmentation::conntrack::ConntrackStatus>>,
-    pub started: String,
-    /// Kubernetes mode: the API source's health.
-    pub kube_health: Option<tokio::sync::watch::Receiver<crate::k8s::SourceHealth>>,
-}
-
-#[derive(Default)]
-pub struct PipelineStats {
-    pub enriched: std::sync::atomic::AtomicU64,
-    pub evaluated_with_hits: std::sync::atomic::AtomicU64,
-    pub rule_errors: std::sync::atomic::AtomicU64,
-    pub record_errors: std::sync::atomic::AtomicU64,
-    /// The process cache's counters (entries, bytes, misses, reused pids, evictions), as of
-    /// the pipeline's last idle moment.
-    pub process_cache: std::sync::Mutex<crate::events::enrich::ProcCacheStats>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -319,7 +282,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     startup.enter("alerts and quarantine");
     let node = crate::sys::hostname();
     let (alert_log, alerts, exports) = args.alerts.start(&args.state_dir, &node, &metrics).context("starting the alert log")?;
-    if let Some(alert) = policy_report_alert(&policy_report) {
+    if let Some(alert) = crate::alerts::policy::policy_report_alert(&policy_report) {
         alerts.try_emit(alert);
     }
 
@@ -363,7 +326,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     if let Some(kube) = sources.kube.as_mut() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         release_notices = Some(tx);
-        spawn_cluster_quarantine(state.clone(), kube, rx);
+        crate::quarantine::cluster::spawn_cluster_quarantine(quarantine.clone(), alerts.clone(), kube, rx);
     }
 
     // The root-only API socket and the metrics listener.
@@ -493,7 +456,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     match result {
                         Ok((_, report)) => {
                             log_policy_report(&report);
-                            if let Some(alert) = policy_report_alert(&report) {
+                            if let Some(alert) = crate::alerts::policy::policy_report_alert(&report) {
                                 // A file caught half written (an editor writing in place) is
                                 // rejected and its last good version stays; the rest of the
                                 // write follows at once. Alert only when nothing follows.
@@ -539,9 +502,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let result = crate::enforcement::read_verdicts(ring, move |verdict| {
                 let direction = if verdict.direction == palisade_common::DIRECTION_INGRESS { "ingress" } else { "egress" };
-                let reason = verdict_reason(verdict.reason);
+                let reason = crate::alerts::policy::drop_reason(verdict.reason);
                 state.metrics.add_policy_drops(direction, reason, 1 + u64::from(verdict.suppressed));
-                state.alerts.try_emit(policy_denied_alert(&state, &verdict));
+                let pod = state.endpoints.borrow().index().get(verdict.header.cgroup_id);
+                state.alerts.try_emit(crate::alerts::policy::policy_denied_alert(&verdict, pod.as_deref()));
             })
             .await;
             if let Err(err) = result {
@@ -884,31 +848,6 @@ fn log_policy_report(report: &crate::segmentation::PolicyReport) {
     }
 }
 
-/// One alert for a policy load that rejected something (None when nothing was rejected).
-fn policy_report_alert(report: &crate::segmentation::PolicyReport) -> Option<Alert> {
-    if let Some(over) = &report.over_capacity {
-        return Some(
-            Alert::new(AlertKind::Daemon, Severity::High, format!("policy set rejected, the last good set stays enforced: {over}"))
-                .with_event(json!({"policies_over_capacity": over, "policies_rejected": report.rejected})),
-        );
-    }
-    if report.rejected.is_empty() {
-        return None;
-    }
-    Some(
-        Alert::new(
-            AlertKind::Daemon,
-            Severity::High,
-            format!(
-                "{} policy document(s) rejected; the rest is enforced, the last good version of each rejected policy stays: {}",
-                report.rejected.len(),
-                report.rejected.join("; ")
-            ),
-        )
-        .with_event(json!({"policies_rejected": report.rejected, "kept_last_good": report.kept_last_good})),
-    )
-}
-
 /// SIGINT or SIGTERM.
 async fn wait_for_shutdown() -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -1021,10 +960,6 @@ fn spawn_loss_monitor(state: Arc<DaemonState>) {
     });
 }
 
-fn now_rfc3339() -> String {
-    crate::events::input::rfc3339(Clock::new().wall_ns(crate::events::input::monotonic_now_ns()))
-}
-
 /// How long a policy reload that rejected a file waits for a further change before alerting
 /// (only then: a clean reload alerts nothing and waits for nothing).
 const POLICY_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
@@ -1042,64 +977,6 @@ fn watch_dir(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Un
     })?;
     watcher.watch(dir, notify::RecursiveMode::Recursive).with_context(|| format!("watching {}", dir.display()))?;
     Ok((watcher, rx))
-}
-
-/// A `policy_denied` alert for one record (which carries the count the kernel held back).
-fn policy_denied_alert(state: &DaemonState, v: &palisade_common::PolicyVerdictEvent) -> Alert {
-    let addr = |a: &[u8; 16]| {
-        let ip = std::net::Ipv6Addr::from(*a);
-        ip.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_else(|| ip.to_string())
-    };
-    // addr:port, with IPv6 in brackets so the port is not mistaken for part of the address.
-    let socket = |a: &[u8; 16], port: u16| {
-        let text = addr(a);
-        if text.contains(':') { format!("[{text}]:{port}") } else { format!("{text}:{port}") }
-    };
-    let pod = state.endpoints.borrow().index().get(v.header.cgroup_id);
-    let direction = if v.direction == palisade_common::DIRECTION_INGRESS { "ingress" } else { "egress" };
-    let reason = verdict_reason(v.reason);
-    let protocol = match v.protocol {
-        6 => "TCP",
-        17 => "UDP",
-        132 => "SCTP",
-        1 => "ICMP",
-        58 => "ICMPv6",
-        _ => "other",
-    };
-    let held_back = if v.suppressed > 0 { format!(", {} more held back by the rate limit", v.suppressed) } else { String::new() };
-    let path = crate::segmentation::datapath::path_name(v.path);
-    let message = format!(
-        "{direction} {protocol} {} {} {} denied ({reason}, path {path}){held_back}",
-        socket(&v.local_addr, v.local_port),
-        if direction == "ingress" { "<-" } else { "->" },
-        socket(&v.peer_addr, v.peer_port),
-    );
-    let mut alert = Alert::new(AlertKind::PolicyDenied, Severity::Low, message).with_event(json!({
-        "direction": direction, "protocol": protocol, "local": addr(&v.local_addr), "local_port": v.local_port,
-        "peer": addr(&v.peer_addr), "peer_port": v.peer_port, "peer_identity": v.peer_identity, "reason": reason,
-        "path": path, "cgroup_id": v.header.cgroup_id,
-    }));
-    alert.count = 1 + u64::from(v.suppressed);
-    if let Some(pod) = pod {
-        alert = alert.with_pod(crate::alerts::PodInfo { namespace: pod.namespace.clone(), name: pod.name.clone(), labels: pod.labels.clone() });
-    }
-    alert
-}
-
-/// Loss totals per pod, kind and reason (demotions included: they say a pod is past its share).
-fn loss_status(state: &DaemonState) -> serde_json::Value {
-    let Ok(monitor) = state.losses.lock() else { return serde_json::Value::Null };
-    let table = state.endpoints.borrow().clone();
-    let rows: Vec<serde_json::Value> = monitor
-        .totals()
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(key, n)| {
-            let pod = table.index().get(key.cgroup_id).map(|p| format!("{}/{}", p.namespace, p.name));
-            json!({"pod": pod, "cgroup_id": key.cgroup_id, "kind": key.kind, "reason": key.reason, "protected": key.protected, "count": n})
-        })
-        .collect();
-    json!(rows)
 }
 
 /// Where the datapath is attached for every pod below it (`--pods-cgroup`).
@@ -1121,163 +998,6 @@ fn pods_parent(args: &RunArgs, cgroup_root: &Path, inventory: &Inventory) -> Opt
         "auto" => args.lab_name().map(|lab| cgroup_root.join(crate::lab::naming::default_cgroup_root(lab))),
         other => Some(cgroup_root.join(other.trim_start_matches('/'))),
     }
-}
-
-/// A drop record's reason, as alerts and metrics name it.
-fn verdict_reason(reason: u8) -> &'static str {
-    match reason {
-        palisade_common::REASON_QUARANTINE => "quarantine",
-        palisade_common::REASON_CONNTRACK_FULL => "conntrack_full",
-        palisade_common::REASON_UNKNOWN_ENDPOINT => "unknown_endpoint",
-        palisade_common::REASON_UNPARSED => "unparsed",
-        _ => "policy",
-    }
-}
-
-/// Connection tracking for status: settings, sweeps, and the pods holding entries or refused
-/// flows, by name.
-async fn conntrack_status(state: &DaemonState) -> serde_json::Value {
-    let Ok(status) = state.conntrack.lock().map(|s| s.clone()) else {
-        return json!({"error": "conntrack status lock poisoned"});
-    };
-    let enforcer = state.enforcer.lock().await;
-    let endpoints = &enforcer.compiled().endpoints;
-    let pods: Vec<serde_json::Value> = status
-        .pods
-        .iter()
-        .filter(|(_, u)| u.entries > 0 || u.quota_drops > 0 || u.table_full_drops > 0)
-        .map(|(id, u)| {
-            let pod = endpoints.get(id).map(|e| e.key()).unwrap_or_else(|| format!("endpoint {id} (gone)"));
-            json!({"pod": pod, "entries": u.entries, "quota_drops": u.quota_drops, "table_full_drops": u.table_full_drops})
-        })
-        .collect();
-    json!({
-        "established_flows": status.settings.established_flows,
-        "per_pod_quota": status.settings.per_pod,
-        "table_size": status.table_size,
-        "timeouts_s": status.settings.timeouts,
-        "sweep_interval_s": status.sweep_interval_s,
-        "sweeps": status.sweeps,
-        "last_sweep": status.last_sweep,
-        "pods": pods,
-    })
-}
-
-/// What the metrics listener's `/healthz` and `/readyz` report while the daemon starts (the
-/// phase it is in), and once it runs ([`health`]).
-#[derive(Default)]
-struct Startup {
-    phase: Mutex<&'static str>,
-    since: std::sync::OnceLock<String>,
-    running: std::sync::OnceLock<(Arc<DaemonState>, Arc<std::sync::atomic::AtomicBool>)>,
-}
-
-impl Startup {
-    fn enter(&self, phase: &'static str) {
-        let _ = self.since.set(now_rfc3339());
-        if let Ok(mut current) = self.phase.lock() {
-            *current = phase;
-        }
-        tracing::debug!(phase, "starting");
-    }
-
-    fn running(&self, state: Arc<DaemonState>, reader_running: Arc<std::sync::atomic::AtomicBool>) {
-        let _ = self.running.set((state, reader_running));
-    }
-
-    async fn health(&self) -> crate::api::Health {
-        match self.running.get() {
-            Some((state, reader_running)) => health(state, reader_running.load(std::sync::atomic::Ordering::Relaxed)).await,
-            None => {
-                let phase = self.phase.lock().map(|p| *p).unwrap_or("?");
-                crate::api::Health {
-                    ok: false,
-                    ready: false,
-                    report: json!({"status": "starting", "phase": phase, "since": self.since.get()}),
-                }
-            }
-        }
-    }
-}
-
-/// What `/healthz` on the metrics listener reports: the event readers, the watchers (the
-/// Kubernetes API's, or the local files') and the last datapath sync. Only a stopped reader is
-/// unhealthy (503, the kubelet restarts the daemon); an API outage or a failed sync is
-/// `degraded` with 200, since enforcement carries on with the last good state. Ready
-/// (`/readyz`) once the reader runs and the datapath has been synced at least once.
-async fn health(state: &DaemonState, reader_running: bool) -> crate::api::Health {
-    let kube = state.kube_health.as_ref().map(|h| h.borrow().clone());
-    let sync = state.enforcer.lock().await.status.clone();
-    let watchers_ok = kube.as_ref().is_none_or(|k| k.connected);
-    let sync_ok = sync.last_error.is_none();
-    let status = if !reader_running { "unhealthy" } else if watchers_ok && sync_ok { "ok" } else { "degraded" };
-    let watchers = match &kube {
-        Some(kube) => serde_json::to_value(kube).unwrap_or_default(),
-        None => json!({"source": "files", "inventory_endpoints": state.endpoints.borrow().inventory().endpoints.len()}),
-    };
-    crate::api::Health {
-        ok: reader_running,
-        ready: reader_running && sync.last_sync.is_some(),
-        report: json!({
-            "status": status,
-            "readers": {"running": reader_running, "events": state.reader.snapshot()},
-            "watchers": watchers,
-            "last_sync": {"at": sync.last_sync, "ms": sync.last_sync_ms, "error": sync.last_error},
-        }),
-    }
-}
-
-/// Everything `palisade status` shows, as JSON (sections by name).
-pub async fn status_json(state: &DaemonState) -> serde_json::Value {
-    use std::sync::atomic::Ordering::Relaxed;
-    let probes = match state.host.status().await {
-        Ok(status) => serde_json::to_value(status).unwrap_or_default(),
-        Err(err) => json!({"error": err.to_string()}),
-    };
-    let pack = state.rules.current();
-    let table = state.endpoints.borrow().clone();
-    let endpoints: Vec<serde_json::Value> = table
-        .inventory()
-        .endpoints
-        .iter()
-        .map(|e| json!({"pod": e.key(), "ips": e.ips, "cgroup": e.cgroup, "peer_only": e.peer_only}))
-        .collect();
-    let monitored = table.index().len();
-    let unresolved = table.unresolved();
-    let segmentation = serde_json::to_value(&state.enforcer.lock().await.status).unwrap_or_default();
-    let conntrack = conntrack_status(state).await;
-    let kubernetes = state.kube_health.as_ref().map(|h| serde_json::to_value(&*h.borrow()).unwrap_or_default());
-    let quarantine = json!({
-        "responder": serde_json::to_value(state.quarantine.status()).unwrap_or_default(),
-        "quarantined": serde_json::to_value(state.quarantine.list_async().await).unwrap_or_default(),
-    });
-    json!({
-        "node": state.node,
-        "version": env!("CARGO_PKG_VERSION"),
-        "started": state.started,
-        "probes": probes,
-        "events": {
-            "reader": state.reader.snapshot(),
-            "enriched": state.pipeline.enriched.load(Relaxed),
-            "evaluations_with_hits": state.pipeline.evaluated_with_hits.load(Relaxed),
-            "rule_errors": state.pipeline.rule_errors.load(Relaxed),
-            "record_errors": state.pipeline.record_errors.load(Relaxed),
-            "process_cache": state.pipeline.process_cache.lock().map(|s| serde_json::to_value(*s).unwrap_or_default()).unwrap_or_default(),
-            "loss": loss_status(state),
-            "queues": state.queue_budget.snapshot(),
-        },
-        "rules": {
-            "generation": pack.generation(),
-            "rules": pack.rules().len(),
-            "subscribed_types": pack.subscribed_types(),
-            "last_reload": state.rules_last_reload.lock().map(|v| v.clone()).unwrap_or_default(),
-        },
-        "endpoints": {"monitored": monitored, "unresolved": unresolved, "inventory": endpoints},
-        "policies": segmentation,
-        "conntrack": conntrack,
-        "quarantine": quarantine,
-        "kubernetes": kubernetes,
-    })
 }
 
 /// Where policies come from.
@@ -1333,69 +1053,3 @@ impl Sources {
     }
 }
 
-/// Kubernetes mode: quarantines made visible (label + Event), label removals by anyone else
-/// undone with a `tamper` alert (release only through the API socket), and a periodic
-/// reconciliation so the labels follow the responder (also across restarts).
-fn spawn_cluster_quarantine(
-    state: Arc<DaemonState>,
-    source: &mut crate::k8s::KubeSource,
-    mut releases: tokio::sync::mpsc::UnboundedReceiver<crate::quarantine::ReleaseRecord>,
-) {
-    use crate::k8s::ClusterQuarantineSink as _;
-    let sink = source.quarantine_sink();
-    let labels = source.labelled_pods();
-    let Some(mut removals) = source.take_label_removals() else { return };
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
-        loop {
-            tokio::select! {
-                removal = removals.recv() => {
-                    let Some(removal) = removal else { return };
-                    let quarantined = state.quarantine.list_async().await.into_iter().find(|r| r.pod == removal.pod);
-                    if let Some(record) = quarantined {
-                        // The reconciler below may have put it back already.
-                        let relabel = if labels.current().contains(&record.pod) {
-                            Ok(())
-                        } else {
-                            sink.quarantined(&record.pod, &record.rule_id, &record.alert_id).await.map_err(|e| e.to_string())
-                        };
-                        if let Err(err) = &relabel {
-                            tracing::error!(pod = %record.pod, %err, "putting the quarantine label back");
-                        }
-                        state.alerts.try_emit(crate::quarantine::api::tamper_alert(&record, &removal.change, relabel.err()));
-                    }
-                }
-                Some(record) = releases.recv() => {
-                    release_label(&sink, &record).await;
-                }
-                _ = tick.tick() => {}
-            }
-            // Releases not handled yet go first, so their Event names who released and why
-            // rather than the reconciler's "not quarantined on this node".
-            while let Ok(record) = releases.try_recv() {
-                release_label(&sink, &record).await;
-            }
-            let quarantined = state.quarantine.list_async().await;
-            let labelled = labels.current();
-            for record in quarantined.iter().filter(|r| !labelled.contains(&r.pod)) {
-                if let Err(err) = sink.quarantined(&record.pod, &record.rule_id, &record.alert_id).await {
-                    tracing::warn!(pod = %record.pod, %err, "labelling a quarantined pod");
-                }
-            }
-            for pod in labelled.iter().filter(|p| !quarantined.iter().any(|r| &r.pod == *p)) {
-                if let Err(err) = sink.released(pod, "not quarantined on this node").await {
-                    tracing::warn!(%pod, %err, "removing a stale quarantine label");
-                }
-            }
-        }
-    });
-}
-
-/// Removes the quarantine label after an API release; the Normal `Released` Event says who
-/// released the pod and why.
-async fn release_label(sink: &dyn crate::k8s::ClusterQuarantineSink, record: &crate::quarantine::ReleaseRecord) {
-    let reason = format!("released by {}: {}", record.by, record.reason);
-    if let Err(err) = sink.released(&record.pod, &reason).await {
-        tracing::warn!(pod = %record.pod, %err, "removing the quarantine label after a release");
-    }
-}

@@ -20,6 +20,7 @@ pub mod probes;
 pub mod quarantine;
 pub mod rules;
 pub mod segmentation;
+pub mod status;
 pub mod sys;
 pub mod time;
 pub mod workload;

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod export;
 pub mod log;
 pub mod options;
+pub mod policy;
 pub mod query;
 pub mod render;
 pub mod schema;

@@ -24,6 +24,7 @@
 //!    [`api::removal_alert`]; [`api::QuarantineApiHandler`] implements `crate::api::QuarantineApi`
 //!    (list with pending; release and cancel write their own audit alerts).
 pub mod api;
+pub mod cluster;
 pub mod datapath;
 pub mod policy;
 pub mod responder;
