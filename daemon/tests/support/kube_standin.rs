@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -156,6 +157,9 @@ pub struct StandIn {
     pub ca_pem: Arc<String>,
     /// The bearer token every request must carry; others get `401 Unauthorized`.
     pub token: Arc<String>,
+    /// Response body bytes sent (lists, watch events, everything else), as written to the
+    /// connection before TLS: what a client receives, for the cluster-scale benchmark.
+    bytes_sent: Arc<AtomicU64>,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -228,6 +232,7 @@ impl StandIn {
             cluster: Arc::new(Mutex::new(Cluster::default())),
             ca_pem: Arc::new(ca.pem.clone()),
             token: Arc::new(token),
+            bytes_sent: Arc::new(AtomicU64::new(0)),
         };
         let server = this.clone();
         tokio::spawn(async move {
@@ -244,7 +249,7 @@ impl StandIn {
                     let Ok(stream) = acceptor.accept(stream).await else { return };
                     let service = hyper::service::service_fn(move |req| {
                         let server = server.clone();
-                        async move { Ok::<_, Infallible>(server.handle(req).await) }
+                        async move { Ok::<_, Infallible>(server.handle_counted(req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -273,6 +278,36 @@ impl StandIn {
 
     pub fn apply(&self, object: Value) -> Value {
         self.lock().store(object)
+    }
+
+    /// Stores objects as if they had always been there: no watch events, no history (a watch
+    /// from an older resourceVersion is `410 Gone`). For loading a large cluster quickly.
+    pub fn preload(&self, objects: impl IntoIterator<Item = Value>) {
+        let mut cluster = self.lock();
+        for mut object in objects {
+            let kind = Kind::of(&object);
+            let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+            let name = object["metadata"]["name"].as_str().expect("metadata.name").to_string();
+            cluster.rv += 1;
+            object["metadata"]["resourceVersion"] = json!(cluster.rv.to_string());
+            if object["metadata"]["uid"].is_null() {
+                cluster.next_uid += 1;
+                object["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", cluster.next_uid));
+            }
+            cluster.objects.insert((kind, ns, name), object);
+        }
+        cluster.compacted = cluster.rv;
+        cluster.log.clear();
+    }
+
+    /// Response body bytes sent so far (see the field).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops recording requests (a benchmark's many requests would only fill memory).
+    pub fn forget_requests(&self) {
+        self.lock().requests.clear();
     }
 
     pub fn delete(&self, kind: Kind, ns: &str, name: &str) {
@@ -361,6 +396,16 @@ impl StandIn {
 
     pub fn count(&self, resource: &str, verb: &str) -> usize {
         self.lock().requests.iter().filter(|r| r.use_.1 == resource && r.use_.2 == verb).count()
+    }
+
+    /// `handle`, counting what the response body sends: a whole body here, a watch stream's
+    /// events as they go out (in `handle`).
+    async fn handle_counted(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let response = self.handle(req).await;
+        if let Some(length) = hyper::body::Body::size_hint(response.body()).exact() {
+            self.bytes_sent.fetch_add(length, Ordering::Relaxed);
+        }
+        response
     }
 
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
@@ -462,8 +507,14 @@ impl StandIn {
                     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
                     cluster.watches.push(WatchSub { kind, node, bookmarks, tx });
                 }
-                let stream = futures::stream::unfold(rx, |mut rx| async move {
-                    rx.recv().await.map(|bytes| (Ok::<_, Infallible>(Frame::data(bytes)), rx))
+                let sent = self.bytes_sent.clone();
+                let stream = futures::stream::unfold(rx, move |mut rx| {
+                    let sent = sent.clone();
+                    async move {
+                        let bytes = rx.recv().await?;
+                        sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        Some((Ok::<_, Infallible>(Frame::data(bytes)), rx))
+                    }
                 });
                 let mut response = Response::new(StreamBody::new(stream).boxed());
                 response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
