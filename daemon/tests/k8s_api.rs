@@ -235,7 +235,7 @@ async fn pods_on_other_nodes_are_peer_only_endpoints_and_follow_label_changes() 
     assert_eq!((h.endpoints, h.peer_endpoints), (2, 1));
     let cluster = h.watches.get("cluster-pods").expect("the cluster-wide pod watch reports health");
     assert!(cluster.synced && cluster.connected, "{cluster:?}");
-    assert_eq!(cluster.objects, 2, "the cluster-wide store holds both nodes' pods");
+    assert_eq!(cluster.objects, 1, "the cluster-wide watch keeps the other node's pod only (this node's is the node-local watch's)");
     assert_eq!(h.watches["pods"].objects, 1, "the node-local store holds this node's pod");
 
     // Label changes on the other node are followed (a selector may start or stop matching).

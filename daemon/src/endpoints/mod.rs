@@ -48,7 +48,13 @@ impl EndpointsStage {
                         }
                         Arc::new(inventory.borrow_and_update().clone())
                     }
-                    _ = retry.tick() => tx.borrow().inventory().clone(),
+                    _ = retry.tick() => {
+                        let current = tx.borrow().clone();
+                        if !current.cgroups_changed(&cgroup_root) {
+                            continue;
+                        }
+                        current.inventory().clone()
+                    }
                 };
                 let table = EndpointTable::resolve(source, &cgroup_root);
                 let published = tx.send_if_modified(|current| {

@@ -115,6 +115,19 @@ impl EndpointTable {
         EndpointTable { inventory, entries, index, unresolved }
     }
 
+    /// Whether resolving the same inventory again would give another table: a local pod's
+    /// cgroup appeared, went or was re-created under another id. Reads one cgroup per local pod
+    /// and allocates nothing, so the stage's periodic look costs nothing per peer (a full
+    /// [`EndpointTable::resolve`] copies every pod of the cluster).
+    pub fn cgroups_changed(&self, cgroup_root: &Path) -> bool {
+        self.entries.values().any(|entry| match &entry.placement {
+            Placement::Local { cgroup, cgroup_id } => {
+                crate::sys::cgroup_id(&cgroup_root.join(cgroup)).ok().map(CgroupId) != *cgroup_id
+            }
+            Placement::LocalWithoutCgroup | Placement::Peer => false,
+        })
+    }
+
     /// The inventory this table was resolved from (segmentation compiles from it).
     pub fn inventory(&self) -> &Arc<Inventory> {
         &self.inventory

@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod convert;
 pub mod events;
 pub mod quarantine;
+pub mod peers;
 pub mod source;
 
 pub use cgroup::{CgroupLocator, PodCgroup, QosClass, kubepods_parent};

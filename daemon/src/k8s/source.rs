@@ -5,7 +5,8 @@
 //! what this node monitors and enforces: local endpoints with their cgroups, and the quarantine
 //! label bookkeeping. The cluster-wide watch (no field selector) feeds the pods of every other
 //! node as *peer-only* endpoints (namespace, name, labels, service account, IPs, named ports; no
-//! cgroup): NetworkPolicy peers are matched by labels wherever they run, so a policy allowing
+//! cgroup), kept as slim records from the moment each event arrives, never as Pod objects
+//! ([`super::peers`]): NetworkPolicy peers are matched by labels wherever they run, so a policy allowing
 //! `app=frontend` must allow a frontend pod on another node. Peer-only endpoints are never
 //! looked up in the cgroup tree, never unresolved, never monitored, attached or quarantined
 //! here, and their quarantine label is not tracked. A pod on this node is taken
@@ -16,8 +17,8 @@
 //! Robustness comes from kube-runtime's watcher, configured here: it lists, then watches from the
 //! list's resourceVersion with bookmarks on (so a reconnect resumes from a recent version instead
 //! of relisting); a dropped watch connection is resumed from the last version seen; a `410 Gone`
-//! (the version was compacted away) restarts with a fresh list, which the reflector swaps in
-//! whole. Errors are retried with exponential backoff. The stores are never cleared on errors,
+//! (the version was compacted away) restarts with a fresh list, which the reflector (and the
+//! peer store) swaps in whole. Errors are retried with exponential backoff. The stores are never cleared on errors,
 //! so during an outage the last known state stays published; [`SourceHealth`] says since when
 //! the API has been unreachable and why.
 
@@ -42,6 +43,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::cgroup::{CgroupLocator, QosClass};
 use super::convert::{self, PodView};
+use super::peers::PeerStore;
 use super::quarantine::{KubeQuarantineSink, LabelRemoval, OwnLabelChanges};
 use crate::inventory::{Inventory, InventoryFile};
 use crate::segmentation::policy::{NetworkPolicy, PolicySet};
@@ -104,7 +106,7 @@ pub struct WatchHealth {
     pub last_error_at: Option<String>,
     /// Lists after the first (after `410 Gone` or a failed resume).
     pub relists: u64,
-    /// Objects in the store.
+    /// Objects in the store (for `cluster-pods`: the peers kept, pods of other nodes).
     pub objects: usize,
 }
 
@@ -285,7 +287,8 @@ impl KubeSource {
         let mut tasks = Vec::new();
 
         let (pods, pod_writer) = reflector::store::<Pod>();
-        let (cluster_pods, cluster_pod_writer) = reflector::store::<Pod>();
+        // Every other node's pods, slim: never whole Pod objects (see `peers`).
+        let peers = Arc::new(Mutex::new(PeerStore::new(config.node_name.clone())));
         let (namespaces, namespace_writer) = reflector::store::<Namespace>();
         let (policies, policy_writer) = reflector::store::<KubeNetworkPolicy>();
 
@@ -300,8 +303,7 @@ impl KubeSource {
             PODS,
             Api::<Pod>::all(client.clone()),
             pod_config,
-            pod_writer,
-            pods.clone(),
+            Reflected { writer: pod_writer, store: pods.clone() },
             shared.clone(),
             &config,
             move |event| tracker.observe(event),
@@ -311,8 +313,7 @@ impl KubeSource {
             CLUSTER_PODS,
             Api::<Pod>::all(client.clone()),
             watcher::Config::default(),
-            cluster_pod_writer,
-            cluster_pods.clone(),
+            SlimPeers(peers.clone()),
             shared.clone(),
             &config,
             |_| {},
@@ -321,8 +322,7 @@ impl KubeSource {
             NAMESPACES,
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
-            namespace_writer,
-            namespaces.clone(),
+            Reflected { writer: namespace_writer, store: namespaces.clone() },
             shared.clone(),
             &config,
             |_| {},
@@ -331,18 +331,18 @@ impl KubeSource {
             NETWORK_POLICIES,
             Api::<KubeNetworkPolicy>::all(client.clone()),
             watcher::Config::default(),
-            policy_writer,
-            policies.clone(),
+            Reflected { writer: policy_writer, store: policies.clone() },
             shared.clone(),
             &config,
             |_| {},
         ));
         let abort_all = |tasks: &[tokio::task::AbortHandle]| tasks.iter().for_each(|t| t.abort());
 
+        let mut peers_health = shared.health.subscribe();
         let ready = async {
             // A writer is only dropped when its task ends, which cannot happen before abort.
             let _ = pods.wait_until_ready().await;
-            let _ = cluster_pods.wait_until_ready().await;
+            let _ = peers_health.wait_for(|h| h.watches.get(CLUSTER_PODS).is_some_and(|w| w.synced)).await;
             let _ = namespaces.wait_until_ready().await;
             let _ = policies.wait_until_ready().await;
         };
@@ -362,9 +362,8 @@ impl KubeSource {
 
         let mut builder = Builder {
             locator: CgroupLocator::new(&config.cgroup_root),
-            node: config.node_name.clone(),
             pods,
-            cluster_pods,
+            peers,
             namespaces,
             policies,
             last_good_policies: BTreeMap::new(),
@@ -436,13 +435,59 @@ impl KubeSource {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a watch's events go.
+trait WatchSink<K>: Send + 'static {
+    /// Applies one event; true when what the builder publishes may have changed.
+    fn apply(&mut self, event: &Event<K>) -> bool;
+    /// Objects held (for the health).
+    fn objects(&self) -> usize;
+}
+
+/// A reflector store: whole objects (this node's pods, namespaces, policies: few or small).
+struct Reflected<K: Resource<DynamicType = ()> + Clone + 'static> {
+    writer: reflector::store::Writer<K>,
+    store: Store<K>,
+}
+
+impl<K> WatchSink<K> for Reflected<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    fn apply(&mut self, event: &Event<K>) -> bool {
+        self.writer.apply_watcher_event(event);
+        matches!(event, Event::Apply(_) | Event::Delete(_) | Event::InitDone)
+    }
+
+    fn objects(&self) -> usize {
+        self.store.len()
+    }
+}
+
+/// The pods of every other node, kept as peer records: a pod event that changes nothing a peer
+/// is made of (status heartbeats, annotations, pods on this node) wakes no build.
+struct SlimPeers(Arc<Mutex<PeerStore>>);
+
+impl SlimPeers {
+    fn with<T>(&self, f: impl FnOnce(&mut PeerStore) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+impl WatchSink<Pod> for SlimPeers {
+    fn apply(&mut self, event: &Event<Pod>) -> bool {
+        self.with(|store| store.apply(event))
+    }
+
+    fn objects(&self) -> usize {
+        self.with(|store| store.len())
+    }
+}
+
 fn spawn_watch<K>(
     kind: &'static str,
     api: Api<K>,
     watch_config: watcher::Config,
-    writer: reflector::store::Writer<K>,
-    store: Store<K>,
+    mut sink: impl WatchSink<K>,
     shared: Arc<Shared>,
     config: &SourceConfig,
     mut on_event: impl FnMut(&Event<K>) + Send + 'static,
@@ -459,8 +504,7 @@ where
     let task = tokio::spawn(async move {
         let stream = watcher(api.clone(), watch_config)
             .modify(|object: &mut K| object.managed_fields_mut().clear())
-            .backoff(backoff)
-            .reflect(writer);
+            .backoff(backoff);
         let mut stream = std::pin::pin!(stream);
         let mut probe = tokio::time::interval(probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -468,16 +512,22 @@ where
             tokio::select! {
                 item = stream.next() => match item {
                     Some(Ok(event)) => {
+                        let changed = sink.apply(&event);
                         on_event(&event);
-                        let objects = store.state().len();
-                        shared.ok(kind, matches!(event, Event::Init), objects);
+                        let objects = sink.objects();
+                        // Not per listed object: the health is one shared value (with a
+                        // notification per update) and a list has as many objects as the cluster.
+                        if !matches!(event, Event::InitApply(_)) {
+                            shared.ok(kind, matches!(event, Event::Init), objects);
+                        }
                         match event {
                             Event::Init | Event::InitApply(_) => {}
                             Event::InitDone => {
                                 shared.synced(kind, objects);
                                 shared.changed.notify_one();
                             }
-                            Event::Apply(_) | Event::Delete(_) => shared.changed.notify_one(),
+                            Event::Apply(_) | Event::Delete(_) if changed => shared.changed.notify_one(),
+                            Event::Apply(_) | Event::Delete(_) => {}
                         }
                     }
                     Some(Err(err)) => shared.error(kind, err.to_string()),
@@ -486,7 +536,7 @@ where
                 _ = probe.tick(), if shared.in_outage(kind) => {
                     // A resumed watch is silent until something changes: ask directly.
                     match api.list(&probe_params).await {
-                        Ok(_) => shared.ok(kind, false, store.state().len()),
+                        Ok(_) => shared.ok(kind, false, sink.objects()),
                         Err(err) => shared.error(kind, format!("outage probe: {err}")),
                     }
                 }
@@ -600,12 +650,10 @@ struct Unresolved {
 /// Turns the stores into the published inventory and policy set.
 struct Builder {
     locator: CgroupLocator,
-    /// This node: pods of the cluster-wide store on it are taken from `pods` only.
-    node: String,
     /// This node's pods (local endpoints).
     pods: Store<Pod>,
-    /// Every node's pods (those on other nodes become peer-only endpoints).
-    cluster_pods: Store<Pod>,
+    /// Every other node's pods, as peer records (peer-only endpoints).
+    peers: Arc<Mutex<PeerStore>>,
     namespaces: Store<Namespace>,
     policies: Store<KubeNetworkPolicy>,
     /// Per policy key: the last version the segmentation parser accepted. A policy edited into
@@ -672,22 +720,17 @@ impl Builder {
         }
         // Pods on other nodes, after the local ones: when an address clashes, the validator
         // leaves out the later endpoint, so a local pod is never displaced by a peer.
-        let mut peers: Vec<PodView> = self
-            .cluster_pods
-            .state()
-            .iter()
-            .filter_map(|pod| convert::pod_view(pod))
-            .filter(|view| view.node_name.as_deref().is_some_and(|node| node != self.node))
-            .filter(|view| !view.host_network && !local_keys.contains(&view.key))
-            .collect();
-        peers.sort_by(|a, b| a.key.cmp(&b.key));
-        for mut view in peers {
-            for note in &view.notes {
-                rejected.push(format!("peer pod {}: {note}", view.key));
+        // The peer store holds only pods scheduled on other nodes, sorted by key; a key also
+        // seen here is skipped (a recreated pod's old copy).
+        {
+            let peers = self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            endpoints.reserve(peers.len());
+            for (key, record) in peers.iter().filter(|(key, _)| !local_keys.contains(*key)) {
+                for note in &record.notes {
+                    rejected.push(format!("peer pod {key}: {note}"));
+                }
+                endpoints.push(record.endpoint.clone());
             }
-            view.endpoint.cgroup = None;
-            view.endpoint.peer_only = true;
-            endpoints.push(view.endpoint);
         }
         let mut namespaces: Vec<_> = self.namespaces.state().iter().filter_map(|ns| convert::namespace_spec(ns)).collect();
         namespaces.sort_by(|a, b| a.name.cmp(&b.name));
