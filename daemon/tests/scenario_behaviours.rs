@@ -1,4 +1,4 @@
-//! Scenario tests (issue 3, "Must show"): each of the 13 behaviours of the default rule pack is
+//! Scenario tests (issue 3, "Must show"): each of the 14 behaviours of the default rule pack is
 //! performed for real inside a lab pod while `palisade run` watches, and raises the right rule
 //! alert for the right pod; a benign workload set (a web server, health checks, normal start-up)
 //! raises none.
@@ -58,6 +58,8 @@ struct Ctx<'a> {
     tmp: PathBuf,
     /// Paths below /etc the write variants create (removed at the end whatever happens).
     etc_files: Vec<PathBuf>,
+    /// Log files below /var/log the truncation variants empty (removed at the end).
+    log_files: Vec<PathBuf>,
 }
 
 impl Ctx<'_> {
@@ -81,8 +83,17 @@ impl Ctx<'_> {
     }
 
     fn python(&self, pod: &str, code: &str) -> Ran {
+        self.python_args(pod, &["-c", code])
+    }
+
+    fn python_args(&self, pod: &str, args: &[&str]) -> Ran {
         match &self.python {
-            Some(py) => self.run(pod, &[&py.to_string_lossy(), "-c", code]),
+            Some(py) => {
+                let py = py.to_string_lossy();
+                let mut all = vec![py.as_ref()];
+                all.extend_from_slice(args);
+                self.run(pod, &all)
+            }
             None => Ran::Skipped("no python3 on this machine".into()),
         }
     }
@@ -97,6 +108,13 @@ impl Ctx<'_> {
             std::fs::copy(&src, &dst).ok()?;
         }
         Some(dst)
+    }
+
+    /// A log file below /var/log with something in it (the `i`th of `log_files`).
+    fn log_with_lines(&self, i: usize) -> String {
+        let path = &self.log_files[i];
+        std::fs::write(path, "GET / 200\nGET /admin 403\n").expect("log file");
+        path.to_string_lossy().to_string()
     }
 
     /// A home directory for `pod` with a shell history in it.
@@ -242,6 +260,48 @@ fn variants() -> Vec<Variant> {
             }
             c.python(pod, "import os; os.close(os.open('/var/lib/dpkg/lock', os.O_WRONLY))")
         })),
+        Variant {
+            behaviour: "4 package manager",
+            pod: "pkg-pip-module",
+            rule: "package_manager",
+            how: "python3 -m pip install (offline, --dry-run)",
+            run: Box::new(|c, pod| c.python_args(pod, &["-m", "pip", "install", "--no-index", "--dry-run", "palisade-no-such-package"])),
+            check: |a| a["severity"] == "medium" && a["event"]["exec"]["argv"][1] == "-m",
+        },
+        Variant {
+            behaviour: "4 package manager",
+            pod: "pkg-ensurepip",
+            rule: "package_manager",
+            how: "python3 -m ensurepip --version",
+            run: Box::new(|c, pod| c.python_args(pod, &["-m", "ensurepip", "--version"])),
+            check: |a| a["severity"] == "medium" && a["event"]["exec"]["argv"][2] == "ensurepip",
+        },
+        Variant {
+            behaviour: "4 package manager",
+            pod: "pkg-query-dpkg",
+            rule: "package_manager",
+            how: "dpkg -l (a query: low severity)",
+            run: Box::new(|c, pod| {
+                if system_program("dpkg").is_none() {
+                    return Ran::Skipped("no dpkg".into());
+                }
+                c.run(pod, &["dpkg", "-l"])
+            }),
+            check: |a| a["severity"] == "low",
+        },
+        Variant {
+            behaviour: "4 package manager",
+            pod: "pkg-query-dpkgq",
+            rule: "package_manager",
+            how: "dpkg-query -W (a query: low severity)",
+            run: Box::new(|c, pod| {
+                if system_program("dpkg-query").is_none() {
+                    return Ran::Skipped("no dpkg-query".into());
+                }
+                c.run(pod, &["dpkg-query", "-W"])
+            }),
+            check: |a| a["severity"] == "low",
+        },
         // 5
         v("5 recon", "recon-nmap", "network_recon", "a program named nmap with scan arguments (name-based rule)", Box::new(|c, pod| {
             match c.renamed("true", "nmap") {
@@ -282,6 +342,24 @@ fn variants() -> Vec<Variant> {
             how: "uid 65534 with saved uid 0 (a setuid-root program that dropped privileges) calls seteuid(0)",
             run: Box::new(|c, pod| c.python(pod, "import os; os.setresuid(65534, 65534, 0); os.seteuid(0); assert os.geteuid() == 0")),
             check: |a| a["event"]["cred"]["args"].as_array().is_some_and(|args| args.first() == Some(&Value::from(4294967295u64)) && args.get(1) == Some(&Value::from(0))),
+        },
+        Variant {
+            behaviour: "9 privilege escalation",
+            pod: "setuid-attempt",
+            rule: "setuid_root",
+            how: "uid 65534 calls setuid(0), which fails (an attempt)",
+            run: Box::new(|c, pod| c.python(pod, "import os\nos.setresuid(65534, 65534, 65534)\ntry:\n    os.setuid(0)\nexcept PermissionError:\n    pass")),
+            check: |a| a["event"]["cred"]["op"] == "setuid" && a["event"]["cred"]["result"].as_i64().is_some_and(|r| r < 0),
+        },
+        Variant {
+            behaviour: "9 privilege escalation",
+            pod: "setregid-attempt",
+            rule: "setuid_root",
+            how: "uid/gid 65534 calls setregid(0, 0), which fails (an attempt)",
+            run: Box::new(|c, pod| {
+                c.python(pod, "import os\nos.setgroups([])\nos.setresgid(65534, 65534, 65534)\nos.setresuid(65534, 65534, 65534)\ntry:\n    os.setregid(0, 0)\nexcept PermissionError:\n    pass")
+            }),
+            check: |a| a["event"]["cred"]["op"] == "setregid" && a["event"]["cred"]["result"].as_i64().is_some_and(|r| r < 0),
         },
         v("9 privilege escalation", "suid-chmod", "setuid_bit", "chmod u+s", Box::new(|c, pod| {
             let file = c.daemon.scratch.join("suid-file");
@@ -352,6 +430,56 @@ fn variants() -> Vec<Variant> {
             let from = home.join(".bash_history");
             c.run_env(pod, &[("HOME", &home)], &["mv", &from.to_string_lossy(), &home.join("old").to_string_lossy()])
         })),
+        Variant {
+            behaviour: "13 history tampering",
+            pod: "history-truncate-s0",
+            rule: "shell_history_tampering",
+            how: "truncate -s0 ~/.bash_history (open without O_TRUNC, then ftruncate)",
+            run: Box::new(|c, pod| {
+                let home = c.home_with_history(pod);
+                c.run_env(pod, &[("HOME", &home)], &["sh", "-c", "truncate -s0 \"$HOME/.bash_history\""])
+            }),
+            check: |a| a["event"]["open"]["op"] == "ftruncate" && a["event"]["open"]["path_resolved"] == true,
+        },
+        Variant {
+            behaviour: "13 history tampering",
+            pod: "history-ftruncate-py",
+            rule: "shell_history_tampering",
+            how: "python3 os.ftruncate on ~/.bash_history opened read-write",
+            run: Box::new(|c, pod| {
+                let home = c.home_with_history(pod);
+                let path = home.join(".bash_history").to_string_lossy().to_string();
+                c.python(pod, &format!("import os; fd = os.open({path:?}, os.O_RDWR); os.ftruncate(fd, 0)"))
+            }),
+            check: |a| a["event"]["open"]["op"] == "ftruncate",
+        },
+        Variant {
+            behaviour: "13 history tampering",
+            pod: "history-truncate-rel",
+            rule: "shell_history_tampering",
+            how: "python3 truncate(2) of .bash_history relative to the home directory",
+            run: Box::new(|c, pod| {
+                let home = c.home_with_history(pod);
+                c.python(pod, &format!("import os; os.chdir({:?}); os.truncate('.bash_history', 0)", home.to_string_lossy()))
+            }),
+            check: |a| a["event"]["open"]["op"] == "truncate" && a["event"]["open"]["path"].as_str().is_some_and(|p| p.ends_with("/home-history-truncate-rel/.bash_history")),
+        },
+        // 14
+        v("14 log tampering", "log-redirect", "log_tampering", ": > /var/log/x.log (open with O_TRUNC)", Box::new(|c, pod| {
+            let path = c.log_with_lines(0);
+            c.run(pod, &["sh", "-c", &format!(": > {path}")])
+        })),
+        Variant {
+            behaviour: "14 log tampering",
+            pod: "log-truncate",
+            rule: "log_tampering",
+            how: "truncate -s0 /var/log/x.log (ftruncate)",
+            run: Box::new(|c, pod| {
+                let path = c.log_with_lines(1);
+                c.run(pod, &["truncate", "-s0", &path])
+            }),
+            check: |a| a["event"]["open"]["op"] == "ftruncate",
+        },
     ];
     list.sort_by_key(|v| v.behaviour.split(' ').next().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0));
     list
@@ -391,7 +519,8 @@ fn run_attacks(daemon: &DaemonGuard, variants: &[Variant]) -> Vec<Outcome> {
     let tmp = PathBuf::from(format!("/tmp/palisade-{}", daemon.lab_name));
     std::fs::create_dir_all(&tmp).expect("tmp dir");
     let etc_files = (1..=2).map(|i| PathBuf::from(format!("/etc/palisade-{}-{i}", daemon.lab_name))).collect();
-    let ctx = Ctx { daemon, python: python3(), tmp, etc_files };
+    let log_files = (1..=2).map(|i| PathBuf::from(format!("/var/log/palisade-{}-{i}.log", daemon.lab_name))).collect();
+    let ctx = Ctx { daemon, python: python3(), tmp, etc_files, log_files };
     let mut outcomes = Vec::new();
     for v in variants {
         let ran = (v.run)(&ctx, v.pod);
@@ -402,7 +531,7 @@ fn run_attacks(daemon: &DaemonGuard, variants: &[Variant]) -> Vec<Outcome> {
         outcomes.push(Outcome { behaviour: v.behaviour, pod: v.pod, rule: v.rule, how: v.how, note, found });
     }
     let _ = std::fs::remove_dir_all(&ctx.tmp);
-    for path in &ctx.etc_files {
+    for path in ctx.etc_files.iter().chain(&ctx.log_files) {
         let _ = std::fs::remove_file(path);
     }
     let deadline = Instant::now() + Duration::from_secs(20);
