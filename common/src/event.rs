@@ -170,8 +170,16 @@ assert_wire_size!(ConnectEvent, 80 + 16 + 16 + 112);
 
 pub const OPEN_OP_OPENAT: u32 = 1;
 pub const OPEN_OP_OPENAT2: u32 = 2;
+/// truncate(2): `path` is the argument, `dirfd` AT_FDCWD; `flags` O_WRONLY|O_TRUNC (what the
+/// call does to the file), `mode` 0. No file is open at exit, so `resolved` is at most the
+/// working directory of a relative argument (PATH_BASE_DIR).
+pub const OPEN_OP_TRUNCATE: u32 = 3;
+/// ftruncate(2): `dirfd` is the descriptor, `path` empty, `resolved` the descriptor's file;
+/// `flags` O_WRONLY|O_TRUNC, `mode` 0.
+pub const OPEN_OP_FTRUNCATE: u32 = 4;
 
-/// openat/openat2, emitted at exit with the result.
+/// openat/openat2, emitted at exit with the result; truncate/ftruncate, which shorten a file
+/// like O_TRUNC does, in the same record (`op` tells them apart).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct OpenEvent {
@@ -215,6 +223,7 @@ pub const CRED_OP_SETRESGID: u32 = 5;
 pub const CRED_OP_CAPSET: u32 = 6;
 /// kprobe on commit_creds: args are the new (uid, euid, gid) and the new egid in `arg3`.
 pub const CRED_OP_COMMIT_CREDS: u32 = 7;
+pub const CRED_OP_SETREGID: u32 = 8;
 
 /// Credential changes: set*id, capset (tracepoints, at exit) and commit_creds (kprobe).
 #[repr(C)]
@@ -223,7 +232,8 @@ pub struct CredEvent {
     pub header: EventHeader,
     pub op: u32,
     pub ret: i32,
-    /// setuid(a0), setreuid(a0, a1), setresuid(a0, a1, a2); `u32::MAX` is "unchanged" (-1).
+    /// set[g|u]id(a0), setre[g|u]id(a0, a1), setres[g|u]id(a0, a1, a2); `u32::MAX` is
+    /// "unchanged" (-1).
     pub args: [u32; 4],
     /// capset: the requested effective, permitted, inheritable sets (first 64 bits).
     pub cap_effective: u64,

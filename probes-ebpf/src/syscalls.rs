@@ -188,6 +188,67 @@ fn emit_open(ret: i64) -> Result<(), i64> {
     Ok(())
 }
 
+// ---- truncate / ftruncate ------------------------------------------------------------------
+// Shortening a file without an open that says so (`truncate -s0`: open without O_TRUNC, then
+// ftruncate). Reported as opens with op truncate/ftruncate and flags O_WRONLY|O_TRUNC, so
+// every rule on writes and truncation sees them (DESIGN: one record per object access).
+enter!(sys_enter_truncate, KIND_OPEN, OPEN_OP_TRUNCATE);
+enter!(sys_enter_ftruncate, KIND_OPEN, OPEN_OP_FTRUNCATE);
+exit!(sys_exit_truncate, emit_truncate);
+exit!(sys_exit_ftruncate, emit_truncate);
+
+const O_WRONLY_TRUNC: u32 = 0o1 | 0o1000;
+
+fn emit_truncate(ret: i64) -> Result<(), i64> {
+    let Some(p) = take(KIND_OPEN) else { return Ok(()) };
+    let Some(cfg) = config() else { return Ok(()) };
+    let ev = OPEN_SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
+    unsafe {
+        fill_header(&mut (*ev).header, KIND_OPEN, p.cgroup_id, cfg);
+        (*ev).op = p.op;
+        (*ev).ret = ret;
+        (*ev).flags = O_WRONLY_TRUNC;
+        (*ev).mode = 0;
+        (*ev)._pad = 0;
+        if p.op == OPEN_OP_FTRUNCATE {
+            // The descriptor's file, whatever the call's result: it names what was (or was to
+            // be) shortened.
+            (*ev).dirfd = p.args[0] as i32;
+            (*ev).path[0] = 0;
+            resolve_open(p.args[0] as i64, AT_FDCWD, false, &mut (*ev).resolved, &mut (*ev).resolved_flags, cfg);
+        } else {
+            (*ev).dirfd = AT_FDCWD;
+            let len = read_user_str_len(&mut (*ev).path, p.args[0]);
+            if len == PATH_LEN as i64 {
+                (*ev).header.flags |= FLAG_TRUNCATED;
+            }
+            // Parked in the record across the walk (see emit_open).
+            core::ptr::write_volatile(&mut (*ev)._pad, if len > 0 { len as u32 } else { 0 });
+            // No descriptor at exit: a relative argument gets the directory it was looked up
+            // in (joined in user space, lexically); an absolute one stays unresolved.
+            let relative = len > 1 && (*ev).path[0] != b'/';
+            resolve_open(-1, AT_FDCWD, relative, &mut (*ev).resolved, &mut (*ev).resolved_flags, cfg);
+            mark_base_dir(&mut (*ev).resolved_flags);
+        }
+    }
+    let resolved_flags = unsafe { core::ptr::read_volatile(&(*ev).resolved_flags) };
+    let len = unsafe { core::ptr::read_volatile(&(*ev)._pad) } as i64;
+    unsafe { (*ev)._pad = 0 };
+    // Routing only (a truncation is a write: the pack's quiet prefixes never apply). The
+    // resolved file when there is one, else the argument; an unresolved relative argument is
+    // protected, as for a failed open.
+    let protected = if resolved_flags & PATH_RESOLVED != 0 && resolved_flags & (PATH_CUT | PATH_BASE_DIR) == 0 {
+        resolved_path_is_sensitive(unsafe { &(*ev).resolved })
+    } else {
+        // An empty path (ftruncate of a descriptor that named nothing) is protected too.
+        len <= 1 || open_path_is_sensitive(unsafe { &(*ev).path }, len)
+    };
+    if output_routed(cfg, p.cgroup_id, KIND_OPEN, protected, unsafe { &*ev }) {
+        count_emitted(KIND_OPEN);
+    }
+    Ok(())
+}
+
 // ---- connect -------------------------------------------------------------------------------
 enter!(sys_enter_connect, KIND_CONNECT, 0);
 exit!(sys_exit_connect, emit_connect);
@@ -321,12 +382,14 @@ enter_cred!(sys_enter_setgid, CRED_OP_SETGID);
 enter_cred!(sys_enter_setreuid, CRED_OP_SETREUID);
 enter_cred!(sys_enter_setresuid, CRED_OP_SETRESUID);
 enter_cred!(sys_enter_setresgid, CRED_OP_SETRESGID);
+enter_cred!(sys_enter_setregid, CRED_OP_SETREGID);
 enter_cred!(sys_enter_capset, CRED_OP_CAPSET);
 exit!(sys_exit_setuid, emit_cred);
 exit!(sys_exit_setgid, emit_cred);
 exit!(sys_exit_setreuid, emit_cred);
 exit!(sys_exit_setresuid, emit_cred);
 exit!(sys_exit_setresgid, emit_cred);
+exit!(sys_exit_setregid, emit_cred);
 exit!(sys_exit_capset, emit_cred);
 
 fn emit_cred(ret: i64) -> Result<(), i64> {

@@ -353,7 +353,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let path_arg = c_string(&e.path);
             let (path, path_resolved) = open_path(&path_arg, &c_string(&e.resolved), e.resolved_flags);
             EventData::Open(OpenData {
-                op: if e.op == wire::OPEN_OP_OPENAT2 { "openat2" } else { "openat" },
+                op: match e.op {
+                    wire::OPEN_OP_OPENAT2 => "openat2",
+                    wire::OPEN_OP_TRUNCATE => "truncate",
+                    wire::OPEN_OP_FTRUNCATE => "ftruncate",
+                    _ => "openat",
+                },
                 path,
                 path_arg,
                 path_resolved,
@@ -385,6 +390,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 wire::CRED_OP_SETREUID => ("setreuid", 2),
                 wire::CRED_OP_SETRESUID => ("setresuid", 3),
                 wire::CRED_OP_SETRESGID => ("setresgid", 3),
+                wire::CRED_OP_SETREGID => ("setregid", 2),
                 wire::CRED_OP_CAPSET => ("capset", 0),
                 wire::CRED_OP_COMMIT_CREDS => ("commit_creds", 4),
                 _ => ("unknown", 4),
@@ -706,6 +712,31 @@ mod tests {
         }
         assert_eq!(clean_path("/a//b/./../../../c/"), "/c");
         assert_eq!(clean_path("/"), "/");
+    }
+
+    /// truncate/ftruncate come as opens that truncate: ftruncate names the descriptor's file
+    /// (resolved), truncate its argument (joined to the working directory when relative).
+    #[test]
+    fn truncations_are_opens_that_truncate() {
+        let mut ev = open_record(b"");
+        ev.op = wire::OPEN_OP_FTRUNCATE;
+        ev.flags = 0o1001; // O_WRONLY|O_TRUNC
+        ev.mode = 0;
+        ev.dirfd = 4;
+        ev.ret = 0;
+        ev.resolved[..19].copy_from_slice(b"/root/.bash_history");
+        ev.resolved_flags = wire::PATH_RESOLVED;
+        let EventData::Open(open) = decode(&bytes_of(&ev)).expect("valid").data else { panic!() };
+        assert_eq!((open.op, open.path.as_str(), open.path_arg.as_str(), open.path_resolved), ("ftruncate", "/root/.bash_history", "", true));
+        assert!(open.truncate && open.write && !open.create);
+        let mut ev = open_record(b".bash_history");
+        ev.op = wire::OPEN_OP_TRUNCATE;
+        ev.flags = 0o1001;
+        ev.ret = 0;
+        ev.resolved[..9].copy_from_slice(b"/home/app");
+        ev.resolved_flags = wire::PATH_RESOLVED | wire::PATH_BASE_DIR;
+        let EventData::Open(open) = decode(&bytes_of(&ev)).expect("valid").data else { panic!() };
+        assert_eq!((open.op, open.path.as_str(), open.path_resolved), ("truncate", "/home/app/.bash_history", false));
     }
 
     #[test]

@@ -98,6 +98,8 @@ const SYSCALL_PROGRAMS: &[&str] = &[
     "sys_enter_rmdir", "sys_exit_rmdir", "sys_enter_renameat2", "sys_exit_renameat2",
     "sys_enter_renameat", "sys_exit_renameat", "sys_enter_rename", "sys_exit_rename",
     "sys_enter_dup2", "sys_exit_dup2", "sys_enter_dup3", "sys_exit_dup3",
+    "sys_enter_setregid", "sys_exit_setregid", "sys_enter_truncate", "sys_exit_truncate",
+    "sys_enter_ftruncate", "sys_exit_ftruncate",
 ];
 
 const SCHED_PROGRAMS: &[&str] = &["sched_process_exec", "sched_process_fork", "sched_process_exit"];
