@@ -321,12 +321,25 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         started: now_rfc3339(),
         kube_health: sources.kube.as_ref().map(|k| k.health()),
     });
-    // API releases reach the Kubernetes mirror, which posts the Released Event (who, why).
-    let mut release_notices = None;
-    if let Some(kube) = sources.kube.as_mut() {
+    // The quarantine API: the root-only socket and, in Kubernetes mode, the Quarantine resource
+    // use the same handler (one release path, one audit alert); API releases reach the
+    // Kubernetes mirror, which posts the Released Event (who, why) and deletes the object.
+    let mut quarantine_api = crate::quarantine::api::QuarantineApiHandler::new(quarantine.clone(), alerts.clone()).with_metrics(metrics.clone());
+    let mut cluster_releases = None;
+    if sources.kube.is_some() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        release_notices = Some(tx);
-        crate::quarantine::cluster::spawn_cluster_quarantine(quarantine.clone(), alerts.clone(), kube, rx);
+        quarantine_api = quarantine_api.with_release_notices(tx);
+        cluster_releases = Some(rx);
+    }
+    let quarantine_api: Arc<dyn crate::api::QuarantineApi> = Arc::new(quarantine_api);
+    if let (Some(kube), Some(rx)) = (sources.kube.as_mut(), cluster_releases) {
+        let cluster = crate::quarantine::cluster::ClusterQuarantine {
+            quarantine: quarantine.clone(),
+            alerts: alerts.clone(),
+            metrics: metrics.clone(),
+            endpoints: endpoints.clone(),
+        };
+        cluster.spawn(kube, rx, quarantine_api.clone());
     }
 
     // The root-only API socket and the metrics listener.
@@ -344,13 +357,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                     status
                 }
             }))
-            .with_quarantine(Arc::new({
-                let handler = crate::quarantine::api::QuarantineApiHandler::new(quarantine.clone(), alerts.clone()).with_metrics(metrics.clone());
-                match release_notices.take() {
-                    Some(tx) => handler.with_release_notices(tx),
-                    None => handler,
-                }
-            }))
+            .with_quarantine(quarantine_api.clone())
             .with_metrics(metrics.clone())
     };
     tokio::spawn(async move {
@@ -1052,4 +1059,3 @@ impl Sources {
         })
     }
 }
-

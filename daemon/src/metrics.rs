@@ -45,6 +45,7 @@ struct Inner {
     quarantines_pending: Gauge,
     quarantines: Counter,
     releases: Counter,
+    kube_quarantine_errors: Counter,
     policy_drops: Family<Labels, Counter>,
     map_sync: Family<Labels, Histogram, fn() -> Histogram>,
     rule_reloads: Family<Labels, Counter>,
@@ -85,6 +86,7 @@ impl Metrics {
         let quarantines_pending = Gauge::default();
         let quarantines = Counter::default();
         let releases = Counter::default();
+        let kube_quarantine_errors = Counter::default();
         let policy_drops = Family::<Labels, Counter>::default();
         let map_sync = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(sync_histogram as fn() -> Histogram);
         let rule_reloads = Family::<Labels, Counter>::default();
@@ -110,6 +112,11 @@ impl Metrics {
         registry.register("quarantines_pending", "Quarantines queued by the rate limit, not enforced yet", quarantines_pending.clone());
         registry.register("quarantines", "Quarantines applied", quarantines.clone());
         registry.register("quarantine_releases", "Quarantines released", releases.clone());
+        registry.register(
+            "kube_quarantine_errors",
+            "Kubernetes mode: failures writing Quarantine objects or acting on them",
+            kube_quarantine_errors.clone(),
+        );
         registry.register("policy_drops", "Packets dropped by segmentation policy or quarantine, by direction and reason", policy_drops.clone());
         registry.register("map_sync_seconds", "Time to sync a set of eBPF maps, by map", map_sync.clone());
         registry.register("rule_reloads", "Rule pack loads and reloads, by result (ok, failed)", rule_reloads.clone());
@@ -153,6 +160,7 @@ impl Metrics {
                 quarantines_pending,
                 quarantines,
                 releases,
+                kube_quarantine_errors,
                 policy_drops,
                 map_sync,
                 rule_reloads,
@@ -269,6 +277,10 @@ impl Metrics {
 
     pub fn record_release(&self) {
         self.inner.releases.inc();
+    }
+
+    pub fn record_kube_quarantine_error(&self) {
+        self.inner.kube_quarantine_errors.inc();
     }
 
     pub fn add_policy_drops(&self, direction: &str, reason: &str, count: u64) {

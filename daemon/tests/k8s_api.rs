@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use palisade::inventory::Inventory;
 use palisade::k8s::{
+    QuarantineResources, ResourceChange, all_api_uses,
     API_USES, AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents, ClusterQuarantineSink as _, KubeSource,
     QUARANTINE_LABEL, SourceConfig, SourceHealth,
 };
@@ -580,4 +581,122 @@ async fn quarantine_is_labelled_and_reported_and_a_label_removal_is_reported_not
     let declared: BTreeSet<(String, String, String)> =
         API_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
     assert_eq!(api.uses(), declared);
+}
+
+// ---- The Quarantine resource -------------------------------------------------------------
+
+async fn next_change(changes: &mut tokio::sync::mpsc::UnboundedReceiver<ResourceChange>, what: &str) -> ResourceChange {
+    tokio::time::timeout(WAIT, changes.recv()).await.unwrap_or_else(|_| panic!("no change reported: {what}")).expect("watch task alive")
+}
+
+async fn no_change(changes: &mut tokio::sync::mpsc::UnboundedReceiver<ResourceChange>, what: &str) {
+    if let Ok(Some(change)) = tokio::time::timeout(Duration::from_millis(700), changes.recv()).await {
+        panic!("{what}: unexpected {change:?}");
+    }
+}
+
+#[tokio::test]
+async fn quarantine_objects_are_owned_by_the_pod_and_released_only_by_an_authorised_spec_release() {
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    use palisade::k8s::quarantine_resource::{DesiredQuarantine, PHASE_ENFORCED};
+    let api = StandIn::start().await;
+    api.apply(pod("shop", "web", "uid-web", "node-1", "10.0.0.5", json!({"app": "web"})));
+    api.apply(pod("shop", "db", "uid-db", "node-1", "10.0.0.6", json!({"app": "db"})));
+    let (resources, mut changes) = QuarantineResources::start(api.client(), "node-1");
+    api.wait_for_watch(Kind::Quarantine).await;
+
+    // The agent's quarantine: an object owned by the pod, with status; its own creation is not
+    // reported back as a quarantine asked for by hand.
+    let desired = DesiredQuarantine {
+        pod: "shop/web".into(),
+        reason: "reverse shell".into(),
+        rule: "reverse_shell".into(),
+        alert_id: "a-1".into(),
+        phase: PHASE_ENFORCED,
+        since: "2026-12-01T00:00:00Z".into(),
+    };
+    resources.ensure(&desired, Some("uid-web".into())).await.expect("ensure");
+    let object = api.object(Kind::Quarantine, "shop", "web");
+    assert_eq!(object["spec"]["pod"], "web", "{object:#}");
+    assert_eq!(object["spec"]["rule"], "reverse_shell");
+    assert_eq!(object["spec"]["alertId"], "a-1");
+    assert_eq!(object["spec"]["node"], "node-1");
+    assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], "uid-web");
+    assert_eq!(object["metadata"]["ownerReferences"][0]["kind"], "Pod");
+    assert_eq!(object["status"]["phase"], "Enforced");
+    assert_eq!(object["status"]["node"], "node-1");
+    no_change(&mut changes, "the agent's own object").await;
+    // Ensuring again writes nothing.
+    let writes = api.count("quarantines", "create") + api.count("quarantines/status", "patch");
+    resources.ensure(&desired, None).await.expect("ensure again");
+    assert_eq!(api.count("quarantines", "create") + api.count("quarantines/status", "patch"), writes);
+
+    // A user without RBAC on quarantines cannot release (403), and nothing is reported.
+    let intruder = api.add_user("intruder", &[("quarantines", "patch"), ("quarantines", "update"), ("quarantines", "delete")]);
+    let as_intruder: Api<palisade::k8s::Quarantine> = Api::namespaced(api.client_with_token(&intruder), "shop");
+    let release = json!({"spec": {"release": {"requestedBy": "intruder", "reason": "let me out"}}});
+    let denied = as_intruder.patch("web", &PatchParams::default(), &Patch::Merge(&release)).await;
+    assert!(matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403), "{denied:?}");
+    assert!(as_intruder.delete("web", &Default::default()).await.is_err(), "delete without RBAC");
+    no_change(&mut changes, "a forbidden release").await;
+
+    // An authorised user sets spec.release: reported with requestedBy and the field manager that
+    // wrote it (from managedFields).
+    let oncall = api.add_user("oncall@example.com", &[]);
+    let as_oncall: Api<palisade::k8s::Quarantine> = Api::namespaced(api.client_with_token(&oncall), "shop");
+    let release = json!({"spec": {"release": {"requestedBy": "oncall@example.com", "reason": "incident closed"}}});
+    let params = PatchParams { field_manager: Some("kubectl-patch".into()), ..Default::default() };
+    as_oncall.patch("web", &params, &Patch::Merge(&release)).await.expect("authorised release");
+    let change = next_change(&mut changes, "release").await;
+    assert_eq!(
+        change,
+        ResourceChange::ReleaseRequested {
+            pod: "shop/web".into(),
+            reason: "incident closed".into(),
+            requested_by: "oncall@example.com".into(),
+            managers: vec!["kubectl-patch".into()],
+        }
+    );
+    // The agent deletes the object after the release: not reported back as a deletion.
+    resources.delete("shop/web").await.expect("delete");
+    assert!(api.try_object(Kind::Quarantine, "shop", "web").is_none());
+    no_change(&mut changes, "the agent's own deletion").await;
+
+    // An operator creates one by hand: a quarantine request naming who created it.
+    let by_hand = palisade::k8s::Quarantine {
+        api_version: "palisade.io/v1".into(),
+        kind: "Quarantine".into(),
+        metadata: kube::api::ObjectMeta { name: Some("db".into()), namespace: Some("shop".into()), ..Default::default() },
+        spec: palisade::k8s::quarantine_resource::QuarantineSpec { pod: "db".into(), reason: "suspicious".into(), ..Default::default() },
+        status: None,
+    };
+    let create = PostParams { field_manager: Some("kubectl-create".into()), ..Default::default() };
+    as_oncall.create(&create, &by_hand).await.expect("create by hand");
+    let change = next_change(&mut changes, "quarantine by hand").await;
+    assert_eq!(
+        change,
+        ResourceChange::QuarantineRequested { pod: "shop/db".into(), reason: "suspicious".into(), managers: vec!["kubectl-create".into()] }
+    );
+    // An object whose spec.pod is not its name is ignored (the CRD rejects it on real clusters).
+    let mut mismatched = by_hand.clone();
+    mismatched.metadata.name = Some("web".into());
+    as_oncall.create(&create, &mismatched).await.expect("create mismatched");
+    no_change(&mut changes, "spec.pod differs from the name").await;
+
+    // Deleted by someone else: reported. Deleting the pod deletes the object it owns
+    // (the stand-in's garbage collector), reported the same way.
+    as_oncall.delete("db", &Default::default()).await.expect("delete by hand");
+    assert_eq!(next_change(&mut changes, "deletion").await, ResourceChange::Deleted { pod: "shop/db".into() });
+    resources.ensure(&DesiredQuarantine { pod: "shop/db".into(), ..desired.clone() }, Some("uid-db".into())).await.expect("ensure db");
+    api.delete(Kind::Pod, "shop", "db");
+    assert!(api.try_object(Kind::Quarantine, "shop", "db").is_none(), "owned object outlived its pod");
+    assert_eq!(next_change(&mut changes, "garbage collected").await, ResourceChange::Deleted { pod: "shop/db".into() });
+
+    // Everything the agent sent is in its RBAC list.
+    let agent_uses: BTreeSet<(String, String, String)> =
+        api.requests().into_iter().filter(|r| r.user == support::kube_standin::AGENT_USER).map(|r| r.use_).collect();
+    let declared: BTreeSet<(String, String, String)> =
+        all_api_uses().iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+    let undeclared: Vec<_> = agent_uses.difference(&declared).collect();
+    assert!(undeclared.is_empty(), "requests outside the RBAC list: {undeclared:?}");
 }

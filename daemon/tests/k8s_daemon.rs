@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use palisade::inventory::Protocol;
-use palisade::k8s::{API_USES, QUARANTINE_LABEL};
+use palisade::k8s::{QUARANTINE_LABEL, all_api_uses};
 use palisade::lab::{ProbeMatrix, ProbeOptions};
 use serde_json::{Value, json};
 use support::daemon::{PALISADE, POD_PATH, run_with_timeout};
@@ -563,6 +563,14 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     );
     println!("(3) quarantined; label and Event in the cluster {:.1} s after the shell; cut off (checked in {:.1} s)",
         labelled_after.as_secs_f64(), t.as_secs_f64());
+    // ... and its Quarantine object: owned by the pod (deleted with it), status Enforced.
+    let object = daemon.wait_for("Quarantine object with status", Duration::from_secs(10), || {
+        daemon.api().try_object(Kind::Quarantine, NS, "web").filter(|q| q["status"]["phase"] == "Enforced")
+    });
+    assert_eq!(object["spec"]["rule"], "reverse_shell", "{object:#}");
+    assert_eq!(object["spec"]["alertId"], alert_id.as_str(), "{object:#}");
+    assert_eq!(object["status"]["node"], NODE, "{object:#}");
+    assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], specs[0].uid.as_str(), "{object:#}");
 
     // (4) `kubectl label pod web palisade.io/quarantined-` by anyone allowed to patch pods: no
     // way out. The label is put back, a tamper alert is raised, web stays cut off.
@@ -623,7 +631,13 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     assert!(daemon.api().object(Kind::Pod, NS, "web")["metadata"]["labels"].get(QUARANTINE_LABEL).is_none(), "the label came back");
     assert!(daemon.quarantined().is_empty(), "re-quarantined after the release");
     assert_eq!(daemon.api().count("pods", "patch"), 3, "label set, put back, removed: nothing else patched");
+    assert!(daemon.api().try_object(Kind::Quarantine, NS, "web").is_none(), "the Quarantine object outlived the release");
     println!("(4) label removal undone with a tamper alert; release through the API (reachable again, checked in {:.1} s)", t.as_secs_f64());
+
+    // (4b) The Quarantine resource: an on-call user creates one by hand (the pod is cut off), a
+    // user without RBAC on quarantines cannot release it (403), the on-call user releases it
+    // with spec.release (the alert names requestedBy and the field manager; the object goes).
+    quarantine_through_the_resource(&daemon);
 
     // (5) The API answers 500 and the watches are cut: enforcement stays, status says so.
     daemon.api().set_fault(Some(Fault::Status500));
@@ -646,9 +660,57 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     assert_eq!(status["kubernetes"]["connected"], false);
     println!("(5) outage since {} kept enforcement", kube["outage_since"]);
 
-    let undeclared = daemon.api().undeclared_uses(API_USES);
+    let undeclared = daemon.api().undeclared_uses(&all_api_uses());
     assert!(undeclared.is_empty(), "requests outside API_USES (the RBAC list): {undeclared:?}");
     println!("kubernetes mode end to end: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// Step (4b) of the end-to-end test: quarantine and release through `quarantines.palisade.io`.
+fn quarantine_through_the_resource(daemon: &K8sDaemon) {
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    // kube's client spawns its buffer task on the current runtime.
+    let _in_runtime = runtime.enter();
+    let oncall = daemon.api().add_user("oncall@example.com", &[]);
+    let intruder = daemon.api().add_user("intruder", &[("quarantines", "patch"), ("quarantines", "update"), ("quarantines", "delete")]);
+    let as_oncall: Api<palisade::k8s::Quarantine> = Api::namespaced(daemon.api().client_with_token(&oncall), NS);
+    let as_intruder: Api<palisade::k8s::Quarantine> = Api::namespaced(daemon.api().client_with_token(&intruder), NS);
+    let by_hand: palisade::k8s::Quarantine = serde_json::from_value(json!({
+        "apiVersion": "palisade.io/v1", "kind": "Quarantine",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"pod": "web", "reason": "test: suspicious binary"},
+    }))
+    .expect("quarantine object");
+    let create = PostParams { field_manager: Some("kubectl-create".into()), ..Default::default() };
+    runtime.block_on(as_oncall.create(&create, &by_hand)).expect("create by hand");
+    let record = daemon.wait_for("web quarantined by hand", Duration::from_secs(10), || {
+        daemon.quarantined().into_iter().find(|r| r["namespace"] == NS && r["name"] == "web")
+    });
+    assert!(record["reason"].as_str().is_some_and(|r| r.contains("suspicious binary")), "{record:#}");
+    daemon.wait_for_matrix("web cut off by hand", &[(OTHER, WEB, false), (WEB, CLIENT, false)], Duration::from_secs(5));
+    daemon.wait_for("status written", Duration::from_secs(10), || {
+        daemon.api().try_object(Kind::Quarantine, NS, "web").filter(|q| q["status"]["phase"] == "Enforced")
+    });
+
+    let release = |by: &str| json!({"spec": {"release": {"requestedBy": by, "reason": "test: cleared"}}});
+    let params = PatchParams { field_manager: Some("kubectl-patch".into()), ..Default::default() };
+    let denied = runtime.block_on(as_intruder.patch("web", &params, &Patch::Merge(&release("intruder"))));
+    assert!(matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403), "{denied:?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(daemon.quarantined().len(), 1, "released without RBAC");
+
+    runtime.block_on(as_oncall.patch("web", &params, &Patch::Merge(&release("oncall@example.com")))).expect("release");
+    let alert = daemon.wait_for("release alert naming the requester", Duration::from_secs(10), || {
+        daemon.alerts().into_iter().find(|a| a["kind"] == "release" && a.to_string().contains("oncall@example.com"))
+    });
+    assert!(alert.to_string().contains("kubectl-patch"), "the field manager is not named: {alert:#}");
+    assert!(alert.to_string().contains("test: cleared"), "{alert:#}");
+    daemon.wait_for_matrix("web reachable after the release", &[(OTHER, WEB, true), (WEB, CLIENT, true)], Duration::from_secs(5));
+    daemon.wait_for("object deleted after the release", Duration::from_secs(10), || {
+        daemon.api().try_object(Kind::Quarantine, NS, "web").is_none().then_some(())
+    });
+    assert!(daemon.quarantined().is_empty());
+    println!("(4b) quarantine by hand and release through the Quarantine resource");
 }
 
 /// `GET path` on 127.0.0.1:port: (status line, body), or None when nothing answers.

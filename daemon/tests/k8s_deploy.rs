@@ -1,7 +1,9 @@
 //! deploy/: every manifest parses as its Kubernetes API type (k8s-openapi) with nothing dropped
 //! on the way (a misspelt field would be), the ClusterRole grants exactly `k8s::API_USES`, the
-//! DaemonSet mounts and probes what the daemon needs, the response policy parses, and the rules
-//! ConfigMaps, laid out the way the kubelet writes a projected volume, load as the default pack.
+//! DaemonSet mounts and probes what the daemon needs, the response policy parses, the rules
+//! ConfigMaps, laid out the way the kubelet writes a projected volume, load as the default pack,
+//! the Quarantine CRD's schema matches what the agent writes and reads, and the CEL of the
+//! admission policy and the CRD's validations decides sample requests as intended.
 //!
 //! `PALISADE_UPDATE_DEPLOY=1 cargo test -p palisade --test k8s_deploy` regenerates
 //! deploy/rules-configmap.yaml from rules/.
@@ -14,8 +16,10 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ResourceQuota, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use palisade::k8s::API_USES;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use palisade::k8s::all_api_uses;
 use palisade::quarantine::ResponsePolicy;
 use palisade::rules::pack::RulePack;
 use serde::Deserialize as _;
@@ -99,6 +103,12 @@ struct Manifests {
     quotas: Vec<ResourceQuota>,
     services: Vec<Service>,
     network_policies: Vec<NetworkPolicy>,
+    crds: Vec<CustomResourceDefinition>,
+}
+
+/// Kinds without a namespace.
+fn cluster_scoped(kind: &str) -> bool {
+    kind == "Namespace" || kind.starts_with("Cluster") || kind == "CustomResourceDefinition" || kind.starts_with("ValidatingAdmissionPolicy")
 }
 
 fn manifests() -> Manifests {
@@ -112,6 +122,7 @@ fn manifests() -> Manifests {
         quotas: vec![],
         services: vec![],
         network_policies: vec![],
+        crds: vec![],
     };
     for (file, doc) in documents() {
         match (doc["apiVersion"].as_str(), doc["kind"].as_str()) {
@@ -124,6 +135,7 @@ fn manifests() -> Manifests {
             (Some("v1"), Some("ResourceQuota")) => m.quotas.push(typed(&file, &doc)),
             (Some("v1"), Some("Service")) => m.services.push(typed(&file, &doc)),
             (Some("networking.k8s.io/v1"), Some("NetworkPolicy")) => m.network_policies.push(typed(&file, &doc)),
+            (Some("apiextensions.k8s.io/v1"), Some("CustomResourceDefinition")) => m.crds.push(typed(&file, &doc)),
             (api, kind) => panic!("{file}: unexpected object {api:?} {kind:?}"),
         }
     }
@@ -144,8 +156,10 @@ fn manifests_parse_and_the_kustomization_lists_them_all() {
     let m = manifests();
     assert_eq!(m.namespaces.len(), 1);
     assert_eq!(m.daemon_sets.len(), 1);
-    assert_eq!(m.cluster_roles.len(), 1);
+    // The agent's role, and the responder and view roles for people.
+    assert_eq!(m.cluster_roles.len(), 3);
     assert_eq!(m.bindings.len(), 1);
+    assert_eq!(m.crds.len(), 1);
     assert_eq!(m.service_accounts.len(), 1);
 
     let kustomization: Value =
@@ -161,7 +175,7 @@ fn manifests_parse_and_the_kustomization_lists_them_all() {
     assert_eq!(listed, files, "kustomization resources vs deploy/*.yaml");
     assert_eq!(kustomization["namespace"], NAMESPACE);
     for (file, doc) in documents() {
-        if doc["kind"] != "Namespace" && !doc["kind"].as_str().is_some_and(|k| k.starts_with("Cluster")) {
+        if !cluster_scoped(doc["kind"].as_str().unwrap_or("")) {
             assert_eq!(doc["metadata"]["namespace"], NAMESPACE, "{file}: {}", doc["metadata"]["name"]);
         }
     }
@@ -170,7 +184,7 @@ fn manifests_parse_and_the_kustomization_lists_them_all() {
 #[test]
 fn the_cluster_role_grants_exactly_what_the_code_uses() {
     let m = manifests();
-    let role = &m.cluster_roles[0];
+    let role = m.cluster_roles.iter().find(|r| r.metadata.name.as_deref() == Some("palisade")).expect("the agent's ClusterRole");
     let mut granted = BTreeSet::new();
     for rule in role.rules.iter().flatten() {
         assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none(), "{rule:?}");
@@ -184,7 +198,7 @@ fn the_cluster_role_grants_exactly_what_the_code_uses() {
         }
     }
     let used: BTreeSet<(String, String, String)> =
-        API_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+        all_api_uses().iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
     let extra: Vec<_> = granted.difference(&used).collect();
     let missing: Vec<_> = used.difference(&granted).collect();
     assert!(extra.is_empty() && missing.is_empty(), "granted but unused: {extra:?}; used but not granted: {missing:?}");
@@ -560,7 +574,7 @@ fn the_kustomize_bases_render() {
     let Some(kubectl) = kubectl else {
         panic!("kubectl (for `kubectl kustomize`) is not installed; scripts/setup.sh installs it");
     };
-    for dir in [deploy(), deploy().join("monitoring")] {
+    for dir in [deploy(), deploy().join("monitoring"), deploy().join("admission")] {
         let out = std::process::Command::new(kubectl).arg("kustomize").arg(&dir).output().expect("run kubectl kustomize");
         assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).expect("utf-8");
@@ -574,9 +588,12 @@ fn the_kustomize_bases_render() {
                 "Service" => drop(typed::<Service>("rendered", &value)),
                 "NetworkPolicy" => drop(typed::<NetworkPolicy>("rendered", &value)),
                 "ResourceQuota" => drop(typed::<ResourceQuota>("rendered", &value)),
+                "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>("rendered", &value)),
+                "ValidatingAdmissionPolicy" => drop(typed::<ValidatingAdmissionPolicy>("rendered", &value)),
+                "ValidatingAdmissionPolicyBinding" => drop(typed::<ValidatingAdmissionPolicyBinding>("rendered", &value)),
                 _ => {}
             }
-            if kind != "Namespace" && !kind.starts_with("Cluster") {
+            if !cluster_scoped(&kind) {
                 assert_eq!(value["metadata"]["namespace"], NAMESPACE, "rendered {kind}");
             }
             kinds.push(kind);
@@ -608,4 +625,150 @@ fn mount_bpffs_mounts_once_and_is_idempotent() {
     assert_eq!(first, format!("mounted bpffs at {}", dir.display()));
     assert_eq!(second, format!("bpffs already mounted at {}", dir.display()), "a second run must not stack a mount");
     assert_eq!(mounted.as_deref(), Some("bpf"));
+}
+
+// ---- The Quarantine resource -------------------------------------------------------------
+
+fn crd() -> Value {
+    documents().into_iter().find(|(_, d)| d["kind"] == "CustomResourceDefinition").map(|(_, d)| d).expect("the Quarantine CRD")
+}
+
+fn admission_policy() -> (Value, Value) {
+    let text = std::fs::read_to_string(deploy().join("admission/quarantine-admission.yaml")).expect("admission policy");
+    let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text).map(|d| Value::deserialize(d).expect("yaml")).collect();
+    let policy = docs.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicy").cloned().expect("policy");
+    let binding = docs.iter().find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding").cloned().expect("binding");
+    drop(typed::<ValidatingAdmissionPolicy>("quarantine-admission.yaml", &policy));
+    drop(typed::<ValidatingAdmissionPolicyBinding>("quarantine-admission.yaml", &binding));
+    (policy, binding)
+}
+
+/// Every key of `value` is a property of `schema` (OpenAPI v3, as the API server would prune
+/// unknown fields): what the agent writes survives a real API server.
+fn assert_in_schema(at: &str, value: &Value, schema: &Value) {
+    let Value::Object(map) = value else { return };
+    let properties = &schema["properties"];
+    for (key, v) in map {
+        let path = format!("{at}.{key}");
+        let sub = &properties[key.as_str()];
+        assert!(!sub.is_null(), "{path}: not in the CRD schema (the API server would drop it)");
+        if sub["type"] == "object" {
+            assert_in_schema(&path, v, sub);
+        }
+    }
+}
+
+#[test]
+fn the_quarantine_crd_matches_what_the_agent_writes() {
+    use palisade::k8s::quarantine_resource::{Quarantine, QuarantineSpec, QuarantineStatus, ReleaseRequest};
+    let crd = crd();
+    assert_eq!(crd["metadata"]["name"], "quarantines.palisade.io");
+    assert_eq!(crd["spec"]["group"], palisade::k8s::quarantine_resource::GROUP);
+    assert_eq!(crd["spec"]["names"]["kind"], palisade::k8s::quarantine_resource::KIND);
+    assert_eq!(crd["spec"]["names"]["plural"], palisade::k8s::quarantine_resource::PLURAL);
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], palisade::k8s::quarantine_resource::VERSION);
+    assert!(version["subresources"]["status"].is_object(), "status must be a subresource: only palisade writes it");
+    let schema = &version["schema"]["openAPIV3Schema"];
+    // Every field of a fully populated object, as the agent serialises it.
+    let full = Quarantine {
+        api_version: "palisade.io/v1".into(),
+        kind: "Quarantine".into(),
+        metadata: Default::default(),
+        spec: QuarantineSpec {
+            pod: "web".into(),
+            reason: "reverse shell".into(),
+            rule: Some("reverse_shell".into()),
+            alert_id: Some("a-1".into()),
+            node: Some("node-1".into()),
+            release: Some(ReleaseRequest { reason: "fixed".into(), requested_by: "alice".into() }),
+        },
+        status: Some(QuarantineStatus { phase: "Enforced".into(), since: "2026-12-01T00:00:00Z".into(), node: "node-1".into(), message: "m".into() }),
+    };
+    let value = serde_json::to_value(&full).expect("serialise");
+    assert_in_schema("", &serde_json::json!({"spec": value["spec"], "status": value["status"]}), schema);
+    // The phases the agent writes are the ones the schema allows.
+    let phases: Vec<&str> = schema["properties"]["status"]["properties"]["phase"]["enum"].as_array().expect("enum").iter().filter_map(Value::as_str).collect();
+    assert_eq!(phases, [palisade::k8s::quarantine_resource::PHASE_ENFORCED, palisade::k8s::quarantine_resource::PHASE_PENDING]);
+    // Printer columns point at fields that exist.
+    for column in version["additionalPrinterColumns"].as_array().expect("columns") {
+        let path = column["jsonPath"].as_str().expect("jsonPath");
+        if path.starts_with(".metadata") {
+            continue;
+        }
+        let mut at = schema;
+        for part in path.trim_start_matches('.').split('.') {
+            at = &at["properties"][part];
+            assert!(!at.is_null(), "printer column {path}: not in the schema");
+        }
+    }
+}
+
+fn cel(expression: &str, variables: &[(&str, Value)]) -> bool {
+    let program = cel_interpreter::Program::compile(expression).unwrap_or_else(|e| panic!("{expression}: {e}"));
+    let mut context = cel_interpreter::Context::default();
+    for (name, value) in variables {
+        context.add_variable(*name, value.clone()).expect("variable");
+    }
+    match program.execute(&context) {
+        Ok(cel_interpreter::Value::Bool(b)) => b,
+        other => panic!("{expression}: {other:?}"),
+    }
+}
+
+fn quarantine(release: Option<(&str, &str)>) -> Value {
+    let mut q = serde_json::json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"pod": "web", "reason": "reverse shell"}});
+    if let Some((by, reason)) = release {
+        q["spec"]["release"] = serde_json::json!({"requestedBy": by, "reason": reason});
+    }
+    q
+}
+
+#[test]
+fn the_admission_policy_makes_requested_by_the_authenticated_user() {
+    let (policy, binding) = admission_policy();
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"], serde_json::json!(["Deny"]));
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    let rules = &policy["spec"]["matchConstraints"]["resourceRules"][0];
+    assert_eq!(rules["resources"], serde_json::json!(["quarantines"]), "status writes (quarantines/status) are not matched");
+    let expression = policy["spec"]["validations"][0]["expression"].as_str().expect("expression");
+    let admit = |object: Value, old: Value, user: &str| {
+        cel(expression, &[("object", object), ("oldObject", old), ("request", serde_json::json!({"userInfo": {"username": user}}))])
+    };
+    let alice = "alice@example.com";
+    // Creating a quarantine by hand, or palisade creating one: no release, admitted.
+    assert!(admit(quarantine(None), Value::Null, "bob"));
+    // Setting spec.release in one's own name: admitted; in someone else's: denied.
+    assert!(admit(quarantine(Some((alice, "fixed"))), quarantine(None), alice));
+    assert!(!admit(quarantine(Some((alice, "fixed"))), quarantine(None), "mallory"));
+    // Creating an object that is released from the start, in another name: denied.
+    assert!(!admit(quarantine(Some((alice, "fixed"))), Value::Null, "mallory"));
+    // An update that leaves an existing release as it was (e.g. a label) is anyone's.
+    assert!(admit(quarantine(Some((alice, "fixed"))), quarantine(Some((alice, "fixed"))), "system:serviceaccount:x:y"));
+    // Rewriting who released it is a new release: must be the requester.
+    assert!(!admit(quarantine(Some((alice, "fixed"))), quarantine(Some(("bob", "fixed"))), "mallory"));
+}
+
+#[test]
+fn the_crd_validations_reject_a_renamed_pod_and_a_withdrawn_release() {
+    let crd = crd();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let root_rule = schema["x-kubernetes-validations"][0]["rule"].as_str().expect("root rule");
+    assert!(cel(root_rule, &[("self", quarantine(None))]));
+    let mut renamed = quarantine(None);
+    renamed["spec"]["pod"] = serde_json::json!("other");
+    assert!(!cel(root_rule, &[("self", renamed)]), "an object may only name the pod it is named after");
+
+    let spec_rules: Vec<&str> =
+        schema["properties"]["spec"]["x-kubernetes-validations"].as_array().expect("spec rules").iter().filter_map(|r| r["rule"].as_str()).collect();
+    let holds = |new: Value, old: Value| spec_rules.iter().all(|rule| cel(rule, &[("self", new["spec"].clone()), ("oldSelf", old["spec"].clone())]));
+    assert!(holds(quarantine(None), quarantine(None)));
+    assert!(holds(quarantine(Some(("alice", "fixed"))), quarantine(None)), "setting a release");
+    assert!(!holds(quarantine(None), quarantine(Some(("alice", "fixed")))), "withdrawing a release");
+    assert!(!holds(quarantine(Some(("bob", "other"))), quarantine(Some(("alice", "fixed")))), "rewriting a release");
+    let mut moved = quarantine(None);
+    moved["spec"]["pod"] = serde_json::json!("other");
+    assert!(!holds(moved, quarantine(None)), "changing spec.pod");
 }

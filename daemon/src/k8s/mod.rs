@@ -21,11 +21,13 @@ pub mod convert;
 pub mod events;
 pub mod quarantine;
 pub mod peers;
+pub mod quarantine_resource;
 pub mod source;
 
 pub use cgroup::{CgroupLocator, PodCgroup, QosClass, kubepods_parent};
 pub use events::{AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents};
 pub use quarantine::{ClusterQuarantineSink, KubeQuarantineSink, LabelRemoval, SinkError};
+pub use quarantine_resource::{Quarantine, QuarantineResources, ResourceChange};
 pub use source::{KubeSource, SourceConfig, SourceError, SourceHealth, UnresolvedCgroup, WatchHealth};
 
 /// The label a quarantined pod carries (a view: removing it is tampering, undone by palisade).
@@ -54,3 +56,21 @@ pub const API_USES: &[(&str, &str, &str)] = &[
     ("", "events", "create"),
     ("", "events", "patch"),
 ];
+
+/// What the Quarantine resource adds to [`API_USES`] (`quarantine_resource`): the watch of every
+/// Quarantine, creating and deleting this node's objects, writing their status, and reading a
+/// pod's uid for the owner reference. Kept apart so tests of the source alone can name it.
+pub const QUARANTINE_RESOURCE_USES: &[(&str, &str, &str)] = &[
+    ("", "pods", "get"),
+    ("palisade.io", "quarantines", "list"),
+    ("palisade.io", "quarantines", "watch"),
+    ("palisade.io", "quarantines", "create"),
+    ("palisade.io", "quarantines", "get"),
+    ("palisade.io", "quarantines", "delete"),
+    ("palisade.io", "quarantines/status", "patch"),
+];
+
+/// Everything the agent may send: [`API_USES`] and [`QUARANTINE_RESOURCE_USES`].
+pub fn all_api_uses() -> Vec<(&'static str, &'static str, &'static str)> {
+    API_USES.iter().chain(QUARANTINE_RESOURCE_USES).copied().collect()
+}

@@ -428,6 +428,16 @@ impl KubeSource {
         LabelledPods(self.labelled.clone())
     }
 
+    /// The client the source watches with (for the Quarantine resource, which shares it).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// This node's name, as its pods' `spec.nodeName` says it.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// The sink that makes this node's quarantines visible in the cluster. It shares the
     /// source's view of the label, so its own label removals are not mistaken for releases.
     pub fn quarantine_sink(&self) -> KubeQuarantineSink {

@@ -1,73 +1,397 @@
-//! Kubernetes mode's view of quarantines: the `palisade.io/quarantined` label and Events follow
-//! the responder, and a label changed by anyone else is put back with a `tamper` alert.
+//! Kubernetes mode: the node's quarantines made visible and controllable in the cluster.
+//!
+//! - The pod label and the Quarantined/Released Events (`k8s::quarantine`): label removals by
+//!   anyone else are undone with a `tamper` alert; the label is never a way out.
+//! - The `Quarantine` objects (`k8s::quarantine_resource`): created and kept current for every
+//!   quarantine of this node; `spec.release` set on one (or its deletion) releases the pod, an
+//!   object created by an operator quarantines it. Both go through the same quarantine API as
+//!   the root-only socket (`quarantine release` / `quarantine add`), so there is one audit alert
+//!   per release, naming who asked.
+//!
+//! A periodic reconciliation makes the labels and objects follow the responder, also across
+//! restarts and API outages.
 
-use super::QuarantineService;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{QuarantineService, ReleaseRecord};
 use crate::alerts::AlertSink;
+use crate::api::{OperatorRequest, QuarantineApi};
+use crate::endpoints::EndpointTable;
+use crate::k8s::quarantine_resource::{
+    DesiredQuarantine, PHASE_ENFORCED, PHASE_PENDING, QuarantineResources, ResourceChange,
+};
+use crate::k8s::{ClusterQuarantineSink, KubeQuarantineSink};
+use crate::metrics::Metrics;
 
-/// Kubernetes mode: quarantines made visible (label + Event), label removals by anyone else
-/// undone with a `tamper` alert (release only through the API socket), and a periodic
-/// reconciliation so the labels follow the responder (also across restarts).
-pub fn spawn_cluster_quarantine(
-    quarantine: QuarantineService,
-    alerts: AlertSink,
-    source: &mut crate::k8s::KubeSource,
-    mut releases: tokio::sync::mpsc::UnboundedReceiver<super::ReleaseRecord>,
-) {
-    use crate::k8s::ClusterQuarantineSink as _;
-    let sink = source.quarantine_sink();
-    let labels = source.labelled_pods();
-    let Some(mut removals) = source.take_label_removals() else { return };
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
-        loop {
-            tokio::select! {
-                removal = removals.recv() => {
-                    let Some(removal) = removal else { return };
-                    let quarantined = quarantine.list_async().await.into_iter().find(|r| r.pod == removal.pod);
-                    if let Some(record) = quarantined {
-                        // The reconciler below may have put it back already.
-                        let relabel = if labels.current().contains(&record.pod) {
-                            Ok(())
-                        } else {
-                            sink.quarantined(&record.pod, &record.rule_id, &record.alert_id).await.map_err(|e| e.to_string())
-                        };
-                        if let Err(err) = &relabel {
-                            tracing::error!(pod = %record.pod, %err, "putting the quarantine label back");
-                        }
-                        alerts.try_emit(super::api::tamper_alert(&record, &removal.change, relabel.err()));
-                    }
-                }
-                Some(record) = releases.recv() => {
-                    release_label(&sink, &record).await;
-                }
-                _ = tick.tick() => {}
-            }
-            // Releases not handled yet go first, so their Event names who released and why
-            // rather than the reconciler's "not quarantined on this node".
-            while let Ok(record) = releases.try_recv() {
-                release_label(&sink, &record).await;
-            }
-            let quarantined = quarantine.list_async().await;
-            let labelled = labels.current();
-            for record in quarantined.iter().filter(|r| !labelled.contains(&r.pod)) {
-                if let Err(err) = sink.quarantined(&record.pod, &record.rule_id, &record.alert_id).await {
-                    tracing::warn!(pod = %record.pod, %err, "labelling a quarantined pod");
-                }
-            }
-            for pod in labelled.iter().filter(|p| !quarantined.iter().any(|r| &r.pod == *p)) {
-                if let Err(err) = sink.released(pod, "not quarantined on this node").await {
-                    tracing::warn!(%pod, %err, "removing a stale quarantine label");
-                }
-            }
-        }
-    });
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+
+/// What the Kubernetes mirror of the quarantines reads and reports to.
+#[derive(Clone)]
+pub struct ClusterQuarantine {
+    pub quarantine: QuarantineService,
+    pub alerts: AlertSink,
+    pub metrics: Metrics,
+    /// To tell this node's pods (an object created by hand quarantines only those).
+    pub endpoints: tokio::sync::watch::Receiver<Arc<EndpointTable>>,
 }
 
-/// Removes the quarantine label after an API release; the Normal `Released` Event says who
-/// released the pod and why.
-async fn release_label(sink: &dyn crate::k8s::ClusterQuarantineSink, record: &super::ReleaseRecord) {
+impl ClusterQuarantine {
+    /// Starts the task. `releases` carries every release made through the quarantine API;
+    /// `quarantine_api` is the handler the API socket uses.
+    pub fn spawn(
+        self,
+        source: &mut crate::k8s::KubeSource,
+        mut releases: tokio::sync::mpsc::UnboundedReceiver<ReleaseRecord>,
+        quarantine_api: Arc<dyn QuarantineApi>,
+    ) {
+        let state = self;
+        let sink = source.quarantine_sink();
+        let labels = source.labelled_pods();
+        let Some(mut removals) = source.take_label_removals() else {
+            return;
+        };
+        let client = source.client();
+        let node = source.node().to_string();
+        tokio::spawn(async move {
+            let (resources, mut changes) = QuarantineResources::start(client.clone(), node);
+            let mut tick = tokio::time::interval(RECONCILE_EVERY);
+            loop {
+                tokio::select! {
+                    removal = removals.recv() => {
+                        let Some(removal) = removal else { return };
+                        let quarantined = state.quarantine.list_async().await.into_iter().find(|r| r.pod == removal.pod);
+                        if let Some(record) = quarantined {
+                            // The reconciler below may have put it back already.
+                            let relabel = if labels.current().contains(&record.pod) {
+                                Ok(())
+                            } else {
+                                sink.quarantined(&record.pod, &record.rule_id, &record.alert_id).await.map_err(|e| e.to_string())
+                            };
+                            if let Err(err) = &relabel {
+                                tracing::error!(pod = %record.pod, %err, "putting the quarantine label back");
+                            }
+                            state.alerts.try_emit(super::api::tamper_alert(&record, &removal.change, relabel.err()));
+                        }
+                    }
+                    Some(record) = releases.recv() => {
+                        released(&sink, &resources, &record).await;
+                    }
+                    Some(change) = changes.recv() => {
+                        act_on(&state, quarantine_api.as_ref(), &resources, change).await;
+                    }
+                    _ = tick.tick() => {}
+                }
+                // Releases not handled yet go first, so their Event names who released and why
+                // rather than the reconciler's "not quarantined on this node".
+                while let Ok(record) = releases.try_recv() {
+                    released(&sink, &resources, &record).await;
+                }
+                reconcile_labels(&state, &sink, &labels).await;
+                reconcile_objects(&state, &client, &resources).await;
+            }
+        });
+    }
+}
+
+async fn reconcile_labels(
+    state: &ClusterQuarantine,
+    sink: &KubeQuarantineSink,
+    labels: &crate::k8s::source::LabelledPods,
+) {
+    let quarantined = state.quarantine.list_async().await;
+    let labelled = labels.current();
+    for record in quarantined.iter().filter(|r| !labelled.contains(&r.pod)) {
+        if let Err(err) = sink
+            .quarantined(&record.pod, &record.rule_id, &record.alert_id)
+            .await
+        {
+            tracing::warn!(pod = %record.pod, %err, "labelling a quarantined pod");
+        }
+    }
+    for pod in labelled
+        .iter()
+        .filter(|p| !quarantined.iter().any(|r| &r.pod == *p))
+    {
+        if let Err(err) = sink.released(pod, "not quarantined on this node").await {
+            tracing::warn!(%pod, %err, "removing a stale quarantine label");
+        }
+    }
+}
+
+/// Every quarantine (enforced or queued) of this node has an object saying so; objects this
+/// node wrote for quarantines that no longer exist go.
+async fn reconcile_objects(
+    state: &ClusterQuarantine,
+    client: &kube::Client,
+    resources: &QuarantineResources,
+) {
+    let mut desired: Vec<DesiredQuarantine> = state
+        .quarantine
+        .list_async()
+        .await
+        .into_iter()
+        .map(|r| DesiredQuarantine {
+            pod: r.pod,
+            reason: r.reason,
+            rule: r.rule_id,
+            alert_id: r.alert_id,
+            phase: PHASE_ENFORCED,
+            since: r.since,
+        })
+        .collect();
+    desired.extend(
+        state
+            .quarantine
+            .pending_async()
+            .await
+            .into_iter()
+            .map(|p| DesiredQuarantine {
+                pod: p.pod,
+                reason: p.reason,
+                rule: p.rule_id,
+                alert_id: p.alert_id,
+                phase: PHASE_PENDING,
+                since: p.queued_at,
+            }),
+    );
+    let current = resources.current();
+    for want in &desired {
+        // A release asked for on the object is being acted on: do not rewrite it.
+        if current
+            .get(&want.pod)
+            .is_some_and(|q| q.spec.release.is_some())
+        {
+            continue;
+        }
+        let uid = if current.contains_key(&want.pod) {
+            None
+        } else {
+            pod_uid(client, &want.pod).await
+        };
+        if let Err(err) = resources.ensure(want, uid).await {
+            state.metrics.record_kube_quarantine_error();
+            tracing::warn!(pod = %want.pod, %err, "writing the pod's Quarantine object");
+        }
+    }
+    for stale in resources.ours() {
+        let Some(pod) = stale.pod_key() else { continue };
+        if desired.iter().any(|d| d.pod == pod) {
+            continue;
+        }
+        if let Err(err) = resources.delete(&pod).await {
+            state.metrics.record_kube_quarantine_error();
+            tracing::warn!(%pod, %err, "deleting the Quarantine object of a pod no longer quarantined");
+        }
+    }
+}
+
+/// The pod's uid, for the object's owner reference (so it is deleted with the pod).
+async fn pod_uid(client: &kube::Client, pod: &str) -> Option<String> {
+    let (namespace, name) = pod.split_once('/')?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), namespace);
+    match pods.get_metadata(name).await {
+        Ok(meta) => meta.metadata.uid,
+        Err(err) => {
+            tracing::warn!(%pod, %err, "reading the pod's uid (its Quarantine object gets no owner)");
+            None
+        }
+    }
+}
+
+/// After a release through the quarantine API: label removed, Released Event, object deleted.
+async fn released(
+    sink: &KubeQuarantineSink,
+    resources: &QuarantineResources,
+    record: &ReleaseRecord,
+) {
     let reason = format!("released by {}: {}", record.by, record.reason);
     if let Err(err) = sink.released(&record.pod, &reason).await {
         tracing::warn!(pod = %record.pod, %err, "removing the quarantine label after a release");
+    }
+    if let Err(err) = resources.delete(&record.pod).await {
+        tracing::warn!(pod = %record.pod, %err, "deleting the Quarantine object after a release");
+    }
+}
+
+/// Someone else changed a Quarantine object: release, quarantine or cancel through the
+/// quarantine API, for pods of this node only.
+async fn act_on(
+    state: &ClusterQuarantine,
+    api: &dyn QuarantineApi,
+    resources: &QuarantineResources,
+    change: ResourceChange,
+) {
+    let enforced = |pod: &str| {
+        let pod = pod.to_string();
+        async move {
+            state
+                .quarantine
+                .list_async()
+                .await
+                .iter()
+                .any(|r| r.pod == pod)
+        }
+    };
+    let pending = |pod: &str| {
+        let pod = pod.to_string();
+        async move {
+            state
+                .quarantine
+                .pending_async()
+                .await
+                .iter()
+                .any(|p| p.pod == pod)
+        }
+    };
+    match change {
+        ResourceChange::ReleaseRequested {
+            pod,
+            reason,
+            requested_by,
+            managers,
+        } => {
+            let by = release_requester(&requested_by, &managers);
+            let reason = if reason.is_empty() {
+                "spec.release set on its Quarantine object".to_string()
+            } else {
+                reason
+            };
+            if enforced(&pod).await {
+                report(
+                    state,
+                    &pod,
+                    "release",
+                    api.release(request(&pod, reason, by))
+                        .await
+                        .map(|o| o.message),
+                );
+            } else if pending(&pod).await {
+                report(
+                    state,
+                    &pod,
+                    "cancel",
+                    api.cancel(request(&pod, reason, by))
+                        .await
+                        .map(|o| o.message),
+                );
+                if let Err(err) = resources.delete(&pod).await {
+                    tracing::warn!(%pod, %err, "deleting the Quarantine object of a cancelled quarantine");
+                }
+            } else if resources
+                .ours()
+                .iter()
+                .any(|q| q.pod_key().as_deref() == Some(pod.as_str()))
+            {
+                // Released already (e.g. through the socket while the API was away).
+                if let Err(err) = resources.delete(&pod).await {
+                    tracing::warn!(%pod, %err, "deleting a released pod's Quarantine object");
+                }
+            }
+        }
+        ResourceChange::QuarantineRequested {
+            pod,
+            reason,
+            managers,
+        } => {
+            let local = pod.parse().ok().is_some_and(|key| {
+                state
+                    .endpoints
+                    .borrow()
+                    .get(&key)
+                    .is_some_and(|e| !e.is_peer())
+            });
+            if !local || enforced(&pod).await || pending(&pod).await {
+                return;
+            }
+            let by = format!(
+                "Kubernetes: Quarantine object created by {}",
+                list_or_unknown(&managers)
+            );
+            let reason = if reason.is_empty() {
+                "Quarantine object created".to_string()
+            } else {
+                reason
+            };
+            report(
+                state,
+                &pod,
+                "quarantine",
+                api.add(request(&pod, reason, by)).await.map(|o| o.message),
+            );
+        }
+        ResourceChange::Deleted { pod } => {
+            let by = "Kubernetes: its Quarantine object was deleted (the API server's audit log names who)".to_string();
+            let reason = "Quarantine object deleted".to_string();
+            if enforced(&pod).await {
+                report(
+                    state,
+                    &pod,
+                    "release",
+                    api.release(request(&pod, reason, by))
+                        .await
+                        .map(|o| o.message),
+                );
+            } else if pending(&pod).await {
+                report(
+                    state,
+                    &pod,
+                    "cancel",
+                    api.cancel(request(&pod, reason, by))
+                        .await
+                        .map(|o| o.message),
+                );
+            }
+        }
+    }
+}
+
+/// Who asked for a release, as the alert names it: the `requestedBy` the object carries (the
+/// admission policy makes it the authenticated user) and the field managers that wrote it.
+fn release_requester(requested_by: &str, managers: &[String]) -> String {
+    let user = if requested_by.is_empty() {
+        "(requestedBy not given)"
+    } else {
+        requested_by
+    };
+    format!(
+        "{user} (Kubernetes spec.release, field manager {})",
+        list_or_unknown(managers)
+    )
+}
+
+fn list_or_unknown(items: &[String]) -> String {
+    if items.is_empty() {
+        "unknown".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn request(pod: &str, reason: String, by: String) -> OperatorRequest {
+    let (namespace, name) = pod.split_once('/').unwrap_or(("", pod));
+    OperatorRequest {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        reason,
+        by,
+    }
+}
+
+fn report(
+    state: &ClusterQuarantine,
+    pod: &str,
+    what: &str,
+    result: Result<String, crate::api::QuarantineApiError>,
+) {
+    match result {
+        Ok(message) => {
+            tracing::info!(%pod, %message, "{what} requested through the Quarantine resource")
+        }
+        Err(err) => {
+            state.metrics.record_kube_quarantine_error();
+            tracing::error!(%pod, %err, "{what} requested through the Quarantine resource failed");
+        }
     }
 }

@@ -33,6 +33,8 @@ pub enum Kind {
     Namespace,
     NetworkPolicy,
     Event,
+    /// palisade.io/v1 Quarantine (namespaced, with a status subresource).
+    Quarantine,
 }
 
 impl Kind {
@@ -42,6 +44,7 @@ impl Kind {
             Some("Namespace") => Kind::Namespace,
             Some("NetworkPolicy") => Kind::NetworkPolicy,
             Some("Event") => Kind::Event,
+            Some("Quarantine") => Kind::Quarantine,
             other => panic!("stand-in does not serve kind {other:?}"),
         }
     }
@@ -51,10 +54,24 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::NetworkPolicy => "networkpolicies",
             Kind::Event => "events",
+            Kind::Quarantine => "quarantines",
+        }
+    }
+    pub fn kind(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Event => "Event",
+            Kind::Quarantine => "Quarantine",
         }
     }
     pub fn group(self) -> &'static str {
-        if self == Kind::NetworkPolicy { "networking.k8s.io" } else { "" }
+        match self {
+            Kind::NetworkPolicy => "networking.k8s.io",
+            Kind::Quarantine => "palisade.io",
+            _ => "",
+        }
     }
     pub fn list_kind(self) -> &'static str {
         match self {
@@ -62,10 +79,15 @@ impl Kind {
             Kind::Namespace => "NamespaceList",
             Kind::NetworkPolicy => "NetworkPolicyList",
             Kind::Event => "EventList",
+            Kind::Quarantine => "QuarantineList",
         }
     }
     pub fn api_version(self) -> &'static str {
-        if self == Kind::NetworkPolicy { "networking.k8s.io/v1" } else { "v1" }
+        match self {
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::Quarantine => "palisade.io/v1",
+            _ => "v1",
+        }
     }
 }
 
@@ -84,8 +106,21 @@ pub struct Recorded {
     pub query: BTreeMap<String, String>,
     pub content_type: String,
     pub body: String,
-    /// (group, resource, verb) as RBAC names it.
+    /// (group, resource, verb) as RBAC names it; a subresource is `resource/sub`.
     pub use_: (String, String, String),
+    /// The authenticated user (from the bearer token).
+    pub user: String,
+}
+
+/// The user the stand-in's own token ([`StandIn::token`]) authenticates as.
+pub const AGENT_USER: &str = "system:serviceaccount:palisade-system:palisade";
+
+/// A user the stand-in knows: its name and the (resource, verb) pairs RBAC denies it
+/// (everything else is allowed).
+#[derive(Debug, Clone)]
+struct User {
+    name: String,
+    denied: BTreeSet<(String, String)>,
 }
 
 struct WatchSub {
@@ -108,6 +143,8 @@ struct Cluster {
     next_uid: u64,
     /// Open client connections, so a fault can cut them (kube's client reuses pooled ones).
     connections: Vec<tokio::task::AbortHandle>,
+    /// Bearer token -> user.
+    users: BTreeMap<String, User>,
 }
 
 fn matches_node(object: &Value, node: &Option<String>) -> bool {
@@ -146,6 +183,54 @@ impl Cluster {
         self.objects.insert(key, object.clone());
         self.emit(kind, type_, object.clone());
         object
+    }
+
+    /// Deletes an object and, as the garbage collector does, every object it owns
+    /// (`metadata.ownerReferences[].uid`).
+    fn remove(&mut self, key: &(Kind, String, String)) -> Option<Value> {
+        let mut object = self.objects.remove(key)?;
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.emit(key.0, "DELETED", object.clone());
+        let uid = object["metadata"]["uid"].clone();
+        let owned: Vec<_> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o["metadata"]["ownerReferences"].as_array().is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for dependent in owned {
+            self.remove(&dependent);
+        }
+        Some(object)
+    }
+}
+
+/// The `fieldsV1` set of a patch or object body, as managedFields records it: every key as
+/// `f:<key>` down to the leaves (a simplification of the API server's, enough to see who set what).
+fn fields_v1(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            Value::Object(map.iter().filter(|(k, _)| !matches!(k.as_str(), "apiVersion" | "kind")).map(|(k, v)| (format!("f:{k}"), fields_v1(v))).collect())
+        }
+        _ => json!({}),
+    }
+}
+
+/// Records who changed what, the way the API server does in `metadata.managedFields`.
+fn record_manager(object: &mut Value, manager: &str, operation: &str, subresource: Option<&str>, changed: &Value) {
+    let mut entry = json!({"manager": manager, "operation": operation, "apiVersion": object["apiVersion"].clone(),
+        "fieldsType": "FieldsV1", "fieldsV1": fields_v1(changed)});
+    if let Some(sub) = subresource {
+        entry["subresource"] = json!(sub);
+    }
+    let fields = &mut object["metadata"]["managedFields"];
+    if !fields.is_array() {
+        *fields = json!([]);
+    }
+    if let Some(list) = fields.as_array_mut() {
+        list.retain(|e| !(e["manager"] == manager && e["operation"] == operation && e["subresource"] == entry["subresource"]));
+        list.push(entry);
     }
 }
 
@@ -227,9 +312,11 @@ impl StandIn {
         let ca = super::tls::TestCa::new("kube stand-in CA");
         let acceptor = ca.acceptor(None);
         let token = format!("standin-{}-{}", std::process::id(), addr.port());
+        let mut cluster = Cluster::default();
+        cluster.users.insert(token.clone(), User { name: AGENT_USER.to_string(), denied: BTreeSet::new() });
         let this = StandIn {
             addr,
-            cluster: Arc::new(Mutex::new(Cluster::default())),
+            cluster: Arc::new(Mutex::new(cluster)),
             ca_pem: Arc::new(ca.pem.clone()),
             token: Arc::new(token),
             bytes_sent: Arc::new(AtomicU64::new(0)),
@@ -269,10 +356,15 @@ impl StandIn {
 
     /// A kube client that trusts the stand-in's CA and carries its token.
     pub fn client(&self) -> kube::Client {
+        self.client_with_token(&self.token)
+    }
+
+    /// A kube client for another user (see [`StandIn::add_user`]).
+    pub fn client_with_token(&self, token: &str) -> kube::Client {
         let url: hyper::Uri = format!("https://{}", self.addr).parse().expect("url");
         let mut config = kube::Config::new(url);
         config.root_cert = Some(vec![pem_to_der(&self.ca_pem)]);
-        config.auth_info.token = Some(self.token.to_string().into());
+        config.auth_info.token = Some(token.to_string().into());
         kube::Client::try_from(config).expect("kube client")
     }
 
@@ -310,18 +402,28 @@ impl StandIn {
         self.lock().requests.clear();
     }
 
+    /// Deletes an object (and what it owns, as the garbage collector would).
     pub fn delete(&self, kind: Kind, ns: &str, name: &str) {
-        let mut cluster = self.lock();
-        let Some(mut object) = cluster.objects.remove(&(kind, ns.to_string(), name.to_string())) else {
+        if self.lock().remove(&(kind, ns.to_string(), name.to_string())).is_none() {
             panic!("delete: no {kind:?} {ns}/{name}");
-        };
-        cluster.rv += 1;
-        object["metadata"]["resourceVersion"] = json!(cluster.rv.to_string());
-        cluster.emit(kind, "DELETED", object);
+        }
     }
 
     pub fn object(&self, kind: Kind, ns: &str, name: &str) -> Value {
-        self.lock().objects.get(&(kind, ns.to_string(), name.to_string())).cloned().expect("object exists")
+        self.try_object(kind, ns, name).expect("object exists")
+    }
+
+    pub fn try_object(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
+        self.lock().objects.get(&(kind, ns.to_string(), name.to_string())).cloned()
+    }
+
+    /// A second user with its own bearer token, denied the (resource, verb) pairs given (as RBAC
+    /// would: `403 Forbidden`); returns the token.
+    pub fn add_user(&self, name: &str, denied: &[(&str, &str)]) -> String {
+        let token = format!("{}-user-{}", self.token, name.replace(|c: char| !c.is_ascii_alphanumeric(), "-"));
+        let denied = denied.iter().map(|(r, v)| (r.to_string(), v.to_string())).collect();
+        self.lock().users.insert(token.clone(), User { name: name.to_string(), denied });
+        token
     }
 
     /// A BOOKMARK with the current resourceVersion to every watch that asked for bookmarks.
@@ -332,8 +434,7 @@ impl StandIn {
             if !w.bookmarks {
                 return true;
             }
-            let object = json!({"kind": match w.kind { Kind::Pod => "Pod", Kind::Namespace => "Namespace",
-                Kind::NetworkPolicy => "NetworkPolicy", Kind::Event => "Event" },
+            let object = json!({"kind": w.kind.kind(),
                 "apiVersion": w.kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
             w.tx.send(line(&json!({"type": "BOOKMARK", "object": object}))).is_ok()
         });
@@ -409,14 +510,15 @@ impl StandIn {
     }
 
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
-        let authorised = req
+        let token = req
             .headers()
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.strip_prefix("Bearer ") == Some(self.token.as_str()));
-        if !authorised {
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let Some(user) = token.and_then(|t| self.lock().users.get(&t).cloned()) else {
             return full(StatusCode::UNAUTHORIZED, &status(401, "Unauthorized", "Unauthorized"));
-        }
+        };
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let query: BTreeMap<String, String> = req
@@ -431,32 +533,43 @@ impl StandIn {
             })
             .collect();
         let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        // The API server's default field manager is the client's user agent up to the first '/'.
+        let agent = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("unknown").split('/').next().unwrap_or("unknown").to_string();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let body = String::from_utf8_lossy(&body).into_owned();
 
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        // (kind, namespace, name)
+        // (kind, namespace, name, subresource)
         let target = match segments.as_slice() {
-            ["api", "v1", "pods"] => Some((Kind::Pod, None, None)),
-            ["api", "v1", "namespaces"] => Some((Kind::Namespace, None, None)),
-            ["apis", "networking.k8s.io", "v1", "networkpolicies"] => Some((Kind::NetworkPolicy, None, None)),
-            ["api", "v1", "namespaces", ns, "pods", name] => Some((Kind::Pod, Some(*ns), Some(*name))),
-            ["api", "v1", "namespaces", ns, "events"] => Some((Kind::Event, Some(*ns), None)),
-            ["api", "v1", "namespaces", ns, "events", name] => Some((Kind::Event, Some(*ns), Some(*name))),
+            ["api", "v1", "pods"] => Some((Kind::Pod, None, None, None)),
+            ["api", "v1", "namespaces"] => Some((Kind::Namespace, None, None, None)),
+            ["apis", "networking.k8s.io", "v1", "networkpolicies"] => Some((Kind::NetworkPolicy, None, None, None)),
+            ["api", "v1", "namespaces", ns, "pods", name] => Some((Kind::Pod, Some(*ns), Some(*name), None)),
+            ["api", "v1", "namespaces", ns, "events"] => Some((Kind::Event, Some(*ns), None, None)),
+            ["api", "v1", "namespaces", ns, "events", name] => Some((Kind::Event, Some(*ns), Some(*name), None)),
+            ["apis", "palisade.io", "v1", "quarantines"] => Some((Kind::Quarantine, None, None, None)),
+            ["apis", "palisade.io", "v1", "namespaces", ns, "quarantines"] => Some((Kind::Quarantine, Some(*ns), None, None)),
+            ["apis", "palisade.io", "v1", "namespaces", ns, "quarantines", name] => Some((Kind::Quarantine, Some(*ns), Some(*name), None)),
+            ["apis", "palisade.io", "v1", "namespaces", ns, "quarantines", name, "status"] => {
+                Some((Kind::Quarantine, Some(*ns), Some(*name), Some("status")))
+            }
             _ => None,
         };
         let watch = query.get("watch").is_some_and(|v| v == "true" || v == "1");
         let verb = match (method.as_str(), &target, watch) {
             ("GET", _, true) => "watch",
-            ("GET", Some((_, _, None)), false) => "list",
-            ("GET", Some((_, _, Some(_))), false) => "get",
+            ("GET", Some((_, _, None, _)), false) => "list",
+            ("GET", Some((_, _, Some(_), _)), false) => "get",
             ("POST", _, _) => "create",
             ("PATCH", _, _) => "patch",
             ("PUT", _, _) => "update",
             ("DELETE", _, _) => "delete",
             _ => "other",
         };
-        let resource = target.map(|t| t.0);
+        let resource = target.map(|t| match t.3 {
+            Some(sub) => format!("{}/{sub}", t.0.resource()),
+            None => t.0.resource().to_string(),
+        });
         let mut cluster = self.lock();
         cluster.requests.push(Recorded {
             method: method.clone(),
@@ -465,24 +578,38 @@ impl StandIn {
             content_type: content_type.clone(),
             body: body.clone(),
             use_: (
-                resource.map(|k| k.group()).unwrap_or("?").to_string(),
-                resource.map(|k| k.resource()).unwrap_or("?").to_string(),
+                target.map(|t| t.0.group()).unwrap_or("?").to_string(),
+                resource.clone().unwrap_or_else(|| "?".to_string()),
                 verb.to_string(),
             ),
+            user: user.name.clone(),
         });
         if cluster.fault == Some(Fault::Status500) {
             return full(StatusCode::INTERNAL_SERVER_ERROR, &status(500, "InternalError", "stand-in: injected failure"));
         }
-        let Some((kind, ns, name)) = target else {
+        let Some((kind, ns, name, subresource)) = target else {
             return full(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("no route {path}")));
         };
+        if let Some(resource) = &resource
+            && user.denied.contains(&(resource.clone(), verb.to_string()))
+        {
+            let message = format!(
+                "{resource}.{group} {name:?} is forbidden: User {user:?} cannot {verb} resource {resource:?} in API group {group:?} in the namespace {ns:?}",
+                group = kind.group(),
+                name = name.unwrap_or(""),
+                user = user.name,
+                ns = ns.unwrap_or(""),
+            );
+            return full(StatusCode::FORBIDDEN, &status(403, "Forbidden", &message));
+        }
         let node = query.get("fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=")).map(str::to_string);
+        let manager = query.get("fieldManager").cloned().unwrap_or(agent);
         match verb {
             "list" => {
                 let items: Vec<Value> = cluster
                     .objects
                     .iter()
-                    .filter(|((k, _, _), o)| *k == kind && matches_node(o, &node))
+                    .filter(|((k, n, _), o)| *k == kind && ns.is_none_or(|ns| ns == n) && matches_node(o, &node))
                     .map(|(_, o)| o.clone())
                     .collect();
                 full(
@@ -520,18 +647,36 @@ impl StandIn {
                 response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
                 response
             }
+            "get" => {
+                let key = (kind, ns.unwrap_or("").to_string(), name.unwrap_or("").to_string());
+                match cluster.objects.get(&key) {
+                    Some(object) => full(StatusCode::OK, object),
+                    None => not_found(kind, name.unwrap_or("")),
+                }
+            }
             "patch" => {
                 let (Some(ns), Some(name)) = (ns, name) else {
                     return full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", "patch needs a name"));
                 };
                 let key = (kind, ns.to_string(), name.to_string());
                 let Some(mut object) = cluster.objects.get(&key).cloned() else {
-                    return full(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("{name} not found")));
+                    return not_found(kind, name);
                 };
-                let Ok(patch) = serde_json::from_str::<Value>(&body) else {
+                let Ok(mut patch) = serde_json::from_str::<Value>(&body) else {
                     return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "patch is not JSON"));
                 };
+                // With a status subresource, the main resource ignores status and the status
+                // subresource ignores everything else (as the API server does for CRDs).
+                if kind == Kind::Quarantine {
+                    if subresource == Some("status") {
+                        patch = json!({"status": patch["status"].clone()});
+                    } else if let Some(map) = patch.as_object_mut() {
+                        map.remove("status");
+                    }
+                }
                 merge_patch(&mut object, &patch);
+                let operation = if content_type.starts_with("application/apply-patch") { "Apply" } else { "Update" };
+                record_manager(&mut object, &manager, operation, subresource, &patch);
                 let stored = cluster.store(object);
                 full(StatusCode::OK, &stored)
             }
@@ -539,29 +684,62 @@ impl StandIn {
                 let Ok(mut object) = serde_json::from_str::<Value>(&body) else {
                     return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body is not JSON"));
                 };
-                object["kind"] = json!("Event");
-                object["apiVersion"] = json!("v1");
+                object["kind"] = json!(kind.kind());
+                object["apiVersion"] = json!(kind.api_version());
                 object["metadata"]["namespace"] = json!(ns.unwrap_or(""));
+                if kind != Kind::Event {
+                    let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+                        return full(StatusCode::UNPROCESSABLE_ENTITY, &status(422, "Invalid", "metadata.name: Required value"));
+                    };
+                    if cluster.objects.contains_key(&(kind, ns.unwrap_or("").to_string(), name.clone())) {
+                        let message = format!("{}.{} {name:?} already exists", kind.resource(), kind.group());
+                        return full(StatusCode::CONFLICT, &status(409, "AlreadyExists", &message));
+                    }
+                    if kind == Kind::Quarantine && let Some(map) = object.as_object_mut() {
+                        map.remove("status");
+                    }
+                    let created = object.clone();
+                    record_manager(&mut object, &manager, "Update", None, &created);
+                }
                 let stored = cluster.store(object);
                 full(StatusCode::CREATED, &stored)
+            }
+            "delete" => {
+                let key = (kind, ns.unwrap_or("").to_string(), name.unwrap_or("").to_string());
+                match cluster.remove(&key) {
+                    Some(object) => full(StatusCode::OK, &object),
+                    None => not_found(kind, name.unwrap_or("")),
+                }
             }
             _ => full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", verb)),
         }
     }
 }
 
+fn not_found(kind: Kind, name: &str) -> Response<Body> {
+    let group = if kind.group().is_empty() { String::new() } else { format!(".{}", kind.group()) };
+    full(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("{}{group} {name:?} not found", kind.resource())))
+}
+
 impl StandIn {
-    /// Requests outside `declared` (group, resource, verb): the code used the API in a way its
-    /// RBAC list does not name.
+    /// The agent's requests (those with the stand-in's own token) outside `declared` (group,
+    /// resource, verb): the code used the API in a way its RBAC list does not name.
     pub fn undeclared_uses(&self, declared: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
         let declared: BTreeSet<(String, String, String)> =
             declared.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
-        self.uses().difference(&declared).cloned().collect()
+        let used: BTreeSet<(String, String, String)> =
+            self.lock().requests.iter().filter(|r| r.user == AGENT_USER).map(|r| r.use_.clone()).collect();
+        used.difference(&declared).cloned().collect()
     }
 
     /// Writes a kubeconfig whose only cluster is this stand-in: https, its CA (in a file next to
     /// the kubeconfig) and its bearer token.
     pub fn write_kubeconfig(&self, path: &Path) {
+        self.write_kubeconfig_with_token(path, &self.token)
+    }
+
+    /// [`StandIn::write_kubeconfig`] for another user's token (see [`StandIn::add_user`]).
+    pub fn write_kubeconfig_with_token(&self, path: &Path, token: &str) {
         let ca_path = path.with_extension("ca.pem");
         std::fs::write(&ca_path, self.ca_pem.as_bytes()).unwrap_or_else(|e| panic!("writing {}: {e}", ca_path.display()));
         let text = format!(
@@ -570,7 +748,6 @@ impl StandIn {
              current-context: standin\npreferences: {{}}\n",
             addr = self.addr,
             ca = ca_path.display(),
-            token = self.token,
         );
         std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
