@@ -49,6 +49,9 @@ enum Command {
     },
     /// Print the man page (roff), e.g. `palisade man | man -l -`.
     Man,
+    /// The cluster-wide view from the Kubernetes API (alerts, quarantines); also installed as
+    /// the kubectl plugin `kubectl-palisade` (`kubectl palisade ...`).
+    Kubectl(palisade::k8s::plugin::PluginCli),
     /// Mount bpffs at DIR unless it is there (the DaemonSet's init container, which shares the
     /// mount with the host so pins outlive the pod).
     MountBpffs {
@@ -64,6 +67,13 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Linked or installed as `kubectl-palisade`, the binary is a kubectl plugin.
+    let invoked_as = std::env::args_os().next().map(std::path::PathBuf::from);
+    if invoked_as.as_deref().and_then(|p| p.file_name()).is_some_and(|n| n == "kubectl-palisade") {
+        use clap::Parser as _;
+        palisade::logging::init();
+        return palisade::k8s::plugin::run(palisade::k8s::plugin::PluginCli::parse());
+    }
     let cli = Cli::parse();
     palisade::logging::init();
     match cli.command {
@@ -74,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(cmd) => palisade::lab::cli::run(cmd),
         Command::Policy(cmd) => palisade::segmentation::cli::run(cmd),
         Command::Rules(cmd) => palisade::rules::cli::run(cmd),
+        Command::Kubectl(cli) => palisade::k8s::plugin::run(cli),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "palisade", &mut std::io::stdout());
             Ok(())

@@ -700,3 +700,144 @@ async fn quarantine_objects_are_owned_by_the_pod_and_released_only_by_an_authori
     let undeclared: Vec<_> = agent_uses.difference(&declared).collect();
     assert!(undeclared.is_empty(), "requests outside the RBAC list: {undeclared:?}");
 }
+
+// ---- kubectl palisade (the plugin) --------------------------------------------------------
+
+fn palisade_event(ns: &str, pod: &str, node: &str, reason: &str, message: &str, at: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": format!("{pod}.{node}.{reason}"), "namespace": ns},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": ns},
+        "type": "Warning", "reason": reason, "message": message, "count": 1,
+        "source": {"component": "palisade", "host": node},
+        "reportingComponent": "palisade.io/palisade", "reportingInstance": node,
+        "firstTimestamp": at, "lastTimestamp": at})
+}
+
+fn quarantine_object(ns: &str, pod: &str, node: &str, rule: &str) -> Value {
+    json!({"apiVersion": "palisade.io/v1", "kind": "Quarantine",
+        "metadata": {"name": pod, "namespace": ns},
+        "spec": {"pod": pod, "reason": format!("{rule} fired"), "rule": rule, "node": node},
+        "status": {"phase": "Enforced", "since": "2026-12-01T10:00:00Z", "node": node}})
+}
+
+/// Runs the binary as `kubectl-palisade` (a link of that name) with KUBECONFIG set.
+fn plugin(dir: &Path, kubeconfig: &Path) -> std::process::Command {
+    let link = dir.join("kubectl-palisade");
+    if !link.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_palisade"), &link).expect("link kubectl-palisade");
+    }
+    let mut command = std::process::Command::new(link);
+    command.env("KUBECONFIG", kubeconfig).env("NO_COLOR", "1").env_remove("KUBERNETES_SERVICE_HOST");
+    command
+}
+
+fn run_plugin(dir: &Path, kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+    plugin(dir, kubeconfig).args(args).output().expect("run kubectl-palisade")
+}
+
+fn stdout_ok(out: &std::process::Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_palisade_shows_every_nodes_alerts_and_quarantines_and_releases_as_the_authenticated_user() {
+    let api = StandIn::start().await;
+    let dir = tempfile_dir("kubectl-palisade");
+    api.apply(palisade_event("shop", "web", "node-a", "Quarantined", "rule reverse_shell", "2026-12-01T10:00:00Z"));
+    api.apply(palisade_event("bank", "ledger", "node-b", "Alert", "shell_in_container: bash started", "2026-12-01T10:01:00Z"));
+    // Someone else's Event: not an alert.
+    api.apply(json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "web.kubelet", "namespace": "shop"},
+        "involvedObject": {"kind": "Pod", "name": "web", "namespace": "shop"}, "type": "Normal", "reason": "Pulled",
+        "message": "image pulled", "source": {"component": "kubelet", "host": "node-a"}}));
+    api.apply(quarantine_object("shop", "web", "node-a", "reverse_shell"));
+    api.apply(quarantine_object("bank", "ledger", "node-b", "crypto_miner"));
+    let oncall = api.add_user("oncall@example.com", &[]);
+    let intruder = api.add_user("intruder", &[("quarantines", "patch")]);
+    let oncall_config = dir.join("oncall.kubeconfig");
+    let intruder_config = dir.join("intruder.kubeconfig");
+    api.write_kubeconfig_with_token(&oncall_config, &oncall);
+    api.write_kubeconfig_with_token(&intruder_config, &intruder);
+
+    // Alerts of both nodes, one table and as JSON lines; the kubelet's Event is not one.
+    let (d, k) = (dir.clone(), oncall_config.clone());
+    let json_out = tokio::task::spawn_blocking(move || run_plugin(&d, &k, &["alerts", "-A", "-o", "json"])).await.expect("join");
+    let alerts: Vec<Value> = stdout_ok(&json_out, "alerts -o json").lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let nodes: BTreeSet<&str> = alerts.iter().filter_map(|a| a["node"].as_str()).collect();
+    assert_eq!(nodes, BTreeSet::from(["node-a", "node-b"]), "{alerts:#?}");
+    assert!(alerts.iter().all(|a| a["reason"] != "Pulled"), "a non-palisade Event listed: {alerts:#?}");
+    assert_eq!(alerts.iter().find(|a| a["pod"] == "ledger").expect("ledger")["namespace"], "bank");
+    let (d, k) = (dir.clone(), oncall_config.clone());
+    let table = stdout_ok(&tokio::task::spawn_blocking(move || run_plugin(&d, &k, &["alerts", "-A"])).await.expect("join"), "alerts");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("LAST SEEN") && lines[0].contains("NODE"), "{table}");
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines.iter().any(|l| l.contains("node-a") && l.contains("web")) && lines.iter().any(|l| l.contains("node-b") && l.contains("ledger")), "{table}");
+
+    // Quarantines of both nodes.
+    let (d, k) = (dir.clone(), oncall_config.clone());
+    let out = tokio::task::spawn_blocking(move || run_plugin(&d, &k, &["quarantine", "list", "-A", "-o", "json"])).await.expect("join");
+    let list: Vec<Value> = serde_json::from_str(&stdout_ok(&out, "quarantine list -o json")).expect("json");
+    assert_eq!(list.len(), 2, "{list:#?}");
+    assert!(list.iter().any(|q| q["node"] == "node-a" && q["pod"] == "web" && q["phase"] == "Enforced" && q["rule"] == "reverse_shell"));
+    assert!(list.iter().any(|q| q["node"] == "node-b" && q["pod"] == "ledger"));
+    let (d, k) = (dir.clone(), oncall_config.clone());
+    let table = stdout_ok(&tokio::task::spawn_blocking(move || run_plugin(&d, &k, &["quarantine", "list", "-A"])).await.expect("join"), "list");
+    assert!(table.contains("node-a") && table.contains("node-b") && table.contains("RELEASE BY"), "{table}");
+
+    // A release names the user the API server authenticates, written by the plugin's field manager.
+    let (d, k) = (dir.clone(), oncall_config.clone());
+    let out = tokio::task::spawn_blocking(move || run_plugin(&d, &k, &["quarantine", "release", "shop/web", "--reason", "image rebuilt"])).await.expect("join");
+    assert!(stdout_ok(&out, "release").contains("oncall@example.com"));
+    let object = api.object(Kind::Quarantine, "shop", "web");
+    assert_eq!(object["spec"]["release"], json!({"requestedBy": "oncall@example.com", "reason": "image rebuilt"}), "{object:#}");
+    let managers: Vec<&str> = object["metadata"]["managedFields"].as_array().expect("managedFields").iter().filter_map(|m| m["manager"].as_str()).collect();
+    assert!(managers.contains(&"kubectl-palisade"), "{managers:?}");
+    // Without RBAC: refused, loudly; the object is untouched.
+    let (d, k) = (dir.clone(), intruder_config.clone());
+    let out = tokio::task::spawn_blocking(move || run_plugin(&d, &k, &["quarantine", "release", "bank/ledger", "--reason", "x"])).await.expect("join");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(api.object(Kind::Quarantine, "bank", "ledger")["spec"]["release"].is_null());
+    // A pod that is not quarantined: says so.
+    let (d, k) = (dir.clone(), oncall_config.clone());
+    let out = tokio::task::spawn_blocking(move || run_plugin(&d, &k, &["quarantine", "release", "shop/nobody", "--reason", "x"])).await.expect("join");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not quarantined"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Quarantine by hand: an object without status, for the pod's node to enforce.
+    let (d, k) = (dir.clone(), oncall_config.clone());
+    let out = tokio::task::spawn_blocking(move || run_plugin(&d, &k, &["quarantine", "add", "shop/db", "--reason", "scanner finding"])).await.expect("join");
+    stdout_ok(&out, "add");
+    let object = api.object(Kind::Quarantine, "shop", "db");
+    assert_eq!(object["spec"]["reason"], "scanner finding");
+    assert!(object["status"].is_null());
+
+    // --follow: the list, then what arrives.
+    let mut follow = plugin(&dir, &oncall_config).args(["alerts", "-A", "--follow", "-o", "json"]).stdout(std::process::Stdio::piped()).spawn().expect("follow");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, rx.recv()).await.expect("listed alerts").expect("line");
+    }
+    api.wait_for_watch(Kind::Event).await;
+    api.apply(palisade_event("shop", "cart", "node-c", "Alert", "crypto_miner: xmrig", "2026-12-01T10:05:00Z"));
+    let line = tokio::time::timeout(WAIT, rx.recv()).await.expect("followed alert").expect("line");
+    let followed: Value = serde_json::from_str(&line).expect("json");
+    assert_eq!((followed["pod"].as_str(), followed["node"].as_str()), (Some("cart"), Some("node-c")), "{followed:#}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+}
+
+fn tempfile_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

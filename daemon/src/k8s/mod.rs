@@ -21,6 +21,7 @@ pub mod convert;
 pub mod events;
 pub mod quarantine;
 pub mod peers;
+pub mod plugin;
 pub mod quarantine_resource;
 pub mod source;
 

@@ -539,12 +539,21 @@ impl StandIn {
         let body = String::from_utf8_lossy(&body).into_owned();
 
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if method == "POST" && segments == ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] {
+            // `kubectl auth whoami`: who the token authenticates as.
+            return full(
+                StatusCode::CREATED,
+                &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview", "metadata": {},
+                        "status": {"userInfo": {"username": user.name}}}),
+            );
+        }
         // (kind, namespace, name, subresource)
         let target = match segments.as_slice() {
             ["api", "v1", "pods"] => Some((Kind::Pod, None, None, None)),
             ["api", "v1", "namespaces"] => Some((Kind::Namespace, None, None, None)),
             ["apis", "networking.k8s.io", "v1", "networkpolicies"] => Some((Kind::NetworkPolicy, None, None, None)),
             ["api", "v1", "namespaces", ns, "pods", name] => Some((Kind::Pod, Some(*ns), Some(*name), None)),
+            ["api", "v1", "events"] => Some((Kind::Event, None, None, None)),
             ["api", "v1", "namespaces", ns, "events"] => Some((Kind::Event, Some(*ns), None, None)),
             ["api", "v1", "namespaces", ns, "events", name] => Some((Kind::Event, Some(*ns), Some(*name), None)),
             ["apis", "palisade.io", "v1", "quarantines"] => Some((Kind::Quarantine, None, None, None)),
