@@ -130,11 +130,64 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .thread_name("palisade")
         .build()
         .context("starting the tokio runtime")?;
-    let result = runtime.block_on(run_async(args));
+    let pin_dir = args.pin_dir.clone();
+    let pins_before = pinned_entries(&pin_dir);
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let result = runtime.block_on(run_async(args, running.clone()));
     // Blocking tasks (the eBPF owner, watchers, follow streams) are not waited for: what
     // enforces is pinned in the kernel, and run_async flushed the alert log and the state file.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    if result.is_err() && !running.load(std::sync::atomic::Ordering::Relaxed) {
+        after_failed_start(&pin_dir, &pins_before);
+    }
     result
+}
+
+/// What the pin directory holds (map pins and `links`), by name; empty when it does not exist.
+fn pinned_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A start that failed before it was running: when the pin directory was empty or missing
+/// before it, what it pinned there goes (nothing was in force, and a later start must not
+/// adopt maps and links that never enforced anything); otherwise the pins stay, because they
+/// are what the previous run put in force, and the log says so.
+fn after_failed_start(dir: &Path, before: &[String]) {
+    let now = pinned_entries(dir);
+    if now.is_empty() {
+        return;
+    }
+    if !before.is_empty() {
+        tracing::warn!(
+            pin_dir = %dir.display(),
+            pins = %now.join(", "),
+            "start failed; kept the pins: they hold what the previous run put in force (policies, \
+             quarantines, the datapath on pods), which stays enforced until a start succeeds; removing \
+             them would open isolated pods and release quarantined ones"
+        );
+        return;
+    }
+    let links = std::fs::read_dir(dir.join("links")).map(|entries| entries.count()).unwrap_or(0);
+    // Unpinning a link detaches it once this process (its last holder) exits.
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::warn!(
+            pin_dir = %dir.display(),
+            removed = %now.join(", "),
+            link_pins = links,
+            "start failed; removed what this start pinned (the pin directory was empty before it, so nothing was in force): {}",
+            now.join(", ")
+        ),
+        Err(err) => tracing::error!(
+            pin_dir = %dir.display(),
+            %err,
+            left = %pinned_entries(dir).join(", "),
+            "start failed, and removing what this start pinned failed; remove the directory by hand"
+        ),
+    }
 }
 
 /// Kernel kinds needed by a rule pack (exec and exit always: they keep the process cache right).
@@ -155,7 +208,7 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_async(args: RunArgs) -> anyhow::Result<()> {
+async fn run_async(args: RunArgs, running: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<()> {
     anyhow::ensure!(crate::sys::is_root(), "palisade run needs root (eBPF, cgroups, network namespaces)");
     prepare_state_dir(&args.state_dir)?;
     let defaults_dir = args.state_dir.join("defaults");
@@ -594,6 +647,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     }
 
     startup.running(state.clone(), reader_running_for_health);
+    running.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(state_dir = %args.state_dir.display(), "palisade is running");
     wait_for_shutdown().await?;
     let stopping = std::time::Instant::now();

@@ -2,7 +2,7 @@
 //! with the fallbacks this kernel needs (no kprobes; no per-syscall module tracepoints).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
@@ -41,6 +41,8 @@ pub enum LoaderError {
     Pin(String),
     #[error("sensitive path prefixes: {0}")]
     Prefixes(PrefixError),
+    #[error("pin directory {dir}: {reason}")]
+    PinDir { dir: PathBuf, reason: String },
     #[error("mounting {what}: {source}")]
     Mount {
         what: &'static str,
@@ -189,15 +191,39 @@ impl EventBudgets {
 /// Where the daemon pins its maps and links by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/palisade";
 
-/// Mounts bpffs at /sys/fs/bpf when it is not there yet (needed for pinning).
-pub fn ensure_bpffs() -> Result<(), LoaderError> {
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")))
-        .unwrap_or(false);
-    if mounted {
+/// Where bpffs is mounted on a host (the default pin directory is below it).
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// Makes sure the pin directory `dir` (created later when missing) is on a bpf file system:
+/// its nearest existing ancestor is looked at, not "some bpffs somewhere" (with bpffs mounted
+/// elsewhere, a pin directory on ext4 passed that check and the first pin failed with a bare
+/// EPERM). When `dir` is below /sys/fs/bpf and nothing is mounted there yet, bpffs is mounted
+/// there; anything else is refused before a pin is made.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
+    let not_bpffs = |reason: String| LoaderError::PinDir { dir: dir.to_path_buf(), reason };
+    let (existing, fs) = fs_below(dir).map_err(|e| not_bpffs(e.to_string()))?;
+    if fs == nix::sys::statfs::BPF_FS_MAGIC {
         return Ok(());
     }
-    crate::sys::mount_fs("bpf", "/sys/fs/bpf", "bpf").map_err(|source| LoaderError::Mount { what: "bpffs", source })
+    let mount = Path::new(BPFFS_MOUNT);
+    if dir.starts_with(mount) {
+        crate::sys::mount_bpffs(mount).map_err(|e| not_bpffs(e.to_string()))?;
+        let (_, fs) = fs_below(dir).map_err(|e| not_bpffs(e.to_string()))?;
+        if fs == nix::sys::statfs::BPF_FS_MAGIC {
+            return Ok(());
+        }
+    }
+    Err(not_bpffs(format!("{} is on a file system of type {:#x}, not on a bpf file system", existing.display(), fs.0)))
+}
+
+/// The nearest existing directory at or above `dir`, and its file system type.
+fn fs_below(dir: &Path) -> nix::Result<(PathBuf, nix::sys::statfs::FsType)> {
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    let stat = nix::sys::statfs::statfs(existing)?;
+    Ok((existing.to_path_buf(), stat.filesystem_type()))
 }
 
 /// Mounts tracefs when the tracepoint ids are not reachable (aya looks there).
@@ -290,7 +316,7 @@ pub fn load(options: &LoadOptions) -> Result<LoadedProbes, LoaderError> {
     crate::sys::raise_memlock_limit();
     let mut loader = EbpfLoader::new();
     if let Some(dir) = &options.pin_dir {
-        ensure_bpffs()?;
+        ensure_bpffs(dir)?;
         crate::segmentation::datapath::pin_maps(&mut loader, dir).map_err(|e| LoaderError::Pin(e.to_string()))?;
     }
     let mut ebpf = loader.load(super::object::PROBES_OBJECT)?;
