@@ -3,9 +3,19 @@
 //! Each cycle is the daemon's real path, end to end, on lab pods:
 //! a process in pod `shop/a` redirects its stderr to a socket with dup2 (what the
 //! `reverse_shell` rule flags) -> the dup tracepoint emits an event stamped with
-//! bpf_ktime_get_ns -> ring buffer (poll wakeup) -> decode -> enrichment (procfs) -> rule input ->
-//! the default rule pack (regorus) -> the responder -> SEG_QUARANTINE update returns. Then the
-//! pod is released for the next cycle.
+//! bpf_ktime_get_ns into the priority ring (the daemon's load: per-pod budgets on) -> the
+//! daemon's reader task (`reader::run_routed` on a two-thread tokio runtime: epoll wakeup,
+//! decode, the priority queue) -> the pipeline thread (this one): enrichment (procfs) -> rule
+//! input -> the default rule pack (regorus) -> the responder -> SEG_QUARANTINE update returns.
+//! Then the pod is released for the next cycle.
+//!
+//! The judging alternates cycle by cycle between the two ways the daemon has had (`Judging`):
+//! `pool` (before: the event is queued for the rule pool, a worker evaluates it, the verdict
+//! thread runs the responder) and `inline` (now, for protected events: the pipeline thread
+//! evaluates with its own `LocalEvaluator` and runs the responder itself), so both are compared
+//! in one run under the same load. The state file is written by the background writer (the
+//! daemon's default) throughout. Not in the figures: the alert the daemon builds for the hit
+//! before calling the responder (a few string formats and a copy of the input).
 //!
 //! Figures (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns):
 //! 1. event -> map update returned, over BENCH_CYCLES quarantines (default 1,000), with a
@@ -19,11 +29,6 @@
 //! 3. the datapath alone: a process in the pod updates the pinned map for its own cgroup and
 //!    sends at once: how long the update takes, and whether the very next packet is dropped.
 //!
-//! Phases 1 and 2 alternate, cycle by cycle, between the two ways of writing the state file
-//! (`StateWrites`): `synchronous` (written and fsynced on the verdict path, after the map update:
-//! what palisade did before) and `background` (handed to the state writer thread: now), so the
-//! two are compared in one run under the same load.
-//!
 //! Run: `sudo cargo bench -p palisade --bench quarantine_latency` (BENCH_CYCLES to change;
 //! BENCH_STATE_ROOT to put the responder's state file elsewhere than /var/lib, the file system
 //! of the default state directory, e.g. on tmpfs).
@@ -32,19 +37,21 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use palisade::events::decode::{EventData, decode};
+use palisade::events::context::EventContext;
+use palisade::events::decode::EventData;
 use palisade::events::enrich::{EndpointIndex, PodRef, ProcCache, enrich};
 use palisade::events::input::{Clock, monotonic_now_ns, to_input};
 use palisade::events::kind::EventKind;
+use palisade::events::reader::{self, QueueBudget, QueueDrops, Queued, ReaderStats};
 use palisade::inventory::Inventory;
 use palisade::lab::{Lab, LabOptions};
-use palisade::probes::loader::{self, LoadOptions};
+use palisade::probes::loader::{self, EventBudgets, LoadOptions};
 use palisade::quarantine::datapath::{self, KernelQuarantineMap};
-use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, StateWrites, Verdict};
-use palisade::rules::{Action, RulePack};
+use palisade::quarantine::{Decision, Outcome, QuarantineService, ResponderConfig, ResponsePolicy, StateWrites, Verdict};
+use palisade::rules::{Action, EvaluatorConfig, LocalEvaluator, PackHandle, RuleEvaluator, RulePack};
 use palisade_common::{DatapathConfig, KIND_POLICY_VERDICT, MAP_SEG_CONFIG, MAP_SEG_EVENTS, PolicyVerdictEvent, REASON_QUARANTINE};
 use aya::maps::{Array, MapData, RingBuf};
 
@@ -240,12 +247,29 @@ fn first_quarantine_drop(ring: &mut RingBuf<MapData>, cgroup_id: u64) -> u64 {
 struct Sample {
     /// event ktime -> map update returned
     total: u64,
-    /// event ktime -> the record was in user space
+    /// event ktime -> the pipeline thread has the decoded event (ring buffer wakeup, the
+    /// reader task, the priority queue)
     wakeup: u64,
-    /// decode + enrich + input + rule evaluation
-    rules: u64,
-    /// responder (guardrails, map update)
-    respond: u64,
+    /// enrichment (process cache)
+    enrich: u64,
+    /// the rule input (serde_json) and the event context
+    input: u64,
+    /// input built -> map update returned: rule evaluation and responder, with the hand-over
+    /// to the pool and the verdict thread in `Pool` mode
+    judge: u64,
+    /// rule evaluation (inline only: in the pool it is not observable from here)
+    evaluate: Option<u64>,
+    /// responder incl. map update (inline only)
+    respond: Option<u64>,
+}
+
+/// Where a protected event is judged and acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judging {
+    /// Rule pool worker, then the verdict thread runs the responder (before).
+    Pool,
+    /// The pipeline thread evaluates and responds itself (now, for protected events).
+    Inline,
 }
 
 fn percentiles(mut v: Vec<u64>) -> (u64, u64, u64) {
@@ -314,76 +338,129 @@ fn run(cycles: usize) {
     let mut drops: RingBuf<MapData> = RingBuf::try_from(dp.take_map(MAP_SEG_EVENTS).expect("SEG_EVENTS")).expect("ring");
     let (service, _) = QuarantineService::start(config, Box::new(map), &inventory).expect("responder");
 
-    // Probes: the daemon's load, monitoring pod a, dup events on.
-    let options = LoadOptions::default();
+    // Probes: the daemon's load (priority ring and per-pod budgets on, as `palisade run` loads
+    // them), monitoring pod a, dup events on.
+    let options = LoadOptions { budgets: Some(EventBudgets::default()), ..LoadOptions::default() };
     let mut probes = loader::load(&options).expect("load probes");
     probes.attach_all(&options).expect("attach probes");
-    let mut ring = probes.take_ring_buffer().expect("ring");
+    let bulk_ring = probes.take_ring_buffer().expect("ring");
+    let priority_ring = probes.take_priority_ring_buffer().expect("priority ring");
     loader::set_enabled_kinds(&mut probes.ebpf, &[EventKind::Dup]).expect("kinds");
     loader::monitor_cgroup(&mut probes.ebpf, a_id, 0).expect("monitor");
 
+    // The daemon's reader: a task on a two-thread runtime drains both rings into the queues.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let budget = Arc::new(QueueBudget::new(64 << 20, 4 << 20, 4 << 20));
+    let (priority_tx, mut priority_rx) = tokio::sync::mpsc::channel::<Queued>(32768);
+    let (bulk_tx, _bulk_rx) = tokio::sync::mpsc::channel::<Queued>(32768);
+    runtime.spawn(reader::run_routed(
+        priority_ring,
+        bulk_ring,
+        Arc::new(ReaderStats::default()),
+        Arc::new(QueueDrops::default()),
+        budget.clone(),
+        priority_tx,
+        bulk_tx,
+    ));
+
     let rules_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
     let pack = RulePack::load(&rules_dir).unwrap_or_else(|e| panic!("rules {}: {}", rules_dir.display(), e.lines().join("\n")));
+    let rules = PackHandle::new(pack);
     let mut endpoints = EndpointIndex::default();
     endpoints.insert(a_id, PodRef { namespace: "shop".into(), name: "a".into(), labels: Default::default(), service_account: None });
     let mut cache = ProcCache::new(1024);
     let clock = Clock::new();
     let node = palisade::sys::hostname();
 
+    // Before: the rule pool and the verdict thread (what the daemon did with protected events
+    // too). After: the pipeline thread judges a protected event itself (`LocalEvaluator`).
+    let service = Arc::new(service);
+    let (evaluator, verdicts) =
+        RuleEvaluator::start(rules.clone(), EvaluatorConfig { workers: 2, ..EvaluatorConfig::default() }).expect("rule workers");
+    let (decisions_tx, decisions) = mpsc::channel::<(Decision, u64)>();
+    {
+        let service = service.clone();
+        std::thread::spawn(move || {
+            for (n, evaluation) in verdicts.into_iter().enumerate() {
+                let hit = evaluation.hits.expect("evaluate").into_iter().find(|h| h.action == Action::Quarantine).expect("a quarantine hit");
+                let decision = service.respond(&Verdict { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-pool-{n}") });
+                let _ = decisions_tx.send((decision, monotonic_now_ns()));
+            }
+        });
+    }
+    let mut local = LocalEvaluator::new(rules.clone());
+
     let mut trigger = Role::spawn(&lab, "shop/a", &["trigger"]);
-    let ring_fd = ring.as_raw_fd();
 
     // One cycle: trigger, follow the event through the pipeline, return the sample.
-    let mut cycle = |n: usize, trigger: &mut Role| -> (Sample, u64) {
+    let mut cycle = |n: usize, mode: Judging, trigger: &mut Role| -> (Sample, u64) {
         writeln!(trigger.stdin, "go").expect("trigger");
         trigger.stdin.flush().expect("flush");
-        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            assert!(Instant::now() < deadline, "cycle {n}: no dup event from the pod");
-            let mut pfd = libc::pollfd { fd: ring_fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, 1000) };
-            while let Some(item) = ring.next() {
-                let received = monotonic_now_ns();
-                let Ok(event) = decode(&item) else { continue };
-                drop(item);
-                if event.header.cgroup_id != a_id || !matches!(event.data, EventData::Dup(_)) {
-                    continue;
-                }
-                let ktime = event.header.ktime_ns;
-                let enriched = enrich(event, &endpoints, &mut cache);
-                let input = to_input(&enriched, &clock, &node);
-                let hits = pack.evaluate(&input).expect("evaluate");
-                let Some(hit) = hits.into_iter().find(|h| h.action == Action::Quarantine) else {
-                    panic!("cycle {n}: no quarantine verdict for {input}");
-                };
-                let evaluated = monotonic_now_ns();
-                let decision = service.respond(&Verdict { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-{n}") });
-                assert_eq!(decision.outcome, Outcome::Quarantined, "cycle {n}: {decision:?}");
-                let enforced = decision.enforced_at_ns.expect("enforced_at");
-                let sample = Sample {
-                    total: enforced - ktime,
-                    wakeup: received.saturating_sub(ktime),
-                    rules: evaluated - received,
-                    respond: enforced - evaluated,
-                };
-                return (sample, ktime);
+            // As the daemon's pipeline thread waits for the next event.
+            let queued = runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), priority_rx.recv()).await })
+                .unwrap_or_else(|_| panic!("cycle {n}: no dup event from the pod"))
+                .expect("reader running");
+            let received = monotonic_now_ns();
+            budget.release_priority(queued.bytes);
+            let event = queued.event;
+            if event.header.cgroup_id != a_id || !matches!(event.data, EventData::Dup(_)) {
+                continue;
             }
+            let ktime = event.header.ktime_ns;
+            let enriched = enrich(event, &endpoints, &mut cache);
+            let enriched_at = monotonic_now_ns();
+            let input = to_input(&enriched, &clock, &node);
+            let context = Arc::new(EventContext::of(&enriched, &clock));
+            let input_at = monotonic_now_ns();
+            let (decision, evaluated, responded) = match mode {
+                Judging::Inline => {
+                    let evaluation = local.evaluate(input, Some(context));
+                    let hits = evaluation.hits.expect("evaluate");
+                    let Some(hit) = hits.into_iter().find(|h| h.action == Action::Quarantine) else {
+                        panic!("cycle {n}: no quarantine verdict for {}", evaluation.input);
+                    };
+                    let evaluated = monotonic_now_ns();
+                    let decision = service.respond(&Verdict { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-{n}") });
+                    (decision, Some(evaluated), monotonic_now_ns())
+                }
+                Judging::Pool => {
+                    evaluator.submit_with(input, context).expect("submit");
+                    let (decision, responded) = decisions.recv_timeout(Duration::from_secs(5)).expect("a decision from the verdict thread");
+                    (decision, None, responded)
+                }
+            };
+            let _ = responded;
+            assert_eq!(decision.outcome, Outcome::Quarantined, "cycle {n}: {decision:?}");
+            let enforced = decision.enforced_at_ns.expect("enforced_at");
+            let sample = Sample {
+                total: enforced - ktime,
+                wakeup: received.saturating_sub(ktime),
+                enrich: enriched_at - received,
+                input: input_at - enriched_at,
+                judge: enforced - input_at,
+                evaluate: evaluated.map(|e| e - input_at),
+                respond: evaluated.map(|e| enforced - e),
+            };
+            return (sample, ktime);
         }
     };
 
     // Warm-up (procfs cache, rule engine, page faults), then phase 1.
     for n in 0..20 {
-        cycle(n, &mut trigger);
+        cycle(n, if n % 2 == 0 { Judging::Pool } else { Judging::Inline }, &mut trigger);
         service.release("shop/a", "bench", "bench").expect("release");
     }
-    let modes = [StateWrites::Synchronous, StateWrites::Background];
+    // The state file is written by the background writer (the daemon's default) throughout;
+    // the two ways of judging alternate cycle by cycle, so both see the same load.
+    service.set_state_writes(StateWrites::Background);
+    let modes = [Judging::Pool, Judging::Inline];
     let mode_of = |n: usize| modes[n % 2];
     let mut phase1: [Vec<Sample>; 2] = [Vec::with_capacity(cycles), Vec::with_capacity(cycles)];
     let started = Instant::now();
     for n in 0..cycles {
-        service.set_state_writes(mode_of(n));
-        phase1[n % 2].push(cycle(n, &mut trigger).0);
+        phase1[n % 2].push(cycle(n, mode_of(n), &mut trigger).0);
         service.release("shop/a", "bench", "bench").expect("release");
     }
     let phase1_elapsed = started.elapsed();
@@ -398,9 +475,8 @@ fn run(cycles: usize) {
     let mut to_drop_record: [Vec<u64>; 2] = Default::default();
     for n in 0..cycles {
         let m = n % 2;
-        service.set_state_writes(mode_of(n));
         while drops.next().is_some() {}
-        let (sample, ktime) = cycle(n, &mut trigger);
+        let (sample, ktime) = cycle(n, mode_of(n), &mut trigger);
         to_drop_record[m].push(first_quarantine_drop(&mut drops, a_id).saturating_sub(ktime));
         let (dropped, _) = sender.wait_for("drop");
         to_drop[m].push(dropped.saturating_sub(ktime));
@@ -436,18 +512,23 @@ fn run(cycles: usize) {
     println!("sender loop: one sendto every {} on average in phase 2", us(sender_period_ns) + " µs");
     println!();
     println!("state directory: {} ({})", state_dir.display(), fs_type(&state_root));
-    for (m, name) in [(0, "synchronous (before)"), (1, "background writer (after)")] {
+    for (m, name) in [(0, "rule pool + verdict thread (before)"), (1, "inline on the pipeline thread (after)")] {
         println!();
-        println!("state file written: {name}, {} cycles per phase", phase1[m].len());
+        println!("protected event judged by: {name}, {} cycles per phase", phase1[m].len());
         println!();
         println!("| from the offending event's kernel timestamp to ... | n | p50 µs | p99 µs | max µs |");
         println!("|---|---|---|---|---|");
         row("map update returned (idle pod)", phase1[m].iter().map(|s| s.total).collect());
-        row("  of which: record in user space (ring buffer wakeup)", phase1[m].iter().map(|s| s.wakeup).collect());
-        row("  of which: decode + enrich + rule evaluation", phase1[m].iter().map(|s| s.rules).collect());
-        row("  of which: responder incl. map update", phase1[m].iter().map(|s| s.respond).collect());
+        row("  of which: event on the pipeline thread (ring wakeup, reader task, queue)", phase1[m].iter().map(|s| s.wakeup).collect());
+        row("  of which: enrichment (process cache)", phase1[m].iter().map(|s| s.enrich).collect());
+        row("  of which: rule input and context", phase1[m].iter().map(|s| s.input).collect());
+        row("  of which: judging (hand-over, rule evaluation, responder)", phase1[m].iter().map(|s| s.judge).collect());
+        let inline: Vec<&Sample> = phase1[m].iter().filter(|s| s.evaluate.is_some()).collect();
+        if !inline.is_empty() {
+            row("    rule evaluation (regorus)", inline.iter().filter_map(|s| s.evaluate).collect());
+            row("    responder incl. map update", inline.iter().filter_map(|s| s.respond).collect());
+        }
         row("map update returned (pod sending continuously)", phase2[m].iter().map(|s| s.total).collect());
-        row("  of which: responder incl. map update", phase2[m].iter().map(|s| s.respond).collect());
         row("first dropped packet (datapath drop record, kernel time)", std::mem::take(&mut to_drop_record[m]));
         row("first dropped packet (sender's EPERM)", std::mem::take(&mut to_drop[m]));
         row("  of which: map update returned -> sender's first EPERM", std::mem::take(&mut update_to_drop[m]));

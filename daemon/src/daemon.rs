@@ -1,8 +1,9 @@
 //! `palisade run`: wires the stages together.
 //!
 //! kernel ring buffer -> reader (tokio) -> pipeline thread (enrich, input, --record) ->
-//! rule workers -> verdict thread (alerts, responder). The eBPF object has one owner task
-//! (`ProbeHost`); inventory and rules changes arrive through their watchers.
+//! rule workers -> verdict thread (alerts, responder); protected events (the priority ring) are
+//! judged and acted on by the pipeline thread itself, without the pool's queue. The eBPF object
+//! has one owner task (`ProbeHost`); inventory and rules changes arrive through their watchers.
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
@@ -431,27 +432,7 @@ async fn run_async(args: RunArgs, running: Arc<std::sync::atomic::AtomicBool>) -
         std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
             let mut failure_alerts = crate::rules::failures::FailureLimiter::default();
             for evaluation in verdicts {
-                // The pipeline submits every event with its context.
-                let Some(context) = evaluation.context.as_deref() else {
-                    state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!("an evaluation came back without its event context; not acted on");
-                    continue;
-                };
-                for failure in &evaluation.failures {
-                    report_rule_failure(&state, &mut failure_alerts, failure, context);
-                }
-                match evaluation.hits {
-                    Ok(hits) => {
-                        state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        for hit in hits {
-                            respond(&state, hit, context, &evaluation.input);
-                        }
-                    }
-                    Err(err) => {
-                        state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(%err, "rule evaluation failed");
-                    }
-                }
+                act_on(&state, &mut failure_alerts, evaluation);
             }
         })?;
     }
@@ -731,22 +712,23 @@ const BULK_QUEUE_BYTES_PER_POD: usize = BULK_QUEUE_BYTES / 8;
 /// than 128 bytes).
 const QUEUE_EVENTS: usize = 32768;
 
-/// The next event: a protected one whenever one is waiting (a bulk one gives its pod's place
-/// in the queue back). None when both queues are closed.
+/// The next event and whether it came from the priority queue (a protected kind): a protected
+/// one whenever one is waiting (a bulk one gives its pod's place in the queue back). None when
+/// both queues are closed.
 fn next_event(
     runtime: &tokio::runtime::Handle,
     priority: &mut mpsc::Receiver<Queued>,
     bulk: &mut mpsc::Receiver<Queued>,
     budget: &QueueBudget,
     trimmer: &mut crate::memory::Trimmer,
-) -> Option<Event> {
+) -> Option<(Event, bool)> {
     let from_bulk = |queued: Queued| {
         budget.release_bulk(queued.event.header.cgroup_id, queued.bytes);
-        queued.event
+        (queued.event, false)
     };
     let from_priority = |queued: Queued| {
         budget.release_priority(queued.bytes);
-        queued.event
+        (queued.event, true)
     };
     if let Ok(event) = priority.try_recv() {
         return Some(from_priority(event));
@@ -800,7 +782,12 @@ fn pipeline(
     let mut since_stats = 0u32;
     let budget = state.queue_budget.clone();
     let mut trimmer = crate::memory::Trimmer::default();
-    while let Some(event) = next_event(&runtime, &mut priority, &mut events, &budget, &mut trimmer) {
+    // Protected events are judged here, at once, and their hits acted on (the quarantine map
+    // update included) before the next event is taken: through the pool they would wait behind
+    // the bulk events queued for it and cross two more threads (issue 10: the latency goal).
+    let mut protected_judge = crate::rules::LocalEvaluator::new(state.rules.clone());
+    let mut failure_alerts = crate::rules::failures::FailureLimiter::default();
+    while let Some((event, protected)) = next_event(&runtime, &mut priority, &mut events, &budget, &mut trimmer) {
         let table = state.endpoints.borrow().clone();
         let enriched = enrich(event, table.index(), &mut cache);
         state.pipeline.enriched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -821,11 +808,43 @@ fn pipeline(
                 tracing::warn!(%err, "writing the event record");
             }
         }
-        if evaluator.submit_with(input, Arc::new(EventContext::of(&enriched, &clock))).is_err() {
+        let context = Arc::new(EventContext::of(&enriched, &clock));
+        if protected {
+            let evaluation = protected_judge.evaluate(input, Some(context));
+            if evaluation.has_news() {
+                act_on(&state, &mut failure_alerts, evaluation);
+            }
+        } else if evaluator.submit_with(input, context).is_err() {
             tracing::error!("rule workers stopped; pipeline ends");
             return;
         }
         trimmer.note_event();
+    }
+}
+
+/// What the verdict thread (pool evaluations) and the pipeline (protected events, judged at
+/// once) do with an evaluation: report the rules that failed, respond to each hit.
+fn act_on(state: &DaemonState, failure_alerts: &mut crate::rules::failures::FailureLimiter, evaluation: crate::rules::Evaluation) {
+    // The pipeline submits every event with its context.
+    let Some(context) = evaluation.context.as_deref() else {
+        state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!("an evaluation came back without its event context; not acted on");
+        return;
+    };
+    for failure in &evaluation.failures {
+        report_rule_failure(state, failure_alerts, failure, context);
+    }
+    match evaluation.hits {
+        Ok(hits) => {
+            state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for hit in hits {
+                respond(state, hit, context, &evaluation.input);
+            }
+        }
+        Err(err) => {
+            state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(%err, "rule evaluation failed");
+        }
     }
 }
 

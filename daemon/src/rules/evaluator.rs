@@ -184,36 +184,64 @@ impl Drop for RuleEvaluator {
     }
 }
 
+/// Evaluates on the caller's own thread, with a session of its own that follows the pack in
+/// force (rebuilt only when a new pack is swapped in). The pool's workers each hold one; the
+/// daemon's pipeline holds one for protected events, which it judges at once rather than behind
+/// the bulk events queued for the pool (no queue, no thread hand-over on the way to the
+/// responder).
+pub struct LocalEvaluator {
+    handle: Arc<PackHandle>,
+    pack: Arc<RulePack>,
+    session: Option<Session>,
+}
+
+impl LocalEvaluator {
+    pub fn new(handle: Arc<PackHandle>) -> LocalEvaluator {
+        let pack = handle.current();
+        LocalEvaluator { handle, pack, session: None }
+    }
+
+    /// The evaluation of one event by the pack in force, as a pool worker would send it.
+    pub fn evaluate(&mut self, input: serde_json::Value, context: Option<Arc<EventContext>>) -> Evaluation {
+        // One atomic load per event; the session is rebuilt only when a new pack is in force.
+        if self.pack.generation() != self.handle.generation() {
+            self.pack = self.handle.current();
+            self.session = None;
+        }
+        let generation = self.pack.generation();
+        if self.session.is_none() {
+            match self.pack.session() {
+                Ok(s) => self.session = Some(s),
+                Err(e) => return Evaluation { input, context, hits: Err(e), failures: Vec::new(), pack_generation: generation },
+            }
+        }
+        let (hits, failures) = match self.session.as_mut().map(|session| self.pack.evaluate_in(session, &input)) {
+            Some(Ok(verdict)) => (Ok(verdict.hits), verdict.failures),
+            Some(Err(e)) => (Err(e), Vec::new()),
+            None => (Err(RulesError::Eval("no engine session".to_string())), Vec::new()),
+        };
+        Evaluation { input, context, hits, failures, pack_generation: generation }
+    }
+}
+
+impl Evaluation {
+    /// Whether anyone needs to see it: hits, failures or an error.
+    pub fn has_news(&self) -> bool {
+        !self.failures.is_empty() || !matches!(&self.hits, Ok(h) if h.is_empty())
+    }
+}
+
 fn worker_loop(
-    handle: &PackHandle,
+    handle: &Arc<PackHandle>,
     jobs: &Receiver<Job>,
     send_empty: bool,
     sink: &(dyn Fn(Evaluation) + Send + Sync),
 ) {
-    let mut pack = handle.current();
-    let mut session: Option<Session> = None;
+    let mut local = LocalEvaluator::new(handle.clone());
     while let Ok((input, context)) = jobs.recv() {
-        // One atomic load per event; the session is rebuilt only when a new pack is in force.
-        if pack.generation() != handle.generation() {
-            pack = handle.current();
-            session = None;
-        }
-        if session.is_none() {
-            match pack.session() {
-                Ok(s) => session = Some(s),
-                Err(e) => {
-                    sink(Evaluation { input, context, hits: Err(e), failures: Vec::new(), pack_generation: pack.generation() });
-                    continue;
-                }
-            }
-        }
-        let Some(session_ref) = session.as_mut() else { continue };
-        let (hits, failures) = match pack.evaluate_in(session_ref, &input) {
-            Ok(verdict) => (Ok(verdict.hits), verdict.failures),
-            Err(e) => (Err(e), Vec::new()),
-        };
-        if send_empty || !failures.is_empty() || !matches!(&hits, Ok(h) if h.is_empty()) {
-            sink(Evaluation { input, context, hits, failures, pack_generation: pack.generation() });
+        let evaluation = local.evaluate(input, context);
+        if send_empty || evaluation.has_news() {
+            sink(evaluation);
         }
     }
 }

@@ -28,7 +28,7 @@ pub mod watch;
 use std::path::PathBuf;
 
 pub use diag::Diagnostic;
-pub use evaluator::{Evaluation, EvaluatorConfig, PackHandle, RuleEvaluator};
+pub use evaluator::{Evaluation, EvaluatorConfig, LocalEvaluator, PackHandle, RuleEvaluator};
 pub use input::{InputConverter, to_rego_value};
 pub use model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
 pub use pack::{EngineKind, PackOptions, PackSources, RuleBudget, RuleOverrides, RulePack, Session};
