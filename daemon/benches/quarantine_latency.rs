@@ -50,6 +50,7 @@ use palisade::inventory::Inventory;
 use palisade::lab::{Lab, LabOptions};
 use palisade::probes::loader::{self, EventBudgets, LoadOptions};
 use palisade::quarantine::datapath::{self, KernelQuarantineMap};
+use palisade::segmentation::datapath::Datapath;
 use palisade::quarantine::{Decision, Outcome, QuarantineService, ResponderConfig, ResponsePolicy, StateWrites, Verdict};
 use palisade::rules::{Action, EvaluatorConfig, LocalEvaluator, PackHandle, RuleEvaluator, RulePack};
 use palisade_common::{DatapathConfig, KIND_POLICY_VERDICT, MAP_SEG_CONFIG, MAP_SEG_EVENTS, PolicyVerdictEvent, REASON_QUARANTINE};
@@ -314,11 +315,11 @@ fn run(cycles: usize) {
     let a_id = palisade::lab::cgroup_id(&a_dir).expect("cgroup id");
 
     // Datapath, pinned, attached to both pods.
-    datapath::ensure_bpffs().expect("bpffs");
-    let pins = PathBuf::from(datapath::BPFFS).join(format!("palisade-bench-{lab_name}"));
-    let mut dp = datapath::load_pinned(&pins).expect("load datapath");
+    let pins = PathBuf::from(loader::BPFFS_MOUNT).join(format!("palisade-bench-{lab_name}"));
+    let mut dp = loader::load(&LoadOptions { pin_dir: Some(pins.clone()), ..LoadOptions::default() }).expect("load datapath").ebpf;
+    let mut segmentation = Datapath::adopt(&mut dp).expect("adopt");
     for pod in ["shop/a", "shop/b"] {
-        datapath::attach_pinned(&mut dp, &lab.pod_cgroup_dir(pod).expect("dir"), &pins.join("links")).expect("attach");
+        segmentation.attach_pinned(&mut dp, &lab.pod_cgroup_dir(pod).expect("dir"), &pins.join("links")).expect("attach");
     }
     let state_root = std::env::var_os("BENCH_STATE_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
     let state_dir = state_root.join(format!("palisade-bench-{lab_name}"));

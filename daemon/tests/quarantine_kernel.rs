@@ -18,7 +18,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use palisade::inventory::{Inventory, Protocol};
+use palisade::probes::loader::{self, LoadOptions};
 use palisade::quarantine::datapath::{self, KernelQuarantineMap};
+use palisade::segmentation::datapath::Datapath;
 use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, RuleMode, Verdict};
 use palisade::rules::{Action, RuleHit, Severity};
 use support::{TestLab, require_kernel};
@@ -154,15 +156,23 @@ fn client(addr: SocketAddr) {
     }
 }
 
+/// The daemon's loader with the datapath maps pinned under `dir` (reused when already there).
+fn load_pinned(dir: &Path) -> aya::Ebpf {
+    loader::load(&LoadOptions { pin_dir: Some(dir.to_path_buf()), ..LoadOptions::default() })
+        .unwrap_or_else(|e| panic!("load the eBPF object, maps pinned under {}: {e}", dir.display()))
+        .ebpf
+}
+
 /// A stand-in for the daemon: pins the datapath, attaches it to every pod, quarantines `pod`,
 /// then waits to be killed.
 fn daemon_child(pin_dir: &Path, state_dir: &Path, inventory_path: &Path, pod: &str) {
     let inventory = Inventory::load(inventory_path).expect("inventory");
-    let mut ebpf = datapath::load_pinned(pin_dir).expect("load pinned datapath");
+    let mut ebpf = load_pinned(pin_dir);
     let mount = palisade::lab::cgroup2_mount().expect("cgroup2");
+    let mut segmentation = Datapath::adopt(&mut ebpf).expect("adopt the pinned maps");
     for ep in &inventory.endpoints {
         let dir = mount.join(ep.cgroup.as_deref().expect("cgroup"));
-        datapath::attach_pinned(&mut ebpf, &dir, &pin_dir.join("links")).expect("attach");
+        segmentation.attach_pinned(&mut ebpf, &dir, &pin_dir.join("links")).expect("attach");
     }
     let map = KernelQuarantineMap::from_ebpf(&ebpf).expect("quarantine map");
     let config = ResponderConfig { state_dir: state_dir.into(), cgroup_root: mount, policy: ResponsePolicy::default() };
@@ -499,8 +509,8 @@ struct Pins {
 
 impl Pins {
     fn new(lab: &str) -> Pins {
-        datapath::ensure_bpffs().expect("bpffs");
-        let dir = Path::new(datapath::BPFFS).join(format!("palisade-test-{lab}"));
+        let dir = Path::new(loader::BPFFS_MOUNT).join(format!("palisade-test-{lab}"));
+        loader::ensure_bpffs(&dir).expect("bpffs");
         let _ = std::fs::remove_dir_all(&dir);
         Pins { dir }
     }
@@ -545,10 +555,11 @@ fn temp_state_dir(lab: &str) -> PathBuf {
 
 /// Loads the datapath pinned under `pins`, attaches it to every pod, starts a responder.
 fn enforce(lab: &TestLab, pins: &Pins, state_dir: &Path, policy: ResponsePolicy) -> (aya::Ebpf, QuarantineService) {
-    let mut ebpf = datapath::load_pinned(&pins.dir).unwrap_or_else(|e| panic!("load datapath: {e}"));
+    let mut ebpf = load_pinned(&pins.dir);
+    let mut segmentation = Datapath::adopt(&mut ebpf).expect("adopt the pinned maps");
     for pod in lab.pods() {
         let dir = lab.pod_cgroup_dir(&pod.key).expect("cgroup dir");
-        datapath::attach_pinned(&mut ebpf, &dir, &pins.links()).unwrap_or_else(|e| panic!("attach {}: {e}", pod.key));
+        segmentation.attach_pinned(&mut ebpf, &dir, &pins.links()).unwrap_or_else(|e| panic!("attach {}: {e}", pod.key));
         // The escape-path hooks, as the daemon attaches them: socket creation on the cgroup, the
         // TC backstop on the pod's host-side veth (found from the pod's network namespace).
         let packet_sockets = datapath::attach_socket_hook(&mut ebpf, &dir, &pins.links())

@@ -17,10 +17,10 @@ use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{TcAttachOptions, TcAttachType};
-use aya::programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock, LsmCgroup, SchedClassifier};
+use aya::programs::{CgroupSock, LsmCgroup, SchedClassifier};
 use palisade_common::{
     BackstopValue, ForensicsValue, IpAddrKey, MAP_SEG_BACKSTOP, MAP_SEG_FORENSICS, MAP_SEG_QUARANTINE,
-    PROG_SEG_BACKSTOP_FROM_POD, PROG_SEG_BACKSTOP_TO_POD, PROG_SEG_EGRESS, PROG_SEG_INGRESS, PROG_SEG_INET_SOCK_CREATE,
+    PROG_SEG_BACKSTOP_FROM_POD, PROG_SEG_BACKSTOP_TO_POD, PROG_SEG_INET_SOCK_CREATE,
     PROG_SEG_SOCK_CREATE,
     QuarantineValue, SOCK_CREATE_LSM_HOOK,
 };
@@ -236,44 +236,10 @@ impl<T: QuarantineDatapath + ?Sized> QuarantineDatapath for Box<T> {
     }
 }
 
-/// Where palisade pins its datapath maps by default.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/palisade";
-/// Where bpffs is expected.
-pub const BPFFS: &str = "/sys/fs/bpf";
-
-/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (pins need it).
-pub fn ensure_bpffs() -> std::io::Result<()> {
-    let mounts = std::fs::read_to_string("/proc/mounts")?;
-    let mounted = mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        matches!((f.next(), f.next(), f.next()), (Some(_), Some(BPFFS), Some("bpf")))
-    });
-    if mounted { Ok(()) } else { crate::sys::mount_fs("bpf", BPFFS, "bpf") }
-}
-
 /// The pin of one attached program's link, in the layout `segmentation::datapath::attach_pinned`
 /// uses (`<dir>/<cgroup id>-ingress`, `-egress`).
 pub fn link_pin(dir: &Path, cgroup_id: u64, direction: &str) -> PathBuf {
     dir.join(format!("{cgroup_id}-{direction}"))
-}
-
-/// Loads the embedded object with every datapath map pinned under `pin_dir` (created; maps
-/// already pinned there, with their quarantine entries, are reused rather than recreated) and
-/// loads the two cgroup_skb programs. For tests, tools and a daemon whose segmentation loader does
-/// not pin; the daemon proper loads through `segmentation::datapath`.
-pub fn load_pinned(pin_dir: &Path) -> Result<Ebpf, DatapathError> {
-    crate::sys::raise_memlock_limit();
-    std::fs::create_dir_all(pin_dir).map_err(|e| DatapathError::Pin { path: pin_dir.to_path_buf(), message: e.to_string() })?;
-    let mut loader = aya::EbpfLoader::new();
-    for name in palisade_common::SEG_MAPS {
-        loader.map_pin_path(name, pin_dir.join(name));
-    }
-    let mut ebpf = loader.load(crate::probes::object::PROBES_OBJECT)?;
-    for name in [PROG_SEG_INGRESS, PROG_SEG_EGRESS] {
-        let program = program::<CgroupSkb>(&mut ebpf, name)?;
-        program.load().map_err(|source| DatapathError::Program { name, source })?;
-    }
-    Ok(ebpf)
 }
 
 /// The program `name` of the object as its type `P` (cgroup_skb, cgroup_sock, tcx, ...).
@@ -287,39 +253,8 @@ where
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-/// Attaches both programs to `cgroup_dir` and pins the links under `link_dir`, so they stay
-/// attached when this process exits or is killed. Links already pinned for that cgroup (a
-/// previous run's) are adopted as they are. Returns true when everything was adopted.
-pub fn attach_pinned(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) -> Result<bool, DatapathError> {
-    let cgroup_id = crate::lab::cgroup_id(cgroup_dir)
-        .map_err(|e| DatapathError::Pin { path: cgroup_dir.to_path_buf(), message: e.to_string() })?;
-    let cgroup = std::fs::File::open(cgroup_dir)
-        .map_err(|e| DatapathError::Pin { path: cgroup_dir.to_path_buf(), message: e.to_string() })?;
-    std::fs::create_dir_all(link_dir).map_err(|e| DatapathError::Pin { path: link_dir.to_path_buf(), message: e.to_string() })?;
-    let mut adopted = true;
-    for (name, attach_type, direction) in
-        [(PROG_SEG_INGRESS, CgroupSkbAttachType::Ingress, "ingress"), (PROG_SEG_EGRESS, CgroupSkbAttachType::Egress, "egress")]
-    {
-        let pin = link_pin(link_dir, cgroup_id, direction);
-        if pin.exists() {
-            continue;
-        }
-        adopted = false;
-        let program = program::<CgroupSkb>(ebpf, name)?;
-        // Through bpf_link_create (kernel >= 5.7) the flags must be 0: cgroup links always
-        // coexist with other programs on the cgroup, as BPF_F_ALLOW_MULTI attachments do.
-        let link_id = program
-            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let link = program.take_link(link_id).map_err(|source| DatapathError::Program { name, source })?;
-        let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin { path: pin.clone(), message: e.to_string() })?;
-        fd_link.pin(&pin).map_err(|e| DatapathError::Pin { path: pin.clone(), message: e.to_string() })?;
-    }
-    Ok(adopted)
-}
-
-/// Detaches what [`attach_pinned`], [`attach_socket_hook`] and [`attach_backstop`] attached for
-/// `cgroup_id` (missing pins are fine).
+/// Detaches what `segmentation::datapath::Datapath::attach_pinned`, [`attach_socket_hook`] and
+/// [`attach_backstop`] attached for `cgroup_id` (missing pins are fine).
 pub fn detach_pinned(cgroup_id: u64, link_dir: &Path) -> Result<(), DatapathError> {
     for direction in LINK_SUFFIXES {
         let pin = link_pin(link_dir, cgroup_id, direction);
