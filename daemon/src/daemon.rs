@@ -386,6 +386,11 @@ async fn run_async(args: RunArgs, running: Arc<std::sync::atomic::AtomicBool>) -
         cluster_releases = Some(rx);
     }
     let quarantine_api: Arc<dyn crate::api::QuarantineApi> = Arc::new(quarantine_api);
+    if let (Some(kube), Some(min_severity)) = (sources.kube.as_ref(), args.alerts.alert_events.0) {
+        let events = crate::k8s::ClusterAlertEvents::new(kube.client(), kube.node(), crate::k8s::AlertEventsConfig::default());
+        let exporter = crate::alerts::kube_events::KubeEventExporter::start(events, min_severity, Some(metrics.clone()));
+        let _ = exports.kube_events.set(exporter);
+    }
     if let (Some(kube), Some(rx)) = (sources.kube.as_mut(), cluster_releases) {
         let cluster = crate::quarantine::cluster::ClusterQuarantine {
             quarantine: quarantine.clone(),

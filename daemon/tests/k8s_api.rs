@@ -560,22 +560,25 @@ async fn quarantine_is_labelled_and_reported_and_a_label_removal_is_reported_not
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(removals.try_recv().is_err(), "palisade's own unlabel came back as someone else's removal");
 
-    // Alerts as Events: created, then aggregated, then over the limit.
-    let alerts = ClusterAlertEvents::new(
-        api.client(),
-        NODE,
-        AlertEventsConfig { burst: 2, refill_every: Duration::from_secs(3600), aggregate_window: Duration::from_secs(600) },
-    );
+    // Alerts as Events (kube's Recorder): written, then the repeat folded into the first Event's
+    // series, then over the limit; another rule on the same pod is an Event of its own.
+    let alerts = ClusterAlertEvents::new(api.client(), NODE, AlertEventsConfig { burst: 3, refill_every: Duration::from_secs(3600) });
     let outcomes = [
         alerts.alert("shop/web-1", "shell_in_container", "warning", "shell started", "a-1").await.expect("alert 1"),
         alerts.alert("shop/web-1", "shell_in_container", "warning", "shell started", "a-2").await.expect("alert 2"),
-        alerts.alert("shop/web-1", "shell_in_container", "warning", "shell started", "a-3").await.expect("alert 3"),
+        alerts.alert("shop/web-1", "crypto_miner", "critical", "xmrig", "a-3").await.expect("alert 3"),
+        alerts.alert("shop/web-1", "shell_in_container", "warning", "shell started", "a-4").await.expect("alert 4"),
     ];
-    assert_eq!(outcomes, [AlertEventOutcome::Created, AlertEventOutcome::Aggregated { count: 2 }, AlertEventOutcome::Suppressed]);
+    use AlertEventOutcome::{Published, Suppressed};
+    assert_eq!(outcomes, [Published, Published, Published, Suppressed]);
     assert_eq!(alerts.suppressed(), 1);
-    let event_patch = api.requests().into_iter().find(|r| r.use_.1 == "events" && r.use_.2 == "patch").expect("event patch");
+    let event_patch = api.requests().into_iter().find(|r| r.use_ == ("events.k8s.io".into(), "events".into(), "patch".into())).expect("series patch");
     let body: Value = serde_json::from_str(&event_patch.body).expect("json");
-    assert_eq!(body["count"], 2);
+    assert_eq!(body["series"]["count"], 2, "{body:#}");
+    let events: Vec<Value> = api.requests().into_iter().filter(|r| r.use_.0 == "events.k8s.io" && r.use_.2 == "create").map(|r| serde_json::from_str(&r.body).expect("json")).collect();
+    assert_eq!(events.len(), 2, "one Event per rule: {events:#?}");
+    assert!(events.iter().all(|e| e["reportingController"] == "palisade.io/palisade" && e["reportingInstance"] == NODE && e["regarding"]["name"] == "web-1"));
+    assert_eq!(events.iter().map(|e| e["action"].as_str().unwrap_or("")).collect::<Vec<_>>(), ["shell_in_container", "crypto_miner"]);
 
     // Across this test every verb of API_USES was used, and nothing else.
     let declared: BTreeSet<(String, String, String)> =

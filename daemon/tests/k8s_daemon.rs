@@ -563,6 +563,17 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     );
     println!("(3) quarantined; label and Event in the cluster {:.1} s after the shell; cut off (checked in {:.1} s)",
         labelled_after.as_secs_f64(), t.as_secs_f64());
+    // ... the rule's alert as an Event on the pod (events.k8s.io, kube's Recorder: --alert-events
+    // high by default) ...
+    let alert_event = daemon.wait_for("alert Event", Duration::from_secs(10), || {
+        daemon.api().requests().into_iter().find_map(|r| {
+            let event: Value = serde_json::from_str(&r.body).ok()?;
+            (r.use_.0 == "events.k8s.io" && r.use_.2 == "create" && event["action"] == "reverse_shell").then_some(event)
+        })
+    });
+    assert_eq!(alert_event["regarding"]["name"], "web", "{alert_event:#}");
+    assert_eq!(alert_event["reportingInstance"], NODE, "{alert_event:#}");
+    assert_eq!(alert_event["type"], "Warning", "{alert_event:#}");
     // ... and its Quarantine object: owned by the pod (deleted with it), status Enforced.
     let object = daemon.wait_for("Quarantine object with status", Duration::from_secs(10), || {
         daemon.api().try_object(Kind::Quarantine, NS, "web").filter(|q| q["status"]["phase"] == "Enforced")

@@ -185,6 +185,8 @@ impl ExportCounters {
 pub struct Exports {
     pub stdout: Option<StdoutExporter>,
     pub webhook: Option<WebhookExporter>,
+    /// Kubernetes mode: set once the API client exists (after the alert log has started).
+    pub kube_events: Arc<std::sync::OnceLock<super::kube_events::KubeEventExporter>>,
 }
 
 impl Exports {
@@ -195,12 +197,16 @@ impl Exports {
         if let Some(webhook) = &self.webhook {
             webhook.offer(alert);
         }
+        if let Some(kube_events) = self.kube_events.get() {
+            kube_events.offer(alert);
+        }
     }
 
     pub fn stats(&self) -> Value {
         json!({
             "stdout": self.stdout.as_ref().map(|s| s.stats()),
             "webhook": self.webhook.as_ref().map(|w| w.stats()),
+            "kube_events": self.kube_events.get().map(|k| k.stats()),
         })
     }
 }

@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod cli;
 pub mod export;
+pub mod kube_events;
 pub mod log;
 pub mod options;
 pub mod policy;

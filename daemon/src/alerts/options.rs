@@ -48,6 +48,10 @@ pub struct AlertOptions {
     /// process's command line: use --webhook-header-file or PALISADE_WEBHOOK_HEADERS for secrets.
     #[arg(long, value_name = "HEADER")]
     pub webhook_header: Vec<String>,
+    /// Kubernetes mode: alerts of at least this severity also become Events on their pod
+    /// (info|low|medium|high|critical, or off).
+    #[arg(long, value_name = "SEVERITY", default_value = "high", value_parser = parse_min_severity)]
+    pub alert_events: MinSeverity,
     /// Alerts the webhook queue holds while the receiver is slow; overflow is counted.
     #[arg(long, default_value_t = 1024)]
     pub webhook_queue: usize,
@@ -60,6 +64,17 @@ pub struct AlertOptions {
     /// Window in which repeats of a rule on a pod fold into one counted follow-up (0s: off).
     #[arg(long, default_value = "10s", value_parser = parse_window)]
     pub alerts_aggregate_window: Duration,
+}
+
+/// A severity threshold that can be switched off (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinSeverity(pub Option<crate::rules::Severity>);
+
+fn parse_min_severity(text: &str) -> Result<MinSeverity, String> {
+    if text == "off" {
+        return Ok(MinSeverity(None));
+    }
+    text.parse::<crate::rules::Severity>().map(|s| MinSeverity(Some(s))).map_err(|e| format!("{e}, or off"))
 }
 
 fn parse_window(text: &str) -> Result<Duration, String> {

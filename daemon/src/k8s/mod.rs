@@ -15,7 +15,9 @@
 //!    to call after the responder quarantined or released a pod; `source.take_label_removals()`
 //!    yields a [`LabelRemoval`] when someone else removes the quarantine label: the daemon puts
 //!    it back and raises a `tamper` alert (release only through the root-only API socket).
-//! 5. Optionally [`ClusterAlertEvents`]: alerts as rate-limited, aggregated core/v1 Events.
+//! 5. [`ClusterAlertEvents`]: alerts as rate-limited Events written with kube's Recorder
+//!    (events.k8s.io/v1, repeats folded into a series); the daemon feeds it through
+//!    `alerts::kube_events` (`--alert-events`).
 pub mod cgroup;
 pub mod convert;
 pub mod events;
@@ -53,9 +55,11 @@ pub const API_USES: &[(&str, &str, &str)] = &[
     ("", "namespaces", "watch"),
     ("networking.k8s.io", "networkpolicies", "list"),
     ("networking.k8s.io", "networkpolicies", "watch"),
-    // quarantine/release Events and alert Events; repeated alerts patch the count.
+    // quarantine/release Events (core/v1, one per quarantine and release).
     ("", "events", "create"),
-    ("", "events", "patch"),
+    // alert Events through kube's Recorder (events.k8s.io/v1): repeats patch the series.
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
 ];
 
 /// What the Quarantine resource adds to [`API_USES`] (`quarantine_resource`): the watch of every

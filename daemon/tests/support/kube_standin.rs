@@ -547,6 +547,9 @@ impl StandIn {
                         "status": {"userInfo": {"username": user.name}}}),
             );
         }
+        if let ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", rest @ ..] = segments.as_slice() {
+            return self.events_v1(&method, ns, rest.first().copied(), &body, &user);
+        }
         // (kind, namespace, name, subresource)
         let target = match segments.as_slice() {
             ["api", "v1", "pods"] => Some((Kind::Pod, None, None, None)),
@@ -719,6 +722,69 @@ impl StandIn {
                     Some(object) => full(StatusCode::OK, &object),
                     None => not_found(kind, name.unwrap_or("")),
                 }
+            }
+            _ => full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", verb)),
+        }
+    }
+}
+
+impl StandIn {
+    /// `events.k8s.io/v1` Events (what kube's event Recorder writes): stored as the core/v1 Events
+    /// they also are on a real API server (one storage, two views), so core lists and watches see
+    /// them; answered in the events.k8s.io shape.
+    fn events_v1(&self, method: &str, ns: &str, name: Option<&str>, body: &str, user: &User) -> Response<Body> {
+        let verb = match method {
+            "POST" => "create",
+            "PATCH" => "patch",
+            _ => "other",
+        };
+        let mut cluster = self.lock();
+        cluster.requests.push(Recorded {
+            method: method.to_string(),
+            path: format!("/apis/events.k8s.io/v1/namespaces/{ns}/events{}", name.map(|n| format!("/{n}")).unwrap_or_default()),
+            query: BTreeMap::new(),
+            content_type: String::new(),
+            body: body.to_string(),
+            use_: ("events.k8s.io".to_string(), "events".to_string(), verb.to_string()),
+            user: user.name.clone(),
+        });
+        if cluster.fault == Some(Fault::Status500) {
+            return full(StatusCode::INTERNAL_SERVER_ERROR, &status(500, "InternalError", "stand-in: injected failure"));
+        }
+        let Ok(event) = serde_json::from_str::<Value>(body) else {
+            return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body is not JSON"));
+        };
+        let core_of = |e: &Value| {
+            let last = e["series"]["lastObservedTime"].as_str().or(e["eventTime"].as_str()).map(|t| match t.split_once('.') {
+                Some((seconds, _)) => format!("{seconds}Z"),
+                None => t.to_string(),
+            });
+            json!({"apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": e["metadata"]["name"], "namespace": ns},
+                "involvedObject": e["regarding"], "reason": e["reason"], "message": e["note"], "type": e["type"],
+                "action": e["action"], "eventTime": e["eventTime"], "reportingComponent": e["reportingController"],
+                "reportingInstance": e["reportingInstance"], "count": e["series"]["count"].as_i64().unwrap_or(1),
+                "lastTimestamp": last})
+        };
+        match (verb, name) {
+            ("create", None) => {
+                let stored = cluster.store(core_of(&event));
+                let mut answer = event.clone();
+                answer["metadata"] = stored["metadata"].clone();
+                full(StatusCode::CREATED, &answer)
+            }
+            ("patch", Some(name)) => {
+                let key = (Kind::Event, ns.to_string(), name.to_string());
+                let Some(mut object) = cluster.objects.get(&key).cloned() else {
+                    return not_found(Kind::Event, name);
+                };
+                let mut patched = core_of(&event);
+                patched["metadata"] = object["metadata"].clone();
+                merge_patch(&mut object, &patched);
+                let stored = cluster.store(object);
+                let mut answer = event.clone();
+                answer["metadata"] = stored["metadata"].clone();
+                full(StatusCode::OK, &answer)
             }
             _ => full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", verb)),
         }
