@@ -327,3 +327,25 @@ fn engines_that_disagree_fail_the_test_run() {
     assert!(failures[0].contains("engines disagree"), "{failures:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The pipeline judges protected events itself (`LocalEvaluator`, not the pool): a pack put in
+/// force by a hot reload must reach that path too, from the very next event. An operator who
+/// turns a rule off (here: replaces it with one that does not match) must not see the old pack
+/// keep judging the events that quarantine.
+#[test]
+fn the_pipelines_own_evaluator_follows_a_pack_swap_from_the_next_event() {
+    let dir = pack_dir("local-swap");
+    std::fs::write(dir.join("good.rego"), GOOD).expect("write");
+    let handle = PackHandle::new(RulePack::load(&dir).expect("good pack"));
+    let mut local = palisade::rules::LocalEvaluator::new(handle.clone());
+    let first = local.evaluate(good_event(), None);
+    assert_eq!(first.hits.as_ref().map(Vec::len).ok(), Some(1), "the pack in force alerts: {:?}", first.hits);
+    assert_eq!(first.pack_generation, 1);
+
+    std::fs::write(dir.join("good.rego"), GOOD.replace("\"/tmp/\"", "\"/nowhere/\"")).expect("rewrite");
+    let generation = handle.swap(RulePack::load(&dir).expect("second pack"));
+    let second = local.evaluate(good_event(), None);
+    assert_eq!(second.pack_generation, generation, "judged by the pack in force, not the one it started with");
+    assert_eq!(second.hits.as_ref().map(Vec::len).ok(), Some(0), "the swapped-out rule still judged: {:?}", second.hits);
+    let _ = std::fs::remove_dir_all(&dir);
+}
