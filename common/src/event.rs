@@ -341,8 +341,15 @@ pub struct ChmodEvent {
     pub fd: i32,
     pub mode: u32,
     pub path: [u8; PATH_LEN],
+    /// fchmod: the descriptor's file (PATH_RESOLVED); chmod/fchmodat of a relative path: the
+    /// directory it was looked up in, the working directory (task->fs->pwd) or `fd`'s file,
+    /// read at exit (PATH_BASE_DIR); empty for an absolute path.
+    pub resolved: [u8; PATH_LEN],
+    /// PATH_* flags of `resolved`.
+    pub resolved_flags: u32,
+    pub _pad: u32,
 }
-assert_wire_size!(ChmodEvent, 80 + 16 + 256);
+assert_wire_size!(ChmodEvent, 80 + 16 + 512 + 8);
 
 pub const UNLINK_OP_UNLINKAT: u32 = 0;
 pub const UNLINK_OP_UNLINK: u32 = 1;
@@ -358,8 +365,14 @@ pub struct UnlinkEvent {
     pub ret: i32,
     pub op: u32,
     pub path: [u8; PATH_LEN],
+    /// For a relative path, the directory it was looked up in (PATH_BASE_DIR): the working
+    /// directory (task->fs->pwd) or `dirfd`'s file, read at exit; empty for an absolute path.
+    pub resolved: [u8; PATH_LEN],
+    /// PATH_* flags of `resolved`.
+    pub resolved_flags: u32,
+    pub _pad: u32,
 }
-assert_wire_size!(UnlinkEvent, 80 + 16 + 256);
+assert_wire_size!(UnlinkEvent, 80 + 16 + 512 + 8);
 
 pub const RENAME_OP_RENAMEAT2: u32 = 0;
 pub const RENAME_OP_RENAME: u32 = 1;
@@ -376,8 +389,14 @@ pub struct RenameEvent {
     pub ret: i32,
     pub old_path: [u8; PATH_LEN],
     pub new_path: [u8; PATH_LEN],
+    /// For relative paths, the directories they were looked up in (as UnlinkEvent.resolved,
+    /// from `old_dirfd` / `new_dirfd` or the working directory).
+    pub old_resolved: [u8; PATH_LEN],
+    pub new_resolved: [u8; PATH_LEN],
+    pub old_resolved_flags: u32,
+    pub new_resolved_flags: u32,
 }
-assert_wire_size!(RenameEvent, 80 + 16 + 512);
+assert_wire_size!(RenameEvent, 80 + 16 + 1024 + 8);
 
 pub const DUP_OP_DUP2: u32 = 2;
 pub const DUP_OP_DUP3: u32 = 3;

@@ -21,9 +21,9 @@ fn schema() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("module", vec!["op", "name", "fd", "flags", "len", "result"]),
         ("bpf", vec!["cmd", "cmd_name", "size", "result"]),
         ("memfd", vec!["name", "flags", "result"]),
-        ("chmod", vec!["op", "path", "fd", "mode", "setuid", "setgid", "result"]),
-        ("unlink", vec!["op", "path", "dirfd", "flags", "result"]),
-        ("rename", vec!["old_path", "new_path", "flags", "result"]),
+        ("chmod", vec!["op", "path", "path_arg", "path_resolved", "fd", "mode", "setuid", "setgid", "result"]),
+        ("unlink", vec!["op", "path", "path_arg", "path_resolved", "dirfd", "flags", "result"]),
+        ("rename", vec!["old_path", "old_path_arg", "old_path_resolved", "new_path", "new_path_arg", "new_path_resolved", "flags", "result"]),
         ("dup", vec!["op", "old_fd", "new_fd", "flags", "result", "new_fd_kind"]),
     ])
 }

@@ -610,8 +610,23 @@ fn emit_chmod(ret: i64) -> Result<(), i64> {
                 p.args[1]
             }
         };
-        if read_user_str(&mut (*ev).path, path) {
+        let len = read_user_str_len(&mut (*ev).path, path);
+        if len == PATH_LEN as i64 {
             (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+        // What the path names, from the kernel: fchmod's file, or the directory a relative
+        // path was looked up in (see ChmodEvent.resolved).
+        (*ev)._pad = 0;
+        (*ev).resolved_flags = 0;
+        (*ev).resolved[0] = 0;
+        if let Some(cfg) = config() {
+            if p.op == CHMOD_OP_FCHMOD {
+                resolve_open((*ev).fd as i64, AT_FDCWD, false, &mut (*ev).resolved, &mut (*ev).resolved_flags, cfg);
+            } else {
+                let relative = len > 1 && (*ev).path[0] != b'/';
+                resolve_open(-1, (*ev).fd, relative, &mut (*ev).resolved, &mut (*ev).resolved_flags, cfg);
+                mark_base_dir(&mut (*ev).resolved_flags);
+            }
         }
     })
 }
@@ -640,8 +655,18 @@ fn emit_unlink(ret: i64) -> Result<(), i64> {
             (*ev).flags = if p.op == UNLINK_OP_RMDIR { AT_REMOVEDIR } else { 0 };
             p.args[0]
         };
-        if read_user_str(&mut (*ev).path, path) {
+        let len = read_user_str_len(&mut (*ev).path, path);
+        if len == PATH_LEN as i64 {
             (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+        // The directory a relative path was looked up in (the file itself is gone at exit).
+        (*ev)._pad = 0;
+        (*ev).resolved_flags = 0;
+        (*ev).resolved[0] = 0;
+        if let Some(cfg) = config() {
+            let relative = len > 1 && (*ev).path[0] != b'/';
+            resolve_open(-1, (*ev).dirfd, relative, &mut (*ev).resolved, &mut (*ev).resolved_flags, cfg);
+            mark_base_dir(&mut (*ev).resolved_flags);
         }
     })
 }
@@ -667,10 +692,23 @@ fn emit_rename(ret: i64) -> Result<(), i64> {
             (*ev).flags = if p.op == RENAME_OP_RENAMEAT2 { p.args[4] as u32 } else { 0 };
             (p.args[1], p.args[3])
         };
-        let mut cut = read_user_str(&mut (*ev).old_path, old);
-        cut |= read_user_str(&mut (*ev).new_path, new);
-        if cut {
+        let old_len = read_user_str_len(&mut (*ev).old_path, old);
+        let new_len = read_user_str_len(&mut (*ev).new_path, new);
+        if old_len == PATH_LEN as i64 || new_len == PATH_LEN as i64 {
             (*ev).header.flags |= FLAG_TRUNCATED;
+        }
+        // The directories relative paths were looked up in (see RenameEvent).
+        (*ev).old_resolved_flags = 0;
+        (*ev).new_resolved_flags = 0;
+        (*ev).old_resolved[0] = 0;
+        (*ev).new_resolved[0] = 0;
+        if let Some(cfg) = config() {
+            let relative = old_len > 1 && (*ev).old_path[0] != b'/';
+            resolve_open(-1, (*ev).old_dirfd, relative, &mut (*ev).old_resolved, &mut (*ev).old_resolved_flags, cfg);
+            mark_base_dir(&mut (*ev).old_resolved_flags);
+            let relative = new_len > 1 && (*ev).new_path[0] != b'/';
+            resolve_open(-1, (*ev).new_dirfd, relative, &mut (*ev).new_resolved, &mut (*ev).new_resolved_flags, cfg);
+            mark_base_dir(&mut (*ev).new_resolved_flags);
         }
     })
 }

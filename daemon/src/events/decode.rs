@@ -220,7 +220,14 @@ pub struct MemfdData {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChmodData {
     pub op: &'static str,
+    /// What the call changed (see [`changed_path`]): fchmod's file as the kernel resolved it,
+    /// else the argument, absolute and cleaned.
     pub path: String,
+    /// The argument as the process passed it (empty for fchmod).
+    pub path_arg: String,
+    /// `path` is the file the kernel resolved (fchmod only: a chmod of a name may follow a
+    /// symlink that the path does not).
+    pub path_resolved: bool,
     pub fd: i32,
     pub mode: u32,
     pub setuid: bool,
@@ -231,7 +238,13 @@ pub struct ChmodData {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UnlinkData {
     pub op: &'static str,
+    /// What was removed (see [`changed_path`]): the argument, absolute and cleaned, a relative
+    /// one joined to the directory the kernel looked it up in.
     pub path: String,
+    /// The argument as the process passed it.
+    pub path_arg: String,
+    /// `path` is the kernel's directory plus a single name (canonical: the name is not followed).
+    pub path_resolved: bool,
     pub dirfd: i32,
     pub flags: u32,
     pub result: i32,
@@ -239,8 +252,13 @@ pub struct UnlinkData {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RenameData {
+    /// As UnlinkData.path, for each side.
     pub old_path: String,
+    pub old_path_arg: String,
+    pub old_path_resolved: bool,
     pub new_path: String,
+    pub new_path_arg: String,
+    pub new_path_resolved: bool,
     pub flags: u32,
     pub result: i32,
 }
@@ -454,13 +472,17 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Chmod => {
             let e: wire::ChmodEvent = read_wire(bytes, kind)?;
+            let path_arg = c_string(&e.path);
+            let chmod_path = changed_path(&path_arg, &c_string(&e.resolved), e.resolved_flags, false);
             EventData::Chmod(ChmodData {
                 op: match e.op {
                     wire::CHMOD_OP_CHMOD => "chmod",
                     wire::CHMOD_OP_FCHMOD => "fchmod",
                     _ => "fchmodat",
                 },
-                path: c_string(&e.path),
+                path: chmod_path.0,
+                path_arg,
+                path_resolved: chmod_path.1,
                 fd: e.fd,
                 mode: e.mode,
                 setuid: e.mode & 0o4000 != 0,
@@ -470,13 +492,17 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Unlink => {
             let e: wire::UnlinkEvent = read_wire(bytes, kind)?;
+            let path_arg = c_string(&e.path);
+            let (path, path_resolved) = changed_path(&path_arg, &c_string(&e.resolved), e.resolved_flags, true);
             EventData::Unlink(UnlinkData {
                 op: match e.op {
                     wire::UNLINK_OP_UNLINK => "unlink",
                     wire::UNLINK_OP_RMDIR => "rmdir",
                     _ => "unlinkat",
                 },
-                path: c_string(&e.path),
+                path,
+                path_arg,
+                path_resolved,
                 dirfd: e.dirfd,
                 flags: e.flags,
                 result: e.ret,
@@ -484,9 +510,17 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Rename => {
             let e: wire::RenameEvent = read_wire(bytes, kind)?;
+            let old_path_arg = c_string(&e.old_path);
+            let new_path_arg = c_string(&e.new_path);
+            let (old_path, old_path_resolved) = changed_path(&old_path_arg, &c_string(&e.old_resolved), e.old_resolved_flags, true);
+            let (new_path, new_path_resolved) = changed_path(&new_path_arg, &c_string(&e.new_resolved), e.new_resolved_flags, true);
             EventData::Rename(RenameData {
-                old_path: c_string(&e.old_path),
-                new_path: c_string(&e.new_path),
+                old_path,
+                old_path_arg,
+                old_path_resolved,
+                new_path,
+                new_path_arg,
+                new_path_resolved,
                 flags: e.flags,
                 result: e.ret,
             })
@@ -554,6 +588,28 @@ pub fn open_path(arg: &str, resolved: &str, flags: u32) -> (String, bool) {
     }
     if walked && !arg.is_empty() && !arg.starts_with('/') {
         return (clean_path(&format!("{resolved}/{arg}")), false);
+    }
+    (arg.to_string(), false)
+}
+
+/// The path a chmod, unlink or rename changed, and whether it is canonical, from the argument
+/// and what the kernel resolved (`flags`: PATH_*). A file the kernel resolved (fchmod's
+/// descriptor) is taken as it is. An absolute argument is cleaned (`.`, `..`, `//` folded; a
+/// symlinked directory in it is not followed: not resolved). A relative one is joined to the
+/// directory the kernel looked it up in (the working directory or the dirfd's, at the call)
+/// and cleaned; it is canonical when it is a single name and `name_is_the_object` (unlink and
+/// rename act on the name itself; chmod follows a symlink). Nothing resolved: the argument.
+pub fn changed_path(arg: &str, resolved: &str, flags: u32, name_is_the_object: bool) -> (String, bool) {
+    let walked = flags & wire::PATH_RESOLVED != 0 && flags & wire::PATH_CUT == 0 && resolved.starts_with('/');
+    if walked && flags & wire::PATH_BASE_DIR == 0 {
+        return (resolved.to_string(), true);
+    }
+    if arg.starts_with('/') {
+        return (clean_path(arg), false);
+    }
+    if walked && !arg.is_empty() {
+        let single_name = !arg.contains('/') && arg != "." && arg != "..";
+        return (clean_path(&format!("{resolved}/{arg}")), single_name && name_is_the_object);
     }
     (arg.to_string(), false)
 }
@@ -712,6 +768,18 @@ mod tests {
         }
         assert_eq!(clean_path("/a//b/./../../../c/"), "/c");
         assert_eq!(clean_path("/"), "/");
+    }
+
+    #[test]
+    fn changed_paths_join_the_kernels_directory_and_clean_the_argument() {
+        let dir = wire::PATH_RESOLVED | wire::PATH_BASE_DIR;
+        assert_eq!(changed_path(".bash_history", "/root", dir, true), ("/root/.bash_history".into(), true));
+        assert_eq!(changed_path("file", "/srv/real", dir, false), ("/srv/real/file".into(), false), "chmod may follow a symlink");
+        assert_eq!(changed_path("../etc/./passwd", "/usr", dir, true), ("/etc/passwd".into(), false));
+        assert_eq!(changed_path("/etc/../etc//passwd", "", 0, true), ("/etc/passwd".into(), false));
+        assert_eq!(changed_path("", "/etc/shadow", wire::PATH_RESOLVED, false), ("/etc/shadow".into(), true), "fchmod's file");
+        assert_eq!(changed_path("x", "/a/b", wire::PATH_RESOLVED | wire::PATH_CUT | wire::PATH_BASE_DIR, true), ("x".into(), false));
+        assert_eq!(changed_path("x", "", 0, true), ("x".into(), false));
     }
 
     /// truncate/ftruncate come as opens that truncate: ftruncate names the descriptor's file

@@ -126,15 +126,15 @@ pub fn event_bytes(event: &Event) -> usize {
         }
         EventData::Fork(_) | EventData::Exit(_) | EventData::Ptrace(_) | EventData::Bpf(_) | EventData::Dup(_) => 0,
         EventData::Connect(d) => opt(&d.address) + opt(&d.unix_path),
-        EventData::Open(d) => d.path.capacity() + d.flags_names.capacity() * std::mem::size_of::<&str>(),
+        EventData::Open(d) => d.path.capacity() + d.path_arg.capacity() + d.flags_names.capacity() * std::mem::size_of::<&str>(),
         EventData::Cred(d) => d.args.capacity() * std::mem::size_of::<u32>(),
         EventData::Mount(d) => d.source.capacity() + d.target.capacity() + d.fstype.capacity(),
         EventData::Namespace(d) => d.flags_names.capacity() * std::mem::size_of::<&str>(),
         EventData::Module(d) => d.name.capacity(),
         EventData::Memfd(d) => d.name.capacity(),
-        EventData::Chmod(d) => d.path.capacity(),
-        EventData::Unlink(d) => d.path.capacity(),
-        EventData::Rename(d) => d.old_path.capacity() + d.new_path.capacity(),
+        EventData::Chmod(d) => d.path.capacity() + d.path_arg.capacity(),
+        EventData::Unlink(d) => d.path.capacity() + d.path_arg.capacity(),
+        EventData::Rename(d) => d.old_path.capacity() + d.old_path_arg.capacity() + d.new_path.capacity() + d.new_path_arg.capacity(),
     };
     std::mem::size_of::<Event>() + event.header.comm.capacity() + data
 }
