@@ -52,6 +52,7 @@ const O_WRONLY: u32 = 0o1;
 const O_RDWR: u32 = 0o2;
 const O_CREAT: u32 = 0o100;
 const O_TRUNC: u32 = 0o1000;
+const ENOENT: i64 = 2;
 
 impl OpenPrefilter {
     /// Both prefix sets of the pack in `rules_dir`.
@@ -70,10 +71,20 @@ impl OpenPrefilter {
         Ok(OpenPrefilter { sensitive: prefixes_from_lists(&lists), quiet })
     }
 
-    /// The kernel's decision for an open of `path` (as the process passed it) with `flags`:
-    /// true when it is kept in the kernel. Mirrors `open_path_is_sensitive` and `open_is_quiet`
-    /// in probes-ebpf/src/common.rs.
-    pub fn keeps_in_kernel(&self, path: &str, flags: u32) -> bool {
+    /// The kernel's decision for an open with `flags` and `result`: true when it is kept in
+    /// the kernel. Mirrors `emit_open` in probes-ebpf/src/syscalls.rs: the file the kernel
+    /// resolved (`resolved`, canonical) is judged when there is one (`resolved_path_is_sensitive`,
+    /// `open_is_quiet`); otherwise the argument `path_arg`, and then only an open that failed
+    /// with ENOENT may stay (`open_path_is_sensitive`, `open_is_quiet`).
+    pub fn keeps_in_kernel(&self, path_arg: &str, resolved: Option<&str>, flags: u32, result: i64) -> bool {
+        match resolved {
+            Some(file) => self.quiet_open(file, flags),
+            None => result == -ENOENT && self.quiet_open(path_arg, flags),
+        }
+    }
+
+    /// `open_is_quiet` of probes-ebpf/src/common.rs, with the sensitivity of `path`.
+    fn quiet_open(&self, path: &str, flags: u32) -> bool {
         if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 || self.is_sensitive(path) {
             return false;
         }
@@ -171,9 +182,20 @@ mod tests {
     fn the_kernel_decision_keeps_libraries_and_locales_in_and_everything_a_rule_reads_out() {
         let (_, f) = default_pack();
         assert!(!f.quiet.is_empty(), "the default pack declares a kernel prefilter");
+        let resolved = |path: &'static str, flags: u32| f.keeps_in_kernel("x", Some(path), flags, 3);
         for path in ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libm.so.6", "/etc/ld.so.cache", "/usr/lib/locale/locale-archive"] {
-            assert!(f.keeps_in_kernel(path, 0o2000000), "{path} should stay in the kernel");
+            assert!(resolved(path, 0o2000000), "{path} should stay in the kernel");
         }
+        // The kernel judges the file it opened, not the argument: a library opened through
+        // `..` or a relative path stays in; /etc/shadow opened through a library path does not.
+        assert!(f.keeps_in_kernel("../lib/x86_64-linux-gnu/libc.so.6", Some("/usr/lib/x86_64-linux-gnu/libc.so.6"), 0, 3));
+        assert!(!f.keeps_in_kernel("/usr/lib/../../etc/shadow", Some("/etc/shadow"), 0, 3));
+        assert!(!f.keeps_in_kernel("/usr/lib/x86_64-linux-gnu/link-to-shadow", Some("/etc/shadow"), 0, 3));
+        // Nothing resolved: only a failed lookup (ENOENT) of a quiet argument stays in; any other
+        // failure (EACCES through a symlink) names nothing the kernel could judge.
+        assert!(f.keeps_in_kernel("/usr/lib/x86_64-linux-gnu/libnope.so", None, 0, -ENOENT));
+        assert!(!f.keeps_in_kernel("/usr/lib/x86_64-linux-gnu/libc.so.6", None, 0, -13));
+        assert!(!f.keeps_in_kernel("/usr/lib/../../etc/shadow", None, 0, -ENOENT));
         for (path, flags) in [
             ("/usr/lib/x86_64-linux-gnu/libc.so.6", O_WRONLY),
             ("/usr/lib/evil", O_CREAT | O_RDWR),
@@ -183,10 +205,13 @@ mod tests {
             ("/etc/shadow", 0),
             ("/etc/hostname", 0),
         ] {
-            assert!(!f.keeps_in_kernel(path, flags), "{path} ({flags:o}) must reach the rules");
+            assert!(!f.keeps_in_kernel(path, None, flags, -ENOENT), "{path} ({flags:o}) must reach the rules");
+            if path.starts_with('/') && !path.contains("/.") && !path.contains("//") {
+                assert!(!f.keeps_in_kernel(path, Some(path), flags, 3), "{path} ({flags:o}) opened must reach the rules");
+            }
         }
         let no_declaration = OpenPrefilter { sensitive: f.sensitive.clone(), quiet: Vec::new() };
-        assert!(!no_declaration.keeps_in_kernel("/usr/lib/x86_64-linux-gnu/libc.so.6", 0), "a pack without prefilters filters nothing");
+        assert!(!no_declaration.keeps_in_kernel("x", Some("/usr/lib/x86_64-linux-gnu/libc.so.6"), 0, 3), "a pack without prefilters filters nothing");
     }
 
     /// The recorded corpus and every rule fixture's event, named by where they come from.
@@ -217,9 +242,19 @@ mod tests {
             if event["type"] != "open" {
                 continue;
             }
-            let path = event["open"]["path"].as_str().unwrap_or("");
-            let flags = event["open"]["flags"].as_u64().unwrap_or(0) as u32;
-            if !f.keeps_in_kernel(path, flags) {
+            let open = &event["open"];
+            let path = open["path"].as_str().unwrap_or("");
+            let flags = open["flags"].as_u64().unwrap_or(0) as u32;
+            let result = open["result"].as_i64().unwrap_or(0);
+            // An event recorded before opens were resolved (no path_resolved) names the file by
+            // its argument: taken as the file when the open succeeded, as the kernel now would.
+            let resolved = match open["path_resolved"].as_bool() {
+                Some(true) => Some(path),
+                Some(false) => None,
+                None => (result >= 0).then_some(path),
+            };
+            let arg = open["path_arg"].as_str().unwrap_or(path);
+            if !f.keeps_in_kernel(arg, resolved, flags, result) {
                 continue;
             }
             kept += 1;
