@@ -292,6 +292,28 @@ async fn pods_on_other_nodes_are_peer_only_endpoints_and_follow_label_changes() 
     assert_uses_are_declared(&api);
 }
 
+/// Large lists come compressed (issue 18: a 10,000-pod list is ~70 MB of JSON per agent): the
+/// source asks for gzip and reads a gzip-compressed list, as API servers send lists past 128 KiB.
+#[tokio::test]
+async fn large_lists_are_asked_for_and_read_compressed() {
+    let (api, cgroups) = seeded("gzip").await;
+    let peers = 300;
+    api.preload((0..peers).map(|i| {
+        let mut p = pod("shop", &format!("peer-{i}"), &format!("{i:08}-0000-4000-8000-000000000000"), "node-b",
+                        &format!("10.3.{}.{}", i / 250, i % 250 + 1), json!({"app": "web"}));
+        p["metadata"]["annotations"] = json!({"note": "x".repeat(1000)});
+        p
+    }));
+    let source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let inventory = source.inventory().borrow().clone();
+    assert_eq!(peer_names(&inventory).len(), peers + 1, "every peer of the compressed list is published");
+    let lists = pod_requests(&api, "list", false);
+    assert!(!lists.is_empty() && lists.iter().all(|r| r.accept_encoding.contains("gzip")),
+            "the cluster-wide pod list asks for gzip: {:?}", lists.iter().map(|r| &r.accept_encoding).collect::<Vec<_>>());
+    assert!(api.gzipped_lists() >= 1, "the stand-in sent the pod list compressed");
+    assert!(api.bytes_sent() < (peers * 1000) as u64 / 4, "{} bytes sent for {peers} pods with 1 KB of annotations each", api.bytes_sent());
+}
+
 #[tokio::test]
 async fn network_policy_changes_show_in_the_policy_set() {
     let (api, cgroups) = seeded("netpol").await;

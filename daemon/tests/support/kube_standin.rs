@@ -105,6 +105,8 @@ pub struct Recorded {
     pub path: String,
     pub query: BTreeMap<String, String>,
     pub content_type: String,
+    /// The request's `Accept-Encoding` (empty when absent).
+    pub accept_encoding: String,
     pub body: String,
     /// (group, resource, verb) as RBAC names it; a subresource is `resource/sub`.
     pub use_: (String, String, String),
@@ -245,7 +247,13 @@ pub struct StandIn {
     /// Response body bytes sent (lists, watch events, everything else), as written to the
     /// connection before TLS: what a client receives, for the cluster-scale benchmark.
     bytes_sent: Arc<AtomicU64>,
+    /// List responses sent gzip-compressed.
+    gzipped_lists: Arc<AtomicU64>,
 }
+
+/// Lists at least this large are sent gzip-compressed to a client that accepts it, as
+/// kube-apiserver does (its compression threshold is 128 KiB).
+pub const GZIP_MIN_BYTES: usize = 128 * 1024;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -286,6 +294,18 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A 200 with `text` gzip-compressed (`Content-Encoding: gzip`).
+fn gzipped(text: &str) -> Response<Body> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(text.as_bytes()).expect("gzip into memory");
+    let compressed = encoder.finish().expect("gzip into memory");
+    let mut response = Response::new(Full::new(Bytes::from(compressed)).boxed());
+    response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+    response.headers_mut().insert("content-encoding", "gzip".parse().expect("header"));
+    response
+}
+
 /// RFC 7386 JSON merge patch.
 fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
@@ -320,6 +340,7 @@ impl StandIn {
             ca_pem: Arc::new(ca.pem.clone()),
             token: Arc::new(token),
             bytes_sent: Arc::new(AtomicU64::new(0)),
+            gzipped_lists: Arc::new(AtomicU64::new(0)),
         };
         let server = this.clone();
         tokio::spawn(async move {
@@ -395,6 +416,11 @@ impl StandIn {
     /// Response body bytes sent so far (see the field).
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// How many list responses went out gzip-compressed.
+    pub fn gzipped_lists(&self) -> u64 {
+        self.gzipped_lists.load(Ordering::Relaxed)
     }
 
     /// Stops recording requests (a benchmark's many requests would only fill memory).
@@ -535,6 +561,9 @@ impl StandIn {
         let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         // The API server's default field manager is the client's user agent up to the first '/'.
         let agent = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("unknown").split('/').next().unwrap_or("unknown").to_string();
+        let accept_encoding =
+            req.headers().get(hyper::header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let accepts_gzip = accept_encoding.split(',').any(|e| e.split(';').next().is_some_and(|e| e.trim() == "gzip"));
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let body = String::from_utf8_lossy(&body).into_owned();
 
@@ -588,6 +617,7 @@ impl StandIn {
             path: path.clone(),
             query: query.clone(),
             content_type: content_type.clone(),
+            accept_encoding,
             body: body.clone(),
             use_: (
                 target.map(|t| t.0.group()).unwrap_or("?").to_string(),
@@ -624,11 +654,18 @@ impl StandIn {
                     .filter(|((k, n, _), o)| *k == kind && ns.is_none_or(|ns| ns == n) && matches_node(o, &node))
                     .map(|(_, o)| o.clone())
                     .collect();
-                full(
-                    StatusCode::OK,
-                    &json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(),
-                            "metadata": {"resourceVersion": cluster.rv.to_string()}, "items": items}),
-                )
+                let list = json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(),
+                                  "metadata": {"resourceVersion": cluster.rv.to_string()}, "items": items});
+                drop(cluster);
+                let text = list.to_string();
+                if accepts_gzip && text.len() >= GZIP_MIN_BYTES {
+                    self.gzipped_lists.fetch_add(1, Ordering::Relaxed);
+                    gzipped(&text)
+                } else {
+                    let mut response = Response::new(Full::new(Bytes::from(text)).boxed());
+                    response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+                    response
+                }
             }
             "watch" => {
                 let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -744,6 +781,7 @@ impl StandIn {
             path: format!("/apis/events.k8s.io/v1/namespaces/{ns}/events{}", name.map(|n| format!("/{n}")).unwrap_or_default()),
             query: BTreeMap::new(),
             content_type: String::new(),
+            accept_encoding: String::new(),
             body: body.to_string(),
             use_: ("events.k8s.io".to_string(), "events".to_string(), verb.to_string()),
             user: user.name.clone(),
