@@ -56,7 +56,14 @@ impl EndpointsStage {
                         current.inventory().clone()
                     }
                 };
-                let table = EndpointTable::resolve(source, &cgroup_root);
+                // Off the runtime's worker threads: a table of a large cluster takes a while,
+                // and the watchers feeding the inventory must keep reading meanwhile.
+                let root = cgroup_root.clone();
+                let table = match tokio::task::spawn_blocking(move || EndpointTable::resolve(source, &root)).await {
+                    Ok(table) => table,
+                    Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                    Err(_) => return,
+                };
                 let published = tx.send_if_modified(|current| {
                     if **current == table {
                         return false;

@@ -694,7 +694,24 @@ impl Builder {
                 }
                 _ = tokio::time::sleep(cgroup_retry), if retry => {}
             }
-            let (inventory, policies, report) = self.build();
+            // Off the runtime's two worker threads: a build copies and validates every peer,
+            // and while it ran there the watch tasks could not read the events queued behind
+            // it, so each build saw only the few changes that arrived in between.
+            let built = tokio::task::spawn_blocking(move || {
+                let built = self.build();
+                (self, built)
+            })
+            .await;
+            let (inventory, policies, report) = match built {
+                Ok((builder, built)) => {
+                    self = builder;
+                    built
+                }
+                // A panic in the build stays a panic of this task, as before; cancelled only at
+                // shutdown.
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(_) => return,
+            };
             let inventory_changed = inventory_tx.send_if_modified(|current| replace_if_different(current, inventory));
             let policies_changed = policies_tx.send_if_modified(|current| replace_if_different(current, policies));
             if inventory_changed || policies_changed {
