@@ -163,3 +163,19 @@ mod mount_tests {
         assert_eq!(parse_fs_type_at(mountinfo, Path::new("/sys/fs")), None);
     }
 }
+
+/// Watches a directory (recursively); each change (not a mere access) sends a unit on the
+/// returned channel. The watcher stops when dropped.
+pub fn watch_dir(dir: &Path) -> Result<(notify::RecommendedWatcher, tokio::sync::mpsc::UnboundedReceiver<()>), notify::Error> {
+    use notify::Watcher as _;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) if event.kind.is_access() => {}
+        Ok(_) => {
+            let _ = tx.send(());
+        }
+        Err(err) => tracing::warn!(%err, "directory watcher"),
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::Recursive)?;
+    Ok((watcher, rx))
+}

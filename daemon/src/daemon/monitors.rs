@@ -1,0 +1,132 @@
+//! Tasks that keep status and metrics current and the endpoint table's readers in step: the
+//! endpoint followers, the counter exporter and the loss monitor.
+
+use std::sync::Arc;
+
+use crate::endpoints::EndpointTable;
+use crate::events::kind::EventKind;
+use crate::probes::loader;
+use crate::status::DaemonState;
+
+/// Keeps the stages that read the endpoint table in step with it, in this order: segmentation
+/// (compiles, syncs the maps, attaches to new cgroups), the responder (endpoint ids, quarantines
+/// that follow a re-created cgroup or end with a pod that left), then the probes' monitored set.
+/// A monitored-set update that fails is retried until it holds.
+pub(super) fn spawn_endpoint_followers(state: Arc<DaemonState>, mut endpoints: tokio::sync::watch::Receiver<Arc<EndpointTable>>) {
+    tokio::spawn(async move {
+        let mut retry = tokio::time::interval(crate::endpoints::RESOLVE_INTERVAL);
+        let mut monitored_in_sync = true;
+        loop {
+            tokio::select! {
+                changed = endpoints.changed() => {
+                    if changed.is_err() { return; }
+                    let table = endpoints.borrow_and_update().clone();
+                    {
+                        let mut enforcer = state.enforcer.lock().await;
+                        if let Err(err) = enforcer.set_inventory(table.inventory().as_ref().clone()).await {
+                            tracing::error!(%err, "re-segmenting after an endpoint change");
+                        }
+                        state.quarantine.set_endpoint_ids(enforcer.compiled().endpoints.values().map(|ep| (ep.pod_key(), ep.endpoint_id())));
+                    }
+                    match state.quarantine.set_endpoints(table.clone()) {
+                        Ok(removals) => {
+                            for removal in &removals {
+                                state.alerts.try_emit(crate::quarantine::api::removal_alert(removal));
+                            }
+                        }
+                        Err(err) => tracing::error!(%err, "reconciling quarantines with the endpoints"),
+                    }
+                    monitored_in_sync = false;
+                }
+                _ = retry.tick(), if !monitored_in_sync => {}
+            }
+            if !monitored_in_sync {
+                let monitored = endpoints.borrow().monitored();
+                match state.host.set_monitored(monitored).await {
+                    Ok(()) => monitored_in_sync = true,
+                    Err(err) => tracing::error!(%err, "updating monitored cgroups; retrying"),
+                }
+            }
+        }
+    });
+}
+
+/// Feeds kernel per-kind counters and quarantine gauges into the metrics every few seconds.
+pub(super) fn spawn_counter_exporter(state: Arc<DaemonState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            if let Ok(status) = state.host.status().await {
+                if let Some(counters) = status.counters {
+                    state.metrics.observe_kernel_counters(&counters.emitted, &counters.lost);
+                }
+            }
+            let active = state.quarantine.list_async().await.len();
+            state.metrics.set_quarantines_active(active as i64);
+            let sync_failing = state.enforcer.lock().await.status.last_error.is_some();
+            state.metrics.set_datapath_sync_failing(sync_failing);
+            if let Some(kube) = &state.kube_health {
+                let connected = kube.borrow().connected;
+                state.metrics.set_watchers_connected("kubernetes", connected);
+            }
+            let pods = state.conntrack.lock().map(|s| s.pods.clone()).unwrap_or_default();
+            if !pods.is_empty() {
+                let enforcer = state.enforcer.lock().await;
+                let named: Vec<(String, crate::segmentation::conntrack::PodUsage)> = pods
+                    .iter()
+                    .map(|(id, u)| (enforcer.compiled().endpoints.get(id).map(|e| e.key()).unwrap_or_else(|| format!("endpoint-{id}")), *u))
+                    .collect();
+                drop(enforcer);
+                state.metrics.observe_conntrack(&named);
+            }
+        }
+    });
+}
+
+/// Samples the per-pod loss counters (kernel and reader) every second; raises `event_loss`
+/// alerts (rate limited by the monitor) and counts user-space drops in the metrics.
+pub(super) fn spawn_loss_monitor(state: Arc<DaemonState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut queue_seen: std::collections::BTreeMap<(u64, EventKind), u64> = Default::default();
+        let mut loss_seen: std::collections::BTreeMap<loader::LossKey, u64> = Default::default();
+        loop {
+            tick.tick().await;
+            let mut totals = match state.host.with(|ebpf| loader::read_pod_losses(ebpf)).await {
+                Ok(Ok(totals)) => totals,
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "reading the per-pod loss counters");
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let queue = state.queue_drops.totals();
+            for (&(cgroup, kind), &total) in &queue {
+                let before = queue_seen.insert((cgroup, kind), total).unwrap_or(0);
+                if total > before {
+                    state.metrics.record_events_lost(kind.as_str(), total - before);
+                }
+            }
+            totals.extend(crate::events::loss::queue_drop_totals(&queue));
+            let table = state.endpoints.borrow().clone();
+            for (key, &total) in &totals {
+                let before = loss_seen.insert(*key, total).unwrap_or(0);
+                if total > before {
+                    let pod = table.index().get(key.cgroup_id).map(|p| format!("{}/{}", p.namespace, p.name));
+                    let pod = pod.unwrap_or_else(|| format!("cgroup:{}", key.cgroup_id));
+                    state.metrics.record_pod_events_lost(&pod, key.kind.as_str(), key.reason.as_str(), total - before);
+                }
+            }
+            let report = match state.losses.lock() {
+                Ok(mut monitor) => monitor.observe(&totals, std::time::Instant::now()),
+                Err(_) => return,
+            };
+            if let Some(report) = report {
+                let alert = report.alert(table.index());
+                tracing::warn!(message = %alert.message, "event loss");
+                state.alerts.try_emit(alert);
+            }
+        }
+    });
+}

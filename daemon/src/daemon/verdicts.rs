@@ -1,0 +1,110 @@
+//! The verdict thread: each evaluation's rule hits become alerts after the responder decided
+//! what to do about them; rule failures are counted and alerted (rate limited).
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::alerts::{Alert, AlertKind, Outcome};
+use crate::events::context::EventContext;
+use crate::quarantine::Verdict;
+use crate::rules::evaluator::{EvaluatorConfig, RuleEvaluator};
+use crate::rules::model::Severity;
+use crate::status::DaemonState;
+
+/// One rule could not judge one event: counted per rule and reason, logged, and raised as a
+/// `rule_error` alert when the limiter lets it through (the event's other rules already ran).
+pub(super) fn report_rule_failure(
+    state: &DaemonState,
+    limiter: &mut crate::rules::failures::FailureLimiter,
+    failure: &crate::rules::RuleFailure,
+    context: &EventContext,
+) {
+    state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.record_rule_error(&failure.rule_id, failure.reason.as_str());
+    let Some(count) = limiter.admit(failure, std::time::Instant::now()) else { return };
+    tracing::warn!(rule = %failure.rule_id, event_type = %failure.event_type, reason = %failure.reason, detail = %failure.detail, count, "rule could not judge an event");
+    let title = state.rules.current().rule(&failure.rule_id).map(|r| r.title.clone()).unwrap_or_default();
+    let alert = Alert::about_event(
+        AlertKind::RuleError,
+        Severity::High,
+        format!(
+            "rule {} could not judge a {} event ({}): {}; the other rules still ran",
+            failure.rule_id, failure.event_type, failure.reason, failure.detail
+        ),
+        &state.node,
+        context,
+    )
+    .with_rule(failure.rule_id.clone(), title)
+    .with_event(json!({
+        "rule": failure.rule_id,
+        "event_type": failure.event_type,
+        "reason": failure.reason,
+        "detail": failure.detail,
+        "failures": count,
+    }));
+    state.alerts.try_emit(alert);
+}
+
+/// Turns one rule hit into its alert, after the responder decided what to do about it (the map
+/// update, if any, has returned before the alert is written: alerts and enforcement agree).
+pub(super) fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, context: &EventContext, input: &serde_json::Value) {
+    let alert = Alert::for_rule_hit(&hit, &state.node, context, input);
+    let alerts = match context.pod.as_deref() {
+        Some(pod) => {
+            let verdict = Verdict { hit, namespace: pod.namespace.clone(), name: pod.name.clone(), alert_id: alert.id.clone() };
+            let decision = state.quarantine.respond(&verdict);
+            if decision.outcome == crate::quarantine::Outcome::Quarantined {
+                state.metrics.record_quarantine();
+            }
+            crate::quarantine::api::alerts_for(alert, &decision)
+        }
+        // Host-mode events outside any pod: nothing to isolate.
+        None => vec![alert.with_outcome(Outcome::Alerted, Some("not in a pod".into()))],
+    };
+    for alert in alerts {
+        if let Err(err) = state.alerts.blocking_emit(alert) {
+            tracing::error!(%err, "an alert could not be written (the writer stopped)");
+        }
+    }
+}
+
+/// Starts the rule workers and the verdict thread (alert, decide on quarantine, record the
+/// outcome); returns the evaluator the pipeline submits to.
+pub(super) fn start(state: &Arc<DaemonState>, workers: usize) -> anyhow::Result<RuleEvaluator> {
+    let (evaluator, verdicts) = RuleEvaluator::start(state.rules.clone(), EvaluatorConfig { workers: workers.max(1), ..EvaluatorConfig::default() })?;
+    let state = state.clone();
+    std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
+        let mut failure_alerts = crate::rules::failures::FailureLimiter::default();
+        for evaluation in verdicts {
+            act_on(&state, &mut failure_alerts, evaluation);
+        }
+    })?;
+    Ok(evaluator)
+}
+
+/// What the verdict thread (pool evaluations) and the pipeline (protected events, judged at
+/// once) do with an evaluation: report the rules that failed, respond to each hit.
+pub(super) fn act_on(state: &DaemonState, failure_alerts: &mut crate::rules::failures::FailureLimiter, evaluation: crate::rules::Evaluation) {
+    // The pipeline submits every event with its context.
+    let Some(context) = evaluation.context.as_deref() else {
+        state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!("an evaluation came back without its event context; not acted on");
+        return;
+    };
+    for failure in &evaluation.failures {
+        report_rule_failure(state, failure_alerts, failure, context);
+    }
+    match evaluation.hits {
+        Ok(hits) => {
+            state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for hit in hits {
+                respond(state, hit, context, &evaluation.input);
+            }
+        }
+        Err(err) => {
+            state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(%err, "rule evaluation failed");
+        }
+    }
+}
