@@ -29,7 +29,7 @@ enum Command {
     /// Show what the running daemon is doing: programs, endpoints, counters.
     Status(palisade::api::client::StatusArgs),
     /// Alert history, live follow (--follow) and summaries, from the daemon or log files.
-    Alerts(palisade::alerts::cli::AlertsArgs),
+    Alerts(palisade::api::alerts_cli::AlertsArgs),
     /// Quarantined pods: list and release (through the daemon's API).
     #[command(subcommand)]
     Quarantine(palisade::api::client::QuarantineCommand),
@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => palisade::daemon::run(args),
         Command::Status(args) => palisade::api::client::status(args),
-        Command::Alerts(args) => palisade::alerts::cli::run(args),
+        Command::Alerts(args) => palisade::api::alerts_cli::run(args),
         Command::Quarantine(cmd) => palisade::api::client::quarantine(cmd),
         Command::Lab(cmd) => palisade::lab::cli::run(cmd),
         Command::Policy(cmd) => palisade::segmentation::cli::run(cmd),

@@ -8,6 +8,7 @@ use jiff::civil::Date;
 use jiff::fmt::temporal::DateTimePrinter;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Span, SpanRelativeTo, Timestamp};
+use nix::time::ClockId;
 
 /// Microseconds since the Unix epoch, the resolution alerts carry.
 pub type UnixMicros = i64;
@@ -47,6 +48,39 @@ fn format_timestamp(ts: Timestamp) -> String {
 /// a forged alert could give one) is printed as the nearest end, never as a panic.
 fn timestamp_clamped(unix_ns: i128) -> Timestamp {
     Timestamp::from_nanosecond(unix_ns).unwrap_or(if unix_ns < 0 { Timestamp::MIN } else { Timestamp::MAX })
+}
+
+/// Converts kernel monotonic timestamps (bpf_ktime_get_ns) to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// realtime - monotonic, in ns, sampled once.
+    offset_ns: i128,
+}
+
+/// A clock's reading in ns (0 if the kernel refused, which it does only for an unknown clock).
+fn clock_ns(clock: ClockId) -> i128 {
+    nix::time::clock_gettime(clock).map(|ts| i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())).unwrap_or(0)
+}
+
+/// CLOCK_MONOTONIC now, in ns: the clock bpf_ktime_get_ns reads.
+pub fn monotonic_now_ns() -> u64 {
+    clock_ns(ClockId::CLOCK_MONOTONIC) as u64
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock { offset_ns: clock_ns(ClockId::CLOCK_REALTIME) - clock_ns(ClockId::CLOCK_MONOTONIC) }
+    }
+
+    pub fn wall_ns(&self, ktime_ns: u64) -> i128 {
+        ktime_ns as i128 + self.offset_ns
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
 }
 
 /// `2026-11-29 12:00:00.123` (UTC, milliseconds) for terminals; None if `text` is not RFC 3339.

@@ -1,9 +1,9 @@
 //! The alert stream: the versioned alert record, the durable JSONL log (one writer task,
 //! bounded queue, rotation, retention, burst aggregation, live broadcast), queries over the log,
-//! rendering for terminals, exports (stdout, Falco JSON, an http(s) webhook) and the `palisade alerts` CLI.
+//! rendering for terminals and exports (stdout, Falco JSON, an http(s) webhook); the `palisade
+//! alerts` CLI, a client of the API socket, is `api::alerts_cli`.
 //! docs/alerts.md documents the schema and the operator's view.
 pub mod aggregate;
-pub mod cli;
 pub mod export;
 pub mod kube_events;
 pub mod log;

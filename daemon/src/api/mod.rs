@@ -15,6 +15,7 @@
 //!
 //! Streamed lines that are not alerts are notices: `{"notice": "lagged", "missed": N}` when a
 //! follower fell behind, `{"notice": "read_report", ...}` when the log had unreadable lines.
+pub mod alerts_cli;
 pub mod body;
 pub mod client;
 pub mod metrics;

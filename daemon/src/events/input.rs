@@ -6,43 +6,12 @@ use serde_json::{Map, Value, json};
 use super::decode::EventData;
 use super::enrich::EnrichedEvent;
 
-/// Converts kernel monotonic timestamps (bpf_ktime_get_ns) to wall-clock time.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    /// realtime - monotonic, in ns, sampled once.
-    offset_ns: i128,
-}
+// The clocks live in crate::time; re-exported here, where the rule input's times are made.
+pub use crate::time::{Clock, monotonic_now_ns};
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-}
-
-/// CLOCK_MONOTONIC now, in ns: the clock bpf_ktime_get_ns reads.
-pub fn monotonic_now_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC) as u64
-}
-
-impl Clock {
-    pub fn new() -> Clock {
-        Clock { offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC) }
-    }
-
-    pub fn wall_ns(&self, ktime_ns: u64) -> i128 {
-        ktime_ns as i128 + self.offset_ns
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::new()
-    }
-}
-
-/// RFC 3339 UTC with microseconds, e.g. `2026-11-29T12:00:00.123456Z`.
-pub fn rfc3339(unix_ns: i128) -> String {
+/// RFC 3339 UTC with microseconds, e.g. `2026-11-29T12:00:00.123456Z` (`crate::time` outside
+/// this module).
+fn rfc3339(unix_ns: i128) -> String {
     crate::time::format_unix_ns(unix_ns)
 }
 

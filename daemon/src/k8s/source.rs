@@ -209,14 +209,14 @@ impl Shared {
         self.update(kind, |w| {
             if w.connected || w.outage_since.is_none() {
                 tracing::warn!(watch = kind, %error, "Kubernetes API watch failing; keeping the last known state");
-                w.outage_since = Some(crate::events::input::rfc3339(now));
+                w.outage_since = Some(crate::time::format_unix_ns(now));
                 w.outage_since_unix_ns = Some(now);
             } else {
                 tracing::debug!(watch = kind, %error, "Kubernetes API watch still failing");
             }
             w.connected = false;
             w.last_error = Some(error);
-            w.last_error_at = Some(crate::events::input::rfc3339(now));
+            w.last_error_at = Some(crate::time::format_unix_ns(now));
         });
     }
 
@@ -838,7 +838,7 @@ impl Builder {
                     Unresolved {
                         pod: view.key.clone(),
                         reason: String::new(),
-                        since: crate::events::input::rfc3339(now_ns()),
+                        since: crate::time::format_unix_ns(now_ns()),
                         attempts: 0,
                     }
                 });

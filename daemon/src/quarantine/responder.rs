@@ -17,7 +17,7 @@ use super::datapath::{DatapathError, ForensicsEntry, QuarantineDatapath};
 use super::policy::{Enforcement, RateLimitStatus, RateLimiter, ResponsePolicy};
 use super::state::{self, PendingQuarantine, QuarantineRecord, StateError, StateFile, StateWriter};
 use crate::endpoints::{CgroupId, EndpointId, EndpointTable, Placement, PodKey};
-use crate::events::input::{monotonic_now_ns, rfc3339};
+use crate::time::{format_unix_ns, monotonic_now_ns};
 use crate::inventory::Inventory;
 use crate::rules::{Action, RuleHit};
 
@@ -255,7 +255,7 @@ fn now_rfc3339() -> (String, i128) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)
         .unwrap_or(0);
-    (rfc3339(unix_ns), unix_ns)
+    (format_unix_ns(unix_ns), unix_ns)
 }
 
 fn split_pod(pod: &str) -> Result<(&str, &str), QuarantineError> {

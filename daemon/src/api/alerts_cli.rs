@@ -1,5 +1,6 @@
 //! `palisade alerts [--follow] [filters] [-o table|json|falco] [--file PATH...]` and
-//! `palisade alerts summary`: against the running daemon's API, or log files.
+//! `palisade alerts summary`: against the running daemon's API, or log files. A client of the
+//! API socket, so it lives here at the edge (`alerts` itself imports no `api`).
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
@@ -12,12 +13,12 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::export::{ExportFormat, format_line};
-use super::query::{AlertQuery, ReadReport, log_files, parse_kinds, parse_pod, read_alerts};
-use super::render::{AlertColumns, Cell, Table, alert_header, alert_line, colour_wanted, terminal_safe, terminal_width};
-use super::schema::Alert;
-use super::time::{now_micros, parse_instant};
-use crate::api::client::block_on;
+use crate::alerts::export::{ExportFormat, format_line};
+use crate::alerts::query::{AlertQuery, ReadReport, log_files, parse_kinds, parse_pod, read_alerts};
+use crate::alerts::render::{AlertColumns, Cell, Table, alert_header, alert_line, colour_wanted, terminal_safe, terminal_width};
+use crate::alerts::schema::Alert;
+use crate::alerts::time::{now_micros, parse_instant};
+use super::client::block_on;
 use crate::output::OutputFormat;
 
 #[derive(Args, Debug, Clone, Default)]
@@ -77,7 +78,7 @@ pub struct SourceArgs {
     #[arg(long, num_args = 1..)]
     pub file: Vec<PathBuf>,
     #[command(flatten)]
-    pub daemon: crate::api::client::DaemonArgs,
+    pub daemon: super::client::DaemonArgs,
 }
 
 #[derive(Args, Debug)]
