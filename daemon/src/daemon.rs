@@ -226,7 +226,7 @@ async fn run_async(args: RunArgs, running: Arc<std::sync::atomic::AtomicBool>) -
     startup.enter("probes");
     let mut probes = ProbesStage::start(&args, &rules, &table).await?;
     startup.enter("policies");
-    let segmentation = SegmentationStage::start(&args, &sources.policies, &probes.host, &table, &cgroup_root).await?;
+    let segmentation = SegmentationStage::start(&args, &sources.policies, &probes.host, &table, &cgroup_root, &metrics).await?;
 
     startup.enter("alerts and quarantine");
     let node = crate::sys::hostname();

@@ -7,13 +7,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
 use palisade_common::{CGROUP_ENDPOINT, CGROUP_EXEMPT, CGROUP_PARENT, CgroupValue, MAP_SEG_EVENTS, PolicyVerdictEvent};
 use serde::Serialize;
 
 use crate::inventory::Inventory;
+use crate::metrics::Metrics;
 use crate::probes::host::{HostError, ProbeHost};
 use crate::quarantine::datapath::{EscapeHooks, attach_backstop_hook, attach_escape_hooks, attach_socket_hook};
 use crate::segmentation::datapath::{Datapath, DatapathError, SyncStats};
@@ -27,8 +27,8 @@ pub enum EnforcementError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Host(#[from] HostError),
-    #[error("the datapath state lock was poisoned")]
-    Poisoned,
+    #[error("the datapath went to the eBPF owner task with a job and did not come back (the task stopped)")]
+    DatapathLost,
 }
 
 /// What status shows about segmentation.
@@ -88,6 +88,8 @@ struct Applied {
     failed: Vec<(PathBuf, String)>,
     hooks: Vec<(PathBuf, EscapeHooks)>,
     backstops: Vec<(PathBuf, Result<String, String>)>,
+    /// The map sync's time (the POLICY, IPCACHE, endpoint and cgroup maps).
+    map_sync: std::time::Duration,
 }
 
 impl Applied {
@@ -101,6 +103,7 @@ impl Applied {
             failed: Vec::new(),
             hooks: Vec::new(),
             backstops: Vec::new(),
+            map_sync: std::time::Duration::ZERO,
         }
     }
 }
@@ -130,8 +133,10 @@ pub struct EscapePaths {
 
 pub struct Enforcer {
     segmentation: Segmentation,
-    /// Lives on the eBPF owner task (jobs run there one at a time).
-    datapath: Arc<Mutex<Datapath>>,
+    /// The maps' contents as last written. It travels with each job to the eBPF owner task and
+    /// comes back with the job's result, so one owner holds it at a time and no lock guards it
+    /// (None only while a job has it, or after the owner task stopped with it).
+    datapath: Option<Datapath>,
     host: ProbeHost,
     policy_paths: Vec<PathBuf>,
     pin_dir: PathBuf,
@@ -160,6 +165,8 @@ pub struct Enforcer {
     /// any more, and its pins must still go.
     link_ids: BTreeMap<PathBuf, u64>,
     pub status: EnforcementStatus,
+    /// Where each map sync's time goes (`map_sync_seconds{map="segmentation"}`).
+    metrics: Option<Metrics>,
 }
 
 impl Enforcer {
@@ -167,7 +174,8 @@ impl Enforcer {
     /// what `reload_policies` re-reads (empty when policies come from the Kubernetes API);
     /// `policy_report` is what loading `policies` rejected or ignored (shown in the status);
     /// `capacity` the map entries the compiler may use (the maps' sizes, or less); `pods_parent`
-    /// the cgroup (absolute) to attach the datapath at for every pod below it (None: per pod).
+    /// the cgroup (absolute) to attach the datapath at for every pod below it (None: per pod);
+    /// `metrics` receives each map sync's time.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         host: ProbeHost,
@@ -179,6 +187,7 @@ impl Enforcer {
         cgroup_root: PathBuf,
         capacity: Capacity,
         pods_parent: Option<PathBuf>,
+        metrics: Option<Metrics>,
     ) -> Result<Enforcer, EnforcementError> {
         let segmentation = Segmentation::with_capacity(inventory, policies, capacity);
         let datapath = host
@@ -190,7 +199,7 @@ impl Enforcer {
             .await??;
         let mut enforcer = Enforcer {
             segmentation,
-            datapath: Arc::new(Mutex::new(datapath)),
+            datapath: Some(datapath),
             host,
             policy_paths,
             pin_dir,
@@ -206,6 +215,7 @@ impl Enforcer {
             covered: BTreeSet::new(),
             link_ids: BTreeMap::new(),
             status: EnforcementStatus::default(),
+            metrics,
         };
         enforcer.apply().await?;
         // Pins of cgroups removed while no daemon ran (their links hold dead cgroups).
@@ -278,7 +288,7 @@ impl Enforcer {
         }
         let outer_parent = parent.clone();
         let below = move |path: &Path| outer_parent.as_ref().is_some_and(|p| path.starts_with(p) && path != p);
-        let datapath = self.datapath.clone();
+        let datapath = self.datapath.take().ok_or(EnforcementError::DatapathLost)?;
         let pin_dir = self.pin_dir.clone();
         let capacity = self.segmentation.capacity();
         // Per pod or through the parent: either way not attached again.
@@ -287,10 +297,10 @@ impl Enforcer {
         let backstop_pending: BTreeSet<PathBuf> =
             self.escape_hooks.iter().filter(|(c, h)| h.backstop_pending() && wanted.contains(*c)).map(|(c, _)| c.clone()).collect();
         let (inner_below, inner_wanted) = (below.clone(), wanted.clone());
-        let result = self
+        let (datapath, applied) = self
             .host
-            .with(move |ebpf| -> Result<Applied, EnforcementError> {
-                let mut datapath = datapath.lock().map_err(|_| EnforcementError::Poisoned)?;
+            .with(move |ebpf| -> (Datapath, Applied) {
+                let mut datapath = datapath;
                 // Maps first: a newly attached program must find its allows already in place.
                 // The sync adds before it removes; when the old and new POLICY entries together
                 // do not fit, the allows that go away are dropped first (a moment of drops,
@@ -304,6 +314,7 @@ impl Enforcer {
                         step
                     })
                 };
+                let sync_started = std::time::Instant::now();
                 let mut sync = match &step {
                     Some(step) => datapath.sync(ebpf, step).and_then(|_| datapath.sync(ebpf, &compiled)),
                     None => datapath.sync(ebpf, &compiled),
@@ -319,6 +330,7 @@ impl Enforcer {
                 // The parent: attached (pinned, adopted when already there) before any per-pod
                 // link below it is let go.
                 let mut applied = Applied::new(sync);
+                applied.map_sync = sync_started.elapsed();
                 if let Some(parent) = &parent {
                     applied.parent = match parent_before {
                         Some(hooks) => Some(hooks),
@@ -370,14 +382,15 @@ impl Enforcer {
                 for cgroup in backstop_pending.iter().filter(|c| attached_before.contains(*c)) {
                     applied.backstops.push((cgroup.clone(), attach_backstop_hook(ebpf, cgroup, &pin_dir)));
                 }
-                Ok(applied)
+                (datapath, applied)
             })
             .await?;
-        let result = result.map(|a| {
-            self.parent_attached = a.parent.clone();
-            self.parent_error = a.parent_error.clone();
-            (a.sync, a.attached, a.covered, a.failed, a.hooks, a.backstops)
-        });
+        self.datapath = Some(datapath);
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_map_sync("segmentation", applied.map_sync);
+        }
+        self.parent_attached = applied.parent.clone();
+        self.parent_error = applied.parent_error.clone();
         let to_release: Vec<PathBuf> = self.attached.iter().filter(|c| !wanted.contains(*c)).cloned().collect();
         // Per-pod links of pods the parent now covers (an older run's): let go once the
         // parent's are in place.
@@ -385,13 +398,7 @@ impl Enforcer {
             Some(_) => self.attached.iter().filter(|c| wanted.contains(*c) && below(c)).cloned().collect(),
             None => Vec::new(),
         };
-        let (sync, attached, covered, failed, hooks, backstops) = match result {
-            Ok(ok) => ok,
-            Err(err) => {
-                self.status.last_error = Some(err.to_string());
-                return Err(err);
-            }
-        };
+        let Applied { sync, attached, covered, failed, hooks, backstops, .. } = applied;
         for cgroup in attached.iter().chain(&covered) {
             self.attach_errors.remove(cgroup);
             if let Some(id) = wanted_ids.get(cgroup) {

@@ -40,6 +40,8 @@ pub const ACTIONS: &[&str] = &[
 
 /// Runs one action. Failures of the *syscall under test* are expected for some actions
 /// (finit_module without modules, bpf without privileges): those report and return Ok.
+// Long by design (~150 lines): one short match arm per action, so the list of behaviours the
+// tests perform reads as one table; each arm is a few syscalls.
 pub fn perform(action: &str, args: &[String]) -> Result<(), WorkloadError> {
     let arg = |i: usize, name: &'static str| args.get(i).cloned().ok_or(WorkloadError::MissingArgument(name));
     match action {

@@ -61,6 +61,8 @@ pub fn check(text: &str, size_limit: u64) -> Result<(), YamlInputError> {
 /// scalars, comments and block scalars. It never undercounts what the parser will nest: a
 /// bracket in the middle of a plain scalar (`a[b`) is text to the parser and is not counted, but
 /// a bracket where a scalar could start is.
+// Long on purpose (~130 lines): one state machine in one loop, its states sharing the loop's
+// locals; the single linear pass is the guarantee this guard exists for.
 pub fn check_depth(text: &str, limit: usize) -> Result<(), YamlInputError> {
     #[derive(Clone, Copy, PartialEq)]
     enum Quote {

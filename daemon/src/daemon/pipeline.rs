@@ -103,7 +103,7 @@ pub(super) fn pipeline(
     // Protected events are judged here, at once, and their hits acted on (the quarantine map
     // update included) before the next event is taken: through the pool they would wait behind
     // the bulk events queued for it and cross two more threads (issue 10: the latency goal).
-    let mut protected_judge = crate::rules::LocalEvaluator::new(state.rules.clone());
+    let mut protected_judge = crate::rules::LocalEvaluator::new(state.rules.clone()).observed(Some(state.metrics.clone()));
     let mut failure_alerts = crate::rules::failures::FailureLimiter::default();
     while let Some((event, protected)) = next_event(&runtime, &mut priority, &mut events, &budget, &mut trimmer) {
         let table = state.endpoints.borrow().clone();

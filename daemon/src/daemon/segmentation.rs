@@ -143,6 +143,7 @@ impl SegmentationStage {
         host: &ProbeHost,
         table: &EndpointTable,
         cgroup_root: &Path,
+        metrics: &crate::metrics::Metrics,
     ) -> anyhow::Result<SegmentationStage> {
         let inventory = table.inventory().as_ref().clone();
         let (initial_policies, policy_report) = match policies {
@@ -185,6 +186,7 @@ impl SegmentationStage {
                 capacity
             },
             super::sources::pods_parent(args, cgroup_root, &inventory),
+            Some(metrics.clone()),
         )
         .await
         .context("enforcing the policies")?;

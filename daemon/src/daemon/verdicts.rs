@@ -72,7 +72,8 @@ pub(super) fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, co
 /// Starts the rule workers and the verdict thread (alert, decide on quarantine, record the
 /// outcome); returns the evaluator the pipeline submits to.
 pub(super) fn start(state: &Arc<DaemonState>, workers: usize) -> anyhow::Result<RuleEvaluator> {
-    let (evaluator, verdicts) = RuleEvaluator::start(state.rules.clone(), EvaluatorConfig { workers: workers.max(1), ..EvaluatorConfig::default() })?;
+    let config = EvaluatorConfig { workers: workers.max(1), ..EvaluatorConfig::default() };
+    let (evaluator, verdicts) = RuleEvaluator::start_observed(state.rules.clone(), config, Some(state.metrics.clone()))?;
     let state = state.clone();
     std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
         let mut failure_alerts = crate::rules::failures::FailureLimiter::default();

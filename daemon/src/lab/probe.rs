@@ -215,6 +215,9 @@ struct PodHandles {
     has_v6: bool,
 }
 
+// Long (~140 lines): opens every pod, forks its listener and client processes and collects
+// their reports in one place, because the children share the fds prepared here; issue 11's
+// move to nix is where it gets split.
 pub(super) fn run(lab: &Lab, port: u16, protocol: Protocol, options: &ProbeOptions) -> Result<ProbeMatrix, LabError> {
     let started = Instant::now();
     if port == 0 {
@@ -496,6 +499,9 @@ unsafe fn report_ready(fd: c_int, stage: i32, err: c_int) {
 }
 
 /// An echo server on `port` for both families, inside the pod; runs until killed.
+// Long (~130 lines) on purpose: runs in a forked child of a multi-threaded process, where only
+// async-signal-safe calls are allowed: no allocation, no helpers that might allocate, all state
+// on this stack.
 unsafe fn listener_main(keep: [c_int; 3], parent: pid_t, port: u16, protocol: Protocol, want_v6: bool) -> ! {
     // SAFETY (whole function): raw syscalls on stack memory; see the module docs.
     unsafe {
@@ -638,6 +644,8 @@ struct ClientWork<'a> {
 
 /// Connects to every target at once, sends the payload, waits for the echo; writes one i32
 /// result per target to the report fd and exits.
+// Long (~130 lines) for the same reason as `listener_main`: a forked child of a threaded
+// process, async-signal-safe calls only, all state on this stack.
 unsafe fn client_main(keep: [c_int; 3], parent: pid_t, work: ClientWork<'_>) -> ! {
     // SAFETY (whole function): raw syscalls on memory the parent allocated; see module docs.
     unsafe {

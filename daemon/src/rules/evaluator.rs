@@ -10,6 +10,7 @@ use super::RulesError;
 use super::model::{RuleFailure, RuleHit};
 use super::pack::{RulePack, Session};
 use crate::events::context::EventContext;
+use crate::metrics::Metrics;
 
 /// The rule pack in force. A swap replaces the whole pack at once: an evaluation holds an `Arc`
 /// of the pack it started with, so no event ever sees a half-loaded pack.
@@ -102,11 +103,22 @@ impl RuleEvaluator {
         handle: Arc<PackHandle>,
         config: EvaluatorConfig,
     ) -> Result<(RuleEvaluator, Receiver<Evaluation>), RulesError> {
+        Self::start_observed(handle, config, None)
+    }
+
+    /// [`RuleEvaluator::start`], each event's evaluation time observed in `metrics`
+    /// (`rule_evaluation_seconds`) when given.
+    pub fn start_observed(
+        handle: Arc<PackHandle>,
+        config: EvaluatorConfig,
+        metrics: Option<Metrics>,
+    ) -> Result<(RuleEvaluator, Receiver<Evaluation>), RulesError> {
         let (results_tx, results_rx) = bounded(config.queue.max(1));
-        let evaluator = Self::start_with_sink(handle, config, move |evaluation| {
+        let sink = move |evaluation| {
             // The receiver went away: the daemon is shutting down; nothing to do.
             let _ = results_tx.send(evaluation);
-        })?;
+        };
+        let evaluator = Self::spawn_workers(handle, config, sink, metrics)?;
         Ok((evaluator, results_rx))
     }
 
@@ -116,6 +128,15 @@ impl RuleEvaluator {
         config: EvaluatorConfig,
         sink: impl Fn(Evaluation) + Send + Sync + 'static,
     ) -> Result<RuleEvaluator, RulesError> {
+        Self::spawn_workers(handle, config, sink, None)
+    }
+
+    fn spawn_workers(
+        handle: Arc<PackHandle>,
+        config: EvaluatorConfig,
+        sink: impl Fn(Evaluation) + Send + Sync + 'static,
+        metrics: Option<Metrics>,
+    ) -> Result<RuleEvaluator, RulesError> {
         let (jobs_tx, jobs_rx) = bounded::<Job>(config.queue.max(1));
         let sink = Arc::new(sink);
         let mut workers = Vec::new();
@@ -124,9 +145,10 @@ impl RuleEvaluator {
             let handle = handle.clone();
             let sink = sink.clone();
             let send_empty = config.send_empty;
+            let metrics = metrics.clone();
             let worker = std::thread::Builder::new()
                 .name(format!("palisade-rules-{index}"))
-                .spawn(move || worker_loop(&handle, &jobs, send_empty, &*sink))
+                .spawn(move || worker_loop(&handle, &jobs, send_empty, &*sink, metrics.as_ref()))
                 .map_err(|e| RulesError::Eval(format!("cannot start rule worker: {e}")))?;
             workers.push(worker);
         }
@@ -193,12 +215,20 @@ pub struct LocalEvaluator {
     handle: Arc<PackHandle>,
     pack: Arc<RulePack>,
     session: Option<Session>,
+    /// Where each evaluation's time goes (`rule_evaluation_seconds`), when given.
+    metrics: Option<Metrics>,
 }
 
 impl LocalEvaluator {
     pub fn new(handle: Arc<PackHandle>) -> LocalEvaluator {
         let pack = handle.current();
-        LocalEvaluator { handle, pack, session: None }
+        LocalEvaluator { handle, pack, session: None, metrics: None }
+    }
+
+    /// Each evaluation's time observed in `metrics` (`rule_evaluation_seconds`), when given.
+    pub fn observed(mut self, metrics: Option<Metrics>) -> LocalEvaluator {
+        self.metrics = metrics;
+        self
     }
 
     /// The evaluation of one event by the pack in force, as a pool worker would send it.
@@ -215,11 +245,15 @@ impl LocalEvaluator {
                 Err(e) => return Evaluation { input, context, hits: Err(e), failures: Vec::new(), pack_generation: generation },
             }
         }
+        let started = self.metrics.as_ref().map(|_| std::time::Instant::now());
         let (hits, failures) = match self.session.as_mut().map(|session| self.pack.evaluate_in(session, &input)) {
             Some(Ok(verdict)) => (Ok(verdict.hits), verdict.failures),
             Some(Err(e)) => (Err(e), Vec::new()),
             None => (Err(RulesError::Eval("no engine session".to_string())), Vec::new()),
         };
+        if let (Some(metrics), Some(started)) = (&self.metrics, started) {
+            metrics.observe_evaluation(started.elapsed());
+        }
         Evaluation { input, context, hits, failures, pack_generation: generation }
     }
 }
@@ -236,8 +270,9 @@ fn worker_loop(
     jobs: &Receiver<Job>,
     send_empty: bool,
     sink: &(dyn Fn(Evaluation) + Send + Sync),
+    metrics: Option<&Metrics>,
 ) {
-    let mut local = LocalEvaluator::new(handle.clone());
+    let mut local = LocalEvaluator::new(handle.clone()).observed(metrics.cloned());
     while let Ok((input, context)) = jobs.recv() {
         let evaluation = local.evaluate(input, context);
         if send_empty || evaluation.has_news() {
