@@ -29,8 +29,8 @@ fn schema() -> BTreeMap<&'static str, Vec<&'static str>> {
 }
 
 const ENVELOPE: [&str; 9] = ["type", "time", "ktime_ns", "source", "node", "cgroup_id", "truncated", "pod", "process"];
-const PROCESS: [&str; 13] = [
-    "pid", "tid", "ppid", "uid", "gid", "euid", "egid", "comm", "exe", "cmdline", "cwd", "stdio", "ancestors",
+const PROCESS: [&str; 14] = [
+    "pid", "tid", "ppid", "uid", "gid", "euid", "egid", "comm", "exe", "exe_resolved", "cmdline", "cwd", "stdio", "ancestors",
 ];
 
 fn readme_examples() -> Vec<serde_json::Value> {

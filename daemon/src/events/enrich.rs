@@ -87,6 +87,9 @@ impl Default for Stdio {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProcessDetails {
     pub exe: Option<String>,
+    /// `exe` is the image's whole path as the kernel named it (false: unknown, or the kernel's
+    /// walk was cut and `exe` is only its tail).
+    pub exe_resolved: bool,
     pub cmdline: Vec<String>,
     pub cwd: Option<String>,
     pub stdio: Stdio,
@@ -112,6 +115,7 @@ struct ProcEntry {
     ppid: u32,
     comm: String,
     exe: Option<String>,
+    exe_resolved: bool,
     cmdline: Vec<String>,
     cwd: Option<String>,
     stdio: Stdio,
@@ -128,6 +132,7 @@ impl ProcEntry {
             ppid,
             comm: comm.to_string(),
             exe: None,
+            exe_resolved: false,
             cmdline: Vec::new(),
             cwd: None,
             stdio: Stdio::default(),
@@ -264,6 +269,7 @@ impl ProcCache {
                 ppid: stat.ppid,
                 comm: stat.comm,
                 exe: details.exe,
+                exe_resolved: details.exe_resolved,
                 cmdline: details.cmdline,
                 cwd: details.cwd,
                 stdio: details.stdio,
@@ -418,6 +424,7 @@ impl ProcCache {
             EventData::Exec(exec) => {
                 if let Some(e) = self.entries.get_mut(&h.pid) {
                     e.exe.clone_from(&exec.exe);
+                    e.exe_resolved = exec.exe_resolved;
                     e.cmdline.clone_from(&exec.argv);
                     e.stdio = exec.stdio.clone();
                 }
@@ -459,6 +466,7 @@ impl ProcCache {
                 if let (true, Some(parent)) = (unknown, self.entries.get(&h.pid).cloned()) {
                     if let Some(e) = self.entries.get_mut(&child) {
                         e.exe = parent.exe;
+                        e.exe_resolved = parent.exe_resolved;
                         e.cmdline = parent.cmdline;
                         e.cwd = parent.cwd;
                         e.stdio = parent.stdio;
@@ -506,7 +514,7 @@ impl ProcCache {
             seen = next;
             next = parent.ppid;
         }
-        ProcessDetails { exe: e.exe.clone(), cmdline: e.cmdline.clone(), cwd: e.cwd.clone(), stdio: e.stdio.clone(), ancestors }
+        ProcessDetails { exe: e.exe.clone(), exe_resolved: e.exe_resolved, cmdline: e.cmdline.clone(), cwd: e.cwd.clone(), stdio: e.stdio.clone(), ancestors }
     }
 }
 
@@ -566,8 +574,11 @@ fn read_process_own(proc_root: &Path, pid: u32) -> ProcessDetails {
     let cmdline = std::fs::read(dir.join("cmdline"))
         .map(|raw| raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(bytes_to_text).collect())
         .unwrap_or_default();
+    let exe = read_link_text(&dir.join("exe"));
     ProcessDetails {
-        exe: read_link_text(&dir.join("exe")),
+        // /proc/PID/exe is the kernel's own path of the image.
+        exe_resolved: exe.is_some(),
+        exe,
         cmdline,
         cwd: read_link_text(&dir.join("cwd")),
         stdio: Stdio {
@@ -604,8 +615,11 @@ pub fn read_process(proc_root: &Path, pid: u32) -> ProcessDetails {
         ancestors.push(Ancestor { pid: ppid, comm, exe: read_link_text(&pdir.join("exe")) });
         current = Some(next);
     }
+    let exe = read_link_text(&dir.join("exe"));
     ProcessDetails {
-        exe: read_link_text(&dir.join("exe")),
+        // /proc/PID/exe is the kernel's own path of the image.
+        exe_resolved: exe.is_some(),
+        exe,
         cmdline,
         cwd: read_link_text(&dir.join("cwd")),
         stdio,
@@ -696,7 +710,7 @@ mod tests {
         cache.observe(&exec(100, 1, 1_000, "/usr/bin/bash", &["bash"], "tty"));
         cache.observe(&fork(100, 1, 1_000, 200, 2_001));
         let cat = cache.observe(&exec(200, 100, 2_000, "/usr/bin/cat", &["cat", "/etc/shadow"], "socket"));
-        assert_eq!(cat.exe.as_deref(), Some("/usr/bin/cat"));
+        assert_eq!((cat.exe.as_deref(), cat.exe_resolved), (Some("/usr/bin/cat"), true));
         assert_eq!(cat.cmdline, vec!["cat", "/etc/shadow"]);
         assert_eq!(cat.stdio.stdin, "socket");
         assert_eq!(cat.ancestors.first().map(|a| (a.pid, a.exe.as_deref())), Some((100, Some("/usr/bin/bash"))));
@@ -722,6 +736,7 @@ mod tests {
             data: EventData::Exit(ExitData { exit_code: 0 }),
         });
         assert_eq!((other.exe.as_deref(), other.cmdline.len(), other.stdio.stdin), (None, 0, "unknown"));
+        assert!(!other.exe_resolved, "an unknown image is not a resolved one");
         assert_eq!(cache.stats().reused, 1);
         // A process the cache never saw is unknown, not looked up in /proc.
         let me = std::process::id();

@@ -47,7 +47,7 @@ pub fn to_input(ev: &EnrichedEvent, clock: &Clock, node: &str) -> Value {
         "pid": h.pid, "tid": h.tid, "ppid": h.ppid, "start_ns": h.start_ns,
         "uid": h.uid, "gid": h.gid, "euid": h.euid, "egid": h.egid,
         "comm": h.comm,
-        "exe": p.exe, "cmdline": p.cmdline, "cwd": p.cwd,
+        "exe": p.exe, "exe_resolved": p.exe_resolved, "cmdline": p.cmdline, "cwd": p.cwd,
         "stdio": p.stdio, "ancestors": p.ancestors,
     });
     let mut obj = Map::with_capacity(12);
