@@ -9,12 +9,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event as RecordedEvent, EventType, Recorder, Reporter};
 
 use super::EVENT_COMPONENT;
-use super::quarantine::{SinkError, split_pod, truncate};
+use super::quarantine::{SinkError, pod_reference, split_pod, truncate};
 
 #[derive(Debug, Clone)]
 pub struct AlertEventsConfig {
@@ -48,18 +47,6 @@ struct Limiter {
 /// `palisade.io/palisade`, `reportingInstance` the node.
 pub fn recorder(client: Client, node: &str) -> Recorder {
     Recorder::new(client, Reporter { controller: format!("palisade.io/{EVENT_COMPONENT}"), instance: Some(node.to_string()) })
-}
-
-/// The object reference of a pod, for an Event about it.
-pub fn pod_reference(namespace: &str, name: &str, uid: Option<String>) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("v1".to_string()),
-        kind: Some("Pod".to_string()),
-        name: Some(name.to_string()),
-        namespace: Some(namespace.to_string()),
-        uid,
-        ..Default::default()
-    }
 }
 
 pub struct ClusterAlertEvents {

@@ -166,7 +166,7 @@ pub(crate) async fn post_pod_event(
     action: &str,
     message: &str,
 ) -> Result<Event, kube::Error> {
-    let event = pod_event(node, namespace, name, uid, type_, reason, action, message, 1);
+    let event = pod_event(node, namespace, name, uid, type_, reason, action, message);
     Api::<Event>::namespaced(client.clone(), namespace).create(&PostParams::default(), &event).await
 }
 
@@ -180,9 +180,8 @@ pub(crate) fn pod_event(
     reason: &str,
     action: &str,
     message: &str,
-    count: i32,
 ) -> Event {
-    use k8s_openapi::api::core::v1::{EventSource, ObjectReference};
+    use k8s_openapi::api::core::v1::EventSource;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
     // core/v1 style (first/last timestamp and count, no eventTime): the legacy validation
     // accepts it from any client version.
@@ -195,14 +194,7 @@ pub(crate) fn pod_event(
             namespace: Some(namespace.to_string()),
             ..Default::default()
         },
-        involved_object: ObjectReference {
-            api_version: Some("v1".to_string()),
-            kind: Some("Pod".to_string()),
-            name: Some(name.to_string()),
-            namespace: Some(namespace.to_string()),
-            uid,
-            ..Default::default()
-        },
+        involved_object: pod_reference(namespace, name, uid),
         type_: Some(type_.to_string()),
         reason: Some(reason.to_string()),
         action: Some(action.to_string()),
@@ -213,7 +205,19 @@ pub(crate) fn pod_event(
         reporting_instance: Some(node.to_string()),
         first_timestamp: Some(Time(now)),
         last_timestamp: Some(Time(now)),
-        count: Some(count),
+        count: Some(1),
+        ..Default::default()
+    }
+}
+
+/// The object reference of a pod, for an Event about it.
+pub(crate) fn pod_reference(namespace: &str, name: &str, uid: Option<String>) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".to_string()),
+        kind: Some("Pod".to_string()),
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        uid,
         ..Default::default()
     }
 }

@@ -223,128 +223,72 @@ async fn act_on(
     resources: &QuarantineResources,
     change: ResourceChange,
 ) {
-    let enforced = |pod: &str| {
-        let pod = pod.to_string();
-        async move {
-            state
-                .quarantine
-                .list_async()
-                .await
-                .iter()
-                .any(|r| r.pod == pod)
-        }
-    };
-    let pending = |pod: &str| {
-        let pod = pod.to_string();
-        async move {
-            state
-                .quarantine
-                .pending_async()
-                .await
-                .iter()
-                .any(|p| p.pod == pod)
-        }
-    };
     match change {
-        ResourceChange::ReleaseRequested {
-            pod,
-            reason,
-            requested_by,
-            managers,
-        } => {
+        ResourceChange::ReleaseRequested { pod, reason, requested_by, managers } => {
             let by = release_requester(&requested_by, &managers);
-            let reason = if reason.is_empty() {
-                "spec.release set on its Quarantine object".to_string()
-            } else {
-                reason
-            };
-            if enforced(&pod).await {
-                report(
-                    state,
-                    &pod,
-                    "release",
-                    api.release(request(&pod, reason, by))
-                        .await
-                        .map(|o| o.message),
-                );
-            } else if pending(&pod).await {
-                report(
-                    state,
-                    &pod,
-                    "cancel",
-                    api.cancel(request(&pod, reason, by))
-                        .await
-                        .map(|o| o.message),
-                );
-                if let Err(err) = resources.delete(&pod).await {
-                    tracing::warn!(%pod, %err, "deleting the Quarantine object of a cancelled quarantine");
-                }
-            } else if resources
-                .ours()
-                .iter()
-                .any(|q| q.pod_key().as_deref() == Some(pod.as_str()))
-            {
+            let reason = if reason.is_empty() { "spec.release set on its Quarantine object".to_string() } else { reason };
+            let stale = match release_or_cancel(state, api, &pod, reason, by).await {
+                Some(Lifted::Released) => false,
+                // A cancelled quarantine was never enforced: no release notice deletes its object.
+                Some(Lifted::Cancelled) => true,
                 // Released already (e.g. through the socket while the API was away).
-                if let Err(err) = resources.delete(&pod).await {
-                    tracing::warn!(%pod, %err, "deleting a released pod's Quarantine object");
-                }
+                None => resources.ours().iter().any(|q| q.pod_key().as_deref() == Some(pod.as_str())),
+            };
+            if stale && let Err(err) = resources.delete(&pod).await {
+                tracing::warn!(%pod, %err, "deleting the Quarantine object of a pod no longer quarantined");
             }
         }
-        ResourceChange::QuarantineRequested {
-            pod,
-            reason,
-            managers,
-        } => {
-            let local = pod.parse().ok().is_some_and(|key| {
-                state
-                    .endpoints
-                    .borrow()
-                    .get(&key)
-                    .is_some_and(|e| !e.is_peer())
-            });
-            if !local || enforced(&pod).await || pending(&pod).await {
+        ResourceChange::QuarantineRequested { pod, reason, managers } => {
+            let local = pod
+                .parse()
+                .ok()
+                .is_some_and(|key| state.endpoints.borrow().get(&key).is_some_and(|e| !e.is_peer()));
+            if !local || quarantined_or_pending(state, &pod).await.is_some() {
                 return;
             }
-            let by = format!(
-                "Kubernetes: Quarantine object created by {}",
-                list_or_unknown(&managers)
-            );
-            let reason = if reason.is_empty() {
-                "Quarantine object created".to_string()
-            } else {
-                reason
-            };
-            report(
-                state,
-                &pod,
-                "quarantine",
-                api.add(request(&pod, reason, by)).await.map(|o| o.message),
-            );
+            let by = format!("Kubernetes: Quarantine object created by {}", list_or_unknown(&managers));
+            let reason = if reason.is_empty() { "Quarantine object created".to_string() } else { reason };
+            report(state, &pod, "quarantine", api.add(request(&pod, reason, by)).await.map(|o| o.message));
         }
         ResourceChange::Deleted { pod } => {
             let by = "Kubernetes: its Quarantine object was deleted (the API server's audit log names who)".to_string();
-            let reason = "Quarantine object deleted".to_string();
-            if enforced(&pod).await {
-                report(
-                    state,
-                    &pod,
-                    "release",
-                    api.release(request(&pod, reason, by))
-                        .await
-                        .map(|o| o.message),
-                );
-            } else if pending(&pod).await {
-                report(
-                    state,
-                    &pod,
-                    "cancel",
-                    api.cancel(request(&pod, reason, by))
-                        .await
-                        .map(|o| o.message),
-                );
-            }
+            release_or_cancel(state, api, &pod, "Quarantine object deleted".to_string(), by).await;
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifted {
+    Released,
+    Cancelled,
+}
+
+/// Whether `pod` is quarantined (`Released` is what lifting it would do) or queued (`Cancelled`).
+async fn quarantined_or_pending(state: &ClusterQuarantine, pod: &str) -> Option<Lifted> {
+    if state.quarantine.list_async().await.iter().any(|r| r.pod == pod) {
+        Some(Lifted::Released)
+    } else if state.quarantine.pending_async().await.iter().any(|p| p.pod == pod) {
+        Some(Lifted::Cancelled)
+    } else {
+        None
+    }
+}
+
+/// Releases `pod` if it is quarantined, or cancels its queued quarantine; says which it did.
+async fn release_or_cancel(
+    state: &ClusterQuarantine,
+    api: &dyn QuarantineApi,
+    pod: &str,
+    reason: String,
+    by: String,
+) -> Option<Lifted> {
+    let lifted = quarantined_or_pending(state, pod).await?;
+    let request = request(pod, reason, by);
+    match lifted {
+        Lifted::Released => report(state, pod, "release", api.release(request).await.map(|o| o.message)),
+        Lifted::Cancelled => report(state, pod, "cancel", api.cancel(request).await.map(|o| o.message)),
+    }
+    Some(lifted)
 }
 
 /// Who asked for a release, as the alert names it: the `requestedBy` the object carries (the
