@@ -225,10 +225,10 @@ async fn alerts(client: &Client, scope: &Scope, follow: bool, output: OutputForm
         .map_err(|source| PluginError::Api { what: "listing Events".into(), source })?;
     let mut alerts: Vec<ClusterAlert> = listed.items.iter().filter(|e| is_palisade(e)).map(cluster_alert).collect();
     alerts.sort_by(|a, b| a.last_seen.cmp(&b.last_seen));
-    if !follow {
-        return print_alerts(&alerts, output, out, true);
-    }
     print_alerts(&alerts, output, out, true)?;
+    if !follow {
+        return Ok(());
+    }
     out.flush()?;
     // From the list's resourceVersion on: only what is new. A watch ends after its timeout and
     // is resumed from the last version seen; `410 Gone` resumes from now.

@@ -143,12 +143,17 @@ impl Quarantine {
 
     /// The field managers that wrote `spec.release` (who released, as the API server recorded it).
     pub fn release_managers(&self) -> Vec<String> {
-        let Some(fields) = &self.metadata.managed_fields else { return Vec::new() };
-        let mut managers: Vec<String> = fields
+        self.managers(|fields| fields.get("f:spec").and_then(|spec| spec.get("f:release")).is_some())
+    }
+
+    /// The field managers (sorted, once each) whose recorded fields (`fieldsV1`) pass `wrote`.
+    fn managers(&self, wrote: impl Fn(&serde_json::Value) -> bool) -> Vec<String> {
+        let mut managers: Vec<String> = self
+            .metadata
+            .managed_fields
             .iter()
-            .filter(|entry| {
-                entry.fields_v1.as_ref().is_some_and(|f| f.0.get("f:spec").and_then(|spec| spec.get("f:release")).is_some())
-            })
+            .flatten()
+            .filter(|entry| entry.fields_v1.as_ref().is_some_and(|f| wrote(&f.0)))
             .filter_map(|entry| entry.manager.clone())
             .collect();
         managers.sort();
@@ -191,9 +196,6 @@ pub struct QuarantineResources {
     objects: Arc<Mutex<BTreeMap<String, Quarantine>>>,
     /// Objects this agent is deleting, so the watch does not report them as releases.
     own_deletions: Arc<Mutex<BTreeSet<String>>>,
-    /// Objects this agent created and has not written the status of yet, so the watch does not
-    /// report them as quarantines asked for by hand.
-    own_creations: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl QuarantineResources {
@@ -205,7 +207,6 @@ impl QuarantineResources {
             node: node.into(),
             objects: Arc::default(),
             own_deletions: Arc::default(),
-            own_creations: Arc::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let watching = this.clone();
@@ -257,10 +258,6 @@ impl QuarantineResources {
 
     fn applied(&self, object: Quarantine) -> Vec<ResourceChange> {
         let Some(pod) = object.pod_key() else { return Vec::new() };
-        if object.status.is_some() {
-            // Our creation is complete (the watch may show the status-less version first).
-            lock(&self.own_creations).remove(&pod);
-        }
         let change = if object.spec.pod != object.metadata.name.clone().unwrap_or_default() {
             tracing::warn!(%pod, spec_pod = %object.spec.pod, "Quarantine object whose spec.pod is not its name: ignored");
             None
@@ -271,10 +268,12 @@ impl QuarantineResources {
                 requested_by: release.requested_by.clone(),
                 managers: object.release_managers(),
             })
-        } else if object.status.is_none() && !lock(&self.own_creations).contains(&pod) {
-            let mut managers: Vec<String> = object.metadata.managed_fields.iter().flatten().filter_map(|e| e.manager.clone()).collect();
-            managers.dedup();
-            Some(ResourceChange::QuarantineRequested { pod: pod.clone(), reason: object.spec.reason.clone(), managers })
+        } else if object.status.is_none() {
+            let managers = object.managers(|_| true);
+            // Created by this agent, its status not written yet (the watch can show that
+            // version first): not a request.
+            let ours = managers.iter().any(|m| m == FIELD_MANAGER);
+            (!ours).then(|| ResourceChange::QuarantineRequested { pod: pod.clone(), reason: object.spec.reason.clone(), managers })
         } else {
             None
         };
@@ -309,7 +308,6 @@ impl QuarantineResources {
             Some(object) => object,
             None => {
                 let object = self.new_object(desired, pod_uid);
-                lock(&self.own_creations).insert(desired.pod.clone());
                 match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() }, &object).await {
                     Ok(created) => created,
                     // The watch has not shown it yet.

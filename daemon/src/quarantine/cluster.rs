@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{QuarantineService, ReleaseRecord};
+use super::{QuarantineRecord, QuarantineService, ReleaseRecord};
 use crate::alerts::AlertSink;
 use crate::api::{OperatorRequest, QuarantineApi};
 use crate::endpoints::EndpointTable;
@@ -87,19 +87,19 @@ impl ClusterQuarantine {
                 while let Ok(record) = releases.try_recv() {
                     released(&sink, &resources, &record).await;
                 }
-                reconcile_labels(&state, &sink, &labels).await;
-                reconcile_objects(&state, &client, &resources).await;
+                let quarantined = state.quarantine.list_async().await;
+                reconcile_labels(&quarantined, &sink, &labels).await;
+                reconcile_objects(&state, &quarantined, &client, &resources).await;
             }
         });
     }
 }
 
 async fn reconcile_labels(
-    state: &ClusterQuarantine,
+    quarantined: &[QuarantineRecord],
     sink: &KubeQuarantineSink,
     labels: &crate::k8s::source::LabelledPods,
 ) {
-    let quarantined = state.quarantine.list_async().await;
     let labelled = labels.current();
     for record in quarantined.iter().filter(|r| !labelled.contains(&r.pod)) {
         if let Err(err) = sink
@@ -123,21 +123,19 @@ async fn reconcile_labels(
 /// node wrote for quarantines that no longer exist go.
 async fn reconcile_objects(
     state: &ClusterQuarantine,
+    quarantined: &[QuarantineRecord],
     client: &kube::Client,
     resources: &QuarantineResources,
 ) {
-    let mut desired: Vec<DesiredQuarantine> = state
-        .quarantine
-        .list_async()
-        .await
-        .into_iter()
+    let mut desired: Vec<DesiredQuarantine> = quarantined
+        .iter()
         .map(|r| DesiredQuarantine {
-            pod: r.pod,
-            reason: r.reason,
-            rule: r.rule_id,
-            alert_id: r.alert_id,
+            pod: r.pod.clone(),
+            reason: r.reason.clone(),
+            rule: r.rule_id.clone(),
+            alert_id: r.alert_id.clone(),
             phase: PHASE_ENFORCED,
-            since: r.since,
+            since: r.since.clone(),
         })
         .collect();
     desired.extend(
