@@ -623,7 +623,7 @@ async fn no_change(changes: &mut tokio::sync::mpsc::UnboundedReceiver<ResourceCh
 #[tokio::test]
 async fn quarantine_objects_are_owned_by_the_pod_and_released_only_by_an_authorised_spec_release() {
     use kube::api::{Api, Patch, PatchParams, PostParams};
-    use palisade::k8s::quarantine_resource::{DesiredQuarantine, PHASE_ENFORCED};
+    use palisade::k8s::quarantine_resource::{DesiredQuarantine, DropCounts, PHASE_DRY_RUN, PHASE_ENFORCED};
     let api = StandIn::start().await;
     api.apply(pod("shop", "web", "uid-web", "node-1", "10.0.0.5", json!({"app": "web"})));
     api.apply(pod("shop", "db", "uid-db", "node-1", "10.0.0.6", json!({"app": "db"})));
@@ -639,6 +639,8 @@ async fn quarantine_objects_are_owned_by_the_pod_and_released_only_by_an_authori
         alert_id: "a-1".into(),
         phase: PHASE_ENFORCED,
         since: "2026-12-01T00:00:00Z".into(),
+        message: String::new(),
+        drops: None,
     };
     resources.ensure(&desired, Some("uid-web".into())).await.expect("ensure");
     let object = api.object(Kind::Quarantine, "shop", "web");
@@ -655,6 +657,20 @@ async fn quarantine_objects_are_owned_by_the_pod_and_released_only_by_an_authori
     let writes = api.count("quarantines", "create") + api.count("quarantines/status", "patch");
     resources.ensure(&desired, None).await.expect("ensure again");
     assert_eq!(api.count("quarantines", "create") + api.count("quarantines/status", "patch"), writes);
+    // The first drops are written at once; changed counts right after are not (at most every
+    // DROPS_REFRESH), unless something else in the status changes.
+    let dropping = |egress: u64| DesiredQuarantine {
+        drops: Some(DropCounts { egress, ingress: 0, last_drop: "2026-12-01T00:00:05Z".into() }),
+        ..desired.clone()
+    };
+    resources.ensure(&dropping(3), None).await.expect("first drops");
+    assert_eq!(api.object(Kind::Quarantine, "shop", "web")["status"]["drops"]["egress"], 3);
+    let writes = api.count("quarantines/status", "patch");
+    resources.ensure(&dropping(9), None).await.expect("more drops");
+    assert_eq!(api.count("quarantines/status", "patch"), writes, "drop counts are refreshed at most every DROPS_REFRESH");
+    assert_eq!(api.object(Kind::Quarantine, "shop", "web")["status"]["drops"]["egress"], 3);
+    resources.ensure(&DesiredQuarantine { since: "2026-12-01T00:00:09Z".into(), ..dropping(9) }, None).await.expect("changed");
+    assert_eq!(api.object(Kind::Quarantine, "shop", "web")["status"]["drops"]["egress"], 9);
 
     // A user without RBAC on quarantines cannot release (403), and nothing is reported.
     let intruder = api.add_user("intruder", &[("quarantines", "patch"), ("quarantines", "update"), ("quarantines", "delete")]);
@@ -712,7 +728,17 @@ async fn quarantine_objects_are_owned_by_the_pod_and_released_only_by_an_authori
     // (the stand-in's garbage collector), reported the same way.
     as_oncall.delete("db", &Default::default()).await.expect("delete by hand");
     assert_eq!(next_change(&mut changes, "deletion").await, ResourceChange::Deleted { pod: "shop/db".into() });
-    resources.ensure(&DesiredQuarantine { pod: "shop/db".into(), ..desired.clone() }, Some("uid-db".into())).await.expect("ensure db");
+    // What dry run held back is an object too, in phase DryRun, saying why.
+    let held_back = DesiredQuarantine {
+        pod: "shop/db".into(),
+        phase: PHASE_DRY_RUN,
+        message: "not enforced: dry run is on for this node".into(),
+        ..desired.clone()
+    };
+    resources.ensure(&held_back, Some("uid-db".into())).await.expect("ensure db");
+    let object = api.object(Kind::Quarantine, "shop", "db");
+    assert_eq!((object["status"]["phase"].as_str(), object["status"]["message"].as_str()), (Some("DryRun"), Some("not enforced: dry run is on for this node")), "{object:#}");
+    no_change(&mut changes, "the agent's own dry-run object").await;
     api.delete(Kind::Pod, "shop", "db");
     assert!(api.try_object(Kind::Quarantine, "shop", "db").is_none(), "owned object outlived its pod");
     assert_eq!(next_change(&mut changes, "garbage collected").await, ResourceChange::Deleted { pod: "shop/db".into() });

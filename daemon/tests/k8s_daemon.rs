@@ -582,6 +582,15 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     assert_eq!(object["spec"]["alertId"], alert_id.as_str(), "{object:#}");
     assert_eq!(object["status"]["node"], NODE, "{object:#}");
     assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], specs[0].uid.as_str(), "{object:#}");
+    // ... with the packets its quarantine dropped (the probes above tried both ways), in the
+    // object's status and in `palisade quarantine list`.
+    let drops = daemon.wait_for("drop counts on the Quarantine object", Duration::from_secs(20), || {
+        let drops = daemon.api().try_object(Kind::Quarantine, NS, "web")?["status"]["drops"].clone();
+        (drops["egress"].as_u64()? > 0 && drops["ingress"].as_u64()? > 0).then_some(drops)
+    });
+    assert!(drops["lastDrop"].as_str().is_some_and(|t| t.ends_with('Z')), "{drops:#}");
+    let listed = daemon.quarantined().into_iter().find(|r| r["name"] == "web").expect("web listed");
+    assert!(listed["drops"]["egress"].as_u64().is_some_and(|n| n >= drops["egress"].as_u64().unwrap_or(0)), "{listed:#}");
 
     // (4) `kubectl label pod web palisade.io/quarantined-` by anyone allowed to patch pods: no
     // way out. The label is put back, a tamper alert is raised, web stays cut off.

@@ -660,7 +660,7 @@ fn assert_in_schema(at: &str, value: &Value, schema: &Value) {
 
 #[test]
 fn the_quarantine_crd_matches_what_the_agent_writes() {
-    use palisade::k8s::quarantine_resource::{Quarantine, QuarantineSpec, QuarantineStatus, ReleaseRequest};
+    use palisade::k8s::quarantine_resource::{DropCounts, Quarantine, QuarantineSpec, QuarantineStatus, ReleaseRequest};
     let crd = crd();
     assert_eq!(crd["metadata"]["name"], "quarantines.palisade.io");
     assert_eq!(crd["spec"]["group"], palisade::k8s::quarantine_resource::GROUP);
@@ -684,13 +684,26 @@ fn the_quarantine_crd_matches_what_the_agent_writes() {
             node: Some("node-1".into()),
             release: Some(ReleaseRequest { reason: "fixed".into(), requested_by: "alice".into() }),
         },
-        status: Some(QuarantineStatus { phase: "Enforced".into(), since: "2026-12-01T00:00:00Z".into(), node: "node-1".into(), message: "m".into() }),
+        status: Some(QuarantineStatus {
+            phase: "Enforced".into(),
+            since: "2026-12-01T00:00:00Z".into(),
+            node: "node-1".into(),
+            message: "m".into(),
+            drops: Some(DropCounts { egress: 3, ingress: 1, last_drop: "2026-12-01T00:00:01Z".into() }),
+        }),
     };
     let value = serde_json::to_value(&full).expect("serialise");
     assert_in_schema("", &serde_json::json!({"spec": value["spec"], "status": value["status"]}), schema);
     // The phases the agent writes are the ones the schema allows.
     let phases: Vec<&str> = schema["properties"]["status"]["properties"]["phase"]["enum"].as_array().expect("enum").iter().filter_map(Value::as_str).collect();
-    assert_eq!(phases, [palisade::k8s::quarantine_resource::PHASE_ENFORCED, palisade::k8s::quarantine_resource::PHASE_PENDING]);
+    assert_eq!(
+        phases,
+        [
+            palisade::k8s::quarantine_resource::PHASE_ENFORCED,
+            palisade::k8s::quarantine_resource::PHASE_PENDING,
+            palisade::k8s::quarantine_resource::PHASE_DRY_RUN,
+        ]
+    );
     // Printer columns point at fields that exist.
     for column in version["additionalPrinterColumns"].as_array().expect("columns") {
         let path = column["jsonPath"].as_str().expect("jsonPath");

@@ -712,6 +712,9 @@ fn quarantine_dry_run_changes_nothing_in_the_kernel() {
     assert_eq!(d.outcome, Outcome::WouldQuarantine, "{d:?}");
     assert!(service.list().is_empty());
     assert_reach(&probe(&lab), |_, _| true);
+    // What dry run held back is listed (issue 15), not enforced.
+    let held_back: Vec<String> = service.dry_run_list().into_iter().map(|r| r.pod).collect();
+    assert_eq!(held_back, ["shop/a"]);
 
     let d = service.respond(&verdict("shop", "b", "container_escape", "alert-dry-2"));
     assert_eq!(d.outcome, Outcome::Quarantined, "{d:?}");
@@ -724,6 +727,10 @@ fn quarantine_dry_run_changes_nothing_in_the_kernel() {
     let d = service.respond(&verdict("shop", "b", "container_escape", "alert-dry-3"));
     assert_eq!(d.outcome, Outcome::WouldQuarantine, "{d:?}");
     assert_reach(&probe(&lab), |_, _| true);
+    // Dry run off for the node: shop/a's reverse_shell record is gone (its rule is enforced
+    // now); shop/b's rule is alert-only, so it is held back and listed.
+    let held_back: Vec<String> = service.dry_run_list().into_iter().map(|r| r.pod).collect();
+    assert_eq!(held_back, ["shop/b"]);
     let _ = std::fs::remove_dir_all(&state_dir);
 }
 

@@ -448,8 +448,10 @@ pub fn render_quarantines(entries: &[QuarantineEntry], colour: bool) -> String {
     if entries.is_empty() {
         return "no pods are quarantined\n".into();
     }
-    let mut table = Table::new(&["POD", "SINCE", "RULE", "ALERT", "MODE", "REASON"]);
+    let mut table = Table::new(&["POD", "SINCE", "RULE", "ALERT", "MODE", "DROPS OUT/IN", "REASON"]);
     for e in entries {
+        // Packets the datapath dropped because of an enforced quarantine (see quarantine::observed).
+        let drops = e.extra.get("drops").map(|d| (d["egress"].as_u64().unwrap_or(0), d["ingress"].as_u64().unwrap_or(0)));
         table.push(vec![
             Cell::plain(format!("{}/{}", e.namespace, e.name)),
             Cell::plain(&e.since),
@@ -462,6 +464,7 @@ pub fn render_quarantines(entries: &[QuarantineEntry], colour: bool) -> String {
             } else {
                 Cell::painted("enforced", Paint::BoldMagenta)
             },
+            Cell::plain(drops.map(|(out, inbound)| format!("{out}/{inbound}")).unwrap_or_else(|| "-".into())),
             Cell::plain(crate::alerts::render::shorten(&e.reason, 80)),
         ]);
     }

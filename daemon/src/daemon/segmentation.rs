@@ -116,6 +116,12 @@ pub(super) async fn spawn_drop_reader(state: &Arc<DaemonState>) -> anyhow::Resul
             let reason = crate::alerts::policy::drop_reason(verdict.reason);
             state.metrics.add_policy_drops(direction, reason, 1 + u64::from(verdict.suppressed));
             let pod = state.endpoints.borrow().index().get(verdict.header.cgroup_id);
+            if verdict.reason == palisade_common::REASON_QUARANTINE
+                && let Some(pod) = pod.as_deref()
+            {
+                let egress = verdict.direction != palisade_common::DIRECTION_INGRESS;
+                state.quarantine.note_drops(&pod.key().to_string(), egress, 1 + u64::from(verdict.suppressed));
+            }
             state.alerts.try_emit(crate::alerts::policy::policy_denied_alert(&verdict, pod.as_deref()));
         })
         .await;

@@ -2,12 +2,14 @@
 //! per quarantined pod (named like the pod, owned by it, so it goes when the pod goes).
 //!
 //! - The agent that quarantines a pod creates its object (spec: pod, reason, rule, alert id,
-//!   node) and keeps `status` current (`Enforced` or `Pending`, since, node).
+//!   node) and keeps `status` current (`Enforced`, `Pending` or `DryRun`, since, node, and for
+//!   an enforced one the packets dropped so far). A `DryRun` object is what the agent would
+//!   have quarantined with dry run off; releasing or deleting it dismisses it.
 //!   `kubectl get quarantines -A` is the cluster-wide list.
 //! - **Release** is `spec.release: {reason, requestedBy}` set on the object (or deleting it),
 //!   authorised by Kubernetes RBAC on `quarantines`. The release alert names `requestedBy` and
 //!   the field managers that wrote `spec.release` (from `metadata.managedFields`); the shipped
-//!   ValidatingAdmissionPolicy (`deploy/base/quarantine-admission.yaml`) makes `requestedBy` the
+//!   ValidatingAdmissionPolicy (`deploy/admission/quarantine-admission.yaml`) makes `requestedBy` the
 //!   authenticated user where the cluster supports it.
 //! - **Quarantine by hand**: an object created by someone else (it has no `status`: the API
 //!   server drops status on create, and only palisade writes the status subresource) for a pod
@@ -39,7 +41,7 @@ pub const VERSION: &str = "v1";
 pub const KIND: &str = "Quarantine";
 pub const PLURAL: &str = "quarantines";
 
-/// A `palisade.io/v1` Quarantine (the CRD is `deploy/base/crd-quarantine.yaml`).
+/// A `palisade.io/v1` Quarantine (the CRD is `deploy/crd-quarantine.yaml`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Quarantine {
     #[serde(rename = "apiVersion", default = "api_version")]
@@ -95,19 +97,43 @@ pub struct ReleaseRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct QuarantineStatus {
-    /// `Enforced` (in the kernel maps) or `Pending` (queued by the rate limit).
+    /// `Enforced` (in the kernel maps), `Pending` (queued by the rate limit) or `DryRun` (not
+    /// enforced: dry run is on for the node or the rule).
     pub phase: String,
     /// RFC 3339: since when it is enforced, or queued.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub since: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
+    /// Pending: what holds it back; DryRun: why it is not enforced.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Enforced: the packets the datapath dropped because of it (as its rate-limited drop
+    /// records reported them), refreshed at most every [`DROPS_REFRESH`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drops: Option<DropCounts>,
+}
+
+/// Packets dropped because of a quarantine, since the agent started (status.drops).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DropCounts {
+    /// Sent by the pod.
+    pub egress: u64,
+    /// Sent to the pod.
+    pub ingress: u64,
+    /// RFC 3339: the last drop reported.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_drop: String,
 }
 
 pub const PHASE_ENFORCED: &str = "Enforced";
 pub const PHASE_PENDING: &str = "Pending";
+pub const PHASE_DRY_RUN: &str = "DryRun";
+
+/// Changed drop counts are written when they first appear, then at most this often (a pod
+/// that keeps trying would otherwise cost a status write every reconciliation).
+pub const DROPS_REFRESH: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Resource for Quarantine {
     type DynamicType = ();
@@ -172,6 +198,9 @@ pub struct DesiredQuarantine {
     pub alert_id: String,
     pub phase: &'static str,
     pub since: String,
+    /// status.message (see [`QuarantineStatus::message`]).
+    pub message: String,
+    pub drops: Option<DropCounts>,
 }
 
 /// Something someone else did to a Quarantine object, for the daemon to act on.
@@ -196,6 +225,8 @@ pub struct QuarantineResources {
     objects: Arc<Mutex<BTreeMap<String, Quarantine>>>,
     /// Objects this agent is deleting, so the watch does not report them as releases.
     own_deletions: Arc<Mutex<BTreeSet<String>>>,
+    /// When the drop counts of an object were last written (see [`DROPS_REFRESH`]).
+    drops_written: Arc<Mutex<BTreeMap<String, std::time::Instant>>>,
 }
 
 impl QuarantineResources {
@@ -207,6 +238,7 @@ impl QuarantineResources {
             node: node.into(),
             objects: Arc::default(),
             own_deletions: Arc::default(),
+            drops_written: Arc::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let watching = this.clone();
@@ -322,9 +354,10 @@ impl QuarantineResources {
             phase: desired.phase.to_string(),
             since: desired.since.clone(),
             node: self.node.clone(),
-            message: String::new(),
+            message: desired.message.clone(),
+            drops: desired.drops.clone(),
         };
-        if existing.status.as_ref() == Some(&status) {
+        if existing.status.as_ref() == Some(&status) || self.drops_wait(&desired.pod, existing.status.as_ref(), &status) {
             return Ok(());
         }
         let patch = serde_json::json!({ "status": status });
@@ -333,7 +366,18 @@ impl QuarantineResources {
             .await
             .map_err(|source| api_error(&desired.pod, "update its Quarantine status", source))?;
         self.lock_objects().insert(desired.pod.clone(), updated);
+        if status.drops.is_some() {
+            lock(&self.drops_written).insert(desired.pod.clone(), std::time::Instant::now());
+        }
         Ok(())
+    }
+
+    /// Whether only the drop counts changed, and were written less than [`DROPS_REFRESH`] ago.
+    fn drops_wait(&self, pod: &str, written: Option<&QuarantineStatus>, wanted: &QuarantineStatus) -> bool {
+        let Some(written) = written else { return false };
+        let only_drops = written.drops.is_some()
+            && QuarantineStatus { drops: None, ..written.clone() } == QuarantineStatus { drops: None, ..wanted.clone() };
+        only_drops && lock(&self.drops_written).get(pod).is_some_and(|at| at.elapsed() < DROPS_REFRESH)
     }
 
     fn new_object(&self, desired: &DesiredQuarantine, pod_uid: Option<String>) -> Quarantine {
@@ -373,6 +417,7 @@ impl QuarantineResources {
     pub async fn delete(&self, pod: &str) -> Result<(), SinkError> {
         let (namespace, name) = split_pod(pod)?;
         lock(&self.own_deletions).insert(pod.to_string());
+        lock(&self.drops_written).remove(pod);
         let api: Api<Quarantine> = Api::namespaced(self.client.clone(), namespace);
         match api.delete(name, &DeleteParams::default()).await {
             Ok(_) => Ok(()),

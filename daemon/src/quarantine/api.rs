@@ -203,19 +203,24 @@ impl QuarantineApiHandler {
 impl QuarantineApi for QuarantineApiHandler {
     fn list(&self) -> BoxFuture<'_, Result<Vec<QuarantineEntry>, QuarantineApiError>> {
         Box::pin(async move {
-            let enforced = self.service.list_async().await.into_iter().map(|r| QuarantineEntry {
-                namespace: r.namespace,
-                name: r.name,
-                since: r.since,
-                rule: Some(r.rule_id),
-                reason: r.reason,
-                alert_id: Some(r.alert_id),
-                dry_run: false,
-                pending: false,
-                extra: BTreeMap::from([
-                    ("cgroup".to_string(), json!(r.cgroup)),
-                    ("cgroup_id".to_string(), json!(r.cgroup_id)),
-                ]),
+            let drops = self.service.drops_async().await;
+            let enforced = self.service.list_async().await.into_iter().map(|r| {
+                let dropped = drops.get(&r.pod).copied().unwrap_or_default();
+                QuarantineEntry {
+                    namespace: r.namespace,
+                    name: r.name,
+                    since: r.since,
+                    rule: Some(r.rule_id),
+                    reason: r.reason,
+                    alert_id: Some(r.alert_id),
+                    dry_run: false,
+                    pending: false,
+                    extra: BTreeMap::from([
+                        ("cgroup".to_string(), json!(r.cgroup)),
+                        ("cgroup_id".to_string(), json!(r.cgroup_id)),
+                        ("drops".to_string(), json!(dropped)),
+                    ]),
+                }
             });
             let pending = self.service.pending_async().await.into_iter().map(|p| QuarantineEntry {
                 namespace: p.namespace,
@@ -228,7 +233,18 @@ impl QuarantineApi for QuarantineApiHandler {
                 pending: true,
                 extra: BTreeMap::from([("held_by".to_string(), json!(p.held_by))]),
             });
-            Ok(enforced.chain(pending).collect())
+            let dry_run = self.service.dry_run_list_async().await.into_iter().map(|d| QuarantineEntry {
+                namespace: d.namespace,
+                name: d.name,
+                since: d.since,
+                rule: Some(d.rule_id),
+                reason: d.reason,
+                alert_id: Some(d.alert_id),
+                dry_run: true,
+                pending: false,
+                extra: BTreeMap::from([("not_enforced".to_string(), json!(d.why_not)), ("hits".to_string(), json!(d.hits))]),
+            });
+            Ok(enforced.chain(pending).chain(dry_run).collect())
         })
     }
 

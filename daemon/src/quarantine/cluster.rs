@@ -3,8 +3,9 @@
 //! - The pod label and the Quarantined/Released Events (`k8s::quarantine`): label removals by
 //!   anyone else are undone with a `tamper` alert; the label is never a way out.
 //! - The `Quarantine` objects (`k8s::quarantine_resource`): created and kept current for every
-//!   quarantine of this node; `spec.release` set on one (or its deletion) releases the pod, an
-//!   object created by an operator quarantines it. Both go through the same quarantine API as
+//!   quarantine of this node (enforced, queued, or held back by dry run, with the drop counts of
+//!   enforced ones); `spec.release` set on one (or its deletion) releases the pod (dismisses a
+//!   dry-run one), an object created by an operator quarantines it. Both go through the same quarantine API as
 //!   the root-only socket (`quarantine release` / `quarantine add`), so there is one audit alert
 //!   per release, naming who asked.
 //!
@@ -19,7 +20,7 @@ use crate::alerts::AlertSink;
 use crate::api::{OperatorRequest, QuarantineApi};
 use crate::endpoints::EndpointTable;
 use crate::k8s::quarantine_resource::{
-    DesiredQuarantine, PHASE_ENFORCED, PHASE_PENDING, QuarantineResources, ResourceChange,
+    DesiredQuarantine, DropCounts, PHASE_DRY_RUN, PHASE_ENFORCED, PHASE_PENDING, QuarantineResources, ResourceChange,
 };
 use crate::k8s::{ClusterQuarantineSink, KubeQuarantineSink};
 use crate::metrics::Metrics;
@@ -119,40 +120,20 @@ async fn reconcile_labels(
     }
 }
 
-/// Every quarantine (enforced or queued) of this node has an object saying so; objects this
-/// node wrote for quarantines that no longer exist go.
+/// Every quarantine (enforced, queued or held back by dry run) of this node has an object
+/// saying so; objects this node wrote for quarantines that no longer exist go.
 async fn reconcile_objects(
     state: &ClusterQuarantine,
     quarantined: &[QuarantineRecord],
     client: &kube::Client,
     resources: &QuarantineResources,
 ) {
-    let mut desired: Vec<DesiredQuarantine> = quarantined
-        .iter()
-        .map(|r| DesiredQuarantine {
-            pod: r.pod.clone(),
-            reason: r.reason.clone(),
-            rule: r.rule_id.clone(),
-            alert_id: r.alert_id.clone(),
-            phase: PHASE_ENFORCED,
-            since: r.since.clone(),
-        })
-        .collect();
-    desired.extend(
-        state
-            .quarantine
-            .pending_async()
-            .await
-            .into_iter()
-            .map(|p| DesiredQuarantine {
-                pod: p.pod,
-                reason: p.reason,
-                rule: p.rule_id,
-                alert_id: p.alert_id,
-                phase: PHASE_PENDING,
-                since: p.queued_at,
-            }),
-    );
+    let observed = Observed {
+        pending: state.quarantine.pending_async().await,
+        dry_run: state.quarantine.dry_run_list_async().await,
+        drops: state.quarantine.drops_async().await,
+    };
+    let desired = desired_objects(quarantined, observed);
     let current = resources.current();
     for want in &desired {
         // A release asked for on the object is being acted on: do not rewrite it.
@@ -182,6 +163,64 @@ async fn reconcile_objects(
             tracing::warn!(%pod, %err, "deleting the Quarantine object of a pod no longer quarantined");
         }
     }
+}
+
+/// What the responder reports besides its records, for [`desired_objects`].
+struct Observed {
+    pending: Vec<super::PendingQuarantine>,
+    dry_run: Vec<super::DryRunRecord>,
+    drops: std::collections::BTreeMap<String, super::QuarantineDrops>,
+}
+
+/// The objects the node's quarantines should have. A pod both enforced and in another list
+/// (a moment's overlap) gets the first: enforced, then pending, then dry run.
+fn desired_objects(quarantined: &[QuarantineRecord], observed: Observed) -> Vec<DesiredQuarantine> {
+    let drop_counts = |pod: &str| {
+        let drops = observed.drops.get(pod).copied().unwrap_or_default();
+        // None until the first drop, so that the first one is written at once.
+        (drops.total() > 0).then(|| DropCounts {
+            egress: drops.egress,
+            ingress: drops.ingress,
+            last_drop: crate::time::format_unix_ns(drops.last_unix_ns),
+        })
+    };
+    let enforced = quarantined.iter().map(|r| DesiredQuarantine {
+        pod: r.pod.clone(),
+        reason: r.reason.clone(),
+        rule: r.rule_id.clone(),
+        alert_id: r.alert_id.clone(),
+        phase: PHASE_ENFORCED,
+        since: r.since.clone(),
+        message: String::new(),
+        drops: drop_counts(&r.pod),
+    });
+    let pending = observed.pending.into_iter().map(|p| DesiredQuarantine {
+        pod: p.pod,
+        reason: p.reason,
+        rule: p.rule_id,
+        alert_id: p.alert_id,
+        phase: PHASE_PENDING,
+        since: p.queued_at,
+        message: format!("held back by {}", p.held_by),
+        drops: None,
+    });
+    let dry_run = observed.dry_run.into_iter().map(|d| DesiredQuarantine {
+        pod: d.pod,
+        reason: d.reason,
+        rule: d.rule_id,
+        alert_id: d.alert_id,
+        phase: PHASE_DRY_RUN,
+        since: d.since,
+        message: format!("not enforced: {}", d.why_not),
+        drops: None,
+    });
+    let mut desired: Vec<DesiredQuarantine> = Vec::new();
+    for want in enforced.chain(pending).chain(dry_run) {
+        if !desired.iter().any(|d| d.pod == want.pod) {
+            desired.push(want);
+        }
+    }
+    desired
 }
 
 /// The pod's uid, for the object's owner reference (so it is deleted with the pod).
@@ -229,6 +268,7 @@ async fn act_on(
                 Some(Lifted::Released) => false,
                 // A cancelled quarantine was never enforced: no release notice deletes its object.
                 Some(Lifted::Cancelled) => true,
+                None if dismiss_dry_run(state, &pod).await => true,
                 // Released already (e.g. through the socket while the API was away).
                 None => resources.ours().iter().any(|q| q.pod_key().as_deref() == Some(pod.as_str())),
             };
@@ -250,9 +290,17 @@ async fn act_on(
         }
         ResourceChange::Deleted { pod } => {
             let by = "Kubernetes: its Quarantine object was deleted (the API server's audit log names who)".to_string();
-            release_or_cancel(state, api, &pod, "Quarantine object deleted".to_string(), by).await;
+            if release_or_cancel(state, api, &pod, "Quarantine object deleted".to_string(), by).await.is_none() {
+                dismiss_dry_run(state, &pod).await;
+            }
         }
     }
+}
+
+/// Dismisses the pod's dry-run record, if it has one (nothing was enforced: no audit alert).
+async fn dismiss_dry_run(state: &ClusterQuarantine, pod: &str) -> bool {
+    let (service, pod) = (state.quarantine.clone(), pod.to_string());
+    tokio::task::spawn_blocking(move || service.dismiss_dry_run(&pod).is_some()).await.unwrap_or(false)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,5 +383,64 @@ fn report(
             state.metrics.record_kube_quarantine_error();
             tracing::error!(%pod, %err, "{what} requested through the Quarantine resource failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(pod: &str) -> QuarantineRecord {
+        let (namespace, name) = pod.split_once('/').expect("ns/name");
+        QuarantineRecord {
+            pod: pod.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            cgroup: String::new(),
+            cgroup_id: 1,
+            since: "2026-12-02T00:00:00Z".into(),
+            since_unix_ns: 0,
+            rule_id: "reverse_shell".into(),
+            alert_id: "a-1".into(),
+            reason: "shell".into(),
+        }
+    }
+
+    fn dry_run(pod: &str) -> super::super::DryRunRecord {
+        let (namespace, name) = pod.split_once('/').expect("ns/name");
+        super::super::DryRunRecord {
+            pod: pod.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            rule_id: "crypto_mining".into(),
+            alert_id: "a-2".into(),
+            reason: "miner".into(),
+            why_not: "dry run is on for this node".into(),
+            since: "2026-12-02T00:00:01Z".into(),
+            since_unix_ns: 0,
+            hits: 3,
+        }
+    }
+
+    /// Issue 15: enforced objects carry their drop counts (none until the first drop, so that
+    /// one is written at once), dry-run ones their reason, and a pod gets one object.
+    #[test]
+    fn desired_objects_carry_phase_drops_and_why() {
+        let mut drops = std::collections::BTreeMap::new();
+        let mut counted = super::super::QuarantineDrops::default();
+        counted.add(true, 4, 1_764_633_600_000_000_000);
+        drops.insert("shop/web".to_string(), counted);
+        let observed = Observed { pending: Vec::new(), dry_run: vec![dry_run("shop/miner"), dry_run("shop/web")], drops };
+        let desired = desired_objects(&[record("shop/web"), record("shop/quiet")], observed);
+        let by_pod = |pod: &str| desired.iter().find(|d| d.pod == pod).expect(pod);
+        assert_eq!(desired.len(), 3, "{desired:?}");
+        let web = by_pod("shop/web");
+        assert_eq!(web.phase, PHASE_ENFORCED, "enforced wins over a stale dry-run record");
+        assert_eq!(web.drops.as_ref().map(|d| (d.egress, d.ingress)), Some((4, 0)));
+        assert!(web.drops.as_ref().is_some_and(|d| d.last_drop.starts_with("2025-12-02")), "{web:?}");
+        assert_eq!(by_pod("shop/quiet").drops, None);
+        let miner = by_pod("shop/miner");
+        assert_eq!(miner.phase, PHASE_DRY_RUN);
+        assert!(miner.message.contains("dry run is on"), "{}", miner.message);
     }
 }

@@ -16,7 +16,9 @@
 //!    `apply_due()` when `next_due()` says and alerts each [`QueueOutcome`].
 //! 4. Operator (through the root-only API socket): `list()`, `pending()`, `add(pod, reason, by,
 //!    alert_id)` (a quarantine by hand), `release(pod, reason, by)` (yields the audit
-//!    [`ReleaseRecord`]), `cancel(pod, reason, by)` for a queued one ([`CancelRecord`]), `status()`.
+//!    [`ReleaseRecord`]), `cancel(pod, reason, by)` for a queued one ([`CancelRecord`]), `status()`;
+//!    what dry run held back (`dry_run_list()`, `dismiss_dry_run(pod)`) and the packets dropped
+//!    per quarantined pod (`note_drops` from the drop reader, `drops()`), see [`observed`].
 //! 5. Changes: `set_policy(ResponsePolicy)` (hot reload), `set_endpoints(table)` (returns the
 //!    quarantines that ended because their endpoint left; a re-created cgroup takes its pod's
 //!    quarantine along).
@@ -26,6 +28,7 @@
 pub mod api;
 pub mod cluster;
 pub mod datapath;
+pub mod observed;
 pub mod policy;
 pub mod responder;
 pub mod state;
@@ -33,6 +36,7 @@ pub mod state;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use datapath::{DatapathError, KernelQuarantineMap, MemoryDatapath, QuarantineDatapath};
+pub use observed::{DryRunRecord, QuarantineDrops};
 pub use policy::{ForensicsException, ResponsePolicy, RuleMode};
 pub use responder::{
     Adoption, CancelRecord, Decision, Outcome, QuarantineError, QueueOutcome, ReleaseRecord, Removal, Responder,
@@ -136,6 +140,23 @@ impl QuarantineService {
         self.lock().status()
     }
 
+    pub fn dry_run_list(&self) -> Vec<DryRunRecord> {
+        self.lock().dry_run_list()
+    }
+
+    pub fn dismiss_dry_run(&self, pod: &str) -> Option<DryRunRecord> {
+        self.lock().dismiss_dry_run(pod)
+    }
+
+    /// See [`Responder::note_drops`]: called by the datapath's drop reader.
+    pub fn note_drops(&self, pod: &str, egress: bool, count: u64) {
+        self.lock().note_drops(pod, egress, count)
+    }
+
+    pub fn drops(&self) -> std::collections::BTreeMap<String, QuarantineDrops> {
+        self.lock().drops()
+    }
+
     pub fn set_policy(&self, policy: ResponsePolicy) -> Result<(), QuarantineError> {
         self.lock().set_policy(policy)
     }
@@ -178,6 +199,14 @@ impl QuarantineService {
 
     pub async fn pending_async(&self) -> Vec<PendingQuarantine> {
         self.blocking(|this| this.pending()).await
+    }
+
+    pub async fn dry_run_list_async(&self) -> Vec<DryRunRecord> {
+        self.blocking(|this| this.dry_run_list()).await
+    }
+
+    pub async fn drops_async(&self) -> std::collections::BTreeMap<String, QuarantineDrops> {
+        self.blocking(|this| this.drops()).await
     }
 
     pub async fn apply_due_async(&self) -> Vec<QueueOutcome> {

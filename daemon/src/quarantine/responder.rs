@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::datapath::{DatapathError, ForensicsEntry, QuarantineDatapath};
 use super::policy::{Enforcement, RateLimitStatus, RateLimiter, ResponsePolicy};
 use super::state::{self, PendingQuarantine, QuarantineRecord, StateError, StateFile, StateWriter};
+use super::observed::{DryRunBook, DryRunRecord, QuarantineDrops};
 use crate::endpoints::{CgroupId, EndpointId, EndpointTable, Placement, PodKey};
 use crate::time::{format_unix_ns, monotonic_now_ns};
 use crate::inventory::Inventory;
@@ -166,6 +167,8 @@ pub struct Counters {
     pub cancelled: u64,
     /// State file writes that failed (each logged; the pinned map stays the source of truth).
     pub state_write_errors: u64,
+    /// Dry-run records pushed out by their bound ([`super::observed::MAX_DRY_RUN_RECORDS`]).
+    pub dry_run_evicted: u64,
 }
 
 /// How the state file is written after a rule's quarantine.
@@ -189,6 +192,8 @@ pub struct ResponderStatus {
     pub rate_limit: RateLimitStatus,
     /// Quarantines queued by the rate limit (not enforced yet).
     pub pending: usize,
+    /// Quarantines dry run held back (listed as `dry-run`).
+    pub dry_run_records: usize,
     /// The oldest queued quarantine's wait so far.
     pub oldest_pending_seconds: Option<f64>,
     pub forensics_exceptions: usize,
@@ -245,6 +250,10 @@ pub struct Responder<D: QuarantineDatapath> {
     counters: Counters,
     writer: std::sync::Arc<StateWriter>,
     state_writes: StateWrites,
+    /// Would-be quarantines of dry run, by pod key.
+    dry_run: DryRunBook,
+    /// Packets dropped because of a quarantine in `records`, by pod key.
+    drops: BTreeMap<String, QuarantineDrops>,
 }
 
 /// The rule id an operator's quarantine is recorded under.
@@ -301,6 +310,8 @@ impl<D: QuarantineDatapath> Responder<D> {
             counters: Counters::default(),
             writer: std::sync::Arc::new(writer),
             state_writes: StateWrites::default(),
+            dry_run: DryRunBook::default(),
+            drops: BTreeMap::new(),
         };
         let mut adoption = Adoption::default();
         let file = match state::load(&responder.state_dir) {
@@ -538,6 +549,23 @@ impl<D: QuarantineDatapath> Responder<D> {
         }
         if let Enforcement::DryRun(why) = self.policy.enforcement(&rule_id) {
             self.counters.would_quarantine += 1;
+            // Only this node's pods: a would-be quarantine of a pod that cannot be located
+            // would not have been enforced either.
+            if self.located(&pod).is_some() {
+                let (since, since_unix_ns) = now_rfc3339();
+                self.dry_run.note(DryRunRecord {
+                    pod: pod.clone(),
+                    namespace: verdict.namespace.clone(),
+                    name: verdict.name.clone(),
+                    rule_id: rule_id.clone(),
+                    alert_id: verdict.alert_id.clone(),
+                    reason: verdict.hit.message.clone(),
+                    why_not: why.clone(),
+                    since,
+                    since_unix_ns,
+                    hits: 1,
+                });
+            }
             return decision(Outcome::WouldQuarantine, why, None);
         }
         let (cgroup, cgroup_id) = match self.locate(&pod) {
@@ -655,6 +683,9 @@ impl<D: QuarantineDatapath> Responder<D> {
             alert_id: target.alert_id,
             reason: target.message,
         };
+        // Enforced now: what dry run noted, and drops of an earlier quarantine, are history.
+        self.dry_run.dismiss(&target.pod);
+        self.drops.remove(&target.pod);
         self.records.insert(target.pod, record);
         Ok(enforced_at_ns)
     }
@@ -887,6 +918,7 @@ impl<D: QuarantineDatapath> Responder<D> {
         let Some(record) = self.records.remove(pod) else {
             return Err(QuarantineError::NotQuarantined { pod: pod.to_string() });
         };
+        self.drops.remove(pod);
         self.counters.released += 1;
         let (released_at, now_ns) = now_rfc3339();
         let generation = self.writer.submit(self.snapshot());
@@ -914,12 +946,44 @@ impl<D: QuarantineDatapath> Responder<D> {
         self.records.contains_key(pod)
     }
 
+    /// The quarantines dry run held back (see [`super::observed`]).
+    pub fn dry_run_list(&self) -> Vec<DryRunRecord> {
+        self.dry_run.list()
+    }
+
+    /// An operator dismissed a dry-run record (released or deleted its Quarantine object).
+    pub fn dismiss_dry_run(&mut self, pod: &str) -> Option<DryRunRecord> {
+        let dismissed = self.dry_run.dismiss(pod);
+        if dismissed.is_some() {
+            tracing::info!(%pod, "dry-run quarantine record dismissed");
+        }
+        dismissed
+    }
+
+    /// The datapath dropped `count` packets of `pod` because it is quarantined (from its
+    /// rate-limited drop records). Ignored unless the pod is quarantined now: a record that
+    /// arrives after the release belongs to the quarantine that ended.
+    pub fn note_drops(&mut self, pod: &str, egress: bool, count: u64) {
+        if self.records.contains_key(pod) {
+            let (_, now_ns) = now_rfc3339();
+            self.drops.entry(pod.to_string()).or_default().add(egress, count, now_ns);
+        }
+    }
+
+    /// What [`note_drops`](Self::note_drops) counted, by quarantined pod.
+    pub fn drops(&self) -> BTreeMap<String, QuarantineDrops> {
+        self.drops.clone()
+    }
+
     /// Hot reload of the response policy (dry run, rule modes, guardrails, forensics). Tokens
     /// already spent stay spent; queued quarantines are judged by the new policy when served.
     pub fn set_policy(&mut self, policy: ResponsePolicy) -> Result<(), QuarantineError> {
         policy.validate().map_err(QuarantineError::Policy)?;
         self.limiter.set_limits(policy.max_quarantines_per_minute, policy.max_quarantines_per_namespace_per_minute, Instant::now());
         self.policy = policy;
+        // Records of rules now enforced say nothing any more (their next hit quarantines).
+        let policy = &self.policy;
+        self.dry_run.retain(|r| matches!(policy.enforcement(&r.rule_id), Enforcement::DryRun(_)));
         self.apply_forensics()?;
         tracing::info!(dry_run = self.policy.dry_run, rules = self.policy.rules.len(), "response policy updated");
         Ok(())
@@ -964,6 +1028,14 @@ impl<D: QuarantineDatapath> Responder<D> {
                 Some(_) => {}
             }
         }
+        let records = &self.records;
+        self.drops.retain(|pod, _| records.contains_key(pod));
+        let dry_run_pods: Vec<String> = self.dry_run.list().into_iter().map(|r| r.pod).collect();
+        for pod in dry_run_pods {
+            if self.located(&pod).is_none() {
+                self.dry_run.dismiss(&pod);
+            }
+        }
         if let Err(err) = self.persist() {
             tracing::error!(%err, "writing the quarantine state");
         }
@@ -978,12 +1050,13 @@ impl<D: QuarantineDatapath> Responder<D> {
             protected_namespaces: self.policy.protected_namespaces.iter().cloned().collect(),
             rate_limit: self.limiter.snapshot(Instant::now()),
             pending: self.pending.len(),
+            dry_run_records: self.dry_run.len(),
             oldest_pending_seconds: self.pending.values().map(|p| p.queued_unix_ns).min().map(|oldest| {
                 let (_, now_ns) = now_rfc3339();
                 ((now_ns - oldest).max(0) as f64) / 1e9
             }),
             forensics_exceptions: self.policy.forensics.len(),
-            counters: Counters { state_write_errors: self.writer.errors(), ..self.counters.clone() },
+            counters: Counters { state_write_errors: self.writer.errors(), dry_run_evicted: self.dry_run.evicted(), ..self.counters.clone() },
         }
     }
 
@@ -1141,6 +1214,58 @@ mod tests {
         assert_eq!(d.outcome, Outcome::WouldQuarantine);
         assert!(d.reason.contains("alert only"), "{}", d.reason);
         assert_eq!(r.respond(&verdict("shop/c", "fileless_exec", Action::Quarantine)).outcome, Outcome::Quarantined);
+    }
+
+    /// Issue 15: what dry run held back is listed (one record per pod, repeats counted) until
+    /// it is dismissed, the rule is enforced, or the pod leaves; pods of other nodes never.
+    #[test]
+    fn dry_run_keeps_what_it_would_have_quarantined_until_dismissed_or_enforced() {
+        let f = Fixture::new("dryrec");
+        let policy = ResponsePolicy { dry_run: true, ..ResponsePolicy::default() };
+        let (mut r, _) = start(&f, policy.clone(), MemoryDatapath::default());
+        r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        r.respond(&verdict("shop/b", "crypto_mining", Action::Quarantine));
+        r.respond(&verdict("shop/nowhere", "crypto_mining", Action::Quarantine));
+        r.respond(&verdict("shop/c", "crypto_mining", Action::Alert));
+        let listed = r.dry_run_list();
+        assert_eq!(listed.iter().map(|d| d.pod.as_str()).collect::<Vec<_>>(), ["shop/a", "shop/b"]);
+        assert_eq!((listed[0].hits, listed[0].rule_id.as_str()), (2, "crypto_mining"), "the first rule stays, hits count");
+        assert!(listed[0].why_not.contains("dry run"), "{}", listed[0].why_not);
+        assert!(r.datapath().entries.is_empty(), "dry run enforces nothing");
+        assert_eq!(r.status().dry_run_records, 2);
+        assert!(r.dismiss_dry_run("shop/b").is_some());
+        assert!(r.dismiss_dry_run("shop/b").is_none());
+        // The pod left: its record goes with it.
+        r.set_inventory(&inventory(&["shop/b", "shop/c"])).expect("inventory");
+        assert!(r.dry_run_list().is_empty());
+        r.set_inventory(&inventory(&ALL)).expect("inventory");
+        r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        // Dry run off: the rule is enforced now, the record says nothing any more.
+        r.set_policy(ResponsePolicy { dry_run: false, ..policy }).expect("reload");
+        assert!(r.dry_run_list().is_empty());
+    }
+
+    /// Issue 15: drops reported for a quarantined pod count per direction and end with the
+    /// quarantine; reports for pods not quarantined (late, or another reason) are ignored.
+    #[test]
+    fn drop_counts_belong_to_the_quarantine_in_force() {
+        let f = Fixture::new("drops");
+        let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
+        r.note_drops("shop/a", true, 5);
+        assert!(r.drops().is_empty(), "not quarantined: nothing to count");
+        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        r.note_drops("shop/a", true, 5);
+        r.note_drops("shop/a", false, 2);
+        r.note_drops("shop/a", true, 1);
+        let drops = r.drops()["shop/a"];
+        assert_eq!((drops.egress, drops.ingress), (6, 2));
+        assert!(drops.last_unix_ns > 0);
+        r.release("shop/a", "fixed", "test").expect("release");
+        r.note_drops("shop/a", true, 1);
+        assert!(r.drops().is_empty(), "the quarantine ended: its counts with it");
+        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        assert!(r.drops().is_empty(), "a new quarantine starts at zero");
     }
 
     #[test]
