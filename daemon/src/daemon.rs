@@ -114,6 +114,11 @@ pub struct RunArgs {
     /// operator, and how tests reach the capacity limit without a million entries.
     #[arg(long, hide = true)]
     pub max_policy_entries: Option<usize>,
+    /// Seconds the event reader or the pipeline may sit on waiting work without moving before
+    /// the daemon counts as stuck: /healthz answers 503 (so the kubelet restarts it), status
+    /// shows the stage, a critical alert is raised.
+    #[arg(long, default_value_t = crate::liveness::DEFAULT_STUCK_AFTER.as_secs_f64(), value_parser = stuck_after_seconds)]
+    pub stuck_after: f64,
     #[command(flatten)]
     pub alerts: AlertOptions,
     #[command(flatten)]
@@ -194,6 +199,15 @@ fn after_failed_start(dir: &Path, before: &[String]) {
     }
 }
 
+/// `--stuck-after`: seconds, at least 0.5 (below that a busy scheduler looks like a stall).
+fn stuck_after_seconds(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if !(0.5..=86_400.0).contains(&seconds) {
+        return Err(format!("{seconds}: must be between 0.5 and 86400 seconds"));
+    }
+    Ok(seconds)
+}
+
 fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
@@ -254,6 +268,7 @@ async fn run_async(args: RunArgs, running: Arc<std::sync::atomic::AtomicBool>) -
         conntrack: segmentation.conntrack.clone(),
         started: now_rfc3339(),
         kube_health: sources.kube.as_ref().map(|k| k.health()),
+        liveness: crate::liveness::Liveness::new(std::time::Duration::from_secs_f64(args.stuck_after)),
     });
     // Kubernetes mode: alerts about a pod also become Events on it (`--alert-events`).
     if let (Some(kube), Some(min_severity)) = (sources.kube.as_ref(), args.alerts.alert_events.0) {
@@ -266,6 +281,7 @@ async fn run_async(args: RunArgs, running: Arc<std::sync::atomic::AtomicBool>) -
     monitors::spawn_counter_exporter(state.clone());
     crate::quarantine::api::spawn_queue_worker(quarantine.clone(), alerts.clone(), metrics.clone());
     monitors::spawn_loss_monitor(state.clone());
+    monitors::spawn_liveness_watch(state.clone());
 
     let evaluator = verdicts::start(&state, args.workers)?;
     let _rules_watcher = rules.watch(&state)?;

@@ -12,6 +12,7 @@ pub mod events;
 pub mod inventory;
 pub mod k8s;
 pub mod lab;
+pub mod liveness;
 pub mod logging;
 pub mod memory;
 pub mod metrics;

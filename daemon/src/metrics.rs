@@ -56,6 +56,7 @@ struct Inner {
     connections_closed: Family<Labels, Counter>,
     datapath_sync_failing: Gauge,
     watchers_connected: Family<Labels, Gauge>,
+    stage_stuck: Family<Labels, Gauge>,
     /// Last absolute value seen per kernel counter, to turn totals read from maps into increments.
     kernel_totals: Mutex<HashMap<(&'static str, String), u64>>,
 }
@@ -97,6 +98,7 @@ impl Metrics {
         let connections_closed = Family::<Labels, Counter>::default();
         let datapath_sync_failing = Gauge::default();
         let watchers_connected = Family::<Labels, Gauge>::default();
+        let stage_stuck = Family::<Labels, Gauge>::default();
         registry.register("events", "Kernel events received, by type", events.clone());
         registry.register("events_lost", "Kernel events lost (ring buffer full), by type", events_lost.clone());
         registry.register(
@@ -143,6 +145,11 @@ impl Metrics {
             "1 while the source's watches are connected (Kubernetes mode), by source",
             watchers_connected.clone(),
         );
+        registry.register(
+            "stage_stuck",
+            "1 while a stage (reader, pipeline) sits on waiting work without moving past --stuck-after (/healthz answers 503), by stage",
+            stage_stuck.clone(),
+        );
         let build = Family::<Labels, Gauge>::default();
         build.get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))])).set(1);
         registry.register("build_info", "palisade build", build);
@@ -171,6 +178,7 @@ impl Metrics {
                 connections_closed,
                 datapath_sync_failing,
                 watchers_connected,
+                stage_stuck,
                 kernel_totals: Mutex::new(HashMap::new()),
             }),
         }
@@ -265,6 +273,10 @@ impl Metrics {
 
     pub fn set_datapath_sync_failing(&self, failing: bool) {
         self.inner.datapath_sync_failing.set(i64::from(failing));
+    }
+
+    pub fn set_stage_stuck(&self, stage: &str, stuck: bool) {
+        self.inner.stage_stuck.get_or_create(&labels(&[("stage", stage)])).set(i64::from(stuck));
     }
 
     pub fn set_watchers_connected(&self, source: &str, connected: bool) {

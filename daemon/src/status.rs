@@ -41,6 +41,8 @@ pub struct DaemonState {
     pub started: String,
     /// Kubernetes mode: the API source's health.
     pub kube_health: Option<tokio::sync::watch::Receiver<crate::k8s::SourceHealth>>,
+    /// Whether the reader and the pipeline keep moving (sampled by a monitor task).
+    pub liveness: crate::liveness::Liveness,
 }
 
 #[derive(Default)]
@@ -91,26 +93,29 @@ impl Startup {
 }
 
 /// What `/healthz` on the metrics listener reports: the event readers, the watchers (the
-/// Kubernetes API's, or the local files') and the last datapath sync. Only a stopped reader is
-/// unhealthy (503, the kubelet restarts the daemon); an API outage or a failed sync is
-/// `degraded` with 200, since enforcement carries on with the last good state. Ready
-/// (`/readyz`) once the reader runs and the datapath has been synced at least once.
+/// Kubernetes API's, or the local files') and the last datapath sync. A stopped reader, or a
+/// reader or pipeline stuck on waiting work ([`crate::liveness`]), is unhealthy (503, the
+/// kubelet restarts the daemon); an API outage or a failed sync is `degraded` with 200, since
+/// enforcement carries on with the last good state. Ready (`/readyz`) once the reader runs and
+/// the datapath has been synced at least once.
 pub async fn health(state: &DaemonState, reader_running: bool) -> crate::api::Health {
+    let stuck = state.liveness.stuck();
+    let alive = reader_running && stuck.is_empty();
     let kube = state.kube_health.as_ref().map(|h| h.borrow().clone());
     let sync = state.enforcer.lock().await.status.clone();
     let watchers_ok = kube.as_ref().is_none_or(|k| k.connected);
     let sync_ok = sync.last_error.is_none();
-    let status = if !reader_running { "unhealthy" } else if watchers_ok && sync_ok { "ok" } else { "degraded" };
+    let status = if !alive { "unhealthy" } else if watchers_ok && sync_ok { "ok" } else { "degraded" };
     let watchers = match &kube {
         Some(kube) => serde_json::to_value(kube).unwrap_or_default(),
         None => json!({"source": "files", "inventory_endpoints": state.endpoints.borrow().inventory().endpoints.len()}),
     };
     crate::api::Health {
-        ok: reader_running,
-        ready: reader_running && sync.last_sync.is_some(),
+        ok: alive,
+        ready: alive && sync.last_sync.is_some(),
         report: json!({
             "status": status,
-            "readers": {"running": reader_running, "events": state.reader.snapshot()},
+            "readers": {"running": reader_running, "events": state.reader.snapshot(), "stuck": stuck},
             "watchers": watchers,
             "last_sync": {"at": sync.last_sync, "ms": sync.last_sync_ms, "error": sync.last_error},
         }),
@@ -154,6 +159,8 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
             "record_errors": state.pipeline.record_errors.load(Relaxed),
             "process_cache": state.pipeline.process_cache.lock().map(|s| serde_json::to_value(*s).unwrap_or_default()).unwrap_or_default(),
             "loss": loss_status(state),
+            "stuck": state.liveness.stuck(),
+            "stuck_after_seconds": state.liveness.stuck_after().as_secs_f64(),
             "queues": state.queue_budget.snapshot(),
         },
         "rules": {

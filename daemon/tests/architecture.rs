@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// Leaf helpers: import nothing above them, usable by every module.
-const LEAVES: &[&str] = &["sys", "time", "config", "defaults", "memory", "yaml", "output", "metrics", "logging"];
+const LEAVES: &[&str] = &["sys", "time", "config", "defaults", "memory", "yaml", "output", "metrics", "logging", "liveness"];
 
 /// The data flow, first to last; modules in one group are peers.
 const FLOW: &[&[&str]] = &[

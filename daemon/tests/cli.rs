@@ -114,6 +114,22 @@ fn output_format_is_one_checked_enum() {
     assert!(stderr(&out).contains("falco"), "alerts also has falco: {}", stderr(&out));
 }
 
+/// Bad values of `run`'s options are refused before anything starts, naming the option and
+/// what it takes (issue 15's `--alert-events`, `--stuck-after`).
+#[test]
+fn run_refuses_bad_option_values_naming_what_they_take() {
+    for (args, expect) in [
+        (["run", "--alert-events", "loud"], "off"),
+        (["run", "--stuck-after", "0"], "between 0.5 and 86400"),
+        (["run", "--stuck-after", "soon"], "soon"),
+    ] {
+        let out = palisade(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?} accepted: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(args[1]) && err.contains(expect), "{args:?}: {err}");
+    }
+}
+
 /// `--version` names the git revision and the SHA-256 of the embedded eBPF object.
 #[test]
 fn version_names_the_revision_and_the_ebpf_object() {

@@ -1,5 +1,5 @@
 //! Tasks that keep status and metrics current and the endpoint table's readers in step: the
-//! endpoint followers, the counter exporter and the loss monitor.
+//! endpoint followers, the counter exporter, the loss monitor and the liveness watch.
 
 use std::sync::Arc;
 
@@ -129,4 +129,66 @@ pub(super) fn spawn_loss_monitor(state: Arc<DaemonState>) {
             }
         }
     });
+}
+
+/// Samples whether the reader and the pipeline keep moving ([`crate::liveness`]): the reader's
+/// work is what the kernel produced (emitted + lost records), its progress the records it read;
+/// the pipeline's work is what the reader decoded, its progress the events it enriched. A stage
+/// that becomes stuck is logged, counted (`palisade_stage_stuck`) and alerted (critical: the
+/// node is blind while it lasts); so is its recovery.
+pub(super) fn spawn_liveness_watch(state: Arc<DaemonState>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(state.liveness.sample_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = std::time::Instant::now();
+            let reader = state.reader.snapshot();
+            let produced = match state.host.with(|ebpf| loader::read_counters(ebpf)).await {
+                Ok(Ok(counters)) => Some(counters.emitted.values().chain(counters.lost.values()).sum::<u64>()),
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "reading the kernel's event counters (liveness)");
+                    None
+                }
+                Err(_) => return,
+            };
+            let mut transitions = Vec::new();
+            if let Some(produced) = produced {
+                transitions.extend(state.liveness.observe("reader", "ring buffer records: read / produced by the kernel", reader.records, produced, now));
+            }
+            let enriched = state.pipeline.enriched.load(Relaxed);
+            transitions.extend(state.liveness.observe("pipeline", "events: enriched / decoded by the reader", enriched, reader.decoded, now));
+            for transition in transitions {
+                report_liveness(&state, transition);
+            }
+        }
+    });
+}
+
+fn report_liveness(state: &DaemonState, transition: crate::liveness::Transition) {
+    use crate::alerts::{Alert, AlertKind};
+    use crate::rules::model::Severity;
+    let alert = match transition {
+        crate::liveness::Transition::Stuck(stuck) => {
+            state.metrics.set_stage_stuck(stuck.stage, true);
+            tracing::error!(stage = stuck.stage, seconds = stuck.seconds, waiting = stuck.waiting, "stage stuck: /healthz answers 503");
+            Alert::new(
+                AlertKind::Daemon,
+                Severity::Critical,
+                format!(
+                    "the event {} has not moved for {:.0} s with {} waiting: no new events are judged while it lasts; /healthz answers 503 so the kubelet restarts palisade",
+                    stuck.stage, stuck.seconds, stuck.waiting
+                ),
+            )
+            .with_event(serde_json::json!({"stuck": stuck}))
+        }
+        crate::liveness::Transition::Recovered { stage, after_seconds } => {
+            state.metrics.set_stage_stuck(stage, false);
+            tracing::warn!(stage, after_seconds, "stage moving again");
+            Alert::new(AlertKind::Daemon, Severity::Medium, format!("the event {stage} is moving again after {after_seconds:.0} s"))
+                .with_event(serde_json::json!({"recovered": stage, "after_seconds": after_seconds}))
+        }
+    };
+    state.alerts.try_emit(alert);
 }

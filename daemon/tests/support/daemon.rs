@@ -152,8 +152,6 @@ impl DaemonGuard {
             .arg("--lab")
             .arg("--lab-name")
             .arg(&guard.lab_name)
-            // Parallel daemons must not fight over the metrics port.
-            .arg("--no-metrics")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -165,6 +163,10 @@ impl DaemonGuard {
         // look for one particular event, which a burst follow-up would only count.
         if !options.args.iter().any(|a| a == "--alerts-aggregate-window") {
             command.args(["--alerts-aggregate-window", "0"]);
+        }
+        // Parallel daemons must not fight over the metrics port: off unless the test gives one.
+        if !options.args.iter().any(|a| a == "--metrics-addr") {
+            command.arg("--no-metrics");
         }
         command.args(&options.args);
         if let Some(record) = &guard.record_path {
@@ -327,6 +329,11 @@ impl DaemonGuard {
     }
 
     /// Stops the daemon now (SIGINT, SIGKILL after 10 s); returns whether it exited by itself.
+    /// The daemon's process id (None once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else { return true };
         // SAFETY: signalling our own child by its pid.
