@@ -16,23 +16,11 @@ use nix::unistd::Pid;
 use palisade::api::client::{ApiClient, block_on};
 use serde_json::Value;
 use support::daemon::{DaemonGuard, DaemonOptions};
-use support::require_kernel;
+use support::{http_get, require_kernel};
 
 const INVENTORY: &str = "endpoints:
   - {namespace: shop, name: web, ips: [198.18.44.1]}
 ";
-
-/// `GET path` on 127.0.0.1:port: (status line, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(String, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
-}
 
 /// Polls until `check` gives a value or 60 s passed (a bound for a loaded machine, not a timed
 /// assertion); panics with `what` and the daemon log.

@@ -31,7 +31,7 @@ use palisade::lab::{ProbeMatrix, ProbeOptions};
 use serde_json::{Value, json};
 use support::daemon::{PALISADE, POD_PATH, run_with_timeout};
 use support::kube_standin::{BlockingStandIn, Fault, Kind};
-use support::{TestLab, require_kernel};
+use support::{TestLab, http_get, require_kernel};
 
 const NODE: &str = "test-node";
 const NS: &str = "shop";
@@ -731,18 +731,6 @@ fn quarantine_through_the_resource(daemon: &K8sDaemon) {
     });
     assert!(daemon.quarantined().is_empty());
     println!("(4b) quarantine by hand and release through the Quarantine resource");
-}
-
-/// `GET path` on 127.0.0.1:port: (status line, body), or None when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(String, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
 }
 
 #[test]
