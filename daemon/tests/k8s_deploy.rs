@@ -627,6 +627,84 @@ fn mount_bpffs_mounts_once_and_is_idempotent() {
     assert_eq!(mounted.as_deref(), Some("bpf"));
 }
 
+// ---- The image -----------------------------------------------------------------------------
+
+/// What the final stage's base (`gcr.io/distroless/cc-debian12`) provides for a dynamically
+/// linked binary: glibc's libraries and the loader, and libgcc_s. Nothing else may be needed.
+const RUNTIME_BASE: &str = "gcr.io/distroless/cc-debian12";
+const BASE_LIBRARIES: &[&str] = &["libc.so.6", "libm.so.6", "libgcc_s.so.1", "libpthread.so.0", "libdl.so.2", "librt.so.1", "ld-linux-x86-64.so.2"];
+
+/// The image as far as this machine allows (no registry to pull the bases from): the final
+/// stage of deploy/Containerfile is laid out in an empty root (its COPY lines, the binary this
+/// test run built standing in for the build stage's, and only the base's libraries the binary
+/// needs), and run there with chroot: the binary starts with nothing else from the host, and
+/// the rule pack and example policies it ships load from where the image puts them.
+#[test]
+fn the_image_final_stage_runs_in_an_empty_root_with_only_the_base_libraries() {
+    if !nix::unistd::geteuid().is_root() {
+        assert_ne!(std::env::var("PALISADE_REQUIRE_KERNEL").as_deref(), Ok("1"), "chroot needs root");
+        eprintln!("SKIP: the image test needs root (chroot)");
+        return;
+    }
+    let containerfile = std::fs::read_to_string(deploy().join("Containerfile")).expect("deploy/Containerfile");
+    let final_stage = containerfile.rsplit_once("\nFROM ").map(|(_, stage)| stage).expect("a FROM line");
+    let base = final_stage.split_whitespace().next().unwrap_or_default();
+    assert!(base.starts_with(RUNTIME_BASE), "the final stage is FROM {base}: BASE_LIBRARIES describe {RUNTIME_BASE}");
+    let root = std::env::temp_dir().join(format!("palisade-image-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut entrypoint = None;
+    for line in final_stage.lines().map(str::trim) {
+        if let Some(args) = line.strip_prefix("COPY ") {
+            let words: Vec<&str> = args.split_whitespace().collect();
+            let (from_build, paths) = match words.first() {
+                Some(w) if w.starts_with("--from=") => (true, &words[1..]),
+                _ => (false, &words[..]),
+            };
+            let [source, target] = paths else { panic!("COPY with other than one source: {line}") };
+            let source = if from_build { PathBuf::from(env!("CARGO_BIN_EXE_palisade")) } else { repo().join(source) };
+            let target = root.join(target.trim_start_matches('/'));
+            copy_tree(&source, &target);
+        } else if let Some(json) = line.strip_prefix("ENTRYPOINT ") {
+            let words: Vec<String> = serde_json::from_str(json).expect("ENTRYPOINT in exec form");
+            entrypoint = words.first().cloned();
+        }
+    }
+    let entrypoint = entrypoint.expect("an ENTRYPOINT");
+    let binary = root.join(entrypoint.trim_start_matches('/'));
+    // The libraries the binary needs, from the host, where the loader looks for them.
+    let ldd = std::process::Command::new("ldd").arg(&binary).output().expect("ldd");
+    let ldd = String::from_utf8_lossy(&ldd.stdout).to_string();
+    for line in ldd.lines().map(str::trim).filter(|l| !l.starts_with("linux-vdso")) {
+        let path = line.split(" => ").last().unwrap_or(line).split(" (").next().unwrap_or_default().trim();
+        let name = Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or(path);
+        assert!(BASE_LIBRARIES.contains(&name), "the binary needs {name}, which {RUNTIME_BASE} does not ship:\n{ldd}");
+        copy_tree(Path::new(path), &root.join(path.trim_start_matches('/')));
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("chroot").arg(&root).arg(&entrypoint).args(args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output().expect("chroot");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let version = run(&["--version"]);
+    let rules = run(&["rules", "check", "/usr/share/palisade/rules"]);
+    let policies = run(&["policy", "check", "--inventory", "/usr/share/palisade/policies/webapp-inventory.yaml", "/usr/share/palisade/policies/webapp-netpol.yaml"]);
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(version.0 && version.1.contains("palisade"), "--version in the image root: {}", version.1);
+    assert!(rules.0, "the shipped rule pack in the image root: {}", rules.1);
+    assert!(policies.0, "the shipped example policies in the image root: {}", policies.1);
+}
+
+/// Copies a file or a directory tree, making parents.
+fn copy_tree(source: &Path, target: &Path) {
+    if source.is_dir() {
+        for entry in std::fs::read_dir(source).unwrap_or_else(|e| panic!("{}: {e}", source.display())).flatten() {
+            copy_tree(&entry.path(), &target.join(entry.file_name()));
+        }
+        return;
+    }
+    std::fs::create_dir_all(target.parent().expect("a parent")).expect("parent directories");
+    std::fs::copy(source, target).unwrap_or_else(|e| panic!("copying {} to {}: {e}", source.display(), target.display()));
+}
+
 // ---- The Quarantine resource -------------------------------------------------------------
 
 fn crd() -> Value {
