@@ -269,6 +269,7 @@ async fn run_async(args: RunArgs, running: Arc<std::sync::atomic::AtomicBool>) -
         started: now_rfc3339(),
         kube_health: sources.kube.as_ref().map(|k| k.health()),
         liveness: crate::liveness::Liveness::new(std::time::Duration::from_secs_f64(args.stuck_after)),
+        quarantine_watch: Arc::default(),
     });
     // Kubernetes mode: alerts about a pod also become Events on it (`--alert-events`).
     if let (Some(kube), Some(min_severity)) = (sources.kube.as_ref(), args.alerts.alert_events.0) {

@@ -43,6 +43,8 @@ pub struct DaemonState {
     pub kube_health: Option<tokio::sync::watch::Receiver<crate::k8s::SourceHealth>>,
     /// Whether the reader and the pipeline keep moving (sampled by a monitor task).
     pub liveness: crate::liveness::Liveness,
+    /// Kubernetes mode: the Quarantine objects' watch (`quarantine::cluster`).
+    pub quarantine_watch: Arc<crate::k8s::quarantine_resource::ResourceWatchHealth>,
 }
 
 #[derive(Default)]
@@ -103,11 +105,16 @@ pub async fn health(state: &DaemonState, reader_running: bool) -> crate::api::He
     let alive = reader_running && stuck.is_empty();
     let kube = state.kube_health.as_ref().map(|h| h.borrow().clone());
     let sync = state.enforcer.lock().await.status.clone();
-    let watchers_ok = kube.as_ref().is_none_or(|k| k.connected);
+    let quarantine_watch = kube.is_some().then(|| state.quarantine_watch.snapshot());
+    let watchers_ok = kube.as_ref().is_none_or(|k| k.connected) && !(kube.is_some() && state.quarantine_watch.is_down());
     let sync_ok = sync.last_error.is_none();
     let status = if !alive { "unhealthy" } else if watchers_ok && sync_ok { "ok" } else { "degraded" };
     let watchers = match &kube {
-        Some(kube) => serde_json::to_value(kube).unwrap_or_default(),
+        Some(kube) => {
+            let mut watchers = serde_json::to_value(kube).unwrap_or_default();
+            watchers["quarantine_watch"] = serde_json::to_value(&quarantine_watch).unwrap_or_default();
+            watchers
+        }
         None => json!({"source": "files", "inventory_endpoints": state.endpoints.borrow().inventory().endpoints.len()}),
     };
     crate::api::Health {
@@ -141,7 +148,11 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
     let unresolved = table.unresolved();
     let segmentation = serde_json::to_value(&state.enforcer.lock().await.status).unwrap_or_default();
     let conntrack = conntrack_status(state).await;
-    let kubernetes = state.kube_health.as_ref().map(|h| serde_json::to_value(&*h.borrow()).unwrap_or_default());
+    let kubernetes = state.kube_health.as_ref().map(|h| {
+        let mut kubernetes = serde_json::to_value(&*h.borrow()).unwrap_or_default();
+        kubernetes["quarantine_watch"] = serde_json::to_value(state.quarantine_watch.snapshot()).unwrap_or_default();
+        kubernetes
+    });
     let quarantine = json!({
         "responder": serde_json::to_value(state.quarantine.status()).unwrap_or_default(),
         "quarantined": serde_json::to_value(state.quarantine.list_async().await).unwrap_or_default(),

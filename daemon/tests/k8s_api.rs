@@ -752,6 +752,40 @@ async fn quarantine_objects_are_owned_by_the_pod_and_released_only_by_an_authori
     assert!(undeclared.is_empty(), "requests outside the RBAC list: {undeclared:?}");
 }
 
+/// The Quarantine watch reports its health (status and /healthz show it): connected once
+/// listed, disconnected with the error counted during an outage, connected again after it.
+#[tokio::test]
+async fn the_quarantine_watch_reports_its_health_through_an_outage() {
+    let api = StandIn::start().await;
+    api.apply(quarantine_object("shop", "web", "node-2", "reverse_shell"));
+    let (resources, _changes) = QuarantineResources::start(api.client(), "node-1");
+    let health = resources.health();
+    let until = |what: &'static str, pred: fn(&palisade::k8s::quarantine_resource::ResourceWatchState) -> bool| {
+        let health = health.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let state = health.snapshot();
+                if pred(&state) {
+                    return state;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{what}: {state:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let listed = until("listed", |h| h.connected && h.synced).await;
+    assert_eq!((listed.objects, listed.errors), (1, 0), "{listed:?}");
+    api.set_fault(Some(Fault::Status500));
+    api.drop_watches();
+    let failing = until("outage seen", |h| !h.connected && h.errors > 0).await;
+    assert!(failing.last_error.as_deref().is_some_and(|e| e.contains("500") || e.contains("injected")), "{failing:?}");
+    assert!(failing.last_error_at.is_some());
+    api.set_fault(None);
+    let back = until("connected again", |h| h.connected).await;
+    assert!(back.errors >= failing.errors && back.objects == 1, "{back:?}");
+}
+
 // ---- kubectl palisade (the plugin) --------------------------------------------------------
 
 fn palisade_event(ns: &str, pod: &str, node: &str, reason: &str, message: &str, at: &str) -> Value {

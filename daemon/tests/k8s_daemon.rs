@@ -404,6 +404,10 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
     assert_eq!(kube["connected"], true, "{kube:#}");
     assert_eq!(kube["unresolved_cgroups"], json!([]), "{kube:#}");
     assert_eq!(kube["peer_endpoints"], 3, "{kube:#}");
+    // The Quarantine watch starts beside the sources; its first list is not awaited by start-up.
+    daemon.wait_for("quarantine watch listed", Duration::from_secs(30), || {
+        (daemon.status()["kubernetes"]["quarantine_watch"]["synced"] == true).then_some(())
+    });
     let endpoints = status["endpoints"]["inventory"].as_array().expect("endpoints.inventory").clone();
     let listed = |peer_only: bool| {
         let mut listed: Vec<(String, String)> = endpoints
@@ -667,6 +671,12 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
         (kube["connected"] == false && kube["outage_since"].is_string()).then_some(kube)
     });
     assert!(kube["last_error"].as_str().is_some_and(|e| e.contains("500") || e.contains("injected")), "{kube:#}");
+    // The Quarantine watch is down too, and says so (releases through the resource wait for it).
+    let quarantine_watch = daemon.wait_for("quarantine watch down in status", Duration::from_secs(10), || {
+        let watch = daemon.status()["kubernetes"]["quarantine_watch"].clone();
+        (watch["connected"] == false && watch["errors"].as_u64().is_some_and(|n| n > 0)).then_some(watch)
+    });
+    assert!(quarantine_watch["last_error"].is_string(), "{quarantine_watch:#}");
     std::thread::sleep(Duration::from_secs(1));
     daemon.wait_for_matrix(
         "enforcement during the outage",

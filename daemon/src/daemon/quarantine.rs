@@ -97,6 +97,7 @@ pub(super) fn start_api_handler(sources: &mut super::sources::Sources, state: &D
             alerts: state.alerts.clone(),
             metrics: state.metrics.clone(),
             endpoints: state.endpoints.clone(),
+            watch_health: state.quarantine_watch.clone(),
         };
         cluster.spawn(kube, rx, quarantine_api.clone());
     }

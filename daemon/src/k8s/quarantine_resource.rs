@@ -215,12 +215,53 @@ pub enum ResourceChange {
     Deleted { pod: String },
 }
 
+/// How often a Quarantine watch that failed asks the API server directly whether it is back (a
+/// resumed watch says nothing until an object changes). The pod source's default is the same.
+const OUTAGE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The Quarantine watch's health, for `palisade status` and `/healthz` (a watch that fails
+/// degrades the daemon: releases and hand-made quarantines through the resource wait for it).
+#[derive(Debug, Default)]
+pub struct ResourceWatchHealth {
+    state: Mutex<ResourceWatchState>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ResourceWatchState {
+    pub connected: bool,
+    /// The first complete list arrived.
+    pub synced: bool,
+    /// Watch errors since start (each logged and counted in `palisade_kube_quarantine_errors_total`).
+    pub errors: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Quarantine objects seen (all nodes').
+    pub objects: usize,
+}
+
+impl ResourceWatchHealth {
+    pub fn snapshot(&self) -> ResourceWatchState {
+        lock(&self.state).clone()
+    }
+
+    /// The watch failed and has not come back (before its first call it is only starting).
+    pub fn is_down(&self) -> bool {
+        let state = self.snapshot();
+        !state.connected && state.errors > 0
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ResourceWatchState)) {
+        f(&mut lock(&self.state));
+    }
+}
+
 /// The agent's side of the Quarantine resource: a watch of every Quarantine (they are few) and
 /// the calls that create, update and delete this node's objects.
 #[derive(Clone)]
 pub struct QuarantineResources {
     client: Client,
     node: String,
+    health: Arc<ResourceWatchHealth>,
     /// Objects as last seen by the watch, by `namespace/name`.
     objects: Arc<Mutex<BTreeMap<String, Quarantine>>>,
     /// Objects this agent is deleting, so the watch does not report them as releases.
@@ -233,34 +274,68 @@ impl QuarantineResources {
     /// Starts the watch; changes made by others arrive on the returned receiver. The task stops
     /// when the receiver is dropped.
     pub fn start(client: Client, node: impl Into<String>) -> (QuarantineResources, mpsc::UnboundedReceiver<ResourceChange>) {
+        QuarantineResources::start_reporting(client, node, Arc::default(), None)
+    }
+
+    /// [`start`](Self::start), reporting the watch's health into `health` and counting its
+    /// errors in `errors` (the daemon's metrics).
+    pub fn start_reporting(
+        client: Client,
+        node: impl Into<String>,
+        health: Arc<ResourceWatchHealth>,
+        errors: Option<crate::metrics::Metrics>,
+    ) -> (QuarantineResources, mpsc::UnboundedReceiver<ResourceChange>) {
         let this = QuarantineResources {
             client,
             node: node.into(),
+            health,
             objects: Arc::default(),
             own_deletions: Arc::default(),
             drops_written: Arc::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let watching = this.clone();
-        tokio::spawn(async move { watching.watch(tx).await });
+        tokio::spawn(async move { watching.watch(tx, errors).await });
         (this, rx)
     }
 
-    async fn watch(self, changes: mpsc::UnboundedSender<ResourceChange>) {
+    /// The watch's health (see [`ResourceWatchHealth`]).
+    pub fn health(&self) -> Arc<ResourceWatchHealth> {
+        self.health.clone()
+    }
+
+    async fn watch(self, changes: mpsc::UnboundedSender<ResourceChange>, errors: Option<crate::metrics::Metrics>) {
         let api: Api<Quarantine> = Api::all(self.client.clone());
-        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+        let stream = watcher::watcher(api.clone(), watcher::Config::default()).default_backoff();
         let mut stream = std::pin::pin!(stream);
+        let mut probe = tokio::time::interval(OUTAGE_PROBE_INTERVAL);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A relist after an outage reports no deletions: what was there before and is missing
         // from the new list was deleted while the watch was down.
         let mut relisted: Option<BTreeSet<String>> = None;
-        while let Some(item) = stream.next().await {
-            let event = match item {
-                Ok(event) => event,
-                Err(err) => {
-                    tracing::warn!(%err, "watching Quarantine objects (retrying)");
+        loop {
+            let in_outage = self.health.is_down();
+            let item = tokio::select! {
+                item = stream.next() => item,
+                _ = probe.tick(), if in_outage => {
+                    // A resumed watch is silent until something changes: ask directly.
+                    match api.list(&kube::api::ListParams::default().limit(1)).await {
+                        Ok(_) => self.health.update(|h| h.connected = true),
+                        Err(err) => self.watch_failed(&format!("outage probe: {err}"), errors.as_ref()),
+                    }
                     continue;
                 }
             };
+            let Some(item) = item else { return };
+            let event = match item {
+                Ok(event) => event,
+                Err(err) => {
+                    self.watch_failed(&err.to_string(), errors.as_ref());
+                    continue;
+                }
+            };
+            // A complete list (or a watch event after it) means the watch works.
+            let synced = matches!(event, Event::InitDone | Event::Apply(_) | Event::Delete(_));
             let found = match event {
                 Event::Init => {
                     relisted = Some(BTreeSet::new());
@@ -280,12 +355,35 @@ impl QuarantineResources {
                 Event::Apply(object) => self.applied(object),
                 Event::Delete(object) => object.pod_key().and_then(|pod| self.deleted(&pod)).into_iter().collect(),
             };
+            let objects = self.lock_objects().len();
+            self.health.update(|h| {
+                h.connected = true;
+                h.synced |= synced;
+                h.objects = objects;
+            });
             for change in found {
                 if changes.send(change).is_err() {
                     return;
                 }
             }
         }
+    }
+
+    /// One failed watch call (or outage probe): logged, counted, and the watch marked down.
+    fn watch_failed(&self, err: &str, errors: Option<&crate::metrics::Metrics>) {
+        tracing::warn!(%err, "watching Quarantine objects (retrying)");
+        if let Some(metrics) = errors {
+            metrics.record_kube_quarantine_error();
+        }
+        let at = crate::time::format_unix_ns(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0),
+        );
+        self.health.update(|h| {
+            h.connected = false;
+            h.errors += 1;
+            h.last_error = Some(err.to_owned());
+            h.last_error_at = Some(at);
+        });
     }
 
     fn applied(&self, object: Quarantine) -> Vec<ResourceChange> {

@@ -35,6 +35,8 @@ pub struct ClusterQuarantine {
     pub metrics: Metrics,
     /// To tell this node's pods (an object created by hand quarantines only those).
     pub endpoints: tokio::sync::watch::Receiver<Arc<EndpointTable>>,
+    /// Where the Quarantine watch reports its health (status and `/healthz` read it).
+    pub watch_health: Arc<crate::k8s::quarantine_resource::ResourceWatchHealth>,
 }
 
 impl ClusterQuarantine {
@@ -55,7 +57,8 @@ impl ClusterQuarantine {
         let client = source.client();
         let node = source.node().to_string();
         tokio::spawn(async move {
-            let (resources, mut changes) = QuarantineResources::start(client.clone(), node);
+            let (resources, mut changes) =
+                QuarantineResources::start_reporting(client.clone(), node, state.watch_health.clone(), Some(state.metrics.clone()));
             let mut tick = tokio::time::interval(RECONCILE_EVERY);
             loop {
                 tokio::select! {
