@@ -1,7 +1,8 @@
 //! The webhook exporter against a local HTTP(S) server on 127.0.0.1: retries with backoff on
 //! 5xx, no retry on 4xx, queue overflow counted when the receiver stalls; over HTTPS with a test
 //! CA: delivered with the right CA (and a client certificate where the receiver asks for one),
-//! refused loudly and counted with a wrong one.
+//! refused loudly and counted with a wrong one; one kept connection for a burst, replaced without
+//! loss when the receiver closes it under a request.
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,20 +23,34 @@ use tls::TestCa;
 struct Seen {
     requests: Vec<(String, String)>,
     handshake_errors: Vec<String>,
+    /// Connections accepted.
+    connections: usize,
+}
+
+/// How the test receiver treats a connection.
+#[derive(Clone, Copy, Default)]
+struct Receiver {
+    /// Read requests and never answer.
+    stall: bool,
+    /// Answer without `connection: close` and read the next request on the same connection.
+    keep_alive: bool,
+    /// With `keep_alive`: after this many answers on a connection, read the next request and
+    /// close without answering (a receiver timing out an idle connection as a request arrives).
+    drop_after: Option<usize>,
 }
 
 /// Answers each request with the next status in `statuses` (the last one repeats); with
-/// `stall`, reads requests and never answers.
+/// `stall`, reads requests and never answers. One request per connection.
 async fn test_server(statuses: Vec<u16>, stall: bool) -> (String, Arc<Mutex<Seen>>) {
-    serve(statuses, stall, None).await
+    serve(statuses, Receiver { stall, ..Receiver::default() }, None).await
 }
 
 /// The same over TLS, presenting `acceptor`'s certificate: `https://localhost:PORT/falco`.
 async fn tls_server(statuses: Vec<u16>, acceptor: TlsAcceptor) -> (String, Arc<Mutex<Seen>>) {
-    serve(statuses, false, Some(acceptor)).await
+    serve(statuses, Receiver::default(), Some(acceptor)).await
 }
 
-async fn serve(statuses: Vec<u16>, stall: bool, tls: Option<TlsAcceptor>) -> (String, Arc<Mutex<Seen>>) {
+async fn serve(statuses: Vec<u16>, receiver: Receiver, tls: Option<TlsAcceptor>) -> (String, Arc<Mutex<Seen>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let url = match tls {
@@ -44,19 +59,19 @@ async fn serve(statuses: Vec<u16>, stall: bool, tls: Option<TlsAcceptor>) -> (St
     };
     let seen = Arc::new(Mutex::new(Seen::default()));
     let shared = seen.clone();
+    let statuses = Arc::new(statuses);
     tokio::spawn(async move {
-        let mut n = 0usize;
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
-            let status = statuses[n.min(statuses.len() - 1)];
-            n += 1;
+            shared.lock().unwrap().connections += 1;
             let seen = shared.clone();
             let tls = tls.clone();
+            let statuses = statuses.clone();
             tokio::spawn(async move {
                 match tls {
-                    None => answer(stream, status, stall, seen).await,
+                    None => answer(stream, &statuses, receiver, seen).await,
                     Some(acceptor) => match acceptor.accept(stream).await {
-                        Ok(stream) => answer(stream, status, stall, seen).await,
+                        Ok(stream) => answer(stream, &statuses, receiver, seen).await,
                         Err(err) => seen.lock().unwrap().handshake_errors.push(err.to_string()),
                     },
                 }
@@ -66,35 +81,57 @@ async fn serve(statuses: Vec<u16>, stall: bool, tls: Option<TlsAcceptor>) -> (St
     (url, seen)
 }
 
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, status: u16, stall: bool, seen: Arc<Mutex<Seen>>) {
+/// Serves the requests of one connection; the status of each is the next of `statuses` by the
+/// receiver's request count.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, statuses: &[u16], receiver: Receiver, seen: Arc<Mutex<Seen>>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    // Read headers, then the body by content-length.
-    let (head, body) = loop {
-        let got = stream.read(&mut chunk).await.unwrap_or(0);
-        if got == 0 {
+    let mut answered = 0usize;
+    loop {
+        // Read headers, then the body by content-length.
+        let (head, body, used) = loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .unwrap_or(0);
+                if rest.len() >= len {
+                    break (head.to_string(), rest[..len].to_string(), head.len() + 4 + len);
+                }
+            }
+            let got = stream.read(&mut chunk).await.unwrap_or(0);
+            if got == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..got]);
+        };
+        buf.drain(..used);
+        let n = {
+            let mut seen = seen.lock().unwrap();
+            seen.requests.push((head, body));
+            seen.requests.len() - 1
+        };
+        if receiver.stall {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
             return;
         }
-        buf.extend_from_slice(&chunk[..got]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                .unwrap_or(0);
-            if body.len() >= len {
-                break (head.to_string(), body.to_string());
-            }
+        if receiver.drop_after.is_some_and(|limit| answered >= limit) {
+            return;
         }
-    };
-    seen.lock().unwrap().requests.push((head, body));
-    if stall {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        return;
+        let status = statuses[n.min(statuses.len() - 1)];
+        if !receiver.keep_alive {
+            let response = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        let response = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+        answered += 1;
     }
-    let response = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
 }
 
 fn config(url: &str) -> WebhookConfig {
@@ -181,6 +218,74 @@ async fn a_stalled_receiver_overflows_the_bounded_queue_and_it_is_counted() {
     assert_eq!(stats.dropped, 7, "{stats:?}");
     assert_eq!(stats.sent, 0);
     assert!(metrics.encode().contains("palisade_exports_total{exporter=\"webhook\",result=\"dropped\"} 7"));
+}
+
+/// A burst of alerts costs one connection (and one TLS handshake), not one each: before, every
+/// alert opened its own, so a receiver behind a TLS terminator paid a handshake per alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_alerts_goes_over_one_kept_connection() {
+    let keep_alive = Receiver { keep_alive: true, ..Receiver::default() };
+    let (url, seen) = serve(vec![200], keep_alive, None).await;
+    let hook = WebhookExporter::start(config(&url), None).unwrap();
+    for n in 0..50 {
+        hook.offer(&alert(n));
+    }
+    wait_for("50 deliveries", || hook.stats().sent == 50).await;
+    let stats = hook.stats();
+    assert_eq!((stats.sent, stats.retried, stats.failed, stats.dropped, stats.connections), (50, 0, 0, 0, 1), "{stats:?}");
+    assert_eq!(seen.lock().unwrap().connections, 1);
+
+    let dir = temp_dir("keep-alive-tls");
+    let ca = TestCa::new("palisade test CA");
+    let (url, seen) = serve(vec![200], keep_alive, Some(ca.acceptor(None))).await;
+    let mut c = config(&url);
+    c.ca_file = Some(ca.write_pem(&dir, "ca.pem"));
+    let hook = WebhookExporter::start(c, None).unwrap();
+    for n in 0..20 {
+        hook.offer(&alert(n));
+    }
+    wait_for("20 deliveries over https", || hook.stats().sent == 20).await;
+    assert_eq!(hook.stats().connections, 1, "{:?}", hook.stats());
+    let seen = seen.lock().unwrap();
+    assert_eq!((seen.connections, seen.requests.len()), (1, 20));
+    assert!(seen.handshake_errors.is_empty(), "{:?}", seen.handshake_errors);
+}
+
+/// A receiver that closes a kept connection as the next request arrives (its idle timeout)
+/// loses no alert, and that is not a retry: the alert goes out at once on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_closed_by_the_receiver_is_replaced_without_losing_an_alert() {
+    let receiver = Receiver { keep_alive: true, drop_after: Some(3), ..Receiver::default() };
+    let (url, seen) = serve(vec![200], receiver, None).await;
+    let mut c = config(&url);
+    c.max_attempts = 1;
+    let hook = WebhookExporter::start(c, None).unwrap();
+    for n in 0..10 {
+        hook.offer(&alert(n));
+    }
+    wait_for("10 deliveries", || hook.stats().sent == 10 || hook.stats().failed > 0).await;
+    let stats = hook.stats();
+    // Three answered per connection, the fourth request dropped and sent again on the next:
+    // a1-a3 | a4-a6 | a7-a9 | a10.
+    assert_eq!((stats.sent, stats.retried, stats.failed, stats.connections), (10, 0, 0, 4), "{stats:?}");
+    let seen = seen.lock().unwrap();
+    assert_eq!((seen.connections, seen.requests.len()), (4, 13));
+    let bodies: std::collections::BTreeSet<&String> = seen.requests.iter().map(|(_, body)| body).collect();
+    assert_eq!(bodies.len(), 10, "every alert reached the receiver");
+}
+
+/// A 5xx on a kept connection is the receiver's answer, retried with backoff like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_on_a_kept_connection_are_retried() {
+    let receiver = Receiver { keep_alive: true, ..Receiver::default() };
+    let (url, seen) = serve(vec![200, 503, 200], receiver, None).await;
+    let hook = WebhookExporter::start(config(&url), None).unwrap();
+    hook.offer(&alert(1));
+    hook.offer(&alert(2));
+    wait_for("2 deliveries", || hook.stats().sent == 2).await;
+    let stats = hook.stats();
+    assert_eq!((stats.sent, stats.retried, stats.failed, stats.connections), (2, 1, 0, 1), "{stats:?}");
+    assert_eq!(seen.lock().unwrap().requests.len(), 3);
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {

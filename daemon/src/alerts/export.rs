@@ -146,6 +146,8 @@ pub struct ExportCounters {
     pub retried: AtomicU64,
     /// Deliveries that failed in the TLS handshake (also counted in `failed`).
     pub tls_errors: AtomicU64,
+    /// Connections opened (a webhook keeps one open across alerts while the receiver allows).
+    pub connections: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +160,9 @@ pub struct ExportStats {
     /// Failed in the TLS handshake: the receiver's certificate did not verify (also in `failed`).
     #[serde(default)]
     pub tls_errors: u64,
+    /// Connections opened to the receiver (webhook): far fewer than `sent` when kept alive.
+    #[serde(default)]
+    pub connections: u64,
 }
 
 impl ExportCounters {
@@ -176,6 +181,7 @@ impl ExportCounters {
             dropped: self.dropped.load(Ordering::Relaxed),
             retried: self.retried.load(Ordering::Relaxed),
             tls_errors: self.tls_errors.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
         }
     }
 }

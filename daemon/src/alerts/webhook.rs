@@ -8,6 +8,13 @@
 //! (`tls_errors` in status, `palisade_alert_exports_total{exporter="webhook",result="tls_error"}`)
 //! and not retried. Secrets in headers come from a file or the environment (a mounted Secret),
 //! so they need not sit in the process's command line, which any local user can read.
+//!
+//! One connection is kept open across alerts (HTTP/1.1 keep-alive) while the receiver allows it
+//! and it is used at least every [`KEEP_IDLE`]: a burst of alerts costs one TCP and TLS handshake,
+//! not one each. A kept connection that turns out closed (the receiver timed it out without
+//! saying so) is replaced at once by a fresh one for the same alert, not counted as a retry;
+//! delivery is at least once (a receiver that took the request and then dropped the connection
+//! can see it twice; each alert carries its id).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,6 +33,11 @@ use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use super::export::{ExportCounters, ExportFormat, ExportStats, format_line};
 use super::schema::Alert;
 use crate::metrics::Metrics;
+
+/// A kept connection idle longer than this is closed rather than reused: receivers close idle
+/// connections after their own timeout (nginx 75 s, many proxies 60 s), and a request racing that
+/// close would fail.
+pub const KEEP_IDLE: Duration = Duration::from_secs(30);
 
 /// Header files and the header variable are small; anything larger is a mistake.
 pub const MAX_HEADER_SOURCE_BYTES: u64 = 64 * 1024;
@@ -262,7 +274,7 @@ impl WebhookExporter {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let counters = Arc::new(ExportCounters::default());
         let exporter = WebhookExporter { tx, counters: counters.clone(), format: config.format, metrics: metrics.clone() };
-        let sender = Sender { config, url, tls, counters, metrics };
+        let sender = Sender { config, url, tls, counters, metrics, kept: None };
         tokio::spawn(sender.run(rx));
         Ok(exporter)
     }
@@ -295,6 +307,28 @@ struct Sender {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     counters: Arc<ExportCounters>,
     metrics: Option<Metrics>,
+    /// The connection the last alert went over, if the receiver kept it open.
+    kept: Option<KeptConnection>,
+}
+
+/// An open HTTP/1.1 connection to the receiver and the task driving it (stopped when dropped).
+struct KeptConnection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+    last_used: tokio::time::Instant,
+}
+
+impl Drop for KeptConnection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// What one request on a connection came to: the receiver's status and whether the connection
+/// can carry the next one.
+struct Answer {
+    status: hyper::StatusCode,
+    reusable: bool,
 }
 
 impl Sender {
@@ -304,7 +338,7 @@ impl Sender {
         }
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Bytes>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Bytes>) {
         while let Some(body) = rx.recv().await {
             let mut backoff = self.config.initial_backoff;
             let mut attempt = 1;
@@ -341,33 +375,63 @@ impl Sender {
         }
     }
 
-    async fn post_once(&self, body: Bytes) -> Result<(), PostError> {
-        let attempt = async {
-            let stream = tokio::net::TcpStream::connect(&self.url.authority)
-                .await
-                .map_err(|e| PostError::Transient(format!("connect {}: {e}", self.url.authority)))?;
-            match &self.tls {
-                None => self.send(stream, body).await,
-                Some((connector, server_name)) => {
-                    let stream = connector.connect(server_name.clone(), stream).await.map_err(|e| classify_tls(&e))?;
-                    self.send(stream, body).await
-                }
+    /// One delivery attempt: over the kept connection if there is a usable one (a stale one is
+    /// replaced by a fresh connection within the same attempt), else over a new connection.
+    async fn post_once(&mut self, body: Bytes) -> Result<(), PostError> {
+        if let Some(mut kept) = self.kept.take().filter(|k| k.last_used.elapsed() < KEEP_IDLE && !k.sender.is_closed()) {
+            match tokio::time::timeout(self.config.timeout, self.request(&mut kept.sender, body.clone())).await {
+                Ok(Ok(answer)) => return self.finish(answer, kept),
+                // Closed under us or silent: the receiver ended it; the alert goes on a new one.
+                Ok(Err(err)) => tracing::debug!(?err, "kept webhook connection unusable; opening a new one"),
+                Err(_) => tracing::debug!("no answer on the kept webhook connection; opening a new one"),
             }
+        }
+        let attempt = async {
+            let mut kept = self.connect().await?;
+            let answer = self.request(&mut kept.sender, body).await?;
+            Ok::<_, PostError>((answer, kept))
         };
         match tokio::time::timeout(self.config.timeout, attempt).await {
-            Ok(result) => result,
+            Ok(Ok((answer, kept))) => self.finish(answer, kept),
+            Ok(Err(err)) => Err(err),
             Err(_) => Err(PostError::Transient(format!("no answer within {:?}", self.config.timeout))),
         }
     }
 
-    async fn send<S>(&self, stream: S, body: Bytes) -> Result<(), PostError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    /// Keeps the connection if the receiver allows, and judges its answer.
+    fn finish(&mut self, answer: Answer, mut connection: KeptConnection) -> Result<(), PostError> {
+        if answer.reusable {
+            connection.last_used = tokio::time::Instant::now();
+            self.kept = Some(connection);
+        }
+        let status = answer.status;
+        if status.is_success() {
+            Ok(())
+        } else if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+            Err(PostError::Transient(format!("HTTP {status}")))
+        } else {
+            Err(PostError::Permanent(format!("HTTP {status}")))
+        }
+    }
+
+    /// A new connection (TCP, then TLS for https), HTTP/1.1 handshake done.
+    async fn connect(&self) -> Result<KeptConnection, PostError> {
+        let stream = tokio::net::TcpStream::connect(&self.url.authority)
             .await
-            .map_err(|e| PostError::Transient(format!("handshake: {e}")))?;
-        let conn_task = tokio::spawn(conn);
+            .map_err(|e| PostError::Transient(format!("connect {}: {e}", self.url.authority)))?;
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        match &self.tls {
+            None => handshake(stream).await,
+            Some((connector, server_name)) => {
+                let stream = connector.connect(server_name.clone(), stream).await.map_err(|e| classify_tls(&e))?;
+                handshake(stream).await
+            }
+        }
+    }
+
+    /// Sends the alert and reads the whole answer (so the connection is ready for the next).
+    async fn request(&self, sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>, body: Bytes) -> Result<Answer, PostError> {
+        sender.ready().await.map_err(|e| PostError::Transient(format!("connection: {e}")))?;
         let mut request = hyper::Request::post(self.url.path.as_str())
             .header(hyper::header::HOST, self.url.host.as_str())
             .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -378,17 +442,29 @@ impl Sender {
         let request = request.body(Full::new(body)).map_err(|e| PostError::Permanent(format!("request: {e}")))?;
         let response = sender.send_request(request).await.map_err(|e| PostError::Transient(format!("send: {e}")))?;
         let status = response.status();
-        // Read the body so the connection ends cleanly; its content does not matter.
-        let _ = response.into_body().collect().await;
-        conn_task.abort();
-        if status.is_success() {
-            Ok(())
-        } else if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-            Err(PostError::Transient(format!("HTTP {status}")))
-        } else {
-            Err(PostError::Permanent(format!("HTTP {status}")))
-        }
+        let closing = response
+            .headers()
+            .get(hyper::header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+        // Its content does not matter; an unfinished body leaves the connection unusable.
+        let drained = response.into_body().collect().await.is_ok();
+        Ok(Answer { status, reusable: drained && !closing })
     }
+}
+
+async fn handshake<S>(stream: S) -> Result<KeptConnection, PostError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| PostError::Transient(format!("handshake: {e}")))?;
+    let driver = tokio::spawn(async move {
+        // Its end (the receiver closed, or an error) shows as `is_closed` on the sender.
+        let _ = conn.await;
+    });
+    Ok(KeptConnection { sender, driver, last_used: tokio::time::Instant::now() })
 }
 
 /// A handshake that rustls refused (certificate, name, protocol) is a configuration error; an
