@@ -35,7 +35,7 @@ fn cstr(s: &str) -> CString {
 pub const ACTIONS: &[&str] = &[
     "open", "write", "connect", "connect6", "ptrace", "setuid", "mount", "unshare-user",
     "finit-module", "bpf", "memfd-exec", "chmod-setuid", "unlink", "rename", "dup-socket",
-    "sleep", "open-loop", "connect-loop",
+    "sleep", "open-loop", "connect-loop", "udp-stream", "udp-sink",
 ];
 
 /// Runs one action. Failures of the *syscall under test* are expected for some actions
@@ -185,6 +185,33 @@ pub fn perform(action: &str, args: &[String]) -> Result<(), WorkloadError> {
                 }
             }
             println!("{}", start.elapsed().as_nanos());
+        }
+        "udp-stream" => {
+            // The soak's leak detector, sending side: RATE datagrams a second to ADDR:PORT until
+            // killed, each `SEQ SEND_NS` (CLOCK_MONOTONIC, taken before the send, so a receiver
+            // can tell a datagram sent after a quarantine took effect). Refused sends (a
+            // quarantined pod's egress) are the point, not an error.
+            let addr = arg(0, "udp-stream ADDR:PORT [RATE]")?;
+            let rate: u64 = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(20).clamp(1, 10_000);
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(io("udp-stream"))?;
+            let gap = std::time::Duration::from_nanos(1_000_000_000 / rate);
+            for seq in 0u64.. {
+                let line = format!("{seq} {}", crate::time::monotonic_now_ns());
+                let _ = socket.send_to(line.as_bytes(), addr.as_str());
+                std::thread::sleep(gap);
+            }
+        }
+        "udp-sink" => {
+            // The receiving side: one line per datagram on PORT, `SOURCE_IP SEQ SEND_NS`.
+            let port = arg(0, "udp-sink PORT")?;
+            let socket = std::net::UdpSocket::bind(format!("0.0.0.0:{port}")).map_err(io("udp-sink"))?;
+            let mut buf = [0u8; 128];
+            let mut out = std::io::stdout().lock();
+            loop {
+                let (n, from) = socket.recv_from(&mut buf).map_err(io("udp-sink"))?;
+                let text = String::from_utf8_lossy(&buf[..n]);
+                let _ = writeln!(out, "{} {}", from.ip(), text.trim());
+            }
         }
         "sleep" => {
             let ms: u64 = arg(0, "sleep MS")?.parse().unwrap_or(1000);

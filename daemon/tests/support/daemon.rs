@@ -90,6 +90,8 @@ pub struct DaemonGuard {
     pub scratch: PathBuf,
     pub record_path: Option<PathBuf>,
     pub log_path: PathBuf,
+    /// `palisade run`'s arguments (kept for [`DaemonGuard::restart`]).
+    command_line: Vec<std::ffi::OsString>,
     child: Option<Child>,
     lab: Option<palisade::lab::Lab>,
 }
@@ -126,6 +128,7 @@ impl DaemonGuard {
             scratch,
             record_path,
             log_path,
+            command_line: Vec::new(),
             child: None,
             lab: None,
         };
@@ -134,24 +137,55 @@ impl DaemonGuard {
             std::fs::write(guard.policies_dir.join(name), text).expect("write policy");
         }
 
-        let log = std::fs::File::create(&guard.log_path).expect("daemon log");
-        let out = std::fs::File::create(guard.work.join("daemon.out")).expect("daemon stdout");
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        let mut arg = |a: &dyn AsRef<std::ffi::OsStr>| args.push(a.as_ref().to_os_string());
+        arg(&"run");
+        arg(&"--inventory");
+        arg(&guard.inventory_path);
+        arg(&"--rules");
+        arg(&options.rules);
+        arg(&"--policies");
+        arg(&guard.policies_dir);
+        arg(&"--state-dir");
+        arg(&guard.state_dir);
+        arg(&"--pin-dir");
+        arg(&guard.pin_dir);
+        arg(&"--lab");
+        arg(&"--lab-name");
+        arg(&guard.lab_name);
+        // Parallel daemons must not fight over the metrics port: off unless the test gives one.
+        if !options.args.iter().any(|a| a == "--metrics-addr") {
+            arg(&"--no-metrics");
+        }
+        // Every occurrence its own alert line (unless the test sets a window): scenario checks
+        // look for one particular event, which a burst follow-up would only count.
+        if !options.args.iter().any(|a| a == "--alerts-aggregate-window") {
+            arg(&"--alerts-aggregate-window");
+            arg(&"0");
+        }
+        for extra in &options.args {
+            arg(extra);
+        }
+        if let Some(record) = &guard.record_path {
+            arg(&"--record");
+            arg(record);
+        }
+        guard.command_line = args;
+        guard.spawn_and_wait_running(0);
+        let lab = palisade::lab::Lab::open(&guard.lab_name, Path::new(palisade::lab::DEFAULT_STATE_DIR))
+            .unwrap_or_else(|e| panic!("{}: opening lab {}: {e}", guard.test, guard.lab_name));
+        guard.lab = Some(lab);
+        guard
+    }
+
+    /// Starts `palisade run` with the guard's command line (its log appended to), then waits
+    /// until the log says "palisade is running" more than `running_before` times.
+    fn spawn_and_wait_running(&mut self, running_before: usize) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).expect("daemon log");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(self.work.join("daemon.out")).expect("daemon stdout");
         let mut command = Command::new(PALISADE);
         command
-            .arg("run")
-            .arg("--inventory")
-            .arg(&guard.inventory_path)
-            .arg("--rules")
-            .arg(&options.rules)
-            .arg("--policies")
-            .arg(&guard.policies_dir)
-            .arg("--state-dir")
-            .arg(&guard.state_dir)
-            .arg("--pin-dir")
-            .arg(&guard.pin_dir)
-            .arg("--lab")
-            .arg("--lab-name")
-            .arg(&guard.lab_name)
+            .args(&self.command_line)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -159,39 +193,51 @@ impl DaemonGuard {
             // Its own process group: a Ctrl-C in the terminal running the tests reaches the
             // test, which then stops the daemon itself.
             .process_group(0);
-        // Every occurrence its own alert line (unless the test sets a window): scenario checks
-        // look for one particular event, which a burst follow-up would only count.
-        if !options.args.iter().any(|a| a == "--alerts-aggregate-window") {
-            command.args(["--alerts-aggregate-window", "0"]);
-        }
-        // Parallel daemons must not fight over the metrics port: off unless the test gives one.
-        if !options.args.iter().any(|a| a == "--metrics-addr") {
-            command.arg("--no-metrics");
-        }
-        command.args(&options.args);
-        if let Some(record) = &guard.record_path {
-            command.arg("--record").arg(record);
-        }
-        let child = command.spawn().unwrap_or_else(|e| panic!("{}: starting {PALISADE} run: {e}", guard.test));
-        guard.child = Some(child);
+        let child = command.spawn().unwrap_or_else(|e| panic!("{}: starting {PALISADE} run: {e}", self.test));
+        self.child = Some(child);
 
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if guard.log().contains("palisade is running") {
+            if self.log().matches("palisade is running").count() > running_before {
                 break;
             }
-            if let Some(status) = guard.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("{}: palisade run exited ({status}) before it was running:\n{}", guard.test, guard.log());
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("{}: palisade run exited ({status}) before it was running:\n{}", self.test, self.log());
             }
             if Instant::now() > deadline {
-                panic!("{}: palisade run not running after 90 s:\n{}", guard.test, guard.log());
+                panic!("{}: palisade run not running after 90 s:\n{}", self.test, self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let lab = palisade::lab::Lab::open(&guard.lab_name, Path::new(palisade::lab::DEFAULT_STATE_DIR))
-            .unwrap_or_else(|e| panic!("{}: opening lab {}: {e}", guard.test, guard.lab_name));
-        guard.lab = Some(lab);
-        guard
+    }
+
+    /// The running daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILLs the daemon (no clean-up of its own runs) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again (after [`kill`] or [`stop`]) with the same directories, lab and
+    /// arguments, and waits until it is running.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{}: restart while the daemon runs", self.test);
+        let running_before = self.log().matches("palisade is running").count();
+        self.spawn_and_wait_running(running_before);
+        self.refresh_lab();
+    }
+
+    /// Re-reads the lab's state file (after pods were added or removed).
+    pub fn refresh_lab(&mut self) {
+        let lab = palisade::lab::Lab::open(&self.lab_name, Path::new(palisade::lab::DEFAULT_STATE_DIR))
+            .unwrap_or_else(|e| panic!("{}: opening lab {}: {e}", self.test, self.lab_name));
+        self.lab = Some(lab);
     }
 
     /// The inventory text with each endpoint's cgroup made unique to this lab.

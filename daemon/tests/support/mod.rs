@@ -9,6 +9,7 @@ pub mod kube_standin;
 pub mod netpol;
 pub mod probes;
 pub mod rule_pack;
+pub mod soak;
 pub mod tls;
 
 use std::path::PathBuf;
