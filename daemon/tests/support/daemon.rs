@@ -90,6 +90,9 @@ pub struct DaemonGuard {
     pub scratch: PathBuf,
     pub record_path: Option<PathBuf>,
     pub log_path: PathBuf,
+    /// Keep `work` (the daemon's log included) when dropped, as after a panic: set by a caller
+    /// that reports a failure without panicking (the soak bench).
+    pub keep_work: bool,
     /// `palisade run`'s arguments (kept for [`DaemonGuard::restart`]).
     command_line: Vec<std::ffi::OsString>,
     child: Option<Child>,
@@ -128,6 +131,7 @@ impl DaemonGuard {
             scratch,
             record_path,
             log_path,
+            keep_work: false,
             command_line: Vec::new(),
             child: None,
             lab: None,
@@ -209,11 +213,6 @@ impl DaemonGuard {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-
-    /// The running daemon's pid.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILLs the daemon (no clean-up of its own runs) and reaps it.
@@ -374,12 +373,12 @@ impl DaemonGuard {
         std::fs::rename(&staged, path).unwrap_or_else(|e| panic!("rename into {}: {e}", path.display()));
     }
 
-    /// Stops the daemon now (SIGINT, SIGKILL after 10 s); returns whether it exited by itself.
-    /// The daemon's process id (None once stopped).
+    /// The daemon's process id (None once stopped or killed).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Stops the daemon now (SIGINT, SIGKILL after 10 s); returns whether it exited by itself.
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else { return true };
         // SAFETY: signalling our own child by its pid.
@@ -422,6 +421,8 @@ impl Drop for DaemonGuard {
                 self.work.display(),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
+        } else if self.keep_work {
+            eprintln!("{}: daemon work directory kept at {}", self.test, self.work.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.work);
         }

@@ -129,6 +129,9 @@ struct Sample {
     life: usize,
     rss_kib: u64,
     fds: usize,
+    /// The process cache (`events.process_cache` in status): entries and bytes, None when the
+    /// status call failed.
+    cache: Option<(u64, u64)>,
 }
 
 struct LifeFigures {
@@ -225,12 +228,23 @@ fn cli(daemon: &DaemonGuard, args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The RSS and fds of a quiet daemon (load stopped): first waits out the pipeline's idle trim
+/// (`palisade::memory`: after a burst, freed pages go back to the system once no event came for
+/// `TRIM_INTERVAL`), so what is compared is memory in use, not the allocator's high-water mark.
+fn quiet_sample(daemon: &DaemonGuard, start: Instant, life: usize) -> Option<Sample> {
+    std::thread::sleep(palisade::memory::TRIM_INTERVAL * 2 + Duration::from_millis(500));
+    sample(daemon, start, life)
+}
+
 fn sample(daemon: &DaemonGuard, start: Instant, life: usize) -> Option<Sample> {
     let pid = daemon.pid()?;
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib = text.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
-    Some(Sample { at: start.elapsed(), life, rss_kib, fds })
+    let s = status(daemon);
+    let cache = &s["events"]["process_cache"];
+    let cache = cache["entries"].as_u64().zip(cache["bytes"].as_u64());
+    Some(Sample { at: start.elapsed(), life, rss_kib, fds, cache })
 }
 
 /// Every cgroup id on the host (a directory's inode number is its cgroup id).
@@ -396,7 +410,8 @@ impl Soak {
         let deadline = Instant::now() + CHANGE_TIMEOUT;
         while self.rules_generation() <= before {
             if Instant::now() > deadline {
-                self.fail(format!("life {}: the rule pack did not reload within {CHANGE_TIMEOUT:?} (generation {before})", self.life));
+                let last = &status(&self.daemon)["rules"]["last_reload"];
+                self.fail(format!("life {}: the rule pack did not reload within {CHANGE_TIMEOUT:?} (generation {before}; last reload: {last})", self.life));
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -523,7 +538,7 @@ impl Soak {
         self.stop_load();
         let mut figures = self.settle_counters();
         figures.warm = warm;
-        figures.checkpoint = sample(&self.daemon, self.start, self.life);
+        figures.checkpoint = quiet_sample(&self.daemon, self.start, self.life);
         let f = &figures;
         let broken: Vec<String> = [
             format!("kernel emitted {} records, the reader received {}", f.emitted, f.records),
@@ -673,8 +688,7 @@ pub fn run(name: &str, config: SoakConfig) -> SoakReport {
             // The warm-up sample, taken as the checkpoint is: load stopped, slots filled.
             soak.fill_churn_slots();
             soak.stop_load();
-            std::thread::sleep(Duration::from_secs(2));
-            warm = sample(&soak.daemon, soak.start, soak.life);
+            warm = quiet_sample(&soak.daemon, soak.start, soak.life);
             soak.start_load();
         }
         let remaining = config.duration.saturating_sub(start.elapsed());
@@ -740,13 +754,19 @@ fn report(mut soak: Soak, sinks: &[Pod]) -> SoakReport {
 
     println!();
     println!("RSS and open fds (after warm-up -> at the checkpoint, load stopped, same pods):");
-    println!("| life | warm-up | checkpoint | fds warm-up | fds checkpoint |");
-    println!("|---|---|---|---|---|");
+    println!("| life | warm-up | checkpoint | fds warm-up | fds checkpoint | processes cached warm-up | checkpoint |");
+    println!("|---|---|---|---|---|---|---|");
     for f in &soak.lives {
-        let show = |s: Option<Sample>| s.map(|s| (format!("{} at {:.0} s", mib(s.rss_kib), s.at.as_secs_f64()), s.fds.to_string())).unwrap_or(("-".into(), "-".into()));
-        let (w, wf) = show(f.warm);
-        let (c, cf) = show(f.checkpoint);
-        println!("| {} | {w} | {c} | {wf} | {cf} |", f.life);
+        let show = |s: Option<Sample>| {
+            s.map(|s| {
+                let cache = s.cache.map(|(n, b)| format!("{n} ({})", mib(b / 1024))).unwrap_or_else(|| "-".into());
+                (format!("{} at {:.0} s", mib(s.rss_kib), s.at.as_secs_f64()), s.fds.to_string(), cache)
+            })
+            .unwrap_or(("-".into(), "-".into(), "-".into()))
+        };
+        let (w, wf, wc) = show(f.warm);
+        let (c, cf, cc) = show(f.checkpoint);
+        println!("| {} | {w} | {c} | {wf} | {cf} | {wc} | {cc} |", f.life);
     }
     let checkpoint_fds: Vec<usize> = soak.lives.iter().filter_map(|f| f.checkpoint.map(|s| s.fds)).collect();
     if let (Some(first), Some(max)) = (checkpoint_fds.first(), checkpoint_fds.iter().max()) {
@@ -763,13 +783,14 @@ fn report(mut soak: Soak, sinks: &[Pod]) -> SoakReport {
             soak.fail(format!("RSS at the checkpoints grew across lives: {checkpoint_rss:?} KiB (allowed {allowed})"));
         }
     }
-    println!("RSS over time (one sample a minute):");
+    println!("RSS, fds and the process cache over time (one sample a minute):");
     let mut last_minute = u64::MAX;
     for s in &soak.samples {
         let minute = s.at.as_secs() / 60;
         if minute != last_minute {
             last_minute = minute;
-            println!("  {:5.1} min  life {}  {}  {} fds", s.at.as_secs_f64() / 60.0, s.life, mib(s.rss_kib), s.fds);
+            let cache = s.cache.map(|(n, b)| format!("{n} processes cached ({})", mib(b / 1024))).unwrap_or_default();
+            println!("  {:5.1} min  life {}  {}  {} fds  {cache}", s.at.as_secs_f64() / 60.0, s.life, mib(s.rss_kib), s.fds);
         }
     }
 
@@ -845,12 +866,14 @@ fn report(mut soak: Soak, sinks: &[Pod]) -> SoakReport {
     let stray = stray_cgroups(&soak.daemon.lab_name, &soak.pods);
     println!("left behind at the end: {} link pins of cgroups that are gone, {} cgroups no pod owns", stale.len(), stray.len());
 
-    let _ = std::fs::remove_dir_all(&soak.rules_dir);
     println!();
     if soak.failures.is_empty() {
+        let _ = std::fs::remove_dir_all(&soak.rules_dir);
         println!("soak: every invariant held");
     } else {
-        println!("soak: {} invariants broke:", soak.failures.len());
+        // The daemon's log and the workloads' stay for a look.
+        soak.daemon.keep_work = true;
+        println!("soak: {} invariants broke (rules directory kept at {}):", soak.failures.len(), soak.rules_dir.display());
         for f in &soak.failures {
             println!("  - {f}");
         }
