@@ -19,6 +19,11 @@
 //!    2 ms). Then the agent's CPU over the churn (until every change is in the maps, at most 60 s
 //!    after the last), its RSS before and after, and the bytes it received.
 //!
+//! `BENCH_ROUNDS` (default 1) repeats the churn on the same agent with fresh label values, the
+//! RSS read after each round: growth that stops after the first round is the allocator's high
+//! water mark, growth in every round a leak. `BENCH_AGENT=PATH` runs another build of the agent
+//! (e.g. a copy of the one before a change, for a side-by-side comparison under the same load).
+//!
 //! Run: `sudo cargo bench -p palisade --bench cluster_scale` (a release agent; add `--profile
 //! dev` for a debug one, much slower). `BENCH_PODS=1000,10000,30000` for the largest size
 //! (the stand-in holds the cluster in memory: ~4 GB at 30,000 pods). The machine is shared:
@@ -62,15 +67,16 @@ fn main() {
         .collect();
     let changes = env_usize("BENCH_CHANGES", 1000);
     let churn = Duration::from_secs(env_usize("BENCH_CHURN_SECS", 10) as u64);
-    println!("cluster_scale: agent {PALISADE}");
+    let rounds = env_usize("BENCH_ROUNDS", 1).max(1);
+    println!("cluster_scale: agent {}", agent_binary());
     println!("load before: {}", load());
     let mut rows = Vec::new();
     for pods in sizes {
-        rows.push(run(pods, changes.min(pods), churn));
+        rows.push(run(pods, changes.min(pods), churn, rounds));
     }
     println!();
     println!(
-        "| cluster pods | bytes to running | CPU to source synced | CPU to running | RSS | churn: changes | CPU | CPU per change | RSS before -> after | p50 | p99 | max | not seen | bytes | load |"
+        "| cluster pods | bytes to running | CPU to source synced | CPU to running | RSS | churn: changes | CPU | CPU per change | RSS before -> after (each round) | p50 | p99 | max | not seen | bytes | load |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -224,6 +230,11 @@ fn pod(i: usize) -> Value {
 
 // ---- the agent -----------------------------------------------------------------------------
 
+/// The agent binary: `BENCH_AGENT`, else the one this bench was built with.
+fn agent_binary() -> String {
+    std::env::var("BENCH_AGENT").unwrap_or_else(|_| PALISADE.to_string())
+}
+
 struct Agent {
     child: Child,
     log: PathBuf,
@@ -240,7 +251,7 @@ impl Agent {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/palisade-bench-cluster-{}-{pods}", std::process::id()));
         let _ = std::fs::remove_dir_all(&pin_dir);
         let log = work.join("agent.log");
-        let mut command = Command::new(PALISADE);
+        let mut command = Command::new(agent_binary());
         command
             .args(["run", "--kubernetes", "--node-name", AGENT_NODE, "--no-metrics"])
             .arg("--state-dir")
@@ -256,7 +267,7 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log"));
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command.spawn().unwrap_or_else(|e| panic!("starting {PALISADE} run: {e}"));
+        let child = command.spawn().unwrap_or_else(|e| panic!("starting {} run: {e}", agent_binary()));
         Agent { child, log, pin_dir }
     }
 
@@ -363,7 +374,7 @@ struct Pending {
     sent: Instant,
 }
 
-fn run(pods: usize, changes: usize, churn: Duration) -> String {
+fn run(pods: usize, changes: usize, churn: Duration, rounds: usize) -> String {
     println!("\n== {pods} pods ({NAMESPACES} namespaces, {} policies, {NODES} nodes, none the agent's)", NAMESPACES * POLICIES_PER_NAMESPACE);
     let api = BlockingStandIn::start();
     let generated = Instant::now();
@@ -394,10 +405,44 @@ fn run(pods: usize, changes: usize, churn: Duration) -> String {
         rss_running
     );
 
-    // The churn: distinct pods (7919 is prime, so i * 7919 mod N visits N distinct pods).
     let map = agent.ipcache();
     let first = pod_ip(0);
     assert!(identity_of(&map, first).is_some(), "{first} is not in the agent's SEG_IPCACHE: peers are not in the maps");
+    let figures: Vec<Churn> = (0..rounds).map(|round| churn_round(&agent, &api, pods, changes, churn, round)).collect();
+    drop(agent);
+    let c = &figures[0];
+    let rss_rounds = figures.iter().map(|f| format!("{:.0}", f.rss_after)).collect::<Vec<_>>().join(" -> ");
+    format!(
+        "| {pods} | {} | {cpu_synced:.2} s | {cpu_running:.2} s | {rss_running:.0} MiB | {changes} | {:.2} s | {:.2} ms | {:.0} -> {rss_rounds} MiB | {} | {} | {} | {} | {} | {} |",
+        mb(bytes_running),
+        c.cpu,
+        c.cpu * 1e3 / changes.max(1) as f64,
+        c.rss_before,
+        percentile(&c.latencies, 0.5),
+        percentile(&c.latencies, 0.99),
+        c.latencies.last().map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "-".into()),
+        c.missing,
+        mb(c.bytes),
+        c.load,
+    )
+}
+
+/// What one round of churn cost.
+struct Churn {
+    cpu: f64,
+    rss_before: f64,
+    rss_after: f64,
+    latencies: Vec<Duration>,
+    missing: usize,
+    bytes: u64,
+    load: String,
+}
+
+/// `changes` label changes over `churn`, each on a different pod and to a label set no pod had
+/// before (`round` makes the values differ from the previous rounds').
+fn churn_round(agent: &Agent, api: &BlockingStandIn, pods: usize, changes: usize, churn: Duration, round: usize) -> Churn {
+    // Distinct pods (7919 is prime, so i * 7919 mod N visits N distinct pods).
+    let map = agent.ipcache();
     let pending: Arc<Mutex<Vec<Pending>>> = Arc::new(Mutex::new(Vec::new()));
     let seen: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicBool::new(false));
@@ -443,7 +488,7 @@ fn run(pods: usize, changes: usize, churn: Duration) -> String {
         let spec = pod(i);
         let (ns, name) = (spec["metadata"]["namespace"].as_str().unwrap_or(""), spec["metadata"]["name"].as_str().unwrap_or(""));
         let mut object = api.object(Kind::Pod, ns, name);
-        object["metadata"]["labels"]["rollout"] = json!(format!("r{c}"));
+        object["metadata"]["labels"]["rollout"] = json!(format!("r{round}-{c}"));
         // Registered before the event goes out, so an early arrival is not missed.
         let mut queue = pending.lock().expect("pending");
         api.apply(object);
@@ -464,7 +509,7 @@ fn run(pods: usize, changes: usize, churn: Duration) -> String {
     let mut latencies = seen.lock().expect("seen").clone();
     latencies.sort();
     println!(
-        "churn: {changes} label changes in {:.1} s; agent CPU {:.2} s ({:.2} ms per change); RSS {:.0} -> {:.0} MiB; change-to-map p50 {} p99 {} max {} ({} seen, {missing} not within 60 s); {} received (load {load_churn})",
+        "churn round {round}: {changes} label changes in {:.1} s; agent CPU {:.2} s ({:.2} ms per change); RSS {:.0} -> {:.0} MiB; change-to-map p50 {} p99 {} max {} ({} seen, {missing} not within 60 s); {} received (load {load_churn})",
         churn_took.as_secs_f64(),
         cpu_churn,
         cpu_churn * 1e3 / changes.max(1) as f64,
@@ -476,14 +521,5 @@ fn run(pods: usize, changes: usize, churn: Duration) -> String {
         latencies.len(),
         mb(bytes_churn),
     );
-    drop(agent);
-    format!(
-        "| {pods} | {} | {cpu_synced:.2} s | {cpu_running:.2} s | {rss_running:.0} MiB | {changes} | {cpu_churn:.2} s | {:.2} ms | {rss_before:.0} -> {rss_after:.0} MiB | {} | {} | {} | {missing} | {} | {load_churn} |",
-        mb(bytes_running),
-        cpu_churn * 1e3 / changes.max(1) as f64,
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "-".into()),
-        mb(bytes_churn),
-    )
+    Churn { cpu: cpu_churn, rss_before, rss_after, latencies, missing, bytes: bytes_churn, load: load_churn }
 }

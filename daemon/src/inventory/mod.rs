@@ -254,94 +254,39 @@ impl Inventory {
         Inventory::from_file(file, path)
     }
 
+    /// Validates `file`; the first invalid entry is the error (naming its field).
     pub fn from_file(file: InventoryFile, path: &Path) -> Result<Inventory, InventoryError> {
-        let invalid = |field: String, message: String| InventoryError::Invalid {
-            path: path.to_path_buf(),
-            field,
-            message,
-        };
-        let mut namespaces = BTreeMap::new();
-        for (i, ns) in file.namespaces.iter().enumerate() {
-            validate_dns_label(&ns.name).map_err(|m| invalid(format!("namespaces[{i}].name"), m))?;
-            for (k, v) in &ns.labels {
-                validate_label(k, v).map_err(|m| invalid(format!("namespaces[{i}].labels.{k}"), m))?;
-            }
-            let mut labels = ns.labels.clone();
-            labels.insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
-            if namespaces
-                .insert(ns.name.clone(), Namespace { name: ns.name.clone(), labels })
-                .is_some()
-            {
-                return Err(invalid(format!("namespaces[{i}].name"), format!("duplicate namespace {:?}", ns.name)));
+        let mut validator = Validator::new(path, file.endpoints.len());
+        for (i, ns) in file.namespaces.into_iter().enumerate() {
+            validator.namespace(i, ns)?;
+        }
+        for (i, ep) in file.endpoints.into_iter().enumerate() {
+            validator.endpoint(i, ep)?;
+        }
+        Ok(validator.finish())
+    }
+
+    /// Validates `file` entry by entry: an invalid namespace or endpoint is left out and
+    /// returned with its error, and the rest is kept, as if the rejected entries had never been
+    /// listed (a rejected endpoint reserves neither its name nor an address). One pass: each
+    /// entry is checked once against the entries kept before it, so many entries rejected for
+    /// one shared address cost no more than as many valid ones.
+    pub fn from_file_skipping(file: InventoryFile, path: &Path) -> (Inventory, Vec<SkippedEntry>) {
+        let mut validator = Validator::new(path, file.endpoints.len());
+        let mut skipped = Vec::new();
+        for (i, ns) in file.namespaces.into_iter().enumerate() {
+            let name = ns.name.clone();
+            if let Err(error) = validator.namespace(i, ns) {
+                skipped.push(SkippedEntry { entry: format!("namespace {name}"), error });
             }
         }
-        let mut endpoints = Vec::with_capacity(file.endpoints.len());
-        let mut seen_names = std::collections::BTreeSet::new();
-        let mut seen_ips = BTreeMap::new();
-        let mut seen_cgroups = BTreeMap::new();
-        for (i, ep) in file.endpoints.iter().enumerate() {
-            let at = |field: &str| format!("endpoints[{i}].{field}");
-            validate_dns_label(&ep.namespace).map_err(|m| invalid(at("namespace"), m))?;
-            validate_dns_subdomain(&ep.name).map_err(|m| invalid(at("name"), m))?;
-            if !seen_names.insert((ep.namespace.clone(), ep.name.clone())) {
-                return Err(invalid(at("name"), format!("duplicate endpoint {}/{}", ep.namespace, ep.name)));
+        for (i, ep) in file.endpoints.into_iter().enumerate() {
+            let pod = format!("pod {}/{}", ep.namespace, ep.name);
+            if let Err(error) = validator.endpoint(i, ep) {
+                skipped.push(SkippedEntry { entry: pod, error });
             }
-            for (k, v) in &ep.labels {
-                validate_label(k, v).map_err(|m| invalid(at(&format!("labels.{k}")), m))?;
-            }
-            if let Some(sa) = &ep.service_account {
-                validate_dns_subdomain(sa).map_err(|m| invalid(at("serviceAccount"), m))?;
-            }
-            for (j, ip) in ep.ips.iter().enumerate() {
-                check_endpoint_address(ip).map_err(|m| invalid(at(&format!("ips[{j}]")), m))?;
-                // Canonical form: no two spellings of one address on two pods.
-                if let Some(other) = seen_ips.insert(ip.to_canonical(), format!("{}/{}", ep.namespace, ep.name)) {
-                    return Err(invalid(at(&format!("ips[{j}]")), format!("{ip} is already used by {other}")));
-                }
-            }
-            let mut port_names = std::collections::BTreeSet::new();
-            for (j, port) in ep.ports.iter().enumerate() {
-                if port.port == 0 {
-                    return Err(invalid(at(&format!("ports[{j}].port")), "port must be 1-65535".into()));
-                }
-                if let Some(name) = &port.name {
-                    validate_port_name(name).map_err(|m| invalid(at(&format!("ports[{j}].name")), m))?;
-                    if !port_names.insert(name.clone()) {
-                        return Err(invalid(at(&format!("ports[{j}].name")), format!("duplicate port name {name:?}")));
-                    }
-                }
-            }
-            if ep.peer_only && ep.cgroup.is_some() {
-                return Err(invalid(
-                    at("cgroup"),
-                    "a peer-only endpoint runs elsewhere and has no cgroup on this node".into(),
-                ));
-            }
-            if let Some(cgroup) = &ep.cgroup {
-                let rel = cgroup.trim_start_matches('/');
-                if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-                    return Err(invalid(at("cgroup"), format!("{cgroup:?} is not a cgroup path below the cgroup2 mount")));
-                }
-                if let Some(other) = seen_cgroups.insert(rel.to_string(), format!("{}/{}", ep.namespace, ep.name)) {
-                    return Err(invalid(at("cgroup"), format!("{cgroup:?} is already used by {other}")));
-                }
-            }
-            namespaces.entry(ep.namespace.clone()).or_insert_with(|| Namespace {
-                name: ep.namespace.clone(),
-                labels: Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ep.namespace.clone())]),
-            });
-            endpoints.push(Endpoint {
-                namespace: ep.namespace.clone(),
-                name: ep.name.clone(),
-                labels: ep.labels.clone(),
-                service_account: ep.service_account.clone(),
-                ips: ep.ips.clone(),
-                ports: ep.ports.clone(),
-                cgroup: ep.cgroup.as_ref().map(|c| c.trim_start_matches('/').to_string()),
-                peer_only: ep.peer_only,
-            });
         }
-        Ok(Inventory { namespaces, endpoints })
+        (validator.finish(), skipped)
     }
 
     /// Endpoints that run on this node (not peer-only).
@@ -356,6 +301,158 @@ impl Inventory {
 
     pub fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
         self.namespaces.get(namespace).map(|ns| &ns.labels)
+    }
+}
+
+/// An entry [`Inventory::from_file_skipping`] left out.
+#[derive(Debug)]
+pub struct SkippedEntry {
+    /// `namespace NAME` or `pod NAMESPACE/NAME`.
+    pub entry: String,
+    /// Always [`InventoryError::Invalid`], naming the entry's field.
+    pub error: InventoryError,
+}
+
+impl SkippedEntry {
+    /// The field within the entry (`ips[0]`) and the message, without the entry's index.
+    pub fn reason(&self) -> String {
+        match &self.error {
+            InventoryError::Invalid { field, message, .. } => {
+                let tail = field.split_once("].").map(|(_, tail)| tail).unwrap_or(field);
+                format!("{tail}: {message}")
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Checks entries one at a time against the entries kept before them. An entry is checked
+/// whole before anything of it is recorded, so a rejected one leaves no trace.
+struct Validator<'a> {
+    path: &'a Path,
+    namespaces: BTreeMap<String, Namespace>,
+    endpoints: Vec<Endpoint>,
+    names: std::collections::HashSet<(String, String)>,
+    /// Canonical address -> the pod (`namespace/name`) that has it.
+    ips: std::collections::HashMap<IpAddr, String>,
+    /// cgroup path (without the leading '/') -> the pod that has it.
+    cgroups: std::collections::HashMap<String, String>,
+}
+
+impl<'a> Validator<'a> {
+    fn new(path: &'a Path, endpoints: usize) -> Validator<'a> {
+        Validator {
+            path,
+            namespaces: BTreeMap::new(),
+            endpoints: Vec::with_capacity(endpoints),
+            names: Default::default(),
+            ips: Default::default(),
+            cgroups: Default::default(),
+        }
+    }
+
+    fn invalid(&self, field: String, message: String) -> InventoryError {
+        InventoryError::Invalid { path: self.path.to_path_buf(), field, message }
+    }
+
+    fn namespace(&mut self, i: usize, ns: NamespaceSpec) -> Result<(), InventoryError> {
+        validate_dns_label(&ns.name).map_err(|m| self.invalid(format!("namespaces[{i}].name"), m))?;
+        for (k, v) in &ns.labels {
+            validate_label(k, v).map_err(|m| self.invalid(format!("namespaces[{i}].labels.{k}"), m))?;
+        }
+        if self.namespaces.contains_key(&ns.name) {
+            return Err(self.invalid(format!("namespaces[{i}].name"), format!("duplicate namespace {:?}", ns.name)));
+        }
+        let mut labels = ns.labels;
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
+        self.namespaces.insert(ns.name.clone(), Namespace { name: ns.name, labels });
+        Ok(())
+    }
+
+    fn endpoint(&mut self, i: usize, ep: EndpointSpec) -> Result<(), InventoryError> {
+        let at = |field: &str| format!("endpoints[{i}].{field}");
+        let pod = || format!("{}/{}", ep.namespace, ep.name);
+        validate_dns_label(&ep.namespace).map_err(|m| self.invalid(at("namespace"), m))?;
+        validate_dns_subdomain(&ep.name).map_err(|m| self.invalid(at("name"), m))?;
+        let name = (ep.namespace.clone(), ep.name.clone());
+        if self.names.contains(&name) {
+            return Err(self.invalid(at("name"), format!("duplicate endpoint {}/{}", ep.namespace, ep.name)));
+        }
+        for (k, v) in &ep.labels {
+            validate_label(k, v).map_err(|m| self.invalid(at(&format!("labels.{k}")), m))?;
+        }
+        if let Some(sa) = &ep.service_account {
+            validate_dns_subdomain(sa).map_err(|m| self.invalid(at("serviceAccount"), m))?;
+        }
+        let mut own_ips: Vec<IpAddr> = Vec::with_capacity(ep.ips.len());
+        for (j, ip) in ep.ips.iter().enumerate() {
+            check_endpoint_address(ip).map_err(|m| self.invalid(at(&format!("ips[{j}]")), m))?;
+            // Canonical form: no two spellings of one address on two pods (or twice on one).
+            let canonical = ip.to_canonical();
+            let other = match self.ips.get(&canonical) {
+                Some(other) => Some(other.clone()),
+                None => own_ips.contains(&canonical).then(pod),
+            };
+            if let Some(other) = other {
+                return Err(self.invalid(at(&format!("ips[{j}]")), format!("{ip} is already used by {other}")));
+            }
+            own_ips.push(canonical);
+        }
+        let mut port_names = std::collections::BTreeSet::new();
+        for (j, port) in ep.ports.iter().enumerate() {
+            if port.port == 0 {
+                return Err(self.invalid(at(&format!("ports[{j}].port")), "port must be 1-65535".into()));
+            }
+            if let Some(name) = &port.name {
+                validate_port_name(name).map_err(|m| self.invalid(at(&format!("ports[{j}].name")), m))?;
+                if !port_names.insert(name.clone()) {
+                    return Err(self.invalid(at(&format!("ports[{j}].name")), format!("duplicate port name {name:?}")));
+                }
+            }
+        }
+        if ep.peer_only && ep.cgroup.is_some() {
+            return Err(self.invalid(at("cgroup"), "a peer-only endpoint runs elsewhere and has no cgroup on this node".into()));
+        }
+        let cgroup = match &ep.cgroup {
+            Some(cgroup) => {
+                let rel = cgroup.trim_start_matches('/');
+                if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+                    return Err(self.invalid(at("cgroup"), format!("{cgroup:?} is not a cgroup path below the cgroup2 mount")));
+                }
+                if let Some(other) = self.cgroups.get(rel) {
+                    return Err(self.invalid(at("cgroup"), format!("{cgroup:?} is already used by {other}")));
+                }
+                Some(rel.to_string())
+            }
+            None => None,
+        };
+        // Valid: recorded.
+        for ip in own_ips {
+            self.ips.insert(ip, pod());
+        }
+        if let Some(rel) = &cgroup {
+            self.cgroups.insert(rel.clone(), pod());
+        }
+        self.names.insert(name);
+        self.namespaces.entry(ep.namespace.clone()).or_insert_with(|| Namespace {
+            name: ep.namespace.clone(),
+            labels: Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ep.namespace.clone())]),
+        });
+        self.endpoints.push(Endpoint {
+            namespace: ep.namespace,
+            name: ep.name,
+            labels: ep.labels,
+            service_account: ep.service_account,
+            ips: ep.ips,
+            ports: ep.ports,
+            cgroup,
+            peer_only: ep.peer_only,
+        });
+        Ok(())
+    }
+
+    fn finish(self) -> Inventory {
+        Inventory { namespaces: self.namespaces, endpoints: self.endpoints }
     }
 }
 

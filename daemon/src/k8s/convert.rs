@@ -9,7 +9,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::{Container, Namespace as KubeNamespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy as KubeNetworkPolicy;
 
-use crate::inventory::{EndpointSpec, Inventory, InventoryError, InventoryFile, NamedPort, NamespaceSpec, Protocol};
+use crate::inventory::{EndpointSpec, Inventory, InventoryFile, NamedPort, NamespaceSpec, Protocol};
 use crate::segmentation::policy::{NetworkPolicy, PolicySet};
 
 use super::QUARANTINE_LABEL;
@@ -156,41 +156,13 @@ pub fn namespace_spec(namespace: &KubeNamespace) -> Option<NamespaceSpec> {
 /// Builds the inventory from everything the API reported. The inventory validator is all or
 /// nothing, but one odd pod (say, an IP still held by a pod that is terminating) must not hold
 /// back every other pod's update: an endpoint or namespace the validator rejects is left out and
-/// reported, and the rest is published.
-pub fn build_inventory(mut file: InventoryFile) -> (Inventory, Vec<String>) {
-    let mut rejected = Vec::new();
-    let source = Path::new(INVENTORY_SOURCE);
-    // Each round removes the entry the error names, so this ends after at most one round per entry.
-    for _ in 0..=(file.endpoints.len() + file.namespaces.len()) {
-        match Inventory::from_file(file.clone(), source) {
-            Ok(inventory) => return (inventory, rejected),
-            Err(InventoryError::Invalid { field, message, .. }) => {
-                if let Some(index) = indexed(&field, "endpoints[").filter(|i| *i < file.endpoints.len()) {
-                    let ep = file.endpoints.remove(index);
-                    rejected.push(format!("pod {}/{}: {}: {message}", ep.namespace, ep.name, field_tail(&field)));
-                } else if let Some(index) = indexed(&field, "namespaces[").filter(|i| *i < file.namespaces.len()) {
-                    let ns = file.namespaces.remove(index);
-                    rejected.push(format!("namespace {}: {}: {message}", ns.name, field_tail(&field)));
-                } else {
-                    rejected.push(format!("{field}: {message}; inventory left empty"));
-                    break;
-                }
-            }
-            Err(other) => {
-                rejected.push(format!("{other}; inventory left empty"));
-                break;
-            }
-        }
-    }
-    (Inventory::default(), rejected)
-}
-
-fn indexed(field: &str, prefix: &str) -> Option<usize> {
-    field.strip_prefix(prefix)?.split(']').next()?.parse().ok()
-}
-
-fn field_tail(field: &str) -> &str {
-    field.split_once("].").map(|(_, tail)| tail).unwrap_or(field)
+/// reported (`pod NS/NAME: FIELD: why`), and the rest is published. One pass over the entries
+/// ([`Inventory::from_file_skipping`]): it validated the whole inventory again after each
+/// rejection, quadratic in the pods sharing an address.
+pub fn build_inventory(file: InventoryFile) -> (Inventory, Vec<String>) {
+    let (inventory, skipped) = Inventory::from_file_skipping(file, Path::new(INVENTORY_SOURCE));
+    let rejected = skipped.iter().map(|s| format!("{}: {}", s.entry, s.reason())).collect();
+    (inventory, rejected)
 }
 
 /// One NetworkPolicy from the API through the segmentation parser: serialised back to its
@@ -292,6 +264,61 @@ mod tests {
         assert_eq!(inventory.endpoints.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a", "c"]);
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].starts_with("pod x/b: ips[0]:"), "{rejected:?}");
+    }
+
+    /// Pods that share one address (e.g. an IP reused while its old pod terminates, or pods
+    /// written to collide on purpose): one is kept, every other is left out and named, in one
+    /// pass over the endpoints. Each rejection re-validated everything before (quadratic: with
+    /// 10,000 pods on one address, 10,000 validations of the whole inventory per build).
+    #[test]
+    fn many_pods_sharing_one_address_are_rejected_in_one_pass() {
+        let ep = |name: String, ips: &[&str]| EndpointSpec {
+            namespace: "x".into(),
+            name,
+            labels: Default::default(),
+            service_account: None,
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ports: vec![],
+            cgroup: None,
+            peer_only: true,
+        };
+        const SHARING: usize = 10_000;
+        let mut endpoints: Vec<EndpointSpec> = (0..SHARING).map(|i| ep(format!("p-{i:05}"), &["10.9.0.1"])).collect();
+        endpoints.push(ep("other".into(), &["10.9.0.2"]));
+        let (inventory, rejected) = build_inventory(InventoryFile { namespaces: vec![], endpoints });
+        assert_eq!(inventory.endpoints.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["p-00000", "other"]);
+        assert_eq!(rejected.len(), SHARING - 1);
+        assert!(rejected.iter().all(|r| r.contains(": ips[0]: 10.9.0.1 is already used by x/p-00000")), "{:?}", &rejected[..3]);
+        assert_eq!(rejected[0], "pod x/p-00001: ips[0]: 10.9.0.1 is already used by x/p-00000");
+        assert_eq!(rejected.last().map(String::as_str), Some("pod x/p-09999: ips[0]: 10.9.0.1 is already used by x/p-00000"));
+    }
+
+    /// A rejected pod leaves nothing behind: its name and its addresses before the bad one stay
+    /// free for the pods after it, as if it had never been listed.
+    #[test]
+    fn a_rejected_endpoint_reserves_nothing() {
+        let ep = |name: &str, ips: &[&str]| EndpointSpec {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: Default::default(),
+            service_account: None,
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ports: vec![],
+            cgroup: None,
+            peer_only: true,
+        };
+        let bad_namespace = NamespaceSpec { name: "Not_A_Label".into(), labels: Default::default() };
+        let file = InventoryFile {
+            namespaces: vec![bad_namespace, NamespaceSpec { name: "x".into(), labels: Default::default() }],
+            endpoints: vec![ep("a", &["10.0.0.1", "127.0.0.1"]), ep("b", &["10.0.0.1"]), ep("a", &["10.0.0.2"])],
+        };
+        let (inventory, rejected) = build_inventory(file);
+        let kept: Vec<_> = inventory.endpoints.iter().map(|e| (e.name.as_str(), e.ips[0].to_string())).collect();
+        assert_eq!(kept, [("b", "10.0.0.1".to_string()), ("a", "10.0.0.2".to_string())]);
+        assert_eq!(inventory.namespaces.keys().collect::<Vec<_>>(), ["x"]);
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert!(rejected[0].starts_with("namespace Not_A_Label: name: "), "{rejected:?}");
+        assert!(rejected[1].starts_with("pod x/a: ips[1]: 127.0.0.1 is a loopback address"), "{rejected:?}");
     }
 
     #[test]
