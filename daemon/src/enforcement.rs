@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::maps::{MapData, RingBuf};
 use palisade_common::{CGROUP_ENDPOINT, CGROUP_EXEMPT, CGROUP_PARENT, CgroupValue, MAP_SEG_EVENTS, PolicyVerdictEvent};
@@ -179,7 +180,7 @@ impl Enforcer {
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         host: ProbeHost,
-        inventory: Inventory,
+        inventory: Arc<Inventory>,
         policies: PolicySet,
         policy_report: PolicyReport,
         policy_paths: Vec<PathBuf>,
@@ -254,7 +255,8 @@ impl Enforcer {
         self.apply().await
     }
 
-    pub async fn set_inventory(&mut self, inventory: Inventory) -> Result<SyncStats, EnforcementError> {
+    /// Compiles against a new inventory (shared with the endpoint table: not copied) and syncs.
+    pub async fn set_inventory(&mut self, inventory: Arc<Inventory>) -> Result<SyncStats, EnforcementError> {
         self.segmentation.set_inventory(inventory);
         self.apply().await
     }

@@ -292,6 +292,65 @@ async fn pods_on_other_nodes_are_peer_only_endpoints_and_follow_label_changes() 
     assert_uses_are_declared(&api);
 }
 
+/// Each published inventory says what changed since earlier ones (issue 18: the delta the
+/// segmentation stage takes instead of looking at every peer again): exactly the pods and
+/// namespaces that differ, also a pod that changed only because another one went (an address
+/// freed), and nothing at all for a change no endpoint is made of.
+#[tokio::test]
+async fn each_publication_says_what_changed_since_the_ones_before() {
+    let (api, cgroups) = seeded("changes").await;
+    let source = KubeSource::start(api.client(), config(&cgroups.0)).await.expect("source syncs");
+    let mut inventory = source.inventory();
+    let first = inventory.borrow_and_update().clone();
+    let g1 = first.generation();
+    assert!(g1 > 0, "the Kubernetes source numbers its publications");
+    assert_eq!(first.changes_since(g1).map(|c| c.is_empty()), Some(true));
+    assert_eq!(first.changes_since(g1 + 1), None, "a generation from the future is unknown");
+
+    // A peer's label change: that pod, nothing else.
+    api.apply(pod("shop", "elsewhere", "99999999-2222-4333-8444-555555555555", "node-b", "10.2.0.10", json!({"app": "frontend"})));
+    let inv = wait_until(&mut inventory, "peer relabelled", |inv| {
+        inv.endpoint("shop/elsewhere").is_some_and(|e| e.labels.get("app").is_some_and(|a| a == "frontend"))
+    })
+    .await;
+    let changes = inv.changes_since(g1).expect("the log reaches back");
+    assert_eq!(changes.pods, BTreeSet::from(["shop/elsewhere".to_string()]));
+    assert!(changes.namespaces.is_empty(), "{changes:?}");
+    let g2 = inv.generation();
+
+    // An annotation (nothing a peer is made of) publishes nothing.
+    let mut annotated = api.object(Kind::Pod, "shop", "elsewhere");
+    annotated["metadata"]["annotations"] = json!({"note": "status churn"});
+    api.apply(annotated);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(inventory.borrow().generation(), g2, "an annotation changed the inventory");
+
+    // A peer claiming the local pod's address is left out: no change. When the local pod goes,
+    // the address is free and the peer is published: both pods are in the changes.
+    api.apply(pod("shop", "clash", "eeeeeeee-0000-4000-8000-000000000001", "node-b", "10.1.0.10", json!({"app": "web"})));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(inventory.borrow().endpoint("shop/clash").is_none());
+    let g3 = inventory.borrow().generation();
+    api.delete(Kind::Pod, "shop", "web-1");
+    let inv = wait_until(&mut inventory, "the peer takes the freed address", |inv| inv.endpoint("shop/clash").is_some()).await;
+    let changes = inv.changes_since(g3).expect("the log reaches back");
+    assert_eq!(changes.pods, BTreeSet::from(["shop/clash".to_string(), "shop/web-1".to_string()]));
+
+    // Namespace labels: the namespace, no pod.
+    let g4 = inv.generation();
+    api.apply(namespace("shop", json!({"team": "payments", "kubernetes.io/metadata.name": "shop"})));
+    let inv = wait_until(&mut inventory, "namespace relabelled", |inv| {
+        inv.namespace_labels("shop").and_then(|l| l.get("team")).is_some_and(|t| t == "payments")
+    })
+    .await;
+    let changes = inv.changes_since(g4).expect("the log reaches back");
+    assert_eq!((changes.pods.len(), changes.namespaces.iter().cloned().collect::<Vec<_>>()), (0, vec!["shop".to_string()]));
+    // A consumer that missed publications gets their union.
+    let since_start = inv.changes_since(g1).expect("the log reaches back");
+    assert!(["shop/elsewhere", "shop/clash", "shop/web-1"].iter().all(|p| since_start.pods.contains(*p)), "{since_start:?}");
+    assert!(since_start.namespaces.contains("shop"));
+}
+
 /// Large lists come compressed (issue 18: a 10,000-pod list is ~70 MB of JSON per agent): the
 /// source asks for gzip and reads a gzip-compressed list, as API servers send lists past 128 KiB.
 #[tokio::test]

@@ -23,7 +23,7 @@ pub(super) fn spawn_endpoint_followers(state: Arc<DaemonState>, mut endpoints: t
                     let table = endpoints.borrow_and_update().clone();
                     {
                         let mut enforcer = state.enforcer.lock().await;
-                        if let Err(err) = enforcer.set_inventory(table.inventory().as_ref().clone()).await {
+                        if let Err(err) = enforcer.set_inventory(table.inventory().clone()).await {
                             tracing::error!(%err, "re-segmenting after an endpoint change");
                         }
                         state.quarantine.set_endpoint_ids(enforcer.compiled().endpoints.values().map(|ep| (ep.pod_key(), ep.endpoint_id())));

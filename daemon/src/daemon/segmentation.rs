@@ -151,7 +151,7 @@ impl SegmentationStage {
         cgroup_root: &Path,
         metrics: &crate::metrics::Metrics,
     ) -> anyhow::Result<SegmentationStage> {
-        let inventory = table.inventory().as_ref().clone();
+        let inventory = table.inventory().clone();
         let (initial_policies, policy_report) = match policies {
             PolicySource::Dir(dir) => {
                 let loaded = crate::segmentation::PolicySet::load_each(&[dir]);

@@ -37,7 +37,7 @@ pub(super) enum PolicySource {
 
 /// The endpoint and policy sources, kept alive for the daemon's lifetime.
 pub(super) struct Sources {
-    pub(super) inventory_rx: tokio::sync::watch::Receiver<Inventory>,
+    pub(super) inventory_rx: tokio::sync::watch::Receiver<std::sync::Arc<Inventory>>,
     pub(super) policies: PolicySource,
     pub(super) kube: Option<crate::k8s::KubeSource>,
     _inventory_watch: Option<crate::inventory::watch::InventoryWatch>,

@@ -31,8 +31,8 @@ impl EndpointsStage {
     /// Resolves the current inventory now (so every consumer starts from the same table) and
     /// spawns the task that re-resolves on each inventory change and every
     /// [`RESOLVE_INTERVAL`], publishing only a table that differs from the last.
-    pub fn start(mut inventory: watch::Receiver<Inventory>, cgroup_root: PathBuf) -> watch::Receiver<Arc<EndpointTable>> {
-        let first = EndpointTable::resolve(Arc::new(inventory.borrow_and_update().clone()), &cgroup_root);
+    pub fn start(mut inventory: watch::Receiver<Arc<Inventory>>, cgroup_root: PathBuf) -> watch::Receiver<Arc<EndpointTable>> {
+        let first = EndpointTable::resolve(inventory.borrow_and_update().clone(), &cgroup_root);
         for pod in first.unresolved() {
             tracing::warn!(%pod, "endpoint cgroup not found; will retry");
         }
@@ -46,7 +46,7 @@ impl EndpointsStage {
                         if changed.is_err() {
                             return;
                         }
-                        Arc::new(inventory.borrow_and_update().clone())
+                        inventory.borrow_and_update().clone()
                     }
                     _ = retry.tick() => {
                         let current = tx.borrow().clone();
@@ -99,7 +99,7 @@ mod tests {
             Path::new("inv.yaml"),
         )
         .expect("inventory");
-        let (_inventory_tx, inventory_rx) = watch::channel(inventory);
+        let (_inventory_tx, inventory_rx) = watch::channel(Arc::new(inventory));
         let mut tables = EndpointsStage::start(inventory_rx, root.clone());
         assert!(tables.borrow().monitored().is_empty());
         assert_eq!(tables.borrow().unresolved().len(), 1);

@@ -22,9 +22,10 @@
 //!     peerOnly: true
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -213,10 +214,136 @@ impl Endpoint {
 }
 
 /// A validated inventory. Namespaces referenced by endpoints but not listed exist implicitly.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Inventory {
     pub namespaces: BTreeMap<String, Namespace>,
     pub endpoints: Vec<Endpoint>,
+    /// Which publication this is and what changed in the ones before, when the producer
+    /// records it (the Kubernetes source does; a file reload does not). Not part of equality.
+    #[serde(skip)]
+    pub history: Option<Arc<ChangeLog>>,
+}
+
+impl PartialEq for Inventory {
+    /// Same namespaces and endpoints; the history says how it came about, not what it is.
+    fn eq(&self, other: &Inventory) -> bool {
+        self.namespaces == other.namespaces && self.endpoints == other.endpoints
+    }
+}
+
+impl Eq for Inventory {}
+
+/// What changed from one inventory to the next: the consumer's delta (issue 18). Every pod in
+/// `pods` was added, changed (labels, service account, addresses, named ports, cgroup,
+/// placement) or removed: look it up in the new inventory (absent = removed). Everything else
+/// is as it was.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    /// `namespace/name`.
+    pub pods: BTreeSet<String>,
+    /// Namespaces whose labels changed, appeared or went.
+    pub namespaces: BTreeSet<String>,
+}
+
+impl ChangeSet {
+    /// What differs between `before` and `after`, by pod and by namespace: one pass over each.
+    pub fn between(before: &Inventory, after: &Inventory) -> ChangeSet {
+        let mut changes = ChangeSet::default();
+        let old: std::collections::HashMap<(&str, &str), &Endpoint> =
+            before.endpoints.iter().map(|e| ((e.namespace.as_str(), e.name.as_str()), e)).collect();
+        let mut seen = std::collections::HashSet::with_capacity(after.endpoints.len());
+        for ep in &after.endpoints {
+            let key = (ep.namespace.as_str(), ep.name.as_str());
+            seen.insert(key);
+            if old.get(&key).is_none_or(|previous| *previous != ep) {
+                changes.pods.insert(ep.key());
+            }
+        }
+        for (key, ep) in &old {
+            if !seen.contains(key) {
+                changes.pods.insert(ep.key());
+            }
+        }
+        for (name, ns) in &after.namespaces {
+            if before.namespaces.get(name) != Some(ns) {
+                changes.namespaces.insert(name.clone());
+            }
+        }
+        for name in before.namespaces.keys() {
+            if !after.namespaces.contains_key(name) {
+                changes.namespaces.insert(name.clone());
+            }
+        }
+        changes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty() && self.namespaces.is_empty()
+    }
+
+    fn extend(&mut self, other: &ChangeSet) {
+        self.pods.extend(other.pods.iter().cloned());
+        self.namespaces.extend(other.namespaces.iter().cloned());
+    }
+
+    fn len(&self) -> usize {
+        self.pods.len() + self.namespaces.len()
+    }
+}
+
+/// The producer's record of its publications: a generation number per published inventory
+/// and the changes of the last ones, bounded ([`ChangeLog::MAX_ENTRIES`] publications,
+/// [`ChangeLog::MAX_KEYS`] pods and namespaces), so a consumer that missed some publications (a
+/// `watch` channel keeps only the latest) still gets their union, or learns that it must look
+/// at everything.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeLog {
+    generation: u64,
+    /// The oldest generation the log can answer from: `changes_since(g)` for `g >= base`.
+    base: u64,
+    entries: std::collections::VecDeque<(u64, Arc<ChangeSet>)>,
+    keys: usize,
+}
+
+impl ChangeLog {
+    pub const MAX_ENTRIES: usize = 256;
+    pub const MAX_KEYS: usize = 65_536;
+
+    /// A log whose first publication is generation 1.
+    pub fn new() -> ChangeLog {
+        ChangeLog { generation: 1, base: 1, ..ChangeLog::default() }
+    }
+
+    /// Records the next publication's changes and returns its generation.
+    pub fn record(&mut self, changes: ChangeSet) -> u64 {
+        self.generation += 1;
+        self.keys += changes.len();
+        self.entries.push_back((self.generation, Arc::new(changes)));
+        while self.entries.len() > Self::MAX_ENTRIES || (self.keys > Self::MAX_KEYS && self.entries.len() > 1) {
+            if let Some((generation, dropped)) = self.entries.pop_front() {
+                self.keys -= dropped.len();
+                self.base = generation;
+            }
+        }
+        self.generation
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Everything that changed after generation `since` up to this one; `None` when the log
+    /// does not reach back that far (or `since` is from the future): look at everything.
+    pub fn changes_since(&self, since: u64) -> Option<ChangeSet> {
+        if since < self.base || since > self.generation {
+            return None;
+        }
+        let mut union = ChangeSet::default();
+        for (_, changes) in self.entries.iter().filter(|(generation, _)| *generation > since) {
+            union.extend(changes);
+        }
+        Some(union)
+    }
 }
 
 impl Inventory {
@@ -287,6 +414,18 @@ impl Inventory {
             }
         }
         (validator.finish(), skipped)
+    }
+
+    /// The producer's generation of this inventory (0 when it keeps no [`ChangeLog`]).
+    pub fn generation(&self) -> u64 {
+        self.history.as_ref().map_or(0, |log| log.generation())
+    }
+
+    /// What changed since the inventory of generation `since` (pods and namespaces to look at
+    /// again); `None` when unknown: the producer keeps no log (files), or it does not reach
+    /// back that far. A consumer that gets `None` looks at everything.
+    pub fn changes_since(&self, since: u64) -> Option<ChangeSet> {
+        self.history.as_ref()?.changes_since(since)
     }
 
     /// Endpoints that run on this node (not peer-only).
@@ -452,7 +591,7 @@ impl<'a> Validator<'a> {
     }
 
     fn finish(self) -> Inventory {
-        Inventory { namespaces: self.namespaces, endpoints: self.endpoints }
+        Inventory { namespaces: self.namespaces, endpoints: self.endpoints, history: None }
     }
 }
 
@@ -680,6 +819,40 @@ mod tests {
         let inv = Inventory::load(&big).expect("a BOM-prefixed inventory is valid");
         assert!(inv.endpoint("shop/frontend-1").is_some());
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn change_sets_and_the_bounded_log() {
+        let base = Inventory::parse(GOOD, Path::new("inv.yaml")).expect("valid");
+        let relabelled = Inventory::parse(&GOOD.replace("{app: frontend}", "{app: api}"), Path::new("inv.yaml")).expect("valid");
+        let changes = ChangeSet::between(&base, &relabelled);
+        assert_eq!(changes.pods, BTreeSet::from(["shop/frontend-1".to_string()]));
+        assert!(changes.namespaces.is_empty());
+        let empty = Inventory::default();
+        let gone = ChangeSet::between(&base, &empty);
+        assert_eq!((gone.pods.len(), gone.namespaces.len()), (1, 1), "a pod and a namespace that went: {gone:?}");
+        assert!(ChangeSet::between(&base, &base).is_empty());
+        assert_eq!(base, Inventory { history: Some(Arc::new(ChangeLog::new())), ..base.clone() }, "history is not content");
+
+        let mut log = ChangeLog::new();
+        assert_eq!(log.changes_since(1), Some(ChangeSet::default()));
+        let one = |pod: &str| ChangeSet { pods: BTreeSet::from([pod.to_string()]), namespaces: BTreeSet::new() };
+        assert_eq!(log.record(one("x/a")), 2);
+        assert_eq!(log.record(one("x/b")), 3);
+        assert_eq!(log.changes_since(1).map(|c| c.pods.len()), Some(2), "the union of what was missed");
+        assert_eq!(log.changes_since(2).map(|c| c.pods.into_iter().collect::<Vec<_>>()), Some(vec!["x/b".to_string()]));
+        assert_eq!(log.changes_since(0), None, "before the first publication");
+        for i in 0..ChangeLog::MAX_ENTRIES {
+            log.record(one(&format!("x/p{i}")));
+        }
+        assert_eq!(log.changes_since(1), None, "past the log's reach: look at everything");
+        let latest = log.generation();
+        assert_eq!(log.changes_since(latest - 1).map(|c| c.pods.len()), Some(1));
+        // Bounded by keys too: one huge change set leaves only itself.
+        let huge = ChangeSet { pods: (0..ChangeLog::MAX_KEYS + 1).map(|i| format!("x/q{i}")).collect(), namespaces: BTreeSet::new() };
+        let g = log.record(huge);
+        assert_eq!(log.changes_since(g - 1).map(|c| c.pods.len()), Some(ChangeLog::MAX_KEYS + 1));
+        assert_eq!(log.changes_since(g - 2), None);
     }
 
     #[test]

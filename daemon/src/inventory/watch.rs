@@ -36,7 +36,7 @@ pub enum WatchError {
 
 /// A running watch. Dropping it stops watching; receivers then see the channel closed.
 pub struct InventoryWatch {
-    inventory: watch::Receiver<Inventory>,
+    inventory: watch::Receiver<Arc<Inventory>>,
     last_error: watch::Receiver<Option<String>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -52,7 +52,7 @@ impl InventoryWatch {
         let path = path.into();
         let text = read(&path)?;
         let initial = Inventory::parse(&text, &path)?;
-        let (inventory_tx, inventory_rx) = watch::channel(initial);
+        let (inventory_tx, inventory_rx) = watch::channel(Arc::new(initial));
         let (error_tx, error_rx) = watch::channel(None);
         let (event_tx, event_rx) = mpsc::unbounded_channel();
 
@@ -77,13 +77,14 @@ impl InventoryWatch {
         Ok(InventoryWatch { inventory: inventory_rx, last_error: error_rx, task })
     }
 
-    /// A receiver of every new valid inventory (starts at the current one).
-    pub fn subscribe(&self) -> watch::Receiver<Inventory> {
+    /// A receiver of every new valid inventory (starts at the current one), shared: nobody
+    /// copies it.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Inventory>> {
         self.inventory.clone()
     }
 
     /// The current (last good) inventory.
-    pub fn current(&self) -> Inventory {
+    pub fn current(&self) -> Arc<Inventory> {
         self.inventory.borrow().clone()
     }
 
@@ -109,7 +110,7 @@ struct Reloader {
     watcher: Arc<Mutex<notify::RecommendedWatcher>>,
     watched_dirs: Vec<PathBuf>,
     last_text: String,
-    inventory: watch::Sender<Inventory>,
+    inventory: watch::Sender<Arc<Inventory>>,
     last_error: watch::Sender<Option<String>>,
 }
 
@@ -171,10 +172,10 @@ impl Reloader {
                 self.last_error.send_replace(None);
                 let endpoints = inventory.endpoints.len();
                 let changed = self.inventory.send_if_modified(|current| {
-                    if *current == inventory {
+                    if **current == inventory {
                         false
                     } else {
-                        *current = inventory;
+                        *current = Arc::new(inventory);
                         true
                     }
                 });
@@ -228,7 +229,7 @@ mod tests {
         inventory.endpoints.iter().map(|e| e.key()).collect()
     }
 
-    async fn next(rx: &mut watch::Receiver<Inventory>) -> Inventory {
+    async fn next(rx: &mut watch::Receiver<Arc<Inventory>>) -> Arc<Inventory> {
         tokio::time::timeout(Duration::from_secs(5), rx.changed())
             .await
             .expect("no new inventory within 5 s")
@@ -260,7 +261,7 @@ mod tests {
 
         // Editor-style replace with a valid file: published.
         replace(&path, GOOD_B);
-        assert_eq!(names(&next(&mut rx).await), ["shop/b"]);
+        assert_eq!(names(&*next(&mut rx).await), ["shop/b"]);
         assert_eq!(*watch.last_error().borrow(), None);
 
         // Touching without changing publishes nothing.
@@ -288,7 +289,7 @@ mod tests {
         std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
         std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
         std::fs::remove_dir_all(dir.join("..v1")).unwrap();
-        assert_eq!(names(&next(&mut rx).await), ["shop/b"]);
+        assert_eq!(names(&*next(&mut rx).await), ["shop/b"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

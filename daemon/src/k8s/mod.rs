@@ -7,9 +7,11 @@
 //!    waits for the first complete list of pods, namespaces and policies (never publishes a
 //!    half-synced, empty state), then keeps them current.
 //! 2. `source.inventory()` / `source.policies()`: `tokio::sync::watch` receivers of
-//!    [`crate::inventory::Inventory`] and [`crate::segmentation::PolicySet`] — the same types and
-//!    channel kind as the standalone `InventoryWatch`. During an API outage they keep the last
-//!    state (never cleared).
+//!    `Arc<`[`crate::inventory::Inventory`]`>` and [`crate::segmentation::PolicySet`] — the same
+//!    types and channel kind as the standalone `InventoryWatch`. Each inventory carries its
+//!    generation and what changed since earlier ones (`Inventory::changes_since`: the pods and
+//!    namespaces to look at again). During an API outage they keep the last state (never
+//!    cleared).
 //! 3. `source.health()`: a watch receiver of [`SourceHealth`] for `palisade status`.
 //! 4. `source.quarantine_sink()`: a [`KubeQuarantineSink`] (the [`ClusterQuarantineSink`] trait)
 //!    to call after the responder quarantined or released a pod; `source.take_label_removals()`

@@ -45,7 +45,7 @@ use super::cgroup::{CgroupLocator, QosClass};
 use super::convert::{self, PodView};
 use super::peers::PeerStore;
 use super::quarantine::{KubeQuarantineSink, LabelRemoval, OwnLabelChanges};
-use crate::inventory::{Inventory, InventoryFile};
+use crate::inventory::{ChangeLog, ChangeSet, Inventory, InventoryFile};
 use crate::segmentation::policy::{NetworkPolicy, PolicySet};
 
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +258,7 @@ impl Backoff for RetryBackoff {
 pub struct KubeSource {
     client: Client,
     node: String,
-    inventory: watch::Receiver<Inventory>,
+    inventory: watch::Receiver<Arc<Inventory>>,
     policies: watch::Receiver<PolicySet>,
     health: watch::Receiver<SourceHealth>,
     label_removals: Option<mpsc::UnboundedReceiver<LabelRemoval>>,
@@ -369,9 +369,11 @@ impl KubeSource {
             last_good_policies: BTreeMap::new(),
             cgroups: BTreeMap::new(),
             unresolved: BTreeMap::new(),
+            log: ChangeLog::new(),
         };
-        let (inventory, policy_set, report) = builder.build();
-        let (inventory_tx, inventory_rx) = watch::channel(inventory);
+        let (mut inventory, policy_set, report) = builder.build();
+        inventory.history = Some(Arc::new(builder.log.clone()));
+        let (inventory_tx, inventory_rx) = watch::channel(Arc::new(inventory));
         let (policies_tx, policies_rx) = watch::channel(policy_set);
         report.record(&shared, true);
         tracing::info!(
@@ -397,8 +399,10 @@ impl KubeSource {
         })
     }
 
-    /// Every new inventory (starts at the current one).
-    pub fn inventory(&self) -> watch::Receiver<Inventory> {
+    /// Every new inventory (starts at the current one), shared (nobody copies it), each with
+    /// its generation and what changed since the ones before
+    /// ([`Inventory::changes_since`]).
+    pub fn inventory(&self) -> watch::Receiver<Arc<Inventory>> {
         self.inventory.clone()
     }
 
@@ -673,13 +677,26 @@ struct Builder {
     /// Pod UID -> cgroup path, once found (a pod's cgroup does not move).
     cgroups: BTreeMap<String, String>,
     unresolved: BTreeMap<String, Unresolved>,
+    /// The generations published and what changed in each (by pod and namespace).
+    log: ChangeLog,
 }
 
 impl Builder {
+    /// `built` as the next publication after `current`, with its generation and changes; None
+    /// when nothing differs (nothing to publish).
+    fn next_publication(&mut self, current: &Inventory, mut built: Inventory) -> Option<Inventory> {
+        if *current == built {
+            return None;
+        }
+        self.log.record(ChangeSet::between(current, &built));
+        built.history = Some(Arc::new(self.log.clone()));
+        Some(built)
+    }
+
     async fn run(
         mut self,
         shared: Arc<Shared>,
-        inventory_tx: watch::Sender<Inventory>,
+        inventory_tx: watch::Sender<Arc<Inventory>>,
         policies_tx: watch::Sender<PolicySet>,
         debounce: Duration,
         cgroup_retry: Duration,
@@ -697,9 +714,11 @@ impl Builder {
             // Off the runtime's two worker threads: a build copies and validates every peer,
             // and while it ran there the watch tasks could not read the events queued behind
             // it, so each build saw only the few changes that arrived in between.
+            let current = inventory_tx.borrow().clone();
             let built = tokio::task::spawn_blocking(move || {
-                let built = self.build();
-                (self, built)
+                let (inventory, policies, report) = self.build();
+                let inventory = self.next_publication(&current, inventory);
+                (self, (inventory, policies, report))
             })
             .await;
             let (inventory, policies, report) = match built {
@@ -712,7 +731,8 @@ impl Builder {
                 Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
                 Err(_) => return,
             };
-            let inventory_changed = inventory_tx.send_if_modified(|current| replace_if_different(current, inventory));
+            // The builder is the only sender: `current` is still what receivers see.
+            let inventory_changed = inventory.map(|inventory| inventory_tx.send_replace(Arc::new(inventory))).is_some();
             let policies_changed = policies_tx.send_if_modified(|current| replace_if_different(current, policies));
             if inventory_changed || policies_changed {
                 tracing::info!(

@@ -6,6 +6,7 @@
 //! the compiled contents to [`datapath::Datapath::sync`], which applies them as a diff (adds
 //! before removes). [`lookup::lookup`] answers from the same contents with the kernel's logic.
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub mod cli;
 pub mod compile;
@@ -60,19 +61,21 @@ impl PolicyReport {
 #[derive(Debug, Clone, Default)]
 pub struct Segmentation {
     compiler: Compiler,
-    inventory: Inventory,
+    /// Shared with the endpoint table it came from (never copied).
+    inventory: Arc<Inventory>,
     policies: PolicySet,
     compiled: Compiled,
 }
 
 impl Segmentation {
-    pub fn new(inventory: Inventory, policies: PolicySet) -> Segmentation {
+    pub fn new(inventory: impl Into<Arc<Inventory>>, policies: PolicySet) -> Segmentation {
         Segmentation::with_capacity(inventory, policies, Capacity::default())
     }
 
     /// Compiles into at most `capacity` entries per map. A set that does not fit at start is
     /// in force degraded (its pods isolated, the allows that fit): there is no last good set yet.
-    pub fn with_capacity(inventory: Inventory, policies: PolicySet, capacity: Capacity) -> Segmentation {
+    pub fn with_capacity(inventory: impl Into<Arc<Inventory>>, policies: PolicySet, capacity: Capacity) -> Segmentation {
+        let inventory = inventory.into();
         let mut s = Segmentation { compiler: Compiler::with_capacity(capacity), inventory, policies, compiled: Compiled::default() };
         s.recompile();
         s
@@ -122,8 +125,8 @@ impl Segmentation {
         &self.compiled
     }
 
-    pub fn set_inventory(&mut self, inventory: Inventory) -> &Compiled {
-        self.inventory = inventory;
+    pub fn set_inventory(&mut self, inventory: impl Into<Arc<Inventory>>) -> &Compiled {
+        self.inventory = inventory.into();
         self.recompile();
         &self.compiled
     }
