@@ -49,6 +49,20 @@ async fn every_program_attaches_or_names_its_fallback() {
         let status = probes.programs.iter().find(|s| s.program == must).expect(must);
         assert_eq!(status.state, AttachState::Attached, "{must}");
     }
+    // Module syscalls: per-syscall tracepoints where the kernel has them; on a kernel that cannot
+    // load modules, only the entry of every syscall carries a program (the attempt is reported
+    // there with ENOSYS), never the exit of every syscall on the node.
+    let attached = |program: &str| probes.programs.iter().any(|s| s.program == program && s.state == AttachState::Attached);
+    let module_tracepoints = attached("sys_enter_finit_module");
+    let can_load_modules = std::path::Path::new("/proc/modules").exists();
+    match (module_tracepoints, can_load_modules) {
+        (true, _) => assert!(!attached("raw_sys_enter_module") && !attached("raw_sys_exit_module") && !attached("raw_sys_enter_module_attempt")),
+        (false, false) => {
+            assert!(attached("raw_sys_enter_module_attempt"), "{:#?}", probes.programs);
+            assert!(!attached("raw_sys_exit_module") && !attached("raw_sys_enter_module"), "{:#?}", probes.programs);
+        }
+        (false, true) => assert!(attached("raw_sys_enter_module") && attached("raw_sys_exit_module"), "{:#?}", probes.programs),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

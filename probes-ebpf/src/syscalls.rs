@@ -1,7 +1,8 @@
 //! Syscall events. The enter tracepoint applies the filters and stashes the raw arguments per
 //! thread; the exit tracepoint builds the record with the result (user memory is still there).
 //! Module syscalls have no per-syscall tracepoints on kernels without CONFIG_MODULES (this one):
-//! they are caught through raw_syscalls, filtered by syscall number, when that fallback is on.
+//! they are caught through the raw sys_enter tracepoint, filtered by syscall number (with
+//! sys_exit too only where the kernel can load modules, so the result is not known in advance).
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
@@ -491,18 +492,40 @@ fn regs_field(regs: *const u8, offset: usize) -> u64 {
 // process, and the raw form skips building the trace record, which is most of the cost.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn raw_sys_enter_module(ctx: RawTracePointContext) -> i32 {
+    stash_module_call(&ctx);
+    0
+}
+
+/// -ENOSYS: what every module syscall returns on a kernel built without module support.
+const ENOSYS_RET: i64 = -38;
+
+// The fallback where the kernel cannot load modules at all (CONFIG_MODULES off, the reason it
+// has no per-syscall module tracepoints): every module syscall fails with ENOSYS, so the attempt
+// is reported at entry with that result, and no program runs at the exit of every syscall of
+// every process on the node (the user-space loader picks this one or the pair above).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn raw_sys_enter_module_attempt(ctx: RawTracePointContext) -> i32 {
+    if stash_module_call(&ctx) {
+        let _ = emit_module(ENOSYS_RET);
+    }
+    0
+}
+
+/// Stashes the arguments of a module syscall (true), or does nothing for any other (false).
+#[inline(always)]
+fn stash_module_call(ctx: &RawTracePointContext) -> bool {
     // TP_PROTO(struct pt_regs *regs, long id)
     let nr: u64 = ctx.arg(1);
     let op = match nr {
         NR_INIT_MODULE => MODULE_OP_INIT,
         NR_FINIT_MODULE => MODULE_OP_FINIT,
         NR_DELETE_MODULE => MODULE_OP_DELETE,
-        _ => return 0,
+        _ => return false,
     };
     let regs: *const u8 = ctx.arg(0);
     let args = [PT_REGS_DI, PT_REGS_SI, PT_REGS_DX, PT_REGS_R10, PT_REGS_R8, PT_REGS_R9].map(|off| regs_field(regs, off));
     stash_args(KIND_MODULE, op, args);
-    0
+    true
 }
 
 #[raw_tracepoint(tracepoint = "sys_exit")]

@@ -23,6 +23,7 @@ impl ProbesStage {
             try_kprobes: !args.no_kprobes,
             pin_dir: Some(args.pin_dir.clone()),
             budgets: Some(args.budgets),
+            module_fallback: loader::ModuleFallback::Auto,
         };
         let mut probes = loader::load(&options).context("loading the eBPF programs")?;
         probes.attach_all(&options).context("attaching the eBPF programs")?;

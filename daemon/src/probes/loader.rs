@@ -111,8 +111,25 @@ const MODULE_PROGRAMS: &[&str] = &[
     "sys_enter_init_module", "sys_exit_init_module", "sys_enter_finit_module",
     "sys_exit_finit_module", "sys_enter_delete_module", "sys_exit_delete_module",
 ];
-/// Raw tracepoints (program, tracepoint): cheaper than the classic raw_syscalls ones.
+/// Raw tracepoints (program, tracepoint): cheaper than the classic raw_syscalls ones, but they
+/// run at every syscall of every process on the node.
 const MODULE_FALLBACK: [(&str, &str); 2] = [("raw_sys_enter_module", "sys_enter"), ("raw_sys_exit_module", "sys_exit")];
+/// The fallback on a kernel that cannot load modules: the attempt reported at entry with the
+/// ENOSYS every module syscall gets there, so no program runs at every syscall's exit.
+const MODULE_ATTEMPT_FALLBACK: (&str, &str) = ("raw_sys_enter_module_attempt", "sys_enter");
+/// Present when the kernel can load modules (CONFIG_MODULES).
+const PROC_MODULES: &str = "/proc/modules";
+
+/// How module syscalls are watched on a kernel without per-syscall tracepoints for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModuleFallback {
+    /// A kernel without module support: the attempt at entry (result ENOSYS, what the kernel
+    /// returns); a kernel with it: entry and exit (the result as returned).
+    #[default]
+    Auto,
+    /// Entry and exit whatever the kernel (the benchmarks compare the two).
+    EnterAndExit,
+}
 
 /// Kprobes and what stands in for each when kprobes cannot attach.
 const KPROBES: &[(&str, &str, &str)] = &[
@@ -142,11 +159,13 @@ pub struct LoadOptions {
     /// The priority ring and the per-pod budgets; None: every event goes to the one bulk ring
     /// (what a reader of `take_ring_buffer` alone needs).
     pub budgets: Option<EventBudgets>,
+    /// See [`ModuleFallback`].
+    pub module_fallback: ModuleFallback,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { monitor_all: false, try_kprobes: true, pin_dir: None, budgets: None }
+        LoadOptions { monitor_all: false, try_kprobes: true, pin_dir: None, budgets: None, module_fallback: ModuleFallback::Auto }
     }
 }
 
@@ -360,19 +379,31 @@ impl LoadedProbes {
                 self.attach_tracepoint(&tp(p, "syscalls", p));
             }
         } else {
+            let attempts_only =
+                options.module_fallback == ModuleFallback::Auto && !std::path::Path::new(PROC_MODULES).exists();
+            let (reason, by) = if attempts_only {
+                (
+                    "the kernel cannot load modules (no /proc/modules: CONFIG_MODULES off), so it has no module syscall tracepoints",
+                    "raw tracepoint sys_enter filtered by syscall number, reporting each attempt with the ENOSYS it gets",
+                )
+            } else {
+                ("the kernel has no per-syscall tracepoint for module syscalls", "raw tracepoints sys_enter+sys_exit filtered by syscall number")
+            };
             for &p in MODULE_PROGRAMS {
                 self.programs.push(ProgramStatus {
                     program: p.to_string(),
                     kind: "tracepoint",
                     target: format!("syscalls/{p}"),
-                    state: AttachState::FellBack {
-                        reason: "the kernel has no per-syscall tracepoint for module syscalls (CONFIG_MODULES off?)".into(),
-                        by: "raw tracepoints sys_enter+sys_exit filtered by syscall number".into(),
-                    },
+                    state: AttachState::FellBack { reason: reason.into(), by: by.into() },
                 });
             }
-            for (program, tracepoint) in MODULE_FALLBACK {
+            if attempts_only {
+                let (program, tracepoint) = MODULE_ATTEMPT_FALLBACK;
                 self.attach_raw_tracepoint(program, tracepoint);
+            } else {
+                for (program, tracepoint) in MODULE_FALLBACK {
+                    self.attach_raw_tracepoint(program, tracepoint);
+                }
             }
         }
         for &(program, function, stand_in) in KPROBES {
