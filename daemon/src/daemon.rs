@@ -101,6 +101,11 @@ pub struct RunArgs {
     /// This node's name (Kubernetes mode; the DaemonSet passes it from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Kubernetes mode: where the pods of other nodes (policy peers) come from: `pods` watches
+    /// every Pod of the cluster (small clusters), `slices` the PeerSlice records `palisade
+    /// operator` publishes (docs/peer-records.md).
+    #[arg(long, value_enum, default_value_t = crate::k8s::PeerMode::Pods)]
+    pub peers: crate::k8s::PeerMode,
     /// What a policy change does to open connections: `strict` judges each again at its next
     /// packet (those the new policy does not allow stop), `keep` lets them run until they close
     /// or idle out (connection-setup-only semantics).

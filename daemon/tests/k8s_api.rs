@@ -15,7 +15,7 @@ use palisade::inventory::Inventory;
 use palisade::k8s::{
     QuarantineResources, ResourceChange, all_api_uses,
     API_USES, AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents, ClusterQuarantineSink as _, KubeSource,
-    QUARANTINE_LABEL, SourceConfig, SourceHealth,
+    PEER_SLICE_USES, PeerMode, QUARANTINE_LABEL, SourceConfig, SourceHealth,
 };
 use palisade::segmentation::PolicySet;
 use serde_json::{Value, json};
@@ -290,6 +290,91 @@ async fn pods_on_other_nodes_are_peer_only_endpoints_and_follow_label_changes() 
     let cluster_lists = pod_requests(&api, "list", false);
     assert!(!cluster_lists.is_empty() && cluster_lists.iter().all(|r| !r.query.contains_key("labelSelector")));
     assert_uses_are_declared(&api);
+}
+
+fn peer_slice(ns: &str, name: &str, app: &str, peers: &[(&str, &str)]) -> Value {
+    let peers: Vec<Value> = peers.iter().map(|(pod, ip)| json!({"pod": pod, "identity": 1, "ips": [ip]})).collect();
+    json!({
+        "apiVersion": "palisade.io/v1alpha1", "kind": "PeerSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": {"palisade.io/managed-by": "palisade-operator"}},
+        "identities": [{"id": 1, "labels": {"app": app}, "serviceAccount": "web", "namedPorts": ["http=8080/TCP"]}],
+        "peers": peers
+    })
+}
+
+/// `--peers slices` (issue 18, docs/peer-records.md): the peers come from the operator's
+/// PeerSlice records and the agent never lists or watches the cluster's pods; a slice is
+/// applied whole, a refused version keeps the slice's last good content (reported, with the
+/// field), a slice that goes takes its peers with it, and a local pod wins over a slice entry.
+#[tokio::test]
+async fn in_slices_mode_peers_come_from_peer_slices_and_a_refused_slice_keeps_its_last_good_content() {
+    let (api, cgroups) = seeded("slices").await;
+    // Published by the operator: two pods of node-b, and this node's web-1 (slices hold every
+    // pod of their namespace, wherever it runs).
+    api.apply(peer_slice("shop", "shop-a", "frontend", &[("elsewhere", "10.2.0.10"), ("front-2", "10.2.0.11")]));
+    api.apply(peer_slice("shop", "shop-b", "web", &[("web-1", "10.1.0.10")]));
+    let mut config = config(&cgroups.0);
+    config.peers = PeerMode::Slices;
+    let source = KubeSource::start(api.client(), config).await.expect("source syncs");
+    let mut inventory = source.inventory();
+    let mut health = source.health();
+
+    let first = inventory.borrow_and_update().clone();
+    assert_eq!(peer_names(&first), ["shop/elsewhere", "shop/front-2"]);
+    let remote = first.endpoint("shop/elsewhere").expect("from the slice");
+    assert!(remote.peer_only && remote.cgroup.is_none(), "{remote:?}");
+    assert_eq!(remote.labels.get("app").map(String::as_str), Some("frontend"), "the slice's identity, not the pod's labels");
+    assert_eq!(remote.ports[0].name.as_deref(), Some("http"));
+    assert!(!first.endpoint("shop/web-1").expect("the local pod").peer_only, "a local pod wins over its slice entry");
+    let h = health.borrow().clone();
+    assert!(!h.watches.contains_key("cluster-pods"), "{:?}", h.watches.keys());
+    let slices = &h.watches["peerslices"];
+    assert!(slices.synced && slices.connected && slices.objects == 2, "{slices:?}");
+    assert_eq!((h.peers.source, h.peers.slices, h.peers.peers, h.peers.refused_slices), (PeerMode::Slices, 2, 3, 0));
+    assert!(h.peers.last_update.is_some());
+    assert_eq!((h.endpoints, h.peer_endpoints), (3, 2));
+
+    // A label change is one slice rewritten.
+    let generation = first.generation();
+    api.apply(peer_slice("shop", "shop-a", "api", &[("elsewhere", "10.2.0.10"), ("front-2", "10.2.0.11")]));
+    let inv = wait_until(&mut inventory, "relabelled through the slice", |inv| {
+        inv.endpoint("shop/elsewhere").is_some_and(|e| e.labels.get("app").is_some_and(|a| a == "api"))
+    })
+    .await;
+    let changes = inv.changes_since(generation).expect("the source says what changed");
+    assert_eq!(changes.pods.iter().map(String::as_str).collect::<Vec<_>>(), ["shop/elsewhere", "shop/front-2"]);
+
+    // A refused version (a peer naming an identity the slice does not list) changes nothing
+    // the datapath sees and says why, naming the slice and the field.
+    let mut bad = peer_slice("shop", "shop-a", "db", &[("elsewhere", "10.2.0.10")]);
+    bad["peers"][0]["identity"] = json!(7);
+    api.apply(bad);
+    let h = wait_until(&mut health, "refusal reported", |h| h.peers.refused_slices == 1).await;
+    assert!(
+        h.rejected.iter().any(|r| r.starts_with("peerslice shop/shop-a: peers[0].identity: 7 is not an id") && r.contains("previous content stays")),
+        "{:?}",
+        h.rejected
+    );
+    let inv = inventory.borrow().clone();
+    assert_eq!(peer_names(&inv), ["shop/elsewhere", "shop/front-2"]);
+    assert!(inv.endpoint("shop/elsewhere").is_some_and(|e| e.labels["app"] == "api"), "the last good content stays");
+
+    // A slice claiming a local pod's address: the local pod stays, the peer is left out.
+    api.apply(peer_slice("shop", "shop-c", "web", &[("clash", "10.1.0.10")]));
+    let h = wait_until(&mut health, "clash reported", |h| h.rejected.iter().any(|r| r.contains("shop/clash"))).await;
+    assert!(h.rejected.iter().any(|r| r.contains("shop/clash") && r.contains("shop/web-1")), "{:?}", h.rejected);
+
+    // A slice that goes takes its peers with it (narrower, never wider).
+    api.delete(Kind::PeerSlice, "shop", "shop-a");
+    wait_until(&mut inventory, "slice gone", |inv| peer_names(inv).is_empty()).await;
+
+    // The agent never asked for the cluster's pods: only this node's (field selector).
+    assert!(pod_requests(&api, "list", false).is_empty() && pod_requests(&api, "watch", false).is_empty());
+    assert!(!pod_requests(&api, "watch", true).is_empty());
+    let declared: BTreeSet<(String, String, String)> =
+        API_USES.iter().chain(PEER_SLICE_USES).map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+    let undeclared: Vec<_> = api.uses().difference(&declared).cloned().collect();
+    assert!(undeclared.is_empty(), "requests outside API_USES and PEER_SLICE_USES (the RBAC list): {undeclared:?}");
 }
 
 /// Each published inventory says what changed since earlier ones (issue 18: the delta the

@@ -48,7 +48,9 @@ impl Sources {
         if args.kubernetes {
             let node = args.node_name.clone().unwrap_or_else(crate::sys::hostname);
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-            let source = crate::k8s::KubeSource::start(client, crate::k8s::SourceConfig::new(node, cgroup_root))
+            let mut config = crate::k8s::SourceConfig::new(node, cgroup_root);
+            config.peers = args.peers;
+            let source = crate::k8s::KubeSource::start(client, config)
                 .await
                 .context("first sync with the Kubernetes API")?;
             return Ok(Sources {

@@ -27,13 +27,14 @@ pub mod quarantine;
 pub mod peers;
 pub mod plugin;
 pub mod quarantine_resource;
+pub mod slices;
 pub mod source;
 
 pub use cgroup::{CgroupLocator, PodCgroup, QosClass, kubepods_parent};
 pub use events::{AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents};
 pub use quarantine::{ClusterQuarantineSink, KubeQuarantineSink, LabelRemoval, SinkError};
 pub use quarantine_resource::{Quarantine, QuarantineResources, ResourceChange};
-pub use source::{KubeSource, SourceConfig, SourceError, SourceHealth, UnresolvedCgroup, WatchHealth};
+pub use source::{KubeSource, PeerMode, SourceConfig, SourceError, SourceHealth, UnresolvedCgroup, WatchHealth};
 
 /// The label a quarantined pod carries (a view: removing it is tampering, undone by palisade).
 pub const QUARANTINE_LABEL: &str = "palisade.io/quarantined";
@@ -77,7 +78,13 @@ pub const QUARANTINE_RESOURCE_USES: &[(&str, &str, &str)] = &[
     ("palisade.io", "quarantines/status", "patch"),
 ];
 
-/// Everything the agent may send: [`API_USES`] and [`QUARANTINE_RESOURCE_USES`].
+/// What `--peers slices` adds to [`API_USES`] (the source reads the operator's PeerSlice records
+/// instead of every node's pods). Kept apart, as [`QUARANTINE_RESOURCE_USES`] is, so a test of
+/// the default mode can check it used every one of [`API_USES`].
+pub const PEER_SLICE_USES: &[(&str, &str, &str)] = &[("palisade.io", "peerslices", "list"), ("palisade.io", "peerslices", "watch")];
+
+/// Everything the agent may send: [`API_USES`], [`QUARANTINE_RESOURCE_USES`] and
+/// [`PEER_SLICE_USES`].
 pub fn all_api_uses() -> Vec<(&'static str, &'static str, &'static str)> {
-    API_USES.iter().chain(QUARANTINE_RESOURCE_USES).copied().collect()
+    API_USES.iter().chain(QUARANTINE_RESOURCE_USES).chain(PEER_SLICE_USES).copied().collect()
 }

@@ -1,7 +1,9 @@
 //! Watches the API server (kube-runtime watchers feeding reflector stores) and publishes the
 //! node's inventory and the cluster's policy set.
 //!
-//! Pods are watched twice. The node-local watch (field selector `spec.nodeName=<node>`) feeds
+//! Pods are watched twice (with `--peers pods`, the default; with `--peers slices` the
+//! cluster-wide watch is replaced by a watch of the operator's PeerSlice records, [`super::slices`]).
+//! The node-local watch (field selector `spec.nodeName=<node>`) feeds
 //! what this node monitors and enforces: local endpoints with their cgroups, and the quarantine
 //! label bookkeeping. The cluster-wide watch (no field selector) feeds the pods of every other
 //! node as *peer-only* endpoints (namespace, name, labels, service account, IPs, named ports; no
@@ -44,8 +46,9 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::cgroup::{CgroupLocator, QosClass};
 use super::convert::{self, PodView};
 use super::peers::PeerStore;
+use super::slices::{PeerSlice, SliceStore};
 use super::quarantine::{KubeQuarantineSink, LabelRemoval, OwnLabelChanges};
-use crate::inventory::{ChangeLog, ChangeSet, Inventory, InventoryFile};
+use crate::inventory::{ChangeLog, ChangeSet, EndpointSpec, Inventory, InventoryFile};
 use crate::segmentation::policy::{NetworkPolicy, PolicySet};
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,19 @@ pub struct SourceConfig {
     /// pending when the builder wakes is published together, and changes during a build make
     /// exactly one more (a 50 ms wait here added to every change's latency).
     pub debounce: Duration,
+    /// Where the pods of other nodes (policy peers) come from.
+    pub peers: PeerMode,
+}
+
+/// Where an agent learns the pods of other nodes (docs/peer-records.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerMode {
+    /// Watch every Pod of the cluster (small clusters; no operator needed).
+    #[default]
+    Pods,
+    /// Watch the `PeerSlice` records `palisade operator` publishes; no cluster-wide pod watch.
+    Slices,
 }
 
 impl SourceConfig {
@@ -88,6 +104,7 @@ impl SourceConfig {
             backoff_min: Duration::from_millis(800),
             backoff_max: Duration::from_secs(30),
             debounce: Duration::ZERO,
+            peers: PeerMode::Pods,
         }
     }
 }
@@ -108,6 +125,21 @@ pub struct WatchHealth {
     pub relists: u64,
     /// Objects in the store (for `cluster-pods`: the peers kept, pods of other nodes).
     pub objects: usize,
+}
+
+/// `status` `kubernetes.peers`: the source of the peers (pods of other nodes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeersHealth {
+    pub source: PeerMode,
+    /// Slices mode: PeerSlice objects held (refused ones included, with their last good content).
+    pub slices: usize,
+    /// Peer records held (before the inventory's checks).
+    pub peers: usize,
+    /// Slices mode: slices whose current version is refused (each also in `rejected`).
+    pub refused_slices: usize,
+    /// RFC 3339: the last change of the peers held (slices mode). While the operator is away
+    /// this stays put and the agent enforces with what it holds.
+    pub last_update: Option<String>,
 }
 
 /// A pod published without a cgroup (not monitored or segmented by cgroup yet); retried.
@@ -134,6 +166,8 @@ pub struct SourceHealth {
     /// Keyed `pods` (this node's), `cluster-pods` (every node's, for peers), `namespaces`,
     /// `networkpolicies`.
     pub watches: BTreeMap<String, WatchHealth>,
+    /// Where the peers come from and how current they are.
+    pub peers: PeersHealth,
     /// Published endpoints, peer-only ones included.
     pub endpoints: usize,
     /// Of those, peer-only endpoints (pods on other nodes).
@@ -166,6 +200,7 @@ impl SourceHealth {
 
 const PODS: &str = "pods";
 const CLUSTER_PODS: &str = "cluster-pods";
+const PEER_SLICES: &str = "peerslices";
 const NAMESPACES: &str = "namespaces";
 const NETWORK_POLICIES: &str = "networkpolicies";
 
@@ -225,7 +260,7 @@ impl Shared {
     }
 }
 
-fn now_ns() -> i128 {
+pub(super) fn now_ns() -> i128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
 }
 
@@ -287,8 +322,13 @@ impl KubeSource {
         let mut tasks = Vec::new();
 
         let (pods, pod_writer) = reflector::store::<Pod>();
-        // Every other node's pods, slim: never whole Pod objects (see `peers`).
-        let peers = Arc::new(Mutex::new(PeerStore::new(config.node_name.clone())));
+        // Every other node's pods, slim: never whole Pod objects (see `peers`), or the
+        // operator's PeerSlice records (see `slices`).
+        let peers = match config.peers {
+            PeerMode::Pods => Peers::Pods(Arc::new(Mutex::new(PeerStore::new(config.node_name.clone())))),
+            PeerMode::Slices => Peers::Slices(Arc::new(Mutex::new(SliceStore::new()))),
+        };
+        let peers_kind = peers.kind();
         let (namespaces, namespace_writer) = reflector::store::<Namespace>();
         let (policies, policy_writer) = reflector::store::<KubeNetworkPolicy>();
 
@@ -308,16 +348,27 @@ impl KubeSource {
             &config,
             move |event| tracker.observe(event),
         ));
-        // Every node's pods, for peers: no label tracking (quarantines are per node).
-        tasks.push(spawn_watch(
-            CLUSTER_PODS,
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default(),
-            SlimPeers(peers.clone()),
-            shared.clone(),
-            &config,
-            |_| {},
-        ));
+        tasks.push(match &peers {
+            // Every node's pods, for peers: no label tracking (quarantines are per node).
+            Peers::Pods(store) => spawn_watch(
+                CLUSTER_PODS,
+                Api::<Pod>::all(client.clone()),
+                watcher::Config::default(),
+                Locked(store.clone()),
+                shared.clone(),
+                &config,
+                |_| {},
+            ),
+            Peers::Slices(store) => spawn_watch(
+                PEER_SLICES,
+                Api::<PeerSlice>::all(client.clone()),
+                watcher::Config::default(),
+                Locked(store.clone()),
+                shared.clone(),
+                &config,
+                |_| {},
+            ),
+        });
         tasks.push(spawn_watch(
             NAMESPACES,
             Api::<Namespace>::all(client.clone()),
@@ -342,14 +393,14 @@ impl KubeSource {
         let ready = async {
             // A writer is only dropped when its task ends, which cannot happen before abort.
             let _ = pods.wait_until_ready().await;
-            let _ = peers_health.wait_for(|h| h.watches.get(CLUSTER_PODS).is_some_and(|w| w.synced)).await;
+            let _ = peers_health.wait_for(|h| h.watches.get(peers_kind).is_some_and(|w| w.synced)).await;
             let _ = namespaces.wait_until_ready().await;
             let _ = policies.wait_until_ready().await;
         };
         if tokio::time::timeout(config.initial_sync_timeout, ready).await.is_err() {
             abort_all(&tasks);
             let health = shared.health.borrow().clone();
-            let missing: Vec<&str> = [PODS, CLUSTER_PODS, NAMESPACES, NETWORK_POLICIES]
+            let missing: Vec<&str> = [PODS, peers_kind, NAMESPACES, NETWORK_POLICIES]
                 .into_iter()
                 .filter(|k| !health.watches.get(*k).is_some_and(|w| w.synced))
                 .collect();
@@ -477,23 +528,82 @@ where
     }
 }
 
-/// The pods of every other node, kept as peer records: a pod event that changes nothing a peer
-/// is made of (status heartbeats, annotations, pods on this node) wakes no build.
-struct SlimPeers(Arc<Mutex<PeerStore>>);
+/// A store shared with the builder.
+struct Locked<T>(Arc<Mutex<T>>);
 
-impl SlimPeers {
-    fn with<T>(&self, f: impl FnOnce(&mut PeerStore) -> T) -> T {
-        f(&mut self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
-    }
+fn locked<T, R>(store: &Mutex<T>, f: impl FnOnce(&mut T) -> R) -> R {
+    f(&mut store.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
 }
 
-impl WatchSink<Pod> for SlimPeers {
+/// The pods of every other node, kept as peer records: a pod event that changes nothing a peer
+/// is made of (status heartbeats, annotations, pods on this node) wakes no build.
+impl WatchSink<Pod> for Locked<PeerStore> {
     fn apply(&mut self, event: &Event<Pod>) -> bool {
-        self.with(|store| store.apply(event))
+        locked(&self.0, |store| store.apply(event))
     }
 
     fn objects(&self) -> usize {
-        self.with(|store| store.len())
+        locked(&self.0, |store| store.len())
+    }
+}
+
+/// The operator's PeerSlice records, validated as they arrive.
+impl WatchSink<PeerSlice> for Locked<SliceStore> {
+    fn apply(&mut self, event: &Event<PeerSlice>) -> bool {
+        locked(&self.0, |store| store.apply(event))
+    }
+
+    fn objects(&self) -> usize {
+        locked(&self.0, |store| store.slices())
+    }
+}
+
+/// Where the builder takes the peers from (one of the two, as `SourceConfig::peers` says).
+enum Peers {
+    Pods(Arc<Mutex<PeerStore>>),
+    Slices(Arc<Mutex<SliceStore>>),
+}
+
+impl Peers {
+    /// The watch's name in the health.
+    fn kind(&self) -> &'static str {
+        match self {
+            Peers::Pods(_) => CLUSTER_PODS,
+            Peers::Slices(_) => PEER_SLICES,
+        }
+    }
+
+    /// Appends the peers not in `local_keys` to `endpoints`, sorted by key, and what was left
+    /// out of them to `rejected`; returns the health.
+    fn collect(&self, local_keys: &BTreeSet<String>, endpoints: &mut Vec<EndpointSpec>, rejected: &mut Vec<String>) -> PeersHealth {
+        match self {
+            Peers::Pods(store) => locked(store, |peers| {
+                endpoints.reserve(peers.len());
+                for (key, record) in peers.iter().filter(|(key, _)| !local_keys.contains(*key)) {
+                    for note in &record.notes {
+                        rejected.push(format!("peer pod {key}: {note}"));
+                    }
+                    endpoints.push(record.endpoint.clone());
+                }
+                PeersHealth { source: PeerMode::Pods, peers: peers.len(), ..PeersHealth::default() }
+            }),
+            Peers::Slices(store) => locked(store, |slices| {
+                let (records, notes) = slices.records();
+                rejected.extend(notes);
+                rejected.extend(slices.refused().map(|refusal| format!("{refusal}; its previous content stays")));
+                endpoints.reserve(records.len());
+                for (_, record) in records.into_iter().filter(|(key, _)| !local_keys.contains(*key)) {
+                    endpoints.push(record.endpoint.clone());
+                }
+                PeersHealth {
+                    source: PeerMode::Slices,
+                    slices: slices.slices(),
+                    peers: slices.peers(),
+                    refused_slices: slices.refused().count(),
+                    last_update: slices.last_update().map(str::to_string),
+                }
+            }),
+        }
     }
 }
 
@@ -632,6 +742,7 @@ fn pod_key(pod: &Pod) -> String {
 
 /// What one build left out; goes into the health.
 struct BuildReport {
+    peers: PeersHealth,
     rejected: Vec<String>,
     unresolved: Vec<UnresolvedCgroup>,
     endpoints: usize,
@@ -642,6 +753,7 @@ struct BuildReport {
 impl BuildReport {
     fn record(self, shared: &Shared, published: bool) {
         shared.health.send_modify(|health| {
+            health.peers = self.peers;
             health.rejected = self.rejected;
             health.unresolved_cgroups = self.unresolved;
             health.endpoints = self.endpoints;
@@ -667,7 +779,7 @@ struct Builder {
     /// This node's pods (local endpoints).
     pods: Store<Pod>,
     /// Every other node's pods, as peer records (peer-only endpoints).
-    peers: Arc<Mutex<PeerStore>>,
+    peers: Peers,
     namespaces: Store<Namespace>,
     policies: Store<KubeNetworkPolicy>,
     /// Per policy key: the last version the segmentation parser accepted. A policy edited into
@@ -769,16 +881,7 @@ impl Builder {
         // leaves out the later endpoint, so a local pod is never displaced by a peer.
         // The peer store holds only pods scheduled on other nodes, sorted by key; a key also
         // seen here is skipped (a recreated pod's old copy).
-        {
-            let peers = self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            endpoints.reserve(peers.len());
-            for (key, record) in peers.iter().filter(|(key, _)| !local_keys.contains(*key)) {
-                for note in &record.notes {
-                    rejected.push(format!("peer pod {key}: {note}"));
-                }
-                endpoints.push(record.endpoint.clone());
-            }
-        }
+        let peers = self.peers.collect(&local_keys, &mut endpoints, &mut rejected);
         let mut namespaces: Vec<_> = self.namespaces.state().iter().filter_map(|ns| convert::namespace_spec(ns)).collect();
         namespaces.sort_by(|a, b| a.name.cmp(&b.name));
         let (inventory, inventory_rejected) = convert::build_inventory(InventoryFile { namespaces, endpoints });
@@ -823,6 +926,7 @@ impl Builder {
             })
             .collect();
         let report = BuildReport {
+            peers,
             rejected,
             unresolved,
             endpoints: inventory.endpoints.len(),

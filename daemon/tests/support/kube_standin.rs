@@ -35,6 +35,8 @@ pub enum Kind {
     Event,
     /// palisade.io/v1 Quarantine (namespaced, with a status subresource).
     Quarantine,
+    /// palisade.io/v1alpha1 PeerSlice (namespaced; written by `palisade operator`).
+    PeerSlice,
 }
 
 impl Kind {
@@ -45,6 +47,7 @@ impl Kind {
             Some("NetworkPolicy") => Kind::NetworkPolicy,
             Some("Event") => Kind::Event,
             Some("Quarantine") => Kind::Quarantine,
+            Some("PeerSlice") => Kind::PeerSlice,
             other => panic!("stand-in does not serve kind {other:?}"),
         }
     }
@@ -55,6 +58,7 @@ impl Kind {
             Kind::NetworkPolicy => "networkpolicies",
             Kind::Event => "events",
             Kind::Quarantine => "quarantines",
+            Kind::PeerSlice => "peerslices",
         }
     }
     pub fn kind(self) -> &'static str {
@@ -64,12 +68,13 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Event => "Event",
             Kind::Quarantine => "Quarantine",
+            Kind::PeerSlice => "PeerSlice",
         }
     }
     pub fn group(self) -> &'static str {
         match self {
             Kind::NetworkPolicy => "networking.k8s.io",
-            Kind::Quarantine => "palisade.io",
+            Kind::Quarantine | Kind::PeerSlice => "palisade.io",
             _ => "",
         }
     }
@@ -80,12 +85,14 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicyList",
             Kind::Event => "EventList",
             Kind::Quarantine => "QuarantineList",
+            Kind::PeerSlice => "PeerSliceList",
         }
     }
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::Quarantine => "palisade.io/v1",
+            Kind::PeerSlice => "palisade.io/v1alpha1",
             _ => "v1",
         }
     }
@@ -591,6 +598,11 @@ impl StandIn {
             ["apis", "palisade.io", "v1", "quarantines"] => Some((Kind::Quarantine, None, None, None)),
             ["apis", "palisade.io", "v1", "namespaces", ns, "quarantines"] => Some((Kind::Quarantine, Some(*ns), None, None)),
             ["apis", "palisade.io", "v1", "namespaces", ns, "quarantines", name] => Some((Kind::Quarantine, Some(*ns), Some(*name), None)),
+            ["apis", "palisade.io", "v1alpha1", "peerslices"] => Some((Kind::PeerSlice, None, None, None)),
+            ["apis", "palisade.io", "v1alpha1", "namespaces", ns, "peerslices"] => Some((Kind::PeerSlice, Some(*ns), None, None)),
+            ["apis", "palisade.io", "v1alpha1", "namespaces", ns, "peerslices", name] => {
+                Some((Kind::PeerSlice, Some(*ns), Some(*name), None))
+            }
             ["apis", "palisade.io", "v1", "namespaces", ns, "quarantines", name, "status"] => {
                 Some((Kind::Quarantine, Some(*ns), Some(*name), Some("status")))
             }
