@@ -9,13 +9,20 @@
 //! input -> the default rule pack (regorus) -> the responder -> SEG_QUARANTINE update returns.
 //! Then the pod is released for the next cycle.
 //!
-//! The judging alternates cycle by cycle between the two ways the daemon has had (`Judging`):
-//! `pool` (before: the event is queued for the rule pool, a worker evaluates it, the verdict
-//! thread runs the responder) and `inline` (now, for protected events: the pipeline thread
-//! evaluates with its own `LocalEvaluator` and runs the responder itself), so both are compared
-//! in one run under the same load. The state file is written by the background writer (the
-//! daemon's default) throughout. Not in the figures: the alert the daemon builds for the hit
-//! before calling the responder (a few string formats and a copy of the input).
+//! The pipeline thread judges the event itself (`LocalEvaluator`, as the daemon does with
+//! protected events) and runs the responder. The rule input alternates cycle by cycle between
+//! the two ways the daemon has built it (`InputForm`): `json` (before: a serde_json tree from
+//! the typed event, `events::input::to_input_tree`, converted to regorus values by the
+//! session) and `direct` (now: regorus values built straight from the typed event,
+//! `InputBuilder`), so both are compared in one run under the same load. The state file is
+//! written by the background writer (the daemon's default) throughout. Not in the figures: the
+//! alert the daemon builds for the hit (its `id` is taken before the responder runs, its JSON
+//! evidence after).
+//!
+//! `quarantine_latency --role profile FORM N` (no root, no kernel): N judgements of a
+//! synthetic protected dup event in one form, input built and evaluated, nothing else: run
+//! under `valgrind --tool=callgrind` with N and with 0, the difference over N is the exact
+//! instruction count per judged event.
 //!
 //! Figures (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns):
 //! 1. event -> map update returned, over BENCH_CYCLES quarantines (default 1,000), with a
@@ -43,7 +50,7 @@ use std::time::{Duration, Instant};
 use palisade::events::context::EventContext;
 use palisade::events::decode::EventData;
 use palisade::events::enrich::{EndpointIndex, PodRef, ProcCache, enrich};
-use palisade::events::input::{Clock, monotonic_now_ns, to_input};
+use palisade::events::input::{Clock, InputBuilder, monotonic_now_ns, to_input_tree};
 use palisade::events::kind::EventKind;
 use palisade::events::reader::{self, QueueBudget, QueueDrops, Queued, ReaderStats};
 use palisade::inventory::Inventory;
@@ -51,8 +58,8 @@ use palisade::lab::{Lab, LabOptions};
 use palisade::probes::loader::{self, EventBudgets, LoadOptions};
 use palisade::quarantine::datapath::{self, KernelQuarantineMap};
 use palisade::segmentation::datapath::Datapath;
-use palisade::quarantine::{Decision, Outcome, QuarantineService, ResponderConfig, ResponsePolicy, StateWrites, Verdict};
-use palisade::rules::{Action, EvaluatorConfig, LocalEvaluator, PackHandle, RuleEvaluator, RulePack};
+use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, StateWrites, Verdict};
+use palisade::rules::{Action, LocalEvaluator, PackHandle, RulePack, RuleHit};
 use palisade_common::{DatapathConfig, KIND_POLICY_VERDICT, MAP_SEG_CONFIG, MAP_SEG_EVENTS, PolicyVerdictEvent, REASON_QUARANTINE};
 use aya::maps::{Array, MapData, RingBuf};
 
@@ -64,6 +71,7 @@ fn main() {
         match args.get(2).map(String::as_str) {
             Some("trigger") => trigger(),
             Some("sender") => sender(args.get(3).expect("sender: address")),
+            Some("profile") => profile(args.get(3).map(String::as_str), args.get(4).and_then(|n| n.parse().ok()).unwrap_or(1000)),
             Some("selftest") => {
                 selftest(Path::new(&args[3]), args[4].parse().expect("id"), &args[5], args[6].parse().expect("n"))
             }
@@ -253,24 +261,115 @@ struct Sample {
     wakeup: u64,
     /// enrichment (process cache)
     enrich: u64,
-    /// the rule input (serde_json) and the event context
+    /// the rule input (in the cycle's form) and the event context
     input: u64,
-    /// input built -> map update returned: rule evaluation and responder, with the hand-over
-    /// to the pool and the verdict thread in `Pool` mode
+    /// input built -> map update returned: rule evaluation and responder
     judge: u64,
-    /// rule evaluation (inline only: in the pool it is not observable from here)
-    evaluate: Option<u64>,
-    /// responder incl. map update (inline only)
-    respond: Option<u64>,
+    /// rule evaluation (with the JSON form: its conversion to regorus values included)
+    evaluate: u64,
+    /// responder incl. map update
+    respond: u64,
 }
 
-/// Where a protected event is judged and acted on.
+/// How the rule input of the protected event is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Judging {
-    /// Rule pool worker, then the verdict thread runs the responder (before).
-    Pool,
-    /// The pipeline thread evaluates and responds itself (now, for protected events).
-    Inline,
+enum InputForm {
+    /// A serde_json tree, converted to regorus values by the evaluating session (before).
+    Json,
+    /// Regorus values built straight from the typed event (now).
+    Direct,
+}
+
+/// Judges one protected event in `form`: the input built from the typed event, then the rule
+/// pack's verdict (what the pipeline thread does before the responder).
+struct Judge {
+    /// The pack the JSON form evaluates with (its own session, as the pipeline's evaluator had).
+    pack: Arc<RulePack>,
+    local: LocalEvaluator,
+    json_session: palisade::rules::Session,
+    builder: InputBuilder,
+    clock: Clock,
+    node: String,
+}
+
+impl Judge {
+    fn new(pack: Arc<PackHandle>, node: &str) -> Judge {
+        let json_pack = pack.current();
+        let json_session = json_pack.session().expect("session");
+        Judge { local: LocalEvaluator::new(pack), pack: json_pack, json_session, builder: InputBuilder::new(node), clock: Clock::new(), node: node.to_string() }
+    }
+
+    /// The hits, and the time (CLOCK_MONOTONIC) the input was built.
+    fn judge(&mut self, enriched: &palisade::events::enrich::EnrichedEvent, form: InputForm) -> (Vec<RuleHit>, u64) {
+        match form {
+            InputForm::Json => {
+                let input = to_input_tree(enriched, &self.clock, &self.node);
+                let _context = Arc::new(EventContext::of(enriched, &self.clock));
+                let built = monotonic_now_ns();
+                let verdict = self.pack.evaluate_in(&mut self.json_session, &input).expect("evaluate");
+                (verdict.hits, built)
+            }
+            InputForm::Direct => {
+                let input = self.builder.build(enriched, &self.clock);
+                let context = Arc::new(EventContext::of(enriched, &self.clock));
+                let built = monotonic_now_ns();
+                (self.local.evaluate(input, Some(context)).hits.expect("evaluate"), built)
+            }
+        }
+    }
+}
+
+/// A dup2 of a socket onto stderr in pod shop/a, as the trigger role produces it.
+fn synthetic_dup() -> palisade::events::enrich::EnrichedEvent {
+    use palisade::events::decode::{DupData, Event, Header};
+    use palisade::events::enrich::{Ancestor, ProcessDetails, Stdio};
+    let header = Header {
+        ktime_ns: 1,
+        cgroup_id: 7,
+        kind: EventKind::Dup,
+        source: "tracepoint",
+        pid: 4242,
+        tid: 4242,
+        ppid: 4200,
+        uid: 0,
+        gid: 0,
+        euid: 0,
+        egid: 0,
+        comm: "quarantine_late".into(),
+        truncated: false,
+        start_ns: 99,
+    };
+    let process = ProcessDetails {
+        exe: Some("/work/target/release/deps/quarantine_latency".into()),
+        exe_resolved: true,
+        cmdline: vec!["quarantine_latency".into(), "--role".into(), "trigger".into()],
+        cwd: Some("/work".into()),
+        stdio: Stdio { stdin: "pipe", stdout: "pipe", stderr: "socket" },
+        ancestors: vec![Ancestor { pid: 4200, comm: "quarantine_late".into(), exe: Some("/work/target/release/deps/quarantine_latency".into()) }],
+    };
+    palisade::events::enrich::EnrichedEvent {
+        event: Event { header, data: EventData::Dup(DupData { op: "dup2", old_fd: 3, new_fd: 2, flags: 0, result: 2, new_fd_kind: "socket" }) },
+        pod: Some(Arc::new(PodRef { namespace: "shop".into(), name: "a".into(), labels: Default::default(), service_account: None })),
+        process: Arc::new(process),
+    }
+}
+
+/// `--role profile json|direct N`: N judgements of the synthetic dup, for callgrind.
+fn profile(form: Option<&str>, n: usize) {
+    let form = match form {
+        Some("json") => InputForm::Json,
+        Some("direct") => InputForm::Direct,
+        other => panic!("profile: want json or direct, not {other:?}"),
+    };
+    let rules_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let pack = PackHandle::new(RulePack::load(&rules_dir).unwrap_or_else(|e| panic!("rules: {}", e.lines().join("\n"))));
+    let mut judge = Judge::new(pack, "node-1");
+    let event = synthetic_dup();
+    let mut hits = 0;
+    for _ in 0..n {
+        hits += judge.judge(&event, form).0.len();
+    }
+    println!("profile: {n} judgements ({form:?}), {hits} hits");
 }
 
 fn percentiles(mut v: Vec<u64>) -> (u64, u64, u64) {
@@ -370,31 +469,17 @@ fn run(cycles: usize) {
     let mut endpoints = EndpointIndex::default();
     endpoints.insert(a_id, PodRef { namespace: "shop".into(), name: "a".into(), labels: Default::default(), service_account: None });
     let mut cache = ProcCache::new(1024);
-    let clock = Clock::new();
     let node = palisade::sys::hostname();
 
-    // Before: the rule pool and the verdict thread (what the daemon did with protected events
-    // too). After: the pipeline thread judges a protected event itself (`LocalEvaluator`).
+    // The pipeline thread (this one) judges the protected event itself, building the input in
+    // the cycle's form, and runs the responder.
     let service = Arc::new(service);
-    let (evaluator, verdicts) =
-        RuleEvaluator::start(rules.clone(), EvaluatorConfig { workers: 2, ..EvaluatorConfig::default() }).expect("rule workers");
-    let (decisions_tx, decisions) = mpsc::channel::<(Decision, u64)>();
-    {
-        let service = service.clone();
-        std::thread::spawn(move || {
-            for (n, evaluation) in verdicts.into_iter().enumerate() {
-                let hit = evaluation.hits.expect("evaluate").into_iter().find(|h| h.action == Action::Quarantine).expect("a quarantine hit");
-                let decision = service.respond(&Verdict { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-pool-{n}") });
-                let _ = decisions_tx.send((decision, monotonic_now_ns()));
-            }
-        });
-    }
-    let mut local = LocalEvaluator::new(rules.clone());
+    let mut judge = Judge::new(rules.clone(), &node);
 
     let mut trigger = Role::spawn(&lab, "shop/a", &["trigger"]);
 
     // One cycle: trigger, follow the event through the pipeline, return the sample.
-    let mut cycle = |n: usize, mode: Judging, trigger: &mut Role| -> (Sample, u64) {
+    let mut cycle = |n: usize, form: InputForm, trigger: &mut Role| -> (Sample, u64) {
         writeln!(trigger.stdin, "go").expect("trigger");
         trigger.stdin.flush().expect("flush");
         loop {
@@ -412,27 +497,12 @@ fn run(cycles: usize) {
             let ktime = event.header.ktime_ns;
             let enriched = enrich(event, &endpoints, &mut cache);
             let enriched_at = monotonic_now_ns();
-            let input = to_input(&enriched, &clock, &node);
-            let context = Arc::new(EventContext::of(&enriched, &clock));
-            let input_at = monotonic_now_ns();
-            let (decision, evaluated, responded) = match mode {
-                Judging::Inline => {
-                    let evaluation = local.evaluate(input, Some(context));
-                    let hits = evaluation.hits.expect("evaluate");
-                    let Some(hit) = hits.into_iter().find(|h| h.action == Action::Quarantine) else {
-                        panic!("cycle {n}: no quarantine verdict for {}", evaluation.input);
-                    };
-                    let evaluated = monotonic_now_ns();
-                    let decision = service.respond(&Verdict { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-{n}") });
-                    (decision, Some(evaluated), monotonic_now_ns())
-                }
-                Judging::Pool => {
-                    evaluator.submit_with(input, context).expect("submit");
-                    let (decision, responded) = decisions.recv_timeout(Duration::from_secs(5)).expect("a decision from the verdict thread");
-                    (decision, None, responded)
-                }
+            let (hits, input_at) = judge.judge(&enriched, form);
+            let Some(hit) = hits.into_iter().find(|h| h.action == Action::Quarantine) else {
+                panic!("cycle {n}: no quarantine verdict ({form:?})");
             };
-            let _ = responded;
+            let evaluated = monotonic_now_ns();
+            let decision = service.respond(&Verdict { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-{n}") });
             assert_eq!(decision.outcome, Outcome::Quarantined, "cycle {n}: {decision:?}");
             let enforced = decision.enforced_at_ns.expect("enforced_at");
             let sample = Sample {
@@ -441,8 +511,8 @@ fn run(cycles: usize) {
                 enrich: enriched_at - received,
                 input: input_at - enriched_at,
                 judge: enforced - input_at,
-                evaluate: evaluated.map(|e| e - input_at),
-                respond: evaluated.map(|e| enforced - e),
+                evaluate: evaluated - input_at,
+                respond: enforced - evaluated,
             };
             return (sample, ktime);
         }
@@ -450,13 +520,13 @@ fn run(cycles: usize) {
 
     // Warm-up (procfs cache, rule engine, page faults), then phase 1.
     for n in 0..20 {
-        cycle(n, if n % 2 == 0 { Judging::Pool } else { Judging::Inline }, &mut trigger);
+        cycle(n, if n % 2 == 0 { InputForm::Json } else { InputForm::Direct }, &mut trigger);
         service.release("shop/a", "bench", "bench").expect("release");
     }
     // The state file is written by the background writer (the daemon's default) throughout;
-    // the two ways of judging alternate cycle by cycle, so both see the same load.
+    // the two input forms alternate cycle by cycle, so both see the same load.
     service.set_state_writes(StateWrites::Background);
-    let modes = [Judging::Pool, Judging::Inline];
+    let modes = [InputForm::Json, InputForm::Direct];
     let mode_of = |n: usize| modes[n % 2];
     let mut phase1: [Vec<Sample>; 2] = [Vec::with_capacity(cycles), Vec::with_capacity(cycles)];
     let started = Instant::now();
@@ -513,9 +583,9 @@ fn run(cycles: usize) {
     println!("sender loop: one sendto every {} on average in phase 2", us(sender_period_ns) + " µs");
     println!();
     println!("state directory: {} ({})", state_dir.display(), fs_type(&state_root));
-    for (m, name) in [(0, "rule pool + verdict thread (before)"), (1, "inline on the pipeline thread (after)")] {
+    for (m, name) in [(0, "serde_json tree, converted in the evaluation (before)"), (1, "regorus values built directly (after)")] {
         println!();
-        println!("protected event judged by: {name}, {} cycles per phase", phase1[m].len());
+        println!("rule input built as: {name}, {} cycles per phase", phase1[m].len());
         println!();
         println!("| from the offending event's kernel timestamp to ... | n | p50 µs | p99 µs | max µs |");
         println!("|---|---|---|---|---|");
@@ -523,12 +593,9 @@ fn run(cycles: usize) {
         row("  of which: event on the pipeline thread (ring wakeup, reader task, queue)", phase1[m].iter().map(|s| s.wakeup).collect());
         row("  of which: enrichment (process cache)", phase1[m].iter().map(|s| s.enrich).collect());
         row("  of which: rule input and context", phase1[m].iter().map(|s| s.input).collect());
-        row("  of which: judging (hand-over, rule evaluation, responder)", phase1[m].iter().map(|s| s.judge).collect());
-        let inline: Vec<&Sample> = phase1[m].iter().filter(|s| s.evaluate.is_some()).collect();
-        if !inline.is_empty() {
-            row("    rule evaluation (regorus)", inline.iter().filter_map(|s| s.evaluate).collect());
-            row("    responder incl. map update", inline.iter().filter_map(|s| s.respond).collect());
-        }
+        row("  of which: judging (rule evaluation, responder)", phase1[m].iter().map(|s| s.judge).collect());
+        row("    rule evaluation (regorus)", phase1[m].iter().map(|s| s.evaluate).collect());
+        row("    responder incl. map update", phase1[m].iter().map(|s| s.respond).collect());
         row("map update returned (pod sending continuously)", phase2[m].iter().map(|s| s.total).collect());
         row("first dropped packet (datapath drop record, kernel time)", std::mem::take(&mut to_drop_record[m]));
         row("first dropped packet (sender's EPERM)", std::mem::take(&mut to_drop[m]));

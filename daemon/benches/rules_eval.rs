@@ -197,7 +197,7 @@ fn main() {
     // type ("all rules", as before prefilters) and with the rules' prefilters (what the daemon
     // does), twice each, so load changes on a shared machine hit both alike.
     let unfiltered = pack.without_prefilters();
-    let reaching = events.iter().filter(|e| !pack.rules_judging(e).is_empty()).count();
+    let reaching = events.iter().filter(|e| !pack.rules_judging(*e).is_empty()).count();
     let evaluations: usize = events.iter().map(|e| pack.rules_judging(e).len()).sum();
     let evaluations_all: usize = events.iter().map(|e| unfiltered.rules_judging(e).len()).sum();
     println!(
@@ -234,8 +234,8 @@ fn main() {
     }
 
     // The worker pool end to end through its bounded channels, as the daemon configures it
-    // (only evaluations with hits come back), with 1 and 2 workers. The inputs are cloned
-    // before the clock starts: the daemon builds each event's JSON anyway, this measures the pool.
+    // (only evaluations with hits come back), with 1 and 2 workers. The inputs are built
+    // before the clock starts: the daemon builds each event's input anyway, this measures the pool.
     for no_prefilters in [true, false] {
         let what = if no_prefilters { "all rules (before)" } else { "prefilters (after)" };
         let one = pool(&rules_dir, &events, 1, 3, no_prefilters);
@@ -253,7 +253,8 @@ fn pool(rules_dir: &Path, events: &[serde_json::Value], workers: usize, rounds: 
     let handle = PackHandle::new(RulePack::load_with(rules_dir, &options).expect("pack"));
     let (evaluator, results) =
         RuleEvaluator::start(Arc::clone(&handle), EvaluatorConfig { workers, queue: 4096, send_empty: false }).expect("pool");
-    let inputs: Vec<serde_json::Value> = (0..rounds).flat_map(|_| events.iter().cloned()).collect();
+    // As the daemon's pipeline hands them over: regorus values, built before the clock starts.
+    let inputs: Vec<regorus::Value> = (0..rounds).flat_map(|_| events.iter().map(to_rego_value)).collect();
     let total = inputs.len();
     let drain = std::thread::spawn(move || results.iter().count());
     let start = Instant::now();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use palisade::events::enrich::{EndpointIndex, PodRef, ProcCache, enrich};
-use palisade::events::input::{Clock, to_input};
+use palisade::events::input::{Clock, InputBuilder, to_input, to_input_tree};
 use palisade::events::kind::EventKind;
 use serde_json::Value;
 use support::probes::{TestCgroup, collect_until, start};
@@ -84,9 +84,17 @@ async fn produced_inputs_match_the_documented_schema() {
     let mut cache = ProcCache::new(1024);
     let clock = Clock::new();
     let mut checked = BTreeSet::new();
+    // The daemon's builder, kept across events as the pipeline keeps it, against the JSON tree
+    // the input was built as before (the reference): equal on every real event.
+    let mut builder = InputBuilder::new("node");
     for event in events {
         let kind = event.header.kind.as_str();
-        let input = to_input(&enrich(event, &index, &mut cache), &clock, "node");
+        let enriched = enrich(event, &index, &mut cache);
+        let tree = to_input_tree(&enriched, &clock, "node");
+        let built = builder.build(&enriched, &clock);
+        assert_eq!(built, regorus::Value::from_json_str(&tree.to_string()).expect("parses"), "{kind}: the builder differs from {tree}");
+        let input = to_input(&enriched, &clock, "node");
+        assert_eq!(input, tree, "{kind}: the JSON of the built input differs");
         let example = documented.get(kind).unwrap_or_else(|| panic!("rules/README.md has no example for {kind}"));
         let full_kind = full_example["type"].as_str().unwrap_or_default();
         let mut envelope = keys(&input);

@@ -338,13 +338,13 @@ fn the_pipelines_own_evaluator_follows_a_pack_swap_from_the_next_event() {
     std::fs::write(dir.join("good.rego"), GOOD).expect("write");
     let handle = PackHandle::new(RulePack::load(&dir).expect("good pack"));
     let mut local = palisade::rules::LocalEvaluator::new(handle.clone());
-    let first = local.evaluate(good_event(), None);
+    let first = local.evaluate(palisade::rules::to_rego_value(&good_event()), None);
     assert_eq!(first.hits.as_ref().map(Vec::len).ok(), Some(1), "the pack in force alerts: {:?}", first.hits);
     assert_eq!(first.pack_generation, 1);
 
     std::fs::write(dir.join("good.rego"), GOOD.replace("\"/tmp/\"", "\"/nowhere/\"")).expect("rewrite");
     let generation = handle.swap(RulePack::load(&dir).expect("second pack"));
-    let second = local.evaluate(good_event(), None);
+    let second = local.evaluate(palisade::rules::to_rego_value(&good_event()), None);
     assert_eq!(second.pack_generation, generation, "judged by the pack in force, not the one it started with");
     assert_eq!(second.hits.as_ref().map(Vec::len).ok(), Some(0), "the swapped-out rule still judged: {:?}", second.hits);
     let _ = std::fs::remove_dir_all(&dir);

@@ -114,11 +114,11 @@ fn evaluator_pool_evaluates_and_follows_swaps() {
         RuleEvaluator::start(handle.clone(), EvaluatorConfig { workers: 2, queue: 64, send_empty: false })
             .expect("start");
     for _ in 0..10 {
-        evaluator.submit(shadow_open()).expect("submit");
+        evaluator.submit(palisade::rules::to_rego_value(&shadow_open())).expect("submit");
     }
     let mut benign = shadow_open();
     benign["open"]["path"] = "/etc/hosts".into();
-    evaluator.submit(benign).expect("submit");
+    evaluator.submit(palisade::rules::to_rego_value(&benign)).expect("submit");
     for _ in 0..10 {
         let evaluation = results.recv_timeout(Duration::from_secs(10)).expect("result");
         let hits = evaluation.hits.expect("hits");
@@ -130,7 +130,7 @@ fn evaluator_pool_evaluates_and_follows_swaps() {
     std::fs::write(dir.join("shadow.rego"), GOOD_RULE.replace("shadow", "shadow2").replace("/etc/shadow2", "/etc/shadow"))
         .expect("rewrite");
     let generation = handle.swap(RulePack::load(Path::new(&dir)).expect("second pack"));
-    evaluator.submit(shadow_open()).expect("submit");
+    evaluator.submit(palisade::rules::to_rego_value(&shadow_open())).expect("submit");
     let evaluation = results.recv_timeout(Duration::from_secs(10)).expect("result");
     assert_eq!(evaluation.pack_generation, generation);
     assert_eq!(evaluation.hits.expect("hits")[0].rule_id, "shadow2");

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use crate::events::context::EventContext;
 use crate::events::decode::Event;
 use crate::events::enrich::{ProcCache, enrich};
-use crate::events::input::{Clock, to_input};
+use crate::events::input::{Clock, InputBuilder};
 use crate::events::reader::{QueueBudget, Queued};
 use crate::rules::evaluator::RuleEvaluator;
 use crate::status::DaemonState;
@@ -89,6 +89,7 @@ pub(super) fn pipeline(
     evaluator: RuleEvaluator,
 ) {
     let clock = Clock::new();
+    let mut inputs = InputBuilder::new(&state.node);
     let mut cache = ProcCache::with_byte_budget(PROCESS_CACHE_BYTES);
     // The programs are attached: processes from now on are seen by their fork/exec events;
     // the ones that already exist are seeded from /proc, once (never on the event path).
@@ -116,7 +117,7 @@ pub(super) fn pipeline(
                 *stats = cache.stats();
             }
         }
-        let input = to_input(&enriched, &clock, &state.node);
+        let input = inputs.build(&enriched, &clock);
         if let Some(out) = record.as_mut() {
             let written = serde_json::to_writer(&mut *out, &input).map_err(std::io::Error::other).and_then(|()| out.write_all(b"\n"));
             // Flush when idle so a reader of the file sees events promptly.

@@ -48,12 +48,23 @@ pub(super) fn report_rule_failure(
 
 /// Turns one rule hit into its alert, after the responder decided what to do about it (the map
 /// update, if any, has returned before the alert is written: alerts and enforcement agree).
-pub(super) fn respond(state: &DaemonState, hit: crate::rules::model::RuleHit, context: &EventContext, input: &serde_json::Value) {
-    let alert = Alert::for_rule_hit(&hit, &state.node, context, input);
-    let alerts = match context.pod.as_deref() {
-        Some(pod) => {
-            let verdict = Verdict { hit, namespace: pod.namespace.clone(), name: pod.name.clone(), alert_id: alert.id.clone() };
-            let decision = state.quarantine.respond(&verdict);
+/// The event's JSON (the alert's evidence, `evidence`: made once per event, for its first hit)
+/// is made after the responder acted, so it is not on the way to the map update.
+pub(super) fn respond(
+    state: &DaemonState,
+    hit: crate::rules::model::RuleHit,
+    context: &EventContext,
+    input: &regorus::Value,
+    evidence: &mut Option<serde_json::Value>,
+) {
+    let mut alert = Alert::for_rule_hit(&hit, &state.node, context, &serde_json::Value::Null);
+    let decision = context.pod.as_deref().map(|pod| {
+        let verdict = Verdict { hit, namespace: pod.namespace.clone(), name: pod.name.clone(), alert_id: alert.id.clone() };
+        state.quarantine.respond(&verdict)
+    });
+    alert.event = Some(evidence.get_or_insert_with(|| crate::rules::input::to_json(input)).clone());
+    let alerts = match decision {
+        Some(decision) => {
             if decision.outcome == crate::quarantine::Outcome::Quarantined {
                 state.metrics.record_quarantine();
             }
@@ -99,8 +110,9 @@ pub(super) fn act_on(state: &DaemonState, failure_alerts: &mut crate::rules::fai
     match evaluation.hits {
         Ok(hits) => {
             state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut evidence = None;
             for hit in hits {
-                respond(state, hit, context, &evaluation.input);
+                respond(state, hit, context, &evaluation.input, &mut evidence);
             }
         }
         Err(err) => {

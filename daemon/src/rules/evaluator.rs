@@ -58,7 +58,9 @@ impl PackHandle {
 /// The outcome of one event: the hits (or why it could not be evaluated), with the event.
 #[derive(Debug)]
 pub struct Evaluation {
-    pub input: serde_json::Value,
+    /// The event's input as the engine took it (JSON of it only for the alerts of hits:
+    /// `rules::input::to_json`).
+    pub input: regorus::Value,
     /// The event's typed context, as submitted (`submit_with`): the responder and the alert
     /// builder read the pod and process from it, not back out of `input`.
     pub context: Option<Arc<EventContext>>,
@@ -87,7 +89,7 @@ impl Default for EvaluatorConfig {
 }
 
 /// One queued event: its input and, from the daemon's pipeline, its typed context.
-type Job = (serde_json::Value, Option<Arc<EventContext>>);
+type Job = (regorus::Value, Option<Arc<EventContext>>);
 
 /// N threads, each with its own engine session, fed through one bounded queue. Results go to
 /// the sink given at start (`RuleEvaluator::start` makes it a channel).
@@ -155,22 +157,23 @@ impl RuleEvaluator {
         Ok(RuleEvaluator { jobs: Some(jobs_tx), workers })
     }
 
-    /// Queues an event, waiting while the queue is full.
-    pub fn submit(&self, input: serde_json::Value) -> Result<(), RulesError> {
+    /// Queues an event's input (`rules::to_rego_value` of a JSON one), waiting while the queue
+    /// is full.
+    pub fn submit(&self, input: regorus::Value) -> Result<(), RulesError> {
         let jobs = self.jobs.as_ref().ok_or(RulesError::Closed)?;
         jobs.send((input, None)).map_err(|_| RulesError::Closed)
     }
 
     /// [`RuleEvaluator::submit`] with the event's typed context, handed back in its
     /// [`Evaluation`].
-    pub fn submit_with(&self, input: serde_json::Value, context: Arc<EventContext>) -> Result<(), RulesError> {
+    pub fn submit_with(&self, input: regorus::Value, context: Arc<EventContext>) -> Result<(), RulesError> {
         let jobs = self.jobs.as_ref().ok_or(RulesError::Closed)?;
         jobs.send((input, Some(context))).map_err(|_| RulesError::Closed)
     }
 
     /// Queues an event if there is room; gives it back when the queue is full, so the caller
     /// can count the drop.
-    pub fn try_submit(&self, input: serde_json::Value) -> Result<(), (serde_json::Value, RulesError)> {
+    pub fn try_submit(&self, input: regorus::Value) -> Result<(), (regorus::Value, RulesError)> {
         let Some(jobs) = self.jobs.as_ref() else {
             return Err((input, RulesError::Closed));
         };
@@ -232,7 +235,7 @@ impl LocalEvaluator {
     }
 
     /// The evaluation of one event by the pack in force, as a pool worker would send it.
-    pub fn evaluate(&mut self, input: serde_json::Value, context: Option<Arc<EventContext>>) -> Evaluation {
+    pub fn evaluate(&mut self, input: regorus::Value, context: Option<Arc<EventContext>>) -> Evaluation {
         // One atomic load per event; the session is rebuilt only when a new pack is in force.
         if self.pack.generation() != self.handle.generation() {
             self.pack = self.handle.current();

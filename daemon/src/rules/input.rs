@@ -1,18 +1,21 @@
-//! The event `input` as a regorus value, built by walking the serde_json tree (no JSON text in
-//! between: printing and re-parsing every event would cost more than evaluating most rules).
+//! The event `input` as the engine takes it. The daemon builds it as a regorus value directly
+//! (`events::input::InputBuilder`); fixtures, replays and tools hold JSON, converted here by
+//! walking the serde_json tree (no JSON text in between: printing and re-parsing every event
+//! would cost more than evaluating most rules). [`EventInput`] is what both forms offer the
+//! engine: the fields prefilters read, the event type, the regorus value.
 //!
-//! The conversion is part of every evaluation, so it avoids allocations where it can: field
-//! names and the small vocabulary of enum-like values (event types, fd kinds, ops, families) are
-//! shared, reference-counted strings made once per process; and an [`InputConverter`] kept by
-//! each evaluating session reuses the converted `pod` and `process.ancestors` while they stay
-//! the same from one event to the next (consecutive events mostly come from the same pod and
-//! process tree). The result is always equal to a fresh conversion.
+//! The JSON conversion avoids allocations where it can: field names and the small vocabulary of
+//! enum-like values are shared strings (`events::value::shared_string`); and an
+//! [`InputConverter`] kept by each evaluating session reuses the converted `pod` and
+//! `process.ancestors` while they stay the same from one event to the next (consecutive events
+//! mostly come from the same pod and process tree). The result is always equal to a fresh
+//! conversion.
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 
 use regorus::Value;
 
 use super::model::EventType;
+use crate::events::value::shared_string as string;
 
 /// Converts one serde_json value into the equivalent regorus value.
 pub fn to_rego_value(json: &serde_json::Value) -> Value {
@@ -77,80 +80,6 @@ fn reuse(slot: &mut Option<(serde_json::Value, Value)>, json: &serde_json::Value
     value
 }
 
-/// Field names of the input schema and the enum-like values events carry. A string equal to
-/// one of them shares one allocation instead of getting its own.
-const WORDS: &[&str] = &[
-    "BPF_MAP_CREATE", "BPF_PROG_LOAD", "CLONE_NEWCGROUP", "CLONE_NEWIPC", "CLONE_NEWNET",
-    "CLONE_NEWNS", "CLONE_NEWPID", "CLONE_NEWUSER", "CLONE_NEWUTS", "O_APPEND", "O_CLOEXEC",
-    "O_CREAT", "O_NONBLOCK", "O_RDONLY", "O_RDWR", "O_TRUNC", "O_WRONLY", "PTRACE_ATTACH",
-    "PTRACE_SEIZE", "addr", "address", "ancestors", "argc", "args", "argv", "at_flags", "bpf",
-    "cap_effective", "cap_inheritable", "cap_permitted", "capset", "cgroup_id", "child_pid",
-    "chmod", "cmd", "cmd_name", "cmdline", "comm", "commit_creds", "connect", "create", "cred",
-    "cwd", "delete_module", "dirfd", "dup", "dup2", "dup3", "egid", "euid", "exe", "exec", "exit",
-    "exit_code", "family", "fchmod", "fchmodat", "fd", "file", "fileless", "filename",
-    "finit_module", "flags", "flags_names", "fork", "fstype", "ftruncate", "gid", "inet", "inet6", "init_module",
-    "kprobe", "ktime_ns", "labels", "len", "memfd", "mode", "module", "mount", "name", "namespace",
-    "new_fd", "new_fd_kind", "new_path", "node", "null", "old_fd", "old_path", "op", "open",
-    "openat", "openat2", "other", "parent_pid", "path", "pid", "pipe", "pod", "port", "ppid",
-    "process", "ptrace", "rename", "renameat", "renameat2", "request", "request_name", "result",
-    "rmdir", "service_account", "setgid", "setns", "setregid", "setresgid", "setresuid", "setreuid", "setuid",
-    "size", "socket", "source", "stderr", "stdin", "stdio", "stdout", "target", "target_pid", "tid",
-    "time", "tracepoint", "truncate", "truncated", "tty", "type", "uid", "umount", "unix",
-    "unix_path", "unknown", "unlink", "unlinkat", "unshare", "via_execveat", "write",
-];
-
-/// The shared words, in an open-addressing table keyed by an FNV-1a hash: a lookup is one short
-/// hash and usually one comparison, cheaper than the allocation it saves.
-struct Words {
-    slots: Vec<Option<(&'static str, Value)>>,
-}
-
-const WORD_SLOTS: usize = 512;
-
-fn hash(s: &str) -> usize {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in s.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
-    h as usize & (WORD_SLOTS - 1)
-}
-
-fn words() -> &'static Words {
-    static SHARED: OnceLock<Words> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        let mut slots: Vec<Option<(&'static str, Value)>> = vec![None; WORD_SLOTS];
-        for word in WORDS {
-            let mut i = hash(word);
-            loop {
-                match &slots[i] {
-                    None => {
-                        slots[i] = Some((word, Value::String((*word).into())));
-                        break;
-                    }
-                    Some((w, _)) if w == word => break,
-                    Some(_) => i = (i + 1) & (WORD_SLOTS - 1),
-                }
-            }
-        }
-        Words { slots }
-    })
-}
-
-/// A regorus string, shared when it is one of the common words.
-fn string(s: &str) -> Value {
-    if s.len() <= 16 {
-        let slots = &words().slots;
-        let mut i = hash(s);
-        while let Some((word, value)) = &slots[i] {
-            if *word == s {
-                return value.clone();
-            }
-            i = (i + 1) & (WORD_SLOTS - 1);
-        }
-    }
-    Value::String(s.into())
-}
-
 fn number(n: &serde_json::Number) -> Value {
     if let Some(i) = n.as_i64() {
         Value::from(i)
@@ -174,6 +103,135 @@ pub fn event_type(input: &serde_json::Value) -> Result<EventType, String> {
         .and_then(serde_json::Value::as_str)
         .ok_or_else(|| "event has no string field \"type\"".to_string())?;
     raw.parse::<EventType>().map_err(|e| e.to_string())
+}
+
+/// A key of a prefilter's field path (`"dup.new_fd"` is two): its text, its regorus value
+/// (made once, so looking it up in a regorus object allocates nothing) and its array index when
+/// it is a number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldKey {
+    pub name: String,
+    value: Value,
+    index: Option<usize>,
+}
+
+impl FieldKey {
+    pub fn new(name: &str) -> FieldKey {
+        FieldKey { name: name.to_string(), value: string(name), index: name.parse().ok() }
+    }
+}
+
+/// What a prefilter sees of a field: the kinds its tests can judge.
+#[derive(Debug, Clone, Copy)]
+pub enum FieldKind<'a> {
+    Str(&'a str),
+    /// As a float (for equality, as Rego compares 1 and 1.0) and as integer bits (for masks).
+    Number { float: Option<f64>, bits: Option<u64> },
+    Bool(bool),
+    Null,
+    Array,
+    /// Objects, sets, undefined: nothing a test can judge.
+    Other,
+}
+
+/// An event as the rule engine may be given it: the JSON of fixtures, replays and tools, or the
+/// regorus value the daemon builds directly (`events::input::InputBuilder`). Prefilters read
+/// fields through it; evaluation takes it as a regorus value.
+pub trait EventInput {
+    /// The object field (or array element) `key`.
+    fn field(&self, key: &FieldKey) -> Option<&Self>;
+    fn kind(&self) -> FieldKind<'_>;
+    /// The elements when this is an array (none otherwise).
+    fn items(&self) -> impl Iterator<Item = &Self>;
+    /// The event's `type`, which decides the rules it is evaluated against.
+    fn event_type(&self) -> Result<EventType, String>;
+    /// The input as the engine takes it (`converter` reuses what repeats between events).
+    fn to_rego(&self, converter: &mut InputConverter) -> Value;
+}
+
+impl EventInput for serde_json::Value {
+    fn field(&self, key: &FieldKey) -> Option<&Self> {
+        match self {
+            serde_json::Value::Object(fields) => fields.get(&key.name),
+            serde_json::Value::Array(items) => key.index.and_then(|i| items.get(i)),
+            _ => None,
+        }
+    }
+
+    fn kind(&self) -> FieldKind<'_> {
+        match self {
+            serde_json::Value::String(s) => FieldKind::Str(s),
+            serde_json::Value::Number(n) => FieldKind::Number {
+                float: n.as_f64(),
+                bits: n.as_u64().or_else(|| n.as_i64().map(|i| i as u64)),
+            },
+            serde_json::Value::Bool(b) => FieldKind::Bool(*b),
+            serde_json::Value::Null => FieldKind::Null,
+            serde_json::Value::Array(_) => FieldKind::Array,
+            serde_json::Value::Object(_) => FieldKind::Other,
+        }
+    }
+
+    fn items(&self) -> impl Iterator<Item = &Self> {
+        self.as_array().into_iter().flatten()
+    }
+
+    fn event_type(&self) -> Result<EventType, String> {
+        event_type(self)
+    }
+
+    fn to_rego(&self, converter: &mut InputConverter) -> Value {
+        converter.convert(self)
+    }
+}
+
+impl EventInput for Value {
+    fn field(&self, key: &FieldKey) -> Option<&Self> {
+        match self {
+            Value::Object(fields) => fields.get(&key.value),
+            Value::Array(items) => key.index.and_then(|i| items.get(i)),
+            _ => None,
+        }
+    }
+
+    fn kind(&self) -> FieldKind<'_> {
+        match self {
+            Value::String(s) => FieldKind::Str(s),
+            Value::Number(n) => FieldKind::Number { float: n.as_f64(), bits: n.as_u64().or_else(|| n.as_i64().map(|i| i as u64)) },
+            Value::Bool(b) => FieldKind::Bool(*b),
+            Value::Null => FieldKind::Null,
+            Value::Array(_) => FieldKind::Array,
+            Value::Set(_) | Value::Object(_) | Value::Undefined => FieldKind::Other,
+        }
+    }
+
+    fn items(&self) -> impl Iterator<Item = &Self> {
+        let items = match self {
+            Value::Array(items) => Some(items.iter()),
+            _ => None,
+        };
+        items.into_iter().flatten()
+    }
+
+    fn event_type(&self) -> Result<EventType, String> {
+        let Some(FieldKind::Str(raw)) = self.field(&FieldKey::type_key()).map(EventInput::kind) else {
+            return Err("event has no string field \"type\"".to_string());
+        };
+        raw.parse::<EventType>().map_err(|e| e.to_string())
+    }
+
+    fn to_rego(&self, _converter: &mut InputConverter) -> Value {
+        // Reference-counted: a clone is a count increment.
+        self.clone()
+    }
+}
+
+impl FieldKey {
+    /// `type`, made once.
+    fn type_key() -> &'static FieldKey {
+        static TYPE: std::sync::OnceLock<FieldKey> = std::sync::OnceLock::new();
+        TYPE.get_or_init(|| FieldKey::new("type"))
+    }
 }
 
 #[cfg(test)]
@@ -214,19 +272,5 @@ mod tests {
             assert_eq!(converted, Value::from_json_str(&event.to_string()).expect("parses"));
             assert_eq!(to_json(&converted), *event);
         }
-    }
-
-    #[test]
-    fn shared_words_are_found() {
-        assert!(WORDS.iter().all(|w| w.len() <= 16));
-        for word in WORDS {
-            let Value::String(shared) = string(word) else { panic!("not a string") };
-            assert_eq!(&*shared, *word);
-            // The same allocation every time.
-            let Value::String(again) = string(word) else { panic!("not a string") };
-            assert!(regorus::Rc::ptr_eq(&shared, &again), "{word} is not shared");
-        }
-        assert_eq!(string("socket"), Value::from("socket"));
-        assert_eq!(string("/etc/shadow"), Value::from("/etc/shadow"));
     }
 }

@@ -28,7 +28,7 @@ use serde::Deserialize;
 use super::RulesError;
 use super::analysis;
 use super::diag::Diagnostic;
-use super::input::{InputConverter, event_type, to_rego_value};
+use super::input::{EventInput, InputConverter, event_type, to_rego_value};
 use super::model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
 use super::rule_filter::{self, MAX_FILTERED_SUBSCRIBERS, TypeFilter};
 
@@ -695,21 +695,22 @@ impl RulePack {
         result
     }
 
-    /// Like `evaluate_verdict`, with a session the caller keeps (a worker thread's own).
-    pub fn evaluate_in(&self, session: &mut Session, input: &serde_json::Value) -> Result<Verdict, RulesError> {
-        let ty = event_type(input).map_err(RulesError::InvalidInput)?;
+    /// Like `evaluate_verdict`, with a session the caller keeps (a worker thread's own), on the
+    /// JSON of a fixture or the regorus value the daemon builds.
+    pub fn evaluate_in<I: EventInput>(&self, session: &mut Session, input: &I) -> Result<Verdict, RulesError> {
+        let ty = input.event_type().map_err(RulesError::InvalidInput)?;
         let selected = self.select(ty, input);
         if selected == 0 {
             return Ok(Verdict::default());
         }
-        let value = session.converter.convert(input);
+        let value = input.to_rego(&mut session.converter);
         self.evaluate_typed(session, ty, value, selected, false)
     }
 
     /// The rules that judge `input`: its type's subscribers whose prefilter admits it (all of
     /// them without prefilters). Empty: the event never reaches Rego.
-    pub fn rules_judging(&self, input: &serde_json::Value) -> Vec<&RuleMeta> {
-        let Ok(ty) = event_type(input) else { return Vec::new() };
+    pub fn rules_judging<I: EventInput>(&self, input: &I) -> Vec<&RuleMeta> {
+        let Ok(ty) = input.event_type() else { return Vec::new() };
         let selected = self.select(ty, input);
         self.dispatch[ty.index()]
             .iter()
@@ -720,8 +721,8 @@ impl RulePack {
     }
 
     /// The subscribers of `ty` that must judge `input`, as a bit mask over `dispatch[ty]`
-    /// (0: none, the event never reaches Rego). Cheap: field tests on the JSON, no allocation.
-    fn select(&self, ty: EventType, input: &serde_json::Value) -> u64 {
+    /// (0: none, the event never reaches Rego). Cheap: field tests on the input, no allocation.
+    fn select<I: EventInput>(&self, ty: EventType, input: &I) -> u64 {
         let subscribers = self.dispatch[ty.index()].len();
         if subscribers == 0 {
             return 0;

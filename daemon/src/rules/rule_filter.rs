@@ -1,5 +1,5 @@
 //! Prefilters in user space: cheap field tests a rule declares in `meta.prefilter`, checked on
-//! the event's JSON before any input conversion or VM work. An event whose type has subscribers
+//! the event's input (JSON or the regorus value the daemon builds) before any VM work. An event whose type has subscribers
 //! but none whose prefilter holds never reaches Rego; one that passes the prefilter of some of
 //! them runs only those.
 //!
@@ -33,6 +33,7 @@ use std::collections::BTreeSet;
 
 use regorus::Value;
 
+use super::input::{EventInput, FieldKey, FieldKind};
 use super::model::EventType;
 
 /// The tests a field may be given, by name (`{"open.path": {"path_prefix": [...]}}`); a plain
@@ -71,7 +72,7 @@ struct Condition {
 #[derive(Debug, Clone, PartialEq)]
 struct FieldTest {
     /// The input field, as object keys (or array indices) from the top of `input`.
-    field: Vec<String>,
+    field: Vec<FieldKey>,
     test: Test,
     /// A `path_*` test: a path that is not absolute and canonical passes.
     path: bool,
@@ -106,7 +107,7 @@ struct Literals {
 
 impl TypeFilter {
     /// Whether the rule must run on `input` (an event of the type this filter is for).
-    pub fn admits(&self, input: &serde_json::Value) -> bool {
+    pub fn admits<I: EventInput>(&self, input: &I) -> bool {
         self.conditions.iter().any(|c| c.tests.iter().all(|t| t.holds(input)))
     }
 }
@@ -120,7 +121,7 @@ impl TypeFilter {
     pub fn inet_ports(&self) -> Option<BTreeSet<u16>> {
         let mut ports = BTreeSet::new();
         for condition in &self.conditions {
-            let field_is = |t: &&FieldTest, name: &str| t.field.len() == 2 && t.field[0] == "connect" && t.field[1] == name;
+            let field_is = |t: &&FieldTest, name: &str| t.field.len() == 2 && t.field[0].name == "connect" && t.field[1].name == name;
             let family_excludes_inet = condition.tests.iter().filter(|t| field_is(t, "family")).any(|t| match &t.test {
                 // A string family that is not listed fails `In` (Literals::contains).
                 Test::In(l) => !l.strings.is_empty() && !l.strings.contains("inet") && !l.strings.contains("inet6"),
@@ -147,46 +148,42 @@ impl TypeFilter {
 }
 
 impl FieldTest {
-    fn holds(&self, input: &serde_json::Value) -> bool {
+    fn holds<I: EventInput>(&self, input: &I) -> bool {
         let mut value = input;
         for key in &self.field {
-            let next = match value {
-                serde_json::Value::Object(fields) => fields.get(key),
-                serde_json::Value::Array(items) => key.parse::<usize>().ok().and_then(|i| items.get(i)),
-                _ => None,
-            };
-            match next {
+            match value.field(key) {
                 Some(v) => value = v,
                 // Missing: the test cannot judge; the rule runs.
                 None => return true,
             }
         }
+        let kind = value.kind();
         if self.path {
-            if let serde_json::Value::String(s) = value {
+            if let FieldKind::Str(s) = kind {
                 if !is_canonical_absolute(s) {
                     return true;
                 }
             }
         }
-        match (&self.test, value) {
-            (Test::In(literals), v) => literals.contains(v),
-            (Test::Prefix(ps), serde_json::Value::String(s)) => ps.iter().any(|p| s.starts_with(p.as_str())),
-            (Test::Suffix(ps), serde_json::Value::String(s)) => ps.iter().any(|p| s.ends_with(p.as_str())),
-            (Test::Contains(ps), serde_json::Value::String(s)) => ps.iter().any(|p| s.contains(p.as_str())),
-            (Test::AnyBits(mask), serde_json::Value::Number(n)) => match n.as_u64().or_else(|| n.as_i64().map(|i| i as u64)) {
+        match (&self.test, kind) {
+            (Test::In(literals), kind) => literals.contains(kind),
+            (Test::Prefix(ps), FieldKind::Str(s)) => ps.iter().any(|p| s.starts_with(p.as_str())),
+            (Test::Suffix(ps), FieldKind::Str(s)) => ps.iter().any(|p| s.ends_with(p.as_str())),
+            (Test::Contains(ps), FieldKind::Str(s)) => ps.iter().any(|p| s.contains(p.as_str())),
+            (Test::AnyBits(mask), FieldKind::Number { bits, .. }) => match bits {
                 Some(bits) => bits & mask != 0,
                 None => true,
             },
-            (Test::Basename(names), serde_json::Value::String(s)) => {
+            (Test::Basename(names), FieldKind::Str(s)) => {
                 let last = s.rsplit('/').next().unwrap_or("");
                 names.contains(&last.trim_start_matches('-').to_lowercase()) || names.contains(&last.to_lowercase())
             }
-            (Test::AnyIn(literals), serde_json::Value::Array(items)) => items.iter().any(|v| literals.contains(v)),
-            (Test::JoinedContains(fragments), serde_json::Value::Array(items)) => {
+            (Test::AnyIn(literals), FieldKind::Array) => value.items().any(|v| literals.contains(v.kind())),
+            (Test::JoinedContains(fragments), FieldKind::Array) => {
                 let mut joined = String::new();
-                for (i, item) in items.iter().enumerate() {
+                for (i, item) in value.items().enumerate() {
                     // A non-string element: Rego's concat fails, the test cannot judge.
-                    let serde_json::Value::String(s) = item else { return true };
+                    let FieldKind::Str(s) = item.kind() else { return true };
                     if i > 0 {
                         joined.push(' ');
                     }
@@ -202,19 +199,18 @@ impl FieldTest {
 }
 
 impl Literals {
-    /// Whether `value` equals one of the literals. A value of a kind no literal has (a number
-    /// where strings are listed, `null` where `true` is) cannot be judged: Rego's own test may
-    /// still hold for it (`input.open.write` holds for any value but `false`), so it passes.
-    fn contains(&self, value: &serde_json::Value) -> bool {
-        match value {
-            serde_json::Value::String(s) => self.strings.is_empty() || self.strings.contains(s.as_str()),
-            serde_json::Value::Number(n) => match n.as_f64() {
+    /// Whether a value of `kind` equals one of the literals. A value of a kind no literal has (a
+    /// number where strings are listed, `null` where `true` is) cannot be judged: Rego's own test
+    /// may still hold for it (`input.open.write` holds for any value but `false`), so it passes.
+    fn contains(&self, kind: FieldKind<'_>) -> bool {
+        match kind {
+            FieldKind::Str(s) => self.strings.is_empty() || self.strings.contains(s),
+            FieldKind::Number { float, .. } => match float {
                 Some(x) if !self.numbers.is_empty() => self.numbers.iter().any(|&y| x == y),
                 _ => true,
             },
-            serde_json::Value::Bool(b) => self.bools.is_empty() || self.bools.contains(b),
-            serde_json::Value::Null => true,
-            serde_json::Value::Array(_) | serde_json::Value::Object(_) => true,
+            FieldKind::Bool(b) => self.bools.is_empty() || self.bools.contains(&b),
+            FieldKind::Null | FieldKind::Array | FieldKind::Other => true,
         }
     }
 }
@@ -290,8 +286,8 @@ fn parse_condition(value: &Value) -> Result<Condition, String> {
         let Some(field) = key.as_string().ok().map(|s| s.to_string()) else {
             return Err("field names must be strings like \"open.path\"".to_string());
         };
-        let segments: Vec<String> = field.split('.').map(str::to_string).collect();
-        if segments.iter().any(String::is_empty) {
+        let segments: Vec<FieldKey> = field.split('.').map(FieldKey::new).collect();
+        if segments.iter().any(|s| s.name.is_empty()) {
             return Err(format!("bad field {field:?} (want dotted names like \"open.path\")"));
         }
         let (test, path) = parse_test(spec).map_err(|p| format!("{field}: {p}"))?;
@@ -393,6 +389,19 @@ mod tests {
         parse(&super::super::input::to_rego_value(&declaration), events)
     }
 
+    /// Every test below judges both forms of an event: the JSON and the regorus value.
+    trait BothForms {
+        fn admits_both(&self, input: &serde_json::Value) -> bool;
+    }
+
+    impl BothForms for TypeFilter {
+        fn admits_both(&self, input: &serde_json::Value) -> bool {
+            let json = self.admits(input);
+            assert_eq!(self.admits(&super::super::input::to_rego_value(input)), json, "the two forms of {input} disagree");
+            json
+        }
+    }
+
     #[test]
     fn connect_filters_name_their_inet_ports_or_none() {
         let ports = |decl: serde_json::Value| {
@@ -427,22 +436,22 @@ mod tests {
         let parsed = filter(decl, &[EventType::Exec]).expect("parses");
         let f = &parsed[0].1;
         let ev = |filename: serde_json::Value, argv: serde_json::Value| json!({"type": "exec", "exec": {"filename": filename, "argv": argv}});
-        assert!(f.admits(&ev(json!("/bin/bash"), json!(["bash"]))));
-        assert!(f.admits(&ev(json!("/opt/XMRIG"), json!([]))), "names compare ignoring case");
-        assert!(f.admits(&ev(json!("-bash"), json!([]))), "a login shell's leading '-'");
-        assert!(f.admits(&ev(json!("/usr/bin/nmap"), json!(["nmap", "-sS", "10.0.0.1"]))));
-        assert!(f.admits(&ev(json!("/tmp/x"), json!(["x", "-o", "STRATUM+TCP://pool:3333"]))));
-        assert!(f.admits(&ev(json!("/tmp/x"), json!(["x", "--donate-level", "1"]))), "a fragment across two arguments");
-        assert!(!f.admits(&ev(json!("/usr/bin/ls"), json!(["ls", "-l"]))));
-        assert!(!f.admits(&ev(json!("/bin/bash/"), json!(["ls"]))), "the last component of '/bin/bash/' is empty, as in lib.basename");
+        assert!(f.admits_both(&ev(json!("/bin/bash"), json!(["bash"]))));
+        assert!(f.admits_both(&ev(json!("/opt/XMRIG"), json!([]))), "names compare ignoring case");
+        assert!(f.admits_both(&ev(json!("-bash"), json!([]))), "a login shell's leading '-'");
+        assert!(f.admits_both(&ev(json!("/usr/bin/nmap"), json!(["nmap", "-sS", "10.0.0.1"]))));
+        assert!(f.admits_both(&ev(json!("/tmp/x"), json!(["x", "-o", "STRATUM+TCP://pool:3333"]))));
+        assert!(f.admits_both(&ev(json!("/tmp/x"), json!(["x", "--donate-level", "1"]))), "a fragment across two arguments");
+        assert!(!f.admits_both(&ev(json!("/usr/bin/ls"), json!(["ls", "-l"]))));
+        assert!(!f.admits_both(&ev(json!("/bin/bash/"), json!(["ls"]))), "the last component of '/bin/bash/' is empty, as in lib.basename");
         // What the tests cannot judge passes.
-        assert!(f.admits(&ev(json!(null), json!(["ls", 3]))));
-        assert!(f.admits(&ev(json!("/usr/bin/ls"), json!("not a list"))));
+        assert!(f.admits_both(&ev(json!(null), json!(["ls", 3]))));
+        assert!(f.admits_both(&ev(json!("/usr/bin/ls"), json!("not a list"))));
         // An object's keys are names (lists.package_managers maps names to subcommands).
         let decl = json!({"exec": [{"exec.argv.0": {"basename_in": {"apt": ["install"], "pip": ["install"]}}}]});
         let parsed = filter(decl, &[EventType::Exec]).expect("parses");
-        assert!(parsed[0].1.admits(&json!({"type": "exec", "exec": {"argv": ["/usr/bin/pip", "install"]}})));
-        assert!(!parsed[0].1.admits(&json!({"type": "exec", "exec": {"argv": ["/usr/bin/cat"]}})));
+        assert!(parsed[0].1.admits_both(&json!({"type": "exec", "exec": {"argv": ["/usr/bin/pip", "install"]}})));
+        assert!(!parsed[0].1.admits_both(&json!({"type": "exec", "exec": {"argv": ["/usr/bin/cat"]}})));
     }
 
     #[test]
@@ -464,20 +473,20 @@ mod tests {
         let parsed = filter(decl, &[EventType::Open]).expect("parses");
         let f = &parsed[0].1;
         let ev = |path: &str, write: bool| json!({"type": "open", "open": {"path": path, "write": write}});
-        assert!(f.admits(&ev("/etc/shadow", false)));
-        assert!(!f.admits(&ev("/etc/passwd", false)));
-        assert!(f.admits(&ev("/sys/fs/cgroup/x/release_agent", true)));
-        assert!(!f.admits(&ev("/sys/fs/cgroup/x/release_agent", false)));
+        assert!(f.admits_both(&ev("/etc/shadow", false)));
+        assert!(!f.admits_both(&ev("/etc/passwd", false)));
+        assert!(f.admits_both(&ev("/sys/fs/cgroup/x/release_agent", true)));
+        assert!(!f.admits_both(&ev("/sys/fs/cgroup/x/release_agent", false)));
         // What the rule cleans or resolves first always passes.
-        assert!(f.admits(&ev("/etc/../etc/shadow", false)));
-        assert!(f.admits(&ev("shadow", false)));
-        assert!(f.admits(&ev("/etc//shadow", false)));
+        assert!(f.admits_both(&ev("/etc/../etc/shadow", false)));
+        assert!(f.admits_both(&ev("shadow", false)));
+        assert!(f.admits_both(&ev("/etc//shadow", false)));
         // A missing field or a value the test cannot judge lets the rule run.
-        assert!(f.admits(&json!({"type": "open", "open": {}})));
-        assert!(f.admits(&json!({"type": "open", "open": {"path": 3}})));
+        assert!(f.admits_both(&json!({"type": "open", "open": {}})));
+        assert!(f.admits_both(&json!({"type": "open", "open": {"path": 3}})));
         // `true` rejects only `false`: Rego's `input.open.write` holds for 1 or null too.
         for write in [json!(1), json!(null), json!("yes")] {
-            assert!(f.admits(&json!({"type": "open", "open": {"path": "/x/release_agent", "write": write}})), "{write}");
+            assert!(f.admits_both(&json!({"type": "open", "open": {"path": "/x/release_agent", "write": write}})), "{write}");
         }
     }
 
@@ -487,13 +496,13 @@ mod tests {
             "exec": [{"exec.argv.0": {"prefix": ["-"]}}]});
         let parsed = filter(decl, &[EventType::Ptrace, EventType::Chmod, EventType::Exec]).expect("parses");
         let get = |t: EventType| &parsed.iter().find(|(ty, _)| *ty == t).expect("type").1;
-        assert!(get(EventType::Ptrace).admits(&json!({"ptrace": {"request": 16.0}})));
-        assert!(!get(EventType::Ptrace).admits(&json!({"ptrace": {"request": 0}})));
-        assert!(get(EventType::Chmod).admits(&json!({"chmod": {"mode": 2541}})));
-        assert!(!get(EventType::Chmod).admits(&json!({"chmod": {"mode": 493}})));
-        assert!(get(EventType::Exec).admits(&json!({"exec": {"argv": ["-bash"]}})));
-        assert!(!get(EventType::Exec).admits(&json!({"exec": {"argv": ["bash"]}})));
-        assert!(get(EventType::Exec).admits(&json!({"exec": {"argv": []}})));
+        assert!(get(EventType::Ptrace).admits_both(&json!({"ptrace": {"request": 16.0}})));
+        assert!(!get(EventType::Ptrace).admits_both(&json!({"ptrace": {"request": 0}})));
+        assert!(get(EventType::Chmod).admits_both(&json!({"chmod": {"mode": 2541}})));
+        assert!(!get(EventType::Chmod).admits_both(&json!({"chmod": {"mode": 493}})));
+        assert!(get(EventType::Exec).admits_both(&json!({"exec": {"argv": ["-bash"]}})));
+        assert!(!get(EventType::Exec).admits_both(&json!({"exec": {"argv": ["bash"]}})));
+        assert!(get(EventType::Exec).admits_both(&json!({"exec": {"argv": []}})));
     }
 
     #[test]
@@ -591,10 +600,31 @@ mod soundness {
             events.push((name, case.case.event));
         }
         let (mut skipped, mut alerts) = (0, 0);
+        let mut session = pack.session().expect("session");
+        let ids = |rules: Vec<&crate::rules::model::RuleMeta>| rules.into_iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        // A rule's wall-clock budget (100 ms) can run out when the test thread is descheduled
+        // on a loaded machine; that says nothing about the input, so such a run is repeated.
+        let settled = |mut run: Box<dyn FnMut() -> crate::rules::model::Verdict + '_>| {
+            let mut verdict = run();
+            for _ in 0..5 {
+                if !verdict.failures.iter().any(|f| f.reason == crate::rules::model::FailureReason::Timeout) {
+                    break;
+                }
+                verdict = run();
+            }
+            verdict
+        };
         for (name, event) in &events {
-            let filtered = pack.evaluate_verdict(event).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let all = unfiltered.evaluate_verdict(event).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let filtered = settled(Box::new(|| pack.evaluate_verdict(event).unwrap_or_else(|e| panic!("{name}: {e}"))));
+            let all = settled(Box::new(|| unfiltered.evaluate_verdict(event).unwrap_or_else(|e| panic!("{name}: {e}"))));
             assert_eq!(filtered.failures, all.failures, "{name}");
+            // The daemon's form of the input (a regorus value, no JSON) selects the same rules
+            // and gets the same verdict.
+            let value = crate::rules::input::to_rego_value(event);
+            assert_eq!(ids(pack.rules_judging(&value)), ids(pack.rules_judging(event)), "{name}: prefilters read the value differently");
+            let direct = settled(Box::new(|| pack.evaluate_in(&mut session, &value).unwrap_or_else(|e| panic!("{name}: {e}"))));
+            assert_eq!(direct.failures, filtered.failures, "{name}: the value form fails differently");
+            assert_eq!(sorted(direct.hits), sorted(filtered.hits.clone()), "{name}: the value form changes the verdict");
             let (filtered, all) = (sorted(filtered.hits), sorted(all.hits));
             assert_eq!(filtered, all, "{name}: prefilters change the verdict of {event}");
             alerts += all.len();
