@@ -234,24 +234,29 @@ fn main() {
     }
 
     // The worker pool end to end through its bounded channels, as the daemon configures it
-    // (only evaluations with hits come back), with 1 and 2 workers. The inputs are built
-    // before the clock starts: the daemon builds each event's input anyway, this measures the pool.
+    // (only evaluations with hits come back), with 1 and 2 workers, each handing events over
+    // one at a time (before) and in batches (`submit_batched`, what the pipeline does now),
+    // interleaved. The inputs are built before the clock starts: the daemon builds each
+    // event's input anyway, this measures the pool.
     for no_prefilters in [true, false] {
-        let what = if no_prefilters { "all rules (before)" } else { "prefilters (after)" };
-        let one = pool(&rules_dir, &events, 1, 3, no_prefilters);
-        let two = pool(&rules_dir, &events, 2, 3, no_prefilters);
-        println!(
-            "worker pool, {what:<20} {one:>10.0} events/s with 1 worker, {two:>10.0} with 2 ({:.2}x)",
-            two / one
-        );
+        let what = if no_prefilters { "all rules" } else { "prefilters" };
+        for batched in [false, true] {
+            let how = if batched { "batches (after)" } else { "one by one (before)" };
+            let one = pool(&rules_dir, &events, 1, 3, no_prefilters, batched);
+            let two = pool(&rules_dir, &events, 2, 3, no_prefilters, batched);
+            println!(
+                "worker pool, {what:<10} {how:<20} {one:>10.0} events/s with 1 worker, {two:>10.0} with 2 ({:.2}x)",
+                two / one
+            );
+        }
     }
 }
 
 /// Events per second through a pool of `workers`, `rounds` passes over `events`.
-fn pool(rules_dir: &Path, events: &[serde_json::Value], workers: usize, rounds: usize, no_prefilters: bool) -> f64 {
+fn pool(rules_dir: &Path, events: &[serde_json::Value], workers: usize, rounds: usize, no_prefilters: bool, batched: bool) -> f64 {
     let options = PackOptions { no_prefilters, ..PackOptions::default() };
     let handle = PackHandle::new(RulePack::load_with(rules_dir, &options).expect("pack"));
-    let (evaluator, results) =
+    let (mut evaluator, results) =
         RuleEvaluator::start(Arc::clone(&handle), EvaluatorConfig { workers, queue: 4096, send_empty: false }).expect("pool");
     // As the daemon's pipeline hands them over: regorus values, built before the clock starts.
     let inputs: Vec<regorus::Value> = (0..rounds).flat_map(|_| events.iter().map(to_rego_value)).collect();
@@ -259,7 +264,11 @@ fn pool(rules_dir: &Path, events: &[serde_json::Value], workers: usize, rounds: 
     let drain = std::thread::spawn(move || results.iter().count());
     let start = Instant::now();
     for input in inputs {
-        evaluator.submit(input).expect("submit");
+        if batched {
+            evaluator.submit_batched(input, None).expect("submit");
+        } else {
+            evaluator.submit(input).expect("submit");
+        }
     }
     evaluator.shutdown();
     let elapsed = start.elapsed();

@@ -1,5 +1,6 @@
 //! The event pipeline: the reader's two queues (protected events first) -> enrichment (the
-//! process cache, the endpoint table) -> the rule input (and `--record`) -> the rule workers.
+//! process cache, the endpoint table) -> the rule input (and `--record`) -> the rule workers
+//! (bulk events, in batches) or the pipeline's own evaluator (protected events).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -86,7 +87,7 @@ pub(super) fn pipeline(
     mut events: mpsc::Receiver<Queued>,
     state: Arc<DaemonState>,
     mut record: Option<std::io::BufWriter<std::fs::File>>,
-    evaluator: RuleEvaluator,
+    mut evaluator: RuleEvaluator,
 ) {
     let clock = Clock::new();
     let mut inputs = InputBuilder::new(&state.node);
@@ -133,7 +134,13 @@ pub(super) fn pipeline(
             if evaluation.has_news() {
                 super::verdicts::act_on(&state, &mut failure_alerts, evaluation);
             }
-        } else if evaluator.submit_with(input, context).is_err() {
+        } else if evaluator.submit_batched(input, Some(context)).is_err() {
+            tracing::error!("rule workers stopped; pipeline ends");
+            return;
+        }
+        // Bulk events go to the pool in batches (one hand-over per batch, not per event); what
+        // is held goes as soon as nothing more is waiting, so no event waits for later ones.
+        if events.is_empty() && priority.is_empty() && evaluator.flush().is_err() {
             tracing::error!("rule workers stopped; pipeline ends");
             return;
         }
