@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade::events::enrich::{EndpointIndex, ProcCache, enrich};
-use palisade::events::input::{Clock, to_input};
+use palisade::events::input::{Clock, InputBuilder};
 use palisade::events::kind::EventKind;
 use palisade::events::reader::{self, ReaderStats};
 use palisade::probes::host::ProbeHost;
@@ -131,11 +131,13 @@ fn attach(runtime: &tokio::runtime::Runtime, module_fallback: loader::ModuleFall
             let mut cache = ProcCache::new(8192);
             let endpoints = EndpointIndex::default();
             let clock = Clock::new();
+            // The rule input as the daemon's pipeline builds it (regorus values, one builder).
+            let mut inputs = InputBuilder::new("bench");
             while !stop.load(Ordering::Relaxed) {
                 match rx.try_recv() {
                     Ok(event) => {
                         let enriched = enrich(event, &endpoints, &mut cache);
-                        std::hint::black_box(to_input(&enriched, &clock, "bench"));
+                        std::hint::black_box(inputs.build(&enriched, &clock));
                         consumed.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(_) => std::thread::sleep(Duration::from_micros(200)),
