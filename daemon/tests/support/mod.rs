@@ -4,6 +4,7 @@
 //! and pass, except when `PALISADE_REQUIRE_KERNEL=1` (CI), where a missing prerequisite fails.
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod daemon;
 pub mod kube_standin;
 pub mod netpol;

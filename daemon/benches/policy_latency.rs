@@ -1,0 +1,408 @@
+//! Change-to-maps latency of NetworkPolicy changes (issue 17; prints figures, not a test).
+//! Root only.
+//!
+//! For each policy count N (`BENCH_POLICIES`, default `1000,10000`): 200 pods in 20 namespaces
+//! (each with a label of its own, no cgroup: the maps are written whether or not a pod runs
+//! here) and N policies, policy i selecting one pod and admitting one other pod's identity on
+//! TCP and UDP port 1024 + i (two POLICY entries each). A change rewrites one policy with a TCP
+//! port no policy used before, so it must add the POLICY key (selected pod's endpoint id, peer
+//! identity, ingress, TCP, that port); the figure is the time until that key is in the map the
+//! datapath reads.
+//! 1. **file mode**: `palisade run --policies DIR` with one file per policy; a change is a new
+//!    version of one file renamed into the directory (atomic, as a ConfigMap update is); the key
+//!    is polled in the daemon's pinned SEG_POLICY every 0.5 ms, so the figures are exact to about
+//!    a millisecond. Singles (write, wait until it is in the map, next) and bursts (`BENCH_BURST`
+//!    files, default 20, written back to back; each one's latency from its own write). CPU per
+//!    change: the daemon's utime + stime over the phase, divided by the changes.
+//! 2. **in-process (the Kubernetes source's path)**: the daemon's `Enforcer` in this process,
+//!    handed each new policy set the way the NetworkPolicy watcher hands it (a whole
+//!    `PolicySet`, cloned off the watch channel, to `Enforcer::set_policies`); the latency is
+//!    from the change to `set_policies` returning with the maps written (checked in the map).
+//!    Bursts: `BENCH_BURST` changes made before the one call a watch channel coalesces them to.
+//!    CPU: this process's (the owner task's thread included).
+//!
+//! `BENCH_CHANGES` (default 1,000) changes per mode, singles and bursts each; `BENCH_MODES`
+//! (`file,kube`). Run: `sudo cargo bench -p palisade --bench policy_latency` (release; add
+//! `--profile dev` for a debug build, much slower). The machine is shared: note the load
+//! printed beside the figures.
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aya::maps::lpm_trie::Key as LpmTrieKey;
+use aya::maps::{HashMap, LpmTrie, Map, MapData};
+use palisade::inventory::Inventory;
+use palisade::probes::loader::{self, LoadOptions};
+use palisade::segmentation::PolicySet;
+use palisade_common::{
+    DIRECTION_INGRESS, IpAddrKey, IpCacheValue, MAP_SEG_IPCACHE, MAP_SEG_POLICY, PolicyKey, PolicyValue,
+};
+use support::bench::{cpu_seconds, env_sizes, env_usize, load, percentile, stop_daemon, wait_for_log};
+use support::daemon::PALISADE;
+
+const NAMESPACES: usize = 20;
+const PODS_PER_NAMESPACE: usize = 10;
+/// The first TCP port a change uses (the policies' own ports are 1024 + i, below it).
+const CHANGED_PORT_FIRST: u32 = 30_000;
+
+fn main() {
+    if !palisade::sys::is_root() {
+        println!("SKIP: the policy latency benchmark needs root (it loads the eBPF programs)");
+        return;
+    }
+    let sizes = env_sizes("BENCH_POLICIES", "1000,10000");
+    let changes = env_usize("BENCH_CHANGES", 1000);
+    let burst = env_usize("BENCH_BURST", 20).max(1);
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "file,kube".into());
+    assert!(CHANGED_PORT_FIRST as usize + 2 * changes + burst < 65_536, "BENCH_CHANGES too large for the port space");
+    println!("policy_latency: daemon {PALISADE}; {changes} changes per mode, bursts of {burst}");
+    println!("load before: {}", load());
+    let mut rows = Vec::new();
+    for n in sizes {
+        if modes.contains("file") {
+            rows.extend(file_mode(n, changes, burst));
+        }
+        if modes.contains("kube") {
+            rows.extend(kube_mode(n, changes, burst));
+        }
+    }
+    println!();
+    println!("| policies | path | changes | p50 | p99 | max | CPU per change | load |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+}
+
+// ---- the scenario ------------------------------------------------------------------------------
+
+fn pod_ip(p: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 60 + (p / 250) as u8, (p % 250 + 1) as u8)
+}
+
+fn inventory_yaml() -> String {
+    let mut text = String::from("endpoints:\n");
+    for p in 0..NAMESPACES * PODS_PER_NAMESPACE {
+        let (ns, k) = (p / PODS_PER_NAMESPACE, p % PODS_PER_NAMESPACE);
+        text.push_str(&format!("  - {{namespace: ns{ns}, name: pod{k}, labels: {{app: a{k}}}, ips: [{}]}}\n", pod_ip(p)));
+    }
+    text
+}
+
+/// (selected pod, peer pod) of policy i: both in namespace i mod 20.
+fn pods_of(i: usize) -> (usize, usize) {
+    let ns = i % NAMESPACES;
+    let k = (i / NAMESPACES) % PODS_PER_NAMESPACE;
+    (ns * PODS_PER_NAMESPACE + k, ns * PODS_PER_NAMESPACE + (k + 1) % PODS_PER_NAMESPACE)
+}
+
+/// Policy i, admitting its peer on `tcp_port` (TCP) and 1024 + i (UDP).
+fn policy_yaml(i: usize, tcp_port: u32) -> String {
+    let (sel, peer) = pods_of(i);
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i}, namespace: ns{}}}\nspec:\n  podSelector: {{matchLabels: {{app: a{}}}}}\n  policyTypes: [Ingress]\n  ingress:\n    - from: [{{podSelector: {{matchLabels: {{app: a{}}}}}}}]\n      ports: [{{protocol: TCP, port: {tcp_port}}}, {{protocol: UDP, port: {}}}]\n",
+        i % NAMESPACES,
+        sel % PODS_PER_NAMESPACE,
+        peer % PODS_PER_NAMESPACE,
+        1024 + i
+    )
+}
+
+/// The policy changed by change number c (distinct policies within any run of 20 changes).
+fn changed_policy(c: usize, n: usize) -> usize {
+    (c * 7919) % n
+}
+
+/// What the datapath must hold once change c (of policy i, to `port`) is in.
+#[derive(Clone, Copy)]
+struct Expected {
+    key: PolicyKey,
+    written: Instant,
+}
+
+fn expected_key(ipcache: &LpmTrie<MapData, IpAddrKey, IpCacheValue>, i: usize, port: u32) -> PolicyKey {
+    let (sel, peer) = pods_of(i);
+    let selected = cached(ipcache, pod_ip(sel)).expect("selected pod in SEG_IPCACHE");
+    let peer = cached(ipcache, pod_ip(peer)).expect("peer pod in SEG_IPCACHE");
+    PolicyKey {
+        endpoint_id: selected.endpoint_id,
+        peer_identity: peer.identity,
+        direction: DIRECTION_INGRESS,
+        protocol: 6,
+        port_plen: 16,
+        _pad: 0,
+        port: port as u16,
+        _pad2: 0,
+    }
+}
+
+fn cached(map: &LpmTrie<MapData, IpAddrKey, IpCacheValue>, ip: Ipv4Addr) -> Option<IpCacheValue> {
+    let mut addr = [0u8; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12..].copy_from_slice(&ip.octets());
+    map.get(&LpmTrieKey::new(128, IpAddrKey { addr }), 0).ok()
+}
+
+fn open_ipcache(pin_dir: &Path) -> LpmTrie<MapData, IpAddrKey, IpCacheValue> {
+    let path = pin_dir.join(MAP_SEG_IPCACHE);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    LpmTrie::try_from(Map::LpmTrie(data)).expect("SEG_IPCACHE is an LPM trie")
+}
+
+fn open_policy(pin_dir: &Path) -> HashMap<MapData, PolicyKey, PolicyValue> {
+    let path = pin_dir.join(MAP_SEG_POLICY);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    HashMap::try_from(Map::HashMap(data)).expect("SEG_POLICY is a hash map")
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn row(n: usize, path: &str, mut latencies: Vec<Duration>, cpu: f64, changes: usize, load: &str) -> String {
+    latencies.sort();
+    let line = format!(
+        "| {n} | {path} | {} | {} | {} | {} | {:.2} ms | {load} |",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().map(|d| ms(*d)).unwrap_or_else(|| "-".into()),
+        cpu * 1e3 / changes.max(1) as f64,
+    );
+    println!("{line}");
+    line
+}
+
+// ---- file mode: palisade run, one file per policy ------------------------------------------------
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        stop_daemon(&mut self.child, &self.pin_dir);
+    }
+}
+
+/// Polls SEG_POLICY for every pending key; records each one's latency when it appears.
+struct Poller {
+    pending: Arc<Mutex<Vec<Expected>>>,
+    seen: Arc<Mutex<Vec<Duration>>>,
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Poller {
+    fn start(map: HashMap<MapData, PolicyKey, PolicyValue>) -> Poller {
+        let pending: Arc<Mutex<Vec<Expected>>> = Arc::default();
+        let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (pending, seen, done) = (pending.clone(), seen.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    let now: Vec<Expected> = pending.lock().expect("pending").clone();
+                    let arrived: Vec<(PolicyKey, Instant)> =
+                        now.iter().filter(|e| map.get(&e.key, 0).is_ok()).map(|e| (e.key, Instant::now())).collect();
+                    if !arrived.is_empty() {
+                        let mut pending = pending.lock().expect("pending");
+                        let mut seen = seen.lock().expect("seen");
+                        for (key, at) in arrived {
+                            if let Some(k) = pending.iter().position(|e| e.key == key) {
+                                let e = pending.swap_remove(k);
+                                seen.push(at.duration_since(e.written));
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            })
+        };
+        Poller { pending, seen, done, thread: Some(thread) }
+    }
+
+    fn wait_empty(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.pending.lock().expect("pending").is_empty() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    fn take(&self) -> Vec<Duration> {
+        std::mem::take(&mut *self.seen.lock().expect("seen"))
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn file_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
+    println!("\n== file mode, {n} policies (one file each), {} pods", NAMESPACES * PODS_PER_NAMESPACE);
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("policy-latency").join(n.to_string());
+    let _ = std::fs::remove_dir_all(&work);
+    let dir = work.join("policies");
+    std::fs::create_dir_all(&dir).expect("policy directory");
+    let staging = work.join("staging");
+    std::fs::create_dir_all(&staging).expect("staging directory");
+    std::fs::write(work.join("inventory.yaml"), inventory_yaml()).expect("inventory");
+    for i in 0..n {
+        std::fs::write(dir.join(format!("p{i}.yaml")), policy_yaml(i, 1024 + i as u32)).expect("policy file");
+    }
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/palisade-bench-policy-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let log = work.join("daemon.log");
+    let mut command = Command::new(PALISADE);
+    command
+        .args(["run", "--no-metrics"])
+        .arg("--inventory")
+        .arg(work.join("inventory.yaml"))
+        .arg("--policies")
+        .arg(&dir)
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("daemon log"));
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let started = Instant::now();
+    let child = command.spawn().unwrap_or_else(|e| panic!("starting {PALISADE} run: {e}"));
+    let mut daemon = Daemon { child, log, pin_dir: pin_dir.clone() };
+    wait_for_log(&mut daemon.child, &daemon.log, "palisade is running", Duration::from_secs(900));
+    println!("daemon running after {:.1} s", started.elapsed().as_secs_f64());
+    let ipcache = open_ipcache(&pin_dir);
+    let poller = Poller::start(open_policy(&pin_dir));
+    let pid = daemon.child.id();
+    let mut rows = Vec::new();
+    let mut c = 0usize;
+    let write = |c: usize| -> Expected {
+        let i = changed_policy(c, n);
+        let port = CHANGED_PORT_FIRST + c as u32;
+        let key = expected_key(&ipcache, i, port);
+        let staged = staging.join(format!("p{i}.yaml"));
+        std::fs::write(&staged, policy_yaml(i, port)).expect("staged policy");
+        let written = Instant::now();
+        std::fs::rename(&staged, dir.join(format!("p{i}.yaml"))).expect("rename into the policy directory");
+        Expected { key, written }
+    };
+    for (label, group) in [("file, single", 1usize), ("file, bursts", burst)] {
+        // Let the previous phase's reloads settle.
+        std::thread::sleep(Duration::from_millis(500));
+        let load_at = load();
+        let cpu_before = cpu_seconds(pid);
+        let mut done = 0;
+        let mut missing = 0;
+        while done < changes {
+            let k = group.min(changes - done);
+            let batch: Vec<Expected> = (0..k).map(|j| write(c + j)).collect();
+            c += k;
+            done += k;
+            poller.pending.lock().expect("pending").extend(batch);
+            if !poller.wait_empty(Duration::from_secs(120)) {
+                missing += poller.pending.lock().expect("pending").drain(..).count();
+            }
+        }
+        let cpu = cpu_seconds(pid) - cpu_before;
+        if missing > 0 {
+            println!("{label}: {missing} changes not in the map within 120 s");
+        }
+        rows.push(row(n, label, poller.take(), cpu, changes, &load_at));
+    }
+    drop(poller);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&work);
+    rows
+}
+
+// ---- in-process: the Enforcer fed whole sets, as the NetworkPolicy watcher feeds it -------------
+
+fn kube_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
+    println!("\n== in-process (Kubernetes path), {n} policies, {} pods", NAMESPACES * PODS_PER_NAMESPACE);
+    let inventory = Inventory::parse(&inventory_yaml(), Path::new("bench-inventory.yaml")).expect("inventory");
+    let text: Vec<String> = (0..n).map(|i| policy_yaml(i, 1024 + i as u32)).collect();
+    let mut set = PolicySet::parse(&text.join("---\n"), Path::new("bench-policies.yaml")).expect("policies");
+    let pin_dir = PathBuf::from(loader::BPFFS_MOUNT).join(format!("palisade-bench-policy-kube-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let probes = loader::load(&LoadOptions { pin_dir: Some(pin_dir.clone()), try_kprobes: false, ..LoadOptions::default() })
+        .expect("load the eBPF object");
+    let host = runtime.block_on(async { palisade::probes::host::ProbeHost::spawn(probes) });
+    let started = Instant::now();
+    let mut enforcer = runtime
+        .block_on(palisade::enforcement::Enforcer::start(
+            host,
+            inventory,
+            set.clone(),
+            Default::default(),
+            Vec::new(),
+            pin_dir.join("links"),
+            palisade::sys::cgroup2_mount().expect("cgroup2 mount"),
+            Default::default(),
+            None,
+            None,
+        ))
+        .expect("enforcer");
+    println!("first compile and sync {:.1} s", started.elapsed().as_secs_f64());
+    let ipcache = open_ipcache(&pin_dir);
+    let policy_map = open_policy(&pin_dir);
+    let mut rows = Vec::new();
+    let mut c = 0usize;
+    for (label, group) in [("kube (in-process), single", 1usize), ("kube (in-process), bursts", burst)] {
+        let load_at = load();
+        let cpu_before = cpu_seconds(std::process::id());
+        let mut latencies = Vec::with_capacity(changes);
+        let mut done = 0;
+        while done < changes {
+            let k = group.min(changes - done);
+            let mut made = Vec::with_capacity(k);
+            for j in 0..k {
+                let i = changed_policy(c + j, n);
+                let port = CHANGED_PORT_FIRST + (c + j) as u32;
+                let key = expected_key(&ipcache, i, port);
+                let at = Instant::now();
+                let one = PolicySet::parse(&policy_yaml(i, port), Path::new("bench-policies.yaml")).expect("policy");
+                let index = set.policies.iter().position(|p| p.name == format!("p{i}")).expect("policy in the set");
+                set.policies[index] = one.policies.into_iter().next().expect("one policy");
+                made.push((key, at));
+            }
+            // What the watch channel's receiver does: a clone of the latest set.
+            runtime.block_on(enforcer.set_policies(set.clone())).expect("set_policies");
+            let returned = Instant::now();
+            for (key, at) in made {
+                assert!(policy_map.get(&key, 0).is_ok(), "change not in SEG_POLICY after set_policies returned");
+                latencies.push(returned - at);
+            }
+            c += k;
+            done += k;
+        }
+        let cpu = cpu_seconds(std::process::id()) - cpu_before;
+        rows.push(row(n, label, latencies, cpu, changes, &load_at));
+    }
+    drop(enforcer);
+    drop(runtime);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    rows
+}
+
