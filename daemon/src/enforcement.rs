@@ -264,7 +264,7 @@ impl Enforcer {
     /// Syncs the maps, then attaches programs to new endpoint cgroups and lets go of gone ones.
     async fn apply(&mut self) -> Result<SyncStats, EnforcementError> {
         let started = std::time::Instant::now();
-        let compiled = self.segmentation.compiled().clone();
+        let compiled = self.segmentation.compiled_shared();
         // Local endpoints with a cgroup here, and their SEG_CGROUPS entries.
         let mut cgroup_entries: BTreeMap<u64, CgroupValue> = BTreeMap::new();
         let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
@@ -311,7 +311,7 @@ impl Enforcer {
                     let held = datapath.policy_entries();
                     let union = held.len() + compiled.policy.keys().filter(|k| !held.contains_key(k)).count();
                     (union > capacity.policy).then(|| {
-                        let mut step = compiled.clone();
+                        let mut step = Compiled::clone(&compiled);
                         step.policy.retain(|k, _| held.contains_key(k));
                         step
                     })

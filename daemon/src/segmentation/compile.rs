@@ -35,12 +35,19 @@
 //!   and fails closed; `Compiled::over_capacity` names the tipping policy and the counts. The
 //!   daemon rejects such a policy set as a whole and keeps its last good one; only when the
 //!   last good set no longer fits (new pods) or at start-up does this degraded set go in force.
+//! * Incremental: a [`Compiler`] keeps each policy's part (what it selects, its rules, its
+//!   allow entries) with the environment it was compiled in (the inventory, and for a policy
+//!   with ipBlock peers the prefixes in force) and reuses it while both are unchanged, so a
+//!   policy change compiles that one policy; the merge (rule ids in policy order, the capacity
+//!   check, the tipping point) always runs over every part, so the output is exactly a full
+//!   compile's (`tests/segmentation_incremental.rs` checks it over random change sequences).
+//!   An inventory change still recompiles every part.
 //! * Named ports: ingress resolves against the selected (destination) pod (its own POLICY
 //!   entries); egress against each destination pod, keyed by that pod's identity, which is exact
 //!   because every pod of an identity declares the same named ports. The kernel maps and the
 //!   per-packet probes are unchanged: only which pods share an identity is.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use palisade_common::{
@@ -237,6 +244,17 @@ pub struct Compiler {
     cidrs: Alloc<Cidr>,
     endpoints: Alloc<(String, String)>,
     capacity: Capacity,
+    cache: PartCache,
+}
+
+/// The parts of the last compile, by policy key, with what they were compiled against.
+#[derive(Debug, Clone, Default)]
+struct PartCache {
+    parts: HashMap<String, PolicyPart>,
+    inventory: Option<Inventory>,
+    inventory_generation: u64,
+    blocks: BTreeSet<Cidr>,
+    blocks_generation: u64,
 }
 
 impl Default for Compiler {
@@ -246,6 +264,7 @@ impl Default for Compiler {
             cidrs: Alloc::new(IDENTITY_CIDR_FIRST),
             endpoints: Alloc::new(1),
             capacity: Capacity::default(),
+            cache: PartCache::default(),
         }
     }
 }
@@ -282,6 +301,18 @@ impl Compiler {
         self.capacity
     }
 
+    /// This compiler with its ids but without the parts kept from earlier compiles: its next
+    /// compile computes every policy afresh (what an incremental compile must equal).
+    pub fn without_cache(&self) -> Compiler {
+        Compiler {
+            labels: self.labels.clone(),
+            cidrs: self.cidrs.clone(),
+            endpoints: self.endpoints.clone(),
+            capacity: self.capacity,
+            cache: PartCache::default(),
+        }
+    }
+
     pub fn compile(&mut self, inventory: &Inventory, set: &PolicySet) -> Compiled {
         let cap = self.capacity;
         let mut out = Compiled::default();
@@ -290,13 +321,15 @@ impl Compiler {
         // Endpoints and label identities.
         let mut ep_ids = Vec::with_capacity(eps.len());
         let mut ep_identity = Vec::with_capacity(eps.len());
+        let mut selector_labels: Vec<Labels> = Vec::with_capacity(eps.len());
         for ep in eps {
             let id = self.endpoints.get((ep.namespace.clone(), ep.name.clone()));
             let labels = ep.selector_labels();
             let names = port_names(ep);
             let named_ports = names.iter().map(|(n, proto, port)| format!("{n}={port}/{proto}")).collect();
             let identity = self.labels.get((ep.namespace.clone(), labels.clone(), names));
-            out.identities.insert(identity, IdentityKind::Labels { namespace: ep.namespace.clone(), labels, named_ports });
+            out.identities.insert(identity, IdentityKind::Labels { namespace: ep.namespace.clone(), labels: labels.clone(), named_ports });
+            selector_labels.push(labels);
             out.endpoints.insert(
                 id,
                 CompiledEndpoint {
@@ -403,28 +436,37 @@ impl Compiler {
             identity_pods.entry(*id).or_default().push(i);
         }
 
+        // A policy's entries depend on the inventory and, when it has ipBlock peers, on the
+        // prefixes in force (an ipBlock resolves to the trie prefixes inside it). A policy that
+        // is unchanged since the last compile in the same environment reuses its part: a policy
+        // change recompiles that policy alone. What follows (rule ids, the capacity check, the
+        // merge) runs over every policy in order as before, so the result is the full compile's.
+        if self.cache.inventory.as_ref() != Some(inventory) {
+            self.cache.inventory = Some(inventory.clone());
+            self.cache.inventory_generation += 1;
+        }
+        if self.cache.blocks != blocks {
+            self.cache.blocks = blocks.clone();
+            self.cache.blocks_generation += 1;
+        }
+        let mut cached = std::mem::take(&mut self.cache.parts);
+        let mut parts: HashMap<String, PolicyPart> = HashMap::with_capacity(set.policies.len());
+        let resolution = Resolution { inventory, selector_labels: &selector_labels, identity_pods: &identity_pods, cidr_prefixes: &cidr_prefixes, ep_ids: &ep_ids, ep_identity: &ep_identity };
         // POLICY keys of the policies past the tipping point, only counted.
-        let mut left_out: std::collections::HashSet<PolicyKey> = std::collections::HashSet::new();
+        let mut left_out: HashSet<PolicyKey> = HashSet::new();
         for (pi, p) in set.policies.iter().enumerate() {
-            out.policies.push(PolicyRef { key: p.key(), source: p.source.clone() });
-            // This policy's allow entries, then whether they fit.
-            let mut entries: Vec<(PolicyKey, PolicyValue)> = Vec::new();
-            // Only local endpoints are isolated here; a peer-only pod's node isolates it.
-            let selected: Vec<usize> = eps
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| !e.peer_only)
-                .filter(|(_, e)| e.namespace == p.namespace && p.pod_selector.matches(&e.selector_labels()))
-                .map(|(i, _)| i)
-                .collect();
-            for (direction, isolated, rules) in [
-                (DIRECTION_INGRESS, p.ingress_isolation, &p.ingress),
-                (DIRECTION_EGRESS, p.egress_isolation, &p.egress),
-            ] {
+            let key = p.key();
+            out.policies.push(PolicyRef { key: key.clone(), source: p.source.clone() });
+            let environment = (self.cache.inventory_generation, if has_ip_blocks(p) { self.cache.blocks_generation } else { 0 });
+            let part = match cached.remove(&key) {
+                Some(part) if part.environment == environment && part.policy == *p => part,
+                _ => resolution.part(p, environment),
+            };
+            for (direction, isolated) in [(DIRECTION_INGRESS, p.ingress_isolation), (DIRECTION_EGRESS, p.egress_isolation)] {
                 if !isolated {
                     continue;
                 }
-                for &s in &selected {
+                for &s in &part.selected {
                     let id = ep_ids[s];
                     if let Some(cfg) = out.endpoint_config.get_mut(&id) {
                         cfg.flags |= if direction == DIRECTION_INGRESS { EP_ISOLATED_INGRESS } else { EP_ISOLATED_EGRESS };
@@ -433,44 +475,13 @@ impl Compiler {
                         if direction == DIRECTION_INGRESS { ce.ingress_policies.push(pi) } else { ce.egress_policies.push(pi) }
                     }
                 }
-                for (ri, rule) in rules.iter().enumerate() {
-                    let rule_id = out.rules.len() as u32;
-                    out.rules.push(RuleRef {
-                        policy: p.key(),
-                        source: p.source.clone(),
-                        direction: if direction == DIRECTION_INGRESS { "ingress" } else { "egress" },
-                        index: ri,
-                        summary: summarize(rule, direction),
-                        named_ports: rule
-                            .ports
-                            .iter()
-                            .filter_map(|pp| match &pp.port {
-                                PortSpec::Named(n) => Some((n.clone(), pp.protocol)),
-                                _ => None,
-                            })
-                            .collect(),
-                    });
-                    let targets = self.resolve_peers(p, rule, inventory, &identity_pods, &cidr_prefixes);
-                    for &s in &selected {
-                        let local = ep_ids[s];
-                        for t in &targets {
-                            for (peer, proto, plen, port) in ports_for(rule, direction, &eps[s], t, eps, &ep_identity) {
-                                let key = PolicyKey {
-                                    endpoint_id: local,
-                                    peer_identity: peer,
-                                    direction,
-                                    protocol: proto,
-                                    port_plen: plen,
-                                    _pad: 0,
-                                    port,
-                                    _pad2: 0,
-                                };
-                                entries.push((key, PolicyValue { rule_id, _pad: 0 }));
-                            }
-                        }
-                    }
-                }
             }
+            let first_rule = out.rules.len() as u32;
+            out.rules.extend(part.rules.iter().cloned());
+            // This policy's allow entries, then whether they fit.
+            let entries: Vec<(PolicyKey, PolicyValue)> =
+                part.entries.iter().map(|(k, r)| (*k, PolicyValue { rule_id: first_rule + r, _pad: 0 })).collect();
+            parts.insert(key, part);
             if tipped.is_none() {
                 let fresh: BTreeSet<&PolicyKey> = entries.iter().map(|(k, _)| k).filter(|k| !out.policy.contains_key(k)).collect();
                 if out.policy.len() + fresh.len() > cap.policy {
@@ -495,6 +506,7 @@ impl Compiler {
                 }
             }
         }
+        self.cache.parts = parts;
         out.usage.policy = out.policy.len() + left_out.len();
         if let Some((t, map)) = tipped {
             let what = match set.policies.get(t) {
@@ -512,15 +524,94 @@ impl Compiler {
         }
         out
     }
+}
 
-    fn resolve_peers(
-        &mut self,
-        p: &NetworkPolicy,
-        rule: &Rule,
-        inventory: &Inventory,
-        identity_pods: &BTreeMap<u32, Vec<usize>>,
-        cidr_prefixes: &[(Cidr, u32, Option<usize>)],
-    ) -> Vec<Target> {
+/// One policy's compiled part: what it selects, its rules and its allow entries (rule ids
+/// relative to its first rule), with the policy and the environment it was compiled in.
+#[derive(Debug, Clone)]
+struct PolicyPart {
+    policy: NetworkPolicy,
+    /// (inventory generation, prefixes generation or 0 for a policy without ipBlock peers).
+    environment: (u64, u64),
+    /// Local endpoints (inventory indexes) its podSelector selects.
+    selected: Vec<usize>,
+    rules: Vec<RuleRef>,
+    entries: Vec<(PolicyKey, u32)>,
+}
+
+/// What compiling one policy reads: the inventory and what the compile derived from it.
+struct Resolution<'a> {
+    inventory: &'a Inventory,
+    /// Each endpoint's labels as selectors see them (service account included).
+    selector_labels: &'a [Labels],
+    identity_pods: &'a BTreeMap<u32, Vec<usize>>,
+    cidr_prefixes: &'a [(Cidr, u32, Option<usize>)],
+    ep_ids: &'a [u32],
+    ep_identity: &'a [u32],
+}
+
+impl Resolution<'_> {
+    fn part(&self, p: &NetworkPolicy, environment: (u64, u64)) -> PolicyPart {
+        let eps = &self.inventory.endpoints;
+        // Only local endpoints are isolated here; a peer-only pod's node isolates it.
+        let selected: Vec<usize> = eps
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| !e.peer_only && e.namespace == p.namespace && p.pod_selector.matches(&self.selector_labels[*i]))
+            .map(|(i, _)| i)
+            .collect();
+        let mut rules = Vec::new();
+        let mut entries = Vec::new();
+        for (direction, isolated, policy_rules) in [
+            (DIRECTION_INGRESS, p.ingress_isolation, &p.ingress),
+            (DIRECTION_EGRESS, p.egress_isolation, &p.egress),
+        ] {
+            if !isolated {
+                continue;
+            }
+            for (ri, rule) in policy_rules.iter().enumerate() {
+                let rule_index = rules.len() as u32;
+                rules.push(RuleRef {
+                    policy: p.key(),
+                    source: p.source.clone(),
+                    direction: if direction == DIRECTION_INGRESS { "ingress" } else { "egress" },
+                    index: ri,
+                    summary: summarize(rule, direction),
+                    named_ports: rule
+                        .ports
+                        .iter()
+                        .filter_map(|pp| match &pp.port {
+                            PortSpec::Named(n) => Some((n.clone(), pp.protocol)),
+                            _ => None,
+                        })
+                        .collect(),
+                });
+                let targets = self.resolve_peers(p, rule);
+                for &s in &selected {
+                    let local = self.ep_ids[s];
+                    for t in &targets {
+                        for (peer, proto, plen, port) in ports_for(rule, direction, &eps[s], t, eps, self.ep_identity) {
+                            let key = PolicyKey {
+                                endpoint_id: local,
+                                peer_identity: peer,
+                                direction,
+                                protocol: proto,
+                                port_plen: plen,
+                                _pad: 0,
+                                port,
+                                _pad2: 0,
+                            };
+                            entries.push((key, rule_index));
+                        }
+                    }
+                }
+            }
+        }
+        PolicyPart { policy: p.clone(), environment, selected, rules, entries }
+    }
+
+    fn resolve_peers(&self, p: &NetworkPolicy, rule: &Rule) -> Vec<Target> {
+        let (inventory, identity_pods, cidr_prefixes) = (self.inventory, self.identity_pods, self.cidr_prefixes);
         if rule.peers.is_empty() {
             // Any peer; egress named ports resolve against every pod.
             return vec![Target { id: IDENTITY_ANY, endpoints: (0..inventory.endpoints.len()).collect() }];
@@ -536,7 +627,7 @@ impl Compiler {
                             None => ep.namespace == p.namespace,
                             Some(sel) => inventory.namespace_labels(&ep.namespace).is_some_and(|l| sel.matches(l)),
                         };
-                        let pod_ok = pod_selector.as_ref().is_none_or(|sel| sel.matches(&ep.selector_labels()));
+                        let pod_ok = pod_selector.as_ref().is_none_or(|sel| sel.matches(&self.selector_labels[first]));
                         if ns_ok && pod_ok {
                             by_id.entry(*id).or_default().extend(pods.iter().copied());
                         }
@@ -569,6 +660,10 @@ impl Compiler {
             })
             .collect()
     }
+}
+
+fn has_ip_blocks(p: &NetworkPolicy) -> bool {
+    p.ingress.iter().chain(&p.egress).any(|r| r.peers.iter().any(|peer| matches!(peer, Peer::IpBlock(_))))
 }
 
 /// A prefix's address in the trie's 16-byte form, as a number (IPv4 as `::ffff:a.b.c.d`).

@@ -64,7 +64,9 @@ pub struct Segmentation {
     /// Shared with the endpoint table it came from (never copied).
     inventory: Arc<Inventory>,
     policies: PolicySet,
-    compiled: Compiled,
+    compiled: Arc<Compiled>,
+    /// The policy files as last read: a reload reads and parses only the files that changed.
+    policy_files: policy::PolicyFileCache,
 }
 
 impl Segmentation {
@@ -76,7 +78,7 @@ impl Segmentation {
     /// in force degraded (its pods isolated, the allows that fit): there is no last good set yet.
     pub fn with_capacity(inventory: impl Into<Arc<Inventory>>, policies: PolicySet, capacity: Capacity) -> Segmentation {
         let inventory = inventory.into();
-        let mut s = Segmentation { compiler: Compiler::with_capacity(capacity), inventory, policies, compiled: Compiled::default() };
+        let mut s = Segmentation { compiler: Compiler::with_capacity(capacity), inventory, policies, compiled: Arc::default(), policy_files: Default::default() };
         s.recompile();
         s
     }
@@ -85,7 +87,7 @@ impl Segmentation {
     /// valid policy, plus the last good version of each rejected one (see
     /// [`policy::Loaded::with_last_good`]). The report says what was rejected, kept and ignored.
     pub fn load_policies(&mut self, paths: &[PathBuf]) -> PolicyReport {
-        let loaded = PolicySet::load_each(paths);
+        let mut loaded = PolicySet::load_each_cached(paths, &mut self.policy_files);
         let (set, kept_last_good) = loaded.with_last_good(&self.policies);
         let mut report = PolicyReport::new(&loaded, &set, kept_last_good);
         if let Err(over) = self.try_set_policies(set) {
@@ -97,7 +99,7 @@ impl Segmentation {
     /// [`Segmentation::load_policies`], with the first rejection as the error (the valid rest
     /// and the last good versions are in force either way).
     pub fn reload_policies(&mut self, paths: &[PathBuf]) -> Result<&Compiled, PolicyError> {
-        let loaded = PolicySet::load_each(paths);
+        let mut loaded = PolicySet::load_each_cached(paths, &mut self.policy_files);
         let (set, _) = loaded.with_last_good(&self.policies);
         self.set_policies(set);
         match loaded.rejected.into_iter().next() {
@@ -114,7 +116,7 @@ impl Segmentation {
             return Err(over);
         }
         self.policies = policies;
-        self.compiled = compiled;
+        self.compiled = Arc::new(compiled);
         Ok(&self.compiled)
     }
 
@@ -135,6 +137,18 @@ impl Segmentation {
         &self.compiled
     }
 
+    /// The contents in force, shared (the datapath sync takes them to the eBPF owner task
+    /// without copying every entry).
+    pub fn compiled_shared(&self) -> Arc<Compiled> {
+        self.compiled.clone()
+    }
+
+    /// A compile of the current inventory and policies from scratch (same ids, no part kept
+    /// from earlier compiles): what the incremental contents must equal. For tests and checks.
+    pub fn full_compile(&self) -> Compiled {
+        self.compiler.without_cache().compile(&self.inventory, &self.policies)
+    }
+
     pub fn capacity(&self) -> Capacity {
         self.compiler.capacity()
     }
@@ -148,6 +162,6 @@ impl Segmentation {
     }
 
     fn recompile(&mut self) {
-        self.compiled = self.compiler.compile(&self.inventory, &self.policies);
+        self.compiled = Arc::new(self.compiler.compile(&self.inventory, &self.policies));
     }
 }

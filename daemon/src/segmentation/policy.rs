@@ -438,9 +438,10 @@ impl Loaded {
     /// The set with the last good version of each rejected policy put back from `previous`:
     /// a policy whose document was rejected keeps its previous version (by namespace/name); a
     /// file rejected as a whole keeps every previous policy that came from it. Returns the set
-    /// and the keys of the policies kept that way.
-    pub fn with_last_good(&self, previous: &PolicySet) -> (PolicySet, Vec<String>) {
-        let mut set = self.set.clone();
+    /// and the keys of the policies kept that way. The valid set moves out of `self` (a reload
+    /// of 10,000 policies does not copy them).
+    pub fn with_last_good(&mut self, previous: &PolicySet) -> (PolicySet, Vec<String>) {
+        let mut set = std::mem::take(&mut self.set);
         let mut kept = Vec::new();
         for r in &self.rejected {
             let prefix = format!("{}: document ", r.file.display());
@@ -459,6 +460,54 @@ impl Loaded {
     }
 }
 
+/// The policies of each file that loaded cleanly, by path, with the file's identity when read
+/// (see [`PolicySet::load_each_cached`]).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyFileCache {
+    files: std::collections::HashMap<PathBuf, CachedFile>,
+}
+
+#[derive(Debug, Clone)]
+struct CachedFile {
+    stamp: FileStamp,
+    size: u64,
+    policies: Vec<NetworkPolicy>,
+}
+
+/// What tells a file's versions apart without reading it: device, inode (a rename or a
+/// ConfigMap's symlink swap is a new inode), size, and the modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).ok()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// Whether a later write is sure to change the stamp: file times advance in clock ticks,
+    /// so a write in the tick of the last one may leave size and times as they were. A file
+    /// changed within the last second is read again at the next load, not taken from the cache.
+    fn settled(&self) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+        now - self.mtime_ns.max(self.ctime_ns) > 1_000_000_000
+    }
+}
+
 impl PolicySet {
     /// Loads files and directories (`*.yaml`, `*.yml`, sorted, not recursive); strict: the
     /// first error (offline tools; the daemon uses `load_each`).
@@ -473,7 +522,16 @@ impl PolicySet {
     /// Loads every valid document of every path; each unreadable file, non-YAML file, invalid
     /// document and duplicate is reported in `rejected` and the rest still loads.
     pub fn load_each<P: AsRef<Path>>(paths: &[P]) -> Loaded {
+        PolicySet::load_each_cached(paths, &mut PolicyFileCache::default())
+    }
+
+    /// [`PolicySet::load_each`], reading and parsing again only the files that changed since
+    /// `cache` saw them (a reload after one file changed reads one file); the checks across
+    /// files (duplicates, budgets, the load's byte limit) run over every file as before.
+    pub fn load_each_cached<P: AsRef<Path>>(paths: &[P], cache: &mut PolicyFileCache) -> Loaded {
         let mut loaded = Loaded::default();
+        let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut next_cache = PolicyFileCache::default();
         let mut files = Vec::new();
         for path in paths {
             let path = path.as_ref();
@@ -531,46 +589,26 @@ impl PolicySet {
         let mut read_bytes = 0u64;
         let mut set_budget = Budget::default();
         for (file, from_dir) in files {
-            let whole_file = |error| Rejected { file: file.clone(), policy: None, error };
-            let remaining = MAX_POLICY_LOAD_BYTES.saturating_sub(read_bytes);
-            let text = match crate::yaml::read_limited(&file, MAX_POLICY_FILE_BYTES.min(remaining)) {
-                Ok(text) => text,
-                Err(crate::yaml::YamlInputError::Read(source)) => {
-                    loaded.rejected.push(whole_file(PolicyError::Read { path: file.clone(), source }));
-                    continue;
+            let stamp = FileStamp::of(&file);
+            let cached = stamp.and_then(|stamp| cache.files.remove(&file).filter(|c| c.stamp == stamp));
+            let policies = match cached {
+                Some(c) if read_bytes + c.size <= MAX_POLICY_LOAD_BYTES => {
+                    read_bytes += c.size;
+                    let policies = c.policies.clone();
+                    next_cache.files.insert(file.clone(), c);
+                    policies
                 }
-                Err(crate::yaml::YamlInputError::TooLarge { size, limit }) if limit < MAX_POLICY_FILE_BYTES => {
-                    let source = std::io::Error::other(format!(
-                        "{size} bytes would take this load past the {MAX_POLICY_LOAD_BYTES} bytes one load of policy files may read"
-                    ));
-                    loaded.rejected.push(whole_file(PolicyError::Read { path: file.clone(), source }));
-                    continue;
-                }
-                Err(source) => {
-                    loaded.rejected.push(whole_file(PolicyError::Limit { path: file.clone(), source }));
-                    continue;
+                _ => {
+                    let Some((policies, size)) = PolicySet::read_file(&file, from_dir, &mut read_bytes, &mut loaded) else { continue };
+                    // Only a file that loaded cleanly is kept (a rejection is told again at every load).
+                    if let (Some(size), Some(stamp)) = (size, stamp.filter(|s| s.settled())) {
+                        next_cache.files.insert(file.clone(), CachedFile { stamp, size, policies: policies.clone() });
+                    }
+                    policies
                 }
             };
-            read_bytes += text.len() as u64;
-            let text = crate::yaml::strip_bom(&text);
-            // Before anything parses it (also the look for Kubernetes objects below).
-            if let Err(source) = crate::yaml::check(text, MAX_POLICY_FILE_BYTES) {
-                loaded.rejected.push(whole_file(PolicyError::Limit { path: file.clone(), source }));
-                continue;
-            }
-            if from_dir && !looks_like_k8s_objects(text) {
-                // e.g. an endpoint inventory kept beside the policies: not ours to judge, but
-                // reported (never passed over silently).
-                loaded.skipped.push(Skipped {
-                    file: file.clone(),
-                    reason: "no document has kind or apiVersion (not a Kubernetes object, e.g. an inventory)".into(),
-                });
-                continue;
-            }
-            let (policies, rejected) = PolicySet::parse_each(text, &file);
-            loaded.rejected.extend(rejected);
             for p in policies {
-                if let Some(first) = loaded.set.policies.iter().find(|q| q.key() == p.key()) {
+                if let Some(first) = seen.get(&p.key()).map(|&i| &loaded.set.policies[i]) {
                     let document = p.source.rsplit_once("document ").and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
                     let error = PolicyError::Duplicate {
                         path: file.clone(),
@@ -587,10 +625,59 @@ impl PolicySet {
                     loaded.rejected.push(Rejected { file: file.clone(), policy: Some(p.key()), error });
                     continue;
                 }
+                seen.insert(p.key(), loaded.set.policies.len());
                 loaded.set.policies.push(p);
             }
         }
+        *cache = next_cache;
         loaded
+    }
+
+    /// Reads, checks and parses one policy file, counting its bytes against the load's limit.
+    /// What it rejects or skips goes into `loaded`; None when nothing of the file loads. The
+    /// size is given when every document of the file was valid (so it may be cached).
+    fn read_file(file: &Path, from_dir: bool, read_bytes: &mut u64, loaded: &mut Loaded) -> Option<(Vec<NetworkPolicy>, Option<u64>)> {
+        let whole_file = |error| Rejected { file: file.to_path_buf(), policy: None, error };
+        let remaining = MAX_POLICY_LOAD_BYTES.saturating_sub(*read_bytes);
+        let text = match crate::yaml::read_limited(file, MAX_POLICY_FILE_BYTES.min(remaining)) {
+            Ok(text) => text,
+            Err(crate::yaml::YamlInputError::Read(source)) => {
+                loaded.rejected.push(whole_file(PolicyError::Read { path: file.to_path_buf(), source }));
+                return None;
+            }
+            Err(crate::yaml::YamlInputError::TooLarge { size, limit }) if limit < MAX_POLICY_FILE_BYTES => {
+                let source = std::io::Error::other(format!(
+                    "{size} bytes would take this load past the {MAX_POLICY_LOAD_BYTES} bytes one load of policy files may read"
+                ));
+                loaded.rejected.push(whole_file(PolicyError::Read { path: file.to_path_buf(), source }));
+                return None;
+            }
+            Err(source) => {
+                loaded.rejected.push(whole_file(PolicyError::Limit { path: file.to_path_buf(), source }));
+                return None;
+            }
+        };
+        *read_bytes += text.len() as u64;
+        let size = text.len() as u64;
+        let text = crate::yaml::strip_bom(&text);
+        // Before anything parses it (also the look for Kubernetes objects below).
+        if let Err(source) = crate::yaml::check(text, MAX_POLICY_FILE_BYTES) {
+            loaded.rejected.push(whole_file(PolicyError::Limit { path: file.to_path_buf(), source }));
+            return None;
+        }
+        if from_dir && !looks_like_k8s_objects(text) {
+            // e.g. an endpoint inventory kept beside the policies: not ours to judge, but
+            // reported (never passed over silently).
+            loaded.skipped.push(Skipped {
+                file: file.to_path_buf(),
+                reason: "no document has kind or apiVersion (not a Kubernetes object, e.g. an inventory)".into(),
+            });
+            return None;
+        }
+        let (policies, rejected) = PolicySet::parse_each(text, file);
+        let clean = rejected.is_empty();
+        loaded.rejected.extend(rejected);
+        Some((policies, clean.then_some(size)))
     }
 
     /// Parses one (multi-document) YAML text; `path` only names the source in errors. Strict:
@@ -1060,7 +1147,7 @@ mod tests {
         std::fs::write(dir.join("1.yaml"), format!("{}---\n{}", doc("a", "81"), doc("b", "0"))).expect("write");
         std::fs::write(dir.join("2.yaml"), "spec: [unclosed").expect("write");
         std::fs::write(dir.join("3.yaml"), doc("d", "80")).expect("write");
-        let second = PolicySet::load_each(&[&dir]);
+        let mut second = PolicySet::load_each(&[&dir]);
         let keys: Vec<String> = second.set.policies.iter().map(|p| p.key()).collect();
         assert_eq!(keys, ["x/a", "x/d"], "the valid rest loads");
         assert_eq!(second.rejected.len(), 2, "{:?}", second.rejected);
@@ -1133,6 +1220,52 @@ mod tests {
         let loaded = PolicySet::load_each(&[&dir]);
         let err = loaded.rejected[0].error.to_string();
         assert!(err.contains("big.yaml") && err.contains(&MAX_POLICY_FILE_BYTES.to_string()), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Issue 17: a reload reads only what changed, and never misses a change: a file rewritten
+    /// in place with the same size at once (same inode, a time that may not have moved) is read
+    /// again; removed files go; duplicates across cached files are still caught.
+    #[test]
+    fn a_cached_load_reads_what_changed_and_misses_nothing() {
+        let dir = std::env::temp_dir().join(format!("palisade-policy-cache-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).expect("dir");
+        let doc = |name: &str, port: u16| {
+            format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress: [{{ports: [{{port: {port}}}]}}]\n")
+        };
+        let port_of = |loaded: &Loaded, name: &str| -> Option<String> {
+            loaded.set.policies.iter().find(|p| p.name == name).map(|p| p.ingress[0].ports[0].to_string())
+        };
+        std::fs::write(dir.join("a.yaml"), doc("a", 1001)).expect("write");
+        std::fs::write(dir.join("b.yaml"), doc("b", 2001)).expect("write");
+        let mut cache = PolicyFileCache::default();
+        // Just written: read, not cached yet (a write in the same clock tick could follow).
+        let loaded = PolicySet::load_each_cached(&[&dir], &mut cache);
+        assert_eq!(loaded.set.policies.len(), 2);
+        assert!(cache.files.is_empty(), "files changed within the last second are not cached");
+        std::fs::write(dir.join("b.yaml"), doc("b", 2002)).expect("rewrite in place, same size");
+        let loaded = PolicySet::load_each_cached(&[&dir], &mut cache);
+        assert_eq!(port_of(&loaded, "b").as_deref(), Some("TCP/2002"), "{:?}", loaded.set);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let loaded = PolicySet::load_each_cached(&[&dir], &mut cache);
+        assert_eq!(cache.files.len(), 2, "settled files are cached");
+        assert_eq!(port_of(&loaded, "a").as_deref(), Some("TCP/1001"));
+        // A cached file rewritten in place (same size, same inode) and one replaced by a rename.
+        std::fs::write(dir.join("a.yaml"), doc("a", 1002)).expect("rewrite in place");
+        std::fs::write(dir.join("c.tmp"), doc("b", 2003)).expect("staged");
+        std::fs::rename(dir.join("c.tmp"), dir.join("b.yaml")).expect("rename");
+        let loaded = PolicySet::load_each_cached(&[&dir], &mut cache);
+        assert_eq!(port_of(&loaded, "a").as_deref(), Some("TCP/1002"));
+        assert_eq!(port_of(&loaded, "b").as_deref(), Some("TCP/2003"));
+        // A second file naming a cached policy is a duplicate; a removed file's policy goes.
+        std::fs::write(dir.join("d.yaml"), doc("a", 4001)).expect("write");
+        std::fs::remove_file(dir.join("b.yaml")).expect("remove");
+        let loaded = PolicySet::load_each_cached(&[&dir], &mut cache);
+        assert_eq!(loaded.set.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(port_of(&loaded, "a").as_deref(), Some("TCP/1002"), "the first file's stays in force");
+        assert!(loaded.rejected.iter().any(|r| r.error.to_string().contains("d.yaml")), "{:?}", loaded.rejected);
+        assert!(!cache.files.contains_key(&dir.join("b.yaml")));
         std::fs::remove_dir_all(&dir).ok();
     }
 
