@@ -63,3 +63,29 @@ fn a_burst_of_policy_files_is_enforced_in_full_without_a_sync_storm() {
     assert_eq!(policies["policies"], FILES, "{policies:#}");
     assert_eq!(policies["policy_report"]["rejected"], serde_json::json!([]), "{policies:#}");
 }
+
+/// Issue 17: SIGTERM stops `palisade run` promptly (the bound here is generous: it is about
+/// exiting at all; the time is printed) and the log says what stays in force in the kernel.
+#[test]
+fn sigterm_stops_the_daemon_and_the_log_says_what_stays_in_force() {
+    if !require_kernel("sigterm_stops_the_daemon_and_the_log_says_what_stays_in_force") {
+        return;
+    }
+    let mut daemon = DaemonGuard::start(DaemonOptions::new("policy_sigterm", INVENTORY).policy("burst-0.yaml", &policy(0)));
+    let stopped = daemon.stop_with(libc::SIGTERM);
+    let log = daemon.log();
+    let (status, took) = stopped.unwrap_or_else(|| panic!("palisade run did not exit within 10 s of SIGTERM\n{log}"));
+    println!("exited {status} {took:?} after SIGTERM; the daemon's last lines:");
+    for line in log.lines().rev().take(4).collect::<Vec<_>>().into_iter().rev() {
+        println!("  {line}");
+    }
+    assert!(status.success(), "exit status {status}\n{log}");
+    let stopping = log.lines().find(|l| l.contains("stopping; in force in the kernel")).unwrap_or_else(|| panic!("no stopping line\n{log}"));
+    for what in ["pin_dir=", "quarantined=0", "attached_endpoints=", "the policies"] {
+        assert!(stopping.contains(what), "{what} missing from {stopping}");
+    }
+    assert!(stopping.contains(&daemon.pin_dir.display().to_string()), "{stopping}");
+    assert!(log.lines().any(|l| l.contains("stopped") && l.contains("took_ms")), "{log}");
+    // What it said stays: the pinned policy map is still there.
+    assert!(daemon.pin_dir.join(palisade_common::MAP_SEG_POLICY).exists(), "the pinned maps are gone");
+}

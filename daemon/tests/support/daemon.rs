@@ -380,18 +380,25 @@ impl DaemonGuard {
 
     /// Stops the daemon now (SIGINT, SIGKILL after 10 s); returns whether it exited by itself.
     pub fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return true };
+        self.stop_with(libc::SIGINT).is_some()
+    }
+
+    /// Sends `signal` to the daemon and waits up to 10 s for it to exit (then SIGKILL): its exit
+    /// status and how long it took, or None when it had to be killed (or was not running).
+    pub fn stop_with(&mut self, signal: i32) -> Option<(std::process::ExitStatus, Duration)> {
+        let mut child = self.child.take()?;
+        let sent = Instant::now();
         // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = sent + Duration::from_secs(10);
         loop {
             match child.try_wait() {
-                Ok(Some(_)) => return true,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Ok(Some(status)) => return Some((status, sent.elapsed())),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return false;
+                    return None;
                 }
             }
         }
