@@ -353,7 +353,7 @@ fn kube_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
     let mut enforcer = runtime
         .block_on(palisade::enforcement::Enforcer::start(
             host,
-            inventory,
+            Arc::new(inventory),
             set.clone(),
             Default::default(),
             Vec::new(),
