@@ -215,25 +215,85 @@ impl Compiled {
     }
 }
 
-/// Stable id allocation: the same name keeps its id across compiles of one `Compiler`, so a
+/// Stable id allocation: the same key keeps its id across compiles of one `Compiler`, so a
 /// recompile after a small change yields a small diff.
+///
+/// Bounded (issue 18): at the end of each compile, a key that neither it nor the compile in force
+/// ([`Compiler::in_force`]) used is forgotten (a pod, label set or prefix that is gone; a set
+/// compiled and then refused over capacity does not cost the set in force its ids). A compiler
+/// never told what is in force (offline tools) forgets nothing. Ids are handed out in
+/// order from `[first, end)` and wrap around to ids no kept key holds, so label identities
+/// never reach the CIDR range however many label sets come and go, and an id is handed out
+/// again only after the rest of the range went by since it was freed (long after the maps
+/// dropped every entry that used it).
 #[derive(Debug, Clone)]
 struct Alloc<K: Ord> {
-    ids: BTreeMap<K, u32>,
+    /// Key -> (id, the compile that last used it).
+    ids: BTreeMap<K, (u32, u64)>,
+    in_use: HashSet<u32>,
     next: u32,
+    first: u32,
+    end: u32,
+    /// The compile under way (counts `forget_unused` calls).
+    compile: u64,
+    /// Keys last used before this compile are forgotten (the compile in force).
+    kept_from: u64,
 }
 
-impl<K: Ord> Alloc<K> {
-    fn new(first: u32) -> Self {
-        Alloc { ids: BTreeMap::new(), next: first }
+impl<K: Ord + Clone> Alloc<K> {
+    fn new(first: u32, end: u32) -> Self {
+        Alloc { ids: BTreeMap::new(), in_use: HashSet::new(), next: first, first, end, compile: 0, kept_from: 0 }
     }
-    fn get(&mut self, k: K) -> u32 {
-        let next = &mut self.next;
-        *self.ids.entry(k).or_insert_with(|| {
-            let id = *next;
-            *next += 1;
-            id
-        })
+
+    /// The key's id; None only when every id of the range is held by a kept key (more than
+    /// the range's size of distinct keys in two compiles: far beyond what the maps hold).
+    fn get(&mut self, k: K) -> Option<u32> {
+        let compile = self.compile;
+        if let Some((id, used)) = self.ids.get_mut(&k) {
+            *used = compile;
+            return Some(*id);
+        }
+        let id = self.fresh()?;
+        self.ids.insert(k, (id, compile));
+        Some(id)
+    }
+
+    fn fresh(&mut self) -> Option<u32> {
+        if self.in_use.len() >= (self.end - self.first) as usize {
+            return None;
+        }
+        // At most one lap: an id not in use exists.
+        loop {
+            let id = self.next;
+            self.next = if id + 1 >= self.end { self.first } else { id + 1 };
+            if self.in_use.insert(id) {
+                return Some(id);
+            }
+        }
+    }
+
+    /// Ends a compile: forgets the keys neither it nor the compile in force used.
+    fn forget_unused(&mut self) {
+        let keep_from = self.kept_from;
+        let in_use = &mut self.in_use;
+        self.ids.retain(|_, (id, used)| {
+            let keep = *used >= keep_from;
+            if !keep {
+                in_use.remove(id);
+            }
+            keep
+        });
+        self.compile += 1;
+    }
+
+    /// The compile that just ended is in force.
+    fn in_force(&mut self) {
+        self.kept_from = self.compile.saturating_sub(1);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ids.len()
     }
 }
 
@@ -260,9 +320,9 @@ struct PartCache {
 impl Default for Compiler {
     fn default() -> Self {
         Compiler {
-            labels: Alloc::new(IDENTITY_LABEL_FIRST),
-            cidrs: Alloc::new(IDENTITY_CIDR_FIRST),
-            endpoints: Alloc::new(1),
+            labels: Alloc::new(IDENTITY_LABEL_FIRST, IDENTITY_CIDR_FIRST),
+            cidrs: Alloc::new(IDENTITY_CIDR_FIRST, u32::MAX),
+            endpoints: Alloc::new(1, u32::MAX),
             capacity: Capacity::default(),
             cache: PartCache::default(),
         }
@@ -301,6 +361,14 @@ impl Compiler {
         self.capacity
     }
 
+    /// The last compile's output went in force: the ids it used are kept, and from the next
+    /// compile on, keys used neither by that compile nor by the one in force are forgotten.
+    pub fn in_force(&mut self) {
+        self.labels.in_force();
+        self.cidrs.in_force();
+        self.endpoints.in_force();
+    }
+
     /// This compiler with its ids but without the parts kept from earlier compiles: its next
     /// compile computes every policy afresh (what an incremental compile must equal).
     pub fn without_cache(&self) -> Compiler {
@@ -322,12 +390,21 @@ impl Compiler {
         let mut ep_ids = Vec::with_capacity(eps.len());
         let mut ep_identity = Vec::with_capacity(eps.len());
         let mut selector_labels: Vec<Labels> = Vec::with_capacity(eps.len());
+        // An id range used up (see `Alloc`): nothing is allowed (fail closed).
+        let mut exhausted = false;
         for ep in eps {
-            let id = self.endpoints.get((ep.namespace.clone(), ep.name.clone()));
             let labels = ep.selector_labels();
             let names = port_names(ep);
             let named_ports = names.iter().map(|(n, proto, port)| format!("{n}={port}/{proto}")).collect();
-            let identity = self.labels.get((ep.namespace.clone(), labels.clone(), names));
+            let (Some(id), Some(identity)) =
+                (self.endpoints.get((ep.namespace.clone(), ep.name.clone())), self.labels.get((ep.namespace.clone(), labels.clone(), names)))
+            else {
+                exhausted = true;
+                ep_ids.push(0);
+                ep_identity.push(0);
+                selector_labels.push(labels);
+                continue;
+            };
             out.identities.insert(identity, IdentityKind::Labels { namespace: ep.namespace.clone(), labels: labels.clone(), named_ports });
             selector_labels.push(labels);
             out.endpoints.insert(
@@ -395,11 +472,19 @@ impl Compiler {
         let mut cidr_prefixes: Vec<(Cidr, u32, Option<usize>)> = Vec::new();
         let mut pod_hosts: BTreeSet<Cidr> = BTreeSet::new();
         for (i, ep) in eps.iter().enumerate() {
+            if ep_identity[i] == 0 {
+                // Left out: its ids could not be allocated (`exhausted`).
+                continue;
+            }
             for ip in &ep.ips {
                 let host = Cidr::host(*ip);
                 pod_hosts.insert(host);
-                let covered = blocks.iter().any(|b| b.contains(*ip));
-                let cidr_identity = if covered { self.cidrs.get(host) } else { 0 };
+                let cidr_identity = if blocks.iter().any(|b| b.contains(*ip)) { self.cidrs.get(host) } else { Some(0) };
+                let Some(cidr_identity) = cidr_identity else {
+                    exhausted = true;
+                    continue;
+                };
+                let covered = cidr_identity != 0;
                 if covered {
                     out.identities.insert(cidr_identity, IdentityKind::Cidr { cidr: host.to_string() });
                     cidr_prefixes.push((host, cidr_identity, Some(i)));
@@ -416,7 +501,10 @@ impl Compiler {
             if pod_hosts.contains(b) {
                 continue;
             }
-            let id = self.cidrs.get(*b);
+            let Some(id) = self.cidrs.get(*b) else {
+                exhausted = true;
+                continue;
+            };
             out.identities.insert(id, IdentityKind::Cidr { cidr: b.to_string() });
             cidr_prefixes.push((*b, id, None));
             out.ipcache.insert(LpmKey::from_cidr(b), IpCacheValue { identity: id, cidr_identity: id, endpoint_id: 0, _pad: 0 });
@@ -432,9 +520,17 @@ impl Compiler {
         }
         // Label identities present, with their pods.
         let mut identity_pods: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, id) in ep_identity.iter().enumerate() {
+        for (i, id) in ep_identity.iter().enumerate().filter(|(_, id)| **id != 0) {
             identity_pods.entry(*id).or_default().push(i);
         }
+        if exhausted {
+            // Never seen in practice (more distinct keys in two compiles than an id range
+            // holds): every pod stays isolated by its policies and no policy allows anything.
+            tipped = Some((0, "ENDPOINTS"));
+        }
+        self.labels.forget_unused();
+        self.cidrs.forget_unused();
+        self.endpoints.forget_unused();
 
         // A policy's entries depend on the inventory and, when it has ipBlock peers, on the
         // prefixes in force (an ipBlock resolves to the trie prefixes inside it). A policy that
@@ -1007,5 +1103,97 @@ mod tests {
         assert!(e.allowed && e.egress_policies.is_empty(), "{e:?}");
         assert!(e.families[0].egress.contains("not enforced here"), "{e:?}");
         assert!(e.families[0].ingress.contains("shop/web-ingress"), "{e:?}");
+    }
+
+    #[test]
+    fn id_tables_stay_bounded_under_churn_and_label_ids_never_reach_the_cidr_range() {
+        use std::path::Path;
+
+        use crate::segmentation::lookup::lookup;
+
+        // Hostile churn (issue 18): every round brings pods, label sets and ipBlock prefixes
+        // never seen before (a rollout's pod-template-hash, a CronJob's controller-uid). The
+        // label range is cut to 64 ids so that the churn wraps it many times over.
+        let mut compiler = Compiler::default();
+        let label_end = IDENTITY_LABEL_FIRST + 64;
+        compiler.labels = Alloc::new(IDENTITY_LABEL_FIRST, label_end);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut previous: BTreeSet<u32> = BTreeSet::new();
+        for round in 0..1_000u32 {
+            let inventory = Inventory::parse(
+                &[
+                    "endpoints:".to_string(),
+                    format!("  - {{namespace: shop, name: web-{round}, labels: {{app: web, rev: r{round}}}, ips: [198.18.0.1], cgroup: pods/web}}"),
+                    format!("  - {{namespace: shop, name: fe-{round}, labels: {{app: frontend, rev: r{round}}}, ips: [198.18.0.2], cgroup: pods/fe}}"),
+                    format!("  - {{namespace: shop, name: other-{round}, labels: {{app: other, rev: r{round}}}, ips: [198.18.0.3], cgroup: pods/other}}"),
+                ]
+                .join("\n"),
+                Path::new("inv.yaml"),
+            )
+            .expect("inventory");
+            let policies = PolicySet::parse(
+                &[
+                    "apiVersion: networking.k8s.io/v1".to_string(),
+                    "kind: NetworkPolicy".into(),
+                    "metadata: {name: web, namespace: shop}".into(),
+                    "spec:".into(),
+                    "  podSelector: {matchLabels: {app: web}}".into(),
+                    "  ingress:".into(),
+                    "  - from: [{podSelector: {matchLabels: {app: frontend}}}]".into(),
+                    "    ports: [{port: 80}]".into(),
+                    format!("  - from: [{{ipBlock: {{cidr: 10.{}.0.0/16, except: [10.{}.{}.0/24]}}}}]", round % 250, round % 250, round / 250),
+                ]
+                .join("\n"),
+                Path::new("policies.yaml"),
+            )
+            .expect("policies");
+            let c = compiler.compile(&inventory, &policies);
+            compiler.in_force();
+            assert!(c.over_capacity.is_none(), "round {round}: {:?}", c.over_capacity);
+            // The tables hold what the last two compiles used, not everything ever seen.
+            assert!(compiler.endpoints.len() <= 6, "round {round}: {} endpoint keys", compiler.endpoints.len());
+            assert!(compiler.labels.len() <= 6, "round {round}: {} label keys", compiler.labels.len());
+            assert!(compiler.cidrs.len() <= 10, "round {round}: {} prefix keys", compiler.cidrs.len());
+            let labels: BTreeSet<u32> = c.endpoints.values().map(|e| e.identity).collect();
+            assert_eq!(labels.len(), 3, "round {round}: three label sets, three identities");
+            assert!(labels.iter().all(|id| (IDENTITY_LABEL_FIRST..label_end).contains(id)), "round {round}: {labels:?}");
+            // An id is not handed to a new label set while the compile before (maybe the set
+            // still in force) holds it.
+            assert!(labels.is_disjoint(&previous), "round {round}: {labels:?} reuses {previous:?}");
+            assert!(
+                c.identities.iter().all(|(id, kind)| matches!(kind, IdentityKind::Cidr { .. }) == (*id >= IDENTITY_CIDR_FIRST)),
+                "round {round}: {:?}",
+                c.identities
+            );
+            // And the result still says what the policy says.
+            assert!(lookup(&c, ip("198.18.0.2"), ip("198.18.0.1"), 6, 80).allowed, "round {round}");
+            assert!(!lookup(&c, ip("198.18.0.3"), ip("198.18.0.1"), 6, 80).allowed, "round {round}");
+            previous = labels;
+        }
+        // The real ranges: label ids end where CIDR ids begin.
+        let fresh = Compiler::default();
+        assert_eq!(fresh.labels.end, IDENTITY_CIDR_FIRST);
+        assert_eq!(fresh.cidrs.first, IDENTITY_CIDR_FIRST);
+    }
+
+    #[test]
+    fn an_exhausted_id_range_allows_nothing() {
+        use std::path::Path;
+
+        let mut compiler = Compiler::default();
+        compiler.labels = Alloc::new(IDENTITY_LABEL_FIRST, IDENTITY_LABEL_FIRST + 2);
+        let inventory = Inventory::parse(
+            "endpoints:\n  - {namespace: a, name: p1, labels: {x: '1'}, ips: [198.18.0.1], cgroup: pods/p1}\n  - {namespace: a, name: p2, labels: {x: '2'}, ips: [198.18.0.2], cgroup: pods/p2}\n  - {namespace: a, name: p3, labels: {x: '3'}, ips: [198.18.0.3], cgroup: pods/p3}",
+            Path::new("inv.yaml"),
+        )
+        .expect("inventory");
+        let policies = PolicySet::parse(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: open, namespace: a}\nspec:\n  podSelector: {}\n  ingress: [{}]",
+            Path::new("p.yaml"),
+        )
+        .expect("policies");
+        let c = compiler.compile(&inventory, &policies);
+        assert!(c.over_capacity.is_some(), "three label sets, two ids: refused");
+        assert!(c.policy.is_empty(), "nothing allowed: {:?}", c.policy);
     }
 }

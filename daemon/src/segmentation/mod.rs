@@ -115,6 +115,7 @@ impl Segmentation {
         if let Some(over) = compiled.over_capacity.clone() {
             return Err(over);
         }
+        self.compiler.in_force();
         self.policies = policies;
         self.compiled = Arc::new(compiled);
         Ok(&self.compiled)
@@ -163,5 +164,6 @@ impl Segmentation {
 
     fn recompile(&mut self) {
         self.compiled = Arc::new(self.compiler.compile(&self.inventory, &self.policies));
+        self.compiler.in_force();
     }
 }

@@ -486,17 +486,16 @@ struct FileStamp {
 }
 
 impl FileStamp {
-    fn of(path: &Path) -> Option<FileStamp> {
+    fn of(m: &std::fs::Metadata) -> FileStamp {
         use std::os::unix::fs::MetadataExt as _;
-        let m = std::fs::metadata(path).ok()?;
         let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-        Some(FileStamp {
+        FileStamp {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
             mtime_ns: ns(m.mtime(), m.mtime_nsec()),
             ctime_ns: ns(m.ctime(), m.ctime_nsec()),
-        })
+        }
     }
 
     /// Whether a later write is sure to change the stamp: file times advance in clock ticks,
@@ -551,7 +550,7 @@ impl PolicySet {
                         continue;
                     }
                 };
-                let mut yaml_files: Vec<PathBuf> = Vec::new();
+                let mut yaml_files: Vec<(PathBuf, FileStamp)> = Vec::new();
                 for entry in entries {
                     let entry = match entry {
                         Ok(entry) => entry.path(),
@@ -561,7 +560,11 @@ impl PolicySet {
                         }
                     };
                     let name = entry.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    if entry.is_dir() {
+                    // One stat per entry (following a symlink, as a mounted ConfigMap's files
+                    // are): its type here and its stamp for the cache (taken before the read,
+                    // so a change in between only makes the next load read the file again).
+                    let meta = std::fs::metadata(&entry).ok();
+                    if meta.as_ref().is_some_and(|m| m.is_dir()) {
                         // `..data` and `..<timestamp>`: a mounted ConfigMap's own layout.
                         if !name.starts_with("..") {
                             loaded.skipped.push(Skipped { file: entry, reason: "a directory (policy directories are not read recursively)".into() });
@@ -572,25 +575,24 @@ impl PolicySet {
                         .extension()
                         .and_then(|e| e.to_str())
                         .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
-                    if !entry.is_file() {
-                        loaded.skipped.push(Skipped { file: entry, reason: "not a regular file".into() });
-                    } else if !yaml {
-                        loaded.skipped.push(Skipped { file: entry, reason: "not a .yaml or .yml file".into() });
-                    } else {
-                        yaml_files.push(entry);
+                    match meta {
+                        Some(meta) if meta.is_file() && yaml => yaml_files.push((entry, FileStamp::of(&meta))),
+                        Some(meta) if meta.is_file() => {
+                            loaded.skipped.push(Skipped { file: entry, reason: "not a .yaml or .yml file".into() })
+                        }
+                        _ => loaded.skipped.push(Skipped { file: entry, reason: "not a regular file".into() }),
                     }
                 }
-                yaml_files.sort();
-                files.extend(yaml_files.into_iter().map(|p| (p, true)));
+                yaml_files.sort_by(|a, b| a.0.cmp(&b.0));
+                files.extend(yaml_files.into_iter().map(|(p, stamp)| (p, stamp, true)));
             } else {
-                files.push((path.to_path_buf(), false));
+                files.push((path.to_path_buf(), FileStamp::of(&meta), false));
             }
         }
         let mut read_bytes = 0u64;
         let mut set_budget = Budget::default();
-        for (file, from_dir) in files {
-            let stamp = FileStamp::of(&file);
-            let cached = stamp.and_then(|stamp| cache.files.remove(&file).filter(|c| c.stamp == stamp));
+        for (file, stamp, from_dir) in files {
+            let cached = cache.files.remove(&file).filter(|c| c.stamp == stamp);
             let policies = match cached {
                 Some(c) if read_bytes + c.size <= MAX_POLICY_LOAD_BYTES => {
                     read_bytes += c.size;
@@ -601,7 +603,7 @@ impl PolicySet {
                 _ => {
                     let Some((policies, size)) = PolicySet::read_file(&file, from_dir, &mut read_bytes, &mut loaded) else { continue };
                     // Only a file that loaded cleanly is kept (a rejection is told again at every load).
-                    if let (Some(size), Some(stamp)) = (size, stamp.filter(|s| s.settled())) {
+                    if let (Some(size), true) = (size, stamp.settled()) {
                         next_cache.files.insert(file.clone(), CachedFile { stamp, size, policies: policies.clone() });
                     }
                     policies
