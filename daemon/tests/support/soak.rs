@@ -478,7 +478,7 @@ impl Soak {
     /// Waits until the kernel's counters stop moving and reads them with the reader's.
     fn settle_counters(&mut self) -> LifeFigures {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut previous: Option<(u64, u64, u64)> = None;
+        let mut previous: Option<(u64, u64, u64, u64)> = None;
         loop {
             let s = status(&self.daemon);
             let counters = &s["probes"]["counters"];
@@ -486,7 +486,11 @@ impl Soak {
             let emitted = sum(&counters["emitted"]);
             let records = reader["records"].as_u64().unwrap_or(0);
             let enriched = s["events"]["enriched"].as_u64().unwrap_or(0);
-            let settled = previous == Some((emitted, records, enriched));
+            // Lost too: a pod over its budget loses events without emitting any, so emitted can
+            // stand still while losses still climb; and `events.loss` is the loss monitor's
+            // sample (every second), so two reads 1.2 s apart that agree mean it caught up.
+            let lost_now = sum(&counters["lost"]);
+            let settled = previous == Some((emitted, records, enriched, lost_now));
             if (settled && emitted == records) || Instant::now() > deadline {
                 let by_reason = |reason: &str| -> u64 {
                     s["events"]["loss"]
@@ -514,8 +518,8 @@ impl Soak {
                     checkpoint: None,
                 };
             }
-            previous = Some((emitted, records, enriched));
-            std::thread::sleep(Duration::from_millis(700));
+            previous = Some((emitted, records, enriched, lost_now));
+            std::thread::sleep(Duration::from_millis(1200));
         }
     }
 
