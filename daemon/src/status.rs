@@ -106,7 +106,7 @@ pub async fn health(state: &DaemonState, reader_running: bool) -> crate::api::He
     let kube = state.kube_health.as_ref().map(|h| h.borrow().clone());
     let sync = state.enforcer.lock().await.status.clone();
     let quarantine_watch = kube.is_some().then(|| state.quarantine_watch.snapshot());
-    let watchers_ok = kube.as_ref().is_none_or(|k| k.connected) && !(kube.is_some() && state.quarantine_watch.is_down());
+    let watchers_ok = kube.as_ref().is_none_or(|k| k.connected) && !quarantine_watch.as_ref().is_some_and(|q| q.is_down());
     let sync_ok = sync.last_error.is_none();
     let status = if !alive { "unhealthy" } else if watchers_ok && sync_ok { "ok" } else { "degraded" };
     let watchers = match &kube {

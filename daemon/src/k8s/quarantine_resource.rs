@@ -239,15 +239,21 @@ pub struct ResourceWatchState {
     pub objects: usize,
 }
 
+impl ResourceWatchState {
+    /// The watch failed and has not come back (before its first call it is only starting).
+    pub fn is_down(&self) -> bool {
+        !self.connected && self.errors > 0
+    }
+}
+
 impl ResourceWatchHealth {
     pub fn snapshot(&self) -> ResourceWatchState {
         lock(&self.state).clone()
     }
 
-    /// The watch failed and has not come back (before its first call it is only starting).
+    /// See [`ResourceWatchState::is_down`].
     pub fn is_down(&self) -> bool {
-        let state = self.snapshot();
-        !state.connected && state.errors > 0
+        lock(&self.state).is_down()
     }
 
     fn update(&self, f: impl FnOnce(&mut ResourceWatchState)) {
