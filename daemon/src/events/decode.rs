@@ -235,6 +235,27 @@ pub struct ChmodData {
     pub result: i32,
 }
 
+#[cfg(test)]
+impl OpenData {
+    /// A read-only `openat` of `path` (the kernel's resolution) spelled `path_arg`, for tests.
+    pub fn read_only(path: &str, path_arg: &str, result: i64) -> Self {
+        OpenData {
+            op: "openat",
+            path: path.into(),
+            path_arg: path_arg.into(),
+            path_resolved: true,
+            dirfd: -100,
+            flags: 0,
+            flags_names: vec!["O_RDONLY"],
+            mode: 0,
+            write: false,
+            create: false,
+            truncate: false,
+            result,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UnlinkData {
     pub op: &'static str,

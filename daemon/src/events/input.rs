@@ -226,22 +226,7 @@ mod tests {
         };
         let (a, b) = (pod("a"), pod("b"));
         let dup = || EventData::Dup(DupData { op: "dup2", old_fd: 3, new_fd: 2, flags: 0, result: 2, new_fd_kind: "socket" });
-        let open = || {
-            EventData::Open(OpenData {
-                op: "openat",
-                path: "/etc/shadow".into(),
-                path_arg: "../etc/shadow".into(),
-                path_resolved: true,
-                dirfd: -100,
-                flags: 0,
-                flags_names: vec!["O_RDONLY"],
-                mode: 0,
-                write: false,
-                create: false,
-                truncate: false,
-                result: -13,
-            })
-        };
+        let open = || EventData::Open(OpenData::read_only("/etc/shadow", "../etc/shadow", -13));
         let exec = || {
             EventData::Exec(ExecData {
                 filename: "/bin/sh".into(),

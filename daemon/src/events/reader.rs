@@ -362,23 +362,7 @@ mod tests {
     }
 
     fn open(cgroup_id: u64, path: &str) -> Event {
-        event(
-            cgroup_id,
-            EventData::Open(OpenData {
-                op: "openat",
-                path: path.to_string(),
-                path_arg: path.to_string(),
-                path_resolved: true,
-                dirfd: -100,
-                flags: 0,
-                flags_names: vec!["O_RDONLY"],
-                mode: 0,
-                write: false,
-                create: false,
-                truncate: false,
-                result: 3,
-            }),
-        )
+        event(cgroup_id, EventData::Open(OpenData::read_only(path, path, 3)))
     }
 
     /// The largest exec the kernel sends: a full path and every argv slot full.

@@ -197,6 +197,20 @@ pub fn network_policy(policy: &KubeNetworkPolicy) -> Result<NetworkPolicy, Strin
 mod tests {
     use super::*;
 
+    /// A pod in namespace `x` with these addresses and nothing else.
+    fn endpoint_in_x(name: &str, ips: &[&str], peer_only: bool) -> EndpointSpec {
+        EndpointSpec {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: Default::default(),
+            service_account: None,
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ports: vec![],
+            cgroup: None,
+            peer_only,
+        }
+    }
+
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).expect("pod json")
     }
@@ -249,16 +263,7 @@ mod tests {
 
     #[test]
     fn a_rejected_endpoint_does_not_hold_back_the_others() {
-        let ep = |name: &str, ip: &str| EndpointSpec {
-            namespace: "x".into(),
-            name: name.into(),
-            labels: Default::default(),
-            service_account: None,
-            ips: vec![ip.parse().unwrap()],
-            ports: vec![],
-            cgroup: None,
-            peer_only: false,
-        };
+        let ep = |name: &str, ip: &str| endpoint_in_x(name, &[ip], false);
         let file = InventoryFile { namespaces: vec![], endpoints: vec![ep("a", "10.0.0.1"), ep("b", "10.0.0.1"), ep("c", "10.0.0.3")] };
         let (inventory, rejected) = build_inventory(file);
         assert_eq!(inventory.endpoints.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a", "c"]);
@@ -272,16 +277,7 @@ mod tests {
     /// 10,000 pods on one address, 10,000 validations of the whole inventory per build).
     #[test]
     fn many_pods_sharing_one_address_are_rejected_in_one_pass() {
-        let ep = |name: String, ips: &[&str]| EndpointSpec {
-            namespace: "x".into(),
-            name,
-            labels: Default::default(),
-            service_account: None,
-            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-            ports: vec![],
-            cgroup: None,
-            peer_only: true,
-        };
+        let ep = |name: String, ips: &[&str]| endpoint_in_x(&name, ips, true);
         const SHARING: usize = 10_000;
         let mut endpoints: Vec<EndpointSpec> = (0..SHARING).map(|i| ep(format!("p-{i:05}"), &["10.9.0.1"])).collect();
         endpoints.push(ep("other".into(), &["10.9.0.2"]));
@@ -297,16 +293,7 @@ mod tests {
     /// free for the pods after it, as if it had never been listed.
     #[test]
     fn a_rejected_endpoint_reserves_nothing() {
-        let ep = |name: &str, ips: &[&str]| EndpointSpec {
-            namespace: "x".into(),
-            name: name.into(),
-            labels: Default::default(),
-            service_account: None,
-            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-            ports: vec![],
-            cgroup: None,
-            peer_only: true,
-        };
+        let ep = |name: &str, ips: &[&str]| endpoint_in_x(name, ips, true);
         let bad_namespace = NamespaceSpec { name: "Not_A_Label".into(), labels: Default::default() };
         let file = InventoryFile {
             namespaces: vec![bad_namespace, NamespaceSpec { name: "x".into(), labels: Default::default() }],

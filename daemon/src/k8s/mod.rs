@@ -20,6 +20,39 @@
 //! 5. [`ClusterAlertEvents`]: alerts as rate-limited Events written with kube's Recorder
 //!    (events.k8s.io/v1, repeats folded into a series); the daemon feeds it through
 //!    `alerts::kube_events` (`--alert-events`).
+/// `kube::Resource` for one of palisade's own namespaced custom resources (a plain serde struct
+/// with a `metadata` field), from the `GROUP`, `VERSION`, `KIND` and `PLURAL` constants of the
+/// module it is used in; kube's derive would also generate the CRD schema, which `deploy/`
+/// already holds.
+macro_rules! namespaced_resource {
+    ($type:ty) => {
+        impl kube::Resource for $type {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
+
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                std::borrow::Cow::Borrowed(KIND)
+            }
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                std::borrow::Cow::Borrowed(GROUP)
+            }
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                std::borrow::Cow::Borrowed(VERSION)
+            }
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                std::borrow::Cow::Borrowed(PLURAL)
+            }
+            fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+use namespaced_resource;
+
 pub mod cgroup;
 pub mod convert;
 pub mod events;

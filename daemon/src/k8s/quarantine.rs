@@ -112,7 +112,8 @@ impl ClusterQuarantineSink for KubeQuarantineSink {
         let labelled = pods.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await;
         let uid = labelled.as_ref().ok().and_then(|p| p.metadata.uid.clone());
         let message = format!("palisade quarantined this pod (all traffic denied, both directions): rule {rule_id}, alert {alert_id}");
-        let event = post_pod_event(&self.client, &self.node, namespace, name, uid, "Warning", "Quarantined", "Quarantine", &message).await;
+        let event = pod_event(&self.node, namespace, name, uid, "Warning", "Quarantined", "Quarantine", &message);
+        let event = Api::<Event>::namespaced(self.client.clone(), namespace).create(&PostParams::default(), &event).await;
         labelled.map_err(|source| SinkError::Api { pod: pod.to_string(), what: "label the pod", source })?;
         // The API server answered with the labelled pod: count it as labelled now, so the
         // reconciler does not patch again before the watch catches up.
@@ -146,30 +147,15 @@ impl ClusterQuarantineSink for KubeQuarantineSink {
             }
         }
         let message = format!("palisade released this pod: {reason}");
-        let event = post_pod_event(&self.client, &self.node, namespace, name, uid, "Normal", "Released", "Release", &message).await;
+        let event = pod_event(&self.node, namespace, name, uid, "Normal", "Released", "Release", &message);
+        let event = Api::<Event>::namespaced(self.client.clone(), namespace).create(&PostParams::default(), &event).await;
         label_result?;
         event.map_err(|source| SinkError::Api { pod: pod.to_string(), what: "post the release Event", source })?;
         Ok(())
     }
 }
 
-/// Posts a core/v1 Event about a pod (`kubectl describe pod` and `kubectl get events` show it).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn post_pod_event(
-    client: &Client,
-    node: &str,
-    namespace: &str,
-    name: &str,
-    uid: Option<String>,
-    type_: &str,
-    reason: &str,
-    action: &str,
-    message: &str,
-) -> Result<Event, kube::Error> {
-    let event = pod_event(node, namespace, name, uid, type_, reason, action, message);
-    Api::<Event>::namespaced(client.clone(), namespace).create(&PostParams::default(), &event).await
-}
-
+/// A core/v1 Event about a pod (`kubectl describe pod` and `kubectl get events` show it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pod_event(
     node: &str,

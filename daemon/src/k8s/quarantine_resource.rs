@@ -20,17 +20,15 @@
 //! the daemon decides (through the same quarantine API as the root-only socket), so there is
 //! one release path with one audit alert.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt as _;
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
-use kube::{Client, Resource};
+use kube::Client;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -135,29 +133,7 @@ pub const PHASE_DRY_RUN: &str = "DryRun";
 /// that keeps trying would otherwise cost a status write every reconciliation).
 pub const DROPS_REFRESH: std::time::Duration = std::time::Duration::from_secs(15);
 
-impl Resource for Quarantine {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(KIND)
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(GROUP)
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(VERSION)
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(PLURAL)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+super::namespaced_resource!(Quarantine);
 
 impl Quarantine {
     /// `namespace/name` of the pod it is about (`None` if the object is malformed).

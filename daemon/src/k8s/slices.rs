@@ -15,14 +15,11 @@
 //! (`identities` and `peers` as JSON values), so one malformed object is one refused slice and
 //! never an error of the whole watch.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::Resource;
 use kube::runtime::watcher::Event;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -69,29 +66,7 @@ fn kind() -> String {
     KIND.to_string()
 }
 
-impl Resource for PeerSlice {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(KIND)
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(GROUP)
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(VERSION)
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(PLURAL)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+super::namespaced_resource!(PeerSlice);
 
 /// One identity of a slice: a label set with its service account and named ports.
 #[derive(Debug, Clone, Deserialize)]
