@@ -5,16 +5,11 @@ mod support;
 
 use support::{require_kernel, soak};
 
-// Ignored in CI since 2026-12-02: the clean-clone CI check found the loss accounting off in
-// life 2 (kernel lost 18,101,046 per kind; per-pod ring_full 0 + pod_budget 18,029,974: 71,072
-// losses no pod's counter holds). Likely cause, fixed in the harness the same day: the quiet
-// point was taken when emitted stood still, but a pod over its budget loses events without
-// emitting any, and `events.loss` is sampled once a second; the settle now also waits for the
-// kernel's lost count to stand still across 1.2 s. One 3-minute run passed after that; it goes
-// back into CI once a few more have (CHANGELOG, "Known issues"). Run it with
-// `cargo test -p palisade --test soak_short -- --ignored` or the 30-minute `--bench soak`.
+// Back in CI since the settle fix (the quiet point also waits for the kernel's lost count to
+// stand still across 1.2 s; a pod over its budget loses events without emitting any, and
+// `events.loss` is sampled once a second): four 3-minute runs passed after it (2026-12-02), three of them at
+// load 11-17, where the one failure before it (71,072 losses unattributed) was seen.
 #[test]
-#[ignore = "back in CI once the settle fix has held over more runs (CHANGELOG known issues)"]
 fn soak_three_minutes_every_invariant_holds() {
     if !require_kernel("soak_three_minutes_every_invariant_holds") {
         return;
