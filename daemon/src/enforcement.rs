@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
 use palisade_common::{CGROUP_ENDPOINT, CGROUP_EXEMPT, CGROUP_PARENT, CgroupValue, MAP_SEG_EVENTS, PolicyVerdictEvent};
 use serde::Serialize;
@@ -265,145 +266,77 @@ impl Enforcer {
     async fn apply(&mut self) -> Result<SyncStats, EnforcementError> {
         let started = std::time::Instant::now();
         let compiled = self.segmentation.compiled_shared();
-        // Local endpoints with a cgroup here, and their SEG_CGROUPS entries.
-        let mut cgroup_entries: BTreeMap<u64, CgroupValue> = BTreeMap::new();
-        let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut wanted_ids: BTreeMap<PathBuf, u64> = BTreeMap::new();
-        for ep in compiled.local_endpoints() {
-            let Some(rel) = ep.cgroup.as_ref() else { continue };
-            let path = self.cgroup_root.join(rel.trim_start_matches('/'));
-            let Ok(id) = crate::sys::cgroup_id(&path) else { continue };
-            cgroup_entries.insert(id, CgroupValue { kind: CGROUP_ENDPOINT, endpoint_id: ep.id });
-            wanted_ids.insert(path.clone(), id);
-            wanted.insert(path);
-        }
         let parent = self.pods_parent.clone().filter(|p| p.exists());
-        if let Some(parent) = &parent {
-            for exempt in &self.exempt_cgroups {
-                if let Ok(id) = crate::sys::cgroup_id(exempt) {
-                    cgroup_entries.entry(id).or_insert(CgroupValue { kind: CGROUP_EXEMPT, endpoint_id: 0 });
-                }
-            }
-            if let Ok(id) = crate::sys::cgroup_id(parent) {
-                cgroup_entries.insert(id, CgroupValue { kind: CGROUP_PARENT, endpoint_id: 0 });
-            }
-        }
-        let outer_parent = parent.clone();
-        let below = move |path: &Path| outer_parent.as_ref().is_some_and(|p| path.starts_with(p) && path != p);
+        let wanted = self.wanted_cgroups(&compiled, parent.as_deref());
         let datapath = self.datapath.take().ok_or(EnforcementError::DatapathLost)?;
-        let pin_dir = self.pin_dir.clone();
-        let capacity = self.segmentation.capacity();
-        // Per pod or through the parent: either way not attached again.
-        let attached_before: BTreeSet<PathBuf> = self.attached.union(&self.covered).cloned().collect();
-        let parent_before = self.parent_attached.clone();
-        let backstop_pending: BTreeSet<PathBuf> =
-            self.escape_hooks.iter().filter(|(c, h)| h.backstop_pending() && wanted.contains(*c)).map(|(c, _)| c.clone()).collect();
-        let (inner_below, inner_wanted) = (below.clone(), wanted.clone());
-        let (datapath, applied) = self
-            .host
-            .with(move |ebpf| -> (Datapath, Applied) {
-                let mut datapath = datapath;
-                // Maps first: a newly attached program must find its allows already in place.
-                // The sync adds before it removes; when the old and new POLICY entries together
-                // do not fit, the allows that go away are dropped first (a moment of drops,
-                // never of allows), so the sync never fails half way on a full map.
-                let step = {
-                    let held = datapath.policy_entries();
-                    let union = held.len() + compiled.policy.keys().filter(|k| !held.contains_key(k)).count();
-                    (union > capacity.policy).then(|| {
-                        let mut step = Compiled::clone(&compiled);
-                        step.policy.retain(|k, _| held.contains_key(k));
-                        step
-                    })
-                };
-                let sync_started = std::time::Instant::now();
-                let mut sync = match &step {
-                    Some(step) => datapath.sync(ebpf, step).and_then(|_| datapath.sync(ebpf, &compiled)),
-                    None => datapath.sync(ebpf, &compiled),
-                };
-                // Then which cgroups are endpoints: a pod below the parent turns from the
-                // fail-closed default to its policy only once its maps are in (so not after a
-                // failed sync).
-                if sync.is_ok() {
-                    if let Err(err) = datapath.sync_cgroups(ebpf, &cgroup_entries) {
-                        sync = Err(err);
-                    }
-                }
-                // The parent: attached (pinned, adopted when already there) before any per-pod
-                // link below it is let go.
-                let mut applied = Applied::new(sync);
-                applied.map_sync = sync_started.elapsed();
-                if let Some(parent) = &parent {
-                    applied.parent = match parent_before {
-                        Some(hooks) => Some(hooks),
-                        None => match datapath.attach_pinned(ebpf, parent, &pin_dir) {
-                            Ok(()) => {
-                                let mut hooks = EscapeHooks::default();
-                                match attach_socket_hook(ebpf, parent, &pin_dir) {
-                                    Ok(packet) => hooks.packet_sockets = packet.err(),
-                                    Err(err) => {
-                                        hooks.raw_ip_sockets = Some(err.to_string());
-                                        hooks.packet_sockets = Some(err.to_string());
-                                    }
-                                }
-                                tracing::info!(parent = %parent.display(), "datapath attached at the pods parent: new pods are judged from their first packet");
-                                Some(hooks)
-                            }
-                            Err(err) => {
-                                tracing::error!(parent = %parent.display(), %err, "attaching the datapath at the pods parent; attaching per pod");
-                                applied.parent_error = Some(err.to_string());
-                                None
-                            }
-                        },
-                    };
-                }
-                let parent_in_place = applied.parent.is_some();
-                let covered_by_parent = |path: &Path| parent_in_place && inner_below(path);
-                // New endpoints are attached even when the sync failed: an unattached pod
-                // passes everything, an attached one at least gets what was written.
-                for cgroup in inner_wanted.iter().filter(|c| !attached_before.contains(*c)) {
-                    if covered_by_parent(cgroup) {
-                        applied.covered.push(cgroup.clone());
-                        let mut hooks = applied.parent.clone().unwrap_or_default();
-                        hooks.set_backstop(attach_backstop_hook(ebpf, cgroup, &pin_dir));
-                        applied.hooks.push((cgroup.clone(), hooks));
-                        continue;
-                    }
-                    match datapath.attach_pinned(ebpf, cgroup, &pin_dir) {
-                        Ok(()) => {
-                            applied.attached.push(cgroup.clone());
-                            applied.hooks.push((cgroup.clone(), attach_escape_hooks(ebpf, cgroup, &pin_dir)));
-                        }
-                        Err(err) => {
-                            tracing::error!(cgroup = %cgroup.display(), %err, "attaching the datapath");
-                            applied.failed.push((cgroup.clone(), err.to_string()));
-                        }
-                    }
-                }
-                // The backstop again where it is still missing.
-                for cgroup in backstop_pending.iter().filter(|c| attached_before.contains(*c)) {
-                    applied.backstops.push((cgroup.clone(), attach_backstop_hook(ebpf, cgroup, &pin_dir)));
-                }
-                (datapath, applied)
-            })
-            .await?;
+        let plan = KernelPlan {
+            compiled,
+            policy_capacity: self.segmentation.capacity().policy,
+            cgroup_entries: wanted.entries.clone(),
+            parent: parent.clone(),
+            parent_before: self.parent_attached.clone(),
+            pin_dir: self.pin_dir.clone(),
+            new_cgroups: wanted.paths.iter().filter(|c| !self.attached.contains(*c) && !self.covered.contains(*c)).cloned().collect(),
+            // Per pod or through the parent: either way not attached again.
+            backstop_pending: self
+                .escape_hooks
+                .iter()
+                .filter(|(c, h)| h.backstop_pending() && wanted.paths.contains(*c) && (self.attached.contains(*c) || self.covered.contains(*c)))
+                .map(|(c, _)| c.clone())
+                .collect(),
+        };
+        let (datapath, applied) = self.host.with(move |ebpf| plan.run(ebpf, datapath)).await?;
         self.datapath = Some(datapath);
         if let Some(metrics) = &self.metrics {
             metrics.observe_map_sync("segmentation", applied.map_sync);
         }
+        let stats = self.take_applied(applied, &wanted, parent.as_deref())?;
+        self.refresh_status(&stats, started);
+        tracing::info!(?stats, attached = self.attached.len(), covered_by_parent = self.covered.len(), "datapath synced");
+        Ok(stats)
+    }
+
+    /// The endpoint cgroups the compiled set wants attached and the SEG_CGROUPS entries: local
+    /// endpoints with a cgroup here, the exempt cgroups and the pods parent.
+    fn wanted_cgroups(&self, compiled: &Compiled, parent: Option<&Path>) -> WantedCgroups {
+        let mut wanted = WantedCgroups::default();
+        for ep in compiled.local_endpoints() {
+            let Some(rel) = ep.cgroup.as_ref() else { continue };
+            let path = self.cgroup_root.join(rel.trim_start_matches('/'));
+            let Ok(id) = crate::sys::cgroup_id(&path) else { continue };
+            wanted.entries.insert(id, CgroupValue { kind: CGROUP_ENDPOINT, endpoint_id: ep.id });
+            wanted.ids.insert(path.clone(), id);
+            wanted.paths.insert(path);
+        }
+        if let Some(parent) = parent {
+            for exempt in &self.exempt_cgroups {
+                if let Ok(id) = crate::sys::cgroup_id(exempt) {
+                    wanted.entries.entry(id).or_insert(CgroupValue { kind: CGROUP_EXEMPT, endpoint_id: 0 });
+                }
+            }
+            if let Ok(id) = crate::sys::cgroup_id(parent) {
+                wanted.entries.insert(id, CgroupValue { kind: CGROUP_PARENT, endpoint_id: 0 });
+            }
+        }
+        wanted
+    }
+
+    /// Takes in what the kernel step did: attachments, hooks and backstops recorded; after a
+    /// good sync the links of gone cgroups are let go, and per-pod links of pods the parent now
+    /// covers (an older run's) once the parent's are in place.
+    fn take_applied(&mut self, applied: Applied, wanted: &WantedCgroups, parent: Option<&Path>) -> Result<SyncStats, EnforcementError> {
         self.parent_attached = applied.parent.clone();
         self.parent_error = applied.parent_error.clone();
-        let to_release: Vec<PathBuf> = self.attached.iter().filter(|c| !wanted.contains(*c)).cloned().collect();
-        // Per-pod links of pods the parent now covers (an older run's): let go once the
-        // parent's are in place.
+        let below = |path: &Path| parent.is_some_and(|p| path.starts_with(p) && path != p);
+        let to_release: Vec<PathBuf> = self.attached.iter().filter(|c| !wanted.paths.contains(*c)).cloned().collect();
         let migrated: Vec<PathBuf> = match &self.parent_attached {
-            Some(_) => self.attached.iter().filter(|c| wanted.contains(*c) && below(c)).cloned().collect(),
+            Some(_) => self.attached.iter().filter(|c| wanted.paths.contains(*c) && below(c)).cloned().collect(),
             None => Vec::new(),
         };
         let Applied { sync, attached, covered, failed, hooks, backstops, .. } = applied;
         for cgroup in attached.iter().chain(&covered) {
             self.attach_errors.remove(cgroup);
-            if let Some(id) = wanted_ids.get(cgroup) {
+            if let Some(id) = wanted.ids.get(cgroup) {
                 self.link_ids.insert(cgroup.clone(), *id);
             }
         }
@@ -434,13 +367,18 @@ impl Enforcer {
             self.attached.remove(&cgroup);
             self.covered.insert(cgroup);
         }
-        let gone: Vec<PathBuf> = self.covered.iter().filter(|c| !wanted.contains(*c)).cloned().collect();
+        let gone: Vec<PathBuf> = self.covered.iter().filter(|c| !wanted.paths.contains(*c)).cloned().collect();
         for cgroup in gone {
             release_pins(&self.pin_dir, &cgroup, self.link_ids.remove(&cgroup));
             self.covered.remove(&cgroup);
             self.escape_hooks.remove(&cgroup);
         }
-        self.attach_errors.retain(|cgroup, _| wanted.contains(cgroup));
+        self.attach_errors.retain(|cgroup, _| wanted.paths.contains(cgroup));
+        Ok(stats)
+    }
+
+    /// The status after a good sync.
+    fn refresh_status(&mut self, stats: &SyncStats, started: std::time::Instant) {
         let (unattached, escape_paths) = self.escape_status();
         let compiled = self.segmentation.compiled();
         self.status = EnforcementStatus {
@@ -470,8 +408,129 @@ impl Enforcer {
         if let Some(over) = &compiled.over_capacity {
             tracing::error!(%over, "the policy set in force does not fit the maps: its pods are isolated, only the allows that fit are in");
         }
-        tracing::info!(?stats, attached = self.attached.len(), covered_by_parent = self.covered.len(), "datapath synced");
-        Ok(stats)
+    }
+}
+
+/// The endpoint cgroups a compiled set wants, from [`Enforcer::wanted_cgroups`].
+#[derive(Default)]
+struct WantedCgroups {
+    /// SEG_CGROUPS: endpoint, exempt and parent cgroups by id.
+    entries: BTreeMap<u64, CgroupValue>,
+    /// The endpoint cgroups to attach (or cover through the parent).
+    paths: BTreeSet<PathBuf>,
+    ids: BTreeMap<PathBuf, u64>,
+}
+
+/// What one sync does in the kernel, run on the probe host's thread (which owns the loaded
+/// object): the maps, the parent's programs, new endpoints' programs, missing backstops.
+struct KernelPlan {
+    compiled: Arc<Compiled>,
+    policy_capacity: usize,
+    cgroup_entries: BTreeMap<u64, CgroupValue>,
+    /// The pods parent, when it exists.
+    parent: Option<PathBuf>,
+    /// The parent's hooks when its programs are already in place.
+    parent_before: Option<EscapeHooks>,
+    pin_dir: PathBuf,
+    /// Endpoint cgroups neither attached nor covered by the parent yet.
+    new_cgroups: Vec<PathBuf>,
+    /// Attached or covered cgroups whose backstop is still missing.
+    backstop_pending: Vec<PathBuf>,
+}
+
+impl KernelPlan {
+    fn run(self, ebpf: &mut Ebpf, mut datapath: Datapath) -> (Datapath, Applied) {
+        let KernelPlan { compiled, policy_capacity, cgroup_entries, parent, parent_before, pin_dir, new_cgroups, backstop_pending } = self;
+        // Maps first: a newly attached program must find its allows already in place.
+        // The sync adds before it removes; when the old and new POLICY entries together
+        // do not fit, the allows that go away are dropped first (a moment of drops,
+        // never of allows), so the sync never fails half way on a full map.
+        let step = {
+            let held = datapath.policy_entries();
+            let union = held.len() + compiled.policy.keys().filter(|k| !held.contains_key(k)).count();
+            (union > policy_capacity).then(|| {
+                let mut step = Compiled::clone(&compiled);
+                step.policy.retain(|k, _| held.contains_key(k));
+                step
+            })
+        };
+        let sync_started = std::time::Instant::now();
+        let mut sync = match &step {
+            Some(step) => datapath.sync(ebpf, step).and_then(|_| datapath.sync(ebpf, &compiled)),
+            None => datapath.sync(ebpf, &compiled),
+        };
+        // Then which cgroups are endpoints: a pod below the parent turns from the
+        // fail-closed default to its policy only once its maps are in (so not after a
+        // failed sync).
+        if sync.is_ok() {
+            if let Err(err) = datapath.sync_cgroups(ebpf, &cgroup_entries) {
+                sync = Err(err);
+            }
+        }
+        let mut applied = Applied::new(sync);
+        applied.map_sync = sync_started.elapsed();
+        // The parent: attached (pinned, adopted when already there) before any per-pod
+        // link below it is let go.
+        if let Some(parent) = &parent {
+            applied.parent = match parent_before {
+                Some(hooks) => Some(hooks),
+                None => attach_parent(ebpf, &mut datapath, parent, &pin_dir, &mut applied.parent_error),
+            };
+        }
+        let parent_in_place = applied.parent.is_some();
+        let covered_by_parent =
+            |path: &Path| parent_in_place && parent.as_ref().is_some_and(|p| path.starts_with(p) && path != p);
+        // New endpoints are attached even when the sync failed: an unattached pod
+        // passes everything, an attached one at least gets what was written.
+        for cgroup in new_cgroups {
+            if covered_by_parent(&cgroup) {
+                let mut hooks = applied.parent.clone().unwrap_or_default();
+                hooks.set_backstop(attach_backstop_hook(ebpf, &cgroup, &pin_dir));
+                applied.hooks.push((cgroup.clone(), hooks));
+                applied.covered.push(cgroup);
+                continue;
+            }
+            match datapath.attach_pinned(ebpf, &cgroup, &pin_dir) {
+                Ok(()) => {
+                    applied.hooks.push((cgroup.clone(), attach_escape_hooks(ebpf, &cgroup, &pin_dir)));
+                    applied.attached.push(cgroup);
+                }
+                Err(err) => {
+                    tracing::error!(cgroup = %cgroup.display(), %err, "attaching the datapath");
+                    applied.failed.push((cgroup, err.to_string()));
+                }
+            }
+        }
+        // The backstop again where it is still missing.
+        for cgroup in backstop_pending {
+            let outcome = attach_backstop_hook(ebpf, &cgroup, &pin_dir);
+            applied.backstops.push((cgroup, outcome));
+        }
+        (datapath, applied)
+    }
+}
+
+/// Attaches the datapath and the socket hooks at the pods parent (`None` and the error kept
+/// when the datapath cannot be attached there: pods are then attached one by one).
+fn attach_parent(ebpf: &mut Ebpf, datapath: &mut Datapath, parent: &Path, pin_dir: &Path, error: &mut Option<String>) -> Option<EscapeHooks> {
+    match datapath.attach_pinned(ebpf, parent, pin_dir) {
+        Ok(()) => {
+            let mut hooks = EscapeHooks::default();
+            match attach_socket_hook(ebpf, parent, pin_dir) {
+                Ok(packet) => hooks.packet_sockets = packet.err(),
+                Err(err) => {
+                    hooks.raw_ip_sockets = Some(err.to_string());
+                    hooks.packet_sockets = Some(err.to_string());
+                }
+            }
+            tracing::info!(parent = %parent.display(), "datapath attached at the pods parent: new pods are judged from their first packet");
+            Some(hooks)
+        }
+        Err(err) => {
+            tracing::error!(parent = %parent.display(), %err, "attaching the datapath at the pods parent; attaching per pod");
+            *error = Some(err.to_string());
+            None
+        }
     }
 }
 
