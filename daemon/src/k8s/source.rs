@@ -310,6 +310,46 @@ impl Drop for KubeSource {
     }
 }
 
+/// The watch of every other node's pods (no label tracking: quarantines are per node), or of
+/// the operator's PeerSlices.
+fn spawn_peer_watch(peers: &Peers, client: &Client, shared: &Arc<Shared>, config: &SourceConfig) -> tokio::task::AbortHandle {
+    match peers {
+        Peers::Pods(store) => spawn_watch(
+            CLUSTER_PODS,
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            Locked(store.clone()),
+            shared.clone(),
+            config,
+            |_| {},
+        ),
+        Peers::Slices(store) => spawn_watch(
+            PEER_SLICES,
+            Api::<PeerSlice>::all(client.clone()),
+            watcher::Config::default(),
+            Locked(store.clone()),
+            shared.clone(),
+            config,
+            |_| {},
+        ),
+    }
+}
+
+/// The error of a first sync that did not finish in time: the kinds not listed yet and the
+/// last error a watch saw.
+fn initial_sync_failed(shared: &Shared, peers_kind: &'static str, timeout: Duration) -> SourceError {
+    let health = shared.health.borrow().clone();
+    let missing: Vec<&str> = [PODS, peers_kind, NAMESPACES, NETWORK_POLICIES]
+        .into_iter()
+        .filter(|k| !health.watches.get(*k).is_some_and(|w| w.synced))
+        .collect();
+    SourceError::InitialSync {
+        timeout,
+        missing: missing.join(", "),
+        last_error: health.last_error.unwrap_or_else(|| "none".to_string()),
+    }
+}
+
 impl KubeSource {
     /// Starts the watchers and returns once pods, namespaces and policies have each been listed
     /// completely once (or fails after `config.initial_sync_timeout`).
@@ -348,27 +388,7 @@ impl KubeSource {
             &config,
             move |event| tracker.observe(event),
         ));
-        tasks.push(match &peers {
-            // Every node's pods, for peers: no label tracking (quarantines are per node).
-            Peers::Pods(store) => spawn_watch(
-                CLUSTER_PODS,
-                Api::<Pod>::all(client.clone()),
-                watcher::Config::default(),
-                Locked(store.clone()),
-                shared.clone(),
-                &config,
-                |_| {},
-            ),
-            Peers::Slices(store) => spawn_watch(
-                PEER_SLICES,
-                Api::<PeerSlice>::all(client.clone()),
-                watcher::Config::default(),
-                Locked(store.clone()),
-                shared.clone(),
-                &config,
-                |_| {},
-            ),
-        });
+        tasks.push(spawn_peer_watch(&peers, &client, &shared, &config));
         tasks.push(spawn_watch(
             NAMESPACES,
             Api::<Namespace>::all(client.clone()),
@@ -399,16 +419,7 @@ impl KubeSource {
         };
         if tokio::time::timeout(config.initial_sync_timeout, ready).await.is_err() {
             abort_all(&tasks);
-            let health = shared.health.borrow().clone();
-            let missing: Vec<&str> = [PODS, peers_kind, NAMESPACES, NETWORK_POLICIES]
-                .into_iter()
-                .filter(|k| !health.watches.get(*k).is_some_and(|w| w.synced))
-                .collect();
-            return Err(SourceError::InitialSync {
-                timeout: config.initial_sync_timeout,
-                missing: missing.join(", "),
-                last_error: health.last_error.unwrap_or_else(|| "none".to_string()),
-            });
+            return Err(initial_sync_failed(&shared, peers_kind, config.initial_sync_timeout));
         }
 
         let mut builder = Builder {

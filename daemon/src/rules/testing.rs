@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use regorus::Value;
+use regorus::unstable::{Module, Ref};
+use regorus::{Engine, Value};
 use serde::Deserialize;
 
 use super::RulesError;
@@ -135,31 +136,7 @@ pub fn run_tests(dir: &Path, options: &TestOptions) -> Result<TestReport, RulesE
         limit: options.pack.budget.time.saturating_mul(10),
         check_interval: std::num::NonZeroU32::MIN.saturating_add(63),
     });
-    let mut seen = BTreeSet::new();
-    for module in &modules {
-        let file = module.package.span.source.file().clone();
-        if !file.ends_with("_test.rego") {
-            continue;
-        }
-        let package = format!("data.{}", module.package.refr.span().text());
-        for rule in &module.policy {
-            let Some((name, _)) = rule_head(rule) else { continue };
-            if !name.starts_with("test_") {
-                continue;
-            }
-            let path = format!("{package}.{name}");
-            if !seen.insert(path.clone()) {
-                continue;
-            }
-            let failure = match engine.eval_rule(path.clone()) {
-                Ok(Value::Bool(true)) => None,
-                Ok(Value::Undefined) => Some("undefined (a condition in the test did not hold)".to_string()),
-                Ok(other) => Some(format!("got {}", super::input::to_json(&other))),
-                Err(e) => Some(Diagnostic::from_regorus(&e, &file).to_string()),
-            };
-            report.results.push(TestResult { kind: TestKind::Rego, name: path, failure });
-        }
-    }
+    run_rego_tests(&mut engine, &modules, &mut report);
 
     // The interpreter runs every subscriber (no prefilters), and so does a second RVM pack:
     // a rule whose declared prefilter hides one of its alerts fails the case that shows it.
@@ -202,27 +179,63 @@ pub fn run_tests(dir: &Path, options: &TestOptions) -> Result<TestReport, RulesE
     }
 
     if options.coverage {
-        // `meta` is evaluated at every load; count it as reached.
-        for rule in pack.rules() {
-            let _ = engine.eval_rule(format!("{RULES_PACKAGE}.{}.meta", rule.id));
-        }
-        let coverage = engine
-            .get_coverage_report()
-            .map_err(|e| RulesError::Eval(format!("coverage: {e:#}")))?;
-        for file in coverage.files {
-            if file.path.ends_with("_test.rego") || file.not_covered.is_empty() {
-                continue;
-            }
-            let lines: Vec<&str> = file.code.split('\n').collect();
-            let uncovered = file
-                .not_covered
-                .iter()
-                .map(|&n| (n, lines.get(n as usize - 1).map_or("", |l| l.trim()).to_string()))
-                .collect();
-            report.uncovered.push((file.path, uncovered));
-        }
+        report.uncovered = uncovered_lines(&mut engine, &pack)?;
     }
     Ok(report)
+}
+
+/// Runs every `test_*` rule of the `_test.rego` files (each path once) in the interpreter.
+fn run_rego_tests(engine: &mut Engine, modules: &[Ref<Module>], report: &mut TestReport) {
+    let mut seen = BTreeSet::new();
+    for module in modules {
+        let file = module.package.span.source.file().clone();
+        if !file.ends_with("_test.rego") {
+            continue;
+        }
+        let package = format!("data.{}", module.package.refr.span().text());
+        for rule in &module.policy {
+            let Some((name, _)) = rule_head(rule) else { continue };
+            if !name.starts_with("test_") {
+                continue;
+            }
+            let path = format!("{package}.{name}");
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            let failure = match engine.eval_rule(path.clone()) {
+                Ok(Value::Bool(true)) => None,
+                Ok(Value::Undefined) => Some("undefined (a condition in the test did not hold)".to_string()),
+                Ok(other) => Some(format!("got {}", super::input::to_json(&other))),
+                Err(e) => Some(Diagnostic::from_regorus(&e, &file).to_string()),
+            };
+            report.results.push(TestResult { kind: TestKind::Rego, name: path, failure });
+        }
+    }
+}
+
+/// Lines of the rules (not the tests) that no test or fixture reached.
+fn uncovered_lines(engine: &mut Engine, pack: &RulePack) -> Result<Vec<(String, Vec<(u32, String)>)>, RulesError> {
+    let mut uncovered_lines = Vec::new();
+    // `meta` is evaluated at every load; count it as reached.
+    for rule in pack.rules() {
+        let _ = engine.eval_rule(format!("{RULES_PACKAGE}.{}.meta", rule.id));
+    }
+    let coverage = engine
+        .get_coverage_report()
+        .map_err(|e| RulesError::Eval(format!("coverage: {e:#}")))?;
+    for file in coverage.files {
+        if file.path.ends_with("_test.rego") || file.not_covered.is_empty() {
+            continue;
+        }
+        let lines: Vec<&str> = file.code.split('\n').collect();
+        let uncovered = file
+            .not_covered
+            .iter()
+            .map(|&n| (n, lines.get(n as usize - 1).map_or("", |l| l.trim()).to_string()))
+            .collect();
+        uncovered_lines.push((file.path, uncovered));
+    }
+    Ok(uncovered_lines)
 }
 
 /// `DIR/fixtures` and `DIR/../testdata/rules`, whichever exist.
