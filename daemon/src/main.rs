@@ -52,6 +52,9 @@ enum Command {
     /// The cluster-wide view from the Kubernetes API (alerts, quarantines); also installed as
     /// the kubectl plugin `kubectl-palisade` (`kubectl palisade ...`).
     Kubectl(palisade::k8s::plugin::PluginCli),
+    /// Publish every Pod of the cluster as PeerSlice records for agents run with `--peers
+    /// slices` (one replica per cluster; deploy/operator/).
+    Operator(palisade::k8s::operator::OperatorArgs),
     /// Mount bpffs at DIR unless it is there (the DaemonSet's init container, which shares the
     /// mount with the host so pins outlive the pod).
     MountBpffs {
@@ -84,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(cmd) => palisade::lab::cli::run(cmd),
         Command::Policy(cmd) => palisade::segmentation::cli::run(cmd),
         Command::Rules(cmd) => palisade::rules::cli::run(cmd),
+        Command::Operator(args) => Ok(palisade::k8s::operator::run(args)?),
         Command::Kubectl(cli) => palisade::k8s::plugin::run(cli),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "palisade", &mut std::io::stdout());

@@ -15,8 +15,9 @@ use palisade::inventory::Inventory;
 use palisade::k8s::{
     QuarantineResources, ResourceChange, all_api_uses,
     API_USES, AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents, ClusterQuarantineSink as _, KubeSource,
-    PEER_SLICE_USES, PeerMode, QUARANTINE_LABEL, SourceConfig, SourceHealth,
+    OPERATOR_USES, PEER_SLICE_USES, PeerMode, QUARANTINE_LABEL, SourceConfig, SourceHealth,
 };
+use palisade::k8s::operator::{Operator, OperatorConfig};
 use palisade::segmentation::PolicySet;
 use serde_json::{Value, json};
 use support::kube_standin::{Fault, Kind, StandIn, WAIT};
@@ -375,6 +376,116 @@ async fn in_slices_mode_peers_come_from_peer_slices_and_a_refused_slice_keeps_it
         API_USES.iter().chain(PEER_SLICE_USES).map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
     let undeclared: Vec<_> = api.uses().difference(&declared).cloned().collect();
     assert!(undeclared.is_empty(), "requests outside API_USES and PEER_SLICE_USES (the RBAC list): {undeclared:?}");
+}
+
+/// Slice writes (create, update, delete) the operator's user made.
+fn operator_writes(api: &StandIn) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.user == "palisade-operator" && r.use_.1 == "peerslices" && ["create", "update", "delete"].contains(&r.use_.2.as_str()))
+        .count()
+}
+
+fn slice_names(api: &StandIn) -> Vec<String> {
+    let mut names: Vec<String> = ["shop", "kube-system"]
+        .iter()
+        .flat_map(|ns| (0..4).map(move |n| (*ns, format!("{ns}-{n}"))))
+        .filter(|(ns, name)| api.try_object(Kind::PeerSlice, ns, name).is_some())
+        .map(|(ns, name)| format!("{ns}/{name}"))
+        .collect();
+    names.sort();
+    names
+}
+
+async fn start_operator(api: &StandIn) -> Operator {
+    let token = api.add_user("palisade-operator", &[]);
+    let config = OperatorConfig {
+        flush_interval: Duration::from_millis(10),
+        retry_min: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+    };
+    let operator = Operator::start(api.client_with_token(&token), config).await.expect("operator starts");
+    wait_until(&mut operator.synced(), "operator in sync", |s| *s).await;
+    operator
+}
+
+/// `palisade operator` (issue 18): publishes the cluster's pods as PeerSlices (one per
+/// namespace here), and an agent in slices mode follows a peer's label change through it; a
+/// change no slice holds (a status) writes nothing; a slice rewritten underneath is re-read on
+/// the 409 Conflict and written again; an emptied slice is deleted; a restarted operator adopts
+/// the slices and, with no pod change, writes nothing (the agent's peers stay the same).
+#[tokio::test]
+async fn the_operator_publishes_peer_slices_and_an_agent_in_slices_mode_follows_them() {
+    let (api, cgroups) = seeded("operator").await;
+    api.apply(pod("shop", "front-2", "uid-front-2", "node-b", "10.2.0.11", json!({"app": "frontend"})));
+    api.apply(pod("kube-system", "dns", "uid-dns", "node-c", "10.3.0.2", json!({"k8s-app": "kube-dns"})));
+    let operator = start_operator(&api).await;
+    assert_eq!(slice_names(&api), ["kube-system/kube-system-0", "shop/shop-0"]);
+    assert_eq!(operator_writes(&api), 2);
+    let shop = api.object(Kind::PeerSlice, "shop", "shop-0");
+    assert_eq!(shop["metadata"]["labels"]["palisade.io/managed-by"], "palisade-operator");
+    assert_eq!(shop["peers"].as_array().map(Vec::len), Some(3), "every pod of the namespace, this node's too: {shop}");
+
+    let mut config = config(&cgroups.0);
+    config.peers = PeerMode::Slices;
+    let source = KubeSource::start(api.client(), config).await.expect("agent syncs");
+    let mut inventory = source.inventory();
+    let first = inventory.borrow_and_update().clone();
+    assert_eq!(peer_names(&first), ["kube-system/dns", "shop/elsewhere", "shop/front-2"]);
+    let elsewhere = first.endpoint("shop/elsewhere").expect("peer");
+    assert_eq!((elsewhere.labels["app"].as_str(), elsewhere.service_account.as_deref()), ("web", Some("web")));
+    assert_eq!(elsewhere.ports[0].name.as_deref(), Some("http"));
+    assert!(!first.endpoint("shop/web-1").expect("local").peer_only);
+
+    // A status change writes nothing; a label change rewrites one slice, and the agent sees it.
+    let mut restarted = pod("shop", "elsewhere", "99999999-2222-4333-8444-555555555555", "node-b", "10.2.0.10", json!({"app": "web"}));
+    restarted["status"]["containerStatuses"] = json!([{"name": "app", "restartCount": 3, "ready": true}]);
+    api.apply(restarted);
+    api.apply(pod("shop", "elsewhere", "99999999-2222-4333-8444-555555555555", "node-b", "10.2.0.10", json!({"app": "api"})));
+    wait_until(&mut inventory, "the label change through the operator", |inv| {
+        inv.endpoint("shop/elsewhere").is_some_and(|e| e.labels.get("app").is_some_and(|a| a == "api"))
+    })
+    .await;
+    assert_eq!(operator_writes(&api), 3, "one write for the label change, none for the status");
+
+    // Someone else rewrites the slice (a stale writer): the operator's next write conflicts
+    // (409), re-reads and writes its content over it.
+    let mut theirs = api.object(Kind::PeerSlice, "shop", "shop-0");
+    theirs["peers"][0]["ips"] = json!(["10.6.6.6"]);
+    api.apply(theirs);
+    api.apply(pod("shop", "front-2", "uid-front-2", "node-b", "10.2.0.11", json!({"app": "frontend", "tier": "edge"})));
+    wait_until(&mut inventory, "the operator's content back after the conflict", |inv| {
+        inv.endpoint("shop/front-2").is_some_and(|e| e.labels.contains_key("tier"))
+            && inv.endpoint("shop/elsewhere").is_some_and(|e| e.ips == ["10.2.0.10".parse::<std::net::IpAddr>().unwrap()])
+    })
+    .await;
+    assert_eq!(operator.counters().conflicts.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(operator.counters().errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // A namespace's last pod goes: its slice is deleted, the agent loses the peer.
+    api.delete(Kind::Pod, "kube-system", "dns");
+    wait_until(&mut inventory, "dns gone", |inv| !peer_names(inv).contains(&"kube-system/dns".to_string())).await;
+    assert_eq!(slice_names(&api), ["shop/shop-0"]);
+
+    // A restart with no pod change writes nothing; the agent's peers stay as they were.
+    drop(operator);
+    let before = (operator_writes(&api), inventory.borrow().clone());
+    let operator = start_operator(&api).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(operator_writes(&api), before.0, "a restarted operator wrote a slice");
+    assert_eq!(operator.counters().writes(), 0);
+    assert_eq!(inventory.borrow().endpoints, before.1.endpoints);
+
+    // The operator asked for exactly OPERATOR_USES (its ClusterRole), and the agent never for
+    // the cluster's pods.
+    let used: BTreeSet<(String, String, String)> =
+        api.requests().into_iter().filter(|r| r.user == "palisade-operator").map(|r| r.use_).collect();
+    let declared: BTreeSet<(String, String, String)> =
+        OPERATOR_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+    assert_eq!(used, declared, "the operator's requests vs OPERATOR_USES");
+    let agent_cluster_pods =
+        pod_requests(&api, "watch", false).into_iter().filter(|r| r.user != "palisade-operator").count();
+    assert_eq!(agent_cluster_pods, 0);
 }
 
 /// Each published inventory says what changed since earlier ones (issue 18: the delta the

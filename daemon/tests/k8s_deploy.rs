@@ -13,13 +13,13 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ResourceQuota, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use palisade::k8s::all_api_uses;
+use palisade::k8s::{OPERATOR_USES, all_api_uses};
 use palisade::quarantine::ResponsePolicy;
 use palisade::rules::pack::RulePack;
 use serde::Deserialize as _;
@@ -35,8 +35,13 @@ fn deploy() -> PathBuf {
 
 /// Every document of every deploy/*.yaml except the kustomization, as (file, JSON value).
 fn documents() -> Vec<(String, Value)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy())
-        .expect("deploy/")
+    documents_in(&deploy(), "")
+}
+
+/// Every document of every DIR/*.yaml except the kustomization, as (PREFIX + file, JSON value).
+fn documents_in(dir: &Path, prefix: &str) -> Vec<(String, Value)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
@@ -45,7 +50,7 @@ fn documents() -> Vec<(String, Value)> {
     let mut docs = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read manifest");
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+        let name = format!("{prefix}{}", file.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
         for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
             let value = Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: document {}: {e}", i + 1));
             if !value.is_null() {
@@ -61,9 +66,9 @@ fn documents() -> Vec<(String, Value)> {
 fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(file: &str, value: &Value) -> T {
     let object: T = serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
     let back = serde_json::to_value(&object).expect("serialise");
-    if back != *value {
-        let mut diffs = Vec::new();
-        diff("", value, &back, &mut diffs);
+    let mut diffs = Vec::new();
+    diff("", value, &back, &mut diffs);
+    if !diffs.is_empty() {
         panic!("{file}: fields lost or changed when read as {}: {diffs:#?}", std::any::type_name::<T>());
     }
     object
@@ -88,6 +93,8 @@ fn diff(at: &str, want: &Value, got: &Value, out: &mut Vec<String>) {
                 diff(&format!("{at}[{i}]"), x, y, out);
             }
         }
+        // A schema's `minimum: 1` is a float in k8s-openapi (JSONSchemaProps): the same number.
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => {}
         _ if want != got => out.push(format!("{at}: {want} became {got}")),
         _ => {}
     }
@@ -181,10 +188,9 @@ fn manifests_parse_and_the_kustomization_lists_them_all() {
     }
 }
 
-#[test]
-fn the_cluster_role_grants_exactly_what_the_code_uses() {
-    let m = manifests();
-    let role = m.cluster_roles.iter().find(|r| r.metadata.name.as_deref() == Some("palisade")).expect("the agent's ClusterRole");
+/// Every (API group, resource, verb) a ClusterRole grants, each once: no wildcard verb, no
+/// resource names, no non-resource URLs.
+fn granted(role: &ClusterRole) -> BTreeSet<(String, String, String)> {
     let mut granted = BTreeSet::new();
     for rule in role.rules.iter().flatten() {
         assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none(), "{rule:?}");
@@ -197,6 +203,14 @@ fn the_cluster_role_grants_exactly_what_the_code_uses() {
             }
         }
     }
+    granted
+}
+
+#[test]
+fn the_cluster_role_grants_exactly_what_the_code_uses() {
+    let m = manifests();
+    let role = m.cluster_roles.iter().find(|r| r.metadata.name.as_deref() == Some("palisade")).expect("the agent's ClusterRole");
+    let granted = granted(role);
     let used: BTreeSet<(String, String, String)> =
         all_api_uses().iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
     let extra: Vec<_> = granted.difference(&used).collect();
@@ -574,7 +588,7 @@ fn the_kustomize_bases_render() {
     let Some(kubectl) = kubectl else {
         panic!("kubectl (for `kubectl kustomize`) is not installed; scripts/setup.sh installs it");
     };
-    for dir in [deploy(), deploy().join("monitoring"), deploy().join("admission")] {
+    for dir in [deploy(), deploy().join("monitoring"), deploy().join("admission"), deploy().join("operator")] {
         let out = std::process::Command::new(kubectl).arg("kustomize").arg(&dir).output().expect("run kubectl kustomize");
         assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).expect("utf-8");
@@ -584,6 +598,7 @@ fn the_kustomize_bases_render() {
             let kind = value["kind"].as_str().unwrap_or("?").to_string();
             match kind.as_str() {
                 "DaemonSet" => drop(typed::<DaemonSet>("rendered", &value)),
+                "Deployment" => drop(typed::<Deployment>("rendered", &value)),
                 "ConfigMap" => drop(typed::<ConfigMap>("rendered", &value)),
                 "Service" => drop(typed::<Service>("rendered", &value)),
                 "NetworkPolicy" => drop(typed::<NetworkPolicy>("rendered", &value)),
@@ -703,6 +718,56 @@ fn copy_tree(source: &Path, target: &Path) {
     }
     std::fs::create_dir_all(target.parent().expect("a parent")).expect("parent directories");
     std::fs::copy(source, target).unwrap_or_else(|e| panic!("copying {} to {}: {e}", source.display(), target.display()));
+}
+
+// ---- The PeerSlice operator ----------------------------------------------------------------
+
+/// deploy/operator/: the kustomization lists every file, each parses as its type with nothing
+/// dropped, the operator's ClusterRole grants exactly `k8s::OPERATOR_USES` (issue 18), is bound
+/// to the Deployment's service account, and the Deployment runs `palisade operator` as one
+/// non-root replica with a read-only root and a memory limit.
+#[test]
+fn the_operator_role_grants_exactly_what_the_operator_uses() {
+    let docs = documents_in(&deploy().join("operator"), "operator/");
+    let kustomization: Value =
+        serde_norway::from_str(&std::fs::read_to_string(deploy().join("operator/kustomization.yaml")).expect("kustomization"))
+            .expect("kustomization yaml");
+    let listed: BTreeSet<String> =
+        kustomization["resources"].as_array().expect("resources").iter().filter_map(|r| r.as_str().map(|r| format!("operator/{r}"))).collect();
+    let files: BTreeSet<String> = docs.iter().map(|(file, _)| file.clone()).collect();
+    assert_eq!(listed, files, "deploy/operator kustomization resources vs files");
+    let (mut roles, mut bindings, mut deployments, mut accounts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (file, doc) in &docs {
+        match doc["kind"].as_str() {
+            Some("ClusterRole") => roles.push(typed::<ClusterRole>(file, doc)),
+            Some("ClusterRoleBinding") => bindings.push(typed::<ClusterRoleBinding>(file, doc)),
+            Some("Deployment") => deployments.push(typed::<Deployment>(file, doc)),
+            Some("ServiceAccount") => accounts.push(typed::<ServiceAccount>(file, doc)),
+            Some("CustomResourceDefinition") => drop(typed::<CustomResourceDefinition>(file, doc)),
+            other => panic!("{file}: unexpected object {other:?}"),
+        }
+        if !cluster_scoped(doc["kind"].as_str().unwrap_or("")) {
+            assert_eq!(doc["metadata"]["namespace"], NAMESPACE, "{file}");
+        }
+    }
+    assert_eq!((roles.len(), bindings.len(), deployments.len(), accounts.len()), (1, 1, 1, 1));
+    let granted = granted(&roles[0]);
+    let used: BTreeSet<(String, String, String)> =
+        OPERATOR_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
+    assert_eq!(granted, used, "the operator's ClusterRole vs OPERATOR_USES");
+    assert_eq!(Some(bindings[0].role_ref.name.as_str()), roles[0].metadata.name.as_deref());
+    let subject = &bindings[0].subjects.as_ref().expect("subjects")[0];
+    assert_eq!(Some(subject.name.as_str()), accounts[0].metadata.name.as_deref());
+    let spec = &deployments[0].spec;
+    assert_eq!(spec.replicas, Some(1), "one replica until leader election is built");
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), accounts[0].metadata.name.as_deref());
+    assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+    let container = &pod.containers[0];
+    assert_eq!(container.args.as_deref(), Some(&["operator".to_string()][..]));
+    let security = container.security_context.as_ref().expect("container securityContext");
+    assert_eq!((security.read_only_root_filesystem, security.allow_privilege_escalation), (Some(true), Some(false)));
+    assert!(container.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key("memory")));
 }
 
 // ---- The Quarantine resource -------------------------------------------------------------

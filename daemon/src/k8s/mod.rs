@@ -56,8 +56,9 @@ use namespaced_resource;
 pub mod cgroup;
 pub mod convert;
 pub mod events;
-pub mod quarantine;
+pub mod operator;
 pub mod peers;
+pub mod quarantine;
 pub mod plugin;
 pub mod quarantine_resource;
 pub mod slices;
@@ -115,6 +116,19 @@ pub const QUARANTINE_RESOURCE_USES: &[(&str, &str, &str)] = &[
 /// instead of every node's pods). Kept apart, as [`QUARANTINE_RESOURCE_USES`] is, so a test of
 /// the default mode can check it used every one of [`API_USES`].
 pub const PEER_SLICE_USES: &[(&str, &str, &str)] = &[("palisade.io", "peerslices", "list"), ("palisade.io", "peerslices", "watch")];
+
+/// Everything `palisade operator` sends (`k8s::operator`; its own ClusterRole in
+/// `deploy/operator/rbac.yaml` grants exactly these): the watch of every Pod, the list of the
+/// existing slices at start, and the conditional writes of slices (a conflict re-reads one).
+pub const OPERATOR_USES: &[(&str, &str, &str)] = &[
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("palisade.io", "peerslices", "list"),
+    ("palisade.io", "peerslices", "get"),
+    ("palisade.io", "peerslices", "create"),
+    ("palisade.io", "peerslices", "update"),
+    ("palisade.io", "peerslices", "delete"),
+];
 
 /// Everything the agent may send: [`API_USES`], [`QUARANTINE_RESOURCE_USES`] and
 /// [`PEER_SLICE_USES`].

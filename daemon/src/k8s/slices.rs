@@ -201,7 +201,7 @@ fn truncated(text: &str) -> &str {
 }
 
 /// `name=port/PROTOCOL` (the CRD's pattern).
-fn named_port(text: &str) -> Result<NamedPort, String> {
+pub(super) fn named_port(text: &str) -> Result<NamedPort, String> {
     let bad = || format!("{:?} is not name=port/TCP|UDP|SCTP", truncated(text));
     let (name, rest) = text.split_once('=').ok_or_else(bad)?;
     let (port, protocol) = rest.split_once('/').ok_or_else(bad)?;

@@ -765,8 +765,48 @@ impl StandIn {
                 let stored = cluster.store(object);
                 full(StatusCode::CREATED, &stored)
             }
+            "update" => {
+                // A replace: conditional on metadata.resourceVersion when the body sets it (409
+                // Conflict when it is not the stored one), as the API server does.
+                let (Some(ns), Some(name)) = (ns, name) else {
+                    return full(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", "update needs a name"));
+                };
+                let key = (kind, ns.to_string(), name.to_string());
+                let Some(current) = cluster.objects.get(&key).cloned() else {
+                    return not_found(kind, name);
+                };
+                let Ok(mut object) = serde_json::from_str::<Value>(&body) else {
+                    return full(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "body is not JSON"));
+                };
+                if let Some(rv) = object["metadata"]["resourceVersion"].as_str()
+                    && Some(rv) != current["metadata"]["resourceVersion"].as_str()
+                {
+                    let message = format!(
+                        "Operation cannot be fulfilled on {}.{} {name:?}: the object has been modified; please apply your changes to the latest version and try again",
+                        kind.resource(),
+                        kind.group()
+                    );
+                    return full(StatusCode::CONFLICT, &status(409, "Conflict", &message));
+                }
+                object["kind"] = json!(kind.kind());
+                object["apiVersion"] = json!(kind.api_version());
+                object["metadata"]["namespace"] = json!(ns);
+                object["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                let replaced = object.clone();
+                record_manager(&mut object, &manager, "Update", subresource, &replaced);
+                let stored = cluster.store(object);
+                full(StatusCode::OK, &stored)
+            }
             "delete" => {
                 let key = (kind, ns.unwrap_or("").to_string(), name.unwrap_or("").to_string());
+                // DeleteOptions.preconditions.resourceVersion: 409 Conflict when it is not the stored one.
+                let precondition = serde_json::from_str::<Value>(&body).ok().and_then(|b| b["preconditions"]["resourceVersion"].as_str().map(str::to_string));
+                if let (Some(rv), Some(current)) = (precondition, cluster.objects.get(&key))
+                    && Some(rv.as_str()) != current["metadata"]["resourceVersion"].as_str()
+                {
+                    let message = format!("Precondition failed: resourceVersion {rv}");
+                    return full(StatusCode::CONFLICT, &status(409, "Conflict", &message));
+                }
                 match cluster.remove(&key) {
                     Some(object) => full(StatusCode::OK, &object),
                     None => not_found(kind, name.unwrap_or("")),
