@@ -21,8 +21,17 @@
 //!    Bursts: `BENCH_BURST` changes made before the one call a watch channel coalesces them to.
 //!    CPU: this process's (the owner task's thread included).
 //!
+//! 3. **pod changes (in-process, after the kube phases)**: one pod at a time gets a label no pod
+//!    had (`rev`), so it moves to a new identity and every policy that selects or admits it must
+//!    be compiled again (~N/100 of the N policies); the inventory carries the producer's change
+//!    log as the Kubernetes source's does. (a) change-to-maps through `Enforcer::set_inventory`
+//!    (compile and sync; the pod's new identity checked in an entry of SEG_POLICY); (b) the
+//!    compile alone, alternating in one loop between the incremental compile
+//!    (`Segmentation::set_inventory`) and a compile of every policy (`full_compile`: what every
+//!    inventory change cost before), `BENCH_POD_CHANGES` (default 200) changes.
+//!
 //! `BENCH_CHANGES` (default 1,000) changes per mode, singles and bursts each; `BENCH_MODES`
-//! (`file,kube`). Run: `sudo cargo bench -p palisade --bench policy_latency` (release; add
+//! (`file,kube,pod`). Run: `sudo cargo bench -p palisade --bench policy_latency` (release; add
 //! `--profile dev` for a debug build, much slower). The machine is shared: note the load
 //! printed beside the figures.
 #[path = "../tests/support/mod.rs"]
@@ -37,9 +46,9 @@ use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key as LpmTrieKey;
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
-use palisade::inventory::Inventory;
+use palisade::inventory::{ChangeLog, ChangeSet, Inventory};
 use palisade::probes::loader::{self, LoadOptions};
-use palisade::segmentation::PolicySet;
+use palisade::segmentation::{PolicySet, Segmentation};
 use palisade_common::{
     DIRECTION_INGRESS, IpAddrKey, IpCacheValue, MAP_SEG_IPCACHE, MAP_SEG_POLICY, PolicyKey, PolicyValue,
 };
@@ -59,7 +68,8 @@ fn main() {
     let sizes = env_sizes("BENCH_POLICIES", "1000,10000");
     let changes = env_usize("BENCH_CHANGES", 1000);
     let burst = env_usize("BENCH_BURST", 20).max(1);
-    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "file,kube".into());
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "file,kube,pod".into());
+    let pod_changes = env_usize("BENCH_POD_CHANGES", 200);
     assert!(CHANGED_PORT_FIRST as usize + 2 * changes + burst < 65_536, "BENCH_CHANGES too large for the port space");
     println!("policy_latency: daemon {PALISADE}; {changes} changes per mode, bursts of {burst}");
     println!("load before: {}", load());
@@ -68,8 +78,10 @@ fn main() {
         if modes.contains("file") {
             rows.extend(file_mode(n, changes, burst));
         }
-        if modes.contains("kube") {
-            rows.extend(kube_mode(n, changes, burst));
+        if modes.contains("kube") || modes.contains("pod") {
+            let policy_changes = if modes.contains("kube") { changes } else { 0 };
+            let pods = if modes.contains("pod") { pod_changes } else { 0 };
+            rows.extend(kube_mode(n, policy_changes, burst, pods));
         }
     }
     println!();
@@ -87,12 +99,29 @@ fn pod_ip(p: usize) -> Ipv4Addr {
 }
 
 fn inventory_yaml() -> String {
+    inventory_yaml_with(&[])
+}
+
+/// The inventory, pod p with the label `rev: r<revs[p]>` when set (a pod change).
+fn inventory_yaml_with(revs: &[Option<usize>]) -> String {
     let mut text = String::from("endpoints:\n");
     for p in 0..NAMESPACES * PODS_PER_NAMESPACE {
         let (ns, k) = (p / PODS_PER_NAMESPACE, p % PODS_PER_NAMESPACE);
-        text.push_str(&format!("  - {{namespace: ns{ns}, name: pod{k}, labels: {{app: a{k}}}, ips: [{}]}}\n", pod_ip(p)));
+        let rev = match revs.get(p).copied().flatten() {
+            Some(r) => format!(", rev: r{r}"),
+            None => String::new(),
+        };
+        text.push_str(&format!("  - {{namespace: ns{ns}, name: pod{k}, labels: {{app: a{k}{rev}}}, ips: [{}]}}\n", pod_ip(p)));
     }
     text
+}
+
+/// A policy (below 200, so in every set) admitting pod p as its peer.
+fn policy_admitting(p: usize) -> usize {
+    let (ns, k) = (p / PODS_PER_NAMESPACE, p % PODS_PER_NAMESPACE);
+    let i = ns + NAMESPACES * ((k + PODS_PER_NAMESPACE - 1) % PODS_PER_NAMESPACE);
+    debug_assert_eq!(pods_of(i).1, p);
+    i
 }
 
 /// (selected pod, peer pod) of policy i: both in namespace i mod 20.
@@ -338,9 +367,12 @@ fn file_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
 
 // ---- in-process: the Enforcer fed whole sets, as the NetworkPolicy watcher feeds it -------------
 
-fn kube_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
+fn kube_mode(n: usize, changes: usize, burst: usize, pod_changes: usize) -> Vec<String> {
     println!("\n== in-process (Kubernetes path), {n} policies, {} pods", NAMESPACES * PODS_PER_NAMESPACE);
-    let inventory = Inventory::parse(&inventory_yaml(), Path::new("bench-inventory.yaml")).expect("inventory");
+    let mut log = ChangeLog::new();
+    let mut inventory = Inventory::parse(&inventory_yaml(), Path::new("bench-inventory.yaml")).expect("inventory");
+    inventory.history = Some(Arc::new(log.clone()));
+    let first_inventory = inventory.clone();
     let text: Vec<String> = (0..n).map(|i| policy_yaml(i, 1024 + i as u32)).collect();
     let mut set = PolicySet::parse(&text.join("---\n"), Path::new("bench-policies.yaml")).expect("policies");
     let pin_dir = PathBuf::from(loader::BPFFS_MOUNT).join(format!("palisade-bench-policy-kube-{}-{n}", std::process::id()));
@@ -369,7 +401,8 @@ fn kube_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
     let policy_map = open_policy(&pin_dir);
     let mut rows = Vec::new();
     let mut c = 0usize;
-    for (label, group) in [("kube (in-process), single", 1usize), ("kube (in-process), bursts", burst)] {
+    let phases: &[(&str, usize)] = if changes > 0 { &[("kube (in-process), single", 1usize), ("kube (in-process), bursts", burst)] } else { &[] };
+    for &(label, group) in phases {
         let load_at = load();
         let cpu_before = cpu_seconds(std::process::id());
         let mut latencies = Vec::with_capacity(changes);
@@ -400,9 +433,97 @@ fn kube_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
         let cpu = cpu_seconds(std::process::id()) - cpu_before;
         rows.push(row(n, label, latencies, cpu, changes, &load_at));
     }
+    if pod_changes > 0 {
+        rows.extend(pod_mode(n, pod_changes, &runtime, &mut enforcer, &ipcache, &policy_map, first_inventory, &set, &mut log));
+    }
     drop(enforcer);
     drop(runtime);
     let _ = std::fs::remove_dir_all(&pin_dir);
     rows
 }
 
+
+// ---- pod changes: the inventory's producer publishes one changed pod at a time ---------------
+
+#[allow(clippy::too_many_arguments)]
+fn pod_mode(
+    n: usize,
+    changes: usize,
+    runtime: &tokio::runtime::Runtime,
+    enforcer: &mut palisade::enforcement::Enforcer,
+    ipcache: &LpmTrie<MapData, IpAddrKey, IpCacheValue>,
+    policy_map: &HashMap<MapData, PolicyKey, PolicyValue>,
+    first: Inventory,
+    set: &PolicySet,
+    log: &mut ChangeLog,
+) -> Vec<String> {
+    let pods = NAMESPACES * PODS_PER_NAMESPACE;
+    let mut revs: Vec<Option<usize>> = vec![None; pods];
+    let mut published = first;
+    // The next inventory, pod (c * 37) mod 200 with a label no pod had, as the source publishes it.
+    let mut next = |c: usize, revs: &mut Vec<Option<usize>>, published: &mut Inventory| -> (usize, Arc<Inventory>) {
+        let p = (c * 37) % pods;
+        revs[p] = Some(c);
+        let mut inventory = Inventory::parse(&inventory_yaml_with(revs), Path::new("bench-inventory.yaml")).expect("inventory");
+        log.record(ChangeSet::between(published, &inventory));
+        inventory.history = Some(Arc::new(log.clone()));
+        *published = inventory.clone();
+        (p, Arc::new(inventory))
+    };
+    let mut rows = Vec::new();
+    // (a) change to maps through the enforcer (compile + sync).
+    let load_at = load();
+    let cpu_before = cpu_seconds(std::process::id());
+    let mut latencies = Vec::with_capacity(changes);
+    for c in 0..changes {
+        let (p, inventory) = next(c, &mut revs, &mut published);
+        let at = Instant::now();
+        runtime.block_on(enforcer.set_inventory(inventory)).expect("set_inventory");
+        let returned = Instant::now();
+        let identity = cached(ipcache, pod_ip(p)).expect("changed pod in SEG_IPCACHE").identity;
+        let i = policy_admitting(p);
+        let selected = cached(ipcache, pod_ip(pods_of(i).0)).expect("selected pod in SEG_IPCACHE");
+        let key = PolicyKey {
+            endpoint_id: selected.endpoint_id,
+            peer_identity: identity,
+            direction: DIRECTION_INGRESS,
+            protocol: 17,
+            port_plen: 16,
+            _pad: 0,
+            port: (1024 + i) as u16,
+            _pad2: 0,
+        };
+        assert!(policy_map.get(&key, 0).is_ok(), "pod {p}'s new identity {identity} not in policy {i}'s entry after set_inventory returned");
+        latencies.push(returned - at);
+    }
+    let cpu = cpu_seconds(std::process::id()) - cpu_before;
+    rows.push(row(n, "pod change, kube (in-process), compile + sync", latencies, cpu, changes, &load_at));
+
+    // (b) the compile alone, incremental and every policy, alternating.
+    let mut seg = Segmentation::new(Arc::new(published.clone()), set.clone());
+    let load_at = load();
+    let (mut incremental, mut full) = (Vec::with_capacity(changes), Vec::with_capacity(changes));
+    let mut parts = 0;
+    for c in changes..2 * changes {
+        let (_, inventory) = next(c, &mut revs, &mut published);
+        let time_full = |seg: &Segmentation| {
+            let at = Instant::now();
+            std::hint::black_box(seg.full_compile());
+            at.elapsed()
+        };
+        if c % 2 == 0 {
+            full.push(time_full(&seg));
+        }
+        let at = Instant::now();
+        seg.set_inventory(inventory);
+        incremental.push(at.elapsed());
+        parts += seg.parts_compiled();
+        if c % 2 == 1 {
+            full.push(time_full(&seg));
+        }
+    }
+    println!("incremental pod changes compiled {:.1} policies each on average (of {n})", parts as f64 / changes as f64);
+    rows.push(row(n, "pod change, compile only: every policy (before)", full, 0.0, changes, &load_at));
+    rows.push(row(n, "pod change, compile only: incremental (after)", incremental, 0.0, changes, &load_at));
+    rows
+}

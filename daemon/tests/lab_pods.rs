@@ -190,6 +190,43 @@ fn two_labs_with_the_same_addresses_coexist() {
     }
 }
 
+/// Issue 17: from an IPv4-only pod, a dual-stack pod's IPv6 address cannot be reached whatever
+/// the policy says; the probe does not try it and does not report it as denied (no policy here:
+/// everything is allowed). Pods with no family in common are not allowed, as `policy matrix`
+/// says, without a flow reported as denied.
+#[test]
+fn probe_tries_only_the_families_both_pods_have() {
+    if !require_kernel("probe_families") {
+        return;
+    }
+    let yaml = r#"
+endpoints:
+  - {namespace: fam, name: v4only, ips: [198.18.3.10], cgroup: /palisade-test/{lab}/fam/v4only}
+  - {namespace: fam, name: dual, ips: [198.18.3.20, "2001:db8::3:20"], cgroup: /palisade-test/{lab}/fam/dual}
+  - {namespace: fam, name: v6only, ips: ["2001:db8::3:30"], cgroup: /palisade-test/{lab}/fam/v6only}
+"#;
+    let lab = TestLab::up("families", yaml);
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let matrix = lab.probe(8080, protocol).unwrap_or_else(|err| panic!("probe {protocol}: {err}"));
+        assert_eq!(matrix.denied().count(), 0, "{protocol}: nothing is denied\n{}\n{:#?}", matrix.to_table(), matrix.denied().collect::<Vec<_>>());
+        assert!(matrix.all_allowed(), "{protocol}\n{}", matrix.to_table());
+        assert_eq!(matrix.allowed("fam/v4only", "fam/dual"), Some(true), "{}", matrix.to_table());
+        assert_eq!(matrix.allowed("fam/v6only", "fam/dual"), Some(true), "{}", matrix.to_table());
+        assert_eq!(matrix.allowed("fam/dual", "fam/v4only"), Some(true), "{}", matrix.to_table());
+        assert_eq!(matrix.allowed("fam/v4only", "fam/v6only"), Some(false), "no family in common\n{}", matrix.to_table());
+        let v6_from_v4 = matrix
+            .results
+            .iter()
+            .find(|r| r.from == "fam/v4only" && r.to == "fam/dual" && r.ip.is_ipv6())
+            .expect("the IPv6 flow is listed");
+        assert!(v6_from_v4.untried && !v6_from_v4.allowed, "{v6_from_v4:?}");
+        assert_eq!(v6_from_v4.reason.as_deref(), Some("no IPv6 address in fam/v4only"));
+        let table = matrix.to_table();
+        let row = table.lines().find(|l| l.starts_with("fam/v4only")).expect("row");
+        assert!(row.contains("n/a") && !row.contains("--"), "{table}");
+    }
+}
+
 #[test]
 fn sctp_probe_works_or_says_the_kernel_lacks_it() {
     if !require_kernel("sctp_probe") {

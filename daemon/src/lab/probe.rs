@@ -31,6 +31,8 @@ const TIMED_OUT: i32 = -1;
 const BAD_ECHO: i32 = -2;
 /// Result code: the client child died before reporting.
 const NO_REPORT: i32 = -3;
+/// Result code: not tried, the source pod has no address of the target's family.
+const NO_FAMILY: i32 = -4;
 /// Connections one listener serves at once (more are accepted and closed).
 const MAX_CONNECTIONS: usize = 128;
 /// A listener closes connections idle this long (peers that never send).
@@ -57,9 +59,13 @@ pub struct ProbeResult {
     pub to: String,
     pub ip: IpAddr,
     pub allowed: bool,
-    /// Why the flow was not allowed (timeout, refused, EPERM, ...).
+    /// Why the flow was not allowed (timeout, refused, EPERM, ...), or why it was not tried.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Not tried: the source pod has no address of this family (an IPv4-only pod and a
+    /// dual-stack pod have IPv4 in common, nothing else). Neither allowed nor denied.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub untried: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -70,24 +76,29 @@ pub struct ProbeMatrix {
 }
 
 impl ProbeMatrix {
-    /// Whether every address of `to` was reachable from `from`; `None` if the pair was not probed.
+    /// Whether every address of `to` that `from` can address (a family both have) was
+    /// reachable; false when they have no family in common (as `policy matrix` says); `None` if
+    /// the pair was not probed.
     pub fn allowed(&self, from: &str, to: &str) -> Option<bool> {
         let mut flows = self.results.iter().filter(|r| r.from == from && r.to == to).peekable();
         flows.peek()?;
-        Some(flows.all(|r| r.allowed))
+        let mut tried = flows.filter(|r| !r.untried).peekable();
+        Some(tried.peek().is_some() && tried.all(|r| r.allowed))
     }
 
-    /// Flows that were not allowed.
+    /// Flows that were tried and not allowed.
     pub fn denied(&self) -> impl Iterator<Item = &ProbeResult> {
-        self.results.iter().filter(|r| !r.allowed)
+        self.results.iter().filter(|r| !r.allowed && !r.untried)
     }
 
+    /// Whether every flow tried was allowed.
     pub fn all_allowed(&self) -> bool {
-        self.results.iter().all(|r| r.allowed)
+        self.results.iter().all(|r| r.allowed || r.untried)
     }
 
-    /// A from × to table: `ok` (all addresses reachable), `--` (none), or the reachable
-    /// families (`v4`, `v6`) when only some are.
+    /// A from × to table: `ok` (all addresses reachable), `--` (none), the reachable families
+    /// (`v4`, `v6`) when only some are, or `n/a` (no address family in common: nothing tried).
+    /// Addresses of a family the source pod lacks are left out.
     pub fn to_table(&self) -> String {
         use crate::output::{Cell, Table};
         let mut pods: Vec<&str> = Vec::new();
@@ -104,9 +115,12 @@ impl ProbeMatrix {
         for from in &pods {
             let mut row = vec![Cell::plain(from)];
             for to in &pods {
-                let flows: Vec<&ProbeResult> = self.results.iter().filter(|r| r.from == *from && r.to == *to).collect();
-                let cell = if flows.is_empty() {
+                let all: Vec<&ProbeResult> = self.results.iter().filter(|r| r.from == *from && r.to == *to).collect();
+                let flows: Vec<&ProbeResult> = all.iter().copied().filter(|r| !r.untried).collect();
+                let cell = if all.is_empty() {
                     ""
+                } else if flows.is_empty() {
+                    "n/a"
                 } else if flows.iter().all(|r| r.allowed) {
                     "ok"
                 } else if flows.iter().all(|r| !r.allowed) {
@@ -212,6 +226,7 @@ struct PodHandles {
     key: String,
     netns: OwnedFd,
     cgroup_procs: OwnedFd,
+    has_v4: bool,
     has_v6: bool,
 }
 
@@ -240,6 +255,7 @@ pub(super) fn run(lab: &Lab, port: u16, protocol: Protocol, options: &ProbeOptio
             key: pod.key.clone(),
             netns: netns::open(&pod.netns)?,
             cgroup_procs,
+            has_v4: pod.ips.iter().any(IpAddr::is_ipv4),
             has_v6: pod.ips.iter().any(IpAddr::is_ipv6),
         });
         for ip in &pod.ips {
@@ -297,6 +313,10 @@ pub(super) fn run(lab: &Lab, port: u16, protocol: Protocol, options: &ProbeOptio
         let mut slots = vec![Slot { fd: -1, phase: Phase::Done, received: 0, resent: false }; targets.len()];
         let mut pollfds = vec![pollfd { fd: -1, events: 0, revents: 0 }; targets.len()];
         let mut results = vec![TIMED_OUT; targets.len()];
+        // Only the families this pod has: from an IPv4-only pod an IPv6 address is unreachable
+        // whatever the policy says, so trying it would report a denial that is none.
+        let untried: Vec<bool> =
+            target_labels.iter().map(|(_, ip)| if ip.is_ipv4() { !pod.has_v4 } else { !pod.has_v6 }).collect();
         let parent = std::process::id() as pid_t;
         let keep = [pod.netns.as_raw_fd(), pod.cgroup_procs.as_raw_fd(), write_end.as_raw_fd()];
         // SAFETY: as for the listeners; the buffers are allocated above, the child only writes
@@ -313,6 +333,7 @@ pub(super) fn run(lab: &Lab, port: u16, protocol: Protocol, options: &ProbeOptio
                         udp: protocol == Protocol::Udp,
                         timeout_ms,
                         targets: &targets,
+                        untried: &untried,
                         slots: &mut slots,
                         pollfds: &mut pollfds,
                         results: &mut results,
@@ -341,7 +362,11 @@ pub(super) fn run(lab: &Lab, port: u16, protocol: Protocol, options: &ProbeOptio
                 to: to.clone(),
                 ip: *ip,
                 allowed: code == ALLOWED,
-                reason: (code != ALLOWED).then(|| reason(code)),
+                reason: (code != ALLOWED).then(|| match code {
+                    NO_FAMILY => format!("no {} address in {}", if ip.is_ipv4() { "IPv4" } else { "IPv6" }, pod.key),
+                    code => reason(code),
+                }),
+                untried: code == NO_FAMILY,
             });
         }
     }
@@ -637,6 +662,8 @@ struct ClientWork<'a> {
     udp: bool,
     timeout_ms: u64,
     targets: &'a [Target],
+    /// Targets of a family the pod has no address of: reported as NO_FAMILY, not tried.
+    untried: &'a [bool],
     slots: &'a mut [Slot],
     pollfds: &'a mut [pollfd],
     results: &'a mut [i32],
@@ -650,7 +677,7 @@ unsafe fn client_main(keep: [c_int; 3], parent: pid_t, work: ClientWork<'_>) -> 
     // SAFETY (whole function): raw syscalls on memory the parent allocated; see module docs.
     unsafe {
         let report_fd = keep[2];
-        let ClientWork { sock_type, sock_protocol, udp, timeout_ms, targets, slots, pollfds, results } = work;
+        let ClientWork { sock_type, sock_protocol, udp, timeout_ms, targets, untried, slots, pollfds, results } = work;
         if let Err((_stage, err)) = enter_pod(keep, parent) {
             for result in results.iter_mut() {
                 *result = err;
@@ -669,6 +696,10 @@ unsafe fn client_main(keep: [c_int; 3], parent: pid_t, work: ClientWork<'_>) -> 
         };
         let send_payload = |fd: c_int| libc::send(fd, PAYLOAD.as_ptr().cast(), PAYLOAD.len(), libc::MSG_NOSIGNAL);
         for i in 0..targets.len() {
+            if untried[i] {
+                results[i] = NO_FAMILY;
+                continue;
+            }
             let target = &targets[i];
             let fd = libc::socket(target.family, sock_type | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, sock_protocol);
             if fd < 0 {
@@ -779,7 +810,7 @@ mod tests {
     use super::*;
 
     fn flow(from: &str, to: &str, ip: &str, allowed: bool) -> ProbeResult {
-        ProbeResult { from: from.into(), to: to.into(), ip: ip.parse().unwrap(), allowed, reason: None }
+        ProbeResult { from: from.into(), to: to.into(), ip: ip.parse().unwrap(), allowed, reason: None, untried: false }
     }
 
     #[test]
@@ -807,6 +838,33 @@ mod tests {
         assert_eq!(json["protocol"], "TCP");
         assert_eq!(json["results"][0]["from"], "a/x");
         assert!(json["results"][0].get("reason").is_none());
+        assert!(json["results"][0].get("untried").is_none());
+    }
+
+    /// Issue 17: from an IPv4-only pod, a dual-stack pod's IPv6 address is not tried, and not
+    /// reported as denied; pods with no family in common are neither allowed nor denied flows.
+    #[test]
+    fn addresses_of_a_family_the_source_lacks_are_untried_not_denied() {
+        let untried = |from: &str, to: &str, ip: &str| ProbeResult { untried: true, reason: Some("no IPv6 address".into()), ..flow(from, to, ip, false) };
+        let matrix = ProbeMatrix {
+            port: 8080,
+            protocol: Protocol::Tcp,
+            results: vec![
+                flow("a/v4", "b/dual", "198.18.0.2", true),
+                untried("a/v4", "b/dual", "2001:db8::2"),
+                untried("a/v4", "c/v6", "2001:db8::3"),
+                flow("b/dual", "a/v4", "198.18.0.1", true),
+            ],
+        };
+        assert_eq!(matrix.allowed("a/v4", "b/dual"), Some(true), "the family both have is allowed");
+        assert_eq!(matrix.allowed("a/v4", "c/v6"), Some(false), "no family in common: not allowed, as policy matrix says");
+        assert_eq!(matrix.denied().count(), 0, "nothing tried was denied");
+        assert!(matrix.all_allowed());
+        let table = matrix.to_table();
+        let row = table.lines().find(|l| l.starts_with("a/v4")).expect("row");
+        assert!(row.contains("ok") && row.contains("n/a") && !row.contains("--"), "{table}");
+        let json = serde_json::to_value(&matrix).unwrap();
+        assert_eq!(json["results"][1]["untried"], true);
     }
 
     #[test]

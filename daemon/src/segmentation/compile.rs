@@ -41,7 +41,15 @@
 //!   policy change compiles that one policy; the merge (rule ids in policy order, the capacity
 //!   check, the tipping point) always runs over every part, so the output is exactly a full
 //!   compile's (`tests/segmentation_incremental.rs` checks it over random change sequences).
-//!   An inventory change still recompiles every part.
+//!   An inventory change recompiles the parts it touches: a part reads the pods its podSelector
+//!   selects, the pods its peers match (by selector, or by an address inside an ipBlock), for
+//!   an egress rule with a named port and no peers every pod, and namespace labels only through
+//!   namespaceSelectors; so a part is kept unless a changed pod (its old or its new version) is
+//!   one of those, or a namespace's labels changed and the policy has a namespaceSelector. What
+//!   changed comes from the producer's change log when both inventories carry one
+//!   ([`Inventory::changes_since`], the Kubernetes source), or from comparing the two (one pass
+//!   over the pods); past [`MAX_CHANGED_PODS`] changed pods, or after a compile that ran out of
+//!   ids, every part is compiled again.
 //! * Named ports: ingress resolves against the selected (destination) pod (its own POLICY
 //!   entries); egress against each destination pod, keyed by that pod's identity, which is exact
 //!   because every pod of an identity declares the same named ports. The kernel maps and the
@@ -58,7 +66,7 @@ use palisade_common::{
 use serde::Serialize;
 
 use super::policy::{Cidr, NetworkPolicy, Peer, PolicySet, PortSpec, Rule};
-use crate::inventory::{Endpoint, Inventory, Labels, NamedPort, Protocol};
+use crate::inventory::{ChangeSet, Endpoint, Inventory, Labels, NamedPort, Protocol};
 
 /// An LPM trie key as stored: prefix length (in the 16-byte form) and address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -311,11 +319,18 @@ pub struct Compiler {
 #[derive(Debug, Clone, Default)]
 struct PartCache {
     parts: HashMap<String, PolicyPart>,
+    /// The inventory the parts were compiled against (a part is kept across an inventory change
+    /// that does not touch it, see [`InventoryDelta`]).
     inventory: Option<Inventory>,
-    inventory_generation: u64,
     blocks: BTreeSet<Cidr>,
     blocks_generation: u64,
+    /// Parts the last compile computed (the rest it reused).
+    compiled: usize,
 }
+
+/// More changed pods than this in one inventory change: every part is compiled again (looking
+/// each changed pod up costs more than it saves).
+pub const MAX_CHANGED_PODS: usize = 256;
 
 impl Default for Compiler {
     fn default() -> Self {
@@ -359,6 +374,11 @@ impl Compiler {
 
     pub fn capacity(&self) -> Capacity {
         self.capacity
+    }
+
+    /// How many policy parts the last compile computed; the others it reused unchanged.
+    pub fn parts_compiled(&self) -> usize {
+        self.cache.compiled
     }
 
     /// The last compile's output went in force: the ids it used are kept, and from the next
@@ -532,20 +552,35 @@ impl Compiler {
         self.cidrs.forget_unused();
         self.endpoints.forget_unused();
 
-        // A policy's entries depend on the inventory and, when it has ipBlock peers, on the
-        // prefixes in force (an ipBlock resolves to the trie prefixes inside it). A policy that
-        // is unchanged since the last compile in the same environment reuses its part: a policy
-        // change recompiles that policy alone. What follows (rule ids, the capacity check, the
-        // merge) runs over every policy in order as before, so the result is the full compile's.
-        if self.cache.inventory.as_ref() != Some(inventory) {
-            self.cache.inventory = Some(inventory.clone());
-            self.cache.inventory_generation += 1;
+        // A policy's entries depend on the pods it reads (see `InventoryDelta::touches`) and,
+        // when it has ipBlock peers, on the prefixes in force (an ipBlock resolves to the trie
+        // prefixes inside it). A policy that is unchanged since the last compile, in an
+        // environment that changed nothing it reads, reuses its part: a policy change
+        // recompiles that policy alone, a pod change the policies that select or admit the pod.
+        // What follows (rule ids, the capacity check, the merge) runs over every policy in order
+        // as before, so the result is the full compile's.
+        let mut cached = std::mem::take(&mut self.cache.parts);
+        match self.cache.inventory.as_ref() {
+            Some(before) if before == inventory => {}
+            Some(before) => {
+                match InventoryDelta::new(before, inventory) {
+                    Some(delta) => cached.retain(|_, part| !delta.touches(&part.policy)),
+                    None => cached.clear(),
+                }
+                self.cache.inventory = Some(inventory.clone());
+            }
+            None => self.cache.inventory = Some(inventory.clone()),
+        }
+        if exhausted {
+            // Some pods have no ids (0) in this compile: nothing kept from before applies, and
+            // nothing compiled now is kept for later.
+            cached.clear();
         }
         if self.cache.blocks != blocks {
             self.cache.blocks = blocks.clone();
             self.cache.blocks_generation += 1;
         }
-        let mut cached = std::mem::take(&mut self.cache.parts);
+        self.cache.compiled = 0;
         let mut parts: HashMap<String, PolicyPart> = HashMap::with_capacity(set.policies.len());
         let resolution = Resolution { inventory, selector_labels: &selector_labels, identity_pods: &identity_pods, cidr_prefixes: &cidr_prefixes, ep_ids: &ep_ids, ep_identity: &ep_identity };
         // POLICY keys of the policies past the tipping point, only counted.
@@ -553,17 +588,19 @@ impl Compiler {
         for (pi, p) in set.policies.iter().enumerate() {
             let key = p.key();
             out.policies.push(PolicyRef { key: key.clone(), source: p.source.clone() });
-            let environment = (self.cache.inventory_generation, if has_ip_blocks(p) { self.cache.blocks_generation } else { 0 });
+            let environment = if has_ip_blocks(p) { self.cache.blocks_generation } else { 0 };
             let part = match cached.remove(&key) {
                 Some(part) if part.environment == environment && part.policy == *p => part,
-                _ => resolution.part(p, environment),
+                _ => {
+                    self.cache.compiled += 1;
+                    resolution.part(p, environment)
+                }
             };
             for (direction, isolated) in [(DIRECTION_INGRESS, p.ingress_isolation), (DIRECTION_EGRESS, p.egress_isolation)] {
                 if !isolated {
                     continue;
                 }
-                for &s in &part.selected {
-                    let id = ep_ids[s];
+                for &id in &part.selected {
                     if let Some(cfg) = out.endpoint_config.get_mut(&id) {
                         cfg.flags |= if direction == DIRECTION_INGRESS { EP_ISOLATED_INGRESS } else { EP_ISOLATED_EGRESS };
                     }
@@ -602,7 +639,7 @@ impl Compiler {
                 }
             }
         }
-        self.cache.parts = parts;
+        self.cache.parts = if exhausted { HashMap::new() } else { parts };
         out.usage.policy = out.policy.len() + left_out.len();
         if let Some((t, map)) = tipped {
             let what = match set.policies.get(t) {
@@ -627,10 +664,10 @@ impl Compiler {
 #[derive(Debug, Clone)]
 struct PolicyPart {
     policy: NetworkPolicy,
-    /// (inventory generation, prefixes generation or 0 for a policy without ipBlock peers).
-    environment: (u64, u64),
-    /// Local endpoints (inventory indexes) its podSelector selects.
-    selected: Vec<usize>,
+    /// The prefixes' generation, or 0 for a policy without ipBlock peers.
+    environment: u64,
+    /// Local endpoints (endpoint ids: stable while the pod is unchanged) its podSelector selects.
+    selected: Vec<u32>,
     rules: Vec<RuleRef>,
     entries: Vec<(PolicyKey, u32)>,
 }
@@ -647,7 +684,7 @@ struct Resolution<'a> {
 }
 
 impl Resolution<'_> {
-    fn part(&self, p: &NetworkPolicy, environment: (u64, u64)) -> PolicyPart {
+    fn part(&self, p: &NetworkPolicy, environment: u64) -> PolicyPart {
         let eps = &self.inventory.endpoints;
         // Only local endpoints are isolated here; a peer-only pod's node isolates it.
         let selected: Vec<usize> = eps
@@ -703,6 +740,7 @@ impl Resolution<'_> {
                 }
             }
         }
+        let selected = selected.iter().map(|&s| self.ep_ids[s]).collect();
         PolicyPart { policy: p.clone(), environment, selected, rules, entries }
     }
 
@@ -755,6 +793,94 @@ impl Resolution<'_> {
                 Target { id, endpoints }
             })
             .collect()
+    }
+}
+
+/// What changed between the inventory the kept parts were compiled against and the new one:
+/// both versions of every changed pod (with the namespace labels each saw), and the namespaces
+/// whose labels changed.
+struct InventoryDelta<'a> {
+    pods: Vec<ChangedPod<'a>>,
+    namespaces: bool,
+}
+
+struct ChangedPod<'a> {
+    endpoint: &'a Endpoint,
+    selector_labels: Labels,
+    namespace_labels: Option<&'a Labels>,
+}
+
+impl<'a> InventoryDelta<'a> {
+    /// None when it is not worth finding out (more than [`MAX_CHANGED_PODS`] pods changed).
+    fn new(before: &'a Inventory, after: &'a Inventory) -> Option<InventoryDelta<'a>> {
+        // The producer's log, when both inventories are its publications; otherwise a compare.
+        let changes = match (before.generation(), after.generation()) {
+            (0, _) | (_, 0) => None,
+            (since, _) => after.changes_since(since),
+        }
+        .unwrap_or_else(|| ChangeSet::between(before, after));
+        if changes.pods.len() > MAX_CHANGED_PODS {
+            return None;
+        }
+        // A few changed pods are looked up by a scan; more, through an index of each side.
+        let index = |inventory: &'a Inventory| -> Option<HashMap<String, &'a Endpoint>> {
+            (changes.pods.len() > 8).then(|| inventory.endpoints.iter().map(|e| (e.key(), e)).collect())
+        };
+        let sides = [(before, index(before)), (after, index(after))];
+        let mut pods = Vec::with_capacity(2 * changes.pods.len());
+        for key in &changes.pods {
+            for (inventory, index) in &sides {
+                let found = match index {
+                    Some(index) => index.get(key).copied(),
+                    None => inventory.endpoint(key),
+                };
+                if let Some(endpoint) = found {
+                    pods.push(ChangedPod {
+                        endpoint,
+                        selector_labels: endpoint.selector_labels(),
+                        namespace_labels: inventory.namespace_labels(&endpoint.namespace),
+                    });
+                }
+            }
+        }
+        Some(InventoryDelta { pods, namespaces: !changes.namespaces.is_empty() })
+    }
+
+    /// Whether `p`'s part may differ after this change: a changed pod (old or new version) is
+    /// one it selects or one a peer of it matches, or it has an egress rule with a named port
+    /// and no peers (resolved against every pod) and some pod changed, or it has a
+    /// namespaceSelector and a namespace's labels changed. A superset of what it reads (see
+    /// `Resolution::part`).
+    fn touches(&self, p: &NetworkPolicy) -> bool {
+        let rules = || p.ingress.iter().chain(&p.egress);
+        if self.namespaces
+            && rules().any(|r| r.peers.iter().any(|peer| matches!(peer, Peer::Pods { namespace_selector: Some(_), .. })))
+        {
+            return true;
+        }
+        if self.pods.is_empty() {
+            return false;
+        }
+        let named = |r: &Rule| r.ports.iter().any(|pp| matches!(pp.port, PortSpec::Named(_)));
+        if p.egress.iter().any(|r| r.peers.is_empty() && named(r)) {
+            return true;
+        }
+        self.pods.iter().any(|pod| {
+            let ep = pod.endpoint;
+            if ep.namespace == p.namespace && p.pod_selector.matches(&pod.selector_labels) {
+                return true;
+            }
+            rules().flat_map(|r| &r.peers).any(|peer| match peer {
+                Peer::Pods { pod_selector, namespace_selector } => {
+                    let ns_ok = match namespace_selector {
+                        None => ep.namespace == p.namespace,
+                        Some(sel) => pod.namespace_labels.is_some_and(|l| sel.matches(l)),
+                    };
+                    ns_ok && pod_selector.as_ref().is_none_or(|sel| sel.matches(&pod.selector_labels))
+                }
+                Peer::IpBlock(b) => ep.ips.iter().any(|ip| b.cidr.contains(*ip)),
+            })
+        })
     }
 }
 
@@ -1174,6 +1300,64 @@ mod tests {
         let fresh = Compiler::default();
         assert_eq!(fresh.labels.end, IDENTITY_CIDR_FIRST);
         assert_eq!(fresh.cidrs.first, IDENTITY_CIDR_FIRST);
+    }
+
+    /// Issue 17: a pod change recompiles the policies that select or admit the pod, not the set;
+    /// the result is still a full compile's.
+    #[test]
+    fn a_pod_change_recompiles_only_the_policies_that_read_the_pod() {
+        use std::path::Path;
+
+        let inventory = |web_labels: &str, db_port: u16| {
+            Inventory::parse(
+                &[
+                    "namespaces: [{name: shop, labels: {team: x}}, {name: ops}]".to_string(),
+                    "endpoints:".into(),
+                    format!("  - {{namespace: shop, name: web, labels: {{{web_labels}}}, ips: [198.18.9.1], cgroup: w}}"),
+                    format!("  - {{namespace: shop, name: db, labels: {{app: db}}, ips: [198.18.9.2], cgroup: d, ports: [{{name: sql, port: {db_port}}}]}}"),
+                    "  - {namespace: ops, name: tool, labels: {app: tool}, ips: [198.18.9.3], cgroup: t}".into(),
+                ]
+                .join("\n"),
+                Path::new("inv.yaml"),
+            )
+            .expect("inventory")
+        };
+        let doc = |name: &str, ns: &str, spec: &str| {
+            format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
+        };
+        let set = PolicySet::parse(
+            &[
+                doc("web-in", "shop", "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: tool}}, namespaceSelector: {}}]}]\n"),
+                doc("db-in", "shop", "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n"),
+                doc("tool-out", "ops", "  podSelector: {}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 198.18.9.2/32}}], ports: [{port: sql}]}]\n"),
+                doc("ops-in", "ops", "  podSelector: {}\n  ingress: [{from: [{podSelector: {}}]}]\n"),
+            ]
+            .join("---\n"),
+            Path::new("p.yaml"),
+        )
+        .expect("policies");
+        let mut compiler = Compiler::default();
+        let check = |compiler: &mut Compiler, inv: &Inventory, expected: usize, what: &str| {
+            let c = compiler.compile(inv, &set);
+            compiler.in_force();
+            assert_eq!(compiler.parts_compiled(), expected, "{what}");
+            assert_eq!(c, compiler.without_cache().compile(inv, &set), "{what}: equals a full compile");
+            c
+        };
+        check(&mut compiler, &inventory("app: web", 5432), 4, "the first compile");
+        check(&mut compiler, &inventory("app: web", 5432), 0, "nothing changed");
+        // web's extra label: web-in selects it, db-in admits it; the ops policies never see it.
+        check(&mut compiler, &inventory("app: web, rev: '2'", 5432), 2, "web relabelled");
+        // db's named port: db-in selects db, tool-out's ipBlock covers its address.
+        let c = check(&mut compiler, &inventory("app: web, rev: '2'", 6432), 2, "db's named port");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // tool's egress (db's own ingress policy admits web only) follows db's named port.
+        let egress = |port| crate::segmentation::lookup::lookup(&c, ip("198.18.9.3"), ip("198.18.9.2"), 6, port).egress;
+        assert!(matches!(egress(6432), crate::segmentation::lookup::HookDecision::Allowed { .. }), "{:?}", egress(6432));
+        assert!(!matches!(egress(5432), crate::segmentation::lookup::HookDecision::Allowed { .. }), "{:?}", egress(5432));
+        // web leaves the app: web-in no longer selects it, db-in no longer admits it.
+        let c = check(&mut compiler, &inventory("app: other", 6432), 2, "web's app label gone");
+        assert!(!crate::segmentation::lookup::lookup(&c, ip("198.18.9.1"), ip("198.18.9.2"), 6, 80).allowed);
     }
 
     #[test]

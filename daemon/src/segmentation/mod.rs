@@ -154,6 +154,12 @@ impl Segmentation {
         self.compiler.capacity()
     }
 
+    /// How many policies the last compile compiled (the rest it reused: see
+    /// [`Compiler::parts_compiled`]).
+    pub fn parts_compiled(&self) -> usize {
+        self.compiler.parts_compiled()
+    }
+
     pub fn policies(&self) -> &PolicySet {
         &self.policies
     }
