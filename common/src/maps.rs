@@ -19,6 +19,45 @@ pub const MAP_CONNECT_PORTS: &str = "CONNECT_PORTS";
 /// (keys 0..=65535), and `CONNECT_PORTS_ON`, present only while the prefilter is on.
 pub const MAX_CONNECT_PORTS: u32 = 4096;
 pub const CONNECT_PORTS_ON: u32 = 0x1_0000;
+/// The open prefilter derived from the pack's open rules (`RulePack::open_filter`): a settings
+/// array (`OPEN_FILTER_*` indices) and two LPM tries of flag-class masks (`OPEN_CLASS_*`), one on
+/// path prefixes and one on reversed path suffixes. While `OPEN_FILTER_ON` is 0 the declared
+/// `QUIET_OPEN_PREFIXES` list applies instead.
+pub const MAP_OPEN_FILTER: &str = "OPEN_FILTER";
+pub const MAP_OPEN_FILTER_PREFIXES: &str = "OPEN_FILTER_PREFIXES";
+pub const MAP_OPEN_FILTER_SUFFIXES: &str = "OPEN_FILTER_SUFFIXES";
+pub const MAX_OPEN_FILTER_ENTRIES: u32 = 1024;
+/// OPEN_FILTER indices: 1 while the derived filter is on; the classes any path admits; the
+/// classes a path with a hidden component (`/.`) admits; the classes some suffix admits.
+pub const OPEN_FILTER_ON: u32 = 0;
+pub const OPEN_FILTER_ANY_PATH: u32 = 1;
+pub const OPEN_FILTER_HIDDEN: u32 = 2;
+pub const OPEN_FILTER_SUFFIX_CLASSES: u32 = 3;
+pub const OPEN_FILTER_SLOTS: u32 = 4;
+/// Flag classes of an open (a mask): every open, writes (`open.write`: O_WRONLY, O_RDWR,
+/// O_CREAT or O_TRUNC), creating (`open.create`), truncating (`open.truncate`).
+pub const OPEN_CLASS_ANY: u32 = 1;
+pub const OPEN_CLASS_WRITE: u32 = 2;
+pub const OPEN_CLASS_CREATE: u32 = 4;
+pub const OPEN_CLASS_TRUNCATE: u32 = 8;
+
+/// The flag classes of an open with `flags` (`OPEN_CLASS_*`), as user space decodes them.
+#[inline(always)]
+pub const fn open_classes(flags: u32) -> u32 {
+    const O_CREAT: u32 = 0o100;
+    const O_TRUNC: u32 = 0o1000;
+    let mut classes = OPEN_CLASS_ANY;
+    if flags & 0o3 != 0 || flags & (O_CREAT | O_TRUNC) != 0 {
+        classes |= OPEN_CLASS_WRITE;
+    }
+    if flags & O_CREAT != 0 {
+        classes |= OPEN_CLASS_CREATE;
+    }
+    if flags & O_TRUNC != 0 {
+        classes |= OPEN_CLASS_TRUNCATE;
+    }
+    classes
+}
 
 pub const EVENTS_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
 /// The ring buffer of protected (rare, high-value) events: high-volume kinds never go there,

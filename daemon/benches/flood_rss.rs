@@ -1,7 +1,9 @@
 //! The flood of issue 16 and the daemon's memory (prints figures; not a test). Root only.
 //!
 //! `palisade run --lab` with two pods; after `BENCH_IDLE_SECS` (default 10) idle, pod `noisy`
-//! runs two `workload open-loop` processes on `/etc/hostname` and one `workload connect-loop`
+//! runs two `workload open-loop` processes, one on `/etc/hostname` (kept in the kernel by the
+//! pack's compiled open filter) and one on a missing path with a hidden component (which it lets
+//! out, as a flooder who knows the filter would choose), and one `workload connect-loop`
 //! to a closed loopback port for `BENCH_FLOOD_SECS` (default 15), then everything stops and the
 //! daemon is watched for `BENCH_AFTER_SECS` (default 30). The daemon's RSS is read from
 //! /proc every second; printed: the curve (start, idle, peak, the end of the flood, 30 s
@@ -125,7 +127,7 @@ fn main() {
     let mut flood = Vec::new();
     for (i, args) in [
         ["workload", "open-loop", "1000000000", "/etc/hostname"],
-        ["workload", "open-loop", "1000000000", "/etc/hostname"],
+        ["workload", "open-loop", "1000000000", "/tmp/.palisade-flood-missing"],
         ["workload", "connect-loop", "1000000000", "127.0.0.1:9"],
     ]
     .into_iter()

@@ -3,9 +3,10 @@
 //!   attached and the cgroup monitored (all kinds on, events drained, decoded and enriched),
 //!   and with the programs attached but the cgroup not monitored (the in-kernel filter's cost);
 //! - events per second through ring buffer + decode + enrichment, and kernel-counted losses;
-//! - the rule pack's kernel prefilter: the same loop on a shared-library path, monitored,
-//!   without and with the default pack's `quiet_open_prefixes` (per-open cost, and the events
-//!   that reach user space).
+//! - the rule pack's kernel prefilter: the same loop on a shared-library path and on
+//!   /etc/hostname, monitored, with no prefilter, with the default pack's declared
+//!   `quiet_open_prefixes`, and with the filter compiled from its open rules
+//!   (`RulePack::open_filter`), interleaved (per-open cost, and the events that reach user space).
 //!
 //! Run: `cargo bench -p palisade --bench probes_throughput` (root). BENCH_OPENS sets the loop size.
 
@@ -128,19 +129,41 @@ fn main() {
             last = now;
         }
     };
-    const LIBRARY: &str = "/usr/lib/os-release";
-    let base = settle();
-    let lib_plain = median_of(3, || run_loop_on(&cgroup, opens, LIBRARY));
-    let lib_plain_events = settle() - base;
+    // The kernel prefilter, three ways, interleaved round by round so that load shifts hit all
+    // alike: none; the pack's declared `quiet_open_prefixes`; the filter compiled from the pack's
+    // open rules. Two paths: a library file (below a quiet prefix) and /etc/hostname (no quiet
+    // prefix; the compiled filter keeps it after its whole test: prefix lookup, path scan,
+    // suffix lookup).
+    const PATHS: [&str; 2] = ["/usr/lib/os-release", "/etc/hostname"];
+    const MODES: [&str; 3] = ["no prefilter", "declared quiet prefixes", "compiled from the rules"];
     let rules_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
     let prefilter = palisade::rules::prefilter::OpenPrefilter::load(&rules_dir).expect("default pack prefilter");
-    runtime
-        .block_on(host.with(move |ebpf| loader::set_quiet_open_prefixes(ebpf, &prefilter.quiet)))
-        .expect("host")
-        .expect("quiet prefixes");
-    let base = settle();
-    let lib_prefiltered = median_of(3, || run_loop_on(&cgroup, opens, LIBRARY));
-    let lib_prefiltered_events = settle() - base;
+    let pack = palisade::rules::pack::RulePack::load(&rules_dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("; ")));
+    let derived = pack.open_filter().expect("the default pack's open filter").kernel_maps();
+    let mut times = vec![vec![Vec::new(); PATHS.len()]; MODES.len()];
+    let mut reached = vec![vec![0u64; PATHS.len()]; MODES.len()];
+    for _round in 0..3 {
+        for (m, _) in MODES.iter().enumerate() {
+            let (quiet, open_filter) = match m {
+                0 => (Vec::new(), None),
+                1 => (prefilter.quiet.clone(), None),
+                _ => (Vec::new(), Some(derived.clone())),
+            };
+            runtime
+                .block_on(host.with(move |ebpf| {
+                    loader::set_quiet_open_prefixes(ebpf, &quiet)?;
+                    loader::set_open_filter(ebpf, open_filter.as_ref())
+                }))
+                .expect("host")
+                .expect("prefilter");
+            for (p, path) in PATHS.iter().enumerate() {
+                let base = settle();
+                times[m][p].push(run_loop_on(&cgroup, opens, path));
+                reached[m][p] += settle() - base;
+            }
+        }
+    }
+    runtime.block_on(host.with(|ebpf| loader::set_open_filter(ebpf, None))).expect("host").expect("prefilter off");
 
     runtime.block_on(async { host.set_monitored(BTreeSet::<u64>::new()).await.expect("unmonitor") });
     let filtered = median_of(3, || run_loop(&cgroup, opens));
@@ -158,8 +181,20 @@ fn main() {
     println!("  attached, monitored, all kinds  {:>8.0} ns/op   ratio {:.2}x", per_op(monitored), per_op(monitored) / per_op(none));
     println!("  events through ring buffer + decode + enrich: {events} in {:.2}s = {:.0} events/s", elapsed.as_secs_f64(), events as f64 / elapsed.as_secs_f64());
     println!("  kernel-counted losses (all kinds): {}", counters.lost.values().sum::<u64>());
-    println!("  open of {LIBRARY}, monitored, no prefilter      {:>8.0} ns/op   events to user space: {lib_plain_events} (3 runs)", per_op(lib_plain));
-    println!("  open of {LIBRARY}, monitored, pack prefilter    {:>8.0} ns/op   events to user space: {lib_prefiltered_events} (3 runs)", per_op(lib_prefiltered));
+    println!("  open+close loops, monitored, by kernel prefilter (median of 3 interleaved rounds; events reaching user space in the 3 runs, and per second of loop time):");
+    for (m, mode) in MODES.iter().enumerate() {
+        for (p, path) in PATHS.iter().enumerate() {
+            let mut t = times[m][p].clone();
+            t.sort();
+            let total: Duration = t.iter().sum();
+            println!(
+                "    {mode:<26} {path:<20} {:>8.0} ns/op   events to user space: {:>7} ({:.0}/s)",
+                per_op(t[t.len() / 2]),
+                reached[m][p],
+                reached[m][p] as f64 / total.as_secs_f64()
+            );
+        }
+    }
     println!("  prefiltered in the kernel (open): {}", counters.prefiltered.get("open").copied().unwrap_or(0));
     println!("  reader: {:?}", stats.snapshot());
 }

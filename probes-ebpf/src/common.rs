@@ -29,7 +29,8 @@ use palisade_common::{
     KIND_COUNT, KIND_CRED, KIND_EXEC, KIND_MEMFD, KIND_MODULE, KIND_MOUNT, KIND_NAMESPACE,
     KIND_OPEN, KIND_PTRACE, KIND_RENAME, KIND_UNLINK, LOSS_BUDGET, LOSS_DEMOTED, LOSS_PROTECTED, LOSS_RING_FULL,
     MAX_CGROUP_ANCESTOR_LEVELS, MAX_MONITORED_CGROUPS, MAX_PENDING_SYSCALLS,
-    MAX_POD_LOSS_ENTRIES, MAX_SENSITIVE_PREFIXES, CONNECT_PORTS_ON, MAX_CONNECT_PORTS, PATH_LEN, PRIORITY_RINGBUF_BYTES, PathPrefix,
+    MAX_POD_LOSS_ENTRIES, MAX_SENSITIVE_PREFIXES, CONNECT_PORTS_ON, MAX_CONNECT_PORTS, MAX_OPEN_FILTER_ENTRIES,
+    OPEN_FILTER_ANY_PATH, OPEN_FILTER_HIDDEN, OPEN_FILTER_ON, OPEN_FILTER_SLOTS, OPEN_FILTER_SUFFIX_CLASSES, open_classes, PATH_LEN, PRIORITY_RINGBUF_BYTES, PathPrefix,
     PendingExec, PendingSyscall, PodBudget, PodLossKey, ProbeConfig, SENSITIVE_PREFIX_LEN,
     SOURCE_TRACEPOINT, FD_KIND_CLOSED, FD_KIND_FILE, FD_KIND_NULL, FD_KIND_OTHER, FD_KIND_PIPE,
     FD_KIND_SOCKET, FD_KIND_TTY, FD_KIND_UNKNOWN, PATH_BASE_DIR, PATH_CUT, PATH_RESOLVED,
@@ -775,21 +776,113 @@ const O_RDWR: u32 = 0o2;
 const O_CREAT: u32 = 0o100;
 const O_TRUNC: u32 = 0o1000;
 
-/// True when the pack's prefilter says no rule can match this open: read-only, not sensitive
-/// (which also means absolute and canonical), below a quiet prefix.
+/// The open prefilter derived from the pack's open rules (`OPEN_FILTER_*` slots; see
+/// `RulePack::open_filter`): while on, an open no rule's prefilter can admit stays in the kernel.
+#[map]
+pub static OPEN_FILTER: Array<u32> = Array::with_max_entries(OPEN_FILTER_SLOTS, 0);
+
+/// Path prefixes (first SENSITIVE_PREFIX_LEN bytes) -> the flag classes an open below them
+/// that some rule admits has (each entry holds its shorter prefixes' classes too: LPM finds one).
+#[map]
+pub static OPEN_FILTER_PREFIXES: LpmTrie<PathPrefix, u32> = LpmTrie::with_max_entries(MAX_OPEN_FILTER_ENTRIES, 0);
+
+/// The same for path suffixes, stored reversed (last byte first), on a path's last
+/// SENSITIVE_PREFIX_LEN bytes.
+#[map]
+pub static OPEN_FILTER_SUFFIXES: LpmTrie<PathPrefix, u32> = LpmTrie::with_max_entries(MAX_OPEN_FILTER_ENTRIES, 0);
+
 #[inline(always)]
-pub fn open_is_quiet(path: &[u8; PATH_LEN], flags: u32, sensitive: bool) -> bool {
-    if sensitive || flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 {
+fn open_filter_slot(slot: u32) -> u32 {
+    OPEN_FILTER.get(slot).copied().unwrap_or(0)
+}
+
+/// True when the pack's prefilter says no rule can match this open of `path`, which the caller
+/// has found not sensitive (so absolute and, within the bytes the kernel scans, canonical).
+/// With the derived filter on: no rule's open prefilter admits it (`RulePack::open_filter`,
+/// mirrored by `OpenPrefilter::keeps_in_kernel`); off: read-only and below a declared quiet
+/// prefix.
+#[inline(always)]
+pub fn open_is_quiet(path: &[u8; PATH_LEN], flags: u32) -> bool {
+    if open_filter_slot(OPEN_FILTER_ON) == 0 {
+        if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 {
+            return false;
+        }
+        let Some(key) = prefix_key(path) else { return false };
+        return QUIET_OPEN_PREFIXES.get(key).is_some();
+    }
+    let classes = open_classes(flags);
+    if open_filter_slot(OPEN_FILTER_ANY_PATH) & classes != 0 {
         return false;
     }
     let Some(key) = prefix_key(path) else { return false };
-    QUIET_OPEN_PREFIXES.get(key).is_some()
+    if let Some(admitted) = OPEN_FILTER_PREFIXES.get(&*key) {
+        if *admitted & classes != 0 {
+            return false;
+        }
+    }
+    let hidden_classes = open_filter_slot(OPEN_FILTER_HIDDEN);
+    let suffix_classes = open_filter_slot(OPEN_FILTER_SUFFIX_CLASSES);
+    if (hidden_classes | suffix_classes) & classes == 0 {
+        return true;
+    }
+    // The path's length (PATH_LEN - 1 when no end is seen), and whether it has a hidden
+    // component (`/.`).
+    let mut hidden = 0u8;
+    let mut i = 0usize;
+    while i < PATH_LEN - 1 {
+        let c = path[i];
+        if c == 0 {
+            break;
+        }
+        if c == b'/' && path[i + 1] == b'.' {
+            hidden = 1;
+        }
+        i += 1;
+    }
+    // Parked in the scratch key and read back: the verifier then goes on with one unknown
+    // length instead of a constant per iteration the loop can end at (each of which it would
+    // otherwise walk the rest of this function with).
+    // SAFETY: the key is this program run's per-CPU scratch (see prefix_key).
+    unsafe {
+        core::ptr::write_volatile(&mut key.data.bytes[0], i as u8);
+        core::ptr::write_volatile(&mut key.data.bytes[1], hidden as u8);
+    }
+    let (len, hidden) = unsafe { (core::ptr::read_volatile(&key.data.bytes[0]), core::ptr::read_volatile(&key.data.bytes[1])) };
+    if hidden > 1 {
+        return false;
+    }
+    let (len, hidden) = (len as usize, hidden != 0);
+    // Cut (no end seen) or ending in `/`: what it names is not in its text; let it out.
+    if len >= PATH_LEN - 1 || len < 1 || path[(len - 1) & (PATH_LEN - 1)] == b'/' {
+        return false;
+    }
+    if hidden && hidden_classes & classes != 0 {
+        return false;
+    }
+    if suffix_classes & classes == 0 {
+        return true;
+    }
+    // The last bytes, reversed, in the scratch key the prefix lookup is done with.
+    let tail = if len < SENSITIVE_PREFIX_LEN { len } else { SENSITIVE_PREFIX_LEN };
+    key.prefix_len = (tail * 8) as u32;
+    let mut j = 0usize;
+    while j < SENSITIVE_PREFIX_LEN {
+        if j >= tail {
+            break;
+        }
+        key.data.bytes[j] = path[(len - 1 - j) & (PATH_LEN - 1)];
+        j += 1;
+    }
+    match OPEN_FILTER_SUFFIXES.get(&*key) {
+        Some(admitted) => *admitted & classes == 0,
+        None => true,
+    }
 }
 
 /// The LPM key for the first SENSITIVE_PREFIX_LEN bytes of `path`, built in the per-CPU
 /// scratch slot (too large for the stack); None only if the slot is missing.
 #[inline(always)]
-fn prefix_key(path: &[u8; PATH_LEN]) -> Option<&'static LpmKey<PathPrefix>> {
+fn prefix_key(path: &[u8; PATH_LEN]) -> Option<&'static mut LpmKey<PathPrefix>> {
     let key = PREFIX_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: the per-CPU slot is this program's alone while it runs (no preemption inside one
     // program run), and the pointer is valid for the map's lifetime.

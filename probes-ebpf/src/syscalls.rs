@@ -123,7 +123,8 @@ const ENOENT: i64 = 2;
 
 /// Bits of the argument's verdict, kept in the record's padding while the walk runs.
 const ARG_PROTECTED: u32 = 1;
-const ARG_QUIET: u32 = 2;
+/// The argument can be judged by its text: not empty, not cut, no trailing `/`.
+const ARG_NAMED: u32 = 2;
 
 fn emit_open(ret: i64) -> Result<(), i64> {
     let Some(p) = take(KIND_OPEN) else { return Ok(()) };
@@ -151,8 +152,9 @@ fn emit_open(ret: i64) -> Result<(), i64> {
         // parked in the record: the verifier then carries no value of it through the walk, which
         // would otherwise be walked once per branch taken here.
         let protected = open_path_is_sensitive(&(*ev).path, len);
-        let quiet = open_is_quiet(&(*ev).path, (*ev).flags, protected);
-        let verdict = if protected { ARG_PROTECTED } else { 0 } | if quiet { ARG_QUIET } else { 0 };
+        // Named: not empty, not cut, not ending in `/` (the text then says what rules compare).
+        let named = len > 1 && len < PATH_LEN as i64 && (*ev).path[((len - 2) as usize) & (PATH_LEN - 1)] != b'/';
+        let verdict = if protected { ARG_PROTECTED } else { 0 } | if named { ARG_NAMED } else { 0 };
         core::ptr::write_volatile(&mut (*ev)._pad, verdict);
         // The file the kernel opened (or, for a failed relative open, the directory it was
         // looked up in), named by a dentry walk now: `..`, symlinks, dirfds, /proc/self/root
@@ -173,11 +175,16 @@ fn emit_open(ret: i64) -> Result<(), i64> {
     // other than ENOENT (EACCES on /etc/shadow through a symlink) is never filtered: nothing
     // names the object it was refused.
     let canonical = resolved_flags & PATH_RESOLVED != 0 && resolved_flags & (PATH_CUT | PATH_BASE_DIR) == 0;
-    let (protected, quiet) = if canonical {
-        let protected = resolved_path_is_sensitive(unsafe { &(*ev).resolved });
-        (protected, unsafe { open_is_quiet(&(*ev).resolved, (*ev).flags, protected) })
+    let (protected, judged) = if canonical {
+        (resolved_path_is_sensitive(unsafe { &(*ev).resolved }), Some(unsafe { &(*ev).resolved }))
     } else {
-        (verdict & ARG_PROTECTED != 0, ret == -ENOENT && verdict & ARG_QUIET != 0)
+        let named = ret == -ENOENT && verdict & ARG_NAMED != 0;
+        (verdict & ARG_PROTECTED != 0, if named { Some(unsafe { &(*ev).path }) } else { None })
+    };
+    // One call site for both paths: the filter's loops are verified once.
+    let quiet = match judged {
+        Some(path) if !protected => open_is_quiet(path, unsafe { (*ev).flags }),
+        _ => false,
     };
     if quiet {
         count(&PREFILTERED_COUNTS, KIND_OPEN);

@@ -35,7 +35,7 @@ impl ProbesStage {
         let host = ProbeHost::spawn(probes);
         let pack = rules.handle.current();
         host.set_enabled_kinds(kinds_for(&pack)).await?;
-        set_sensitive_prefixes(&host, &rules.dir, pack.connect_ports()).await?;
+        set_sensitive_prefixes(&host, &rules.dir, &pack).await?;
         host.set_monitored(table.monitored()).await?;
         Ok(ProbesStage { host, rings: Some((priority_ring, ring)) })
     }

@@ -32,24 +32,31 @@ pub(super) fn kinds_for(pack: &RulePack) -> Vec<EventKind> {
 }
 
 /// Loads what the kernel knows of the pack: the sensitive prefixes (which opens take the
-/// priority ring), the pack's declared open prefilter (which opens stay in the kernel) and the
+/// priority ring), the open prefilter derived from its open rules (`RulePack::open_filter`;
+/// without one, its declared `quiet_open_prefixes`: which opens stay in the kernel) and the
 /// connect ports its connect rules can match (`RulePack::connect_ports`: other inet connects
 /// stay in the kernel; None filters none).
-pub(super) async fn set_sensitive_prefixes(
-    host: &ProbeHost,
-    rules_dir: &Path,
-    connect_ports: Option<std::collections::BTreeSet<u16>>,
-) -> anyhow::Result<()> {
+pub(super) async fn set_sensitive_prefixes(host: &ProbeHost, rules_dir: &Path, pack: &RulePack) -> anyhow::Result<()> {
+    let connect_ports = pack.connect_ports();
+    let open_filter = pack.open_filter().map(|f| f.kernel_maps());
     let prefilter = crate::rules::prefilter::OpenPrefilter::load(rules_dir)?;
     let (sensitive, quiet) = (prefilter.sensitive.len(), prefilter.quiet.len());
+    let derived = open_filter.as_ref().map(|f| format!("{} prefixes, {} suffixes", f.prefixes.len(), f.suffixes.len()));
     let ports = connect_ports.as_ref().map(|p| p.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
     host.with(move |ebpf| {
         loader::set_sensitive_prefixes(ebpf, &prefilter.sensitive)?;
         loader::set_quiet_open_prefixes(ebpf, &prefilter.quiet)?;
+        loader::set_open_filter(ebpf, open_filter.as_ref())?;
         loader::set_connect_ports(ebpf, connect_ports.as_ref())
     })
     .await??;
-    tracing::info!(sensitive, quiet, connect_ports = ports.as_deref().unwrap_or("all (no connect prefilter)"), "kernel prefilters loaded (open prefixes for priority routing and filtering, connect ports)");
+    tracing::info!(
+        sensitive,
+        quiet,
+        open_filter = derived.as_deref().unwrap_or("off (the declared quiet prefixes apply)"),
+        connect_ports = ports.as_deref().unwrap_or("all (no connect prefilter)"),
+        "kernel prefilters loaded (open prefixes for priority routing, the open filter from the rules, connect ports)"
+    );
     Ok(())
 }
 
@@ -85,12 +92,12 @@ impl RulesStage {
                     let kinds = kinds_for(&state.rules.current());
                     let host = state.host.clone();
                     let rules_dir = rules_dir.clone();
-                    let connect_ports = state.rules.current().connect_ports();
+                    let pack = state.rules.current();
                     runtime.spawn(async move {
                         if let Err(err) = host.set_enabled_kinds(kinds).await {
                             tracing::error!(%err, "switching kernel event kinds after a rules reload");
                         }
-                        if let Err(err) = set_sensitive_prefixes(&host, &rules_dir, connect_ports).await {
+                        if let Err(err) = set_sensitive_prefixes(&host, &rules_dir, &pack).await {
                             tracing::error!(%err, "updating the sensitive path prefixes after a rules reload; the previous ones stay");
                         }
                     });

@@ -11,7 +11,7 @@ use aya::{Ebpf, EbpfLoader};
 use palisade_common::{
     KIND_COUNT, LOSS_BUDGET, LOSS_DEMOTED, LOSS_PROTECTED, LOSS_RING_FULL, MAP_ENABLED_KINDS, MAP_EVENT_COUNTS,
     MAP_EVENTS, MAP_EVENTS_PRIORITY, MAP_LOST_COUNTS, MAP_MONITORED_CGROUPS, MAP_POD_LOSSES,
-    CONNECT_PORTS_ON, MAP_CONNECT_PORTS, MAX_CONNECT_PORTS, MAP_PREFILTERED_COUNTS, MAP_PROBE_CONFIG, MAP_QUIET_OPEN_PREFIXES, MAP_SENSITIVE_PREFIXES, MAX_SENSITIVE_PREFIXES, PathPrefix, PodLossKey,
+    CONNECT_PORTS_ON, MAP_CONNECT_PORTS, MAX_CONNECT_PORTS, MAP_PREFILTERED_COUNTS, MAP_PROBE_CONFIG, MAP_QUIET_OPEN_PREFIXES, MAP_SENSITIVE_PREFIXES, MAX_SENSITIVE_PREFIXES, MAP_OPEN_FILTER, MAP_OPEN_FILTER_PREFIXES, MAP_OPEN_FILTER_SUFFIXES, MAX_OPEN_FILTER_ENTRIES, OPEN_FILTER_ANY_PATH, OPEN_FILTER_HIDDEN, OPEN_FILTER_ON, OPEN_FILTER_SUFFIX_CLASSES, PathPrefix, PodLossKey,
     ProbeConfig, SENSITIVE_PREFIX_LEN,
 };
 use serde::Serialize;
@@ -519,6 +519,8 @@ pub enum PrefixError {
     TooMany { count: usize, max: u32 },
     #[error("{count} connect ports in the pack's prefilter; the kernel map holds {max}")]
     TooManyPorts { count: usize, max: u32 },
+    #[error("{count} path prefixes or suffixes in the pack's open prefilter; the kernel map holds {max}")]
+    TooManyOpenFilterEntries { count: usize, max: u32 },
 }
 
 /// Replaces the set of path prefixes whose opens are protected events. Prefixes longer than
@@ -564,6 +566,67 @@ pub fn set_connect_ports(ebpf: &mut Ebpf, ports: Option<&std::collections::BTree
     map.insert(CONNECT_PORTS_ON, 1, 0).map_err(map_error)?;
     for key in present.into_iter().filter(|k| *k != CONNECT_PORTS_ON && !wanted.contains(k)) {
         map.remove(&key).map_err(map_error)?;
+    }
+    Ok(())
+}
+
+/// The open prefilter as its kernel maps hold it (`OpenKernelFilter::kernel_entries` in the
+/// rules makes it): `OPEN_CLASS_*` masks for any path and for paths with a hidden component,
+/// and LPM entries (bytes, at most `SENSITIVE_PREFIX_LEN`; suffixes reversed) with the classes
+/// they admit, each already holding the classes of its shorter entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenFilterMaps {
+    pub any_path: u32,
+    pub hidden: u32,
+    pub prefixes: Vec<(Vec<u8>, u32)>,
+    pub suffixes: Vec<(Vec<u8>, u32)>,
+}
+
+/// Replaces the open prefilter derived from the pack's open rules; `None` turns it off (the
+/// declared quiet prefixes apply again). It goes off while its entries change and on once they
+/// are all in, so no open a new rule admits is kept in the meantime by a half-written filter.
+pub fn set_open_filter(ebpf: &mut Ebpf, filter: Option<&OpenFilterMaps>) -> Result<(), LoaderError> {
+    let slot = |ebpf: &mut Ebpf, index: u32, value: u32| -> Result<(), LoaderError> {
+        let map = ebpf.map_mut(MAP_OPEN_FILTER).ok_or(LoaderError::MissingMap(MAP_OPEN_FILTER))?;
+        let mut array: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(|source| LoaderError::Map { name: MAP_OPEN_FILTER, source })?;
+        array.set(index, value, 0).map_err(|source| LoaderError::Map { name: MAP_OPEN_FILTER, source })
+    };
+    slot(ebpf, OPEN_FILTER_ON, 0)?;
+    let empty = OpenFilterMaps::default();
+    let maps = filter.unwrap_or(&empty);
+    for (name, entries) in [(MAP_OPEN_FILTER_PREFIXES, &maps.prefixes), (MAP_OPEN_FILTER_SUFFIXES, &maps.suffixes)] {
+        if entries.len() > MAX_OPEN_FILTER_ENTRIES as usize {
+            return Err(LoaderError::Prefixes(PrefixError::TooManyOpenFilterEntries { count: entries.len(), max: MAX_OPEN_FILTER_ENTRIES }));
+        }
+        let mut wanted = std::collections::BTreeMap::new();
+        for (bytes, classes) in entries {
+            let len = bytes.len().min(SENSITIVE_PREFIX_LEN);
+            let mut data = [0u8; SENSITIVE_PREFIX_LEN];
+            data[..len].copy_from_slice(&bytes[..len]);
+            *wanted.entry(((len * 8) as u32, data)).or_insert(0) |= *classes;
+        }
+        let map = ebpf.map_mut(name).ok_or(LoaderError::MissingMap(name))?;
+        let mut trie: LpmTrie<&mut MapData, PathPrefix, u32> =
+            LpmTrie::try_from(map).map_err(|source| LoaderError::Map { name, source })?;
+        let present: Vec<(u32, [u8; SENSITIVE_PREFIX_LEN])> =
+            trie.keys().filter_map(Result::ok).map(|k| (k.prefix_len(), k.data().bytes)).collect();
+        for ((bits, bytes), classes) in &wanted {
+            trie.insert(&LpmKey::new(*bits, PathPrefix { bytes: *bytes }), classes, 0).map_err(|source| LoaderError::Map { name, source })?;
+        }
+        for (bits, bytes) in present.into_iter().filter(|k| !wanted.contains_key(k)) {
+            match trie.remove(&LpmKey::new(bits, PathPrefix { bytes })) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(LoaderError::Map { name, source }),
+            }
+        }
+    }
+    let suffix_classes = maps.suffixes.iter().fold(0, |acc, (_, c)| acc | c);
+    slot(ebpf, OPEN_FILTER_ANY_PATH, maps.any_path)?;
+    slot(ebpf, OPEN_FILTER_HIDDEN, maps.hidden)?;
+    slot(ebpf, OPEN_FILTER_SUFFIX_CLASSES, suffix_classes)?;
+    if filter.is_some() {
+        slot(ebpf, OPEN_FILTER_ON, 1)?;
     }
     Ok(())
 }

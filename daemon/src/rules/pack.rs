@@ -30,7 +30,7 @@ use super::analysis;
 use super::diag::Diagnostic;
 use super::input::{EventInput, InputConverter, event_type, to_rego_value};
 use super::model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
-use super::rule_filter::{self, MAX_FILTERED_SUBSCRIBERS, TypeFilter};
+use super::rule_filter::{self, MAX_FILTERED_SUBSCRIBERS, OpenKernelFilter, TypeFilter};
 
 /// The package every rule lives under: `palisade.rules.<id>`.
 pub const RULES_PACKAGE: &str = "data.palisade.rules";
@@ -581,6 +581,24 @@ impl RulePack {
             ports.extend(filter.as_ref()?.inet_ports()?);
         }
         Some(ports)
+    }
+
+    /// The kernel's open prefilter compiled from the pack's open rules' prefilters
+    /// (`OpenKernelFilter::add`: path prefixes, suffixes, exact names, hidden components, and the
+    /// write/create/truncate flags): the kernel may keep every open none of them admits. None
+    /// (filter nothing by rules; the declared `quiet_open_prefixes` list applies) when some open
+    /// rule declares no open prefilter, when one admits every open, when no rule subscribes to
+    /// opens, or when the prefilters are off or not applied (too many subscribers).
+    pub fn open_filter(&self) -> Option<OpenKernelFilter> {
+        let t = EventType::Open.index();
+        if !self.prefilters || self.dispatch[t].is_empty() || self.dispatch[t].len() > MAX_FILTERED_SUBSCRIBERS {
+            return None;
+        }
+        let mut filter = OpenKernelFilter::default();
+        for declared in &self.filters[t] {
+            filter.add(declared.as_ref()?);
+        }
+        (!filter.admits_everything()).then_some(filter)
     }
 
     /// The rules an event of this type is evaluated against.

@@ -18,6 +18,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::pack::PackSources;
+use super::rule_filter::OpenKernelFilter;
 
 /// Paths whose opens are protected whatever the lists say: credentials and keys, the
 /// service-account token, and /proc (where `/proc/<pid>/root/...` reaches any file).
@@ -46,6 +47,9 @@ const KERNEL_PREFIX_LEN: usize = palisade_common::SENSITIVE_PREFIX_LEN;
 pub struct OpenPrefilter {
     pub sensitive: Vec<String>,
     pub quiet: Vec<String>,
+    /// The filter derived from the pack's open rules (`RulePack::open_filter`); while set, it
+    /// decides and `quiet` does not.
+    pub derived: Option<OpenKernelFilter>,
 }
 
 const O_WRONLY: u32 = 0o1;
@@ -68,7 +72,12 @@ impl OpenPrefilter {
                 return Err(PrefilterError::QuietPrefix { prefix: prefix.clone(), max: KERNEL_PREFIX_LEN });
             }
         }
-        Ok(OpenPrefilter { sensitive: prefixes_from_lists(&lists), quiet })
+        Ok(OpenPrefilter { sensitive: prefixes_from_lists(&lists), quiet, derived: None })
+    }
+
+    /// The same with the filter derived from the pack's open rules (None: the declared list).
+    pub fn with_derived(self, derived: Option<OpenKernelFilter>) -> OpenPrefilter {
+        OpenPrefilter { derived, ..self }
     }
 
     /// The kernel's decision for an open with `flags` and `result`: true when it is kept in
@@ -79,13 +88,23 @@ impl OpenPrefilter {
     pub fn keeps_in_kernel(&self, path_arg: &str, resolved: Option<&str>, flags: u32, result: i64) -> bool {
         match resolved {
             Some(file) => self.quiet_open(file, flags),
-            None => result == -ENOENT && self.quiet_open(path_arg, flags),
+            // The argument is judged when its text is whole: not empty, not cut, no trailing `/`.
+            None => {
+                let named = !path_arg.is_empty() && path_arg.len() + 1 < palisade_common::PATH_LEN && !path_arg.ends_with('/');
+                result == -ENOENT && named && self.quiet_open(path_arg, flags)
+            }
         }
     }
 
     /// `open_is_quiet` of probes-ebpf/src/common.rs, with the sensitivity of `path`.
     fn quiet_open(&self, path: &str, flags: u32) -> bool {
-        if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 || self.is_sensitive(path) {
+        if self.is_sensitive(path) {
+            return false;
+        }
+        if let Some(derived) = &self.derived {
+            return !derived.admits(path, flags);
+        }
+        if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 {
             return false;
         }
         let head = &path.as_bytes()[..path.len().min(KERNEL_PREFIX_LEN)];
@@ -210,7 +229,7 @@ mod tests {
                 assert!(!f.keeps_in_kernel(path, Some(path), flags, 3), "{path} ({flags:o}) opened must reach the rules");
             }
         }
-        let no_declaration = OpenPrefilter { sensitive: f.sensitive.clone(), quiet: Vec::new() };
+        let no_declaration = OpenPrefilter { sensitive: f.sensitive.clone(), quiet: Vec::new(), derived: None };
         assert!(!no_declaration.keeps_in_kernel("x", Some("/usr/lib/x86_64-linux-gnu/libc.so.6"), 0, 3), "a pack without prefilters filters nothing");
     }
 
@@ -236,12 +255,17 @@ mod tests {
         use crate::rules::pack::RulePack;
         let (dir, f) = default_pack();
         let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
-        let events = corpus_and_fixture_events();
-        let mut kept = 0;
-        for (name, event) in &events {
-            if event["type"] != "open" {
-                continue;
-            }
+        let (violations, kept, _) = open_filter_violations(&f, &pack.without_prefilters());
+        assert!(violations.is_empty(), "the kernel would keep opens that raise alerts:\n{}", violations.join("\n"));
+        assert!(kept > 100, "the prefilter keeps only {kept} opens of the corpus in the kernel: the test says little");
+    }
+
+    /// The opens of the recorded corpus and every fixture that `f` would keep in the kernel but
+    /// that raise an alert when every rule runs (no prefilter of any kind), named; and how many
+    /// opens it keeps, and how many alerting opens it lets out.
+    fn open_filter_violations(f: &OpenPrefilter, all_rules: &crate::rules::pack::RulePack) -> (Vec<String>, usize, usize) {
+        let (mut violations, mut kept, mut alerting_out) = (Vec::new(), 0, 0);
+        for (name, event) in corpus_and_fixture_events().iter().filter(|(_, e)| e["type"] == "open") {
             let open = &event["open"];
             let path = open["path"].as_str().unwrap_or("");
             let flags = open["flags"].as_u64().unwrap_or(0) as u32;
@@ -254,14 +278,85 @@ mod tests {
                 None => (result >= 0).then_some(path),
             };
             let arg = open["path_arg"].as_str().unwrap_or(path);
-            if !f.keeps_in_kernel(arg, resolved, flags, result) {
-                continue;
+            let hits = all_rules.evaluate(event).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if f.keeps_in_kernel(arg, resolved, flags, result) {
+                kept += 1;
+                if !hits.is_empty() {
+                    violations.push(format!("{name}: {path} ({flags:o}) raises {:?}", hits.iter().map(|h| h.rule_id.as_str()).collect::<Vec<_>>()));
+                }
+            } else if !hits.is_empty() {
+                alerting_out += 1;
             }
-            kept += 1;
-            let hits = pack.evaluate(event).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert!(hits.is_empty(), "{name}: the kernel would keep this open, but it raises {hits:?}");
         }
-        assert!(kept > 100, "the prefilter keeps only {kept} opens of the corpus in the kernel: the test says little");
+        (violations, kept, alerting_out)
+    }
+
+    /// Soundness of the open filter derived from the rules: no open of the recorded corpus or of
+    /// a fixture that the kernel would keep raises an alert with every rule run on it.
+    #[test]
+    fn the_derived_open_filter_changes_no_alert_of_the_corpus_or_the_fixtures() {
+        use crate::rules::pack::RulePack;
+        let (dir, f) = default_pack();
+        let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+        let derived = pack.open_filter().expect("the default pack's open rules all declare kernel-testable prefilters");
+        let f = f.with_derived(Some(derived));
+        let (violations, kept, alerting_out) = open_filter_violations(&f, &pack.without_prefilters());
+        assert!(violations.is_empty(), "the kernel would keep opens that raise alerts:\n{}", violations.join("\n"));
+        assert!(kept > 100, "the filter keeps only {kept} opens of the corpus in the kernel: the test says little");
+        assert!(alerting_out > 10, "only {alerting_out} alerting opens in the corpus and fixtures: the test says little");
+    }
+
+    /// The soundness test above has teeth: each part of the derived filter, taken away, makes it
+    /// keep an alerting open of the corpus or the fixtures in the kernel.
+    #[test]
+    fn a_wrong_open_filter_fails_the_soundness_check() {
+        use crate::rules::pack::RulePack;
+        let (dir, f) = default_pack();
+        let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+        let all_rules = pack.without_prefilters();
+        let derived = pack.open_filter().expect("derived");
+        let broken: Vec<(&str, OpenKernelFilter)> = vec![
+            ("no prefixes", OpenKernelFilter { prefixes: Default::default(), ..derived.clone() }),
+            ("no suffixes", OpenKernelFilter { suffixes: Default::default(), ..derived.clone() }),
+            ("no hidden components", OpenKernelFilter { hidden: 0, ..derived.clone() }),
+            ("flags ignored: only read-only opens admitted", OpenKernelFilter {
+                prefixes: derived.prefixes.iter().map(|(p, c)| (p.clone(), c & palisade_common::OPEN_CLASS_ANY)).collect(),
+                suffixes: derived.suffixes.iter().map(|(p, c)| (p.clone(), c & palisade_common::OPEN_CLASS_ANY)).collect(),
+                ..derived.clone()
+            }),
+        ];
+        for (what, filter) in broken {
+            let (violations, _, _) = open_filter_violations(&f.clone().with_derived(Some(filter)), &all_rules);
+            assert!(!violations.is_empty(), "{what}: the soundness check should fail");
+        }
+    }
+
+    #[test]
+    fn the_default_pack_open_filter_is_what_its_open_rules_name() {
+        use crate::rules::pack::RulePack;
+        use palisade_common::{OPEN_CLASS_ANY, OPEN_CLASS_CREATE, OPEN_CLASS_TRUNCATE, OPEN_CLASS_WRITE};
+        let (dir, _) = default_pack();
+        let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
+        let f = pack.open_filter().expect("derived");
+        assert_eq!(f.any_path, 0, "{f:?}");
+        assert_eq!(f.hidden, OPEN_CLASS_ANY, "credential_read: /.ssh/");
+        assert_eq!(f.prefixes.get("/etc/shadow"), Some(&OPEN_CLASS_ANY));
+        assert_eq!(f.prefixes.get("/etc").map(|c| c & (OPEN_CLASS_WRITE | OPEN_CLASS_CREATE | OPEN_CLASS_TRUNCATE)), Some(OPEN_CLASS_WRITE | OPEN_CLASS_CREATE | OPEN_CLASS_TRUNCATE));
+        assert_eq!(f.suffixes.get("/serviceaccount/token"), Some(&OPEN_CLASS_ANY));
+        let model = |path: &str, flags: u32| f.admits(path, flags);
+        assert!(!model("/usr/lib/x86_64-linux-gnu/libc.so.6", 0o2000000), "a library read is kept");
+        assert!(!model("/etc/hostname", 0), "a read of /etc/hostname is kept");
+        assert!(!model("/tmp/out", 0o1101), "a write below /tmp is kept");
+        assert!(model("/etc/hostname", 0o1), "a write below /etc is let out");
+        assert!(model("/home/a/.ssh/id_rsa", 0) && model("/home/a/.bash_history", 0), "hidden components are let out");
+        assert!(model("/x/run/secrets/kubernetes.io/serviceaccount/token", 0));
+        // The LPM entries carry their shorter entries' classes: /etc/shadow also admits writes.
+        let maps = f.kernel_maps();
+        let shadow = maps.prefixes.iter().find(|(p, _)| p == b"/etc/shadow").expect("/etc/shadow entry").1;
+        assert_eq!(shadow & OPEN_CLASS_WRITE, OPEN_CLASS_WRITE, "{maps:?}");
+        assert!(maps.suffixes.iter().any(|(s, _)| s.starts_with(b"nekot/")), "suffixes are reversed");
+        // Prefilters off, or a rule without one: the kernel keeps nothing by rules.
+        assert!(pack.without_prefilters().open_filter().is_none());
     }
 
     /// The kernel's connect decision (`connect_is_quiet` in probes-ebpf/src/common.rs).

@@ -147,6 +147,152 @@ impl TypeFilter {
     }
 }
 
+/// What the kernel may test of an open (see probes-ebpf/src/common.rs `open_is_quiet`): the
+/// open's flag classes (`OPEN_CLASS_*`), its path's first and last bytes, and whether the path
+/// has a hidden component (`/.`). Each entry maps to the classes of opens it admits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenKernelFilter {
+    /// Classes admitted whatever the path.
+    pub any_path: u32,
+    /// Classes admitted when the path contains `/.`.
+    pub hidden: u32,
+    /// Path prefix (at most `SENSITIVE_PREFIX_LEN` bytes; longer ones are cut) -> classes.
+    pub prefixes: std::collections::BTreeMap<String, u32>,
+    /// Path suffix (at most `SENSITIVE_PREFIX_LEN` bytes; longer ones keep their end) -> classes.
+    pub suffixes: std::collections::BTreeMap<String, u32>,
+}
+
+impl OpenKernelFilter {
+    /// Adds what an `open` prefilter admits, widened to what the kernel can test: each
+    /// condition keeps one test of `open.path` (a prefix, a suffix, an exact name taken as a
+    /// prefix, or fragments starting with `/.` taken as "has a hidden component") and one of
+    /// `open.write`/`create`/`truncate: true`; every other test is dropped, which only admits
+    /// more. A condition with no such path test admits every path of its classes.
+    pub fn add(&mut self, filter: &TypeFilter) {
+        use palisade_common::{OPEN_CLASS_ANY, OPEN_CLASS_CREATE, OPEN_CLASS_TRUNCATE, OPEN_CLASS_WRITE};
+        const MAX: usize = palisade_common::SENSITIVE_PREFIX_LEN;
+        for condition in &filter.conditions {
+            let field_is = |t: &FieldTest, name: &str| t.field.len() == 2 && t.field[0].name == "open" && t.field[1].name == name;
+            let class = condition
+                .tests
+                .iter()
+                .find_map(|t| {
+                    let Test::In(l) = &t.test else { return None };
+                    // Only `true` admitted: a boolean `false` fails it (other kinds never occur).
+                    let only_true = l.strings.is_empty() && l.numbers.is_empty() && l.bools.iter().all(|b| *b) && !l.bools.is_empty();
+                    [("write", OPEN_CLASS_WRITE), ("create", OPEN_CLASS_CREATE), ("truncate", OPEN_CLASS_TRUNCATE)]
+                        .into_iter()
+                        .find(|(name, _)| only_true && field_is(t, name))
+                        .map(|(_, class)| class)
+                })
+                .unwrap_or(OPEN_CLASS_ANY);
+            let path_test = condition.tests.iter().filter(|t| field_is(t, "path")).find_map(|t| match &t.test {
+                Test::In(l) if !l.strings.is_empty() && l.numbers.is_empty() && l.bools.is_empty() => {
+                    Some(PathTest::Prefixes(l.strings.iter().cloned().collect()))
+                }
+                Test::Prefix(ps) => Some(PathTest::Prefixes(ps.clone())),
+                Test::Suffix(ps) => Some(PathTest::Suffixes(ps.clone())),
+                Test::Contains(fs) if fs.iter().all(|f| f.starts_with("/.")) => Some(PathTest::Hidden),
+                _ => None,
+            });
+            match path_test {
+                None => self.any_path |= class,
+                Some(PathTest::Hidden) => self.hidden |= class,
+                Some(PathTest::Prefixes(ps)) => {
+                    for p in ps {
+                        if p.is_empty() {
+                            self.any_path |= class;
+                        } else {
+                            *self.prefixes.entry(cut_prefix(&p, MAX).to_string()).or_default() |= class;
+                        }
+                    }
+                }
+                Some(PathTest::Suffixes(ps)) => {
+                    for p in ps {
+                        if p.is_empty() {
+                            self.any_path |= class;
+                        } else {
+                            *self.suffixes.entry(cut_suffix(&p, MAX).to_string()).or_default() |= class;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether every open may leave the kernel (the filter keeps nothing).
+    pub fn admits_everything(&self) -> bool {
+        self.any_path & palisade_common::OPEN_CLASS_ANY != 0
+    }
+
+    /// The entries as the kernel's LPM tries hold them: each with the classes of the shorter
+    /// entries it extends (an LPM lookup finds only the longest match). Suffixes reversed.
+    pub fn kernel_maps(&self) -> crate::probes::loader::OpenFilterMaps {
+        let close = |entries: Vec<(Vec<u8>, u32)>| -> Vec<(Vec<u8>, u32)> {
+            entries
+                .iter()
+                .map(|(key, _)| {
+                    let classes = entries.iter().filter(|(other, _)| key.starts_with(other)).fold(0, |acc, (_, c)| acc | c);
+                    (key.clone(), classes)
+                })
+                .collect()
+        };
+        let prefixes = close(self.prefixes.iter().map(|(p, c)| (p.as_bytes().to_vec(), *c)).collect());
+        let suffixes = close(self.suffixes.iter().map(|(p, c)| (p.bytes().rev().collect(), *c)).collect());
+        crate::probes::loader::OpenFilterMaps { any_path: self.any_path, hidden: self.hidden, prefixes, suffixes }
+    }
+
+    /// Whether an open of `path` (absolute and canonical, as the kernel judges it) with `flags`
+    /// is admitted: the user-space model of the kernel's decision.
+    pub fn admits(&self, path: &str, flags: u32) -> bool {
+        const MAX: usize = palisade_common::SENSITIVE_PREFIX_LEN;
+        // In the kernel's order (its early answers included).
+        let classes = palisade_common::open_classes(flags);
+        let bytes = path.as_bytes();
+        if self.any_path & classes != 0 {
+            return true;
+        }
+        let head = &bytes[..bytes.len().min(MAX)];
+        if self.prefixes.iter().any(|(p, c)| c & classes != 0 && head.starts_with(p.as_bytes())) {
+            return true;
+        }
+        let suffix_classes = self.suffixes.values().fold(0, |acc, c| acc | c);
+        if (self.hidden | suffix_classes) & classes == 0 {
+            return false;
+        }
+        if bytes.is_empty() || bytes.len() >= palisade_common::PATH_LEN - 1 || path.ends_with('/') {
+            return true;
+        }
+        let tail = &bytes[bytes.len() - bytes.len().min(MAX)..];
+        (self.hidden & classes != 0 && path.contains("/."))
+            || self.suffixes.iter().any(|(s, c)| c & classes != 0 && tail.ends_with(s.as_bytes()))
+    }
+}
+
+enum PathTest {
+    Prefixes(Vec<String>),
+    Suffixes(Vec<String>),
+    Hidden,
+}
+
+/// The first `max` bytes of `s`, cut back to a character boundary (a shorter prefix admits more).
+fn cut_prefix(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The last `max` bytes of `s`, cut forward to a character boundary.
+fn cut_suffix(s: &str, max: usize) -> &str {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
 impl FieldTest {
     fn holds<I: EventInput>(&self, input: &I) -> bool {
         let mut value = input;
@@ -400,6 +546,35 @@ mod tests {
             assert_eq!(self.admits(&super::super::input::to_rego_value(input)), json, "the two forms of {input} disagree");
             json
         }
+    }
+
+    #[test]
+    fn the_kernel_open_filter_widens_what_it_cannot_test() {
+        use palisade_common::{OPEN_CLASS_ANY, OPEN_CLASS_TRUNCATE, OPEN_CLASS_WRITE};
+        let parsed = filter(
+            json!({"open": [
+                {"open.write": true, "open.path": {"path_prefix": ["/etc/"]}, "process.comm": "x"},
+                {"open.path": {"basename_in": ["shadow"]}, "open.truncate": true},
+                {"open.path": {"path_contains": ["/.ssh/"]}},
+                {"open.path": {"path_suffix": ["/token"]}, "open.write": false},
+                {"open.path": {"path_in": [format!("/{}", "a".repeat(80))]}},
+            ]}),
+            &[EventType::Open],
+        )
+        .expect("parses");
+        let mut k = OpenKernelFilter::default();
+        k.add(&parsed[0].1);
+        assert_eq!(k.prefixes.get("/etc/"), Some(&OPEN_CLASS_WRITE), "other fields dropped, the write flag kept");
+        assert_eq!(k.any_path, OPEN_CLASS_TRUNCATE, "basename_in cannot be tested: every truncating open");
+        assert_eq!(k.hidden, OPEN_CLASS_ANY);
+        assert_eq!(k.suffixes.get("/token"), Some(&OPEN_CLASS_ANY), "`write: false` is not a class: dropped");
+        assert!(k.prefixes.keys().any(|p| p.len() == palisade_common::SENSITIVE_PREFIX_LEN), "long names cut to what the kernel compares");
+        assert!(!k.admits_everything());
+        // A fragment the kernel cannot look for: every open.
+        let parsed = filter(json!({"open": [{"open.path": {"contains": ["secret"]}}]}), &[EventType::Open]).expect("parses");
+        let mut k = OpenKernelFilter::default();
+        k.add(&parsed[0].1);
+        assert!(k.admits_everything());
     }
 
     #[test]

@@ -464,7 +464,9 @@ impl Soak {
         for load in self.pods.iter().filter(|p| p.role == "load") {
             for i in 0..self.config.load_procs {
                 let mut command = self.daemon.command_in(&load.key(), PALISADE);
-                command.args(["workload", "open-loop", "1000000000000", "/etc/hostname"]);
+                // A path the default pack's compiled open filter lets out (a hidden component;
+                // missing): /etc/hostname would stay in the kernel and load nothing.
+                command.args(["workload", "open-loop", "1000000000000", "/tmp/.palisade-soak-load"]);
                 let log = self.daemon.work.join(format!("load-{}-{i}.log", load.name));
                 self.load.push(spawn_logged(command, &log));
             }
