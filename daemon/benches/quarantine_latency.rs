@@ -4,20 +4,29 @@
 //! a process in pod `shop/a` redirects its stderr to a socket with dup2 (what the
 //! `reverse_shell` rule flags) -> the dup tracepoint emits an event stamped with
 //! bpf_ktime_get_ns into the priority ring (the daemon's load: per-pod budgets on) -> the
-//! daemon's reader task (`reader::run_routed` on a two-thread tokio runtime: epoll wakeup,
-//! decode, the priority queue) -> the pipeline thread (this one): enrichment (procfs) -> rule
-//! input -> the default rule pack (regorus) -> the responder -> SEG_QUARANTINE update returns.
-//! Then the pod is released for the next cycle.
+//! pipeline thread (this one) takes it -> enrichment (procfs) -> rule input (regorus values
+//! built from the typed event) -> the default rule pack (regorus) -> the responder ->
+//! SEG_QUARANTINE update returns. Then the pod is released for the next cycle.
 //!
-//! The pipeline thread judges the event itself (`LocalEvaluator`, as the daemon does with
-//! protected events) and runs the responder. The rule input alternates cycle by cycle between
-//! the two ways the daemon has built it (`InputForm`): `json` (before: a serde_json tree from
-//! the typed event, `events::input::to_input_tree`, converted to regorus values by the
-//! session) and `direct` (now: regorus values built straight from the typed event,
-//! `InputBuilder`), so both are compared in one run under the same load. The state file is
-//! written by the background writer (the daemon's default) throughout. Not in the figures: the
-//! alert the daemon builds for the hit (its `id` is taken before the responder runs, its JSON
-//! evidence after).
+//! How the pipeline thread takes the event takes turns cycle by cycle (`MODES`), so all ways
+//! are compared in one run under the same load: read by a reader task on a two-thread tokio
+//! runtime and forwarded through a queue (before: the kernel wakes the task, the task wakes
+//! the pipeline thread), or read by the pipeline thread itself (`reader::PipelineSource`, the
+//! daemon's code now: the kernel wakes the pipeline thread); each with the default scheduler
+//! slice and with the 100 µs slice the daemon's pipeline thread asks for
+//! (`sys::request_short_slice`). The bulk ring is drained by the daemon's reader task
+//! (`reader::run_bulk`) throughout. The pipeline thread judges the event itself
+//! (`LocalEvaluator`, as the daemon does with protected events) and runs the responder. The
+//! state file is written by the background writer (the daemon's default) throughout. Not in
+//! the figures: the alert the daemon builds for the hit (its `id` is taken before the
+//! responder runs, its JSON evidence after). Per cycle the bench also reads the pipeline
+//! thread's CPU time, minor faults and involuntary context switches over the compute (event
+//! taken -> map update returned): CPU time close to the wall time says the work itself is
+//! slow (cold caches), not that the thread waited.
+//!
+//! `--role profile` keeps comparing the two rule input forms (`InputForm`): `json` (a
+//! serde_json tree, converted by the session) and `direct` (regorus values built straight
+//! from the typed event).
 //!
 //! `quarantine_latency --role profile FORM N` (no root, no kernel): N judgements of a
 //! synthetic protected dup event in one form, input built and evaluated, nothing else: run
@@ -269,6 +278,150 @@ struct Sample {
     evaluate: u64,
     /// responder incl. map update
     respond: u64,
+    /// this thread's CPU time from taking the event to the map update returned (the rest of
+    /// `total - wakeup` is time the thread was runnable or blocked, not running)
+    cpu: u64,
+    /// minor page faults and involuntary context switches of this thread over the same span
+    faults: u64,
+    preempted: u64,
+}
+
+/// This thread's CPU time (ns), minor faults and involuntary context switches so far.
+fn thread_usage() -> (u64, u64, u64) {
+    // SAFETY: zeroed timespec/rusage are valid out-parameters for these calls.
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        (ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64, ru.ru_minflt as u64, ru.ru_nivcsw as u64)
+    }
+}
+
+/// How the pipeline thread gets the protected event from the priority ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Before: a reader task on the two-thread runtime reads the ring (woken by the kernel)
+    /// and forwards each event through a queue to the pipeline thread (woken by the task), as
+    /// the daemon's `reader::run_routed` did.
+    Forwarded,
+    /// Now: the pipeline thread reads the ring itself (`reader::PipelineSource`, the daemon's
+    /// code), woken by the kernel.
+    Direct,
+}
+
+/// The pipeline thread's scheduler slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slice {
+    Default,
+    /// `sys::request_short_slice(100 µs)`, as the daemon's pipeline thread asks.
+    Short,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    read: Read,
+    slice: Slice,
+}
+
+impl Mode {
+    fn describe(&self) -> String {
+        let read = match self.read {
+            Read::Forwarded => "priority ring read by a reader task, forwarded through a queue (before)",
+            Read::Direct => "priority ring read by the pipeline thread itself (now)",
+        };
+        let slice = match self.slice {
+            Slice::Default => "default scheduler slice",
+            Slice::Short => "100 µs slice",
+        };
+        format!("{read}; {slice}")
+    }
+}
+
+/// Taking turns cycle by cycle.
+const MODES: [Mode; 4] = [
+    Mode { read: Read::Forwarded, slice: Slice::Default },
+    Mode { read: Read::Direct, slice: Slice::Default },
+    Mode { read: Read::Forwarded, slice: Slice::Short },
+    Mode { read: Read::Direct, slice: Slice::Short },
+];
+
+/// Who holds the priority ring between and during cycles.
+enum Priority {
+    Idle(RingBuf<MapData>, tokio::sync::mpsc::Receiver<Queued>),
+    /// A reader task has it (`forward`); the sender stops it and the task returns the ring.
+    Forwarded(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<RingBuf<MapData>>, tokio::sync::mpsc::Receiver<Queued>),
+    Direct(reader::PipelineSource),
+    Switching,
+}
+
+impl Priority {
+    /// Hands the ring to the reader of `read` (the other one gives it back first).
+    fn prepare(
+        self,
+        read: Read,
+        runtime: &tokio::runtime::Runtime,
+        budget: &Arc<QueueBudget>,
+        stats: &Arc<ReaderStats>,
+        out: &tokio::sync::mpsc::Sender<Queued>,
+    ) -> Priority {
+        let (ring, bulk) = match self {
+            Priority::Idle(ring, bulk) => (ring, bulk),
+            Priority::Forwarded(stop, task, bulk) => {
+                if read == Read::Forwarded {
+                    return Priority::Forwarded(stop, task, bulk);
+                }
+                let _ = stop.send(());
+                (runtime.block_on(task).expect("reader task"), bulk)
+            }
+            Priority::Direct(source) => {
+                if read == Read::Direct {
+                    return Priority::Direct(source);
+                }
+                source.into_parts()
+            }
+            Priority::Switching => unreachable!("never left switching"),
+        };
+        match read {
+            Read::Direct => Priority::Direct(reader::PipelineSource::new(ring, bulk, budget.clone(), stats.clone()).expect("source")),
+            Read::Forwarded => {
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                Priority::Forwarded(stop, runtime.spawn(forward(ring, stats.clone(), out.clone(), stopped)), bulk)
+            }
+        }
+    }
+}
+
+/// The priority half of the daemon's former reader task (`reader::run_routed` before issue
+/// 10's direct read): woken by the kernel, decode, send through a queue to the pipeline thread.
+async fn forward(
+    ring: RingBuf<MapData>,
+    stats: Arc<ReaderStats>,
+    out: tokio::sync::mpsc::Sender<Queued>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> RingBuf<MapData> {
+    // SAFETY: the ring buffer owns its fd and lives inside its AsyncFd while registered.
+    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1).expect("register");
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => return fd.into_inner(),
+            guard = fd.readable_mut() => {
+                let mut guard = guard.expect("readable");
+                while let Some(event) = {
+                    let ring = guard.get_inner_mut();
+                    ring.next().map(|item| stats.decode_counted(&item))
+                } {
+                    if let Some(event) = event {
+                        let bytes = reader::event_bytes(&event);
+                        // The bench's pipeline holds the receiver for the whole run.
+                        out.send(Queued { event, bytes }).await.expect("pipeline queue");
+                    }
+                }
+                guard.clear_ready();
+            }
+        }
+    }
 }
 
 /// How the rule input of the protected event is built.
@@ -448,20 +601,16 @@ fn run(cycles: usize) {
     loader::set_enabled_kinds(&mut probes.ebpf, &[EventKind::Dup]).expect("kinds");
     loader::monitor_cgroup(&mut probes.ebpf, a_id, 0).expect("monitor");
 
-    // The daemon's reader: a task on a two-thread runtime drains both rings into the queues.
+    // The daemon's reader task drains the bulk ring on a two-thread runtime; the priority ring
+    // is read in the cycle's way (`Read`), the ring moving between the two between cycles.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let budget = Arc::new(QueueBudget::new(64 << 20, 4 << 20, 4 << 20));
+    let stats = Arc::new(ReaderStats::default());
     let (priority_tx, mut priority_rx) = tokio::sync::mpsc::channel::<Queued>(32768);
-    let (bulk_tx, _bulk_rx) = tokio::sync::mpsc::channel::<Queued>(32768);
-    runtime.spawn(reader::run_routed(
-        priority_ring,
-        bulk_ring,
-        Arc::new(ReaderStats::default()),
-        Arc::new(QueueDrops::default()),
-        budget.clone(),
-        priority_tx,
-        bulk_tx,
-    ));
+    let (bulk_tx, bulk_rx) = tokio::sync::mpsc::channel::<Queued>(32768);
+    runtime.spawn(reader::run_bulk(bulk_ring, stats.clone(), Arc::new(QueueDrops::default()), budget.clone(), bulk_tx));
+    let mut priority = Priority::Idle(priority_ring, bulk_rx);
+    let mut trimmer = palisade::memory::Trimmer::default();
 
     let rules_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
     let pack = RulePack::load(&rules_dir).unwrap_or_else(|e| panic!("rules {}: {}", rules_dir.display(), e.lines().join("\n")));
@@ -479,18 +628,35 @@ fn run(cycles: usize) {
     let mut trigger = Role::spawn(&lab, "shop/a", &["trigger"]);
 
     // One cycle: trigger, follow the event through the pipeline, return the sample.
-    let mut cycle = |n: usize, form: InputForm, trigger: &mut Role| -> (Sample, u64) {
+    let form = InputForm::Direct;
+    let mut cycle = |n: usize, mode: Mode, trigger: &mut Role| -> (Sample, u64) {
+        priority = std::mem::replace(&mut priority, Priority::Switching).prepare(mode.read, &runtime, &budget, &stats, &priority_tx);
+        match mode.slice {
+            Slice::Default => palisade::sys::default_slice().expect("default slice"),
+            Slice::Short => {
+                palisade::sys::request_short_slice(Duration::from_micros(100)).expect("short slice");
+            }
+        }
         writeln!(trigger.stdin, "go").expect("trigger");
         trigger.stdin.flush().expect("flush");
         loop {
             // As the daemon's pipeline thread waits for the next event.
-            let queued = runtime
-                .block_on(async { tokio::time::timeout(Duration::from_secs(5), priority_rx.recv()).await })
-                .unwrap_or_else(|_| panic!("cycle {n}: no dup event from the pod"))
-                .expect("reader running");
+            let event = match &mut priority {
+                Priority::Forwarded(..) => {
+                    let queued = runtime
+                        .block_on(async { tokio::time::timeout(Duration::from_secs(5), priority_rx.recv()).await })
+                        .unwrap_or_else(|_| panic!("cycle {n}: no dup event from the pod"))
+                        .expect("reader running");
+                    queued.event
+                }
+                Priority::Direct(source) => match source.next(&mut trimmer).expect("priority ring") {
+                    Some((event, true)) => event,
+                    other => panic!("cycle {n}: not a protected event: {other:?}"),
+                },
+                Priority::Idle(..) | Priority::Switching => unreachable!("prepared above"),
+            };
             let received = monotonic_now_ns();
-            budget.release_priority(queued.bytes);
-            let event = queued.event;
+            let usage_before = thread_usage();
             if event.header.cgroup_id != a_id || !matches!(event.data, EventData::Dup(_)) {
                 continue;
             }
@@ -505,7 +671,11 @@ fn run(cycles: usize) {
             let decision = service.respond(&Verdict { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-{n}") });
             assert_eq!(decision.outcome, Outcome::Quarantined, "cycle {n}: {decision:?}");
             let enforced = decision.enforced_at_ns.expect("enforced_at");
+            let usage_after = thread_usage();
             let sample = Sample {
+                cpu: usage_after.0 - usage_before.0,
+                faults: usage_after.1 - usage_before.1,
+                preempted: usage_after.2 - usage_before.2,
                 total: enforced - ktime,
                 wakeup: received.saturating_sub(ktime),
                 enrich: enriched_at - received,
@@ -520,18 +690,18 @@ fn run(cycles: usize) {
 
     // Warm-up (procfs cache, rule engine, page faults), then phase 1.
     for n in 0..20 {
-        cycle(n, if n % 2 == 0 { InputForm::Json } else { InputForm::Direct }, &mut trigger);
+        cycle(n, MODES[n % MODES.len()], &mut trigger);
         service.release("shop/a", "bench", "bench").expect("release");
     }
     // The state file is written by the background writer (the daemon's default) throughout;
-    // the two input forms alternate cycle by cycle, so both see the same load.
+    // the modes take turns cycle by cycle, so all see the same load.
     service.set_state_writes(StateWrites::Background);
-    let modes = [InputForm::Json, InputForm::Direct];
-    let mode_of = |n: usize| modes[n % 2];
-    let mut phase1: [Vec<Sample>; 2] = [Vec::with_capacity(cycles), Vec::with_capacity(cycles)];
+    let mode_of = |n: usize| MODES[n % MODES.len()];
+    let m_of = |n: usize| n % MODES.len();
+    let mut phase1: [Vec<Sample>; 4] = Default::default();
     let started = Instant::now();
     for n in 0..cycles {
-        phase1[n % 2].push(cycle(n, mode_of(n), &mut trigger).0);
+        phase1[m_of(n)].push(cycle(n, mode_of(n), &mut trigger).0);
         service.release("shop/a", "bench", "bench").expect("release");
     }
     let phase1_elapsed = started.elapsed();
@@ -540,12 +710,12 @@ fn run(cycles: usize) {
     let sender = Role::spawn(&lab, "shop/a", &["sender", "198.18.9.2:9"]);
     let (first_pass, first_count) = sender.wait_for("pass");
     let mut last_seen = (first_pass, first_count);
-    let mut phase2: [Vec<Sample>; 2] = Default::default();
-    let mut to_drop: [Vec<u64>; 2] = Default::default();
-    let mut update_to_drop: [Vec<u64>; 2] = Default::default();
-    let mut to_drop_record: [Vec<u64>; 2] = Default::default();
+    let mut phase2: [Vec<Sample>; 4] = Default::default();
+    let mut to_drop: [Vec<u64>; 4] = Default::default();
+    let mut update_to_drop: [Vec<u64>; 4] = Default::default();
+    let mut to_drop_record: [Vec<u64>; 4] = Default::default();
     for n in 0..cycles {
-        let m = n % 2;
+        let m = m_of(n);
         while drops.next().is_some() {}
         let (sample, ktime) = cycle(n, mode_of(n), &mut trigger);
         to_drop_record[m].push(first_quarantine_drop(&mut drops, a_id).saturating_sub(ktime));
@@ -583,19 +753,26 @@ fn run(cycles: usize) {
     println!("sender loop: one sendto every {} on average in phase 2", us(sender_period_ns) + " µs");
     println!();
     println!("state directory: {} ({})", state_dir.display(), fs_type(&state_root));
-    for (m, name) in [(0, "serde_json tree, converted in the evaluation (before)"), (1, "regorus values built directly (after)")] {
+    for (m, mode) in MODES.iter().enumerate() {
         println!();
-        println!("rule input built as: {name}, {} cycles per phase", phase1[m].len());
+        println!("{}, {} cycles per phase", mode.describe(), phase1[m].len());
         println!();
         println!("| from the offending event's kernel timestamp to ... | n | p50 µs | p99 µs | max µs |");
         println!("|---|---|---|---|---|");
         row("map update returned (idle pod)", phase1[m].iter().map(|s| s.total).collect());
-        row("  of which: event on the pipeline thread (ring wakeup, reader task, queue)", phase1[m].iter().map(|s| s.wakeup).collect());
+        row("  of which: event on the pipeline thread (ring wake-up and, forwarded, reader task and queue)", phase1[m].iter().map(|s| s.wakeup).collect());
         row("  of which: enrichment (process cache)", phase1[m].iter().map(|s| s.enrich).collect());
         row("  of which: rule input and context", phase1[m].iter().map(|s| s.input).collect());
         row("  of which: judging (rule evaluation, responder)", phase1[m].iter().map(|s| s.judge).collect());
         row("    rule evaluation (regorus)", phase1[m].iter().map(|s| s.evaluate).collect());
         row("    responder incl. map update", phase1[m].iter().map(|s| s.respond).collect());
+        row("  pipeline thread's CPU time, event taken -> map update returned", phase1[m].iter().map(|s| s.cpu).collect());
+        println!(
+            "|  minor faults / involuntary switches on the pipeline thread per cycle (mean) | {} | {:.2} / {:.3} | | |",
+            phase1[m].len(),
+            phase1[m].iter().map(|s| s.faults).sum::<u64>() as f64 / phase1[m].len().max(1) as f64,
+            phase1[m].iter().map(|s| s.preempted).sum::<u64>() as f64 / phase1[m].len().max(1) as f64
+        );
         row("map update returned (pod sending continuously)", phase2[m].iter().map(|s| s.total).collect());
         row("first dropped packet (datapath drop record, kernel time)", std::mem::take(&mut to_drop_record[m]));
         row("first dropped packet (sender's EPERM)", std::mem::take(&mut to_drop[m]));

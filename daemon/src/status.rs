@@ -53,6 +53,8 @@ pub struct PipelineStats {
     pub evaluated_with_hits: std::sync::atomic::AtomicU64,
     pub rule_errors: std::sync::atomic::AtomicU64,
     pub record_errors: std::sync::atomic::AtomicU64,
+    /// The priority ring could not be read (the pipeline ends and /healthz answers 503).
+    pub source_errors: std::sync::atomic::AtomicU64,
     /// The process cache's counters (entries, bytes, misses, reused pids, evictions), as of
     /// the pipeline's last idle moment.
     pub process_cache: std::sync::Mutex<crate::events::enrich::ProcCacheStats>,
@@ -168,6 +170,7 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
             "evaluations_with_hits": state.pipeline.evaluated_with_hits.load(Relaxed),
             "rule_errors": state.pipeline.rule_errors.load(Relaxed),
             "record_errors": state.pipeline.record_errors.load(Relaxed),
+            "source_errors": state.pipeline.source_errors.load(Relaxed),
             "process_cache": state.pipeline.process_cache.lock().map(|s| serde_json::to_value(*s).unwrap_or_default()).unwrap_or_default(),
             "loss": loss_status(state),
             "stuck": state.liveness.stuck(),

@@ -1,8 +1,9 @@
 //! Reads the event ring buffers with tokio (AsyncFd) and decodes each record. Malformed records
 //! and unknown kinds are counted, never fatal.
 //!
-//! With the priority ring (`run_routed`), protected events are read first and handed on with
-//! back-pressure; bulk events are handed on only while the pipeline has room *for that pod*
+//! Protected events (the priority ring) are read by the pipeline thread itself
+//! ([`PipelineSource`]), as soon as the kernel wakes it; bulk events are read by a task
+//! ([`run_bulk`]) and handed on only while the pipeline has room *for that pod*
 //! (`QueueBudget`: the queues are bounded in bytes, and each pod may hold a bounded share of
 //! the bulk queue's), and the ones it has no room for are dropped and counted per pod cgroup
 //! and kind (`QueueDrops`). So a flood neither delays a protected event, nor takes another
@@ -246,87 +247,171 @@ impl QueueBudget {
     }
 }
 
-/// Bulk records read before the priority ring is looked at again.
+/// Bulk records read before the reader task yields to the runtime's other tasks.
 const BULK_BATCH: usize = 256;
 
-/// Drains both rings until an output is closed: the priority ring first and completely, with
-/// back-pressure (room in the priority queue's byte budget); then up to `BULK_BATCH` bulk
-/// records, each dropped (and counted) when its pod's share or the bulk queue's byte budget has
-/// no room for it. Whoever receives releases each event's bytes (`Queued::bytes`).
-pub async fn run_routed(
-    priority: RingBuf<MapData>,
+/// Drains the bulk ring until its output is closed: each record dropped (and counted) when its
+/// pod's share or the bulk queue's byte budget has no room for it. Whoever receives releases
+/// each event's bytes (`QueueBudget::release_bulk`). The priority ring is not read here: the
+/// pipeline thread reads it itself ([`PipelineSource`]).
+pub async fn run_bulk(
     bulk: RingBuf<MapData>,
     stats: Arc<ReaderStats>,
     drops: Arc<QueueDrops>,
     budget: Arc<QueueBudget>,
-    priority_out: mpsc::Sender<Queued>,
     bulk_out: mpsc::Sender<Queued>,
 ) -> std::io::Result<()> {
-    // SAFETY: each ring buffer owns its fd and lives inside its AsyncFd, so the fd stays open
+    // SAFETY: the ring buffer owns its fd and lives inside its AsyncFd, so the fd stays open
     // for as long as it is registered.
-    let mut priority = unsafe { AsyncFd::register(priority) }.map_err(|e| e.into_parts().1)?;
     let mut bulk = unsafe { AsyncFd::register(bulk) }.map_err(|e| e.into_parts().1)?;
     loop {
-        tokio::select! {
-            biased;
-            guard = priority.readable_mut() => {
-                let mut guard = guard?;
-                // Records are decoded one at a time and sent before the next is read: nothing
-                // piles up in memory beyond the queue's byte budget.
-                loop {
-                    let Some(event) = ({
-                        let ring = guard.get_inner_mut();
-                        match ring.next() {
-                            Some(item) => Some(stats.decode_counted(&item)),
-                            None => None,
-                        }
-                    }) else { break };
-                    if let Some(event) = event {
-                        let bytes = event_bytes(&event);
-                        budget.acquire_priority(bytes).await;
-                        if priority_out.send(Queued { event, bytes }).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-                guard.clear_ready();
+        let mut guard = bulk.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut read = 0;
+        let mut drained = false;
+        while read < BULK_BATCH {
+            let Some(item) = ring.next() else {
+                drained = true;
+                break;
+            };
+            read += 1;
+            let Some(event) = stats.decode_counted(&item) else { continue };
+            let cgroup_id = event.header.cgroup_id;
+            let bytes = event_bytes(&event);
+            if !budget.acquire_bulk(cgroup_id, bytes) {
+                drops.add(cgroup_id, event.header.kind);
+                continue;
             }
-            guard = bulk.readable_mut() => {
-                let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                let mut read = 0;
-                let mut drained = false;
-                while read < BULK_BATCH {
-                    let Some(item) = ring.next() else {
-                        drained = true;
-                        break;
-                    };
-                    read += 1;
-                    let Some(event) = stats.decode_counted(&item) else { continue };
-                    let cgroup_id = event.header.cgroup_id;
-                    let bytes = event_bytes(&event);
-                    if !budget.acquire_bulk(cgroup_id, bytes) {
-                        drops.add(cgroup_id, event.header.kind);
-                        continue;
-                    }
-                    match bulk_out.try_send(Queued { event, bytes }) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(queued)) => {
-                            budget.release_bulk(cgroup_id, bytes);
-                            drops.add(cgroup_id, queued.event.header.kind);
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
-                    }
+            match bulk_out.try_send(Queued { event, bytes }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(queued)) => {
+                    budget.release_bulk(cgroup_id, bytes);
+                    drops.add(cgroup_id, queued.event.header.kind);
                 }
-                if drained {
-                    guard.clear_ready();
-                } else {
-                    // More is waiting: give the priority ring its turn, then come back.
-                    guard.retain_ready();
-                    tokio::task::yield_now().await;
-                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
             }
         }
+        if drained {
+            guard.clear_ready();
+        } else {
+            // More is waiting: let the runtime's other tasks run, then come back.
+            guard.retain_ready();
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Where the pipeline thread takes its events from: protected events straight from the
+/// priority ring, on the pipeline thread itself, then bulk events from the queue the reader
+/// task ([`run_bulk`]) fills.
+///
+/// The pipeline thread waits in its own single-thread runtime, so the kernel's wake-up for a
+/// protected event reaches the thread that judges it: one thread wake-up from the ring to the
+/// verdict, where a reader task forwarding through a queue took two (the runtime's worker, then
+/// the pipeline thread), each a scheduling delay on a busy node (issue 10's latency goal). The
+/// kernel ring is the priority queue: a protected event waits in it, never dropped by user
+/// space, and the kernel counts what it cannot hold (per kind, `events.loss`).
+pub struct PipelineSource {
+    runtime: tokio::runtime::Runtime,
+    priority: AsyncFd<RingBuf<MapData>>,
+    bulk: mpsc::Receiver<Queued>,
+    budget: Arc<QueueBudget>,
+    stats: Arc<ReaderStats>,
+}
+
+/// Why the pipeline's source ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot start the pipeline's event runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot wait on the priority ring: {0}")]
+    Register(#[source] std::io::Error),
+    #[error("the priority ring cannot be read: {0}")]
+    Read(#[source] std::io::Error),
+}
+
+impl PipelineSource {
+    /// Takes the priority ring and the bulk queue; call [`PipelineSource::next`] on the thread
+    /// that handles the events.
+    pub fn new(
+        priority: RingBuf<MapData>,
+        bulk: mpsc::Receiver<Queued>,
+        budget: Arc<QueueBudget>,
+        stats: Arc<ReaderStats>,
+    ) -> Result<PipelineSource, SourceError> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SourceError::Runtime)?;
+        let priority = {
+            let _entered = runtime.enter();
+            // SAFETY: the ring buffer owns its fd and lives inside its AsyncFd, so the fd stays
+            // open for as long as it is registered.
+            unsafe { AsyncFd::register(priority) }.map_err(|e| SourceError::Register(e.into_parts().1))?
+        };
+        Ok(PipelineSource { runtime, priority, bulk, budget, stats })
+    }
+
+    /// The ring and the queue back (the latency bench switches between ways of reading).
+    pub fn into_parts(self) -> (RingBuf<MapData>, mpsc::Receiver<Queued>) {
+        let PipelineSource { runtime, priority, bulk, .. } = self;
+        let ring = {
+            let _entered = runtime.enter();
+            priority.into_inner()
+        };
+        (ring, bulk)
+    }
+
+    /// Nothing is waiting in the bulk queue (the priority ring cannot be peeked; a protected
+    /// event waiting there is taken by the next call anyway).
+    pub fn bulk_is_empty(&self) -> bool {
+        self.bulk.is_empty()
+    }
+
+    /// The next protected event already in the ring, without waiting.
+    fn take_priority(ring: &mut RingBuf<MapData>, stats: &ReaderStats) -> Option<Event> {
+        loop {
+            let item = ring.next()?;
+            if let Some(event) = stats.decode_counted(&item) {
+                return Some(event);
+            }
+        }
+    }
+
+    /// The next event and whether it is protected: a protected one whenever one is in the ring
+    /// (a bulk one gives its pod's room in the queue back). Waits when there is none; after a
+    /// burst, once nothing came for a while, gives the memory that held it back (`trimmer`).
+    /// None when the bulk queue has closed (the reader task ended), or an error when the
+    /// priority ring cannot be read.
+    pub fn next(&mut self, trimmer: &mut crate::memory::Trimmer) -> Result<Option<(Event, bool)>, SourceError> {
+        let PipelineSource { runtime, priority, bulk, budget, stats } = self;
+        if let Some(event) = Self::take_priority(priority.get_mut(), stats) {
+            return Ok(Some((event, true)));
+        }
+        let from_bulk = |queued: Queued| {
+            budget.release_bulk(queued.event.header.cgroup_id, queued.bytes);
+            (queued.event, false)
+        };
+        if let Ok(queued) = bulk.try_recv() {
+            return Ok(Some(from_bulk(queued)));
+        }
+        runtime.block_on(async {
+            loop {
+                let idle_wait = trimmer.idle_wait();
+                tokio::select! {
+                    biased;
+                    guard = priority.readable_mut() => {
+                        let mut guard = guard.map_err(SourceError::Read)?;
+                        match Self::take_priority(guard.get_inner_mut(), stats) {
+                            Some(event) => return Ok(Some((event, true))),
+                            // Read to the end: wait for the kernel's next wake-up.
+                            None => guard.clear_ready(),
+                        }
+                    }
+                    queued = bulk.recv() => return Ok(queued.map(from_bulk)),
+                    () = tokio::time::sleep(idle_wait.unwrap_or_default()), if idle_wait.is_some() => {
+                        trimmer.idle();
+                    }
+                }
+            }
+        })
     }
 }
 
