@@ -887,45 +887,47 @@ impl RulePack {
             return Err(RulesError::Eval("session belongs to another rule pack".to_string()));
         }
         let subscribers = &self.dispatch[ty.index()];
-        if selected.count_ones() == 1 && subscribers.len() > 1 {
-            // One rule passed its prefilter: its own entry point, its own budget.
-            let position = selected.trailing_zeros() as usize;
-            let rule = &self.rules[subscribers[position]];
-            let Some(entry) = self.rule_entries[subscribers[position]] else {
-                return Ok(Verdict::default());
-            };
-            return match session.engine.run(&self.entry_points[entry], entry, input, self.budget) {
-                Ok(raw) => Ok(Verdict { hits: self.rule_hits(rule, &raw, strict)?, failures: Vec::new() }),
-                Err((reason, detail)) => Ok(Verdict {
-                    hits: Vec::new(),
-                    failures: vec![RuleFailure { rule_id: rule.id.clone(), event_type: ty, reason, detail }],
-                }),
-            };
+        let own_entries = subscribers.iter().enumerate().all(|(position, &index)| {
+            !is_selected(selected, position) || self.rule_entries[index].is_some()
+        });
+        if selected != all_of(subscribers.len()) && own_entries {
+            // Prefilters passed some of the type's rules: only those run, each through its
+            // own entry point within its own budget (the input is set once). The dispatch entry
+            // would run every subscriber and drop the others' alerts: an exec that passes two
+            // of seven prefilters paid for all seven rules (issue 13: execs were the p99).
+            return self.run_each(session, ty, Some(input), selected, strict);
         }
-        // Fast path: every subscriber in one call, with the sum of their budgets. The alerts of
-        // a rule whose prefilter failed are dropped, so the verdict is the same as if it had not
-        // run (one call costs less than one call per selected rule).
+        // Every subscriber judges the event (no prefilters, or every one passed): one call of the
+        // type's dispatch entry, with the sum of their budgets (one call costs less than one
+        // call per rule).
         let all = session.engine.run(&self.entry_points[ty.index()], ty.index(), input, self.budget.times(subscribers.len()));
         if let Ok(raw) = all {
             return Ok(Verdict { hits: self.hits(ty, &raw, selected, strict)?, failures: Vec::new() });
         }
         // Something failed: run each selected rule alone within its own budget, so only the
         // failing rule loses its verdict and it is the one named.
+        self.run_each(session, ty, None, selected, strict)
+    }
+
+    /// Runs each selected subscriber of `ty` through its own entry point within its own budget,
+    /// in dispatch order: on `input` when given (set once, for the first), else on the input the
+    /// session already holds. A rule that fails is named in the verdict; the others still judge.
+    fn run_each(&self, session: &mut Session, ty: EventType, mut input: Option<Value>, selected: u64, strict: bool) -> Result<Verdict, RulesError> {
         let mut verdict = Verdict::default();
-        for (position, &index) in subscribers.iter().enumerate() {
+        for (position, &index) in self.dispatch[ty.index()].iter().enumerate() {
             if !is_selected(selected, position) {
                 continue;
             }
             let rule = &self.rules[index];
             let Some(entry) = self.rule_entries[index] else { continue };
-            match session.engine.run_again(&self.entry_points[entry], entry, self.budget) {
+            let name = &self.entry_points[entry];
+            let result = match input.take() {
+                Some(input) => session.engine.run(name, entry, input, self.budget),
+                None => session.engine.run_again(name, entry, self.budget),
+            };
+            match result {
                 Ok(raw) => verdict.hits.extend(self.rule_hits(rule, &raw, strict)?),
-                Err((reason, detail)) => verdict.failures.push(RuleFailure {
-                    rule_id: rule.id.clone(),
-                    event_type: ty,
-                    reason,
-                    detail,
-                }),
+                Err((reason, detail)) => verdict.failures.push(RuleFailure { rule_id: rule.id.clone(), event_type: ty, reason, detail }),
             }
         }
         Ok(verdict)

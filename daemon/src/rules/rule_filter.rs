@@ -322,7 +322,7 @@ impl FieldTest {
             },
             (Test::Basename(names), FieldKind::Str(s)) => {
                 let last = s.rsplit('/').next().unwrap_or("");
-                names.contains(&last.trim_start_matches('-').to_lowercase()) || names.contains(&last.to_lowercase())
+                names.contains(lowercase(last.trim_start_matches('-')).as_ref()) || names.contains(lowercase(last).as_ref())
             }
             (Test::AnyIn(literals), FieldKind::Array) => value.items().any(|v| literals.contains(v.kind())),
             (Test::JoinedContains(fragments), FieldKind::Array) => {
@@ -335,12 +335,24 @@ impl FieldTest {
                     }
                     joined.push_str(s);
                 }
-                let joined = joined.to_lowercase();
+                let joined = lowercase(&joined);
                 fragments.iter().any(|f| joined.contains(f.as_str()))
             }
             // A value of a type the test cannot judge: the rule runs.
             _ => true,
         }
+    }
+}
+
+/// `s.to_lowercase()`, without allocating when it is already lowercase ASCII (nearly every
+/// program name and argument: the exec prefilters test several per event).
+fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.is_ascii() {
+        std::borrow::Cow::Owned(s.to_lowercase())
+    } else if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
     }
 }
 
