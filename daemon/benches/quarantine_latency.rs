@@ -496,6 +496,7 @@ fn synthetic_dup() -> palisade::events::enrich::EnrichedEvent {
         exe: Some("/work/target/release/deps/quarantine_latency".into()),
         exe_resolved: true,
         cmdline: vec!["quarantine_latency".into(), "--role".into(), "trigger".into()],
+        cmdline_truncated: false,
         cwd: Some("/work".into()),
         stdio: Stdio { stdin: "pipe", stdout: "pipe", stderr: "socket" },
         ancestors: vec![Ancestor { pid: 4200, comm: "quarantine_late".into(), exe: Some("/work/target/release/deps/quarantine_latency".into()) }],

@@ -62,6 +62,12 @@ fn clock_ns(clock: ClockId) -> i128 {
     nix::time::clock_gettime(clock).map(|ts| i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())).unwrap_or(0)
 }
 
+/// The CPU time the calling thread has used (CLOCK_THREAD_CPUTIME_ID): what a piece of work
+/// cost, whatever else the machine was running meanwhile.
+pub fn thread_cpu_time() -> std::time::Duration {
+    std::time::Duration::from_nanos(u64::try_from(clock_ns(ClockId::CLOCK_THREAD_CPUTIME_ID)).unwrap_or(0))
+}
+
 /// CLOCK_MONOTONIC now, in ns: the clock bpf_ktime_get_ns reads.
 pub fn monotonic_now_ns() -> u64 {
     clock_ns(ClockId::CLOCK_MONOTONIC) as u64

@@ -84,6 +84,10 @@ pub struct ExecData {
     pub filename: String,
     pub argv: Vec<String>,
     pub argc: u32,
+    /// `argv` is not the whole command line: more arguments than the kernel's `ARGV_SLOTS`, or
+    /// one that filled its `ARG_LEN` slot (cut there; one exactly `ARG_LEN - 1` bytes long
+    /// cannot be told apart and is flagged too).
+    pub argv_truncated: bool,
     pub via_execveat: bool,
     pub dirfd: i32,
     pub at_flags: u32,
@@ -354,7 +358,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let data = match kind {
         EventKind::Exec => {
             let e: wire::ExecEvent = read_wire(bytes, kind)?;
-            let argv = e.argv.iter().take((e.argc as usize).min(wire::ARGV_SLOTS)).map(|a| c_string(a)).collect();
+            let copied = &e.argv[..(e.argc as usize).min(wire::ARGV_SLOTS)];
+            let argv = copied.iter().map(|a| c_string(a)).collect();
+            let argv_truncated = e.argc as usize > wire::ARGV_SLOTS
+                || copied.iter().any(|a| a.iter().position(|&b| b == 0).is_none_or(|len| len >= wire::ARG_LEN - 1));
             let filename = c_string(&e.filename);
             let exe = c_string(&e.exe);
             let exe = (!exe.is_empty()).then_some(exe);
@@ -365,6 +372,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 filename,
                 argv,
                 argc: e.argc,
+                argv_truncated,
                 via_execveat: e.via_execveat != 0,
                 dirfd: e.dirfd,
                 at_flags: e.at_flags,
@@ -862,7 +870,18 @@ mod tests {
         let event = decode(&bytes_of(&exec)).expect("valid");
         let EventData::Exec(data) = event.data else { panic!() };
         assert_eq!(data.argv, vec!["sh", "-c", "id\\xff"]);
+        assert!(!data.argv_truncated);
         assert!(data.fileless);
+        // An argument that filled its slot (the kernel cut it), or more arguments than slots.
+        let mut cut = exec;
+        cut.argv[1] = [b'a'; wire::ARG_LEN];
+        cut.argv[1][wire::ARG_LEN - 1] = 0;
+        let EventData::Exec(data) = decode(&bytes_of(&cut)).expect("valid").data else { panic!() };
+        assert!(data.argv_truncated && data.argv[1].len() == wire::ARG_LEN - 1);
+        let mut many = exec;
+        many.argc = 40;
+        let EventData::Exec(data) = decode(&bytes_of(&many)).expect("valid").data else { panic!() };
+        assert!(data.argv_truncated && data.argv.len() == wire::ARGV_SLOTS);
         assert_eq!((data.exe.as_deref(), data.exe_resolved), (Some("/memfd:x"), true));
         assert_eq!((data.stdio.stdin, data.stdio.stdout, data.stdio.stderr), ("socket", "pipe", "tty"));
         assert_eq!(event.header.start_ns, 5_000_000_000);

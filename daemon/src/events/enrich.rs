@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use palisade_common::{ARG_LEN, ARGV_SLOTS};
+
 use super::decode::{Event, EventData, Header, bytes_to_text};
 use crate::endpoints::{CgroupId, PodKey};
 
@@ -91,10 +93,18 @@ pub struct ProcessDetails {
     /// walk was cut and `exe` is only its tail).
     pub exe_resolved: bool,
     pub cmdline: Vec<String>,
+    /// `cmdline` is cut: more than `ARGV_SLOTS` arguments, or one of `ARG_LEN - 1` bytes or
+    /// more (the kernel's bounds, which a command line seeded from /proc is cut to as well).
+    pub cmdline_truncated: bool,
     pub cwd: Option<String>,
     pub stdio: Stdio,
     pub ancestors: Vec<Ancestor>,
 }
+
+/// At most this much of `/proc/PID/cmdline` is read when seeding: a process's arguments can
+/// take megabytes, and only `ARGV_SLOTS` of at most `ARG_LEN - 1` bytes are kept (as from the
+/// kernel); 16 arguments of 4 KiB still reach the sixteenth.
+pub const CMDLINE_READ_BYTES: u64 = 64 * 1024;
 
 /// How far up the parent chain ancestry goes.
 pub const MAX_ANCESTORS: usize = 8;
@@ -117,6 +127,7 @@ struct ProcEntry {
     exe: Option<String>,
     exe_resolved: bool,
     cmdline: Vec<String>,
+    cmdline_truncated: bool,
     cwd: Option<String>,
     stdio: Stdio,
     /// Eviction order: an `order` slot naming another generation is stale.
@@ -134,6 +145,7 @@ impl ProcEntry {
             exe: None,
             exe_resolved: false,
             cmdline: Vec::new(),
+            cmdline_truncated: false,
             cwd: None,
             stdio: Stdio::default(),
             generation: 0,
@@ -271,6 +283,7 @@ impl ProcCache {
                 exe: details.exe,
                 exe_resolved: details.exe_resolved,
                 cmdline: details.cmdline,
+                cmdline_truncated: details.cmdline_truncated,
                 cwd: details.cwd,
                 stdio: details.stdio,
                 generation: 0,
@@ -426,6 +439,7 @@ impl ProcCache {
                     e.exe.clone_from(&exec.exe);
                     e.exe_resolved = exec.exe_resolved;
                     e.cmdline.clone_from(&exec.argv);
+                    e.cmdline_truncated = exec.argv_truncated;
                     e.stdio = exec.stdio.clone();
                 }
                 self.reweigh(h.pid);
@@ -468,6 +482,7 @@ impl ProcCache {
                         e.exe = parent.exe;
                         e.exe_resolved = parent.exe_resolved;
                         e.cmdline = parent.cmdline;
+                        e.cmdline_truncated = parent.cmdline_truncated;
                         e.cwd = parent.cwd;
                         e.stdio = parent.stdio;
                     }
@@ -514,7 +529,15 @@ impl ProcCache {
             seen = next;
             next = parent.ppid;
         }
-        ProcessDetails { exe: e.exe.clone(), exe_resolved: e.exe_resolved, cmdline: e.cmdline.clone(), cwd: e.cwd.clone(), stdio: e.stdio.clone(), ancestors }
+        ProcessDetails {
+            exe: e.exe.clone(),
+            exe_resolved: e.exe_resolved,
+            cmdline: e.cmdline.clone(),
+            cmdline_truncated: e.cmdline_truncated,
+            cwd: e.cwd.clone(),
+            stdio: e.stdio.clone(),
+            ancestors,
+        }
     }
 }
 
@@ -568,18 +591,42 @@ fn parse_stat_full(stat: &str) -> Option<StatLine> {
     Some(StatLine { comm, ppid, start_ticks })
 }
 
+/// A process's command line from `/proc/PID/cmdline`, read and kept within the kernel's
+/// bounds (at most `CMDLINE_READ_BYTES` read; `ARGV_SLOTS` arguments of at most `ARG_LEN - 1`
+/// bytes kept), and whether it was cut. Unreadable: empty, not cut.
+fn read_cmdline(path: &Path) -> (Vec<String>, bool) {
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    let Ok(file) = std::fs::File::open(path) else { return (Vec::new(), false) };
+    // One byte more than kept: its presence says there was more.
+    if file.take(CMDLINE_READ_BYTES + 1).read_to_end(&mut raw).is_err() {
+        return (Vec::new(), false);
+    }
+    let mut truncated = raw.len() as u64 > CMDLINE_READ_BYTES;
+    raw.truncate(CMDLINE_READ_BYTES as usize);
+    let mut args = Vec::new();
+    for arg in raw.split(|&b| b == 0).filter(|a| !a.is_empty()) {
+        if args.len() == ARGV_SLOTS {
+            truncated = true;
+            break;
+        }
+        truncated |= arg.len() > ARG_LEN - 1;
+        args.push(bytes_to_text(&arg[..arg.len().min(ARG_LEN - 1)]));
+    }
+    (args, truncated)
+}
+
 /// A process's own details from procfs (no ancestors: the cache links those), for seeding.
 fn read_process_own(proc_root: &Path, pid: u32) -> ProcessDetails {
     let dir = proc_root.join(pid.to_string());
-    let cmdline = std::fs::read(dir.join("cmdline"))
-        .map(|raw| raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(bytes_to_text).collect())
-        .unwrap_or_default();
+    let (cmdline, cmdline_truncated) = read_cmdline(&dir.join("cmdline"));
     let exe = read_link_text(&dir.join("exe"));
     ProcessDetails {
         // /proc/PID/exe is the kernel's own path of the image.
         exe_resolved: exe.is_some(),
         exe,
         cmdline,
+        cmdline_truncated,
         cwd: read_link_text(&dir.join("cwd")),
         stdio: Stdio {
             stdin: fd_kind(proc_root, pid, 0),
@@ -587,43 +634,6 @@ fn read_process_own(proc_root: &Path, pid: u32) -> ProcessDetails {
             stderr: fd_kind(proc_root, pid, 2),
         },
         ancestors: Vec::new(),
-    }
-}
-
-pub fn read_process(proc_root: &Path, pid: u32) -> ProcessDetails {
-    let dir = proc_root.join(pid.to_string());
-    let cmdline = std::fs::read(dir.join("cmdline"))
-        .map(|raw| {
-            raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(bytes_to_text).collect()
-        })
-        .unwrap_or_default();
-    let stdio = Stdio {
-        stdin: fd_kind(proc_root, pid, 0),
-        stdout: fd_kind(proc_root, pid, 1),
-        stderr: fd_kind(proc_root, pid, 2),
-    };
-    let mut ancestors = Vec::new();
-    let mut current = std::fs::read_to_string(dir.join("stat")).ok().and_then(|s| parse_stat(&s)).map(|(_, ppid)| ppid);
-    while let Some(ppid) = current {
-        if ppid == 0 || ancestors.len() >= MAX_ANCESTORS {
-            break;
-        }
-        let pdir = proc_root.join(ppid.to_string());
-        let Some((comm, next)) = std::fs::read_to_string(pdir.join("stat")).ok().and_then(|s| parse_stat(&s)) else {
-            break;
-        };
-        ancestors.push(Ancestor { pid: ppid, comm, exe: read_link_text(&pdir.join("exe")) });
-        current = Some(next);
-    }
-    let exe = read_link_text(&dir.join("exe"));
-    ProcessDetails {
-        // /proc/PID/exe is the kernel's own path of the image.
-        exe_resolved: exe.is_some(),
-        exe,
-        cmdline,
-        cwd: read_link_text(&dir.join("cwd")),
-        stdio,
-        ancestors,
     }
 }
 
@@ -688,6 +698,7 @@ mod tests {
                 filename: exe.into(),
                 argv: argv.iter().map(|a| a.to_string()).collect(),
                 argc: argv.len() as u32,
+                argv_truncated: false,
                 via_execveat: false,
                 dirfd: -100,
                 at_flags: 0,
@@ -782,6 +793,64 @@ mod tests {
         assert!(mine.exe.is_some() && !mine.cmdline.is_empty(), "{mine:?}");
         assert!(!mine.ancestors.is_empty(), "a test process has a parent");
         assert_eq!(cache.stats().hits, 1);
+    }
+
+    /// A procfs with one process, `pid`, started at tick 12345, whose cmdline is `cmdline`.
+    fn fake_proc(name: &str, pid: u32, cmdline: &[u8]) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("palisade-fake-proc-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join(pid.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let stat = format!("{pid} (big) S 1 {pid} {pid} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0");
+        std::fs::write(dir.join("stat"), stat).unwrap();
+        std::fs::write(dir.join("cmdline"), cmdline).unwrap();
+        root
+    }
+
+    /// Seeds one process of a fake procfs and returns what an event of it shows.
+    fn seeded_details(name: &str, cmdline: &[u8]) -> Arc<ProcessDetails> {
+        let root = fake_proc(name, 4242, cmdline);
+        let mut cache = ProcCache::new(1_000);
+        assert_eq!(cache.seed_from_proc(&root), 1);
+        let _ = std::fs::remove_dir_all(&root);
+        let start_ns = 12345 * cache.tick_ns + cache.tick_ns / 2;
+        cache.observe(&exit(4242, 1, start_ns))
+    }
+
+    #[test]
+    fn seeded_command_lines_are_cut_to_the_kernels_bounds_and_flagged() {
+        // 100,000 arguments of 80 bytes (8 MiB; a stack rlimit raised for it allows that much):
+        // before, all of it was read and kept in the cache entry.
+        let huge: Vec<u8> = (0..100_000).flat_map(|_| [[b'x'; 80].as_slice(), b"\0"].concat()).collect();
+        let details = seeded_details("huge", &huge);
+        assert_eq!(details.cmdline.len(), ARGV_SLOTS, "{:?}", details.cmdline.len());
+        assert!(details.cmdline.iter().all(|a| a.len() == ARG_LEN - 1));
+        assert!(details.cmdline_truncated);
+        // Many short arguments: cut at ARGV_SLOTS.
+        let many: Vec<u8> = (0..40).flat_map(|i| format!("a{i}\0").into_bytes()).collect();
+        let details = seeded_details("many", &many);
+        assert_eq!((details.cmdline.len(), details.cmdline_truncated), (ARGV_SLOTS, true));
+        assert_eq!(details.cmdline[15], "a15");
+        // One long argument alone.
+        let details = seeded_details("long", &[b"sh\0".as_slice(), &[b'y'; 5000]].concat());
+        assert_eq!((details.cmdline.len(), details.cmdline[1].len(), details.cmdline_truncated), (2, ARG_LEN - 1, true));
+        // A whole command line is kept as it is and not flagged.
+        let details = seeded_details("whole", b"nginx\0-g\0daemon off;\0");
+        assert_eq!((details.cmdline.clone(), details.cmdline_truncated), (vec!["nginx".to_string(), "-g".into(), "daemon off;".into()], false));
+    }
+
+    #[test]
+    fn an_execs_cut_argv_is_flagged_and_inherited_by_forks() {
+        let mut cache = ProcCache::new(64);
+        let mut cut = exec(100, 1, 1_000, "/usr/bin/python3", &["python3", "-c", "pass"], "null");
+        if let EventData::Exec(e) = &mut cut.data {
+            e.argv_truncated = true;
+        }
+        assert!(cache.observe(&cut).cmdline_truncated);
+        cache.observe(&fork(100, 1, 1_000, 101, 2_000));
+        assert!(cache.observe(&exit(101, 100, 2_000)).cmdline_truncated, "the child shows its parent's cut argv");
+        let whole = cache.observe(&exec(102, 1, 3_000, "/usr/bin/cat", &["cat", "/etc/hostname"], "null"));
+        assert!(!whole.cmdline_truncated);
     }
 
     #[test]

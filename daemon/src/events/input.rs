@@ -89,6 +89,7 @@ impl InputBuilder {
             (shared_string("exe"), text(&p.exe)),
             (shared_string("exe_resolved"), Value::Bool(p.exe_resolved)),
             (shared_string("cmdline"), to_value(&p.cmdline).unwrap_or(Value::Null)),
+            (shared_string("cmdline_truncated"), Value::Bool(p.cmdline_truncated)),
             (shared_string("cwd"), text(&p.cwd)),
             (shared_string("stdio"), to_value(&p.stdio).unwrap_or(Value::Null)),
             (shared_string("ancestors"), ancestors),
@@ -134,7 +135,7 @@ pub fn to_input_tree(ev: &EnrichedEvent, clock: &Clock, node: &str) -> serde_jso
         "pid": h.pid, "tid": h.tid, "ppid": h.ppid, "start_ns": h.start_ns,
         "uid": h.uid, "gid": h.gid, "euid": h.euid, "egid": h.egid,
         "comm": h.comm,
-        "exe": p.exe, "exe_resolved": p.exe_resolved, "cmdline": p.cmdline, "cwd": p.cwd,
+        "exe": p.exe, "exe_resolved": p.exe_resolved, "cmdline": p.cmdline, "cmdline_truncated": p.cmdline_truncated, "cwd": p.cwd,
         "stdio": p.stdio, "ancestors": p.ancestors,
     });
     let data = match &ev.event.data {
@@ -205,6 +206,7 @@ mod tests {
             exe: Some("/usr/bin/dash".into()),
             exe_resolved: true,
             cmdline: vec!["sh".into(), "-c".into(), "x".into()],
+            cmdline_truncated: false,
             cwd: None,
             stdio: Stdio { stdin: "socket", stdout: "pipe", stderr: "unknown" },
             ancestors: ancestors.iter().map(|&(pid, comm)| Ancestor { pid, comm: comm.into(), exe: None }).collect(),
@@ -232,6 +234,7 @@ mod tests {
                 filename: "/bin/sh".into(),
                 argv: vec!["sh".into()],
                 argc: 1,
+                argv_truncated: false,
                 via_execveat: false,
                 dirfd: -100,
                 at_flags: 0,

@@ -459,6 +459,7 @@ mod tests {
                 filename: "/".repeat(palisade_common::event::PATH_LEN),
                 argv,
                 argc: 16,
+                argv_truncated: true,
                 via_execveat: false,
                 dirfd: -100,
                 at_flags: 0,
