@@ -50,6 +50,8 @@ struct Inner {
     map_sync: Family<Labels, Histogram, fn() -> Histogram>,
     rule_reloads: Family<Labels, Counter>,
     rule_errors: Family<Labels, Counter>,
+    rule_rejudged: Counter,
+    rule_unjudged: Family<Labels, Counter>,
     exports: Family<Labels, Counter>,
     conntrack_entries: Family<Labels, Gauge>,
     conntrack_drops: Family<Labels, Counter>,
@@ -94,6 +96,8 @@ impl Metrics {
         let map_sync = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(sync_histogram as fn() -> Histogram);
         let rule_reloads = Family::<Labels, Counter>::default();
         let rule_errors = Family::<Labels, Counter>::default();
+        let rule_rejudged = Counter::default();
+        let rule_unjudged = Family::<Labels, Counter>::default();
         let exports = Family::<Labels, Counter>::default();
         let conntrack_entries = Family::<Labels, Gauge>::default();
         let conntrack_drops = Family::<Labels, Counter>::default();
@@ -125,6 +129,16 @@ impl Metrics {
         registry.register("map_sync_seconds", "Time to sync a set of eBPF maps, by map", map_sync.clone());
         registry.register("rule_reloads", "Rule pack loads and reloads, by result (ok, failed)", rule_reloads.clone());
         registry.register("rule_errors", "Rules that could not judge an event, by rule and reason (budget, timeout, error)", rule_errors.clone());
+        registry.register(
+            "rule_rejudged",
+            "Rule runs repeated because the wall clock ran out before the rule had used its CPU time budget (the evaluating thread waited for a CPU)",
+            rule_rejudged.clone(),
+        );
+        registry.register(
+            "rule_unjudged",
+            "Protected events a rule could not judge, each alerted at the rule's severity, by rule and reason (budget, timeout, error)",
+            rule_unjudged.clone(),
+        );
         registry.register("exports", "Alert exports, by exporter and result (sent, failed, dropped)", exports.clone());
         registry.register("conntrack_entries", "Connection-tracking entries held, by pod", conntrack_entries.clone());
         registry.register(
@@ -174,6 +188,8 @@ impl Metrics {
                 map_sync,
                 rule_reloads,
                 rule_errors,
+                rule_rejudged,
+                rule_unjudged,
                 exports,
                 conntrack_entries,
                 conntrack_drops,
@@ -313,6 +329,16 @@ impl Metrics {
     /// One rule could not judge one event (reason: `budget`, `timeout`, `error`).
     pub fn record_rule_error(&self, rule: &str, reason: &str) {
         self.inner.rule_errors.get_or_create(&labels(&[("rule", rule), ("reason", reason)])).inc();
+    }
+
+    /// Rule runs repeated for a descheduled thread (`rules::pack::WALL_BACKSTOP`).
+    pub fn record_rule_rejudged(&self, runs: u32) {
+        self.inner.rule_rejudged.inc_by(u64::from(runs));
+    }
+
+    /// A protected event rule `rule` could not judge (reason: `budget`, `timeout`, `error`).
+    pub fn record_rule_unjudged(&self, rule: &str, reason: &str) {
+        self.inner.rule_unjudged.get_or_create(&labels(&[("rule", rule), ("reason", reason)])).inc();
     }
 
     /// exporter: `webhook`, `stdout`; result: `sent`, `failed`, `dropped`, `retried`.

@@ -52,6 +52,12 @@ pub struct PipelineStats {
     pub enriched: std::sync::atomic::AtomicU64,
     pub evaluated_with_hits: std::sync::atomic::AtomicU64,
     pub rule_errors: std::sync::atomic::AtomicU64,
+    /// Rule runs repeated because the wall clock ran out before the rule had used its CPU
+    /// budget (the evaluating thread waited for a CPU; `rules::pack::WALL_BACKSTOP`).
+    pub rules_rejudged: std::sync::atomic::AtomicU64,
+    /// Protected events a rule could not judge, each raised as a `rule_error` alert at the
+    /// rule's severity (fail closed; `daemon::verdicts::report_unjudged`).
+    pub unjudged_protected: std::sync::atomic::AtomicU64,
     pub record_errors: std::sync::atomic::AtomicU64,
     /// The priority ring could not be read (the pipeline ends and /healthz answers 503).
     pub source_errors: std::sync::atomic::AtomicU64,
@@ -169,6 +175,8 @@ pub async fn status_json(state: &DaemonState) -> serde_json::Value {
             "enriched": state.pipeline.enriched.load(Relaxed),
             "evaluations_with_hits": state.pipeline.evaluated_with_hits.load(Relaxed),
             "rule_errors": state.pipeline.rule_errors.load(Relaxed),
+            "rules_rejudged": state.pipeline.rules_rejudged.load(Relaxed),
+            "unjudged_protected": state.pipeline.unjudged_protected.load(Relaxed),
             "record_errors": state.pipeline.record_errors.load(Relaxed),
             "source_errors": state.pipeline.source_errors.load(Relaxed),
             "process_cache": state.pipeline.process_cache.lock().map(|s| serde_json::to_value(*s).unwrap_or_default()).unwrap_or_default(),

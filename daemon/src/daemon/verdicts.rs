@@ -46,6 +46,56 @@ pub(super) fn report_rule_failure(
     state.alerts.try_emit(alert);
 }
 
+/// Fail closed (issue 14): a rule that could not judge a protected event (an exec, a credential
+/// read, a ptrace...) within its budget, even after a repeat for a descheduled thread, does not
+/// let it pass with a rate-limited notice. Every such event raises a `rule_error` alert at the
+/// rule's own severity with the event attached (`event.unjudged: true`, `event.input`), never
+/// held back by the limiter (protected events are bounded per pod by the kernel's priority
+/// share), and is counted (`events.unjudged_protected` in status,
+/// `palisade_rule_unjudged_total{rule,reason}`).
+pub(super) fn report_unjudged(
+    state: &DaemonState,
+    failure: &crate::rules::RuleFailure,
+    context: &EventContext,
+    input: &regorus::Value,
+    evidence: &mut Option<serde_json::Value>,
+) {
+    state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.pipeline.unjudged_protected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.record_rule_error(&failure.rule_id, failure.reason.as_str());
+    state.metrics.record_rule_unjudged(&failure.rule_id, failure.reason.as_str());
+    tracing::warn!(rule = %failure.rule_id, event_type = %failure.event_type, reason = %failure.reason, detail = %failure.detail, "rule could not judge a protected event; alerted at its severity");
+    let pack = state.rules.current();
+    let meta = pack.rule(&failure.rule_id);
+    let severity = meta.map_or(Severity::High, |r| r.severity);
+    let title = meta.map(|r| r.title.clone()).unwrap_or_default();
+    let mitre = meta.map(|r| r.mitre.clone()).unwrap_or_default();
+    let alert = Alert::about_event(
+        AlertKind::RuleError,
+        severity,
+        format!(
+            "rule {} could not judge a protected {} event ({}): {}; treat the event as suspect",
+            failure.rule_id, failure.event_type, failure.reason, failure.detail
+        ),
+        &state.node,
+        context,
+    )
+    .with_rule(failure.rule_id.clone(), title)
+    .with_mitre(mitre)
+    .with_event(json!({
+        "rule": failure.rule_id,
+        "event_type": failure.event_type,
+        "reason": failure.reason,
+        "detail": failure.detail,
+        "failures": 1,
+        "unjudged": true,
+        "input": evidence.get_or_insert_with(|| crate::rules::input::to_json(input)).clone(),
+    }));
+    if let Err(err) = state.alerts.blocking_emit(alert) {
+        tracing::error!(%err, "an unjudged-event alert could not be written (the writer stopped)");
+    }
+}
+
 /// Turns one rule hit into its alert, after the responder decided what to do about it (the map
 /// update, if any, has returned before the alert is written: alerts and enforcement agree).
 /// The event's JSON (the alert's evidence, `evidence`: made once per event, for its first hit)
@@ -89,28 +139,45 @@ pub(super) fn start(state: &Arc<DaemonState>, workers: usize) -> anyhow::Result<
     std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
         let mut failure_alerts = crate::rules::failures::FailureLimiter::default();
         for evaluation in verdicts {
-            act_on(&state, &mut failure_alerts, evaluation);
+            act_on(&state, &mut failure_alerts, evaluation, false);
         }
     })?;
     Ok(evaluator)
 }
 
 /// What the verdict thread (pool evaluations) and the pipeline (protected events, judged at
-/// once) do with an evaluation: report the rules that failed, respond to each hit.
-pub(super) fn act_on(state: &DaemonState, failure_alerts: &mut crate::rules::failures::FailureLimiter, evaluation: crate::rules::Evaluation) {
+/// once) do with an evaluation: count repeats, report the rules that failed (a protected event
+/// fails closed: `report_unjudged`), respond to each hit.
+pub(super) fn act_on(
+    state: &DaemonState,
+    failure_alerts: &mut crate::rules::failures::FailureLimiter,
+    evaluation: crate::rules::Evaluation,
+    protected: bool,
+) {
+    if evaluation.rejudged > 0 {
+        state.pipeline.rules_rejudged.fetch_add(u64::from(evaluation.rejudged), std::sync::atomic::Ordering::Relaxed);
+        state.metrics.record_rule_rejudged(evaluation.rejudged);
+    }
     // The pipeline submits every event with its context.
     let Some(context) = evaluation.context.as_deref() else {
         state.pipeline.rule_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::error!("an evaluation came back without its event context; not acted on");
         return;
     };
+    let mut evidence = None;
     for failure in &evaluation.failures {
-        report_rule_failure(state, failure_alerts, failure, context);
+        if protected {
+            report_unjudged(state, failure, context, &evaluation.input, &mut evidence);
+        } else {
+            report_rule_failure(state, failure_alerts, failure, context);
+        }
     }
     match evaluation.hits {
         Ok(hits) => {
+            if hits.is_empty() {
+                return;
+            }
             state.pipeline.evaluated_with_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut evidence = None;
             for hit in hits {
                 respond(state, hit, context, &evaluation.input, &mut evidence);
             }

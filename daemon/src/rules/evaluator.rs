@@ -70,6 +70,8 @@ pub struct Evaluation {
     pub failures: Vec<RuleFailure>,
     /// The generation of the pack that evaluated it.
     pub pack_generation: u64,
+    /// Rule runs repeated because the wall clock ran out before the CPU budget (`Verdict`).
+    pub rejudged: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -261,26 +263,26 @@ impl LocalEvaluator {
         if self.session.is_none() {
             match self.pack.session() {
                 Ok(s) => self.session = Some(s),
-                Err(e) => return Evaluation { input, context, hits: Err(e), failures: Vec::new(), pack_generation: generation },
+                Err(e) => return Evaluation { input, context, hits: Err(e), failures: Vec::new(), pack_generation: generation, rejudged: 0 },
             }
         }
         let started = self.metrics.as_ref().map(|_| std::time::Instant::now());
-        let (hits, failures) = match self.session.as_mut().map(|session| self.pack.evaluate_in(session, &input)) {
-            Some(Ok(verdict)) => (Ok(verdict.hits), verdict.failures),
-            Some(Err(e)) => (Err(e), Vec::new()),
-            None => (Err(RulesError::Eval("no engine session".to_string())), Vec::new()),
+        let (hits, failures, rejudged) = match self.session.as_mut().map(|session| self.pack.evaluate_in(session, &input)) {
+            Some(Ok(verdict)) => (Ok(verdict.hits), verdict.failures, verdict.rejudged),
+            Some(Err(e)) => (Err(e), Vec::new(), 0),
+            None => (Err(RulesError::Eval("no engine session".to_string())), Vec::new(), 0),
         };
         if let (Some(metrics), Some(started)) = (&self.metrics, started) {
             metrics.observe_evaluation(started.elapsed());
         }
-        Evaluation { input, context, hits, failures, pack_generation: generation }
+        Evaluation { input, context, hits, failures, pack_generation: generation, rejudged }
     }
 }
 
 impl Evaluation {
-    /// Whether anyone needs to see it: hits, failures or an error.
+    /// Whether anyone needs to see it: hits, failures, an error or a repeated run (counted).
     pub fn has_news(&self) -> bool {
-        !self.failures.is_empty() || !matches!(&self.hits, Ok(h) if h.is_empty())
+        !self.failures.is_empty() || self.rejudged > 0 || !matches!(&self.hits, Ok(h) if h.is_empty())
     }
 }
 

@@ -133,7 +133,8 @@ pub struct RuleHit {
 pub enum FailureReason {
     /// It ran past its instruction budget.
     Budget,
-    /// It ran past its wall-clock budget (an expensive builtin, a slow machine).
+    /// It ran past its time budget: the CPU time it used, or the wall-clock backstop when its
+    /// thread could not get a CPU for that long (an expensive builtin, a starved machine).
     Timeout,
     /// It raised an error (a builtin given a value it cannot take, a conflict, ...).
     Error,
@@ -171,6 +172,9 @@ pub struct RuleFailure {
 pub struct Verdict {
     pub hits: Vec<RuleHit>,
     pub failures: Vec<RuleFailure>,
+    /// Runs repeated because the wall clock ran out before the rule had used its CPU budget
+    /// (the thread waited for a CPU); each then judged or named in `failures`.
+    pub rejudged: u32,
 }
 
 impl Verdict {
