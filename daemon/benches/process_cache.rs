@@ -15,11 +15,10 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::daemon::{DaemonGuard, DaemonOptions, PALISADE, spawn_logged};
+use support::daemon::{DaemonGuard, DaemonOptions, spawn_logged};
 
 const NS: &str = "procs";
 const POD: &str = "procs/many";
@@ -43,13 +42,7 @@ fn live_processes(cgroup: &Path) -> usize {
 }
 
 fn cache_stats(daemon: &DaemonGuard) -> Value {
-    let out = Command::new(PALISADE)
-        .args(["status", "-o", "json", "--state-dir"])
-        .arg(&daemon.state_dir)
-        .output()
-        .expect("palisade status");
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    status["events"]["process_cache"].clone()
+    daemon.status()["events"]["process_cache"].clone()
 }
 
 struct Point {

@@ -4,12 +4,10 @@
 //! `conntrack_full`. (The datapath's behaviour itself: segmentation_datapath.rs.)
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use palisade_common::CT_DEFAULT_PER_ENDPOINT_MAX;
-use serde_json::Value;
-use support::daemon::{DaemonGuard, DaemonOptions, PALISADE, python3, repo_root};
+use support::daemon::{DaemonGuard, DaemonOptions, python3, repo_root};
 use support::require_kernel;
 
 const FLOOD: &str = r#"
@@ -23,16 +21,6 @@ for i in range(n):
         pass
 print(sent)
 "#;
-
-fn status(daemon: &DaemonGuard) -> Value {
-    let out = Command::new(PALISADE)
-        .args(["status", "-o", "json", "--state-dir"])
-        .arg(&daemon.state_dir)
-        .output()
-        .expect("palisade status");
-    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status JSON")
-}
 
 #[test]
 fn conntrack_use_and_refusals_per_pod_show_in_status_and_alerts() {
@@ -63,7 +51,7 @@ fn conntrack_use_and_refusals_per_pod_show_in_status_and_alerts() {
     // The sweeper publishes the counts every 5 s.
     let deadline = Instant::now() + Duration::from_secs(20);
     let db = loop {
-        let s = status(&daemon);
+        let s = daemon.status();
         let pods = s["conntrack"]["pods"].as_array().cloned().unwrap_or_default();
         if let Some(db) = pods.into_iter().find(|p| p["pod"] == "webapp/db-1") {
             break db;
@@ -74,7 +62,7 @@ fn conntrack_use_and_refusals_per_pod_show_in_status_and_alerts() {
     println!("status conntrack webapp/db-1: {db}");
     assert_eq!(db["entries"], u64::from(CT_DEFAULT_PER_ENDPOINT_MAX), "{db}");
     assert_eq!(db["quota_drops"], 2_000u64, "{db}");
-    let s = status(&daemon);
+    let s = daemon.status();
     assert_eq!(s["conntrack"]["established_flows"], "strict", "the default mode: {}", s["conntrack"]);
     assert_eq!(s["conntrack"]["per_pod_quota"], u64::from(CT_DEFAULT_PER_ENDPOINT_MAX));
 

@@ -288,6 +288,15 @@ impl DaemonGuard {
         run_with_timeout(command, Duration::from_secs(30))
     }
 
+    /// `palisade status -o json` of this daemon (panics when it fails or does not answer in 20 s).
+    pub fn status(&self) -> Value {
+        let mut command = Command::new(PALISADE);
+        command.args(["status", "-o", "json", "--state-dir"]).arg(&self.state_dir);
+        let out = run_with_timeout(command, Duration::from_secs(20));
+        assert!(out.status.success(), "{}: palisade status: {}", self.test, String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{}: status JSON: {e}", self.test))
+    }
+
     /// Every alert written so far (a torn last line is skipped).
     pub fn alerts(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.state_dir.join("alerts.jsonl")).unwrap_or_default();
