@@ -67,7 +67,7 @@ use palisade::lab::{Lab, LabOptions};
 use palisade::probes::loader::{self, EventBudgets, LoadOptions};
 use palisade::quarantine::datapath::{self, KernelQuarantineMap};
 use palisade::segmentation::datapath::Datapath;
-use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, StateWrites, Verdict};
+use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, StateWrites, Finding};
 use palisade::rules::{Action, LocalEvaluator, PackHandle, RulePack, RuleHit};
 use palisade_common::{DatapathConfig, KIND_POLICY_VERDICT, MAP_SEG_CONFIG, MAP_SEG_EVENTS, PolicyVerdictEvent, REASON_QUARANTINE};
 use aya::maps::{Array, MapData, RingBuf};
@@ -669,7 +669,7 @@ fn run(cycles: usize) {
                 panic!("cycle {n}: no quarantine verdict ({form:?})");
             };
             let evaluated = monotonic_now_ns();
-            let decision = service.respond(&Verdict { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-{n}") });
+            let decision = service.respond(&Finding { hit, namespace: "shop".into(), name: "a".into(), alert_id: format!("bench-{n}") });
             assert_eq!(decision.outcome, Outcome::Quarantined, "cycle {n}: {decision:?}");
             let enforced = decision.enforced_at_ns.expect("enforced_at");
             let usage_after = thread_usage();

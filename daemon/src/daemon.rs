@@ -1,10 +1,10 @@
 //! `palisade run`: wires the stages together. `run_async` reads as the list of stages in the
 //! order they start; each stage's wiring is in a submodule (`sources`, `probes`, `rules`,
-//! `segmentation`, `quarantine`, `verdicts`, `pipeline`, `monitors`), the shared state and its
+//! `segmentation`, `quarantine`, `findings`, `pipeline`, `monitors`), the shared state and its
 //! rendering in `crate::status`.
 //!
 //! kernel ring buffer -> reader (tokio) -> pipeline thread (enrich, input, --record) ->
-//! rule workers -> verdict thread (alerts, responder); protected events (the priority ring) are
+//! rule workers -> findings thread (alerts, responder); protected events (the priority ring) are
 //! judged and acted on by the pipeline thread itself, without the pool's queue. The eBPF object
 //! has one owner task (`ProbeHost`); inventory and rules changes arrive through their watchers.
 
@@ -22,7 +22,7 @@ mod quarantine;
 mod rules;
 mod segmentation;
 mod sources;
-mod verdicts;
+mod findings;
 
 use probes::ProbesStage;
 use quarantine::{start_quarantine, watch_response_policy};
@@ -289,7 +289,7 @@ async fn run_async(args: RunArgs, running: Arc<std::sync::atomic::AtomicBool>) -
     monitors::spawn_loss_monitor(state.clone());
     monitors::spawn_liveness_watch(state.clone());
 
-    let evaluator = verdicts::start(&state, args.workers)?;
+    let evaluator = findings::start(&state, args.workers)?;
     let _rules_watcher = rules.watch(&state)?;
     let _policies_watcher = segmentation::watch_policies(&state, &sources.policies)?;
     segmentation::spawn_drop_reader(&state).await?;

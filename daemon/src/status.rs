@@ -56,7 +56,7 @@ pub struct PipelineStats {
     /// budget (the evaluating thread waited for a CPU; `rules::pack::WALL_BACKSTOP`).
     pub rules_rejudged: std::sync::atomic::AtomicU64,
     /// Protected events a rule could not judge, each raised as a `rule_error` alert at the
-    /// rule's severity (fail closed; `daemon::verdicts::report_unjudged`).
+    /// rule's severity (fail closed; `daemon::findings::report_unjudged`).
     pub unjudged_protected: std::sync::atomic::AtomicU64,
     pub record_errors: std::sync::atomic::AtomicU64,
     /// The priority ring could not be read (the pipeline ends and /healthz answers 503).

@@ -21,7 +21,7 @@ use palisade::inventory::{Inventory, Protocol};
 use palisade::probes::loader::{self, LoadOptions};
 use palisade::quarantine::datapath::{self, KernelQuarantineMap};
 use palisade::segmentation::datapath::Datapath;
-use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, RuleMode, Verdict};
+use palisade::quarantine::{Outcome, QuarantineService, ResponderConfig, ResponsePolicy, RuleMode, Finding};
 use palisade::rules::{Action, RuleHit, Severity};
 use support::{TestLab, require_kernel};
 
@@ -178,7 +178,7 @@ fn daemon_child(pin_dir: &Path, state_dir: &Path, inventory_path: &Path, pod: &s
     let config = ResponderConfig { state_dir: state_dir.into(), cgroup_root: mount, policy: ResponsePolicy::default() };
     let (service, _) = QuarantineService::start(config, Box::new(map), &inventory).expect("responder");
     let (namespace, name) = pod.split_once('/').expect("pod");
-    let decision = service.respond(&verdict(namespace, name, "reverse_shell", "alert-child-1"));
+    let decision = service.respond(&finding(namespace, name, "reverse_shell", "alert-child-1"));
     say(&format!("decision {}", decision.outcome.as_str()));
     loop {
         std::thread::sleep(Duration::from_secs(60));
@@ -531,8 +531,8 @@ impl Drop for Pins {
     }
 }
 
-fn verdict(namespace: &str, name: &str, rule: &str, alert_id: &str) -> Verdict {
-    Verdict {
+fn finding(namespace: &str, name: &str, rule: &str, alert_id: &str) -> Finding {
+    Finding {
         hit: RuleHit {
             rule_id: rule.into(),
             title: "Reverse shell".into(),
@@ -604,7 +604,7 @@ fn involves(pod: &str) -> impl Fn(&str, &str) -> bool + '_ {
 
 // ---- tests ---------------------------------------------------------------------------------
 
-/// (a) Two pods with an open, allowed TCP connection; a quarantine verdict about one isolates
+/// (a) Two pods with an open, allowed TCP connection; a quarantine finding about one isolates
 /// it: the open connection stops passing data, new connections both ways fail, other pods are
 /// untouched; release restores it.
 #[test]
@@ -624,7 +624,7 @@ fn quarantine_isolates_one_pod_end_to_end() {
     assert_eq!(client.send("before"), "ok", "the open connection must work before quarantine");
     assert_reach(&probe(&lab), |_, _| true);
 
-    let decision = service.respond(&verdict("shop", "a", "reverse_shell", "alert-e2e-1"));
+    let decision = service.respond(&finding("shop", "a", "reverse_shell", "alert-e2e-1"));
     assert_eq!(decision.outcome, Outcome::Quarantined, "{decision:?}");
 
     let reply = client.send("after");
@@ -708,7 +708,7 @@ fn quarantine_dry_run_changes_nothing_in_the_kernel() {
     policy.rules.insert("container_escape".into(), RuleMode::Quarantine);
     let (_ebpf, service) = enforce(&lab, &pins, &state_dir, policy.clone());
 
-    let d = service.respond(&verdict("shop", "a", "reverse_shell", "alert-dry-1"));
+    let d = service.respond(&finding("shop", "a", "reverse_shell", "alert-dry-1"));
     assert_eq!(d.outcome, Outcome::WouldQuarantine, "{d:?}");
     assert!(service.list().is_empty());
     assert_reach(&probe(&lab), |_, _| true);
@@ -716,7 +716,7 @@ fn quarantine_dry_run_changes_nothing_in_the_kernel() {
     let held_back: Vec<String> = service.dry_run_list().into_iter().map(|r| r.pod).collect();
     assert_eq!(held_back, ["shop/a"]);
 
-    let d = service.respond(&verdict("shop", "b", "container_escape", "alert-dry-2"));
+    let d = service.respond(&finding("shop", "b", "container_escape", "alert-dry-2"));
     assert_eq!(d.outcome, Outcome::Quarantined, "{d:?}");
     assert_reach(&probe(&lab), involves("shop/b"));
     service.release("shop/b", "done", "test").expect("release");
@@ -724,7 +724,7 @@ fn quarantine_dry_run_changes_nothing_in_the_kernel() {
     policy.rules.insert("container_escape".into(), RuleMode::AlertOnly);
     policy.dry_run = false;
     service.set_policy(policy).expect("hot reload");
-    let d = service.respond(&verdict("shop", "b", "container_escape", "alert-dry-3"));
+    let d = service.respond(&finding("shop", "b", "container_escape", "alert-dry-3"));
     assert_eq!(d.outcome, Outcome::WouldQuarantine, "{d:?}");
     assert_reach(&probe(&lab), |_, _| true);
     // Dry run off for the node: shop/a's reverse_shell record is gone (its rule is enforced
@@ -751,12 +751,12 @@ fn quarantine_guardrails_protect_namespaces_and_queue_over_the_rate_limit() {
     service.set_policy(ResponsePolicy { max_quarantines_per_minute: 1, ..policy.clone() }).expect("one token");
     service.set_policy(policy).expect("60 per minute, tokens kept");
 
-    let d = service.respond(&verdict("kube-system", "dns", "reverse_shell", "alert-g-1"));
+    let d = service.respond(&finding("kube-system", "dns", "reverse_shell", "alert-g-1"));
     assert_eq!(d.outcome, Outcome::Suppressed, "{d:?}");
     assert!(d.reason.contains("protected"), "{}", d.reason);
 
-    assert_eq!(service.respond(&verdict("shop", "a", "reverse_shell", "alert-g-2")).outcome, Outcome::Quarantined);
-    let d = service.respond(&verdict("shop", "b", "reverse_shell", "alert-g-3"));
+    assert_eq!(service.respond(&finding("shop", "a", "reverse_shell", "alert-g-2")).outcome, Outcome::Quarantined);
+    let d = service.respond(&finding("shop", "b", "reverse_shell", "alert-g-3"));
     assert_eq!(d.outcome, Outcome::Pending, "{d:?}");
     assert!(d.reason.contains("rate limit"), "{}", d.reason);
     assert_eq!(service.pending().len(), 1);
@@ -833,7 +833,7 @@ fn quarantine_reverse_shell_through_probes_and_rules() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
     let decision = 'pipeline: loop {
-        assert!(Instant::now() < deadline, "no quarantine verdict; rule hits seen: {seen:?}");
+        assert!(Instant::now() < deadline, "no quarantine finding; rule hits seen: {seen:?}");
         let mut pfd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, 200) };
@@ -845,7 +845,7 @@ fn quarantine_reverse_shell_through_probes_and_rules() {
             for hit in pack.evaluate(&input).expect("evaluate") {
                 seen.push(hit.rule_id.clone());
                 if hit.action == Action::Quarantine && hit.rule_id == "reverse_shell" {
-                    break 'pipeline service.respond(&Verdict {
+                    break 'pipeline service.respond(&Finding {
                         hit,
                         namespace: "shop".into(),
                         name: "a".into(),
@@ -882,7 +882,7 @@ fn quarantine_forensics_exception_keeps_configured_peers_reachable() {
         ..ResponsePolicy::default()
     };
     let (_ebpf, service) = enforce(&lab, &pins, &state_dir, policy);
-    assert_eq!(service.respond(&verdict("shop", "a", "reverse_shell", "alert-f-1")).outcome, Outcome::Quarantined);
+    assert_eq!(service.respond(&finding("shop", "a", "reverse_shell", "alert-f-1")).outcome, Outcome::Quarantined);
     let exempt = |x: &str, y: &str| (x == "shop/a" && y == "shop/b") || (x == "shop/b" && y == "shop/a");
     assert_reach(&probe(&lab), |from, to| involves("shop/a")(from, to) || exempt(from, to));
 
@@ -1050,7 +1050,7 @@ fn quarantined_pod_with_cap_net_raw_gets_nothing_out() {
     let opened = sender.send("open");
     assert!(opened.contains("PACKET=ok") && opened.contains("RAW4=ok"), "before the quarantine: {opened}");
 
-    let decision = service.respond(&verdict("shop", "a", "reverse_shell", "alert-escape"));
+    let decision = service.respond(&finding("shop", "a", "reverse_shell", "alert-escape"));
     assert_eq!(decision.outcome, Outcome::Quarantined, "{decision:?}");
     let _ = records.collect(a_id, Duration::from_millis(50));
 

@@ -11,6 +11,9 @@
 //! of two runs at load 12. Whether the scheduler catches an evaluation is chance, so the
 //! second test makes it certain: the evaluating thread is stopped mid-run for longer than the
 //! budget, over and over.
+#[path = "support/files.rs"]
+mod files;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,7 +45,7 @@ fn pack_with_long_credential_list(name: &str) -> (RulePack, std::path::PathBuf) 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rules-contention-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    copy_dir(&root.join("rules"), &dir);
+    files::copy_dir(&root.join("rules"), &dir);
     let mut list = String::from("# An operator's long list: the real files last.\n");
     for i in 0..20_000 {
         list.push_str(&format!("- /srv/vault/credentials/c{i:05}\n"));
@@ -51,19 +54,6 @@ fn pack_with_long_credential_list(name: &str) -> (RulePack, std::path::PathBuf) 
     std::fs::write(dir.join("lists/credential_files.yaml"), list).expect("write list");
     let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("pack loads: {}", e.lines().join("\n")));
     (pack, dir)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 fn shadow_read(pid: u32) -> serde_json::Value {

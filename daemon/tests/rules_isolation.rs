@@ -51,24 +51,11 @@ alerts contains "never" if {
 fn pack_dir(name: &str, extra: &[(&str, &str)]) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rules-isolation-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    copy_dir(&repo_root().join("rules"), &dir);
+    support::files::copy_dir(&repo_root().join("rules"), &dir);
     for (file, text) in extra {
         std::fs::write(dir.join(file), text).expect("write rule");
     }
     dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read rules dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 fn exec_from_tmp_event() -> Value {
@@ -86,13 +73,13 @@ fn a_budget_exhausting_rule_does_not_blind_the_others() {
     let pack = RulePack::load(&dir).unwrap_or_else(|e| panic!("pack loads: {}", e.lines().join("\n")));
     for engine in [EngineKind::Rvm, EngineKind::Interpreter] {
         let pack = pack.with_engine(engine);
-        let verdict = pack
-            .evaluate_verdict(&exec_from_tmp_event())
+        let judgement = pack
+            .evaluate_judgement(&exec_from_tmp_event())
             .unwrap_or_else(|e| panic!("{engine:?}: the event must still be judged: {e}"));
-        let ids: Vec<&str> = verdict.hits.iter().map(|h| h.rule_id.as_str()).collect();
+        let ids: Vec<&str> = judgement.hits.iter().map(|h| h.rule_id.as_str()).collect();
         assert!(ids.contains(&"exec_from_tmp"), "{engine:?}: exec_from_tmp must still alert, got {ids:?}");
         let failed: Vec<(&str, FailureReason)> =
-            verdict.failures.iter().map(|f| (f.rule_id.as_str(), f.reason)).collect();
+            judgement.failures.iter().map(|f| (f.rule_id.as_str(), f.reason)).collect();
         match engine {
             // The VM counts instructions; a builtin error inside a rule body makes that body
             // undefined (OPA's default), so `failing` simply does not fire there.
@@ -107,7 +94,7 @@ fn a_budget_exhausting_rule_does_not_blind_the_others() {
                 assert!(failed.contains(&("failing", FailureReason::Error)), "{failed:?}")
             }
         }
-        assert!(verdict.failures.iter().all(|f| f.event_type.as_str() == "exec"));
+        assert!(judgement.failures.iter().all(|f| f.event_type.as_str() == "exec"));
         assert!(!failed.iter().any(|(id, _)| *id == "exec_from_tmp"), "{failed:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -137,7 +137,7 @@ impl AlertSink {
         self.tx.send(alert).await.map_err(|_| AlertsError::WriterStopped)
     }
 
-    /// As `emit`, from a thread outside the tokio runtime (e.g. a verdict thread). Must not be
+    /// As `emit`, from a thread outside the tokio runtime (e.g. the findings thread). Must not be
     /// called from async code.
     pub fn blocking_emit(&self, alert: Alert) -> Result<(), AlertsError> {
         self.tx.blocking_send(alert).map_err(|_| AlertsError::WriterStopped)

@@ -106,7 +106,7 @@ pub(super) fn pipeline(
         if protected {
             let evaluation = protected_judge.evaluate(input, Some(context));
             if evaluation.has_news() {
-                super::verdicts::act_on(&state, &mut failure_alerts, evaluation, true);
+                super::findings::act_on(&state, &mut failure_alerts, evaluation, true);
             }
         } else if evaluator.submit_batched(input, Some(context)).is_err() {
             tracing::error!("rule workers stopped; pipeline ends");

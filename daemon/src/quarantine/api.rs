@@ -20,7 +20,7 @@ fn pod_info(pod: &str) -> Option<PodInfo> {
 /// The alerts for a rule alert once the responder decided: the rule alert itself with the
 /// outcome and reason (`pending` when a rate limit queued it; a `quarantine` alert from
 /// [`queue_alert`] follows when it is applied). Build the rule alert first
-/// (`Alert::from_rule_hit`) and pass its `id` as the verdict's `alert_id`, so the alert and the
+/// (`Alert::from_rule_hit`) and pass its `id` as the finding's `alert_id`, so the alert and the
 /// quarantine record name each other.
 pub fn alerts_for(rule_alert: Alert, decision: &Decision) -> Vec<Alert> {
     let mut reason = decision.reason.clone();

@@ -4,7 +4,7 @@
 //!
 //! The responder is the only writer of SEG_QUARANTINE and holds its own file descriptor to it (a
 //! duplicate of the loaded object's, or one opened from the bpffs pin), so a quarantine is one
-//! `bpf(BPF_MAP_UPDATE_ELEM)` syscall on the verdict path, with no hop through the eBPF owner
+//! `bpf(BPF_MAP_UPDATE_ELEM)` syscall on the response path, with no hop through the eBPF owner
 //! task. Pinned maps and pinned links are what keep a pod cut off while the daemon is down.
 
 use std::collections::BTreeMap;

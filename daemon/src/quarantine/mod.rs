@@ -1,4 +1,4 @@
-//! Quarantine: from a rule's `quarantine` verdict to a pod cut off in the kernel (both
+//! Quarantine: from a rule's `quarantine` finding to a pod cut off in the kernel (both
 //! directions, established connections included), kept across daemon restarts until released.
 //!
 //! The daemon's use:
@@ -7,7 +7,7 @@
 //!    and the pinned SEG_QUARANTINE map, reconciled with the endpoint table the endpoints stage
 //!    published ([`Adoption`]; `start(config, datapath, &inventory)` resolves one first). The
 //!    datapath is a [`KernelQuarantineMap`] (`from_ebpf(&ebpf)` or `open_pinned(pin_dir)`).
-//! 2. Per rule hit: `service.respond(&Verdict { hit, namespace, name, alert_id })` returns a
+//! 2. Per rule hit: `service.respond(&Finding { hit, namespace, name, alert_id })` returns a
 //!    [`Decision`] whose `outcome` (`alerted`, `quarantined`, `already_quarantined`,
 //!    `would_quarantine`, `suppressed`, `failed`) and `reason` go into the alert. The map update
 //!    has returned before `respond` does.
@@ -40,14 +40,14 @@ pub use observed::{DryRunRecord, QuarantineDrops};
 pub use policy::{ForensicsException, ResponsePolicy, RuleMode};
 pub use responder::{
     Adoption, CancelRecord, Decision, Outcome, QuarantineError, QueueOutcome, ReleaseRecord, Removal, Responder,
-    ResponderConfig, ResponderStatus, StateWrites, Verdict,
+    ResponderConfig, ResponderStatus, StateWrites, Finding,
 };
 pub use state::{PendingQuarantine, QuarantineRecord};
 
 use crate::endpoints::EndpointTable;
 use crate::inventory::Inventory;
 
-/// The responder behind a lock, cheap to clone: the verdict thread, the API server and the
+/// The responder behind a lock, cheap to clone: the finding thread, the API server and the
 /// inventory watcher share it. Every call is short (a map syscall and, on change, one small
 /// file write), so a blocking lock is fine from any thread; the `*_async` forms move the call
 /// off the async runtime's workers.
@@ -83,12 +83,12 @@ impl QuarantineService {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn respond(&self, verdict: &Verdict) -> Decision {
-        self.lock().respond(verdict)
+    pub fn respond(&self, finding: &Finding) -> Decision {
+        self.lock().respond(finding)
     }
 
     /// Lifts a quarantine; returns once the state file without it is durable (waiting for the
-    /// disk outside the lock, so verdicts are not held up meanwhile).
+    /// disk outside the lock, so findings are not held up meanwhile).
     pub fn release(&self, pod: &str, reason: &str, by: &str) -> Result<ReleaseRecord, QuarantineError> {
         let (mut record, generation, writer) = {
             let mut responder = self.lock();

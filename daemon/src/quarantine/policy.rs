@@ -1,4 +1,4 @@
-//! How the responder acts on quarantine verdicts: dry run (global and per rule), guardrails
+//! How the responder acts on quarantine findings: dry run (global and per rule), guardrails
 //! (protected namespaces, rate limits) and the optional forensics exception. Hot reloadable:
 //! the daemon hands a new [`ResponsePolicy`] to `Responder::set_policy`.
 //!
@@ -96,7 +96,7 @@ impl Default for ResponsePolicy {
 }
 
 impl ResponsePolicy {
-    /// Whether a quarantine verdict of `rule_id` is enforced or only reported, and why.
+    /// Whether a quarantine finding of `rule_id` is enforced or only reported, and why.
     pub fn enforcement(&self, rule_id: &str) -> Enforcement {
         match (self.rules.get(rule_id), self.dry_run) {
             (Some(RuleMode::AlertOnly), _) => Enforcement::DryRun(format!("rule {rule_id} is set to alert only")),

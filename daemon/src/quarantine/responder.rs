@@ -1,4 +1,4 @@
-//! The responder: turns rule verdicts into quarantine decisions, applies them to the datapath
+//! The responder: turns rule findings into quarantine decisions, applies them to the datapath
 //! before reporting them, keeps the quarantine set on disk, and reconciles it at start-up.
 //!
 //! Over a rate limit a quarantine is queued, never dropped: [`Responder::apply_due`] applies the
@@ -44,17 +44,17 @@ pub enum QuarantineError {
     Policy(String),
 }
 
-/// One rule verdict about one pod, as the verdict stage hands it over.
+/// One rule finding about one pod, as the finding stage hands it over.
 #[derive(Debug, Clone)]
-pub struct Verdict {
+pub struct Finding {
     pub hit: RuleHit,
     pub namespace: String,
     pub name: String,
-    /// The id of the alert this verdict becomes, so the alert and the quarantine name each other.
+    /// The id of the alert this finding becomes, so the alert and the quarantine name each other.
     pub alert_id: String,
 }
 
-/// What was done about a verdict: the alert's own outcome type, so the decision goes into the
+/// What was done about a finding: the alert's own outcome type, so the decision goes into the
 /// alert as it is. The responder produces `Alerted`, `Quarantined`, `AlreadyQuarantined`,
 /// `Pending` (queued by a rate limit: NOT enforced yet, applied as the limit allows),
 /// `WouldQuarantine`, `Suppressed` and `Failed` (the datapath refused the update, or the pod
@@ -174,10 +174,10 @@ pub struct Counters {
 /// How the state file is written after a rule's quarantine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StateWrites {
-    /// Handed to the background writer: the verdict path never waits for the disk (default).
+    /// Handed to the background writer: the finding path never waits for the disk (default).
     #[default]
     Background,
-    /// Written and fsynced before the verdict returns (what palisade did before; kept for the
+    /// Written and fsynced before the finding returns (what palisade did before; kept for the
     /// latency benchmark's side-by-side figures).
     Synchronous,
 }
@@ -462,7 +462,7 @@ impl<D: QuarantineDatapath> Responder<D> {
         self.writer.write(self.snapshot())
     }
 
-    /// Hands the state to the background writer (the verdict path): errors are logged and
+    /// Hands the state to the background writer (the finding path): errors are logged and
     /// counted by the writer, in `status` as `state_write_errors`.
     fn persist_later(&self) {
         match self.state_writes {
@@ -499,24 +499,24 @@ impl<D: QuarantineDatapath> Responder<D> {
     /// Decides and, when it comes to that, enforces. The datapath update has returned before
     /// this does, and a failed update is reported as `failed`, never as `quarantined`. Over a
     /// rate limit the quarantine is queued (`pending`) and applied by `apply_due`.
-    pub fn respond(&mut self, verdict: &Verdict) -> Decision {
+    pub fn respond(&mut self, finding: &Finding) -> Decision {
         let now = Instant::now();
         // Quarantines queued earlier go first (their outcomes wait in the outbox).
         self.serve_queue(now);
-        let pod = format!("{}/{}", verdict.namespace, verdict.name);
-        let rule_id = verdict.hit.rule_id.clone();
+        let pod = format!("{}/{}", finding.namespace, finding.name);
+        let rule_id = finding.hit.rule_id.clone();
         let decision = |outcome: Outcome, reason: String, cgroup_id: Option<u64>| Decision {
             outcome,
             reason,
             pod: pod.clone(),
             rule_id: rule_id.clone(),
-            alert_id: verdict.alert_id.clone(),
+            alert_id: finding.alert_id.clone(),
             cgroup_id,
             enforced_at_ns: None,
             warning: None,
             expected_in_seconds: None,
         };
-        if verdict.hit.action != Action::Quarantine {
+        if finding.hit.action != Action::Quarantine {
             return decision(Outcome::Alerted, "the rule's action is alert".into(), None);
         }
         if self.is_peer(&pod) {
@@ -542,10 +542,10 @@ impl<D: QuarantineDatapath> Responder<D> {
             );
             return decision(Outcome::Pending, reason, None);
         }
-        if self.policy.is_protected(&verdict.namespace) {
+        if self.policy.is_protected(&finding.namespace) {
             self.counters.suppressed += 1;
             tracing::warn!(%pod, rule = %rule_id, "quarantine suppressed: protected namespace");
-            return decision(Outcome::Suppressed, format!("namespace {} is protected", verdict.namespace), None);
+            return decision(Outcome::Suppressed, format!("namespace {} is protected", finding.namespace), None);
         }
         if let Enforcement::DryRun(why) = self.policy.enforcement(&rule_id) {
             self.counters.would_quarantine += 1;
@@ -555,11 +555,11 @@ impl<D: QuarantineDatapath> Responder<D> {
                 let (since, since_unix_ns) = now_rfc3339();
                 self.dry_run.note(DryRunRecord {
                     pod: pod.clone(),
-                    namespace: verdict.namespace.clone(),
-                    name: verdict.name.clone(),
+                    namespace: finding.namespace.clone(),
+                    name: finding.name.clone(),
                     rule_id: rule_id.clone(),
-                    alert_id: verdict.alert_id.clone(),
-                    reason: verdict.hit.message.clone(),
+                    alert_id: finding.alert_id.clone(),
+                    reason: finding.hit.message.clone(),
                     why_not: why.clone(),
                     since,
                     since_unix_ns,
@@ -579,22 +579,22 @@ impl<D: QuarantineDatapath> Responder<D> {
 
         // The rate limits: queue behind earlier quarantines of the namespace, or when a bucket
         // is empty. Queued, never dropped.
-        let ahead = self.pending.values().filter(|p| p.namespace == verdict.namespace).count();
+        let ahead = self.pending.values().filter(|p| p.namespace == finding.namespace).count();
         let held = if ahead > 0 {
-            Some((format!("{ahead} earlier quarantine(s) queued in namespace {}", verdict.namespace), None))
+            Some((format!("{ahead} earlier quarantine(s) queued in namespace {}", finding.namespace), None))
         } else {
-            self.limiter.check(&verdict.namespace, now).map(|(limited, wait)| (limited.to_string(), Some(wait)))
+            self.limiter.check(&finding.namespace, now).map(|(limited, wait)| (limited.to_string(), Some(wait)))
         };
         if let Some((held_by, wait)) = held {
             let (queued_at, queued_unix_ns) = now_rfc3339();
             let queued = PendingQuarantine {
                 pod: pod.clone(),
-                namespace: verdict.namespace.clone(),
-                name: verdict.name.clone(),
+                namespace: finding.namespace.clone(),
+                name: finding.name.clone(),
                 rule_id: rule_id.clone(),
-                severity: verdict.hit.severity,
-                alert_id: verdict.alert_id.clone(),
-                reason: verdict.hit.message.clone(),
+                severity: finding.hit.severity,
+                alert_id: finding.alert_id.clone(),
+                reason: finding.hit.message.clone(),
                 queued_at,
                 queued_unix_ns,
                 seq: self.next_seq,
@@ -612,25 +612,25 @@ impl<D: QuarantineDatapath> Responder<D> {
             let reason = format!(
                 "rate limit: held back by {held_by}; queued, NOT enforced yet: applied {when} unless an operator cancels it (`palisade quarantine cancel {pod}`)"
             );
-            tracing::warn!(%pod, rule = %rule_id, alert = %verdict.alert_id, %held_by, "quarantine queued by the rate limit");
+            tracing::warn!(%pod, rule = %rule_id, alert = %finding.alert_id, %held_by, "quarantine queued by the rate limit");
             return Decision {
                 warning,
                 expected_in_seconds: wait.map(|w| w.as_secs_f64()),
                 ..decision(Outcome::Pending, reason, Some(cgroup_id))
             };
         }
-        self.limiter.take(&verdict.namespace, now);
+        self.limiter.take(&finding.namespace, now);
         let target = Target {
             pod: pod.clone(),
-            namespace: verdict.namespace.clone(),
-            name: verdict.name.clone(),
+            namespace: finding.namespace.clone(),
+            name: finding.name.clone(),
             cgroup,
             cgroup_id,
             rule_id: rule_id.clone(),
-            alert_id: verdict.alert_id.clone(),
-            message: verdict.hit.message.clone(),
+            alert_id: finding.alert_id.clone(),
+            message: finding.hit.message.clone(),
         };
-        // The map first; the state file after, off the verdict path.
+        // The map first; the state file after, off the finding path.
         let enforced = self.enforce(target);
         if enforced.is_ok() {
             self.persist_later();
@@ -640,7 +640,7 @@ impl<D: QuarantineDatapath> Responder<D> {
             Ok(enforced_at_ns) => Decision {
                 enforced_at_ns: Some(enforced_at_ns),
                 warning,
-                ..decision(Outcome::Quarantined, format!("rule {rule_id}: {}", verdict.hit.message), Some(cgroup_id))
+                ..decision(Outcome::Quarantined, format!("rule {rule_id}: {}", finding.hit.message), Some(cgroup_id))
             },
             Err(reason) => decision(Outcome::Failed, reason, Some(cgroup_id)),
         }
@@ -1117,9 +1117,9 @@ mod tests {
 
     const ALL: [&str; 5] = ["shop/a", "shop/b", "shop/c", "shop/d", "kube-system/dns"];
 
-    fn verdict(pod: &str, rule: &str, action: Action) -> Verdict {
+    fn finding(pod: &str, rule: &str, action: Action) -> Finding {
         let (namespace, name) = pod.split_once('/').expect("ns/name");
-        Verdict {
+        Finding {
             hit: RuleHit {
                 rule_id: rule.into(),
                 title: rule.into(),
@@ -1142,14 +1142,14 @@ mod tests {
     fn quarantine_is_in_the_map_before_it_is_reported_and_only_once() {
         let f = Fixture::new("once");
         let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
-        let d = r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        let d = r.respond(&finding("shop/a", "reverse_shell", Action::Quarantine));
         assert_eq!(d.outcome, Outcome::Quarantined, "{d:?}");
         assert_eq!(d.cgroup_id, Some(f.id("shop/a")));
         assert!(r.datapath().entries.contains_key(&f.id("shop/a")));
-        let again = r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        let again = r.respond(&finding("shop/a", "crypto_mining", Action::Quarantine));
         assert_eq!(again.outcome, Outcome::AlreadyQuarantined);
         assert!(again.reason.contains("reverse_shell"), "{}", again.reason);
-        let alert_only = r.respond(&verdict("shop/b", "shell_in_container", Action::Alert));
+        let alert_only = r.respond(&finding("shop/b", "shell_in_container", Action::Alert));
         assert_eq!(alert_only.outcome, Outcome::Alerted);
         assert_eq!(r.datapath().entries.len(), 1);
         let listed = r.list();
@@ -1171,16 +1171,16 @@ mod tests {
             .remove(0),
         );
         let (mut r, _) = Responder::start(f.config(ResponsePolicy::default()), MemoryDatapath::default(), &inv).expect("start");
-        let d = r.respond(&verdict("shop/remote", "reverse_shell", Action::Quarantine));
+        let d = r.respond(&finding("shop/remote", "reverse_shell", Action::Quarantine));
         assert_eq!(d.outcome, Outcome::Suppressed, "{d:?}");
         assert!(d.reason.contains("another node") && d.reason.contains("peer-only"), "{}", d.reason);
         assert_eq!(d.cgroup_id, None);
         assert!(r.datapath().entries.is_empty() && r.list().is_empty());
         assert_eq!(r.status().counters.suppressed, 1);
         // An alert-only rule is still just an alert.
-        assert_eq!(r.respond(&verdict("shop/remote", "shell_in_container", Action::Alert)).outcome, Outcome::Alerted);
+        assert_eq!(r.respond(&finding("shop/remote", "shell_in_container", Action::Alert)).outcome, Outcome::Alerted);
         // Local pods are unaffected.
-        assert_eq!(r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
+        assert_eq!(r.respond(&finding("shop/a", "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
     }
 
     #[test]
@@ -1188,12 +1188,12 @@ mod tests {
         let f = Fixture::new("fail");
         let dp = MemoryDatapath { fail_next_set: Some("ENOSPC".into()), ..MemoryDatapath::default() };
         let (mut r, _) = start(&f, ResponsePolicy::default(), dp);
-        let d = r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        let d = r.respond(&finding("shop/a", "reverse_shell", Action::Quarantine));
         assert_eq!(d.outcome, Outcome::Failed);
         assert!(d.reason.contains("ENOSPC"), "{}", d.reason);
         assert!(r.list().is_empty() && r.datapath().entries.is_empty());
         // A pod the inventory does not know cannot be quarantined either.
-        assert_eq!(r.respond(&verdict("shop/ghost", "reverse_shell", Action::Quarantine)).outcome, Outcome::Failed);
+        assert_eq!(r.respond(&finding("shop/ghost", "reverse_shell", Action::Quarantine)).outcome, Outcome::Failed);
     }
 
     #[test]
@@ -1202,18 +1202,18 @@ mod tests {
         let mut policy = ResponsePolicy { dry_run: true, ..ResponsePolicy::default() };
         policy.rules.insert("reverse_shell".into(), RuleMode::Quarantine);
         let (mut r, _) = start(&f, policy.clone(), MemoryDatapath::default());
-        let d = r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        let d = r.respond(&finding("shop/a", "crypto_mining", Action::Quarantine));
         assert_eq!(d.outcome, Outcome::WouldQuarantine);
         assert!(r.datapath().entries.is_empty());
-        assert_eq!(r.respond(&verdict("shop/b", "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
+        assert_eq!(r.respond(&finding("shop/b", "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
         // Hot reload: enforcement on, one rule alert-only.
         policy.dry_run = false;
         policy.rules.insert("crypto_mining".into(), RuleMode::AlertOnly);
         r.set_policy(policy).expect("reload");
-        let d = r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        let d = r.respond(&finding("shop/a", "crypto_mining", Action::Quarantine));
         assert_eq!(d.outcome, Outcome::WouldQuarantine);
         assert!(d.reason.contains("alert only"), "{}", d.reason);
-        assert_eq!(r.respond(&verdict("shop/c", "fileless_exec", Action::Quarantine)).outcome, Outcome::Quarantined);
+        assert_eq!(r.respond(&finding("shop/c", "fileless_exec", Action::Quarantine)).outcome, Outcome::Quarantined);
     }
 
     /// Issue 15: what dry run held back is listed (one record per pod, repeats counted) until
@@ -1223,11 +1223,11 @@ mod tests {
         let f = Fixture::new("dryrec");
         let policy = ResponsePolicy { dry_run: true, ..ResponsePolicy::default() };
         let (mut r, _) = start(&f, policy.clone(), MemoryDatapath::default());
-        r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
-        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
-        r.respond(&verdict("shop/b", "crypto_mining", Action::Quarantine));
-        r.respond(&verdict("shop/nowhere", "crypto_mining", Action::Quarantine));
-        r.respond(&verdict("shop/c", "crypto_mining", Action::Alert));
+        r.respond(&finding("shop/a", "crypto_mining", Action::Quarantine));
+        r.respond(&finding("shop/a", "reverse_shell", Action::Quarantine));
+        r.respond(&finding("shop/b", "crypto_mining", Action::Quarantine));
+        r.respond(&finding("shop/nowhere", "crypto_mining", Action::Quarantine));
+        r.respond(&finding("shop/c", "crypto_mining", Action::Alert));
         let listed = r.dry_run_list();
         assert_eq!(listed.iter().map(|d| d.pod.as_str()).collect::<Vec<_>>(), ["shop/a", "shop/b"]);
         assert_eq!((listed[0].hits, listed[0].rule_id.as_str()), (2, "crypto_mining"), "the first rule stays, hits count");
@@ -1240,7 +1240,7 @@ mod tests {
         r.set_inventory(&inventory(&["shop/b", "shop/c"])).expect("inventory");
         assert!(r.dry_run_list().is_empty());
         r.set_inventory(&inventory(&ALL)).expect("inventory");
-        r.respond(&verdict("shop/a", "crypto_mining", Action::Quarantine));
+        r.respond(&finding("shop/a", "crypto_mining", Action::Quarantine));
         // Dry run off: the rule is enforced now, the record says nothing any more.
         r.set_policy(ResponsePolicy { dry_run: false, ..policy }).expect("reload");
         assert!(r.dry_run_list().is_empty());
@@ -1254,7 +1254,7 @@ mod tests {
         let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
         r.note_drops("shop/a", true, 5);
         assert!(r.drops().is_empty(), "not quarantined: nothing to count");
-        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        r.respond(&finding("shop/a", "reverse_shell", Action::Quarantine));
         r.note_drops("shop/a", true, 5);
         r.note_drops("shop/a", false, 2);
         r.note_drops("shop/a", true, 1);
@@ -1264,7 +1264,7 @@ mod tests {
         r.release("shop/a", "fixed", "test").expect("release");
         r.note_drops("shop/a", true, 1);
         assert!(r.drops().is_empty(), "the quarantine ended: its counts with it");
-        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        r.respond(&finding("shop/a", "reverse_shell", Action::Quarantine));
         assert!(r.drops().is_empty(), "a new quarantine starts at zero");
     }
 
@@ -1272,7 +1272,7 @@ mod tests {
     fn protected_namespace_is_never_quarantined() {
         let f = Fixture::new("protected");
         let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
-        let d = r.respond(&verdict("kube-system/dns", "reverse_shell", Action::Quarantine));
+        let d = r.respond(&finding("kube-system/dns", "reverse_shell", Action::Quarantine));
         assert_eq!(d.outcome, Outcome::Suppressed);
         assert!(d.reason.contains("kube-system"), "{}", d.reason);
         assert!(r.datapath().entries.is_empty());
@@ -1287,15 +1287,15 @@ mod tests {
         // a fast rate instead of waiting.
         let policy = ResponsePolicy { max_quarantines_per_minute: 2, max_quarantines_per_namespace_per_minute: 0, ..ResponsePolicy::default() };
         let (mut r, _) = start(&f, policy, MemoryDatapath::default());
-        assert_eq!(r.respond(&verdict("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
-        assert_eq!(r.respond(&verdict("shop/b", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
-        let queued = r.respond(&verdict("shop/c", "x", Action::Quarantine));
+        assert_eq!(r.respond(&finding("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        assert_eq!(r.respond(&finding("shop/b", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        let queued = r.respond(&finding("shop/c", "x", Action::Quarantine));
         assert_eq!(queued.outcome, Outcome::Pending, "{queued:?}");
         assert!(queued.reason.contains("node ceiling of 2") && queued.reason.contains("cancel"), "{}", queued.reason);
         assert!(queued.expected_in_seconds.is_some_and(|s| s > 20.0 && s <= 30.0), "{queued:?}");
-        // A second verdict about the queued pod does not queue it twice; d queues behind c.
-        assert_eq!(r.respond(&verdict("shop/c", "y", Action::Quarantine)).outcome, Outcome::Pending);
-        assert_eq!(r.respond(&verdict("shop/d", "x", Action::Quarantine)).outcome, Outcome::Pending);
+        // A second finding about the queued pod does not queue it twice; d queues behind c.
+        assert_eq!(r.respond(&finding("shop/c", "y", Action::Quarantine)).outcome, Outcome::Pending);
+        assert_eq!(r.respond(&finding("shop/d", "x", Action::Quarantine)).outcome, Outcome::Pending);
         assert_eq!(r.datapath().entries.len(), 2, "queued ones are not enforced yet");
         assert_eq!(r.pending().iter().map(|p| p.pod.as_str()).collect::<Vec<_>>(), ["shop/c", "shop/d"]);
         let status = r.status();
@@ -1328,14 +1328,14 @@ mod tests {
         let policy = ResponsePolicy { max_quarantines_per_minute: 0, max_quarantines_per_namespace_per_minute: 1, ..ResponsePolicy::default() };
         let inv = inventory(&["shop/a", "shop/b", "shop/c", "other/x"]);
         let (mut r, _) = Responder::start(f.config(policy), MemoryDatapath::default(), &inv).expect("start");
-        assert_eq!(r.respond(&verdict("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
-        let held = r.respond(&verdict("shop/b", "x", Action::Quarantine));
+        assert_eq!(r.respond(&finding("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        let held = r.respond(&finding("shop/b", "x", Action::Quarantine));
         assert_eq!(held.outcome, Outcome::Pending);
         assert!(held.reason.contains("namespace shop"), "{}", held.reason);
         // Another namespace is not held back by shop's storm.
-        assert_eq!(r.respond(&verdict("other/x", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        assert_eq!(r.respond(&finding("other/x", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
         // c queues behind b (FIFO within the namespace), and an operator can cancel b.
-        assert_eq!(r.respond(&verdict("shop/c", "x", Action::Quarantine)).outcome, Outcome::Pending);
+        assert_eq!(r.respond(&finding("shop/c", "x", Action::Quarantine)).outcome, Outcome::Pending);
         let cancelled = r.cancel("shop/b", "false positive", "alice").expect("cancel");
         assert_eq!((cancelled.alert_id.as_str(), cancelled.by.as_str()), ("alert-shop/b-x", "alice"));
         assert!(matches!(r.cancel("shop/b", "again", "alice"), Err(QuarantineError::NotPending { .. })));
@@ -1350,9 +1350,9 @@ mod tests {
         let f = Fixture::new("requeue");
         let policy = ResponsePolicy { max_quarantines_per_minute: 1, max_quarantines_per_namespace_per_minute: 0, ..ResponsePolicy::default() };
         let (mut r, _) = start(&f, policy.clone(), MemoryDatapath::default());
-        assert_eq!(r.respond(&verdict("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
-        assert_eq!(r.respond(&verdict("shop/b", "x", Action::Quarantine)).outcome, Outcome::Pending);
-        assert_eq!(r.respond(&verdict("shop/c", "x", Action::Quarantine)).outcome, Outcome::Pending);
+        assert_eq!(r.respond(&finding("shop/a", "x", Action::Quarantine)).outcome, Outcome::Quarantined);
+        assert_eq!(r.respond(&finding("shop/b", "x", Action::Quarantine)).outcome, Outcome::Pending);
+        assert_eq!(r.respond(&finding("shop/c", "x", Action::Quarantine)).outcome, Outcome::Pending);
         let map = MemoryDatapath { entries: r.datapath().entries.clone(), ..MemoryDatapath::default() };
         drop(r);
         // Restart with c gone from the inventory: b is applied from the adopted queue (fresh
@@ -1391,7 +1391,7 @@ mod tests {
     fn release_lifts_and_audits() {
         let f = Fixture::new("release");
         let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
-        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
+        r.respond(&finding("shop/a", "reverse_shell", Action::Quarantine));
         let audit = r.release("shop/a", "false positive", "alice").expect("release");
         assert_eq!((audit.rule_id.as_str(), audit.by.as_str(), audit.reason.as_str()), ("reverse_shell", "alice", "false positive"));
         assert!(r.datapath().entries.is_empty() && r.list().is_empty());
@@ -1404,7 +1404,7 @@ mod tests {
         let f = Fixture::new("adopt");
         let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
         for pod in ["shop/a", "shop/b", "shop/c"] {
-            assert_eq!(r.respond(&verdict(pod, "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
+            assert_eq!(r.respond(&finding(pod, "reverse_shell", Action::Quarantine)).outcome, Outcome::Quarantined);
         }
         // The "kernel" after a crash: a's entry lost, d set without a record, a stale id.
         let mut map = MemoryDatapath { entries: r.datapath().entries.clone(), ..MemoryDatapath::default() };
@@ -1432,8 +1432,8 @@ mod tests {
     fn endpoint_leaving_the_inventory_takes_its_quarantine_along() {
         let f = Fixture::new("leave");
         let (mut r, _) = start(&f, ResponsePolicy::default(), MemoryDatapath::default());
-        r.respond(&verdict("shop/a", "reverse_shell", Action::Quarantine));
-        r.respond(&verdict("shop/b", "reverse_shell", Action::Quarantine));
+        r.respond(&finding("shop/a", "reverse_shell", Action::Quarantine));
+        r.respond(&finding("shop/b", "reverse_shell", Action::Quarantine));
         let removed = r.set_inventory(&inventory(&["shop/b"])).expect("inventory");
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].record.alert_id, "alert-shop/a-reverse_shell");

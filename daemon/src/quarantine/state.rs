@@ -2,7 +2,7 @@
 //! fsync, rename, fsync of the directory) after every change, so a crash leaves either the old or
 //! the new set, never a torn one.
 //!
-//! Writes go through one background thread ([`StateWriter`]): the verdict path updates the
+//! Writes go through one background thread ([`StateWriter`]): the response path updates the
 //! pinned map (the source of truth while the daemon is down) and hands the writer a snapshot,
 //! never waiting for an fsync; the latest snapshot wins (one the writer has not started yet is
 //! replaced, not queued). Operator actions (release, cancel, add) wait until their snapshot, or

@@ -238,19 +238,19 @@ fn replay(dir: &std::path::Path, events: &std::path::Path, output: OutputFormat)
         events_read += 1;
         // The same engine, budget and isolation as the daemon: a failing rule is reported and
         // the event's other rules still raise their alerts.
-        let verdict = match pack.evaluate_verdict(input) {
-            Ok(verdict) => verdict,
+        let judgement = match pack.evaluate_judgement(input) {
+            Ok(judgement) => judgement,
             Err(e) => {
                 eprintln!("{}:{}:1: {e}", events.display(), index + 1);
                 errors += 1;
                 continue;
             }
         };
-        for failure in &verdict.failures {
+        for failure in &judgement.failures {
             eprintln!("{}:{}:1: {}", events.display(), index + 1, RulesError::RuleFailed { failure: failure.clone() });
             errors += 1;
         }
-        for hit in verdict.hits {
+        for hit in judgement.hits {
             hits_total += 1;
             match output {
                 OutputFormat::Json => {

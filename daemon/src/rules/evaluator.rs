@@ -70,7 +70,7 @@ pub struct Evaluation {
     pub failures: Vec<RuleFailure>,
     /// The generation of the pack that evaluated it.
     pub pack_generation: u64,
-    /// Rule runs repeated because the wall clock ran out before the CPU budget (`Verdict`).
+    /// Rule runs repeated because the wall clock ran out before the CPU budget (`Judgement`).
     pub rejudged: u32,
 }
 
@@ -268,7 +268,7 @@ impl LocalEvaluator {
         }
         let started = self.metrics.as_ref().map(|_| std::time::Instant::now());
         let (hits, failures, rejudged) = match self.session.as_mut().map(|session| self.pack.evaluate_in(session, &input)) {
-            Some(Ok(verdict)) => (Ok(verdict.hits), verdict.failures, verdict.rejudged),
+            Some(Ok(judgement)) => (Ok(judgement.hits), judgement.failures, judgement.rejudged),
             Some(Err(e)) => (Err(e), Vec::new(), 0),
             None => (Err(RulesError::Eval("no engine session".to_string())), Vec::new(), 0),
         };

@@ -30,7 +30,7 @@ use std::path::PathBuf;
 pub use diag::Diagnostic;
 pub use evaluator::{Evaluation, EvaluatorConfig, LocalEvaluator, PackHandle, RuleEvaluator};
 pub use input::{InputConverter, to_rego_value};
-pub use model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
+pub use model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Judgement};
 pub use pack::{EngineKind, PackOptions, PackSources, RuleBudget, RuleOverrides, RulePack, Session};
 pub use watch::{RELOAD_DEADLINE, RulesNotification, RulesWatcher, reload, reload_within, watch};
 
@@ -48,7 +48,7 @@ pub enum RulesError {
     InvalidInput(String),
     #[error("rule evaluation failed: {0}")]
     Eval(String),
-    /// One rule could not judge an event (over budget or an error); see `Verdict`.
+    /// One rule could not judge an event (over budget or an error); see `Judgement`.
     #[error("rule {} failed on a {} event ({}): {}", failure.rule_id, failure.event_type, failure.reason, failure.detail)]
     RuleFailed { failure: model::RuleFailure },
     #[error("rule evaluator queue is full")]

@@ -169,7 +169,7 @@ pub struct RuleFailure {
 /// What the pack said about one event: the alerts of the rules that ran, and the rules that
 /// could not run (each on its own: one rule's failure never takes another's alerts away).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Verdict {
+pub struct Judgement {
     pub hits: Vec<RuleHit>,
     pub failures: Vec<RuleFailure>,
     /// Runs repeated because the wall clock ran out before the rule had used its CPU budget
@@ -177,7 +177,7 @@ pub struct Verdict {
     pub rejudged: u32,
 }
 
-impl Verdict {
+impl Judgement {
     /// The hits, or the first rule failure as an error (for callers that want all or nothing).
     pub fn into_hits(self) -> Result<Vec<RuleHit>, super::RulesError> {
         match self.failures.into_iter().next() {

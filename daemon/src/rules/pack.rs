@@ -29,7 +29,7 @@ use super::RulesError;
 use super::analysis;
 use super::diag::Diagnostic;
 use super::input::{EventInput, InputConverter, event_type, to_rego_value};
-use super::model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Verdict};
+use super::model::{Action, EventType, FailureReason, Location, RuleFailure, RuleHit, RuleMeta, Severity, Judgement};
 use super::rule_filter::{self, MAX_FILTERED_SUBSCRIBERS, OpenKernelFilter, TypeFilter};
 
 /// The package every rule lives under: `palisade.rules.<id>`.
@@ -89,7 +89,7 @@ pub struct PackOptions {
     /// is far more often a mistake (a wrong mount, a failed sync) than an intent.
     pub allow_empty: bool,
     /// Evaluate every subscriber of an event's type, ignoring the rules' `meta.prefilter`
-    /// (for comparisons: `rules test` checks that prefilters change no verdict).
+    /// (for comparisons: `rules test` checks that prefilters change no judgement).
     pub no_prefilters: bool,
 }
 
@@ -749,19 +749,19 @@ impl RulePack {
 
     /// Evaluates one event (the JSON `input` the daemon produces) against the rules subscribed
     /// to its type. Safe to call from many threads; each call borrows an idle session. A rule
-    /// that could not judge the event makes this an error (`evaluate_verdict` keeps the other
+    /// that could not judge the event makes this an error (`evaluate_judgement` keeps the other
     /// rules' hits and names the failing rules).
     pub fn evaluate(&self, input: &serde_json::Value) -> Result<Vec<RuleHit>, RulesError> {
-        self.evaluate_verdict(input).and_then(Verdict::into_hits)
+        self.evaluate_judgement(input).and_then(Judgement::into_hits)
     }
 
-    /// The verdict of every rule subscribed to the event's type: hits, and the rules that
+    /// The judgement of every rule subscribed to the event's type: hits, and the rules that
     /// failed (over budget or an error), each on its own.
-    pub fn evaluate_verdict(&self, input: &serde_json::Value) -> Result<Verdict, RulesError> {
+    pub fn evaluate_judgement(&self, input: &serde_json::Value) -> Result<Judgement, RulesError> {
         let ty = event_type(input).map_err(RulesError::InvalidInput)?;
         let selected = self.select(ty, input);
         if selected == 0 {
-            return Ok(Verdict::default());
+            return Ok(Judgement::default());
         }
         let mut session = self.acquire()?;
         let value = session.converter.convert(input);
@@ -770,13 +770,13 @@ impl RulePack {
         result
     }
 
-    /// Like `evaluate_verdict`, with a session the caller keeps (a worker thread's own), on the
+    /// Like `evaluate_judgement`, with a session the caller keeps (a worker thread's own), on the
     /// JSON of a fixture or the regorus value the daemon builds.
-    pub fn evaluate_in<I: EventInput>(&self, session: &mut Session, input: &I) -> Result<Verdict, RulesError> {
+    pub fn evaluate_in<I: EventInput>(&self, session: &mut Session, input: &I) -> Result<Judgement, RulesError> {
         let ty = input.event_type().map_err(RulesError::InvalidInput)?;
         let selected = self.select(ty, input);
         if selected == 0 {
-            return Ok(Verdict::default());
+            return Ok(Judgement::default());
         }
         let value = input.to_rego(&mut session.converter);
         self.evaluate_typed(session, ty, value, selected, false)
@@ -827,7 +827,7 @@ impl RulePack {
         let value = session.converter.convert(input);
         let result = self.evaluate_typed(&mut session, ty, value, selected, true);
         self.release(session);
-        result.and_then(Verdict::into_hits)
+        result.and_then(Judgement::into_hits)
     }
 
     fn acquire(&self) -> Result<Session, RulesError> {
@@ -954,7 +954,7 @@ impl RulePack {
         input: Value,
         selected: u64,
         strict: bool,
-    ) -> Result<Verdict, RulesError> {
+    ) -> Result<Judgement, RulesError> {
         if session.pack_id != self.id {
             return Err(RulesError::Eval("session belongs to another rule pack".to_string()));
         }
@@ -976,16 +976,16 @@ impl RulePack {
         session.engine.set_input(input);
         let all = session.engine.run_judged(&self.entry_points[ty.index()], ty.index(), self.budget.times(subscribers.len()), &mut rejudged);
         if let Ok(raw) = all {
-            return Ok(Verdict { hits: self.hits(ty, &raw, selected, strict)?, failures: Vec::new(), rejudged });
+            return Ok(Judgement { hits: self.hits(ty, &raw, selected, strict)?, failures: Vec::new(), rejudged });
         }
         // Something failed: run each selected rule alone within its own budget, so only the
-        // failing rule loses its verdict and it is the one named.
+        // failing rule loses its judgement and it is the one named.
         self.run_each(session, ty, None, selected, strict, rejudged)
     }
 
     /// Runs each selected subscriber of `ty` through its own entry point within its own budget,
     /// in dispatch order: on `input` when given (set once, for the first), else on the input the
-    /// session already holds. A rule that fails is named in the verdict; the others still judge.
+    /// session already holds. A rule that fails is named in the judgement; the others still judge.
     fn run_each(
         &self,
         session: &mut Session,
@@ -994,8 +994,8 @@ impl RulePack {
         selected: u64,
         strict: bool,
         rejudged: u32,
-    ) -> Result<Verdict, RulesError> {
-        let mut verdict = Verdict { rejudged, ..Verdict::default() };
+    ) -> Result<Judgement, RulesError> {
+        let mut judgement = Judgement { rejudged, ..Judgement::default() };
         if let Some(input) = input {
             session.engine.set_input(input);
         }
@@ -1005,12 +1005,12 @@ impl RulePack {
             }
             let rule = &self.rules[index];
             let Some(entry) = self.rule_entries[index] else { continue };
-            match session.engine.run_judged(&self.entry_points[entry], entry, self.budget, &mut verdict.rejudged) {
-                Ok(raw) => verdict.hits.extend(self.rule_hits(rule, &raw, strict)?),
-                Err((reason, detail)) => verdict.failures.push(RuleFailure { rule_id: rule.id.clone(), event_type: ty, reason, detail }),
+            match session.engine.run_judged(&self.entry_points[entry], entry, self.budget, &mut judgement.rejudged) {
+                Ok(raw) => judgement.hits.extend(self.rule_hits(rule, &raw, strict)?),
+                Err((reason, detail)) => judgement.failures.push(RuleFailure { rule_id: rule.id.clone(), event_type: ty, reason, detail }),
             }
         }
-        Ok(verdict)
+        Ok(judgement)
     }
 
     /// Turns the dispatch entry's result (an array of alert sets, one per subscribed rule) into

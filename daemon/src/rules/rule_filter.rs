@@ -766,7 +766,7 @@ mod soundness {
     }
 
     #[test]
-    fn prefilters_change_no_verdict_of_the_corpus_the_fixtures_or_their_disguised_paths() {
+    fn prefilters_change_no_judgement_of_the_corpus_the_fixtures_or_their_disguised_paths() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let pack = RulePack::load(&root.join("rules")).unwrap_or_else(|e| panic!("default pack: {}", e.lines().join("\n")));
         assert!(pack.prefilters_applied());
@@ -791,29 +791,29 @@ mod soundness {
         let ids = |rules: Vec<&crate::rules::model::RuleMeta>| rules.into_iter().map(|r| r.id.clone()).collect::<Vec<_>>();
         // A rule's wall-clock budget (100 ms) can run out when the test thread is descheduled
         // on a loaded machine; that says nothing about the input, so such a run is repeated.
-        let settled = |mut run: Box<dyn FnMut() -> crate::rules::model::Verdict + '_>| {
-            let mut verdict = run();
+        let settled = |mut run: Box<dyn FnMut() -> crate::rules::model::Judgement + '_>| {
+            let mut judgement = run();
             for _ in 0..5 {
-                if !verdict.failures.iter().any(|f| f.reason == crate::rules::model::FailureReason::Timeout) {
+                if !judgement.failures.iter().any(|f| f.reason == crate::rules::model::FailureReason::Timeout) {
                     break;
                 }
-                verdict = run();
+                judgement = run();
             }
-            verdict
+            judgement
         };
         for (name, event) in &events {
-            let filtered = settled(Box::new(|| pack.evaluate_verdict(event).unwrap_or_else(|e| panic!("{name}: {e}"))));
-            let all = settled(Box::new(|| unfiltered.evaluate_verdict(event).unwrap_or_else(|e| panic!("{name}: {e}"))));
+            let filtered = settled(Box::new(|| pack.evaluate_judgement(event).unwrap_or_else(|e| panic!("{name}: {e}"))));
+            let all = settled(Box::new(|| unfiltered.evaluate_judgement(event).unwrap_or_else(|e| panic!("{name}: {e}"))));
             assert_eq!(filtered.failures, all.failures, "{name}");
             // The daemon's form of the input (a regorus value, no JSON) selects the same rules
-            // and gets the same verdict.
+            // and gets the same judgement.
             let value = crate::rules::input::to_rego_value(event);
             assert_eq!(ids(pack.rules_judging(&value)), ids(pack.rules_judging(event)), "{name}: prefilters read the value differently");
             let direct = settled(Box::new(|| pack.evaluate_in(&mut session, &value).unwrap_or_else(|e| panic!("{name}: {e}"))));
             assert_eq!(direct.failures, filtered.failures, "{name}: the value form fails differently");
-            assert_eq!(sorted(direct.hits), sorted(filtered.hits.clone()), "{name}: the value form changes the verdict");
+            assert_eq!(sorted(direct.hits), sorted(filtered.hits.clone()), "{name}: the value form changes the judgement");
             let (filtered, all) = (sorted(filtered.hits), sorted(all.hits));
-            assert_eq!(filtered, all, "{name}: prefilters change the verdict of {event}");
+            assert_eq!(filtered, all, "{name}: prefilters change the judgement of {event}");
             alerts += all.len();
             skipped += usize::from(pack.rules_judging(event).is_empty() && !unfiltered.rules_judging(event).is_empty());
         }

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod files;
 pub mod kube_standin;
 pub mod netpol;
 pub mod probes;

@@ -194,18 +194,6 @@ fn policies(version: usize) -> Vec<(&'static str, String)> {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create rules copy");
-    for entry in std::fs::read_dir(from).expect("read rules").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(&path, to.join(entry.file_name())).expect("copy rule file");
-        }
-    }
-}
-
 fn status(daemon: &DaemonGuard) -> Value {
     let mut command = Command::new(PALISADE);
     command.args(["status", "-o", "json", "--state-dir"]).arg(&daemon.state_dir);
@@ -640,7 +628,7 @@ pub fn run(name: &str, config: SoakConfig) -> SoakReport {
     // The rules directory is the daemon's to watch and the soak's to change.
     let rules_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("soak-rules-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&rules_dir);
-    copy_dir(&repo_root().join("rules"), &rules_dir);
+    super::files::copy_dir(&repo_root().join("rules"), &rules_dir);
     options.rules = rules_dir.clone();
     let daemon = DaemonGuard::start(options);
     let start = Instant::now();

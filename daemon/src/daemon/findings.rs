@@ -1,4 +1,4 @@
-//! The verdict thread: each evaluation's rule hits become alerts after the responder decided
+//! The finding thread: each evaluation's rule hits become alerts after the responder decided
 //! what to do about them; rule failures are counted and alerted (rate limited).
 
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::alerts::{Alert, AlertKind, Outcome};
 use crate::events::context::EventContext;
-use crate::quarantine::Verdict;
+use crate::quarantine::Finding;
 use crate::rules::evaluator::{EvaluatorConfig, RuleEvaluator};
 use crate::rules::model::Severity;
 use crate::status::DaemonState;
@@ -109,8 +109,8 @@ pub(super) fn respond(
 ) {
     let mut alert = Alert::for_rule_hit(&hit, &state.node, context, &serde_json::Value::Null);
     let decision = context.pod.as_deref().map(|pod| {
-        let verdict = Verdict { hit, namespace: pod.namespace.clone(), name: pod.name.clone(), alert_id: alert.id.clone() };
-        state.quarantine.respond(&verdict)
+        let finding = Finding { hit, namespace: pod.namespace.clone(), name: pod.name.clone(), alert_id: alert.id.clone() };
+        state.quarantine.respond(&finding)
     });
     alert.event = Some(evidence.get_or_insert_with(|| crate::rules::input::to_json(input)).clone());
     let alerts = match decision {
@@ -130,22 +130,22 @@ pub(super) fn respond(
     }
 }
 
-/// Starts the rule workers and the verdict thread (alert, decide on quarantine, record the
+/// Starts the rule workers and the finding thread (alert, decide on quarantine, record the
 /// outcome); returns the evaluator the pipeline submits to.
 pub(super) fn start(state: &Arc<DaemonState>, workers: usize) -> anyhow::Result<RuleEvaluator> {
     let config = EvaluatorConfig { workers: workers.max(1), ..EvaluatorConfig::default() };
-    let (evaluator, verdicts) = RuleEvaluator::start_observed(state.rules.clone(), config, Some(state.metrics.clone()))?;
+    let (evaluator, judgements) = RuleEvaluator::start_observed(state.rules.clone(), config, Some(state.metrics.clone()))?;
     let state = state.clone();
-    std::thread::Builder::new().name("palisade-verdicts".into()).spawn(move || {
+    std::thread::Builder::new().name("palisade-findings".into()).spawn(move || {
         let mut failure_alerts = crate::rules::failures::FailureLimiter::default();
-        for evaluation in verdicts {
+        for evaluation in judgements {
             act_on(&state, &mut failure_alerts, evaluation, false);
         }
     })?;
     Ok(evaluator)
 }
 
-/// What the verdict thread (pool evaluations) and the pipeline (protected events, judged at
+/// What the finding thread (pool evaluations) and the pipeline (protected events, judged at
 /// once) do with an evaluation: count repeats, report the rules that failed (a protected event
 /// fails closed: `report_unjudged`), respond to each hit.
 pub(super) fn act_on(
