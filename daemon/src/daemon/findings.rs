@@ -1,4 +1,4 @@
-//! The finding thread: each evaluation's rule hits become alerts after the responder decided
+//! The findings thread: each evaluation's rule hits become alerts after the responder decided
 //! what to do about them; rule failures are counted and alerted (rate limited).
 
 use std::sync::Arc;
@@ -130,7 +130,7 @@ pub(super) fn respond(
     }
 }
 
-/// Starts the rule workers and the finding thread (alert, decide on quarantine, record the
+/// Starts the rule workers and the findings thread (alert, decide on quarantine, record the
 /// outcome); returns the evaluator the pipeline submits to.
 pub(super) fn start(state: &Arc<DaemonState>, workers: usize) -> anyhow::Result<RuleEvaluator> {
     let config = EvaluatorConfig { workers: workers.max(1), ..EvaluatorConfig::default() };
@@ -145,7 +145,7 @@ pub(super) fn start(state: &Arc<DaemonState>, workers: usize) -> anyhow::Result<
     Ok(evaluator)
 }
 
-/// What the finding thread (pool evaluations) and the pipeline (protected events, judged at
+/// What the findings thread (pool evaluations) and the pipeline (protected events, judged at
 /// once) do with an evaluation: count repeats, report the rules that failed (a protected event
 /// fails closed: `report_unjudged`), respond to each hit.
 pub(super) fn act_on(

@@ -47,7 +47,7 @@ pub use state::{PendingQuarantine, QuarantineRecord};
 use crate::endpoints::EndpointTable;
 use crate::inventory::Inventory;
 
-/// The responder behind a lock, cheap to clone: the finding thread, the API server and the
+/// The responder behind a lock, cheap to clone: the findings thread, the API server and the
 /// inventory watcher share it. Every call is short (a map syscall and, on change, one small
 /// file write), so a blocking lock is fine from any thread; the `*_async` forms move the call
 /// off the async runtime's workers.
