@@ -152,6 +152,8 @@ fn daemon_still_alerts_on_real_exec_when_one_rule_exhausts_its_budget() {
     assert_eq!(unjudged.len(), 3, "one unjudged alert per payload exec; alerts: {unjudged:#?}");
     for alert in &unjudged {
         assert_eq!(alert["severity"], "low", "the burner's own severity: {alert:#}");
+        assert_eq!(alert["rule"]["title"], "Budget burner", "{alert:#}");
+        assert_eq!(alert["mitre"], serde_json::json!(["T1059"]), "the burner's own MITRE ids: {alert:#}");
         assert_eq!(alert["event"]["unjudged"], true, "{alert:#}");
         assert_eq!(alert["event"]["input"]["exec"]["filename"], payload.to_string_lossy().as_ref(), "the event attached: {alert:#}");
     }

@@ -24,19 +24,12 @@ pub(super) fn report_rule_failure(
     state.metrics.record_rule_error(&failure.rule_id, failure.reason.as_str());
     let Some(count) = limiter.admit(failure, std::time::Instant::now()) else { return };
     tracing::warn!(rule = %failure.rule_id, event_type = %failure.event_type, reason = %failure.reason, detail = %failure.detail, count, "rule could not judge an event");
-    let title = state.rules.current().rule(&failure.rule_id).map(|r| r.title.clone()).unwrap_or_default();
-    let alert = Alert::about_event(
-        AlertKind::RuleError,
-        Severity::High,
-        format!(
-            "rule {} could not judge a {} event ({}): {}; the other rules still ran",
-            failure.rule_id, failure.event_type, failure.reason, failure.detail
-        ),
-        &state.node,
-        context,
-    )
-    .with_rule(failure.rule_id.clone(), title)
-    .with_event(json!({
+    let message = format!(
+        "rule {} could not judge a {} event ({}): {}; the other rules still ran",
+        failure.rule_id, failure.event_type, failure.reason, failure.detail
+    );
+    let (alert, _) = rule_error_alert(state, failure, context, message, Some(Severity::High));
+    let alert = alert.with_event(json!({
         "rule": failure.rule_id,
         "event_type": failure.event_type,
         "reason": failure.reason,
@@ -44,6 +37,24 @@ pub(super) fn report_rule_failure(
         "failures": count,
     }));
     state.alerts.try_emit(alert);
+}
+
+/// A `rule_error` alert about `failure` on the event of `context`, named by the rule (its title
+/// from the pack in force), at `severity` or else the rule's own; with the rule's MITRE ids.
+fn rule_error_alert(
+    state: &DaemonState,
+    failure: &crate::rules::RuleFailure,
+    context: &EventContext,
+    message: String,
+    severity: Option<Severity>,
+) -> (Alert, Vec<String>) {
+    let pack = state.rules.current();
+    let meta = pack.rule(&failure.rule_id);
+    let severity = severity.unwrap_or_else(|| meta.map_or(Severity::High, |r| r.severity));
+    let title = meta.map(|r| r.title.clone()).unwrap_or_default();
+    let mitre = meta.map(|r| r.mitre.clone()).unwrap_or_default();
+    let alert = Alert::about_event(AlertKind::RuleError, severity, message, &state.node, context).with_rule(failure.rule_id.clone(), title);
+    (alert, mitre)
 }
 
 /// Fail closed (issue 14): a rule that could not judge a protected event (an exec, a credential
@@ -65,24 +76,12 @@ pub(super) fn report_unjudged(
     state.metrics.record_rule_error(&failure.rule_id, failure.reason.as_str());
     state.metrics.record_rule_unjudged(&failure.rule_id, failure.reason.as_str());
     tracing::warn!(rule = %failure.rule_id, event_type = %failure.event_type, reason = %failure.reason, detail = %failure.detail, "rule could not judge a protected event; alerted at its severity");
-    let pack = state.rules.current();
-    let meta = pack.rule(&failure.rule_id);
-    let severity = meta.map_or(Severity::High, |r| r.severity);
-    let title = meta.map(|r| r.title.clone()).unwrap_or_default();
-    let mitre = meta.map(|r| r.mitre.clone()).unwrap_or_default();
-    let alert = Alert::about_event(
-        AlertKind::RuleError,
-        severity,
-        format!(
-            "rule {} could not judge a protected {} event ({}): {}; treat the event as suspect",
-            failure.rule_id, failure.event_type, failure.reason, failure.detail
-        ),
-        &state.node,
-        context,
-    )
-    .with_rule(failure.rule_id.clone(), title)
-    .with_mitre(mitre)
-    .with_event(json!({
+    let message = format!(
+        "rule {} could not judge a protected {} event ({}): {}; treat the event as suspect",
+        failure.rule_id, failure.event_type, failure.reason, failure.detail
+    );
+    let (alert, mitre) = rule_error_alert(state, failure, context, message, None);
+    let alert = alert.with_mitre(mitre).with_event(json!({
         "rule": failure.rule_id,
         "event_type": failure.event_type,
         "reason": failure.reason,

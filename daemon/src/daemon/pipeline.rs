@@ -139,6 +139,15 @@ pub(super) fn start(
 ) -> anyhow::Result<Arc<std::sync::atomic::AtomicBool>> {
     use anyhow::Context as _;
     let reader_running = Arc::new(AtomicBool::new(true));
+    // Everything that can fail comes before the PipelineSource: it owns a tokio runtime, which
+    // must not be dropped here, inside the daemon's async context (tokio panics), as an early
+    // return would.
+    let record = match &args.record {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
     // Protected events are read from their ring by the pipeline thread itself; bulk events
     // come through a queue the reader task fills.
     let (events_tx, events_rx) = mpsc::channel::<Queued>(QUEUE_EVENTS);
@@ -155,12 +164,6 @@ pub(super) fn start(
     }
     let state = state.clone();
     let pipeline_running = reader_running.clone();
-    let record = match &args.record {
-        Some(path) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        )),
-        None => None,
-    };
     std::thread::Builder::new()
         .name("palisade-pipeline".into())
         .spawn(move || pipeline(source, pipeline_running, state, record, evaluator))?;

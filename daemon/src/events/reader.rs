@@ -340,13 +340,21 @@ impl PipelineSource {
         stats: Arc<ReaderStats>,
     ) -> Result<PipelineSource, SourceError> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SourceError::Runtime)?;
-        let priority = {
+        let registered = {
             let _entered = runtime.enter();
             // SAFETY: the ring buffer owns its fd and lives inside its AsyncFd, so the fd stays
             // open for as long as it is registered.
-            unsafe { AsyncFd::register(priority) }.map_err(|e| SourceError::Register(e.into_parts().1))?
+            unsafe { AsyncFd::register(priority) }
         };
-        Ok(PipelineSource { runtime, priority, bulk, budget, stats })
+        match registered {
+            Ok(priority) => Ok(PipelineSource { runtime, priority, bulk, budget, stats }),
+            Err(err) => {
+                // Dropping a runtime inside the daemon's async context panics: let it go in the
+                // background.
+                runtime.shutdown_background();
+                Err(SourceError::Register(err.into_parts().1))
+            }
+        }
     }
 
     /// The ring and the queue back (the latency bench switches between ways of reading).
