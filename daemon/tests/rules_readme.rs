@@ -9,7 +9,7 @@ use palisade::rules::{EventType, RulePack};
 /// The agreed schema: the fields of each type's own object.
 fn schema() -> BTreeMap<&'static str, Vec<&'static str>> {
     BTreeMap::from([
-        ("exec", vec!["filename", "argv", "argc", "via_execveat", "dirfd", "at_flags", "fileless"]),
+        ("exec", vec!["filename", "argv", "argc", "argv_truncated", "via_execveat", "dirfd", "at_flags", "fileless"]),
         ("fork", vec!["parent_pid", "child_pid"]),
         ("exit", vec!["exit_code"]),
         ("connect", vec!["fd", "family", "address", "port", "unix_path", "result"]),
@@ -29,8 +29,9 @@ fn schema() -> BTreeMap<&'static str, Vec<&'static str>> {
 }
 
 const ENVELOPE: [&str; 9] = ["type", "time", "ktime_ns", "source", "node", "cgroup_id", "truncated", "pod", "process"];
-const PROCESS: [&str; 14] = [
-    "pid", "tid", "ppid", "uid", "gid", "euid", "egid", "comm", "exe", "exe_resolved", "cmdline", "cwd", "stdio", "ancestors",
+const PROCESS: [&str; 15] = [
+    "pid", "tid", "ppid", "uid", "gid", "euid", "egid", "comm", "exe", "exe_resolved", "cmdline", "cmdline_truncated", "cwd", "stdio",
+    "ancestors",
 ];
 
 fn readme_examples() -> Vec<serde_json::Value> {
