@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
 use crate::probes::host::{HostError, ProbeHost};
-use crate::quarantine::datapath::{EscapeHooks, attach_backstop_hook, attach_escape_hooks, attach_socket_hook};
+use crate::quarantine::datapath::{EscapeHooks, attach_backstop_hook, attach_escape_hooks, attach_socket_hooks};
 use crate::segmentation::datapath::{Datapath, DatapathError, SyncStats};
 use crate::segmentation::{Capacity, Compiled, PolicyError, PolicyReport, PolicySet, Segmentation, Usage};
 
@@ -515,14 +515,7 @@ impl KernelPlan {
 fn attach_parent(ebpf: &mut Ebpf, datapath: &mut Datapath, parent: &Path, pin_dir: &Path, error: &mut Option<String>) -> Option<EscapeHooks> {
     match datapath.attach_pinned(ebpf, parent, pin_dir) {
         Ok(()) => {
-            let mut hooks = EscapeHooks::default();
-            match attach_socket_hook(ebpf, parent, pin_dir) {
-                Ok(packet) => hooks.packet_sockets = packet.err(),
-                Err(err) => {
-                    hooks.raw_ip_sockets = Some(err.to_string());
-                    hooks.packet_sockets = Some(err.to_string());
-                }
-            }
+            let hooks = attach_socket_hooks(ebpf, parent, pin_dir);
             tracing::info!(parent = %parent.display(), "datapath attached at the pods parent: new pods are judged from their first packet");
             Some(hooks)
         }

@@ -532,6 +532,13 @@ pub fn pod_netns(cgroup_dir: &Path) -> Result<PathBuf, String> {
 /// Attaches the socket-creation hooks and the TC backstop for one pod cgroup (pins under
 /// `link_dir`), each independently: one failing does not stop the others.
 pub fn attach_escape_hooks(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) -> EscapeHooks {
+    let mut hooks = attach_socket_hooks(ebpf, cgroup_dir, link_dir);
+    hooks.set_backstop(attach_backstop_hook(ebpf, cgroup_dir, link_dir));
+    hooks
+}
+
+/// The socket-creation hooks alone (raw IP and packet sockets; no backstop), with what failed.
+pub fn attach_socket_hooks(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) -> EscapeHooks {
     let mut hooks = EscapeHooks::default();
     match attach_socket_hook(ebpf, cgroup_dir, link_dir) {
         Ok(packet) => hooks.packet_sockets = packet.err(),
@@ -540,7 +547,6 @@ pub fn attach_escape_hooks(ebpf: &mut Ebpf, cgroup_dir: &Path, link_dir: &Path) 
             hooks.packet_sockets = Some(err.to_string());
         }
     }
-    hooks.set_backstop(attach_backstop_hook(ebpf, cgroup_dir, link_dir));
     hooks
 }
 
