@@ -16,6 +16,7 @@ use clap::Args;
 use serde_json::json;
 
 mod monitors;
+pub mod operator;
 mod pipeline;
 mod probes;
 mod quarantine;

@@ -87,7 +87,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(cmd) => palisade::lab::cli::run(cmd),
         Command::Policy(cmd) => palisade::segmentation::cli::run(cmd),
         Command::Rules(cmd) => palisade::rules::cli::run(cmd),
-        Command::Operator(args) => Ok(palisade::k8s::operator::run(args)?),
+        Command::Operator(args) => palisade::daemon::operator::run(args),
         Command::Kubectl(cli) => palisade::k8s::plugin::run(cli),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "palisade", &mut std::io::stdout());

@@ -15,9 +15,10 @@ use palisade::inventory::Inventory;
 use palisade::k8s::{
     QuarantineResources, ResourceChange, all_api_uses,
     API_USES, AlertEventOutcome, AlertEventsConfig, ClusterAlertEvents, ClusterQuarantineSink as _, KubeSource,
-    OPERATOR_USES, PEER_SLICE_USES, PeerMode, QUARANTINE_LABEL, SourceConfig, SourceHealth,
+    OPERATOR_LEASE_USES, OPERATOR_USES, PEER_SLICE_USES, PeerMode, QUARANTINE_LABEL, SourceConfig, SourceHealth,
 };
-use palisade::k8s::operator::{Operator, OperatorConfig};
+use palisade::k8s::lease::LeaseConfig;
+use palisade::k8s::operator::{ElectedOperator, Operator, OperatorConfig};
 use palisade::segmentation::PolicySet;
 use serde_json::{Value, json};
 use support::kube_standin::{Fault, Kind, StandIn, WAIT};
@@ -397,16 +398,30 @@ fn slice_names(api: &StandIn) -> Vec<String> {
     names
 }
 
+fn operator_config() -> OperatorConfig {
+    OperatorConfig { flush_interval: Duration::from_millis(10), retry_min: Duration::from_millis(20), retry_max: Duration::from_millis(200) }
+}
+
 async fn start_operator(api: &StandIn) -> Operator {
     let token = api.add_user("palisade-operator", &[]);
-    let config = OperatorConfig {
-        flush_interval: Duration::from_millis(10),
-        retry_min: Duration::from_millis(20),
-        retry_max: Duration::from_millis(200),
-    };
-    let operator = Operator::start(api.client_with_token(&token), config).await.expect("operator starts");
+    let operator = Operator::start(api.client_with_token(&token), operator_config());
     wait_until(&mut operator.synced(), "operator in sync", |s| *s).await;
     operator
+}
+
+/// The stand-in's copy of `shop/shop-0` once `pred` holds for it.
+async fn slice_when(api: &StandIn, name: &str, what: &str, pred: impl Fn(Option<&Value>) -> bool) -> Option<Value> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let slice = api.try_object(Kind::PeerSlice, "shop", name);
+            if pred(slice.as_ref()) {
+                return slice;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not within {WAIT:?}"))
 }
 
 /// `palisade operator` (issue 18): publishes the cluster's pods as PeerSlices (one per
@@ -448,18 +463,32 @@ async fn the_operator_publishes_peer_slices_and_an_agent_in_slices_mode_follows_
     .await;
     assert_eq!(operator_writes(&api), 3, "one write for the label change, none for the status");
 
-    // Someone else rewrites the slice (a stale writer): the operator's next write conflicts
-    // (409), re-reads and writes its content over it.
+    // Someone else rewrites the slice (a stale or hostile writer): the operator sees it on its
+    // watch of the slices and writes its content back, with no pod change to wait for.
     let mut theirs = api.object(Kind::PeerSlice, "shop", "shop-0");
+    assert_eq!(theirs["peers"][0]["pod"], "elsewhere");
     theirs["peers"][0]["ips"] = json!(["10.6.6.6"]);
-    api.apply(theirs);
+    let theirs = api.apply(theirs);
+    let rv = |v: &Value| v["metadata"]["resourceVersion"].as_str().and_then(|r| r.parse::<u64>().ok()).unwrap_or(0);
+    let theirs_rv = rv(&theirs);
+    let back = slice_when(&api, "shop-0", "the operator's content back", |s| s.is_some_and(|s| rv(s) > theirs_rv)).await;
+    assert_eq!(back.expect("slice")["peers"][0]["ips"], json!(["10.2.0.10"]));
+    // Deleted by someone else: created again.
+    api.delete(Kind::PeerSlice, "shop", "shop-0");
+    let again = slice_when(&api, "shop-0", "the slice created again", |s| s.is_some()).await.expect("slice");
+    assert_eq!(again["peers"].as_array().map(Vec::len), Some(3));
+    // A slice the operator did not write (agents would take its peers): deleted.
+    api.apply(peer_slice("shop", "shop-forged", "web", &[("ghost", "10.6.6.7")]));
+    slice_when(&api, "shop-forged", "the forged slice deleted", |s| s.is_none()).await;
+    // The pod change after all this is one write, and the agent follows it.
     api.apply(pod("shop", "front-2", "uid-front-2", "node-b", "10.2.0.11", json!({"app": "frontend", "tier": "edge"})));
-    wait_until(&mut inventory, "the operator's content back after the conflict", |inv| {
+    wait_until(&mut inventory, "the operator's content after the repairs", |inv| {
         inv.endpoint("shop/front-2").is_some_and(|e| e.labels.contains_key("tier"))
             && inv.endpoint("shop/elsewhere").is_some_and(|e| e.ips == ["10.2.0.10".parse::<std::net::IpAddr>().unwrap()])
+            && inv.endpoint("shop/ghost").is_none()
     })
     .await;
-    assert_eq!(operator.counters().conflicts.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(operator.counters().repairs.load(std::sync::atomic::Ordering::Relaxed), 3, "changed, deleted, forged");
     assert_eq!(operator.counters().errors.load(std::sync::atomic::Ordering::Relaxed), 0);
 
     // A namespace's last pod goes: its slice is deleted, the agent loses the peer.
@@ -476,16 +505,263 @@ async fn the_operator_publishes_peer_slices_and_an_agent_in_slices_mode_follows_
     assert_eq!(operator.counters().writes(), 0);
     assert_eq!(inventory.borrow().endpoints, before.1.endpoints);
 
-    // The operator asked for exactly OPERATOR_USES (its ClusterRole), and the agent never for
-    // the cluster's pods.
-    let used: BTreeSet<(String, String, String)> =
-        api.requests().into_iter().filter(|r| r.user == "palisade-operator").map(|r| r.use_).collect();
-    let declared: BTreeSet<(String, String, String)> =
-        OPERATOR_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
-    assert_eq!(used, declared, "the operator's requests vs OPERATOR_USES");
+    // The operator (with no election) asked for exactly OPERATOR_USES but the Lease (its
+    // ClusterRole), and the agent never for the cluster's pods.
+    let used = uses_by(&api, "palisade-operator");
+    let declared: BTreeSet<(String, String, String)> = as_uses(OPERATOR_USES).difference(&as_uses(OPERATOR_LEASE_USES)).cloned().collect();
+    assert!(used.is_subset(&declared), "the operator's requests outside OPERATOR_USES: {:?}", used.difference(&declared));
+    // A re-read (get) happens only when a write conflicts, which the watch of the slices now
+    // mostly forestalls.
+    let unused: Vec<_> = declared.difference(&used).cloned().collect();
+    assert!(unused.is_empty() || unused == [("palisade.io".to_string(), "peerslices".to_string(), "get".to_string())], "declared, never used: {unused:?}");
     let agent_cluster_pods =
         pod_requests(&api, "watch", false).into_iter().filter(|r| r.user != "palisade-operator").count();
     assert_eq!(agent_cluster_pods, 0);
+}
+
+fn as_uses(uses: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
+    uses.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect()
+}
+
+/// (group, resource, verb) of every request `user` made.
+fn uses_by(api: &StandIn, user: &str) -> BTreeSet<(String, String, String)> {
+    api.requests().into_iter().filter(|r| r.user == user).map(|r| r.use_).collect()
+}
+
+fn slice_writes_by(api: &StandIn, user: &str) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.user == user && r.use_.1 == "peerslices" && ["create", "update", "delete"].contains(&r.use_.2.as_str()))
+        .count()
+}
+
+const LEASE_NAMESPACE: &str = "palisade-system";
+const LEASE_NAME: &str = "palisade-operator";
+/// Short, so the test does not wait 15 s; the ratios are client-go's.
+const LEASE_DURATION: Duration = Duration::from_secs(3);
+
+fn lease_config(identity: &str) -> LeaseConfig {
+    LeaseConfig {
+        namespace: LEASE_NAMESPACE.to_string(),
+        name: LEASE_NAME.to_string(),
+        identity: identity.to_string(),
+        lease_duration: LEASE_DURATION,
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(200),
+    }
+}
+
+fn start_elected(api: &StandIn, user: &str) -> ElectedOperator {
+    let token = api.add_user(user, &[]);
+    ElectedOperator::start(api.client_with_token(&token), operator_config(), lease_config(user)).expect("operator starts")
+}
+
+fn lease(api: &StandIn) -> Value {
+    api.object(Kind::Lease, LEASE_NAMESPACE, LEASE_NAME)
+}
+
+fn lease_time(lease: &Value, field: &str) -> jiff::Timestamp {
+    let text = lease["spec"][field].as_str().unwrap_or_else(|| panic!("lease spec.{field}: {lease}"));
+    text.parse().unwrap_or_else(|e| panic!("lease spec.{field} {text:?}: {e}"))
+}
+
+/// The stand-in serves Leases with the API server's optimistic concurrency: a create of an
+/// existing one is `409 AlreadyExists`, an update carrying a resourceVersion that is no longer
+/// the stored one is `409 Conflict` and changes nothing.
+#[tokio::test]
+async fn the_standin_serves_leases_with_optimistic_concurrency() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use kube::api::{Api, PostParams};
+    let api = StandIn::start().await;
+    let leases: Api<Lease> = Api::namespaced(api.client(), LEASE_NAMESPACE);
+    let mut lease = Lease::default();
+    lease.metadata.name = Some(LEASE_NAME.to_string());
+    lease.spec = Some(LeaseSpec { holder_identity: Some("a".to_string()), lease_duration_seconds: Some(3), ..LeaseSpec::default() });
+    let created = leases.create(&PostParams::default(), &lease).await.expect("created");
+    let again = leases.create(&PostParams::default(), &lease).await.expect_err("a second create");
+    assert!(matches!(&again, kube::Error::Api(s) if s.code == 409), "{again:?}");
+    let mut mine = created.clone();
+    mine.spec.as_mut().expect("spec").holder_identity = Some("b".to_string());
+    let written = leases.replace(LEASE_NAME, &PostParams::default(), &mine).await.expect("update from the current version");
+    assert_ne!(written.metadata.resource_version, created.metadata.resource_version);
+    let mut stale = created.clone();
+    stale.spec.as_mut().expect("spec").holder_identity = Some("c".to_string());
+    let conflict = leases.replace(LEASE_NAME, &PostParams::default(), &stale).await.expect_err("an update from a stale version");
+    assert!(matches!(&conflict, kube::Error::Api(s) if s.code == 409 && s.reason == "Conflict"), "{conflict:?}");
+    let held = leases.get(LEASE_NAME).await.expect("get");
+    assert_eq!(held.spec.and_then(|s| s.holder_identity).as_deref(), Some("b"), "the stale update changed nothing");
+}
+
+/// Leader election (issue 18): two operators started together elect one (the other's create or
+/// update of the Lease loses with a 409); only the leader reads pods and writes slices, the
+/// standby touches nothing but the Lease. The leader dies without releasing: the standby waits
+/// the lease out from the last renewal it saw, takes over, adopts the slices and writes nothing,
+/// so the agent's peers stay exactly as they were; then it publishes pod changes. Stopped
+/// (SIGTERM), a leader releases the Lease, so a new standby need not wait the lease out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_elect_one_writer_and_a_standby_takes_over_when_it_dies_changing_nothing_the_agent_enforces() {
+    let (api, cgroups) = seeded("elected").await;
+    api.apply(pod("shop", "front-2", "uid-front-2", "node-b", "10.2.0.11", json!({"app": "frontend"})));
+    let mut operators = vec![Some(start_elected(&api, "operator-a")), Some(start_elected(&api, "operator-b"))];
+    let names = ["operator-a", "operator-b"];
+    let leader = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(i) = operators.iter().position(|o| o.as_ref().is_some_and(|o| o.state().borrow().leading)) {
+                return i;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a leader within WAIT");
+    let standby = 1 - leader;
+    let (leader_name, standby_name) = (names[leader], names[standby]);
+    let mut standby_state = operators[standby].as_ref().expect("standby").state();
+    wait_until(&mut standby_state, "the standby sees the leader", |s| s.holder.as_deref() == Some(leader_name)).await;
+    assert!(!standby_state.borrow().leading, "two leaders");
+    wait_until(&mut operators[leader].as_ref().expect("leader").synced(), "the leader's slices in sync", |s| *s).await;
+    assert_eq!(lease(&api)["spec"]["holderIdentity"], leader_name);
+
+    let mut config = config(&cgroups.0);
+    config.peers = PeerMode::Slices;
+    let source = KubeSource::start(api.client(), config).await.expect("agent syncs");
+    let mut inventory = source.inventory();
+    assert_eq!(peer_names(&inventory.borrow_and_update()), ["shop/elsewhere", "shop/front-2"]);
+
+    // A label change: the leader writes it; the standby wrote nothing and read nothing but the
+    // Lease.
+    api.apply(pod("shop", "elsewhere", "99999999-2222-4333-8444-555555555555", "node-b", "10.2.0.10", json!({"app": "api"})));
+    wait_until(&mut inventory, "the label change through the leader", |inv| {
+        inv.endpoint("shop/elsewhere").is_some_and(|e| e.labels.get("app").is_some_and(|a| a == "api"))
+    })
+    .await;
+    assert_eq!(slice_writes_by(&api, standby_name), 0);
+    let standby_uses = uses_by(&api, standby_name);
+    assert!(!standby_uses.is_empty() && standby_uses.is_subset(&as_uses(OPERATOR_LEASE_USES)), "the standby's requests: {standby_uses:?}");
+
+    // The leader dies (no release). The standby takes over once the lease has run out.
+    let before = inventory.borrow().clone();
+    drop(operators[leader].take());
+    let died = std::time::Instant::now();
+    let last_held = lease(&api);
+    assert_eq!(last_held["spec"]["holderIdentity"], leader_name);
+    wait_until(&mut standby_state, "the standby takes over", |s| s.leading).await;
+    let took = died.elapsed();
+    let taken = lease(&api);
+    assert_eq!(taken["spec"]["holderIdentity"], standby_name);
+    assert_eq!(taken["spec"]["leaseTransitions"].as_i64(), last_held["spec"]["leaseTransitions"].as_i64().map(|t| t + 1));
+    let waited = lease_time(&taken, "acquireTime").duration_since(lease_time(&last_held, "renewTime"));
+    assert!(
+        waited >= jiff::SignedDuration::try_from(LEASE_DURATION).expect("duration"),
+        "the standby took the lease {waited:?} after the leader's last renewal, before the lease ({LEASE_DURATION:?}) ran out"
+    );
+    eprintln!("takeover: {took:?} after the leader died, {waited:?} after its last renewal (lease {LEASE_DURATION:?})");
+    let new_leader = operators[standby].as_ref().expect("new leader");
+    wait_until(&mut new_leader.synced(), "the new leader in sync", |s| *s).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(slice_writes_by(&api, standby_name), 0, "the takeover wrote a slice");
+    assert_eq!(inventory.borrow().endpoints, before.endpoints, "the takeover changed the agent's endpoints");
+
+    // The new leader publishes pod changes.
+    api.apply(pod("shop", "front-2", "uid-front-2", "node-b", "10.2.0.11", json!({"app": "frontend", "tier": "edge"})));
+    wait_until(&mut inventory, "a pod change through the new leader", |inv| {
+        inv.endpoint("shop/front-2").is_some_and(|e| e.labels.contains_key("tier"))
+    })
+    .await;
+    assert_eq!(slice_writes_by(&api, standby_name), 1);
+
+    // Stopped (SIGTERM), the leader releases the Lease: no holder (or already the next one,
+    // which could not have taken a lease renewed less than a retry period ago otherwise).
+    let next = start_elected(&api, "operator-c");
+    let mut next_state = next.state();
+    wait_until(&mut next_state, "the new standby sees the leader", |s| s.holder.as_deref() == Some(standby_name)).await;
+    let leaving = operators[standby].take().expect("leader");
+    assert!(leaving.shutdown().await.expect("lease released"), "the leader held no lease to release");
+    let released = lease(&api);
+    let holder = released["spec"]["holderIdentity"].as_str().unwrap_or("");
+    assert!(holder.is_empty() || holder == "operator-c", "after the release: {released}");
+    wait_until(&mut next_state, "the next standby takes over", |s| s.leading).await;
+    wait_until(&mut next.synced(), "in sync", |s| *s).await;
+    assert_eq!(slice_writes_by(&api, "operator-c"), 0, "a takeover after a release wrote a slice");
+
+    // Every replica stayed within OPERATOR_USES, and the election used all of its Lease verbs.
+    let all: BTreeSet<_> = names.iter().chain(&["operator-c"]).flat_map(|u| uses_by(&api, u)).collect();
+    assert!(all.is_subset(&as_uses(OPERATOR_USES)), "outside OPERATOR_USES: {:?}", all.difference(&as_uses(OPERATOR_USES)));
+    assert!(as_uses(OPERATOR_LEASE_USES).is_subset(&all), "lease verbs used: {all:?}");
+}
+
+/// `palisade operator` as a process (kubeconfig to the stand-in): it takes the Lease, reports
+/// itself as leader on `/metrics` and `/healthz`, publishes the slices, and on SIGTERM exits
+/// cleanly having released the Lease (the slices stay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_process_reports_leading_and_releases_its_lease_on_sigterm() {
+    use std::io::Read as _;
+    let (api, _cgroups) = seeded("operator-process").await;
+    let dir = tempfile_dir("operator-process");
+    let token = api.add_user("operator-proc", &[]);
+    let kubeconfig = dir.join("operator.kubeconfig");
+    api.write_kubeconfig_with_token(&kubeconfig, &token);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let log = dir.join("operator.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["operator", "--identity", "proc-1", "--lease-duration-secs", "3", "--renew-deadline-ms", "2000"])
+        .args(["--retry-period-ms", "200", "--flush-ms", "10", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start palisade operator");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let get = |path: &str| -> Option<String> {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        Some(text)
+    };
+    // Start-up can be slow under load: wait for the slices, then read the status.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(text) = get("/healthz").filter(|t| t.contains("\"synced\":true")) {
+            break text;
+        }
+        if let Ok(Some(exit)) = child.try_wait() {
+            panic!("palisade operator exited early ({exit}): {}", log_text());
+        }
+        assert!(std::time::Instant::now() < deadline, "palisade operator not in sync within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.contains("\"role\":\"leader\"") && status.contains("\"identity\":\"proc-1\""), "{status}");
+    let metrics = get("/metrics").expect("metrics");
+    assert!(metrics.contains("palisade_operator_leader 1\n"), "{metrics}\n{}", log_text());
+    assert!(metrics.contains("palisade_operator_slice_writes_total{op=\"create\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("palisade_operator_pods 2\n"), "{metrics}");
+    assert_eq!(lease(&api)["spec"]["holderIdentity"], "proc-1");
+    assert!(api.try_object(Kind::PeerSlice, "shop", "shop-0").is_some());
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "palisade operator still running 30 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "exit {exit}: {}", log_text());
+    assert!(log_text().contains("lease released"), "{}", log_text());
+    let released = lease(&api);
+    assert!(released["spec"]["holderIdentity"].as_str().unwrap_or("").is_empty(), "{released}");
+    assert_eq!(released["spec"]["leaseDurationSeconds"], 1);
+    assert!(api.try_object(Kind::PeerSlice, "shop", "shop-0").is_some(), "the slices stay");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Each published inventory says what changed since earlier ones (issue 18: the delta the

@@ -14,7 +14,10 @@
 //!   re-segments, (3) a reverse shell primitive in a pod quarantines it and the stand-in receives
 //!   the label PATCH and the Event POST, (4) removing the label in the "cluster" releases
 //!   nothing: the label is put back with a `tamper` alert; release goes through the API socket,
-//!   (5) an API outage (500s) keeps enforcement and `palisade status` reports it.
+//!   (5) an API outage (500s) keeps enforcement and `palisade status` reports it;
+//! - with `--peers slices` the other node's pods come from PeerSlices that two elected `palisade
+//!   operator` processes publish: enforced the same, and killing the leader changes nothing in
+//!   the datapath (issue 18).
 //!
 //! Everything (daemon, lab, cgroups, pin and work directories) goes away on drop. To read the
 //! daemon log of a passing run, set `K8S_DAEMON_KEEP=1` (the work directory under
@@ -794,4 +797,159 @@ fn a_slow_start_is_reported_as_starting_then_ready_once_synced() {
     }
     let (status, _) = http_get(port, "/healthz").expect("/healthz");
     assert!(status.contains(" 200 "), "/healthz once running: {status}");
+}
+
+/// A `palisade operator` replica for the slices-mode test: its own user at the stand-in, a
+/// short lease (3 s; client-go's ratios) so a failover fits a test. Dropping it kills it.
+struct OperatorProc {
+    identity: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl OperatorProc {
+    fn start(api: &BlockingStandIn, work: &Path, identity: &str) -> OperatorProc {
+        std::fs::create_dir_all(work).expect("work directory");
+        let token = api.add_user(identity, &[]);
+        let kubeconfig = work.join(format!("{identity}.kubeconfig"));
+        api.write_kubeconfig_with_token(&kubeconfig, &token);
+        let log = work.join(format!("{identity}.log"));
+        let mut command = Command::new(PALISADE);
+        command
+            .args(["operator", "--identity", identity, "--metrics-addr", "127.0.0.1:0", "--flush-ms", "20"])
+            .args(["--lease-duration-secs", "3", "--renew-deadline-ms", "2000", "--retry-period-ms", "250"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("operator log"));
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.spawn().unwrap_or_else(|e| panic!("starting {PALISADE} operator: {e}"));
+        OperatorProc { identity: identity.to_string(), child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: a crash, the Lease is not released.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OperatorProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The datapath's SEG_IPCACHE as the kernel reads it: (address, prefix length) -> value.
+fn ipcache_entries(daemon: &K8sDaemon) -> Vec<(palisade_common::IpAddrKey, u32, palisade_common::IpCacheValue)> {
+    use aya::maps::{LpmTrie, Map, MapData};
+    let path = daemon.pin_dir.join(palisade_common::MAP_SEG_IPCACHE);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let map: LpmTrie<MapData, palisade_common::IpAddrKey, palisade_common::IpCacheValue> =
+        LpmTrie::try_from(Map::LpmTrie(data)).expect("SEG_IPCACHE is an LPM trie");
+    let mut entries: Vec<_> = map
+        .iter()
+        .map(|entry| {
+            let (key, value) = entry.expect("reading SEG_IPCACHE");
+            (key.data(), key.prefix_len(), value)
+        })
+        .collect();
+    entries.sort_by_key(|(addr, len, _)| (*addr, *len));
+    entries
+}
+
+/// `--peers slices` with elected `palisade operator` replicas (issue 18), end to end: two
+/// operator processes elect a leader on the stand-in's Lease, which publishes the cluster's pods
+/// as PeerSlices; the daemon takes the other node's pods from them (it never lists or watches the
+/// cluster's pods) and enforces the NetworkPolicy for them with real packets. The leader is
+/// killed (SIGKILL: no release); the standby takes over once the lease runs out, adopts the
+/// slices and writes none, and what the datapath enforces is unchanged (SEG_IPCACHE entry for
+/// entry, and the probe matrix); then a remote pod's relabel reaches the datapath through the
+/// new leader.
+#[test]
+fn slices_mode_with_elected_operators_enforces_other_nodes_pods_across_a_leader_change() {
+    if !require_kernel("slices_mode_with_elected_operators_enforces_other_nodes_pods_across_a_leader_change") {
+        return;
+    }
+    let specs = pod_specs();
+    let lab = TestLab::up("k8sslices", &lab_inventory(&specs));
+    let api = BlockingStandIn::start();
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": NS, "labels": {"kubernetes.io/metadata.name": NS}}}));
+    for spec in &specs {
+        api.apply(pod_object(spec, if spec.remote { OTHER_NODE } else { NODE }));
+    }
+    api.apply(web_policy("frontend"));
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("k8s-daemon").join(format!("operators-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let mut operators = vec![OperatorProc::start(&api, &work, "operator-a"), OperatorProc::start(&api, &work, "operator-b")];
+    let lease_holder = |api: &BlockingStandIn| {
+        api.try_object(Kind::Lease, "palisade-system", "palisade-operator")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+            .filter(|h| !h.is_empty())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader = loop {
+        if let Some(holder) = lease_holder(&api)
+            && api.try_object(Kind::PeerSlice, NS, &format!("{NS}-0")).is_some()
+        {
+            break holder;
+        }
+        assert!(Instant::now() < deadline, "no operator published slices within 60 s:\n{}\n{}", operators[0].log(), operators[1].log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let mut daemon = K8sDaemon::spawn(api, Some(lab), "slices", &["--no-metrics".into(), "--peers".into(), "slices".into()]);
+    daemon.wait_running(Duration::from_secs(120));
+    let status = daemon.status();
+    let kube = &status["kubernetes"];
+    assert_eq!(kube["peers"]["source"], "slices", "{kube:#}");
+    assert_eq!(kube["peer_endpoints"], 2, "{kube:#}");
+    let matrix = [(CLIENT, WEB, true), (OTHER, WEB, false), (REMOTE, WEB, true), (REMOTE_DB, WEB, false), (WEB, REMOTE, true)];
+    daemon.wait_for_matrix("web-ingress (from frontend) enforced, peers from PeerSlices", &matrix, Duration::from_secs(10));
+    let cluster_pod_reads = daemon
+        .api()
+        .requests()
+        .iter()
+        .filter(|r| r.user == support::kube_standin::AGENT_USER && r.use_.1 == "pods" && !r.query.contains_key("fieldSelector"))
+        .filter(|r| r.use_.2 == "list" || r.use_.2 == "watch")
+        .count();
+    assert_eq!(cluster_pod_reads, 0, "the agent read the cluster's pods in slices mode");
+
+    // The leader dies without releasing the Lease.
+    let slice_writes = |api: &BlockingStandIn| {
+        api.requests().iter().filter(|r| r.use_.1 == "peerslices" && ["create", "update", "delete"].contains(&r.use_.2.as_str())).count()
+    };
+    let before = ipcache_entries(&daemon);
+    let writes_before = slice_writes(daemon.api());
+    let at = operators.iter().position(|o| o.identity == leader).expect("the leader is one of the two");
+    operators[at].kill();
+    let standby = operators[1 - at].identity.clone();
+    let killed = Instant::now();
+    daemon.wait_for("the standby takes the lease", Duration::from_secs(30), || (lease_holder(daemon.api()).as_deref() == Some(&standby)).then_some(()));
+    daemon.wait_for("the new leader in sync", Duration::from_secs(30), || operators[1 - at].log().contains("PeerSlices in sync").then_some(()));
+    println!("takeover after {:.1} s (lease 3 s)", killed.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(slice_writes(daemon.api()), writes_before, "the takeover wrote a slice");
+    assert_eq!(ipcache_entries(&daemon), before, "the takeover changed the datapath's SEG_IPCACHE");
+    daemon.wait_for_matrix("the same after the takeover", &matrix, Duration::from_secs(5));
+
+    // The new leader publishes a relabel of a pod on the other node.
+    let mut db = pod_object(&specs[4], OTHER_NODE);
+    assert_eq!(db["metadata"]["name"], "remote-db");
+    db["metadata"]["labels"]["app"] = json!("frontend");
+    daemon.api().apply(db);
+    daemon.wait_for_matrix("remote-db relabelled through the new leader", &[(REMOTE_DB, WEB, true), (OTHER, WEB, false)], Duration::from_secs(10));
+    assert!(slice_writes(daemon.api()) > writes_before);
+    drop(operators);
+    let _ = std::fs::remove_dir_all(&work);
 }

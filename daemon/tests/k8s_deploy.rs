@@ -17,9 +17,9 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ResourceQuota, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use palisade::k8s::{OPERATOR_USES, all_api_uses};
+use palisade::k8s::{OPERATOR_LEASE_USES, OPERATOR_USES, all_api_uses};
 use palisade::quarantine::ResponsePolicy;
 use palisade::rules::pack::RulePack;
 use serde::Deserialize as _;
@@ -723,9 +723,12 @@ fn copy_tree(source: &Path, target: &Path) {
 // ---- The PeerSlice operator ----------------------------------------------------------------
 
 /// deploy/operator/: the kustomization lists every file, each parses as its type with nothing
-/// dropped, the operator's ClusterRole grants exactly `k8s::OPERATOR_USES` (issue 18), is bound
-/// to the Deployment's service account, and the Deployment runs `palisade operator` as one
-/// non-root replica with a read-only root and a memory limit.
+/// dropped; the operator's ClusterRole grants exactly `k8s::OPERATOR_USES` but the Lease, and a
+/// Role in its namespace exactly `k8s::OPERATOR_LEASE_USES` (get and update narrowed to the
+/// Lease the Deployment elects with) (issue 18), both bound to the Deployment's service
+/// account; the Deployment runs `palisade operator` as two non-root replicas (leader election)
+/// with the pod name as identity, a read-only root, a memory limit, probes on the status port,
+/// which a NetworkPolicy opens to the monitoring namespace only.
 #[test]
 fn the_operator_role_grants_exactly_what_the_operator_uses() {
     let docs = documents_in(&deploy().join("operator"), "operator/");
@@ -737,12 +740,16 @@ fn the_operator_role_grants_exactly_what_the_operator_uses() {
     let files: BTreeSet<String> = docs.iter().map(|(file, _)| file.clone()).collect();
     assert_eq!(listed, files, "deploy/operator kustomization resources vs files");
     let (mut roles, mut bindings, mut deployments, mut accounts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut lease_roles, mut lease_bindings, mut policies) = (Vec::new(), Vec::new(), Vec::new());
     for (file, doc) in &docs {
         match doc["kind"].as_str() {
             Some("ClusterRole") => roles.push(typed::<ClusterRole>(file, doc)),
             Some("ClusterRoleBinding") => bindings.push(typed::<ClusterRoleBinding>(file, doc)),
+            Some("Role") => lease_roles.push(typed::<Role>(file, doc)),
+            Some("RoleBinding") => lease_bindings.push(typed::<RoleBinding>(file, doc)),
             Some("Deployment") => deployments.push(typed::<Deployment>(file, doc)),
             Some("ServiceAccount") => accounts.push(typed::<ServiceAccount>(file, doc)),
+            Some("NetworkPolicy") => policies.push(typed::<NetworkPolicy>(file, doc)),
             Some("CustomResourceDefinition") => drop(typed::<CustomResourceDefinition>(file, doc)),
             other => panic!("{file}: unexpected object {other:?}"),
         }
@@ -751,23 +758,80 @@ fn the_operator_role_grants_exactly_what_the_operator_uses() {
         }
     }
     assert_eq!((roles.len(), bindings.len(), deployments.len(), accounts.len()), (1, 1, 1, 1));
-    let granted = granted(&roles[0]);
-    let used: BTreeSet<(String, String, String)> =
-        OPERATOR_USES.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect();
-    assert_eq!(granted, used, "the operator's ClusterRole vs OPERATOR_USES");
+    assert_eq!((lease_roles.len(), lease_bindings.len(), policies.len()), (1, 1, 1));
+    let as_set = |uses: &[(&str, &str, &str)]| -> BTreeSet<(String, String, String)> {
+        uses.iter().map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())).collect()
+    };
+    let lease_uses = as_set(OPERATOR_LEASE_USES);
+    let cluster_uses: BTreeSet<_> = as_set(OPERATOR_USES).difference(&lease_uses).cloned().collect();
+    assert!(lease_uses.is_subset(&as_set(OPERATOR_USES)), "OPERATOR_LEASE_USES is part of OPERATOR_USES");
+    assert_eq!(granted(&roles[0]), cluster_uses, "the operator's ClusterRole vs OPERATOR_USES without the Lease");
     assert_eq!(Some(bindings[0].role_ref.name.as_str()), roles[0].metadata.name.as_deref());
     let subject = &bindings[0].subjects.as_ref().expect("subjects")[0];
     assert_eq!(Some(subject.name.as_str()), accounts[0].metadata.name.as_deref());
+
+    // The Lease: a Role in the namespace, get and update on the elected Lease by name only.
+    let lease_name = "palisade-operator";
+    let (lease_granted, named) = granted_rules(lease_roles[0].rules.as_deref().unwrap_or_default());
+    assert_eq!(lease_granted, lease_uses, "the operator's Role vs OPERATOR_LEASE_USES");
+    for verb in ["get", "update"] {
+        assert_eq!(named.get(verb).map(Vec::as_slice), Some(&[lease_name.to_string()][..]), "{verb} narrowed to the Lease");
+    }
+    assert_eq!(lease_bindings[0].role_ref.kind, "Role");
+    assert_eq!(Some(lease_bindings[0].role_ref.name.as_str()), lease_roles[0].metadata.name.as_deref());
+    let subject = &lease_bindings[0].subjects.as_ref().expect("subjects")[0];
+    assert_eq!((Some(subject.name.as_str()), subject.namespace.as_deref()), (accounts[0].metadata.name.as_deref(), Some(NAMESPACE)));
+
     let spec = &deployments[0].spec;
-    assert_eq!(spec.replicas, Some(1), "one replica until leader election is built");
+    assert_eq!(spec.replicas, Some(2), "a standby beside the leader");
     let pod = spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), accounts[0].metadata.name.as_deref());
     assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
     let container = &pod.containers[0];
-    assert_eq!(container.args.as_deref(), Some(&["operator".to_string()][..]));
+    let args = container.args.clone().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("operator"));
+    assert!(!args.iter().any(|a| a.starts_with("--lease-name")), "the Role names the default Lease: {args:?}");
+    let env: BTreeMap<String, String> = container
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value_from.as_ref()?.field_ref.as_ref()?.field_path.clone())))
+        .collect();
+    assert_eq!(env.get("POD_NAME").map(String::as_str), Some("metadata.name"), "the identity is the pod's name");
+    assert_eq!(env.get("POD_NAMESPACE").map(String::as_str), Some("metadata.namespace"));
     let security = container.security_context.as_ref().expect("container securityContext");
     assert_eq!((security.read_only_root_filesystem, security.allow_privilege_escalation), (Some(true), Some(false)));
     assert!(container.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key("memory")));
+    let port = container.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).expect("the metrics port").container_port;
+    assert!(args.iter().any(|a| *a == format!("--metrics-addr=0.0.0.0:{port}")), "{args:?}");
+    for (probe, path) in [(&container.liveness_probe, "/healthz"), (&container.readiness_probe, "/readyz")] {
+        assert_eq!(probe.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.as_deref()), Some(path));
+    }
+    let ingress = policies[0].spec.as_ref().and_then(|s| s.ingress.clone()).unwrap_or_default();
+    assert_eq!(ingress.len(), 1);
+    let ports: Vec<String> = ingress[0].ports.iter().flatten().filter_map(|p| p.port.as_ref()).map(|p| format!("{p:?}")).collect();
+    assert_eq!(ports, [format!("{:?}", k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port))]);
+}
+
+/// (group, resource, verb) of a Role's rules, each once, and the resource names each verb is
+/// narrowed to (no wildcard verb, no non-resource URLs).
+fn granted_rules(rules: &[PolicyRule]) -> (BTreeSet<(String, String, String)>, BTreeMap<String, Vec<String>>) {
+    let (mut granted, mut named) = (BTreeSet::new(), BTreeMap::new());
+    for rule in rules {
+        assert!(rule.non_resource_urls.is_none(), "{rule:?}");
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    assert_ne!(verb, "*", "wildcard verb");
+                    assert!(granted.insert((group.clone(), resource.clone(), verb.clone())), "granted twice: {group} {resource} {verb}");
+                    if let Some(names) = &rule.resource_names {
+                        named.insert(verb.clone(), names.clone());
+                    }
+                }
+            }
+        }
+    }
+    (granted, named)
 }
 
 // ---- The Quarantine resource -------------------------------------------------------------

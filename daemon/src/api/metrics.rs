@@ -48,6 +48,24 @@ where
     Arc::new(move || Box::pin(make()))
 }
 
+/// What a metrics listener serves: the daemon's [`Metrics`], or `palisade operator`'s own
+/// (`daemon::operator`), which has none of the daemon's stages.
+pub trait Exposition: Clone + Send + Sync + 'static {
+    /// The text exposition `GET /metrics` answers.
+    fn encode(&self) -> String;
+    /// A connection closed on the client for `reason` (counted where the exposition shows it).
+    fn record_connection_closed(&self, listener: &str, reason: &str);
+}
+
+impl Exposition for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+    fn record_connection_closed(&self, listener: &str, reason: &str) {
+        Metrics::record_connection_closed(self, listener, reason)
+    }
+}
+
 /// How much a listener lets one client hold.
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerLimits {
@@ -78,13 +96,13 @@ pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, ApiError> {
 }
 
 /// Serves `GET /metrics` and `GET /healthz` on `addr` until the task is dropped.
-pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics, health: HealthProvider) -> Result<(), ApiError> {
+pub async fn serve_metrics<M: Exposition>(addr: SocketAddr, metrics: M, health: HealthProvider) -> Result<(), ApiError> {
     let listener = bind_metrics(addr).await?;
     tracing::info!(%addr, "serving Prometheus metrics");
     serve_metrics_on(listener, metrics, health, ListenerLimits::default()).await
 }
 
-pub async fn serve_metrics_on(listener: TcpListener, metrics: Metrics, health: HealthProvider, limits: ListenerLimits) -> Result<(), ApiError> {
+pub async fn serve_metrics_on<M: Exposition>(listener: TcpListener, metrics: M, health: HealthProvider, limits: ListenerLimits) -> Result<(), ApiError> {
     let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -146,7 +164,7 @@ fn lock_connections(connections: &Mutex<Connections>) -> std::sync::MutexGuard<'
     connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn metrics_response(req: &Request<hyper::body::Incoming>, metrics: &Metrics, health: &HealthProvider) -> Response<Full<Bytes>> {
+async fn metrics_response<M: Exposition>(req: &Request<hyper::body::Incoming>, metrics: &M, health: &HealthProvider) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz") {
         let Health { ok, ready, report } = health().await;
         let good = if req.uri().path() == "/healthz" { ok } else { ready };

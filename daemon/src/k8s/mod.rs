@@ -56,6 +56,7 @@ use namespaced_resource;
 pub mod cgroup;
 pub mod convert;
 pub mod events;
+pub mod lease;
 pub mod operator;
 pub mod peers;
 pub mod quarantine;
@@ -117,18 +118,29 @@ pub const QUARANTINE_RESOURCE_USES: &[(&str, &str, &str)] = &[
 /// the default mode can check it used every one of [`API_USES`].
 pub const PEER_SLICE_USES: &[(&str, &str, &str)] = &[("palisade.io", "peerslices", "list"), ("palisade.io", "peerslices", "watch")];
 
-/// Everything `palisade operator` sends (`k8s::operator`; its own ClusterRole in
-/// `deploy/operator/rbac.yaml` grants exactly these): the watch of every Pod, the list of the
-/// existing slices at start, and the conditional writes of slices (a conflict re-reads one).
+/// Everything `palisade operator` sends (`k8s::operator`; deploy/operator/rbac.yaml grants
+/// exactly these, compared by a test): the watch of every Pod, the watch of every PeerSlice (the
+/// first list adopted, later changes by others repaired), the conditional writes of slices (a
+/// conflict re-reads one), and the leader election's Lease in its own namespace
+/// ([`OPERATOR_LEASE_USES`], a namespaced Role).
 pub const OPERATOR_USES: &[(&str, &str, &str)] = &[
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("palisade.io", "peerslices", "list"),
+    ("palisade.io", "peerslices", "watch"),
     ("palisade.io", "peerslices", "get"),
     ("palisade.io", "peerslices", "create"),
     ("palisade.io", "peerslices", "update"),
     ("palisade.io", "peerslices", "delete"),
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
 ];
+
+/// The part of [`OPERATOR_USES`] granted by a Role in the operator's namespace only (the
+/// Lease), not cluster-wide.
+pub const OPERATOR_LEASE_USES: &[(&str, &str, &str)] =
+    &[("coordination.k8s.io", "leases", "get"), ("coordination.k8s.io", "leases", "create"), ("coordination.k8s.io", "leases", "update")];
 
 /// Everything the agent may send: [`API_USES`], [`QUARANTINE_RESOURCE_USES`] and
 /// [`PEER_SLICE_USES`].

@@ -13,13 +13,16 @@
 //!
 //! [`Operator`] runs it against the API: writes are conditional (create, or replace / delete with
 //! the `resourceVersion` last seen); a `409 Conflict` (someone else wrote the slice) re-reads it
-//! and the next flush writes again from what is there. Every write, conflict, error and pod left
-//! out is counted in [`OperatorCounters`] and logged.
+//! and the next flush writes again from what is there. It watches the slices too: the first
+//! list is adopted, and afterwards a slice someone else changed is written back, one deleted
+//! created again, one the plan does not hold deleted ([`SlicePlan::slice_event`]). Every write,
+//! conflict, repair, error and pod left out is counted in [`OperatorCounters`] and logged.
 //!
-//! Not built yet: leader election (a `coordination.k8s.io` Lease; until then run one replica),
-//! an operator status/metrics endpoint.
+//! [`ElectedOperator`] runs an [`Operator`] only while this replica holds the Lease
+//! (`k8s::lease`). The process, `palisade operator` with its metrics and status, is wired in
+//! `daemon::operator`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,13 +30,14 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt as _};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use super::lease::{LeaderElector, LeaderState, LeaseConfig, LeaseCounters, LeaseError};
 use super::peers::PeerRecord;
 use super::slices::{self, MAX_IPS, MAX_LABELS, MAX_NAMED_PORTS, MAX_PEERS, PeerSlice};
 use crate::inventory::EndpointSpec;
@@ -121,12 +125,28 @@ fn body_of(slice: &PeerSlice) -> Value {
     json!({"identities": slice.identities, "peers": slice.peers})
 }
 
-/// What the API holds of a slice, as last seen: its resourceVersion and body.
+/// What the API holds of a slice, as last seen: its uid, resourceVersion and body.
 #[derive(Debug, Clone, PartialEq)]
 struct Written {
+    /// The object's uid: a watch event of another uid is of an earlier object of the same name.
+    uid: Option<String>,
     resource_version: String,
     body: Value,
 }
+
+impl Written {
+    fn of(slice: &PeerSlice) -> Option<Written> {
+        let resource_version = slice.metadata.resource_version.clone()?;
+        Some(Written { uid: slice.metadata.uid.clone(), resource_version, body: body_of(slice) })
+    }
+}
+
+/// The resourceVersions of a slice's own recent writes kept, to know their watch events.
+const OWN_VERSIONS: usize = 8;
+/// Slices the operator deleted, kept (by key and uid) to know their late watch events.
+const RECENTLY_DELETED: usize = 1024;
+
+type SliceKey = (String, String);
 
 #[derive(Debug, Default)]
 struct Slice {
@@ -134,6 +154,9 @@ struct Slice {
     members: BTreeMap<String, Member>,
     /// `None`: not in the API (as far as the operator knows).
     written: Option<Written>,
+    /// The resourceVersions this operator wrote last (newest last): their watch events are its
+    /// own writes coming back, not someone else's.
+    own_versions: VecDeque<String>,
 }
 
 /// One write the plan wants made.
@@ -170,6 +193,14 @@ pub struct SlicePlan {
     dirty: BTreeSet<(String, String)>,
     /// Pods left out of every slice, and why (the CRD's bounds).
     left_out: BTreeMap<String, String>,
+    /// The first list of the slices is taken (adopted); pods are applied only after it.
+    adopted: bool,
+    /// While a (re)list of the slices is under way: what it has listed so far.
+    slice_listing: Option<Vec<PeerSlice>>,
+    /// Slices this operator deleted (key, uid), oldest first, at most [`RECENTLY_DELETED`].
+    recently_deleted: VecDeque<(SliceKey, Option<String>)>,
+    /// Slices found changed, created or deleted by someone else, each put back (or deleted).
+    repairs: u64,
 }
 
 fn split_key(key: &str) -> (&str, &str) {
@@ -202,13 +233,114 @@ impl SlicePlan {
             }
             Err(error) => tracing::warn!(%error, "a PeerSlice found at start is refused; it is rewritten from the pods"),
         }
-        let written = slice
-            .metadata
-            .resource_version
-            .clone()
-            .map(|resource_version| Written { resource_version, body: body_of(slice) });
-        self.slices.insert(key.clone(), Slice { members, written });
+        let written = Written::of(slice);
+        self.slices.insert(key.clone(), Slice { members, written, own_versions: VecDeque::new() });
         self.dirty.insert(key);
+    }
+
+    /// Applies one event of the watch of every PeerSlice. The first complete list is adopted
+    /// ([`Self::adopt`]); after it, the watch is how the operator learns that someone else
+    /// changed, created or deleted a slice: a changed slice is written back over (the next
+    /// [`Self::writes`] compares it with the plan's content), a deleted one created again, one
+    /// the plan does not hold deleted. Its own writes coming back change nothing.
+    pub fn slice_event(&mut self, event: &Event<PeerSlice>) {
+        match event {
+            Event::Init => self.slice_listing = Some(Vec::new()),
+            Event::InitApply(slice) => self.slice_listing.get_or_insert_default().push(slice.clone()),
+            Event::InitDone => {
+                let listed = self.slice_listing.take().unwrap_or_default();
+                if !self.adopted {
+                    for slice in &listed {
+                        self.adopt(slice);
+                    }
+                    self.adopted = true;
+                    return;
+                }
+                // A relist (the watch was too old to resume): what it lists is what the API
+                // holds; a slice it does not list was deleted meanwhile.
+                let listed_keys: BTreeSet<SliceKey> = listed.iter().filter_map(slice_key).collect();
+                let gone: Vec<SliceKey> = self
+                    .slices
+                    .iter()
+                    .filter(|(key, slice)| slice.written.is_some() && !listed_keys.contains(*key))
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in gone {
+                    self.gone_underneath(&key);
+                }
+                for slice in &listed {
+                    self.seen(slice, true);
+                }
+            }
+            Event::Apply(slice) => self.seen(slice, false),
+            Event::Delete(slice) => {
+                let Some(key) = slice_key(slice) else { return };
+                let ours = self.slices.get(&key).and_then(|s| s.written.as_ref()).is_some_and(|w| w.uid == slice.metadata.uid);
+                if ours {
+                    self.gone_underneath(&key);
+                }
+            }
+        }
+    }
+
+    /// Whether the first list of the slices was adopted (pods may be applied).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// A slice the plan holds is no longer in the API.
+    fn gone_underneath(&mut self, key: &SliceKey) {
+        let Some(slice) = self.slices.get_mut(key) else { return };
+        slice.written = None;
+        if slice.members.is_empty() {
+            // It was to be deleted anyway.
+            self.slices.remove(key);
+            return;
+        }
+        self.repairs += 1;
+        tracing::warn!(slice = %format!("{}/{}", key.0, key.1), "operator: a PeerSlice was deleted by someone else; it is created again");
+        self.dirty.insert(key.clone());
+    }
+
+    /// A version of a slice seen on the watch (`authoritative`: from a relist, which replaces
+    /// whatever the plan thought the API held).
+    fn seen(&mut self, slice: &PeerSlice, authoritative: bool) {
+        let Some(key) = slice_key(slice) else { return };
+        let Some(seen) = Written::of(slice) else { return };
+        let Some(held) = self.slices.get_mut(&key) else {
+            if self.recently_deleted.iter().any(|(k, uid)| *k == key && *uid == seen.uid) {
+                return; // a late event of a slice this operator deleted
+            }
+            // Not the operator's: agents would take its peers. Delete it (conditionally).
+            self.repairs += 1;
+            tracing::warn!(slice = %format!("{}/{}", key.0, key.1), "operator: a PeerSlice it did not write; it is deleted");
+            self.slices.insert(key.clone(), Slice { members: BTreeMap::new(), written: Some(seen), own_versions: VecDeque::new() });
+            self.dirty.insert(key);
+            return;
+        };
+        if held.own_versions.contains(&seen.resource_version) && !authoritative {
+            return; // its own write coming back
+        }
+        if let Some(written) = &held.written {
+            if written.resource_version == seen.resource_version {
+                return;
+            }
+            if written.uid != seen.uid && !authoritative {
+                return; // an earlier object of the same name
+            }
+        }
+        let desired = if held.members.is_empty() { None } else { Some(render(&held.members)) };
+        if desired.as_ref() != Some(&seen.body) {
+            self.repairs += 1;
+            tracing::warn!(slice = %format!("{}/{}", key.0, key.1), "operator: a PeerSlice was changed by someone else; it is written back");
+        }
+        held.written = Some(seen);
+        self.dirty.insert(key);
+    }
+
+    /// Slices found changed, created or deleted by someone else since the start.
+    pub fn repairs(&self) -> u64 {
+        self.repairs
     }
 
     /// The member `pod` becomes (`None`: not a peer, or left out, which is recorded).
@@ -347,11 +479,13 @@ impl SlicePlan {
     pub fn written(&mut self, slice: &PeerSlice) {
         let key = (slice.metadata.namespace.clone().unwrap_or_default(), slice.metadata.name.clone().unwrap_or_default());
         if let Some(held) = self.slices.get_mut(&key) {
-            held.written = slice
-                .metadata
-                .resource_version
-                .clone()
-                .map(|resource_version| Written { resource_version, body: body_of(slice) });
+            held.written = Written::of(slice);
+            if let Some(rv) = &slice.metadata.resource_version {
+                if held.own_versions.len() >= OWN_VERSIONS {
+                    held.own_versions.pop_front();
+                }
+                held.own_versions.push_back(rv.clone());
+            }
         }
     }
 
@@ -360,6 +494,11 @@ impl SlicePlan {
         let key = (namespace.to_string(), name.to_string());
         match self.slices.get_mut(&key) {
             Some(slice) if slice.members.is_empty() => {
+                let uid = slice.written.as_ref().and_then(|w| w.uid.clone());
+                if self.recently_deleted.len() >= RECENTLY_DELETED {
+                    self.recently_deleted.pop_front();
+                }
+                self.recently_deleted.push_back((key.clone(), uid));
                 self.slices.remove(&key);
             }
             Some(slice) => {
@@ -375,9 +514,7 @@ impl SlicePlan {
     pub fn observed(&mut self, namespace: &str, name: &str, current: Option<&PeerSlice>) {
         let key = (namespace.to_string(), name.to_string());
         if let Some(slice) = self.slices.get_mut(&key) {
-            slice.written = current.and_then(|c| {
-                c.metadata.resource_version.clone().map(|resource_version| Written { resource_version, body: body_of(c) })
-            });
+            slice.written = current.and_then(Written::of);
             self.dirty.insert(key);
         }
     }
@@ -407,11 +544,16 @@ impl SlicePlan {
     }
 }
 
+fn slice_key(slice: &PeerSlice) -> Option<SliceKey> {
+    Some((slice.metadata.namespace.clone()?, slice.metadata.name.clone()?))
+}
+
 fn pod_key(pod: &Pod) -> String {
     format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
 }
 
-/// What the operator did, for the operator's logs and the tests.
+/// What the operator did, for its metrics and status (`daemon::operator`), its logs and
+/// the tests. Shared by the operator's terms as leader.
 #[derive(Debug, Default)]
 pub struct OperatorCounters {
     pub created: AtomicU64,
@@ -421,8 +563,14 @@ pub struct OperatorCounters {
     pub conflicts: AtomicU64,
     /// Writes and reads that failed otherwise (retried after a pause).
     pub errors: AtomicU64,
-    /// Pod watch errors (the watcher retries with backoff).
+    /// Pod and PeerSlice watch errors (the watchers retry with backoff).
     pub watch_errors: AtomicU64,
+    /// Slices found changed, created or deleted by someone else (each put back or deleted).
+    pub repairs: AtomicU64,
+    /// As of the last event: slices held, pods in them, pods left out.
+    pub slices: AtomicU64,
+    pub pods: AtomicU64,
+    pub left_out: AtomicU64,
 }
 
 impl OperatorCounters {
@@ -430,16 +578,19 @@ impl OperatorCounters {
     pub fn writes(&self) -> u64 {
         self.created.load(Ordering::Relaxed) + self.replaced.load(Ordering::Relaxed) + self.deleted.load(Ordering::Relaxed)
     }
+
+    fn observe(&self, plan: &SlicePlan, repairs_before: u64) {
+        self.slices.store(plan.slices() as u64, Ordering::Relaxed);
+        self.pods.store(plan.pods() as u64, Ordering::Relaxed);
+        self.left_out.store(plan.left_out().len() as u64, Ordering::Relaxed);
+        self.repairs.store(repairs_before + plan.repairs(), Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
-    #[error("connecting to the Kubernetes API: {0}")]
-    Connect(#[source] kube::Error),
-    #[error("listing the existing PeerSlices: {0}")]
-    ListSlices(#[source] kube::Error),
-    #[error("starting the async runtime: {0}")]
-    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 #[derive(Debug, Clone)]
@@ -464,7 +615,33 @@ pub struct OperatorArgs {
     /// Gather pod changes this long before writing slices (milliseconds).
     #[arg(long, default_value_t = 100)]
     pub flush_ms: u64,
+    /// This replica's identity in the leader election (default: the pod name, else
+    /// `<hostname>-<pid>`).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// The namespace of the Lease the replicas elect a leader with.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "palisade-system")]
+    pub lease_namespace: String,
+    #[arg(long, default_value = "palisade-operator")]
+    pub lease_name: String,
+    /// How long a standby waits after the leader's last renewal before taking over (seconds).
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_secs: u64,
+    /// How long the leader tries to renew before it stops writing (milliseconds; shorter than
+    /// the lease duration).
+    #[arg(long, default_value_t = 10_000)]
+    pub renew_deadline_ms: u64,
+    /// How often the leader renews and a standby tries to acquire (milliseconds).
+    #[arg(long, default_value_t = 2_000)]
+    pub retry_period_ms: u64,
+    /// Metrics (`/metrics`) and status (`/healthz`: leader or standby, slices, pods, writes,
+    /// conflicts) address.
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    pub metrics_addr: std::net::SocketAddr,
 }
+
+/// Writes may go out while this says so (the replica leads); checked before each write.
+pub type WriteGate = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// The running operator. Dropping it stops it (slices stay as they are).
 pub struct Operator {
@@ -480,17 +657,17 @@ impl Drop for Operator {
 }
 
 impl Operator {
-    /// Lists the existing slices (adopted), then watches every Pod and writes slices.
-    pub async fn start(client: Client, config: OperatorConfig) -> Result<Operator, OperatorError> {
-        let slices: Api<PeerSlice> = Api::all(client.clone());
-        let mut plan = SlicePlan::new();
-        for slice in slices.list(&ListParams::default()).await.map_err(OperatorError::ListSlices)? {
-            plan.adopt(&slice);
-        }
-        let counters = Arc::new(OperatorCounters::default());
+    /// Starts an operator that writes unconditionally (one replica, no election).
+    pub fn start(client: Client, config: OperatorConfig) -> Operator {
+        Operator::start_gated(client, config, Arc::default(), Arc::new(|| true))
+    }
+
+    /// Lists the existing slices (adopted), then watches every Pod and every slice and writes
+    /// slices while `gate` says so.
+    pub fn start_gated(client: Client, config: OperatorConfig, counters: Arc<OperatorCounters>, gate: WriteGate) -> Operator {
         let (synced_tx, synced) = watch::channel(false);
-        let task = tokio::spawn(run_loop(client, plan, config, counters.clone(), synced_tx));
-        Ok(Operator { counters, synced, task: task.abort_handle() })
+        let task = tokio::spawn(run_loop(client, config, counters.clone(), synced_tx, gate));
+        Operator { counters, synced, task: task.abort_handle() }
     }
 
     pub fn counters(&self) -> &OperatorCounters {
@@ -503,7 +680,13 @@ impl Operator {
     }
 }
 
-async fn run_loop(client: Client, mut plan: SlicePlan, config: OperatorConfig, counters: Arc<OperatorCounters>, synced: watch::Sender<bool>) {
+async fn run_loop(client: Client, config: OperatorConfig, counters: Arc<OperatorCounters>, synced: watch::Sender<bool>, gate: WriteGate) {
+    let mut plan = SlicePlan::new();
+    let repairs_before = counters.repairs.load(Ordering::Relaxed);
+    // The slices are listed (and adopted) before the pods are read: the pods stream is not
+    // polled, hence not started, until then.
+    let slice_watch = watcher::watcher(Api::<PeerSlice>::all(client.clone()), watcher::Config::default()).default_backoff();
+    let mut slice_watch = std::pin::pin!(slice_watch);
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff();
     let mut pods = std::pin::pin!(pods);
     let mut tick = tokio::time::interval(config.flush_interval);
@@ -512,7 +695,15 @@ async fn run_loop(client: Client, mut plan: SlicePlan, config: OperatorConfig, c
     let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
         tokio::select! {
-            item = pods.next() => match item {
+            item = slice_watch.next() => match item {
+                Some(Ok(event)) => plan.slice_event(&event),
+                Some(Err(error)) => {
+                    counters.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "operator: PeerSlice watch error (retried)");
+                }
+                None => break,
+            },
+            item = pods.next(), if plan.adopted() => match item {
                 Some(Ok(event)) => {
                     listed |= matches!(event, Event::InitDone);
                     plan.apply(&event);
@@ -527,7 +718,7 @@ async fn run_loop(client: Client, mut plan: SlicePlan, config: OperatorConfig, c
                 if retry.is_some_and(|(at, _)| tokio::time::Instant::now() < at) {
                     continue;
                 }
-                let failed = flush(&client, &mut plan, &counters).await;
+                let failed = flush(&client, &mut plan, &counters, &gate).await;
                 retry = if failed {
                     let pause = retry.map_or(config.retry_min, |(_, p)| (p * 2).min(config.retry_max));
                     Some((tokio::time::Instant::now() + pause, pause))
@@ -540,7 +731,98 @@ async fn run_loop(client: Client, mut plan: SlicePlan, config: OperatorConfig, c
                 }
             }
         }
+        counters.observe(&plan, repairs_before);
     }
+}
+
+/// `palisade operator` with leader election: every replica runs one; the one holding the
+/// Lease runs an [`Operator`] (from a fresh plan: it adopts the slices it finds, so a takeover
+/// with no pod change writes nothing), the others stand by without reading pods or slices.
+/// Leadership lost stops the writes at once (each write checks the election first) and the
+/// operator with them. Dropping it stops everything without releasing the Lease (a crash: a
+/// standby takes over when the lease runs out); [`Self::shutdown`] releases it.
+pub struct ElectedOperator {
+    elector: Option<LeaderElector>,
+    counters: Arc<OperatorCounters>,
+    synced: watch::Receiver<bool>,
+    supervisor: tokio::task::AbortHandle,
+}
+
+impl Drop for ElectedOperator {
+    fn drop(&mut self) {
+        self.supervisor.abort();
+    }
+}
+
+impl ElectedOperator {
+    pub fn start(client: Client, config: OperatorConfig, lease: LeaseConfig) -> Result<ElectedOperator, OperatorError> {
+        let elector = LeaderElector::start(client.clone(), lease)?;
+        let counters = Arc::new(OperatorCounters::default());
+        let (synced_tx, synced) = watch::channel(false);
+        let supervisor = tokio::spawn(supervise(client, config, counters.clone(), elector.state(), synced_tx));
+        Ok(ElectedOperator { elector: Some(elector), counters, synced, supervisor: supervisor.abort_handle() })
+    }
+
+    pub fn counters(&self) -> &Arc<OperatorCounters> {
+        &self.counters
+    }
+
+    pub fn lease_counters(&self) -> Option<Arc<LeaseCounters>> {
+        self.elector.as_ref().map(|e| e.counters().clone())
+    }
+
+    /// The election as this replica sees it.
+    pub fn state(&self) -> watch::Receiver<LeaderState> {
+        self.elector.as_ref().map(LeaderElector::state).unwrap_or_else(|| watch::channel(LeaderState::default()).1)
+    }
+
+    /// True while this replica leads and its slices are in sync with the pods.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.clone()
+    }
+
+    /// Stops writing, then releases the Lease if this replica holds it (SIGTERM), so a standby
+    /// takes over at once. Returns whether a Lease was released.
+    pub async fn shutdown(mut self) -> Result<bool, OperatorError> {
+        self.supervisor.abort();
+        let Some(elector) = self.elector.take() else { return Ok(false) };
+        Ok(elector.release().await?)
+    }
+}
+
+async fn supervise(client: Client, config: OperatorConfig, counters: Arc<OperatorCounters>, mut state: watch::Receiver<LeaderState>, synced: watch::Sender<bool>) {
+    loop {
+        if state.wait_for(|s| s.leading).await.is_err() {
+            return;
+        }
+        let gate_state = state.clone();
+        let gate: WriteGate = Arc::new(move || gate_state.borrow().leading);
+        let operator = Operator::start_gated(client.clone(), config.clone(), counters.clone(), gate);
+        let mut operator_synced = operator.synced();
+        loop {
+            tokio::select! {
+                changed = state.changed() => {
+                    if changed.is_err() || !state.borrow_and_update().leading {
+                        break;
+                    }
+                }
+                changed = operator_synced.changed() => {
+                    if changed.is_ok() {
+                        let now = *operator_synced.borrow_and_update();
+                        synced.send_replace(now);
+                    }
+                }
+            }
+        }
+        drop(operator);
+        synced.send_replace(false);
+        tracing::warn!("operator: no longer leading; slice writes stopped");
+    }
+}
+
+/// The identity a replica takes when none is given: `<hostname>-<pid>`.
+pub fn default_identity() -> String {
+    format!("{}-{}", crate::sys::hostname(), std::process::id())
 }
 
 fn slice_object(namespace: &str, name: &str, resource_version: Option<&str>, body: &Value) -> PeerSlice {
@@ -559,13 +841,18 @@ fn slice_object(namespace: &str, name: &str, resource_version: Option<&str>, bod
     }
 }
 
-/// Makes the plan's writes; true when one failed otherwise than by a conflict.
-async fn flush(client: &Client, plan: &mut SlicePlan, counters: &OperatorCounters) -> bool {
+/// Makes the plan's writes while `gate` allows; true when one failed otherwise than by a
+/// conflict. Writes the gate stops stay pending.
+async fn flush(client: &Client, plan: &mut SlicePlan, counters: &OperatorCounters, gate: &WriteGate) -> bool {
     let mut failed = false;
     let params = PostParams { dry_run: false, field_manager: Some(FIELD_MANAGER.to_string()) };
     for write in plan.writes() {
         let (namespace, name) = write.target();
         let (namespace, name) = (namespace.to_string(), name.to_string());
+        if !gate() {
+            plan.failed(&namespace, &name);
+            continue;
+        }
         let api: Api<PeerSlice> = Api::namespaced(client.clone(), &namespace);
         let result = match &write {
             Write::Create { body, .. } => api.create(&params, &slice_object(&namespace, &name, None, body)).await.map(|s| {
@@ -624,23 +911,6 @@ async fn flush(client: &Client, plan: &mut SlicePlan, counters: &OperatorCounter
     failed
 }
 
-/// `palisade operator`: runs until SIGTERM or Ctrl-C.
-pub fn run(args: OperatorArgs) -> Result<(), OperatorError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(OperatorError::Runtime)?;
-    runtime.block_on(async {
-        let client = Client::try_default().await.map_err(OperatorError::Connect)?;
-        let config = OperatorConfig { flush_interval: Duration::from_millis(args.flush_ms.max(1)), ..OperatorConfig::default() };
-        let _operator = Operator::start(client, config).await?;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(OperatorError::Runtime)?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("operator: stopping (slices stay as they are)");
-        Ok(())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,7 +935,12 @@ mod tests {
             match write {
                 Write::Create { body, .. } | Write::Replace { body, .. } => {
                     *rv += 1;
-                    let slice = slice_object(ns, name, Some(&rv.to_string()), body);
+                    let mut slice = slice_object(ns, name, Some(&rv.to_string()), body);
+                    // The API server keeps an object's uid across replaces and gives a new one to a create.
+                    slice.metadata.uid = match write {
+                        Write::Create { .. } => Some(format!("uid-{rv}")),
+                        _ => api.get(&key).and_then(|s| s.metadata.uid.clone()),
+                    };
                     plan.written(&slice);
                     api.insert(key, slice);
                 }
@@ -797,6 +1072,69 @@ mod tests {
         // A slice deleted underneath is created again.
         plan.observed("shop", "shop-0", None);
         assert!(matches!(plan.writes().as_slice(), [Write::Create { .. }]));
+    }
+
+    #[test]
+    fn the_watch_of_the_slices_puts_back_what_someone_else_changed_and_ignores_its_own_writes() {
+        let mut plan = SlicePlan::new();
+        plan.slice_event(&Event::Init);
+        plan.slice_event(&Event::InitDone);
+        assert!(plan.adopted(), "an empty first list is adopted too");
+        listed(&mut plan, &[pod("shop", "a", "n1", "web", "10.0.0.1")]);
+        let (mut api, mut rv) = (BTreeMap::new(), 0);
+        commit(&mut plan, &mut api, &mut rv);
+        let key = ("shop".to_string(), "shop-0".to_string());
+        let first = api[&key].clone();
+        plan.apply(&Event::Apply(pod("shop", "a", "n1", "api", "10.0.0.1")));
+        commit(&mut plan, &mut api, &mut rv);
+        // Its own writes coming back, the older one late: nothing to do.
+        plan.slice_event(&Event::Apply(first.clone()));
+        plan.slice_event(&Event::Apply(api[&key].clone()));
+        assert!(plan.writes().is_empty());
+        assert_eq!(plan.repairs(), 0);
+
+        // Someone else's version: written back over it, conditional on theirs.
+        let mut theirs = api[&key].clone();
+        theirs.peers = json!([{"pod": "a", "identity": 1, "ips": ["10.6.6.6"]}]);
+        rv += 1;
+        theirs.metadata.resource_version = Some(rv.to_string());
+        api.insert(key.clone(), theirs.clone());
+        plan.slice_event(&Event::Apply(theirs.clone()));
+        assert_eq!(plan.repairs(), 1);
+        let writes = commit(&mut plan, &mut api, &mut rv);
+        assert!(
+            matches!(&writes[..], [Write::Replace { resource_version, .. }] if Some(resource_version) == theirs.metadata.resource_version.as_ref()),
+            "{writes:?}"
+        );
+        assert_eq!(api[&key].peers[0]["ips"][0], "10.0.0.1");
+
+        // Deleted by someone else: created again. Late events of the earlier object of that
+        // name change nothing.
+        let gone = api.remove(&key).expect("slice");
+        plan.slice_event(&Event::Delete(gone.clone()));
+        let writes = commit(&mut plan, &mut api, &mut rv);
+        assert!(matches!(&writes[..], [Write::Create { .. }]), "{writes:?}");
+        assert_eq!(plan.repairs(), 2);
+        plan.slice_event(&Event::Delete(gone));
+        plan.slice_event(&Event::Apply(first));
+        assert!(plan.writes().is_empty());
+
+        // A slice it did not write (agents would take its peers): deleted, conditionally.
+        let mut forged = api[&key].clone();
+        forged.metadata.name = Some("shop-forged".into());
+        forged.metadata.uid = Some("uid-forged".into());
+        forged.metadata.resource_version = Some("99".into());
+        plan.slice_event(&Event::Apply(forged));
+        let writes = plan.writes();
+        assert!(matches!(&writes[..], [Write::Delete { name, resource_version, .. }] if name == "shop-forged" && resource_version == "99"), "{writes:?}");
+        plan.deleted("shop", "shop-forged");
+        assert_eq!(plan.repairs(), 3);
+
+        // A relist that does not list a slice: deleted meanwhile, created again.
+        plan.slice_event(&Event::Init);
+        plan.slice_event(&Event::InitDone);
+        assert!(matches!(plan.writes().as_slice(), [Write::Create { name, .. }] if name == "shop-0"));
+        assert_eq!(plan.repairs(), 4);
     }
 
     #[test]

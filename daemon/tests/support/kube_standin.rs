@@ -2,6 +2,8 @@
 //! CA of its own) server on 127.0.0.1 that requires a bearer token, as API servers do, and speaks
 //! the real list/watch protocol (resourceVersions, chunked watch streams of JSON events, bookmarks,
 //! `410 Gone` after compaction), takes merge PATCHes and Event POSTs (recorded for assertions),
+//! creates, conditional updates (PUT: `409 Conflict` on a stale resourceVersion) and deletes
+//! (with preconditions) of PeerSlices and Leases,
 //! and can fail the way API servers do (500s, connections dropped on accept, watch streams cut).
 //!
 //! Used in-process by `k8s_api.rs` (a kube client from [`StandIn::client`]) and, through a
@@ -37,6 +39,9 @@ pub enum Kind {
     Quarantine,
     /// palisade.io/v1alpha1 PeerSlice (namespaced; written by `palisade operator`).
     PeerSlice,
+    /// coordination.k8s.io/v1 Lease (namespaced; the operator's leader election). Updates are
+    /// conditional on the resourceVersion in the body, as on the API server.
+    Lease,
 }
 
 impl Kind {
@@ -48,6 +53,7 @@ impl Kind {
             Some("Event") => Kind::Event,
             Some("Quarantine") => Kind::Quarantine,
             Some("PeerSlice") => Kind::PeerSlice,
+            Some("Lease") => Kind::Lease,
             other => panic!("stand-in does not serve kind {other:?}"),
         }
     }
@@ -59,6 +65,7 @@ impl Kind {
             Kind::Event => "events",
             Kind::Quarantine => "quarantines",
             Kind::PeerSlice => "peerslices",
+            Kind::Lease => "leases",
         }
     }
     pub fn kind(self) -> &'static str {
@@ -69,12 +76,14 @@ impl Kind {
             Kind::Event => "Event",
             Kind::Quarantine => "Quarantine",
             Kind::PeerSlice => "PeerSlice",
+            Kind::Lease => "Lease",
         }
     }
     pub fn group(self) -> &'static str {
         match self {
             Kind::NetworkPolicy => "networking.k8s.io",
             Kind::Quarantine | Kind::PeerSlice => "palisade.io",
+            Kind::Lease => "coordination.k8s.io",
             _ => "",
         }
     }
@@ -86,6 +95,7 @@ impl Kind {
             Kind::Event => "EventList",
             Kind::Quarantine => "QuarantineList",
             Kind::PeerSlice => "PeerSliceList",
+            Kind::Lease => "LeaseList",
         }
     }
     pub fn api_version(self) -> &'static str {
@@ -93,6 +103,7 @@ impl Kind {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::Quarantine => "palisade.io/v1",
             Kind::PeerSlice => "palisade.io/v1alpha1",
+            Kind::Lease => "coordination.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -254,6 +265,9 @@ pub struct StandIn {
     /// Response body bytes sent (lists, watch events, everything else), as written to the
     /// connection before TLS: what a client receives, for the cluster-scale benchmark.
     bytes_sent: Arc<AtomicU64>,
+    /// The same, by the user the request authenticated as (so a benchmark can tell what the
+    /// agent received from what the operator did).
+    bytes_by_user: Arc<Mutex<BTreeMap<String, Arc<AtomicU64>>>>,
     /// List responses sent gzip-compressed.
     gzipped_lists: Arc<AtomicU64>,
 }
@@ -347,6 +361,7 @@ impl StandIn {
             ca_pem: Arc::new(ca.pem.clone()),
             token: Arc::new(token),
             bytes_sent: Arc::new(AtomicU64::new(0)),
+            bytes_by_user: Arc::default(),
             gzipped_lists: Arc::new(AtomicU64::new(0)),
         };
         let server = this.clone();
@@ -423,6 +438,15 @@ impl StandIn {
     /// Response body bytes sent so far (see the field).
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Response body bytes sent so far to requests of `user` (e.g. [`AGENT_USER`]).
+    pub fn bytes_sent_to(&self, user: &str) -> u64 {
+        self.user_bytes(user).load(Ordering::Relaxed)
+    }
+
+    fn user_bytes(&self, user: &str) -> Arc<AtomicU64> {
+        self.bytes_by_user.lock().expect("stand-in byte counters").entry(user.to_string()).or_default().clone()
     }
 
     /// How many list responses went out gzip-compressed.
@@ -535,9 +559,18 @@ impl StandIn {
     /// `handle`, counting what the response body sends: a whole body here, a watch stream's
     /// events as they go out (in `handle`).
     async fn handle_counted(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let user = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|t| self.lock().users.get(t).map(|u| u.name.clone()));
         let response = self.handle(req).await;
         if let Some(length) = hyper::body::Body::size_hint(response.body()).exact() {
             self.bytes_sent.fetch_add(length, Ordering::Relaxed);
+            if let Some(user) = &user {
+                self.user_bytes(user).fetch_add(length, Ordering::Relaxed);
+            }
         }
         response
     }
@@ -603,6 +636,8 @@ impl StandIn {
             ["apis", "palisade.io", "v1alpha1", "namespaces", ns, "peerslices", name] => {
                 Some((Kind::PeerSlice, Some(*ns), Some(*name), None))
             }
+            ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"] => Some((Kind::Lease, Some(*ns), None, None)),
+            ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name] => Some((Kind::Lease, Some(*ns), Some(*name), None)),
             ["apis", "palisade.io", "v1", "namespaces", ns, "quarantines", name, "status"] => {
                 Some((Kind::Quarantine, Some(*ns), Some(*name), Some("status")))
             }
@@ -696,11 +731,13 @@ impl StandIn {
                     cluster.watches.push(WatchSub { kind, node, bookmarks, tx });
                 }
                 let sent = self.bytes_sent.clone();
+                let sent_to_user = self.user_bytes(&user.name);
                 let stream = futures::stream::unfold(rx, move |mut rx| {
-                    let sent = sent.clone();
+                    let (sent, sent_to_user) = (sent.clone(), sent_to_user.clone());
                     async move {
                         let bytes = rx.recv().await?;
                         sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        sent_to_user.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                         Some((Ok::<_, Infallible>(Frame::data(bytes)), rx))
                     }
                 });
