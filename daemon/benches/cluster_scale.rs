@@ -19,6 +19,15 @@
 //!    2 ms). Then the agent's CPU over the churn (until every change is in the maps, at most 60 s
 //!    after the last), its RSS before and after, and the bytes it received.
 //!
+//! `BENCH_PEERS` (default `pods,slices`) says where the agent takes its peers from, each size
+//! run in both modes one after the other: `pods` (it watches every Pod of the cluster) or
+//! `slices` (`--peers slices`: a `palisade operator` process, started first against the same
+//! stand-in, watches the pods and publishes PeerSlices, which the agent watches; it never reads
+//! the cluster's pods). For the operator the bench reads the same: its CPU and RSS at "PeerSlices
+//! in sync" and over the churn, the bytes it received, its slice writes; the change-to-map
+//! latency then includes the operator's flush interval (`BENCH_FLUSH_MS`, default 100, as
+//! deployed). Bytes are counted per client (the stand-in knows each by its token).
+//!
 //! `BENCH_ROUNDS` (default 1) repeats the churn on the same agent with fresh label values, the
 //! RSS read after each round: growth that stops after the first round is the allocator's high
 //! water mark, growth in every round a leak. `BENCH_AGENT=PATH` runs another build of the agent
@@ -43,13 +52,31 @@ use aya::maps::{LpmTrie, Map, MapData};
 use palisade_common::{IpAddrKey, IpCacheValue, MAP_SEG_IPCACHE};
 use serde_json::{Value, json};
 use support::daemon::PALISADE;
-use support::kube_standin::{BlockingStandIn, Kind};
+use support::kube_standin::{AGENT_USER, BlockingStandIn, Kind};
 
 const AGENT_NODE: &str = "bench-agent";
 const NAMESPACES: usize = 50;
 const POLICIES_PER_NAMESPACE: usize = 4;
 const NODES: usize = 100;
 const APPS_PER_NAMESPACE: usize = 20;
+/// The operator's user at the stand-in.
+const OPERATOR_USER: &str = "palisade-operator";
+
+/// Where the agent takes its peers from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peers {
+    Pods,
+    Slices,
+}
+
+impl Peers {
+    fn name(self) -> &'static str {
+        match self {
+            Peers::Pods => "pods",
+            Peers::Slices => "slices",
+        }
+    }
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.replace('_', "").parse().ok()).unwrap_or(default)
@@ -68,19 +95,42 @@ fn main() {
     let changes = env_usize("BENCH_CHANGES", 1000);
     let churn = Duration::from_secs(env_usize("BENCH_CHURN_SECS", 10) as u64);
     let rounds = env_usize("BENCH_ROUNDS", 1).max(1);
+    let modes: Vec<Peers> = std::env::var("BENCH_PEERS")
+        .unwrap_or_else(|_| "pods,slices".into())
+        .split(',')
+        .filter_map(|m| match m.trim() {
+            "pods" => Some(Peers::Pods),
+            "slices" => Some(Peers::Slices),
+            _ => None,
+        })
+        .collect();
     println!("cluster_scale: agent {}", agent_binary());
     println!("load before: {}", load());
-    let mut rows = Vec::new();
+    let (mut rows, mut operator_rows) = (Vec::new(), Vec::new());
     for pods in sizes {
-        rows.push(run(pods, changes.min(pods), churn, rounds));
+        for &mode in &modes {
+            let (row, operator_row) = run(pods, mode, changes.min(pods), churn, rounds);
+            rows.push(row);
+            operator_rows.extend(operator_row);
+        }
     }
     println!();
+    println!("agent:");
     println!(
-        "| cluster pods | bytes to running | CPU to source synced | CPU to running | RSS | churn: changes | CPU | CPU per change | RSS before -> after (each round) | p50 | p99 | max | not seen | bytes | load |"
+        "| cluster pods | peers | bytes to running | CPU to source synced | CPU to running | RSS | churn: changes | CPU | CPU per change | RSS before -> after (each round) | p50 | p99 | max | not seen | bytes | load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
+    }
+    if !operator_rows.is_empty() {
+        println!();
+        println!("operator:");
+        println!("| cluster pods | bytes to in sync | CPU to in sync | RSS | slices | churn: CPU | CPU per change | RSS before -> after | slice writes | bytes |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for r in operator_rows {
+            println!("{r}");
+        }
     }
 }
 
@@ -242,8 +292,8 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(api: &BlockingStandIn, pods: usize) -> Agent {
-        let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster-scale").join(pods.to_string());
+    fn start(api: &BlockingStandIn, pods: usize, peers: Peers) -> Agent {
+        let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster-scale").join(format!("{pods}-{}", peers.name()));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).expect("work directory");
         let kubeconfig = work.join("kubeconfig");
@@ -253,7 +303,7 @@ impl Agent {
         let log = work.join("agent.log");
         let mut command = Command::new(agent_binary());
         command
-            .args(["run", "--kubernetes", "--node-name", AGENT_NODE, "--no-metrics"])
+            .args(["run", "--kubernetes", "--node-name", AGENT_NODE, "--no-metrics", "--peers", peers.name()])
             .arg("--state-dir")
             .arg(work.join("state"))
             .arg("--pin-dir")
@@ -295,28 +345,12 @@ impl Agent {
         lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
-    /// utime + stime, seconds.
     fn cpu(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command (in parentheses, may hold spaces): state is field 3.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        // utime is field 14, stime 15: indexes 11 and 12 after the command.
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        (ticks(11) + ticks(12)) as f64 / hz
+        cpu_of(self.pid())
     }
 
-    /// VmRSS, MiB.
     fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
+        rss_mib_of(self.pid())
     }
 
     fn ipcache(&self) -> LpmTrie<MapData, IpAddrKey, IpCacheValue> {
@@ -339,6 +373,94 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (in parentheses, may hold spaces): state is field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime is field 14, stime 15: indexes 11 and 12 after the command.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+/// VmRSS of a process, MiB.
+fn rss_mib_of(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+}
+
+/// `palisade operator` against the stand-in (its own user and token), one replica: it takes the
+/// Lease at once.
+struct OperatorProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl OperatorProcess {
+    fn start(api: &BlockingStandIn, pods: usize) -> OperatorProcess {
+        let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster-scale").join(format!("{pods}-operator"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).expect("work directory");
+        let kubeconfig = work.join("kubeconfig");
+        let token = api.add_user(OPERATOR_USER, &[]);
+        api.write_kubeconfig_with_token(&kubeconfig, &token);
+        let log = work.join("operator.log");
+        let flush_ms = env_usize("BENCH_FLUSH_MS", 100).to_string();
+        let mut command = Command::new(agent_binary());
+        command
+            .args(["operator", "--identity", "bench-operator", "--metrics-addr", "127.0.0.1:0", "--flush-ms", &flush_ms])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("operator log"));
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.spawn().unwrap_or_else(|e| panic!("starting {} operator: {e}", agent_binary()));
+        OperatorProcess { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the operator exited ({status}) before {needle:?}:\n{text}");
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} from the operator within {timeout:?}:\n{text}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -374,8 +496,12 @@ struct Pending {
     sent: Instant,
 }
 
-fn run(pods: usize, changes: usize, churn: Duration, rounds: usize) -> String {
-    println!("\n== {pods} pods ({NAMESPACES} namespaces, {} policies, {NODES} nodes, none the agent's)", NAMESPACES * POLICIES_PER_NAMESPACE);
+fn run(pods: usize, peers: Peers, changes: usize, churn: Duration, rounds: usize) -> (String, Option<String>) {
+    println!(
+        "\n== {pods} pods ({NAMESPACES} namespaces, {} policies, {NODES} nodes, none the agent's), peers from {}",
+        NAMESPACES * POLICIES_PER_NAMESPACE,
+        peers.name()
+    );
     let api = BlockingStandIn::start();
     let generated = Instant::now();
     let mut objects: Vec<Value> = (0..NAMESPACES).map(namespace).collect();
@@ -385,14 +511,29 @@ fn run(pods: usize, changes: usize, churn: Duration, rounds: usize) -> String {
     api.preload(objects);
     println!("stand-in: {pods} pods of ~{pod_bytes} bytes of JSON each, loaded in {:.1} s", generated.elapsed().as_secs_f64());
 
+    let mut operator = (peers == Peers::Slices).then(|| {
+        let load_start = load();
+        let mut operator = OperatorProcess::start(&api, pods);
+        operator.wait_log("PeerSlices in sync", Duration::from_secs(600));
+        let cpu = cpu_of(operator.pid());
+        let bytes = api.bytes_sent_to(OPERATOR_USER);
+        std::thread::sleep(Duration::from_secs(3));
+        let rss = rss_mib_of(operator.pid());
+        let slices = api.count("peerslices", "create");
+        println!(
+            "operator: {} received to in sync, CPU {cpu:.2} s, RSS {rss:.0} MiB, {slices} slices created (load {load_start})",
+            mb(bytes)
+        );
+        (operator, OperatorStart { cpu, bytes, rss, slices })
+    });
     let load_start = load();
-    let mut agent = Agent::start(&api, pods);
+    let mut agent = Agent::start(&api, pods, peers);
     agent.wait_log("Kubernetes source synced", Duration::from_secs(600));
     let cpu_synced = agent.cpu();
-    let bytes_synced = api.bytes_sent();
+    let bytes_synced = api.bytes_sent_to(AGENT_USER);
     agent.wait_log("palisade is running", Duration::from_secs(600));
     let cpu_running = agent.cpu();
-    let bytes_running = api.bytes_sent();
+    let bytes_running = api.bytes_sent_to(AGENT_USER);
     std::thread::sleep(Duration::from_secs(3));
     let rss_running = agent.rss_mib();
     api.forget_requests();
@@ -408,12 +549,30 @@ fn run(pods: usize, changes: usize, churn: Duration, rounds: usize) -> String {
     let map = agent.ipcache();
     let first = pod_ip(0);
     assert!(identity_of(&map, first).is_some(), "{first} is not in the agent's SEG_IPCACHE: peers are not in the maps");
-    let figures: Vec<Churn> = (0..rounds).map(|round| churn_round(&agent, &api, pods, changes, churn, round)).collect();
+    let operator_pid = operator.as_ref().map(|(o, _)| o.pid());
+    let figures: Vec<Churn> = (0..rounds).map(|round| churn_round(&agent, operator_pid, &api, pods, changes, churn, round)).collect();
     drop(agent);
     let c = &figures[0];
+    let operator_row = operator.take().map(|(process, start)| {
+        drop(process);
+        let rss_rounds = figures.iter().map(|f| format!("{:.0}", f.operator.rss_after)).collect::<Vec<_>>().join(" -> ");
+        format!(
+            "| {pods} | {} | {:.2} s | {:.0} MiB | {} | {:.2} s | {:.2} ms | {:.0} -> {rss_rounds} MiB | {} | {} |",
+            mb(start.bytes),
+            start.cpu,
+            start.rss,
+            start.slices,
+            c.operator.cpu,
+            c.operator.cpu * 1e3 / changes.max(1) as f64,
+            c.operator.rss_before,
+            c.operator.writes,
+            mb(c.operator.bytes),
+        )
+    });
     let rss_rounds = figures.iter().map(|f| format!("{:.0}", f.rss_after)).collect::<Vec<_>>().join(" -> ");
-    format!(
-        "| {pods} | {} | {cpu_synced:.2} s | {cpu_running:.2} s | {rss_running:.0} MiB | {changes} | {:.2} s | {:.2} ms | {:.0} -> {rss_rounds} MiB | {} | {} | {} | {} | {} | {} |",
+    let row = format!(
+        "| {pods} | {} | {} | {cpu_synced:.2} s | {cpu_running:.2} s | {rss_running:.0} MiB | {changes} | {:.2} s | {:.2} ms | {:.0} -> {rss_rounds} MiB | {} | {} | {} | {} | {} | {} |",
+        peers.name(),
         mb(bytes_running),
         c.cpu,
         c.cpu * 1e3 / changes.max(1) as f64,
@@ -424,7 +583,26 @@ fn run(pods: usize, changes: usize, churn: Duration, rounds: usize) -> String {
         c.missing,
         mb(c.bytes),
         c.load,
-    )
+    );
+    (row, operator_row)
+}
+
+/// The operator's start-up.
+struct OperatorStart {
+    cpu: f64,
+    bytes: u64,
+    rss: f64,
+    slices: usize,
+}
+
+/// What one round of churn cost the operator (zeros when there is none).
+#[derive(Default)]
+struct OperatorChurn {
+    cpu: f64,
+    rss_before: f64,
+    rss_after: f64,
+    writes: usize,
+    bytes: u64,
 }
 
 /// What one round of churn cost.
@@ -434,13 +612,15 @@ struct Churn {
     rss_after: f64,
     latencies: Vec<Duration>,
     missing: usize,
+    /// Received by the agent.
     bytes: u64,
     load: String,
+    operator: OperatorChurn,
 }
 
 /// `changes` label changes over `churn`, each on a different pod and to a label set no pod had
 /// before (`round` makes the values differ from the previous rounds').
-fn churn_round(agent: &Agent, api: &BlockingStandIn, pods: usize, changes: usize, churn: Duration, round: usize) -> Churn {
+fn churn_round(agent: &Agent, operator: Option<u32>, api: &BlockingStandIn, pods: usize, changes: usize, churn: Duration, round: usize) -> Churn {
     // Distinct pods (7919 is prime, so i * 7919 mod N visits N distinct pods).
     let map = agent.ipcache();
     let pending: Arc<Mutex<Vec<Pending>>> = Arc::new(Mutex::new(Vec::new()));
@@ -472,8 +652,9 @@ fn churn_round(agent: &Agent, api: &BlockingStandIn, pods: usize, changes: usize
         })
     };
     let rss_before = agent.rss_mib();
-    let bytes_before = api.bytes_sent();
+    let bytes_before = api.bytes_sent_to(AGENT_USER);
     let cpu_before = agent.cpu();
+    let operator_before = operator.map(|pid| (cpu_of(pid), rss_mib_of(pid), api.bytes_sent_to(OPERATOR_USER), slice_writes(api)));
     let load_churn = load();
     let started = Instant::now();
     let period = churn / changes.max(1) as u32;
@@ -500,12 +681,34 @@ fn churn_round(agent: &Agent, api: &BlockingStandIn, pods: usize, changes: usize
         std::thread::sleep(Duration::from_millis(20));
     }
     let cpu_churn = agent.cpu() - cpu_before;
+    let operator_cpu = operator.zip(operator_before).map(|(pid, (cpu, ..))| cpu_of(pid) - cpu);
     done.store(true, Ordering::Relaxed);
     poller.join().expect("poller");
     let missing = pending.lock().expect("pending").len();
-    let bytes_churn = api.bytes_sent() - bytes_before;
+    let bytes_churn = api.bytes_sent_to(AGENT_USER) - bytes_before;
     std::thread::sleep(Duration::from_secs(2));
     let rss_after = agent.rss_mib();
+    let operator_churn = match (operator, operator_before, operator_cpu) {
+        (Some(pid), Some((_, rss, bytes, writes)), Some(cpu)) => OperatorChurn {
+            cpu,
+            rss_before: rss,
+            rss_after: rss_mib_of(pid),
+            writes: slice_writes(api) - writes,
+            bytes: api.bytes_sent_to(OPERATOR_USER) - bytes,
+        },
+        _ => OperatorChurn::default(),
+    };
+    if operator.is_some() {
+        println!(
+            "churn round {round}, operator: CPU {:.2} s ({:.2} ms per change); RSS {:.0} -> {:.0} MiB; {} slice writes; {} received",
+            operator_churn.cpu,
+            operator_churn.cpu * 1e3 / changes.max(1) as f64,
+            operator_churn.rss_before,
+            operator_churn.rss_after,
+            operator_churn.writes,
+            mb(operator_churn.bytes)
+        );
+    }
     let mut latencies = seen.lock().expect("seen").clone();
     latencies.sort();
     println!(
@@ -521,5 +724,11 @@ fn churn_round(agent: &Agent, api: &BlockingStandIn, pods: usize, changes: usize
         latencies.len(),
         mb(bytes_churn),
     );
-    Churn { cpu: cpu_churn, rss_before, rss_after, latencies, missing, bytes: bytes_churn, load: load_churn }
+    Churn { cpu: cpu_churn, rss_before, rss_after, latencies, missing, bytes: bytes_churn, load: load_churn, operator: operator_churn }
+}
+
+/// PeerSlice writes the stand-in has answered (requests are recorded from the last
+/// `forget_requests`).
+fn slice_writes(api: &BlockingStandIn) -> usize {
+    ["create", "update", "delete"].iter().map(|verb| api.count("peerslices", verb)).sum()
 }
