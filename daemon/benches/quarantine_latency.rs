@@ -125,13 +125,17 @@ fn sender(addr: &str) {
     socket.set_nonblocking(true).expect("nonblocking");
     let period_ns: u64 = std::env::var("BENCH_SEND_PERIOD_NS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let mut next = monotonic_now_ns();
+    let mut last = (0u64, 0u64, 0u64);
     loop {
         while monotonic_now_ns() < next {
             std::hint::spin_loop();
         }
         next += period_ns;
+        let switches_before = involuntary_switches();
+        let started = monotonic_now_ns();
         let result = socket.send_to(b"palisade-bench", addr);
         let now = monotonic_now_ns();
+        let switched = involuntary_switches() - switches_before;
         sends += 1;
         let passed = match result {
             Ok(_) => true,
@@ -140,10 +144,23 @@ fn sender(addr: &str) {
         };
         if passing != Some(passed) {
             passing = Some(passed);
-            let _ = writeln!(out, "{MARK}{} {now} {sends}", if passed { "pass" } else { "drop" });
+            // With a drop, when the send before it began and returned: a passing send that
+            // began after the map update returned would be a leak; a long gap before the first
+            // dropped send means the sender was not running, not that packets passed.
+            let _ = writeln!(out, "{MARK}{} {now} {sends} {started} {} {} {}", if passed { "pass" } else { "drop" }, last.0, last.1, last.2);
             let _ = out.flush();
         }
+        last = (started, now, switched);
     }
+}
+
+/// The calling thread's involuntary context switches so far.
+fn involuntary_switches() -> u64 {
+    // SAFETY: a zeroed rusage is a valid out-parameter for getrusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is writable; RUSAGE_THREAD is the calling thread.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    usage.ru_nivcsw as u64
 }
 
 /// Keeps the pipeline and the busy sender off each other's core (this VM has two), so the
@@ -221,12 +238,19 @@ impl Role {
 
     /// The time of the next `what` transition and the sender's send count at that moment.
     fn wait_for(&self, what: &str) -> (u64, u64) {
+        let fields = self.wait_for_fields(what);
+        (fields[0], fields[1])
+    }
+
+    /// The numbers of the sender's next `what` line: return time, sends so far, this send's
+    /// start, the previous send's start and return.
+    fn wait_for_fields(&self, what: &str) -> Vec<u64> {
         loop {
             let line = self.lines.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|e| panic!("sender: no {what}: {e}"));
             let Some(rest) = line.strip_prefix(what) else { continue };
-            let mut fields = rest.split_whitespace().map(|f| f.parse::<u64>().ok());
-            if let (Some(Some(ns)), Some(Some(count))) = (fields.next(), fields.next()) {
-                return (ns, count);
+            let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse::<u64>().ok()).collect();
+            if fields.len() >= 5 {
+                return fields;
             }
         }
     }
@@ -593,8 +617,11 @@ fn run(cycles: usize) {
     let (service, _) = QuarantineService::start(config, Box::new(map), &inventory).expect("responder");
 
     // Probes: the daemon's load (priority ring and per-pod budgets on, as `palisade run` loads
-    // them), monitoring pod a, dup events on.
-    let options = LoadOptions { budgets: Some(EventBudgets::default()), ..LoadOptions::default() };
+    // them), monitoring pod a, dup events on. The pod's priority budget is raised: on a quiet
+    // machine the cycles come faster than the default 500 protected events/s, and past it the
+    // kernel sends them through the bulk ring (as it should), which is not the path measured.
+    let budgets = EventBudgets { pod_priority_rate: 1_000_000, pod_priority_burst: 1_000_000, ..EventBudgets::default() };
+    let options = LoadOptions { budgets: Some(budgets), ..LoadOptions::default() };
     let mut probes = loader::load(&options).expect("load probes");
     probes.attach_all(&options).expect("attach probes");
     let bulk_ring = probes.take_ring_buffer().expect("ring");
@@ -714,16 +741,31 @@ fn run(cycles: usize) {
     let mut phase2: [Vec<Sample>; 4] = Default::default();
     let mut to_drop: [Vec<u64>; 4] = Default::default();
     let mut update_to_drop: [Vec<u64>; 4] = Default::default();
+    let mut sender_gap: [Vec<u64>; 4] = Default::default();
+    let mut leaked_sends = [0u64; 4];
+    let mut last_pass_took: [Vec<u64>; 4] = Default::default();
+    let mut last_pass_switched = [0u64; 4];
     let mut to_drop_record: [Vec<u64>; 4] = Default::default();
     for n in 0..cycles {
         let m = m_of(n);
         while drops.next().is_some() {}
         let (sample, ktime) = cycle(n, mode_of(n), &mut trigger);
         to_drop_record[m].push(first_quarantine_drop(&mut drops, a_id).saturating_sub(ktime));
-        let (dropped, _) = sender.wait_for("drop");
+        let fields = sender.wait_for_fields("drop");
+        let (dropped, last_pass_started, last_pass_returned) = (fields[0], fields[3], fields[4]);
+        let update_returned = ktime + sample.total;
         to_drop[m].push(dropped.saturating_sub(ktime));
         // How long after the map update the sender saw the drop (its loop period bounds it).
-        update_to_drop[m].push(dropped.saturating_sub(ktime + sample.total));
+        update_to_drop[m].push(dropped.saturating_sub(update_returned));
+        // A send that began after the update returned and still passed would be a leak.
+        if last_pass_started > update_returned {
+            leaked_sends[m] += 1;
+        }
+        // From the last send that passed to the first that was dropped: the sender's own gap
+        // (one loop period when it kept running).
+        sender_gap[m].push(fields[2].saturating_sub(last_pass_returned));
+        last_pass_took[m].push(last_pass_returned.saturating_sub(last_pass_started));
+        last_pass_switched[m] += fields.get(5).copied().unwrap_or(0);
         phase2[m].push(sample);
         service.release("shop/a", "bench", "bench").expect("release");
         last_seen = sender.wait_for("pass");
@@ -778,6 +820,10 @@ fn run(cycles: usize) {
         row("first dropped packet (datapath drop record, kernel time)", std::mem::take(&mut to_drop_record[m]));
         row("first dropped packet (sender's EPERM)", std::mem::take(&mut to_drop[m]));
         row("  of which: map update returned -> sender's first EPERM", std::mem::take(&mut update_to_drop[m]));
+        row("  sender's last passing send returned -> its first dropped send began", std::mem::take(&mut sender_gap[m]));
+        println!("|  passing sends that began after the map update returned | {} | | |", leaked_sends[m]);
+        row("  the last passing send took", std::mem::take(&mut last_pass_took[m]));
+        println!("|  involuntary switches of the sender during its last passing send (all cycles) | {} | | |", last_pass_switched[m]);
     }
     println!();
     println!("| datapath alone, from inside the pod | n | p50 µs | p99 µs | max µs |");
