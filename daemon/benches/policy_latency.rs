@@ -31,7 +31,9 @@
 //!    inventory change cost before), `BENCH_POD_CHANGES` (default 200) changes.
 //!
 //! `BENCH_CHANGES` (default 1,000) changes per mode, singles and bursts each; `BENCH_MODES`
-//! (`file,kube,pod`). Run: `sudo cargo bench -p palisade --bench policy_latency` (release; add
+//! (`file,kube,pod`). `BENCH_PALISADE` runs another daemon binary in file mode and `BENCH_BUILD`
+//! labels the rows (before/after comparisons run two builds of this bench in turn, see
+//! scripts/policy-latency-interleaved.sh). Run: `sudo cargo bench -p palisade --bench policy_latency` (release; add
 //! `--profile dev` for a debug build, much slower). The machine is shared: note the load
 //! printed beside the figures.
 #[path = "../tests/support/mod.rs"]
@@ -71,7 +73,7 @@ fn main() {
     let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "file,kube,pod".into());
     let pod_changes = env_usize("BENCH_POD_CHANGES", 200);
     assert!(CHANGED_PORT_FIRST as usize + 2 * changes + burst < 65_536, "BENCH_CHANGES too large for the port space");
-    println!("policy_latency: daemon {PALISADE}; {changes} changes per mode, bursts of {burst}");
+    println!("policy_latency: daemon {}; {changes} changes per mode, bursts of {burst}", palisade());
     println!("load before: {}", load());
     let mut rows = Vec::new();
     for n in sizes {
@@ -195,10 +197,16 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
+/// The daemon binary file mode runs: `BENCH_PALISADE`, else this build's.
+fn palisade() -> String {
+    std::env::var("BENCH_PALISADE").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| PALISADE.to_string())
+}
+
 fn row(n: usize, path: &str, mut latencies: Vec<Duration>, cpu: f64, changes: usize, load: &str) -> String {
     latencies.sort();
+    let build = std::env::var("BENCH_BUILD").map(|b| format!("{b} | ")).unwrap_or_default();
     let line = format!(
-        "| {n} | {path} | {} | {} | {} | {} | {:.2} ms | {load} |",
+        "| {build}{n} | {path} | {} | {} | {} | {} | {:.2} ms | {load} |",
         latencies.len(),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
@@ -300,7 +308,7 @@ fn file_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/palisade-bench-policy-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pin_dir);
     let log = work.join("daemon.log");
-    let mut command = Command::new(PALISADE);
+    let mut command = Command::new(palisade());
     command
         .args(["run", "--no-metrics"])
         .arg("--inventory")
@@ -317,7 +325,7 @@ fn file_mode(n: usize, changes: usize, burst: usize) -> Vec<String> {
         .stderr(std::fs::File::create(&log).expect("daemon log"));
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let started = Instant::now();
-    let child = command.spawn().unwrap_or_else(|e| panic!("starting {PALISADE} run: {e}"));
+    let child = command.spawn().unwrap_or_else(|e| panic!("starting {} run: {e}", palisade()));
     let mut daemon = Daemon { child, log, pin_dir: pin_dir.clone() };
     wait_for_log(&mut daemon.child, &daemon.log, "palisade is running", Duration::from_secs(900));
     println!("daemon running after {:.1} s", started.elapsed().as_secs_f64());
@@ -416,7 +424,8 @@ fn kube_mode(n: usize, changes: usize, burst: usize, pod_changes: usize) -> Vec<
                 let key = expected_key(&ipcache, i, port);
                 let at = Instant::now();
                 let one = PolicySet::parse(&policy_yaml(i, port), Path::new("bench-policies.yaml")).expect("policy");
-                let index = set.policies.iter().position(|p| p.name == format!("p{i}")).expect("policy in the set");
+                let name = format!("p{i}");
+                let index = set.policies.iter().position(|p| p.name == name).expect("policy in the set");
                 set.policies[index] = one.policies.into_iter().next().expect("one policy");
                 made.push((key, at));
             }
