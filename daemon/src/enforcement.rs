@@ -241,6 +241,15 @@ impl Enforcer {
         Ok((stats, self.policy_report.clone()))
     }
 
+    /// [`Enforcer::reload_policies`] after the directory watcher reported changes to the
+    /// entries `changed`: only those are looked at again when that gives the same result
+    /// ([`Segmentation::load_policies_changed`]).
+    pub async fn reload_policies_changed(&mut self, changed: &[PathBuf]) -> Result<(SyncStats, PolicyReport), EnforcementError> {
+        self.policy_report = self.segmentation.load_policies_changed(&self.policy_paths, changed);
+        let stats = self.apply().await?;
+        Ok((stats, self.policy_report.clone()))
+    }
+
     /// Puts an already validated policy set in force (the Kubernetes source validates each
     /// object and keeps the last good version of one that breaks).
     /// A set that does not fit the maps is rejected as a whole (logged, in the status) and the
@@ -445,15 +454,14 @@ impl KernelPlan {
         // The sync adds before it removes; when the old and new POLICY entries together
         // do not fit, the allows that go away are dropped first (a moment of drops,
         // never of allows), so the sync never fails half way on a full map.
-        let step = {
+        let step = (datapath.policy_union_len(&compiled) > policy_capacity).then(|| {
             let held = datapath.policy_entries();
-            let union = held.len() + compiled.policy.keys().filter(|k| !held.contains_key(k)).count();
-            (union > policy_capacity).then(|| {
-                let mut step = Compiled::clone(&compiled);
-                step.policy.retain(|k, _| held.contains_key(k));
-                step
-            })
-        };
+            let mut step = Compiled::clone(&compiled);
+            step.policy.retain(|k, _| held.contains_key(k));
+            // Cut down by hand: synced by comparing every entry.
+            step.sync = Default::default();
+            step
+        });
         let sync_started = std::time::Instant::now();
         let mut sync = match &step {
             Some(step) => datapath.sync(ebpf, step).and_then(|_| datapath.sync(ebpf, &compiled)),

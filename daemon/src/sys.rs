@@ -243,6 +243,38 @@ mod mount_tests {
     }
 }
 
+/// A change [`watch_dir_changes`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirChange {
+    /// These paths changed (created, written, renamed, removed).
+    Paths(Vec<std::path::PathBuf>),
+    /// Changes may have been missed (the kernel's event queue overflowed, the watcher failed,
+    /// an event named no path): look at everything again.
+    Rescan,
+}
+
+/// [`watch_dir`], with what changed: the paths of each event, or [`DirChange::Rescan`] when
+/// the watcher cannot say.
+pub fn watch_dir_changes(dir: &Path) -> Result<(notify::RecommendedWatcher, tokio::sync::mpsc::UnboundedReceiver<DirChange>), notify::Error> {
+    use notify::Watcher as _;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) if event.kind.is_access() => {}
+        Ok(event) if event.need_rescan() || event.paths.is_empty() => {
+            let _ = tx.send(DirChange::Rescan);
+        }
+        Ok(event) => {
+            let _ = tx.send(DirChange::Paths(event.paths));
+        }
+        Err(err) => {
+            tracing::warn!(%err, "directory watcher: looking at every entry again");
+            let _ = tx.send(DirChange::Rescan);
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::Recursive)?;
+    Ok((watcher, rx))
+}
+
 /// Watches a directory (recursively); each change (not a mere access) sends a unit on the
 /// returned channel. The watcher stops when dropped.
 pub fn watch_dir(dir: &Path) -> Result<(notify::RecommendedWatcher, tokio::sync::mpsc::UnboundedReceiver<()>), notify::Error> {

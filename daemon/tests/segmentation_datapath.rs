@@ -491,6 +491,86 @@ fn policy_change_strict_stops_established_flows_the_new_policy_denies() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue 17: a change of one policy is put into the contents in force in place and written as
+/// a delta (only its keys), with real packets following it; the kernel's map then holds exactly
+/// what a full compile says, and a datapath that did not sync the generation before (adopted
+/// from the pins) compares everything and gets there too.
+#[test]
+fn a_policy_changed_in_place_reaches_the_kernel_as_a_delta() {
+    if !kernel_or_skip("a_policy_changed_in_place_reaches_the_kernel_as_a_delta") {
+        return;
+    }
+    let mut lab = Lab::new("d", &[("frontend-1", "198.18.1.17"), ("backend-1", "198.18.2.27"), ("db-1", "198.18.3.37")]);
+    lab.serve("backend-1", &[8080, 9090]);
+    lab.serve("db-1", &[20_007, 20_049, 21_007]);
+    let inv = lab.inventory(&[("frontend-1", "frontend"), ("backend-1", "backend"), ("db-1", "db")]);
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/palisade-test-delta-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let mut bpf = datapath::load(Some(&pin_dir)).expect("load eBPF object");
+    let mut dp = Datapath::adopt(&mut bpf).expect("datapath");
+    // The webapp policy and 50 more that each admit the frontend to the db on a port of their own.
+    let mut set = webapp_policy();
+    for i in 0..50 {
+        set.policies.extend(policies(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: db-{i}, namespace: webapp}}\nspec:\n  podSelector: {{matchLabels: {{app: db}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: frontend}}}}}}], ports: [{{port: {}}}]}}]\n",
+            20_000 + i
+        ))
+        .policies);
+    }
+    let mut seg = Segmentation::new(inv, set.clone());
+    let first = dp.sync(&mut bpf, seg.compiled()).expect("sync");
+    assert!(first.policy_added >= 51, "{first:?}");
+    for p in &lab.pods {
+        dp.attach(&mut bpf, &p.cgroup_abs).expect("attach");
+    }
+    assert!(lab.connects("frontend-1", "backend-1", 8080));
+    assert!(!lab.connects("frontend-1", "backend-1", 9090));
+
+    // The backend's policy moves from 8080 to 9090; the 50 others are the same objects.
+    let backend = set.policies.iter().position(|p| p.name == "backend-allow-frontend-only").expect("webapp policy");
+    let moved = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/webapp-netpol.yaml"))
+        .expect("webapp policy file")
+        .replace("port: 8080", "port: 9090");
+    set.policies[backend] = policies(&moved).policies.remove(0);
+    let stats = dp.sync(&mut bpf, seg.set_policies(set.clone())).expect("sync the change");
+    assert_eq!(seg.parts_compiled(), 1, "one policy compiled");
+    assert!(seg.compiled().sync.delta.is_some(), "updated in place");
+    assert_eq!((stats.policy_added, stats.policy_removed), (1, 1), "only the changed key written: {stats:?}");
+    assert_eq!(seg.compiled(), &seg.full_compile(), "in place equals a full compile");
+    assert!(lab.connects("frontend-1", "backend-1", 9090), "the new port passes");
+    assert!(!lab.connects("frontend-1", "backend-1", 8080), "the old port is dropped");
+    assert!(lab.connects("frontend-1", "db-1", 20_049), "the other policies stay");
+    assert!(!lab.connects("backend-1", "db-1", 20_049));
+
+    // What the kernel holds is the compiled contents, entry for entry.
+    let read_back = |bpf: &mut aya::Ebpf| -> BTreeMap<palisade_common::PolicyKey, palisade_common::PolicyValue> {
+        let map: aya::maps::HashMap<&aya::maps::MapData, palisade_common::PolicyKey, palisade_common::PolicyValue> =
+            aya::maps::HashMap::try_from(bpf.map(palisade_common::MAP_SEG_POLICY).expect("SEG_POLICY")).expect("hash map");
+        map.iter().map(|kv| kv.expect("entry")).collect()
+    };
+    assert_eq!(read_back(&mut bpf), seg.compiled().policy);
+
+    // A datapath adopted from the pins has not synced this generation: the next change (a
+    // delta against the last one) is written by comparing everything, and still lands.
+    let mut adopted = Datapath::adopt(&mut bpf).expect("adopt");
+    let db = set.policies.iter().position(|p| p.name == "db-7").expect("db-7");
+    set.policies[db] = policies(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db-7, namespace: webapp}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: frontend}}}], ports: [{port: 21007}]}]\n",
+    )
+    .policies
+    .remove(0);
+    let stats = adopted.sync(&mut bpf, seg.set_policies(set)).expect("sync after adopting");
+    assert!(seg.compiled().sync.delta.is_some(), "updated in place");
+    assert_eq!((stats.policy_added, stats.policy_removed), (1, 1), "{stats:?}");
+    assert_eq!(read_back(&mut bpf), seg.compiled().policy);
+    assert!(lab.connects("frontend-1", "db-1", 21_007));
+    assert!(!lab.connects("frontend-1", "db-1", 20_007));
+    drop(adopted);
+    drop(dp);
+    drop(bpf);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}
+
 #[test]
 fn policy_change_keep_carries_established_flows_until_they_idle_out() {
     if !kernel_or_skip("policy_change_keep_carries_established_flows_until_they_idle_out") {

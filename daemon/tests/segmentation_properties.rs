@@ -338,7 +338,7 @@ proptest! {
         let mut from_k8s = PolicySet::default();
         for object in &objects {
             match palisade::k8s::convert::network_policy(object) {
-                Ok(p) => from_k8s.policies.push(p),
+                Ok(p) => from_k8s.policies.push(std::sync::Arc::new(p)),
                 Err(e) => prop_assert!(false, "a valid policy was rejected: {e}\n{}", describe(&world, &policies)),
             }
         }
@@ -350,6 +350,7 @@ proptest! {
         for (a, b) in from_file.policies.iter_mut().zip(&from_k8s.policies) {
             // The source names the file or the object, in the warnings too.
             prop_assert_eq!(a.ignored.len(), b.ignored.len());
+            let a = std::sync::Arc::make_mut(a);
             a.source = b.source.clone();
             a.ignored = b.ignored.clone();
         }

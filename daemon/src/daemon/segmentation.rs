@@ -48,20 +48,32 @@ pub(super) fn watch_policies(state: &Arc<DaemonState>, policies: &super::sources
     use super::sources::PolicySource;
     Ok(match policies {
         PolicySource::Dir(dir) => {
-            let (watcher, mut changes) = crate::sys::watch_dir(dir).with_context(|| format!("watching {}", dir.display()))?;
+            let (watcher, mut changes) = crate::sys::watch_dir_changes(dir).with_context(|| format!("watching {}", dir.display()))?;
             let state = state.clone();
             tokio::spawn(async move {
-                // A change already taken off the channel (while settling) that is not reloaded yet.
-                let mut changed_again = false;
+                // What changed and is not reloaded yet (taken off the channel while settling,
+                // or queued during a reload).
+                let mut pending = PendingChanges::default();
                 loop {
-                    if !std::mem::take(&mut changed_again) && changes.recv().await.is_none() {
-                        break;
+                    if pending.is_empty() {
+                        match changes.recv().await {
+                            Some(change) => pending.add(change),
+                            None => break,
+                        }
                     }
                     // Coalesced by what is pending, not by waiting: every change noticed so far is
                     // in this reload; changes during it make exactly one more. (A 200 ms sleep
                     // here put a floor under every policy change's latency.)
-                    while changes.try_recv().is_ok() {}
-                    let result = state.enforcer.lock().await.reload_policies().await;
+                    while let Ok(change) = changes.try_recv() {
+                        pending.add(change);
+                    }
+                    let result = {
+                        let mut enforcer = state.enforcer.lock().await;
+                        match pending.take() {
+                            Some(paths) => enforcer.reload_policies_changed(&paths).await,
+                            None => enforcer.reload_policies().await,
+                        }
+                    };
                     match result {
                         Ok((_, report)) => {
                             log_policy_report(&report);
@@ -70,9 +82,9 @@ pub(super) fn watch_policies(state: &Arc<DaemonState>, policies: &super::sources
                                 // rejected and its last good version stays; the rest of the
                                 // write follows at once. Alert only when nothing follows.
                                 let settling = tokio::time::timeout(POLICY_SETTLE, changes.recv()).await;
-                                if matches!(settling, Ok(Some(()))) {
+                                if let Ok(Some(change)) = settling {
                                     tracing::debug!("a rejected policy file changed again at once: reloading before alerting");
-                                    changed_again = true;
+                                    pending.add(change);
                                     continue;
                                 }
                                 state.alerts.try_emit(alert);
@@ -103,6 +115,32 @@ pub(super) fn watch_policies(state: &Arc<DaemonState>, policies: &super::sources
             None
         }
     })
+}
+
+/// Directory changes not reloaded yet: the paths reported, or a rescan (which covers them).
+#[derive(Default)]
+struct PendingChanges {
+    paths: std::collections::BTreeSet<std::path::PathBuf>,
+    rescan: bool,
+}
+
+impl PendingChanges {
+    fn add(&mut self, change: crate::sys::DirChange) {
+        match change {
+            crate::sys::DirChange::Paths(paths) => self.paths.extend(paths),
+            crate::sys::DirChange::Rescan => self.rescan = true,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.paths.is_empty() && !self.rescan
+    }
+
+    /// The paths to look at again, or None for every entry.
+    fn take(&mut self) -> Option<Vec<std::path::PathBuf>> {
+        let paths = std::mem::take(&mut self.paths);
+        if std::mem::take(&mut self.rescan) { None } else { Some(paths.into_iter().collect()) }
+    }
 }
 
 /// Denied flows from the datapath (rate-limited in the kernel, with counts): metrics and a

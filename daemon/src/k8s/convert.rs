@@ -182,7 +182,8 @@ pub fn network_policy(policy: &KubeNetworkPolicy) -> Result<NetworkPolicy, Strin
     let text = serde_norway::to_string(&slim).map_err(|e| format!("{source}: cannot serialise: {e}"))?;
     let mut set = PolicySet::parse(&text, Path::new(&source)).map_err(|e| e.to_string())?;
     match set.policies.pop() {
-        Some(mut parsed) if set.policies.is_empty() => {
+        Some(parsed) if set.policies.is_empty() => {
+            let mut parsed = std::sync::Arc::unwrap_or_clone(parsed);
             for warning in &parsed.ignored {
                 tracing::warn!(%warning, "NetworkPolicy field has no effect");
             }

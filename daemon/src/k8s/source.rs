@@ -398,6 +398,7 @@ impl KubeSource {
             &config,
             |_| {},
         ));
+        let policy_changes = Arc::new(Mutex::new(PolicyChanges { all: true, keys: BTreeSet::new() }));
         tasks.push(spawn_watch(
             NETWORK_POLICIES,
             Api::<KubeNetworkPolicy>::all(client.clone()),
@@ -405,7 +406,10 @@ impl KubeSource {
             Reflected { writer: policy_writer, store: policies.clone() },
             shared.clone(),
             &config,
-            |_| {},
+            {
+                let changes = policy_changes.clone();
+                move |event: &Event<KubeNetworkPolicy>| locked(&changes, |changes| changes.note(event))
+            },
         ));
         let abort_all = |tasks: &[tokio::task::AbortHandle]| tasks.iter().for_each(|t| t.abort());
 
@@ -428,6 +432,9 @@ impl KubeSource {
             peers,
             namespaces,
             policies,
+            policy_changes,
+            published_policies: BTreeMap::new(),
+            policy_rejections: BTreeMap::new(),
             last_good_policies: BTreeMap::new(),
             cgroups: BTreeMap::new(),
             unresolved: BTreeMap::new(),
@@ -747,6 +754,31 @@ impl LabelTracker {
     }
 }
 
+/// A NetworkPolicy's (namespace, name), borrowed.
+fn policy_ref(p: &KubeNetworkPolicy) -> (&str, &str) {
+    (p.metadata.namespace.as_deref().unwrap_or_default(), p.metadata.name.as_deref().unwrap_or_default())
+}
+
+/// NetworkPolicies the watch changed since the last build (by namespace and name), or all of
+/// them (the list at the start and after a watch restarts).
+#[derive(Debug, Default)]
+struct PolicyChanges {
+    all: bool,
+    keys: BTreeSet<(String, String)>,
+}
+
+impl PolicyChanges {
+    fn note(&mut self, event: &Event<KubeNetworkPolicy>) {
+        match event {
+            Event::Apply(p) | Event::Delete(p) => {
+                let (namespace, name) = policy_ref(p);
+                self.keys.insert((namespace.to_string(), name.to_string()));
+            }
+            Event::Init | Event::InitApply(_) | Event::InitDone => self.all = true,
+        }
+    }
+}
+
 fn pod_key(pod: &Pod) -> String {
     format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
 }
@@ -793,10 +825,17 @@ struct Builder {
     peers: Peers,
     namespaces: Store<Namespace>,
     policies: Store<KubeNetworkPolicy>,
+    /// The policies the watch changed since the last build.
+    policy_changes: Arc<Mutex<PolicyChanges>>,
+    /// The policies published, by (namespace, name): the set is built from these, and only the
+    /// changed ones are converted again.
+    published_policies: BTreeMap<(String, String), Arc<NetworkPolicy>>,
+    /// Why a policy is not published as it is (rejected; its last good version, if any, stays).
+    policy_rejections: BTreeMap<(String, String), String>,
     /// Per policy key: the last version the segmentation parser accepted. A policy edited into
     /// something invalid keeps its previous meaning instead of vanishing (which would open up
     /// the pods it isolates).
-    last_good_policies: BTreeMap<String, (String, NetworkPolicy)>,
+    last_good_policies: BTreeMap<(String, String), (String, Arc<NetworkPolicy>)>,
     /// Pod UID -> cgroup path, once found (a pod's cgroup does not move).
     cgroups: BTreeMap<String, String>,
     unresolved: BTreeMap<String, Unresolved>,
@@ -898,32 +937,36 @@ impl Builder {
         let (inventory, inventory_rejected) = convert::build_inventory(InventoryFile { namespaces, endpoints });
         rejected.extend(inventory_rejected);
 
-        let mut objects = self.policies.state();
-        objects.sort_by_key(|p| (p.namespace().unwrap_or_default(), p.name_any()));
-        let mut policies = Vec::with_capacity(objects.len());
-        let mut keys = BTreeSet::new();
-        for object in objects {
-            let key = format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any());
-            let version = object.resource_version().unwrap_or_default();
-            keys.insert(key.clone());
-            match self.last_good_policies.get(&key) {
-                Some((good_version, policy)) if *good_version == version => policies.push(policy.clone()),
-                _ => match convert::network_policy(&object) {
-                    Ok(policy) => {
-                        self.last_good_policies.insert(key, (version, policy.clone()));
-                        policies.push(policy);
+        let changes = locked(&self.policy_changes, std::mem::take);
+        if changes.all {
+            // Listed again (the start, a watch restarted): every object looked at.
+            let mut objects = self.policies.state();
+            objects.sort_by(|a, b| policy_ref(a).cmp(&policy_ref(b)));
+            let keys: BTreeSet<(String, String)> =
+                objects.iter().map(|o| { let (ns, name) = policy_ref(o); (ns.to_string(), name.to_string()) }).collect();
+            self.published_policies.retain(|key, _| keys.contains(key));
+            self.policy_rejections.retain(|key, _| keys.contains(key));
+            self.last_good_policies.retain(|key, _| keys.contains(key));
+            for object in objects {
+                self.convert_policy(&object);
+            }
+        } else {
+            // Only what the watch changed: a policy event costs that policy, not the set.
+            for (namespace, name) in changes.keys {
+                let object = self.policies.get(&reflector::ObjectRef::new(&name).within(&namespace));
+                let key = (namespace, name);
+                match object {
+                    Some(object) => self.convert_policy(&object),
+                    None => {
+                        self.published_policies.remove(&key);
+                        self.policy_rejections.remove(&key);
+                        self.last_good_policies.remove(&key);
                     }
-                    Err(error) => match self.last_good_policies.get(&key) {
-                        Some((_, previous)) => {
-                            rejected.push(format!("networkpolicy {key}: {error}; its previous version stays in force"));
-                            policies.push(previous.clone());
-                        }
-                        None => rejected.push(format!("networkpolicy {key}: {error}; not enforced")),
-                    },
-                },
+                }
             }
         }
-        self.last_good_policies.retain(|key, _| keys.contains(key));
+        rejected.extend(self.policy_rejections.values().cloned());
+        let policies: Vec<Arc<NetworkPolicy>> = self.published_policies.values().cloned().collect();
 
         let unresolved = self
             .unresolved
@@ -945,6 +988,40 @@ impl Builder {
             policies: policies.len(),
         };
         (inventory, PolicySet { policies }, report)
+    }
+
+    /// Converts one NetworkPolicy object into what is published for it: the policy (the very
+    /// one published before when its resourceVersion is the same), or, when the segmentation
+    /// parser rejects it, its last good version with the rejection told.
+    fn convert_policy(&mut self, object: &KubeNetworkPolicy) {
+        let (namespace, name) = policy_ref(object);
+        let key = (namespace.to_string(), name.to_string());
+        let version = object.metadata.resource_version.as_deref().unwrap_or_default();
+        if let Some((good_version, policy)) = self.last_good_policies.get(&key)
+            && good_version == version
+        {
+            self.published_policies.insert(key.clone(), policy.clone());
+            self.policy_rejections.remove(&key);
+            return;
+        }
+        let shown = format!("{namespace}/{name}");
+        match convert::network_policy(object).map(Arc::new) {
+            Ok(policy) => {
+                self.last_good_policies.insert(key.clone(), (version.to_string(), policy.clone()));
+                self.published_policies.insert(key.clone(), policy);
+                self.policy_rejections.remove(&key);
+            }
+            Err(error) => match self.last_good_policies.get(&key) {
+                Some((_, previous)) => {
+                    self.published_policies.insert(key.clone(), previous.clone());
+                    self.policy_rejections.insert(key, format!("networkpolicy {shown}: {error}; its previous version stays in force"));
+                }
+                None => {
+                    self.published_policies.remove(&key);
+                    self.policy_rejections.insert(key, format!("networkpolicy {shown}: {error}; not enforced"));
+                }
+            },
+        }
     }
 
     fn cgroup(&mut self, view: &PodView) -> Option<String> {

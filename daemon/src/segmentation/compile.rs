@@ -55,8 +55,10 @@
 //!   because every pod of an identity declares the same named ports. The kernel maps and the
 //!   per-packet probes are unchanged: only which pods share an identity is.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map};
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use palisade_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointConfig,
@@ -202,14 +204,58 @@ pub struct Compiled {
     pub identities: BTreeMap<u32, IdentityKind>,
     pub ipcache: BTreeMap<LpmKey, IpCacheValue>,
     pub endpoint_config: BTreeMap<u32, EndpointConfig>,
+    /// A key several rules allow holds the lowest of their rule ids.
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
-    pub rules: Vec<RuleRef>,
+    /// By rule id (`PolicyValue::rule_id`). Ids are stable per policy and rule index, so a
+    /// change to one policy leaves every other policy's POLICY values as they were.
+    pub rules: BTreeMap<u32, RuleRef>,
     pub policies: Vec<PolicyRef>,
     /// Entries needed per map against the capacity compiled for.
     pub usage: Usage,
     /// Set when the set did not fit: the policies from the tipping one on isolate but allow
     /// nothing (see the module docs).
     pub over_capacity: Option<OverCapacity>,
+    /// Which compile made these contents and what changed since the one before: lets the
+    /// datapath write only the difference. Not part of the contents (never compared).
+    pub sync: SyncHint,
+}
+
+/// Which compile made a [`Compiled`] (a generation unique in the process) and, for contents
+/// updated in place from the ones before ([`Compiler::update_in_place`]), the keys that may
+/// differ from that earlier generation. The datapath applies the delta only when what it holds
+/// is exactly that earlier generation; otherwise it compares everything.
+#[derive(Debug, Clone, Default)]
+pub struct SyncHint {
+    /// 0: not made by a compile (e.g. a copy cut down by hand); never matches a datapath.
+    pub generation: u64,
+    pub delta: Option<Arc<Delta>>,
+}
+
+impl PartialEq for SyncHint {
+    /// Contents are compared, never how they came about.
+    fn eq(&self, _: &SyncHint) -> bool {
+        true
+    }
+}
+
+impl Eq for SyncHint {}
+
+impl SyncHint {
+    fn fresh() -> SyncHint {
+        SyncHint { generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed), delta: None }
+    }
+}
+
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// What may differ between two generations of compiled contents: every POLICY key and endpoint
+/// config that was written or removed (a key listed may also be unchanged).
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// The generation these keys are relative to.
+    pub base: u64,
+    pub policy: Vec<PolicyKey>,
+    pub endpoint_config: Vec<u32>,
 }
 
 impl Compiled {
@@ -311,6 +357,8 @@ pub struct Compiler {
     labels: Alloc<(String, Labels, PortNames)>,
     cidrs: Alloc<Cidr>,
     endpoints: Alloc<(String, String)>,
+    /// Rule ids by (policy key, rule index).
+    rules: Alloc<(String, u32)>,
     capacity: Capacity,
     cache: PartCache,
 }
@@ -326,7 +374,55 @@ struct PartCache {
     blocks_generation: u64,
     /// Parts the last compile computed (the rest it reused).
     compiled: usize,
+    /// The last output's merge, kept so that a policy change updates it in place.
+    merge: Option<MergeState>,
 }
+
+/// What the merge of every part derived, for updating its output in place (see
+/// [`Compiler::update_in_place`]): kept only after a compile that fit whole (no tipping point,
+/// no exhausted ids), whose output is `generation`.
+#[derive(Debug, Clone)]
+struct MergeState {
+    generation: u64,
+    /// The set compiled, in order (shared with the caller's set: compared by pointer).
+    set: Vec<Arc<NetworkPolicy>>,
+    /// Per POLICY key: the rule ids that allow it (its value is the lowest).
+    holders: HashMap<PolicyKey, Vec<u32>>,
+    /// Per local endpoint: how many policies isolate it, [ingress, egress].
+    isolating: HashMap<u32, [u32; 2]>,
+    /// POLICY keys per (endpoint, direction, port block prefix length 1..=15): the port-plen
+    /// bits of the endpoint's config.
+    plens: HashMap<(u32, u8, u8), u32>,
+    /// What compiling a policy reads besides the inventory (unchanged while it is).
+    environment: Environment,
+}
+
+/// What the compile derived from the inventory (and the prefixes) for resolving policies.
+#[derive(Debug, Clone, Default)]
+struct Environment {
+    selector_labels: Vec<Labels>,
+    identity_pods: BTreeMap<u32, Vec<usize>>,
+    cidr_prefixes: Vec<(Cidr, u32, Option<usize>)>,
+    ep_ids: Vec<u32>,
+    ep_identity: Vec<u32>,
+}
+
+impl Environment {
+    fn resolution<'a>(&'a self, inventory: &'a Inventory) -> Resolution<'a> {
+        Resolution {
+            inventory,
+            selector_labels: &self.selector_labels,
+            identity_pods: &self.identity_pods,
+            cidr_prefixes: &self.cidr_prefixes,
+            ep_ids: &self.ep_ids,
+            ep_identity: &self.ep_identity,
+        }
+    }
+}
+
+/// More changed policies than this in one update: the whole merge runs again instead (cheaper
+/// than undoing and redoing each part).
+pub const MAX_POLICIES_UPDATED_IN_PLACE: usize = 512;
 
 /// More changed pods than this in one inventory change: every part is compiled again (looking
 /// each changed pod up costs more than it saves).
@@ -338,6 +434,7 @@ impl Default for Compiler {
             labels: Alloc::new(IDENTITY_LABEL_FIRST, IDENTITY_CIDR_FIRST),
             cidrs: Alloc::new(IDENTITY_CIDR_FIRST, u32::MAX),
             endpoints: Alloc::new(1, u32::MAX),
+            rules: Alloc::new(0, u32::MAX),
             capacity: Capacity::default(),
             cache: PartCache::default(),
         }
@@ -387,6 +484,7 @@ impl Compiler {
         self.labels.in_force();
         self.cidrs.in_force();
         self.endpoints.in_force();
+        self.rules.in_force();
     }
 
     /// This compiler with its ids but without the parts kept from earlier compiles: its next
@@ -396,6 +494,7 @@ impl Compiler {
             labels: self.labels.clone(),
             cidrs: self.cidrs.clone(),
             endpoints: self.endpoints.clone(),
+            rules: self.rules.clone(),
             capacity: self.capacity,
             cache: PartCache::default(),
         }
@@ -557,9 +656,10 @@ impl Compiler {
         // prefixes inside it). A policy that is unchanged since the last compile, in an
         // environment that changed nothing it reads, reuses its part: a policy change
         // recompiles that policy alone, a pod change the policies that select or admit the pod.
-        // What follows (rule ids, the capacity check, the merge) runs over every policy in order
-        // as before, so the result is the full compile's.
+        // What follows (the capacity check, the merge) runs over every policy in order as
+        // before, so the result is the full compile's.
         let mut cached = std::mem::take(&mut self.cache.parts);
+        self.cache.merge = None;
         match self.cache.inventory.as_ref() {
             Some(before) if before == inventory => {}
             Some(before) => {
@@ -582,65 +682,75 @@ impl Compiler {
         }
         self.cache.compiled = 0;
         let mut parts: HashMap<String, PolicyPart> = HashMap::with_capacity(set.policies.len());
-        let resolution = Resolution { inventory, selector_labels: &selector_labels, identity_pods: &identity_pods, cidr_prefixes: &cidr_prefixes, ep_ids: &ep_ids, ep_identity: &ep_identity };
+        let environment = Environment { selector_labels, identity_pods, cidr_prefixes, ep_ids, ep_identity };
+        let resolution = environment.resolution(inventory);
         // POLICY keys of the policies past the tipping point, only counted.
         let mut left_out: HashSet<PolicyKey> = HashSet::new();
+        let mut holders: HashMap<PolicyKey, Vec<u32>> = HashMap::new();
+        let mut isolating: HashMap<u32, [u32; 2]> = HashMap::new();
+        let mut plens: HashMap<(u32, u8, u8), u32> = HashMap::new();
         for (pi, p) in set.policies.iter().enumerate() {
             let key = p.key();
             out.policies.push(PolicyRef { key: key.clone(), source: p.source.clone() });
             let environment = if has_ip_blocks(p) { self.cache.blocks_generation } else { 0 };
-            let part = match cached.remove(&key) {
-                Some(part) if part.environment == environment && part.policy == *p => part,
+            let mut part = match cached.remove(&key) {
+                Some(part) if part.environment == environment && (Arc::ptr_eq(&part.policy, p) || part.policy == *p) => part,
                 _ => {
                     self.cache.compiled += 1;
                     resolution.part(p, environment)
                 }
             };
-            for (direction, isolated) in [(DIRECTION_INGRESS, p.ingress_isolation), (DIRECTION_EGRESS, p.egress_isolation)] {
+            // Stable rule ids, one per (policy, rule index): used (kept) by every compile.
+            part.rule_ids.clear();
+            for r in 0..part.rules.len() {
+                match self.rules.get((key.clone(), r as u32)) {
+                    Some(id) => part.rule_ids.push(id),
+                    None => {
+                        // Never seen in practice (4 billion rules in two compiles): the policy
+                        // and the ones after it allow nothing, as past a full map.
+                        tipped.get_or_insert((pi, "POLICY"));
+                        part.rule_ids.push(u32::MAX);
+                    }
+                }
+            }
+            for (d, (direction, isolated)) in [(DIRECTION_INGRESS, p.ingress_isolation), (DIRECTION_EGRESS, p.egress_isolation)].into_iter().enumerate() {
                 if !isolated {
                     continue;
                 }
                 for &id in &part.selected {
                     if let Some(cfg) = out.endpoint_config.get_mut(&id) {
                         cfg.flags |= if direction == DIRECTION_INGRESS { EP_ISOLATED_INGRESS } else { EP_ISOLATED_EGRESS };
+                        isolating.entry(id).or_default()[d] += 1;
                     }
                     if let Some(ce) = out.endpoints.get_mut(&id) {
                         if direction == DIRECTION_INGRESS { ce.ingress_policies.push(pi) } else { ce.egress_policies.push(pi) }
                     }
                 }
             }
-            let first_rule = out.rules.len() as u32;
-            out.rules.extend(part.rules.iter().cloned());
+            out.rules.extend(part.rule_ids.iter().zip(&part.rules).map(|(id, rule)| (*id, rule.clone())));
             // This policy's allow entries, then whether they fit.
-            let entries: Vec<(PolicyKey, PolicyValue)> =
-                part.entries.iter().map(|(k, r)| (*k, PolicyValue { rule_id: first_rule + r, _pad: 0 })).collect();
-            parts.insert(key, part);
             if tipped.is_none() {
-                let fresh: BTreeSet<&PolicyKey> = entries.iter().map(|(k, _)| k).filter(|k| !out.policy.contains_key(k)).collect();
+                let fresh: BTreeSet<&PolicyKey> = part.entries.iter().map(|(k, _)| k).filter(|k| !out.policy.contains_key(k)).collect();
                 if out.policy.len() + fresh.len() > cap.policy {
                     tipped = Some((pi, "POLICY"));
                 }
             }
             if tipped.is_some_and(|(t, _)| pi >= t) {
-                left_out.extend(entries.into_iter().map(|(k, _)| k).filter(|k| !out.policy.contains_key(k)));
+                left_out.extend(part.entries.iter().map(|(k, _)| *k).filter(|k| !out.policy.contains_key(k)));
+                parts.insert(key, part);
                 continue;
             }
-            for (key, value) in entries {
-                out.policy.entry(key).or_insert(value);
-                let plen = key.port_plen;
-                if (1..16).contains(&plen) {
-                    if let Some(cfg) = out.endpoint_config.get_mut(&key.endpoint_id) {
-                        if key.direction == DIRECTION_INGRESS {
-                            cfg.ingress_port_plens |= 1 << plen;
-                        } else {
-                            cfg.egress_port_plens |= 1 << plen;
-                        }
-                    }
-                }
+            for &(k, r) in &part.entries {
+                let id = part.rule_ids[r as usize];
+                holders.entry(k).or_default().push(id);
+                add_policy_entry(&mut out, &mut plens, k, id);
             }
+            parts.insert(key, part);
         }
+        self.rules.forget_unused();
         self.cache.parts = if exhausted { HashMap::new() } else { parts };
         out.usage.policy = out.policy.len() + left_out.len();
+        out.sync = SyncHint::fresh();
         if let Some((t, map)) = tipped {
             let what = match set.policies.get(t) {
                 Some(p) if map == "POLICY" || (map == "IPCACHE" && out.usage.endpoints <= cap.endpoints && pod_addresses.len() <= cap.ipcache) => {
@@ -654,8 +764,350 @@ impl Compiler {
                 _ => (out.usage.endpoints, cap.endpoints),
             };
             out.over_capacity = Some(OverCapacity { map, what, needed, capacity, usage: out.usage });
+        } else if !exhausted {
+            self.cache.merge = Some(MergeState {
+                generation: out.sync.generation,
+                set: set.policies.clone(),
+                holders,
+                isolating,
+                plens,
+                environment,
+            });
         }
         out
+    }
+
+    /// Puts a change of policies alone into `current` in place, when `current` is this
+    /// compiler's last output and went in force whole (no tipping point): each changed, added
+    /// or removed policy's part is compiled or dropped and its allow entries taken out or put
+    /// in (per key the lowest rule id of the rules that still allow it), so the work is
+    /// proportional to what changed, not to the set (but for a pass over the set comparing
+    /// pointers, and when policies come or go, one renumbering each endpoint's policy list);
+    /// `current` then carries the keys that may differ for the datapath ([`SyncHint`]). The
+    /// result equals [`Compiler::compile`]'s (`tests/segmentation_incremental.rs` checks it).
+    ///
+    /// Returns false, having changed nothing of `current`, when it does not apply: the
+    /// inventory changed, the policies both sets have are not in the same order, a changed
+    /// policy has ipBlock peers (the prefixes in force may change), more than
+    /// [`MAX_POLICIES_UPDATED_IN_PLACE`] changed, or the result would not fit the POLICY map
+    /// (the full merge then finds the tipping point). The caller compiles then.
+    pub fn update_in_place(&mut self, inventory: &Inventory, set: &PolicySet, current: &mut Arc<Compiled>) -> bool {
+        let Compiler { rules, cache, capacity, .. } = self;
+        let Some(merge) = cache.merge.as_mut() else { return false };
+        if merge.generation != current.sync.generation || cache.inventory.as_ref() != Some(inventory) {
+            return false;
+        }
+        let Some(plan) = UpdatePlan::new(&merge.set, &set.policies) else { return false };
+        if plan.changed.len() + plan.added.len() + plan.removed.len() > MAX_POLICIES_UPDATED_IN_PLACE {
+            return false;
+        }
+        cache.compiled = 0;
+        if plan.changed.is_empty() && plan.added.is_empty() && plan.removed.is_empty() {
+            // Same contents (maybe in new allocations: remember those, so the next comparison
+            // is by pointer).
+            merge.set.clone_from(&set.policies);
+            return true;
+        }
+        if plan.changed.iter().any(|&(i, j)| has_ip_blocks(&merge.set[i]) || has_ip_blocks(&set.policies[j]))
+            || plan.added.iter().any(|&j| has_ip_blocks(&set.policies[j]))
+            || plan.removed.iter().any(|&i| has_ip_blocks(&merge.set[i]))
+        {
+            return false;
+        }
+        // The new parts (with their rule ids) and the old parts they replace.
+        let resolution = merge.environment.resolution(inventory);
+        let mut incoming: Vec<(usize, PolicyPart)> = Vec::with_capacity(plan.changed.len() + plan.added.len());
+        for j in plan.changed.iter().map(|&(_, j)| j).chain(plan.added.iter().copied()) {
+            let p = &set.policies[j];
+            let mut part = resolution.part(p, 0);
+            for r in 0..part.rules.len() {
+                let Some(id) = rules.get((p.key(), r as u32)) else { return false };
+                part.rule_ids.push(id);
+            }
+            incoming.push((j, part));
+        }
+        // (old index, key) of each changed and removed policy.
+        let outgoing_keys: Vec<(usize, String)> =
+            plan.changed.iter().map(|&(i, _)| i).chain(plan.removed.iter().copied()).map(|i| (i, merge.set[i].key())).collect();
+        let Some(outgoing) = outgoing_keys.iter().map(|(_, key)| cache.parts.get(key)).collect::<Option<Vec<&PolicyPart>>>() else { return false };
+        // Whether the result fits, before anything is changed: the keys only the old parts
+        // allow go, the new parts' keys not in the map come.
+        let old_rule_ids: HashSet<u32> = outgoing.iter().flat_map(|part| part.rule_ids.iter().copied()).collect();
+        let new_keys: HashSet<PolicyKey> = incoming.iter().flat_map(|(_, part)| part.entries.iter().map(|(k, _)| *k)).collect();
+        let fresh = new_keys.iter().filter(|k| !current.policy.contains_key(k)).count();
+        let gone: HashSet<PolicyKey> = outgoing
+            .iter()
+            .flat_map(|part| part.entries.iter().map(|(k, _)| *k))
+            .filter(|k| !new_keys.contains(k) && merge.holders.get(k).is_some_and(|h| h.iter().all(|id| old_rule_ids.contains(id))))
+            .collect();
+        if current.policy.len() + fresh - gone.len() > capacity.policy {
+            return false;
+        }
+
+        let out = Arc::make_mut(current);
+        let mut touched_keys: HashSet<PolicyKey> = HashSet::new();
+        let mut touched_endpoints: BTreeSet<u32> = BTreeSet::new();
+        // The old parts out.
+        for (i, key) in &outgoing_keys {
+            let Some(old) = cache.parts.remove(key) else { continue };
+            for &(k, r) in &old.entries {
+                let id = old.rule_ids[r as usize];
+                touched_keys.insert(k);
+                let Some(h) = merge.holders.get_mut(&k) else { continue };
+                if let Some(at) = h.iter().position(|x| *x == id) {
+                    h.swap_remove(at);
+                }
+                let lowest = h.iter().min().copied();
+                match lowest {
+                    Some(lowest) => {
+                        if let Some(v) = out.policy.get_mut(&k) {
+                            v.rule_id = lowest;
+                        }
+                    }
+                    None => {
+                        merge.holders.remove(&k);
+                        if remove_policy_entry(out, &mut merge.plens, k) {
+                            touched_endpoints.insert(k.endpoint_id);
+                        }
+                    }
+                }
+            }
+            for id in &old.rule_ids {
+                out.rules.remove(id);
+            }
+            set_isolation(out, &mut merge.isolating, &old, false, &mut touched_endpoints);
+            // Out of the lists by its old index (a removed one would go with the renumbering).
+            set_listed(out, &old, *i, false);
+        }
+        // Positions move when policies come or go: each endpoint's policy list and the
+        // policy references follow the new set's order.
+        if !plan.added.is_empty() || !plan.removed.is_empty() {
+            for ce in out.endpoints.values_mut() {
+                for list in [&mut ce.ingress_policies, &mut ce.egress_policies] {
+                    list.retain_mut(|pi| match plan.old_to_new[*pi] {
+                        Some(j) => {
+                            *pi = j;
+                            true
+                        }
+                        None => false,
+                    });
+                }
+            }
+            let mut refs: Vec<Option<PolicyRef>> = (0..set.policies.len()).map(|_| None).collect();
+            for (i, r) in std::mem::take(&mut out.policies).into_iter().enumerate() {
+                if let Some(j) = plan.old_to_new[i] {
+                    refs[j] = Some(r);
+                }
+            }
+            for &j in &plan.added {
+                let p = &set.policies[j];
+                refs[j] = Some(PolicyRef { key: p.key(), source: p.source.clone() });
+            }
+            out.policies = refs.into_iter().flatten().collect();
+        }
+        // The new parts in.
+        for (j, part) in incoming {
+            let p = &set.policies[j];
+            out.rules.extend(part.rule_ids.iter().zip(&part.rules).map(|(id, rule)| (*id, rule.clone())));
+            set_isolation(out, &mut merge.isolating, &part, true, &mut touched_endpoints);
+            set_listed(out, &part, j, true);
+            for &(k, r) in &part.entries {
+                let id = part.rule_ids[r as usize];
+                touched_keys.insert(k);
+                merge.holders.entry(k).or_default().push(id);
+                if add_policy_entry(out, &mut merge.plens, k, id) {
+                    touched_endpoints.insert(k.endpoint_id);
+                }
+            }
+            if let Some(r) = out.policies.get_mut(j) {
+                *r = PolicyRef { key: p.key(), source: p.source.clone() };
+            }
+            cache.parts.insert(p.key(), part);
+            cache.compiled += 1;
+        }
+        merge.set.clone_from(&set.policies);
+        out.usage.policy = out.policy.len();
+        let base = merge.generation;
+        out.sync = SyncHint::fresh();
+        out.sync.delta = Some(Arc::new(Delta {
+            base,
+            policy: touched_keys.into_iter().collect(),
+            endpoint_config: touched_endpoints.into_iter().collect(),
+        }));
+        merge.generation = out.sync.generation;
+        true
+    }
+}
+
+/// How a new policy set differs from the one compiled: the policies both have (old index ->
+/// new index), those whose contents changed, those added and removed.
+struct UpdatePlan {
+    old_to_new: Vec<Option<usize>>,
+    /// (old index, new index)
+    changed: Vec<(usize, usize)>,
+    /// New indices.
+    added: Vec<usize>,
+    /// Old indices.
+    removed: Vec<usize>,
+}
+
+impl UpdatePlan {
+    /// None when the policies both sets have are not in the same order.
+    fn new(old: &[Arc<NetworkPolicy>], new: &[Arc<NetworkPolicy>]) -> Option<UpdatePlan> {
+        fn key(p: &Arc<NetworkPolicy>) -> (&str, &str) {
+            (p.namespace.as_str(), p.name.as_str())
+        }
+        let mut plan = UpdatePlan { old_to_new: vec![None; old.len()], changed: Vec::new(), added: Vec::new(), removed: Vec::new() };
+        // Built at the first difference of keys (a policy added or removed) only.
+        let mut keys: Option<(HashSet<(&str, &str)>, HashSet<(&str, &str)>)> = None;
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new.len() {
+            match (old.get(i), new.get(j)) {
+                (Some(a), Some(b)) if Arc::ptr_eq(a, b) || key(a) == key(b) => {
+                    plan.old_to_new[i] = Some(j);
+                    if !Arc::ptr_eq(a, b) && **a != **b {
+                        plan.changed.push((i, j));
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), b) => {
+                    let (old_keys, new_keys) =
+                        keys.get_or_insert_with(|| (old.iter().map(key).collect(), new.iter().map(key).collect()));
+                    if !new_keys.contains(&key(a)) {
+                        plan.removed.push(i);
+                        i += 1;
+                    } else if let Some(b) = b
+                        && !old_keys.contains(&key(b))
+                    {
+                        plan.added.push(j);
+                        j += 1;
+                    } else {
+                        // In both sets, at another place: reordered.
+                        return None;
+                    }
+                }
+                (None, Some(_)) => {
+                    plan.added.push(j);
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        Some(plan)
+    }
+}
+
+/// Adds a POLICY entry allowed by rule `id` (the key keeps the lowest id); counts its port
+/// block for the endpoint's config. True when the endpoint's config changed.
+fn add_policy_entry(out: &mut Compiled, plens: &mut HashMap<(u32, u8, u8), u32>, key: PolicyKey, id: u32) -> bool {
+    match out.policy.entry(key) {
+        std::collections::btree_map::Entry::Occupied(mut e) => {
+            let v = e.get_mut();
+            v.rule_id = v.rule_id.min(id);
+            false
+        }
+        std::collections::btree_map::Entry::Vacant(e) => {
+            e.insert(PolicyValue { rule_id: id, _pad: 0 });
+            let plen = key.port_plen;
+            if !(1..16).contains(&plen) {
+                return false;
+            }
+            let count = plens.entry((key.endpoint_id, key.direction, plen)).or_default();
+            *count += 1;
+            if *count > 1 {
+                return false;
+            }
+            match out.endpoint_config.get_mut(&key.endpoint_id) {
+                Some(cfg) => {
+                    if key.direction == DIRECTION_INGRESS {
+                        cfg.ingress_port_plens |= 1 << plen;
+                    } else {
+                        cfg.egress_port_plens |= 1 << plen;
+                    }
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+}
+
+/// Removes a POLICY entry no rule allows any more; its port block's bit goes with the last key
+/// that used it. True when the endpoint's config changed.
+fn remove_policy_entry(out: &mut Compiled, plens: &mut HashMap<(u32, u8, u8), u32>, key: PolicyKey) -> bool {
+    if out.policy.remove(&key).is_none() {
+        return false;
+    }
+    let plen = key.port_plen;
+    if !(1..16).contains(&plen) {
+        return false;
+    }
+    let hash_map::Entry::Occupied(mut count) = plens.entry((key.endpoint_id, key.direction, plen)) else { return false };
+    *count.get_mut() -= 1;
+    if *count.get() > 0 {
+        return false;
+    }
+    count.remove();
+    match out.endpoint_config.get_mut(&key.endpoint_id) {
+        Some(cfg) => {
+            if key.direction == DIRECTION_INGRESS {
+                cfg.ingress_port_plens &= !(1 << plen);
+            } else {
+                cfg.egress_port_plens &= !(1 << plen);
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Counts a part's isolation of the endpoints it selects in (`add`) or out, keeping each
+/// endpoint's isolation flags in step.
+fn set_isolation(out: &mut Compiled, isolating: &mut HashMap<u32, [u32; 2]>, part: &PolicyPart, add: bool, touched: &mut BTreeSet<u32>) {
+    for (d, (flag, isolated)) in [(EP_ISOLATED_INGRESS, part.policy.ingress_isolation), (EP_ISOLATED_EGRESS, part.policy.egress_isolation)].into_iter().enumerate() {
+        if !isolated {
+            continue;
+        }
+        for &id in &part.selected {
+            let Some(cfg) = out.endpoint_config.get_mut(&id) else { continue };
+            let count = isolating.entry(id).or_default();
+            if add {
+                count[d] += 1;
+            } else {
+                count[d] = count[d].saturating_sub(1);
+            }
+            if count[d] > 0 {
+                cfg.flags |= flag;
+            } else {
+                cfg.flags &= !flag;
+            }
+            touched.insert(id);
+        }
+    }
+}
+
+/// Lists (`add`) or unlists policy `pi` (its index in the set) in the policy lists of the
+/// endpoints its part selects, per direction it isolates (lists sorted by index).
+fn set_listed(out: &mut Compiled, part: &PolicyPart, pi: usize, add: bool) {
+    for (d, isolated) in [part.policy.ingress_isolation, part.policy.egress_isolation].into_iter().enumerate() {
+        if !isolated {
+            continue;
+        }
+        for &id in &part.selected {
+            if !out.endpoint_config.contains_key(&id) {
+                continue;
+            }
+            let Some(ce) = out.endpoints.get_mut(&id) else { continue };
+            let list = if d == 0 { &mut ce.ingress_policies } else { &mut ce.egress_policies };
+            match (list.binary_search(&pi), add) {
+                (Err(at), true) => list.insert(at, pi),
+                (Ok(at), false) => {
+                    list.remove(at);
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -663,12 +1115,14 @@ impl Compiler {
 /// relative to its first rule), with the policy and the environment it was compiled in.
 #[derive(Debug, Clone)]
 struct PolicyPart {
-    policy: NetworkPolicy,
+    policy: Arc<NetworkPolicy>,
     /// The prefixes' generation, or 0 for a policy without ipBlock peers.
     environment: u64,
     /// Local endpoints (endpoint ids: stable while the pod is unchanged) its podSelector selects.
     selected: Vec<u32>,
     rules: Vec<RuleRef>,
+    /// Each rule's id (set at the merge: stable per policy and rule index).
+    rule_ids: Vec<u32>,
     entries: Vec<(PolicyKey, u32)>,
 }
 
@@ -684,7 +1138,7 @@ struct Resolution<'a> {
 }
 
 impl Resolution<'_> {
-    fn part(&self, p: &NetworkPolicy, environment: u64) -> PolicyPart {
+    fn part(&self, p: &Arc<NetworkPolicy>, environment: u64) -> PolicyPart {
         let eps = &self.inventory.endpoints;
         // Only local endpoints are isolated here; a peer-only pod's node isolates it.
         let selected: Vec<usize> = eps
@@ -741,7 +1195,10 @@ impl Resolution<'_> {
             }
         }
         let selected = selected.iter().map(|&s| self.ep_ids[s]).collect();
-        PolicyPart { policy: p.clone(), environment, selected, rules, entries }
+        // Each (key, rule) once: the merge counts every rule that allows a key.
+        entries.sort_unstable();
+        entries.dedup();
+        PolicyPart { policy: p.clone(), environment, selected, rules, rule_ids: Vec::new(), entries }
     }
 
     fn resolve_peers(&self, p: &NetworkPolicy, rule: &Rule) -> Vec<Target> {
@@ -1358,6 +1815,91 @@ mod tests {
         // web leaves the app: web-in no longer selects it, db-in no longer admits it.
         let c = check(&mut compiler, &inventory("app: other", 6432), 2, "web's app label gone");
         assert!(!crate::segmentation::lookup::lookup(&c, ip("198.18.9.1"), ip("198.18.9.2"), 6, 80).allowed);
+    }
+
+    /// Issue 17: a change of policies alone (changed, added, removed) updates the contents in
+    /// force in place (the parts that changed compiled, the keys that may differ named for the
+    /// datapath), equal to a full compile; a reordered set, a changed ipBlock policy or a
+    /// change past the map's capacity takes the full merge.
+    #[test]
+    fn a_policy_change_updates_the_contents_in_place() {
+        use std::path::Path;
+
+        let inventory = Inventory::parse(
+            "endpoints:\n  - {namespace: s, name: web, labels: {app: web}, ips: [198.18.9.1], cgroup: w}\n  - {namespace: s, name: db, labels: {app: db}, ips: [198.18.9.2], cgroup: d}\n",
+            Path::new("inv.yaml"),
+        )
+        .expect("inventory");
+        let doc = |name: &str, spec: &str| {
+            PolicySet::parse(&format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: s}}\nspec:\n{spec}"), Path::new("p.yaml"))
+                .expect("policy")
+                .policies
+                .remove(0)
+        };
+        let web = |port: u16| doc("web-in", &format!("  podSelector: {{matchLabels: {{app: web}}}}\n  ingress: [{{from: [{{podSelector: {{}}}}], ports: [{{port: {port}}}]}}]\n"));
+        // Two policies allowing the same key: its value is the lower rule id, whichever goes.
+        let db = |port: u16| doc("db-in", &format!("  podSelector: {{matchLabels: {{app: db}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: web}}}}}}], ports: [{{port: {port}}}, {{port: 1, endPort: 1000}}]}}]\n"));
+        let db_too = doc("db-too", "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]\n");
+        let mut set = PolicySet { policies: vec![web(80), db(5432), db_too] };
+        let mut compiler = Compiler::default();
+        let mut current = Arc::new(compiler.compile(&inventory, &set));
+        compiler.in_force();
+        let check = |compiler: &mut Compiler, current: &mut Arc<Compiled>, set: &PolicySet, in_place: bool, what: &str| {
+            let before = current.sync.generation;
+            let updated = compiler.update_in_place(&inventory, set, current);
+            assert_eq!(updated, in_place, "{what}");
+            if !updated {
+                *current = Arc::new(compiler.compile(&inventory, set));
+            }
+            compiler.in_force();
+            assert_eq!(**current, compiler.without_cache().compile(&inventory, set), "{what}: equals a full compile");
+            assert_ne!(current.sync.generation, before, "{what}: a new generation");
+        };
+        // web's port: one part compiled, its keys named.
+        set.policies[0] = web(8080);
+        check(&mut compiler, &mut current, &set, true, "web's port");
+        assert_eq!(compiler.parts_compiled(), 1);
+        let delta = current.sync.delta.clone().expect("a delta");
+        assert_eq!(delta.policy.len(), 4, "the old keys and the new ones (two peers each): {delta:?}");
+        // db's port range goes: the shared 5432 key stays (db-too still allows it), the port
+        // blocks and their plen bits go.
+        let db_id = current.endpoint_by_key("s/db").expect("db").id;
+        assert_ne!(current.endpoint_config[&db_id].ingress_port_plens, 0);
+        set.policies[1] = doc("db-in", "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]\n");
+        check(&mut compiler, &mut current, &set, true, "db's range gone");
+        assert_eq!(current.endpoint_config[&db_id].ingress_port_plens, 0);
+        assert!(current.sync.delta.as_ref().expect("delta").endpoint_config.contains(&db_id));
+        // db's isolation goes with its policies' ingress: policyTypes Egress only.
+        set.policies[1] = doc("db-in", "  podSelector: {matchLabels: {app: db}}\n  policyTypes: [Egress]\n");
+        set.policies[2] = doc("db-too", "  podSelector: {matchLabels: {app: db}}\n  policyTypes: [Egress]\n");
+        check(&mut compiler, &mut current, &set, true, "db's ingress isolation gone");
+        assert_eq!(current.endpoint_config[&db_id].flags, EP_ISOLATED_EGRESS);
+        // The same contents in new objects: nothing changes, same generation.
+        let same = PolicySet { policies: set.policies.iter().map(|p| Arc::new(NetworkPolicy::clone(p))).collect() };
+        let generation = current.sync.generation;
+        assert!(compiler.update_in_place(&inventory, &same, &mut current));
+        assert_eq!(current.sync.generation, generation);
+        // Added, removed: in place too, the policy lists renumbered.
+        set.policies.insert(1, doc("new", "  podSelector: {}\n  ingress: [{}]\n"));
+        check(&mut compiler, &mut current, &set, true, "a policy added");
+        assert_eq!(current.endpoint_by_key("s/web").expect("web").ingress_policies, [0, 1]);
+        set.policies.remove(0);
+        check(&mut compiler, &mut current, &set, true, "a policy removed");
+        assert_eq!(current.endpoint_by_key("s/web").expect("web").ingress_policies, [0]);
+        // Reordered: the full merge.
+        set.policies.swap(0, 1);
+        check(&mut compiler, &mut current, &set, false, "reordered");
+        // An ipBlock policy changed: the prefixes may change, the full merge.
+        set.policies[0] = doc("db-in", "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]\n");
+        check(&mut compiler, &mut current, &set, false, "an ipBlock");
+        // Past the POLICY map's capacity: the full merge finds the tipping point.
+        let mut small = Compiler::with_capacity(Capacity { policy: 3, ..Capacity::default() });
+        let mut set = PolicySet { policies: vec![web(80)] };
+        let mut current = Arc::new(small.compile(&inventory, &set));
+        small.in_force();
+        set.policies[0] = doc("web-in", "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {}}], ports: [{port: 80}, {port: 81}, {port: 82}]}]\n");
+        assert!(!small.update_in_place(&inventory, &set, &mut current), "2 peers x 3 ports do not fit 3 entries");
+        assert!(small.compile(&inventory, &set).over_capacity.is_some());
     }
 
     #[test]

@@ -33,7 +33,7 @@ use palisade_common::{
     SEG_MAPS,
 };
 
-use super::compile::{Compiled, LpmKey};
+use super::compile::{Compiled, Delta, LpmKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -121,6 +121,9 @@ pub struct Datapath {
     endpoints: BTreeMap<u32, EndpointConfig>,
     cgroups: BTreeMap<u64, CgroupValue>,
     attached: StdHashMap<PathBuf, (CgroupSkbLinkId, CgroupSkbLinkId)>,
+    /// The generation of compiled contents the maps hold exactly (`SyncHint::generation`),
+    /// when the last sync wrote one whole; None after adopting or a failed sync.
+    synced: Option<u64>,
 }
 
 fn lpm_key(k: &LpmKey) -> LpmTrieKey<IpAddrKey> {
@@ -195,8 +198,106 @@ impl Datapath {
             .map_err(map_err(MAP_SEG_CONFIG))
     }
 
-    /// Applies `compiled` as a diff: adds and changes first, removals last.
+    /// The POLICY entries the maps would hold with `compiled` added before anything is removed
+    /// (what a sync needs room for): from the delta when `compiled` carries one against what
+    /// the maps hold, else by comparing every key.
+    pub fn policy_union_len(&self, compiled: &Compiled) -> usize {
+        let held = &self.policy;
+        if compiled.sync.generation != 0 && self.synced == Some(compiled.sync.generation) {
+            return held.len();
+        }
+        match self.applicable_delta(compiled) {
+            Some(delta) => held.len() + delta.policy.iter().filter(|k| compiled.policy.contains_key(k) && !held.contains_key(k)).count(),
+            None => held.len() + compiled.policy.keys().filter(|k| !held.contains_key(k)).count(),
+        }
+    }
+
+    fn applicable_delta<'a>(&self, compiled: &'a Compiled) -> Option<&'a Delta> {
+        compiled.sync.delta.as_deref().filter(|delta| self.synced.is_some_and(|g| g == delta.base))
+    }
+
+    /// Applies `compiled`: when it carries a delta against the generation the maps hold, only
+    /// the keys the delta names are compared and written (a policy change costs what it
+    /// changed, not the set); otherwise as a diff of every entry. Adds and changes first,
+    /// removals last, either way.
     pub fn sync(&mut self, bpf: &mut Ebpf, compiled: &Compiled) -> Result<SyncStats, DatapathError> {
+        let generation = compiled.sync.generation;
+        if generation != 0 && self.synced == Some(generation) {
+            return Ok(SyncStats::default());
+        }
+        let result = match self.applicable_delta(compiled) {
+            Some(delta) => self.sync_delta(bpf, compiled, delta),
+            None => self.sync_all(bpf, compiled),
+        };
+        self.synced = match &result {
+            Ok(_) if generation != 0 => Some(generation),
+            _ => None,
+        };
+        let stats = result?;
+        // A new policy generation: in strict mode, established flows are judged again.
+        if stats != SyncStats::default() {
+            super::conntrack::bump_policy_generation(bpf)?;
+        }
+        tracing::debug!(?stats, "datapath synced");
+        Ok(stats)
+    }
+
+    /// The keys `delta` names, in the same order as [`Datapath::sync_all`]: POLICY upserts,
+    /// ENDPOINTS upserts, ENDPOINTS removals, POLICY removals (a delta never changes IPCACHE).
+    fn sync_delta(&mut self, bpf: &mut Ebpf, compiled: &Compiled, delta: &Delta) -> Result<SyncStats, DatapathError> {
+        let mut stats = SyncStats::default();
+        let mut policy: HashMap<&mut MapData, PolicyKey, PolicyValue> = HashMap::try_from(
+            bpf.map_mut(MAP_SEG_POLICY).ok_or(DatapathError::MissingMap { name: MAP_SEG_POLICY })?,
+        )
+        .map_err(map_err(MAP_SEG_POLICY))?;
+        for k in &delta.policy {
+            if let Some(v) = compiled.policy.get(k)
+                && self.policy.get(k) != Some(v)
+            {
+                policy.insert(k, v, 0).map_err(map_err(MAP_SEG_POLICY))?;
+                self.policy.insert(*k, *v);
+                stats.policy_added += 1;
+            }
+        }
+        drop(policy);
+        {
+            let mut map: HashMap<&mut MapData, u32, EndpointConfig> = HashMap::try_from(
+                bpf.map_mut(MAP_SEG_ENDPOINTS).ok_or(DatapathError::MissingMap { name: MAP_SEG_ENDPOINTS })?,
+            )
+            .map_err(map_err(MAP_SEG_ENDPOINTS))?;
+            for k in &delta.endpoint_config {
+                if let Some(v) = compiled.endpoint_config.get(k)
+                    && self.endpoints.get(k) != Some(v)
+                {
+                    map.insert(k, v, 0).map_err(map_err(MAP_SEG_ENDPOINTS))?;
+                    self.endpoints.insert(*k, *v);
+                    stats.endpoints_added += 1;
+                }
+            }
+            for k in &delta.endpoint_config {
+                if !compiled.endpoint_config.contains_key(k) && self.endpoints.contains_key(k) {
+                    remove_ok(map.remove(k)).map_err(map_err(MAP_SEG_ENDPOINTS))?;
+                    self.endpoints.remove(k);
+                    stats.endpoints_removed += 1;
+                }
+            }
+        }
+        let mut policy: HashMap<&mut MapData, PolicyKey, PolicyValue> = HashMap::try_from(
+            bpf.map_mut(MAP_SEG_POLICY).ok_or(DatapathError::MissingMap { name: MAP_SEG_POLICY })?,
+        )
+        .map_err(map_err(MAP_SEG_POLICY))?;
+        for k in &delta.policy {
+            if !compiled.policy.contains_key(k) && self.policy.contains_key(k) {
+                remove_ok(policy.remove(k)).map_err(map_err(MAP_SEG_POLICY))?;
+                self.policy.remove(k);
+                stats.policy_removed += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Every entry compared: adds and changes first, removals last.
+    fn sync_all(&mut self, bpf: &mut Ebpf, compiled: &Compiled) -> Result<SyncStats, DatapathError> {
         let mut stats = SyncStats::default();
         // 1. POLICY upserts
         {
@@ -272,11 +373,6 @@ impl Datapath {
                 stats.policy_removed += 1;
             }
         }
-        // 7. A new policy generation: in strict mode, established flows are judged again.
-        if stats != SyncStats::default() {
-            super::conntrack::bump_policy_generation(bpf)?;
-        }
-        tracing::debug!(?stats, "datapath synced");
         Ok(stats)
     }
 

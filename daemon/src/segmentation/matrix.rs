@@ -162,7 +162,9 @@ fn named_port_resolution(compiled: &Compiled, from: &CompiledEndpoint, to: &Comp
     for (direction, policies) in [("egress", &from.egress_policies), ("ingress", &to.ingress_policies)] {
         for &pi in policies {
             let key = &compiled.policies[pi].key;
-            for rule in compiled.rules.iter().filter(|r| &r.policy == key && r.direction == direction) {
+            let mut rules: Vec<&super::compile::RuleRef> = compiled.rules.values().filter(|r| &r.policy == key && r.direction == direction).collect();
+            rules.sort_by_key(|r| r.index);
+            for rule in rules {
                 for (name, protocol) in &rule.named_ports {
                     let ports: Vec<String> = to
                         .ports
@@ -239,7 +241,9 @@ fn describe(compiled: &Compiled, d: &HookDecision, direction: u8, ep: &CompiledE
         HookDecision::SelfTraffic => format!("{dir}: allowed (a pod always reaches itself)"),
         HookDecision::NotIsolated => format!("{dir}: allowed ({} is selected by no policy with {dir} isolation)", ep.key()),
         HookDecision::Allowed { rule_id, peer_identity, key_protocol, key_port_plen, key_port } => {
-            let rule = &compiled.rules[*rule_id as usize];
+            let Some(rule) = compiled.rules.get(rule_id) else {
+                return format!("{dir}: allowed by rule {rule_id}, which these contents do not describe");
+            };
             let port = match (*key_protocol, *key_port_plen) {
                 (PROTO_ANY, _) => "any protocol".to_string(),
                 (_, 0) => "any port".to_string(),

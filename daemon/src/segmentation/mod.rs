@@ -17,7 +17,7 @@ pub mod matrix;
 pub mod policy;
 pub mod reference;
 
-pub use compile::{Capacity, Compiled, Compiler, OverCapacity, Usage, compile};
+pub use compile::{Capacity, Compiled, Compiler, OverCapacity, SyncHint, Usage, compile};
 pub use lookup::{Verdict, lookup};
 pub use policy::{PolicyError, PolicySet};
 
@@ -87,7 +87,24 @@ impl Segmentation {
     /// valid policy, plus the last good version of each rejected one (see
     /// [`policy::Loaded::with_last_good`]). The report says what was rejected, kept and ignored.
     pub fn load_policies(&mut self, paths: &[PathBuf]) -> PolicyReport {
-        let mut loaded = PolicySet::load_each_cached(paths, &mut self.policy_files);
+        let loaded = PolicySet::load_each_cached(paths, &mut self.policy_files);
+        self.put_loaded(loaded)
+    }
+
+    /// [`Segmentation::load_policies`] after the directory watcher reported changes to the
+    /// entries `changed` of the one policy directory in `paths`: only those entries are looked
+    /// at again (see [`PolicySet::load_dir_changed`]: no stat of every file), with the same
+    /// result; when that does not apply, every path is loaded.
+    pub fn load_policies_changed(&mut self, paths: &[PathBuf], changed: &[PathBuf]) -> PolicyReport {
+        let loaded = match paths {
+            [dir] => PolicySet::load_dir_changed(dir, changed, &mut self.policy_files),
+            _ => None,
+        };
+        let loaded = loaded.unwrap_or_else(|| PolicySet::load_each_cached(paths, &mut self.policy_files));
+        self.put_loaded(loaded)
+    }
+
+    fn put_loaded(&mut self, mut loaded: policy::Loaded) -> PolicyReport {
         let (set, kept_last_good) = loaded.with_last_good(&self.policies);
         let mut report = PolicyReport::new(&loaded, &set, kept_last_good);
         if let Err(over) = self.try_set_policies(set) {
@@ -111,6 +128,14 @@ impl Segmentation {
     /// Puts `policies` in force if they fit the maps; otherwise the set is rejected as a whole
     /// and the last good set stays (recompiled against the current inventory).
     pub fn try_set_policies(&mut self, policies: PolicySet) -> Result<&Compiled, OverCapacity> {
+        // A change of a few policies (the common case: one file written, one watch event) is
+        // put into the contents in force in place, in time proportional to the change; it
+        // applies only when the result fits, so it never needs undoing.
+        if self.compiler.update_in_place(&self.inventory, &policies, &mut self.compiled) {
+            self.compiler.in_force();
+            self.policies = policies;
+            return Ok(&self.compiled);
+        }
         let compiled = self.compiler.compile(&self.inventory, &policies);
         if let Some(over) = compiled.over_capacity.clone() {
             return Err(over);

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -361,6 +362,24 @@ impl NetworkPolicy {
     }
 }
 
+/// A shared policy keyed by its namespace and name (duplicate checks without formatting keys).
+struct ByKey(Arc<NetworkPolicy>);
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &ByKey) -> bool {
+        self.0.namespace == other.0.namespace && self.0.name == other.0.name
+    }
+}
+
+impl Eq for ByKey {}
+
+impl std::hash::Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.namespace.hash(state);
+        self.0.name.hash(state);
+    }
+}
+
 /// A policy's cost in datapath entries (per selected pod) and ipBlock prefixes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Budget {
@@ -396,9 +415,14 @@ impl Budget {
 }
 
 /// A validated set of policies (every document of every path given).
+///
+/// Each policy is shared (`Arc`): a new set made from an older one (a file reload that read
+/// one file, a watch event about one object) shares every unchanged policy with it, so handing
+/// a set over costs a pointer per policy and the compiler tells the changed ones apart by
+/// pointer before it compares contents (issue 17).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
-    pub policies: Vec<NetworkPolicy>,
+    pub policies: Vec<Arc<NetworkPolicy>>,
 }
 
 /// One document (or a whole file) that was not loaded, and why.
@@ -450,7 +474,7 @@ impl Loaded {
                     Some(key) => &p.key() == key,
                     None => p.source.starts_with(&prefix),
                 };
-                if wanted && !set.policies.iter().any(|q| q.key() == p.key()) {
+                if wanted && !set.policies.iter().any(|q| q.namespace == p.namespace && q.name == p.name) {
                     kept.push(p.key());
                     set.policies.push(p.clone());
                 }
@@ -461,17 +485,55 @@ impl Loaded {
 }
 
 /// The policies of each file that loaded cleanly, by path, with the file's identity when read
-/// (see [`PolicySet::load_each_cached`]).
+/// (see [`PolicySet::load_each_cached`]), and each directory's entries as last listed (see
+/// [`PolicySet::load_dir_changed`]).
 #[derive(Debug, Clone, Default)]
 pub struct PolicyFileCache {
     files: std::collections::HashMap<PathBuf, CachedFile>,
+    /// Per directory loaded: its entries in order, as the last listing found them and the
+    /// changes reported since left them.
+    listings: std::collections::HashMap<PathBuf, BTreeMap<PathBuf, Listed>>,
 }
 
 #[derive(Debug, Clone)]
 struct CachedFile {
     stamp: FileStamp,
     size: u64,
-    policies: Vec<NetworkPolicy>,
+    policies: Vec<Arc<NetworkPolicy>>,
+}
+
+/// One directory entry as a listing classified it.
+#[derive(Debug, Clone)]
+enum Listed {
+    /// A YAML file, loaded; its stamp when listed.
+    Yaml(FileStamp),
+    /// Not loaded (the reason is reported at every load).
+    Skipped(String),
+    /// A mounted ConfigMap's own sub-directory (`..data`, `..<timestamp>`): silent.
+    Silent,
+}
+
+impl Listed {
+    /// Classifies a directory entry with one stat (following a symlink, as a mounted
+    /// ConfigMap's files are); the stamp is taken before any read, so a change in between only
+    /// makes the next load read the file again.
+    fn of(entry: &Path) -> Listed {
+        let name = entry.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let meta = std::fs::metadata(entry).ok();
+        if meta.as_ref().is_some_and(|m| m.is_dir()) {
+            return if name.starts_with("..") {
+                Listed::Silent
+            } else {
+                Listed::Skipped("a directory (policy directories are not read recursively)".into())
+            };
+        }
+        let yaml = entry.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        match meta {
+            Some(meta) if meta.is_file() && yaml => Listed::Yaml(FileStamp::of(&meta)),
+            Some(meta) if meta.is_file() => Listed::Skipped("not a .yaml or .yml file".into()),
+            _ => Listed::Skipped("not a regular file".into()),
+        }
+    }
 }
 
 /// What tells a file's versions apart without reading it: device, inode (a rename or a
@@ -507,6 +569,15 @@ impl FileStamp {
     }
 }
 
+/// One file to load: its path, its stamp, whether it came from a directory, and whether it must
+/// be read whatever the cache holds (a change was reported for it).
+struct FileToLoad {
+    path: PathBuf,
+    stamp: FileStamp,
+    from_dir: bool,
+    changed: bool,
+}
+
 impl PolicySet {
     /// Loads files and directories (`*.yaml`, `*.yml`, sorted, not recursive); strict: the
     /// first error (offline tools; the daemon uses `load_each`).
@@ -526,12 +597,13 @@ impl PolicySet {
 
     /// [`PolicySet::load_each`], reading and parsing again only the files that changed since
     /// `cache` saw them (a reload after one file changed reads one file); the checks across
-    /// files (duplicates, budgets, the load's byte limit) run over every file as before.
+    /// files (duplicates, budgets, the load's byte limit) run over every file as before. Lists
+    /// every directory again (a stat per entry) and keeps the listing for
+    /// [`PolicySet::load_dir_changed`].
     pub fn load_each_cached<P: AsRef<Path>>(paths: &[P], cache: &mut PolicyFileCache) -> Loaded {
         let mut loaded = Loaded::default();
-        let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-        let mut next_cache = PolicyFileCache::default();
         let mut files = Vec::new();
+        let mut listings = std::collections::HashMap::new();
         for path in paths {
             let path = path.as_ref();
             let reject = |source| Rejected { file: path.to_path_buf(), policy: None, error: PolicyError::Read { path: path.to_path_buf(), source } };
@@ -550,67 +622,122 @@ impl PolicySet {
                         continue;
                     }
                 };
-                let mut yaml_files: Vec<(PathBuf, FileStamp)> = Vec::new();
+                let mut listing: BTreeMap<PathBuf, Listed> = BTreeMap::new();
+                let mut complete = true;
                 for entry in entries {
-                    let entry = match entry {
-                        Ok(entry) => entry.path(),
+                    match entry {
+                        Ok(entry) => {
+                            let entry = entry.path();
+                            let listed = Listed::of(&entry);
+                            listing.insert(entry, listed);
+                        }
                         Err(source) => {
+                            complete = false;
                             loaded.rejected.push(reject(source));
-                            continue;
                         }
-                    };
-                    let name = entry.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    // One stat per entry (following a symlink, as a mounted ConfigMap's files
-                    // are): its type here and its stamp for the cache (taken before the read,
-                    // so a change in between only makes the next load read the file again).
-                    let meta = std::fs::metadata(&entry).ok();
-                    if meta.as_ref().is_some_and(|m| m.is_dir()) {
-                        // `..data` and `..<timestamp>`: a mounted ConfigMap's own layout.
-                        if !name.starts_with("..") {
-                            loaded.skipped.push(Skipped { file: entry, reason: "a directory (policy directories are not read recursively)".into() });
-                        }
-                        continue;
-                    }
-                    let yaml = entry
-                        .extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
-                    match meta {
-                        Some(meta) if meta.is_file() && yaml => yaml_files.push((entry, FileStamp::of(&meta))),
-                        Some(meta) if meta.is_file() => {
-                            loaded.skipped.push(Skipped { file: entry, reason: "not a .yaml or .yml file".into() })
-                        }
-                        _ => loaded.skipped.push(Skipped { file: entry, reason: "not a regular file".into() }),
                     }
                 }
-                yaml_files.sort_by(|a, b| a.0.cmp(&b.0));
-                files.extend(yaml_files.into_iter().map(|(p, stamp)| (p, stamp, true)));
+                files.extend(PolicySet::listed_files(&listing, &mut loaded, &[]));
+                // An incomplete listing is not a base for later changes.
+                if complete {
+                    listings.insert(path.to_path_buf(), listing);
+                }
             } else {
-                files.push((path.to_path_buf(), FileStamp::of(&meta), false));
+                files.push(FileToLoad { path: path.to_path_buf(), stamp: FileStamp::of(&meta), from_dir: false, changed: false });
             }
         }
+        let listed: std::collections::HashSet<&PathBuf> = files.iter().map(|f| &f.path).collect();
+        cache.files.retain(|path, _| listed.contains(path));
+        cache.listings = listings;
+        PolicySet::load_files(files, cache, loaded)
+    }
+
+    /// A reload of one directory loaded before with [`PolicySet::load_each_cached`] after
+    /// changes to the entries `changed` (what the directory watcher reported): only those are
+    /// looked at again (a stat each) and read; every other entry is as listed, its policies
+    /// from the cache (a file the cache does not hold, rejected or changed within the last
+    /// second, is read again, as in a full load). The result equals a full load's. None when
+    /// the changes are not all direct entries of `dir` (a sub-directory, a mounted ConfigMap's
+    /// `..data` swap) or `dir` has no listing: the caller loads in full then.
+    pub fn load_dir_changed(dir: &Path, changed: &[PathBuf], cache: &mut PolicyFileCache) -> Option<Loaded> {
+        let listing = cache.listings.get_mut(dir)?;
+        // The watcher names paths below the absolute form of the directory; the listing is
+        // keyed as the directory was given.
+        let absolute = std::path::absolute(dir).ok();
+        let mut entries = Vec::with_capacity(changed.len());
+        for path in changed {
+            let (Some(name), Some(parent)) = (path.file_name(), path.parent()) else { return None };
+            if !(parent == dir || Some(parent) == absolute.as_deref()) || name.to_string_lossy().starts_with("..") {
+                return None;
+            }
+            entries.push(dir.join(name));
+        }
+        let changed = &entries[..];
+        for path in changed {
+            match std::fs::symlink_metadata(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    listing.remove(path);
+                    cache.files.remove(path);
+                }
+                _ => match Listed::of(path) {
+                    Listed::Silent => return None,
+                    listed => {
+                        listing.insert(path.clone(), listed);
+                    }
+                },
+            }
+        }
+        let mut loaded = Loaded::default();
+        let listing = cache.listings.get(dir)?;
+        let files = PolicySet::listed_files(listing, &mut loaded, changed);
+        Some(PolicySet::load_files(files, cache, loaded))
+    }
+
+    /// The YAML files of a listing in order (the others reported as skipped).
+    fn listed_files(listing: &BTreeMap<PathBuf, Listed>, loaded: &mut Loaded, changed: &[PathBuf]) -> Vec<FileToLoad> {
+        let mut files = Vec::with_capacity(listing.len());
+        for (path, listed) in listing {
+            match listed {
+                Listed::Yaml(stamp) => files.push(FileToLoad { path: path.clone(), stamp: *stamp, from_dir: true, changed: false }),
+                Listed::Skipped(reason) => loaded.skipped.push(Skipped { file: path.clone(), reason: reason.clone() }),
+                Listed::Silent => {}
+            }
+        }
+        // In the listing's order: found by binary search (a burst names a few of 10,000).
+        for path in changed {
+            if let Ok(at) = files.binary_search_by(|f| f.path.cmp(path)) {
+                files[at].changed = true;
+            }
+        }
+        files
+    }
+
+    /// Loads `files` in order, from the cache where it holds the same version: every valid
+    /// policy once (a duplicate is rejected), within the set's budgets and the load's byte limit.
+    fn load_files(files: Vec<FileToLoad>, cache: &mut PolicyFileCache, mut loaded: Loaded) -> Loaded {
+        // By (namespace, name) of the shared policies themselves: no key formatted per policy.
+        let mut seen: std::collections::HashMap<ByKey, usize> = std::collections::HashMap::with_capacity(files.len());
         let mut read_bytes = 0u64;
         let mut set_budget = Budget::default();
-        for (file, stamp, from_dir) in files {
-            let cached = cache.files.remove(&file).filter(|c| c.stamp == stamp);
+        for FileToLoad { path: file, stamp, from_dir, changed } in files {
+            let cached = cache.files.get(&file).filter(|c| !changed && c.stamp == stamp);
             let policies = match cached {
                 Some(c) if read_bytes + c.size <= MAX_POLICY_LOAD_BYTES => {
                     read_bytes += c.size;
-                    let policies = c.policies.clone();
-                    next_cache.files.insert(file.clone(), c);
-                    policies
+                    c.policies.clone()
                 }
                 _ => {
+                    cache.files.remove(&file);
                     let Some((policies, size)) = PolicySet::read_file(&file, from_dir, &mut read_bytes, &mut loaded) else { continue };
                     // Only a file that loaded cleanly is kept (a rejection is told again at every load).
                     if let (Some(size), true) = (size, stamp.settled()) {
-                        next_cache.files.insert(file.clone(), CachedFile { stamp, size, policies: policies.clone() });
+                        cache.files.insert(file.clone(), CachedFile { stamp, size, policies: policies.clone() });
                     }
                     policies
                 }
             };
             for p in policies {
-                if let Some(first) = seen.get(&p.key()).map(|&i| &loaded.set.policies[i]) {
+                if let Some(first) = seen.get(&ByKey(p.clone())).map(|&i| &loaded.set.policies[i]) {
                     let document = p.source.rsplit_once("document ").and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
                     let error = PolicyError::Duplicate {
                         path: file.clone(),
@@ -627,18 +754,17 @@ impl PolicySet {
                     loaded.rejected.push(Rejected { file: file.clone(), policy: Some(p.key()), error });
                     continue;
                 }
-                seen.insert(p.key(), loaded.set.policies.len());
+                seen.insert(ByKey(p.clone()), loaded.set.policies.len());
                 loaded.set.policies.push(p);
             }
         }
-        *cache = next_cache;
         loaded
     }
 
     /// Reads, checks and parses one policy file, counting its bytes against the load's limit.
     /// What it rejects or skips goes into `loaded`; None when nothing of the file loads. The
     /// size is given when every document of the file was valid (so it may be cached).
-    fn read_file(file: &Path, from_dir: bool, read_bytes: &mut u64, loaded: &mut Loaded) -> Option<(Vec<NetworkPolicy>, Option<u64>)> {
+    fn read_file(file: &Path, from_dir: bool, read_bytes: &mut u64, loaded: &mut Loaded) -> Option<(Vec<Arc<NetworkPolicy>>, Option<u64>)> {
         let whole_file = |error| Rejected { file: file.to_path_buf(), policy: None, error };
         let remaining = MAX_POLICY_LOAD_BYTES.saturating_sub(*read_bytes);
         let text = match crate::yaml::read_limited(file, MAX_POLICY_FILE_BYTES.min(remaining)) {
@@ -679,7 +805,7 @@ impl PolicySet {
         let (policies, rejected) = PolicySet::parse_each(text, file);
         let clean = rejected.is_empty();
         loaded.rejected.extend(rejected);
-        Some((policies, clean.then_some(size)))
+        Some((policies.into_iter().map(Arc::new).collect(), clean.then_some(size)))
     }
 
     /// Parses one (multi-document) YAML text; `path` only names the source in errors. Strict:
@@ -693,7 +819,7 @@ impl PolicySet {
         let mut set_budget = Budget::default();
         for p in policies {
             admit(&mut set_budget, &p, path)?;
-            if let Some(first) = set.policies.iter().find(|q| q.key() == p.key()) {
+            if let Some(first) = set.policies.iter().find(|q| q.namespace == p.namespace && q.name == p.name) {
                 let document = p.source.rsplit_once("document ").and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
                 return Err(PolicyError::Duplicate {
                     path: path.to_path_buf(),
@@ -703,7 +829,7 @@ impl PolicySet {
                     first: first.source.clone(),
                 });
             }
-            set.policies.push(p);
+            set.policies.push(Arc::new(p));
         }
         Ok(set)
     }
@@ -1268,6 +1394,53 @@ mod tests {
         assert_eq!(port_of(&loaded, "a").as_deref(), Some("TCP/1002"), "the first file's stays in force");
         assert!(loaded.rejected.iter().any(|r| r.error.to_string().contains("d.yaml")), "{:?}", loaded.rejected);
         assert!(!cache.files.contains_key(&dir.join("b.yaml")));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Issue 17: a reload told which entries changed looks only at those (and at the files the
+    /// cache does not hold) and gives what a full load gives.
+    #[test]
+    fn a_reload_of_the_changed_entries_equals_a_full_load() {
+        let dir = std::env::temp_dir().join(format!("palisade-policy-changed-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).expect("dir");
+        let doc = |name: &str, port: u16| {
+            format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x}}\nspec:\n  podSelector: {{}}\n  ingress: [{{ports: [{{port: {port}}}]}}]\n")
+        };
+        for (name, port) in [("a", 1001), ("b", 2001), ("c", 3001)] {
+            std::fs::write(dir.join(format!("{name}.yaml")), doc(name, port)).expect("write");
+        }
+        std::fs::write(dir.join("notes.txt"), "not a policy").expect("write");
+        std::fs::write(dir.join("bad.yaml"), doc("bad", 1).replace("podSelector", "podSelectr")).expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let mut cache = PolicyFileCache::default();
+        let summary = |loaded: &Loaded| {
+            let policies: Vec<String> = loaded.set.policies.iter().map(|p| format!("{} {}", p.name, p.ingress[0].ports[0])).collect();
+            let rejected: Vec<String> = loaded.rejected.iter().map(|r| r.error.to_string()).collect();
+            let skipped: Vec<String> = loaded.skipped.iter().map(|s| s.to_string()).collect();
+            (policies, rejected, skipped)
+        };
+        let first = PolicySet::load_each_cached(&[&dir], &mut cache);
+        assert_eq!(first.set.policies.len(), 3);
+        assert_eq!(cache.files.len(), 3, "the rejected file is not cached");
+        // b rewritten, a new file d, c removed: the changed entries only.
+        std::fs::write(dir.join("b.yaml"), doc("b", 2002)).expect("rewrite");
+        std::fs::write(dir.join("d.yaml"), doc("d", 4001)).expect("new file");
+        std::fs::remove_file(dir.join("c.yaml")).expect("remove");
+        let changed = [dir.join("b.yaml"), dir.join("d.yaml"), dir.join("c.yaml")];
+        let targeted = PolicySet::load_dir_changed(&dir, &changed, &mut cache).expect("applies to direct entries");
+        let full = PolicySet::load_each(&[&dir]);
+        assert_eq!(summary(&targeted), summary(&full));
+        assert_eq!(summary(&targeted).0, ["a TCP/1001", "b TCP/2002", "d TCP/4001"]);
+        assert!(summary(&targeted).1.iter().any(|r| r.contains("bad.yaml")), "a rejected file is told again: {:?}", summary(&targeted).1);
+        assert!(summary(&targeted).2.iter().any(|s| s.contains("notes.txt")), "{:?}", summary(&targeted).2);
+        // An unchanged, cached policy is the same object (compared by pointer downstream).
+        let a = |loaded: &Loaded| loaded.set.policies.iter().find(|p| p.name == "a").cloned().expect("a");
+        assert!(Arc::ptr_eq(&a(&first), &a(&targeted)));
+        // Not a direct entry (a sub-directory's file, a ConfigMap's ..data swap): not applicable.
+        assert!(PolicySet::load_dir_changed(&dir, &[dir.join("sub").join("x.yaml")], &mut cache).is_none());
+        assert!(PolicySet::load_dir_changed(&dir, &[dir.join("..data")], &mut cache).is_none());
+        assert!(PolicySet::load_dir_changed(&dir.join("other"), &[], &mut cache).is_none(), "no listing of that directory");
         std::fs::remove_dir_all(&dir).ok();
     }
 
