@@ -140,3 +140,57 @@ fn a_flooding_pod_hides_nothing_and_its_loss_is_an_alert() {
         assert_eq!(lost[kind].as_u64().unwrap_or(0), 0, "kernel lost {kind} events: {lost}");
     }
 }
+
+/// With `quarantine_flooding_pods` on, a pod that drowns the sensor in protected events (a
+/// loop of /etc/shadow opens: each is a sensitive, protected open, far past the pod's priority
+/// share and its event budget, so the pod loses its own protected events, sample after sample)
+/// is quarantined as a finding of the built-in rule `event_flood`; the quiet pod is left alone.
+#[test]
+fn a_pod_that_floods_protected_events_is_quarantined_when_the_policy_says_so() {
+    if !require_kernel("a_pod_that_floods_protected_events_is_quarantined_when_the_policy_says_so") {
+        return;
+    }
+    let policy = std::env::temp_dir().join(format!("palisade-flood-response-{}.yaml", std::process::id()));
+    std::fs::write(&policy, "dry_run: false\nquarantine_flooding_pods: true\n").expect("write the response policy");
+    let daemon = DaemonGuard::start(
+        DaemonOptions::new("flood_quarantine", &inventory()).arg("--response-policy").arg(policy.to_str().expect("utf-8 path")),
+    );
+    let _ = std::fs::remove_file(&policy);
+    let noisy = format!("{NS}/{NOISY}");
+
+    let mut flood = Vec::new();
+    for i in 0..2 {
+        let mut command = daemon.command_in(&noisy, PALISADE);
+        command.args(["workload", "open-loop", "1000000000", "/etc/shadow"]);
+        flood.push(spawn_logged(command, &daemon.work.join(format!("flood-{i}.log"))));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let flood_alert = loop {
+        let found = daemon.alerts().into_iter().find(|a| a["rule"]["id"] == "event_flood");
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no event_flood alert within 60 s; status: {}", status(&daemon)["events"]);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(flood);
+    assert_eq!(flood_alert["pod"]["name"], NOISY, "{flood_alert}");
+    assert_eq!(flood_alert["outcome"], "quarantined", "{flood_alert}");
+    assert_eq!(flood_alert["severity"], "critical", "{flood_alert}");
+    let loss_alert = flood_alert["event"]["loss_alert"].as_str().expect("the flood alert names its loss alert");
+    let alerts = daemon.alerts();
+    let loss = alerts.iter().find(|a| a["id"] == loss_alert).expect("the named event_loss alert is in the log");
+    assert_eq!(loss["event"]["sustained"], true, "{loss}");
+
+    // Enforced: listed, and in the kernel's map (the responder's own path, as for any rule).
+    let out = Command::new(PALISADE).args(["quarantine", "list", "-o", "json", "--state-dir"]).arg(&daemon.state_dir).output().expect("list");
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("quarantine list JSON");
+    let names: Vec<String> = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|e| e["pending"] == false)
+        .map(|e| format!("{}/{}", e["namespace"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(names, vec![noisy.clone()], "only the flooding pod is quarantined: {listed}");
+}

@@ -125,10 +125,59 @@ pub(super) fn spawn_loss_monitor(state: Arc<DaemonState>) {
             if let Some(report) = report {
                 let alert = report.alert(table.index());
                 tracing::warn!(message = %alert.message, "event loss");
+                let loss_alert_id = alert.id.clone();
                 state.alerts.try_emit(alert);
+                if state.quarantine.quarantines_flooding_pods() {
+                    for (cgroup_id, over_budget) in report.flooding_cgroups() {
+                        match table.index().get(cgroup_id) {
+                            Some(pod) => respond_to_flood(&state, &pod, over_budget, &loss_alert_id),
+                            // Not a pod (a host process with a monitored cgroup): nothing to isolate.
+                            None => tracing::info!(cgroup_id, over_budget, "a flooding cgroup is no pod; not quarantined"),
+                        }
+                    }
+                }
             }
         }
     });
+}
+
+/// A pod that flooded its event budget while protected events were being lost, as a finding of
+/// the built-in rule `event_flood` (`ResponsePolicy::quarantine_flooding_pods`): the responder
+/// decides as for any rule (rate limits, protected namespaces, dry run, per-rule mode), and the
+/// alert says what it decided.
+fn respond_to_flood(state: &DaemonState, pod: &crate::events::enrich::PodRef, over_budget: u64, loss_alert_id: &str) {
+    use crate::alerts::{Alert, AlertKind, PodInfo};
+    use crate::rules::model::{Action, RuleHit, Severity};
+    let title = "Event flood while protected events were lost";
+    let message = format!(
+        "pod {}/{} went {over_budget} events over its event budget while protected events were being lost on this node (event_loss alert {loss_alert_id})",
+        pod.namespace, pod.name
+    );
+    // MITRE T1562.006 (Impair Defenses: Indicator Blocking): drowning the sensor.
+    let hit = RuleHit {
+        rule_id: crate::quarantine::responder::FLOOD_RULE.to_string(),
+        title: title.to_string(),
+        severity: Severity::Critical,
+        message: message.clone(),
+        mitre: vec!["T1562.006".to_string()],
+        action: Action::Quarantine,
+    };
+    let mut alert = Alert::new(AlertKind::EventLoss, Severity::Critical, message)
+        .with_node(state.node.clone())
+        .with_rule(hit.rule_id.clone(), title)
+        .with_action(Action::Quarantine)
+        .with_pod(PodInfo { namespace: pod.namespace.clone(), name: pod.name.clone(), labels: pod.labels.clone() })
+        .with_event(serde_json::json!({"over_budget": over_budget, "loss_alert": loss_alert_id}));
+    alert.mitre = hit.mitre.clone();
+    let finding = crate::quarantine::Finding { hit, namespace: pod.namespace.clone(), name: pod.name.clone(), alert_id: alert.id.clone() };
+    let decision = state.quarantine.respond(&finding);
+    if decision.outcome == crate::quarantine::Outcome::Quarantined {
+        state.metrics.record_quarantine();
+    }
+    tracing::warn!(pod = %decision.pod, outcome = %decision.outcome.as_str(), reason = %decision.reason, "event flood");
+    for alert in crate::quarantine::api::alerts_for(alert, &decision) {
+        state.alerts.try_emit(alert);
+    }
 }
 
 /// Samples whether the reader and the pipeline keep moving ([`crate::liveness`]): the reader's

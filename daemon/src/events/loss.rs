@@ -41,6 +41,24 @@ impl LossReport {
         }
     }
 
+    /// When the loss is sustained, the cgroups that lost events to their own budget (they sent
+    /// more than their share: the flooders), with how many; largest first. Empty otherwise: a
+    /// pod is never called a flooder for losses that were not its own doing (a full ring).
+    pub fn flooding_cgroups(&self) -> Vec<(u64, u64)> {
+        if !self.sustained {
+            return Vec::new();
+        }
+        let mut over_budget: BTreeMap<u64, u64> = BTreeMap::new();
+        for (key, count) in &self.losses {
+            if key.reason == LossReason::PodBudget {
+                *over_budget.entry(key.cgroup_id).or_insert(0) += count;
+            }
+        }
+        let mut flooders: Vec<(u64, u64)> = over_budget.into_iter().collect();
+        flooders.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        flooders
+    }
+
     /// The alert, with pods named through `endpoints` (a cgroup that is no pod is named by id).
     pub fn alert(&self, endpoints: &EndpointIndex) -> Alert {
         let pod_name = |cgroup: u64| match endpoints.get(cgroup) {
@@ -194,6 +212,27 @@ mod tests {
         let r = m.observe(&BTreeMap::from([(exec, 3)]), t0 + Duration::from_secs(2)).expect("sustained: at once");
         assert_eq!(r.severity(), Severity::Critical);
         assert_eq!(r.losses, vec![(exec, 2)]);
+    }
+
+    #[test]
+    fn only_a_sustained_loss_names_flooders_and_only_by_their_own_budget() {
+        let mut m = LossMonitor::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let mut totals = BTreeMap::new();
+        for n in 1..=SUSTAINED_SAMPLES as u64 {
+            totals.insert(key(7, EventKind::Open, LossReason::PodBudget, false), 1000 * n);
+            totals.insert(key(8, EventKind::Exec, LossReason::RingFull, true), n);
+            totals.insert(key(9, EventKind::Open, LossReason::PodBudget, false), 10 * n);
+            let report = m.observe(&totals, t0 + Duration::from_secs(n));
+            if n == 1 {
+                assert!(report.as_ref().is_some_and(|r| r.flooding_cgroups().is_empty()), "not sustained yet: no flooder");
+            }
+            if n == SUSTAINED_SAMPLES as u64 {
+                let report = report.expect("sustained loss is raised at once");
+                // Cgroup 8 lost protected events to a full ring: a victim, not a flooder.
+                assert_eq!(report.flooding_cgroups(), vec![(7, 2000), (9, 20)]);
+            }
+        }
     }
 
     #[test]

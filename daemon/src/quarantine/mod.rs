@@ -161,6 +161,12 @@ impl QuarantineService {
         self.lock().set_policy(policy)
     }
 
+    /// Whether pods that flood their event budget are quarantined (the response policy's
+    /// `quarantine_flooding_pods`).
+    pub fn quarantines_flooding_pods(&self) -> bool {
+        self.lock().policy().quarantine_flooding_pods
+    }
+
     pub fn set_inventory(&self, inventory: &Inventory) -> Result<Vec<Removal>, QuarantineError> {
         self.lock().set_inventory(inventory)
     }

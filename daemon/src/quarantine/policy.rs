@@ -80,6 +80,12 @@ pub struct ResponsePolicy {
     pub max_quarantines_per_namespace_per_minute: u32,
     /// Off (empty) by default.
     pub forensics: Vec<ForensicsException>,
+    /// Quarantine a pod that floods its own event budget while protected events are being lost
+    /// (a sustained, `critical` `event_loss`), as the finding of the built-in rule
+    /// `event_flood` (`FLOOD_RULE`): the rate limits, protected namespaces, dry run and
+    /// `rules: {event_flood: alert_only}` apply to it like to any rule. Off by default: a busy
+    /// but honest pod can flood too.
+    pub quarantine_flooding_pods: bool,
 }
 
 impl Default for ResponsePolicy {
@@ -91,6 +97,7 @@ impl Default for ResponsePolicy {
             max_quarantines_per_minute: DEFAULT_MAX_PER_MINUTE,
             max_quarantines_per_namespace_per_minute: DEFAULT_MAX_PER_NAMESPACE_PER_MINUTE,
             forensics: Vec::new(),
+            quarantine_flooding_pods: false,
         }
     }
 }

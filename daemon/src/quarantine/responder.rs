@@ -259,6 +259,9 @@ pub struct Responder<D: QuarantineDatapath> {
 /// The rule id an operator's quarantine is recorded under.
 pub const MANUAL_RULE: &str = "manual";
 
+/// The built-in rule id of a flood quarantine (`ResponsePolicy::quarantine_flooding_pods`).
+pub const FLOOD_RULE: &str = "event_flood";
+
 fn now_rfc3339() -> (String, i128) {
     let unix_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
