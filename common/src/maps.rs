@@ -59,7 +59,11 @@ pub const fn open_classes(flags: u32) -> u32 {
     classes
 }
 
-pub const EVENTS_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
+/// The bulk ring buffer. 4 MiB: ~14,000 opens of backlog, about what the pipeline's bulk queue
+/// holds behind it (`daemon::pipeline::BULK_QUEUE_BYTES`); under the per-pod budgets no flood
+/// measured here filled it (BENCHMARKS.md, "Under a flood"). Each MiB of ring is 2 MiB of the
+/// daemon's RSS (the data area is mapped twice for wrap-around): 8 MiB cost 8 MB more at idle.
+pub const EVENTS_RINGBUF_BYTES: u32 = 4 * 1024 * 1024;
 /// The ring buffer of protected (rare, high-value) events: high-volume kinds never go there,
 /// and each pod may use only its own share of it (see `ProbeConfig::priority_cost_ns`).
 pub const PRIORITY_RINGBUF_BYTES: u32 = 2 * 1024 * 1024;
