@@ -53,7 +53,7 @@ enum Command {
     /// the kubectl plugin `kubectl-palisade` (`kubectl palisade ...`).
     Kubectl(palisade::k8s::plugin::PluginCli),
     /// Publish every Pod of the cluster as PeerSlice records for agents run with `--peers
-    /// slices` (one replica per cluster; deploy/operator/).
+    /// slices` (replicas elect a leader on a Lease; deploy/operator/).
     Operator(palisade::k8s::operator::OperatorArgs),
     /// Mount bpffs at DIR unless it is there (the DaemonSet's init container, which shares the
     /// mount with the host so pins outlive the pod).

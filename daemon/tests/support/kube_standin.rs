@@ -1,6 +1,6 @@
 //! A Kubernetes API stand-in for tests: a small HTTPS (HTTP/1.1 over TLS, a certificate from a
 //! CA of its own) server on 127.0.0.1 that requires a bearer token, as API servers do, and speaks
-//! the real list/watch protocol (resourceVersions, chunked watch streams of JSON events, bookmarks,
+//! the real list/watch protocol (resourceVersions, paged lists, chunked watch streams of JSON events, bookmarks,
 //! `410 Gone` after compaction), takes merge PATCHes and Event POSTs (recorded for assertions),
 //! creates, conditional updates (PUT: `409 Conflict` on a stale resourceVersion) and deletes
 //! (with preconditions) of PeerSlices and Leases,
@@ -695,14 +695,32 @@ impl StandIn {
         let manager = query.get("fieldManager").cloned().unwrap_or(agent);
         match verb {
             "list" => {
-                let items: Vec<Value> = cluster
+                // Pages as the API server serves them (`limit`, `continue`): the token carries
+                // the first page's resourceVersion, which every page reports, so a watcher
+                // watches from the snapshot (an object changed between pages is replayed by
+                // the watch; applying it twice is harmless). Without `limit`, everything.
+                let limit = query.get("limit").and_then(|v| v.parse::<usize>().ok()).filter(|l| *l > 0);
+                let (snapshot, offset) = query
+                    .get("continue")
+                    .and_then(|c| c.split_once(':'))
+                    .and_then(|(rv, at)| Some((rv.parse::<u64>().ok()?, at.parse::<usize>().ok()?)))
+                    .unwrap_or((cluster.rv, 0));
+                let mut items: Vec<Value> = cluster
                     .objects
                     .iter()
                     .filter(|((k, n, _), o)| *k == kind && ns.is_none_or(|ns| ns == n) && matches_node(o, &node))
+                    .skip(offset)
+                    .take(limit.map_or(usize::MAX, |l| l + 1))
                     .map(|(_, o)| o.clone())
                     .collect();
-                let list = json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(),
-                                  "metadata": {"resourceVersion": cluster.rv.to_string()}, "items": items});
+                let mut metadata = json!({"resourceVersion": snapshot.to_string()});
+                if let Some(limit) = limit
+                    && items.len() > limit
+                {
+                    items.truncate(limit);
+                    metadata["continue"] = json!(format!("{snapshot}:{}", offset + limit));
+                }
+                let list = json!({"kind": kind.list_kind(), "apiVersion": kind.api_version(), "metadata": metadata, "items": items});
                 drop(cluster);
                 let text = list.to_string();
                 if accepts_gzip && text.len() >= GZIP_MIN_BYTES {
