@@ -241,6 +241,12 @@ impl Enforcer {
         Ok((stats, self.policy_report.clone()))
     }
 
+    /// The file cache of the load that gave the policies in force (see
+    /// [`Segmentation::set_policy_file_cache`]).
+    pub fn set_policy_file_cache(&mut self, cache: crate::segmentation::policy::PolicyFileCache) {
+        self.segmentation.set_policy_file_cache(cache);
+    }
+
     /// [`Enforcer::reload_policies`] after the directory watcher reported changes to the
     /// entries `changed`: only those are looked at again when that gives the same result
     /// ([`Segmentation::load_policies_changed`]).

@@ -190,9 +190,12 @@ impl SegmentationStage {
         metrics: &crate::metrics::Metrics,
     ) -> anyhow::Result<SegmentationStage> {
         let inventory = table.inventory().clone();
+        // The files' cache of the first load goes to the segmentation: the first change then
+        // reloads what changed, not every file (at 10,000 files a second-long first reload).
+        let mut policy_files = crate::segmentation::policy::PolicyFileCache::default();
         let (initial_policies, policy_report) = match policies {
             PolicySource::Dir(dir) => {
-                let loaded = crate::segmentation::PolicySet::load_each(&[dir]);
+                let loaded = crate::segmentation::PolicySet::load_each_cached(&[dir], &mut policy_files);
                 let report = crate::segmentation::PolicyReport::new(&loaded, &loaded.set, Vec::new());
                 (loaded.set, report)
             }
@@ -234,6 +237,8 @@ impl SegmentationStage {
         )
         .await
         .context("enforcing the policies")?;
+        let mut enforcer = enforcer;
+        enforcer.set_policy_file_cache(policy_files);
         Ok(SegmentationStage { enforcer: Arc::new(tokio::sync::Mutex::new(enforcer)), conntrack, report: policy_report })
     }
 }

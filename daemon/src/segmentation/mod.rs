@@ -91,6 +91,12 @@ impl Segmentation {
         self.put_loaded(loaded)
     }
 
+    /// The file cache of the load that gave the policies in force (the daemon loads them
+    /// before the segmentation exists), so that the first reload reads only what changed.
+    pub fn set_policy_file_cache(&mut self, cache: policy::PolicyFileCache) {
+        self.policy_files = cache;
+    }
+
     /// [`Segmentation::load_policies`] after the directory watcher reported changes to the
     /// entries `changed` of the one policy directory in `paths`: only those entries are looked
     /// at again (see [`PolicySet::load_dir_changed`]: no stat of every file), with the same
