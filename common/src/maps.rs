@@ -143,7 +143,10 @@ pub struct ProbeConfig {
     pub off_fs_pwd: u32,
     /// vfsmount.mnt_sb: two mounts of one file system (a bind mount and the root) share it.
     pub off_vfsmount_mnt_sb: u32,
-    pub _pad_offsets: u32,
+    /// task_struct.thread_info.status (x86: TS_COMPAT marks a syscall made through the 32-bit
+    /// entry, whose number the raw sys_enter dispatcher must not read as a 64-bit one); 0 when
+    /// BTF does not say.
+    pub off_task_thread_status: u32,
 }
 assert_wire_size!(ProbeConfig, 80 + 28 * 4);
 

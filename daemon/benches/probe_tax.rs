@@ -9,15 +9,22 @@
 //! the programs run in the workload's context and are charged to it, while waits for a CPU on
 //! the shared machine are not.
 //!
-//! Four modes, interleaved round by round so that the shared machine's drift hits them alike:
+//! Five modes, interleaved round by round so that the shared machine's drift hits them alike:
 //! `none` (no program loaded: checked by counting this process's bpf links), `unmonitored`
 //! (every program attached, some other cgroup monitored: the in-kernel filter's cost on
-//! processes palisade does not watch -- the goal is at most 5%), `unmonitored, exit probe` (the
-//! same with the module fallback that also runs at every syscall's exit, for comparison),
-//! `monitored` (the workload's cgroup monitored, every kind on, events drained, decoded,
-//! enriched and turned into rule input on one thread -- the goal is at most 15%). Each round
-//! loads and attaches the programs afresh (twice: the two fallbacks) and drops them afterwards;
+//! processes palisade does not watch -- the goal is at most 5%) and `monitored` (the
+//! workload's cgroup monitored, every kind on, events drained, decoded, enriched and turned
+//! into rule input on one thread -- the goal is at most 15%), each with the syscall entries
+//! seen by the per-syscall enter tracepoints (`tracepoints`, as before the dispatcher) and by
+//! the one raw sys_enter dispatcher (`dispatcher`, `SyscallEntry::RawDispatch`). Each round
+//! loads and attaches the programs afresh (twice: the two entries) and drops them afterwards;
 //! the order of the loads and of the attached modes alternates between rounds.
+//!
+//! Then where the unmonitored cost goes: with the kernel's BPF run-time statistics on, each
+//! workload once per entry, unmonitored; each program's own runs and time (what `bpftool prog`
+//! shows as run_cnt / run_time_ns), against the workload's CPU time over `none`. The rest of
+//! that difference is the kernel's machinery around the programs (trace records, the syscall
+//! slow path), which no program's own time shows.
 //!
 //! Run: `cargo bench -p palisade --bench probe_tax` (root). BENCH_ROUNDS (default 5).
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,12 +40,11 @@ use palisade::events::input::{Clock, InputBuilder};
 use palisade::events::kind::EventKind;
 use palisade::events::reader::{self, ReaderStats};
 use palisade::probes::host::ProbeHost;
-use palisade::probes::loader::{self, LoadOptions};
+use palisade::probes::loader::{self, LoadOptions, SyscallEntry};
 
 const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
-/// `unmonitored, exit probe`: as `unmonitored` with the module fallback that also runs at every
-/// syscall's exit (what was attached before the entry-only form where modules cannot load).
-const MODES: [&str; 4] = ["none", "unmonitored, exit probe", "unmonitored", "monitored"];
+const MODES: [&str; 5] = ["none", "unmonitored, tracepoints", "unmonitored, dispatcher", "monitored, tracepoints", "monitored, dispatcher"];
+
 
 struct Workload {
     name: &'static str,
@@ -111,12 +117,36 @@ struct Attached {
     stop: Arc<AtomicBool>,
     consumer: std::thread::JoinHandle<()>,
     consumed: Arc<AtomicU64>,
+    /// Kernel program id -> name, of the programs this load attached.
+    programs: BTreeMap<u32, String>,
 }
 
-fn attach(runtime: &tokio::runtime::Runtime, module_fallback: loader::ModuleFallback) -> Attached {
-    let options = LoadOptions { module_fallback, ..LoadOptions::default() };
+/// Each of `programs`' (runs, run time in ns) so far, from the kernel's statistics (counted
+/// only while BPF_ENABLE_STATS is held).
+fn program_stats(programs: &BTreeMap<u32, String>) -> BTreeMap<u32, (u64, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| programs.contains_key(&info.id()))
+        .map(|info| (info.id(), (info.run_count(), info.run_time().as_nanos() as u64)))
+        .collect()
+}
+
+fn attach(runtime: &tokio::runtime::Runtime, syscall_entry: SyscallEntry) -> Attached {
+    let options = LoadOptions { syscall_entry, ..LoadOptions::default() };
     let mut probes = loader::load(&options).expect("load");
     probes.attach_all(&options).expect("attach");
+    let attached: BTreeSet<&str> = probes
+        .programs
+        .iter()
+        .filter(|s| s.state == loader::AttachState::Attached)
+        .map(|s| s.program.as_str())
+        .collect();
+    let programs: BTreeMap<u32, String> = probes
+        .ebpf
+        .programs()
+        .filter(|(name, _)| attached.contains(name))
+        .filter_map(|(name, program)| Some((program.info().ok()?.id(), name.to_string())))
+        .collect();
     let ring = probes.take_ring_buffer().expect("ring");
     let host = ProbeHost::spawn_on(runtime.handle(), probes);
     runtime.block_on(host.set_enabled_kinds(EventKind::ALL.to_vec())).expect("kinds");
@@ -145,7 +175,23 @@ fn attach(runtime: &tokio::runtime::Runtime, module_fallback: loader::ModuleFall
             }
         })
     };
-    Attached { host, stop, consumer, consumed }
+    Attached { host, stop, consumer, consumed, programs }
+}
+
+impl Attached {
+    /// Stops the consumer and drops the programs; the events it consumed.
+    fn detach(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.consumer.join();
+        let consumed = self.consumed.load(Ordering::Relaxed);
+        drop(self.host);
+        // The owner task drops the object (and with it the links) once its channel closes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while bpf_links() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        consumed
+    }
 }
 
 fn main() {
@@ -201,22 +247,24 @@ fn main() {
         for w in &workloads {
             times.entry(w.name).or_default().entry("none").or_default().push(w.run(&cgroup));
         }
-        // The module fallback's two forms need two loads; the order alternates by round.
-        let fallbacks = if round % 2 == 0 {
-            [loader::ModuleFallback::Auto, loader::ModuleFallback::EnterAndExit]
+        // The two entries need two loads; the order of the loads and of the modes alternates.
+        let entries = if round % 2 == 0 {
+            [SyscallEntry::Tracepoints, SyscallEntry::RawDispatch]
         } else {
-            [loader::ModuleFallback::EnterAndExit, loader::ModuleFallback::Auto]
+            [SyscallEntry::RawDispatch, SyscallEntry::Tracepoints]
         };
         let mut consumed = 0;
-        for fallback in fallbacks {
-            let attached = attach(&runtime, fallback);
-            let modes: &[&str] = match (fallback, round % 2) {
-                (loader::ModuleFallback::EnterAndExit, _) => &["unmonitored, exit probe"],
-                (_, 0) => &["unmonitored", "monitored"],
-                _ => &["monitored", "unmonitored"],
-            };
-            for &mode in modes {
-                let monitored = if mode == "monitored" { cgroup_id } else { other_id };
+        for entry in entries {
+            let attached = attach(&runtime, entry);
+            let watched = if round % 2 == 0 { [false, true] } else { [true, false] };
+            for watch in watched {
+                let mode = match (watch, entry) {
+                    (false, SyscallEntry::Tracepoints) => MODES[1],
+                    (false, SyscallEntry::RawDispatch) => MODES[2],
+                    (true, SyscallEntry::Tracepoints) => MODES[3],
+                    (true, SyscallEntry::RawDispatch) => MODES[4],
+                };
+                let monitored = if watch { cgroup_id } else { other_id };
                 runtime.block_on(attached.host.set_monitored(BTreeSet::from([monitored]))).expect("monitor");
                 for w in &workloads {
                     times.entry(w.name).or_default().entry(mode).or_default().push(w.run(&cgroup));
@@ -227,19 +275,12 @@ fn main() {
                 events += counters.emitted.values().sum::<u64>();
                 lost += counters.lost.values().sum::<u64>();
             }
-            attached.stop.store(true, Ordering::Relaxed);
-            let _ = attached.consumer.join();
-            consumed += attached.consumed.load(Ordering::Relaxed);
-            drop(attached.host);
-            // The owner task drops the object (and with it the links) once its channel closes.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while bpf_links() > 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            consumed += attached.detach();
         }
         println!("round {}/{rounds}: {consumed} events decoded and enriched", round + 1);
     }
     let load_at_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let program_costs = where_the_cost_goes(&runtime, &workloads, &cgroup, cgroup_id, other_id);
     let _ = std::fs::remove_dir(&cgroup);
     let _ = std::fs::remove_dir(&other);
     let _ = std::fs::remove_dir_all(&scratch);
@@ -250,8 +291,8 @@ fn main() {
         v[v.len() / 2]
     };
     println!("probe tax: CPU time of the workload ({rounds} rounds, modes interleaved; median per round; load at start {} at end {})", load_at_start.trim(), load_at_end.trim());
-    println!("| workload | none | unmonitored, exit probe | slowdown | unmonitored | slowdown | monitored, all kinds | slowdown |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| workload | none | unmonitored, tracepoints | slowdown | unmonitored, dispatcher | slowdown | monitored, tracepoints | slowdown | monitored, dispatcher | slowdown |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for w in &workloads {
         let by_mode = &times[w.name];
         let medians = MODES.map(|m| median(&by_mode[m]));
@@ -275,4 +316,68 @@ fn main() {
             .collect();
         println!("  spread {}: {}", w.name, spread.join(", "));
     }
+    println!("where the cost goes (BPF run-time statistics on, one run each; CPU over none = the workload's CPU time minus the median of none):");
+    for line in program_costs {
+        let none = median(&times[line.workload]["none"]);
+        let over = line.cpu.as_secs_f64() - none.as_secs_f64();
+        println!(
+            "  {} / {}: CPU over none {:+.0} ms, programs' own time {:.1} ms ({} runs); {}",
+            line.workload,
+            line.mode,
+            over * 1e3,
+            line.programs_ns as f64 / 1e6,
+            line.programs_runs,
+            line.top.join(", ")
+        );
+    }
+}
+
+struct ProgramCost {
+    workload: &'static str,
+    mode: &'static str,
+    cpu: Duration,
+    programs_ns: u64,
+    programs_runs: u64,
+    /// The costliest programs: `name: runs x ns/run`.
+    top: Vec<String>,
+}
+
+/// Each workload once per entry unmonitored, and monitored with the dispatcher, with the
+/// kernel's BPF statistics on: what each attached program ran and cost (the statistics add two
+/// clock reads per run, so these runs are not part of the table above).
+fn where_the_cost_goes(runtime: &tokio::runtime::Runtime, workloads: &[Workload], cgroup: &Path, cgroup_id: u64, other_id: u64) -> Vec<ProgramCost> {
+    let Ok(_stats) = aya::sys::enable_stats(aya::sys::Stats::RunTime) else {
+        println!("BPF_ENABLE_STATS refused: no per-program costs");
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let passes = [(SyscallEntry::Tracepoints, MODES[1], other_id), (SyscallEntry::RawDispatch, MODES[2], other_id), (SyscallEntry::RawDispatch, MODES[4], cgroup_id)];
+    for (entry, mode, monitored) in passes {
+        let attached = attach(runtime, entry);
+        runtime.block_on(attached.host.set_monitored(BTreeSet::from([monitored]))).expect("monitor");
+        for w in workloads {
+            let before = program_stats(&attached.programs);
+            let cpu = w.run(cgroup);
+            let after = program_stats(&attached.programs);
+            let mut per_program: Vec<(u64, u64, &str)> = after
+                .iter()
+                .map(|(id, (runs, ns))| {
+                    let (runs0, ns0) = before.get(id).copied().unwrap_or_default();
+                    (ns - ns0, runs - runs0, attached.programs[id].as_str())
+                })
+                .filter(|(_, runs, _)| *runs > 0)
+                .collect();
+            per_program.sort_by(|a, b| b.cmp(a));
+            out.push(ProgramCost {
+                workload: w.name,
+                mode,
+                cpu,
+                programs_ns: per_program.iter().map(|p| p.0).sum(),
+                programs_runs: per_program.iter().map(|p| p.1).sum(),
+                top: per_program.iter().take(4).map(|(ns, runs, name)| format!("{name}: {runs} x {} ns", ns / runs)).collect(),
+            });
+        }
+        attached.detach();
+    }
+    out
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use palisade::events::decode::{Event, EventData};
 use palisade::events::kind::EventKind;
-use palisade::probes::loader::{self, AttachState, LoadOptions};
-use support::probes::{PALISADE, TestCgroup, collect_until, start};
+use palisade::probes::loader::{self, AttachState, LoadOptions, SyscallEntry};
+use support::probes::{PALISADE, TestCgroup, collect_until, start, start_with};
 
 fn require_kernel() -> bool {
     support::require_kernel("probes_events")
@@ -49,20 +49,38 @@ async fn every_program_attaches_or_names_its_fallback() {
         let status = probes.programs.iter().find(|s| s.program == must).expect(must);
         assert_eq!(status.state, AttachState::Attached, "{must}");
     }
-    // Module syscalls: per-syscall tracepoints where the kernel has them; on a kernel that cannot
-    // load modules, only the entry of every syscall carries a program (the attempt is reported
-    // there with ENOSYS), never the exit of every syscall on the node.
+    // Syscall entries: the one raw sys_enter dispatcher, not the per-syscall enter tracepoints
+    // it stands in for (each would build a trace record for every process on the node).
     let attached = |program: &str| probes.programs.iter().any(|s| s.program == program && s.state == AttachState::Attached);
-    let module_tracepoints = attached("sys_enter_finit_module");
+    for replaced in ["sys_enter_openat", "sys_enter_connect", "sys_enter_setuid", "sys_enter_dup2", "sys_enter_finit_module"] {
+        assert!(!attached(replaced), "{replaced} attached beside the dispatcher: {:#?}", probes.programs);
+    }
+    for old in ["raw_sys_enter_module", "raw_sys_enter_module_attempt"] {
+        assert!(!attached(old), "{old} attached beside the dispatcher: {:#?}", probes.programs);
+    }
+    // Module syscalls: exits at their own tracepoints where the kernel has them; on a kernel
+    // that cannot load modules, only the entry carries a program (the attempt is reported there
+    // with ENOSYS), never the exit of every syscall on the node.
+    let module_tracepoints = attached("sys_exit_finit_module");
     let can_load_modules = std::path::Path::new("/proc/modules").exists();
     match (module_tracepoints, can_load_modules) {
-        (true, _) => assert!(!attached("raw_sys_enter_module") && !attached("raw_sys_exit_module") && !attached("raw_sys_enter_module_attempt")),
+        (true, _) => assert!(attached("raw_sys_enter") && !attached("raw_sys_exit_module") && !attached("raw_sys_enter_attempts")),
         (false, false) => {
-            assert!(attached("raw_sys_enter_module_attempt"), "{:#?}", probes.programs);
-            assert!(!attached("raw_sys_exit_module") && !attached("raw_sys_enter_module"), "{:#?}", probes.programs);
+            assert!(attached("raw_sys_enter_attempts"), "{:#?}", probes.programs);
+            assert!(!attached("raw_sys_exit_module") && !attached("raw_sys_enter"), "{:#?}", probes.programs);
         }
-        (false, true) => assert!(attached("raw_sys_enter_module") && attached("raw_sys_exit_module"), "{:#?}", probes.programs),
+        (false, true) => assert!(attached("raw_sys_enter") && attached("raw_sys_exit_module"), "{:#?}", probes.programs),
     }
+}
+
+/// The same behaviours through the per-syscall enter tracepoints (`SyscallEntry::Tracepoints`,
+/// what the benchmarks compare the dispatcher with).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behaviours_arrive_through_the_per_syscall_tracepoints_too() {
+    if !require_kernel() {
+        return;
+    }
+    behaviours_arrive_as_events(SyscallEntry::Tracepoints, "behaviours-tp").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,12 +88,17 @@ async fn behaviours_in_a_monitored_cgroup_arrive_as_events() {
     if !require_kernel() {
         return;
     }
-    let cgroup = TestCgroup::new("behaviours");
-    let mut running = start(EventKind::ALL.to_vec(), BTreeSet::from([cgroup.id])).await;
+    behaviours_arrive_as_events(SyscallEntry::RawDispatch, "behaviours").await;
+}
+
+async fn behaviours_arrive_as_events(syscall_entry: SyscallEntry, name: &str) {
+    let cgroup = TestCgroup::new(name);
+    let options = LoadOptions { syscall_entry, ..LoadOptions::default() };
+    let mut running = start_with(&options, EventKind::ALL.to_vec(), BTreeSet::from([cgroup.id])).await;
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
     let port = listener.local_addr().expect("addr").port();
-    let tmp = std::env::temp_dir().join(format!("palisade-probe-test-{}", std::process::id()));
+    let tmp = std::env::temp_dir().join(format!("palisade-probe-test-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("tmp dir");
     let file = |name: &str| tmp.join(name).to_string_lossy().into_owned();
     std::fs::write(file("victim"), b"x").expect("victim file");

@@ -1,8 +1,11 @@
-//! Syscall events. The enter tracepoint applies the filters and stashes the raw arguments per
+//! Syscall events. At the entry, the filters are applied and the raw arguments stashed per
 //! thread; the exit tracepoint builds the record with the result (user memory is still there).
-//! Module syscalls have no per-syscall tracepoints on kernels without CONFIG_MODULES (this one):
-//! they are caught through the raw sys_enter tracepoint, filtered by syscall number (with
-//! sys_exit too only where the kernel can load modules, so the result is not known in advance).
+//! The entries are seen by one raw sys_enter dispatcher (`raw_sys_enter`: no trace record for
+//! the processes palisade does not watch), or, where the loader is told so, by the
+//! per-syscall enter tracepoints (`enter!`). Module syscalls have no per-syscall tracepoints on
+//! kernels without CONFIG_MODULES (this one): their attempts are reported at entry, with the
+//! ENOSYS they get (with a raw sys_exit too only where the kernel can load modules, so the
+//! result is not known in advance).
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
@@ -45,6 +48,160 @@ fn stash_args(kind: u32, op: u32, args: [u64; 6]) {
     };
     let pending = PendingSyscall { kind, op, cgroup_id, args };
     let _ = PENDING_SYSCALLS.insert(&current_tid(), &pending, 0);
+}
+
+// ---- the raw sys_enter dispatcher -----------------------------------------------------------
+// One raw tracepoint at the entry of every syscall stands in for the per-syscall enter
+// tracepoints (as in Falco and Tracee): a classic syscall tracepoint builds its trace record
+// (buffer, arguments) before its program's first check, so every process on the node paid that
+// for each probed syscall; the raw tracepoint skips the record, and a syscall nobody probes
+// costs one switch on its number. The exits stay per-syscall tracepoints: they run only for
+// probed syscalls, while a raw sys_exit would run for all. (Exec keeps its enter tracepoint:
+// its argv capture is a program of its own, and execs are rare.)
+
+/// x86_64 syscall numbers (arch ABI, stable).
+const NR_DUP2: u64 = 33;
+const NR_CONNECT: u64 = 42;
+const NR_TRUNCATE: u64 = 76;
+const NR_FTRUNCATE: u64 = 77;
+const NR_RENAME: u64 = 82;
+const NR_RMDIR: u64 = 84;
+const NR_UNLINK: u64 = 87;
+const NR_CHMOD: u64 = 90;
+const NR_FCHMOD: u64 = 91;
+const NR_PTRACE: u64 = 101;
+const NR_SETUID: u64 = 105;
+const NR_SETGID: u64 = 106;
+const NR_SETREUID: u64 = 113;
+const NR_SETREGID: u64 = 114;
+const NR_SETRESUID: u64 = 117;
+const NR_SETRESGID: u64 = 119;
+const NR_CAPSET: u64 = 126;
+const NR_MOUNT: u64 = 165;
+const NR_UMOUNT2: u64 = 166;
+const NR_OPENAT: u64 = 257;
+const NR_UNLINKAT: u64 = 263;
+const NR_RENAMEAT: u64 = 264;
+const NR_FCHMODAT: u64 = 268;
+const NR_UNSHARE: u64 = 272;
+const NR_DUP3: u64 = 292;
+const NR_SETNS: u64 = 308;
+const NR_RENAMEAT2: u64 = 316;
+const NR_MEMFD_CREATE: u64 = 319;
+const NR_BPF: u64 = 321;
+const NR_OPENAT2: u64 = 437;
+const NR_FCHMODAT2: u64 = 452;
+
+/// What a syscall reports as (kind, op), or None for a syscall no program watches. The same
+/// pairs the per-syscall enter tracepoints below stash (`enter!` / `enter_cred!`).
+#[inline(always)]
+fn dispatched(nr: u64) -> Option<(u32, u32)> {
+    Some(match nr {
+        NR_OPENAT => (KIND_OPEN, OPEN_OP_OPENAT),
+        NR_OPENAT2 => (KIND_OPEN, OPEN_OP_OPENAT2),
+        NR_TRUNCATE => (KIND_OPEN, OPEN_OP_TRUNCATE),
+        NR_FTRUNCATE => (KIND_OPEN, OPEN_OP_FTRUNCATE),
+        NR_CONNECT => (KIND_CONNECT, 0),
+        NR_PTRACE => (KIND_PTRACE, 0),
+        NR_SETUID => (KIND_CRED, CRED_OP_SETUID),
+        NR_SETGID => (KIND_CRED, CRED_OP_SETGID),
+        NR_SETREUID => (KIND_CRED, CRED_OP_SETREUID),
+        NR_SETREGID => (KIND_CRED, CRED_OP_SETREGID),
+        NR_SETRESUID => (KIND_CRED, CRED_OP_SETRESUID),
+        NR_SETRESGID => (KIND_CRED, CRED_OP_SETRESGID),
+        NR_CAPSET => (KIND_CRED, CRED_OP_CAPSET),
+        NR_MOUNT => (KIND_MOUNT, MOUNT_OP_MOUNT),
+        NR_UMOUNT2 => (KIND_MOUNT, MOUNT_OP_UMOUNT),
+        NR_UNSHARE => (KIND_NAMESPACE, NS_OP_UNSHARE),
+        NR_SETNS => (KIND_NAMESPACE, NS_OP_SETNS),
+        NR_BPF => (KIND_BPF, 0),
+        NR_MEMFD_CREATE => (KIND_MEMFD, 0),
+        NR_CHMOD => (KIND_CHMOD, CHMOD_OP_CHMOD),
+        NR_FCHMOD => (KIND_CHMOD, CHMOD_OP_FCHMOD),
+        NR_FCHMODAT | NR_FCHMODAT2 => (KIND_CHMOD, CHMOD_OP_FCHMODAT),
+        NR_UNLINKAT => (KIND_UNLINK, UNLINK_OP_UNLINKAT),
+        NR_UNLINK => (KIND_UNLINK, UNLINK_OP_UNLINK),
+        NR_RMDIR => (KIND_UNLINK, UNLINK_OP_RMDIR),
+        NR_RENAMEAT2 => (KIND_RENAME, RENAME_OP_RENAMEAT2),
+        NR_RENAMEAT => (KIND_RENAME, RENAME_OP_RENAMEAT),
+        NR_RENAME => (KIND_RENAME, RENAME_OP_RENAME),
+        NR_DUP2 => (KIND_DUP, DUP_OP_DUP2),
+        NR_DUP3 => (KIND_DUP, DUP_OP_DUP3),
+        NR_INIT_MODULE => (KIND_MODULE, MODULE_OP_INIT),
+        NR_FINIT_MODULE => (KIND_MODULE, MODULE_OP_FINIT),
+        NR_DELETE_MODULE => (KIND_MODULE, MODULE_OP_DELETE),
+        _ => return None,
+    })
+}
+
+/// The six arguments of the syscall being entered, from its `struct pt_regs` in one read
+/// (r10, r9, r8, ax, cx, dx, si, di lie in that order from PT_REGS_R10); zeros if unreadable.
+#[inline(always)]
+fn regs_args(regs: *const u8) -> [u64; 6] {
+    let r: [u64; 8] = unsafe { bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_R10) as *const [u64; 8]) }.unwrap_or([0; 8]);
+    // di, si, dx, r10, r8, r9
+    [r[7], r[6], r[5], r[0], r[2], r[1]]
+}
+
+/// True when the current syscall came in through the 32-bit entry (int 0x80 or a compat
+/// task): its number is from the ia32 table (175 is rt_sigprocmask there, not init_module).
+/// The per-syscall tracepoints skip such syscalls (the kernel gives them no number), so the
+/// dispatcher does too. Unknown (no BTF offset): false.
+#[inline(always)]
+fn in_compat_syscall(cfg: &palisade_common::ProbeConfig) -> bool {
+    const TS_COMPAT: u32 = 0x0002;
+    if cfg.off_task_thread_status == 0 {
+        return false;
+    }
+    let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task() } as *const u8;
+    let status: u32 = unsafe { bpf_probe_read_kernel(task.wrapping_add(cfg.off_task_thread_status as usize) as *const u32) }.unwrap_or(0);
+    status & TS_COMPAT != 0
+}
+
+/// The dispatcher: a probed syscall of a watched task is stashed for its exit tracepoint, as
+/// its enter tracepoint would; with `MODULE_ATTEMPTS` (a kernel without module support) a
+/// module syscall is reported here, with the ENOSYS it gets (see raw_sys_enter_module_attempt).
+#[inline(always)]
+fn dispatch_enter<const MODULE_ATTEMPTS: bool>(ctx: &RawTracePointContext) {
+    // TP_PROTO(struct pt_regs *regs, long id)
+    let nr: u64 = ctx.arg(1);
+    let Some((kind, op)) = dispatched(nr) else { return };
+    // The one check every process pays for a probed syscall: is the kind on and the task watched.
+    let Some((cgroup_id, cfg)) = should_report(kind) else { return };
+    if in_compat_syscall(cfg) {
+        return;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    let mut args = regs_args(regs);
+    if kind == KIND_CRED {
+        // The credentials before the call in args[4..6] (see enter_cred!).
+        let [uid, gid, euid, egid] = current_ids(cfg);
+        args[3] = 0;
+        args[4] = u64::from(uid) | (u64::from(gid) << 32);
+        args[5] = u64::from(euid) | (u64::from(egid) << 32);
+    }
+    let pending = PendingSyscall { kind, op, cgroup_id, args };
+    if PENDING_SYSCALLS.insert(&current_tid(), &pending, 0).is_err() {
+        return;
+    }
+    if MODULE_ATTEMPTS && kind == KIND_MODULE {
+        let _ = emit_module(ENOSYS_RET);
+    }
+}
+
+/// The dispatcher where module syscalls have exits to report at (their tracepoints, or the
+/// raw sys_exit fallback).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn raw_sys_enter(ctx: RawTracePointContext) -> i32 {
+    dispatch_enter::<false>(&ctx);
+    0
+}
+
+/// The dispatcher on a kernel that cannot load modules: module attempts reported at entry.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn raw_sys_enter_attempts(ctx: RawTracePointContext) -> i32 {
+    dispatch_enter::<true>(&ctx);
+    0
 }
 
 /// Takes this thread's stashed syscall if it is of `kind`.

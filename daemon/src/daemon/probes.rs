@@ -24,6 +24,7 @@ impl ProbesStage {
             pin_dir: Some(args.pin_dir.clone()),
             budgets: Some(args.budgets),
             module_fallback: loader::ModuleFallback::Auto,
+            syscall_entry: loader::SyscallEntry::RawDispatch,
         };
         let mut probes = loader::load(&options).context("loading the eBPF programs")?;
         probes.attach_all(&options).context("attaching the eBPF programs")?;

@@ -1,5 +1,7 @@
 //! Loads the embedded eBPF object, configures its filter maps and attaches the event programs,
-//! with the fallbacks this kernel needs (no kprobes; no per-syscall module tracepoints).
+//! with the fallbacks this kernel needs (no kprobes; no per-syscall module tracepoints). The
+//! probed syscalls' entries go through one raw sys_enter dispatcher by default
+//! ([`SyscallEntry`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -131,6 +133,37 @@ pub enum ModuleFallback {
     EnterAndExit,
 }
 
+/// How the entry of the probed syscalls is seen (their exits are per-syscall tracepoints
+/// either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyscallEntry {
+    /// One raw `sys_enter` tracepoint dispatching on the syscall number (`raw_sys_enter`): no
+    /// trace record is built for a process palisade does not watch, and a syscall nobody
+    /// probes costs one switch. Exec keeps its enter tracepoint (argv capture).
+    #[default]
+    RawDispatch,
+    /// A classic tracepoint per syscall (`syscalls/sys_enter_*`), as before the dispatcher:
+    /// each builds its trace record before its program runs (the benchmarks compare the two).
+    Tracepoints,
+}
+
+/// The enter programs the raw dispatcher stands in for (the syscalls `dispatched` in
+/// probes-ebpf/src/syscalls.rs lists; execve and execveat keep theirs).
+const DISPATCHED_ENTERS: &[&str] = &[
+    "sys_enter_openat", "sys_enter_openat2", "sys_enter_connect", "sys_enter_ptrace",
+    "sys_enter_setuid", "sys_enter_setgid", "sys_enter_setreuid", "sys_enter_setresuid",
+    "sys_enter_setresgid", "sys_enter_capset", "sys_enter_mount", "sys_enter_umount",
+    "sys_enter_unshare", "sys_enter_setns", "sys_enter_bpf", "sys_enter_memfd_create",
+    "sys_enter_chmod", "sys_enter_fchmod", "sys_enter_fchmodat", "sys_enter_fchmodat2",
+    "sys_enter_unlinkat", "sys_enter_unlink", "sys_enter_rmdir", "sys_enter_renameat2",
+    "sys_enter_renameat", "sys_enter_rename", "sys_enter_dup2", "sys_enter_dup3",
+    "sys_enter_setregid", "sys_enter_truncate", "sys_enter_ftruncate",
+];
+/// The dispatcher: module syscalls stashed for an exit program, or (a kernel without module
+/// support) reported at entry as attempts.
+const DISPATCHER: &str = "raw_sys_enter";
+const DISPATCHER_MODULE_ATTEMPTS: &str = "raw_sys_enter_attempts";
+
 /// Kprobes and what stands in for each when kprobes cannot attach.
 const KPROBES: &[(&str, &str, &str)] = &[
     ("kprobe_commit_creds", "commit_creds", "set*id/capset tracepoints"),
@@ -161,11 +194,20 @@ pub struct LoadOptions {
     pub budgets: Option<EventBudgets>,
     /// See [`ModuleFallback`].
     pub module_fallback: ModuleFallback,
+    /// See [`SyscallEntry`].
+    pub syscall_entry: SyscallEntry,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { monitor_all: false, try_kprobes: true, pin_dir: None, budgets: None, module_fallback: ModuleFallback::Auto }
+        LoadOptions {
+            monitor_all: false,
+            try_kprobes: true,
+            pin_dir: None,
+            budgets: None,
+            module_fallback: ModuleFallback::Auto,
+            syscall_entry: SyscallEntry::RawDispatch,
+        }
     }
 }
 
@@ -282,6 +324,11 @@ pub fn task_offsets() -> Option<ProbeConfig> {
             if let Err(err) = path_offsets(&btf, &mut cfg) {
                 tracing::warn!(%err, "kernel BTF lacks a field the process-context reads need: process start times, exe paths and fd kinds will be unknown");
             }
+            // Optional: without it a 32-bit syscall's number may be read as a 64-bit one.
+            match off("task_struct", "thread_info").and_then(|t| Ok(t + off("thread_info", "status")?)) {
+                Ok(status) => cfg.off_task_thread_status = status,
+                Err(err) => tracing::warn!(%err, "kernel BTF has no thread_info.status: the syscall dispatcher cannot tell 32-bit syscalls"),
+            }
             Some(cfg)
         }
         Err(err) => {
@@ -363,8 +410,21 @@ impl LoadedProbes {
     /// fatal, except that a missing core program (exec) is an error the caller sees in status.
     pub fn attach_all(&mut self, options: &LoadOptions) -> Result<(), LoaderError> {
         ensure_tracefs()?;
+        let dispatch = options.syscall_entry == SyscallEntry::RawDispatch;
         let mut hooks: Vec<Hook> = Vec::new();
         for &p in SYSCALL_PROGRAMS {
+            if dispatch && DISPATCHED_ENTERS.contains(&p) {
+                self.programs.push(ProgramStatus {
+                    program: p.to_string(),
+                    kind: "tracepoint",
+                    target: format!("syscalls/{p}"),
+                    state: AttachState::FellBack {
+                        reason: "the raw sys_enter dispatcher sees this syscall's entry without a trace record".into(),
+                        by: format!("raw tracepoint sys_enter ({DISPATCHER})"),
+                    },
+                });
+                continue;
+            }
             hooks.push(tp(p, "syscalls", p));
         }
         for &p in SCHED_PROGRAMS {
@@ -374,7 +434,9 @@ impl LoadedProbes {
             self.attach_tracepoint(&hook);
         }
         let module_tracepoints = MODULE_PROGRAMS.iter().all(|p| tracepoint_exists("syscalls", p));
-        if module_tracepoints {
+        if dispatch {
+            self.attach_dispatcher(options, module_tracepoints);
+        } else if module_tracepoints {
             for &p in MODULE_PROGRAMS {
                 self.attach_tracepoint(&tp(p, "syscalls", p));
             }
@@ -410,6 +472,42 @@ impl LoadedProbes {
             self.attach_kprobe(program, function, stand_in, options.try_kprobes);
         }
         Ok(())
+    }
+
+    /// The raw sys_enter dispatcher, with the module syscalls' exits where they have one: their
+    /// exit tracepoints, else the raw sys_exit fallback, else (a kernel that cannot load
+    /// modules, `ModuleFallback::Auto`) none -- the dispatcher reports the attempt at entry.
+    fn attach_dispatcher(&mut self, options: &LoadOptions, module_tracepoints: bool) {
+        let attempts_only = !module_tracepoints
+            && options.module_fallback == ModuleFallback::Auto
+            && !std::path::Path::new(PROC_MODULES).exists();
+        let dispatcher = if attempts_only { DISPATCHER_MODULE_ATTEMPTS } else { DISPATCHER };
+        self.attach_raw_tracepoint(dispatcher, "sys_enter");
+        for &p in MODULE_PROGRAMS {
+            let enter = p.starts_with("sys_enter_");
+            if module_tracepoints && !enter {
+                self.attach_tracepoint(&tp(p, "syscalls", p));
+                continue;
+            }
+            let (reason, by) = match (enter, module_tracepoints, attempts_only) {
+                (true, true, _) => ("the raw sys_enter dispatcher sees this syscall's entry without a trace record", format!("raw tracepoint sys_enter ({dispatcher})")),
+                (_, false, true) => (
+                    "the kernel cannot load modules (no /proc/modules: CONFIG_MODULES off), so it has no module syscall tracepoints",
+                    format!("raw tracepoint sys_enter ({dispatcher}), reporting each attempt with the ENOSYS it gets"),
+                ),
+                _ => ("the kernel has no per-syscall tracepoint for module syscalls", format!("raw tracepoints sys_enter ({dispatcher}) + sys_exit filtered by syscall number")),
+            };
+            self.programs.push(ProgramStatus {
+                program: p.to_string(),
+                kind: "tracepoint",
+                target: format!("syscalls/{p}"),
+                state: AttachState::FellBack { reason: reason.into(), by },
+            });
+        }
+        if !module_tracepoints && !attempts_only {
+            let (program, tracepoint) = MODULE_FALLBACK[1];
+            self.attach_raw_tracepoint(program, tracepoint);
+        }
     }
 
     fn attach_tracepoint(&mut self, hook: &Hook) {

@@ -75,9 +75,13 @@ pub struct Running {
 
 /// Loads and attaches every program, monitors `cgroups`, enables `kinds`, starts the reader.
 pub async fn start(kinds: Vec<EventKind>, cgroups: BTreeSet<u64>) -> Running {
-    let options = LoadOptions::default();
-    let mut probes = loader::load(&options).expect("load the embedded eBPF object");
-    probes.attach_all(&options).expect("attach");
+    start_with(&LoadOptions::default(), kinds, cgroups).await
+}
+
+/// `start` with the given load options.
+pub async fn start_with(options: &LoadOptions, kinds: Vec<EventKind>, cgroups: BTreeSet<u64>) -> Running {
+    let mut probes = loader::load(options).expect("load the embedded eBPF object");
+    probes.attach_all(options).expect("attach");
     let ring = probes.take_ring_buffer().expect("ring buffer");
     let host = ProbeHost::spawn(probes);
     host.set_monitored(cgroups).await.expect("monitor cgroups");
