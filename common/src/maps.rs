@@ -64,6 +64,9 @@ pub const fn open_classes(flags: u32) -> u32 {
 /// measured here filled it (BENCHMARKS.md, "Under a flood"). Each MiB of ring is 2 MiB of the
 /// daemon's RSS (the data area is mapped twice for wrap-around): 8 MiB cost 8 MB more at idle.
 pub const EVENTS_RINGBUF_BYTES: u32 = 4 * 1024 * 1024;
+/// Bytes waiting in the bulk ring past which an unprotected event wakes the reader (the
+/// default of `ProbeConfig::bulk_wakeup_bytes`): about a hundred opens per wake-up.
+pub const BULK_WAKEUP_BYTES: u32 = 64 * 1024;
 /// The ring buffer of protected (rare, high-value) events: high-volume kinds never go there,
 /// and each pod may use only its own share of it (see `ProbeConfig::priority_cost_ns`).
 pub const PRIORITY_RINGBUF_BYTES: u32 = 2 * 1024 * 1024;
@@ -147,8 +150,13 @@ pub struct ProbeConfig {
     /// entry, whose number the raw sys_enter dispatcher must not read as a 64-bit one); 0 when
     /// BTF does not say.
     pub off_task_thread_status: u32,
+    /// Bulk-ring wake-ups: 0 wakes the reader per event (the kernel's default); otherwise
+    /// events of unprotected kinds wake it only once this many bytes wait (see the probes'
+    /// `bulk_wakeup`), the reader polling the ring meanwhile.
+    pub bulk_wakeup_bytes: u32,
+    pub _pad_wakeup: u32,
 }
-assert_wire_size!(ProbeConfig, 80 + 28 * 4);
+assert_wire_size!(ProbeConfig, 80 + 30 * 4);
 
 /// Why a pod's event did not reach user space the normal way (POD_LOSSES key).
 pub const LOSS_RING_FULL: u32 = 1;

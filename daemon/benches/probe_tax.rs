@@ -9,16 +9,18 @@
 //! the programs run in the workload's context and are charged to it, while waits for a CPU on
 //! the shared machine are not.
 //!
-//! Five modes, interleaved round by round so that the shared machine's drift hits them alike:
+//! Six modes, interleaved round by round so that the shared machine's drift hits them alike:
 //! `none` (no program loaded: checked by counting this process's bpf links), `unmonitored`
 //! (every program attached, some other cgroup monitored: the in-kernel filter's cost on
 //! processes palisade does not watch -- the goal is at most 5%) and `monitored` (the
 //! workload's cgroup monitored, every kind on, events drained, decoded, enriched and turned
 //! into rule input on one thread -- the goal is at most 15%), each with the syscall entries
 //! seen by the per-syscall enter tracepoints (`tracepoints`, as before the dispatcher) and by
-//! the one raw sys_enter dispatcher (`dispatcher`, `SyscallEntry::RawDispatch`). Each round
-//! loads and attaches the programs afresh (twice: the two entries) and drops them afterwards;
-//! the order of the loads and of the attached modes alternates between rounds.
+//! the one raw sys_enter dispatcher (`dispatcher`, `SyscallEntry::RawDispatch`); monitored
+//! also with the bulk ring's wake-ups batched (`batched wake-ups`, the default:
+//! `LoadOptions::bulk_wakeup_bytes`) rather than one per event. Each round loads and attaches
+//! the programs afresh (three times) and drops them afterwards; the order of the loads
+//! rotates and the order of the modes alternates between rounds.
 //!
 //! Then where the unmonitored cost goes: with the kernel's BPF run-time statistics on, each
 //! workload once per entry, unmonitored; each program's own runs and time (what `bpftool prog`
@@ -43,7 +45,22 @@ use palisade::probes::host::ProbeHost;
 use palisade::probes::loader::{self, LoadOptions, SyscallEntry};
 
 const PALISADE: &str = env!("CARGO_BIN_EXE_palisade");
-const MODES: [&str; 5] = ["none", "unmonitored, tracepoints", "unmonitored, dispatcher", "monitored, tracepoints", "monitored, dispatcher"];
+const MODES: [&str; 6] = [
+    "none",
+    "unmonitored, tracepoints",
+    "unmonitored, dispatcher",
+    "monitored, tracepoints",
+    "monitored, dispatcher",
+    "monitored, dispatcher, batched wake-ups",
+];
+
+/// One load of the programs: its syscall entry, its bulk-ring wake-ups, and the modes run
+/// with it (monitored or not, the mode's name).
+struct Load {
+    entry: SyscallEntry,
+    wakeup_bytes: u32,
+    modes: Vec<(bool, &'static str)>,
+}
 
 
 struct Workload {
@@ -131,8 +148,8 @@ fn program_stats(programs: &BTreeMap<u32, String>) -> BTreeMap<u32, (u64, u64)> 
         .collect()
 }
 
-fn attach(runtime: &tokio::runtime::Runtime, syscall_entry: SyscallEntry) -> Attached {
-    let options = LoadOptions { syscall_entry, ..LoadOptions::default() };
+fn attach(runtime: &tokio::runtime::Runtime, syscall_entry: SyscallEntry, bulk_wakeup_bytes: u32) -> Attached {
+    let options = LoadOptions { syscall_entry, bulk_wakeup_bytes, ..LoadOptions::default() };
     let mut probes = loader::load(&options).expect("load");
     probes.attach_all(&options).expect("attach");
     let attached: BTreeSet<&str> = probes
@@ -247,23 +264,25 @@ fn main() {
         for w in &workloads {
             times.entry(w.name).or_default().entry("none").or_default().push(w.run(&cgroup));
         }
-        // The two entries need two loads; the order of the loads and of the modes alternates.
-        let entries = if round % 2 == 0 {
-            [SyscallEntry::Tracepoints, SyscallEntry::RawDispatch]
-        } else {
-            [SyscallEntry::RawDispatch, SyscallEntry::Tracepoints]
-        };
+        // Three loads; their order rotates and the order of their modes alternates by round.
+        let mut loads = vec![
+            Load { entry: SyscallEntry::Tracepoints, wakeup_bytes: 0, modes: vec![(false, MODES[1]), (true, MODES[3])] },
+            Load { entry: SyscallEntry::RawDispatch, wakeup_bytes: 0, modes: vec![(true, MODES[4])] },
+            Load {
+                entry: SyscallEntry::RawDispatch,
+                wakeup_bytes: palisade_common::BULK_WAKEUP_BYTES,
+                modes: vec![(false, MODES[2]), (true, MODES[5])],
+            },
+        ];
+        let turn = round % loads.len();
+        loads.rotate_left(turn);
         let mut consumed = 0;
-        for entry in entries {
-            let attached = attach(&runtime, entry);
-            let watched = if round % 2 == 0 { [false, true] } else { [true, false] };
-            for watch in watched {
-                let mode = match (watch, entry) {
-                    (false, SyscallEntry::Tracepoints) => MODES[1],
-                    (false, SyscallEntry::RawDispatch) => MODES[2],
-                    (true, SyscallEntry::Tracepoints) => MODES[3],
-                    (true, SyscallEntry::RawDispatch) => MODES[4],
-                };
+        for mut load in loads {
+            let attached = attach(&runtime, load.entry, load.wakeup_bytes);
+            if round % 2 == 1 {
+                load.modes.reverse();
+            }
+            for (watch, mode) in load.modes {
                 let monitored = if watch { cgroup_id } else { other_id };
                 runtime.block_on(attached.host.set_monitored(BTreeSet::from([monitored]))).expect("monitor");
                 for w in &workloads {
@@ -291,8 +310,9 @@ fn main() {
         v[v.len() / 2]
     };
     println!("probe tax: CPU time of the workload ({rounds} rounds, modes interleaved; median per round; load at start {} at end {})", load_at_start.trim(), load_at_end.trim());
-    println!("| workload | none | unmonitored, tracepoints | slowdown | unmonitored, dispatcher | slowdown | monitored, tracepoints | slowdown | monitored, dispatcher | slowdown |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let header: Vec<String> = MODES[1..].iter().map(|m| format!("{m} | slowdown")).collect();
+    println!("| workload | none | {} |", header.join(" | "));
+    println!("|---|---:|{}", "---:|---:|".repeat(MODES.len() - 1));
     for w in &workloads {
         let by_mode = &times[w.name];
         let medians = MODES.map(|m| median(&by_mode[m]));
@@ -342,8 +362,8 @@ struct ProgramCost {
     top: Vec<String>,
 }
 
-/// Each workload once per entry unmonitored, and monitored with the dispatcher, with the
-/// kernel's BPF statistics on: what each attached program ran and cost (the statistics add two
+/// Each workload once unmonitored and once monitored, before (tracepoints, a wake-up per
+/// event) and after (the dispatcher, batched wake-ups), with the kernel's BPF statistics on: what each attached program ran and cost (the statistics add two
 /// clock reads per run, so these runs are not part of the table above).
 fn where_the_cost_goes(runtime: &tokio::runtime::Runtime, workloads: &[Workload], cgroup: &Path, cgroup_id: u64, other_id: u64) -> Vec<ProgramCost> {
     let Ok(_stats) = aya::sys::enable_stats(aya::sys::Stats::RunTime) else {
@@ -351,9 +371,15 @@ fn where_the_cost_goes(runtime: &tokio::runtime::Runtime, workloads: &[Workload]
         return Vec::new();
     };
     let mut out = Vec::new();
-    let passes = [(SyscallEntry::Tracepoints, MODES[1], other_id), (SyscallEntry::RawDispatch, MODES[2], other_id), (SyscallEntry::RawDispatch, MODES[4], cgroup_id)];
-    for (entry, mode, monitored) in passes {
-        let attached = attach(runtime, entry);
+    let batched = palisade_common::BULK_WAKEUP_BYTES;
+    let passes = [
+        (SyscallEntry::Tracepoints, 0, MODES[1], other_id),
+        (SyscallEntry::RawDispatch, batched, MODES[2], other_id),
+        (SyscallEntry::Tracepoints, 0, MODES[3], cgroup_id),
+        (SyscallEntry::RawDispatch, batched, MODES[5], cgroup_id),
+    ];
+    for (entry, wakeup_bytes, mode, monitored) in passes {
+        let attached = attach(runtime, entry, wakeup_bytes);
         runtime.block_on(attached.host.set_monitored(BTreeSet::from([monitored]))).expect("monitor");
         for w in workloads {
             let before = program_stats(&attached.programs);

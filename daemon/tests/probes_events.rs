@@ -255,3 +255,54 @@ async fn the_pack_prefilter_keeps_library_opens_in_the_kernel() {
     assert!(counters.prefiltered.get("open").copied().unwrap_or(0) >= 3, "{counters:?}");
     assert_eq!(counters.lost.get("open").copied(), Some(0), "{counters:?}");
 }
+
+/// Bulk-ring wake-ups come in batches: unprotected events below `bulk_wakeup_bytes` wake no
+/// reader (the readers poll the ring every `BULK_POLL`); a protected one wakes it at once, also
+/// with unwoken records waiting before it (where the kernel's default wake-up would not fire);
+/// past the threshold unprotected ones do too. Watched with an edge-triggered epoll on the
+/// ring, as tokio's AsyncFd waits on it: each readiness it reports is one kernel wake-up.
+#[test]
+fn bulk_ring_wakeups_are_batched_for_unprotected_events() {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new("wakeups");
+    // No budgets: every event, protected or not, takes the bulk ring.
+    let options = LoadOptions::default();
+    assert_eq!(options.bulk_wakeup_bytes, palisade_common::BULK_WAKEUP_BYTES, "batched by default");
+    let mut probes = loader::load(&options).expect("load");
+    probes.attach_all(&options).expect("attach");
+    let mut ring = probes.take_ring_buffer().expect("ring");
+    loader::set_enabled_kinds(&mut probes.ebpf, &[EventKind::Open]).expect("kinds");
+    loader::monitor_cgroup(&mut probes.ebpf, cgroup.id, 1).expect("monitor");
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll");
+    epoll.add(&ring, EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0)).expect("epoll add");
+    let woken = |timeout_ms: u16| {
+        let mut events = [EpollEvent::empty()];
+        epoll.wait(&mut events, timeout_ms).expect("epoll wait") > 0
+    };
+    let records = |ring: &mut aya::maps::RingBuf<aya::maps::MapData>| {
+        let mut n = 0;
+        while ring.next().is_some() {
+            n += 1;
+        }
+        n
+    };
+
+    cgroup.workload(&["open", "/etc/hostname"]);
+    assert!(!woken(0), "opens (unprotected, a few hundred bytes) woke the reader");
+    // Not read: the opens wait unconsumed, unwoken, in front of the exec.
+    loader::set_enabled_kinds(&mut probes.ebpf, &[EventKind::Open, EventKind::Exec]).expect("kinds");
+    cgroup.workload(&["open", "/etc/hostname"]);
+    assert!(woken(5000), "an exec (protected) behind unwoken records did not wake the reader");
+    let waiting = records(&mut ring);
+    assert!(waiting >= 3, "both workloads' opens and the exec were in the ring: {waiting}");
+
+    loader::set_enabled_kinds(&mut probes.ebpf, &[EventKind::Open]).expect("kinds");
+    assert!(!woken(0));
+    // About 650 bytes an open: 1,000 of them pass the 64 KiB threshold.
+    cgroup.workload(&["open-loop", "1000", "/etc/hostname"]);
+    assert!(woken(5000), "unprotected events past bulk_wakeup_bytes did not wake the reader");
+    assert!(records(&mut ring) >= 1000);
+}

@@ -701,19 +701,62 @@ pub fn route(cfg: &ProbeConfig, cgroup_id: u64, kind: u32, protected: bool) -> O
     None
 }
 
+/// bpf_ringbuf_submit/output flags, and bpf_ringbuf_query's "bytes not yet consumed".
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// The wake-up a record on the bulk ring takes. Per event (`bulk_wakeup_bytes` 0): the
+/// kernel's default, a wake-up whenever the reader had caught up, which for a reader that
+/// keeps up is nearly every event (an irq_work and a task wake-up, charged to the process
+/// that made the syscall). Batched: an event of a protected kind (or a sensitive open) wakes
+/// the reader at once (forced: records waiting without a wake-up before it would hold the
+/// default one back); any other only once `bulk_wakeup_bytes` wait -- the reader also reads
+/// the ring every few milliseconds (`events::reader::BULK_POLL`). The priority ring keeps
+/// the default: only protected events enter it.
+#[inline(always)]
+fn bulk_wakeup(cfg: &ProbeConfig, protected: bool) -> u64 {
+    if cfg.bulk_wakeup_bytes == 0 {
+        return 0;
+    }
+    if protected || EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(cfg.bulk_wakeup_bytes) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
+/// A reserved record and the wake-up its submission takes.
+pub struct Routed<T: 'static> {
+    entry: RingBufEntry<T>,
+    wakeup: u64,
+}
+
+impl<T: 'static> Routed<T> {
+    #[inline(always)]
+    pub fn as_mut_ptr(&mut self) -> *mut T {
+        self.entry.as_mut_ptr()
+    }
+
+    #[inline(always)]
+    pub fn submit(self) {
+        self.entry.submit(self.wakeup);
+    }
+}
+
 /// Reserves a record of `T` on the routed ring (the priority ring falling back to the bulk
 /// one when full), counting the loss per kind and per pod when nothing has room.
 #[inline(always)]
-pub fn reserve_routed<T: 'static>(cfg: &ProbeConfig, cgroup_id: u64, kind: u32, protected: bool) -> Option<RingBufEntry<T>> {
+pub fn reserve_routed<T: 'static>(cfg: &ProbeConfig, cgroup_id: u64, kind: u32, protected: bool) -> Option<Routed<T>> {
     let route = route(cfg, cgroup_id, kind, protected)?;
     if route == Route::Priority {
         if let Some(entry) = EVENTS_PRIORITY.reserve::<T>(0) {
-            return Some(entry);
+            return Some(Routed { entry, wakeup: 0 });
         }
         count_pod(cgroup_id, kind, LOSS_DEMOTED);
     }
     match EVENTS.reserve::<T>(0) {
-        Some(entry) => Some(entry),
+        Some(entry) => Some(Routed { entry, wakeup: bulk_wakeup(cfg, protected) }),
         None => {
             count_lost(kind);
             count_pod(cgroup_id, kind, LOSS_RING_FULL | protected_bit(protected));
@@ -733,7 +776,7 @@ pub fn output_routed<T>(cfg: &ProbeConfig, cgroup_id: u64, kind: u32, protected:
         }
         count_pod(cgroup_id, kind, LOSS_DEMOTED);
     }
-    if EVENTS.output::<T>(record, 0).is_ok() {
+    if EVENTS.output::<T>(record, bulk_wakeup(cfg, protected)).is_ok() {
         return true;
     }
     count_lost(kind);

@@ -48,7 +48,7 @@ fn try_commit_creds(ctx: &ProbeContext) -> Result<(), i64> {
         (*ev).cap_permitted = 0;
         (*ev).cap_inheritable = 0;
     }
-    entry.submit(0);
+    entry.submit();
     count_emitted(KIND_CRED);
     Ok(())
 }
@@ -94,7 +94,7 @@ fn try_tcp_connect(ctx: &ProbeContext) -> Result<(), i64> {
         (*ev)._pad = 0;
         read_sockaddr(ev, uaddr, addr_len as u32, true);
     }
-    entry.submit(0);
+    entry.submit();
     count_emitted(KIND_CONNECT);
     Ok(())
 }

@@ -150,7 +150,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
             }
         }
     }
-    entry.submit(0);
+    entry.submit();
     count_emitted(KIND_EXEC);
     Ok(())
 }
@@ -181,7 +181,7 @@ fn try_sched_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
         (*ev).child_pid = child_pid;
         (*ev).boot_ns = aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns();
     }
-    entry.submit(0);
+    entry.submit();
     count_emitted(KIND_FORK);
     Ok(())
 }
@@ -207,7 +207,7 @@ fn try_sched_process_exit() -> Result<(), i64> {
         (*ev).exit_code = current_exit_code(cfg);
         (*ev)._pad = 0;
     }
-    entry.submit(0);
+    entry.submit();
     count_emitted(KIND_EXIT);
     Ok(())
 }

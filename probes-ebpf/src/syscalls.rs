@@ -260,7 +260,7 @@ macro_rules! emit {
             $body
         }
         let _ = $ret;
-        entry.submit(0);
+        entry.submit();
         count_emitted($kind);
         Ok(())
     }};

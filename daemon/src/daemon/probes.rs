@@ -25,6 +25,7 @@ impl ProbesStage {
             budgets: Some(args.budgets),
             module_fallback: loader::ModuleFallback::Auto,
             syscall_entry: loader::SyscallEntry::RawDispatch,
+            bulk_wakeup_bytes: palisade_common::BULK_WAKEUP_BYTES,
         };
         let mut probes = loader::load(&options).context("loading the eBPF programs")?;
         probes.attach_all(&options).context("attaching the eBPF programs")?;

@@ -69,22 +69,38 @@ impl ReaderStats {
     }
 }
 
+/// How often the bulk ring is read without a wake-up from the kernel: its unprotected events
+/// wake the reader only once `ProbeConfig::bulk_wakeup_bytes` wait (the probes'
+/// `bulk_wakeup`), so this bounds how long one of them can wait.
+pub const BULK_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Drains the ring buffer into `out` until `out` is closed. Back-pressure is deliberate: when
 /// the pipeline is slow the ring buffer fills and the kernel counts the losses per kind.
 pub async fn run(ring: RingBuf<MapData>, stats: Arc<ReaderStats>, out: mpsc::Sender<Event>) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays open for
     // as long as it is registered.
     let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut batch = Vec::new();
+    let drain = |ring: &mut RingBuf<MapData>, batch: &mut Vec<Event>| {
         while let Some(item) = ring.next() {
             if let Some(event) = stats.decode_counted(&item) {
                 batch.push(event);
             }
         }
-        guard.clear_ready();
+    };
+    loop {
+        let mut batch = Vec::new();
+        let tick = tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut batch);
+                guard.clear_ready();
+                false
+            }
+            () = tokio::time::sleep(BULK_POLL) => true,
+        };
+        if tick {
+            drain(fd.get_mut(), &mut batch);
+        }
         for event in batch {
             if out.send(event).await.is_err() {
                 return Ok(());
@@ -264,17 +280,11 @@ pub async fn run_bulk(
     // SAFETY: the ring buffer owns its fd and lives inside its AsyncFd, so the fd stays open
     // for as long as it is registered.
     let mut bulk = unsafe { AsyncFd::register(bulk) }.map_err(|e| e.into_parts().1)?;
-    loop {
-        let mut guard = bulk.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut read = 0;
-        let mut drained = false;
-        while read < BULK_BATCH {
-            let Some(item) = ring.next() else {
-                drained = true;
-                break;
-            };
-            read += 1;
+    // Up to BULK_BATCH records forwarded: Some(true) when the ring is drained, None when the
+    // queue has closed.
+    let forward = |ring: &mut RingBuf<MapData>| -> Option<bool> {
+        for _ in 0..BULK_BATCH {
+            let Some(item) = ring.next() else { return Some(true) };
             let Some(event) = stats.decode_counted(&item) else { continue };
             let cgroup_id = event.header.cgroup_id;
             let bytes = event_bytes(&event);
@@ -288,15 +298,36 @@ pub async fn run_bulk(
                     budget.release_bulk(cgroup_id, bytes);
                     drops.add(cgroup_id, queued.event.header.kind);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return None,
             }
         }
-        if drained {
-            guard.clear_ready();
-        } else {
-            // More is waiting: let the runtime's other tasks run, then come back.
-            guard.retain_ready();
-            tokio::task::yield_now().await;
+        Some(false)
+    };
+    loop {
+        let tick = tokio::select! {
+            guard = bulk.readable_mut() => {
+                let mut guard = guard?;
+                match forward(guard.get_inner_mut()) {
+                    None => return Ok(()),
+                    Some(true) => guard.clear_ready(),
+                    Some(false) => {
+                        // More is waiting: let the runtime's other tasks run, then come back.
+                        guard.retain_ready();
+                        drop(guard);
+                        tokio::task::yield_now().await;
+                    }
+                }
+                false
+            }
+            () = tokio::time::sleep(BULK_POLL) => true,
+        };
+        // Unprotected events that woke nobody (see BULK_POLL).
+        while tick {
+            match forward(bulk.get_mut()) {
+                None => return Ok(()),
+                Some(true) => break,
+                Some(false) => tokio::task::yield_now().await,
+            }
         }
     }
 }

@@ -196,6 +196,10 @@ pub struct LoadOptions {
     pub module_fallback: ModuleFallback,
     /// See [`SyscallEntry`].
     pub syscall_entry: SyscallEntry,
+    /// Bulk-ring wake-ups: 0, one per event (the kernel's default); otherwise unprotected
+    /// events wake the reader only once this many bytes wait (`ProbeConfig::bulk_wakeup_bytes`;
+    /// the readers poll the ring every `events::reader::BULK_POLL`).
+    pub bulk_wakeup_bytes: u32,
 }
 
 impl Default for LoadOptions {
@@ -207,6 +211,7 @@ impl Default for LoadOptions {
             budgets: None,
             module_fallback: ModuleFallback::Auto,
             syscall_entry: SyscallEntry::RawDispatch,
+            bulk_wakeup_bytes: palisade_common::BULK_WAKEUP_BYTES,
         }
     }
 }
@@ -389,6 +394,7 @@ pub fn load(options: &LoadOptions) -> Result<LoadedProbes, LoaderError> {
     let mut config = task_offsets().unwrap_or_default();
     config.monitor_all = u32::from(options.monitor_all);
     config.daemon_tgid = std::process::id();
+    config.bulk_wakeup_bytes = options.bulk_wakeup_bytes;
     if let Some(budgets) = &options.budgets {
         budgets.apply(&mut config);
     }
