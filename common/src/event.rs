@@ -177,6 +177,10 @@ pub const OPEN_OP_TRUNCATE: u32 = 3;
 /// ftruncate(2): `dirfd` is the descriptor, `path` empty, `resolved` the descriptor's file;
 /// `flags` O_WRONLY|O_TRUNC, `mode` 0.
 pub const OPEN_OP_FTRUNCATE: u32 = 4;
+/// open(2) (what musl's open() calls on x86_64): `dirfd` AT_FDCWD, otherwise as openat.
+pub const OPEN_OP_OPEN: u32 = 5;
+/// creat(2): `dirfd` AT_FDCWD, `flags` O_CREAT|O_WRONLY|O_TRUNC (what the call does).
+pub const OPEN_OP_CREAT: u32 = 6;
 
 /// openat/openat2, emitted at exit with the result; truncate/ftruncate, which shorten a file
 /// like O_TRUNC does, in the same record (`op` tells them apart).

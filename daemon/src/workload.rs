@@ -41,7 +41,7 @@ fn cstr(s: &str) -> CString {
 pub const ACTIONS: &[&str] = &[
     "open", "write", "connect", "connect6", "ptrace", "setuid", "mount", "unshare-user",
     "finit-module", "bpf", "memfd-exec", "chmod-setuid", "unlink", "rename", "dup-socket",
-    "sleep", "open-loop", "connect-loop", "udp-stream", "udp-sink",
+    "sleep", "open-loop", "connect-loop", "udp-stream", "udp-sink", "open-syscall", "creat",
 ];
 
 /// Runs one action. Failures of the *syscall under test* are expected for some actions
@@ -54,6 +54,25 @@ pub fn perform(action: &str, args: &[String]) -> Result<(), WorkloadError> {
         "open" => {
             let path = arg(0, "open PATH")?;
             let _ = std::fs::File::open(&path).map_err(io("open"))?;
+        }
+        "open-syscall" | "creat" => {
+            // The old open(2) and creat(2) themselves (what musl's open() and creat() call on
+            // x86_64), not glibc's openat: the probes must see them too.
+            let path = cstr(&arg(0, "open-syscall|creat PATH")?);
+            // SAFETY: raw syscalls with a valid C string; the descriptor is closed below. nix
+            // and std only call openat.
+            let fd = unsafe {
+                if action == "creat" {
+                    libc::syscall(libc::SYS_creat, path.as_ptr(), 0o600)
+                } else {
+                    libc::syscall(libc::SYS_open, path.as_ptr(), libc::O_RDONLY)
+                }
+            };
+            if fd < 0 {
+                return Err(last_err("open(2)"));
+            }
+            // SAFETY: a descriptor this call just opened and nothing else holds.
+            unsafe { libc::close(fd as i32) };
         }
         "write" => {
             let path = arg(0, "write PATH")?;

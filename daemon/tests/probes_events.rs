@@ -52,7 +52,7 @@ async fn every_program_attaches_or_names_its_fallback() {
     // Syscall entries: the one raw sys_enter dispatcher, not the per-syscall enter tracepoints
     // it stands in for (each would build a trace record for every process on the node).
     let attached = |program: &str| probes.programs.iter().any(|s| s.program == program && s.state == AttachState::Attached);
-    for replaced in ["sys_enter_openat", "sys_enter_connect", "sys_enter_setuid", "sys_enter_dup2", "sys_enter_finit_module"] {
+    for replaced in ["sys_enter_openat", "sys_enter_open", "sys_enter_connect", "sys_enter_setuid", "sys_enter_dup2", "sys_enter_finit_module"] {
         assert!(!attached(replaced), "{replaced} attached beside the dispatcher: {:#?}", probes.programs);
     }
     for old in ["raw_sys_enter_module", "raw_sys_enter_module_attempt"] {
@@ -111,6 +111,8 @@ async fn behaviours_arrive_as_events(syscall_entry: SyscallEntry, name: &str) {
 
     let actions: Vec<Vec<String>> = vec![
         vec!["open".into(), "/etc/hostname".into()],
+        vec!["open-syscall".into(), "/etc/hostname".into()],
+        vec!["creat".into(), file("created")],
         vec!["connect".into(), format!("127.0.0.1:{port}")],
         vec!["connect6".into(), "[::1]:9".into()],
         vec!["ptrace".into()],
@@ -140,6 +142,8 @@ async fn behaviours_arrive_as_events(syscall_entry: SyscallEntry, name: &str) {
     let checks: Vec<Check> = vec![
         ("exec of the workload with argv", Box::new(|e| matches!(&e.data, EventData::Exec(x) if x.filename.ends_with("/palisade") && x.argv.get(1).map(String::as_str) == Some("workload") && x.argv.get(2).map(String::as_str) == Some("open")))),
         ("open /etc/hostname", Box::new(|e| matches!(&e.data, EventData::Open(x) if x.path == "/etc/hostname" && x.result >= 0 && !x.write))),
+        ("open(2) of /etc/hostname", Box::new(|e| matches!(&e.data, EventData::Open(x) if x.op == "open" && x.path == "/etc/hostname" && x.dirfd == -100 && x.result >= 0 && !x.write))),
+        ("creat(2)", Box::new(|e| matches!(&e.data, EventData::Open(x) if x.op == "creat" && x.path.ends_with("/created") && x.path_resolved && x.write && x.create && x.truncate && x.result >= 0))),
         ("connect 127.0.0.1", Box::new(move |e| matches!(&e.data, EventData::Connect(x) if x.family == "inet" && x.address.as_deref() == Some("127.0.0.1") && x.port == port && (x.result == 0 || x.result == -115)))),
         ("connect ::1", Box::new(|e| matches!(&e.data, EventData::Connect(x) if x.family == "inet6" && x.address.as_deref() == Some("::1") && x.port == 9))),
         ("ptrace attach", Box::new(|e| matches!(&e.data, EventData::Ptrace(x) if x.request_name == "PTRACE_ATTACH" && x.result == 0 && x.target_pid > 0))),

@@ -60,10 +60,12 @@ fn stash_args(kind: u32, op: u32, args: [u64; 6]) {
 // its argv capture is a program of its own, and execs are rare.)
 
 /// x86_64 syscall numbers (arch ABI, stable).
+const NR_OPEN: u64 = 2;
 const NR_DUP2: u64 = 33;
 const NR_CONNECT: u64 = 42;
 const NR_TRUNCATE: u64 = 76;
 const NR_FTRUNCATE: u64 = 77;
+const NR_CREAT: u64 = 85;
 const NR_RENAME: u64 = 82;
 const NR_RMDIR: u64 = 84;
 const NR_UNLINK: u64 = 87;
@@ -99,6 +101,8 @@ fn dispatched(nr: u64) -> Option<(u32, u32)> {
     Some(match nr {
         NR_OPENAT => (KIND_OPEN, OPEN_OP_OPENAT),
         NR_OPENAT2 => (KIND_OPEN, OPEN_OP_OPENAT2),
+        NR_OPEN => (KIND_OPEN, OPEN_OP_OPEN),
+        NR_CREAT => (KIND_OPEN, OPEN_OP_CREAT),
         NR_TRUNCATE => (KIND_OPEN, OPEN_OP_TRUNCATE),
         NR_FTRUNCATE => (KIND_OPEN, OPEN_OP_FTRUNCATE),
         NR_CONNECT => (KIND_CONNECT, 0),
@@ -172,7 +176,7 @@ fn dispatch_enter<const MODULE_ATTEMPTS: bool>(ctx: &RawTracePointContext) {
         return;
     }
     let regs: *const u8 = ctx.arg(0);
-    let mut args = regs_args(regs);
+    let mut args = open_args(op, regs_args(regs));
     if kind == KIND_CRED {
         // The credentials before the call in args[4..6] (see enter_cred!).
         let [uid, gid, euid, egid] = current_ids(cfg);
@@ -351,6 +355,37 @@ fn emit_open(ret: i64) -> Result<(), i64> {
         count_emitted(KIND_OPEN);
     }
     Ok(())
+}
+
+// ---- open / creat --------------------------------------------------------------------------
+// The old open(2) and creat(2) (musl's open() and creat() on x86_64, so most Alpine-based
+// images) stashed in openat's shape, so one exit path builds every open.
+#[tracepoint]
+pub fn sys_enter_open(ctx: TracePointContext) -> u32 {
+    stash_args(KIND_OPEN, OPEN_OP_OPEN, open_args(OPEN_OP_OPEN, [syscall_arg(&ctx, 0), syscall_arg(&ctx, 1), syscall_arg(&ctx, 2), 0, 0, 0]));
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_creat(ctx: TracePointContext) -> u32 {
+    stash_args(KIND_OPEN, OPEN_OP_CREAT, open_args(OPEN_OP_CREAT, [syscall_arg(&ctx, 0), syscall_arg(&ctx, 1), 0, 0, 0, 0]));
+    0
+}
+
+exit!(sys_exit_open, emit_open);
+exit!(sys_exit_creat, emit_open);
+
+/// open(path, flags, mode) and creat(path, mode) as openat(AT_FDCWD, path, flags, mode); any
+/// other syscall's arguments as they are.
+#[inline(always)]
+fn open_args(op: u32, args: [u64; 6]) -> [u64; 6] {
+    const O_CREAT_WRONLY_TRUNC: u64 = 0o100 | 0o1 | 0o1000;
+    let at_fdcwd = AT_FDCWD as i64 as u64;
+    match op {
+        OPEN_OP_OPEN => [at_fdcwd, args[0], args[1], args[2], 0, 0],
+        OPEN_OP_CREAT => [at_fdcwd, args[0], O_CREAT_WRONLY_TRUNC, args[1], 0, 0],
+        _ => args,
+    }
 }
 
 // ---- truncate / ftruncate ------------------------------------------------------------------

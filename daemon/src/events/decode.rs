@@ -404,6 +404,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     wire::OPEN_OP_OPENAT2 => "openat2",
                     wire::OPEN_OP_TRUNCATE => "truncate",
                     wire::OPEN_OP_FTRUNCATE => "ftruncate",
+                    wire::OPEN_OP_OPEN => "open",
+                    wire::OPEN_OP_CREAT => "creat",
                     _ => "openat",
                 },
                 path,

@@ -367,7 +367,7 @@ const WORDS: &[&str] = &[
     "O_CREAT", "O_NONBLOCK", "O_RDONLY", "O_RDWR", "O_TRUNC", "O_WRONLY", "PTRACE_ATTACH",
     "PTRACE_SEIZE", "addr", "address", "ancestors", "argc", "args", "argv", "at_flags", "bpf",
     "cap_effective", "cap_inheritable", "cap_permitted", "capset", "cgroup_id", "child_pid",
-    "chmod", "cmd", "cmd_name", "cmdline", "comm", "commit_creds", "connect", "create", "cred",
+    "chmod", "cmd", "cmd_name", "cmdline", "comm", "commit_creds", "connect", "creat", "create", "cred",
     "cwd", "delete_module", "dirfd", "dup", "dup2", "dup3", "egid", "euid", "exe", "exe_resolved",
     "exec", "exit", "exit_code", "family", "fchmod", "fchmodat", "fd", "file", "fileless",
     "filename", "finit_module", "flags", "flags_names", "fork", "fstype", "ftruncate", "gid",

@@ -89,6 +89,7 @@ const fn tp(program: &'static str, category: &'static str, name: &'static str) -
 const SYSCALL_PROGRAMS: &[&str] = &[
     "sys_enter_execve", "sys_exit_execve", "sys_enter_execveat", "sys_exit_execveat",
     "sys_enter_openat", "sys_exit_openat", "sys_enter_openat2", "sys_exit_openat2",
+    "sys_enter_open", "sys_exit_open", "sys_enter_creat", "sys_exit_creat",
     "sys_enter_connect", "sys_exit_connect", "sys_enter_ptrace", "sys_exit_ptrace",
     "sys_enter_setuid", "sys_exit_setuid", "sys_enter_setgid", "sys_exit_setgid",
     "sys_enter_setreuid", "sys_exit_setreuid", "sys_enter_setresuid", "sys_exit_setresuid",
@@ -150,7 +151,8 @@ pub enum SyscallEntry {
 /// The enter programs the raw dispatcher stands in for (the syscalls `dispatched` in
 /// probes-ebpf/src/syscalls.rs lists; execve and execveat keep theirs).
 const DISPATCHED_ENTERS: &[&str] = &[
-    "sys_enter_openat", "sys_enter_openat2", "sys_enter_connect", "sys_enter_ptrace",
+    "sys_enter_openat", "sys_enter_openat2", "sys_enter_open", "sys_enter_creat",
+    "sys_enter_connect", "sys_enter_ptrace",
     "sys_enter_setuid", "sys_enter_setgid", "sys_enter_setreuid", "sys_enter_setresuid",
     "sys_enter_setresgid", "sys_enter_capset", "sys_enter_mount", "sys_enter_umount",
     "sys_enter_unshare", "sys_enter_setns", "sys_enter_bpf", "sys_enter_memfd_create",
