@@ -706,24 +706,28 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// The wake-up a record on the bulk ring takes. Per event (`bulk_wakeup_bytes` 0): the
-/// kernel's default, a wake-up whenever the reader had caught up, which for a reader that
-/// keeps up is nearly every event (an irq_work and a task wake-up, charged to the process
-/// that made the syscall). Batched: an event of a protected kind (or a sensitive open) wakes
-/// the reader at once (forced: records waiting without a wake-up before it would hold the
-/// default one back); any other only once `bulk_wakeup_bytes` wait -- the reader also reads
-/// the ring every few milliseconds (`events::reader::BULK_POLL`). The priority ring keeps
-/// the default: only protected events enter it.
+/// The wake-up a record of `size` bytes, just reserved on the bulk ring, takes. Per event
+/// (`bulk_wakeup_bytes` 0): the kernel's default, a wake-up whenever the reader had caught up,
+/// which for a reader that keeps up is nearly every event (an irq_work and a task wake-up,
+/// charged to the process that made the syscall). Batched: an event of a protected kind (or a
+/// sensitive open) wakes the reader at once (forced: records waiting without a wake-up before
+/// it would hold the default one back); any other only when it is the record that takes the
+/// unread bytes past `bulk_wakeup_bytes` -- once per batch, not for every record after it (a
+/// lagging reader gets no wake-up per record either way) -- the reader also reads the ring
+/// every few milliseconds (`events::reader::BULK_POLL`). The priority ring keeps the default:
+/// only protected events enter it.
 #[inline(always)]
-fn bulk_wakeup(cfg: &ProbeConfig, protected: bool) -> u64 {
+fn bulk_wakeup(cfg: &ProbeConfig, protected: bool, size: u64) -> u64 {
     if cfg.bulk_wakeup_bytes == 0 {
         return 0;
     }
-    if protected || EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(cfg.bulk_wakeup_bytes) {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+    if protected {
+        return BPF_RB_FORCE_WAKEUP;
     }
+    // Unread bytes, this record's included (the producer position moves at reserve).
+    let unread = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let threshold = u64::from(cfg.bulk_wakeup_bytes);
+    if unread >= threshold && unread < threshold + size + 8 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
 }
 
 /// A reserved record and the wake-up its submission takes.
@@ -756,7 +760,7 @@ pub fn reserve_routed<T: 'static>(cfg: &ProbeConfig, cgroup_id: u64, kind: u32, 
         count_pod(cgroup_id, kind, LOSS_DEMOTED);
     }
     match EVENTS.reserve::<T>(0) {
-        Some(entry) => Some(Routed { entry, wakeup: bulk_wakeup(cfg, protected) }),
+        Some(entry) => Some(Routed { entry, wakeup: bulk_wakeup(cfg, protected, core::mem::size_of::<T>() as u64) }),
         None => {
             count_lost(kind);
             count_pod(cgroup_id, kind, LOSS_RING_FULL | protected_bit(protected));
@@ -776,7 +780,18 @@ pub fn output_routed<T>(cfg: &ProbeConfig, cgroup_id: u64, kind: u32, protected:
         }
         count_pod(cgroup_id, kind, LOSS_DEMOTED);
     }
-    if EVENTS.output::<T>(record, bulk_wakeup(cfg, protected)).is_ok() {
+    // output() reserves and commits in one: the unread bytes are read before it, so the record
+    // that crosses the threshold is the one with [threshold - size, threshold) unread before.
+    let unread = if cfg.bulk_wakeup_bytes != 0 && !protected { EVENTS.query(BPF_RB_AVAIL_DATA) } else { 0 };
+    let size = core::mem::size_of::<T>() as u64;
+    let threshold = u64::from(cfg.bulk_wakeup_bytes);
+    let wakeup = match (cfg.bulk_wakeup_bytes, protected) {
+        (0, _) => 0,
+        (_, true) => BPF_RB_FORCE_WAKEUP,
+        _ if unread + size + 8 >= threshold && unread < threshold => BPF_RB_FORCE_WAKEUP,
+        _ => BPF_RB_NO_WAKEUP,
+    };
+    if EVENTS.output::<T>(record, wakeup).is_ok() {
         return true;
     }
     count_lost(kind);

@@ -94,10 +94,48 @@ const NR_BPF: u64 = 321;
 const NR_OPENAT2: u64 = 437;
 const NR_FCHMODAT2: u64 = 452;
 
+/// The dispatched syscall numbers as a bitmap, 64 a word (all below 512): most syscalls are
+/// none of them, and one shift and mask says so before the switch below.
+const DISPATCHED_BITS: [u64; 8] = {
+    let nrs = [
+        NR_OPEN, NR_DUP2, NR_CONNECT, NR_TRUNCATE, NR_FTRUNCATE, NR_CREAT, NR_RENAME, NR_RMDIR, NR_UNLINK, NR_CHMOD,
+        NR_FCHMOD, NR_PTRACE, NR_SETUID, NR_SETGID, NR_SETREUID, NR_SETREGID, NR_SETRESUID, NR_SETRESGID, NR_CAPSET,
+        NR_MOUNT, NR_UMOUNT2, NR_INIT_MODULE, NR_DELETE_MODULE, NR_OPENAT, NR_UNLINKAT, NR_RENAMEAT, NR_FCHMODAT,
+        NR_UNSHARE, NR_DUP3, NR_SETNS, NR_FINIT_MODULE, NR_RENAMEAT2, NR_MEMFD_CREATE, NR_BPF, NR_OPENAT2, NR_FCHMODAT2,
+    ];
+    let mut bits = [0u64; 8];
+    let mut i = 0;
+    while i < nrs.len() {
+        bits[(nrs[i] / 64) as usize] |= 1 << (nrs[i] % 64);
+        i += 1;
+    }
+    bits
+};
+
+/// True when `nr` may be dispatched (the bitmap's word for it, as an immediate: no memory).
+#[inline(always)]
+fn maybe_dispatched(nr: u64) -> bool {
+    let word = match nr >> 6 {
+        0 => DISPATCHED_BITS[0],
+        1 => DISPATCHED_BITS[1],
+        2 => DISPATCHED_BITS[2],
+        3 => DISPATCHED_BITS[3],
+        4 => DISPATCHED_BITS[4],
+        5 => DISPATCHED_BITS[5],
+        6 => DISPATCHED_BITS[6],
+        7 => DISPATCHED_BITS[7],
+        _ => 0,
+    };
+    (word >> (nr & 63)) & 1 != 0
+}
+
 /// What a syscall reports as (kind, op), or None for a syscall no program watches. The same
 /// pairs the per-syscall enter tracepoints below stash (`enter!` / `enter_cred!`).
 #[inline(always)]
 fn dispatched(nr: u64) -> Option<(u32, u32)> {
+    if !maybe_dispatched(nr) {
+        return None;
+    }
     Some(match nr {
         NR_OPENAT => (KIND_OPEN, OPEN_OP_OPENAT),
         NR_OPENAT2 => (KIND_OPEN, OPEN_OP_OPENAT2),
