@@ -5,6 +5,7 @@
 # - bpf-linker built against that LLVM
 # - iproute2 (the lab), procps
 # - kubectl (kustomize rendering of deploy/ in the tests)
+# - cargo-fuzz (scripts/test.sh runs every fuzz target for a short time; fuzz/README.md)
 set -euo pipefail
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -45,4 +46,8 @@ if ! command -v bpf-linker >/dev/null 2>&1; then
   log "building bpf-linker against LLVM 22 (about a minute)"
   cargo install bpf-linker --locked --no-default-features --features llvm-22
 fi
-log "ready: $(bpf-linker --version 2>/dev/null || echo bpf-linker)"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz (about a minute)"
+  cargo install cargo-fuzz --version 0.13.2 --locked  # fuzz/rustc-wrapper.sh knows its flags
+fi
+log "ready: $(bpf-linker --version 2>/dev/null || echo bpf-linker), $(cargo fuzz --version 2>/dev/null || echo cargo-fuzz)"
