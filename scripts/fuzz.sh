@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the cargo-fuzz targets in fuzz/ (nightly, libFuzzer, AddressSanitizer) and runs each
-# one after another (never in parallel: -jobs=1) for SECONDS each (default 3) on its seeds
+# one after another, each one process (no -jobs: with it libFuzzer forks a worker that writes its
+# own fuzz-N.log) for SECONDS each (default 3) on its seeds
 # (fuzz/seeds/TARGET, read-only) plus what earlier runs found (fuzz/corpus/TARGET, not in git).
 # A crash, leak, timeout or out-of-memory stops the script with the input saved under
 # fuzz/artifacts/TARGET/. Installs cargo-fuzz when missing. See fuzz/README.md.
@@ -36,10 +37,10 @@ for target in "${targets[@]}"; do
     log="corpus/$target.log"
     set +e
     cargo +nightly fuzz run "${build[@]}" "$target" "corpus/$target" "seeds/$target" -- \
-        -max_total_time="$seconds" -jobs=1 -workers=1 -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1
+        -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1
     status=$?
     set -e
-    grep -E "^(INFO: seed corpus|#[0-9]+ +(INITED|DONE)|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb|SUMMARY|==[0-9]+==ERROR|thread .* panicked)" "$log" || true
+    grep -E "^(INFO: seed corpus|#[0-9]+[[:space:]]+(INITED|DONE)|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb|SUMMARY|==[0-9]+==ERROR|thread .* panicked)" "$log" || true
     if [ "$status" -ne 0 ]; then
         tail -n 60 "$log" >&2
         echo "fuzz target $target failed (exit $status); the input is under fuzz/artifacts/$target/" >&2
