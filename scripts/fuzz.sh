@@ -6,7 +6,7 @@
 # A crash, leak, timeout or out-of-memory stops the script with the input saved under
 # fuzz/artifacts/TARGET/. Installs cargo-fuzz when missing. See fuzz/README.md.
 #
-#   scripts/fuzz.sh            # every target, 3 s each (scripts/test.sh runs this)
+#   scripts/fuzz.sh            # every target, 3 s each (scripts/test.sh runs it for 10 s each)
 #   scripts/fuzz.sh 300 policy_oracle inventory   # 5 minutes each of two targets
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,3 +47,4 @@ for target in "${targets[@]}"; do
         exit "$status"
     fi
 done
+echo "fuzz: ${#targets[@]} passed, 0 failed"
