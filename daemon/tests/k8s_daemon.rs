@@ -78,9 +78,10 @@ struct PodSpec {
     remote: bool,
 }
 
-fn pod_specs() -> Vec<PodSpec> {
-    // UIDs unique to this process, so a parallel run never shares a pod cgroup.
-    let uid = |first: &str| format!("{first}-0000-4000-8000-{:012x}", std::process::id());
+/// The pods of one test; `test` (distinct per test of this binary) and the process id go into
+/// the UIDs, so tests running in parallel, here or in another run, never share a pod cgroup.
+fn pod_specs(test: u16) -> Vec<PodSpec> {
+    let uid = |first: &str| format!("{first}-0000-4000-{:04x}-{:012x}", 0x8000 | test, std::process::id());
     let web = uid("a0000001");
     let client = uid("a0000002");
     let other = uid("a0000003");
@@ -380,7 +381,7 @@ fn kubernetes_mode_enforces_quarantines_and_survives_an_outage() {
         return;
     }
     let started = Instant::now();
-    let specs = pod_specs();
+    let specs = pod_specs(0);
     // The kubelet makes the pod cgroups before any container runs: the lab makes them here.
     let lab = TestLab::up("k8sdaemon", &lab_inventory(&specs));
     let api = BlockingStandIn::start();
@@ -880,7 +881,7 @@ fn slices_mode_with_elected_operators_enforces_other_nodes_pods_across_a_leader_
     if !require_kernel("slices_mode_with_elected_operators_enforces_other_nodes_pods_across_a_leader_change") {
         return;
     }
-    let specs = pod_specs();
+    let specs = pod_specs(1);
     let lab = TestLab::up("k8sslices", &lab_inventory(&specs));
     let api = BlockingStandIn::start();
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
