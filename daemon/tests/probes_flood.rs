@@ -164,15 +164,9 @@ fn a_pod_that_floods_protected_events_is_quarantined_when_the_policy_says_so() {
         command.args(["workload", "open-loop", "1000000000", "/etc/shadow"]);
         flood.push(spawn_logged(command, &daemon.work.join(format!("flood-{i}.log"))));
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let flood_alert = loop {
-        let found = daemon.alerts().into_iter().find(|a| a["rule"]["id"] == "event_flood");
-        if let Some(found) = found {
-            break found;
-        }
-        assert!(Instant::now() < deadline, "no event_flood alert within 60 s; status: {}", status(&daemon)["events"]);
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let flood_alert = daemon
+        .wait_for_alert(|a| a["rule"]["id"] == "event_flood", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("no event_flood alert within 60 s; status: {}", daemon.status()["events"]));
     drop(flood);
     assert_eq!(flood_alert["pod"]["name"], NOISY, "{flood_alert}");
     assert_eq!(flood_alert["outcome"], "quarantined", "{flood_alert}");
@@ -182,15 +176,7 @@ fn a_pod_that_floods_protected_events_is_quarantined_when_the_policy_says_so() {
     let loss = alerts.iter().find(|a| a["id"] == loss_alert).expect("the named event_loss alert is in the log");
     assert_eq!(loss["event"]["sustained"], true, "{loss}");
 
-    // Enforced: listed, and in the kernel's map (the responder's own path, as for any rule).
-    let out = Command::new(PALISADE).args(["quarantine", "list", "-o", "json", "--state-dir"]).arg(&daemon.state_dir).output().expect("list");
-    let listed: Value = serde_json::from_slice(&out.stdout).expect("quarantine list JSON");
-    let names: Vec<String> = listed
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter(|e| e["pending"] == false)
-        .map(|e| format!("{}/{}", e["namespace"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or("")))
-        .collect();
-    assert_eq!(names, vec![noisy.clone()], "only the flooding pod is quarantined: {listed}");
+    // Enforced, by the responder's own path as for any rule: listed, and only the flooder.
+    let (enforced, listed) = daemon.enforced_quarantines();
+    assert_eq!(enforced, std::collections::BTreeSet::from([noisy.clone()]), "only the flooding pod is quarantined: {listed}");
 }

@@ -137,14 +137,7 @@ fn eleven_pods_flagged_within_a_minute_all_end_up_quarantined() {
 
     // None is left unenforced: all eleven are listed as enforced, in the pinned kernel map,
     // and cut off from the observer and from each other by real packets.
-    let listed = cli_json(&daemon, &["quarantine", "list"]);
-    let enforced: BTreeSet<String> = listed
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter(|e| e["pending"] == false)
-        .map(|e| format!("{}/{}", e["namespace"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or("")))
-        .collect();
+    let (enforced, listed) = daemon.enforced_quarantines();
     assert_eq!(enforced, want, "{listed}");
     let status = cli_json(&daemon, &["status"]);
     assert_eq!(status["quarantine"]["responder"]["pending"], 0, "{}", status["quarantine"]);

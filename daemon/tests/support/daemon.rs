@@ -297,6 +297,24 @@ impl DaemonGuard {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{}: status JSON: {e}", self.test))
     }
 
+    /// The pods `palisade quarantine list` shows as enforced (not pending), as `ns/name`, with
+    /// the whole list for messages.
+    pub fn enforced_quarantines(&self) -> (std::collections::BTreeSet<String>, Value) {
+        let mut command = Command::new(PALISADE);
+        command.args(["quarantine", "list", "-o", "json", "--state-dir"]).arg(&self.state_dir);
+        let out = run_with_timeout(command, Duration::from_secs(20));
+        assert!(out.status.success(), "{}: palisade quarantine list: {}", self.test, String::from_utf8_lossy(&out.stderr));
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{}: quarantine list JSON: {e}", self.test));
+        let enforced = listed
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: quarantine list is not an array: {listed}", self.test))
+            .iter()
+            .filter(|e| e["pending"] == false)
+            .map(|e| format!("{}/{}", e["namespace"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or("")))
+            .collect();
+        (enforced, listed)
+    }
+
     /// Every alert written so far (a torn last line is skipped).
     pub fn alerts(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.state_dir.join("alerts.jsonl")).unwrap_or_default();
