@@ -346,7 +346,7 @@ impl Agent {
     }
 
     fn cpu(&self) -> f64 {
-        cpu_of(self.pid())
+        support::bench::cpu_seconds(self.pid())
     }
 
     fn rss_mib(&self) -> f64 {
@@ -374,19 +374,6 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
-}
-
-/// utime + stime of a process, seconds.
-fn cpu_of(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (in parentheses, may hold spaces): state is field 3.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime is field 14, stime 15: indexes 11 and 12 after the command.
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
 }
 
 /// VmRSS of a process, MiB.
@@ -515,7 +502,7 @@ fn run(pods: usize, peers: Peers, changes: usize, churn: Duration, rounds: usize
         let load_start = load();
         let mut operator = OperatorProcess::start(&api, pods);
         operator.wait_log("PeerSlices in sync", Duration::from_secs(600));
-        let cpu = cpu_of(operator.pid());
+        let cpu = support::bench::cpu_seconds(operator.pid());
         let bytes = api.bytes_sent_to(OPERATOR_USER);
         std::thread::sleep(Duration::from_secs(3));
         let rss = rss_mib_of(operator.pid());
@@ -654,7 +641,7 @@ fn churn_round(agent: &Agent, operator: Option<u32>, api: &BlockingStandIn, pods
     let rss_before = agent.rss_mib();
     let bytes_before = api.bytes_sent_to(AGENT_USER);
     let cpu_before = agent.cpu();
-    let operator_before = operator.map(|pid| (cpu_of(pid), rss_mib_of(pid), api.bytes_sent_to(OPERATOR_USER), slice_writes(api)));
+    let operator_before = operator.map(|pid| (support::bench::cpu_seconds(pid), rss_mib_of(pid), api.bytes_sent_to(OPERATOR_USER), slice_writes(api)));
     let load_churn = load();
     let started = Instant::now();
     let period = churn / changes.max(1) as u32;
@@ -681,7 +668,7 @@ fn churn_round(agent: &Agent, operator: Option<u32>, api: &BlockingStandIn, pods
         std::thread::sleep(Duration::from_millis(20));
     }
     let cpu_churn = agent.cpu() - cpu_before;
-    let operator_cpu = operator.zip(operator_before).map(|(pid, (cpu, ..))| cpu_of(pid) - cpu);
+    let operator_cpu = operator.zip(operator_before).map(|(pid, (cpu, ..))| support::bench::cpu_seconds(pid) - cpu);
     done.store(true, Ordering::Relaxed);
     poller.join().expect("poller");
     let missing = pending.lock().expect("pending").len();
